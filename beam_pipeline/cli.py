@@ -1,0 +1,45 @@
+"""Command-line front end: runs a command and prints the run's summary."""
+
+import json
+import logging
+import sys
+from typing import List
+
+from beam_pipeline import outputs
+
+
+def format_summary(manifest: dict) -> str:
+  """The end-of-run summary a person reads."""
+  counts = manifest.get("counts", {})
+  lines = [f"Run {manifest.get('run_id')} ({manifest.get('command')})"
+           f" finished in {manifest.get('wall_time_s')} s"]
+  for key, value in counts.items():
+    lines.append(f"  {key:<22} {value}")
+  per_class = manifest.get("predicted_classes")
+  if per_class:
+    lines.append("  predicted classes:")
+    for name, value in per_class.items():
+      lines.append(f"    {name:<20} {value}")
+  if "throughput_images_per_s" in manifest:
+    lines.append(f"  throughput             "
+                 f"{manifest['throughput_images_per_s']} images/s")
+  invariant = manifest.get("invariant", {})
+  lines.append(f"  {invariant.get('rule')}: "
+               f"{'holds' if invariant.get('holds') else 'BROKEN'}")
+  lines.append(f"  outputs in {manifest.get('output')}")
+  return "\n".join(lines)
+
+
+def main(argv: List[str]) -> int:
+  from beam_pipeline import pipeline  # pylint: disable=import-outside-toplevel
+  if argv and argv[0] == "report":
+    from beam_pipeline import report  # pylint: disable=import-outside-toplevel
+    return report.main(argv[1:])
+  try:
+    manifest = pipeline.run(argv)
+  except (ValueError, outputs.OutputDirInUse) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(format_summary(manifest))
+  logging.getLogger(__name__).debug(json.dumps(manifest))
+  return 0 if manifest.get("invariant", {}).get("holds") else 1

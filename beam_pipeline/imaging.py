@@ -1,0 +1,245 @@
+"""Per-element image functions: classify members, decode, resize, to Example.
+
+Plain functions with no Beam in them, so they are unit-tested without a runner
+and shared by training (reading Examples back) and scoring.
+"""
+
+import hashlib
+import io
+import posixpath
+import re
+from typing import NamedTuple, Optional, Tuple
+
+import cv2
+import numpy as np
+from PIL import Image
+
+import schemas
+
+# OpenCV must not spawn its own thread pool inside Beam's worker threads.
+cv2.setNumThreads(1)
+# We enforce our own pixel limit before decoding (see check_header); Pillow is
+# only used to read headers.
+Image.MAX_IMAGE_PIXELS = None
+
+DEFAULT_MAX_PIXELS = 50_000_000
+
+_MASK_STEM = re.compile(r"_mask(_\d+)?$", re.IGNORECASE)
+
+# Magic numbers of the formats we decode. Bytes decide, never the extension.
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+)
+
+
+class DecodeError(ValueError):
+  """An archive member that cannot become an image; `kind` is its error_type."""
+
+  def __init__(self, kind: str, message: str):
+    super().__init__(message)
+    self.kind = kind
+
+
+class DecodedImage(NamedTuple):
+  """Resized RGB pixels of one image and the size it had before resizing."""
+  pixels: np.ndarray  # uint8 [size, size, 3]
+  original_height: int
+  original_width: int
+
+
+class ImageRecord(NamedTuple):
+  """One Example's content, as read back from a TFRecord."""
+  image_id: str
+  source: str
+  label: str
+  pixels: np.ndarray  # uint8 [height, width, 3]
+  original_height: int
+  original_width: int
+
+
+def is_mask(member_path: str) -> bool:
+  """True for BUSI segmentation masks: `x_mask.png`, `x_mask_1.png`, ..."""
+  stem, _ = posixpath.splitext(posixpath.basename(member_path))
+  return bool(_MASK_STEM.search(stem))
+
+
+def label_from_path(member_path: str) -> str:
+  """The class named by the deepest folder of the path, or "" if none is."""
+  folders = member_path.replace("\\", "/").split("/")[:-1]
+  for folder in reversed(folders):
+    if folder.strip().lower() in schemas.LABELS:
+      return folder.strip().lower()
+  return ""
+
+
+def image_id(data: bytes) -> str:
+  """Content id of a member: sha256 hex of its bytes."""
+  return hashlib.sha256(data).hexdigest()
+
+
+def sniff_format(data: bytes) -> Optional[str]:
+  """Image format from the leading bytes, or None if not one we decode."""
+  for magic, name in _SIGNATURES:
+    if data.startswith(magic):
+      return name
+  if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+    return "webp"
+  return None
+
+
+def check_header(data: bytes, max_pixels: int) -> Tuple[str, int, int]:
+  """Validates the bytes as an image before any pixel is decoded.
+
+  Args:
+    data: the member's bytes.
+    max_pixels: refuse images whose header declares more pixels than this.
+
+  Returns:
+    (format, height, width) as declared by the header.
+
+  Raises:
+    DecodeError: empty, not an image, unreadable header, or too many pixels.
+  """
+  if not data:
+    raise DecodeError("EmptyFile", "zero-byte file")
+  fmt = sniff_format(data)
+  if fmt is None:
+    raise DecodeError(
+        "NotAnImage",
+        f"bytes are not PNG, JPEG, BMP, TIFF or WebP (starts with {data[:8]!r})")
+  try:
+    with Image.open(io.BytesIO(data)) as header:
+      width, height = header.size
+  except Exception as e:  # Pillow raises many types for broken headers.
+    raise DecodeError("CorruptImage",
+                      f"unreadable {fmt} header: {type(e).__name__}: {e}") from e
+  if width <= 0 or height <= 0:
+    raise DecodeError("CorruptImage", f"{fmt} header declares {width}x{height}")
+  if width * height > max_pixels:
+    raise DecodeError(
+        "TooManyPixels",
+        f"{fmt} header declares {width}x{height} = {width * height} pixels,"
+        f" over the limit of {max_pixels} (--max_pixels)")
+  return fmt, height, width
+
+
+def to_rgb8(img: np.ndarray) -> np.ndarray:
+  """OpenCV's decoded array (any depth, 1-4 channels) → uint8 RGB or grey.
+
+  Grey stays 2-D here so that resizing touches one channel, not three; see
+  decode_and_resize.
+  """
+  if img.dtype == np.uint16:
+    img = cv2.convertScaleAbs(img, alpha=255.0 / 65535.0)
+  elif img.dtype != np.uint8:
+    raise DecodeError("UnsupportedPixelType", f"pixel type {img.dtype}")
+  if img.ndim == 2:
+    return img
+  channels = img.shape[2]
+  if channels == 1:
+    return img[:, :, 0]
+  if channels == 3:
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+  if channels == 4:
+    return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+  raise DecodeError("UnsupportedChannels", f"{channels} channels")
+
+
+def decode_and_resize(data: bytes, image_size: int,
+                      max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+  """Decodes image bytes with OpenCV into image_size² uint8 RGB.
+
+  Grey images are replicated to three channels, alpha is dropped, 16-bit
+  samples are scaled to 8 bits. EXIF orientation is not applied: ultrasound
+  frames are stored as acquired, and rotating them would misalign the masks.
+
+  Args:
+    data: encoded image bytes (PNG, JPEG, BMP, TIFF, WebP).
+    image_size: output height and width.
+    max_pixels: pixel limit checked on the header before decoding.
+
+  Returns:
+    The resized pixels and the original height and width.
+
+  Raises:
+    DecodeError: the bytes are not a decodable image within the limits.
+  """
+  fmt, _, _ = check_header(data, max_pixels)
+  img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+  if img is None or img.size == 0:
+    raise DecodeError("CorruptImage", f"OpenCV could not decode the {fmt} data")
+  height, width = img.shape[:2]
+  img = to_rgb8(img)
+  # INTER_AREA: the right filter for the usual downscale of ~500 px frames.
+  img = cv2.resize(img, (image_size, image_size), interpolation=cv2.INTER_AREA)
+  if img.ndim == 2:
+    img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+  return DecodedImage(np.ascontiguousarray(img), height, width)
+
+
+def _bytes(value: bytes):
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def _int(value: int):
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+
+
+def to_example(record: ImageRecord) -> bytes:
+  """Serialises one image as a tf.train.Example (the TFRecord payload)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  pixels = np.ascontiguousarray(record.pixels, dtype=np.uint8)
+  height, width = pixels.shape[:2]
+  features = {
+      schemas.FEATURE_IMAGE: _bytes(pixels.tobytes()),
+      schemas.FEATURE_IMAGE_ID: _bytes(record.image_id.encode()),
+      schemas.FEATURE_SOURCE: _bytes(record.source.encode("utf-8")),
+      schemas.FEATURE_LABEL: _bytes(record.label.encode()),
+      schemas.FEATURE_HEIGHT: _int(height),
+      schemas.FEATURE_WIDTH: _int(width),
+      schemas.FEATURE_ORIGINAL_HEIGHT: _int(record.original_height),
+      schemas.FEATURE_ORIGINAL_WIDTH: _int(record.original_width),
+  }
+  return tf.train.Example(features=tf.train.Features(
+      feature=features)).SerializeToString()
+
+
+def from_example(serialized: bytes) -> ImageRecord:
+  """Parses an Example written by to_example back into pixels and fields.
+
+  Raises:
+    ValueError: a feature is missing or the pixel bytes do not match the
+      stored height × width × 3.
+  """
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  feature = tf.train.Example.FromString(serialized).features.feature
+
+  def one(key, kind):
+    if key not in feature:
+      raise ValueError(f"feature {key!r} missing")
+    values = getattr(feature[key], kind).value
+    if len(values) != 1:
+      raise ValueError(f"feature {key!r} has {len(values)} values, expected 1")
+    return values[0]
+
+  height = one(schemas.FEATURE_HEIGHT, "int64_list")
+  width = one(schemas.FEATURE_WIDTH, "int64_list")
+  raw = one(schemas.FEATURE_IMAGE, "bytes_list")
+  if height <= 0 or width <= 0 or len(raw) != height * width * 3:
+    raise ValueError(f"image has {len(raw)} bytes, expected {height}x{width}x3")
+  label = (one(schemas.FEATURE_LABEL, "bytes_list")
+           if schemas.FEATURE_LABEL in feature else b"")
+  return ImageRecord(
+      image_id=one(schemas.FEATURE_IMAGE_ID, "bytes_list").decode(),
+      source=one(schemas.FEATURE_SOURCE, "bytes_list").decode("utf-8"),
+      label=label.decode(),
+      pixels=np.frombuffer(raw, np.uint8).reshape(height, width, 3),
+      original_height=one(schemas.FEATURE_ORIGINAL_HEIGHT, "int64_list"),
+      original_width=one(schemas.FEATURE_ORIGINAL_WIDTH, "int64_list"),
+  )

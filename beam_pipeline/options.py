@@ -1,0 +1,134 @@
+"""Command-line flags of the pipeline, as a PipelineOptions subclass.
+
+Beam's own flags (`--runner`, `--direct_num_workers`, `--project`, ...) pass
+through untouched; `validate` checks the combinations a command needs before
+any pipeline is built, with messages that say what to pass instead.
+"""
+
+import argparse
+from typing import List, Optional
+
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+import schemas
+from beam_pipeline import archives, imaging
+
+PREPROCESS = "preprocess"
+SCORE = "score"
+RUN = "run"
+COMMANDS = (PREPROCESS, SCORE, RUN)
+
+GRADCAM_CHOICES = ("none", "flagged", "malignant", "all")
+PRECISIONS = ("float32", "bfloat16", "float16")
+
+
+class BusiOptions(PipelineOptions):
+  """Flags of `python -m beam_pipeline {preprocess,score,run}`."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--input", action="append", default=None,
+        help="Input glob, repeatable. preprocess/run: .zip, .tar, .tar.gz,"
+        " .tgz archives or image files; score: TFRecord shards. Local or gs://.")
+    parser.add_argument("--output", default=None,
+                        help="Output directory (local or gs://).")
+    parser.add_argument(
+        "--image_size", type=int, default=schemas.DEFAULT_IMAGE_SIZE,
+        help="Height and width images are resized to (preprocess). For run,"
+        " the model's image size is used and this must match it if given.")
+    parser.add_argument(
+        "--max_pixels", type=int, default=imaging.DEFAULT_MAX_PIXELS,
+        help="Refuse images whose header declares more pixels than this.")
+    parser.add_argument(
+        "--max_member_bytes", type=int,
+        default=archives.DEFAULT_MAX_MEMBER_BYTES,
+        help="Refuse archive members that inflate to more bytes than this.")
+    parser.add_argument(
+        "--zip_chunk_size", type=int, default=archives.DEFAULT_ZIP_CHUNK,
+        help="Zip members per unit of work spread over workers.")
+    parser.add_argument("--model", default=None,
+                        help="Model artifact directory (local or gs://).")
+    parser.add_argument(
+        "--threshold", type=float, default=None,
+        help="Confidence below which a prediction is flagged; default: the"
+        " artifact's metadata.json threshold.")
+    parser.add_argument("--batch_size", type=int, default=32,
+                        help="Images per model call.")
+    parser.add_argument(
+        "--inference_accelerator", default=None,
+        help="Beam accelerator resource hint for the inference step only, e.g."
+        " 'type:nvidia-l4;count:1;install-nvidia-driver'. Off by default.")
+    parser.add_argument(
+        "--inference_precision", choices=PRECISIONS, default="float32",
+        help="Compute precision of the model call (reduced precision is for"
+        " GPUs).")
+    parser.add_argument(
+        "--gradcam", choices=GRADCAM_CHOICES, default="none",
+        help="Write Grad-CAM overlays for these predictions.")
+    parser.add_argument(
+        "--overwrite", action="store_true", default=False,
+        help="Replace the outputs of a completed earlier run in --output.")
+
+
+def _require(value, flag: str, command: str) -> None:
+  if value in (None, [], ""):
+    raise ValueError(f"{command}: {flag} is required")
+
+
+def validate(command: str, options: PipelineOptions) -> BusiOptions:
+  """Checks the flags a command needs; returns the BusiOptions view.
+
+  Raises:
+    ValueError: with a message naming the flag and what to pass.
+  """
+  if command not in COMMANDS:
+    raise ValueError(f"unknown command {command!r}; use one of {COMMANDS}")
+  opts = options.view_as(BusiOptions)
+  _require(opts.input, "--input", command)
+  _require(opts.output, "--output", command)
+  if command in (SCORE, RUN):
+    _require(opts.model, "--model", command)
+  if not 8 <= opts.image_size <= 4096:
+    raise ValueError(f"--image_size {opts.image_size} is outside 8..4096")
+  if opts.threshold is not None and not 0.0 <= opts.threshold <= 1.0:
+    raise ValueError(f"--threshold {opts.threshold} is outside [0, 1]")
+  if opts.batch_size < 1:
+    raise ValueError("--batch_size must be at least 1")
+  for name in ("max_pixels", "max_member_bytes", "zip_chunk_size"):
+    if getattr(opts, name) < 1:
+      raise ValueError(f"--{name} must be at least 1")
+  for pattern in opts.input:
+    if not FileSystems.match([pattern])[0].metadata_list:
+      raise ValueError(f"--input {pattern!r} matches no file")
+  return opts
+
+
+def is_local_runner(options: PipelineOptions) -> bool:
+  runner = options.view_as(StandardOptions).runner
+  return runner is None or str(runner).split(".")[-1] in (
+      "DirectRunner", "FnApiRunner", "SwitchingDirectRunner",
+      "BundleBasedDirectRunner", "TestDirectRunner")
+
+
+def in_process_runner(options: PipelineOptions) -> Optional[str]:
+  """The runner to use for a local run: Beam's in-process FnApiRunner.
+
+  Beam 2.77's DirectRunner first tries the Prism runner, which downloads a
+  binary from the internet; local runs here must not. The FnApiRunner is what
+  the DirectRunner falls back to, and honours --direct_num_workers and
+  --direct_running_mode.
+  """
+  runner = options.view_as(StandardOptions).runner
+  if runner is None or str(runner) in ("DirectRunner", "SwitchingDirectRunner"):
+    return "FnApiRunner"
+  return runner
+
+
+def split_command(argv: Optional[List[str]]) -> tuple:
+  """Splits `COMMAND FLAGS...` into the command and the flags."""
+  if not argv or argv[0].startswith("-"):
+    raise ValueError(f"usage: python -m beam_pipeline {{{','.join(COMMANDS)}}}"
+                     " --input ... --output ... [flags]")
+  return argv[0], list(argv[1:])

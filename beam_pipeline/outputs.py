@@ -1,0 +1,194 @@
+"""Writing a run's outputs: TFRecords, Parquet tables and the manifest.
+
+Beam's file sinks write to temporary files and rename them into place only
+when the whole write succeeded, so a crashed run leaves no partial shard under
+the final names. The manifest is written last, through a temporary name; its
+presence marks a completed run.
+"""
+
+import datetime
+import json
+import logging
+import time
+from typing import Dict, List, Mapping, Optional
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+import schemas
+from beam_pipeline import imaging
+from beam_pipeline.tfrecord_sink import WriteGzipTFRecords
+
+_LOG = logging.getLogger(__name__)
+
+OUTPUT_SUBDIRS = (schemas.TFRECORD_DIR, schemas.ERRORS_DIR,
+                  schemas.PREDICTIONS_DIR, schemas.GRADCAM_DIR)
+
+
+def join(directory: str, *parts: str) -> str:
+  return FileSystems.join(directory.rstrip("/"), *parts)
+
+
+def new_run_id() -> str:
+  """A sortable, unique id: UTC time plus random suffix."""
+  import uuid  # pylint: disable=import-outside-toplevel
+  now = datetime.datetime.now(datetime.timezone.utc)
+  return f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
+def utc_now_iso() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(
+      timespec="seconds")
+
+
+class OutputDirInUse(ValueError):
+  pass
+
+
+def prepare_output_dir(output: str, overwrite: bool) -> None:
+  """Makes `output` ready for a new run, or refuses.
+
+  A directory holding a completed run (a manifest) is refused unless
+  `overwrite`; leftovers of an interrupted run (outputs but no manifest) are
+  removed, so rerunning the same command after a crash completes cleanly.
+
+  Raises:
+    OutputDirInUse: a completed run is there and overwrite is False.
+  """
+  manifest = join(output, schemas.MANIFEST_FILE)
+  if FileSystems.exists(manifest):
+    if not overwrite:
+      raise OutputDirInUse(
+          f"{output} already holds a completed run ({manifest}). Choose a new"
+          " --output, or pass --overwrite to replace it.")
+    FileSystems.delete([manifest])
+  stale = []
+  for sub in OUTPUT_SUBDIRS:
+    matched = FileSystems.match([join(output, sub, "*")])[0].metadata_list
+    stale += [m.path for m in matched]
+  if stale:
+    _LOG.warning("Removing %d outputs of an earlier, unfinished or replaced"
+                 " run in %s", len(stale), output)
+    FileSystems.delete(stale)
+
+
+class WriteExamples(beam.PTransform):
+  """ImageRecords → gzip TFRecord shards `DIR/tfrecords/*.tfrecord.gz`."""
+
+  def __init__(self, output: str):
+    super().__init__()
+    self._prefix = join(output, schemas.TFRECORD_DIR, "part")
+
+  def expand(self, records):
+    return (records
+            | "ToExample" >> beam.Map(imaging.to_example)
+            | "WriteTFRecords" >> WriteGzipTFRecords(
+                self._prefix, schemas.TFRECORD_SUFFIX))
+
+
+class WriteTable(beam.PTransform):
+  """Row dicts → `DIR/<subdir>/part-*.parquet` with a fixed schema."""
+
+  def __init__(self, output: str, subdir: str, schema):
+    super().__init__()
+    self._prefix = join(output, subdir, "part")
+    self._schema = schema
+
+  def expand(self, rows):
+    return rows | "WriteParquet" >> beam.io.WriteToParquet(
+        self._prefix, self._schema, file_name_suffix=".parquet",
+        row_group_buffer_size=16 * 1024 * 1024)
+
+
+def count(pcoll, label: str):
+  """Singleton count of a PCollection (0 when empty)."""
+  return pcoll | label >> beam.combiners.Count.Globally()
+
+
+def write_json(uri: str, payload: Mapping) -> None:
+  """Writes JSON through a temporary name, then renames it into place."""
+  tmp = uri + ".tmp"
+  with FileSystems.create(tmp) as f:
+    f.write(json.dumps(payload, indent=2, sort_keys=False).encode())
+  if FileSystems.exists(uri):
+    FileSystems.delete([uri])
+  FileSystems.rename([tmp], [uri])
+
+
+def read_json(uri: str):
+  with FileSystems.open(uri) as f:
+    return json.loads(f.read().decode())
+
+
+def _write_manifest(_, output: str, base: Dict, started: float,
+                    counts: Dict[str, int], files: Dict[str, List[str]]):
+  del files  # a side input only so that the manifest waits for every write
+  manifest = dict(base)
+  manifest["counts"] = dict(counts)
+  outcomes = (counts.get("images_written", 0) if "predictions" not in counts
+              else counts["predictions"])
+  accounted = outcomes + counts["masks_skipped"] + counts["errors"]
+  manifest["invariant"] = {
+      "rule": ("members_seen = predictions + masks_skipped + errors"
+               if "predictions" in counts else
+               "members_seen = images_written + masks_skipped + errors"),
+      "holds": accounted == counts["members_seen"],
+  }
+  if not manifest["invariant"]["holds"]:
+    _LOG.error("Manifest invariant broken: %s seen, %s accounted for",
+               counts["members_seen"], accounted)
+  manifest["finished_at"] = utc_now_iso()
+  manifest["wall_time_s"] = round(time.time() - started, 3)
+  write_json(join(output, schemas.MANIFEST_FILE), manifest)
+  return manifest
+
+
+class WriteManifest(beam.PTransform):
+  """Writes `DIR/manifest.json` once every other output is written.
+
+  Args:
+    output: the run's output directory.
+    base: fixed fields (run_id, inputs, image_size, versions, ...).
+    started: launch time (time.time()) for the wall time.
+    counts: name → singleton count PCollection.
+    written: name → PCollection of written file names, waited on.
+  """
+
+  def __init__(self, output: str, base: Dict, started: float,
+               counts: Dict[str, beam.PCollection],
+               written: Dict[str, beam.PCollection],
+               extra: Optional[Dict[str, beam.PCollection]] = None):
+    super().__init__()
+    self._output = output
+    self._base = base
+    self._started = started
+    self._counts = counts
+    self._written = written
+    self._extra = extra or {}
+
+  def expand(self, pbegin):
+    counts = {
+        name: beam.pvalue.AsSingleton(pc) for name, pc in self._counts.items()
+    }
+    files = {name: beam.pvalue.AsList(pc) for name, pc in self._written.items()}
+    extra = {name: beam.pvalue.AsSingleton(pc)
+             for name, pc in self._extra.items()}
+
+    def write(element, output, base, started, **side):
+      count_values = {k[len("c_"):]: v for k, v in side.items()
+                      if k.startswith("c_")}
+      file_values = {k[len("f_"):]: v for k, v in side.items()
+                     if k.startswith("f_")}
+      merged = dict(base)
+      merged.update({k[len("x_"):]: v for k, v in side.items()
+                     if k.startswith("x_")})
+      return _write_manifest(element, output, merged, started, count_values,
+                             file_values)
+
+    kwargs = {f"c_{k}": v for k, v in counts.items()}
+    kwargs.update({f"f_{k}": v for k, v in files.items()})
+    kwargs.update({f"x_{k}": v for k, v in extra.items()})
+    return (pbegin
+            | "Once" >> beam.Create([None])
+            | "WriteManifest" >> beam.Map(write, self._output, self._base,
+                                          self._started, **kwargs))

@@ -1,0 +1,101 @@
+"""Pipeline wiring: `build_*` only add steps; `run` parses flags, builds, runs."""
+
+import logging
+import time
+from typing import Dict, List, Optional
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import (PipelineOptions,
+                                                  StandardOptions)
+
+import schemas
+from beam_pipeline import options as opts_lib
+from beam_pipeline import outputs
+from beam_pipeline.preprocess import PreprocessLimits, ReadImages
+
+_LOG = logging.getLogger(__name__)
+
+
+def manifest_base(command: str, opts: opts_lib.BusiOptions, run_id: str,
+                  image_size: int) -> Dict:
+  return {
+      "run_id": run_id,
+      "command": command,
+      "inputs": list(opts.input),
+      "output": opts.output,
+      "image_size": image_size,
+      "format_version": schemas.FORMAT_VERSION,
+      "package_version": schemas.PACKAGE_VERSION,
+      "started_at": outputs.utc_now_iso(),
+  }
+
+
+def build_preprocess(p: beam.Pipeline, opts: opts_lib.BusiOptions,
+                     run_id: str, started: float,
+                     image_size: Optional[int] = None) -> Dict:
+  """Adds archives → TFRecords + errors (+ manifest when standalone).
+
+  Returns the dict of ReadImages' PCollections plus "tfrecord_files" and
+  "counts", for `build_run` to extend.
+  """
+  size = image_size or opts.image_size
+  limits = PreprocessLimits(size, opts.max_pixels, opts.max_member_bytes,
+                            opts.zip_chunk_size)
+  read = p | "ReadImages" >> ReadImages(opts.input, limits, run_id)
+  read["tfrecord_files"] = read["images"] | "WriteExamples" >> (
+      outputs.WriteExamples(opts.output))
+  read["counts"] = {
+      "members_seen": outputs.count(read["members"], "CountMembers"),
+      "images_written": outputs.count(read["images"], "CountImages"),
+      "masks_skipped": outputs.count(read["masks"], "CountMasks"),
+  }
+  return read
+
+
+def _finish_preprocess(p, opts, read, run_id, started, command):
+  errors_written = read["errors"] | "WriteErrors" >> outputs.WriteTable(
+      opts.output, schemas.ERRORS_DIR, schemas.errors_schema())
+  counts = dict(read["counts"])
+  counts["errors"] = outputs.count(read["errors"], "CountErrors")
+  p | "Manifest" >> outputs.WriteManifest(
+      opts.output, manifest_base(command, opts, run_id, opts.image_size),
+      started, counts,
+      {"tfrecords": read["tfrecord_files"], "errors": errors_written})
+
+
+def run(argv: Optional[List[str]] = None,
+        test_pipeline: Optional[beam.Pipeline] = None) -> Dict:
+  """Entry point of `python -m beam_pipeline COMMAND FLAGS`.
+
+  Args:
+    argv: command and flags; Beam flags pass through.
+    test_pipeline: a TestPipeline to build into instead of a new Pipeline.
+
+  Returns:
+    The manifest of the run (read back from the output directory).
+  """
+  command, flags = opts_lib.split_command(argv)
+  options = PipelineOptions(flags)
+  opts = opts_lib.validate(command, options)
+  outputs.prepare_output_dir(opts.output, opts.overwrite)
+  run_id = outputs.new_run_id()
+  started = time.time()
+  if test_pipeline is not None:
+    p = test_pipeline
+  else:
+    options.view_as(StandardOptions).runner = opts_lib.in_process_runner(
+        options)
+    p = beam.Pipeline(options=options)
+
+  if command == opts_lib.PREPROCESS:
+    read = build_preprocess(p, opts, run_id, started)
+    _finish_preprocess(p, opts, read, run_id, started, command)
+  else:
+    from beam_pipeline import scoring_pipeline  # pylint: disable=import-outside-toplevel
+    scoring_pipeline.build(command, p, opts, run_id, started)
+
+  result = p.run()
+  result.wait_until_finish()
+  manifest = outputs.read_json(outputs.join(opts.output, schemas.MANIFEST_FILE))
+  _LOG.info("Run %s finished", run_id)
+  return manifest

@@ -1,0 +1,198 @@
+"""Composite transforms of the preprocessing stage: archives → image records.
+
+Each stage is a small named PTransform; the per-element work is in
+`archives` and `imaging`.
+"""
+
+from typing import Dict, Iterable, NamedTuple, Union
+
+import apache_beam as beam
+from apache_beam.io import fileio
+from apache_beam.metrics import Metrics
+
+import schemas
+from beam_pipeline import archives, imaging
+
+MASKS = "masks"
+ERRORS = "errors"
+SPREAD = "spread"
+
+_NAMESPACE = "busi"
+
+
+class TarInput(NamedTuple):
+  uri: str
+
+
+class FileInput(NamedTuple):
+  uri: str
+
+
+WorkItem = Union[archives.ZipRange, TarInput, FileInput]
+
+
+class PreprocessLimits(NamedTuple):
+  image_size: int
+  max_pixels: int = imaging.DEFAULT_MAX_PIXELS
+  max_member_bytes: int = archives.DEFAULT_MAX_MEMBER_BYTES
+  zip_chunk_size: int = archives.DEFAULT_ZIP_CHUNK
+
+
+def error_row(source: str, stage: schemas.Stage, error_type: str,
+              message: str, run_id: str) -> Dict[str, str]:
+  """One row of the errors table."""
+  return {
+      "source": source,
+      "stage": schemas.Stage(stage).value,
+      "error_type": error_type,
+      "message": message,
+      "run_id": run_id,
+  }
+
+
+class PlanWork(beam.DoFn):
+  """Input file → units of work: zip member ranges, whole tars, plain files.
+
+  A zip that cannot be opened becomes an error Member here (one member seen).
+  """
+
+  def __init__(self, zip_chunk_size: int):
+    self._chunk = zip_chunk_size
+
+  def process(self, uri: str) -> Iterable[Union[WorkItem, archives.Member]]:
+    kind = archives.archive_kind(uri)
+    if kind == archives.ZIP:
+      try:
+        count = archives.count_zip_members(uri)
+      except archives.ArchiveError as e:
+        yield archives.Member(uri, uri, "error", error=e)
+        return
+      except Exception as e:  # pylint: disable=broad-except
+        yield archives.Member(uri, uri, "error", error=archives.ArchiveError(
+            "ReadFailed", f"{type(e).__name__}: {e}"))
+        return
+      yield from archives.split_zip(uri, count, self._chunk)
+    elif kind == archives.TAR:
+      yield TarInput(uri)
+    else:
+      yield FileInput(uri)
+
+
+class ReadWork(beam.DoFn):
+  """Unit of work → Members, one per archive entry.
+
+  Members of zip ranges stay on the worker that read them (the ranges were
+  already spread); tar and plain-file members go to the SPREAD output so they
+  can be redistributed before decoding.
+  """
+
+  def __init__(self, max_member_bytes: int):
+    self._max_bytes = max_member_bytes
+
+  def process(self, item):
+    if isinstance(item, archives.Member):
+      yield item
+    elif isinstance(item, archives.ZipRange):
+      yield from archives.read_zip_range(item, self._max_bytes)
+    elif isinstance(item, TarInput):
+      for member in archives.read_tar(item.uri, self._max_bytes):
+        yield beam.pvalue.TaggedOutput(SPREAD, member)
+    else:
+      yield beam.pvalue.TaggedOutput(
+          SPREAD, archives.read_file(item.uri, self._max_bytes))
+
+
+class DecodeMember(beam.DoFn):
+  """Member → ImageRecord (main), mask source (MASKS) or error row (ERRORS)."""
+
+  def __init__(self, image_size: int, max_pixels: int, run_id: str):
+    self._size = image_size
+    self._max_pixels = max_pixels
+    self._run_id = run_id
+    self._images = Metrics.counter(_NAMESPACE, "images_decoded")
+    self._masks = Metrics.counter(_NAMESPACE, "masks_skipped")
+    self._errors = Metrics.counter(_NAMESPACE, "decode_errors")
+
+  def process(self, member: archives.Member):
+    if member.kind == "mask":
+      self._masks.inc()
+      yield beam.pvalue.TaggedOutput(MASKS, member.source)
+      return
+    if member.kind == "dir":
+      self._errors.inc()
+      yield beam.pvalue.TaggedOutput(ERRORS, error_row(
+          member.source, schemas.Stage.EXTRACT, "Directory",
+          "directory entry, not an image", self._run_id))
+      return
+    if member.kind == "error":
+      self._errors.inc()
+      stage = (schemas.Stage.READ if member.source == member.path or
+               "!/" not in member.source else schemas.Stage.EXTRACT)
+      yield beam.pvalue.TaggedOutput(ERRORS, error_row(
+          member.source, stage, member.error.kind, str(member.error),
+          self._run_id))
+      return
+    try:
+      decoded = imaging.decode_and_resize(member.data, self._size,
+                                          self._max_pixels)
+    except imaging.DecodeError as e:
+      self._errors.inc()
+      yield beam.pvalue.TaggedOutput(ERRORS, error_row(
+          member.source, schemas.Stage.DECODE, e.kind, str(e), self._run_id))
+      return
+    except Exception as e:  # pylint: disable=broad-except
+      # OpenCV raises cv2.error on some malformed inputs; never crash the run.
+      self._errors.inc()
+      yield beam.pvalue.TaggedOutput(ERRORS, error_row(
+          member.source, schemas.Stage.DECODE, type(e).__name__, str(e),
+          self._run_id))
+      return
+    self._images.inc()
+    yield imaging.ImageRecord(
+        image_id=imaging.image_id(member.data),
+        source=member.source,
+        label=imaging.label_from_path(member.path),
+        pixels=decoded.pixels,
+        original_height=decoded.original_height,
+        original_width=decoded.original_width)
+
+
+class ReadImages(beam.PTransform):
+  """Input globs → image records, mask sources, error rows, members seen.
+
+  Returns a dict: "images" (ImageRecord), "masks" (str), "errors" (error
+  rows) and "members" (one element per archive entry or input file seen).
+  """
+
+  def __init__(self, patterns, limits: PreprocessLimits, run_id: str):
+    super().__init__()
+    self._patterns = list(patterns)
+    self._limits = limits
+    self._run_id = run_id
+
+  def expand(self, pbegin):
+    limits = self._limits
+    uris = (
+        pbegin
+        | "Patterns" >> beam.Create(self._patterns)
+        | "MatchFiles" >> fileio.MatchAll()
+        | "Paths" >> beam.Map(lambda metadata: metadata.path)
+        | "DropRepeatedPaths" >> beam.Distinct())
+    work = (
+        uris
+        | "PlanWork" >> beam.ParDo(PlanWork(limits.zip_chunk_size))
+        # Zip ranges go to many workers, not just the one that listed them.
+        | "SpreadWork" >> beam.Reshuffle())
+    read = work | "ReadMembers" >> beam.ParDo(
+        ReadWork(limits.max_member_bytes)).with_outputs(SPREAD, main="local")
+    spread = read[SPREAD] | "SpreadMembers" >> beam.Reshuffle()
+    members = (read.local, spread) | "AllMembers" >> beam.Flatten()
+    decoded = members | "DecodeImages" >> beam.ParDo(
+        DecodeMember(limits.image_size, limits.max_pixels,
+                     self._run_id)).with_outputs(MASKS, ERRORS, main="images")
+    return {
+        "images": decoded.images,
+        "masks": decoded[MASKS],
+        "errors": decoded[ERRORS],
+        "members": members,
+    }

@@ -1,0 +1,94 @@
+"""A gzip TFRecord sink that compresses at a speed that keeps up with decoding.
+
+Beam's WriteToTFRecord compresses with zlib's default level 6, which costs about
+10 ms per 224×224×3 image on one core: three times the decode itself. This
+sink writes the same format (a gzip stream of TFRecord frames, readable by
+`tf.data.TFRecordDataset(..., compression_type="GZIP")` and Beam's
+ReadFromTFRecord) with ISA-L's level-1 deflate (~0.25 ms per image, and a
+smaller file than zlib level 1), falling back to zlib level 1 without ISA-L.
+"""
+
+import apache_beam as beam
+from apache_beam.coders import coders
+from apache_beam.io import filebasedsink
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.tfrecordio import _TFRecordUtil
+
+try:
+  from isal import isal_zlib as _zlib
+  _LEVEL = 1
+except ImportError:  # pragma: no cover - isal is a declared dependency
+  import zlib as _zlib
+  _LEVEL = 1
+
+_GZIP_WBITS = 31  # deflate with a gzip header and trailer
+_FLUSH_BYTES = 4 << 20
+
+
+class _GzipWriter:
+  """File-like writer that gzips into an underlying Beam file handle."""
+
+  def __init__(self, raw):
+    self._raw = raw
+    self._compressor = _zlib.compressobj(_LEVEL, _zlib.DEFLATED, _GZIP_WBITS)
+    self._pending = []
+    self._pending_bytes = 0
+
+  def write(self, data: bytes) -> None:
+    self._pending.append(data)
+    self._pending_bytes += len(data)
+    if self._pending_bytes >= _FLUSH_BYTES:
+      self._drain()
+
+  def _drain(self) -> None:
+    if self._pending:
+      self._raw.write(self._compressor.compress(b"".join(self._pending)))
+      self._pending = []
+      self._pending_bytes = 0
+
+  def close(self) -> None:
+    self._drain()
+    self._raw.write(self._compressor.flush())
+    self._raw.close()
+
+
+class _FastGzipTFRecordSink(filebasedsink.FileBasedSink):
+  """FileBasedSink writing gzip TFRecord shards with a fast deflate."""
+
+  def __init__(self, file_path_prefix: str, file_name_suffix: str,
+               num_shards: int):
+    super().__init__(
+        file_path_prefix=file_path_prefix,
+        coder=coders.BytesCoder(),
+        file_name_suffix=file_name_suffix,
+        num_shards=num_shards,
+        shard_name_template=None,
+        mime_type="application/octet-stream",
+        compression_type=CompressionTypes.UNCOMPRESSED)
+
+  def open(self, temp_path):
+    return _GzipWriter(FileSystems.create(
+        temp_path, self.mime_type, CompressionTypes.UNCOMPRESSED))
+
+  def write_encoded_record(self, file_handle, encoded_value):
+    _TFRecordUtil.write_record(file_handle, encoded_value)
+
+  def close(self, file_handle):
+    file_handle.close()
+
+
+class WriteGzipTFRecords(beam.PTransform):
+  """Writes serialized Examples as `PREFIX-SSSSS-of-NNNNN.tfrecord.gz` shards.
+
+  Returns the PCollection of written file names, as beam.io.Write does.
+  """
+
+  def __init__(self, file_path_prefix: str, file_name_suffix: str,
+               num_shards: int = 0):
+    super().__init__()
+    self._sink = _FastGzipTFRecordSink(file_path_prefix, file_name_suffix,
+                                       num_shards)
+
+  def expand(self, pcoll):
+    return pcoll | beam.io.Write(self._sink)

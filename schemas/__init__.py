@@ -1,0 +1,47 @@
+"""The one place where features, columns, labels and artifact fields are spelled.
+
+Training, preprocessing and scoring all import these names; nothing else in
+the project re-declares them.
+"""
+
+from schemas.artifact import (
+    ARTIFACT_FORMAT_VERSION,
+    GRADCAM_LAYER,
+    LABELS_FILE,
+    METADATA_FILE,
+    METADATA_REQUIRED_FIELDS,
+    MODEL_CARD_FILE,
+    MODEL_FILE,
+    DEFAULT_THRESHOLD,
+)
+from schemas.features import (
+    DEFAULT_IMAGE_SIZE,
+    FEATURE_HEIGHT,
+    FEATURE_IMAGE,
+    FEATURE_IMAGE_ID,
+    FEATURE_LABEL,
+    FEATURE_ORIGINAL_HEIGHT,
+    FEATURE_ORIGINAL_WIDTH,
+    FEATURE_SOURCE,
+    FEATURE_WIDTH,
+    FORMAT_VERSION,
+    LABELS,
+    PACKAGE_VERSION,
+    MANIFEST_FILE,
+    TFRECORD_DIR,
+    TFRECORD_SUFFIX,
+    ERRORS_DIR,
+    PREDICTIONS_DIR,
+    GRADCAM_DIR,
+    feature_spec,
+)
+from schemas.tables import (
+    ERROR_COLUMNS,
+    Stage,
+    errors_schema,
+    prediction_columns,
+    predictions_schema,
+    probability_column,
+)
+
+__all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,0 +1,53 @@
+"""TFRecord feature spec, label set and output layout shared by every stage."""
+
+from typing import Dict
+
+# Bumped whenever the TFRecord features, the Parquet columns or the output
+# layout change in a way older readers cannot handle.
+FORMAT_VERSION = "1"
+
+# Class names in the order of the model's outputs for the standard model.
+LABELS = ("normal", "benign", "malignant")
+
+DEFAULT_IMAGE_SIZE = 224
+
+# tf.train.Example feature keys.
+FEATURE_IMAGE = "image"  # raw uint8 RGB pixels, row-major [height, width, 3]
+FEATURE_IMAGE_ID = "image_id"  # sha256 hex of the archive member's bytes
+FEATURE_SOURCE = "source"  # archive URI + "!/" + member path, or the file URI
+FEATURE_LABEL = "label"  # one of LABELS, or "" when the path names no class
+FEATURE_HEIGHT = "height"  # stored (resized) height
+FEATURE_WIDTH = "width"  # stored (resized) width
+FEATURE_ORIGINAL_HEIGHT = "original_height"
+FEATURE_ORIGINAL_WIDTH = "original_width"
+
+# Output layout under a run's output directory.
+TFRECORD_DIR = "tfrecords"
+TFRECORD_SUFFIX = ".tfrecord.gz"
+ERRORS_DIR = "errors"
+PREDICTIONS_DIR = "predictions"
+GRADCAM_DIR = "gradcam"
+MANIFEST_FILE = "manifest.json"
+
+
+def feature_spec() -> Dict[str, object]:
+  """Returns the `tf.io.parse_example` spec for the TFRecords.
+
+  TensorFlow is imported here, not at module level, so that modules which only
+  need the names stay light.
+  """
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  return {
+      FEATURE_IMAGE: tf.io.FixedLenFeature([], tf.string),
+      FEATURE_IMAGE_ID: tf.io.FixedLenFeature([], tf.string),
+      FEATURE_SOURCE: tf.io.FixedLenFeature([], tf.string),
+      FEATURE_LABEL: tf.io.FixedLenFeature([], tf.string, default_value=""),
+      FEATURE_HEIGHT: tf.io.FixedLenFeature([], tf.int64),
+      FEATURE_WIDTH: tf.io.FixedLenFeature([], tf.int64),
+      FEATURE_ORIGINAL_HEIGHT: tf.io.FixedLenFeature([], tf.int64),
+      FEATURE_ORIGINAL_WIDTH: tf.io.FixedLenFeature([], tf.int64),
+  }
+
+# The project's release; setup.py reads it from here.
+PACKAGE_VERSION = "0.1.0"

@@ -1,0 +1,75 @@
+"""Parquet schemas of the predictions and errors outputs.
+
+Only signed integers, doubles, strings, booleans and a UTC timestamp are used,
+so BigQuery external tables and DuckDB read the files without options.
+"""
+
+import enum
+from typing import List, Sequence
+
+import pyarrow as pa
+
+
+class Stage(str, enum.Enum):
+  """Where in the pipeline a failure happened (the errors' `stage` column)."""
+  READ = "read"  # opening or listing an archive
+  EXTRACT = "extract"  # reading one member's bytes
+  DECODE = "decode"  # turning bytes into pixels
+  PARSE = "parse"  # reading a TFRecord example back
+  INFERENCE = "inference"
+  GRADCAM = "gradcam"
+
+
+ERROR_COLUMNS = ("source", "stage", "error_type", "message", "run_id")
+
+
+def errors_schema() -> pa.Schema:
+  """Schema of `DIR/errors/*.parquet`."""
+  return pa.schema([
+      pa.field("source", pa.string(), nullable=False),
+      pa.field("stage", pa.string(), nullable=False),
+      pa.field("error_type", pa.string(), nullable=False),
+      pa.field("message", pa.string(), nullable=False),
+      pa.field("run_id", pa.string(), nullable=False),
+  ])
+
+
+def probability_column(label: str) -> str:
+  """Name of the probability column of one class, e.g. `p_benign`."""
+  return f"p_{label}"
+
+
+def prediction_columns(labels: Sequence[str]) -> List[str]:
+  """Column names of the predictions table, in their fixed order."""
+  return [f.name for f in predictions_schema(labels)]
+
+
+def predictions_schema(labels: Sequence[str]) -> pa.Schema:
+  """Schema of `DIR/predictions/*.parquet` for a model with these labels.
+
+  Args:
+    labels: class names in the model's output order (its labels.json).
+
+  Returns:
+    The Arrow schema, columns in the documented order.
+  """
+  fields = [
+      pa.field("image_id", pa.string(), nullable=False),
+      pa.field("source", pa.string(), nullable=False),
+      pa.field("label", pa.string(), nullable=True),
+      pa.field("predicted_class", pa.string(), nullable=False),
+  ]
+  fields += [
+      pa.field(probability_column(label), pa.float64(), nullable=False)
+      for label in labels
+  ]
+  fields += [
+      pa.field("confidence", pa.float64(), nullable=False),
+      pa.field("low_confidence", pa.bool_(), nullable=False),
+      pa.field("threshold", pa.float64(), nullable=False),
+      pa.field("model_version", pa.string(), nullable=False),
+      pa.field("run_id", pa.string(), nullable=False),
+      pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
+      pa.field("gradcam_uri", pa.string(), nullable=True),
+  ]
+  return pa.schema(fields)

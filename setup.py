@@ -1,0 +1,55 @@
+"""Packaging for the launcher and for Dataflow workers (`--setup_file ./setup.py`)."""
+
+import re
+from pathlib import Path
+
+import setuptools
+
+_VERSION = re.search(
+    r'^PACKAGE_VERSION = "([^"]+)"',
+    (Path(__file__).parent / "schemas" / "features.py").read_text(),
+    re.M,
+).group(1)
+
+# Bounds are the versions tested together on Python 3.11; the upper bounds stop
+# at the next major/minor release that has not been tried.
+REQUIRED = [
+    "tensorflow>=2.21,<2.22",
+    "keras>=3.15,<3.16",
+    "apache-beam[gcp]>=2.77,<2.78",
+    # Beam's TF model handler imports tensorflow_hub; Beam's own extra pins a
+    # version that breaks on TF >= 2.16.
+    "tensorflow-hub>=0.16.1,<0.17",
+    "numpy>=2.4,<2.5",
+    "protobuf>=6.33,<7",
+    "pyarrow>=25,<26",
+    "opencv-python-headless>=4.10,<6",
+    "google-cloud-storage>=3.17,<4",
+    "duckdb>=2.0.1,<2.1",
+    "matplotlib>=3.9,<4",
+    "pillow>=11,<13",
+    # ISA-L deflate: gzip TFRecords at ~40x the speed of zlib level 6.
+    "isal>=1.7,<2",
+]
+
+EXTRAS = {
+    "test": [
+        "pytest>=8",
+        "hypothesis>=6",
+        "gcp-storage-emulator>=2024.8.3",
+    ],
+}
+
+setuptools.setup(
+    name="busi-scoring",
+    version=_VERSION,
+    description=(
+        "Batch scoring of breast-ultrasound images with VGG16 on Apache Beam,"
+        " and the training companion that builds the model artifact."),
+    python_requires=">=3.11,<3.12",
+    packages=setuptools.find_packages(
+        include=["beam_pipeline", "beam_pipeline.*", "training", "training.*",
+                 "schemas", "schemas.*", "bench", "bench.*"]),
+    install_requires=REQUIRED,
+    extras_require=EXTRAS,
+)
