@@ -31,6 +31,9 @@ class ArchiveError(Exception):
     super().__init__(message)
     self.kind = kind
 
+  def __reduce__(self):  # picklable, so Members can cross a shuffle
+    return (type(self), (self.kind, str(self)))
+
 
 class ZipRange(NamedTuple):
   """Members [start, stop) of one zip, in central-directory order."""

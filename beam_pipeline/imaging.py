@@ -43,6 +43,9 @@ class DecodeError(ValueError):
     super().__init__(message)
     self.kind = kind
 
+  def __reduce__(self):
+    return (type(self), (self.kind, str(self)))
+
 
 class DecodedImage(NamedTuple):
   """Resized RGB pixels of one image and the size it had before resizing."""

@@ -1,0 +1,112 @@
+"""Builds small test archives whose every member's expected fate is known."""
+
+import io
+import tarfile
+import zipfile
+from typing import Dict, List, NamedTuple, Optional
+
+import cv2
+import numpy as np
+
+
+class Entry(NamedTuple):
+  """One member to put in an archive, and what the pipeline must make of it."""
+  path: str
+  data: bytes
+  fate: str  # "image", "mask" or "error"
+  label: str = ""
+  error_type: Optional[str] = None
+
+
+def png(img: np.ndarray) -> bytes:
+  ok, buf = cv2.imencode(".png", img)
+  assert ok
+  return buf.tobytes()
+
+
+def jpeg(img: np.ndarray) -> bytes:
+  ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+  assert ok
+  return buf.tobytes()
+
+
+def speckle(rng: np.random.Generator, h: int, w: int, channels: int = 0,
+            dtype=np.uint8) -> np.ndarray:
+  top = 65535 if dtype == np.uint16 else 255
+  shape = (h, w) if channels == 0 else (h, w, channels)
+  return rng.integers(0, top + 1, size=shape, dtype=np.int64).astype(dtype)
+
+
+def mixed_entries(seed: int = 0) -> List[Entry]:
+  """Every kind of member the preprocessing stage must handle."""
+  rng = np.random.default_rng(seed)
+  root = "Dataset_BUSI_with_GT"
+  entries = [
+      Entry(f"{root}/benign/benign (1).png", png(speckle(rng, 40, 50)),
+            "image", "benign"),
+      Entry(f"{root}/benign/benign (1)_mask.png", png(speckle(rng, 40, 50)),
+            "mask"),
+      Entry(f"{root}/benign/benign (1)_mask_1.png", png(speckle(rng, 40, 50)),
+            "mask"),
+      Entry(f"{root}/malignant/malignant (1).png",
+            png(speckle(rng, 30, 60, 3)), "image", "malignant"),
+      Entry(f"{root}/malignant/malignant (2).png",
+            png(speckle(rng, 33, 33, 4)), "image", "malignant"),
+      Entry(f"{root}/normal/normal (1).png",
+            png(speckle(rng, 50, 40, dtype=np.uint16)), "image", "normal"),
+      Entry(f"{root}/normal/normal (2).jpg", jpeg(speckle(rng, 48, 64, 3)),
+            "image", "normal"),
+      Entry("export/2024/scan_0001.png", png(speckle(rng, 20, 70)), "image",
+            ""),
+      Entry(f"{root}/benign/deeper/nested/benign (9).JPG",
+            jpeg(speckle(rng, 64, 48)), "image", "benign"),
+      Entry(f"{root}/benign/broken.png", png(speckle(rng, 40, 40))[:60],
+            "error", error_type="CorruptImage"),
+      Entry(f"{root}/README.txt", b"BUSI dataset, see paper", "error",
+            error_type="NotAnImage"),
+  ]
+  return entries
+
+
+def write_zip(path: str, entries: List[Entry], directories: bool = False
+             ) -> None:
+  with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+    if directories:
+      for d in sorted({e.path.rsplit("/", 1)[0] + "/" for e in entries
+                       if "/" in e.path}):
+        zf.writestr(zipfile.ZipInfo(d), b"")
+    for e in entries:
+      zf.writestr(e.path, e.data)
+
+
+def write_tar(path: str, entries: List[Entry], gz: bool = False) -> None:
+  with tarfile.open(path, "w:gz" if gz else "w") as tf:
+    for e in entries:
+      info = tarfile.TarInfo(e.path)
+      info.size = len(e.data)
+      tf.addfile(info, io.BytesIO(e.data))
+
+
+def expected_pixels(data: bytes, size: int) -> np.ndarray:
+  """What OpenCV gives for the file: RGB, resized with INTER_AREA.
+
+  Uses imread-style colour conversion (IMREAD_COLOR replicates grey and drops
+  alpha), independent of the pipeline's own channel handling; 16-bit samples
+  are scaled by 255/65535.
+  """
+  buf = np.frombuffer(data, np.uint8)
+  probe = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+  if probe.dtype == np.uint16:
+    img = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+    img = np.round(img.astype(np.float64) * 255.0 / 65535.0).astype(np.uint8)
+  else:
+    img = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+  img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+  return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def by_fate(entries: List[Entry]) -> Dict[str, List[Entry]]:
+  out: Dict[str, List[Entry]] = {"image": [], "mask": [], "error": []}
+  for e in entries:
+    out[e.fate].append(e)
+  return out

@@ -1,0 +1,45 @@
+"""Helpers for tests that run pipelines and read their outputs back."""
+
+import glob
+import hashlib
+import os
+from typing import Dict, List
+
+import duckdb
+import tensorflow as tf
+from apache_beam.testing.test_pipeline import TestPipeline
+
+from beam_pipeline import imaging
+import schemas
+
+# Beam's DirectRunner would first try Prism, which downloads a binary; tests
+# run in-process on the FnApiRunner, as `run()` does for local runs.
+RUNNER = "FnApiRunner"
+
+
+def make_test_pipeline() -> TestPipeline:
+  return TestPipeline(runner=RUNNER)
+
+
+def read_records(output_dir: str) -> List[imaging.ImageRecord]:
+  files = sorted(glob.glob(os.path.join(output_dir, schemas.TFRECORD_DIR,
+                                        "*" + schemas.TFRECORD_SUFFIX)))
+  assert files, f"no TFRecords under {output_dir}"
+  return [imaging.from_example(r.numpy())
+          for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
+
+
+def sql(query: str) -> List[tuple]:
+  return duckdb.connect().execute(query).fetchall()
+
+
+def read_errors(output_dir: str) -> List[Dict]:
+  pattern = os.path.join(output_dir, schemas.ERRORS_DIR, "*.parquet")
+  con = duckdb.connect()
+  cur = con.execute(f"SELECT * FROM read_parquet('{pattern}')")
+  names = [d[0] for d in cur.description]
+  return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+def pixel_digest(record: imaging.ImageRecord) -> str:
+  return hashlib.sha256(record.pixels.tobytes()).hexdigest()

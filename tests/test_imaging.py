@@ -1,0 +1,132 @@
+"""Unit tests of the per-element image functions (no runner)."""
+
+import numpy as np
+import pytest
+
+import schemas
+from beam_pipeline import imaging
+from tests import archive_factory as af
+
+
+@pytest.mark.parametrize("path,expected", [
+    ("Dataset_BUSI_with_GT/benign/benign (1)_mask.png", True),
+    ("Dataset_BUSI_with_GT/benign/benign (1)_mask_1.png", True),
+    ("x/malignant (3)_MASK.png", True),
+    ("Dataset_BUSI_with_GT/benign/benign (1).png", False),
+    ("masks/benign (1).png", False),
+    ("x/mask_of_doom.png", False),
+])
+def test_is_mask(path, expected):
+  assert imaging.is_mask(path) is expected
+
+
+@pytest.mark.parametrize("path,expected", [
+    ("Dataset_BUSI_with_GT/benign/benign (1).png", "benign"),
+    ("Dataset_BUSI_with_GT/Malignant/x.png", "malignant"),
+    ("normal/deeper/x.png", "normal"),
+    ("benign/malignant/x.png", "malignant"),  # deepest class folder wins
+    ("export/benign.png", ""),  # the file name is not a folder
+    ("x.png", ""),
+])
+def test_label_from_path(path, expected):
+  assert imaging.label_from_path(path) == expected
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_decode_matches_opencv(index):
+  images = [e for e in af.mixed_entries() if e.fate == "image"]
+  entry = images[index % len(images)]
+  decoded = imaging.decode_and_resize(entry.data, 24)
+  assert decoded.pixels.dtype == np.uint8
+  assert decoded.pixels.shape == (24, 24, 3)
+  np.testing.assert_array_equal(decoded.pixels,
+                                af.expected_pixels(entry.data, 24))
+
+
+def test_decode_reports_original_size():
+  rng = np.random.default_rng(1)
+  decoded = imaging.decode_and_resize(af.png(af.speckle(rng, 37, 91)), 16)
+  assert (decoded.original_height, decoded.original_width) == (37, 91)
+
+
+def test_grey_is_replicated_and_16bit_scaled():
+  grey16 = np.full((8, 8), 65535, np.uint16)
+  grey16[:4] = 257 * 10
+  pixels = imaging.decode_and_resize(af.png(grey16), 8).pixels
+  assert (pixels[:4] == 10).all() and (pixels[4:] == 255).all()
+  assert (pixels[..., 0] == pixels[..., 2]).all()
+
+
+def test_rgba_drops_alpha_and_swaps_to_rgb():
+  bgra = np.zeros((4, 4, 4), np.uint8)
+  bgra[..., 0] = 200  # blue in OpenCV's BGRA
+  bgra[..., 3] = 0  # fully transparent: alpha must not matter
+  pixels = imaging.decode_and_resize(af.png(bgra), 4).pixels
+  assert (pixels[..., 2] == 200).all() and (pixels[..., :2] == 0).all()
+
+
+@pytest.mark.parametrize("data,kind", [
+    (b"", "EmptyFile"),
+    (b"hello world, not an image", "NotAnImage"),
+    (b"%PDF-1.4 ...", "NotAnImage"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 10, "CorruptImage"),
+])
+def test_decode_errors(data, kind):
+  with pytest.raises(imaging.DecodeError) as err:
+    imaging.decode_and_resize(data, 8)
+  assert err.value.kind == kind
+
+
+def test_pixel_limit_checked_before_decoding():
+  rng = np.random.default_rng(2)
+  data = af.png(af.speckle(rng, 100, 100))
+  with pytest.raises(imaging.DecodeError) as err:
+    imaging.decode_and_resize(data, 8, max_pixels=9_999)
+  assert err.value.kind == "TooManyPixels"
+  assert "--max_pixels" in str(err.value)
+
+
+def test_jpeg_named_png_is_decoded_by_its_bytes():
+  rng = np.random.default_rng(3)
+  data = af.jpeg(af.speckle(rng, 20, 20, 3))
+  assert imaging.sniff_format(data) == "jpeg"
+  assert imaging.decode_and_resize(data, 8).pixels.shape == (8, 8, 3)
+
+
+def test_example_round_trip():
+  rng = np.random.default_rng(4)
+  record = imaging.ImageRecord(
+      image_id="ab" * 32, source="gs://b/x.zip!/benign/é (1).png",
+      label="benign", pixels=af.speckle(rng, 6, 6, 3), original_height=300,
+      original_width=400)
+  back = imaging.from_example(imaging.to_example(record))
+  assert back.image_id == record.image_id and back.source == record.source
+  assert back.label == "benign"
+  assert (back.original_height, back.original_width) == (300, 400)
+  np.testing.assert_array_equal(back.pixels, record.pixels)
+
+
+def test_example_matches_tf_feature_spec():
+  import tensorflow as tf
+  rng = np.random.default_rng(5)
+  record = imaging.ImageRecord("c" * 64, "s", "", af.speckle(rng, 4, 4, 3),
+                               9, 9)
+  parsed = tf.io.parse_single_example(imaging.to_example(record),
+                                      schemas.feature_spec())
+  assert parsed[schemas.FEATURE_LABEL].numpy() == b""
+  pixels = tf.reshape(tf.io.decode_raw(parsed[schemas.FEATURE_IMAGE],
+                                       tf.uint8), [4, 4, 3])
+  np.testing.assert_array_equal(pixels.numpy(), record.pixels)
+
+
+def test_from_example_rejects_wrong_pixel_count():
+  rng = np.random.default_rng(6)
+  record = imaging.ImageRecord("d" * 64, "s", "", af.speckle(rng, 4, 4, 3),
+                               4, 4)
+  bad = imaging.to_example(record._replace(pixels=record.pixels[:3]))
+  # Height is taken from the array, so shrink via a hand-made inconsistency.
+  import tensorflow as tf
+  example = tf.train.Example.FromString(bad)
+  example.features.feature[schemas.FEATURE_HEIGHT].int64_list.value[0] = 4
+  with pytest.raises(ValueError):
+    imaging.from_example(example.SerializeToString())

@@ -1,0 +1,187 @@
+"""The preprocessing stage: archives → TFRecords, masks counted, errors kept."""
+
+import json
+import os
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.testing.util import assert_that, equal_to
+
+import schemas
+from beam_pipeline import imaging, pipeline
+from beam_pipeline.preprocess import PreprocessLimits, ReadImages
+from tests import archive_factory as af
+from tests.pipeline_helpers import (pixel_digest, read_errors, read_records,
+                                    make_test_pipeline)
+
+SIZE = 24
+
+
+def _expected(archive_uri, entries):
+  groups = af.by_fate(entries)
+  images = sorted((imaging.image_id(e.data), f"{archive_uri}!/{e.path}",
+                   e.label) for e in groups["image"])
+  masks = sorted(f"{archive_uri}!/{e.path}" for e in groups["mask"])
+  errors = sorted((f"{archive_uri}!/{e.path}", e.error_type)
+                  for e in groups["error"])
+  return images, masks, errors
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar", "tar.gz"])
+def test_read_images_routes_every_member(tmp_path, kind):
+  entries = af.mixed_entries()
+  path = str(tmp_path / f"data.{kind}")
+  if kind == "zip":
+    af.write_zip(path, entries)
+  else:
+    af.write_tar(path, entries, gz=kind == "tar.gz")
+  images, masks, errors = _expected(path, entries)
+
+  with make_test_pipeline() as p:
+    out = p | ReadImages([path], PreprocessLimits(SIZE, zip_chunk_size=3),
+                         "run-1")
+    assert_that(out["images"] | "Keys" >> beam.Map(
+        lambda r: (r.image_id, r.source, r.label)), equal_to(images),
+                label="Images")
+    assert_that(out["masks"], equal_to(masks), label="Masks")
+    assert_that(out["errors"] | "ErrKeys" >> beam.Map(
+        lambda e: (e["source"], e["error_type"])), equal_to(errors),
+                label="Errors")
+    assert_that(out["members"] | beam.combiners.Count.Globally(),
+                equal_to([len(entries)]), label="Seen")
+
+
+def test_pixels_match_opencv(tmp_path):
+  entries = af.mixed_entries()
+  path = str(tmp_path / "data.zip")
+  af.write_zip(path, entries)
+  expected = {imaging.image_id(e.data): af.expected_pixels(e.data, SIZE)
+              for e in entries if e.fate == "image"}
+
+  def check(records):
+    assert len(records) == len(expected)
+    for r in records:
+      np.testing.assert_array_equal(r.pixels, expected[r.image_id])
+
+  with make_test_pipeline() as p:
+    out = p | ReadImages([path], PreprocessLimits(SIZE), "run-1")
+    assert_that(out["images"], check)
+
+
+def test_unreadable_archives_become_errors(tmp_path):
+  fake_zip = tmp_path / "not_really.zip"
+  fake_zip.write_bytes(b"this is not a zip file at all")
+  empty_tar = tmp_path / "empty.tar.gz"
+  empty_tar.write_bytes(b"")
+  with make_test_pipeline() as p:
+    out = p | ReadImages([str(fake_zip), str(empty_tar)],
+                         PreprocessLimits(SIZE), "run-1")
+    assert_that(out["errors"] | beam.Map(
+        lambda e: (os.path.basename(e["source"]), e["stage"],
+                   e["error_type"])),
+                equal_to([("not_really.zip", "read", "BadArchive"),
+                          ("empty.tar.gz", "read", "BadArchive")]))
+
+
+def _busi_zip(tmp_path, n_per_class=3, directories=True, seed=0):
+  rng = np.random.default_rng(seed)
+  entries = []
+  for cls in schemas.LABELS:
+    for i in range(1, n_per_class + 1):
+      stem = f"Dataset_BUSI_with_GT/{cls}/{cls} ({i})"
+      entries.append(af.Entry(stem + ".png", af.png(af.speckle(rng, 45, 55)),
+                              "image", cls))
+      entries.append(af.Entry(stem + "_mask.png",
+                              af.png(af.speckle(rng, 45, 55)), "mask"))
+      if i == 1:
+        entries.append(af.Entry(stem + "_mask_1.png",
+                                af.png(af.speckle(rng, 45, 55)), "mask"))
+  path = str(tmp_path / "Dataset_BUSI_with_GT.zip")
+  af.write_zip(path, entries, directories=directories)
+  return path, entries
+
+
+def test_busi_zip_end_to_end(tmp_path):
+  path, entries = _busi_zip(tmp_path, directories=False)
+  out = str(tmp_path / "out")
+  manifest = pipeline.run(["preprocess", "--input", path, "--output", out,
+                           "--image_size", str(SIZE)])
+  records = read_records(out)
+  images = [e for e in entries if e.fate == "image"]
+  assert len(records) == len(images) == 9
+  assert sorted((r.image_id, r.label) for r in records) == sorted(
+      (imaging.image_id(e.data), e.label) for e in images)
+  assert not any(imaging.is_mask(r.source) for r in records)
+  for r in records:
+    assert r.pixels.shape == (SIZE, SIZE, 3)
+    assert (r.original_height, r.original_width) == (45, 55)
+  counts = manifest["counts"]
+  assert counts == {"members_seen": len(entries), "images_written": 9,
+                    "masks_skipped": len(entries) - 9, "errors": 0}
+  assert manifest["invariant"]["holds"] is True
+  assert read_errors(out) == []
+  on_disk = json.load(open(os.path.join(out, schemas.MANIFEST_FILE)))
+  assert on_disk["run_id"] == manifest["run_id"]
+  assert on_disk["image_size"] == SIZE
+  assert on_disk["format_version"] == schemas.FORMAT_VERSION
+  assert on_disk["package_version"] == schemas.PACKAGE_VERSION
+  assert on_disk["wall_time_s"] > 0
+
+
+def test_directories_and_text_are_the_only_errors(tmp_path):
+  path, entries = _busi_zip(tmp_path, n_per_class=2, directories=True)
+  out = str(tmp_path / "out")
+  manifest = pipeline.run(["preprocess", "--input", path, "--output", out,
+                           "--image_size", str(SIZE)])
+  errors = read_errors(out)
+  assert {e["error_type"] for e in errors} == {"Directory"}
+  assert all(e["source"].endswith("/") for e in errors)
+  assert all(e["run_id"] == manifest["run_id"] for e in errors)
+  counts = manifest["counts"]
+  assert counts["images_written"] == 6
+  assert counts["members_seen"] == (counts["images_written"] +
+                                    counts["masks_skipped"] + counts["errors"])
+
+
+def test_rerun_gives_same_examples_and_refuses_completed_output(tmp_path):
+  path, _ = _busi_zip(tmp_path)
+  argv = ["preprocess", "--input", path, "--image_size", str(SIZE)]
+  pipeline.run(argv + ["--output", str(tmp_path / "a")])
+  pipeline.run(argv + ["--output", str(tmp_path / "b")])
+  first = {(r.image_id, pixel_digest(r)) for r in read_records(
+      str(tmp_path / "a"))}
+  second = {(r.image_id, pixel_digest(r)) for r in read_records(
+      str(tmp_path / "b"))}
+  assert first == second and len(first) == 9
+  with pytest.raises(ValueError, match="--overwrite"):
+    pipeline.run(argv + ["--output", str(tmp_path / "a")])
+  manifest = pipeline.run(argv + ["--output", str(tmp_path / "a"),
+                                  "--overwrite"])
+  assert manifest["counts"]["images_written"] == 9
+  assert len(read_records(str(tmp_path / "a"))) == 9
+
+
+def test_plain_files_and_globs(tmp_path):
+  rng = np.random.default_rng(7)
+  folder = tmp_path / "benign"
+  folder.mkdir()
+  for i in range(3):
+    (folder / f"img{i}.png").write_bytes(af.png(af.speckle(rng, 30, 30)))
+  (folder / "img0_mask.png").write_bytes(af.png(af.speckle(rng, 30, 30)))
+  out = str(tmp_path / "out")
+  manifest = pipeline.run(["preprocess", "--input", str(folder / "*.png"),
+                           "--output", out, "--image_size", "16"])
+  assert manifest["counts"] == {"members_seen": 4, "images_written": 3,
+                                "masks_skipped": 1, "errors": 0}
+  assert {r.label for r in read_records(out)} == {"benign"}
+
+
+def test_bad_flags_fail_with_clear_messages(tmp_path):
+  with pytest.raises(ValueError, match="--input"):
+    pipeline.run(["preprocess", "--output", str(tmp_path)])
+  with pytest.raises(ValueError, match="matches no file"):
+    pipeline.run(["preprocess", "--input", str(tmp_path / "nope.zip"),
+                  "--output", str(tmp_path / "o")])
+  with pytest.raises(ValueError, match="usage"):
+    pipeline.run(["--input", "x"])
