@@ -1,0 +1,280 @@
+"""The model artifact directory: writing it, validating it, loading it.
+
+MODEL_DIR/
+  model.keras    raw uint8 RGB [batch, H, W, 3] → probabilities in labels order
+  labels.json    JSON list of class names, the output order
+  metadata.json  schemas.METADATA_REQUIRED_FIELDS and more
+
+`read_artifact_info` validates the small JSON files without loading the model
+(for the launcher's up-front checks); `load_artifact` also loads the model,
+in Keras safe mode, and checks it against the metadata. Both go through Beam
+FileSystems, so MODEL_DIR may be gs://.
+"""
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from typing import Any, Dict, Iterator, List, NamedTuple, Sequence
+
+import keras
+from apache_beam.io.filesystems import FileSystems
+
+import schemas
+
+_RETRAIN = ("Retrain with this version (`python -m training train`), or use the"
+            " scoring release that wrote it.")
+_PASS_DIR = "Pass the directory written by `python -m training train`."
+
+DEFAULT_NAME = "busi"
+
+
+class ArtifactError(ValueError):
+  """The artifact is missing, malformed or unsafe; the message says the fix."""
+
+
+class ArtifactInfo(NamedTuple):
+  labels: List[str]
+  metadata: Dict[str, Any]
+
+
+class Artifact(NamedTuple):
+  model: keras.Model
+  labels: List[str]
+  metadata: Dict[str, Any]
+  local_dir: str  # where model.keras was loaded from (a temp copy if remote)
+
+
+def _join(model_dir: str, name: str) -> str:
+  return FileSystems.join(model_dir.rstrip("/"), name)
+
+
+def _read_json(model_dir: str, name: str) -> Any:
+  uri = _join(model_dir, name)
+  if not FileSystems.exists(uri):
+    raise ArtifactError(f"{model_dir} has no {name}. {_PASS_DIR}")
+  try:
+    with FileSystems.open(uri) as f:
+      return json.loads(f.read().decode("utf-8"))
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ArtifactError(f"{uri} is not valid JSON ({e}). {_PASS_DIR}") from e
+
+
+def read_artifact_info(model_dir: str) -> ArtifactInfo:
+  """Validates labels.json and metadata.json without loading the model.
+
+  Args:
+    model_dir: the artifact directory (local or gs://).
+
+  Returns:
+    The labels (output order) and the metadata.
+
+  Raises:
+    ArtifactError: a file or field is missing or wrong; the message names it
+      and says what to do.
+  """
+  if not FileSystems.exists(_join(model_dir, schemas.MODEL_FILE)):
+    raise ArtifactError(f"{model_dir} has no {schemas.MODEL_FILE}. {_PASS_DIR}")
+  labels = _read_json(model_dir, schemas.LABELS_FILE)
+  if (not isinstance(labels, list) or not labels or
+      not all(isinstance(x, str) and x for x in labels) or
+      len(set(labels)) != len(labels)):
+    raise ArtifactError(
+        f"{schemas.LABELS_FILE} in {model_dir} must be a JSON list of distinct"
+        f" class names, got {labels!r}. {_PASS_DIR}")
+  metadata = _read_json(model_dir, schemas.METADATA_FILE)
+  if not isinstance(metadata, dict):
+    raise ArtifactError(f"{schemas.METADATA_FILE} in {model_dir} is not a JSON"
+                        f" object. {_PASS_DIR}")
+  missing = [f for f in schemas.METADATA_REQUIRED_FIELDS if f not in metadata]
+  if missing:
+    raise ArtifactError(
+        f"{schemas.METADATA_FILE} in {model_dir} lacks {', '.join(missing)}:"
+        f" it was not written by this version's training. {_RETRAIN}")
+  if str(metadata["format_version"]) != schemas.ARTIFACT_FORMAT_VERSION:
+    raise ArtifactError(
+        f"{model_dir} has artifact format {metadata['format_version']!r}; this"
+        f" release reads format {schemas.ARTIFACT_FORMAT_VERSION!r}. {_RETRAIN}")
+  if metadata["labels"] != labels:
+    raise ArtifactError(
+        f"{schemas.LABELS_FILE} {labels} and metadata labels"
+        f" {metadata['labels']} differ in {model_dir}: the files come from"
+        f" different trainings. {_PASS_DIR}")
+  threshold = metadata["threshold"]
+  if (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+      or not 0.0 <= threshold <= 1.0):
+    raise ArtifactError(
+        f"metadata threshold {threshold!r} in {model_dir} is not a number in"
+        " [0, 1]; fix metadata.json or retrain with --threshold.")
+  size = metadata["image_size"]
+  if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    raise ArtifactError(
+        f"metadata image_size {size!r} in {model_dir} is not a positive"
+        f" integer. {_PASS_DIR}")
+  return ArtifactInfo(labels, metadata)
+
+
+def _layer_classes(config: Any) -> Iterator[str]:
+  """Every class_name in a (nested) Keras config."""
+  if isinstance(config, dict):
+    if "class_name" in config:
+      yield config["class_name"]
+    for value in config.values():
+      yield from _layer_classes(value)
+  elif isinstance(config, list):
+    for value in config:
+      yield from _layer_classes(value)
+
+
+def _refuse_lambda(path: str) -> None:
+  # Checked in the config itself too, so that a process which called
+  # keras.config.enable_unsafe_deserialization() still refuses.
+  try:
+    with zipfile.ZipFile(path) as zf:
+      config = json.loads(zf.read("config.json"))
+  except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+    raise ArtifactError(f"{path} is not a Keras .keras file ({e}). {_PASS_DIR}"
+                       ) from e
+  if "Lambda" in set(_layer_classes(config)):
+    raise ArtifactError(
+        f"{path} contains a Lambda layer, which can run arbitrary code and is"
+        " refused in Keras safe mode. Rebuild the model with the registered"
+        " layers of training.layers (`python -m training train`).")
+
+
+def _localize(model_dir: str) -> str:
+  """A local directory holding the artifact's files (copied if remote)."""
+  if "://" not in model_dir:
+    return model_dir
+  local = tempfile.mkdtemp(prefix="busi-model-")
+  for name in (schemas.MODEL_FILE, schemas.LABELS_FILE, schemas.METADATA_FILE):
+    with FileSystems.open(_join(model_dir, name)) as src, open(
+        os.path.join(local, name), "wb") as dst:
+      shutil.copyfileobj(src, dst, 1 << 20)
+  return local
+
+
+def load_artifact(model_dir: str) -> Artifact:
+  """Validates and loads an artifact (safe mode, not compiled).
+
+  Args:
+    model_dir: the artifact directory (local or gs://; remote files are copied
+      to a local temporary directory first).
+
+  Returns:
+    The model, labels, metadata and the local directory used.
+
+  Raises:
+    ArtifactError: invalid files, a model Keras cannot load safely, or a model
+      whose input or output shape disagrees with the metadata.
+  """
+  labels, metadata = read_artifact_info(model_dir)
+  local_dir = _localize(model_dir)
+  path = os.path.join(local_dir, schemas.MODEL_FILE)
+  _refuse_lambda(path)
+  # Registers VGGPreprocess and TemperatureScaling with Keras.
+  import training.layers  # pylint: disable=import-outside-toplevel,unused-import,redefined-outer-name
+  try:
+    model = keras.saving.load_model(path, safe_mode=True, compile=False)
+  except Exception as e:  # Keras raises ValueError, TypeError, KeyError, ...
+    if "safe_mode" in str(e):
+      raise ArtifactError(
+          f"{model_dir}/{schemas.MODEL_FILE} needs unsafe deserialization"
+          f" (refused in Keras safe mode): {e}") from e
+    raise ArtifactError(
+        f"cannot load {model_dir}/{schemas.MODEL_FILE}: {type(e).__name__}:"
+        f" {e}. {_RETRAIN}") from e
+  size = metadata["image_size"]
+  expected_input = (None, size, size, 3)
+  actual_input = tuple(model.inputs[0].shape) if len(model.inputs) == 1 else None
+  if actual_input != expected_input:
+    raise ArtifactError(
+        f"model input shape {actual_input} does not match metadata image_size"
+        f" {size} (expected {expected_input}) in {model_dir}. {_PASS_DIR}")
+  if model.inputs[0].dtype != "uint8":
+    raise ArtifactError(
+        f"model input dtype is {model.inputs[0].dtype}; artifacts take raw"
+        f" uint8 pixels. {_RETRAIN}")
+  outputs = [tuple(o.shape) for o in model.outputs]
+  if outputs != [(None, len(labels))]:
+    raise ArtifactError(
+        f"model outputs {outputs} do not match the {len(labels)} labels"
+        f" {labels} in {model_dir}. {_PASS_DIR}")
+  return Artifact(model, labels, metadata, local_dir)
+
+
+def model_version(name: str, created: datetime.datetime,
+                  model_bytes_sha256: str) -> str:
+  """`NAME-YYYYmmddTHHMMSSZ-HASH8`: sortable, and unique per saved model."""
+  return f"{name}-{created:%Y%m%dT%H%M%SZ}-{model_bytes_sha256[:8]}"
+
+
+def _sha256_file(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def save_artifact(model: keras.Model, model_dir: str, labels: Sequence[str],
+                  metadata_fields: Dict[str, Any]) -> Dict[str, Any]:
+  """Writes model.keras, labels.json and metadata.json into a local directory.
+
+  metadata.json is written last, so a directory with one is complete.
+
+  Args:
+    model: the uint8-input classifier, outputs in `labels` order.
+    model_dir: local directory (created if needed).
+    labels: class names in output order.
+    metadata_fields: metadata; model_version, created_at, format_version,
+      package_version, labels, image_size (from the model), threshold
+      (DEFAULT_THRESHOLD) and temperature (from the model) are filled in when
+      absent. A "name" field, if given, prefixes model_version.
+
+  Returns:
+    The metadata written.
+
+  Raises:
+    ArtifactError: a required field is still missing, or the result does not
+      pass `read_artifact_info`.
+  """
+  from training import model as model_lib  # pylint: disable=import-outside-toplevel
+  labels = list(labels)
+  os.makedirs(model_dir, exist_ok=True)
+  metadata_path = os.path.join(model_dir, schemas.METADATA_FILE)
+  if os.path.exists(metadata_path):
+    os.remove(metadata_path)  # an interrupted save must not look complete
+  model_path = os.path.join(model_dir, schemas.MODEL_FILE)
+  model.save(model_path)
+  with open(os.path.join(model_dir, schemas.LABELS_FILE), "w",
+            encoding="utf-8") as f:
+    json.dump(labels, f)
+
+  created = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+  metadata = dict(metadata_fields)
+  name = str(metadata.get("name") or DEFAULT_NAME)
+  metadata.setdefault("model_version",
+                      model_version(name, created, _sha256_file(model_path)))
+  metadata.setdefault("created_at", created.isoformat())
+  metadata.setdefault("image_size", int(model.inputs[0].shape[1]))
+  metadata.setdefault("threshold", schemas.DEFAULT_THRESHOLD)
+  metadata.setdefault("temperature", model_lib.temperature_of(model))
+  metadata["labels"] = labels
+  metadata.setdefault("format_version", schemas.ARTIFACT_FORMAT_VERSION)
+  metadata.setdefault("package_version", schemas.PACKAGE_VERSION)
+  missing = [f for f in schemas.METADATA_REQUIRED_FIELDS if f not in metadata]
+  if missing:
+    raise ArtifactError(f"metadata_fields lacks {', '.join(missing)}")
+  # Required fields first, in their documented order, then the rest.
+  ordered = {f: metadata[f] for f in schemas.METADATA_REQUIRED_FIELDS}
+  ordered.update(metadata)
+  tmp = metadata_path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(ordered, f, indent=2)
+  os.replace(tmp, metadata_path)
+  read_artifact_info(model_dir)
+  return ordered

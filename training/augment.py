@@ -1,0 +1,114 @@
+"""Training-time augmentation for ultrasound, applied in the tf.data pipeline.
+
+Geometry only, as the original recipe's ImageDataGenerator: rotation ±15°,
+width and height shift ±10 %, shear 0.01°, zoom ±10 % (x and y drawn
+separately), horizontal flip, reflected borders. No colour or brightness
+jitter: echo intensity carries the diagnosis.
+
+All five are composed into one affine matrix per image and applied with a
+single bilinear resample (`ImageProjectiveTransformV3`). Chaining Keras'
+RandomRotation/RandomTranslation/RandomShear/RandomZoom would resample the
+image four times, and each resample blurs the speckle the model sees at
+scoring time unblurred. Augmentation is never part of the saved model.
+
+Note: "shear 0.01" is ImageDataGenerator's `shear_range`, in degrees, so it
+moves a 224-pixel image by under 0.04 pixel; it is kept for fidelity to the
+recipe and costs nothing, being folded into the same matrix.
+"""
+
+import math
+from typing import NamedTuple
+
+import tensorflow as tf
+
+
+class AugmentConfig(NamedTuple):
+  rotation_degrees: float = 15.0
+  width_shift: float = 0.1  # fraction of the width
+  height_shift: float = 0.1
+  shear_degrees: float = 0.01
+  zoom: float = 0.1  # scale drawn from [1 - zoom, 1 + zoom] per axis
+  horizontal_flip: bool = True
+
+
+DEFAULT = AugmentConfig()
+
+
+def random_transforms(batch_size, height, width, seed,
+                      config: AugmentConfig = DEFAULT) -> tf.Tensor:
+  """Random output→input affine maps, as [batch, 8] projective transforms.
+
+  Args:
+    batch_size: number of matrices.
+    height: image height (pixels).
+    width: image width (pixels).
+    seed: a stateless seed, int32/int64 [2].
+    config: the parameter ranges.
+
+  Returns:
+    float32 [batch, 8] rows (a0, a1, a2, b0, b1, b2, 0, 0) mapping an output
+    pixel (x, y) to the input point (a0 x + a1 y + a2, b0 x + b1 y + b2).
+  """
+  seeds = tf.random.experimental.stateless_split(seed, num=6)
+  shape = [batch_size]
+
+  def uniform(i, low, high):
+    return tf.random.stateless_uniform(shape, seeds[i], low, high)
+
+  theta = uniform(0, -1.0, 1.0) * (config.rotation_degrees * math.pi / 180)
+  shear = uniform(1, -1.0, 1.0) * (config.shear_degrees * math.pi / 180)
+  zoom_x = uniform(2, 1 - config.zoom, 1 + config.zoom)
+  zoom_y = uniform(3, 1 - config.zoom, 1 + config.zoom)
+  shifts = tf.random.stateless_uniform([batch_size, 2], seeds[4], -1.0, 1.0)
+  width_f = tf.cast(width, tf.float32)
+  height_f = tf.cast(height, tf.float32)
+  shift_x = shifts[:, 0] * config.width_shift * width_f
+  shift_y = shifts[:, 1] * config.height_shift * height_f
+  if config.horizontal_flip:
+    flip = tf.where(uniform(5, 0.0, 1.0) < 0.5, -1.0, 1.0)
+  else:
+    flip = tf.ones(shape)
+
+  # About the image centre: input = c + shift + R(θ)·Shear·Zoom·Flip·(out - c)
+  cos, sin = tf.cos(theta), tf.sin(theta)
+  # Shear as ImageDataGenerator: [[1, -sin s], [0, cos s]].
+  sh01, sh11 = -tf.sin(shear), tf.cos(shear)
+  # R · Shear
+  m00 = cos
+  m01 = cos * sh01 - sin * sh11
+  m10 = sin
+  m11 = sin * sh01 + cos * sh11
+  # · Zoom · Flip (flip mirrors x about the centre)
+  m00, m10 = m00 * zoom_x * flip, m10 * zoom_x * flip
+  m01, m11 = m01 * zoom_y, m11 * zoom_y
+  cx = (width_f - 1) / 2
+  cy = (height_f - 1) / 2
+  a2 = cx + shift_x - m00 * cx - m01 * cy
+  b2 = cy + shift_y - m10 * cx - m11 * cy
+  zeros = tf.zeros(shape)
+  return tf.stack([m00, m01, a2, m10, m11, b2, zeros, zeros], axis=1)
+
+
+def apply_transforms(images: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
+  """Resamples uint8 [batch, H, W, C] once; returns uint8 of the same shape."""
+  shape = tf.shape(images)
+  out = tf.raw_ops.ImageProjectiveTransformV3(
+      images=tf.cast(images, tf.float32), transforms=transforms,
+      output_shape=shape[1:3], fill_value=0.0, interpolation="BILINEAR",
+      fill_mode="REFLECT")
+  # Back to what the model takes (and scoring feeds): rounded uint8 pixels.
+  return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
+
+
+def augment_batch(images: tf.Tensor, seed: tf.Tensor,
+                  config: AugmentConfig = DEFAULT) -> tf.Tensor:
+  """One random geometric augmentation per image of a uint8 batch.
+
+  Args:
+    images: uint8 [batch, H, W, 3].
+    seed: stateless seed [2]; the same seed gives the same output.
+    config: the parameter ranges.
+  """
+  shape = tf.shape(images)
+  transforms = random_transforms(shape[0], shape[1], shape[2], seed, config)
+  return apply_transforms(images, transforms)

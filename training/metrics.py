@@ -1,0 +1,118 @@
+"""Classification metrics as pure numpy functions (no Keras, no sklearn).
+
+Conventions: rows of the confusion matrix are true classes, columns predicted
+ones; a precision, recall or F1 whose denominator is zero is 0.0 (as sklearn's
+`zero_division=0`), and the macro average is the unweighted mean over all
+classes, including those with no support.
+"""
+
+from typing import Dict, Sequence
+
+import numpy as np
+
+
+def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int],
+                     num_classes: int) -> np.ndarray:
+  """Counts [true class, predicted class].
+
+  Args:
+    y_true: true class indices.
+    y_pred: predicted class indices, same length.
+    num_classes: size of the square matrix.
+
+  Returns:
+    int64 array [num_classes, num_classes].
+
+  Raises:
+    ValueError: lengths differ or an index is outside [0, num_classes).
+  """
+  y_true = np.asarray(y_true, dtype=np.int64).reshape(-1)
+  y_pred = np.asarray(y_pred, dtype=np.int64).reshape(-1)
+  if y_true.shape != y_pred.shape:
+    raise ValueError(f"{y_true.size} true labels but {y_pred.size} predictions")
+  for name, values in (("y_true", y_true), ("y_pred", y_pred)):
+    if values.size and (values.min() < 0 or values.max() >= num_classes):
+      raise ValueError(f"{name} has a class index outside [0, {num_classes})")
+  matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+  np.add.at(matrix, (y_true, y_pred), 1)
+  return matrix
+
+
+def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+  numerator = numerator.astype(np.float64)
+  out = np.zeros_like(numerator)
+  np.divide(numerator, denominator, out=out, where=denominator > 0)
+  return out
+
+
+def per_class_scores(matrix: np.ndarray) -> Dict[str, np.ndarray]:
+  """Precision, recall, F1 and support of each class from a confusion matrix."""
+  matrix = np.asarray(matrix, dtype=np.int64)
+  true_positive = np.diag(matrix)
+  predicted = matrix.sum(axis=0)
+  support = matrix.sum(axis=1)
+  precision = _safe_divide(true_positive, predicted)
+  recall = _safe_divide(true_positive, support)
+  f1 = _safe_divide(2 * precision * recall, precision + recall)
+  return {"precision": precision, "recall": recall, "f1": f1,
+          "support": support}
+
+
+def classification_report(y_true: Sequence[int], y_pred: Sequence[int],
+                          labels: Sequence[str]) -> Dict:
+  """Accuracy, per-class and macro precision/recall/F1, confusion matrix.
+
+  Args:
+    y_true: true class indices into `labels`.
+    y_pred: predicted class indices into `labels`.
+    labels: class names in index order.
+
+  Returns:
+    A JSON-ready dict: "count", "accuracy", "per_class" {label: {"precision",
+    "recall", "f1", "support"}}, "macro" {"precision", "recall", "f1"},
+    "labels" and "confusion_matrix" (rows true, columns predicted).
+  """
+  labels = list(labels)
+  matrix = confusion_matrix(y_true, y_pred, len(labels))
+  scores = per_class_scores(matrix)
+  count = int(matrix.sum())
+  accuracy = float(np.trace(matrix) / count) if count else 0.0
+  per_class = {
+      label: {
+          "precision": float(scores["precision"][i]),
+          "recall": float(scores["recall"][i]),
+          "f1": float(scores["f1"][i]),
+          "support": int(scores["support"][i]),
+      } for i, label in enumerate(labels)
+  }
+  macro = {name: float(np.mean(scores[name])) if labels else 0.0
+           for name in ("precision", "recall", "f1")}
+  return {
+      "count": count,
+      "accuracy": accuracy,
+      "per_class": per_class,
+      "macro": macro,
+      "labels": labels,
+      "confusion_matrix": matrix.tolist(),
+  }
+
+
+def format_report(report: Dict) -> str:
+  """The report as a small table a person reads in a terminal."""
+  lines = [f"{'class':<12}{'precision':>10}{'recall':>8}{'f1':>8}"
+           f"{'support':>9}"]
+  for label, row in report["per_class"].items():
+    lines.append(f"{label:<12}{row['precision']:>10.3f}{row['recall']:>8.3f}"
+                 f"{row['f1']:>8.3f}{row['support']:>9d}")
+  macro = report["macro"]
+  lines.append(f"{'macro':<12}{macro['precision']:>10.3f}"
+               f"{macro['recall']:>8.3f}{macro['f1']:>8.3f}"
+               f"{report['count']:>9d}")
+  lines.append(f"accuracy {report['accuracy']:.3f} on {report['count']} images")
+  labels = report["labels"]
+  width = max([len(label) for label in labels] + [6]) + 1
+  lines.append("confusion matrix (rows true, columns predicted):")
+  lines.append(" " * width + "".join(f"{label:>{width}}" for label in labels))
+  for label, row in zip(labels, report["confusion_matrix"]):
+    lines.append(f"{label:<{width}}" + "".join(f"{v:>{width}d}" for v in row))
+  return "\n".join(lines)

@@ -1,0 +1,297 @@
+"""The classifier: a frozen conv base plus a small head, on raw uint8 pixels.
+
+uint8 RGB [batch, H, W, 3] → VGGPreprocess → VGG16 conv layers (block1_conv1 …
+block5_pool, flattened into this model so `get_layer("block5_conv3")` works for
+Grad-CAM) → GlobalAveragePooling2D ("features") → Dense(256, relu) →
+Dropout(0.5) → Dense(3) logits → TemperatureScaling → Softmax.
+
+The graph is a plain chain, which is what lets `split_model` cut it anywhere
+into a prefix (run once, outputs cached) and a suffix (trained on the cache)
+that share the same layer objects.
+"""
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from typing import Iterator, List, Optional, Tuple
+
+import keras
+
+from training.layers import TemperatureScaling, VGGPreprocess
+
+VGG16 = "vgg16"
+TINY = "tiny"  # a 2-conv stand-in for tests, not a real classifier
+BACKBONES = (VGG16, TINY)
+
+IMAGENET = "imagenet"
+NO_WEIGHTS = "none"
+
+HEAD_UNITS = 256
+DROPOUT_RATE = 0.5
+LEARNING_RATE = 1e-4
+FINE_TUNE_LEARNING_RATE = 1e-5
+
+# Layer names other code relies on.
+INPUT_NAME = "image"
+PREPROCESS_LAYER = "vgg_preprocess"
+FEATURES_LAYER = "features"  # GlobalAveragePooling2D: the cached features
+LOGITS_LAYER = "logits"
+TEMPERATURE_LAYER = "temperature"
+PROBABILITIES_LAYER = "probabilities"
+TOP_BLOCK_PREFIX = "block5_"  # unfrozen by the fine-tune stage
+
+
+class BackboneWeightsError(ValueError):
+  """The requested backbone weights cannot be had; the message says what to do."""
+
+
+def weights_source(backbone_weights: str) -> str:
+  """How the weights are recorded in metadata.json.
+
+  "imagenet", "none", or for a file its basename and content hash
+  ("vgg16_notop.h5@sha256:…"), so that two artifacts trained from different
+  files with the same name are told apart.
+  """
+  if backbone_weights in (IMAGENET, NO_WEIGHTS):
+    return backbone_weights
+  digest = hashlib.sha256()
+  with _local_copy(backbone_weights) as path, open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return f"{os.path.basename(backbone_weights)}@sha256:{digest.hexdigest()}"
+
+
+@contextlib.contextmanager
+def _local_copy(path: str) -> Iterator[str]:
+  """A local path for a local or remote (gs://) weights file."""
+  if "://" not in path:
+    if not os.path.isfile(path):
+      raise BackboneWeightsError(
+          f"--backbone_weights {path!r}: no such file. Pass a local Keras"
+          " VGG16 notop .h5, 'imagenet' or 'none'.")
+    yield path
+    return
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
+  if not FileSystems.exists(path):
+    raise BackboneWeightsError(f"--backbone_weights {path!r}: no such file.")
+  with tempfile.TemporaryDirectory() as tmp:
+    local = os.path.join(tmp, os.path.basename(path))
+    with FileSystems.open(path) as src, open(local, "wb") as dst:
+      shutil.copyfileobj(src, dst, 1 << 20)
+    yield local
+
+
+def _vgg16_base(image_size: int, backbone_weights: str) -> keras.Model:
+  shape = (image_size, image_size, 3)
+  if backbone_weights == NO_WEIGHTS:
+    return keras.applications.VGG16(include_top=False, weights=None,
+                                    input_shape=shape)
+  if backbone_weights == IMAGENET:
+    try:
+      return keras.applications.VGG16(include_top=False, weights=IMAGENET,
+                                      input_shape=shape)
+    except Exception as e:  # get_file raises a bare Exception offline
+      raise BackboneWeightsError(
+          "could not get Keras' ImageNet VGG16 weights"
+          f" ({type(e).__name__}: {e}). Without network access pass"
+          " --backbone_weights PATH (a local Keras VGG16 notop .h5, e.g."
+          " vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5) or"
+          " --backbone_weights none (random weights, for tests).") from e
+  with _local_copy(backbone_weights) as path:
+    try:
+      return keras.applications.VGG16(include_top=False, weights=path,
+                                      input_shape=shape)
+    except Exception as e:  # h5py and Keras raise many types for bad files
+      raise BackboneWeightsError(
+          f"--backbone_weights {backbone_weights!r} is not a Keras VGG16 notop"
+          f" weights file ({type(e).__name__}: {e}).") from e
+
+
+def _tiny_base(image_size: int) -> keras.Model:
+  """Test stand-in: two small convs, named like VGG16's block1 and block5.
+
+  The last conv is "block5_conv3" so Grad-CAM and the fine-tune switch find
+  the layers they look for. It builds and runs in milliseconds.
+  """
+  inputs = keras.Input((image_size, image_size, 3))
+  x = keras.layers.Conv2D(8, 3, padding="same", activation="relu",
+                          name="block1_conv1")(inputs)
+  x = keras.layers.MaxPooling2D(2, name="block1_pool")(x)
+  x = keras.layers.Conv2D(16, 3, padding="same", activation="relu",
+                          name="block5_conv3")(x)
+  x = keras.layers.MaxPooling2D(2, name="block5_pool")(x)
+  return keras.Model(inputs, x, name="tiny_test_backbone")
+
+
+def build_model(image_size: int, backbone_weights: str = NO_WEIGHTS,
+                num_classes: int = 3, backbone: str = VGG16) -> keras.Model:
+  """The full classifier on raw uint8 RGB, base frozen (stage one).
+
+  Args:
+    image_size: input height and width (the TFRecords' size).
+    backbone_weights: "imagenet" (Keras download), "none" (random init), or
+      the path of a Keras VGG16 notop .h5 (local or gs://).
+    num_classes: outputs of the softmax.
+    backbone: "vgg16", or "tiny" (a test stand-in; weights must be "none").
+
+  Returns:
+    An uncompiled model [batch, image_size, image_size, 3] uint8 → [batch,
+    num_classes] probabilities, with only the head trainable.
+
+  Raises:
+    BackboneWeightsError: the weights cannot be downloaded or read.
+    ValueError: unknown backbone, or weights requested for "tiny".
+  """
+  if backbone == VGG16:
+    base = _vgg16_base(image_size, backbone_weights)
+  elif backbone == TINY:
+    if backbone_weights != NO_WEIGHTS:
+      raise ValueError("the tiny test backbone has no pretrained weights;"
+                       " pass backbone_weights='none'")
+    base = _tiny_base(image_size)
+  else:
+    raise ValueError(f"unknown backbone {backbone!r}; use one of {BACKBONES}")
+
+  inputs = keras.Input((image_size, image_size, 3), dtype="uint8",
+                       name=INPUT_NAME)
+  x = VGGPreprocess(name=PREPROCESS_LAYER)(inputs)
+  # The base's layers are copied into this model's chain rather than nesting
+  # the base as one layer: Grad-CAM and the fine-tune switch then reach
+  # block5_conv3 by name, and sub_model can cut between any two layers. Fresh
+  # copies (not the base's own objects) so that each layer's first call, which
+  # `layer.output` refers to, is the one in this model.
+  for layer in base.layers[1:]:
+    copy = layer.__class__.from_config(layer.get_config())
+    x = copy(x)
+    copy.set_weights(layer.get_weights())
+  x = keras.layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(x)
+  x = keras.layers.Dense(HEAD_UNITS, activation="relu", name="head_dense")(x)
+  x = keras.layers.Dropout(DROPOUT_RATE, name="head_dropout")(x)
+  # Logits, not softmax: calibration divides them by a temperature first.
+  x = keras.layers.Dense(num_classes, name=LOGITS_LAYER)(x)
+  x = TemperatureScaling(1.0, name=TEMPERATURE_LAYER)(x)
+  outputs = keras.layers.Softmax(name=PROBABILITIES_LAYER)(x)
+  model = keras.Model(inputs, outputs, name=f"busi_{backbone}")
+  freeze_backbone(model)
+  return model
+
+
+def backbone_layers(model: keras.Model) -> List[keras.layers.Layer]:
+  """The conv base's layers: after the preprocessing, before the features."""
+  names = [layer.name for layer in model.layers]
+  start = names.index(PREPROCESS_LAYER) + 1
+  stop = names.index(FEATURES_LAYER)
+  return model.layers[start:stop]
+
+
+def freeze_backbone(model: keras.Model) -> None:
+  """Stage one: only the head trains. Recompile after calling."""
+  for layer in backbone_layers(model):
+    layer.trainable = False
+
+
+def unfreeze_top_block(model: keras.Model) -> List[str]:
+  """Stage two: block5's layers train too. Recompile after calling.
+
+  Returns:
+    The names of the layers with weights made trainable.
+
+  Raises:
+    ValueError: the model has no block5 layers.
+  """
+  names = []
+  for layer in backbone_layers(model):
+    if layer.name.startswith(TOP_BLOCK_PREFIX):
+      layer.trainable = True
+      if layer.weights:
+        names.append(layer.name)
+  if not names:
+    raise ValueError(f"model {model.name} has no {TOP_BLOCK_PREFIX}* layers")
+  return names
+
+
+def compile_model(model: keras.Model, learning_rate: float) -> None:
+  """Adam + categorical cross-entropy on the softmax output + accuracy."""
+  model.compile(
+      optimizer=keras.optimizers.Adam(learning_rate),
+      loss=keras.losses.CategoricalCrossentropy(),
+      metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+
+
+def frozen_prefix_end(model: keras.Model) -> str:
+  """Name of the last layer before the first one with trainable weights.
+
+  Everything up to it is fixed while training, so its outputs can be computed
+  once and cached: "features" in stage one, "block4_pool" once block5 trains.
+  """
+  previous = None
+  for layer in model.layers:
+    if layer.trainable_weights:
+      if previous is None:
+        raise ValueError("the model's first layer is trainable; nothing to cache")
+      return previous
+    previous = layer.name
+  raise ValueError(f"model {model.name} has no trainable weights")
+
+
+def sub_model(model: keras.Model, after: Optional[str] = None,
+              upto: Optional[str] = None) -> keras.Model:
+  """The part of the chain after layer `after` up to layer `upto` (inclusive).
+
+  It shares the full model's layer objects: training it trains the full
+  model.
+
+  Args:
+    model: a model from `build_model`.
+    after: the layer whose output is the sub-model's input; None for the
+      model's own input.
+    upto: the sub-model's last layer; None for the model's output layer.
+  """
+  names = [layer.name for layer in model.layers]
+  stop = names.index(upto) if upto else len(names) - 1
+  if after is None:
+    return keras.Model(model.inputs, model.layers[stop].output,
+                       name=f"{model.name}_to_{names[stop]}")
+  start = names.index(after)
+  if start >= stop:
+    raise ValueError(f"layer {after!r} does not come before {names[stop]!r}")
+  source = model.get_layer(after).output
+  inputs = keras.Input(source.shape[1:], dtype=source.dtype,
+                       name=f"{after}_output")
+  x = inputs
+  for layer in model.layers[start + 1:stop + 1]:
+    x = layer(x)
+  return keras.Model(inputs, x, name=f"{model.name}_{after}_to_{names[stop]}")
+
+
+def split_model(model: keras.Model, cut: str
+               ) -> Tuple[keras.Model, keras.Model]:
+  """Cuts the chain after layer `cut` into (prefix, suffix).
+
+  Both halves share the full model's layer objects: training the suffix
+  trains the full model, and `full(x) == suffix(prefix(x))`.
+
+  Returns:
+    prefix: model input → output of `cut`; suffix: that → model output.
+  """
+  return sub_model(model, None, cut), sub_model(model, cut, None)
+
+
+def top_block_input(model: keras.Model) -> str:
+  """Name of the layer just before the first block5 layer (block4_pool)."""
+  previous = None
+  for layer in model.layers:
+    if layer.name.startswith(TOP_BLOCK_PREFIX):
+      return previous
+    previous = layer.name
+  raise ValueError(f"model {model.name} has no {TOP_BLOCK_PREFIX}* layers")
+
+
+def temperature_of(model: keras.Model) -> float:
+  """The model's TemperatureScaling value (1.0 if it has none)."""
+  for layer in model.layers:
+    if isinstance(layer, TemperatureScaling):
+      return layer.value
+  return 1.0

@@ -1,0 +1,113 @@
+"""Test helpers for this package and for scoring's tests: tiny artifacts and
+TFRecords written exactly as the preprocessing stage writes them."""
+
+import hashlib
+import os
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+
+import schemas
+from beam_pipeline import imaging
+
+
+def write_tfrecords(path: str, records: Iterable[imaging.ImageRecord]) -> str:
+  """Writes records as one gzip TFRecord file, as the pipeline does.
+
+  Args:
+    path: the file to write, e.g. ".../part-00000-of-00001.tfrecord.gz".
+    records: the images.
+
+  Returns:
+    `path`.
+  """
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with tf.io.TFRecordWriter(path, options="GZIP") as writer:
+    for record in records:
+      writer.write(imaging.to_example(record))
+  return path
+
+
+def make_record(pixels: np.ndarray, label: str,
+                source: Optional[str] = None) -> imaging.ImageRecord:
+  """An ImageRecord whose image_id is the sha256 of the pixels (stands in for
+  the sha256 of the original file's bytes)."""
+  pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+  image_id = hashlib.sha256(pixels.tobytes()).hexdigest()
+  folder = label or "unlabelled"
+  return imaging.ImageRecord(
+      image_id=image_id,
+      source=source or f"test.zip!/{folder}/{image_id[:12]}.png",
+      label=label, pixels=pixels, original_height=pixels.shape[0],
+      original_width=pixels.shape[1])
+
+
+def class_images(label_index: int, count: int, image_size: int,
+                 rng: np.random.Generator) -> np.ndarray:
+  """uint8 [count, size, size, 3] images a small model separates easily.
+
+  Speckle plus a class-dependent bright square in a class-dependent corner,
+  so that a few epochs of the tiny backbone learn something.
+  """
+  images = rng.integers(0, 90, size=(count, image_size, image_size, 3),
+                        dtype=np.int64)
+  half = image_size // 2
+  rows = slice(0, half) if label_index % 2 == 0 else slice(half, None)
+  cols = slice(0, half) if label_index < 2 else slice(half, None)
+  images[:, rows, cols, :] += 60 * (label_index + 1)
+  return np.clip(images, 0, 255).astype(np.uint8)
+
+
+def synthetic_records(per_class: int, image_size: int, seed: int = 0,
+                      labels: Sequence[str] = schemas.LABELS
+                     ) -> List[imaging.ImageRecord]:
+  """`per_class` distinct labelled records of each class (see class_images)."""
+  rng = np.random.default_rng(seed)
+  records = []
+  for index, label in enumerate(labels):
+    for pixels in class_images(index, per_class, image_size, rng):
+      records.append(make_record(pixels, label))
+  return records
+
+
+def make_test_artifact(model_dir: str, image_size: int = 32,
+                       backbone: str = "tiny", threshold: float = 0.9,
+                       seed: int = 0) -> Dict:
+  """Builds and saves an untrained but valid artifact, in about a second.
+
+  The model has the real structure (uint8 input, VGGPreprocess, a conv base
+  whose last conv is "block5_conv3", GAP, head, TemperatureScaling, Softmax),
+  random weights from `seed`, and metadata with every required field.
+  Calls `keras.utils.set_random_seed(seed)`.
+
+  Args:
+    model_dir: local directory to write.
+    image_size: model input size.
+    backbone: "tiny" (fast) or "vgg16" (random weights).
+    threshold: metadata threshold.
+    seed: weight initialisation seed.
+
+  Returns:
+    The metadata written.
+  """
+  import keras  # pylint: disable=import-outside-toplevel
+  from training import artifact, metrics, model as model_lib, split  # pylint: disable=import-outside-toplevel
+  keras.utils.set_random_seed(seed)
+  labels = list(schemas.LABELS)
+  model = model_lib.build_model(image_size, model_lib.NO_WEIGHTS, len(labels),
+                                backbone)
+  empty = {name: [] for name in split.SPLITS}
+  return artifact.save_artifact(model, model_dir, labels, {
+      "name": f"test-{backbone}",
+      "image_size": image_size,
+      "threshold": threshold,
+      "backbone": backbone,
+      "weights_source": model_lib.NO_WEIGHTS,
+      "data_fingerprint": split.data_fingerprint(empty),
+      "class_counts": {name: {label: 0 for label in labels}
+                       for name in split.SPLITS},
+      "test_metrics": metrics.classification_report([], [], labels),
+      "temperature": 1.0,
+      "training": {"untrained_test_artifact": True, "seed": seed},
+  })

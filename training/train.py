@@ -1,0 +1,381 @@
+"""Training: TFRecords → split → two-stage fit → test metrics → artifact.
+
+Stage one trains the head on a frozen base. Without augmentation the base's
+output for an image never changes, so it is computed once (`features`, the
+GAP output) and the head is fitted on those vectors: one pass of VGG16 over
+the data instead of one per epoch. The head is the same layer objects as in
+the full model (`model.split_model`), so the full model is assembled by
+construction. With augmentation every epoch sees new pixels, so the full
+model is trained end to end on the fly, base frozen: each epoch costs a
+VGG16 forward pass per training image (see training/README.md for timings).
+
+The optional fine-tune stage unfreezes block5. Without augmentation it, too,
+runs on a cache: block4_pool's output, computed once (and then reused to get
+stage one's features, so VGG16's first four blocks see each image once).
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import schemas
+from training import artifact, augment, data as data_lib, metrics
+from training import model as model_lib, plots, split
+
+_LOG = logging.getLogger(__name__)
+
+CONFUSION_MATRIX_FILE = "confusion_matrix.png"
+TRAINING_CURVES_FILE = "training_curves.png"
+SPLIT_FILE = "split.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """What `python -m training train` was asked to do."""
+  data: Tuple[str, ...]
+  output: str
+  image_size: Optional[int] = None  # None: the TFRecords' size
+  backbone_weights: str = model_lib.IMAGENET
+  backbone: str = model_lib.VGG16
+  epochs: int = 30
+  fine_tune_epochs: int = 0
+  val_fraction: float = 0.15
+  test_fraction: float = 0.15
+  seed: int = 0
+  threshold: float = schemas.DEFAULT_THRESHOLD
+  batch_size: int = 32
+  augment: bool = True
+  name: str = "busi-vgg16"
+  learning_rate: float = model_lib.LEARNING_RATE
+  fine_tune_learning_rate: float = model_lib.FINE_TUNE_LEARNING_RATE
+  overwrite: bool = False
+
+  def validate(self) -> None:
+    """Raises ValueError naming the first bad flag."""
+    if not self.data:
+      raise ValueError("--data is required")
+    if not self.output:
+      raise ValueError("--output is required")
+    if self.epochs < 1:
+      raise ValueError("--epochs must be at least 1")
+    if self.fine_tune_epochs < 0:
+      raise ValueError("--fine_tune_epochs must be 0 or more")
+    if self.batch_size < 1:
+      raise ValueError("--batch_size must be at least 1")
+    if not 0.0 <= self.threshold <= 1.0:
+      raise ValueError(f"--threshold {self.threshold} is outside [0, 1]")
+    if self.image_size is not None and not 32 <= self.image_size <= 4096:
+      raise ValueError(f"--image_size {self.image_size} is outside 32..4096"
+                       " (VGG16 needs at least 32)")
+    for name in ("val_fraction", "test_fraction"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ValueError(f"--{name} must be in [0, 1)")
+    if self.val_fraction + self.test_fraction >= 1.0:
+      raise ValueError("--val_fraction + --test_fraction must be below 1")
+    if self.backbone not in model_lib.BACKBONES:
+      raise ValueError(f"--backbone must be one of {model_lib.BACKBONES}")
+    if not self.name or "/" in self.name:
+      raise ValueError("--name must be non-empty and contain no '/'")
+
+
+def balanced_class_weights(labels: np.ndarray, num_classes: int
+                          ) -> Dict[int, float]:
+  """n / (classes present × n_c), as sklearn's "balanced"; 1.0 if n_c is 0."""
+  counts = np.bincount(labels, minlength=num_classes)
+  present = int((counts > 0).sum())
+  return {c: (float(len(labels) / (present * counts[c])) if counts[c] else 1.0)
+          for c in range(num_classes)}
+
+
+class _EpochTimer(keras.callbacks.Callback):
+  """Collects wall seconds per epoch."""
+
+  def __init__(self):
+    super().__init__()
+    self.seconds: List[float] = []
+    self._start = 0.0
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._start = time.perf_counter()
+
+  def on_epoch_end(self, epoch, logs=None):
+    self.seconds.append(time.perf_counter() - self._start)
+
+
+def _verbose() -> int:
+  # Progress bars on a terminal, one line per epoch in logs.
+  return 1 if sys.stdout.isatty() else 2
+
+
+def _one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  return np.eye(num_classes, dtype=np.float32)[labels]
+
+
+def _augmented_dataset(part: data_lib.LabelledData, num_classes: int,
+                       batch_size: int, seed: int):
+  """Shuffled, augmented uint8 batches, new draws every epoch."""
+  examples = tf.data.Dataset.from_tensor_slices(
+      (part.images, _one_hot(part.labels, num_classes)))
+  examples = examples.shuffle(len(part.labels), seed=seed,
+                              reshuffle_each_iteration=True)
+  examples = examples.batch(batch_size)
+  seeds = tf.data.Dataset.random(seed=seed,
+                                 rerandomize_each_iteration=True).batch(2)
+  return tf.data.Dataset.zip((examples, seeds)).map(
+      lambda batch, s: (augment.augment_batch(batch[0], s), batch[1]),
+      num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+class _Trainer:
+  """Runs the stages on one model, keeping caches and history between them."""
+
+  def __init__(self, model, parts: Dict[str, data_lib.LabelledData],
+               config: TrainConfig, class_weight: Dict[int, float]):
+    self.model = model
+    self.parts = parts
+    self.config = config
+    self.class_weight = class_weight
+    self.num_classes = int(model.outputs[0].shape[-1])
+    self.history: Dict[str, List[float]] = {}
+    self.seconds: Dict[str, float] = {}
+    self.epoch_seconds: Dict[str, List[float]] = {}
+    self._cache: Dict[str, Dict[str, np.ndarray]] = {}  # layer → split → out
+
+  def _fit_splits(self):
+    return [name for name in (split.TRAIN, split.VAL) if len(self.parts[name])]
+
+  def cache_outputs(self, layer: str) -> None:
+    """Computes `layer`'s output for train and val once (from a deeper-in
+    cache when there is one)."""
+    if layer in self._cache:
+      return
+    names = [l.name for l in self.model.layers]
+    sources = [c for c in self._cache if names.index(c) < names.index(layer)]
+    after = max(sources, key=names.index) if sources else None
+    sub = model_lib.sub_model(self.model, after, layer)
+    started = time.perf_counter()
+    _LOG.info("Computing %s outputs once (%s) for %s", layer,
+              f"from cached {after}" if after else "full conv base",
+              " and ".join(self._fit_splits()))
+    self._cache[layer] = {}
+    for name in self._fit_splits():
+      inputs = self._cache[after][name] if after else self.parts[name].images
+      self._cache[layer][name] = sub.predict(
+          inputs, batch_size=self.config.batch_size, verbose=_verbose())
+    key = f"cache_{layer}"
+    self.seconds[key] = self.seconds.get(key, 0.0) + (
+        time.perf_counter() - started)
+
+  def fit(self, stage: str, epochs: int, learning_rate: float) -> None:
+    """Fits whatever is trainable now for `epochs` epochs."""
+    config = self.config
+    train, val = self.parts[split.TRAIN], self.parts[split.VAL]
+    y_train = _one_hot(train.labels, self.num_classes)
+    y_val = _one_hot(val.labels, self.num_classes)
+    timer = _EpochTimer()
+    started = time.perf_counter()
+    if config.augment:
+      target = self.model
+      x_train = _augmented_dataset(train, self.num_classes, config.batch_size,
+                                   config.seed)
+      fit_args = {"shuffle": False}  # the dataset shuffles itself
+      validation = (val.images, y_val) if len(val) else None
+    else:
+      cut = model_lib.frozen_prefix_end(self.model)
+      self.cache_outputs(cut)
+      target = model_lib.sub_model(self.model, cut, None)
+      x_train = self._cache[cut][split.TRAIN]
+      fit_args = {"y": y_train, "batch_size": config.batch_size,
+                  "shuffle": True}
+      validation = ((self._cache[cut][split.VAL], y_val) if len(val) else
+                    None)
+    model_lib.compile_model(target, learning_rate)
+    trainable = sum(int(np.prod(w.shape)) for w in target.trainable_weights)
+    _LOG.info("Stage %s: %d epochs, lr %g, %d trainable parameters, %s", stage,
+              epochs, learning_rate, trainable,
+              "augmented, end to end" if config.augment else
+              f"on cached {model_lib.frozen_prefix_end(self.model)} outputs")
+    result = target.fit(x_train, epochs=epochs, validation_data=validation,
+                        class_weight=self.class_weight, callbacks=[timer],
+                        verbose=_verbose(), **fit_args)
+    for key, values in result.history.items():
+      self.history.setdefault(key, []).extend(float(v) for v in values)
+    self.seconds[stage] = time.perf_counter() - started
+    self.epoch_seconds[stage] = [round(s, 3) for s in timer.seconds]
+
+
+def _predict(model, images: np.ndarray, batch_size: int) -> np.ndarray:
+  if not len(images):
+    return np.zeros((0, int(model.outputs[0].shape[-1])), np.float32)
+  return model.predict(images, batch_size=batch_size, verbose=0)
+
+
+def _write_outputs(local_dir: str, output: str) -> None:
+  """Copies the finished artifact to `output` (gs://), metadata.json last."""
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
+  names = sorted(os.listdir(local_dir), key=lambda n: n == schemas.METADATA_FILE)
+  for name in names:
+    with open(os.path.join(local_dir, name), "rb") as src, FileSystems.create(
+        FileSystems.join(output.rstrip("/"), name)) as dst:
+      shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def _check_output(config: TrainConfig) -> None:
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
+  existing = FileSystems.join(config.output.rstrip("/"), schemas.METADATA_FILE)
+  if FileSystems.exists(existing) and not config.overwrite:
+    raise ValueError(
+        f"{config.output} already holds a model artifact. Choose a new"
+        " --output, or pass --overwrite to replace it.")
+
+
+def train(config: TrainConfig) -> Dict:
+  """Trains a model from the TFRecords and writes the artifact.
+
+  Args:
+    config: the validated flags.
+
+  Returns:
+    The metadata written to metadata.json.
+
+  Raises:
+    ValueError: bad flags or data (message says what to pass).
+    model.BackboneWeightsError: the backbone weights cannot be had.
+  """
+  config.validate()
+  _check_output(config)
+  started = time.perf_counter()
+  keras.utils.set_random_seed(config.seed)
+  labels = list(schemas.LABELS)
+
+  data, stats = data_lib.load_labelled(config.data, labels, config.image_size)
+  image_size = int(data.images.shape[1])
+  _LOG.info(
+      "Read %d examples: %d labelled images used, %d unlabelled skipped,"
+      " %d exact duplicates and %d with conflicting labels skipped",
+      stats.examples, stats.used, stats.unlabelled, stats.duplicates,
+      stats.conflicting)
+  if stats.unlabelled:
+    print(f"Skipped {stats.unlabelled} unlabelled examples (label \"\").")
+  seconds = {"read": time.perf_counter() - started}
+
+  hashes = [split.dhash(image) for image in data.images]
+  result = split.split_indices(
+      data.image_ids, [labels[i] for i in data.labels], hashes,
+      config.val_fraction, config.test_fraction, config.seed)
+  parts = {name: data_lib.subset(data, idx)
+           for name, idx in result.indices.items()}
+  class_counts = {name: {label: int((part.labels == i).sum())
+                         for i, label in enumerate(labels)}
+                  for name, part in parts.items()}
+  _LOG.info("Split (seed %d, %d duplicate groups of %d images): %s",
+            config.seed, result.num_groups, len(data.image_ids), class_counts)
+  if not len(parts[split.TRAIN]):
+    raise ValueError("no image left for training")
+  for label, count in class_counts[split.TRAIN].items():
+    if not count:
+      _LOG.warning("no training image of class %r", label)
+  class_weight = balanced_class_weights(parts[split.TRAIN].labels, len(labels))
+
+  model = model_lib.build_model(image_size, config.backbone_weights,
+                                len(labels), config.backbone)
+  trainer = _Trainer(model, parts, config, class_weight)
+  if config.fine_tune_epochs and not config.augment:
+    # Cache block4_pool first: stage one's features then come from it cheaply.
+    trainer.cache_outputs(model_lib.top_block_input(model))
+  trainer.fit("head", config.epochs, config.learning_rate)
+  fine_tune_start = None
+  if config.fine_tune_epochs:
+    fine_tune_start = config.epochs
+    unfrozen = model_lib.unfreeze_top_block(model)
+    _LOG.info("Unfroze %s", ", ".join(unfrozen))
+    trainer.fit("fine_tune", config.fine_tune_epochs,
+                config.fine_tune_learning_rate)
+  seconds.update(trainer.seconds)
+
+  # Test metrics from the assembled full model on raw pixels: what scoring runs.
+  test = parts[split.TEST]
+  test_started = time.perf_counter()
+  test_probs = _predict(model, test.images, config.batch_size)
+  test_report = metrics.classification_report(
+      test.labels, test_probs.argmax(axis=1), labels)
+  seconds["test"] = time.perf_counter() - test_started
+  print(f"Test metrics ({len(test.labels)} images):")
+  print(metrics.format_report(test_report))
+
+  work = (config.output if "://" not in config.output else
+          tempfile.mkdtemp(prefix="busi-train-"))
+  os.makedirs(work, exist_ok=True)
+  plots.plot_confusion_matrix(
+      test_report["confusion_matrix"], labels,
+      os.path.join(work, CONFUSION_MATRIX_FILE),
+      f"{config.name}: test split ({len(test.labels)} images)")
+  plots.plot_training_curves(trainer.history,
+                             os.path.join(work, TRAINING_CURVES_FILE),
+                             fine_tune_start)
+  with open(os.path.join(work, SPLIT_FILE), "w", encoding="utf-8") as f:
+    json.dump({name: part.image_ids for name, part in parts.items()}, f)
+  seconds["total"] = time.perf_counter() - started
+  metadata = artifact.save_artifact(model, work, labels, {
+      "name": config.name,
+      "image_size": image_size,
+      "threshold": config.threshold,
+      "backbone": config.backbone,
+      "weights_source": model_lib.weights_source(config.backbone_weights),
+      "data_fingerprint": split.data_fingerprint(
+          {name: part.image_ids for name, part in parts.items()}),
+      "class_counts": class_counts,
+      "test_metrics": test_report,
+      "temperature": model_lib.temperature_of(model),
+      "training": {
+          "epochs": config.epochs,
+          "fine_tune_epochs": config.fine_tune_epochs,
+          "seed": config.seed,
+          "val_fraction": config.val_fraction,
+          "test_fraction": config.test_fraction,
+          "augment": config.augment,
+          "batch_size": config.batch_size,
+          "learning_rate": config.learning_rate,
+          "fine_tune_learning_rate": config.fine_tune_learning_rate,
+          "class_weight": {labels[c]: round(w, 6)
+                           for c, w in class_weight.items()},
+          "data": list(config.data),
+          "examples_read": stats.examples,
+          "unlabelled_skipped": stats.unlabelled,
+          "duplicates_skipped": stats.duplicates,
+          "conflicting_labels_skipped": stats.conflicting,
+          "duplicate_groups": result.num_groups,
+          "history": trainer.history,
+          "seconds": {k: round(v, 2) for k, v in seconds.items()},
+          "epoch_seconds": trainer.epoch_seconds,
+      },
+  })
+  _verify_saved(work, model, test.images[:8], config.batch_size)
+  if work != config.output:
+    _write_outputs(work, config.output)
+    shutil.rmtree(work, ignore_errors=True)
+  print(f"Model {metadata['model_version']} written to {config.output}"
+        f" in {seconds['total']:.1f} s")
+  return metadata
+
+
+def _verify_saved(model_dir: str, model, images: np.ndarray,
+                  batch_size: int) -> None:
+  """Reloads the artifact as scoring will and checks it predicts the same."""
+  loaded = artifact.load_artifact(model_dir)
+  if len(images):
+    expected = _predict(model, images, batch_size)
+    actual = _predict(loaded.model, images, batch_size)
+    if not np.allclose(expected, actual, atol=1e-5):
+      raise RuntimeError("the saved model.keras does not reproduce the trained"
+                         " model's predictions")
