@@ -1,0 +1,177 @@
+"""The artifact directory: save, validate without loading, load safely."""
+
+import json
+import os
+import re
+
+import keras
+import numpy as np
+import pytest
+
+import schemas
+from training import artifact, testing
+from training import model as model_lib
+
+
+@pytest.fixture(name="model_dir", scope="module")
+def fixture_model_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("artifact") / "model")
+  testing.make_test_artifact(path, image_size=32, threshold=0.8, seed=3)
+  return path
+
+
+def _copy(src, dst):
+  os.makedirs(dst)
+  for name in os.listdir(src):
+    with open(os.path.join(src, name), "rb") as f, open(
+        os.path.join(dst, name), "wb") as g:
+      g.write(f.read())
+  return dst
+
+
+def _edit_metadata(model_dir, **changes):
+  path = os.path.join(model_dir, schemas.METADATA_FILE)
+  with open(path) as f:
+    metadata = json.load(f)
+  for key, value in changes.items():
+    if value is _DELETE:
+      del metadata[key]
+    else:
+      metadata[key] = value
+  with open(path, "w") as f:
+    json.dump(metadata, f)
+
+
+_DELETE = object()
+
+
+def test_test_artifact_is_complete(model_dir):
+  assert sorted(os.listdir(model_dir)) == sorted(
+      [schemas.MODEL_FILE, schemas.LABELS_FILE, schemas.METADATA_FILE])
+  info = artifact.read_artifact_info(model_dir)
+  assert info.labels == list(schemas.LABELS)
+  for field in schemas.METADATA_REQUIRED_FIELDS:
+    assert field in info.metadata
+  metadata = info.metadata
+  assert metadata["threshold"] == 0.8
+  assert metadata["image_size"] == 32
+  assert metadata["temperature"] == 1.0
+  assert metadata["format_version"] == schemas.ARTIFACT_FORMAT_VERSION
+  assert metadata["package_version"] == schemas.PACKAGE_VERSION
+  assert re.fullmatch(r"test-tiny-\d{8}T\d{6}Z-[0-9a-f]{8}",
+                      metadata["model_version"])
+  with open(os.path.join(model_dir, schemas.LABELS_FILE)) as f:
+    assert json.load(f) == list(schemas.LABELS)  # plain JSON, never pickle
+
+
+def test_load_predicts_probabilities_in_label_order(model_dir):
+  loaded = artifact.load_artifact(model_dir)
+  assert loaded.local_dir == model_dir
+  assert loaded.labels == list(schemas.LABELS)
+  pixels = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), np.uint8)
+  probabilities = loaded.model.predict(pixels, verbose=0)
+  assert probabilities.shape == (5, len(schemas.LABELS))
+  np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+  assert loaded.model.get_layer(schemas.GRADCAM_LAYER)
+
+
+def test_test_artifact_is_deterministic(tmp_path, model_dir):
+  other = str(tmp_path / "again")
+  testing.make_test_artifact(other, image_size=32, threshold=0.8, seed=3)
+  pixels = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), np.uint8)
+  np.testing.assert_allclose(
+      artifact.load_artifact(other).model.predict(pixels, verbose=0),
+      artifact.load_artifact(model_dir).model.predict(pixels, verbose=0),
+      rtol=1e-6)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"test_metrics": _DELETE}, "lacks test_metrics"),
+    ({"format_version": "0"}, "artifact format '0'"),
+    ({"labels": ["a", "b", "c"]}, "differ"),
+    ({"threshold": 1.5}, "threshold"),
+    ({"threshold": "0.9"}, "threshold"),
+    ({"image_size": 32.0}, "image_size"),
+])
+def test_bad_metadata_refused(tmp_path, model_dir, change, match):
+  broken = _copy(model_dir, str(tmp_path / "broken"))
+  _edit_metadata(broken, **change)
+  with pytest.raises(artifact.ArtifactError, match=match):
+    artifact.read_artifact_info(broken)
+
+
+def test_missing_files_refused(tmp_path, model_dir):
+  with pytest.raises(artifact.ArtifactError, match="python -m training train"):
+    artifact.read_artifact_info(str(tmp_path / "nowhere"))
+  for name in (schemas.MODEL_FILE, schemas.LABELS_FILE, schemas.METADATA_FILE):
+    broken = _copy(model_dir, str(tmp_path / name))
+    os.remove(os.path.join(broken, name))
+    with pytest.raises(artifact.ArtifactError, match=re.escape(name)):
+      artifact.read_artifact_info(broken)
+  broken = _copy(model_dir, str(tmp_path / "notjson"))
+  with open(os.path.join(broken, schemas.LABELS_FILE), "wb") as f:
+    f.write(b"\x80\x04pickle")
+  with pytest.raises(artifact.ArtifactError, match="not valid JSON"):
+    artifact.read_artifact_info(broken)
+
+
+def test_shape_mismatch_refused_on_load(tmp_path, model_dir):
+  broken = _copy(model_dir, str(tmp_path / "size"))
+  _edit_metadata(broken, image_size=64)
+  with pytest.raises(artifact.ArtifactError, match="image_size 64"):
+    artifact.load_artifact(broken)
+  broken = _copy(model_dir, str(tmp_path / "labels"))
+  four = ["normal", "benign", "malignant", "other"]
+  _edit_metadata(broken, labels=four)
+  with open(os.path.join(broken, schemas.LABELS_FILE), "w") as f:
+    json.dump(four, f)
+  with pytest.raises(artifact.ArtifactError, match="4 labels"):
+    artifact.load_artifact(broken)
+
+
+def _metadata_fields():
+  return {
+      "backbone": "test", "weights_source": "none",
+      "data_fingerprint": {}, "class_counts": {}, "test_metrics": {},
+  }
+
+
+def test_lambda_layer_refused(tmp_path):
+  inputs = keras.Input((8, 8, 3), dtype="uint8")
+  x = keras.layers.Lambda(lambda t: keras.ops.cast(t, "float32") / 255.0)(
+      inputs)
+  x = keras.layers.GlobalAveragePooling2D()(x)
+  model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+  model_dir = str(tmp_path / "lambda")
+  artifact.save_artifact(model, model_dir, schemas.LABELS, _metadata_fields())
+  artifact.read_artifact_info(model_dir)  # the JSON side is fine
+  with pytest.raises(artifact.ArtifactError, match="safe mode"):
+    artifact.load_artifact(model_dir)
+
+
+def test_float_input_refused(tmp_path):
+  inputs = keras.Input((8, 8, 3))
+  x = keras.layers.GlobalAveragePooling2D()(inputs)
+  model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+  model_dir = str(tmp_path / "float")
+  artifact.save_artifact(model, model_dir, schemas.LABELS, _metadata_fields())
+  with pytest.raises(artifact.ArtifactError, match="uint8"):
+    artifact.load_artifact(model_dir)
+
+
+def test_save_fills_in_fields_and_requires_the_rest(tmp_path):
+  model = model_lib.build_model(32, backbone="tiny")
+  model.get_layer("temperature").set_temperature(1.5)
+  metadata = artifact.save_artifact(model, str(tmp_path / "m"),
+                                    schemas.LABELS,
+                                    dict(_metadata_fields(), name="x"))
+  assert metadata["image_size"] == 32
+  assert metadata["threshold"] == schemas.DEFAULT_THRESHOLD
+  assert metadata["temperature"] == 1.5
+  assert metadata["model_version"].startswith("x-")
+  assert list(metadata)[:len(schemas.METADATA_REQUIRED_FIELDS)] == list(
+      schemas.METADATA_REQUIRED_FIELDS)
+  with pytest.raises(artifact.ArtifactError, match="lacks data_fingerprint"):
+    fields = _metadata_fields()
+    del fields["data_fingerprint"]
+    artifact.save_artifact(model, str(tmp_path / "n"), schemas.LABELS, fields)

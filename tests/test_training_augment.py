@@ -1,0 +1,65 @@
+"""Geometric augmentation in the tf.data pipeline."""
+
+import numpy as np
+import tensorflow as tf
+
+from training import augment
+
+NONE = augment.AugmentConfig(0.0, 0.0, 0.0, 0.0, 0.0, False)
+
+
+def _images(n=4, size=32, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3),
+                                              dtype=np.uint8)
+
+
+def test_identity_transform_keeps_pixels():
+  images = _images()
+  out = augment.augment_batch(images, tf.constant([1, 2]), NONE).numpy()
+  np.testing.assert_array_equal(out, images)
+
+
+def test_flip_only_mirrors_exactly():
+  images = _images(n=16)
+  config = NONE._replace(horizontal_flip=True)
+  out = augment.augment_batch(images, tf.constant([5, 6]), config).numpy()
+  flipped = [np.array_equal(o, i[:, ::-1]) for o, i in zip(out, images)]
+  kept = [np.array_equal(o, i) for o, i in zip(out, images)]
+  assert all(f or k for f, k in zip(flipped, kept))
+  assert any(flipped) and any(kept)
+
+
+def test_no_intensity_change():
+  # Reflect fill and geometry only: a flat image stays exactly flat.
+  flat = np.full((8, 24, 24, 3), 97, np.uint8)
+  out = augment.augment_batch(flat, tf.constant([3, 4])).numpy()
+  assert out.dtype == np.uint8 and out.shape == flat.shape
+  assert np.all(out == 97)
+
+
+def test_seeded_and_varied():
+  images = _images(n=8)
+  a = augment.augment_batch(images, tf.constant([1, 1])).numpy()
+  b = augment.augment_batch(images, tf.constant([1, 1])).numpy()
+  c = augment.augment_batch(images, tf.constant([1, 2])).numpy()
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  assert not np.array_equal(a, images)
+
+
+def test_parameters_within_ranges():
+  size = 100
+  transforms = augment.random_transforms(
+      2000, size, size, tf.constant([0, 9]),
+      augment.DEFAULT._replace(horizontal_flip=False)).numpy()
+  m = transforms[:, [0, 1, 3, 4]].reshape(-1, 2, 2)
+  # Rotation angle: atan2(m10, m00) with zoom > 0 and ~no shear.
+  angles = np.degrees(np.arctan2(m[:, 1, 0], m[:, 0, 0]))
+  assert np.abs(angles).max() <= 15.0 + 1e-3 and np.abs(angles).max() > 14
+  scale_x = np.hypot(m[:, 0, 0], m[:, 1, 0])
+  assert 0.9 - 1e-4 <= scale_x.min() and scale_x.max() <= 1.1 + 1e-4
+  # Where the centre goes: the shift, at most 10 % of the size per axis.
+  centre = (size - 1) / 2
+  cx = transforms[:, 0] * centre + transforms[:, 1] * centre + transforms[:, 2]
+  assert np.abs(cx - centre).max() <= 0.1 * size + 1e-3
+  assert transforms[:, 6:].max() == 0.0

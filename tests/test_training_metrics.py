@@ -1,0 +1,71 @@
+"""Metrics against a hand computation on a fixed prediction set."""
+
+import numpy as np
+import pytest
+
+from training import metrics
+
+LABELS = ["normal", "benign", "malignant"]
+# true: 4 normal, 3 benign, 3 malignant.
+Y_TRUE = [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+Y_PRED = [0, 0, 1, 2, 1, 1, 0, 2, 2, 1]
+# By hand: rows true, columns predicted.
+CONFUSION = [[2, 1, 1],
+             [1, 2, 0],
+             [0, 1, 2]]
+# Column sums 3, 4, 3; row sums 4, 3, 3.
+PRECISION = [2 / 3, 2 / 4, 2 / 3]
+RECALL = [2 / 4, 2 / 3, 2 / 3]
+F1 = [4 / 7, 4 / 7, 2 / 3]  # 2pr/(p+r): (2·2/3·1/2)/(7/6) = 4/7
+
+
+def test_confusion_matrix_by_hand():
+  np.testing.assert_array_equal(metrics.confusion_matrix(Y_TRUE, Y_PRED, 3),
+                                CONFUSION)
+
+
+def test_report_by_hand():
+  report = metrics.classification_report(Y_TRUE, Y_PRED, LABELS)
+  assert report["count"] == 10
+  assert report["accuracy"] == pytest.approx(6 / 10)
+  assert report["confusion_matrix"] == CONFUSION
+  assert report["labels"] == LABELS
+  for i, label in enumerate(LABELS):
+    row = report["per_class"][label]
+    assert row["precision"] == pytest.approx(PRECISION[i])
+    assert row["recall"] == pytest.approx(RECALL[i])
+    assert row["f1"] == pytest.approx(F1[i])
+  assert report["per_class"]["normal"]["support"] == 4
+  assert report["macro"]["precision"] == pytest.approx(11 / 18)
+  assert report["macro"]["recall"] == pytest.approx(11 / 18)
+  assert report["macro"]["f1"] == pytest.approx(38 / 63)
+
+
+def test_zero_denominators_give_zero():
+  # Class 1 is never predicted, class 2 never occurs.
+  report = metrics.classification_report([0, 1], [0, 0], LABELS)
+  assert report["per_class"]["normal"]["precision"] == pytest.approx(0.5)
+  assert report["per_class"]["benign"] == {
+      "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+  assert report["per_class"]["malignant"]["support"] == 0
+  assert report["macro"]["recall"] == pytest.approx(1 / 3)
+
+
+def test_empty_input():
+  report = metrics.classification_report([], [], LABELS)
+  assert report["count"] == 0 and report["accuracy"] == 0.0
+
+
+def test_bad_input_refused():
+  with pytest.raises(ValueError, match="outside"):
+    metrics.confusion_matrix([0, 3], [0, 0], 3)
+  with pytest.raises(ValueError, match="predictions"):
+    metrics.confusion_matrix([0, 1], [0], 3)
+
+
+def test_format_report_mentions_every_class():
+  text = metrics.format_report(
+      metrics.classification_report(Y_TRUE, Y_PRED, LABELS))
+  for label in LABELS:
+    assert label in text
+  assert "accuracy 0.600" in text
