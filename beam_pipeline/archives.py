@@ -128,24 +128,58 @@ def split_zip(uri: str, count: int, chunk: int = DEFAULT_ZIP_CHUNK
     yield ZipRange(uri, start, min(start + chunk, count))
 
 
-def read_zip_range(zip_range: ZipRange, max_member_bytes: int
-                  ) -> Iterator[Member]:
+class OpenZipCache:
+  """Keeps the most recently used zip open (one file handle per worker)."""
+
+  def __init__(self):
+    self._uri = None
+    self._file = None
+    self._zip = None
+
+  def get(self, uri: str) -> zipfile.ZipFile:
+    if uri != self._uri:
+      self.close()
+      f = open_raw(uri)
+      try:
+        self._zip = zipfile.ZipFile(f)
+      except Exception:
+        f.close()
+        raise
+      self._file, self._uri = f, uri
+    return self._zip
+
+  def close(self) -> None:
+    if self._zip is not None:
+      self._zip.close()
+      self._file.close()
+    self._uri = self._file = self._zip = None
+
+
+def read_zip_range(zip_range: ZipRange, max_member_bytes: int,
+                   cache: Optional[OpenZipCache] = None) -> Iterator[Member]:
   """Yields the members of one range of a zip, one at a time.
 
   Every member in the range yields exactly one Member, an error one if it
   cannot be read; if the archive itself cannot be opened, every member of the
   range gets that error.
+
+  Args:
+    zip_range: which members to read.
+    max_member_bytes: refuse members that inflate to more than this.
+    cache: keeps the archive open for the next range; without one the archive
+      is opened and closed here.
   """
   uri, start, stop = zip_range
+  own = cache is None
+  cache = cache or OpenZipCache()
   try:
-    f = open_raw(uri)
-    zf = zipfile.ZipFile(f)
+    zf = cache.get(uri)
   except Exception as e:  # pylint: disable=broad-except
     error = ArchiveError("BadArchive", f"cannot reopen zip: {e}")
     for index in range(start, stop):
       yield Member(f"{uri}!/#{index}", f"#{index}", "error", error=error)
     return
-  with f, zf:
+  try:
     infos = zf.infolist()
     for index in range(start, stop):
       info = infos[index]
@@ -168,6 +202,9 @@ def read_zip_range(zip_range: ZipRange, max_member_bytes: int
         # zlib.error, BadZipFile (CRC), NotImplementedError (compression), ...
         yield Member(source, info.filename, "error", error=ArchiveError(
             "BadMember", f"{type(e).__name__}: {e}"))
+  finally:
+    if own:
+      cache.close()
 
 
 def read_tar(uri: str, max_member_bytes: int) -> Iterator[Member]:

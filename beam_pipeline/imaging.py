@@ -8,6 +8,7 @@ import hashlib
 import io
 import posixpath
 import re
+import struct
 from typing import NamedTuple, Optional, Tuple
 
 import cv2
@@ -115,8 +116,12 @@ def check_header(data: bytes, max_pixels: int) -> Tuple[str, int, int]:
         "NotAnImage",
         f"bytes are not PNG, JPEG, BMP, TIFF or WebP (starts with {data[:8]!r})")
   try:
-    with Image.open(io.BytesIO(data)) as header:
-      width, height = header.size
+    if fmt == "png" and data[12:16] == b"IHDR" and len(data) >= 24:
+      # The PNG header is fixed: read it directly (Pillow costs ~0.1 ms).
+      width, height = struct.unpack(">II", data[16:24])
+    else:
+      with Image.open(io.BytesIO(data)) as header:
+        width, height = header.size
   except Exception as e:  # Pillow raises many types for broken headers.
     raise DecodeError("CorruptImage",
                       f"unreadable {fmt} header: {type(e).__name__}: {e}") from e

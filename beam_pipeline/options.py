@@ -35,9 +35,10 @@ class BusiOptions(PipelineOptions):
     parser.add_argument("--output", default=None,
                         help="Output directory (local or gs://).")
     parser.add_argument(
-        "--image_size", type=int, default=schemas.DEFAULT_IMAGE_SIZE,
-        help="Height and width images are resized to (preprocess). For run,"
-        " the model's image size is used and this must match it if given.")
+        "--image_size", type=int, default=None,
+        help="Height and width images are resized to (preprocess, default"
+        f" {schemas.DEFAULT_IMAGE_SIZE}). For run, the model's image size is"
+        " used and this must match it if given.")
     parser.add_argument(
         "--max_pixels", type=int, default=imaging.DEFAULT_MAX_PIXELS,
         help="Refuse images whose header declares more pixels than this.")
@@ -90,7 +91,9 @@ def validate(command: str, options: PipelineOptions) -> BusiOptions:
   _require(opts.output, "--output", command)
   if command in (SCORE, RUN):
     _require(opts.model, "--model", command)
-  if not 8 <= opts.image_size <= 4096:
+  if command == PREPROCESS and opts.image_size is None:
+    opts.image_size = schemas.DEFAULT_IMAGE_SIZE
+  if opts.image_size is not None and not 8 <= opts.image_size <= 4096:
     raise ValueError(f"--image_size {opts.image_size} is outside 8..4096")
   if opts.threshold is not None and not 0.0 <= opts.threshold <= 1.0:
     raise ValueError(f"--threshold {opts.threshold} is outside [0, 1]")

@@ -16,7 +16,6 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 import schemas
-from beam_pipeline import imaging
 from beam_pipeline.tfrecord_sink import WriteGzipTFRecords
 
 _LOG = logging.getLogger(__name__)
@@ -73,17 +72,15 @@ def prepare_output_dir(output: str, overwrite: bool) -> None:
 
 
 class WriteExamples(beam.PTransform):
-  """ImageRecords → gzip TFRecord shards `DIR/tfrecords/*.tfrecord.gz`."""
+  """Serialized Examples → gzip TFRecord shards `DIR/tfrecords/*.tfrecord.gz`."""
 
   def __init__(self, output: str):
     super().__init__()
     self._prefix = join(output, schemas.TFRECORD_DIR, "part")
 
-  def expand(self, records):
-    return (records
-            | "ToExample" >> beam.Map(imaging.to_example)
-            | "WriteTFRecords" >> WriteGzipTFRecords(
-                self._prefix, schemas.TFRECORD_SUFFIX))
+  def expand(self, examples):
+    return examples | "WriteTFRecords" >> WriteGzipTFRecords(
+        self._prefix, schemas.TFRECORD_SUFFIX)
 
 
 class WriteTable(beam.PTransform):
@@ -120,18 +117,17 @@ def read_json(uri: str):
     return json.loads(f.read().decode())
 
 
-def _write_manifest(_, output: str, base: Dict, started: float,
-                    counts: Dict[str, int], files: Dict[str, List[str]]):
-  del files  # a side input only so that the manifest waits for every write
+def finish_manifest(base: Dict, counts: Dict[str, int],
+                    started: float) -> Dict:
+  """The manifest: fixed fields, counts, the invariant check and timings."""
   manifest = dict(base)
   manifest["counts"] = dict(counts)
-  outcomes = (counts.get("images_written", 0) if "predictions" not in counts
-              else counts["predictions"])
+  scored = "predictions" in counts
+  outcomes = counts["predictions"] if scored else counts["images_written"]
   accounted = outcomes + counts["masks_skipped"] + counts["errors"]
   manifest["invariant"] = {
-      "rule": ("members_seen = predictions + masks_skipped + errors"
-               if "predictions" in counts else
-               "members_seen = images_written + masks_skipped + errors"),
+      "rule": "members_seen = {} + masks_skipped + errors".format(
+          "predictions" if scored else "images_written"),
       "holds": accounted == counts["members_seen"],
   }
   if not manifest["invariant"]["holds"]:
@@ -139,7 +135,9 @@ def _write_manifest(_, output: str, base: Dict, started: float,
                counts["members_seen"], accounted)
   manifest["finished_at"] = utc_now_iso()
   manifest["wall_time_s"] = round(time.time() - started, 3)
-  write_json(join(output, schemas.MANIFEST_FILE), manifest)
+  if scored and manifest["wall_time_s"] > 0:
+    manifest["throughput_images_per_s"] = round(
+        counts["predictions"] / manifest["wall_time_s"], 3)
   return manifest
 
 
@@ -174,16 +172,14 @@ class WriteManifest(beam.PTransform):
     extra = {name: beam.pvalue.AsSingleton(pc)
              for name, pc in self._extra.items()}
 
-    def write(element, output, base, started, **side):
-      count_values = {k[len("c_"):]: v for k, v in side.items()
-                      if k.startswith("c_")}
-      file_values = {k[len("f_"):]: v for k, v in side.items()
-                     if k.startswith("f_")}
+    def write(unused_element, output, base, started, **side):
+      # f_* side inputs (written files) are only waited on, not used.
       merged = dict(base)
-      merged.update({k[len("x_"):]: v for k, v in side.items()
-                     if k.startswith("x_")})
-      return _write_manifest(element, output, merged, started, count_values,
-                             file_values)
+      merged.update({k[2:]: v for k, v in side.items() if k.startswith("x_")})
+      counts = {k[2:]: v for k, v in side.items() if k.startswith("c_")}
+      manifest = finish_manifest(merged, counts, started)
+      write_json(join(output, schemas.MANIFEST_FILE), manifest)
+      return manifest
 
     kwargs = {f"c_{k}": v for k, v in counts.items()}
     kwargs.update({f"f_{k}": v for k, v in files.items()})

@@ -42,11 +42,11 @@ def build_preprocess(p: beam.Pipeline, opts: opts_lib.BusiOptions,
   limits = PreprocessLimits(size, opts.max_pixels, opts.max_member_bytes,
                             opts.zip_chunk_size)
   read = p | "ReadImages" >> ReadImages(opts.input, limits, run_id)
-  read["tfrecord_files"] = read["images"] | "WriteExamples" >> (
+  read["tfrecord_files"] = read["examples"] | "WriteExamples" >> (
       outputs.WriteExamples(opts.output))
   read["counts"] = {
-      "members_seen": outputs.count(read["members"], "CountMembers"),
-      "images_written": outputs.count(read["images"], "CountImages"),
+      "members_seen": read["members_seen"],
+      "images_written": outputs.count(read["examples"], "CountImages"),
       "masks_skipped": outputs.count(read["masks"], "CountMasks"),
   }
   return read

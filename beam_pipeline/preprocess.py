@@ -15,7 +15,6 @@ from beam_pipeline import archives, imaging
 
 MASKS = "masks"
 ERRORS = "errors"
-SPREAD = "spread"
 
 _NAMESPACE = "busi"
 
@@ -78,32 +77,55 @@ class PlanWork(beam.DoFn):
       yield FileInput(uri)
 
 
-class ReadWork(beam.DoFn):
-  """Unit of work → Members, one per archive entry.
+class ReadTars(beam.DoFn):
+  """Streams each tar into its Members; other work items pass unchanged.
 
-  Members of zip ranges stay on the worker that read them (the ranges were
-  already spread); tar and plain-file members go to the SPREAD output so they
-  can be redistributed before decoding.
+  A tar has no index, so one worker must read it from start to end; its
+  members are then redistributed, with the other (small) work items, by the
+  one shuffle before decoding.
   """
 
   def __init__(self, max_member_bytes: int):
     self._max_bytes = max_member_bytes
 
   def process(self, item):
-    if isinstance(item, archives.Member):
-      yield item
-    elif isinstance(item, archives.ZipRange):
-      yield from archives.read_zip_range(item, self._max_bytes)
-    elif isinstance(item, TarInput):
-      for member in archives.read_tar(item.uri, self._max_bytes):
-        yield beam.pvalue.TaggedOutput(SPREAD, member)
+    if isinstance(item, TarInput):
+      yield from archives.read_tar(item.uri, self._max_bytes)
     else:
-      yield beam.pvalue.TaggedOutput(
-          SPREAD, archives.read_file(item.uri, self._max_bytes))
+      yield item
+
+
+class ReadMembers(beam.DoFn):
+  """Work item → Members: reads zip ranges and plain files; Members pass."""
+
+  def __init__(self, max_member_bytes: int):
+    self._max_bytes = max_member_bytes
+    self._zips = None
+    self._seen = Metrics.counter(_NAMESPACE, "members_seen")
+
+  def setup(self):
+    # Ranges of one zip mostly reach the same worker one after another;
+    # keeping it open saves re-reading its central directory for each range.
+    self._zips = archives.OpenZipCache()
+
+  def teardown(self):
+    if self._zips is not None:
+      self._zips.close()
+
+  def process(self, item):
+    if isinstance(item, archives.Member):
+      members = [item]
+    elif isinstance(item, archives.ZipRange):
+      members = archives.read_zip_range(item, self._max_bytes, self._zips)
+    else:
+      members = [archives.read_file(item.uri, self._max_bytes)]
+    for member in members:
+      self._seen.inc()
+      yield member
 
 
 class DecodeMember(beam.DoFn):
-  """Member → ImageRecord (main), mask source (MASKS) or error row (ERRORS)."""
+  """Member → serialized Example (main), mask source (MASKS) or error row."""
 
   def __init__(self, image_size: int, max_pixels: int, run_id: str):
     self._size = image_size
@@ -148,20 +170,23 @@ class DecodeMember(beam.DoFn):
           self._run_id))
       return
     self._images.inc()
-    yield imaging.ImageRecord(
+    # Serialized here, in the step that decoded it: between steps an Example
+    # moves as plain bytes, far cheaper for Beam to pass than a pickled array.
+    yield imaging.to_example(imaging.ImageRecord(
         image_id=imaging.image_id(member.data),
         source=member.source,
         label=imaging.label_from_path(member.path),
         pixels=decoded.pixels,
         original_height=decoded.original_height,
-        original_width=decoded.original_width)
+        original_width=decoded.original_width))
 
 
 class ReadImages(beam.PTransform):
-  """Input globs → image records, mask sources, error rows, members seen.
+  """Input globs → serialized Examples, mask sources, error rows, counts.
 
-  Returns a dict: "images" (ImageRecord), "masks" (str), "errors" (error
-  rows) and "members" (one element per archive entry or input file seen).
+  Returns a dict: "examples" (serialized tf.train.Example bytes), "masks"
+  (str), "errors" (error rows) and "members_seen" (a singleton count of the
+  archive entries and input files read).
   """
 
   def __init__(self, patterns, limits: PreprocessLimits, run_id: str):
@@ -181,18 +206,19 @@ class ReadImages(beam.PTransform):
     work = (
         uris
         | "PlanWork" >> beam.ParDo(PlanWork(limits.zip_chunk_size))
-        # Zip ranges go to many workers, not just the one that listed them.
+        | "ReadTars" >> beam.ParDo(ReadTars(limits.max_member_bytes))
+        # Spreads zip ranges, plain files and tar members over workers. Zip
+        # members are read after this shuffle, so their bytes never cross it.
         | "SpreadWork" >> beam.Reshuffle())
-    read = work | "ReadMembers" >> beam.ParDo(
-        ReadWork(limits.max_member_bytes)).with_outputs(SPREAD, main="local")
-    spread = read[SPREAD] | "SpreadMembers" >> beam.Reshuffle()
-    members = (read.local, spread) | "AllMembers" >> beam.Flatten()
-    decoded = members | "DecodeImages" >> beam.ParDo(
-        DecodeMember(limits.image_size, limits.max_pixels,
-                     self._run_id)).with_outputs(MASKS, ERRORS, main="images")
+    members = work | "ReadMembers" >> beam.ParDo(
+        ReadMembers(limits.max_member_bytes))
+    decoded = members | "DecodeImages" >> beam.ParDo(DecodeMember(
+        limits.image_size, limits.max_pixels, self._run_id)).with_outputs(
+            MASKS, ERRORS, main="examples")
     return {
-        "images": decoded.images,
+        "examples": decoded.examples,
         "masks": decoded[MASKS],
         "errors": decoded[ERRORS],
-        "members": members,
+        "members_seen": members | "CountMembers" >> (
+            beam.combiners.Count.Globally()),
     }

@@ -41,15 +41,15 @@ def test_read_images_routes_every_member(tmp_path, kind):
   with make_test_pipeline() as p:
     out = p | ReadImages([path], PreprocessLimits(SIZE, zip_chunk_size=3),
                          "run-1")
-    assert_that(out["images"] | "Keys" >> beam.Map(
-        lambda r: (r.image_id, r.source, r.label)), equal_to(images),
+    assert_that(out["examples"] | "Keys" >> beam.Map(imaging.from_example)
+                | beam.Map(lambda r: (r.image_id, r.source, r.label)),
+                equal_to(images),
                 label="Images")
     assert_that(out["masks"], equal_to(masks), label="Masks")
     assert_that(out["errors"] | "ErrKeys" >> beam.Map(
         lambda e: (e["source"], e["error_type"])), equal_to(errors),
                 label="Errors")
-    assert_that(out["members"] | beam.combiners.Count.Globally(),
-                equal_to([len(entries)]), label="Seen")
+    assert_that(out["members_seen"], equal_to([len(entries)]), label="Seen")
 
 
 def test_pixels_match_opencv(tmp_path):
@@ -59,14 +59,14 @@ def test_pixels_match_opencv(tmp_path):
   expected = {imaging.image_id(e.data): af.expected_pixels(e.data, SIZE)
               for e in entries if e.fate == "image"}
 
-  def check(records):
-    assert len(records) == len(expected)
-    for r in records:
+  def check(examples):
+    assert len(examples) == len(expected)
+    for r in map(imaging.from_example, examples):
       np.testing.assert_array_equal(r.pixels, expected[r.image_id])
 
   with make_test_pipeline() as p:
     out = p | ReadImages([path], PreprocessLimits(SIZE), "run-1")
-    assert_that(out["images"], check)
+    assert_that(out["examples"], check)
 
 
 def test_unreadable_archives_become_errors(tmp_path):

@@ -1,0 +1,104 @@
+"""Per-element scoring functions: Example → model input, result → Parquet row."""
+
+import datetime
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+
+import schemas
+from beam_pipeline import imaging
+from beam_pipeline.preprocess import error_row
+
+
+class RowKey(NamedTuple):
+  """RunInference key: the image_id, with what the output row needs besides."""
+  image_id: str
+  source: str
+  label: str
+
+
+class ScoringConfig(NamedTuple):
+  """Everything a prediction row needs besides the model output."""
+  labels: Tuple[str, ...]
+  threshold: float
+  model_version: str
+  run_id: str
+  image_size: int
+
+
+def keyed_input(record: imaging.ImageRecord, image_size: int
+               ) -> Tuple[RowKey, np.ndarray]:
+  """ImageRecord → (key, uint8 pixels) for the keyed model handler.
+
+  Raises:
+    ValueError: the pixels are not image_size × image_size × 3 uint8, which
+      would fail the whole batch inside the model.
+  """
+  pixels = record.pixels
+  if pixels.dtype != np.uint8 or pixels.shape != (image_size, image_size, 3):
+    raise ValueError(
+        f"image is {pixels.dtype} {tuple(pixels.shape)}, the model takes uint8"
+        f" ({image_size}, {image_size}, 3); preprocess with --image_size"
+        f" {image_size}")
+  return RowKey(record.image_id, record.source, record.label or ""), pixels
+
+
+def prediction_row(key: RowKey, probabilities: Sequence[float],
+                   config: ScoringConfig,
+                   scored_at: Optional[datetime.datetime] = None,
+                   gradcam_uri: Optional[str] = None) -> Dict:
+  """One predictions row, columns as in `schemas.predictions_schema`."""
+  probs = [float(p) for p in probabilities]
+  if len(probs) != len(config.labels):
+    raise ValueError(f"model returned {len(probs)} probabilities for"
+                     f" {len(config.labels)} labels")
+  top = int(np.argmax(probs))
+  confidence = probs[top]
+  row = {
+      "image_id": key.image_id,
+      "source": key.source,
+      "label": key.label or None,
+      "predicted_class": config.labels[top],
+  }
+  for label, p in zip(config.labels, probs):
+    row[schemas.probability_column(label)] = p
+  row.update({
+      "confidence": confidence,
+      "low_confidence": confidence < config.threshold,
+      "threshold": float(config.threshold),
+      "model_version": config.model_version,
+      "run_id": config.run_id,
+      "scored_at": scored_at or datetime.datetime.now(datetime.timezone.utc),
+      "gradcam_uri": gradcam_uri,
+  })
+  return row
+
+
+def failed_batch_rows(failure, run_id: str) -> List[Dict]:
+  """RunInference dead letter (batch, exception) → one error row per image."""
+  batch, exception = failure
+  message = f"{type(exception).__name__}: {exception}"
+  rows = []
+  for element in batch:
+    key = element[0] if isinstance(element, tuple) else None
+    source = key.source if isinstance(key, RowKey) else repr(key)
+    rows.append(error_row(source, schemas.Stage.INFERENCE,
+                          type(exception).__name__, message[:2000], run_id))
+  return rows
+
+
+def parse_for_scoring(serialized: bytes) -> imaging.ImageRecord:
+  """A TFRecord payload → ImageRecord (raises ValueError when malformed)."""
+  try:
+    return imaging.from_example(serialized)
+  except ValueError:
+    raise
+  except Exception as e:  # protobuf DecodeError and friends
+    raise ValueError(f"not a tf.train.Example: {type(e).__name__}: {e}") from e
+
+
+def count_by(rows: Iterable[Dict], column: str) -> Dict[str, int]:
+  out: Dict[str, int] = {}
+  for row in rows:
+    out[row[column]] = out.get(row[column], 0) + 1
+  return out

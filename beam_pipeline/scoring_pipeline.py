@@ -1,0 +1,167 @@
+"""The scoring stage (`score`) and the whole job (`run`), wired as PTransforms."""
+
+import datetime
+import logging
+from typing import Dict
+
+import apache_beam as beam
+from apache_beam.ml.inference.base import RunInference
+
+import schemas
+from beam_pipeline import outputs
+from beam_pipeline import options as opts_lib
+from beam_pipeline import scoring
+from beam_pipeline.model_handler import keyed_handler
+from beam_pipeline.preprocess import ERRORS, error_row
+
+_LOG = logging.getLogger(__name__)
+
+
+class ReadTFRecords(beam.PTransform):
+  """TFRecord globs → ImageRecords; malformed records to the ERRORS output."""
+
+  def __init__(self, patterns, run_id: str):
+    super().__init__()
+    self._patterns = list(patterns)
+    self._run_id = run_id
+
+  def expand(self, pbegin):
+    run_id = self._run_id
+
+    def parse(element):
+      filename, serialized = element
+      try:
+        yield scoring.parse_for_scoring(serialized)
+      except ValueError as e:
+        yield beam.pvalue.TaggedOutput(ERRORS, error_row(
+            f"{filename}", schemas.Stage.PARSE, "BadExample", str(e), run_id))
+
+    records = (
+        pbegin
+        | "Patterns" >> beam.Create(self._patterns)
+        | "ReadRecords" >> beam.io.ReadAllFromTFRecord(
+            compression_type=beam.io.filesystem.CompressionTypes.GZIP,
+            with_filename=True))
+    parsed = records | "ParseExamples" >> beam.FlatMap(parse).with_outputs(
+        ERRORS, main="images")
+    return {"images": parsed.images, "errors": parsed[ERRORS],
+            "members": records}
+
+
+class ScoreImages(beam.PTransform):
+  """ImageRecords → prediction rows and error rows, via RunInference.
+
+  Returns a dict: "rows" (prediction dicts) and "errors" (error rows).
+  """
+
+  def __init__(self, model_dir: str, config: scoring.ScoringConfig,
+               batch_size: int, accelerator=None):
+    super().__init__()
+    self._model_dir = model_dir
+    self._config = config
+    self._batch_size = batch_size
+    self._accelerator = accelerator
+
+  def expand(self, images):
+    config = self._config
+
+    def to_input(record):
+      try:
+        yield scoring.keyed_input(record, config.image_size)
+      except ValueError as e:
+        yield beam.pvalue.TaggedOutput(ERRORS, error_row(
+            record.source, schemas.Stage.INFERENCE, "WrongImageShape", str(e),
+            config.run_id))
+
+    inputs = images | "ToModelInput" >> beam.FlatMap(to_input).with_outputs(
+        ERRORS, main="inputs")
+    inference = RunInference(keyed_handler(
+        self._model_dir, batch_size=self._batch_size,
+        accelerator=self._accelerator))
+    if self._accelerator:
+      inference = inference.with_resource_hints(accelerator=self._accelerator)
+    results, dead = (inputs.inputs
+                     | "RunInference" >> inference.with_exception_handling())
+
+    def to_row(keyed_result):
+      key, result = keyed_result
+      return scoring.prediction_row(
+          key, result.inference, config,
+          datetime.datetime.now(datetime.timezone.utc))
+
+    rows = results | "ToRows" >> beam.Map(to_row)
+    failed = dead.failed_inferences | "FailedBatches" >> beam.FlatMap(
+        scoring.failed_batch_rows, config.run_id)
+    errors = (inputs[ERRORS], failed) | "ScoringErrors" >> beam.Flatten()
+    return {"rows": rows, "errors": errors}
+
+
+def _load_config(opts, run_id: str, command: str) -> scoring.ScoringConfig:
+  from training import artifact  # pylint: disable=import-outside-toplevel
+  info = artifact.read_artifact_info(opts.model)
+  size = int(info.metadata["image_size"])
+  if command == opts_lib.RUN and opts.image_size not in (None, size):
+    raise ValueError(
+        f"--image_size {opts.image_size} does not match the model's image size"
+        f" {size}; leave --image_size out to use the model's")
+  threshold = (opts.threshold if opts.threshold is not None else
+               float(info.metadata["threshold"]))
+  return scoring.ScoringConfig(
+      labels=tuple(info.labels), threshold=threshold,
+      model_version=str(info.metadata["model_version"]), run_id=run_id,
+      image_size=size)
+
+
+def build(command: str, p: beam.Pipeline, opts, run_id: str,
+          started: float) -> Dict:
+  """Adds `score` (TFRecords in) or `run` (archives in) to the pipeline."""
+  config = _load_config(opts, run_id, command)
+  written = {}
+  counts = {}
+  error_parts = []
+  if command == opts_lib.RUN:
+    from beam_pipeline.pipeline import build_preprocess  # pylint: disable=import-outside-toplevel
+    read = build_preprocess(p, opts, run_id, started,
+                            image_size=config.image_size)
+    written["tfrecords"] = read["tfrecord_files"]
+    counts.update(read["counts"])
+    images = read["examples"] | "ParseExamples" >> beam.Map(
+        scoring.parse_for_scoring)
+  else:
+    read = p | "ReadTFRecords" >> ReadTFRecords(opts.input, run_id)
+    counts["members_seen"] = outputs.count(read["members"], "CountRecords")
+    counts["masks_skipped"] = outputs.count(
+        p | "NoMasks" >> beam.Create([]), "CountMasks")
+    images = read["images"]
+  error_parts.append(read["errors"])
+
+  scored = images | "ScoreImages" >> ScoreImages(
+      opts.model, config, opts.batch_size, opts.inference_accelerator)
+  error_parts.append(scored["errors"])
+  rows = scored["rows"]
+  errors = tuple(error_parts) | "AllErrors" >> beam.Flatten()
+
+  written["predictions"] = rows | "WritePredictions" >> outputs.WriteTable(
+      opts.output, schemas.PREDICTIONS_DIR,
+      schemas.predictions_schema(config.labels))
+  written["errors"] = errors | "WriteErrors" >> outputs.WriteTable(
+      opts.output, schemas.ERRORS_DIR, schemas.errors_schema())
+  counts["predictions"] = outputs.count(rows, "CountPredictions")
+  counts["low_confidence"] = outputs.count(
+      rows | "LowConfidence" >> beam.Filter(lambda r: r["low_confidence"]),
+      "CountLowConfidence")
+  counts["errors"] = outputs.count(errors, "CountErrors")
+  per_class = (rows
+               | "PredictedClass" >> beam.Map(lambda r: r["predicted_class"])
+               | "CountPerClass" >> beam.combiners.Count.PerElement()
+               | "ClassDict" >> beam.combiners.ToDict())
+
+  from beam_pipeline.pipeline import manifest_base  # pylint: disable=import-outside-toplevel
+  base = manifest_base(command, opts, run_id, config.image_size)
+  base.update({"model": opts.model, "model_version": config.model_version,
+               "threshold": config.threshold, "labels": list(config.labels),
+               "batch_size": opts.batch_size})
+  p | "Manifest" >> outputs.WriteManifest(
+      opts.output, base, started, counts, written,
+      extra={"predicted_classes": per_class})
+  return {"rows": rows, "errors": errors}
