@@ -1,0 +1,168 @@
+"""The scoring stage and the whole job: TFRecords/archives → Parquet."""
+
+import datetime
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import schemas
+from beam_pipeline import imaging, pipeline, scoring
+from tests import archive_factory as af
+from tests.pipeline_helpers import read_errors, read_records, sql
+from training import testing as training_testing
+
+SIZE = 32
+LABELS = tuple(schemas.LABELS)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("model"))
+  training_testing.make_test_artifact(path, image_size=SIZE, threshold=0.5)
+  return path
+
+
+def _busi_zip(path, n_per_class=4, seed=0):
+  rng = np.random.default_rng(seed)
+  entries = []
+  for cls in LABELS:
+    for i in range(1, n_per_class + 1):
+      stem = f"Dataset_BUSI_with_GT/{cls}/{cls} ({i})"
+      entries.append(af.Entry(stem + ".png", af.png(af.speckle(rng, 40, 48)),
+                              "image", cls))
+      entries.append(af.Entry(stem + "_mask.png",
+                              af.png(af.speckle(rng, 40, 48)), "mask"))
+  entries.append(af.Entry("Dataset_BUSI_with_GT/notes.txt", b"n/a", "error",
+                          error_type="NotAnImage"))
+  af.write_zip(path, entries)
+  return entries
+
+
+def _predictions(output_dir):
+  pattern = os.path.join(output_dir, schemas.PREDICTIONS_DIR, "*.parquet")
+  return pattern, pq.ParquetDataset(
+      [os.path.join(os.path.dirname(pattern), f)
+       for f in os.listdir(os.path.dirname(pattern))]).read()
+
+
+def test_prediction_row_follows_schema():
+  config = scoring.ScoringConfig(LABELS, 0.9, "m-1", "run-1", SIZE)
+  key = scoring.RowKey("abc", "x.zip!/benign/a.png", "")
+  row = scoring.prediction_row(key, np.array([0.05, 0.15, 0.8], np.float32),
+                               config)
+  assert list(row) == schemas.prediction_columns(LABELS)
+  assert row["predicted_class"] == "malignant"
+  assert row["label"] is None
+  assert row["confidence"] == pytest.approx(0.8)
+  assert row["low_confidence"] is True and row["threshold"] == 0.9
+  assert isinstance(row["p_normal"], float)
+  assert row["scored_at"].tzinfo is datetime.timezone.utc
+
+
+def test_keyed_input_refuses_wrong_shapes():
+  record = imaging.ImageRecord("i", "s", "benign",
+                               np.zeros((16, 16, 3), np.uint8), 16, 16)
+  with pytest.raises(ValueError, match="--image_size 32"):
+    scoring.keyed_input(record, SIZE)
+  key, pixels = scoring.keyed_input(
+      record._replace(pixels=np.zeros((SIZE, SIZE, 3), np.uint8)), SIZE)
+  assert key == scoring.RowKey("i", "s", "benign") and pixels.shape[0] == SIZE
+
+
+def test_failed_batch_rows_name_every_image():
+  keys = [scoring.RowKey(f"id{i}", f"src{i}", "") for i in range(3)]
+  batch = [(k, np.zeros((2, 2, 3), np.uint8)) for k in keys]
+  rows = scoring.failed_batch_rows((batch, RuntimeError("OOM")), "run-9")
+  assert [r["source"] for r in rows] == ["src0", "src1", "src2"]
+  assert {r["stage"] for r in rows} == {"inference"}
+  assert all("OOM" in r["message"] and r["run_id"] == "run-9" for r in rows)
+
+
+def test_score_tfrecords(tmp_path, model_dir):
+  archive = str(tmp_path / "busi.zip")
+  entries = _busi_zip(archive)
+  pre = str(tmp_path / "pre")
+  pipeline.run(["preprocess", "--input", archive, "--output", pre,
+                "--image_size", str(SIZE)])
+  # One example of the wrong size among the good ones: it must land in
+  # errors while the others still score.
+  odd = imaging.ImageRecord("f" * 64, "odd.png", "benign",
+                            np.zeros((16, 16, 3), np.uint8), 16, 16)
+  training_testing.write_tfrecords(
+      os.path.join(pre, schemas.TFRECORD_DIR, "odd.tfrecord.gz"), [odd])
+  out = str(tmp_path / "scored")
+  manifest = pipeline.run([
+      "score", "--input", os.path.join(pre, schemas.TFRECORD_DIR, "*.gz"),
+      "--model", model_dir, "--output", out, "--batch_size", "5"])
+
+  pattern, table = _predictions(out)
+  assert table.column_names == schemas.prediction_columns(LABELS)
+  assert table.schema == schemas.predictions_schema(LABELS)
+  assert table.num_rows == 12
+  images = {imaging.image_id(e.data): e for e in entries if e.fate == "image"}
+  assert set(table.column("image_id").to_pylist()) == set(images)
+  total, bad_sum, bad_flag, versions, runs = sql(f"""
+      SELECT count(*),
+             count(*) FILTER (WHERE abs(p_normal + p_benign + p_malignant - 1)
+                              > 1e-5),
+             count(*) FILTER (WHERE low_confidence != (confidence < threshold)
+                              OR confidence != greatest(p_normal, p_benign,
+                                                        p_malignant)),
+             count(DISTINCT model_version), count(DISTINCT run_id)
+      FROM read_parquet('{pattern}')""")[0]
+  assert (total, bad_sum, bad_flag, versions, runs) == (12, 0, 0, 1, 1)
+  (labelled,) = sql(f"SELECT count(*) FROM read_parquet('{pattern}')"
+                    " WHERE label = split_part(source, '/', -2)")[0]
+  assert labelled == 12
+  assert sql(f"SELECT DISTINCT threshold FROM read_parquet('{pattern}')") == [
+      (0.5,)]
+
+  errors = read_errors(out)
+  assert [(e["source"], e["stage"], e["error_type"]) for e in errors] == [
+      ("odd.png", "inference", "WrongImageShape")]
+  assert manifest["counts"]["predictions"] == 12
+  assert manifest["counts"]["members_seen"] == 13
+  assert manifest["invariant"]["holds"]
+  assert manifest["model_version"] == table.column("model_version")[0].as_py()
+  assert sum(manifest["predicted_classes"].values()) == 12
+
+
+def test_run_end_to_end_and_rerun_is_stable(tmp_path, model_dir):
+  archive = str(tmp_path / "busi.zip")
+  entries = _busi_zip(archive, n_per_class=3)
+  outs = []
+  for name in ("first", "second"):
+    out = str(tmp_path / name)
+    manifest = pipeline.run(["run", "--input", archive, "--model", model_dir,
+                             "--output", out, "--threshold", "0.99"])
+    outs.append(out)
+    counts = manifest["counts"]
+    assert counts["members_seen"] == len(entries)
+    assert counts["predictions"] == 9 and counts["masks_skipped"] == 9
+    assert counts["errors"] == 1 and manifest["invariant"]["holds"]
+    assert counts["images_written"] == 9
+  # The decoded images are kept for training or rescoring.
+  assert len(read_records(outs[0])) == 9
+  first, second = (
+      sql(f"SELECT image_id, source, p_normal, p_benign, p_malignant, "
+          f"predicted_class, threshold FROM read_parquet('{out}/predictions/"
+          f"*.parquet') ORDER BY source") for out in outs)
+  assert first == second
+  assert {row[-1] for row in first} == {0.99}
+  # Every non-mask member appears exactly once in predictions or errors.
+  sources = [row[1] for row in first] + [e["source"] for e in read_errors(
+      outs[0])]
+  expected = sorted(f"{archive}!/{e.path}" for e in entries
+                    if e.fate != "mask")
+  assert sorted(sources) == expected
+
+
+def test_bad_model_dir_fails_before_reading(tmp_path):
+  archive = str(tmp_path / "busi.zip")
+  _busi_zip(archive, n_per_class=1)
+  with pytest.raises(ValueError, match="labels.json|metadata.json|model"):
+    pipeline.run(["run", "--input", archive, "--model", str(tmp_path),
+                  "--output", str(tmp_path / "out")])
+  assert not os.path.exists(tmp_path / "out" / schemas.MANIFEST_FILE)
