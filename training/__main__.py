@@ -1,4 +1,4 @@
-"""`python -m training {train,evaluate} FLAGS`."""
+"""`python -m training {train,evaluate,phantoms} FLAGS`."""
 
 import logging
 import sys

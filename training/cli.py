@@ -1,11 +1,11 @@
-"""Command line: `python -m training train ...` and `... evaluate ...`."""
+"""Command line: `python -m training {train,evaluate,phantoms} FLAGS`."""
 
 import argparse
 import sys
 from typing import List, Optional
 
 import schemas
-from training import artifact, evaluate, metrics, train
+from training import artifact, evaluate, metrics, phantoms, train
 from training import model as model_lib
 
 _WEIGHTS_HELP = (
@@ -75,6 +75,16 @@ def _parser() -> argparse.ArgumentParser:
                         help="Report directory: metrics.json and"
                         " confusion_matrix.png.")
   evaluate.add_argument("--batch_size", type=int, default=32)
+
+  phantom = commands.add_parser(
+      "phantoms", help="Write a BUSI-layout zip of synthetic phantom frames.")
+  phantom.add_argument("--output", required=True, help="The .zip to write.")
+  phantom.add_argument("--per_class", type=int, default=50,
+                       help="Images of each class.")
+  phantom.add_argument("--size", type=int, default=500)
+  phantom.add_argument("--seed", type=int, default=0)
+  phantom.add_argument("--no_masks", dest="with_masks", action="store_false",
+                       default=True)
   return parser
 
 
@@ -96,6 +106,11 @@ def main(argv: Optional[List[str]] = None) -> int:
           seed=args.seed, threshold=args.threshold,
           batch_size=args.batch_size, augment=args.augment, name=args.name,
           overwrite=args.overwrite))
+    elif args.command == "phantoms":
+      names = phantoms.write_phantom_archive(
+          args.output, {label: args.per_class for label in schemas.LABELS},
+          args.size, args.seed, args.with_masks)
+      print(f"Wrote {len(names)} members to {args.output}")
     else:
       report = evaluate.evaluate(args.model, args.data, args.output,
                                  args.batch_size)
