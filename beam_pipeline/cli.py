@@ -32,6 +32,9 @@ def format_summary(manifest: dict) -> str:
 
 def main(argv: List[str]) -> int:
   from beam_pipeline import pipeline  # pylint: disable=import-outside-toplevel
+  if argv and argv[0] == "summary":
+    from beam_pipeline import sql_summary  # pylint: disable=import-outside-toplevel
+    return sql_summary.main(argv[1:])
   if argv and argv[0] == "report":
     from beam_pipeline import report  # pylint: disable=import-outside-toplevel
     return report.main(argv[1:])
