@@ -10,7 +10,7 @@ from apache_beam.options.pipeline_options import (PipelineOptions,
 
 import schemas
 from beam_pipeline import options as opts_lib
-from beam_pipeline import outputs
+from beam_pipeline import gcs, outputs
 from beam_pipeline.preprocess import PreprocessLimits, ReadImages
 
 _LOG = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ def run(argv: Optional[List[str]] = None,
     The manifest of the run (read back from the output directory).
   """
   command, flags = opts_lib.split_command(argv)
+  gcs.configure_for_emulator()
   options = PipelineOptions(flags)
   opts = opts_lib.validate(command, options)
   outputs.prepare_output_dir(opts.output, opts.overwrite)
