@@ -37,6 +37,8 @@ EXTRAS = {
         "pytest>=8",
         "hypothesis>=6",
         "gcp-storage-emulator>=2024.8.3",
+    # Beam builds the --setup_file sdist with it when launching on Dataflow.
+    "build>=1",
     ],
 }
 

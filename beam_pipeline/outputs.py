@@ -141,6 +141,18 @@ def finish_manifest(base: Dict, counts: Dict[str, int],
   return manifest
 
 
+def _write_manifest(unused_element, output: str, base: Dict, started: float,
+                    **side) -> Dict:
+  """Side inputs: c_* counts, x_* extra fields, f_* written files (these are
+  only waited on, so that the manifest comes last)."""
+  merged = dict(base)
+  merged.update({k[2:]: v for k, v in side.items() if k.startswith("x_")})
+  counts = {k[2:]: v for k, v in side.items() if k.startswith("c_")}
+  manifest = finish_manifest(merged, counts, started)
+  write_json(join(output, schemas.MANIFEST_FILE), manifest)
+  return manifest
+
+
 class WriteManifest(beam.PTransform):
   """Writes `DIR/manifest.json` once every other output is written.
 
@@ -172,19 +184,11 @@ class WriteManifest(beam.PTransform):
     extra = {name: beam.pvalue.AsSingleton(pc)
              for name, pc in self._extra.items()}
 
-    def write(unused_element, output, base, started, **side):
-      # f_* side inputs (written files) are only waited on, not used.
-      merged = dict(base)
-      merged.update({k[2:]: v for k, v in side.items() if k.startswith("x_")})
-      counts = {k[2:]: v for k, v in side.items() if k.startswith("c_")}
-      manifest = finish_manifest(merged, counts, started)
-      write_json(join(output, schemas.MANIFEST_FILE), manifest)
-      return manifest
-
     kwargs = {f"c_{k}": v for k, v in counts.items()}
     kwargs.update({f"f_{k}": v for k, v in files.items()})
     kwargs.update({f"x_{k}": v for k, v in extra.items()})
     return (pbegin
             | "Once" >> beam.Create([None])
-            | "WriteManifest" >> beam.Map(write, self._output, self._base,
+            | "WriteManifest" >> beam.Map(_write_manifest, self._output,
+                                          self._base,
                                           self._started, **kwargs))

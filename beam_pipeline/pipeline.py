@@ -2,7 +2,7 @@
 
 import logging
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import (PipelineOptions,
@@ -63,22 +63,30 @@ def _finish_preprocess(p, opts, read, run_id, started, command):
       {"tfrecords": read["tfrecord_files"], "errors": errors_written})
 
 
-def run(argv: Optional[List[str]] = None,
-        test_pipeline: Optional[beam.Pipeline] = None) -> Dict:
-  """Entry point of `python -m beam_pipeline COMMAND FLAGS`.
+class Job(NamedTuple):
+  """A built, not yet run, pipeline and what it was built from."""
+  pipeline: beam.Pipeline
+  command: str
+  options: opts_lib.BusiOptions
+  run_id: str
+
+
+def create(argv: Optional[List[str]] = None,
+           test_pipeline: Optional[beam.Pipeline] = None) -> Job:
+  """Parses and validates flags, prepares the output, builds the pipeline.
 
   Args:
     argv: command and flags; Beam flags pass through.
     test_pipeline: a TestPipeline to build into instead of a new Pipeline.
 
-  Returns:
-    The manifest of the run (read back from the output directory).
+  Raises:
+    ValueError: bad flags, missing inputs, an unusable model artifact, or an
+      output directory holding a completed run (without --overwrite).
   """
   command, flags = opts_lib.split_command(argv)
   gcs.configure_for_emulator()
   options = PipelineOptions(flags)
   opts = opts_lib.validate(command, options)
-  outputs.prepare_output_dir(opts.output, opts.overwrite)
   run_id = outputs.new_run_id()
   started = time.time()
   if test_pipeline is not None:
@@ -89,14 +97,37 @@ def run(argv: Optional[List[str]] = None,
     p = beam.Pipeline(options=options)
 
   if command == opts_lib.PREPROCESS:
+    outputs.prepare_output_dir(opts.output, opts.overwrite)
     read = build_preprocess(p, opts, run_id, started)
     _finish_preprocess(p, opts, read, run_id, started, command)
   else:
     from beam_pipeline import scoring_pipeline  # pylint: disable=import-outside-toplevel
-    scoring_pipeline.build(command, p, opts, run_id, started)
+    # The artifact is checked before the output is touched or a file read.
+    config = scoring_pipeline.load_config(opts, run_id, command)
+    outputs.prepare_output_dir(opts.output, opts.overwrite)
+    scoring_pipeline.build(command, p, opts, config, started)
+  return Job(p, command, opts, run_id)
 
-  result = p.run()
+
+def run(argv: Optional[List[str]] = None,
+        test_pipeline: Optional[beam.Pipeline] = None) -> Dict:
+  """Entry point of `python -m beam_pipeline COMMAND FLAGS`.
+
+  Args:
+    argv: command and flags; Beam flags pass through.
+    test_pipeline: a TestPipeline to build into instead of a new Pipeline.
+
+  Returns:
+    The manifest of the run (read back from the output directory), or, for a
+    run that wrote none (e.g. a Dataflow `--dry_run`), its id and state.
+  """
+  job = create(argv, test_pipeline)
+  result = job.pipeline.run()
   result.wait_until_finish()
-  manifest = outputs.read_json(outputs.join(opts.output, schemas.MANIFEST_FILE))
-  _LOG.info("Run %s finished", run_id)
-  return manifest
+  manifest_uri = outputs.join(job.options.output, schemas.MANIFEST_FILE)
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
+  if not FileSystems.exists(manifest_uri):
+    return {"run_id": job.run_id, "command": job.command,
+            "state": str(result.state)}
+  _LOG.info("Run %s finished", job.run_id)
+  return outputs.read_json(manifest_uri)

@@ -4,6 +4,7 @@ Each stage is a small named PTransform; the per-element work is in
 `archives` and `imaging`.
 """
 
+import operator
 from typing import Dict, Iterable, NamedTuple, Union
 
 import apache_beam as beam
@@ -201,7 +202,7 @@ class ReadImages(beam.PTransform):
         pbegin
         | "Patterns" >> beam.Create(self._patterns)
         | "MatchFiles" >> fileio.MatchAll()
-        | "Paths" >> beam.Map(lambda metadata: metadata.path)
+        | "Paths" >> beam.Map(operator.attrgetter("path"))
         | "DropRepeatedPaths" >> beam.Distinct())
     work = (
         uris

@@ -2,6 +2,7 @@
 
 import datetime
 import logging
+import operator
 from typing import Dict
 
 import apache_beam as beam
@@ -17,6 +18,36 @@ from beam_pipeline.preprocess import ERRORS, error_row
 _LOG = logging.getLogger(__name__)
 
 
+def _parse_record(element, run_id: str):
+  """(TFRecord file, payload) → ImageRecord, or an error row if malformed."""
+  filename, serialized = element
+  try:
+    yield scoring.parse_for_scoring(serialized)
+  except ValueError as e:
+    yield beam.pvalue.TaggedOutput(ERRORS, error_row(
+        filename, schemas.Stage.PARSE, "BadExample", str(e), run_id))
+
+
+def _to_model_input(record, config: scoring.ScoringConfig):
+  """ImageRecord → (key, pixels), or an error row for a wrong-shaped image."""
+  try:
+    yield scoring.keyed_input(record, config.image_size)
+  except ValueError as e:
+    yield beam.pvalue.TaggedOutput(ERRORS, error_row(
+        record.source, schemas.Stage.INFERENCE, "WrongImageShape", str(e),
+        config.run_id))
+
+
+def _to_row(keyed_result, config: scoring.ScoringConfig):
+  key, result = keyed_result
+  return scoring.prediction_row(key, result.inference, config,
+                                datetime.datetime.now(datetime.timezone.utc))
+
+
+def _is_low_confidence(row) -> bool:
+  return row["low_confidence"]
+
+
 class ReadTFRecords(beam.PTransform):
   """TFRecord globs → ImageRecords; malformed records to the ERRORS output."""
 
@@ -26,24 +57,14 @@ class ReadTFRecords(beam.PTransform):
     self._run_id = run_id
 
   def expand(self, pbegin):
-    run_id = self._run_id
-
-    def parse(element):
-      filename, serialized = element
-      try:
-        yield scoring.parse_for_scoring(serialized)
-      except ValueError as e:
-        yield beam.pvalue.TaggedOutput(ERRORS, error_row(
-            f"{filename}", schemas.Stage.PARSE, "BadExample", str(e), run_id))
-
     records = (
         pbegin
         | "Patterns" >> beam.Create(self._patterns)
         | "ReadRecords" >> beam.io.ReadAllFromTFRecord(
             compression_type=beam.io.filesystem.CompressionTypes.GZIP,
             with_filename=True))
-    parsed = records | "ParseExamples" >> beam.FlatMap(parse).with_outputs(
-        ERRORS, main="images")
+    parsed = records | "ParseExamples" >> beam.FlatMap(
+        _parse_record, self._run_id).with_outputs(ERRORS, main="images")
     return {"images": parsed.images, "errors": parsed[ERRORS],
             "members": records}
 
@@ -64,17 +85,8 @@ class ScoreImages(beam.PTransform):
 
   def expand(self, images):
     config = self._config
-
-    def to_input(record):
-      try:
-        yield scoring.keyed_input(record, config.image_size)
-      except ValueError as e:
-        yield beam.pvalue.TaggedOutput(ERRORS, error_row(
-            record.source, schemas.Stage.INFERENCE, "WrongImageShape", str(e),
-            config.run_id))
-
-    inputs = images | "ToModelInput" >> beam.FlatMap(to_input).with_outputs(
-        ERRORS, main="inputs")
+    inputs = images | "ToModelInput" >> beam.FlatMap(
+        _to_model_input, config).with_outputs(ERRORS, main="inputs")
     inference = RunInference(keyed_handler(
         self._model_dir, batch_size=self._batch_size,
         accelerator=self._accelerator))
@@ -83,20 +95,15 @@ class ScoreImages(beam.PTransform):
     results, dead = (inputs.inputs
                      | "RunInference" >> inference.with_exception_handling())
 
-    def to_row(keyed_result):
-      key, result = keyed_result
-      return scoring.prediction_row(
-          key, result.inference, config,
-          datetime.datetime.now(datetime.timezone.utc))
-
-    rows = results | "ToRows" >> beam.Map(to_row)
+    rows = results | "ToRows" >> beam.Map(_to_row, config)
     failed = dead.failed_inferences | "FailedBatches" >> beam.FlatMap(
         scoring.failed_batch_rows, config.run_id)
     errors = (inputs[ERRORS], failed) | "ScoringErrors" >> beam.Flatten()
     return {"rows": rows, "errors": errors}
 
 
-def _load_config(opts, run_id: str, command: str) -> scoring.ScoringConfig:
+def load_config(opts, run_id: str, command: str) -> scoring.ScoringConfig:
+  """Reads and checks the artifact's labels and metadata (not the model)."""
   from training import artifact  # pylint: disable=import-outside-toplevel
   info = artifact.read_artifact_info(opts.model)
   size = int(info.metadata["image_size"])
@@ -112,10 +119,10 @@ def _load_config(opts, run_id: str, command: str) -> scoring.ScoringConfig:
       image_size=size)
 
 
-def build(command: str, p: beam.Pipeline, opts, run_id: str,
-          started: float) -> Dict:
+def build(command: str, p: beam.Pipeline, opts,
+          config: scoring.ScoringConfig, started: float) -> Dict:
   """Adds `score` (TFRecords in) or `run` (archives in) to the pipeline."""
-  config = _load_config(opts, run_id, command)
+  run_id = config.run_id
   written = {}
   counts = {}
   error_parts = []
@@ -148,11 +155,12 @@ def build(command: str, p: beam.Pipeline, opts, run_id: str,
       opts.output, schemas.ERRORS_DIR, schemas.errors_schema())
   counts["predictions"] = outputs.count(rows, "CountPredictions")
   counts["low_confidence"] = outputs.count(
-      rows | "LowConfidence" >> beam.Filter(lambda r: r["low_confidence"]),
+      rows | "LowConfidence" >> beam.Filter(_is_low_confidence),
       "CountLowConfidence")
   counts["errors"] = outputs.count(errors, "CountErrors")
   per_class = (rows
-               | "PredictedClass" >> beam.Map(lambda r: r["predicted_class"])
+               | "PredictedClass" >> beam.Map(
+                   operator.itemgetter("predicted_class"))
                | "CountPerClass" >> beam.combiners.Count.PerElement()
                | "ClassDict" >> beam.combiners.ToDict())
 

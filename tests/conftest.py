@@ -1,6 +1,10 @@
 """Shared pytest set-up: no network, no Google credentials, small data."""
 
+import logging
 import os
+import socket
+
+import pytest
 
 # Keep google-auth off the metadata server: traffic may only go to loopback.
 os.environ["NO_GCE_CHECK"] = "true"
@@ -8,3 +12,36 @@ os.environ["GCE_METADATA_HOST"] = "127.0.0.1"
 os.environ["GCE_METADATA_IP"] = "127.0.0.1"
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+BUCKET = "busi-test"
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gcs_client():
+  """A google-cloud-storage client of a GCS JSON-API emulator on loopback."""
+  from gcp_storage_emulator.server import create_server
+  logging.getLogger("gcp_storage_emulator").setLevel(logging.ERROR)
+  port = _free_port()
+  server = create_server("127.0.0.1", port, in_memory=True,
+                         default_bucket=BUCKET)
+  server.start()
+  previous = os.environ.get("STORAGE_EMULATOR_HOST")
+  os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+  try:
+    from google.cloud import storage
+    yield storage.Client.create_anonymous_client()
+  finally:
+    server.stop()
+    if previous is None:
+      os.environ.pop("STORAGE_EMULATOR_HOST", None)
+    else:
+      os.environ["STORAGE_EMULATOR_HOST"] = previous
+
+

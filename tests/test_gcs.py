@@ -6,9 +6,7 @@ and google-cloud-storage reach it through STORAGE_EMULATOR_HOST.
 
 import io
 import json
-import logging
 import os
-import socket
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -19,35 +17,8 @@ from beam_pipeline import imaging, pipeline
 from tests import archive_factory as af
 from training import testing as training_testing
 
-BUCKET = "busi-test"
+from tests.conftest import BUCKET
 SIZE = 32
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def gcs_client():
-  from gcp_storage_emulator.server import create_server
-  logging.getLogger("gcp_storage_emulator").setLevel(logging.ERROR)
-  port = _free_port()
-  server = create_server("127.0.0.1", port, in_memory=True,
-                         default_bucket=BUCKET)
-  server.start()
-  previous = os.environ.get("STORAGE_EMULATOR_HOST")
-  os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
-  try:
-    from google.cloud import storage
-    yield storage.Client.create_anonymous_client()
-  finally:
-    server.stop()
-    if previous is None:
-      os.environ.pop("STORAGE_EMULATOR_HOST", None)
-    else:
-      os.environ["STORAGE_EMULATOR_HOST"] = previous
 
 
 def _upload_dir(client, local_dir, prefix):
