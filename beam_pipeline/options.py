@@ -9,7 +9,9 @@ import argparse
 from typing import List, Optional
 
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import (GoogleCloudOptions,
+                                                  PipelineOptions,
+                                                  StandardOptions)
 
 import schemas
 from beam_pipeline import archives, imaging
@@ -102,6 +104,15 @@ def validate(command: str, options: PipelineOptions) -> BusiOptions:
   for name in ("max_pixels", "max_member_bytes", "zip_chunk_size"):
     if getattr(opts, name) < 1:
       raise ValueError(f"--{name} must be at least 1")
+  service_options = options.view_as(
+      GoogleCloudOptions).dataflow_service_options or []
+  if opts.inference_accelerator and any(
+      o.startswith("worker_accelerator") for o in service_options):
+    raise ValueError(
+        "--inference_accelerator (GPU for the inference step only, Dataflow"
+        " right fitting) cannot be combined with --dataflow_service_options="
+        "worker_accelerator=... (GPU on every worker); Dataflow documents them"
+        " as exclusive. Pass one of the two.")
   for pattern in opts.input:
     if not FileSystems.match([pattern])[0].metadata_list:
       raise ValueError(f"--input {pattern!r} matches no file")

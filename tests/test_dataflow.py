@@ -126,3 +126,10 @@ def test_pickled_job_has_no_local_paths(bucket_inputs):
   # The paths the job does carry are the bucket's.
   everything = b"".join(raw for _, raw in _pickled_payloads(proto))
   assert f"gs://{BUCKET}/df/model".encode() in everything
+
+
+def test_gpu_hint_and_worker_accelerator_are_exclusive(bucket_inputs):
+  with pytest.raises(ValueError, match="exclusive"):
+    _dry_run(["--inference_accelerator", ACCELERATOR,
+              "--dataflow_service_options",
+              f"worker_accelerator={ACCELERATOR}"])

@@ -1,0 +1,38 @@
+# GPU worker image for Dataflow: CUDA + TensorFlow + this project, started by
+# the Beam SDK's boot entrypoint.
+#
+#   docker build -t REGION-docker.pkg.dev/PROJECT/REPO/busi-worker:0.1.0 .
+#   docker push REGION-docker.pkg.dev/PROJECT/REPO/busi-worker:0.1.0
+#   ... --sdk_container_image REGION-docker.pkg.dev/PROJECT/REPO/busi-worker:0.1.0
+#
+# Beam and Python versions must match the launcher's (apache-beam 2.77.0,
+# Python 3.11). CUDA and cuDNN come from TensorFlow's `and-cuda` wheels; the
+# NVIDIA driver is installed on the VM by Dataflow (`install-nvidia-driver`
+# in the accelerator option).
+ARG PYTHON_VERSION=3.11
+ARG BEAM_VERSION=2.77.0
+
+FROM apache/beam_python${PYTHON_VERSION}_sdk:${BEAM_VERSION} AS beam_sdk
+
+FROM python:${PYTHON_VERSION}-slim-bookworm
+ENV PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    TF_ENABLE_ONEDNN_OPTS=1 \
+    TF_CPP_MIN_LOG_LEVEL=2
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 \
+ && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /opt/busi
+# TensorFlow with its CUDA libraries first: a code change does not reinstall it.
+RUN pip install "tensorflow[and-cuda]==2.21.0" "apache-beam[gcp]==2.77.0"
+COPY setup.py ./
+COPY schemas schemas
+COPY beam_pipeline beam_pipeline
+COPY training training
+COPY bench bench
+RUN pip install . && python -c "import beam_pipeline, training, schemas, apache_beam, tensorflow"
+
+# The Beam SDK harness: the entrypoint Dataflow starts in every container.
+COPY --from=beam_sdk /opt/apache/beam /opt/apache/beam
+ENTRYPOINT ["/opt/apache/beam/boot"]
