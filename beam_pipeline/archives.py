@@ -18,8 +18,15 @@ ZIP = "zip"
 TAR = "tar"
 FILE = "file"
 
-DEFAULT_MAX_MEMBER_BYTES = 512 * 1024 * 1024
+# Safe defaults: a 500×500 ultrasound PNG is ~0.2 MB, a large DICOM-derived
+# frame a few MB. Limits are enforced on the bytes actually inflated.
+DEFAULT_MAX_MEMBER_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_COMPRESSION_RATIO = 100.0
+DEFAULT_MAX_MEMBERS = 1_000_000
 DEFAULT_ZIP_CHUNK = 16
+# Below this many inflated bytes the ratio is not checked: tiny members (a
+# blank mask, say) compress far better than 100:1 and are harmless.
+_RATIO_FLOOR_BYTES = 1024 * 1024
 
 _READ_BLOCK = 1 << 20
 
@@ -33,6 +40,13 @@ class ArchiveError(Exception):
 
   def __reduce__(self):  # picklable, so Members can cross a shuffle
     return (type(self), (self.kind, str(self)))
+
+
+class Limits(NamedTuple):
+  """Per-member and per-archive limits, each a command-line flag."""
+  max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+  max_compression_ratio: float = DEFAULT_MAX_COMPRESSION_RATIO
+  max_members: int = DEFAULT_MAX_MEMBERS
 
 
 class ZipRange(NamedTuple):
@@ -79,14 +93,30 @@ def open_raw(uri: str):
   return FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED)
 
 
-def read_limited(stream, limit: int, what: str) -> bytes:
+def read_limited(stream, limit: int, what: str,
+                 compressed_size: Optional[int] = None,
+                 max_ratio: Optional[float] = None) -> bytes:
   """Reads a stream to its end, refusing more than `limit` bytes.
 
-  The limit is enforced on the bytes actually produced, so lying headers
-  cannot get a bigger member past it.
+  The limits are enforced on the bytes actually produced, block by block, so
+  headers that lie about sizes cannot get a bigger member past them and a
+  zip bomb is stopped after at most one block past the limit.
+
+  Args:
+    stream: file-like to read.
+    limit: most bytes accepted.
+    what: names the thing in the error message.
+    compressed_size: bytes the member takes in the archive, for the ratio.
+    max_ratio: most inflated bytes per compressed byte (checked past 1 MiB).
+
+  Raises:
+    ArchiveError: MemberTooLarge or CompressionRatioExceeded.
   """
   chunks = []
   total = 0
+  ratio_cap = None
+  if compressed_size is not None and max_ratio:
+    ratio_cap = max(_RATIO_FLOOR_BYTES, max_ratio * max(compressed_size, 1))
   while True:
     block = stream.read(min(_READ_BLOCK, limit + 1 - total))
     if not block:
@@ -96,6 +126,11 @@ def read_limited(stream, limit: int, what: str) -> bytes:
       raise ArchiveError(
           "MemberTooLarge",
           f"{what} inflates to more than {limit} bytes (--max_member_bytes)")
+    if ratio_cap is not None and total > ratio_cap:
+      raise ArchiveError(
+          "CompressionRatioExceeded",
+          f"{what} inflates past {max_ratio:g}x its compressed size of"
+          f" {compressed_size} bytes (--max_compression_ratio): a zip bomb?")
     chunks.append(block)
 
 
@@ -108,17 +143,30 @@ def _classify(path: str, is_dir: bool) -> Optional[str]:
   return None
 
 
-def count_zip_members(uri: str) -> int:
+def count_zip_members(uri: str, max_members: int = DEFAULT_MAX_MEMBERS) -> int:
   """Number of entries in a zip's central directory.
 
   Raises:
-    ArchiveError: the file is not a readable zip.
+    ArchiveError: the file is not a readable zip (a zip cut short has no
+      central directory), is empty, or has more than max_members entries.
   """
   try:
     with open_raw(uri) as f, zipfile.ZipFile(f) as zf:
-      return len(zf.infolist())
-  except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as e:
-    raise ArchiveError("BadArchive", f"not a readable zip: {e}") from e
+      count = len(zf.infolist())
+  except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError,
+          OSError) as e:
+    raise ArchiveError(
+        "BadArchive",
+        f"not a readable zip ({type(e).__name__}: {e}); a zip cut short has"
+        " no central directory — re-upload or re-create it") from e
+  if count == 0:
+    raise ArchiveError("EmptyArchive", "the zip has no members")
+  if count > max_members:
+    raise ArchiveError(
+        "TooManyMembers",
+        f"the zip has {count} members, over {max_members}"
+        " (--max_members_per_archive)")
+  return count
 
 
 def split_zip(uri: str, count: int, chunk: int = DEFAULT_ZIP_CHUNK
@@ -155,7 +203,7 @@ class OpenZipCache:
     self._uri = self._file = self._zip = None
 
 
-def read_zip_range(zip_range: ZipRange, max_member_bytes: int,
+def read_zip_range(zip_range: ZipRange, limits: Limits,
                    cache: Optional[OpenZipCache] = None) -> Iterator[Member]:
   """Yields the members of one range of a zip, one at a time.
 
@@ -165,7 +213,7 @@ def read_zip_range(zip_range: ZipRange, max_member_bytes: int,
 
   Args:
     zip_range: which members to read.
-    max_member_bytes: refuse members that inflate to more than this.
+    limits: member size and compression-ratio limits.
     cache: keeps the archive open for the next range; without one the archive
       is opened and closed here.
   """
@@ -194,7 +242,9 @@ def read_zip_range(zip_range: ZipRange, max_member_bytes: int,
         continue
       try:
         with zf.open(info) as stream:
-          data = read_limited(stream, max_member_bytes, "member")
+          data = read_limited(stream, limits.max_member_bytes, "member",
+                              info.compress_size,
+                              limits.max_compression_ratio)
         yield Member(source, info.filename, "file", data=data)
       except ArchiveError as e:
         yield Member(source, info.filename, "error", error=e)
@@ -207,17 +257,26 @@ def read_zip_range(zip_range: ZipRange, max_member_bytes: int,
       cache.close()
 
 
-def read_tar(uri: str, max_member_bytes: int) -> Iterator[Member]:
+def read_tar(uri: str, limits: Limits) -> Iterator[Member]:
   """Streams a tar or tar.gz, yielding each entry as one Member.
 
   If the archive breaks part-way (truncated upload), the members already read
-  are kept and one error Member for the archive says where it stopped.
+  are kept and one error Member for the archive says where it stopped. An
+  empty tar, or one past the member limit, also ends in one error Member.
   """
+  max_member_bytes = limits.max_member_bytes
   index = 0
   try:
     with open_raw(uri) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
       for info in tf:
         index += 1
+        if index > limits.max_members:
+          yield Member(uri, posixpath.basename(uri), "error",
+                       error=ArchiveError(
+                           "TooManyMembers",
+                           f"stopped after {limits.max_members} members"
+                           " (--max_members_per_archive)"))
+          return
         source = member_source(uri, info.name)
         kind = _classify(info.name, info.isdir())
         if kind:
@@ -241,6 +300,9 @@ def read_tar(uri: str, max_member_bytes: int) -> Iterator[Member]:
           yield Member(source, info.name, "error", error=e)
           continue
         yield Member(source, info.name, "file", data=data)
+    if index == 0:
+      yield Member(uri, posixpath.basename(uri), "error", error=ArchiveError(
+          "EmptyArchive", "the tar has no members"))
   except Exception as e:  # pylint: disable=broad-except
     # tarfile.ReadError, EOFError, zlib/gzip errors on truncated archives.
     what = ("not a readable tar" if index == 0 else
@@ -250,7 +312,8 @@ def read_tar(uri: str, max_member_bytes: int) -> Iterator[Member]:
                                     f"{what}: {type(e).__name__}: {e}"))
 
 
-def read_file(uri: str, max_member_bytes: int) -> Member:
+def read_file(uri: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+             ) -> Member:
   """Reads a plain (non-archive) input file as a single member."""
   kind = _classify(uri, False)
   if kind:

@@ -95,6 +95,17 @@ def sniff_format(data: bytes) -> Optional[str]:
   return None
 
 
+def sniff_archive(data: bytes) -> Optional[str]:
+  """"zip", "gzip" or "tar" when the bytes are an archive, else None."""
+  if data[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+    return "zip"
+  if data[:2] == b"\x1f\x8b":
+    return "gzip"
+  if data[257:262] == b"ustar":
+    return "tar"
+  return None
+
+
 def check_header(data: bytes, max_pixels: int) -> Tuple[str, int, int]:
   """Validates the bytes as an image before any pixel is decoded.
 
@@ -111,6 +122,12 @@ def check_header(data: bytes, max_pixels: int) -> Tuple[str, int, int]:
   if not data:
     raise DecodeError("EmptyFile", "zero-byte file")
   fmt = sniff_format(data)
+  nested = sniff_archive(data) if fmt is None else None
+  if nested:
+    raise DecodeError(
+        "NestedArchive",
+        f"a {nested} archive inside an archive; only one level is read:"
+        " extract it and pass it as its own --input")
   if fmt is None:
     raise DecodeError(
         "NotAnImage",
@@ -148,8 +165,8 @@ def to_rgb8(img: np.ndarray) -> np.ndarray:
   if img.ndim == 2:
     return img
   channels = img.shape[2]
-  if channels == 1:
-    return img[:, :, 0]
+  if channels in (1, 2):  # grey, grey + alpha
+    return np.ascontiguousarray(img[:, :, 0])
   if channels == 3:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
   if channels == 4:

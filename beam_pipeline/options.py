@@ -49,6 +49,15 @@ class BusiOptions(PipelineOptions):
         default=archives.DEFAULT_MAX_MEMBER_BYTES,
         help="Refuse archive members that inflate to more bytes than this.")
     parser.add_argument(
+        "--max_compression_ratio", type=float,
+        default=archives.DEFAULT_MAX_COMPRESSION_RATIO,
+        help="Refuse zip members that inflate past this many times their"
+        " compressed size (checked past 1 MiB, while streaming).")
+    parser.add_argument(
+        "--max_members_per_archive", type=int,
+        default=archives.DEFAULT_MAX_MEMBERS,
+        help="Refuse archives with more members than this.")
+    parser.add_argument(
         "--zip_chunk_size", type=int, default=archives.DEFAULT_ZIP_CHUNK,
         help="Zip members per unit of work spread over workers.")
     parser.add_argument("--model", default=None,
@@ -101,7 +110,8 @@ def validate(command: str, options: PipelineOptions) -> BusiOptions:
     raise ValueError(f"--threshold {opts.threshold} is outside [0, 1]")
   if opts.batch_size < 1:
     raise ValueError("--batch_size must be at least 1")
-  for name in ("max_pixels", "max_member_bytes", "zip_chunk_size"):
+  for name in ("max_pixels", "max_member_bytes", "max_compression_ratio",
+               "max_members_per_archive", "zip_chunk_size"):
     if getattr(opts, name) < 1:
       raise ValueError(f"--{name} must be at least 1")
   service_options = options.view_as(

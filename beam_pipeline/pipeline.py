@@ -10,7 +10,7 @@ from apache_beam.options.pipeline_options import (PipelineOptions,
 
 import schemas
 from beam_pipeline import options as opts_lib
-from beam_pipeline import gcs, outputs
+from beam_pipeline import archives, gcs, outputs
 from beam_pipeline.preprocess import PreprocessLimits, ReadImages
 
 _LOG = logging.getLogger(__name__)
@@ -39,8 +39,11 @@ def build_preprocess(p: beam.Pipeline, opts: opts_lib.BusiOptions,
   "counts", for `build_run` to extend.
   """
   size = image_size or opts.image_size
-  limits = PreprocessLimits(size, opts.max_pixels, opts.max_member_bytes,
-                            opts.zip_chunk_size)
+  limits = PreprocessLimits(
+      size, opts.max_pixels,
+      archives.Limits(opts.max_member_bytes, opts.max_compression_ratio,
+                      opts.max_members_per_archive),
+      opts.zip_chunk_size)
   read = p | "ReadImages" >> ReadImages(opts.input, limits, run_id)
   read["tfrecord_files"] = read["examples"] | "WriteExamples" >> (
       outputs.WriteExamples(opts.output))

@@ -32,9 +32,10 @@ WorkItem = Union[archives.ZipRange, TarInput, FileInput]
 
 
 class PreprocessLimits(NamedTuple):
+  """Image size and the limits that keep hostile inputs harmless."""
   image_size: int
   max_pixels: int = imaging.DEFAULT_MAX_PIXELS
-  max_member_bytes: int = archives.DEFAULT_MAX_MEMBER_BYTES
+  archive: archives.Limits = archives.Limits()
   zip_chunk_size: int = archives.DEFAULT_ZIP_CHUNK
 
 
@@ -56,14 +57,15 @@ class PlanWork(beam.DoFn):
   A zip that cannot be opened becomes an error Member here (one member seen).
   """
 
-  def __init__(self, zip_chunk_size: int):
+  def __init__(self, zip_chunk_size: int, max_members: int):
     self._chunk = zip_chunk_size
+    self._max_members = max_members
 
   def process(self, uri: str) -> Iterable[Union[WorkItem, archives.Member]]:
     kind = archives.archive_kind(uri)
     if kind == archives.ZIP:
       try:
-        count = archives.count_zip_members(uri)
+        count = archives.count_zip_members(uri, self._max_members)
       except archives.ArchiveError as e:
         yield archives.Member(uri, uri, "error", error=e)
         return
@@ -86,12 +88,12 @@ class ReadTars(beam.DoFn):
   one shuffle before decoding.
   """
 
-  def __init__(self, max_member_bytes: int):
-    self._max_bytes = max_member_bytes
+  def __init__(self, limits: archives.Limits):
+    self._limits = limits
 
   def process(self, item):
     if isinstance(item, TarInput):
-      yield from archives.read_tar(item.uri, self._max_bytes)
+      yield from archives.read_tar(item.uri, self._limits)
     else:
       yield item
 
@@ -99,8 +101,8 @@ class ReadTars(beam.DoFn):
 class ReadMembers(beam.DoFn):
   """Work item → Members: reads zip ranges and plain files; Members pass."""
 
-  def __init__(self, max_member_bytes: int):
-    self._max_bytes = max_member_bytes
+  def __init__(self, limits: archives.Limits):
+    self._limits = limits
     self._zips = None
     self._seen = Metrics.counter(_NAMESPACE, "members_seen")
 
@@ -117,9 +119,9 @@ class ReadMembers(beam.DoFn):
     if isinstance(item, archives.Member):
       members = [item]
     elif isinstance(item, archives.ZipRange):
-      members = archives.read_zip_range(item, self._max_bytes, self._zips)
+      members = archives.read_zip_range(item, self._limits, self._zips)
     else:
-      members = [archives.read_file(item.uri, self._max_bytes)]
+      members = [archives.read_file(item.uri, self._limits.max_member_bytes)]
     for member in members:
       self._seen.inc()
       yield member
@@ -206,13 +208,14 @@ class ReadImages(beam.PTransform):
         | "DropRepeatedPaths" >> beam.Distinct())
     work = (
         uris
-        | "PlanWork" >> beam.ParDo(PlanWork(limits.zip_chunk_size))
-        | "ReadTars" >> beam.ParDo(ReadTars(limits.max_member_bytes))
+        | "PlanWork" >> beam.ParDo(PlanWork(limits.zip_chunk_size,
+                                            limits.archive.max_members))
+        | "ReadTars" >> beam.ParDo(ReadTars(limits.archive))
         # Spreads zip ranges, plain files and tar members over workers. Zip
         # members are read after this shuffle, so their bytes never cross it.
         | "SpreadWork" >> beam.Reshuffle())
     members = work | "ReadMembers" >> beam.ParDo(
-        ReadMembers(limits.max_member_bytes))
+        ReadMembers(limits.archive))
     decoded = members | "DecodeImages" >> beam.ParDo(DecodeMember(
         limits.image_size, limits.max_pixels, self._run_id)).with_outputs(
             MASKS, ERRORS, main="examples")

@@ -6,6 +6,9 @@ import operator
 from typing import Dict
 
 import apache_beam as beam
+from apache_beam.io import fileio
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.tfrecordio import _TFRecordUtil
 from apache_beam.ml.inference.base import RunInference
 
 import schemas
@@ -18,14 +21,37 @@ from beam_pipeline.preprocess import ERRORS, error_row
 _LOG = logging.getLogger(__name__)
 
 
+def _read_tfrecord_file(metadata, run_id: str):
+  """One TFRecord file → (source, payload) per record.
+
+  Gzip or plain by the file's extension. A file that breaks part-way keeps
+  the records read before the break and adds one error row saying where.
+  """
+  uri = metadata.path
+  index = 0
+  try:
+    with FileSystems.open(uri) as f:
+      while True:
+        payload = _TFRecordUtil.read_record(f)
+        if payload is None:
+          return
+        yield f"{uri}#{index}", payload
+        index += 1
+  except Exception as e:  # pylint: disable=broad-except
+    # zlib/gzip errors on a truncated file, ValueError on bad framing.
+    yield beam.pvalue.TaggedOutput(ERRORS, error_row(
+        f"{uri}#{index}", schemas.Stage.READ, "BadTFRecordFile",
+        f"unreadable after {index} records: {type(e).__name__}: {e}", run_id))
+
+
 def _parse_record(element, run_id: str):
-  """(TFRecord file, payload) → ImageRecord, or an error row if malformed."""
-  filename, serialized = element
+  """(source, payload) → ImageRecord, or an error row if malformed."""
+  source, serialized = element
   try:
     yield scoring.parse_for_scoring(serialized)
   except ValueError as e:
     yield beam.pvalue.TaggedOutput(ERRORS, error_row(
-        filename, schemas.Stage.PARSE, "BadExample", str(e), run_id))
+        source, schemas.Stage.PARSE, "BadExample", str(e), run_id))
 
 
 def _to_model_input(record, config: scoring.ScoringConfig):
@@ -49,7 +75,12 @@ def _is_low_confidence(row) -> bool:
 
 
 class ReadTFRecords(beam.PTransform):
-  """TFRecord globs → ImageRecords; malformed records to the ERRORS output."""
+  """TFRecord globs → ImageRecords; unreadable files and malformed records
+  to error rows.
+
+  Returns a dict: "images", "errors", and "members_seen" (a singleton count of
+  records read plus broken files).
+  """
 
   def __init__(self, patterns, run_id: str):
     super().__init__()
@@ -57,16 +88,23 @@ class ReadTFRecords(beam.PTransform):
     self._run_id = run_id
 
   def expand(self, pbegin):
-    records = (
+    read = (
         pbegin
         | "Patterns" >> beam.Create(self._patterns)
-        | "ReadRecords" >> beam.io.ReadAllFromTFRecord(
-            compression_type=beam.io.filesystem.CompressionTypes.GZIP,
-            with_filename=True))
-    parsed = records | "ParseExamples" >> beam.FlatMap(
+        | "MatchFiles" >> fileio.MatchAll()
+        | "SpreadFiles" >> beam.Reshuffle()
+        | "ReadRecords" >> beam.FlatMap(
+            _read_tfrecord_file, self._run_id).with_outputs(
+                ERRORS, main="records"))
+    parsed = read.records | "ParseExamples" >> beam.FlatMap(
         _parse_record, self._run_id).with_outputs(ERRORS, main="images")
-    return {"images": parsed.images, "errors": parsed[ERRORS],
-            "members": records}
+    seen = ((read.records | "CountRecords" >> beam.combiners.Count.Globally(),
+             read[ERRORS] | "CountBrokenFiles" >> (
+                 beam.combiners.Count.Globally()))
+            | "SeenParts" >> beam.Flatten()
+            | "SumSeen" >> beam.CombineGlobally(sum))
+    errors = (read[ERRORS], parsed[ERRORS]) | "ReadErrors" >> beam.Flatten()
+    return {"images": parsed.images, "errors": errors, "members_seen": seen}
 
 
 class ScoreImages(beam.PTransform):
@@ -103,9 +141,14 @@ class ScoreImages(beam.PTransform):
 
 
 def load_config(opts, run_id: str, command: str) -> scoring.ScoringConfig:
-  """Reads and checks the artifact's labels and metadata (not the model)."""
+  """Loads and checks the whole artifact before any image is read.
+
+  The model itself is loaded here too (safe mode, shapes against metadata) so
+  that a corrupt, unsafe or mismatched artifact fails the launch with its
+  message instead of failing every batch on the workers.
+  """
   from training import artifact  # pylint: disable=import-outside-toplevel
-  info = artifact.read_artifact_info(opts.model)
+  info = artifact.load_artifact(opts.model)
   size = int(info.metadata["image_size"])
   if command == opts_lib.RUN and opts.image_size not in (None, size):
     raise ValueError(
@@ -136,7 +179,7 @@ def build(command: str, p: beam.Pipeline, opts,
         scoring.parse_for_scoring)
   else:
     read = p | "ReadTFRecords" >> ReadTFRecords(opts.input, run_id)
-    counts["members_seen"] = outputs.count(read["members"], "CountRecords")
+    counts["members_seen"] = read["members_seen"]
     counts["masks_skipped"] = outputs.count(
         p | "NoMasks" >> beam.Create([]), "CountMasks")
     images = read["images"]
