@@ -3,6 +3,8 @@
 import json
 import os
 import re
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -175,3 +177,13 @@ def test_save_fills_in_fields_and_requires_the_rest(tmp_path):
     fields = _metadata_fields()
     del fields["data_fingerprint"]
     artifact.save_artifact(model, str(tmp_path / "n"), schemas.LABELS, fields)
+
+
+def test_read_artifact_info_does_not_import_tensorflow(model_dir):
+  # The launcher validates artifacts up front; that must stay cheap.
+  code = ("import sys; from training import artifact;"
+          f" artifact.read_artifact_info({model_dir!r});"
+          " assert 'tensorflow' not in sys.modules, 'tensorflow imported';"
+          " assert 'keras' not in sys.modules, 'keras imported'")
+  subprocess.run([sys.executable, "-c", code], check=True,
+                 cwd=os.path.dirname(os.path.dirname(__file__)))

@@ -6,7 +6,7 @@ MODEL_DIR/
   metadata.json  schemas.METADATA_REQUIRED_FIELDS and more
 
 `read_artifact_info` validates the small JSON files without loading the model
-(for the launcher's up-front checks); `load_artifact` also loads the model,
+or even importing TensorFlow (for the launcher's up-front checks); `load_artifact` also loads the model,
 in Keras safe mode, and checks it against the metadata. Both go through Beam
 FileSystems, so MODEL_DIR may be gs://.
 """
@@ -18,12 +18,15 @@ import os
 import shutil
 import tempfile
 import zipfile
-from typing import Any, Dict, Iterator, List, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, NamedTuple
+from typing import Sequence
 
-import keras
 from apache_beam.io.filesystems import FileSystems
 
 import schemas
+
+if TYPE_CHECKING:  # Keras is imported only by the functions that load/save.
+  import keras
 
 _RETRAIN = ("Retrain with this version (`python -m training train`), or use the"
             " scoring release that wrote it.")
@@ -42,7 +45,7 @@ class ArtifactInfo(NamedTuple):
 
 
 class Artifact(NamedTuple):
-  model: keras.Model
+  model: "keras.Model"
   labels: List[str]
   metadata: Dict[str, Any]
   local_dir: str  # where model.keras was loaded from (a temp copy if remote)
@@ -175,8 +178,9 @@ def load_artifact(model_dir: str) -> Artifact:
   local_dir = _localize(model_dir)
   path = os.path.join(local_dir, schemas.MODEL_FILE)
   _refuse_lambda(path)
+  import keras  # pylint: disable=import-outside-toplevel,redefined-outer-name
   # Registers VGGPreprocess and TemperatureScaling with Keras.
-  import training.layers  # pylint: disable=import-outside-toplevel,unused-import,redefined-outer-name
+  import training.layers  # pylint: disable=import-outside-toplevel,unused-import
   try:
     model = keras.saving.load_model(path, safe_mode=True, compile=False)
   except Exception as e:  # Keras raises ValueError, TypeError, KeyError, ...
@@ -220,7 +224,7 @@ def _sha256_file(path: str) -> str:
   return digest.hexdigest()
 
 
-def save_artifact(model: keras.Model, model_dir: str, labels: Sequence[str],
+def save_artifact(model: "keras.Model", model_dir: str, labels: Sequence[str],
                   metadata_fields: Dict[str, Any]) -> Dict[str, Any]:
   """Writes model.keras, labels.json and metadata.json into a local directory.
 

@@ -5,8 +5,7 @@ import sys
 from typing import List, Optional
 
 import schemas
-from training import artifact, evaluate, metrics, phantoms, train
-from training import model as model_lib
+from training import config as config_lib
 
 _WEIGHTS_HELP = (
     "imagenet (Keras' download; default), none (random init, for tests), or"
@@ -34,12 +33,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="Artifact directory to write (local or gs://).")
   train.add_argument("--image_size", type=int, default=None,
                      help="Must match the TFRecords; default: their size.")
-  train.add_argument("--backbone_weights", default=model_lib.IMAGENET,
+  train.add_argument("--backbone_weights", default=config_lib.IMAGENET,
                      help=_WEIGHTS_HELP)
-  train.add_argument("--backbone", choices=model_lib.BACKBONES,
-                     default=model_lib.VGG16,
+  train.add_argument("--backbone", choices=config_lib.BACKBONES,
+                     default=config_lib.VGG16,
                      help="vgg16, or tiny: a 2-conv stand-in for tests only.")
-  train.add_argument("--epochs", type=int, default=30,
+  train.add_argument("--epochs", type=int, default=config_lib.DEFAULT_EPOCHS,
                      help="Epochs of head training (base frozen).")
   train.add_argument("--fine_tune_epochs", type=int, default=0,
                      help="Then epochs with block5 unfrozen at lr 1e-5.")
@@ -60,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
       "--no_augment", dest="augment", action="store_false",
       help="No augmentation: base features are computed once, so each epoch"
       " takes milliseconds.")
-  train.add_argument("--name", default="busi-vgg16",
+  train.add_argument("--name", default=config_lib.DEFAULT_NAME,
                      help="Prefix of the model_version.")
   train.add_argument("--overwrite", action="store_true",
                      help="Replace an artifact already in --output.")
@@ -91,13 +90,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
   """Runs one command; returns the process exit status.
 
-  0 on success, 2 for bad flags, data or artifacts (with a message on
-  stderr saying what to pass instead).
+  0 on success, 2 for bad flags, data, weights or artifacts (with a message
+  on stderr saying what to pass instead).
   """
   args = _parser().parse_args(argv)
   try:
     if args.command == "train":
-      train.train(train.TrainConfig(
+      from training import train  # pylint: disable=import-outside-toplevel
+      train.train(config_lib.TrainConfig(
           data=tuple(args.data), output=args.output,
           image_size=args.image_size,
           backbone_weights=args.backbone_weights, backbone=args.backbone,
@@ -106,18 +106,20 @@ def main(argv: Optional[List[str]] = None) -> int:
           seed=args.seed, threshold=args.threshold,
           batch_size=args.batch_size, augment=args.augment, name=args.name,
           overwrite=args.overwrite))
-    elif args.command == "phantoms":
-      names = phantoms.write_phantom_archive(
-          args.output, {label: args.per_class for label in schemas.LABELS},
-          args.size, args.seed, args.with_masks)
-      print(f"Wrote {len(names)} members to {args.output}")
-    else:
+    elif args.command == "evaluate":
+      from training import evaluate, metrics  # pylint: disable=import-outside-toplevel
       report = evaluate.evaluate(args.model, args.data, args.output,
                                  args.batch_size)
       print(metrics.format_report(report))
       print(f"Report written to {args.output}")
-  except (ValueError, artifact.ArtifactError,
-          model_lib.BackboneWeightsError) as e:
+    else:
+      from training import phantoms  # pylint: disable=import-outside-toplevel
+      names = phantoms.write_phantom_archive(
+          args.output, {label: args.per_class for label in schemas.LABELS},
+          args.size, args.seed, args.with_masks)
+      print(f"Wrote {len(names)} members to {args.output}")
+  except ValueError as e:
+    # ArtifactError and BackboneWeightsError are ValueErrors too.
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -19,19 +19,13 @@ from typing import Iterator, List, Optional, Tuple
 
 import keras
 
+from training.config import (  # pylint: disable=unused-import
+    BACKBONES, FINE_TUNE_LEARNING_RATE, IMAGENET, LEARNING_RATE, NO_WEIGHTS,
+    TINY, VGG16)
 from training.layers import TemperatureScaling, VGGPreprocess
-
-VGG16 = "vgg16"
-TINY = "tiny"  # a 2-conv stand-in for tests, not a real classifier
-BACKBONES = (VGG16, TINY)
-
-IMAGENET = "imagenet"
-NO_WEIGHTS = "none"
 
 HEAD_UNITS = 256
 DROPOUT_RATE = 0.5
-LEARNING_RATE = 1e-4
-FINE_TUNE_LEARNING_RATE = 1e-5
 
 # Layer names other code relies on.
 INPUT_NAME = "image"

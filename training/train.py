@@ -14,7 +14,6 @@ runs on a cache: block4_pool's output, computed once (and then reused to get
 stage one's features, so VGG16's first four blocks see each image once).
 """
 
-import dataclasses
 import json
 import logging
 import os
@@ -31,61 +30,13 @@ import tensorflow as tf
 import schemas
 from training import artifact, augment, data as data_lib, metrics
 from training import model as model_lib, plots, split
+from training.config import TrainConfig
 
 _LOG = logging.getLogger(__name__)
 
 CONFUSION_MATRIX_FILE = "confusion_matrix.png"
 TRAINING_CURVES_FILE = "training_curves.png"
 SPLIT_FILE = "split.json"
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """What `python -m training train` was asked to do."""
-  data: Tuple[str, ...]
-  output: str
-  image_size: Optional[int] = None  # None: the TFRecords' size
-  backbone_weights: str = model_lib.IMAGENET
-  backbone: str = model_lib.VGG16
-  epochs: int = 30
-  fine_tune_epochs: int = 0
-  val_fraction: float = 0.15
-  test_fraction: float = 0.15
-  seed: int = 0
-  threshold: float = schemas.DEFAULT_THRESHOLD
-  batch_size: int = 32
-  augment: bool = True
-  name: str = "busi-vgg16"
-  learning_rate: float = model_lib.LEARNING_RATE
-  fine_tune_learning_rate: float = model_lib.FINE_TUNE_LEARNING_RATE
-  overwrite: bool = False
-
-  def validate(self) -> None:
-    """Raises ValueError naming the first bad flag."""
-    if not self.data:
-      raise ValueError("--data is required")
-    if not self.output:
-      raise ValueError("--output is required")
-    if self.epochs < 1:
-      raise ValueError("--epochs must be at least 1")
-    if self.fine_tune_epochs < 0:
-      raise ValueError("--fine_tune_epochs must be 0 or more")
-    if self.batch_size < 1:
-      raise ValueError("--batch_size must be at least 1")
-    if not 0.0 <= self.threshold <= 1.0:
-      raise ValueError(f"--threshold {self.threshold} is outside [0, 1]")
-    if self.image_size is not None and not 32 <= self.image_size <= 4096:
-      raise ValueError(f"--image_size {self.image_size} is outside 32..4096"
-                       " (VGG16 needs at least 32)")
-    for name in ("val_fraction", "test_fraction"):
-      if not 0.0 <= getattr(self, name) < 1.0:
-        raise ValueError(f"--{name} must be in [0, 1)")
-    if self.val_fraction + self.test_fraction >= 1.0:
-      raise ValueError("--val_fraction + --test_fraction must be below 1")
-    if self.backbone not in model_lib.BACKBONES:
-      raise ValueError(f"--backbone must be one of {model_lib.BACKBONES}")
-    if not self.name or "/" in self.name:
-      raise ValueError("--name must be non-empty and contain no '/'")
 
 
 def balanced_class_weights(labels: np.ndarray, num_classes: int

@@ -1,0 +1,72 @@
+"""Names and validated settings of a training run (no TensorFlow imported).
+
+Kept apart from the model and the training loop so that the command line
+parses and checks flags, and `python -m training phantoms` runs, without
+loading TensorFlow.
+"""
+
+import dataclasses
+from typing import Optional, Tuple
+
+import schemas
+
+VGG16 = "vgg16"
+TINY = "tiny"  # a 2-conv stand-in for tests, not a real classifier
+BACKBONES = (VGG16, TINY)
+
+IMAGENET = "imagenet"
+NO_WEIGHTS = "none"
+
+LEARNING_RATE = 1e-4
+FINE_TUNE_LEARNING_RATE = 1e-5
+DEFAULT_EPOCHS = 30
+DEFAULT_NAME = "busi-vgg16"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """What `python -m training train` was asked to do."""
+  data: Tuple[str, ...]
+  output: str
+  image_size: Optional[int] = None  # None: the TFRecords' size
+  backbone_weights: str = IMAGENET
+  backbone: str = VGG16
+  epochs: int = DEFAULT_EPOCHS
+  fine_tune_epochs: int = 0
+  val_fraction: float = 0.15
+  test_fraction: float = 0.15
+  seed: int = 0
+  threshold: float = schemas.DEFAULT_THRESHOLD
+  batch_size: int = 32
+  augment: bool = True
+  name: str = DEFAULT_NAME
+  learning_rate: float = LEARNING_RATE
+  fine_tune_learning_rate: float = FINE_TUNE_LEARNING_RATE
+  overwrite: bool = False
+
+  def validate(self) -> None:
+    """Raises ValueError naming the first bad flag."""
+    if not self.data:
+      raise ValueError("--data is required")
+    if not self.output:
+      raise ValueError("--output is required")
+    if self.epochs < 1:
+      raise ValueError("--epochs must be at least 1")
+    if self.fine_tune_epochs < 0:
+      raise ValueError("--fine_tune_epochs must be 0 or more")
+    if self.batch_size < 1:
+      raise ValueError("--batch_size must be at least 1")
+    if not 0.0 <= self.threshold <= 1.0:
+      raise ValueError(f"--threshold {self.threshold} is outside [0, 1]")
+    if self.image_size is not None and not 32 <= self.image_size <= 4096:
+      raise ValueError(f"--image_size {self.image_size} is outside 32..4096"
+                       " (VGG16 needs at least 32)")
+    for name in ("val_fraction", "test_fraction"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ValueError(f"--{name} must be in [0, 1)")
+    if self.val_fraction + self.test_fraction >= 1.0:
+      raise ValueError("--val_fraction + --test_fraction must be below 1")
+    if self.backbone not in BACKBONES:
+      raise ValueError(f"--backbone must be one of {BACKBONES}")
+    if not self.name or "/" in self.name:
+      raise ValueError("--name must be non-empty and contain no '/'")
