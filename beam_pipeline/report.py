@@ -23,6 +23,8 @@ from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 import duckdb
 from apache_beam.io.filesystems import FileSystems
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 import schemas
 from beam_pipeline import gcs
@@ -36,9 +38,12 @@ HISTOGRAM_BINS = 50
 MAX_GALLERY_IMAGE_BYTES = 8 * 1024 * 1024
 
 # One colour per class, the same in every plot, so a reader learns it once.
-_CLASS_COLOURS = {"normal": "#4c9f70", "benign": "#3b75af", "malignant": "#c8553d"}
+_CLASS_COLOURS = {"normal": "#4c9f70", "benign": "#3b75af",
+                  "malignant": "#c8553d"}
 _OTHER_COLOUR = "#8c8c8c"
 _FLAG_COLOUR = "#d62728"
+_FLAGGED_BAR = "#e8a09a"
+_CONFIDENT_BAR = "#7a9cc6"
 
 
 class ClassCount(NamedTuple):
@@ -317,6 +322,7 @@ def class_bar_png(per_class: Sequence[ClassCount],
   bars = ax.bar(names, values, color=[_class_colour(n) for n in names])
   ax.bar_label(bars, labels=[str(v) for v in values], padding=2)
   ax.set_ylabel("images")
+  ax.yaxis.set_major_locator(MaxNLocator(integer=True))
   ax.set_title("Predictions per class")
   ax.set_ylim(0, max(values + [1]) * 1.15)
   ax.spines[["top", "right"]].set_visible(False)
@@ -331,23 +337,30 @@ def confidence_histogram_png(histogram: Sequence[int],
   lefts = [i * width for i in range(bins)]
   lowest = min([t for t in thresholds] +
                [left for left, n in zip(lefts, histogram) if n] + [1.0])
-  fig = Figure(figsize=(7, 3.2))
+  fig = Figure(figsize=(8, 3.4))
   ax = fig.add_subplot()
-  colours = ["#e8a09a" if any(left + width <= t for t in thresholds)
-             else "#7a9cc6" for left in lefts]
+  # A bin is drawn as flagged when it lies wholly below a threshold; with
+  # the default 0.9 and 50 bins the bin edges fall on the threshold.
+  flagged = [any(left + width <= t + 1e-9 for t in thresholds)
+             for left in lefts]
+  colours = [_FLAGGED_BAR if f else _CONFIDENT_BAR for f in flagged]
   ax.bar(lefts, histogram, width=width, align="edge", color=colours,
          edgecolor="white", linewidth=0.5)
-  for t in thresholds:
-    ax.axvline(t, color=_FLAG_COLOUR, linestyle="--", linewidth=1.5,
-               label=f"threshold {t:g}")
+  handles = [ax.axvline(t, color=_FLAG_COLOUR, linestyle="--", linewidth=1.5,
+                        label=f"threshold {t:g}") for t in thresholds]
   if thresholds:
-    ax.legend(loc="upper left", frameon=False)
+    handles += [Patch(color=_FLAGGED_BAR, label="flagged (below threshold)"),
+                Patch(color=_CONFIDENT_BAR, label="confident")]
+    # Beside the axes, not inside: bars can be tall anywhere.
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              frameon=False, fontsize=9)
   # Confidence of the top class is never below 1/classes: don't plot the
   # empty left third, but keep every bar and threshold in view.
   ax.set_xlim(max(0.0, lowest - 0.05), 1.0)
   ax.set_ylim(0, max(list(histogram) + [1]) * 1.15)
   ax.set_xlabel("confidence (top-class probability)")
   ax.set_ylabel("images")
+  ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # no half images
   ax.set_title("Confidence")
   ax.spines[["top", "right"]].set_visible(False)
   return _png(fig)
@@ -363,8 +376,8 @@ def confusion_matrix_png(labels: Sequence[str],
   n = len(labels)
   counts = [[confusion.get((t, p), 0) for p in labels] for t in labels]
   shares = [[c / (sum(row) or 1) for c in row] for row in counts]
-  size = 1.2 + 1.1 * n
-  fig = Figure(figsize=(size + 1.2, size))
+  size = 1.4 + 0.9 * n
+  fig = Figure(figsize=(size + 1.0, size))
   ax = fig.add_subplot()
   im = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
   for i in range(n):
@@ -533,8 +546,14 @@ def _gallery_section(data: ReportData,
       picture = _img(g.data, f"Grad-CAM of {it.source}", image_mime(g.data))
     else:
       picture = f'<div class="missing">{_e(g.problem)}</div>'
-    flag = ' <span class="badge bad">flagged</span>' if it.low_confidence else ""
-    label = (f"<br>label: {_e(it.label)}" if it.label else "")
+    flag = (' <span class="badge bad">flagged</span>'
+            if it.low_confidence else "")
+    label = ""
+    if it.label:
+      verdict = ('<span class="right">right</span>'
+                 if it.label == it.predicted_class
+                 else '<span class="wrong">wrong</span>')
+      label = f"<br>label: {_e(it.label)} · {verdict}"
     cards.append(
         f"<figure>{picture}<figcaption>"
         f'<span class="source" title="{_e(it.source)}">{_e(it.source)}</span>'
@@ -580,6 +599,7 @@ background:#fafbfc}
 figure img{width:100%;height:auto;display:block;image-rendering:auto}
 figcaption{font-size:12px;margin-top:5px;line-height:1.5}
 figcaption .source{color:#555;word-break:break-all}
+.right{color:#2e7d4f;font-weight:600}.wrong{color:#b3402a;font-weight:600}
 .missing{aspect-ratio:1;display:flex;align-items:center;justify-content:center;
 text-align:center;color:#a33;background:#f6e9e7;font-size:12px;padding:8px}
 """
