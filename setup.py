@@ -39,6 +39,8 @@ EXTRAS = {
         "gcp-storage-emulator>=2024.8.3",
     # Beam builds the --setup_file sdist with it when launching on Dataflow.
     "build>=1",
+    # The artifact must load on any Keras 3 backend: a test loads it on JAX.
+    "jax>=0.4.30",
     ],
 }
 

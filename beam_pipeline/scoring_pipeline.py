@@ -114,12 +114,13 @@ class ScoreImages(beam.PTransform):
   """
 
   def __init__(self, model_dir: str, config: scoring.ScoringConfig,
-               batch_size: int, accelerator=None):
+               batch_size: int, accelerator=None, precision: str = "float32"):
     super().__init__()
     self._model_dir = model_dir
     self._config = config
     self._batch_size = batch_size
     self._accelerator = accelerator
+    self._precision = precision
 
   def expand(self, images):
     config = self._config
@@ -127,7 +128,7 @@ class ScoreImages(beam.PTransform):
         _to_model_input, config).with_outputs(ERRORS, main="inputs")
     inference = RunInference(keyed_handler(
         self._model_dir, batch_size=self._batch_size,
-        accelerator=self._accelerator))
+        accelerator=self._accelerator, precision=self._precision))
     if self._accelerator:
       inference = inference.with_resource_hints(accelerator=self._accelerator)
     results, dead = (inputs.inputs
@@ -186,7 +187,8 @@ def build(command: str, p: beam.Pipeline, opts,
   error_parts.append(read["errors"])
 
   scored = images | "ScoreImages" >> ScoreImages(
-      opts.model, config, opts.batch_size, opts.inference_accelerator)
+      opts.model, config, opts.batch_size, opts.inference_accelerator,
+      opts.inference_precision)
   error_parts.append(scored["errors"])
   rows = scored["rows"]
   errors = tuple(error_parts) | "AllErrors" >> beam.Flatten()
