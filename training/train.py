@@ -133,29 +133,29 @@ class _Trainer:
     train, val = self.parts[split.TRAIN], self.parts[split.VAL]
     y_train = _one_hot(train.labels, self.num_classes)
     y_val = _one_hot(val.labels, self.num_classes)
-    timer = _EpochTimer()
-    started = time.perf_counter()
     if config.augment:
       target = self.model
+      how = "augmented, end to end"
       x_train = _augmented_dataset(train, self.num_classes, config.batch_size,
                                    config.seed)
       fit_args = {"shuffle": False}  # the dataset shuffles itself
       validation = (val.images, y_val) if len(val) else None
     else:
       cut = model_lib.frozen_prefix_end(self.model)
-      self.cache_outputs(cut)
+      self.cache_outputs(cut)  # timed apart, under "cache_<layer>"
       target = model_lib.sub_model(self.model, cut, None)
+      how = f"on cached {cut} outputs"
       x_train = self._cache[cut][split.TRAIN]
       fit_args = {"y": y_train, "batch_size": config.batch_size,
                   "shuffle": True}
       validation = ((self._cache[cut][split.VAL], y_val) if len(val) else
                     None)
+    started = time.perf_counter()
     model_lib.compile_model(target, learning_rate)
     trainable = sum(int(np.prod(w.shape)) for w in target.trainable_weights)
     _LOG.info("Stage %s: %d epochs, lr %g, %d trainable parameters, %s", stage,
-              epochs, learning_rate, trainable,
-              "augmented, end to end" if config.augment else
-              f"on cached {model_lib.frozen_prefix_end(self.model)} outputs")
+              epochs, learning_rate, trainable, how)
+    timer = _EpochTimer()
     result = target.fit(x_train, epochs=epochs, validation_data=validation,
                         class_weight=self.class_weight, callbacks=[timer],
                         verbose=_verbose(), **fit_args)
