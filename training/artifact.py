@@ -6,8 +6,9 @@ MODEL_DIR/
   metadata.json  schemas.METADATA_REQUIRED_FIELDS and more
 
 `read_artifact_info` validates the small JSON files without loading the model
-or even importing TensorFlow (for the launcher's up-front checks); `load_artifact` also loads the model,
-in Keras safe mode, and checks it against the metadata. Both go through Beam
+or even importing TensorFlow (for the launcher's up-front checks);
+`load_artifact` also loads the model, in Keras safe mode, and checks it
+against the metadata. Both go through Beam
 FileSystems, so MODEL_DIR may be gs://.
 """
 
@@ -99,8 +100,9 @@ def read_artifact_info(model_dir: str) -> ArtifactInfo:
         f" it was not written by this version's training. {_RETRAIN}")
   if str(metadata["format_version"]) != schemas.ARTIFACT_FORMAT_VERSION:
     raise ArtifactError(
-        f"{model_dir} has artifact format {metadata['format_version']!r}; this"
-        f" release reads format {schemas.ARTIFACT_FORMAT_VERSION!r}. {_RETRAIN}")
+        f"{model_dir} has artifact format {metadata['format_version']!r};"
+        f" this release reads format {schemas.ARTIFACT_FORMAT_VERSION!r}."
+        f" {_RETRAIN}")
   if metadata["labels"] != labels:
     raise ArtifactError(
         f"{schemas.LABELS_FILE} {labels} and metadata labels"
@@ -193,7 +195,8 @@ def load_artifact(model_dir: str) -> Artifact:
         f" {e}. {_RETRAIN}") from e
   size = metadata["image_size"]
   expected_input = (None, size, size, 3)
-  actual_input = tuple(model.inputs[0].shape) if len(model.inputs) == 1 else None
+  actual_input = (tuple(model.inputs[0].shape) if len(model.inputs) == 1
+                  else None)
   if actual_input != expected_input:
     raise ArtifactError(
         f"model input shape {actual_input} does not match metadata image_size"

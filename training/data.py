@@ -8,7 +8,7 @@ as one uint8 array; features and augmentation are computed from that.
 
 import collections
 import logging
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
@@ -65,7 +65,7 @@ def read_records(files: Sequence[str]) -> Iterator[imaging.ImageRecord]:
 def load_labelled(patterns: Sequence[str],
                   labels: Sequence[str] = schemas.LABELS,
                   image_size: Optional[int] = None
-                 ) -> "tuple[LabelledData, ReadStats]":
+                 ) -> Tuple[LabelledData, ReadStats]:
   """Reads the labelled examples of the TFRecords matched by `patterns`.
 
   Args:

@@ -19,9 +19,7 @@ from typing import Iterator, List, Optional, Tuple
 
 import keras
 
-from training.config import (  # pylint: disable=unused-import
-    BACKBONES, FINE_TUNE_LEARNING_RATE, IMAGENET, LEARNING_RATE, NO_WEIGHTS,
-    TINY, VGG16)
+from training.config import BACKBONES, IMAGENET, NO_WEIGHTS, TINY, VGG16
 from training.layers import TemperatureScaling, VGGPreprocess
 
 HEAD_UNITS = 256
@@ -38,7 +36,7 @@ TOP_BLOCK_PREFIX = "block5_"  # unfrozen by the fine-tune stage
 
 
 class BackboneWeightsError(ValueError):
-  """The requested backbone weights cannot be had; the message says what to do."""
+  """The backbone weights cannot be had; the message says what to pass."""
 
 
 def weights_source(backbone_weights: str) -> str:
@@ -69,7 +67,8 @@ def _local_copy(path: str) -> Iterator[str]:
     return
   from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
   if not FileSystems.exists(path):
-    raise BackboneWeightsError(f"--backbone_weights {path!r}: no such file.")
+    raise BackboneWeightsError(
+        f"--backbone_weights {path!r}: no such file.")
   with tempfile.TemporaryDirectory() as tmp:
     local = os.path.join(tmp, os.path.basename(path))
     with FileSystems.open(path) as src, open(local, "wb") as dst:
@@ -224,7 +223,7 @@ def frozen_prefix_end(model: keras.Model) -> str:
   for layer in model.layers:
     if layer.trainable_weights:
       if previous is None:
-        raise ValueError("the model's first layer is trainable; nothing to cache")
+        raise ValueError("the model's first layer is trainable: no prefix")
       return previous
     previous = layer.name
   raise ValueError(f"model {model.name} has no trainable weights")

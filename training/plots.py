@@ -36,7 +36,8 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]],
   # Colour by row fraction so that a small class is as readable as a big one.
   fractions = np.divide(matrix, totals, out=np.zeros(matrix.shape),
                         where=totals > 0)
-  fig, ax = plt.subplots(figsize=(1.6 * len(labels) + 2, 1.4 * len(labels) + 1.5))
+  fig, ax = plt.subplots(
+      figsize=(1.6 * len(labels) + 2, 1.4 * len(labels) + 1.5))
   image = ax.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0)
   fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="row fraction")
   ax.set_xticks(range(len(labels)), labels=labels, rotation=30, ha="right")

@@ -67,11 +67,6 @@ class _UnionFind:
       self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def _popcount64(values: np.ndarray) -> np.ndarray:
-  return np.unpackbits(values.view(np.uint8).reshape(*values.shape, 8),
-                       axis=-1).sum(axis=-1)
-
-
 def duplicate_groups(image_ids: Sequence[str], hashes: Sequence[int],
                      max_distance: int = DEFAULT_MAX_DISTANCE) -> List[int]:
   """Group number of each image: same id, or dHashes ≤ max_distance apart.
@@ -88,7 +83,7 @@ def duplicate_groups(image_ids: Sequence[str], hashes: Sequence[int],
   block = 512
   for start in range(0, n, block):
     rows = codes[start:start + block]
-    distances = _popcount64(rows[:, None] ^ codes[None, :])
+    distances = np.bitwise_count(rows[:, None] ^ codes[None, :])
     for r, c in zip(*np.nonzero(distances <= max_distance)):
       if start + r < c:
         uf.union(int(start + r), int(c))

@@ -14,6 +14,7 @@ runs on a cache: block4_pool's output, computed once (and then reused to get
 stage one's features, so VGG16's first four blocks see each image once).
 """
 
+import collections
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List
 
 import keras
 import numpy as np
@@ -229,8 +230,11 @@ def train(config: TrainConfig) -> Dict:
   class_counts = {name: {label: int((part.labels == i).sum())
                          for i, label in enumerate(labels)}
                   for name, part in parts.items()}
-  _LOG.info("Split (seed %d, %d duplicate groups of %d images): %s",
-            config.seed, result.num_groups, len(data.image_ids), class_counts)
+  group_sizes = collections.Counter(result.group_of)
+  grouped = sum(1 for g in result.group_of if group_sizes[g] > 1)
+  _LOG.info("Split (seed %d): %s; %d of %d images share a near-duplicate"
+            " group, kept in one split", config.seed, class_counts, grouped,
+            len(data.image_ids))
   if not len(parts[split.TRAIN]):
     raise ValueError("no image left for training")
   for label, count in class_counts[split.TRAIN].items():
@@ -305,7 +309,7 @@ def train(config: TrainConfig) -> Dict:
           "unlabelled_skipped": stats.unlabelled,
           "duplicates_skipped": stats.duplicates,
           "conflicting_labels_skipped": stats.conflicting,
-          "duplicate_groups": result.num_groups,
+          "near_duplicates_grouped": grouped,
           "history": trainer.history,
           "seconds": {k: round(v, 2) for k, v in seconds.items()},
           "epoch_seconds": trainer.epoch_seconds,
@@ -328,5 +332,7 @@ def _verify_saved(model_dir: str, model, images: np.ndarray,
     expected = _predict(model, images, batch_size)
     actual = _predict(loaded.model, images, batch_size)
     if not np.allclose(expected, actual, atol=1e-5):
+      # Without metadata.json the directory no longer passes as an artifact.
+      os.remove(os.path.join(model_dir, schemas.METADATA_FILE))
       raise RuntimeError("the saved model.keras does not reproduce the trained"
                          " model's predictions")
