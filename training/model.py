@@ -19,6 +19,7 @@ from typing import Iterator, List, Optional, Tuple
 
 import keras
 
+import schemas
 from training.config import BACKBONES, IMAGENET, NO_WEIGHTS, TINY, VGG16
 from training.layers import TemperatureScaling, VGGPreprocess
 
@@ -113,7 +114,7 @@ def _tiny_base(image_size: int) -> keras.Model:
                           name="block1_conv1")(inputs)
   x = keras.layers.MaxPooling2D(2, name="block1_pool")(x)
   x = keras.layers.Conv2D(16, 3, padding="same", activation="relu",
-                          name="block5_conv3")(x)
+                          name=schemas.GRADCAM_LAYER)(x)
   x = keras.layers.MaxPooling2D(2, name="block5_pool")(x)
   return keras.Model(inputs, x, name="tiny_test_backbone")
 
