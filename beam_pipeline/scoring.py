@@ -1,7 +1,7 @@
 """Per-element scoring functions: Example → model input, result → Parquet row."""
 
 import datetime
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -97,8 +97,24 @@ def parse_for_scoring(serialized: bytes) -> imaging.ImageRecord:
     raise ValueError(f"not a tf.train.Example: {type(e).__name__}: {e}") from e
 
 
-def count_by(rows: Iterable[Dict], column: str) -> Dict[str, int]:
-  out: Dict[str, int] = {}
-  for row in rows:
-    out[row[column]] = out.get(row[column], 0) + 1
-  return out
+def wants_gradcam(row: Dict, mode: str) -> bool:
+  """Whether `--gradcam MODE` asks for an overlay of this prediction."""
+  if mode == "all":
+    return True
+  if mode == "flagged":
+    return bool(row["low_confidence"])
+  if mode == "malignant":
+    return row["predicted_class"] == "malignant"
+  return False
+
+
+def gradcam_uri(output: str, image_id: str, source: str) -> str:
+  """Where one overlay goes: named by content and source, never by a member
+  name, so no archive path can steer where we write."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
+  base = output if "://" in output else os.path.abspath(output)
+  tag = hashlib.sha256(source.encode("utf-8")).hexdigest()[:12]
+  return FileSystems.join(base, schemas.GRADCAM_DIR,
+                          f"{image_id[:32]}-{tag}.png")

@@ -6,6 +6,7 @@ import operator
 from typing import Dict
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.tfrecordio import _TFRecordUtil
@@ -17,6 +18,8 @@ from beam_pipeline import options as opts_lib
 from beam_pipeline import scoring
 from beam_pipeline.model_handler import keyed_handler
 from beam_pipeline.preprocess import ERRORS, error_row
+
+GRADCAM = "gradcam"
 
 _LOG = logging.getLogger(__name__)
 
@@ -64,10 +67,64 @@ def _to_model_input(record, config: scoring.ScoringConfig):
         config.run_id))
 
 
-def _to_row(keyed_result, config: scoring.ScoringConfig):
+def _to_row(keyed_result, config: scoring.ScoringConfig, gradcam: str):
+  """(key, PredictionResult) → a prediction row; rows chosen for Grad-CAM go
+  to the GRADCAM output with their pixels."""
   key, result = keyed_result
-  return scoring.prediction_row(key, result.inference, config,
-                                datetime.datetime.now(datetime.timezone.utc))
+  row = scoring.prediction_row(key, result.inference, config,
+                               datetime.datetime.now(datetime.timezone.utc))
+  if scoring.wants_gradcam(row, gradcam):
+    yield beam.pvalue.TaggedOutput(GRADCAM, (row, result.example))
+  else:
+    yield row
+
+
+class ExplainBatch(beam.DoFn):
+  """Batches of (row, pixels) → rows with `gradcam_uri`, overlays written.
+
+  Overlay files are named from the image_id and a hash of the source, never
+  from a member name; rewriting one on a retried bundle is harmless. If
+  Grad-CAM fails, the prediction rows still go out (without a URI) and an
+  error row says why.
+  """
+
+  def __init__(self, model_dir: str, output: str,
+               config: scoring.ScoringConfig):
+    self._model_dir = model_dir
+    self._output = output
+    self._labels = list(config.labels)
+    self._run_id = config.run_id
+    self._model = None
+
+  def setup(self):
+    from training import artifact  # pylint: disable=import-outside-toplevel
+    self._model = artifact.load_artifact(self._model_dir).model
+
+  def process(self, batch):
+    from training import gradcam  # pylint: disable=import-outside-toplevel
+    rows = [row for row, _ in batch]
+    try:
+      images = np.stack([pixels for _, pixels in batch])
+      classes = [self._labels.index(row["predicted_class"]) for row in rows]
+      maps = gradcam.heatmaps(self._model, images, classes)
+    except Exception as e:  # pylint: disable=broad-except
+      for row in rows:
+        yield beam.pvalue.TaggedOutput(ERRORS, error_row(
+            row["source"], schemas.Stage.GRADCAM, type(e).__name__, str(e),
+            self._run_id))
+        yield row
+      return
+    for row, image, heat in zip(rows, images, maps):
+      uri = scoring.gradcam_uri(self._output, row["image_id"], row["source"])
+      try:
+        with FileSystems.create(uri) as f:
+          f.write(gradcam.overlay_png(image, heat))
+        row = dict(row, gradcam_uri=uri)
+      except Exception as e:  # pylint: disable=broad-except
+        yield beam.pvalue.TaggedOutput(ERRORS, error_row(
+            row["source"], schemas.Stage.GRADCAM, type(e).__name__, str(e),
+            self._run_id))
+      yield row
 
 
 def _is_low_confidence(row) -> bool:
@@ -114,8 +171,11 @@ class ScoreImages(beam.PTransform):
   """
 
   def __init__(self, model_dir: str, config: scoring.ScoringConfig,
-               batch_size: int, accelerator=None, precision: str = "float32"):
+               batch_size: int, accelerator=None, precision: str = "float32",
+               gradcam: str = "none", output: str = ""):
     super().__init__()
+    self._gradcam = gradcam
+    self._output = output
     self._model_dir = model_dir
     self._config = config
     self._batch_size = batch_size
@@ -134,10 +194,24 @@ class ScoreImages(beam.PTransform):
     results, dead = (inputs.inputs
                      | "RunInference" >> inference.with_exception_handling())
 
-    rows = results | "ToRows" >> beam.Map(_to_row, config)
+    scored = results | "ToRows" >> beam.FlatMap(
+        _to_row, config, self._gradcam).with_outputs(GRADCAM, main="rows")
     failed = dead.failed_inferences | "FailedBatches" >> beam.FlatMap(
         scoring.failed_batch_rows, config.run_id)
-    errors = (inputs[ERRORS], failed) | "ScoringErrors" >> beam.Flatten()
+    error_parts = [inputs[ERRORS], failed]
+    rows = scored.rows
+    if self._gradcam != "none":
+      explain = beam.ParDo(ExplainBatch(self._model_dir, self._output,
+                                        config))
+      if self._accelerator:
+        explain = explain.with_resource_hints(accelerator=self._accelerator)
+      explained = (scored[GRADCAM]
+                   | "BatchForGradCam" >> beam.BatchElements(
+                       min_batch_size=1, max_batch_size=self._batch_size)
+                   | "GradCam" >> explain.with_outputs(ERRORS, main="rows"))
+      rows = (rows, explained.rows) | "AllRows" >> beam.Flatten()
+      error_parts.append(explained[ERRORS])
+    errors = tuple(error_parts) | "ScoringErrors" >> beam.Flatten()
     return {"rows": rows, "errors": errors}
 
 
@@ -188,7 +262,7 @@ def build(command: str, p: beam.Pipeline, opts,
 
   scored = images | "ScoreImages" >> ScoreImages(
       opts.model, config, opts.batch_size, opts.inference_accelerator,
-      opts.inference_precision)
+      opts.inference_precision, opts.gradcam, opts.output)
   error_parts.append(scored["errors"])
   rows = scored["rows"]
   errors = tuple(error_parts) | "AllErrors" >> beam.Flatten()
