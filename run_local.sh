@@ -27,10 +27,12 @@ Options:
   --epochs N                 default 40 for the demo, 30 otherwise
   --output DIR               default demo_output
   --augment                  train with augmentation (slower; see README)
+  --gradcam MODE             none | flagged | malignant | all (default flagged)
 USAGE
 }
 SCORE=""
 AUGMENT="--no_augment"
+GRADCAM="flagged"
 while [ $# -gt 0 ]; do
   case "$1" in
     --data) DATA="$2"; shift 2 ;;
@@ -40,6 +42,7 @@ while [ $# -gt 0 ]; do
     --epochs) EPOCHS="$2"; shift 2 ;;
     --output) OUT="$2"; shift 2 ;;
     --augment) AUGMENT="--augment"; shift ;;
+    --gradcam) GRADCAM="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -78,8 +81,16 @@ python -m training train --data "$OUT/training_data/tfrecords/*.tfrecord.gz" \
 
 step "Scoring $SCORE → $OUT/scored"
 python -m beam_pipeline run --input "$SCORE" --model "$OUT/model" \
-  --output "$OUT/scored" --overwrite
+  --output "$OUT/scored" --gradcam "$GRADCAM" --overwrite
 
 step "SQL summary (DuckDB over $OUT/scored/predictions/*.parquet)"
 python -m beam_pipeline summary --output "$OUT/scored"
-printf '\nModel artifact: %s   Predictions: %s\n' "$OUT/model" "$OUT/scored/predictions"
+
+step "Run report"
+python -m beam_pipeline report --predictions "$OUT/scored" --output "$OUT/report"
+cat <<DONE
+
+Model artifact:  $OUT/model   (model card: $OUT/model/MODEL_CARD.md)
+Predictions:     $OUT/scored/predictions/*.parquet   errors: $OUT/scored/errors/
+Run report:      $OUT/report/index.html   (open it in a browser)
+DONE
