@@ -36,7 +36,7 @@ def compiled_call(model):
       fn = tf.function(
           lambda x: model(x, training=False),
           input_signature=[tf.TensorSpec(shape, tf.uint8)],
-          reduce_retracing=True)
+          reduce_retracing=True, autograph=False)
       _COMPILED[model] = fn
     return fn
 

@@ -68,6 +68,26 @@ def mixed_entries(seed: int = 0) -> List[Entry]:
   return entries
 
 
+def busi_entries(n_per_class: int, seed: int = 0, shape=(45, 55),
+                 second_mask: bool = True) -> List[Entry]:
+  """BUSI layout: `<class>/<class> (N).png` with `_mask.png` beside each
+  (and `_mask_1.png` beside the first of each class)."""
+  import schemas  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  entries = []
+  for cls in schemas.LABELS:
+    for i in range(1, n_per_class + 1):
+      stem = f"Dataset_BUSI_with_GT/{cls}/{cls} ({i})"
+      entries.append(Entry(stem + ".png", png(speckle(rng, *shape)), "image",
+                           cls))
+      entries.append(Entry(stem + "_mask.png", png(speckle(rng, *shape)),
+                           "mask"))
+      if second_mask and i == 1:
+        entries.append(Entry(stem + "_mask_1.png", png(speckle(rng, *shape)),
+                             "mask"))
+  return entries
+
+
 def write_zip(path: str, entries: List[Entry], directories: bool = False
              ) -> None:
   with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:

@@ -85,18 +85,7 @@ def test_unreadable_archives_become_errors(tmp_path):
 
 
 def _busi_zip(tmp_path, n_per_class=3, directories=True, seed=0):
-  rng = np.random.default_rng(seed)
-  entries = []
-  for cls in schemas.LABELS:
-    for i in range(1, n_per_class + 1):
-      stem = f"Dataset_BUSI_with_GT/{cls}/{cls} ({i})"
-      entries.append(af.Entry(stem + ".png", af.png(af.speckle(rng, 45, 55)),
-                              "image", cls))
-      entries.append(af.Entry(stem + "_mask.png",
-                              af.png(af.speckle(rng, 45, 55)), "mask"))
-      if i == 1:
-        entries.append(af.Entry(stem + "_mask_1.png",
-                                af.png(af.speckle(rng, 45, 55)), "mask"))
+  entries = af.busi_entries(n_per_class, seed)
   path = str(tmp_path / "Dataset_BUSI_with_GT.zip")
   af.write_zip(path, entries, directories=directories)
   return path, entries

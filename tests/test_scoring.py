@@ -25,15 +25,8 @@ def model_dir(tmp_path_factory):
 
 
 def _busi_zip(path, n_per_class=4, seed=0):
-  rng = np.random.default_rng(seed)
-  entries = []
-  for cls in LABELS:
-    for i in range(1, n_per_class + 1):
-      stem = f"Dataset_BUSI_with_GT/{cls}/{cls} ({i})"
-      entries.append(af.Entry(stem + ".png", af.png(af.speckle(rng, 40, 48)),
-                              "image", cls))
-      entries.append(af.Entry(stem + "_mask.png",
-                              af.png(af.speckle(rng, 40, 48)), "mask"))
+  entries = af.busi_entries(n_per_class, seed, shape=(40, 48),
+                            second_mask=False)
   entries.append(af.Entry("Dataset_BUSI_with_GT/notes.txt", b"n/a", "error",
                           error_type="NotAnImage"))
   af.write_zip(path, entries)

@@ -34,7 +34,7 @@ def _grad_call(model):
     probe = keras.Model(model.inputs, [conv, logits])
     shape = [None] + list(model.inputs[0].shape[1:])
 
-    @tf.function(input_signature=[tf.TensorSpec(shape, tf.uint8),
+    @tf.function(autograph=False, input_signature=[tf.TensorSpec(shape, tf.uint8),
                                   tf.TensorSpec([None], tf.int32)])
     def heatmaps(images, classes):
       with tf.GradientTape() as tape:
