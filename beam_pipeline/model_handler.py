@@ -14,6 +14,8 @@ import numpy as np
 from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult
 from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerNumpy
 
+from training.precision import with_precision
+
 # One compiled call per loaded model; weak so a reloaded model frees the old.
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _COMPILE_LOCK = threading.Lock()
@@ -53,40 +55,6 @@ def compiled_inference_fn(model, batch: Sequence[np.ndarray],
   probabilities = compiled_call(model)(images).numpy()
   return [PredictionResult(example, inference, model_id)
           for example, inference in zip(batch, probabilities)]
-
-
-# Layers kept in float32 under reduced precision: the uint8 → float input
-# preprocessing (means subtracted exactly) and the calibrated softmax (so that
-# probabilities still sum to 1 and compare with the threshold as in float32).
-_FLOAT32_LAYERS = ("InputLayer", "VGGPreprocess", "TemperatureScaling",
-                   "Softmax")
-_POLICIES = {"bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
-
-
-def with_precision(model, precision: str):
-  """The model with its convolutions and dense layers in reduced precision.
-
-  Keras mixed precision: weights stay float32, computation runs in
-  bfloat16/float16 (fast on GPUs with tensor cores; on CPUs only where the
-  hardware has bf16 instructions). `python -m bench` measures the accuracy
-  cost against float32.
-
-  Args:
-    model: a loaded artifact model (float32).
-    precision: "float32" (returned unchanged), "bfloat16" or "float16".
-  """
-  if precision == "float32":
-    return model
-  import keras  # pylint: disable=import-outside-toplevel
-  policy = {"module": "keras", "class_name": "DTypePolicy",
-            "config": {"name": _POLICIES[precision]}, "registered_name": None}
-  config = model.get_config()
-  for layer in config["layers"]:
-    if layer["class_name"] not in _FLOAT32_LAYERS:
-      layer["config"]["dtype"] = policy
-  clone = keras.Model.from_config(config)
-  clone.set_weights(model.get_weights())
-  return clone
 
 
 class ArtifactModelHandler(TFModelHandlerNumpy):

@@ -6,7 +6,8 @@ import sys
 
 import numpy as np
 
-from beam_pipeline.model_handler import compiled_call, with_precision
+from beam_pipeline.model_handler import compiled_call
+from training.precision import with_precision
 from training import artifact
 from training import testing as training_testing
 
