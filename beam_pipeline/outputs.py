@@ -10,7 +10,7 @@ import datetime
 import json
 import logging
 import time
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, Mapping, Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems

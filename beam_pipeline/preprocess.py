@@ -18,6 +18,7 @@ MASKS = "masks"
 ERRORS = "errors"
 
 _NAMESPACE = "busi"
+_ERROR_COLUMNS = tuple(schemas.error_columns())
 
 
 class TarInput(NamedTuple):
@@ -41,14 +42,9 @@ class PreprocessLimits(NamedTuple):
 
 def error_row(source: str, stage: schemas.Stage, error_type: str,
               message: str, run_id: str) -> Dict[str, str]:
-  """One row of the errors table."""
-  return {
-      "source": source,
-      "stage": schemas.Stage(stage).value,
-      "error_type": error_type,
-      "message": message,
-      "run_id": run_id,
-  }
+  """One row of the errors table (column names from schemas)."""
+  return dict(zip(_ERROR_COLUMNS, (source, schemas.Stage(stage).value,
+                                    error_type, message, run_id), strict=True))
 
 
 class PlanWork(beam.DoFn):

@@ -1,6 +1,7 @@
 """Per-element scoring functions: Example → model input, result → Parquet row."""
 
 import datetime
+import functools
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -15,6 +16,13 @@ class RowKey(NamedTuple):
   image_id: str
   source: str
   label: str
+
+
+@functools.lru_cache(maxsize=8)
+def prediction_columns(labels: Tuple[str, ...]) -> Tuple[str, ...]:
+  """The predictions table's column names (from schemas), cached per label
+  set since every row needs them."""
+  return tuple(schemas.prediction_columns(labels))
 
 
 class ScoringConfig(NamedTuple):
@@ -54,24 +62,13 @@ def prediction_row(key: RowKey, probabilities: Sequence[float],
                      f" {len(config.labels)} labels")
   top = int(np.argmax(probs))
   confidence = probs[top]
-  row = {
-      "image_id": key.image_id,
-      "source": key.source,
-      "label": key.label or None,
-      "predicted_class": config.labels[top],
-  }
-  for label, p in zip(config.labels, probs):
-    row[schemas.probability_column(label)] = p
-  row.update({
-      "confidence": confidence,
-      "low_confidence": confidence < config.threshold,
-      "threshold": float(config.threshold),
-      "model_version": config.model_version,
-      "run_id": config.run_id,
-      "scored_at": scored_at or datetime.datetime.now(datetime.timezone.utc),
-      "gradcam_uri": gradcam_uri,
-  })
-  return row
+  values = [key.image_id, key.source, key.label or None, config.labels[top]]
+  values += probs
+  values += [confidence, confidence < config.threshold,
+             float(config.threshold), config.model_version, config.run_id,
+             scored_at or datetime.datetime.now(datetime.timezone.utc),
+             gradcam_uri]
+  return dict(zip(prediction_columns(config.labels), values, strict=True))
 
 
 def failed_batch_rows(failure, run_id: str) -> List[Dict]:

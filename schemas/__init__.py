@@ -36,7 +36,7 @@ from schemas.features import (
     feature_spec,
 )
 from schemas.tables import (
-    ERROR_COLUMNS,
+    error_columns,
     Stage,
     errors_schema,
     prediction_columns,

@@ -20,9 +20,6 @@ class Stage(str, enum.Enum):
   GRADCAM = "gradcam"
 
 
-ERROR_COLUMNS = ("source", "stage", "error_type", "message", "run_id")
-
-
 def errors_schema() -> pa.Schema:
   """Schema of `DIR/errors/*.parquet`."""
   return pa.schema([
@@ -32,6 +29,11 @@ def errors_schema() -> pa.Schema:
       pa.field("message", pa.string(), nullable=False),
       pa.field("run_id", pa.string(), nullable=False),
   ])
+
+
+def error_columns():
+  """Column names of the errors table, in order."""
+  return [f.name for f in errors_schema()]
 
 
 def probability_column(label: str) -> str:

@@ -4,7 +4,6 @@ import os
 
 import keras
 import numpy as np
-import pytest
 
 import schemas
 from beam_pipeline import pipeline
