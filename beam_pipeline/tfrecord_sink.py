@@ -23,32 +23,25 @@ except ImportError:  # pragma: no cover - isal is a declared dependency
   _LEVEL = 1
 
 _GZIP_WBITS = 31  # deflate with a gzip header and trailer
-_FLUSH_BYTES = 4 << 20
 
 
 class _GzipWriter:
-  """File-like writer that gzips into an underlying Beam file handle."""
+  """File-like writer that gzips into an underlying Beam file handle.
+
+  Each write goes straight to the compressor (no joining of records into a
+  buffer first: that copy cost as much as the hashing of the image).
+  """
 
   def __init__(self, raw):
     self._raw = raw
     self._compressor = _zlib.compressobj(_LEVEL, _zlib.DEFLATED, _GZIP_WBITS)
-    self._pending = []
-    self._pending_bytes = 0
 
   def write(self, data: bytes) -> None:
-    self._pending.append(data)
-    self._pending_bytes += len(data)
-    if self._pending_bytes >= _FLUSH_BYTES:
-      self._drain()
-
-  def _drain(self) -> None:
-    if self._pending:
-      self._raw.write(self._compressor.compress(b"".join(self._pending)))
-      self._pending = []
-      self._pending_bytes = 0
+    out = self._compressor.compress(data)
+    if out:
+      self._raw.write(out)
 
   def close(self) -> None:
-    self._drain()
     self._raw.write(self._compressor.flush())
     self._raw.close()
 

@@ -130,3 +130,29 @@ def test_from_example_rejects_wrong_pixel_count():
   example.features.feature[schemas.FEATURE_HEIGHT].int64_list.value[0] = 4
   with pytest.raises(ValueError):
     imaging.from_example(example.SerializeToString())
+
+
+def test_hand_written_example_equals_tensorflows():
+  import tensorflow as tf
+  rng = np.random.default_rng(8)
+  record = imaging.ImageRecord(
+      image_id="e" * 64, source="gs://b/ü.zip!/x (1).png", label="normal",
+      pixels=af.speckle(rng, 300, 200, 3), original_height=2 ** 40,
+      original_width=1)
+
+  def feature(value):
+    if isinstance(value, bytes):
+      return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+
+  expected = tf.train.Example(features=tf.train.Features(feature={
+      schemas.FEATURE_IMAGE: feature(record.pixels.tobytes()),
+      schemas.FEATURE_IMAGE_ID: feature(record.image_id.encode()),
+      schemas.FEATURE_SOURCE: feature(record.source.encode()),
+      schemas.FEATURE_LABEL: feature(b"normal"),
+      schemas.FEATURE_HEIGHT: feature(300),
+      schemas.FEATURE_WIDTH: feature(200),
+      schemas.FEATURE_ORIGINAL_HEIGHT: feature(2 ** 40),
+      schemas.FEATURE_ORIGINAL_WIDTH: feature(1),
+  }))
+  assert tf.train.Example.FromString(imaging.to_example(record)) == expected
