@@ -30,7 +30,36 @@ def format_summary(manifest: dict) -> str:
   return "\n".join(lines)
 
 
+USAGE = """python -m beam_pipeline COMMAND [flags] [Beam pipeline flags]
+
+commands:
+  preprocess  archives / images → DIR/tfrecords, DIR/errors, DIR/manifest.json
+  score       TFRecords → DIR/predictions (needs --model)
+  run         archives → TFRecords and predictions in one job (needs --model)
+  summary     DuckDB SQL summary of a run: summary --output DIR
+  report      HTML run report: report --predictions DIR --output REPORT_DIR
+
+Beam's own flags (--runner, --direct_num_workers, --project, ...) pass
+through. See README.md."""
+
+
+def print_help() -> None:
+  """The commands and every project flag with its default."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  from beam_pipeline.options import BusiOptions  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(
+      usage=USAGE, add_help=False,
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  BusiOptions._add_argparse_args(parser)  # pylint: disable=protected-access
+  parser.print_help()
+
+
 def main(argv: List[str]) -> int:
+  if not argv or argv[0] in ("-h", "--help", "help") or (
+      argv[0] in ("preprocess", "score", "run") and
+      any(a in ("-h", "--help") for a in argv[1:])):
+    print_help()
+    return 0 if argv else 2
   from beam_pipeline import pipeline  # pylint: disable=import-outside-toplevel
   if argv and argv[0] == "summary":
     from beam_pipeline import sql_summary  # pylint: disable=import-outside-toplevel

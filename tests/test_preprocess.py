@@ -174,3 +174,13 @@ def test_bad_flags_fail_with_clear_messages(tmp_path):
                   "--output", str(tmp_path / "o")])
   with pytest.raises(ValueError, match="usage"):
     pipeline.run(["--input", "x"])
+
+
+def test_cli_help_and_errors(tmp_path, capsys):
+  from beam_pipeline import cli
+  assert cli.main(["--help"]) == 0
+  assert "--max_compression_ratio" in capsys.readouterr().out
+  assert cli.main([]) == 2
+  assert cli.main(["preprocess", "--input", str(tmp_path / "none.zip"),
+                   "--output", str(tmp_path / "o")]) == 2
+  assert "matches no file" in capsys.readouterr().err
