@@ -4,7 +4,13 @@
 MODEL_FILE = "model.keras"  # takes raw uint8 RGB [batch, H, W, 3]; softmax out
 LABELS_FILE = "labels.json"  # JSON list of class names in output order
 METADATA_FILE = "metadata.json"
-MODEL_CARD_FILE = "MODEL_CARD.md"
+MODEL_CARD_FILE = "MODEL_CARD.md"  # human-readable summary, every artifact
+# Written by `python -m training train` beside the files above (not read by
+# scoring): test-split plots, the split itself, calibration before/after.
+CONFUSION_MATRIX_FILE = "confusion_matrix.png"
+TRAINING_CURVES_FILE = "training_curves.png"
+SPLIT_FILE = "split.json"  # {"train": [image_id, ...], "val": ..., "test": ...}
+RELIABILITY_DIAGRAM_FILE = "reliability_diagram.png"
 
 # Bumped when the artifact layout or the model's input contract changes.
 ARTIFACT_FORMAT_VERSION = "1"
@@ -20,6 +26,7 @@ METADATA_REQUIRED_FIELDS = (
     "created_at",
     "image_size",
     "threshold",
+    "temperature",  # of the model's TemperatureScaling layer (1.0: none)
     "labels",
     "backbone",
     "weights_source",

@@ -49,7 +49,8 @@ _DELETE = object()
 
 def test_test_artifact_is_complete(model_dir):
   assert sorted(os.listdir(model_dir)) == sorted(
-      [schemas.MODEL_FILE, schemas.LABELS_FILE, schemas.METADATA_FILE])
+      [schemas.MODEL_FILE, schemas.LABELS_FILE, schemas.METADATA_FILE,
+       schemas.MODEL_CARD_FILE])
   info = artifact.read_artifact_info(model_dir)
   assert info.labels == list(schemas.LABELS)
   for field in schemas.METADATA_REQUIRED_FIELDS:
@@ -64,6 +65,11 @@ def test_test_artifact_is_complete(model_dir):
                       metadata["model_version"])
   with open(os.path.join(model_dir, schemas.LABELS_FILE)) as f:
     assert json.load(f) == list(schemas.LABELS)  # plain JSON, never pickle
+  with open(os.path.join(model_dir, schemas.MODEL_CARD_FILE)) as f:
+    card = f.read()
+  assert "UNTRAINED TEST ARTIFACT" in card
+  assert metadata["model_version"] in card and "Intended use" in card
+  assert metadata["calibration"]["reason"] == "untrained test artifact"
 
 
 def test_load_predicts_probabilities_in_label_order(model_dir):
@@ -94,6 +100,8 @@ def test_test_artifact_is_deterministic(tmp_path, model_dir):
     ({"threshold": 1.5}, "threshold"),
     ({"threshold": "0.9"}, "threshold"),
     ({"image_size": 32.0}, "image_size"),
+    ({"temperature": _DELETE}, "lacks temperature"),
+    ({"temperature": 0}, "temperature"),
 ])
 def test_bad_metadata_refused(tmp_path, model_dir, change, match):
   broken = _copy(model_dir, str(tmp_path / "broken"))

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import schemas
-from training import artifact, cli, evaluate, testing, train
+from training import artifact, calibration, cli, evaluate, split, testing
+from training import model as model_lib, train
 
 SIZE = 32
 
@@ -42,8 +43,9 @@ def test_train_without_augmentation(tmp_path, data_glob, capsys):
   assert status == 0
   assert "Skipped 1 unlabelled" in capsys.readouterr().out
   for name in (schemas.MODEL_FILE, schemas.LABELS_FILE, schemas.METADATA_FILE,
-               train.CONFUSION_MATRIX_FILE, train.TRAINING_CURVES_FILE,
-               train.SPLIT_FILE):
+               schemas.MODEL_CARD_FILE, train.CONFUSION_MATRIX_FILE,
+               train.TRAINING_CURVES_FILE, train.SPLIT_FILE,
+               train.RELIABILITY_DIAGRAM_FILE):
     assert os.path.getsize(os.path.join(output, name)) > 0, name
 
   metadata = _load_json(output, schemas.METADATA_FILE)
@@ -53,8 +55,20 @@ def test_train_without_augmentation(tmp_path, data_glob, capsys):
   assert metadata["backbone"] == "vgg16"
   assert metadata["weights_source"] == "none"
   assert metadata["threshold"] == schemas.DEFAULT_THRESHOLD
-  assert metadata["temperature"] == 1.0
+  assert metadata["threshold_source"] == "fixed"
+  assert metadata["target_accuracy"] is None
   assert metadata["model_version"].startswith("e2e-")
+  cal = metadata["calibration"]
+  assert cal["fitted"] and cal["fit_split"] == "val" and cal["split"] == "test"
+  assert cal["bins"] == 15
+  assert metadata["temperature"] == cal["temperature"] > 0
+  assert cal["fit_count"] == sum(metadata["class_counts"]["val"].values())
+  assert cal["nll_after"] <= cal["nll_before"]
+  assert 0 <= cal["ece_before"] <= 1 and 0 <= cal["ece_after"] <= 1
+  flagging = metadata["flagging"]
+  assert flagging["threshold"] == metadata["threshold"]
+  assert flagging["fixed"]["test"] == flagging["test"]  # same threshold
+  assert flagging["test"]["count"] == metadata["test_metrics"]["count"]
   settings = metadata["training"]
   assert settings["epochs"] == 2 and settings["fine_tune_epochs"] == 1
   assert settings["augment"] is False and settings["seed"] == 1
@@ -73,9 +87,36 @@ def test_train_without_augmentation(tmp_path, data_glob, capsys):
 
   loaded = artifact.load_artifact(output)
   assert loaded.labels == list(schemas.LABELS)
+  # The fitted temperature is in the saved model, not only in the metadata.
+  assert loaded.model.get_layer("temperature").value == metadata["temperature"]
   pixels = testing.class_images(2, 4, SIZE, np.random.default_rng(9))
   probabilities = loaded.model.predict(pixels, verbose=0)
   np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+  logits = model_lib.sub_model(loaded.model, None, "logits").predict(
+      pixels, verbose=0)
+  np.testing.assert_allclose(
+      probabilities, calibration.softmax(logits, metadata["temperature"]),
+      atol=1e-5)
+
+  card = open(os.path.join(output, schemas.MODEL_CARD_FILE)).read()
+  report = metadata["test_metrics"]
+  for text in (metadata["model_version"], metadata["created_at"],
+               f"{cal['temperature']:.3f}", f"{cal['ece_before']:.3f}",
+               f"{cal['ece_after']:.3f}", f"{metadata['threshold']:.4f}",
+               f"Accuracy **{report['accuracy']:.3f}**",
+               metadata["data_fingerprint"]["overall"],
+               metadata["package_version"], "Decision support",
+               "Burned-in annotations", "random"):
+    assert text in card, text
+  row = report["per_class"]["benign"]
+  assert (f"| benign | {row['precision']:.3f} | {row['recall']:.3f} |"
+          f" {row['f1']:.3f} | {row['support']} |") in card
+  matrix_row = " | ".join(str(v) for v in report["confusion_matrix"][2])
+  assert f"| malignant | {matrix_row} |" in card
+  val_counts = metadata["class_counts"]["val"]
+  assert (f"| val | {val_counts['normal']} | {val_counts['benign']} |"
+          f" {val_counts['malignant']} |") in card
+  assert "UNTRAINED" not in card and "SYNTHETIC" not in card
 
 
 @pytest.mark.slow
@@ -89,6 +130,63 @@ def test_train_with_augmentation(tmp_path, data_glob):
   assert metadata["training"]["augment"] is True
   assert len(metadata["training"]["epoch_seconds"]["head"]) == 1
   artifact.load_artifact(output)
+
+
+def _tiny_train(output, data_glob, *flags):
+  return cli.main(["train", "--data", data_glob, "--output", output,
+                   "--backbone", "tiny", "--backbone_weights", "none",
+                   "--no_augment", "--epochs", "3", "--learning_rate", "3e-3",
+                   "--val_fraction", "0.3", *flags])
+
+
+def _split_images(output, name):
+  """The pixels and labels of one split of the data_glob fixture."""
+  ids = _load_json(output, train.SPLIT_FILE)[name]
+  by_id = {r.image_id: r for r in testing.synthetic_records(10, SIZE, 0)}
+  return (np.stack([by_id[i].pixels for i in ids]),
+          np.array([schemas.LABELS.index(by_id[i].label) for i in ids]))
+
+
+def test_target_accuracy_threshold_from_validation(tmp_path, data_glob,
+                                                   capsys):
+  output = str(tmp_path / "m")
+  assert _tiny_train(output, data_glob, "--target_accuracy", "0.8",
+                     "--synthetic_data") == 0
+  out = capsys.readouterr().out
+  assert "Review threshold" in out and "Test ECE" in out
+  metadata = artifact.read_artifact_info(output).metadata
+  assert metadata["threshold_source"] == "target_accuracy"
+  assert metadata["target_accuracy"] == 0.8
+  assert metadata["training"]["learning_rate"] == 3e-3
+  flagging = metadata["flagging"]
+  assert flagging["fixed"]["threshold"] == schemas.DEFAULT_THRESHOLD
+  # Recompute the choice from the saved (calibrated) model on the val split.
+  images, labels = _split_images(output, split.VAL)
+  probabilities = artifact.load_artifact(output).model.predict(images,
+                                                               verbose=0)
+  confidence = probabilities.max(axis=1)
+  correct = probabilities.argmax(axis=1) == labels
+  choice = calibration.choose_threshold(confidence, correct, 0.8)
+  assert metadata["threshold"] == pytest.approx(choice.threshold, abs=1e-5)
+  assert flagging["target_reached"] == choice.reached
+  assert flagging["val"]["flagged"] == int(
+      (confidence < metadata["threshold"] - 1e-5).sum())
+  if choice.reached:
+    assert flagging["val"]["accuracy_confident"] >= 0.8
+  card = open(os.path.join(output, schemas.MODEL_CARD_FILE)).read()
+  assert "SYNTHETIC PHANTOMS" in card and "--target_accuracy 0.800" in card
+
+
+def test_no_calibrate_keeps_temperature_one(tmp_path, data_glob):
+  output = str(tmp_path / "m")
+  assert _tiny_train(output, data_glob, "--no_calibrate") == 0
+  metadata = artifact.read_artifact_info(output).metadata
+  cal = metadata["calibration"]
+  assert metadata["temperature"] == 1.0 and not cal["fitted"]
+  assert cal["reason"] == "--no_calibrate"
+  assert cal["ece_before"] == cal["ece_after"]
+  assert artifact.load_artifact(output).model.get_layer(
+      "temperature").value == 1.0
 
 
 def test_same_seed_same_split(tmp_path, data_glob):
@@ -108,6 +206,9 @@ def test_same_seed_same_split(tmp_path, data_glob):
     (["--image_size", "64"], "--image_size 64"),
     (["--val_fraction", "0.6", "--test_fraction", "0.5"], "below 1"),
     (["--epochs", "0"], "--epochs"),
+    (["--target_accuracy", "1.5"], "--target_accuracy"),
+    (["--target_accuracy", "0.9", "--val_fraction", "0"], "--val_fraction"),
+    (["--learning_rate", "0"], "--learning_rate"),
 ])
 def test_bad_flags_exit_2(tmp_path, data_glob, capsys, flags, message):
   argv = ["train", "--data", data_glob, "--output", str(tmp_path / "m"),
@@ -202,3 +303,54 @@ def test_evaluate_matches_hand_computation(tmp_path, capsys):
   assert report["seen_in_training"] is None
   assert report["model_version"] == artifact.read_artifact_info(
       model_dir).metadata["model_version"]
+
+
+@pytest.fixture(name="test_artifact", scope="module")
+def fixture_test_artifact(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("gradcam") / "model")
+  testing.make_test_artifact(path, image_size=SIZE, seed=2)
+  return path
+
+
+def test_gradcam_command_writes_the_overlay(tmp_path, test_artifact, capsys):
+  import cv2  # pylint: disable=import-outside-toplevel
+  from beam_pipeline import imaging  # pylint: disable=import-outside-toplevel
+  from training import gradcam  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(4)
+  frame = rng.integers(0, 256, (70, 90), np.uint8)  # grey, not square
+  image = str(tmp_path / "scan.png")
+  cv2.imwrite(image, frame)
+  output = str(tmp_path / "cam.png")
+  assert cli.main(["gradcam", "--model", test_artifact, "--image", image,
+                   "--output", output]) == 0
+  out = capsys.readouterr().out
+  # The same preprocessing and model as scoring.
+  with open(image, "rb") as f:
+    pixels = imaging.decode_and_resize(f.read(), SIZE).pixels[None]
+  model = artifact.load_artifact(test_artifact).model
+  probabilities = model.predict(pixels, verbose=0)[0]
+  predicted = schemas.LABELS[int(probabilities.argmax())]
+  assert f"predicted class: {predicted}" in out
+  for label, p in zip(schemas.LABELS, probabilities):
+    assert f"{label:<9}  {p:.4f}" in out
+  assert f"Grad-CAM for class {predicted} written to {output}" in out
+  overlay = cv2.imread(output)
+  assert overlay.shape == (SIZE, SIZE, 3)
+
+  other = next(l for l in schemas.LABELS if l != predicted)
+  assert cli.main(["gradcam", "--model", test_artifact, "--image", image,
+                   "--output", output, "--class", other]) == 0
+  assert f"Grad-CAM for class {other}" in capsys.readouterr().out
+  expected = gradcam.overlay_png(
+      pixels[0], gradcam.heatmaps(model, pixels,
+                                  [schemas.LABELS.index(other)])[0])
+  with open(output, "rb") as f:
+    assert f.read() == expected
+
+  assert cli.main(["gradcam", "--model", test_artifact, "--image", image,
+                   "--output", output, "--class", "cyst"]) == 2
+  assert "--class 'cyst'" in capsys.readouterr().err
+  bad = tmp_path / "bad.png"
+  bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+  assert cli.main(["gradcam", "--model", test_artifact, "--image", str(bad),
+                   "--output", output]) == 2

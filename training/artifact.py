@@ -3,6 +3,8 @@
 MODEL_DIR/
   model.keras    raw uint8 RGB [batch, H, W, 3] → probabilities in labels order
   labels.json    JSON list of class names, the output order
+  MODEL_CARD.md  intended use, data, metrics, calibration, caveats (from the
+                 metadata; training/model_card.py)
   metadata.json  schemas.METADATA_REQUIRED_FIELDS and more
 
 `read_artifact_info` validates the small JSON files without loading the model
@@ -114,6 +116,13 @@ def read_artifact_info(model_dir: str) -> ArtifactInfo:
     raise ArtifactError(
         f"metadata threshold {threshold!r} in {model_dir} is not a number in"
         " [0, 1]; fix metadata.json or retrain with --threshold.")
+  temperature = metadata["temperature"]
+  if (isinstance(temperature, bool) or
+      not isinstance(temperature, (int, float)) or
+      not 0.0 < temperature < float("inf")):
+    raise ArtifactError(
+        f"metadata temperature {temperature!r} in {model_dir} is not a"
+        f" positive number. {_PASS_DIR}")
   size = metadata["image_size"]
   if isinstance(size, bool) or not isinstance(size, int) or size < 1:
     raise ArtifactError(
@@ -229,9 +238,11 @@ def _sha256_file(path: str) -> str:
 
 def save_artifact(model: "keras.Model", model_dir: str, labels: Sequence[str],
                   metadata_fields: Dict[str, Any]) -> Dict[str, Any]:
-  """Writes model.keras, labels.json and metadata.json into a local directory.
+  """Writes model.keras, labels.json, MODEL_CARD.md and metadata.json into a
+  local directory.
 
-  metadata.json is written last, so a directory with one is complete.
+  metadata.json is written last, so a directory with one is complete. The
+  card is rendered from the final metadata (`training.model_card.render`).
 
   Args:
     model: the uint8-input classifier, outputs in `labels` order.
@@ -239,8 +250,8 @@ def save_artifact(model: "keras.Model", model_dir: str, labels: Sequence[str],
     labels: class names in output order.
     metadata_fields: metadata; model_version, created_at, format_version,
       package_version, labels, image_size (from the model), threshold
-      (DEFAULT_THRESHOLD) and temperature (from the model) are filled in when
-      absent. A "name" field, if given, prefixes model_version.
+      (DEFAULT_THRESHOLD) are filled in when absent; temperature is always
+      the model's (a different value given is an error). A "name" field, if given, prefixes model_version.
 
   Returns:
     The metadata written.
@@ -269,7 +280,12 @@ def save_artifact(model: "keras.Model", model_dir: str, labels: Sequence[str],
   metadata.setdefault("created_at", created.isoformat())
   metadata.setdefault("image_size", int(model.inputs[0].shape[1]))
   metadata.setdefault("threshold", schemas.DEFAULT_THRESHOLD)
-  metadata.setdefault("temperature", model_lib.temperature_of(model))
+  temperature = model_lib.temperature_of(model)
+  if abs(float(metadata.get("temperature", temperature)) - temperature) > 1e-6:
+    raise ArtifactError(
+        f"metadata temperature {metadata['temperature']} differs from the"
+        f" model's TemperatureScaling value {temperature}")
+  metadata["temperature"] = temperature
   metadata["labels"] = labels
   metadata.setdefault("format_version", schemas.ARTIFACT_FORMAT_VERSION)
   metadata.setdefault("package_version", schemas.PACKAGE_VERSION)
@@ -279,6 +295,8 @@ def save_artifact(model: "keras.Model", model_dir: str, labels: Sequence[str],
   # Required fields first, in their documented order, then the rest.
   ordered = {f: metadata[f] for f in schemas.METADATA_REQUIRED_FIELDS}
   ordered.update(metadata)
+  from training import model_card  # pylint: disable=import-outside-toplevel
+  model_card.write(ordered, os.path.join(model_dir, schemas.MODEL_CARD_FILE))
   tmp = metadata_path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(ordered, f, indent=2)

@@ -1,4 +1,4 @@
-"""Command line: `python -m training {train,evaluate,phantoms} FLAGS`."""
+"""Command line: `python -m training {train,evaluate,gradcam,phantoms} FLAGS`."""
 
 import argparse
 import sys
@@ -17,8 +17,8 @@ _WEIGHTS_HELP = (
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="python -m training",
-      description="Train the BUSI classifier from preprocessed TFRecords, or"
-      " evaluate a trained artifact.")
+      description="Train the BUSI classifier from preprocessed TFRecords,"
+      " evaluate a trained artifact, or explain one image with Grad-CAM.")
   commands = parser.add_subparsers(dest="command", required=True)
 
   train = commands.add_parser(
@@ -41,14 +41,37 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--epochs", type=int, default=config_lib.DEFAULT_EPOCHS,
                      help="Epochs of head training (base frozen).")
   train.add_argument("--fine_tune_epochs", type=int, default=0,
-                     help="Then epochs with block5 unfrozen at lr 1e-5.")
+                     help="Then epochs with block5 unfrozen.")
+  train.add_argument("--learning_rate", type=float,
+                     default=config_lib.LEARNING_RATE,
+                     help="Adam learning rate of the head stage (default"
+                     " %(default)g, the recipe for pretrained weights).")
+  train.add_argument("--fine_tune_learning_rate", type=float,
+                     default=config_lib.FINE_TUNE_LEARNING_RATE,
+                     help="Adam learning rate of the fine-tune stage (default"
+                     " %(default)g).")
   train.add_argument("--val_fraction", type=float, default=0.15)
   train.add_argument("--test_fraction", type=float, default=0.15)
   train.add_argument("--seed", type=int, default=0,
                      help="Decides the split, initialisation and shuffling.")
   train.add_argument("--threshold", type=float,
                      default=schemas.DEFAULT_THRESHOLD,
-                     help="Confidence below which scoring flags a prediction.")
+                     help="Confidence below which scoring flags a prediction"
+                     " (default %(default)g); with --target_accuracy only"
+                     " reported for comparison.")
+  train.add_argument("--target_accuracy", type=float, default=None,
+                     help="Choose the threshold instead: the lowest"
+                     " validation confidence at which the validation accuracy"
+                     " of the images not flagged reaches this (after"
+                     " calibration). If none does, the highest validation"
+                     " confidence is used and a warning printed.")
+  train.add_argument("--no_calibrate", dest="calibrate", action="store_false",
+                     default=True,
+                     help="Keep temperature 1 (no temperature scaling on the"
+                     " validation split).")
+  train.add_argument("--synthetic_data", action="store_true",
+                     help="The data are synthetic phantoms: the model card"
+                     " says so.")
   train.add_argument("--batch_size", type=int, default=32)
   augment = train.add_mutually_exclusive_group()
   augment.add_argument(
@@ -74,6 +97,20 @@ def _parser() -> argparse.ArgumentParser:
                         help="Report directory: metrics.json and"
                         " confusion_matrix.png.")
   evaluate.add_argument("--batch_size", type=int, default=32)
+
+  explain = commands.add_parser(
+      "gradcam", help="Grad-CAM overlay of one image file.",
+      description="Decodes and resizes the image exactly as the pipeline"
+      " does, prints the artifact's probabilities, and writes the Grad-CAM"
+      " overlay (block5_conv3) for the predicted or the given class.")
+  explain.add_argument("--model", required=True,
+                       help="Artifact directory written by train.")
+  explain.add_argument("--image", required=True,
+                       help="Image file (PNG, JPEG, ...; local or gs://).")
+  explain.add_argument("--output", required=True,
+                       help="PNG to write (local or gs://).")
+  explain.add_argument("--class", dest="class_name", default=None,
+                       help="Class to explain; default: the predicted one.")
 
   phantom = commands.add_parser(
       "phantoms", help="Write a BUSI-layout zip of synthetic phantom frames.")
@@ -105,13 +142,30 @@ def main(argv: Optional[List[str]] = None) -> int:
           val_fraction=args.val_fraction, test_fraction=args.test_fraction,
           seed=args.seed, threshold=args.threshold,
           batch_size=args.batch_size, augment=args.augment, name=args.name,
-          overwrite=args.overwrite))
+          learning_rate=args.learning_rate,
+          fine_tune_learning_rate=args.fine_tune_learning_rate,
+          overwrite=args.overwrite, calibrate=args.calibrate,
+          target_accuracy=args.target_accuracy,
+          synthetic_data=args.synthetic_data))
     elif args.command == "evaluate":
       from training import evaluate, metrics  # pylint: disable=import-outside-toplevel
       report = evaluate.evaluate(args.model, args.data, args.output,
                                  args.batch_size)
       print(metrics.format_report(report))
+      flagging = report["flagging"]
+      print(f"ECE {report['ece']:.3f} (15 bins) at temperature"
+            f" {report['temperature']:.4f}; threshold"
+            f" {report['threshold']:.4f} flags {flagging['flagged']} of"
+            f" {flagging['count']}; accuracy "
+            + ("n/a" if flagging["accuracy_confident"] is None else
+               f"{flagging['accuracy_confident']:.3f}")
+            + " on the rest")
       print(f"Report written to {args.output}")
+    elif args.command == "gradcam":
+      from training import explain  # pylint: disable=import-outside-toplevel
+      result = explain.explain_file(args.model, args.image, args.output,
+                                    args.class_name)
+      print(explain.format_result(result))
     else:
       from training import phantoms  # pylint: disable=import-outside-toplevel
       names = phantoms.write_phantom_archive(

@@ -43,6 +43,9 @@ class TrainConfig:
   learning_rate: float = LEARNING_RATE
   fine_tune_learning_rate: float = FINE_TUNE_LEARNING_RATE
   overwrite: bool = False
+  calibrate: bool = True  # fit the temperature on the validation split
+  target_accuracy: Optional[float] = None  # None: the fixed --threshold
+  synthetic_data: bool = False  # phantoms: said in the model card
 
   def validate(self) -> None:
     """Raises ValueError naming the first bad flag."""
@@ -58,6 +61,17 @@ class TrainConfig:
       raise ValueError("--batch_size must be at least 1")
     if not 0.0 <= self.threshold <= 1.0:
       raise ValueError(f"--threshold {self.threshold} is outside [0, 1]")
+    if self.target_accuracy is not None:
+      if not 0.0 < self.target_accuracy <= 1.0:
+        raise ValueError(
+            f"--target_accuracy {self.target_accuracy} is outside (0, 1]")
+      if self.val_fraction <= 0.0:
+        raise ValueError("--target_accuracy chooses the threshold on the"
+                         " validation split: --val_fraction must be above 0")
+    for name in ("learning_rate", "fine_tune_learning_rate"):
+      value = getattr(self, name)
+      if not 0.0 < value <= 1.0:
+        raise ValueError(f"--{name} {value} must be in (0, 1]")
     if self.image_size is not None and not 32 <= self.image_size <= 4096:
       raise ValueError(f"--image_size {self.image_size} is outside 32..4096"
                        " (VGG16 needs at least 32)")

@@ -9,13 +9,15 @@ from typing import Dict, Optional, Sequence
 from apache_beam.io.filesystems import FileSystems
 
 import schemas
-from training import artifact, data as data_lib, metrics, plots, split
+from schemas import artifact as artifact_schema
+from training import artifact, calibration, data as data_lib, metrics
+from training import plots, split
 
 _LOG = logging.getLogger(__name__)
 
 REPORT_FILE = "metrics.json"
-CONFUSION_MATRIX_FILE = "confusion_matrix.png"
-SPLIT_FILE = "split.json"  # written by train; used to flag seen images
+CONFUSION_MATRIX_FILE = artifact_schema.CONFUSION_MATRIX_FILE
+SPLIT_FILE = artifact_schema.SPLIT_FILE  # written by train; flags seen images
 
 
 def _join(directory: str, name: str) -> str:
@@ -44,7 +46,8 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
 
   Returns:
     The report written to metrics.json: the `metrics.classification_report`
-    fields plus provenance (model_version, data fingerprint, skip counts, and
+    fields, the ECE (15 bins) and what the artifact's threshold flags
+    (`calibration.flag_stats`), plus provenance (model_version, data fingerprint, skip counts, and
     how many images the model was trained or validated on, when known).
 
   Raises:
@@ -62,12 +65,20 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
   predicted = probabilities.argmax(axis=1)
   report = metrics.classification_report(data.labels, predicted, labels)
   threshold = float(loaded.metadata["threshold"])
+  confidence = probabilities.max(axis=1)
+  correct = predicted == data.labels
+  reliability = calibration.reliability(confidence, correct)
   seen = _training_ids(model_dir)
   report.update({
       "model_dir": model_dir,
       "model_version": loaded.metadata["model_version"],
       "threshold": threshold,
-      "low_confidence": int((probabilities.max(axis=1) < threshold).sum()),
+      "low_confidence": int((confidence < threshold).sum()),
+      # With the artifact's (calibrated) probabilities, as scoring sees them.
+      "temperature": float(loaded.metadata["temperature"]),
+      "ece": reliability["ece"],
+      "reliability": reliability,
+      "flagging": calibration.flag_stats(confidence, correct, threshold),
       "data": list(patterns),
       "data_fingerprint": split.fingerprint(data.image_ids),
       "examples_read": stats.examples,

@@ -40,7 +40,11 @@ def _grad_call(model):
       with tf.GradientTape() as tape:
         maps, scores = probe(images, training=False)
         chosen = tf.gather(scores, classes, axis=1, batch_dims=1)
-      grads = tape.gradient(chosen, maps)
+      # float32 from here on: a reduced-precision model (with_precision)
+      # gives bfloat16 maps, which lose the sum's precision and which
+      # cv2.resize cannot read.
+      grads = tf.cast(tape.gradient(chosen, maps), tf.float32)
+      maps = tf.cast(maps, tf.float32)
       weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
       cam = tf.nn.relu(tf.reduce_sum(maps * weights, axis=-1))
       peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)

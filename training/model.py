@@ -246,7 +246,10 @@ def sub_model(model: keras.Model, after: Optional[str] = None,
   names = [layer.name for layer in model.layers]
   stop = names.index(upto) if upto else len(names) - 1
   if after is None:
-    return keras.Model(model.inputs, model.layers[stop].output,
+    # A single input as a tensor, not a one-element list: calling the
+    # sub-model on a plain array then matches its input structure.
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    return keras.Model(inputs, model.layers[stop].output,
                        name=f"{model.name}_to_{names[stop]}")
   start = names.index(after)
   if start >= stop:
@@ -289,3 +292,17 @@ def temperature_of(model: keras.Model) -> float:
     if isinstance(layer, TemperatureScaling):
       return layer.value
   return 1.0
+
+
+def set_temperature(model: keras.Model, temperature: float) -> None:
+  """Sets the model's TemperatureScaling layer (weight and config).
+
+  Raises:
+    ValueError: the model has no TemperatureScaling layer, or the value is
+      not a positive finite number.
+  """
+  for layer in model.layers:
+    if isinstance(layer, TemperatureScaling):
+      layer.set_temperature(temperature)
+      return
+  raise ValueError(f"model {model.name} has no TemperatureScaling layer")

@@ -1,7 +1,7 @@
-"""Confusion-matrix and training-curve PNGs (matplotlib, Agg backend)."""
+"""Confusion-matrix, training-curve and reliability PNGs (matplotlib, Agg)."""
 
 import io
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -77,4 +77,54 @@ def plot_training_curves(history: Dict[str, List[float]], uri: str,
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
       ax.legend()
+  _save(fig, uri)
+
+
+def plot_reliability(panels: Sequence[Tuple[str, Dict]], uri: str) -> None:
+  """Writes reliability diagrams side by side (e.g. before / after calibration).
+
+  Each panel: accuracy per confidence bin as bars against the diagonal of
+  perfect calibration, each bin's mean confidence as a black line with the
+  gap to it hatched, and the number of images per bin below.
+
+  Args:
+    panels: (title, `calibration.reliability(...)` result) per panel.
+    uri: the PNG to write (local or gs://).
+  """
+  fig, axes = plt.subplots(
+      2, len(panels), figsize=(4.6 * len(panels), 5.6), squeeze=False,
+      gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+  for column, (title, rel) in enumerate(panels):
+    ax, counts_ax = axes[0, column], axes[1, column]
+    edges = np.asarray(rel["edges"])
+    width = edges[1] - edges[0]
+    lefts = edges[:-1]
+    accuracy = np.array([a if a is not None else 0.0
+                         for a in rel["accuracy"]])
+    confidence = np.array([c if c is not None else 0.0
+                           for c in rel["confidence"]])
+    filled = np.array([c > 0 for c in rel["count"]])
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
+    ax.bar(lefts[filled], accuracy[filled], width=width, align="edge",
+           color="#4c72b0", alpha=0.75, edgecolor="white", label="accuracy")
+    # The gap is hatched, not filled, so that it reads the same whether it
+    # lies above the accuracy (over-confident) or over it (under-confident).
+    ax.bar(lefts[filled], (confidence - accuracy)[filled], width=width,
+           bottom=accuracy[filled], align="edge", fill=False, hatch="///",
+           edgecolor="#c44e52", linewidth=0.0, label="gap to confidence")
+    ax.hlines(confidence[filled], lefts[filled], lefts[filled] + width,
+              color="black", linewidth=1.5, label="mean confidence")
+    ece = rel.get("ece")
+    ax.set_title(f"{title}\nECE {ece:.3f} ({rel['bins']} bins, n={rel['n']})"
+                 if ece is not None else f"{title}\n(no images)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize="small")
+    counts_ax.bar(lefts, rel["count"], width=width, align="edge",
+                  color="grey", edgecolor="white")
+    counts_ax.set_xlabel("confidence (top probability)")
+    counts_ax.set_ylabel("images")
+    counts_ax.grid(alpha=0.3)
   _save(fig, uri)

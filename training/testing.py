@@ -78,7 +78,8 @@ def make_test_artifact(model_dir: str, image_size: int = 32,
 
   The model has the real structure (uint8 input, VGGPreprocess, a conv base
   whose last conv is "block5_conv3", GAP, head, TemperatureScaling, Softmax),
-  random weights from `seed`, and metadata with every required field.
+  random weights from `seed`, metadata with every required field, and a
+  MODEL_CARD.md that says it is an untrained test artifact.
   Calls `keras.utils.set_random_seed(seed)`.
 
   Args:
@@ -109,5 +110,11 @@ def make_test_artifact(model_dir: str, image_size: int = 32,
                        for name in split.SPLITS},
       "test_metrics": metrics.classification_report([], [], labels),
       "temperature": 1.0,
+      "threshold_source": "fixed",
+      "target_accuracy": None,
+      "calibration": {"temperature": 1.0, "fitted": False,
+                      "reason": "untrained test artifact", "split": "test",
+                      "bins": 15, "count": 0, "ece_before": None,
+                      "ece_after": None},
       "training": {"untrained_test_artifact": True, "seed": seed},
   })

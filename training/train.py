@@ -12,6 +12,13 @@ VGG16 forward pass per training image (see training/README.md for timings).
 The optional fine-tune stage unfreezes block5. Without augmentation it, too,
 runs on a cache: block4_pool's output, computed once (and then reused to get
 stage one's features, so VGG16's first four blocks see each image once).
+
+After training, the temperature of the model's TemperatureScaling layer is
+fitted on the validation split's logits (training/calibration.py), so
+model.keras itself outputs calibrated probabilities; the review threshold is
+then fixed (`--threshold`) or chosen on validation (`--target_accuracy`).
+The test split is used only to report: metrics, ECE before and after, and
+what each threshold flags.
 """
 
 import collections
@@ -29,15 +36,19 @@ import numpy as np
 import tensorflow as tf
 
 import schemas
-from training import artifact, augment, data as data_lib, metrics
-from training import model as model_lib, plots, split
+from schemas import artifact as artifact_schema
+from training import artifact, augment, calibration, data as data_lib
+from training import metrics, model as model_lib, plots, split
 from training.config import TrainConfig
 
 _LOG = logging.getLogger(__name__)
 
-CONFUSION_MATRIX_FILE = "confusion_matrix.png"
-TRAINING_CURVES_FILE = "training_curves.png"
-SPLIT_FILE = "split.json"
+CONFUSION_MATRIX_FILE = artifact_schema.CONFUSION_MATRIX_FILE
+TRAINING_CURVES_FILE = artifact_schema.TRAINING_CURVES_FILE
+SPLIT_FILE = artifact_schema.SPLIT_FILE
+RELIABILITY_DIAGRAM_FILE = artifact_schema.RELIABILITY_DIAGRAM_FILE
+FIXED = "fixed"
+TARGET_ACCURACY = "target_accuracy"
 
 
 def balanced_class_weights(labels: np.ndarray, num_classes: int
@@ -165,6 +176,166 @@ class _Trainer:
     self.seconds[stage] = time.perf_counter() - started
     self.epoch_seconds[stage] = [round(s, 3) for s in timer.seconds]
 
+  def logits(self, name: str) -> np.ndarray:
+    """The "logits" layer's output for a split (before the temperature).
+
+    From the cache of the currently frozen prefix when there is one (then
+    only the layers after it run), else from the raw pixels.
+    """
+    part = self.parts[name]
+    if not len(part):
+      return np.zeros((0, self.num_classes), np.float32)
+    cut = model_lib.frozen_prefix_end(self.model)
+    cached = self._cache.get(cut, {})
+    if not self.config.augment and name in cached:
+      sub = model_lib.sub_model(self.model, cut, model_lib.LOGITS_LAYER)
+      return _in_batches(sub, cached[name], self.config.batch_size)
+    return _logits(self.model, part.images, self.config.batch_size)
+
+
+def _in_batches(model, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+  # Plain calls rather than predict(): each new sub-model's predict() traces
+  # a function, and TensorFlow then warns about retracing.
+  return np.concatenate([
+      np.asarray(model(inputs[i:i + batch_size], training=False))
+      for i in range(0, len(inputs), batch_size)])
+
+
+def _logits(model, images: np.ndarray, batch_size: int) -> np.ndarray:
+  """The full model's "logits" layer on raw pixels: what scoring computes,
+  before the temperature and the softmax."""
+  if not len(images):
+    return np.zeros((0, int(model.outputs[0].shape[-1])), np.float32)
+  sub = model_lib.sub_model(model, None, model_lib.LOGITS_LAYER)
+  return _in_batches(sub, images, batch_size)
+
+
+def _calibrate(model, config: TrainConfig, val_logits: np.ndarray,
+               val_labels: np.ndarray, test_logits: np.ndarray,
+               test_labels: np.ndarray) -> Dict:
+  """Fits and sets the model's temperature; ECE on test before and after.
+
+  Returns:
+    The "calibration" metadata block.
+  """
+  block = {"temperature": 1.0, "fitted": False, "reason": None,
+           "fit_split": split.VAL, "fit_count": int(len(val_labels)),
+           "nll_before": None, "nll_after": None, "at_bound": False}
+  if not config.calibrate:
+    block["reason"] = "--no_calibrate"
+  elif not len(val_labels):
+    block["reason"] = "no validation images to fit on"
+    _LOG.warning("No validation images: the temperature stays 1.0")
+  else:
+    fit = calibration.fit_temperature(val_logits, val_labels)
+    model_lib.set_temperature(model, fit.temperature)
+    block.update(temperature=model_lib.temperature_of(model), fitted=True,
+                 nll_before=round(fit.nll_before, 6),
+                 nll_after=round(fit.nll_after, 6), at_bound=fit.at_bound)
+    if fit.at_bound:
+      message = (
+          f"WARNING: the temperature {fit.temperature:.4g} sits at the end of"
+          f" its search range [{calibration.MIN_TEMPERATURE:g},"
+          f" {calibration.MAX_TEMPERATURE:g}]: the validation split is"
+          " perfectly separated, or the model's logits are extreme. The"
+          " calibration is unreliable; use a larger --val_fraction or train"
+          " differently.")
+      _LOG.warning(message)
+      print(message)
+  temperature = block["temperature"]
+  before = _reliability(test_logits, test_labels, 1.0)
+  after = _reliability(test_logits, test_labels, temperature)
+  block.update(split=split.TEST, bins=calibration.DEFAULT_BINS,
+               count=int(len(test_labels)), ece_before=before["ece"],
+               ece_after=after["ece"], reliability_before=before,
+               reliability_after=after)
+  return block
+
+
+def _reliability(logits: np.ndarray, labels: np.ndarray,
+                 temperature: float) -> Dict:
+  return calibration.reliability(*_confidence(logits, labels, temperature))
+
+
+def _confidence(logits: np.ndarray, labels: np.ndarray, temperature: float):
+  """Top probability and correctness of each prediction."""
+  probabilities = calibration.softmax(logits, temperature)
+  return probabilities.max(axis=1), probabilities.argmax(axis=1) == labels
+
+
+def _threshold(config: TrainConfig, val, test) -> Dict:
+  """The review threshold and what it (and the fixed one) flags.
+
+  Args:
+    config: the flags (threshold, target_accuracy).
+    val, test: (confidences, correct) of the calibrated predictions.
+
+  Returns:
+    The "flagging" metadata block.
+  """
+  def stats(values, threshold):
+    return calibration.flag_stats(*values, threshold) if len(values[0]) else (
+        None)
+
+  block = {"source": FIXED, "target_accuracy": config.target_accuracy,
+           "target_reached": None}
+  threshold = float(config.threshold)
+  if config.target_accuracy is not None:
+    choice = calibration.choose_threshold(*val, config.target_accuracy)
+    threshold = choice.threshold
+    block.update(source=TARGET_ACCURACY, target_reached=choice.reached)
+    if not choice.reached:
+      message = (
+          f"WARNING: no threshold reaches validation accuracy"
+          f" {config.target_accuracy:g} on the images it does not flag (the"
+          " most confident validation predictions are wrong). Falling back"
+          f" to the highest validation confidence, {threshold:.4f}, which"
+          " flags nearly everything; the model card says so.")
+      _LOG.warning(message)
+      print(message)
+  block.update(threshold=threshold, val=stats(val, threshold),
+               test=stats(test, threshold))
+  block["fixed"] = {"threshold": float(config.threshold),
+                    "val": stats(val, config.threshold),
+                    "test": stats(test, config.threshold)}
+  return block
+
+
+def _format_flagging(name: str, stats) -> str:
+  if not stats:
+    return f"{name}: no images"
+  def num(x):
+    return "n/a" if x is None else f"{x:.3f}"
+  return (f"{name}: {stats['flagged']}/{stats['count']} flagged"
+          f" ({100 * stats['flagged_share']:.0f} %), accuracy"
+          f" {num(stats['accuracy_confident'])} on the rest,"
+          f" {num(stats['accuracy_flagged'])} on the flagged")
+
+
+def _print_calibration(cal: Dict, flagging: Dict) -> None:
+  def num(x):
+    return "n/a" if x is None else f"{x:.3f}"
+  if cal["fitted"]:
+    print(f"Calibration: temperature {cal['temperature']:.4f} fitted on"
+          f" {cal['fit_count']} validation images (NLL"
+          f" {cal['nll_before']:.4f} → {cal['nll_after']:.4f})")
+  else:
+    print(f"Calibration: none ({cal['reason']}); temperature 1.0")
+  print(f"Test ECE ({cal['bins']} bins, {cal['count']} images):"
+        f" {num(cal['ece_before'])} before, {num(cal['ece_after'])} after")
+  source = "fixed"
+  if flagging["source"] == TARGET_ACCURACY:
+    source = f"target accuracy {flagging['target_accuracy']:g}" + (
+        "" if flagging["target_reached"] else " NOT reached")
+  print(f"Review threshold {flagging['threshold']:.4f} ({source})")
+  print("  " + _format_flagging("validation", flagging["val"]))
+  print("  " + _format_flagging("test", flagging["test"]))
+  if flagging["source"] != FIXED:
+    fixed = flagging["fixed"]
+    print(f"At the fixed threshold {fixed['threshold']:g}:")
+    print("  " + _format_flagging("validation", fixed["val"]))
+    print("  " + _format_flagging("test", fixed["test"]))
+
 
 def _predict(model, images: np.ndarray, batch_size: int) -> np.ndarray:
   if not len(images):
@@ -237,6 +408,10 @@ def train(config: TrainConfig) -> Dict:
             len(data.image_ids))
   if not len(parts[split.TRAIN]):
     raise ValueError("no image left for training")
+  if config.target_accuracy is not None and not len(parts[split.VAL]):
+    raise ValueError("--target_accuracy chooses the threshold on the"
+                     " validation split, and the split left it empty; raise"
+                     " --val_fraction or pass --threshold")
   for label, count in class_counts[split.TRAIN].items():
     if not count:
       _LOG.warning("no training image of class %r", label)
@@ -258,15 +433,27 @@ def train(config: TrainConfig) -> Dict:
                 config.fine_tune_learning_rate)
   seconds.update(trainer.seconds)
 
-  # Test metrics from the assembled full model on raw pixels: what scoring runs.
-  test = parts[split.TEST]
+  # Test logits from the assembled full model on raw pixels: what scoring
+  # runs. The temperature changes no argmax, so the metrics come first.
+  val, test = parts[split.VAL], parts[split.TEST]
   test_started = time.perf_counter()
-  test_probs = _predict(model, test.images, config.batch_size)
+  test_logits = _logits(model, test.images, config.batch_size)
   test_report = metrics.classification_report(
-      test.labels, test_probs.argmax(axis=1), labels)
+      test.labels, test_logits.argmax(axis=1), labels)
   seconds["test"] = time.perf_counter() - test_started
   print(f"Test metrics ({len(test.labels)} images):")
   print(metrics.format_report(test_report))
+
+  calibration_started = time.perf_counter()
+  val_logits = trainer.logits(split.VAL)
+  cal = _calibrate(model, config, val_logits, val.labels, test_logits,
+                   test.labels)
+  temperature = cal["temperature"]
+  flagging = _threshold(config,
+                        _confidence(val_logits, val.labels, temperature),
+                        _confidence(test_logits, test.labels, temperature))
+  seconds["calibration"] = time.perf_counter() - calibration_started
+  _print_calibration(cal, flagging)
 
   work = (config.output if "://" not in config.output else
           tempfile.mkdtemp(prefix="busi-train-"))
@@ -278,20 +465,29 @@ def train(config: TrainConfig) -> Dict:
   plots.plot_training_curves(trainer.history,
                              os.path.join(work, TRAINING_CURVES_FILE),
                              fine_tune_start)
+  panels = [("test split, T = 1 (before)", cal["reliability_before"])]
+  if cal["fitted"]:
+    panels.append((f"test split, T = {temperature:.3f} (after)",
+                   cal["reliability_after"]))
+  plots.plot_reliability(panels, os.path.join(work, RELIABILITY_DIAGRAM_FILE))
   with open(os.path.join(work, SPLIT_FILE), "w", encoding="utf-8") as f:
     json.dump({name: part.image_ids for name, part in parts.items()}, f)
   seconds["total"] = time.perf_counter() - started
   metadata = artifact.save_artifact(model, work, labels, {
       "name": config.name,
       "image_size": image_size,
-      "threshold": config.threshold,
+      "threshold": flagging["threshold"],
+      "threshold_source": flagging["source"],
+      "target_accuracy": config.target_accuracy,
       "backbone": config.backbone,
       "weights_source": model_lib.weights_source(config.backbone_weights),
       "data_fingerprint": split.data_fingerprint(
           {name: part.image_ids for name, part in parts.items()}),
       "class_counts": class_counts,
       "test_metrics": test_report,
-      "temperature": model_lib.temperature_of(model),
+      "temperature": temperature,
+      "calibration": cal,
+      "flagging": flagging,
       "training": {
           "epochs": config.epochs,
           "fine_tune_epochs": config.fine_tune_epochs,
@@ -299,6 +495,8 @@ def train(config: TrainConfig) -> Dict:
           "val_fraction": config.val_fraction,
           "test_fraction": config.test_fraction,
           "augment": config.augment,
+          "calibrate": config.calibrate,
+          "synthetic_data": config.synthetic_data,
           "batch_size": config.batch_size,
           "learning_rate": config.learning_rate,
           "fine_tune_learning_rate": config.fine_tune_learning_rate,
@@ -315,7 +513,8 @@ def train(config: TrainConfig) -> Dict:
           "epoch_seconds": trainer.epoch_seconds,
       },
   })
-  _verify_saved(work, model, test.images[:8], config.batch_size)
+  _verify_saved(work, model, test.images[:8], config.batch_size,
+                calibration.softmax(test_logits[:8], temperature))
   if work != config.output:
     _write_outputs(work, config.output)
     shutil.rmtree(work, ignore_errors=True)
@@ -325,13 +524,15 @@ def train(config: TrainConfig) -> Dict:
 
 
 def _verify_saved(model_dir: str, model, images: np.ndarray,
-                  batch_size: int) -> None:
-  """Reloads the artifact as scoring will and checks it predicts the same."""
+                  batch_size: int, calibrated: np.ndarray) -> None:
+  """Reloads the artifact as scoring will and checks it predicts the same,
+  and the same as the calibrated probabilities the report was made from."""
   loaded = artifact.load_artifact(model_dir)
   if len(images):
     expected = _predict(model, images, batch_size)
     actual = _predict(loaded.model, images, batch_size)
-    if not np.allclose(expected, actual, atol=1e-5):
+    if not (np.allclose(expected, actual, atol=1e-5) and
+            np.allclose(calibrated, actual, atol=1e-4)):
       # Without metadata.json the directory no longer passes as an artifact.
       os.remove(os.path.join(model_dir, schemas.METADATA_FILE))
       raise RuntimeError("the saved model.keras does not reproduce the trained"

@@ -1,0 +1,85 @@
+"""`python -m training gradcam`: one image file → probabilities + overlay PNG.
+
+The file is decoded and resized by `beam_pipeline.imaging.decode_and_resize`
+at the artifact's image_size, i.e. exactly as the pipeline preprocesses it,
+and the heatmap comes from `training.gradcam` as in scoring's `--gradcam`.
+"""
+
+from typing import List, NamedTuple, Optional
+
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+
+from beam_pipeline import imaging
+from training import artifact, gradcam
+
+
+class Explanation(NamedTuple):
+  image: str
+  output: str
+  model_version: str
+  labels: List[str]
+  probabilities: List[float]  # calibrated, in labels order
+  predicted: str
+  explained: str  # the class the heatmap is for
+  threshold: float
+  flagged: bool  # confidence < threshold, as scoring flags it
+
+
+def explain_file(model_dir: str, image: str, output: str,
+                 class_name: Optional[str] = None) -> Explanation:
+  """Writes the Grad-CAM overlay of `image` and returns the prediction.
+
+  Args:
+    model_dir: artifact directory (local or gs://).
+    image: the image file (local or gs://).
+    output: the PNG to write (local or gs://), at the model's image_size.
+    class_name: the class to explain; None for the predicted one.
+
+  Raises:
+    artifact.ArtifactError: the artifact is invalid.
+    ValueError: unknown class, missing file, or bytes that do not decode
+      (imaging.DecodeError).
+  """
+  loaded = artifact.load_artifact(model_dir)
+  labels = loaded.labels
+  if class_name is not None and class_name not in labels:
+    raise ValueError(f"--class {class_name!r} is not one of {labels}")
+  if not FileSystems.exists(image):
+    raise ValueError(f"--image {image!r}: no such file")
+  with FileSystems.open(image) as f:
+    data = f.read()
+  size = int(loaded.metadata["image_size"])
+  pixels = imaging.decode_and_resize(data, size).pixels[None]
+  probabilities = np.asarray(loaded.model(pixels, training=False))[0]
+  predicted = labels[int(probabilities.argmax())]
+  explained = class_name or predicted
+  heat = gradcam.heatmaps(loaded.model, pixels, [labels.index(explained)])[0]
+  with FileSystems.create(output) as f:
+    f.write(gradcam.overlay_png(pixels[0], heat))
+  threshold = float(loaded.metadata["threshold"])
+  return Explanation(
+      image=image, output=output,
+      model_version=str(loaded.metadata["model_version"]), labels=labels,
+      probabilities=[float(p) for p in probabilities], predicted=predicted,
+      explained=explained, threshold=threshold,
+      flagged=bool(probabilities.max() < threshold))
+
+
+def format_result(result: Explanation) -> str:
+  """What the command prints."""
+  lines = [f"model {result.model_version}", f"image {result.image}",
+           f"predicted class: {result.predicted}", "probabilities:"]
+  width = max(len(label) for label in result.labels)
+  for label, p in zip(result.labels, result.probabilities):
+    lines.append(f"  {label:<{width}}  {p:.4f}")
+  confidence = max(result.probabilities)
+  if result.flagged:
+    lines.append(f"confidence {confidence:.4f} < threshold"
+                 f" {result.threshold:.4f}: flagged for review")
+  else:
+    lines.append(f"confidence {confidence:.4f} >= threshold"
+                 f" {result.threshold:.4f}: not flagged")
+  lines.append(f"Grad-CAM for class {result.explained} written to"
+               f" {result.output}")
+  return "\n".join(lines)
