@@ -69,9 +69,47 @@ class Member(NamedTuple):
   error: Optional[ArchiveError] = None
 
 
+# Longest member name kept in `source`; longer names are cut and marked.
+MAX_NAME_CHARS = 1024
+# Largest tar extended header (GNU long name, PAX record) we read: tarfile
+# would otherwise load any size into memory before --max_member_bytes applies.
+MAX_TAR_HEADER_BYTES = 64 * 1024
+
+
+def clean_name(name: str) -> str:
+  """A member name as valid UTF-8 text of bounded length.
+
+  tarfile hands undecodable bytes over as surrogates; they become visible
+  escapes here (`\\xe9`) instead of failing the Parquet and TFRecord writes.
+  """
+  text = name.encode("utf-8", "surrogateescape").decode("utf-8",
+                                                        "backslashreplace")
+  if len(text) > MAX_NAME_CHARS:
+    text = text[:MAX_NAME_CHARS] + f"...[{len(text)} chars]"
+  return text
+
+
 def member_source(archive_uri: str, member_path: str) -> str:
   """The `source` of an archive member: archive URI + '!/' + member path."""
-  return f"{archive_uri}!/{member_path.lstrip('/')}"
+  return f"{archive_uri}!/{clean_name(member_path).lstrip('/')}"
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+  """TarInfo that refuses oversized GNU long-name and PAX headers."""
+
+  def _check_header_size(self):
+    if self.size > MAX_TAR_HEADER_BYTES:
+      raise tarfile.HeaderError(
+          f"extended tar header of {self.size} bytes (over"
+          f" {MAX_TAR_HEADER_BYTES}): refused")
+
+  def _proc_gnulong(self, tarfile_):
+    self._check_header_size()
+    return super()._proc_gnulong(tarfile_)
+
+  def _proc_pax(self, tarfile_):
+    self._check_header_size()
+    return super()._proc_pax(tarfile_)
 
 
 def archive_kind(uri: str) -> str:
@@ -153,6 +191,11 @@ def count_zip_members(uri: str, max_members: int = DEFAULT_MAX_MEMBERS) -> int:
   try:
     with open_raw(uri) as f, zipfile.ZipFile(f) as zf:
       count = len(zf.infolist())
+  except UnicodeDecodeError as e:
+    raise ArchiveError(
+        "BadMemberName",
+        f"a member name is flagged UTF-8 but is not ({e}); Python's zipfile"
+        " cannot list this archive: re-create it with valid names") from e
   except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError,
           OSError) as e:
     raise ArchiveError(
@@ -267,7 +310,8 @@ def read_tar(uri: str, limits: Limits) -> Iterator[Member]:
   max_member_bytes = limits.max_member_bytes
   index = 0
   try:
-    with open_raw(uri) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
+    with open_raw(uri) as f, tarfile.open(fileobj=f, mode="r|*",
+                                          tarinfo=_BoundedTarInfo) as tf:
       for info in tf:
         index += 1
         if index > limits.max_members:

@@ -72,6 +72,11 @@ def main(argv: List[str]) -> int:
   except (ValueError, outputs.OutputDirInUse) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if "invariant" not in manifest:
+    # No manifest was written (a Dataflow --dry_run, a job left running).
+    print(f"Run {manifest.get('run_id')} ({manifest.get('command')}):"
+          f" {manifest.get('state')}; no manifest was written")
+    return 0
   print(format_summary(manifest))
   logging.getLogger(__name__).debug(json.dumps(manifest))
-  return 0 if manifest.get("invariant", {}).get("holds") else 1
+  return 0 if manifest["invariant"]["holds"] else 1

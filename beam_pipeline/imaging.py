@@ -26,6 +26,7 @@ Image.MAX_IMAGE_PIXELS = None
 DEFAULT_MAX_PIXELS = 50_000_000
 
 _MASK_STEM = re.compile(r"_mask(_\d+)?$", re.IGNORECASE)
+_IMAGE_ID = re.compile(r"[0-9a-f]{64}")
 
 # Magic numbers of the formats we decode. Bytes decide, never the extension.
 _SIGNATURES = (
@@ -285,8 +286,15 @@ def from_example(serialized: bytes) -> ImageRecord:
     raise ValueError(f"image has {len(raw)} bytes, expected {height}x{width}x3")
   label = (one(schemas.FEATURE_LABEL, "bytes_list")
            if schemas.FEATURE_LABEL in feature else b"")
+  # The id names Grad-CAM files and joins tables: only a sha256 hex digest
+  # is accepted, so a crafted record cannot steer a path.
+  image_id_value = one(schemas.FEATURE_IMAGE_ID, "bytes_list").decode(
+      "ascii", "replace")
+  if not _IMAGE_ID.fullmatch(image_id_value):
+    raise ValueError(f"image_id {image_id_value[:80]!r} is not a sha256 hex"
+                     " digest")
   return ImageRecord(
-      image_id=one(schemas.FEATURE_IMAGE_ID, "bytes_list").decode(),
+      image_id=image_id_value,
       source=one(schemas.FEATURE_SOURCE, "bytes_list").decode("utf-8"),
       label=label.decode(),
       pixels=np.frombuffer(raw, np.uint8).reshape(height, width, 3),

@@ -10,7 +10,7 @@ import datetime
 import json
 import logging
 import time
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -44,27 +44,47 @@ class OutputDirInUse(ValueError):
   pass
 
 
-def prepare_output_dir(output: str, overwrite: bool) -> None:
+def prepare_output_dir(output: str, overwrite: bool,
+                       inputs: Sequence[str] = ()) -> None:
   """Makes `output` ready for a new run, or refuses.
 
   A directory holding a completed run (a manifest) is refused unless
   `overwrite`; leftovers of an interrupted run (outputs but no manifest) are
   removed, so rerunning the same command after a crash completes cleanly.
 
+  Args:
+    output: the run's output directory.
+    overwrite: replace a completed run.
+    inputs: the run's input globs: refused if replacing the output would
+      delete one of their files (e.g. scoring DIR/tfrecords into DIR).
+
   Raises:
-    OutputDirInUse: a completed run is there and overwrite is False.
+    OutputDirInUse: a completed run is there and overwrite is False, or the
+      inputs lie in the outputs this run would replace.
   """
   manifest = join(output, schemas.MANIFEST_FILE)
-  if FileSystems.exists(manifest):
-    if not overwrite:
-      raise OutputDirInUse(
-          f"{output} already holds a completed run ({manifest}). Choose a new"
-          " --output, or pass --overwrite to replace it.")
-    FileSystems.delete([manifest])
-  stale = []
+  completed = FileSystems.exists(manifest)
+  if completed and not overwrite:
+    raise OutputDirInUse(
+        f"{output} already holds a completed run ({manifest}). Choose a new"
+        " --output, or pass --overwrite to replace it.")
+  stale = set()
   for sub in OUTPUT_SUBDIRS:
-    matched = FileSystems.match([join(output, sub, "*")])[0].metadata_list
-    stale += [m.path for m in matched]
+    # "*" finds local files and folders (deleted whole); "**" finds objects
+    # at any depth on gs://, where Beam's temporary folders are prefixes.
+    for result in FileSystems.match([join(output, sub, "*"),
+                                     join(output, sub, "**")]):
+      stale.update(m.path for m in result.metadata_list)
+  stale = sorted(stale)
+  wanted = {m.path for result in FileSystems.match(list(inputs))
+            for m in result.metadata_list} if inputs else set()
+  clash = sorted(wanted.intersection(stale))
+  if clash:
+    raise OutputDirInUse(
+        f"--input {clash[0]} lies in {output}, whose outputs this run would"
+        " replace; write to another --output")
+  if completed:
+    FileSystems.delete([manifest])
   if stale:
     _LOG.warning("Removing %d outputs of an earlier, unfinished or replaced"
                  " run in %s", len(stale), output)

@@ -100,14 +100,14 @@ def create(argv: Optional[List[str]] = None,
     p = beam.Pipeline(options=options)
 
   if command == opts_lib.PREPROCESS:
-    outputs.prepare_output_dir(opts.output, opts.overwrite)
+    outputs.prepare_output_dir(opts.output, opts.overwrite, opts.input)
     read = build_preprocess(p, opts, run_id, started)
     _finish_preprocess(p, opts, read, run_id, started, command)
   else:
     from beam_pipeline import scoring_pipeline  # pylint: disable=import-outside-toplevel
     # The artifact is checked before the output is touched or a file read.
     config = scoring_pipeline.load_config(opts, run_id, command)
-    outputs.prepare_output_dir(opts.output, opts.overwrite)
+    outputs.prepare_output_dir(opts.output, opts.overwrite, opts.input)
     scoring_pipeline.build(command, p, opts, config, started)
   return Job(p, command, opts, run_id)
 

@@ -156,6 +156,16 @@ class DecodeMember(beam.DoFn):
     try:
       decoded = imaging.decode_and_resize(member.data, self._size,
                                           self._max_pixels)
+      # Serialized here, in the step that decoded it: between steps an
+      # Example moves as plain bytes, far cheaper for Beam to pass than a
+      # pickled array.
+      example = imaging.to_example(imaging.ImageRecord(
+          image_id=imaging.image_id(member.data),
+          source=member.source,
+          label=imaging.label_from_path(member.path),
+          pixels=decoded.pixels,
+          original_height=decoded.original_height,
+          original_width=decoded.original_width))
     except imaging.DecodeError as e:
       self._errors.inc()
       yield beam.pvalue.TaggedOutput(ERRORS, error_row(
@@ -169,15 +179,7 @@ class DecodeMember(beam.DoFn):
           self._run_id))
       return
     self._images.inc()
-    # Serialized here, in the step that decoded it: between steps an Example
-    # moves as plain bytes, far cheaper for Beam to pass than a pickled array.
-    yield imaging.to_example(imaging.ImageRecord(
-        image_id=imaging.image_id(member.data),
-        source=member.source,
-        label=imaging.label_from_path(member.path),
-        pixels=decoded.pixels,
-        original_height=decoded.original_height,
-        original_width=decoded.original_width))
+    yield example
 
 
 class ReadImages(beam.PTransform):

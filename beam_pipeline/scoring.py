@@ -72,15 +72,25 @@ def prediction_row(key: RowKey, probabilities: Sequence[float],
 
 
 def failed_batch_rows(failure, run_id: str) -> List[Dict]:
-  """RunInference dead letter (batch, exception) → one error row per image."""
+  """RunInference dead letter → one error row per image of the batch.
+
+  Beam hands over (batch, (exception type, repr, traceback)); a plain
+  exception in second place is accepted too.
+  """
   batch, exception = failure
-  message = f"{type(exception).__name__}: {exception}"
+  if isinstance(exception, tuple) and exception and isinstance(
+      exception[0], type):
+    error_type = exception[0].__name__
+    message = str(exception[1]) if len(exception) > 1 else error_type
+  else:
+    error_type = type(exception).__name__
+    message = f"{error_type}: {exception}"
   rows = []
   for element in batch:
     key = element[0] if isinstance(element, tuple) else None
     source = key.source if isinstance(key, RowKey) else repr(key)
-    rows.append(error_row(source, schemas.Stage.INFERENCE,
-                          type(exception).__name__, message[:2000], run_id))
+    rows.append(error_row(source, schemas.Stage.INFERENCE, error_type,
+                          message[:2000], run_id))
   return rows
 
 

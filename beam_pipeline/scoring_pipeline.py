@@ -11,6 +11,7 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.tfrecordio import _TFRecordUtil
 from apache_beam.ml.inference.base import RunInference
+from apache_beam.utils import shared
 
 import schemas
 from beam_pipeline import outputs
@@ -24,13 +25,12 @@ GRADCAM = "gradcam"
 _LOG = logging.getLogger(__name__)
 
 
-def _read_tfrecord_file(metadata, run_id: str):
+def _read_tfrecord_file(uri: str, run_id: str):
   """One TFRecord file → (source, payload) per record.
 
   Gzip or plain by the file's extension. A file that breaks part-way keeps
   the records read before the break and adds one error row saying where.
   """
-  uri = metadata.path
   index = 0
   try:
     with FileSystems.open(uri) as f:
@@ -69,8 +69,15 @@ def _to_model_input(record, config: scoring.ScoringConfig):
 
 def _to_row(keyed_result, config: scoring.ScoringConfig, gradcam: str):
   """(key, PredictionResult) → a prediction row; rows chosen for Grad-CAM go
-  to the GRADCAM output with their pixels."""
+  to the GRADCAM output with their pixels; a non-finite model output (NaN or
+  inf, e.g. a float16 overflow) is an error, never a confident prediction."""
   key, result = keyed_result
+  if not np.all(np.isfinite(result.inference)):
+    yield beam.pvalue.TaggedOutput(ERRORS, error_row(
+        key.source, schemas.Stage.INFERENCE, "NonFiniteOutput",
+        f"model output {np.asarray(result.inference).tolist()} is not finite",
+        config.run_id))
+    return
   row = scoring.prediction_row(key, result.inference, config,
                                datetime.datetime.now(datetime.timezone.utc))
   if scoring.wants_gradcam(row, gradcam):
@@ -94,11 +101,16 @@ class ExplainBatch(beam.DoFn):
     self._output = output
     self._labels = list(config.labels)
     self._run_id = config.run_id
+    # One model per worker process, shared by its threads, as RunInference
+    # does for its own.
+    self._shared = shared.Shared()
     self._model = None
 
   def setup(self):
-    from training import artifact  # pylint: disable=import-outside-toplevel
-    self._model = artifact.load_artifact(self._model_dir).model
+    def load():
+      from training import artifact  # pylint: disable=import-outside-toplevel
+      return artifact.load_artifact(self._model_dir).model
+    self._model = self._shared.acquire(load, tag=f"gradcam:{self._model_dir}")
 
   def process(self, batch):
     from training import gradcam  # pylint: disable=import-outside-toplevel
@@ -149,6 +161,9 @@ class ReadTFRecords(beam.PTransform):
         pbegin
         | "Patterns" >> beam.Create(self._patterns)
         | "MatchFiles" >> fileio.MatchAll()
+        | "Paths" >> beam.Map(operator.attrgetter("path"))
+        # Overlapping globs must not score a file twice.
+        | "DropRepeatedPaths" >> beam.Distinct()
         | "SpreadFiles" >> beam.Reshuffle()
         | "ReadRecords" >> beam.FlatMap(
             _read_tfrecord_file, self._run_id).with_outputs(
@@ -167,7 +182,9 @@ class ReadTFRecords(beam.PTransform):
 class ScoreImages(beam.PTransform):
   """ImageRecords → prediction rows and error rows, via RunInference.
 
-  Returns a dict: "rows" (prediction dicts) and "errors" (error rows).
+  Returns a dict: "rows" (prediction dicts), "errors" (error rows of images
+  that got no prediction) and "gradcam_errors" (overlays that failed; their
+  predictions are in "rows", so these are not member outcomes).
   """
 
   def __init__(self, model_dir: str, config: scoring.ScoringConfig,
@@ -195,11 +212,14 @@ class ScoreImages(beam.PTransform):
                      | "RunInference" >> inference.with_exception_handling())
 
     scored = results | "ToRows" >> beam.FlatMap(
-        _to_row, config, self._gradcam).with_outputs(GRADCAM, main="rows")
+        _to_row, config, self._gradcam).with_outputs(GRADCAM, ERRORS,
+                                                     main="rows")
     failed = dead.failed_inferences | "FailedBatches" >> beam.FlatMap(
         scoring.failed_batch_rows, config.run_id)
-    error_parts = [inputs[ERRORS], failed]
+    error_parts = [inputs[ERRORS], failed, scored[ERRORS]]
     rows = scored.rows
+    gradcam_errors = (images.pipeline
+                      | "NoGradCamErrors" >> beam.Create([]))
     if self._gradcam != "none":
       explain = beam.ParDo(ExplainBatch(self._model_dir, self._output,
                                         config))
@@ -210,9 +230,9 @@ class ScoreImages(beam.PTransform):
                        min_batch_size=1, max_batch_size=self._batch_size)
                    | "GradCam" >> explain.with_outputs(ERRORS, main="rows"))
       rows = (rows, explained.rows) | "AllRows" >> beam.Flatten()
-      error_parts.append(explained[ERRORS])
+      gradcam_errors = explained[ERRORS]
     errors = tuple(error_parts) | "ScoringErrors" >> beam.Flatten()
-    return {"rows": rows, "errors": errors}
+    return {"rows": rows, "errors": errors, "gradcam_errors": gradcam_errors}
 
 
 def load_config(opts, run_id: str, command: str) -> scoring.ScoringConfig:
@@ -266,17 +286,23 @@ def build(command: str, p: beam.Pipeline, opts,
   error_parts.append(scored["errors"])
   rows = scored["rows"]
   errors = tuple(error_parts) | "AllErrors" >> beam.Flatten()
+  all_errors = (errors, scored["gradcam_errors"]) | "ErrorTable" >> (
+      beam.Flatten())
 
   written["predictions"] = rows | "WritePredictions" >> outputs.WriteTable(
       opts.output, schemas.PREDICTIONS_DIR,
       schemas.predictions_schema(config.labels))
-  written["errors"] = errors | "WriteErrors" >> outputs.WriteTable(
+  written["errors"] = all_errors | "WriteErrors" >> outputs.WriteTable(
       opts.output, schemas.ERRORS_DIR, schemas.errors_schema())
   counts["predictions"] = outputs.count(rows, "CountPredictions")
   counts["low_confidence"] = outputs.count(
       rows | "LowConfidence" >> beam.Filter(_is_low_confidence),
       "CountLowConfidence")
   counts["errors"] = outputs.count(errors, "CountErrors")
+  # In the errors table (stage "gradcam") but outside the invariant: those
+  # images have their prediction row.
+  counts["gradcam_failures"] = outputs.count(scored["gradcam_errors"],
+                                             "CountGradCamFailures")
   per_class = (rows
                | "PredictedClass" >> beam.Map(
                    operator.itemgetter("predicted_class"))

@@ -31,8 +31,8 @@ def queries(output: str) -> List[Tuple[str, str]]:
        f"SELECT count(*) AS images,"
        f" count(*) FILTER (WHERE low_confidence) AS flagged,"
        f" round(100.0 * count(*) FILTER (WHERE low_confidence)"
-       f" / nullif(count(*), 0), 1) AS flagged_pct, any_value(threshold)"
-       f" AS threshold FROM {preds}"),
+       f" / nullif(count(*), 0), 1) AS flagged_pct,"
+       f" round(any_value(threshold), 4) AS threshold FROM {preds}"),
       ("Accuracy against known labels (all / confident / flagged)",
        f"SELECT count(*) AS labelled,"
        f" round(avg((predicted_class = label)::INT), 3) AS accuracy,"

@@ -119,7 +119,8 @@ def main(argv=None) -> int:
                       help="A trained artifact (default: VGG16, random"
                       " weights, 224×224).")
   parser.add_argument("--preprocess_images", type=int, default=1000)
-  parser.add_argument("--score_images", type=int, default=160)
+  parser.add_argument("--score_images", type=int, default=160,
+                      help="A multiple of --batch_size.")
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--skip", nargs="*", default=[],

@@ -307,3 +307,56 @@ def test_unsafe_or_broken_artifacts_fail_before_reading(tmp_path, model_dir):
                   "--output", str(tmp_path / "o3")])
   for name in ("o1", "o2", "o3"):
     assert not os.path.exists(tmp_path / name)
+
+
+def test_tar_names_that_are_not_utf8_or_huge(tmp_path):
+  import io
+  import tarfile
+  png = af.png(np.full((6, 6), 9, np.uint8))
+  path = tmp_path / "odd.tar"
+  with tarfile.open(path, "w", format=tarfile.GNU_FORMAT,
+                    encoding="latin-1") as tf:
+    info = tarfile.TarInfo("benign/caf\xe9.png")  # latin-1 bytes on disk
+    info.size = len(png)
+    tf.addfile(info, io.BytesIO(png))
+  bomb = tmp_path / "longname.tar"
+  with tarfile.open(bomb, "w", format=tarfile.GNU_FORMAT) as tf:
+    info = tarfile.TarInfo("benign/" + "x" * 200_000 + ".png")
+    info.size = len(png)
+    tf.addfile(info, io.BytesIO(png))
+  out = str(tmp_path / "out")
+  manifest = pipeline.run(["preprocess", "--input", str(path), "--input",
+                           str(bomb), "--output", out, "--image_size", "8"])
+  assert manifest["invariant"]["holds"]
+  (record,) = read_records(out)
+  assert record.source.endswith("benign/caf\\xe9.png")
+  assert record.label == "benign"
+  (error,) = read_errors(out)
+  assert error["source"] == str(bomb) and "extended tar header" in (
+      error["message"])
+
+
+def test_score_refuses_to_replace_its_own_input(tmp_path, model_dir):
+  archive = str(tmp_path / "a.zip")
+  af.write_zip(archive, af.busi_entries(1))
+  out = str(tmp_path / "d")
+  pipeline.run(["preprocess", "--input", archive, "--output", out,
+                "--image_size", str(SIZE)])
+  with pytest.raises(ValueError, match="lies in"):
+    pipeline.run(["score", "--input", f"{out}/tfrecords/*.tfrecord.gz",
+                  "--model", model_dir, "--output", out, "--overwrite"])
+  assert len(read_records(out)) == 3
+
+
+def test_non_finite_model_output_is_an_error_not_a_prediction():
+  from apache_beam.ml.inference.base import PredictionResult
+  from beam_pipeline import scoring
+  from beam_pipeline.scoring_pipeline import _to_row
+  config = scoring.ScoringConfig(tuple(schemas.LABELS), 0.9, "m", "r", SIZE)
+  key = scoring.RowKey("a" * 64, "x.zip!/a.png", "")
+  (out,) = list(_to_row((key, PredictionResult(None, np.array(
+      [np.nan, np.nan, np.nan]))), config, "none"))
+  assert out.tag == "errors" and out.value["error_type"] == "NonFiniteOutput"
+  (row,) = list(_to_row((key, PredictionResult(None, np.array(
+      [0.1, 0.2, 0.7]))), config, "none"))
+  assert row["predicted_class"] == "malignant"

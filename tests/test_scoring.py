@@ -67,10 +67,15 @@ def test_keyed_input_refuses_wrong_shapes():
 def test_failed_batch_rows_name_every_image():
   keys = [scoring.RowKey(f"id{i}", f"src{i}", "") for i in range(3)]
   batch = [(k, np.zeros((2, 2, 3), np.uint8)) for k in keys]
-  rows = scoring.failed_batch_rows((batch, RuntimeError("OOM")), "run-9")
+  # The shape of Beam's dead letter: (element, (type, repr, traceback)).
+  failure = (batch, (RuntimeError, "RuntimeError('CUDA OOM')",
+                     ["Traceback ..."]))
+  rows = scoring.failed_batch_rows(failure, "run-9")
   assert [r["source"] for r in rows] == ["src0", "src1", "src2"]
   assert {r["stage"] for r in rows} == {"inference"}
-  assert all("OOM" in r["message"] and r["run_id"] == "run-9" for r in rows)
+  assert {r["error_type"] for r in rows} == {"RuntimeError"}
+  assert all("CUDA OOM" in r["message"] and r["run_id"] == "run-9"
+             for r in rows)
 
 
 def test_score_tfrecords(tmp_path, model_dir):
