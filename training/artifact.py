@@ -51,7 +51,7 @@ class Artifact(NamedTuple):
   model: "keras.Model"
   labels: List[str]
   metadata: Dict[str, Any]
-  local_dir: str  # where model.keras was loaded from (a temp copy if remote)
+  local_dir: str  # the directory model.keras was read from (model_dir itself)
 
 
 def _join(model_dir: str, name: str) -> str:
@@ -187,6 +187,19 @@ def load_artifact(model_dir: str) -> Artifact:
   """
   labels, metadata = read_artifact_info(model_dir)
   local_dir = _localize(model_dir)
+  try:
+    model = _load_checked(model_dir, local_dir, labels, metadata)
+  finally:
+    # A remote artifact's temporary copy is not needed once the model is in
+    # memory; workers load models repeatedly over a long job.
+    if local_dir != model_dir:
+      shutil.rmtree(local_dir, ignore_errors=True)
+  return Artifact(model, labels, metadata, model_dir if local_dir != model_dir
+                  else local_dir)
+
+
+def _load_checked(model_dir: str, local_dir: str, labels, metadata):
+  """Loads model.keras from local_dir in safe mode and checks its shapes."""
   path = os.path.join(local_dir, schemas.MODEL_FILE)
   _refuse_lambda(path)
   import keras  # pylint: disable=import-outside-toplevel,redefined-outer-name
@@ -219,7 +232,7 @@ def load_artifact(model_dir: str) -> Artifact:
     raise ArtifactError(
         f"model outputs {outputs} do not match the {len(labels)} labels"
         f" {labels} in {model_dir}. {_PASS_DIR}")
-  return Artifact(model, labels, metadata, local_dir)
+  return model
 
 
 def model_version(name: str, created: datetime.datetime,
