@@ -354,3 +354,16 @@ def test_gradcam_command_writes_the_overlay(tmp_path, test_artifact, capsys):
   bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
   assert cli.main(["gradcam", "--model", test_artifact, "--image", str(bad),
                    "--output", output]) == 2
+
+
+def test_empty_validation_split_trains_without_calibration(tmp_path,
+                                                          data_glob):
+  # LabelledData is a NamedTuple: emptiness must be judged on its images,
+  # not len() of the tuple (always 4).
+  output = str(tmp_path / "m")
+  assert _tiny_train(output, data_glob, "--val_fraction", "0") == 0
+  metadata = artifact.read_artifact_info(output).metadata
+  assert metadata["class_counts"]["val"] == {
+      label: 0 for label in metadata["labels"]}
+  assert not metadata["calibration"]["fitted"]
+  assert metadata["temperature"] == 1.0

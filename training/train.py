@@ -115,7 +115,7 @@ class _Trainer:
     self._cache: Dict[str, Dict[str, np.ndarray]] = {}  # layer → split → out
 
   def _fit_splits(self):
-    return [name for name in (split.TRAIN, split.VAL) if len(self.parts[name])]
+    return [name for name in (split.TRAIN, split.VAL) if len(self.parts[name].labels)]
 
   def cache_outputs(self, layer: str) -> None:
     """Computes `layer`'s output for train and val once (from a deeper-in
@@ -151,7 +151,7 @@ class _Trainer:
       x_train = _augmented_dataset(train, self.num_classes, config.batch_size,
                                    config.seed)
       fit_args = {"shuffle": False}  # the dataset shuffles itself
-      validation = (val.images, y_val) if len(val) else None
+      validation = (val.images, y_val) if len(val.labels) else None
     else:
       cut = model_lib.frozen_prefix_end(self.model)
       self.cache_outputs(cut)  # timed apart, under "cache_<layer>"
@@ -160,7 +160,7 @@ class _Trainer:
       x_train = self._cache[cut][split.TRAIN]
       fit_args = {"y": y_train, "batch_size": config.batch_size,
                   "shuffle": True}
-      validation = ((self._cache[cut][split.VAL], y_val) if len(val) else
+      validation = ((self._cache[cut][split.VAL], y_val) if len(val.labels) else
                     None)
     started = time.perf_counter()
     model_lib.compile_model(target, learning_rate)
@@ -183,7 +183,7 @@ class _Trainer:
     only the layers after it run), else from the raw pixels.
     """
     part = self.parts[name]
-    if not len(part):
+    if not len(part.labels):
       return np.zeros((0, self.num_classes), np.float32)
     cut = model_lib.frozen_prefix_end(self.model)
     cached = self._cache.get(cut, {})
@@ -228,20 +228,27 @@ def _calibrate(model, config: TrainConfig, val_logits: np.ndarray,
     _LOG.warning("No validation images: the temperature stays 1.0")
   else:
     fit = calibration.fit_temperature(val_logits, val_labels)
-    model_lib.set_temperature(model, fit.temperature)
-    block.update(temperature=model_lib.temperature_of(model), fitted=True,
-                 nll_before=round(fit.nll_before, 6),
+    block.update(nll_before=round(fit.nll_before, 6),
                  nll_after=round(fit.nll_after, 6), at_bound=fit.at_bound)
     if fit.at_bound:
+      # A temperature at the end of its range (e.g. 0.01 on a perfectly
+      # separated validation split) would make every prediction look
+      # certain and switch the low-confidence flag off: keep 1.0 instead.
       message = (
           f"WARNING: the temperature {fit.temperature:.4g} sits at the end of"
           f" its search range [{calibration.MIN_TEMPERATURE:g},"
           f" {calibration.MAX_TEMPERATURE:g}]: the validation split is"
-          " perfectly separated, or the model's logits are extreme. The"
-          " calibration is unreliable; use a larger --val_fraction or train"
-          " differently.")
+          " perfectly separated, or the model's logits are extreme. It is"
+          " not applied (the temperature stays 1.0); use a larger"
+          " --val_fraction or train differently.")
       _LOG.warning(message)
       print(message)
+      block.update(temperature=1.0, fitted=False,
+                   reason="fitted temperature at the search bound",
+                   rejected_temperature=float(fit.temperature))
+    else:
+      model_lib.set_temperature(model, fit.temperature)
+      block.update(temperature=model_lib.temperature_of(model), fitted=True)
   temperature = block["temperature"]
   before = _reliability(test_logits, test_labels, 1.0)
   after = _reliability(test_logits, test_labels, temperature)
@@ -347,6 +354,11 @@ def _write_outputs(local_dir: str, output: str) -> None:
   """Copies the finished artifact to `output` (gs://), metadata.json last."""
   from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
   names = sorted(os.listdir(local_dir), key=lambda n: n == schemas.METADATA_FILE)
+  # An older artifact's metadata.json must not sit beside the new model while
+  # the files are copied (or if the copy fails): it goes first, comes last.
+  old_metadata = FileSystems.join(output.rstrip("/"), schemas.METADATA_FILE)
+  if FileSystems.exists(old_metadata):
+    FileSystems.delete([old_metadata])
   for name in names:
     with open(os.path.join(local_dir, name), "rb") as src, FileSystems.create(
         FileSystems.join(output.rstrip("/"), name)) as dst:
@@ -406,9 +418,9 @@ def train(config: TrainConfig) -> Dict:
   _LOG.info("Split (seed %d): %s; %d of %d images share a near-duplicate"
             " group, kept in one split", config.seed, class_counts, grouped,
             len(data.image_ids))
-  if not len(parts[split.TRAIN]):
+  if not len(parts[split.TRAIN].labels):
     raise ValueError("no image left for training")
-  if config.target_accuracy is not None and not len(parts[split.VAL]):
+  if config.target_accuracy is not None and not len(parts[split.VAL].labels):
     raise ValueError("--target_accuracy chooses the threshold on the"
                      " validation split, and the split left it empty; raise"
                      " --val_fraction or pass --threshold")
