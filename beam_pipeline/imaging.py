@@ -4,6 +4,7 @@ Plain functions with no Beam in them, so they are unit-tested without a runner
 and shared by training (reading Examples back) and scoring.
 """
 
+import functools
 import hashlib
 import io
 import posixpath
@@ -220,8 +221,10 @@ def _varint(value: int) -> bytes:
       return bytes(out)
 
 
+@functools.lru_cache(maxsize=4096)
 def _head(number: int, length: int) -> bytes:
-  """Tag and length of a length-delimited protobuf field."""
+  """Tag and length of a length-delimited protobuf field (cached: the same
+  few lengths recur for every image)."""
   return _varint(number << 3 | 2) + _varint(length)
 
 
