@@ -64,14 +64,11 @@ class ArtifactModelHandler(TFModelHandlerNumpy):
     model_dir: artifact directory (local or gs://) as written by
       `python -m training train`.
     batch_size: images per model call (min and max batch size).
-    accelerator: Beam accelerator resource hint for the inference step,
-      e.g. "type:nvidia-l4;count:1;install-nvidia-driver"; None for CPU.
     precision: "float32", or "bfloat16"/"float16" for GPUs (see
       with_precision).
   """
 
   def __init__(self, model_dir: str, *, batch_size: int = 32,
-               accelerator: Optional[str] = None,
                precision: str = "float32"):
     super().__init__(
         model_uri=model_dir,
@@ -81,7 +78,6 @@ class ArtifactModelHandler(TFModelHandlerNumpy):
         # VGG16 is 60 MB of weights: one copy per process, shared by threads.
         large_model=False)
     self._model_dir = model_dir
-    self._accelerator = accelerator
     self._precision = precision
 
   def load_model(self):
@@ -89,20 +85,16 @@ class ArtifactModelHandler(TFModelHandlerNumpy):
     return with_precision(artifact.load_artifact(self._model_dir).model,
                           self._precision)
 
-  def get_resource_hints(self) -> dict:
-    hints = dict(super().get_resource_hints())
-    if self._accelerator:
-      hints["accelerator"] = self._accelerator
-    return hints
-
   def get_metrics_namespace(self) -> str:
     return "BusiRunInference"
 
 
 def keyed_handler(model_dir: str, *, batch_size: int,
-                  accelerator: Optional[str] = None,
                   precision: str = "float32") -> KeyedModelHandler:
-  """KeyedModelHandler over ArtifactModelHandler; keys pass through."""
+  """KeyedModelHandler over ArtifactModelHandler; keys pass through.
+
+  A GPU hint goes on the RunInference transform itself (ScoreImages), which
+  covers its batching and inference steps alike.
+  """
   return KeyedModelHandler(ArtifactModelHandler(
-      model_dir, batch_size=batch_size, accelerator=accelerator,
-      precision=precision))
+      model_dir, batch_size=batch_size, precision=precision))

@@ -5,6 +5,7 @@ import time
 from typing import Dict, List, NamedTuple, Optional
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (PipelineOptions,
                                                   StandardOptions)
 
@@ -31,12 +32,11 @@ def manifest_base(command: str, opts: opts_lib.BusiOptions, run_id: str,
 
 
 def build_preprocess(p: beam.Pipeline, opts: opts_lib.BusiOptions,
-                     run_id: str, started: float,
-                     image_size: Optional[int] = None) -> Dict:
-  """Adds archives → TFRecords + errors (+ manifest when standalone).
+                     run_id: str, image_size: Optional[int] = None) -> Dict:
+  """Adds archives → TFRecords (errors and manifest are added by the caller).
 
   Returns the dict of ReadImages' PCollections plus "tfrecord_files" and
-  "counts", for `build_run` to extend.
+  "counts", for `_finish_preprocess` or the `run` command to complete.
   """
   size = image_size or opts.image_size
   limits = PreprocessLimits(
@@ -99,15 +99,16 @@ def create(argv: Optional[List[str]] = None,
         options)
     p = beam.Pipeline(options=options)
 
-  if command == opts_lib.PREPROCESS:
-    outputs.prepare_output_dir(opts.output, opts.overwrite, opts.input)
-    read = build_preprocess(p, opts, run_id, started)
-    _finish_preprocess(p, opts, read, run_id, started, command)
-  else:
+  config = None
+  if command != opts_lib.PREPROCESS:
     from beam_pipeline import scoring_pipeline  # pylint: disable=import-outside-toplevel
     # The artifact is checked before the output is touched or a file read.
     config = scoring_pipeline.load_config(opts, run_id, command)
-    outputs.prepare_output_dir(opts.output, opts.overwrite, opts.input)
+  outputs.prepare_output_dir(opts.output, opts.overwrite, opts.input)
+  if config is None:
+    read = build_preprocess(p, opts, run_id)
+    _finish_preprocess(p, opts, read, run_id, started, command)
+  else:
     scoring_pipeline.build(command, p, opts, config, started)
   return Job(p, command, opts, run_id)
 
@@ -128,7 +129,6 @@ def run(argv: Optional[List[str]] = None,
   result = job.pipeline.run()
   result.wait_until_finish()
   manifest_uri = outputs.join(job.options.output, schemas.MANIFEST_FILE)
-  from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
   if not FileSystems.exists(manifest_uri):
     return {"run_id": job.run_id, "command": job.command,
             "state": str(result.state)}

@@ -205,7 +205,7 @@ class ScoreImages(beam.PTransform):
         _to_model_input, config).with_outputs(ERRORS, main="inputs")
     inference = RunInference(keyed_handler(
         self._model_dir, batch_size=self._batch_size,
-        accelerator=self._accelerator, precision=self._precision))
+        precision=self._precision))
     if self._accelerator:
       inference = inference.with_resource_hints(accelerator=self._accelerator)
     results, dead = (inputs.inputs
@@ -266,8 +266,7 @@ def build(command: str, p: beam.Pipeline, opts,
   error_parts = []
   if command == opts_lib.RUN:
     from beam_pipeline.pipeline import build_preprocess  # pylint: disable=import-outside-toplevel
-    read = build_preprocess(p, opts, run_id, started,
-                            image_size=config.image_size)
+    read = build_preprocess(p, opts, run_id, image_size=config.image_size)
     written["tfrecords"] = read["tfrecord_files"]
     counts.update(read["counts"])
     images = read["examples"] | "ParseExamples" >> beam.Map(
