@@ -51,8 +51,8 @@ class DecodeError(ValueError):
 
 
 class DecodedImage(NamedTuple):
-  """Resized RGB pixels of one image and the size it had before resizing."""
-  pixels: np.ndarray  # uint8 [size, size, 3]
+  """Resized pixels of one image and the size it had before resizing."""
+  pixels: np.ndarray  # uint8 [size, size, 3] RGB, or [size, size] if grey
   original_height: int
   original_width: int
 
@@ -62,7 +62,8 @@ class ImageRecord(NamedTuple):
   image_id: str
   source: str
   label: str
-  pixels: np.ndarray  # uint8 [height, width, 3]
+  # uint8 [height, width, 3] RGB; to_example also takes grey [height, width].
+  pixels: np.ndarray
   original_height: int
   original_width: int
 
@@ -154,11 +155,11 @@ def check_header(data: bytes, max_pixels: int) -> Tuple[str, int, int]:
   return fmt, height, width
 
 
-def to_rgb8(img: np.ndarray) -> np.ndarray:
-  """OpenCV's decoded array (any depth, 1-4 channels) → uint8 RGB or grey.
+def _to_8bit(img: np.ndarray) -> np.ndarray:
+  """OpenCV's decoded array (any depth, 1-4 channels) → uint8 grey or BGR.
 
-  Grey stays 2-D here so that resizing touches one channel, not three; see
-  decode_and_resize.
+  Grey stays 2-D so that resizing touches one channel, not three; alpha is
+  dropped.
   """
   if img.dtype == np.uint16:
     img = cv2.convertScaleAbs(img, alpha=255.0 / 65535.0)
@@ -170,14 +171,21 @@ def to_rgb8(img: np.ndarray) -> np.ndarray:
   if channels in (1, 2):  # grey, grey + alpha
     return np.ascontiguousarray(img[:, :, 0])
   if channels == 3:
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return img
   if channels == 4:
-    return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    return cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
   raise DecodeError("UnsupportedChannels", f"{channels} channels")
 
 
+def _is_grey(bgr: np.ndarray) -> bool:
+  """True when all three channels are equal (a grey frame saved as RGB)."""
+  return (np.array_equal(bgr[..., 0], bgr[..., 1]) and
+          np.array_equal(bgr[..., 1], bgr[..., 2]))
+
+
 def decode_and_resize(data: bytes, image_size: int,
-                      max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+                      max_pixels: int = DEFAULT_MAX_PIXELS,
+                      keep_grey: bool = False) -> DecodedImage:
   """Decodes image bytes with OpenCV into image_size² uint8 RGB.
 
   Grey images are replicated to three channels, alpha is dropped, 16-bit
@@ -188,6 +196,9 @@ def decode_and_resize(data: bytes, image_size: int,
     data: encoded image bytes (PNG, JPEG, BMP, TIFF, WebP).
     image_size: output height and width.
     max_pixels: pixel limit checked on the header before decoding.
+    keep_grey: return a grey image (a grey file, or a colour file whose
+      resized channels are all equal) as 2-D [size, size] instead of
+      replicating it: what the TFRecords store (see `to_example`).
 
   Returns:
     The resized pixels and the original height and width.
@@ -200,12 +211,19 @@ def decode_and_resize(data: bytes, image_size: int,
   if img is None or img.size == 0:
     raise DecodeError("CorruptImage", f"OpenCV could not decode the {fmt} data")
   height, width = img.shape[:2]
-  img = to_rgb8(img)
+  img = _to_8bit(img)
   # INTER_AREA: the right filter for the usual downscale of ~500 px frames.
+  # It filters each channel alike, so resizing before the channel swap (or
+  # the grey test) gives the same pixels as after it, with less work.
   img = cv2.resize(img, (image_size, image_size), interpolation=cv2.INTER_AREA)
+  if img.ndim == 3 and keep_grey and _is_grey(img):
+    img = np.ascontiguousarray(img[:, :, 0])
   if img.ndim == 2:
-    img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-  return DecodedImage(np.ascontiguousarray(img), height, width)
+    if not keep_grey:
+      img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+  else:
+    img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+  return DecodedImage(img, height, width)
 
 
 def _varint(value: int) -> bytes:
@@ -250,12 +268,21 @@ def to_example(record: ImageRecord) -> bytes:
   `tf.train.Example(...).SerializeToString()` encodes (a test parses it with
   TensorFlow), without importing TensorFlow into the preprocessing workers,
   and with the pixels copied once instead of once per nesting level.
+
+  Grey pixels ([H, W] or [H, W, 1]) are stored as one channel: a third of
+  the bytes to compress, write and read. `from_example` gives them back as
+  RGB.
   """
   pixels = np.ascontiguousarray(record.pixels, dtype=np.uint8)
   height, width = pixels.shape[:2]
+  channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+  if pixels.ndim not in (2, 3) or channels not in (1, 3):
+    raise ValueError(f"pixels of shape {pixels.shape}: expected [H, W],"
+                     " [H, W, 1] or [H, W, 3]")
   parts = []
   for key, kind, payload in (
       (schemas.FEATURE_IMAGE, 1, memoryview(pixels).cast("B")),
+      (schemas.FEATURE_CHANNELS, 3, _varint(channels)),
       (schemas.FEATURE_IMAGE_ID, 1, record.image_id.encode()),
       (schemas.FEATURE_SOURCE, 1, record.source.encode("utf-8")),
       (schemas.FEATURE_LABEL, 1, record.label.encode()),
@@ -275,7 +302,12 @@ def from_example(serialized: bytes) -> ImageRecord:
 
   Raises:
     ValueError: a feature is missing or the pixel bytes do not match the
-      stored height × width × 3.
+      stored height × width × channels.
+
+  Returns:
+    The record, with pixels always [height, width, 3] RGB: a one-channel
+    image is replicated. Records without a `channels` feature (format 1)
+    hold three.
   """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   feature = tf.train.Example.FromString(serialized).features.feature
@@ -291,8 +323,16 @@ def from_example(serialized: bytes) -> ImageRecord:
   height = one(schemas.FEATURE_HEIGHT, "int64_list")
   width = one(schemas.FEATURE_WIDTH, "int64_list")
   raw = one(schemas.FEATURE_IMAGE, "bytes_list")
-  if height <= 0 or width <= 0 or len(raw) != height * width * 3:
-    raise ValueError(f"image has {len(raw)} bytes, expected {height}x{width}x3")
+  channels = (one(schemas.FEATURE_CHANNELS, "int64_list")
+              if schemas.FEATURE_CHANNELS in feature else 3)
+  if channels not in (1, 3):
+    raise ValueError(f"image has {channels} channels, expected 1 or 3")
+  if height <= 0 or width <= 0 or len(raw) != height * width * channels:
+    raise ValueError(f"image has {len(raw)} bytes, expected"
+                     f" {height}x{width}x{channels}")
+  pixels = np.frombuffer(raw, np.uint8).reshape(height, width, channels)
+  if channels == 1:
+    pixels = np.repeat(pixels, 3, axis=2)
   label = (one(schemas.FEATURE_LABEL, "bytes_list")
            if schemas.FEATURE_LABEL in feature else b"")
   # The id names Grad-CAM files and joins tables: only a sha256 hex digest
@@ -306,7 +346,7 @@ def from_example(serialized: bytes) -> ImageRecord:
       image_id=image_id_value,
       source=one(schemas.FEATURE_SOURCE, "bytes_list").decode("utf-8"),
       label=label.decode(),
-      pixels=np.frombuffer(raw, np.uint8).reshape(height, width, 3),
+      pixels=pixels,
       original_height=one(schemas.FEATURE_ORIGINAL_HEIGHT, "int64_list"),
       original_width=one(schemas.FEATURE_ORIGINAL_WIDTH, "int64_list"),
   )

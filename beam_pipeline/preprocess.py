@@ -155,7 +155,7 @@ class DecodeMember(beam.DoFn):
       return
     try:
       decoded = imaging.decode_and_resize(member.data, self._size,
-                                          self._max_pixels)
+                                          self._max_pixels, keep_grey=True)
       # Serialized here, in the step that decoded it: between steps an
       # Example moves as plain bytes, far cheaper for Beam to pass than a
       # pickled array.

@@ -16,6 +16,7 @@ from schemas.artifact import (
 )
 from schemas.features import (
     DEFAULT_IMAGE_SIZE,
+    FEATURE_CHANNELS,
     FEATURE_HEIGHT,
     FEATURE_IMAGE,
     FEATURE_IMAGE_ID,

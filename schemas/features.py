@@ -4,7 +4,7 @@ from typing import Dict
 
 # Bumped whenever the TFRecord features, the Parquet columns or the output
 # layout change in a way older readers cannot handle.
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: one-channel grey images (FEATURE_CHANNELS)
 
 # Class names in the order of the model's outputs for the standard model.
 LABELS = ("normal", "benign", "malignant")
@@ -12,7 +12,9 @@ LABELS = ("normal", "benign", "malignant")
 DEFAULT_IMAGE_SIZE = 224
 
 # tf.train.Example feature keys.
-FEATURE_IMAGE = "image"  # raw uint8 RGB pixels, row-major [height, width, 3]
+FEATURE_IMAGE = "image"  # raw uint8 pixels, row-major [height, width, channels]
+# 1: grey, replicated to RGB on reading; 3: RGB. Absent (format 1) means 3.
+FEATURE_CHANNELS = "channels"
 FEATURE_IMAGE_ID = "image_id"  # sha256 hex of the archive member's bytes
 FEATURE_SOURCE = "source"  # archive URI + "!/" + member path, or the file URI
 FEATURE_LABEL = "label"  # one of LABELS, or "" when the path names no class
@@ -40,6 +42,7 @@ def feature_spec() -> Dict[str, object]:
 
   return {
       FEATURE_IMAGE: tf.io.FixedLenFeature([], tf.string),
+      FEATURE_CHANNELS: tf.io.FixedLenFeature([], tf.int64, default_value=3),
       FEATURE_IMAGE_ID: tf.io.FixedLenFeature([], tf.string),
       FEATURE_SOURCE: tf.io.FixedLenFeature([], tf.string),
       FEATURE_LABEL: tf.io.FixedLenFeature([], tf.string, default_value=""),

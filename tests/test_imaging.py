@@ -119,6 +119,74 @@ def test_example_matches_tf_feature_spec():
   np.testing.assert_array_equal(pixels.numpy(), record.pixels)
 
 
+@pytest.mark.parametrize("index", range(7))
+def test_keep_grey_is_the_same_image_in_fewer_bytes(index):
+  images = [e for e in af.mixed_entries() if e.fate == "image"]
+  entry = images[index % len(images)]
+  rgb = imaging.decode_and_resize(entry.data, 24).pixels
+  compact = imaging.decode_and_resize(entry.data, 24, keep_grey=True).pixels
+  grey = bool((rgb == rgb[..., :1]).all())
+  assert compact.shape == ((24, 24) if grey else (24, 24, 3))
+  record = imaging.ImageRecord("f" * 64, "s", "", compact, 24, 24)
+  np.testing.assert_array_equal(
+      imaging.from_example(imaging.to_example(record)).pixels, rgb)
+
+
+def test_grey_saved_as_rgb_is_stored_as_one_channel():
+  rng = np.random.default_rng(9)
+  grey = af.speckle(rng, 40, 40)
+  as_rgb = af.png(np.repeat(grey[..., None], 3, axis=2))
+  pixels = imaging.decode_and_resize(as_rgb, 16, keep_grey=True).pixels
+  assert pixels.shape == (16, 16)
+  tinted = np.repeat(grey[..., None], 3, axis=2)
+  tinted[..., 2] //= 2
+  pixels = imaging.decode_and_resize(af.png(tinted), 16, keep_grey=True).pixels
+  assert pixels.shape == (16, 16, 3)
+
+
+def test_grey_example_is_a_third_of_the_pixels_and_parses_with_tf():
+  import tensorflow as tf
+  rng = np.random.default_rng(10)
+  grey = af.speckle(rng, 8, 8)
+  grey_ex = imaging.to_example(imaging.ImageRecord("a" * 64, "s", "", grey,
+                                                   8, 8))
+  rgb_ex = imaging.to_example(imaging.ImageRecord(
+      "a" * 64, "s", "", np.repeat(grey[..., None], 3, axis=2), 8, 8))
+  # Two channels fewer, give or take the nested length prefixes.
+  assert 2 * 64 <= len(rgb_ex) - len(grey_ex) <= 2 * 64 + 8
+  parsed = tf.io.parse_single_example(grey_ex, schemas.feature_spec())
+  assert parsed[schemas.FEATURE_CHANNELS].numpy() == 1
+  np.testing.assert_array_equal(
+      tf.io.decode_raw(parsed[schemas.FEATURE_IMAGE], tf.uint8).numpy(),
+      grey.ravel())
+
+
+def test_format_1_records_without_channels_read_as_rgb():
+  import tensorflow as tf
+  rng = np.random.default_rng(11)
+  pixels = af.speckle(rng, 5, 7, 3)
+  example = tf.train.Example.FromString(imaging.to_example(
+      imaging.ImageRecord("b" * 64, "s", "benign", pixels, 50, 70)))
+  del example.features.feature[schemas.FEATURE_CHANNELS]
+  serialized = example.SerializeToString()
+  np.testing.assert_array_equal(imaging.from_example(serialized).pixels,
+                                pixels)
+  parsed = tf.io.parse_single_example(serialized, schemas.feature_spec())
+  assert parsed[schemas.FEATURE_CHANNELS].numpy() == 3
+
+
+@pytest.mark.parametrize("channels", [0, 2, 4])
+def test_from_example_rejects_other_channel_counts(channels):
+  import tensorflow as tf
+  rng = np.random.default_rng(12)
+  example = tf.train.Example.FromString(imaging.to_example(
+      imaging.ImageRecord("c" * 64, "s", "", af.speckle(rng, 4, 4), 4, 4)))
+  example.features.feature[schemas.FEATURE_CHANNELS].int64_list.value[0] = (
+      channels)
+  with pytest.raises(ValueError, match="channels"):
+    imaging.from_example(example.SerializeToString())
+
+
 def test_from_example_rejects_wrong_pixel_count():
   rng = np.random.default_rng(6)
   record = imaging.ImageRecord("d" * 64, "s", "", af.speckle(rng, 4, 4, 3),
@@ -147,6 +215,7 @@ def test_hand_written_example_equals_tensorflows():
 
   expected = tf.train.Example(features=tf.train.Features(feature={
       schemas.FEATURE_IMAGE: feature(record.pixels.tobytes()),
+      schemas.FEATURE_CHANNELS: feature(3),
       schemas.FEATURE_IMAGE_ID: feature(record.image_id.encode()),
       schemas.FEATURE_SOURCE: feature(record.source.encode()),
       schemas.FEATURE_LABEL: feature(b"normal"),
