@@ -7,7 +7,9 @@ Both sides work on the same generated 500×500 grey PNGs in one zip:
   one worker), from the zip on disk to gzip TFRecords.
 Per core = images per CPU-second of this process (all its threads), so the
 figures compare work, not how many cores happened to be free. The first run
-of each side is a warm-up (imports, TF start-up) and is excluded.
+of each side is a warm-up (imports, TF start-up) and is excluded. The sides
+run in interleaved rounds; the ratio is of their medians, and each round's
+own ratio is listed to show the machine's noise.
 
 A pipeline run has a fixed cost (building the graph, starting the runner,
 finalising files) that large archives amortise. The stage is therefore run on
@@ -52,7 +54,6 @@ def run(workdir: str, count: int = 600, image_size: int = 224,
     blobs = [zf.read(info) for info in zf.infolist()]
 
   bare_decode(blobs[:20], image_size)  # warm-up
-  bare = common.timed(lambda: bare_decode(blobs, image_size), repeats)
 
   def stage(path, expected):
     def go():
@@ -65,8 +66,16 @@ def run(workdir: str, count: int = 600, image_size: int = 224,
     return go
 
   stage(small, small_count)()  # warm-up: imports, TensorFlow start-up
-  full = common.timed(stage(archive, count), repeats)
-  part = common.timed(stage(small, small_count), repeats)
+  # Interleaved (bare, full, quarter) rounds: a shared machine's load drifts,
+  # and each side then sees the same drift.
+  bare, full, part = [], [], []
+  for _ in range(repeats):
+    bare += common.timed(lambda: bare_decode(blobs, image_size), 1)
+    full += common.timed(stage(archive, count), 1)
+    part += common.timed(stage(small, small_count), 1)
+  per_round = sorted(
+      (b["cpu_s"] / count) / ((f["cpu_s"] - q["cpu_s"]) / (count - small_count))
+      for b, f, q in zip(bare, full, part))
   bare_cpu = common.median(bare, "cpu_s") / count
   marginal_cpu = ((common.median(full, "cpu_s") - common.median(part, "cpu_s"))
                   / (count - small_count))
@@ -85,6 +94,7 @@ def run(workdir: str, count: int = 600, image_size: int = 224,
       "stage_images_per_s_per_core": round(1 / marginal_cpu, 1),
       "stage_images_per_s_wall": round(1 / marginal_wall, 1),
       "ratio_stage_to_bare": round(bare_cpu / marginal_cpu, 3),
+      "ratio_stage_to_bare_each_round": [round(r, 3) for r in per_round],
       "stage_fixed_cpu_s_per_run": round(fixed_cpu, 2),
       "whole_run_images_per_s_per_core": round(1 / whole_cpu, 1),
       "ratio_whole_run_to_bare": round(bare_cpu / whole_cpu, 3),
