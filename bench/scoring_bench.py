@@ -51,10 +51,10 @@ def _make_data(workdir: str, count: int, image_size: int,
   for i in range(count):
     img = cv2.resize(common.ultrasound_like(rng, 500), (image_size,) * 2,
                      interpolation=cv2.INTER_AREA)
-    pixels = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    # Stored grey, one channel, as preprocessing stores grey frames.
     records.append(imaging.ImageRecord(
         image_id=f"{i:064x}", source=f"bench://{i}",
-        label=schemas.LABELS[i % 3], pixels=pixels, original_height=500,
+        label=schemas.LABELS[i % 3], pixels=img, original_height=500,
         original_width=500))
   paths = {}
   for name, subset in (("full", records),
@@ -63,7 +63,8 @@ def _make_data(workdir: str, count: int, image_size: int,
     path = os.path.join(workdir, name, "part-00000-of-00001.tfrecord.gz")
     testing.write_tfrecords(path, subset)
     paths[name] = path
-  paths["pixels"] = np.stack([r.pixels for r in records])
+  paths["pixels"] = np.stack([cv2.cvtColor(r.pixels, cv2.COLOR_GRAY2RGB)
+                              for r in records])
   return paths
 
 

@@ -1,0 +1,47 @@
+"""The benchmark scripts run end to end on tiny inputs and report sane figures.
+
+Speed is not asserted here (benchmarks print figures; see README): these
+tests only keep `python -m bench` working.
+"""
+
+import json
+
+from bench import __main__ as bench_main
+from bench import preprocess_bench, scoring_bench
+from training import testing
+
+
+def test_preprocess_bench_measures_both_sides(tmp_path):
+  figures = preprocess_bench.run(str(tmp_path), count=24, image_size=16,
+                                 repeats=2)
+  assert figures["images"] == 24
+  assert figures["bare_ms_per_image"] > 0
+  assert len(figures["ratio_stage_to_bare_each_round"]) == 2
+  assert figures["ratio_whole_run_to_bare"] > 0
+
+
+def test_scoring_bench_scores_every_image(tmp_path):
+  model_dir = str(tmp_path / "model")
+  testing.make_test_artifact(model_dir, image_size=16)
+  figures = scoring_bench.run(str(tmp_path), count=16, batch_size=4,
+                              repeats=1, model_dir=model_dir,
+                              batch_sizes=(2, 4))
+  assert set(figures["bare_images_per_s"]) == {"2", "4"}
+  assert set(figures["bare_images_per_s"]["4"]) == {
+      "compiled_tf_function", "eager_model_call", "keras_predict"}
+  assert figures["end_to_end_images_per_s_whole_run"] > 0
+  assert figures["peak_rss_mb_scoring_run"] > 100  # TensorFlow alone
+
+
+def test_precision_cost_compares_against_float32(tmp_path):
+  model_dir = str(tmp_path / "model")
+  testing.make_test_artifact(model_dir, image_size=16)
+  figures = bench_main.precision_cost(model_dir, count=8, repeats=1,
+                                      batch_size=4)
+  assert figures["images"] == 8
+  for precision in ("bfloat16", "float16"):
+    row = figures[precision]
+    assert "error" not in row, row
+    assert 0 <= row["changed_predictions"] <= 8
+    assert row["max_probability_difference"] < 0.5
+  json.dumps(figures)
