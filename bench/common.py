@@ -3,6 +3,7 @@
 import os
 import platform
 import statistics
+import sys
 import time
 import zipfile
 from typing import Callable, Dict, List
@@ -21,13 +22,22 @@ def environment() -> Dict:
           break
   except OSError:
     pass
-  return {
+  env = {
       "cpu": cpu,
       "cores": os.cpu_count(),
       "python": platform.python_version(),
       "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
       "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
   }
+  # The settings in force, once the measured code has imported its libraries.
+  if "cv2" in sys.modules:
+    env["opencv_threads"] = sys.modules["cv2"].getNumThreads()
+  if "tensorflow" in sys.modules:
+    threading = sys.modules["tensorflow"].config.threading
+    # 0 means TensorFlow's default: one thread per core.
+    env["tf_intra_op_threads"] = threading.get_intra_op_parallelism_threads()
+    env["tf_inter_op_threads"] = threading.get_inter_op_parallelism_threads()
+  return env
 
 
 def timed(fn: Callable[[], object], repeats: int) -> List[Dict[str, float]]:
