@@ -13,6 +13,8 @@ from schemas.artifact import (
     MODEL_CARD_FILE,
     MODEL_FILE,
     DEFAULT_THRESHOLD,
+    SPLIT_DHASH_KEY,
+    SPLIT_FILE,
 )
 from schemas.features import (
     DEFAULT_IMAGE_SIZE,

@@ -9,7 +9,10 @@ MODEL_CARD_FILE = "MODEL_CARD.md"  # human-readable summary, every artifact
 # scoring): test-split plots, the split itself, calibration before/after.
 CONFUSION_MATRIX_FILE = "confusion_matrix.png"
 TRAINING_CURVES_FILE = "training_curves.png"
-SPLIT_FILE = "split.json"  # {"train": [image_id, ...], "val": ..., "test": ...}
+# {"train": [image_id, ...], "val": ..., "test": ..., SPLIT_DHASH_KEY:
+#  {"train": [16 hex digits, ...], ...}}: dHashes in the order of the ids.
+SPLIT_FILE = "split.json"
+SPLIT_DHASH_KEY = "dhash"
 RELIABILITY_DIAGRAM_FILE = "reliability_diagram.png"
 
 # Bumped when the artifact layout or the model's input contract changes.

@@ -84,6 +84,27 @@ def test_train_without_augmentation(tmp_path, data_glob, capsys):
   splits = _load_json(output, train.SPLIT_FILE)
   ids = [i for name in ("train", "val", "test") for i in splits[name]]
   assert len(ids) == len(set(ids)) == 30
+  for name in ("train", "val", "test"):
+    assert len(splits[schemas.SPLIT_DHASH_KEY][name]) == len(splits[name])
+
+  # evaluate names training images in its data: a copy, and a near-duplicate
+  # (one pixel changed: another image_id, the same dHash).
+  records = {r.image_id: r for r in testing.synthetic_records(
+      per_class=10, image_size=SIZE, seed=0)}
+  copy = records[splits["train"][0]]
+  changed = copy.pixels.copy()
+  changed[0, 0] ^= 1
+  near = testing.make_record(changed, copy.label)
+  unseen = records[splits["test"][0]]
+  eval_data = testing.write_tfrecords(
+      str(tmp_path / "eval" / "part.tfrecord.gz"), [copy, near, unseen])
+  assert cli.main(["evaluate", "--model", output, "--data", eval_data,
+                   "--output", str(tmp_path / "eval_report")]) == 0
+  assert "Optimistic: 1 of these images" in capsys.readouterr().out
+  evaluated = _load_json(str(tmp_path / "eval_report"), evaluate.REPORT_FILE)
+  assert evaluated["count"] == 3
+  assert evaluated["seen_in_training"] == 1
+  assert evaluated["near_duplicates_of_training"] == 1
 
   loaded = artifact.load_artifact(output)
   assert loaded.labels == list(schemas.LABELS)

@@ -153,3 +153,15 @@ def test_fingerprints():
   assert fp["train"] == split.fingerprint(["a", "b"])
   assert fp["overall"] == split.fingerprint(["c", "b", "a"])
   assert set(fp) == {"train", "test", "overall"}
+
+
+def test_near_any_finds_hashes_within_the_distance():
+  reference = [0, 0xFFFF_0000_0000_0000]
+  hashes = [0b11, 0b111, 0xFFFF_0000_0000_0001, 0x0F0F_0F0F_0F0F_0F0F]
+  np.testing.assert_array_equal(split.near_any(hashes, reference),
+                                [True, False, True, False])
+  assert split.near_any(hashes, reference, max_distance=3)[1]
+  assert not split.near_any(hashes, []).any()
+  many = list(range(1, 1300))  # more than one block of rows
+  assert split.near_any(many, [0], max_distance=64).all()
+  assert split.hash_hex(0xAB) == "00000000000000ab"

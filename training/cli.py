@@ -160,6 +160,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             + ("n/a" if flagging["accuracy_confident"] is None else
                f"{flagging['accuracy_confident']:.3f}")
             + " on the rest")
+      if report["seen_in_training"] or report["near_duplicates_of_training"]:
+        print(f"Optimistic: {report['seen_in_training']} of these images were"
+              " in the model's training or validation split, and"
+              f" {report['near_duplicates_of_training'] or 0} more are"
+              " near-duplicates of images there.")
       print(f"Report written to {args.output}")
     elif args.command == "gradcam":
       from training import explain  # pylint: disable=import-outside-toplevel

@@ -4,7 +4,7 @@ import datetime
 import json
 import logging
 import os
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -24,13 +24,41 @@ def _join(directory: str, name: str) -> str:
   return FileSystems.join(directory.rstrip("/"), name)
 
 
-def _training_ids(model_dir: str) -> Optional[set]:
+class _Fitted(NamedTuple):
+  """What the model was fitted on (train + val): ids, and dHashes if known."""
+  ids: set
+  hashes: Optional[List[int]]
+
+
+def _fitted_on(model_dir: str) -> Optional[_Fitted]:
   uri = _join(model_dir, SPLIT_FILE)
   if not FileSystems.exists(uri):
     return None
   with FileSystems.open(uri) as f:
     splits = json.loads(f.read().decode("utf-8"))
-  return set(splits.get(split.TRAIN, [])) | set(splits.get(split.VAL, []))
+  names = (split.TRAIN, split.VAL)
+  ids = set().union(*(splits.get(name, []) for name in names))
+  stored = splits.get(artifact_schema.SPLIT_DHASH_KEY)
+  hashes = None if stored is None else [
+      int(h, 16) for name in names for h in stored.get(name, [])]
+  return _Fitted(ids, hashes)
+
+
+def _seen_counts(fitted: Optional[_Fitted], image_ids: Sequence[str],
+                 images) -> Tuple[Optional[int], Optional[int]]:
+  """(exact copies, other near-duplicates) of training/validation images.
+
+  None where the artifact does not say (no split.json, or one written
+  before dHashes were stored).
+  """
+  if fitted is None:
+    return None, None
+  exact = [i in fitted.ids for i in image_ids]
+  if fitted.hashes is None:
+    return int(sum(exact)), None
+  near = split.near_any([split.dhash(image) for image in images],
+                        fitted.hashes)
+  return int(sum(exact)), int(sum(n and not e for n, e in zip(near, exact)))
 
 
 def evaluate(model_dir: str, patterns: Sequence[str], output: str,
@@ -47,8 +75,9 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
   Returns:
     The report written to metrics.json: the `metrics.classification_report`
     fields, the ECE (15 bins) and what the artifact's threshold flags
-    (`calibration.flag_stats`), plus provenance (model_version, data fingerprint, skip counts, and
-    how many images the model was trained or validated on, when known).
+    (`calibration.flag_stats`), plus provenance: model_version, data
+    fingerprint, skip counts, and how many of the images the model was
+    trained or validated on, as exact copies or near-duplicates, when known.
 
   Raises:
     artifact.ArtifactError: the artifact is invalid.
@@ -68,7 +97,8 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
   confidence = probabilities.max(axis=1)
   correct = predicted == data.labels
   reliability = calibration.reliability(confidence, correct)
-  seen = _training_ids(model_dir)
+  seen, near = _seen_counts(_fitted_on(model_dir), data.image_ids,
+                            data.images)
   report.update({
       "model_dir": model_dir,
       "model_version": loaded.metadata["model_version"],
@@ -86,16 +116,20 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
       "unknown_label_skipped": stats.unknown_label,
       "duplicates_skipped": stats.duplicates,
       "conflicting_labels_skipped": stats.conflicting,
-      "seen_in_training": (None if seen is None else
-                           int(sum(i in seen for i in data.image_ids))),
+      # Images the model was trained or validated on: the same bytes, and
+      # other near-duplicates (dHash within split.DEFAULT_MAX_DISTANCE bits:
+      # the same frame re-encoded, resized or slightly changed).
+      "seen_in_training": seen,
+      "near_duplicates_of_training": near,
       "evaluated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"),
       "package_version": schemas.PACKAGE_VERSION,
   })
-  if report["seen_in_training"]:
+  if seen or near:
     _LOG.warning("%d of the %d images were in the model's training or"
-                 " validation split: these metrics are optimistic",
-                 report["seen_in_training"], report["count"])
+                 " validation split and %d more are near-duplicates of images"
+                 " there: these metrics are optimistic", seen or 0,
+                 report["count"], near or 0)
   if "://" not in output:
     os.makedirs(output, exist_ok=True)
   with FileSystems.create(_join(output, REPORT_FILE)) as f:

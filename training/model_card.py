@@ -361,7 +361,8 @@ def _files_section() -> List[str]:
             "calibration before / after, test split"),
            (artifact_schema.TRAINING_CURVES_FILE, "loss and accuracy per"
             " epoch"),
-           (artifact_schema.SPLIT_FILE, "image_ids of each split")]
+           (artifact_schema.SPLIT_FILE, "image_ids and dHashes of each"
+            " split")]
   return (["## Files", ""] +
           _table(["file", "content"], [[f"`{n}`", d] for n, d in files]) +
           ["", "(An untrained test artifact has only the first three and this"

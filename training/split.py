@@ -159,6 +159,31 @@ def split_indices(image_ids: Sequence[str], labels: Sequence[str],
                      group_of, num_groups)
 
 
+def hash_hex(value: int) -> str:
+  """A dHash as 16 hex digits, as split.json stores it."""
+  return f"{int(value):016x}"
+
+
+def near_any(hashes: Sequence[int], reference: Sequence[int],
+             max_distance: int = DEFAULT_MAX_DISTANCE) -> np.ndarray:
+  """For each of `hashes`: is any `reference` hash ≤ max_distance bits away?
+
+  Returns:
+    bool array, one per entry of `hashes`.
+  """
+  codes = np.asarray([int(h) for h in hashes], dtype=np.uint64)
+  ref = np.asarray([int(h) for h in reference], dtype=np.uint64)
+  found = np.zeros(len(codes), dtype=bool)
+  if not len(ref):
+    return found
+  block = 512  # rows at a time: bounded memory for large sets
+  for start in range(0, len(codes), block):
+    distances = np.bitwise_count(codes[start:start + block, None] ^
+                                 ref[None, :])
+    found[start:start + block] = (distances <= max_distance).any(axis=1)
+  return found
+
+
 def fingerprint(image_ids: Sequence[str]) -> str:
   """sha256 over the sorted, newline-joined image_ids."""
   return hashlib.sha256("\n".join(sorted(image_ids)).encode()).hexdigest()

@@ -483,7 +483,12 @@ def train(config: TrainConfig) -> Dict:
                    cal["reliability_after"]))
   plots.plot_reliability(panels, os.path.join(work, RELIABILITY_DIAGRAM_FILE))
   with open(os.path.join(work, SPLIT_FILE), "w", encoding="utf-8") as f:
-    json.dump({name: part.image_ids for name, part in parts.items()}, f)
+    # The dHashes let `evaluate` spot near-duplicates of training images in
+    # other data (BUSI repeats frames), not only exact copies.
+    json.dump({**{name: part.image_ids for name, part in parts.items()},
+               artifact_schema.SPLIT_DHASH_KEY: {
+                   name: [split.hash_hex(hashes[i]) for i in idx]
+                   for name, idx in result.indices.items()}}, f)
   seconds["total"] = time.perf_counter() - started
   metadata = artifact.save_artifact(model, work, labels, {
       "name": config.name,
