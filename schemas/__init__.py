@@ -9,6 +9,7 @@ from schemas.artifact import (
     GRADCAM_LAYER,
     LABELS_FILE,
     METADATA_FILE,
+    METADATA_MODEL_SHA256,
     METADATA_REQUIRED_FIELDS,
     MODEL_CARD_FILE,
     MODEL_FILE,

@@ -195,3 +195,21 @@ def test_read_artifact_info_does_not_import_tensorflow(model_dir):
           " assert 'keras' not in sys.modules, 'keras imported'")
   subprocess.run([sys.executable, "-c", code], check=True,
                  cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_model_swapped_after_training_refused(tmp_path, model_dir):
+  metadata = artifact.read_artifact_info(model_dir).metadata
+  assert re.fullmatch(r"[0-9a-f]{64}", metadata[schemas.METADATA_MODEL_SHA256])
+  assert metadata["model_version"].endswith(
+      metadata[schemas.METADATA_MODEL_SHA256][:8])
+  other = str(tmp_path / "other")
+  testing.make_test_artifact(other, image_size=32, seed=4)
+  swapped = _copy(model_dir, str(tmp_path / "swapped"))
+  with open(os.path.join(other, schemas.MODEL_FILE), "rb") as f, open(
+      os.path.join(swapped, schemas.MODEL_FILE), "wb") as g:
+    g.write(f.read())
+  with pytest.raises(artifact.ArtifactError, match="replaced after training"):
+    artifact.load_artifact(swapped)
+  # Artifacts saved before the field existed still load.
+  _edit_metadata(swapped, **{schemas.METADATA_MODEL_SHA256: _DELETE})
+  assert artifact.load_artifact(swapped).labels == list(schemas.LABELS)

@@ -202,6 +202,13 @@ def _load_checked(model_dir: str, local_dir: str, labels, metadata):
   """Loads model.keras from local_dir in safe mode and checks its shapes."""
   path = os.path.join(local_dir, schemas.MODEL_FILE)
   _refuse_lambda(path)
+  expected_sha256 = metadata.get(schemas.METADATA_MODEL_SHA256)
+  if expected_sha256 is not None and _sha256_file(path) != expected_sha256:
+    raise ArtifactError(
+        f"{model_dir}/{schemas.MODEL_FILE} is not the model this metadata.json"
+        f" describes (its sha256 differs from {schemas.METADATA_MODEL_SHA256}"
+        f" {str(expected_sha256)[:16]}...): the file was replaced after"
+        f" training. {_PASS_DIR}")
   import keras  # pylint: disable=import-outside-toplevel,redefined-outer-name
   # Registers VGGPreprocess and TemperatureScaling with Keras.
   import training.layers  # pylint: disable=import-outside-toplevel,unused-import
@@ -288,8 +295,10 @@ def save_artifact(model: "keras.Model", model_dir: str, labels: Sequence[str],
   created = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
   metadata = dict(metadata_fields)
   name = str(metadata.get("name") or DEFAULT_NAME)
+  model_sha256 = _sha256_file(model_path)
   metadata.setdefault("model_version",
-                      model_version(name, created, _sha256_file(model_path)))
+                      model_version(name, created, model_sha256))
+  metadata[schemas.METADATA_MODEL_SHA256] = model_sha256
   metadata.setdefault("created_at", created.isoformat())
   metadata.setdefault("image_size", int(model.inputs[0].shape[1]))
   metadata.setdefault("threshold", schemas.DEFAULT_THRESHOLD)
