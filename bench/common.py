@@ -66,16 +66,23 @@ def ultrasound_like(rng: np.random.Generator, size: int) -> np.ndarray:
   return img
 
 
-def write_png_zip(path: str, count: int, size: int = 500, seed: int = 0
-                 ) -> int:
-  """A zip of `count` grey size² PNGs in BUSI layout; returns its bytes."""
+def write_png_zip(path: str, count: int, size: int = 500, seed: int = 0,
+                  channels: int = 1) -> int:
+  """A zip of `count` size² PNGs in BUSI layout; returns its bytes.
+
+  channels=1 writes grey PNGs; 3, the same grey frames saved as RGB (three
+  equal channels), as some scanners and datasets ship them.
+  """
   import cv2  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(seed)
   classes = ("normal", "benign", "malignant")
   with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
     for i in range(count):
       cls = classes[i % 3]
-      ok, buf = cv2.imencode(".png", ultrasound_like(rng, size))
+      img = ultrasound_like(rng, size)
+      if channels == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+      ok, buf = cv2.imencode(".png", img)
       assert ok
       zf.writestr(f"Dataset_BUSI_with_GT/{cls}/{cls} ({i + 1}).png",
                   buf.tobytes())

@@ -1,8 +1,9 @@
 """Preprocessing throughput per core against bare OpenCV decode + resize.
 
-Both sides work on the same generated 500×500 grey PNGs in one zip:
+Both sides work on the same generated 500×500 grey PNGs in one zip (or, with
+--png_channels 3, the same frames saved as RGB):
 - bare: the zip's member bytes already in memory, `cv2.imdecode` + INTER_AREA
-  resize + grey→RGB on one thread;
+  resize + conversion to RGB on one thread;
 - stage: `python -m beam_pipeline preprocess` in this process (FnApiRunner,
   one worker), from the zip on disk to gzip TFRecords.
 Per core = images per CPU-second of this process (all its threads), so the
@@ -37,19 +38,24 @@ def bare_decode(blobs, image_size: int) -> None:
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     img = cv2.resize(img, (image_size, image_size),
                      interpolation=cv2.INTER_AREA)
-    cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    cv2.cvtColor(img, cv2.COLOR_GRAY2RGB if img.ndim == 2 else
+                 cv2.COLOR_BGR2RGB)
 
 
 def run(workdir: str, count: int = 600, image_size: int = 224,
-        repeats: int = 3) -> Dict:
-  """Measures both sides; returns the figures as a dict."""
+        repeats: int = 3, png_channels: int = 1) -> Dict:
+  """Measures both sides; returns the figures as a dict.
+
+  png_channels: 1 for grey PNGs, 3 for the same frames saved as RGB.
+  """
   from beam_pipeline import pipeline  # pylint: disable=import-outside-toplevel
   cv2.setNumThreads(1)
   archive = os.path.join(workdir, "bench_pngs.zip")
-  archive_bytes = common.write_png_zip(archive, count)
+  archive_bytes = common.write_png_zip(archive, count,
+                                       channels=png_channels)
   small_count = max(1, count // 4)
   small = os.path.join(workdir, "bench_pngs_quarter.zip")
-  common.write_png_zip(small, small_count)
+  common.write_png_zip(small, small_count, channels=png_channels)
   with zipfile.ZipFile(archive) as zf:
     blobs = [zf.read(info) for info in zf.infolist()]
 
@@ -85,6 +91,7 @@ def run(workdir: str, count: int = 600, image_size: int = 224,
   whole_cpu = common.median(full, "cpu_s") / count
   return {
       "images": count,
+      "png_channels": png_channels,
       "archive_mb": round(archive_bytes / 1e6, 1),
       "image_size": image_size,
       "repeats": repeats,
@@ -106,9 +113,12 @@ def main(argv=None) -> int:
   parser.add_argument("--images", type=int, default=600)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--image_size", type=int, default=224)
+  parser.add_argument("--png_channels", type=int, choices=(1, 3), default=1,
+                      help="1: grey PNGs; 3: grey frames saved as RGB.")
   args = parser.parse_args(argv)
   with tempfile.TemporaryDirectory(prefix="busi-bench-") as workdir:
-    figures = run(workdir, args.images, args.image_size, args.repeats)
+    figures = run(workdir, args.images, args.image_size, args.repeats,
+                  args.png_channels)
   print(json.dumps({"environment": common.environment(),
                     "preprocess": figures}, indent=2))
   return 0

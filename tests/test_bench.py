@@ -6,15 +6,18 @@ tests only keep `python -m bench` working.
 
 import json
 
+import pytest
+
 from bench import __main__ as bench_main
 from bench import preprocess_bench, scoring_bench
 from training import testing
 
 
-def test_preprocess_bench_measures_both_sides(tmp_path):
+@pytest.mark.parametrize("png_channels", [1, 3])
+def test_preprocess_bench_measures_both_sides(tmp_path, png_channels):
   figures = preprocess_bench.run(str(tmp_path), count=24, image_size=16,
-                                 repeats=2)
-  assert figures["images"] == 24
+                                 repeats=2, png_channels=png_channels)
+  assert figures["images"] == 24 and figures["png_channels"] == png_channels
   assert figures["bare_ms_per_image"] > 0
   assert len(figures["ratio_stage_to_bare_each_round"]) == 2
   assert figures["ratio_whole_run_to_bare"] > 0
