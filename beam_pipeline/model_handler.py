@@ -66,10 +66,13 @@ class ArtifactModelHandler(TFModelHandlerNumpy):
     batch_size: images per model call (min and max batch size).
     precision: "float32", or "bfloat16"/"float16" for GPUs (see
       with_precision).
+    model_sha256: refuse a model.keras with another digest (the job's
+      launch-time model; see training.artifact.load_artifact).
   """
 
   def __init__(self, model_dir: str, *, batch_size: int = 32,
-               precision: str = "float32"):
+               precision: str = "float32",
+               model_sha256: Optional[str] = None):
     super().__init__(
         model_uri=model_dir,
         inference_fn=compiled_inference_fn,
@@ -79,22 +82,26 @@ class ArtifactModelHandler(TFModelHandlerNumpy):
         large_model=False)
     self._model_dir = model_dir
     self._precision = precision
+    self._model_sha256 = model_sha256
 
   def load_model(self):
     from training import artifact  # pylint: disable=import-outside-toplevel
-    return with_precision(artifact.load_artifact(self._model_dir).model,
-                          self._precision)
+    return with_precision(
+        artifact.load_artifact(self._model_dir, self._model_sha256).model,
+        self._precision)
 
   def get_metrics_namespace(self) -> str:
     return "BusiRunInference"
 
 
 def keyed_handler(model_dir: str, *, batch_size: int,
-                  precision: str = "float32") -> KeyedModelHandler:
+                  precision: str = "float32",
+                  model_sha256: Optional[str] = None) -> KeyedModelHandler:
   """KeyedModelHandler over ArtifactModelHandler; keys pass through.
 
   A GPU hint goes on the RunInference transform itself (ScoreImages), which
   covers its batching and inference steps alike.
   """
   return KeyedModelHandler(ArtifactModelHandler(
-      model_dir, batch_size=batch_size, precision=precision))
+      model_dir, batch_size=batch_size, precision=precision,
+      model_sha256=model_sha256))

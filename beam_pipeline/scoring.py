@@ -32,6 +32,10 @@ class ScoringConfig(NamedTuple):
   model_version: str
   run_id: str
   image_size: int
+  # sha256 of the model.keras the job was launched with: workers refuse to
+  # score with any other (the rows carry this model's model_version).
+  # None: not checked.
+  model_sha256: Optional[str] = None
 
 
 def keyed_input(record: imaging.ImageRecord, image_size: int

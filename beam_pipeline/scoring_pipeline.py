@@ -98,6 +98,7 @@ class ExplainBatch(beam.DoFn):
   def __init__(self, model_dir: str, output: str,
                config: scoring.ScoringConfig):
     self._model_dir = model_dir
+    self._model_sha256 = config.model_sha256
     self._output = output
     self._labels = list(config.labels)
     self._run_id = config.run_id
@@ -109,7 +110,8 @@ class ExplainBatch(beam.DoFn):
   def setup(self):
     def load():
       from training import artifact  # pylint: disable=import-outside-toplevel
-      return artifact.load_artifact(self._model_dir).model
+      return artifact.load_artifact(self._model_dir,
+                                    self._model_sha256).model
     self._model = self._shared.acquire(load, tag=f"gradcam:{self._model_dir}")
 
   def process(self, batch):
@@ -205,7 +207,7 @@ class ScoreImages(beam.PTransform):
         _to_model_input, config).with_outputs(ERRORS, main="inputs")
     inference = RunInference(keyed_handler(
         self._model_dir, batch_size=self._batch_size,
-        precision=self._precision))
+        precision=self._precision, model_sha256=config.model_sha256))
     if self._accelerator:
       inference = inference.with_resource_hints(accelerator=self._accelerator)
     results, dead = (inputs.inputs
@@ -254,7 +256,7 @@ def load_config(opts, run_id: str, command: str) -> scoring.ScoringConfig:
   return scoring.ScoringConfig(
       labels=tuple(info.labels), threshold=threshold,
       model_version=str(info.metadata["model_version"]), run_id=run_id,
-      image_size=size)
+      image_size=size, model_sha256=info.model_sha256)
 
 
 def build(command: str, p: beam.Pipeline, opts,

@@ -198,10 +198,11 @@ def test_read_artifact_info_does_not_import_tensorflow(model_dir):
 
 
 def test_model_swapped_after_training_refused(tmp_path, model_dir):
-  metadata = artifact.read_artifact_info(model_dir).metadata
-  assert re.fullmatch(r"[0-9a-f]{64}", metadata[schemas.METADATA_MODEL_SHA256])
-  assert metadata["model_version"].endswith(
-      metadata[schemas.METADATA_MODEL_SHA256][:8])
+  loaded = artifact.load_artifact(model_dir)
+  digest = loaded.metadata[schemas.METADATA_MODEL_SHA256]
+  assert loaded.model_sha256 == digest
+  assert re.fullmatch(r"[0-9a-f]{64}", digest)
+  assert loaded.metadata["model_version"].endswith(digest[:8])
   other = str(tmp_path / "other")
   testing.make_test_artifact(other, image_size=32, seed=4)
   swapped = _copy(model_dir, str(tmp_path / "swapped"))
@@ -210,6 +211,29 @@ def test_model_swapped_after_training_refused(tmp_path, model_dir):
     g.write(f.read())
   with pytest.raises(artifact.ArtifactError, match="replaced after training"):
     artifact.load_artifact(swapped)
-  # Artifacts saved before the field existed still load.
+  # Artifacts saved before model_sha256 existed: model_version's suffix.
   _edit_metadata(swapped, **{schemas.METADATA_MODEL_SHA256: _DELETE})
+  with pytest.raises(artifact.ArtifactError, match="replaced after training"):
+    artifact.load_artifact(swapped)
+  legacy = _copy(model_dir, str(tmp_path / "legacy"))
+  _edit_metadata(legacy, **{schemas.METADATA_MODEL_SHA256: _DELETE})
+  assert artifact.load_artifact(legacy).model_sha256 == digest
+  # A custom model_version (no digest suffix) loads unchecked.
+  _edit_metadata(swapped, model_version="my-model-v2")
   assert artifact.load_artifact(swapped).labels == list(schemas.LABELS)
+
+
+def test_expected_digest_refuses_an_artifact_replaced_mid_job(tmp_path,
+                                                              model_dir):
+  from beam_pipeline import model_handler  # pylint: disable=import-outside-toplevel
+  digest = artifact.load_artifact(model_dir).model_sha256
+  assert artifact.load_artifact(model_dir, digest).model_sha256 == digest
+  with pytest.raises(artifact.ArtifactError, match="changed after this job"):
+    artifact.load_artifact(model_dir, "0" * 64)
+  # The worker-side loader, as RunInference calls it.
+  handler = model_handler.ArtifactModelHandler(model_dir,
+                                               model_sha256="0" * 64)
+  with pytest.raises(artifact.ArtifactError, match="changed after this job"):
+    handler.load_model()
+  assert model_handler.ArtifactModelHandler(
+      model_dir, model_sha256=digest).load_model() is not None

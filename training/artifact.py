@@ -18,11 +18,12 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import zipfile
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, NamedTuple
-from typing import Sequence
+from typing import Optional, Sequence
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -52,6 +53,7 @@ class Artifact(NamedTuple):
   labels: List[str]
   metadata: Dict[str, Any]
   local_dir: str  # the directory model.keras was read from (model_dir itself)
+  model_sha256: str  # of the model.keras loaded
 
 
 def _join(model_dir: str, name: str) -> str:
@@ -171,44 +173,77 @@ def _localize(model_dir: str) -> str:
   return local
 
 
-def load_artifact(model_dir: str) -> Artifact:
+def load_artifact(model_dir: str,
+                  expected_sha256: Optional[str] = None) -> Artifact:
   """Validates and loads an artifact (safe mode, not compiled).
+
+  model.keras must have the sha256 that metadata.json records (or, for
+  artifacts saved before `model_sha256` existed, the digest prefix ending
+  `model_version`): a model file copied over another artifact's is refused,
+  so predictions never carry the wrong model_version by accident. This
+  guards against mistakes, not tampering: whoever can replace model.keras
+  can rewrite metadata.json too.
 
   Args:
     model_dir: the artifact directory (local or gs://; remote files are copied
       to a local temporary directory first).
+    expected_sha256: also require this digest: a worker passes the one its
+      job was launched with, so an artifact replaced mid-job is refused
+      instead of scoring under the launch-time model_version.
 
   Returns:
     The model, labels, metadata and the local directory used.
 
   Raises:
-    ArtifactError: invalid files, a model Keras cannot load safely, or a model
-      whose input or output shape disagrees with the metadata.
+    ArtifactError: invalid files, a model Keras cannot load safely, a model
+      file that is not the one the metadata (or expected_sha256) names, or a
+      model whose input or output shape disagrees with the metadata.
   """
   labels, metadata = read_artifact_info(model_dir)
   local_dir = _localize(model_dir)
   try:
-    model = _load_checked(model_dir, local_dir, labels, metadata)
+    model, digest = _load_checked(model_dir, local_dir, labels, metadata,
+                                  expected_sha256)
   finally:
     # A remote artifact's temporary copy is not needed once the model is in
     # memory; workers load models repeatedly over a long job.
     if local_dir != model_dir:
       shutil.rmtree(local_dir, ignore_errors=True)
   return Artifact(model, labels, metadata, model_dir if local_dir != model_dir
-                  else local_dir)
+                  else local_dir, digest)
 
 
-def _load_checked(model_dir: str, local_dir: str, labels, metadata):
-  """Loads model.keras from local_dir in safe mode and checks its shapes."""
+def _check_digest(model_dir: str, digest: str, metadata,
+                  expected_sha256: Optional[str]) -> None:
+  """Refuses a model.keras that is not the one the metadata names."""
+  recorded = metadata.get(schemas.METADATA_MODEL_SHA256)
+  legacy = _VERSION_DIGEST.search(str(metadata["model_version"]))
+  if recorded is not None:
+    matches = digest == recorded
+  else:
+    matches = legacy is None or digest.startswith(legacy.group(1))
+  if not matches:
+    raise ArtifactError(
+        f"{model_dir}/{schemas.MODEL_FILE} is not the model its metadata.json"
+        f" describes (sha256 {digest[:16]}... differs from the one recorded"
+        f" for {metadata['model_version']}): the file was replaced after"
+        f" training. {_PASS_DIR}")
+  if expected_sha256 is not None and digest != expected_sha256:
+    raise ArtifactError(
+        f"{model_dir} changed after this job started: model.keras now has"
+        f" sha256 {digest[:16]}..., the job was launched with"
+        f" {expected_sha256[:16]}.... Rerun the job to score with the new"
+        " model.")
+
+
+def _load_checked(model_dir: str, local_dir: str, labels, metadata,
+                  expected_sha256: Optional[str] = None):
+  """Loads model.keras from local_dir in safe mode and checks its digest and
+  shapes; returns (model, sha256 of model.keras)."""
   path = os.path.join(local_dir, schemas.MODEL_FILE)
   _refuse_lambda(path)
-  expected_sha256 = metadata.get(schemas.METADATA_MODEL_SHA256)
-  if expected_sha256 is not None and _sha256_file(path) != expected_sha256:
-    raise ArtifactError(
-        f"{model_dir}/{schemas.MODEL_FILE} is not the model this metadata.json"
-        f" describes (its sha256 differs from {schemas.METADATA_MODEL_SHA256}"
-        f" {str(expected_sha256)[:16]}...): the file was replaced after"
-        f" training. {_PASS_DIR}")
+  digest = _sha256_file(path)
+  _check_digest(model_dir, digest, metadata, expected_sha256)
   import keras  # pylint: disable=import-outside-toplevel,redefined-outer-name
   # Registers VGGPreprocess and TemperatureScaling with Keras.
   import training.layers  # pylint: disable=import-outside-toplevel,unused-import
@@ -239,7 +274,11 @@ def _load_checked(model_dir: str, local_dir: str, labels, metadata):
     raise ArtifactError(
         f"model outputs {outputs} do not match the {len(labels)} labels"
         f" {labels} in {model_dir}. {_PASS_DIR}")
-  return model
+  return model, digest
+
+
+# The digest prefix that model_version ends with (see model_version).
+_VERSION_DIGEST = re.compile(r"-\d{8}T\d{6}Z-([0-9a-f]{8})$")
 
 
 def model_version(name: str, created: datetime.datetime,

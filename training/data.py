@@ -1,7 +1,8 @@
 """Reading the preprocessing stage's TFRecords into labelled arrays.
 
-Examples are parsed with `beam_pipeline.imaging.from_example`, the inverse of
-what the pipeline wrote, so the two cannot disagree about the format. BUSI
+Examples are parsed with `beam_pipeline.imaging.from_example`, the reader of
+what the pipeline wrote (grey frames come back replicated to RGB), so the two
+cannot disagree about the format. BUSI
 is small (780 images, ~120 MB at 224²), so the labelled set is held in memory
 as one uint8 array; features and augmentation are computed from that.
 """

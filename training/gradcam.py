@@ -60,7 +60,7 @@ def heatmaps(model, images: np.ndarray,
 
   Args:
     model: an artifact model (uint8 input, layers "block5_conv3", "logits").
-    images: uint8 [B, H, W, 3] as stored in the TFRecords.
+    images: uint8 [B, H, W, 3] RGB, as `from_example` reads them.
     classes: class index per image; default: each image's predicted class.
 
   Returns:
