@@ -6,11 +6,12 @@ spread over workers and each worker seeks straight to its members; a tar has no
 index, so it is read sequentially and its members are handed on one at a time.
 """
 
+import collections
 import posixpath
 import struct
 import tarfile
 import zipfile
-from typing import Iterator, NamedTuple, Optional
+from typing import Dict, Iterator, NamedTuple, Optional
 
 try:
   # ISA-L's inflate and CRC-32: 2-3× zlib's on the same bytes.
@@ -204,26 +205,46 @@ _LOCAL_HEADER = struct.Struct("<4s22xHH")  # magic, ..., name and extra length
 _UNSUPPORTED_FLAGS = 0x20 | 0x40
 
 
+def member_extents(zf: zipfile.ZipFile) -> Dict[int, int]:
+  """Where each member's bytes must end: header_offset → end offset.
+
+  A member ends where the next member's local header (in file order) or the
+  central directory begins. An offset shared by two directory entries maps
+  to -1: overlapping entries are how zip bombs multiply one compressed
+  payload (read_zip_member refuses them).
+  """
+  counts = collections.Counter(info.header_offset for info in zf.infolist())
+  offsets = sorted(counts)
+  return {offset: -1 if counts[offset] > 1 else
+          (offsets[i + 1] if i + 1 < len(offsets) else zf.start_dir)
+          for i, offset in enumerate(offsets)}
+
+
 def read_zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo,
-                    limits: Limits) -> bytes:
-  """The bytes of one stored or deflated zip member, checked.
+                    limits: Limits, extents: Dict[int, int]) -> bytes:
+  """The bytes of one zip member, checked.
 
   Reads the member's local header and data straight from the archive and
-  inflates with ISA-L, under the same limits as `read_limited`; the size and
-  CRC-32 are checked against the central directory, as zipfile does. Other
-  compression methods (bzip2, lzma) go through zipfile.
+  inflates with ISA-L (stored and deflated members; bzip2 and lzma go
+  through zipfile), under the same limits as `read_limited`. As zipfile
+  does, the local header's name must match the central directory's, the data
+  must end before the next member (`extents`, from member_extents) and the
+  size and CRC-32 must match; members sharing bytes with another are refused.
+
+  Not thread-safe: it seeks the ZipFile's file (one per OpenZipCache, one
+  cache per DoFn instance, and Beam runs each instance on one thread).
 
   Raises:
-    ArchiveError: MemberTooLarge, CompressionRatioExceeded, or BadMember (a
-      missing local header, data cut short, a wrong size or CRC).
+    ArchiveError: MemberTooLarge, CompressionRatioExceeded, or BadMember (an
+      overlapping member, a missing or mismatched local header, data cut
+      short or running into the next member, a wrong size or CRC).
+    Exception: zipfile's own errors for methods it cannot read (deflate64).
   """
-  if (info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or
-      info.flag_bits & _UNSUPPORTED_FLAGS):
-    with zf.open(info) as stream:
-      return read_limited(stream, limits.max_member_bytes, "member",
-                          info.compress_size, limits.max_compression_ratio)
-  budget = _SizeBudget(limits.max_member_bytes, "member", info.compress_size,
-                       limits.max_compression_ratio)
+  end = extents.get(info.header_offset, -1)
+  if end < 0:
+    raise ArchiveError(
+        "BadMember", "member overlaps another member's bytes (a zip bomb"
+        " construction): refused")
   fp = zf.fp
   fp.seek(info.header_offset)
   header = fp.read(_LOCAL_HEADER.size)
@@ -232,12 +253,32 @@ def read_zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo,
   magic, name_len, extra_len = _LOCAL_HEADER.unpack(header)
   if magic != b"PK\x03\x04":
     raise ArchiveError("BadMember", "bad magic number for the local header")
-  fp.seek(info.header_offset + _LOCAL_HEADER.size + name_len + extra_len)
+  name = fp.read(name_len).decode(
+      "utf-8" if info.flag_bits & 0x800 else "cp437", "replace")
+  if name != info.orig_filename:
+    raise ArchiveError(
+        "BadMember", "the local header names another file than the central"
+        " directory")
+  data_offset = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+  if data_offset + info.compress_size > end:
+    raise ArchiveError(
+        "BadMember", f"member data ({info.compress_size} bytes) runs past"
+        " the next member or the central directory")
+  if (info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or
+      info.flag_bits & _UNSUPPORTED_FLAGS):
+    with zf.open(info) as stream:
+      return read_limited(stream, limits.max_member_bytes, "member",
+                          info.compress_size, limits.max_compression_ratio)
+  budget = _SizeBudget(limits.max_member_bytes, "member", info.compress_size,
+                       limits.max_compression_ratio)
+  fp.seek(data_offset)
   if info.compress_type == zipfile.ZIP_STORED:
     budget.add(info.compress_size)
     data = fp.read(info.compress_size)
     if len(data) != info.compress_size:
       raise ArchiveError("BadMember", "member data cut short")
+  elif info.compress_size == 0:
+    data = b""  # zipfile reads this as empty; size and CRC decide below
   else:
     try:
       data = _inflate(fp, info.compress_size, budget)
@@ -326,12 +367,17 @@ def split_zip(uri: str, count: int, chunk: int = DEFAULT_ZIP_CHUNK
 
 
 class OpenZipCache:
-  """Keeps the most recently used zip open (one file handle per worker)."""
+  """Keeps the most recently used zip open, with its member extents.
+
+  One per DoFn instance (Beam runs an instance on one thread at a time):
+  read_zip_member seeks the shared file handle.
+  """
 
   def __init__(self):
     self._uri = None
     self._file = None
     self._zip = None
+    self.extents: Dict[int, int] = {}
 
   def get(self, uri: str) -> zipfile.ZipFile:
     if uri != self._uri:
@@ -339,7 +385,9 @@ class OpenZipCache:
       f = open_raw(uri)
       try:
         self._zip = zipfile.ZipFile(f)
+        self.extents = member_extents(self._zip)
       except Exception:
+        self._zip = None
         f.close()
         raise
       self._file, self._uri = f, uri
@@ -350,6 +398,7 @@ class OpenZipCache:
       self._zip.close()
       self._file.close()
     self._uri = self._file = self._zip = None
+    self.extents = {}
 
 
 def read_zip_range(zip_range: ZipRange, limits: Limits,
@@ -390,7 +439,7 @@ def read_zip_range(zip_range: ZipRange, limits: Limits,
             "EncryptedMember", "member is encrypted; decrypt the archive first"))
         continue
       try:
-        data = read_zip_member(zf, info, limits)
+        data = read_zip_member(zf, info, limits, cache.extents)
         yield Member(source, info.filename, "file", data=data)
       except ArchiveError as e:
         yield Member(source, info.filename, "error", error=e)

@@ -3,6 +3,7 @@
 import io
 import struct
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -16,10 +17,11 @@ def _members(data: bytes, limits: archives.Limits = LIMITS):
   """(name, bytes or ArchiveError kind) of every member, by our reader."""
   out = []
   with zipfile.ZipFile(io.BytesIO(data)) as zf:
+    extents = archives.member_extents(zf)
     for info in zf.infolist():
       try:
         out.append((info.filename,
-                    archives.read_zip_member(zf, info, limits)))
+                    archives.read_zip_member(zf, info, limits, extents)))
       except archives.ArchiveError as e:
         out.append((info.filename, e.kind))
   return out
@@ -102,3 +104,71 @@ def test_limits_hold_whatever_the_directory_says():
   stored = _one_member_zip(bytes(6_000_000), zipfile.ZIP_STORED)
   assert _members(bytes(stored), limits) == [("benign/a.png",
                                               "MemberTooLarge")]
+
+
+# Hand-built zips: what zipfile cannot be made to write.
+def _local(name: bytes, method: int, crc: int, csize: int, usize: int):
+  return struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, method, 0, 0x21,
+                     crc, csize, usize, len(name), 0) + name
+
+
+def _central(name: bytes, method: int, crc: int, csize: int, usize: int,
+             offset: int):
+  return struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 20, 20, 0, method,
+                     0, 0x21, crc, csize, usize, len(name), 0, 0, 0, 0, 0,
+                     offset) + name
+
+
+def _zip(body: bytes, centrals) -> bytes:
+  directory = b"".join(centrals)
+  return body + directory + struct.pack(
+      "<4sHHHHIIH", b"PK\x05\x06", 0, 0, len(centrals), len(centrals),
+      len(directory), len(body), 0)
+
+
+def _kernel(size: int):
+  payload = bytes(size)
+  deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+  return deflate.compress(payload) + deflate.flush(), zlib.crc32(payload)
+
+
+def test_overlapping_members_are_refused():
+  # Many directory entries, one local header and payload: the overlap bomb.
+  kernel, crc = _kernel(2_000_000)
+  body = _local(b"k.png", 8, crc, len(kernel), 2_000_000) + kernel
+  data = _zip(body, [_central(b"k.png", 8, crc, len(kernel), 2_000_000, 0)
+                     for _ in range(20)])
+  limits = archives.Limits(max_compression_ratio=1e9)
+  assert _members(data, limits) == [("k.png", "BadMember")] * 20
+
+
+def test_compressed_size_running_past_the_member_is_refused():
+  # A directory that inflates compress_size would also inflate the ratio cap.
+  kernel, crc = _kernel(2_000_000)
+  body = _local(b"k.png", 8, crc, len(kernel), 2_000_000) + kernel
+  for csize in (len(kernel) + 1, 0xFFFFFFF0):
+    data = _zip(body, [_central(b"k.png", 8, crc, csize, 2_000_000, 0)])
+    assert _members(data) == [("k.png", "BadMember")]
+  # The honest directory: refused by the ratio, as a bomb.
+  data = _zip(body, [_central(b"k.png", 8, crc, len(kernel), 2_000_000, 0)])
+  assert _members(data) == [("k.png", "CompressionRatioExceeded")]
+
+
+def test_local_header_naming_another_file_is_refused():
+  payload = b"speckle" * 100
+  body = _local(b"evil.exe", 0, zlib.crc32(payload), len(payload),
+                len(payload)) + payload
+  data = _zip(body, [_central(b"a.png", 0, zlib.crc32(payload), len(payload),
+                              len(payload), 0)])
+  assert _members(data) == [("a.png", "BadMember")]
+  honest = _zip(_local(b"a.png", 0, zlib.crc32(payload), len(payload),
+                       len(payload)) + payload,
+                [_central(b"a.png", 0, zlib.crc32(payload), len(payload),
+                          len(payload), 0)])
+  assert _members(honest) == [("a.png", payload)]
+
+
+def test_empty_deflated_member_with_no_data():
+  body = _local(b"e.png", 8, 0, 0, 0)
+  assert _members(_zip(body, [_central(b"e.png", 8, 0, 0, 0, 0)])) == [
+      ("e.png", b"")]
