@@ -40,7 +40,8 @@ METADATA_REQUIRED_FIELDS = (
     "package_version",
 )
 
-# sha256 hex of model.keras, written by save_artifact. Loading checks it
-# when present, so a model.keras swapped in after training cannot score under
-# the old model_version. (Artifacts saved before it existed load unchecked.)
+# sha256 hex of model.keras, written by save_artifact. Loading checks it, so
+# a model.keras swapped in after training cannot score under the old
+# model_version. (Artifacts saved before it existed are checked against the
+# digest prefix that ends model_version.)
 METADATA_MODEL_SHA256 = "model_sha256"

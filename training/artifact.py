@@ -217,10 +217,10 @@ def _check_digest(model_dir: str, digest: str, metadata,
                   expected_sha256: Optional[str]) -> None:
   """Refuses a model.keras that is not the one the metadata names."""
   recorded = metadata.get(schemas.METADATA_MODEL_SHA256)
-  legacy = _VERSION_DIGEST.search(str(metadata["model_version"]))
   if recorded is not None:
     matches = digest == recorded
-  else:
+  else:  # saved before model_sha256 existed: model_version's digest prefix
+    legacy = _VERSION_DIGEST.search(str(metadata["model_version"]))
     matches = legacy is None or digest.startswith(legacy.group(1))
   if not matches:
     raise ArtifactError(

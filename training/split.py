@@ -11,7 +11,7 @@ which the TFRecord shards were read.
 """
 
 import hashlib
-from typing import Dict, List, NamedTuple, Sequence
+from typing import Dict, Iterator, List, NamedTuple, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -67,6 +67,20 @@ class _UnionFind:
       self.parent[max(ra, rb)] = min(ra, rb)
 
 
+def _close_blocks(hashes: Sequence[int], reference: Sequence[int],
+                  max_distance: int) -> Iterator[Tuple[int, np.ndarray]]:
+  """(first row, bool [rows, len(reference)]) blocks of "within max_distance
+  bits" for every pair of `hashes` × `reference`, a block of rows at a time:
+  O(n·m) bit counts (~1 s for 10k × 10k) in bounded memory."""
+  codes = np.asarray([int(h) for h in hashes], dtype=np.uint64)
+  ref = np.asarray([int(h) for h in reference], dtype=np.uint64)
+  block = 512
+  for start in range(0, len(codes), block):
+    distances = np.bitwise_count(codes[start:start + block, None] ^
+                                 ref[None, :])
+    yield start, distances <= max_distance
+
+
 def duplicate_groups(image_ids: Sequence[str], hashes: Sequence[int],
                      max_distance: int = DEFAULT_MAX_DISTANCE) -> List[int]:
   """Group number of each image: same id, or dHashes ≤ max_distance apart.
@@ -78,13 +92,8 @@ def duplicate_groups(image_ids: Sequence[str], hashes: Sequence[int],
   first_with_id: Dict[str, int] = {}
   for i, image_id in enumerate(image_ids):
     uf.union(first_with_id.setdefault(image_id, i), i)
-  codes = np.asarray([int(h) for h in hashes], dtype=np.uint64)
-  # All pairs, a block of rows at a time: O(n²) bit counts, ~1 s for 10k.
-  block = 512
-  for start in range(0, n, block):
-    rows = codes[start:start + block]
-    distances = np.bitwise_count(rows[:, None] ^ codes[None, :])
-    for r, c in zip(*np.nonzero(distances <= max_distance)):
+  for start, close in _close_blocks(hashes, hashes, max_distance):
+    for r, c in zip(*np.nonzero(close)):
       if start + r < c:
         uf.union(int(start + r), int(c))
   numbers: Dict[int, int] = {}
@@ -171,16 +180,9 @@ def near_any(hashes: Sequence[int], reference: Sequence[int],
   Returns:
     bool array, one per entry of `hashes`.
   """
-  codes = np.asarray([int(h) for h in hashes], dtype=np.uint64)
-  ref = np.asarray([int(h) for h in reference], dtype=np.uint64)
-  found = np.zeros(len(codes), dtype=bool)
-  if not len(ref):
-    return found
-  block = 512  # rows at a time: bounded memory for large sets
-  for start in range(0, len(codes), block):
-    distances = np.bitwise_count(codes[start:start + block, None] ^
-                                 ref[None, :])
-    found[start:start + block] = (distances <= max_distance).any(axis=1)
+  found = np.zeros(len(hashes), dtype=bool)
+  for start, close in _close_blocks(hashes, reference, max_distance):
+    found[start:start + len(close)] = close.any(axis=1)
   return found
 
 
