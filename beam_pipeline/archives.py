@@ -68,7 +68,8 @@ class Member(NamedTuple):
   """One archive member (or plain file) as it leaves the reader.
 
   Exactly one of `data` or `error` is set for regular entries; masks and
-  directories carry neither, since their bytes are never needed.
+  directories carry neither, since preprocessing never needs their bytes
+  (a reader called with `masks_only` gives masks their bytes or error).
   """
   source: str
   path: str  # path inside the archive, or the file's URI
@@ -402,7 +403,8 @@ class OpenZipCache:
 
 
 def read_zip_range(zip_range: ZipRange, limits: Limits,
-                   cache: Optional[OpenZipCache] = None) -> Iterator[Member]:
+                   cache: Optional[OpenZipCache] = None, *,
+                   masks_only: bool = False) -> Iterator[Member]:
   """Yields the members of one range of a zip, one at a time.
 
   Every member in the range yields exactly one Member, an error one if it
@@ -414,6 +416,9 @@ def read_zip_range(zip_range: ZipRange, limits: Limits,
     limits: member size and compression-ratio limits.
     cache: keeps the archive open for the next range; without one the archive
       is opened and closed here.
+    masks_only: yield only the masks, as kind "mask" with their bytes (or
+      error), under the same checks; other members are passed over unread.
+      For `python -m training evaluate --masks`.
   """
   uri, start, stop = zip_range
   own = cache is None
@@ -431,7 +436,10 @@ def read_zip_range(zip_range: ZipRange, limits: Limits,
       info = infos[index]
       source = member_source(uri, info.filename)
       kind = _classify(info.filename, info.is_dir())
-      if kind:
+      if masks_only:
+        if kind != "mask":
+          continue
+      elif kind:
         yield Member(source, info.filename, kind)
         continue
       if info.flag_bits & 0x1:
@@ -440,7 +448,7 @@ def read_zip_range(zip_range: ZipRange, limits: Limits,
         continue
       try:
         data = read_zip_member(zf, info, limits, cache.extents)
-        yield Member(source, info.filename, "file", data=data)
+        yield Member(source, info.filename, kind or "file", data=data)
       except ArchiveError as e:
         yield Member(source, info.filename, "error", error=e)
       except Exception as e:  # pylint: disable=broad-except
@@ -452,12 +460,17 @@ def read_zip_range(zip_range: ZipRange, limits: Limits,
       cache.close()
 
 
-def read_tar(uri: str, limits: Limits) -> Iterator[Member]:
+def read_tar(uri: str, limits: Limits, *,
+             masks_only: bool = False) -> Iterator[Member]:
   """Streams a tar or tar.gz, yielding each entry as one Member.
 
   If the archive breaks part-way (truncated upload), the members already read
   are kept and one error Member for the archive says where it stopped. An
   empty tar, or one past the member limit, also ends in one error Member.
+
+  With `masks_only`, only the masks are yielded, as kind "mask" with their
+  bytes (or error), under the same checks; other entries are passed over
+  (the archive-level errors above still come).
   """
   max_member_bytes = limits.max_member_bytes
   index = 0
@@ -475,7 +488,10 @@ def read_tar(uri: str, limits: Limits) -> Iterator[Member]:
           return
         source = member_source(uri, info.name)
         kind = _classify(info.name, info.isdir())
-        if kind:
+        if masks_only:
+          if kind != "mask":
+            continue
+        elif kind:
           yield Member(source, info.name, kind)
           continue
         if not info.isfile():
@@ -495,7 +511,7 @@ def read_tar(uri: str, limits: Limits) -> Iterator[Member]:
         except ArchiveError as e:
           yield Member(source, info.name, "error", error=e)
           continue
-        yield Member(source, info.name, "file", data=data)
+        yield Member(source, info.name, kind or "file", data=data)
     if index == 0:
       yield Member(uri, posixpath.basename(uri), "error", error=ArchiveError(
           "EmptyArchive", "the tar has no members"))

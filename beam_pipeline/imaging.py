@@ -74,6 +74,17 @@ def is_mask(member_path: str) -> bool:
   return bool(_MASK_STEM.search(stem))
 
 
+def mask_owner(member_path: str) -> Optional[str]:
+  """For a BUSI mask, the path of its image less the extension, else None.
+
+  `d/x (1)_mask_1.png` → `d/x (1)`, which `d/x (1).png` also gives less its
+  extension: how `python -m training evaluate --masks` pairs them.
+  """
+  stem, _ = posixpath.splitext(member_path)
+  match = _MASK_STEM.search(posixpath.basename(stem))
+  return stem[:len(stem) - len(match.group(0))] if match else None
+
+
 def label_from_path(member_path: str) -> str:
   """The class named by the deepest folder of the path, or "" if none is."""
   folders = member_path.replace("\\", "/").split("/")[:-1]

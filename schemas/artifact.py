@@ -15,6 +15,9 @@ SPLIT_FILE = "split.json"
 SPLIT_DHASH_KEY = "dhash"
 RELIABILITY_DIAGRAM_FILE = "reliability_diagram.png"
 
+# Written by `python -m training cv` into its --output directory.
+CV_REPORT_FILE = "cv.json"
+
 # Bumped when the artifact layout or the model's input contract changes.
 ARTIFACT_FORMAT_VERSION = "1"
 
@@ -45,3 +48,23 @@ METADATA_REQUIRED_FIELDS = (
 # model_version. (Artifacts saved before it existed are checked against the
 # digest prefix that ends model_version.)
 METADATA_MODEL_SHA256 = "model_sha256"
+
+# Written by `python -m training recalibrate` into the new artifact: the
+# artifact it was derived from (whose weights it shares) and what was refitted
+# on the site sample (temperature, threshold, figures before and after).
+METADATA_PARENT_MODEL_VERSION = "parent_model_version"
+METADATA_PARENT_MODEL_SHA256 = "parent_model_sha256"
+METADATA_RECALIBRATION = "recalibration"
+# {"fit": [image_id, ...], "holdout": [...], SPLIT_DHASH_KEY: {"fit": [16 hex
+#  digits, ...], ...}}: how recalibrate split its site sample.
+RECALIBRATION_SPLIT_FILE = "recalibration_split.json"
+
+# metadata "threshold_source": a fixed --threshold, or chosen for
+# --target_accuracy.
+THRESHOLD_FIXED = "fixed"
+THRESHOLD_TARGET_ACCURACY = "target_accuracy"
+# Target accuracy of the images not flagged that recalibrate chooses the
+# threshold for when no --threshold is given.
+DEFAULT_TARGET_ACCURACY = 0.95
+# Share of recalibrate's site sample held out to report on.
+DEFAULT_HOLDOUT_FRACTION = 0.3

@@ -364,3 +364,26 @@ def save_artifact(model: "keras.Model", model_dir: str, labels: Sequence[str],
   os.replace(tmp, metadata_path)
   read_artifact_info(model_dir)
   return ordered
+
+
+def copy_artifact(local_dir: str, output: str) -> None:
+  """Copies a finished local artifact directory to `output` (e.g. gs://).
+
+  metadata.json is copied last, so the copy counts as an artifact only once
+  every other file is there.
+
+  Args:
+    local_dir: a directory written by `save_artifact` (and its companions).
+    output: the destination directory, any Beam FileSystems path.
+  """
+  names = sorted(os.listdir(local_dir),
+                 key=lambda n: n == schemas.METADATA_FILE)
+  # An older artifact's metadata.json must not sit beside the new model while
+  # the files are copied (or if the copy fails): it goes first, comes last.
+  old_metadata = _join(output, schemas.METADATA_FILE)
+  if FileSystems.exists(old_metadata):
+    FileSystems.delete([old_metadata])
+  for name in names:
+    with open(os.path.join(local_dir, name), "rb") as src, FileSystems.create(
+        _join(output, name)) as dst:
+      shutil.copyfileobj(src, dst, 1 << 20)

@@ -1,10 +1,12 @@
-"""Command line: `python -m training {train,evaluate,gradcam,phantoms} FLAGS`."""
+"""Command line: `python -m training COMMAND FLAGS`, COMMAND one of train,
+evaluate, gradcam, recalibrate, phantoms."""
 
 import argparse
 import sys
 from typing import List, Optional
 
 import schemas
+from schemas import evaluation as evaluation_schema
 from training import config as config_lib
 
 _WEIGHTS_HELP = (
@@ -97,6 +99,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="Report directory: metrics.json and"
                         " confusion_matrix.png.")
   evaluate.add_argument("--batch_size", type=int, default=32)
+  evaluate.add_argument(
+      "--masks", action="append", default=[],
+      help="Glob of BUSI archives (zip, tar, tar.gz) holding the lesion masks"
+      " (x_mask.png, x_mask_1.png beside x.png); repeatable. Adds the"
+      " Grad-CAM pointing game and IoU against them to metrics.json.")
 
   explain = commands.add_parser(
       "gradcam", help="Grad-CAM overlay of one image file.",
@@ -111,6 +118,44 @@ def _parser() -> argparse.ArgumentParser:
                        help="PNG to write (local or gs://).")
   explain.add_argument("--class", dest="class_name", default=None,
                        help="Class to explain; default: the predicted one.")
+
+  recal = commands.add_parser(
+      "recalibrate", help="Refit temperature and threshold for a new site.",
+      description="Refits an artifact's temperature and review threshold on"
+      " a labelled sample from another hospital or scanner (TFRecords of"
+      " `python -m beam_pipeline preprocess`), keeping every weight, and"
+      " writes them as a new artifact. The sample is split (near-duplicates"
+      " kept together) into a part to fit on and a held-out part on which"
+      " the parent's and the new calibration are compared.")
+  recal.add_argument("--model", required=True,
+                     help="The artifact to recalibrate (only read).")
+  recal.add_argument("--data", action="append", required=True,
+                     help="Glob of the sample's *.tfrecord.gz; repeatable.")
+  recal.add_argument("--output", required=True,
+                     help="New artifact directory (local or gs://), not"
+                     " --model.")
+  recal_threshold = recal.add_mutually_exclusive_group()
+  recal_threshold.add_argument(
+      "--target_accuracy", type=float, default=None,
+      help="Choose the threshold as the lowest confidence at which the"
+      " accuracy of the fit part's images not flagged reaches this (default"
+      f" {schemas.DEFAULT_TARGET_ACCURACY:g}).")
+  recal_threshold.add_argument(
+      "--threshold", type=float, default=None,
+      help="A fixed threshold instead of one chosen on the sample.")
+  recal.add_argument("--holdout_fraction", type=float,
+                     default=schemas.DEFAULT_HOLDOUT_FRACTION,
+                     help="Share of the sample held out to report on"
+                     " (default %(default)g); 0 fits on all of it and reports"
+                     " in-sample figures.")
+  recal.add_argument("--seed", type=int, default=0,
+                     help="Decides the fit / held-out split.")
+  recal.add_argument("--name", default=None,
+                     help="Prefix of the new model_version (default: the"
+                     " parent's name).")
+  recal.add_argument("--batch_size", type=int, default=32)
+  recal.add_argument("--overwrite", action="store_true",
+                     help="Replace an artifact already in --output.")
 
   phantom = commands.add_parser(
       "phantoms", help="Write a BUSI-layout zip of synthetic phantom frames.")
@@ -148,9 +193,9 @@ def main(argv: Optional[List[str]] = None) -> int:
           target_accuracy=args.target_accuracy,
           synthetic_data=args.synthetic_data))
     elif args.command == "evaluate":
-      from training import evaluate, metrics  # pylint: disable=import-outside-toplevel
+      from training import evaluate, lesions, metrics  # pylint: disable=import-outside-toplevel
       report = evaluate.evaluate(args.model, args.data, args.output,
-                                 args.batch_size)
+                                 args.batch_size, args.masks)
       print(metrics.format_report(report))
       flagging = report["flagging"]
       print(f"ECE {report['ece']:.3f} (15 bins) at temperature"
@@ -165,7 +210,20 @@ def main(argv: Optional[List[str]] = None) -> int:
               " in the model's training or validation split, and"
               f" {report['near_duplicates_of_training'] or 0} more are"
               " near-duplicates of images there.")
+      if evaluation_schema.LESION_LOCALISATION in report:
+        print(lesions.format_localisation(
+            evaluation_schema.LesionLocalisation.from_json(
+                report[evaluation_schema.LESION_LOCALISATION])))
       print(f"Report written to {args.output}")
+    elif args.command == "recalibrate":
+      from training import recalibrate  # pylint: disable=import-outside-toplevel
+      metadata = recalibrate.recalibrate(recalibrate.RecalibrateConfig(
+          model=args.model, data=tuple(args.data), output=args.output,
+          target_accuracy=args.target_accuracy, threshold=args.threshold,
+          holdout_fraction=args.holdout_fraction, seed=args.seed,
+          name=args.name, overwrite=args.overwrite,
+          batch_size=args.batch_size))
+      print(recalibrate.format_summary(metadata, args.output))
     elif args.command == "gradcam":
       from training import explain  # pylint: disable=import-outside-toplevel
       result = explain.explain_file(args.model, args.image, args.output,

@@ -10,8 +10,9 @@ from apache_beam.io.filesystems import FileSystems
 
 import schemas
 from schemas import artifact as artifact_schema
+from schemas import evaluation as evaluation_schema
 from training import artifact, calibration, data as data_lib, metrics
-from training import plots, split
+from training import lesion_masks, lesions, plots, split
 
 _LOG = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def _seen_counts(fitted: Optional[_Fitted], image_ids: Sequence[str],
 
 
 def evaluate(model_dir: str, patterns: Sequence[str], output: str,
-             batch_size: int = 32) -> Dict:
+             batch_size: int = 32, masks: Sequence[str] = ()) -> Dict:
   """Scores labelled TFRecords with an artifact; writes metrics and a plot.
 
   Args:
@@ -71,6 +72,9 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
     output: report directory (local or gs://); gets metrics.json and
       confusion_matrix.png.
     batch_size: images per model call.
+    masks: globs of BUSI archives holding the lesion masks; when given, the
+      report gets a `lesion_localisation` block (`lesions.localise`): Grad-CAM
+      of the benign/malignant images checked against their masks.
 
   Returns:
     The report written to metrics.json: the `metrics.classification_report`
@@ -81,12 +85,15 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
 
   Raises:
     artifact.ArtifactError: the artifact is invalid.
-    ValueError: no file matches or no labelled image is found.
+    ValueError: no file matches or no labelled image is found, or a
+      --masks archive cannot be read.
   """
   loaded = artifact.load_artifact(model_dir)
   labels = loaded.labels
   size = loaded.metadata["image_size"]
   data, stats = data_lib.load_labelled(patterns, labels, size)
+  # Before the model runs, so that a bad --masks fails at once.
+  mask_sets = lesion_masks.read_mask_archives(masks) if masks else None
   _LOG.info("Evaluating %s on %d labelled images (%d unlabelled skipped)",
             loaded.metadata["model_version"], stats.used, stats.unlabelled)
   probabilities = loaded.model.predict(data.images, batch_size=batch_size,
@@ -125,6 +132,10 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
           timespec="seconds"),
       "package_version": schemas.PACKAGE_VERSION,
   })
+  if mask_sets is not None:
+    report[evaluation_schema.LESION_LOCALISATION] = lesions.localise(
+        loaded.model, data.images, data.sources, data.labels, predicted,
+        labels, mask_sets, batch_size).to_json()
   if seen or near:
     _LOG.warning("%d of the %d images were in the model's training or"
                  " validation split and %d more are near-duplicates of images"

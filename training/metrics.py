@@ -6,7 +6,7 @@ ones; a precision, recall or F1 whose denominator is zero is 0.0 (as sklearn's
 classes, including those with no support.
 """
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -116,3 +116,31 @@ def format_report(report: Dict) -> str:
   for label, row in zip(labels, report["confusion_matrix"]):
     lines.append(f"{label:<{width}}" + "".join(f"{v:>{width}d}" for v in row))
   return "\n".join(lines)
+
+
+def roc_auc(scores: Sequence[float], positive: Sequence[bool]
+           ) -> Optional[float]:
+  """Area under the ROC curve of `scores` for telling `positive` apart.
+
+  The Mann-Whitney statistic: the chance that a random positive scores
+  above a random negative, ties counting one half (as sklearn's
+  `roc_auc_score`). None when either group is empty.
+  """
+  scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+  positive = np.asarray(positive, dtype=bool).reshape(-1)
+  if scores.shape != positive.shape:
+    raise ValueError(f"{scores.size} scores but {positive.size} labels")
+  n_pos = int(positive.sum())
+  n_neg = int(scores.size - n_pos)
+  if not n_pos or not n_neg:
+    return None
+  order = np.argsort(scores, kind="mergesort")
+  ranks = np.empty(scores.size, dtype=np.float64)
+  sorted_scores = scores[order]
+  # Average ranks (1-based) over runs of equal scores.
+  starts = np.r_[0, np.flatnonzero(sorted_scores[1:] != sorted_scores[:-1]) + 1]
+  ends = np.r_[starts[1:], scores.size]
+  for start, end in zip(starts, ends):
+    ranks[order[start:end]] = (start + end + 1) / 2.0
+  rank_sum = ranks[positive].sum()
+  return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))

@@ -18,6 +18,7 @@ import tempfile
 from typing import Iterator, List, Optional, Tuple
 
 import keras
+import numpy as np
 
 import schemas
 from training.config import BACKBONES, IMAGENET, NO_WEIGHTS, TINY, VGG16
@@ -306,3 +307,27 @@ def set_temperature(model: keras.Model, temperature: float) -> None:
       layer.set_temperature(temperature)
       return
   raise ValueError(f"model {model.name} has no TemperatureScaling layer")
+
+
+def predict_logits(model: keras.Model, images: np.ndarray,
+                   batch_size: int = 32) -> np.ndarray:
+  """The "logits" layer's output on raw uint8 pixels, before the temperature.
+
+  What calibration fits a temperature on. Plain calls in batches rather than
+  predict(): each new sub-model's predict() traces a function, and
+  TensorFlow then warns about retracing.
+
+  Args:
+    model: a model from `build_model` (or loaded from an artifact).
+    images: uint8 [n, H, W, 3].
+    batch_size: images per call.
+
+  Returns:
+    float32 numpy array [n, classes] ([0, classes] for no images).
+  """
+  if not len(images):
+    return np.zeros((0, int(model.outputs[0].shape[-1])), np.float32)
+  sub = sub_model(model, None, LOGITS_LAYER)
+  return np.concatenate([
+      np.asarray(sub(images[i:i + batch_size], training=False))
+      for i in range(0, len(images), batch_size)])

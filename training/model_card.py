@@ -206,6 +206,12 @@ def _metrics_section(metadata: Dict) -> List[str]:
 def _calibration_section(metadata: Dict) -> List[str]:
   cal = metadata.get("calibration") or {}
   lines = ["## Calibration", ""]
+  if metadata.get(schemas.METADATA_RECALIBRATION):
+    lines += [f"> Recalibrated for a new site: this model's temperature is"
+              f" now {_num(metadata.get('temperature'))}. This section and"
+              " the next describe the model as trained, on its own"
+              " validation and test splits; \"Recalibration for a new"
+              " site\" has the figures on the site sample.", ""]
   temperature = cal.get("temperature", metadata.get("temperature"))
   if cal.get("fitted"):
     lines += [f"Temperature scaling: the logits are divided by **T ="
@@ -246,7 +252,11 @@ def _threshold_section(metadata: Dict) -> List[str]:
   lines = ["## Review threshold", "",
            f"Scoring flags an image for review when its top probability is"
            f" below **{_num(threshold, 4)}**."]
-  if source == "target_accuracy":
+  if metadata.get(schemas.METADATA_RECALIBRATION):
+    lines.append("Source: refitted on a site sample (see \"Recalibration for"
+                 " a new site\"). Any table below is the model's as trained,"
+                 " at its threshold then, on its own splits.")
+  elif source == "target_accuracy":
     target = metadata.get("target_accuracy")
     lines.append(
         f"Source: `--target_accuracy {_num(target)}`: the lowest validation"
@@ -282,6 +292,119 @@ def _threshold_section(metadata: Dict) -> List[str]:
               " honest figure (validation chose the threshold)."]
   else:
     lines.append("No labelled validation or test images: no figures.")
+  return lines + ["", _LOCAL_DATA_NOTE, ""]
+
+
+# Said on every card: a threshold chosen on one data set says little about
+# another site's images, and the two commands that find out and fix it.
+_LOCAL_DATA_NOTE = "\n".join([
+    "**The threshold's accuracy holds only for data like the images it was"
+    " chosen on** (the validation split; for a recalibrated artifact, the"
+    " site sample's fit part). Before relying on it at another site or"
+    " scanner, check it on labelled local images (`metrics.json` →"
+    " `flagging`, `ece`):",
+    "",
+    "    python -m training evaluate --model DIR --data LOCAL_GLOB"
+    " --output REPORT",
+    "",
+    "and, if it does not hold, refit the temperature and threshold on them,"
+    " keeping every weight (a new artifact; part of the images is held out"
+    " to report on):",
+    "",
+    "    python -m training recalibrate --model DIR --data LOCAL_GLOB"
+    " --output NEW_DIR",
+])
+
+
+def _recalibration_section(metadata: Dict) -> List[str]:
+  """Before / after figures of a recalibrated artifact on its site sample."""
+  block = metadata.get(schemas.METADATA_RECALIBRATION)
+  if not block:
+    return []
+  parent = block.get("parent") or {}
+  temp = block.get("temperature") or {}
+  thr = block.get("threshold") or {}
+  check = block.get("check") or {}
+  before, after = check.get("before") or {}, check.get("after") or {}
+  counts = block.get("class_counts") or {}
+  fingerprint = (block.get("data_fingerprint") or {}).get("overall", NA)
+  held_out = 0 if check.get("in_sample") else check.get("count", NA)
+  parent_version = metadata.get(schemas.METADATA_PARENT_MODEL_VERSION, NA)
+  lines = [
+      "## Recalibration for a new site", "",
+      f"This artifact is **{parent_version}** (model.keras sha256"
+      f" `{metadata.get(schemas.METADATA_PARENT_MODEL_SHA256, NA)}`) with"
+      " only its temperature and review threshold refitted on a labelled"
+      " sample from another site. Every other weight is the parent's: the"
+      " predicted classes, the test metrics and the confusion matrix above"
+      " are unchanged, and so are the companion plots and `split.json`.", "",
+      f"Sample: {block.get('images', NA)} labelled images (fingerprint"
+      f" `{fingerprint}`): {temp.get('fit_count', NA)} to fit on,"
+      f" {held_out} held out (`--holdout_fraction"
+      f" {block.get('holdout_fraction', NA)}`, seed {block.get('seed', NA)};"
+      " near-duplicates kept in one part,"
+      f" {block.get('near_duplicates_grouped', NA)} images in such groups;"
+      f" the parts' image_ids in `{schemas.RECALIBRATION_SPLIT_FILE}`).",
+      ""]
+  labels = metadata.get("labels") or []
+  rows = [[name] + [part.get(l, 0) for l in labels]
+          for name, part in counts.items() if part]
+  if rows:
+    lines += _table(["part"] + labels, rows) + [""]
+  if temp.get("fitted"):
+    lines.append(
+        f"Temperature {_num(parent.get('temperature'), 4)} →"
+        f" **{_num(temp.get('temperature'), 4)}**, fitted on the fit part"
+        f" (NLL {_num(temp.get('nll_parent'))} at the parent's temperature →"
+        f" {_num(temp.get('nll_after'))}).")
+  else:
+    lines.append(f"Temperature kept at the parent's"
+                 f" {_num(temp.get('temperature'), 4)}:"
+                 f" {temp.get('reason', NA)} (the fit gave"
+                 f" {_num(temp.get('fitted_value'), 4)}).")
+  if thr.get("source") == "target_accuracy":
+    source = ("the lowest confidence at which the fit part's accuracy on the"
+              " images not flagged reaches"
+              f" {_pct(thr.get('target_accuracy'))}")
+  else:
+    source = "fixed (`--threshold`)"
+  lines += [f"Threshold {_num(parent.get('threshold'), 4)} →"
+            f" **{_num(thr.get('threshold'), 4)}**: {source}.", ""]
+  if thr.get("target_reached") is False:
+    lines += [f"> **The target {_pct(thr.get('target_accuracy'))} was not"
+              " reached** on the fit part at any threshold: the threshold"
+              " fell back to its highest confidence, which flags nearly every"
+              " image.", ""]
+  if check.get("in_sample"):
+    lines += ["> **In-sample figures** (`--holdout_fraction 0`): the"
+              " temperature and threshold were fitted on the very images"
+              f" below ({check.get('count', NA)}), so the recalibrated"
+              " column is optimistic.", ""]
+  else:
+    lines += [f"On the {check.get('count', NA)} held-out images (used for"
+              " neither the temperature nor the threshold):", ""]
+  rows = [["temperature", _num(before.get("temperature"), 4),
+           _num(after.get("temperature"), 4)],
+          ["threshold", _num(before.get("threshold"), 4),
+           _num(after.get("threshold"), 4)]]
+  for name, key in (("accuracy, all", "accuracy"),
+                    ("ECE (15 bins)", "ece"), ("NLL", "nll")):
+    rows.append([name, _num(before.get(key)), _num(after.get(key))])
+  rows.append(["flagged", f"{before.get('flagged', NA)}"
+               f" ({_pct(before.get('flagged_share'))})",
+               f"{after.get('flagged', NA)}"
+               f" ({_pct(after.get('flagged_share'))})"])
+  for name, key in (("accuracy, not flagged", "accuracy_confident"),
+                    ("accuracy, flagged", "accuracy_flagged")):
+    rows.append([name, _num(before.get(key)), _num(after.get(key))])
+  lines += _table(["site sample", "parent (before)", "recalibrated (after)"],
+                  rows)
+  confident = (after.get("count") or 0) - (after.get("flagged") or 0)
+  if after.get("accuracy_confident") is not None and confident > 0:
+    low, high = wilson_interval(after["accuracy_confident"], confident)
+    lines += ["", f"On {confident} images not flagged, the recalibrated"
+              f" accuracy {_num(after['accuracy_confident'])} has a 95 %"
+              f" Wilson interval of {low:.3f}–{high:.3f}."]
   return lines + [""]
 
 
@@ -373,7 +496,8 @@ def render(metadata: Dict) -> str:
   """The model card (Markdown) for an artifact's metadata."""
   sections = (_header(metadata) + [_INTENDED_USE] + _data_section(metadata) +
               _metrics_section(metadata) + _calibration_section(metadata) +
-              _threshold_section(metadata) + _caveats_section(metadata) +
+              _threshold_section(metadata) +
+              _recalibration_section(metadata) + _caveats_section(metadata) +
               _training_section(metadata) + _files_section())
   return "\n".join(sections).rstrip() + "\n"
 

@@ -11,7 +11,8 @@ which the TFRecord shards were read.
 """
 
 import hashlib
-from typing import Dict, Iterator, List, NamedTuple, Sequence, Tuple
+from typing import (Dict, Hashable, Iterator, List, NamedTuple, Sequence,
+                    Tuple)
 
 import cv2
 import numpy as np
@@ -131,21 +132,46 @@ def split_indices(image_ids: Sequence[str], labels: Sequence[str],
   fractions = {TRAIN: 1 - val_fraction - test_fraction, VAL: val_fraction,
                TEST: test_fraction}
   group_of = duplicate_groups(image_ids, hashes, max_distance)
-  num_groups = max(group_of) + 1 if group_of else 0
-  members: List[List[int]] = [[] for _ in range(num_groups)]
-  for i, group in enumerate(group_of):
-    members[group].append(i)
+  # Ties go to test, then val, so that small classes still reach the
+  # evaluation splits.
+  indices = deal_groups(image_ids, labels, group_of,
+                        {s: fractions[s] for s in (TEST, VAL, TRAIN)}, seed)
+  return SplitResult({name: indices[name] for name in SPLITS}, group_of,
+                     max(group_of) + 1 if group_of else 0)
 
-  # A group's label is its most common one (a tie goes to the smallest name);
-  # its key, the smallest image_id in it, orders groups independently of the
-  # input order.
+
+def deal_groups(image_ids: Sequence[str], labels: Sequence[str],
+                group_of: Sequence[int], fractions: Dict[Hashable, float],
+                seed: int) -> Dict[Hashable, List[int]]:
+  """Deals whole groups of images to named parts, stratified by label.
+
+  Per label, groups are dealt biggest first (equal sizes in an order drawn
+  from the seed alone), each to the part furthest below its share; a tie
+  goes to the part named first in `fractions`. A group's label is its most
+  common one (a tie goes to the smallest name); its key, the smallest
+  image_id in it, orders groups independently of the input order.
+
+  Args:
+    image_ids: content id of each image.
+    labels: class of each image.
+    group_of: group number of each image (`duplicate_groups`; any ints).
+    fractions: part name → share of each label's images (parts with share 0
+      get nothing).
+    seed: the only source of randomness.
+
+  Returns:
+    part name → sorted indices of its images.
+  """
+  members: Dict[int, List[int]] = {}
+  for i, group in enumerate(group_of):
+    members.setdefault(int(group), []).append(i)
   by_label: Dict[str, List[List[int]]] = {}
-  for group in members:
+  for group in members.values():
     names = sorted(labels[i] for i in group)
     label = max(sorted(set(names)), key=names.count)
     by_label.setdefault(label, []).append(group)
 
-  indices: Dict[str, List[int]] = {name: [] for name in SPLITS}
+  indices: Dict[Hashable, List[int]] = {name: [] for name in fractions}
   for label in sorted(by_label):
     groups = sorted(by_label[label], key=lambda g: min(image_ids[i] for i in g))
     rng = np.random.default_rng(
@@ -153,19 +179,16 @@ def split_indices(image_ids: Sequence[str], labels: Sequence[str],
                               "big")])
     order = rng.permutation(len(groups))
     # Biggest groups first (stable, so equal sizes keep the random order):
-    # they are the hard ones to place without overshooting a small split.
+    # they are the hard ones to place without overshooting a small part.
     order = sorted(order, key=lambda k: -len(groups[k]))
     total = sum(len(g) for g in groups)
-    placed = {name: 0 for name in SPLITS}
+    placed = {name: 0 for name in fractions}
     for k in order:
-      # The split furthest below its target; ties go to test, then val, so
-      # that small classes still reach the evaluation splits.
-      name = max((s for s in (TEST, VAL, TRAIN) if fractions[s] > 0),
+      name = max((s for s in fractions if fractions[s] > 0),
                  key=lambda s: fractions[s] * total - placed[s])
       placed[name] += len(groups[k])
       indices[name].extend(groups[k])
-  return SplitResult({name: sorted(v) for name, v in indices.items()},
-                     group_of, num_groups)
+  return {name: sorted(v) for name, v in indices.items()}
 
 
 def hash_hex(value: int) -> str:

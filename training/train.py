@@ -350,21 +350,6 @@ def _predict(model, images: np.ndarray, batch_size: int) -> np.ndarray:
   return model.predict(images, batch_size=batch_size, verbose=0)
 
 
-def _write_outputs(local_dir: str, output: str) -> None:
-  """Copies the finished artifact to `output` (gs://), metadata.json last."""
-  from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
-  names = sorted(os.listdir(local_dir), key=lambda n: n == schemas.METADATA_FILE)
-  # An older artifact's metadata.json must not sit beside the new model while
-  # the files are copied (or if the copy fails): it goes first, comes last.
-  old_metadata = FileSystems.join(output.rstrip("/"), schemas.METADATA_FILE)
-  if FileSystems.exists(old_metadata):
-    FileSystems.delete([old_metadata])
-  for name in names:
-    with open(os.path.join(local_dir, name), "rb") as src, FileSystems.create(
-        FileSystems.join(output.rstrip("/"), name)) as dst:
-      shutil.copyfileobj(src, dst, 1 << 20)
-
-
 def _check_output(config: TrainConfig) -> None:
   from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
   existing = FileSystems.join(config.output.rstrip("/"), schemas.METADATA_FILE)
@@ -533,7 +518,7 @@ def train(config: TrainConfig) -> Dict:
   _verify_saved(work, model, test.images[:8], config.batch_size,
                 calibration.softmax(test_logits[:8], temperature))
   if work != config.output:
-    _write_outputs(work, config.output)
+    artifact.copy_artifact(work, config.output)
     shutil.rmtree(work, ignore_errors=True)
   print(f"Model {metadata['model_version']} written to {config.output}"
         f" in {seconds['total']:.1f} s")

@@ -1,0 +1,66 @@
+"""Fields of the report `python -m training evaluate` writes (metrics.json).
+
+Only the blocks that code other than the writer reads are spelled here; the
+lesion-localisation block (`--masks`) is a typed record, so its fields have
+one spelling for the writer (training/lesions.py), the CLI and the tests.
+"""
+
+from typing import Any, Dict, List, NamedTuple, Optional
+
+# The classes whose BUSI images come with a lesion mask; normal frames have
+# no lesion (BUSI ships blank masks for them) and are not localised.
+LESION_LABELS = ("benign", "malignant")
+
+# metrics.json key of the LesionLocalisation block (with --masks only).
+LESION_LOCALISATION = "lesion_localisation"
+
+# What the localisation heatmaps explain (LesionLocalisation.explained).
+EXPLAIN_TRUE_CLASS = "true_class"
+
+
+class LocalisationScore(NamedTuple):
+  """Grad-CAM against the lesion masks, over one group of lesion images.
+
+  images = paired + unpaired + bad_mask; the rates are over the paired ones
+  and None when there are none.
+  """
+  images: int  # benign/malignant images evaluated
+  paired: int  # with a readable, non-empty lesion: the ones scored
+  unpaired: int  # no mask found for the image's member path
+  bad_mask: int  # masks found but unreadable, or empty at the model's size
+  pointing_hit_rate: Optional[float]  # heatmap peak inside the lesion
+  mean_iou: Optional[float]  # of {heatmap >= heatmap_threshold} and lesion
+
+
+class LesionLocalisation(NamedTuple):
+  """The `lesion_localisation` block of metrics.json."""
+  overall: LocalisationScore
+  per_class: Dict[str, LocalisationScore]  # LESION_LABELS the model has
+  # The same paired images, explaining the class the model predicted (where
+  # it differs from the true one: where it looked when it was wrong).
+  predicted_class: LocalisationScore
+  explained: str  # EXPLAIN_TRUE_CLASS: what overall and per_class explain
+  layer: str  # the conv layer Grad-CAM weighs (GRADCAM_LAYER)
+  heatmap_threshold: float  # heatmap >= this is the IoU's predicted region
+  mask_threshold: int  # resized mask pixel > this (of 255) is lesion
+  mask_archives: List[str]  # the archives the masks were read from
+  masks_read: int  # mask members read from them
+  mask_read_errors: int  # mask members that could not be read
+
+  def to_json(self) -> Dict[str, Any]:
+    """The block as JSON-ready dicts."""
+    return {**self._asdict(),
+            "overall": self.overall._asdict(),
+            "per_class": {label: score._asdict()
+                          for label, score in self.per_class.items()},
+            "predicted_class": self.predicted_class._asdict()}
+
+  @classmethod
+  def from_json(cls, block: Dict[str, Any]) -> "LesionLocalisation":
+    """The record back from a metrics.json block written by to_json."""
+    return cls(**{**block,
+                  "overall": LocalisationScore(**block["overall"]),
+                  "per_class": {label: LocalisationScore(**score)
+                                for label, score in block["per_class"].items()},
+                  "predicted_class": LocalisationScore(
+                      **block["predicted_class"])})

@@ -1,0 +1,323 @@
+"""`python -m training recalibrate` through `cli.main(argv)`.
+
+The parent is a tiny untrained artifact whose temperature is set far below
+the one its own logits want on a "site" sample (over-confident), and the
+sample's labels are made from those logits: right for the most confident
+half, mostly wrong for the rest, so that a finite temperature and a
+threshold in the middle fit it.
+"""
+
+import hashlib
+import json
+import os
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+
+import schemas
+from training import artifact, calibration, cli, model_card
+from training import model as model_lib, split, testing
+from training.layers import TemperatureScaling
+
+SIZE = 32
+IMAGES = 90
+TARGET = 0.95  # the default --target_accuracy
+PARENT_THRESHOLD = 0.9
+
+
+class Site(NamedTuple):
+  parent: str  # the parent artifact
+  data: str  # glob of the sample's TFRecords
+  image_ids: list  # of the sample, in the order of logits and labels
+  logits: np.ndarray  # the parent's logits of the sample
+  labels: np.ndarray
+  parent_temperature: float
+  best_temperature: float  # fitted directly on the whole sample
+  best_threshold: float  # chosen on the whole sample at best_temperature
+
+
+def _sample_labels(logits: np.ndarray) -> np.ndarray:
+  """The prediction for the more confident half; cycling classes (right a
+  third of the time) for the rest."""
+  ordered = np.sort(logits, axis=1)
+  order = np.argsort(-(ordered[:, -1] - ordered[:, -2]), kind="stable")
+  labels = logits.argmax(axis=1)
+  for k, i in enumerate(order[len(order) // 2:]):
+    labels[i] = k % logits.shape[1]
+  return labels
+
+
+def _files(directory):
+  """name → sha256 of every file in a directory."""
+  result = {}
+  for name in sorted(os.listdir(directory)):
+    with open(os.path.join(directory, name), "rb") as f:
+      result[name] = hashlib.sha256(f.read()).hexdigest()
+  return result
+
+
+@pytest.fixture(name="site", scope="module")
+def fixture_site(tmp_path_factory):
+  root = tmp_path_factory.mktemp("site")
+  base = str(root / "base")
+  testing.make_test_artifact(base, image_size=SIZE, seed=0)
+  loaded = artifact.load_artifact(base)
+  rng = np.random.default_rng(0)
+  # Speckle of random brightness: logits (and margins) spread out.
+  images = (rng.integers(0, 256, (IMAGES, SIZE, SIZE, 3)) *
+            rng.uniform(0.05, 1.0, (IMAGES, 1, 1, 1))).astype(np.uint8)
+  logits = model_lib.predict_logits(loaded.model, images)
+  labels = _sample_labels(logits)
+  best = calibration.fit_temperature(logits, labels)
+  assert not best.at_bound
+  probabilities = calibration.softmax(logits, best.temperature)
+  best_threshold = calibration.choose_threshold(
+      probabilities.max(axis=1), probabilities.argmax(axis=1) == labels,
+      TARGET)
+  assert best_threshold.reached
+
+  # The parent: the same weights, far too sharp for this site.
+  parent = str(root / "parent")
+  parent_temperature = best.temperature / 20
+  model_lib.set_temperature(loaded.model, parent_temperature)
+  fields = {k: v for k, v in loaded.metadata.items() if k not in (
+      "model_version", "created_at", schemas.METADATA_MODEL_SHA256,
+      "temperature")}
+  fields.update(name="parent", threshold=PARENT_THRESHOLD,
+                temperature=parent_temperature)
+  artifact.save_artifact(loaded.model, parent, loaded.labels, fields)
+  with open(os.path.join(parent, schemas.SPLIT_FILE), "w") as f:
+    json.dump({"train": ["a"], "val": [], "test": []}, f)
+
+  records = [testing.make_record(pixels, schemas.LABELS[label])
+             for pixels, label in zip(images, labels)]
+  unlabelled = testing.make_record(images[0][::-1], "")
+  data = testing.write_tfrecords(
+      str(root / "tfrecords" / "part-00000-of-00001.tfrecord.gz"),
+      records + [unlabelled])
+  return Site(parent, data, [r.image_id for r in records], logits, labels,
+              parent_temperature, best.temperature, best_threshold.threshold)
+
+
+def _run(site, output, *flags):
+  return cli.main(["recalibrate", "--model", site.parent, "--data", site.data,
+                   "--output", str(output), *flags])
+
+
+def _metadata(directory):
+  return artifact.read_artifact_info(str(directory)).metadata
+
+
+def _weights(model):
+  return {layer.name: layer.get_weights() for layer in model.layers
+          if not isinstance(layer, TemperatureScaling)}
+
+
+def test_recalibrate_refits_temperature_and_threshold(site, tmp_path, capsys):
+  parent_files = _files(site.parent)
+  output = tmp_path / "recal"
+  assert _run(site, output) == 0
+  out = capsys.readouterr().out
+  assert "held-out images" in out and f"written to {output}" in out
+  assert "1 unlabelled skipped" in out
+  assert _files(site.parent) == parent_files  # only read
+
+  parent = artifact.load_artifact(site.parent)
+  new = artifact.load_artifact(str(output))
+  metadata = new.metadata
+  block = metadata[schemas.METADATA_RECALIBRATION]
+
+  # Temperature and threshold move toward what the whole sample wants.
+  temperature = metadata["temperature"]
+  assert block["temperature"]["fitted"]
+  assert new.model.get_layer("temperature").value == pytest.approx(
+      temperature)
+  assert (abs(np.log(temperature / site.best_temperature)) <
+          abs(np.log(site.parent_temperature / site.best_temperature)) / 4)
+  assert (abs(metadata["threshold"] - site.best_threshold) <
+          abs(PARENT_THRESHOLD - site.best_threshold))
+  assert metadata["threshold_source"] == schemas.THRESHOLD_TARGET_ACCURACY
+  assert metadata["target_accuracy"] == TARGET
+  assert block["threshold"]["target_reached"] is True
+
+  # Every weight but the temperature is the parent's.
+  before, after = _weights(parent.model), _weights(new.model)
+  assert before.keys() == after.keys()
+  for name, weights in before.items():
+    assert len(weights) == len(after[name]), name
+    for a, b in zip(weights, after[name]):
+      np.testing.assert_array_equal(a, b, err_msg=name)
+  pixels = testing.class_images(1, 4, SIZE, np.random.default_rng(3))
+  np.testing.assert_allclose(
+      new.model.predict(pixels, verbose=0),
+      calibration.softmax(model_lib.predict_logits(parent.model, pixels),
+                          temperature), atol=1e-5)
+
+  # A new artifact that names its parent and keeps its other metadata.
+  assert metadata["model_version"] != parent.metadata["model_version"]
+  assert metadata["model_version"].startswith("parent-")  # the parent's name
+  assert metadata[schemas.METADATA_PARENT_MODEL_VERSION] == (
+      parent.metadata["model_version"])
+  assert metadata[schemas.METADATA_PARENT_MODEL_SHA256] == parent.model_sha256
+  for field in schemas.METADATA_REQUIRED_FIELDS:
+    assert field in metadata, field
+  for field in ("test_metrics", "class_counts", "data_fingerprint",
+                "weights_source", "backbone", "training"):
+    assert metadata[field] == parent.metadata[field], field
+  assert os.path.exists(output / schemas.SPLIT_FILE)  # the parent's
+  with open(output / schemas.RECALIBRATION_SPLIT_FILE) as f:
+    sample_split = json.load(f)
+
+  # Honest figures: the held-out part, parent vs new.
+  check = block["check"]
+  fit_count = block["temperature"]["fit_count"]
+  assert not check["in_sample"] and check["part"] == "holdout"
+  assert fit_count + check["count"] == IMAGES == block["images"]
+  assert block["examples_read"] == IMAGES + 1
+  assert 0.2 < check["count"] / IMAGES < 0.4
+  assert len(sample_split["holdout"]) == check["count"]
+  assert not set(sample_split["fit"]) & set(sample_split["holdout"])
+  assert block["data_fingerprint"]["overall"] == split.fingerprint(
+      site.image_ids)
+  old, now = check["before"], check["after"]
+  assert old["temperature"] == pytest.approx(site.parent_temperature)
+  assert old["threshold"] == PARENT_THRESHOLD
+  assert now["threshold"] == metadata["threshold"]
+  assert old["accuracy"] == now["accuracy"]  # a temperature moves no argmax
+  assert now["ece"] < old["ece"] and now["nll"] < old["nll"]
+  # Recomputed by hand on the held-out images.
+  rows = [site.image_ids.index(i) for i in sample_split["holdout"]]
+  held_logits, held_labels = site.logits[rows], site.labels[rows]
+  probabilities = calibration.softmax(held_logits, temperature)
+  expected = calibration.flag_stats(
+      probabilities.max(axis=1), probabilities.argmax(axis=1) == held_labels,
+      metadata["threshold"])
+  for key, value in expected.items():
+    assert now[key] == pytest.approx(value), key
+  assert now["nll"] == pytest.approx(
+      calibration.nll(held_logits, held_labels, temperature), abs=1e-5)
+
+  card = (output / schemas.MODEL_CARD_FILE).read_text()
+  for text in ("## Recalibration for a new site",
+               parent.metadata["model_version"], "parent (before)",
+               "recalibrated (after)", f"| ECE (15 bins) | {old['ece']:.3f} |"
+               f" {now['ece']:.3f} |", f"{metadata['threshold']:.4f}",
+               block["data_fingerprint"]["overall"],
+               "python -m training recalibrate --model DIR"):
+    assert text in card, text
+  assert "In-sample" not in card
+
+
+def test_fixed_threshold_in_sample(site, tmp_path):
+  output = tmp_path / "recal"
+  assert _run(site, output, "--threshold", "0.8", "--holdout_fraction", "0",
+              "--name", "site-b") == 0
+  metadata = _metadata(output)
+  block = metadata[schemas.METADATA_RECALIBRATION]
+  assert metadata["threshold"] == 0.8
+  assert metadata["threshold_source"] == schemas.THRESHOLD_FIXED
+  assert metadata["target_accuracy"] is None
+  assert metadata["model_version"].startswith("site-b-")
+  assert block["check"]["in_sample"] and block["check"]["count"] == IMAGES
+  assert block["temperature"]["fit_count"] == IMAGES
+  # Fitted on all of it: exactly the temperature fitted on the sample.
+  assert metadata["temperature"] == pytest.approx(site.best_temperature,
+                                                  rel=1e-4)
+  card = (output / schemas.MODEL_CARD_FILE).read_text()
+  assert "**In-sample figures**" in card and "fixed (`--threshold`)" in card
+
+
+def test_existing_output_needs_overwrite(site, tmp_path, capsys):
+  output = tmp_path / "recal"
+  testing.make_test_artifact(str(output), image_size=SIZE)
+  # A companion of that other artifact that the parent does not have.
+  (output / schemas.artifact.TRAINING_CURVES_FILE).write_bytes(b"old")
+  assert _run(site, output) == 2
+  assert "--overwrite" in capsys.readouterr().err
+  assert _metadata(output)["training"]["untrained_test_artifact"]
+  assert _run(site, output, "--overwrite") == 0
+  assert _metadata(output)[schemas.METADATA_PARENT_MODEL_VERSION]
+  assert not (output / schemas.artifact.TRAINING_CURVES_FILE).exists()
+
+
+def test_output_must_not_be_the_parent(site, tmp_path, capsys):
+  parent_files = _files(site.parent)
+  link = tmp_path / "link"
+  link.symlink_to(site.parent)
+  for output in (site.parent, site.parent + "/", str(link)):
+    assert _run(site, output, "--overwrite") == 2
+    assert "never modifies the parent" in capsys.readouterr().err
+  assert _files(site.parent) == parent_files
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--holdout_fraction", "1"], "--holdout_fraction"),
+    (["--holdout_fraction", "-0.1"], "--holdout_fraction"),
+    (["--target_accuracy", "1.5"], "--target_accuracy"),
+    (["--threshold", "2"], "--threshold"),
+    (["--name", "a/b"], "--name"),
+    (["--data", "/nonexistent/*.tfrecord.gz"], "matches no file"),
+    (["--model", "/nonexistent/model"], "model.keras"),
+])
+def test_bad_flags_exit_2(site, tmp_path, capsys, flags, message):
+  argv = ["recalibrate", "--model", site.parent, "--data", site.data,
+          "--output", str(tmp_path / "m")]
+  for flag, value in zip(flags[::2], flags[1::2]):
+    if flag in argv:  # replace instead of repeating
+      argv[argv.index(flag) + 1] = value
+      flags = []
+  assert cli.main(argv + flags) == 2
+  assert message in capsys.readouterr().err
+  assert not (tmp_path / "m").exists()
+
+
+def test_threshold_and_target_exclude_each_other(site, tmp_path):
+  with pytest.raises(SystemExit) as exit_info:
+    _run(site, tmp_path / "m", "--threshold", "0.8", "--target_accuracy",
+         "0.9")
+  assert exit_info.value.code == 2
+
+
+def test_wrong_image_size_exits_2(site, tmp_path, capsys):
+  records = testing.synthetic_records(per_class=2, image_size=40)
+  data = testing.write_tfrecords(str(tmp_path / "d" / "p.tfrecord.gz"),
+                                 records)
+  assert cli.main(["recalibrate", "--model", site.parent, "--data", data,
+                   "--output", str(tmp_path / "m")]) == 2
+  assert "40x40" in capsys.readouterr().err
+
+
+def test_too_small_a_sample_exits_2(site, tmp_path, capsys):
+  records = testing.synthetic_records(per_class=1, image_size=SIZE)[:1]
+  data = testing.write_tfrecords(str(tmp_path / "d" / "p.tfrecord.gz"),
+                                 records)
+  assert cli.main(["recalibrate", "--model", site.parent, "--data", data,
+                   "--output", str(tmp_path / "m")]) == 2
+  assert "--holdout_fraction 0" in capsys.readouterr().err
+
+
+# Slow only alone: a process's first gs:// access waits ~20 s in Beam's
+# credential lookup before going anonymous (paid once; test_gcs.py pays it too).
+@pytest.mark.slow
+def test_gs_output(site, gcs_client):
+  from tests.conftest import BUCKET  # pylint: disable=import-outside-toplevel
+  output = f"gs://{BUCKET}/models/recal"
+  assert _run(site, output) == 0
+  info = artifact.read_artifact_info(output)
+  assert info.metadata[schemas.METADATA_PARENT_MODEL_VERSION]
+  names = {blob.name for blob in gcs_client.list_blobs(
+      BUCKET, prefix="models/recal/")}
+  for name in (schemas.MODEL_FILE, schemas.MODEL_CARD_FILE, schemas.SPLIT_FILE,
+               schemas.RECALIBRATION_SPLIT_FILE):
+    assert f"models/recal/{name}" in names, name
+  artifact.load_artifact(output)
+
+
+def test_every_card_says_how_to_check_and_recalibrate():
+  card = model_card.render({"model_version": "x", "threshold": 0.9})
+  assert "holds only for data like" in card
+  assert ("python -m training evaluate --model DIR --data LOCAL_GLOB"
+          " --output REPORT") in card
+  assert "python -m training recalibrate --model DIR --data LOCAL_GLOB" in card
+  assert "Recalibration for a new site" not in card
