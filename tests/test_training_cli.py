@@ -39,7 +39,10 @@ def test_train_without_augmentation(tmp_path, data_glob, capsys):
   status = cli.main(["train", "--data", data_glob, "--output", output,
                      "--backbone_weights", "none", "--no_augment",
                      "--epochs", "2", "--fine_tune_epochs", "1",
-                     "--batch_size", "8", "--seed", "1", "--name", "e2e"])
+                     "--batch_size", "8", "--seed", "1", "--name", "e2e",
+                     # A fixed threshold and a test split, asked for (the
+                     # defaults choose one for 0.95 and keep no test split).
+                     "--threshold", "0.9", "--test_fraction", "0.15"])
   assert status == 0
   assert "Skipped 1 unlabelled" in capsys.readouterr().out
   for name in (schemas.MODEL_FILE, schemas.LABELS_FILE, schemas.METADATA_FILE,
@@ -378,11 +381,15 @@ def test_gradcam_command_writes_the_overlay(tmp_path, test_artifact, capsys):
 
 
 def test_empty_validation_split_trains_without_calibration(tmp_path,
-                                                          data_glob):
+                                                          data_glob, capsys):
   # LabelledData is a NamedTuple: emptiness must be judged on its images,
   # not len() of the tuple (always 4).
   output = str(tmp_path / "m")
-  assert _tiny_train(output, data_glob, "--val_fraction", "0") == 0
+  # The default threshold is chosen on validation: without one, say so.
+  assert _tiny_train(output, data_glob, "--val_fraction", "0") == 2
+  assert "--val_fraction" in capsys.readouterr().err
+  assert _tiny_train(output, data_glob, "--val_fraction", "0",
+                     "--threshold", "0.9") == 0
   metadata = artifact.read_artifact_info(output).metadata
   assert metadata["class_counts"]["val"] == {
       label: 0 for label in metadata["labels"]}

@@ -16,6 +16,120 @@ _WEIGHTS_HELP = (
     " network.")
 
 
+def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
+  """The flags of the training recipe, shared by `train` and `cv`."""
+  parser.add_argument("--data", action="append", required=True,
+                      help="Glob of *.tfrecord.gz files; repeatable.")
+  parser.add_argument("--image_size", type=int, default=None,
+                      help="Must match the TFRecords; default: their size.")
+  parser.add_argument("--backbone_weights", default=config_lib.IMAGENET,
+                      help=_WEIGHTS_HELP)
+  parser.add_argument("--backbone", choices=config_lib.BACKBONES,
+                      default=config_lib.VGG16,
+                      help="vgg16, or tiny: a 2-conv stand-in for tests only.")
+  parser.add_argument("--epochs", type=int, default=config_lib.DEFAULT_EPOCHS,
+                      help="Most epochs of head training, base frozen"
+                      " (default %(default)d; stops early, see --patience).")
+  parser.add_argument("--fine_tune_epochs", type=int,
+                      default=config_lib.DEFAULT_FINE_TUNE_EPOCHS,
+                      help="Then at most this many epochs with block5"
+                      " unfrozen (default %(default)d).")
+  parser.add_argument("--patience", type=int,
+                      default=config_lib.DEFAULT_PATIENCE,
+                      help="Stop a stage after this many epochs without a"
+                      " lower validation loss, keeping the best epoch's"
+                      " weights (default %(default)d; 0: run every epoch).")
+  parser.add_argument("--learning_rate", type=float,
+                      default=config_lib.LEARNING_RATE,
+                      help="Adam learning rate of the head stage (default"
+                      " %(default)g).")
+  parser.add_argument("--fine_tune_learning_rate", type=float,
+                      default=config_lib.FINE_TUNE_LEARNING_RATE,
+                      help="Adam learning rate of the fine-tune stage (default"
+                      " %(default)g).")
+  parser.add_argument("--val_fraction", type=float,
+                      default=config_lib.DEFAULT_VAL_FRACTION,
+                      help="Share held out to stop early, calibrate and"
+                      " choose the threshold (default %(default)g).")
+  parser.add_argument("--test_fraction", type=float,
+                      default=config_lib.DEFAULT_TEST_FRACTION,
+                      help="Share held out only to report (default"
+                      " %(default)g: `cv` measures the recipe; in cv the"
+                      " folds are the test sets and this must stay 0).")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="Decides the split, initialisation and shuffling.")
+  parser.add_argument("--threshold", type=float, default=None,
+                      help="A fixed review threshold: confidence below it is"
+                      " flagged. Given alone it replaces the chosen one;"
+                      " with --target_accuracy it is only reported (default"
+                      f" for that report: {schemas.DEFAULT_THRESHOLD:g}).")
+  parser.add_argument("--target_accuracy", type=_target, default=None,
+                      help="Choose the threshold on validation: the lowest"
+                      " calibrated confidence at which the accuracy of the"
+                      " images not flagged reaches this (default"
+                      f" {schemas.DEFAULT_TARGET_ACCURACY:g} unless"
+                      " --threshold is given; 'none' for the fixed"
+                      " threshold).")
+  parser.add_argument("--no_calibrate", dest="calibrate",
+                      action="store_false", default=True,
+                      help="Keep temperature 1 (no temperature scaling on the"
+                      " validation split).")
+  parser.add_argument("--synthetic_data", action="store_true",
+                      help="The data are synthetic phantoms: the model card"
+                      " says so.")
+  parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--augment_views", type=int,
+                      default=config_lib.DEFAULT_AUGMENT_VIEWS,
+                      help="Fixed views of each training image besides the"
+                      " original: its mirror image, then random rotation /"
+                      " shift / zoom / flip (default %(default)d). Their conv"
+                      " outputs are computed once, so each costs one VGG16"
+                      " pass per training image, not one per epoch.")
+  augment = parser.add_mutually_exclusive_group()
+  augment.add_argument(
+      "--augment", dest="augment", action="store_true", default=None,
+      help="Augment with --augment_views views (the default).")
+  augment.add_argument(
+      "--no_augment", dest="augment", action="store_false",
+      help="No augmentation: the originals only (--augment_views 0).")
+
+
+_NONE = "none"
+
+
+def _target(value: str):
+  return _NONE if value.lower() == _NONE else float(value)
+
+
+def _recipe_config(args: argparse.Namespace, **fields
+                  ) -> config_lib.TrainConfig:
+  """The TrainConfig the recipe flags ask for (plus `fields`)."""
+  target = args.target_accuracy
+  if target is None:
+    # An explicit --threshold alone means a fixed threshold.
+    target = (None if args.threshold is not None else
+              schemas.DEFAULT_TARGET_ACCURACY)
+  elif target == _NONE:
+    target = None
+  views = args.augment_views if args.augment is not False else 0
+  if args.augment and not views:
+    raise ValueError("--augment with --augment_views 0 asks for no views")
+  return config_lib.TrainConfig(
+      data=tuple(args.data), image_size=args.image_size,
+      backbone_weights=args.backbone_weights, backbone=args.backbone,
+      epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
+      patience=args.patience,
+      val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+      seed=args.seed,
+      threshold=(schemas.DEFAULT_THRESHOLD if args.threshold is None
+                 else args.threshold),
+      batch_size=args.batch_size, augment_views=views,
+      learning_rate=args.learning_rate,
+      fine_tune_learning_rate=args.fine_tune_learning_rate,
+      calibrate=args.calibrate, target_accuracy=target,
+      synthetic_data=args.synthetic_data, **fields)
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="python -m training",
@@ -29,65 +143,27 @@ def _parser() -> argparse.ArgumentParser:
       " fine-tuning) on the labelled examples of the TFRecords written by"
       " `python -m beam_pipeline preprocess` and writes the artifact that"
       " scoring loads.")
-  train.add_argument("--data", action="append", required=True,
-                     help="Glob of *.tfrecord.gz files; repeatable.")
   train.add_argument("--output", required=True,
                      help="Artifact directory to write (local or gs://).")
-  train.add_argument("--image_size", type=int, default=None,
-                     help="Must match the TFRecords; default: their size.")
-  train.add_argument("--backbone_weights", default=config_lib.IMAGENET,
-                     help=_WEIGHTS_HELP)
-  train.add_argument("--backbone", choices=config_lib.BACKBONES,
-                     default=config_lib.VGG16,
-                     help="vgg16, or tiny: a 2-conv stand-in for tests only.")
-  train.add_argument("--epochs", type=int, default=config_lib.DEFAULT_EPOCHS,
-                     help="Epochs of head training (base frozen).")
-  train.add_argument("--fine_tune_epochs", type=int, default=0,
-                     help="Then epochs with block5 unfrozen.")
-  train.add_argument("--learning_rate", type=float,
-                     default=config_lib.LEARNING_RATE,
-                     help="Adam learning rate of the head stage (default"
-                     " %(default)g, the recipe for pretrained weights).")
-  train.add_argument("--fine_tune_learning_rate", type=float,
-                     default=config_lib.FINE_TUNE_LEARNING_RATE,
-                     help="Adam learning rate of the fine-tune stage (default"
-                     " %(default)g).")
-  train.add_argument("--val_fraction", type=float, default=0.15)
-  train.add_argument("--test_fraction", type=float, default=0.15)
-  train.add_argument("--seed", type=int, default=0,
-                     help="Decides the split, initialisation and shuffling.")
-  train.add_argument("--threshold", type=float,
-                     default=schemas.DEFAULT_THRESHOLD,
-                     help="Confidence below which scoring flags a prediction"
-                     " (default %(default)g); with --target_accuracy only"
-                     " reported for comparison.")
-  train.add_argument("--target_accuracy", type=float, default=None,
-                     help="Choose the threshold instead: the lowest"
-                     " validation confidence at which the validation accuracy"
-                     " of the images not flagged reaches this (after"
-                     " calibration). If none does, the highest validation"
-                     " confidence is used and a warning printed.")
-  train.add_argument("--no_calibrate", dest="calibrate", action="store_false",
-                     default=True,
-                     help="Keep temperature 1 (no temperature scaling on the"
-                     " validation split).")
-  train.add_argument("--synthetic_data", action="store_true",
-                     help="The data are synthetic phantoms: the model card"
-                     " says so.")
-  train.add_argument("--batch_size", type=int, default=32)
-  augment = train.add_mutually_exclusive_group()
-  augment.add_argument(
-      "--augment", dest="augment", action="store_true", default=True,
-      help="Random rotation/shift/shear/zoom/flip each epoch (default). Costs"
-      " a VGG16 pass per training image per epoch.")
-  augment.add_argument(
-      "--no_augment", dest="augment", action="store_false",
-      help="No augmentation: base features are computed once, so each epoch"
-      " takes milliseconds.")
+  _add_recipe_flags(train)
   train.add_argument("--name", default=config_lib.DEFAULT_NAME,
                      help="Prefix of the model_version.")
   train.add_argument("--overwrite", action="store_true",
                      help="Replace an artifact already in --output.")
+
+  cross = commands.add_parser(
+      "cv", help="Cross-validate the training recipe on labelled TFRecords.",
+      description="Grouped, stratified k-fold cross-validation of the whole"
+      " recipe `train` runs with the same flags: each fold in turn is scored"
+      " by a model trained, calibrated and thresholded on the other folds."
+      " Near-duplicate images never straddle folds. Prints a table and"
+      " writes cv.json.")
+  cross.add_argument("--folds", type=int, default=config_lib.DEFAULT_FOLDS,
+                     help="Number of folds (default %(default)d).")
+  cross.add_argument("--output", default=None,
+                     help="Directory for cv.json (local or gs://); default:"
+                     " print only.")
+  _add_recipe_flags(cross)
 
   evaluate = commands.add_parser(
       "evaluate", help="Metrics of an artifact on labelled TFRecords.")
@@ -179,19 +255,15 @@ def main(argv: Optional[List[str]] = None) -> int:
   try:
     if args.command == "train":
       from training import train  # pylint: disable=import-outside-toplevel
-      train.train(config_lib.TrainConfig(
-          data=tuple(args.data), output=args.output,
-          image_size=args.image_size,
-          backbone_weights=args.backbone_weights, backbone=args.backbone,
-          epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
-          val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-          seed=args.seed, threshold=args.threshold,
-          batch_size=args.batch_size, augment=args.augment, name=args.name,
-          learning_rate=args.learning_rate,
-          fine_tune_learning_rate=args.fine_tune_learning_rate,
-          overwrite=args.overwrite, calibrate=args.calibrate,
-          target_accuracy=args.target_accuracy,
-          synthetic_data=args.synthetic_data))
+      train.train(_recipe_config(args, output=args.output, name=args.name,
+                                 overwrite=args.overwrite))
+    elif args.command == "cv":
+      from training import cv  # pylint: disable=import-outside-toplevel
+      report = cv.cross_validate(_recipe_config(args, output=args.output or ""),
+                                 args.folds)
+      print(cv.format_table(report))
+      if args.output:
+        print(f"Report written to {cv.write_report(report, args.output)}")
     elif args.command == "evaluate":
       from training import evaluate, lesions, metrics  # pylint: disable=import-outside-toplevel
       report = evaluate.evaluate(args.model, args.data, args.output,

@@ -17,9 +17,17 @@ BACKBONES = (VGG16, TINY)
 IMAGENET = "imagenet"
 NO_WEIGHTS = "none"
 
-LEARNING_RATE = 1e-4
+# The recipe's defaults, chosen by cross-validation on real BUSI images
+# (training/README.md, "How the defaults were chosen").
+LEARNING_RATE = 1e-3
 FINE_TUNE_LEARNING_RATE = 1e-5
-DEFAULT_EPOCHS = 30
+DEFAULT_EPOCHS = 300  # the most the head stage runs; it stops early
+DEFAULT_FINE_TUNE_EPOCHS = 0
+DEFAULT_PATIENCE = 20  # epochs without a better validation loss
+DEFAULT_AUGMENT_VIEWS = 7  # the mirror image + 6 random geometric views
+DEFAULT_VAL_FRACTION = 0.15
+DEFAULT_TEST_FRACTION = 0.0  # `cv` measures the recipe; train on the rest
+DEFAULT_FOLDS = 5
 DEFAULT_NAME = "busi-vgg16"
 
 
@@ -32,31 +40,51 @@ class TrainConfig:
   backbone_weights: str = IMAGENET
   backbone: str = VGG16
   epochs: int = DEFAULT_EPOCHS
-  fine_tune_epochs: int = 0
-  val_fraction: float = 0.15
-  test_fraction: float = 0.15
+  fine_tune_epochs: int = DEFAULT_FINE_TUNE_EPOCHS
+  val_fraction: float = DEFAULT_VAL_FRACTION
+  test_fraction: float = DEFAULT_TEST_FRACTION
   seed: int = 0
   threshold: float = schemas.DEFAULT_THRESHOLD
   batch_size: int = 32
-  augment: bool = True
+  # Fixed views per training image besides the original (0: no
+  # augmentation); their conv outputs are computed once.
+  augment_views: int = DEFAULT_AUGMENT_VIEWS
+  patience: int = DEFAULT_PATIENCE  # 0: no early stopping
   name: str = DEFAULT_NAME
   learning_rate: float = LEARNING_RATE
   fine_tune_learning_rate: float = FINE_TUNE_LEARNING_RATE
   overwrite: bool = False
   calibrate: bool = True  # fit the temperature on the validation split
-  target_accuracy: Optional[float] = None  # None: the fixed --threshold
+  # None: the fixed --threshold.
+  target_accuracy: Optional[float] = schemas.DEFAULT_TARGET_ACCURACY
   synthetic_data: bool = False  # phantoms: said in the model card
 
-  def validate(self) -> None:
-    """Raises ValueError naming the first bad flag."""
+  @property
+  def augment(self) -> bool:
+    return self.augment_views > 0
+
+  def validate(self, cross_validation: bool = False) -> None:
+    """Raises ValueError naming the first bad flag.
+
+    Args:
+      cross_validation: checks for `cv` (no --output needed; the folds are
+        the test sets, so --test_fraction must be 0).
+    """
     if not self.data:
       raise ValueError("--data is required")
-    if not self.output:
+    if not self.output and not cross_validation:
       raise ValueError("--output is required")
+    if cross_validation and self.test_fraction:
+      raise ValueError("cv: each fold is the test set in turn; leave"
+                       " --test_fraction at 0")
     if self.epochs < 1:
       raise ValueError("--epochs must be at least 1")
     if self.fine_tune_epochs < 0:
       raise ValueError("--fine_tune_epochs must be 0 or more")
+    if self.augment_views < 0:
+      raise ValueError("--augment_views must be 0 or more")
+    if self.patience < 0:
+      raise ValueError("--patience must be 0 or more")
     if self.batch_size < 1:
       raise ValueError("--batch_size must be at least 1")
     if not 0.0 <= self.threshold <= 1.0:

@@ -13,16 +13,22 @@ once for every image and view and shared by the folds: k folds cost one
 pass of VGG16 plus k head fits.
 """
 
+import dataclasses
 import json
 import logging
 import math
 import os
+import time
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+import keras
+
 import schemas
-from training import calibration, metrics, split
+from training import calibration, data as data_lib, metrics
+from training import model as model_lib, recipe, split
+from training.config import TrainConfig
 
 _LOG = logging.getLogger(__name__)
 
@@ -63,7 +69,8 @@ def fold_metrics(labels: np.ndarray, probabilities: np.ndarray,
   Args:
     labels: true class indices [n].
     probabilities: the model's (calibrated) probabilities [n, classes].
-    threshold: the review threshold; confidence below it is flagged.
+    threshold: the review threshold (confidence below it is flagged), or
+      one per image (pooled folds, each with its own threshold).
     label_names: class names in index order (must include "malignant").
 
   Returns:
@@ -78,7 +85,11 @@ def fold_metrics(labels: np.ndarray, probabilities: np.ndarray,
   report = metrics.classification_report(labels, predicted, names)
   confidence = probabilities.max(axis=1)
   correct = predicted == labels
-  flagging = calibration.flag_stats(confidence, correct, threshold)
+  thresholds = np.broadcast_to(np.asarray(threshold, np.float64),
+                               confidence.shape)
+  # confidence ≥ threshold exactly when confidence − threshold ≥ 0 (IEEE
+  # subtraction keeps the sign), so one call serves per-image thresholds.
+  flagging = calibration.flag_stats(confidence - thresholds, correct, 0.0)
   malignant = names.index("malignant")
   result = {
       "count": int(len(labels)),
@@ -87,7 +98,7 @@ def fold_metrics(labels: np.ndarray, probabilities: np.ndarray,
       "ece": calibration.reliability(confidence, correct)["ece"],
       "auc_malignant": metrics.roc_auc(probabilities[:, malignant],
                                        labels == malignant),
-      "threshold": float(threshold),
+      "threshold": (float(threshold) if np.ndim(threshold) == 0 else None),
       "flagged": flagging["flagged"],
       "flagged_share": flagging["flagged_share"],
       "accuracy_unflagged": flagging["accuracy_confident"],
@@ -153,3 +164,128 @@ def write_report(report: Dict, output: str) -> str:
   with FileSystems.create(path) as f:
     f.write(json.dumps(report, indent=2).encode("utf-8"))
   return path
+
+
+def _fold(k: int, config: TrainConfig, runner: recipe.Recipe,
+          data: data_lib.LabelledData, hashes: Sequence[int],
+          fold_of: np.ndarray) -> Dict:
+  """Trains on the other folds as `train` would, and scores fold k."""
+  names = list(schemas.LABELS)
+  rest = np.flatnonzero(fold_of != k)
+  test = np.flatnonzero(fold_of == k)
+  inner = split.split_indices(
+      [data.image_ids[i] for i in rest], [names[i] for i in data.labels[rest]],
+      [hashes[i] for i in rest], config.val_fraction, 0.0, config.seed)
+  train = rest[inner.indices[split.TRAIN]]
+  val = rest[inner.indices[split.VAL]]
+  if config.target_accuracy is not None and not len(val):
+    raise ValueError("cv: a fold left no validation images to choose the"
+                     " threshold on; raise --val_fraction")
+  keras.utils.set_random_seed(config.seed + k)
+  fitted = runner.fit(train, val)
+  val_logits, test_logits = runner.logits(val), runner.logits(test)
+  labels = data.labels
+  fit = recipe.fit_calibration(config, val_logits, labels[val])
+  flagging = recipe.choose_flagging(
+      config, recipe.confidence(val_logits, labels[val], fit.temperature),
+      recipe.confidence(test_logits, labels[test], fit.temperature))
+  probabilities = calibration.softmax(test_logits, fit.temperature)
+  scores = fold_metrics(labels[test], probabilities, flagging["threshold"],
+                        names)
+  scores["ece_uncalibrated"] = calibration.expected_calibration_error(
+      calibration.softmax(test_logits), labels[test])
+  return {
+      "fold": k,
+      "counts": {"train": int(len(train)), "val": int(len(val)),
+                 "test": int(len(test))},
+      "temperature": fit.temperature,
+      "calibration_fitted": fit.block["fitted"],
+      "threshold": flagging["threshold"],
+      "target_reached": flagging["target_reached"],
+      "epochs_run": fitted.epochs_run,
+      "best_epoch": fitted.best_epoch,
+      "seconds": {k: round(v, 2) for k, v in fitted.seconds.items()},
+      "val": flagging["val"],
+      "test": scores,
+      "test_image_ids": [data.image_ids[i] for i in test],
+      "_probabilities": probabilities,
+      "_test": test,
+  }
+
+
+def cross_validate(config: TrainConfig, folds: int) -> Dict:
+  """Runs the recipe on k grouped, stratified folds.
+
+  Args:
+    config: the recipe's flags, as `train` takes them (output unused).
+    folds: number of folds.
+
+  Returns:
+    The report: per fold (counts, temperature, threshold, epochs, the test
+    fold's figures and image_ids), "pooled" (every image scored by the model
+    that did not see its fold, each with its fold's threshold), "summary"
+    (mean ± sd over folds of each of SCALARS), and the settings.
+
+  Raises:
+    ValueError: bad flags or data.
+  """
+  config.validate(cross_validation=True)
+  started = time.perf_counter()
+  names = list(schemas.LABELS)
+  data, stats = data_lib.load_labelled(config.data, names, config.image_size)
+  hashes = [split.dhash(image) for image in data.images]
+  group_of = split.duplicate_groups(data.image_ids, hashes)
+  fold_of = assign_folds(data.image_ids, [names[i] for i in data.labels],
+                         group_of, folds, config.seed)
+  _LOG.info("cv: %d images in %d near-duplicate groups, %d folds",
+            len(data.image_ids), len(set(group_of)), folds)
+  keras.utils.set_random_seed(config.seed)
+  model = model_lib.build_model(int(data.images.shape[1]),
+                                config.backbone_weights, len(names),
+                                config.backbone)
+  initial = model.get_weights()
+  everything = np.arange(len(data.labels))
+  cache = recipe.ConvCache(model, data.images,
+                           {v: everything for v in recipe.views(config)},
+                           config.batch_size, config.seed,
+                           recipe.cache_layers(config, model))
+  # Per-fold results are logged; hundreds of epoch lines would bury them.
+  runner = recipe.Recipe(model, cache, data.labels, config, progress=0)
+  results = []
+  for k in range(folds):
+    # Every fold starts from the same pretrained base and initial head.
+    model.set_weights(initial)
+    model_lib.freeze_backbone(model)
+    results.append(_fold(k, config, runner, data, hashes, fold_of))
+    _LOG.info("cv fold %d: %s", k, {n: results[-1]["test"][n]
+                                    for n in ("macro_f1", "accuracy")})
+  order = np.concatenate([r.pop("_test") for r in results])
+  pooled_probabilities = np.concatenate([r.pop("_probabilities")
+                                         for r in results])
+  thresholds = np.concatenate([np.full(r["counts"]["test"], r["threshold"])
+                               for r in results])
+  pooled = fold_metrics(data.labels[order], pooled_probabilities, thresholds,
+                        names)
+  settings = dataclasses.asdict(config)
+  settings.pop("output", None)
+  settings.pop("overwrite", None)
+  settings["data"] = list(config.data)
+  return {
+      "folds_count": folds,
+      "images": int(len(data.labels)),
+      "groups": int(len(set(group_of))),
+      "class_counts": {name: int((data.labels == i).sum())
+                       for i, name in enumerate(names)},
+      "examples_read": stats.examples,
+      "unlabelled_skipped": stats.unlabelled,
+      "duplicates_skipped": stats.duplicates,
+      "conflicting_labels_skipped": stats.conflicting,
+      "data_fingerprint": split.fingerprint(data.image_ids),
+      "settings": settings,
+      "folds": results,
+      "pooled": pooled,
+      "summary": summarise([r["test"] for r in results]),
+      "seconds": {"conv_cache": round(cache.seconds, 2),
+                  "total": round(time.perf_counter() - started, 2)},
+      "package_version": schemas.PACKAGE_VERSION,
+  }

@@ -1,0 +1,179 @@
+"""`python -m training cv`: folds, per-fold figures, the report."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import schemas
+from training import calibration, cli, cv, metrics, split, testing
+
+SIZE = 32
+
+
+def test_roc_auc_by_hand():
+  # Positives 0.9, 0.4; negatives 0.8, 0.4, 0.1. Pairs (pos > neg):
+  # 0.9 beats all three (3), 0.4 beats 0.1 (1) and ties 0.4 (0.5): 4.5 / 6.
+  scores = [0.9, 0.8, 0.4, 0.4, 0.1]
+  positive = [True, False, True, False, False]
+  assert metrics.roc_auc(scores, positive) == pytest.approx(4.5 / 6)
+  assert metrics.roc_auc([0.1, 0.9], [False, True]) == 1.0
+  assert metrics.roc_auc([0.1, 0.9], [True, False]) == 0.0
+  assert metrics.roc_auc([0.5, 0.6], [True, True]) is None
+
+
+def test_fold_metrics_match_a_hand_computation():
+  names = list(schemas.LABELS)  # normal, benign, malignant
+  labels = np.array([0, 1, 1, 2, 2, 2])
+  probabilities = np.array([
+      [0.8, 0.1, 0.1],   # normal, right, confident
+      [0.2, 0.7, 0.1],   # benign, right
+      [0.1, 0.3, 0.6],   # benign → malignant, wrong
+      [0.0, 0.05, 0.95],  # malignant, right, confident
+      [0.1, 0.5, 0.4],   # malignant → benign, wrong
+      [0.3, 0.1, 0.6],   # malignant, right
+  ])
+  result = cv.fold_metrics(labels, probabilities, 0.75, names)
+  # Per class: normal P=1 R=1; benign P=1/2 R=1/2; malignant P=2/3 R=2/3.
+  f1 = [1.0, 0.5, 2 / 3]
+  assert result["macro_f1"] == pytest.approx(np.mean(f1))
+  assert result["recall_normal"] == 1.0
+  assert result["recall_benign"] == 0.5
+  assert result["recall_malignant"] == pytest.approx(2 / 3)
+  assert result["accuracy"] == pytest.approx(4 / 6)
+  # Malignant vs rest on p_malignant: positives 0.95, 0.4, 0.6; negatives
+  # 0.1, 0.1, 0.6 → (3 + 2 + 2.5) / 9.
+  assert result["auc_malignant"] == pytest.approx(7.5 / 9)
+  # Confidence ≥ 0.75: rows 0 and 3, both right.
+  assert result["flagged"] == 4
+  assert result["flagged_share"] == pytest.approx(4 / 6)
+  assert result["accuracy_unflagged"] == 1.0
+  confidence = probabilities.max(axis=1)
+  correct = probabilities.argmax(axis=1) == labels
+  assert result["ece"] == pytest.approx(
+      calibration.reliability(confidence, correct)["ece"])
+  # Per-image thresholds (pooled folds) give the same as the scalar.
+  pooled = cv.fold_metrics(labels, probabilities, np.full(6, 0.75), names)
+  assert pooled["flagged"] == 4 and pooled["threshold"] is None
+  # Undefined figures are None, not 0.
+  only_normal = cv.fold_metrics(np.array([0, 0]), probabilities[:2], 0.5,
+                                names)
+  assert only_normal["recall_malignant"] is None
+  assert only_normal["auc_malignant"] is None
+
+
+def test_summarise_is_mean_and_sample_sd_skipping_undefined():
+  folds = [{name: 0.5 for name in cv.SCALARS} for _ in range(3)]
+  folds[0]["macro_f1"], folds[1]["macro_f1"], folds[2]["macro_f1"] = (
+      0.6, 0.7, 0.8)
+  folds[2]["auc_malignant"] = None
+  summary = cv.summarise(folds)
+  assert summary["macro_f1"]["mean"] == pytest.approx(0.7)
+  assert summary["macro_f1"]["sd"] == pytest.approx(0.1)
+  assert summary["auc_malignant"] == {"mean": 0.5, "sd": 0.0, "n": 2}
+
+
+def test_folds_keep_groups_together_and_are_stratified():
+  rng = np.random.default_rng(0)
+  labels = ["benign"] * 50 + ["malignant"] * 25 + ["normal"] * 15
+  ids = [f"{i:04d}" for i in range(len(labels))]
+  group_of = list(range(len(labels)))
+  for a, b in [(0, 1), (1, 2), (10, 60), (70, 71)]:  # near-duplicate chains
+    group_of[b] = group_of[a]
+  fold_of = cv.assign_folds(ids, labels, group_of, 5, seed=3)
+  for g in set(group_of):
+    members = [i for i in range(len(ids)) if group_of[i] == g]
+    assert len({fold_of[i] for i in members}) == 1
+  for label, total in (("benign", 50), ("malignant", 25), ("normal", 15)):
+    counts = np.bincount([fold_of[i] for i in range(len(ids))
+                          if labels[i] == label], minlength=5)
+    assert counts.max() - counts.min() <= 3, (label, counts)
+  # Deterministic, and independent of the input order.
+  order = rng.permutation(len(ids))
+  again = cv.assign_folds([ids[i] for i in order], [labels[i] for i in order],
+                          [group_of[i] for i in order], 5, seed=3)
+  assert all(again[j] == fold_of[i] for j, i in enumerate(order))
+  with pytest.raises(ValueError, match="at least 2"):
+    cv.assign_folds(ids, labels, group_of, 1, 0)
+  with pytest.raises(ValueError, match="distinct"):
+    cv.assign_folds(ids[:3], labels[:3], [0, 0, 1], 3, 0)
+
+
+@pytest.fixture(name="cv_data", scope="module")
+def fixture_cv_data(tmp_path_factory):
+  """12 images a class, plus near-duplicate copies of three of them."""
+  root = tmp_path_factory.mktemp("cv_tfrecords")
+  records = testing.synthetic_records(per_class=12, image_size=SIZE, seed=4)
+  copies = []
+  for record in records[::13]:
+    pixels = record.pixels.copy()
+    pixels[0, 0] ^= 1  # one pixel off: the same picture, other bytes
+    copies.append(testing.make_record(pixels, record.label))
+  testing.write_tfrecords(str(root / "part-00000-of-00001.tfrecord.gz"),
+                          records + copies)
+  return str(root / "*.tfrecord.gz"), records, copies
+
+
+def test_cv_command_reports_every_fold(tmp_path, cv_data, capsys):
+  data_glob, records, copies = cv_data
+  output = str(tmp_path / "cv")
+  status = cli.main(["cv", "--data", data_glob, "--folds", "3",
+                     "--backbone", "tiny", "--backbone_weights", "none",
+                     "--epochs", "15", "--learning_rate", "3e-3",
+                     "--augment_views", "1", "--val_fraction", "0.25",
+                     "--target_accuracy", "0.8", "--output", output])
+  assert status == 0
+  printed = capsys.readouterr().out
+  assert "macro_f1" in printed and "mean ± sd" in printed
+  with open(os.path.join(output, schemas.CV_REPORT_FILE)) as f:
+    report = json.load(f)
+
+  assert report["folds_count"] == 3 and len(report["folds"]) == 3
+  assert report["images"] == len(records) + len(copies)
+  # Every image is scored exactly once, by a model that never saw it.
+  test_ids = [i for fold in report["folds"] for i in fold["test_image_ids"]]
+  assert sorted(test_ids) == sorted(r.image_id for r in records + copies)
+  # A near-duplicate pair never straddles two folds.
+  fold_of = {i: fold["fold"] for fold in report["folds"]
+             for i in fold["test_image_ids"]}
+  by_hash = {}
+  for record in records + copies:
+    by_hash.setdefault(split.dhash(record.pixels), []).append(record.image_id)
+  pairs = [ids for ids in by_hash.values() if len(ids) > 1]
+  assert len(pairs) >= len(copies) - 1
+  for ids in pairs:
+    assert len({fold_of[i] for i in ids}) == 1
+  for fold in report["folds"]:
+    counts = fold["counts"]
+    assert counts["test"] == len(fold["test_image_ids"])
+    assert counts["train"] + counts["val"] + counts["test"] == report["images"]
+    assert fold["temperature"] > 0 and 0 <= fold["threshold"] <= 1
+    assert fold["val"]["count"] == counts["val"]
+    for name in cv.SCALARS + ("count", "confusion_matrix",
+                              "ece_uncalibrated"):
+      assert name in fold["test"], name
+    assert fold["epochs_run"]["head"] <= 15
+  for name in cv.SCALARS:
+    assert set(report["summary"][name]) == {"mean", "sd", "n"}
+    assert name in report["pooled"]
+  assert report["pooled"]["count"] == report["images"]
+  # The pooled figure is the mean over images of the folds' ones.
+  weights = [f["counts"]["test"] for f in report["folds"]]
+  assert report["pooled"]["accuracy"] == pytest.approx(np.average(
+      [f["test"]["accuracy"] for f in report["folds"]], weights=weights))
+  assert report["settings"]["augment_views"] == 1
+  assert report["settings"]["target_accuracy"] == 0.8
+  assert report["summary"]["accuracy"]["mean"] > 0.5  # it learnt something
+
+
+def test_cv_refuses_bad_flags(cv_data, capsys):
+  data_glob = cv_data[0]
+  base = ["cv", "--data", data_glob, "--backbone", "tiny",
+          "--backbone_weights", "none"]
+  assert cli.main(base + ["--folds", "1"]) == 2
+  assert "--folds" in capsys.readouterr().err
+  assert cli.main(base + ["--test_fraction", "0.2"]) == 2
+  assert "--test_fraction" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    cli.main(base + ["--bogus", "3"])

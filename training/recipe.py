@@ -1,0 +1,353 @@
+"""The training recipe, shared by `train` and `cv`: fixed views, cached conv
+outputs, the two fitting stages, calibration and the review threshold.
+
+Augmentation is made affordable by computing it once: every training image
+contributes its original pixels and `augment_views` fixed views (view 1 is
+its mirror image, views 2… random rotation / shift / zoom / flip from
+`training.augment`, drawn once from the seed). The frozen part of VGG16 runs
+over each view once; the head (and, when fine-tuning, block5) then trains on
+those cached outputs for as many epochs as it needs, at a few milliseconds a
+step instead of a VGG16 pass per image per epoch. Validation and test images
+are always the originals: what scoring sees.
+
+Both stages stop early on the validation loss (`patience` epochs without
+improvement; the best epoch's weights are kept), `epochs` being the most they
+may run. The temperature and the review threshold are then fitted on the
+same validation split (the threshold for a target accuracy of the images not
+flagged, by default).
+"""
+
+import logging
+import sys
+import time
+from typing import Dict, List, NamedTuple, Optional, Sequence
+
+import keras
+import numpy as np
+
+import schemas
+from training import calibration, model as model_lib
+from training.config import TrainConfig
+
+_LOG = logging.getLogger(__name__)
+
+ORIGINAL = 0  # view 0: the pixels as stored (and as scoring sees them)
+MIRROR = 1  # view 1: the horizontal mirror image
+
+FIXED = schemas.THRESHOLD_FIXED
+TARGET_ACCURACY = schemas.THRESHOLD_TARGET_ACCURACY
+
+
+def verbose() -> int:
+  # Progress bars on a terminal, one line per epoch in logs.
+  return 1 if sys.stdout.isatty() else 2
+
+
+def balanced_class_weights(labels: np.ndarray, num_classes: int
+                          ) -> Dict[int, float]:
+  """n / (classes present × n_c), as sklearn's "balanced"; 1.0 if n_c is 0."""
+  counts = np.bincount(labels, minlength=num_classes)
+  present = int((counts > 0).sum())
+  return {c: (float(len(labels) / (present * counts[c])) if counts[c] else 1.0)
+          for c in range(num_classes)}
+
+
+def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  return np.eye(num_classes, dtype=np.float32)[labels]
+
+
+def view_images(images: np.ndarray, view: int, seed: int,
+                offset: int = 0) -> np.ndarray:
+  """View `view` of a batch of uint8 images.
+
+  Args:
+    images: uint8 [B, H, W, 3].
+    view: ORIGINAL, MIRROR, or 2… for a random geometric augmentation.
+    seed: the run's seed; with `view` and `offset` it fixes the draw.
+    offset: index of the batch's first image, so batches draw differently.
+  """
+  if view == ORIGINAL:
+    return images
+  if view == MIRROR:
+    return np.ascontiguousarray(images[:, :, ::-1])
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from training import augment  # pylint: disable=import-outside-toplevel
+  return augment.augment_batch(
+      tf.constant(images),
+      tf.constant([seed * 1000 + view, offset], tf.int64)).numpy()
+
+
+class ConvCache:
+  """Outputs of the frozen conv layers for the images and views that need
+  them, each computed once and then shared (by the stages, and by the folds
+  of `cv`).
+
+  Only layers the training never changes may be cached: everything up to
+  block4_pool always, "features" only while block5 is frozen, which is
+  always true when a fold's model starts (weights reset to the pretrained
+  ones).
+  """
+
+  def __init__(self, model: keras.Model, images: np.ndarray,
+               needed: Dict[int, np.ndarray], batch_size: int, seed: int,
+               layers: Sequence[str]):
+    """
+    Args:
+      model: a `model.build_model` model (its frozen layers are used).
+      images: uint8 [N, H, W, 3], all the images indices refer to.
+      needed: view → indices of the images that view is computed for.
+      batch_size: images per model call.
+      seed: the run's seed (for the augmented views).
+      layers: layers to cache, shallowest first; each deeper one is computed
+        from the one before it (e.g. ["block4_pool", "features"]).
+    """
+    self._model = model
+    self._images = images
+    self._batch_size = batch_size
+    self._seed = seed
+    self._layers = list(layers)
+    self._rows: Dict[int, np.ndarray] = {}
+    for view, indices in needed.items():
+      rows = np.full(len(images), -1, dtype=np.int64)
+      rows[np.asarray(indices, dtype=np.int64)] = np.arange(len(indices))
+      self._rows[view] = rows
+    self._needed = {v: np.asarray(i, dtype=np.int64) for v, i in needed.items()}
+    self._values: Dict[tuple, np.ndarray] = {}
+    self._models: Dict[str, keras.Model] = {}  # one traced function a layer
+    self.seconds = 0.0
+
+  def _sub_model(self, layer: str) -> keras.Model:
+    if layer not in self._models:
+      position = self._layers.index(layer)
+      self._models[layer] = model_lib.sub_model(
+          self._model, self._layers[position - 1] if position else None, layer)
+    return self._models[layer]
+
+  def _compute(self, layer: str, view: int) -> np.ndarray:
+    position = self._layers.index(layer)
+    indices = self._needed[view]
+    started = time.perf_counter()
+    sub = self._sub_model(layer)
+    if position:
+      before = self._layers[position - 1]
+      out = sub.predict(self.get(before, view, indices),
+                        batch_size=self._batch_size, verbose=0)
+    else:
+      parts = []
+      chunk = 8 * self._batch_size
+      for start in range(0, len(indices), chunk):
+        pixels = view_images(self._images[indices[start:start + chunk]], view,
+                             self._seed, start)
+        parts.append(sub.predict(pixels, batch_size=self._batch_size,
+                                 verbose=0))
+      out = np.concatenate(parts) if parts else np.zeros(
+          (0,) + tuple(sub.outputs[0].shape[1:]), np.float32)
+      _LOG.info("Computed %s of %d images, view %d, in %.1f s", layer,
+                len(indices), view, time.perf_counter() - started)
+    self.seconds += time.perf_counter() - started
+    return out
+
+  def get(self, layer: str, view: int, indices: Sequence[int]) -> np.ndarray:
+    """`layer`'s output of view `view` of the images `indices`."""
+    key = (layer, view)
+    if key not in self._values:
+      self._values[key] = self._compute(layer, view)
+    rows = self._rows[view][np.asarray(indices, dtype=np.int64)]
+    if (rows < 0).any():
+      raise ValueError(f"view {view} was not computed for some images")
+    return self._values[key][rows]
+
+
+def cache_layers(config: TrainConfig, model: keras.Model) -> List[str]:
+  """What a run caches: features, plus block4_pool when block5 trains."""
+  if config.fine_tune_epochs:
+    return [model_lib.top_block_input(model), model_lib.FEATURES_LAYER]
+  return [model_lib.FEATURES_LAYER]
+
+
+def views(config: TrainConfig) -> List[int]:
+  """The views every training image contributes."""
+  return list(range(1 + config.augment_views))
+
+
+class _EpochTimer(keras.callbacks.Callback):
+  """Collects wall seconds per epoch."""
+
+  def __init__(self):
+    super().__init__()
+    self.seconds: List[float] = []
+    self._start = 0.0
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._start = time.perf_counter()
+
+  def on_epoch_end(self, epoch, logs=None):
+    self.seconds.append(time.perf_counter() - self._start)
+
+
+class FitResult(NamedTuple):
+  """What the stages did: losses per epoch, best epochs and times."""
+  history: Dict[str, List[float]]
+  epochs_run: Dict[str, int]
+  best_epoch: Dict[str, Optional[int]]  # 1-based; None without validation
+  seconds: Dict[str, float]
+  epoch_seconds: Dict[str, List[float]]
+  fine_tune_start: Optional[int]  # epoch at which fine-tuning began
+
+
+class Recipe:
+  """The two stages on one model and one cache."""
+
+  def __init__(self, model: keras.Model, cache: ConvCache,
+               labels: np.ndarray, config: TrainConfig,
+               progress: Optional[int] = None):
+    """`progress`: Keras fit verbosity (default: bars on a terminal, a line
+    an epoch otherwise)."""
+    self.progress = verbose() if progress is None else progress
+    self.model = model
+    self.cache = cache
+    self.labels = labels
+    self.config = config
+    self.num_classes = int(model.outputs[0].shape[-1])
+
+  def _stage(self, stage: str, cut: str, train: np.ndarray, val: np.ndarray,
+             epochs: int, learning_rate: float, class_weight, result) -> None:
+    config = self.config
+    target = model_lib.sub_model(self.model, cut, None)
+    stage_views = views(config)
+    x = np.concatenate([self.cache.get(cut, v, train) for v in stage_views])
+    y = one_hot(np.tile(self.labels[train], len(stage_views)),
+                self.num_classes)
+    validation = None
+    callbacks: List[keras.callbacks.Callback] = [_EpochTimer()]
+    if len(val):
+      validation = (self.cache.get(cut, ORIGINAL, val),
+                    one_hot(self.labels[val], self.num_classes))
+      if config.patience:
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=config.patience,
+            restore_best_weights=True))
+    model_lib.compile_model(target, learning_rate)
+    trainable = sum(int(np.prod(w.shape)) for w in target.trainable_weights)
+    _LOG.info("Stage %s: up to %d epochs, lr %g, %d trainable parameters,"
+              " %d training rows (%d views) on cached %s outputs", stage,
+              epochs, learning_rate, trainable, len(x), len(stage_views), cut)
+    started = time.perf_counter()
+    fitted = target.fit(x, y, epochs=epochs, batch_size=config.batch_size,
+                        shuffle=True, validation_data=validation,
+                        class_weight=class_weight, callbacks=callbacks,
+                        verbose=self.progress)
+    for key, values in fitted.history.items():
+      result.history.setdefault(key, []).extend(float(v) for v in values)
+    run = len(fitted.history["loss"])
+    result.epochs_run[stage] = run
+    losses = fitted.history.get("val_loss")
+    result.best_epoch[stage] = (int(np.argmin(losses)) + 1
+                                if losses and config.patience else None)
+    result.seconds[stage] = time.perf_counter() - started
+    result.epoch_seconds[stage] = [round(s, 3) for s in callbacks[0].seconds]
+
+  def fit(self, train: np.ndarray, val: np.ndarray) -> FitResult:
+    """Head on the frozen base, then (if asked) block5 and head together.
+
+    Args:
+      train: indices of the training images.
+      val: indices of the validation images (may be empty: no early stop).
+    """
+    config = self.config
+    result = FitResult({}, {}, {}, {}, {}, None)
+    class_weight = balanced_class_weights(self.labels[train], self.num_classes)
+    self._stage("head", model_lib.FEATURES_LAYER, train, val, config.epochs,
+                config.learning_rate, class_weight, result)
+    if config.fine_tune_epochs:
+      result = result._replace(fine_tune_start=len(result.history["loss"]))
+      unfrozen = model_lib.unfreeze_top_block(self.model)
+      _LOG.info("Unfroze %s", ", ".join(unfrozen))
+      self._stage("fine_tune", model_lib.top_block_input(self.model), train,
+                  val, config.fine_tune_epochs, config.fine_tune_learning_rate,
+                  class_weight, result)
+    return result
+
+  def logits(self, indices: np.ndarray) -> np.ndarray:
+    """The "logits" layer on the original view, through the cache."""
+    if not len(indices):
+      return np.zeros((0, self.num_classes), np.float32)
+    cut = model_lib.frozen_prefix_end(self.model)
+    sub = model_lib.sub_model(self.model, cut, model_lib.LOGITS_LAYER)
+    return in_batches(sub, self.cache.get(cut, ORIGINAL, indices),
+                      self.config.batch_size)
+
+
+def in_batches(model, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+  # Plain calls rather than predict(): each new sub-model's predict() traces
+  # a function, and TensorFlow then warns about retracing.
+  return np.concatenate([
+      np.asarray(model(inputs[i:i + batch_size], training=False))
+      for i in range(0, len(inputs), batch_size)])
+
+
+def confidence(logits: np.ndarray, labels: np.ndarray, temperature: float):
+  """Top probability and correctness of each prediction."""
+  probabilities = calibration.softmax(logits, temperature)
+  return probabilities.max(axis=1), probabilities.argmax(axis=1) == labels
+
+
+class Calibration(NamedTuple):
+  """A fitted (or refused) temperature, as the metadata block records it."""
+  temperature: float
+  block: Dict
+
+
+def fit_calibration(config: TrainConfig, val_logits: np.ndarray,
+                    val_labels: np.ndarray) -> Calibration:
+  """The temperature for the model, fitted on validation (1.0 if not)."""
+  block = {"temperature": 1.0, "fitted": False, "reason": None,
+           "fit_split": "val", "fit_count": int(len(val_labels)),
+           "nll_before": None, "nll_after": None, "at_bound": False}
+  if not config.calibrate:
+    block["reason"] = "--no_calibrate"
+  elif not len(val_labels):
+    block["reason"] = "no validation images to fit on"
+    _LOG.warning("No validation images: the temperature stays 1.0")
+  else:
+    fit = calibration.fit_temperature(val_logits, val_labels)
+    block.update(nll_before=round(fit.nll_before, 6),
+                 nll_after=round(fit.nll_after, 6), at_bound=fit.at_bound)
+    if fit.at_bound:
+      # A temperature at the end of its range (e.g. 0.01 on a perfectly
+      # separated validation split) would make every prediction look
+      # certain and switch the low-confidence flag off: keep 1.0 instead.
+      block.update(reason="fitted temperature at the search bound",
+                   rejected_temperature=float(fit.temperature))
+    else:
+      block.update(temperature=float(fit.temperature), fitted=True)
+  return Calibration(block["temperature"], block)
+
+
+def choose_flagging(config: TrainConfig, val, test) -> Dict:
+  """The review threshold and what it (and the fixed one) flags.
+
+  Args:
+    config: the flags (threshold, target_accuracy).
+    val, test: (confidences, correct) of the calibrated predictions.
+
+  Returns:
+    The "flagging" metadata block.
+  """
+  def stats(values, threshold):
+    return calibration.flag_stats(*values, threshold) if len(values[0]) else (
+        None)
+
+  block = {"source": FIXED, "target_accuracy": config.target_accuracy,
+           "target_reached": None}
+  threshold = float(config.threshold)
+  if config.target_accuracy is not None:
+    choice = calibration.choose_threshold(*val, config.target_accuracy)
+    threshold = choice.threshold
+    block.update(source=TARGET_ACCURACY, target_reached=choice.reached)
+  block.update(threshold=threshold, val=stats(val, threshold),
+               test=stats(test, threshold))
+  block["fixed"] = {"threshold": float(config.threshold),
+                    "val": stats(val, config.threshold),
+                    "test": stats(test, config.threshold)}
+  return block
