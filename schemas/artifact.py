@@ -15,8 +15,12 @@ SPLIT_FILE = "split.json"
 SPLIT_DHASH_KEY = "dhash"
 RELIABILITY_DIAGRAM_FILE = "reliability_diagram.png"
 
-# Written by `python -m training cv` into its --output directory.
+# Written by `python -m training cv` into its --output directory, and by
+# `train` into the artifact (its own cross-validation, unless --cv_folds 0).
 CV_REPORT_FILE = "cv.json"
+# metadata.json block: the recipe's cross-validated figures on the training
+# data (null with --cv_folds 0): folds, images, settings, pooled, summary.
+METADATA_CROSS_VALIDATION = "cross_validation"
 
 # Bumped when the artifact layout or the model's input contract changes.
 ARTIFACT_FORMAT_VERSION = "1"

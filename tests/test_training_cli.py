@@ -175,7 +175,7 @@ def test_target_accuracy_threshold_from_validation(tmp_path, data_glob,
                                                    capsys):
   output = str(tmp_path / "m")
   assert _tiny_train(output, data_glob, "--target_accuracy", "0.8",
-                     "--synthetic_data") == 0
+                     "--synthetic_data", "--test_fraction", "0.2") == 0
   out = capsys.readouterr().out
   assert "Review threshold" in out and "Test ECE" in out
   metadata = artifact.read_artifact_info(output).metadata

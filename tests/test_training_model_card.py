@@ -98,3 +98,30 @@ def test_card_survives_sparse_metadata():
   card = model_card.render({"model_version": "x", "threshold": 0.9})
   assert "# Model card: x" in card and "No test images" in card
   assert "Not calibrated" in card
+
+
+def test_card_shows_the_cross_validated_figures():
+  summary = {name: {"mean": 0.5, "sd": 0.01, "n": 5}
+             for name in ("macro_f1", "recall_malignant", "recall_benign",
+                          "recall_normal", "accuracy", "ece",
+                          "auc_malignant", "accuracy_unflagged",
+                          "accuracy_flagged", "fixed_accuracy_unflagged")}
+  summary["macro_f1"] = {"mean": 0.7123, "sd": 0.0456, "n": 5}
+  summary["flagged_share"] = {"mean": 0.3, "sd": 0.05, "n": 5}
+  summary["fixed_flagged_share"] = {"mean": 0.8, "sd": 0.1, "n": 5}
+  metadata = _metadata(cross_validation={
+      "folds": 5, "images": 623, "groups": 600, "data_fingerprint": "f",
+      "summary": summary,
+      "pooled": {"count": 623, "macro_f1": 0.7011, "fixed_threshold": 0.9,
+                 "flagged_share": 0.31},
+      "per_fold": [{"fold": k, "threshold": 0.61 + k / 100}
+                   for k in range(5)]})
+  card = model_card.render(metadata)
+  assert "## Cross-validated figures" in card
+  assert "| macro F1 | 0.712 ± 0.046 | 0.701 |" in card
+  assert "| flagged at the chosen threshold | 30.0 % ± 5.0 % | 31.0 % |" in card
+  assert "flagged at the fixed 0.900" in card
+  assert "623 images" in card and "0.650" in card  # fold 4's threshold
+  without = model_card.render(_metadata())
+  assert "Not measured for this artifact" in without
+  assert "single split of BUSI optimistic" in without

@@ -146,6 +146,11 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--output", required=True,
                      help="Artifact directory to write (local or gs://).")
   _add_recipe_flags(train)
+  train.add_argument("--cv_folds", type=int, default=config_lib.DEFAULT_FOLDS,
+                     help="First cross-validate the recipe on the data with"
+                     " this many grouped folds, sharing the conv outputs, so"
+                     " the model card has out-of-fold figures (default"
+                     " %(default)d; 0: skip).")
   train.add_argument("--name", default=config_lib.DEFAULT_NAME,
                      help="Prefix of the model_version.")
   train.add_argument("--overwrite", action="store_true",
@@ -256,7 +261,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "train":
       from training import train  # pylint: disable=import-outside-toplevel
       train.train(_recipe_config(args, output=args.output, name=args.name,
-                                 overwrite=args.overwrite))
+                                 overwrite=args.overwrite,
+                                 cv_folds=args.cv_folds))
     elif args.command == "cv":
       from training import cv  # pylint: disable=import-outside-toplevel
       report = cv.cross_validate(_recipe_config(args, output=args.output or ""),

@@ -50,6 +50,10 @@ class TrainConfig:
   # augmentation); their conv outputs are computed once.
   augment_views: int = DEFAULT_AUGMENT_VIEWS
   patience: int = DEFAULT_PATIENCE  # 0: no early stopping
+  # `train` cross-validates the recipe on its data first (0: not), so the
+  # artifact carries out-of-fold figures: the conv outputs are shared, so
+  # this costs k head fits (and k fine-tunes when fine-tuning).
+  cv_folds: int = DEFAULT_FOLDS
   name: str = DEFAULT_NAME
   learning_rate: float = LEARNING_RATE
   fine_tune_learning_rate: float = FINE_TUNE_LEARNING_RATE
@@ -83,6 +87,8 @@ class TrainConfig:
       raise ValueError("--fine_tune_epochs must be 0 or more")
     if self.augment_views < 0:
       raise ValueError("--augment_views must be 0 or more")
+    if self.cv_folds == 1 or self.cv_folds < 0:
+      raise ValueError("--cv_folds must be 0 (none) or at least 2")
     if self.patience < 0:
       raise ValueError("--patience must be 0 or more")
     if self.batch_size < 1:

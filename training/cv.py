@@ -35,7 +35,8 @@ _LOG = logging.getLogger(__name__)
 # Scalar figures of each fold, in the order the table prints them.
 SCALARS = ("macro_f1", "recall_malignant", "recall_benign", "recall_normal",
            "accuracy", "ece", "auc_malignant", "flagged_share",
-           "accuracy_unflagged")
+           "accuracy_unflagged", "accuracy_flagged", "fixed_flagged_share",
+           "fixed_accuracy_unflagged")
 
 
 def assign_folds(image_ids: Sequence[str], labels: Sequence[str],
@@ -63,7 +64,8 @@ def assign_folds(image_ids: Sequence[str], labels: Sequence[str],
 
 
 def fold_metrics(labels: np.ndarray, probabilities: np.ndarray,
-                 threshold: float, label_names: Sequence[str]) -> Dict:
+                 threshold, label_names: Sequence[str],
+                 fixed_threshold: Optional[float] = None) -> Dict:
   """The figures of one set of scored images.
 
   Args:
@@ -72,6 +74,8 @@ def fold_metrics(labels: np.ndarray, probabilities: np.ndarray,
     threshold: the review threshold (confidence below it is flagged), or
       one per image (pooled folds, each with its own threshold).
     label_names: class names in index order (must include "malignant").
+    fixed_threshold: also report what this threshold would flag
+      ("fixed_*" fields), e.g. the 0.9 the chosen one replaces.
 
   Returns:
     JSON-ready: every name of SCALARS (None where undefined, e.g. no
@@ -102,8 +106,14 @@ def fold_metrics(labels: np.ndarray, probabilities: np.ndarray,
       "flagged": flagging["flagged"],
       "flagged_share": flagging["flagged_share"],
       "accuracy_unflagged": flagging["accuracy_confident"],
+      "accuracy_flagged": flagging["accuracy_flagged"],
       "confusion_matrix": report["confusion_matrix"],
   }
+  if fixed_threshold is not None:
+    fixed = calibration.flag_stats(confidence, correct, fixed_threshold)
+    result.update(fixed_threshold=float(fixed_threshold),
+                  fixed_flagged_share=fixed["flagged_share"],
+                  fixed_accuracy_unflagged=fixed["accuracy_confident"])
   for name in names:
     support = report["per_class"][name]["support"]
     result[f"recall_{name}"] = (report["per_class"][name]["recall"]
@@ -142,10 +152,10 @@ def format_table(report: Dict) -> str:
   for name in ("count",) + SCALARS:
     row = f"{name:<20}"
     for fold in folds:
-      value = fold["test"][name]
+      value = fold["test"].get(name)
       row += f"{value:>{width}d}" if name == "count" else (
           f"{_cell(value):>{width}}")
-    pooled = report["pooled"][name]
+    pooled = report["pooled"].get(name)
     row += (f"{pooled:>{width}d}" if name == "count" else
             f"{_cell(pooled):>{width}}")
     if name != "count":
@@ -191,7 +201,7 @@ def _fold(k: int, config: TrainConfig, runner: recipe.Recipe,
       recipe.confidence(test_logits, labels[test], fit.temperature))
   probabilities = calibration.softmax(test_logits, fit.temperature)
   scores = fold_metrics(labels[test], probabilities, flagging["threshold"],
-                        names)
+                        names, config.threshold)
   scores["ece_uncalibrated"] = calibration.expected_calibration_error(
       calibration.softmax(test_logits), labels[test])
   return {
@@ -211,6 +221,81 @@ def _fold(k: int, config: TrainConfig, runner: recipe.Recipe,
       "_probabilities": probabilities,
       "_test": test,
   }
+
+
+def run_folds(config: TrainConfig, folds: int, runner: recipe.Recipe,
+              data: data_lib.LabelledData, hashes: Sequence[int]) -> Dict:
+  """Cross-validates the recipe on `data` with a model and cache in hand.
+
+  The model's weights are put back as they were afterwards, so `train`
+  can go on to fit its final model on the same cache.
+
+  Args:
+    config: the recipe's flags.
+    folds: number of folds.
+    runner: a Recipe whose cache holds every view of every image.
+    data: the labelled images the cache was built on.
+    hashes: their dHashes.
+
+  Returns:
+    The report; see `cross_validate`.
+  """
+  started = time.perf_counter()
+  names = list(schemas.LABELS)
+  model = runner.model
+  group_of = split.duplicate_groups(data.image_ids, hashes)
+  fold_of = assign_folds(data.image_ids, [names[i] for i in data.labels],
+                         group_of, folds, config.seed)
+  _LOG.info("cv: %d images in %d near-duplicate groups, %d folds",
+            len(data.image_ids), len(set(group_of)), folds)
+  initial = model.get_weights()
+  results = []
+  for k in range(folds):
+    # Every fold starts from the same pretrained base and initial head.
+    model.set_weights(initial)
+    model_lib.freeze_backbone(model)
+    results.append(_fold(k, config, runner, data, hashes, fold_of))
+    _LOG.info("cv fold %d: %s", k, {n: results[-1]["test"][n]
+                                    for n in ("macro_f1", "accuracy")})
+  model.set_weights(initial)
+  model_lib.freeze_backbone(model)
+  order = np.concatenate([r.pop("_test") for r in results])
+  pooled_probabilities = np.concatenate([r.pop("_probabilities")
+                                         for r in results])
+  thresholds = np.concatenate([np.full(r["counts"]["test"], r["threshold"])
+                               for r in results])
+  pooled = fold_metrics(data.labels[order], pooled_probabilities, thresholds,
+                        names, config.threshold)
+  settings = dataclasses.asdict(config)
+  settings.pop("output", None)
+  settings.pop("overwrite", None)
+  settings.pop("name", None)
+  settings.pop("cv_folds", None)
+  settings["data"] = list(config.data)
+  return {
+      "folds_count": folds,
+      "images": int(len(data.labels)),
+      "groups": int(len(set(group_of))),
+      "class_counts": {name: int((data.labels == i).sum())
+                       for i, name in enumerate(names)},
+      "data_fingerprint": split.fingerprint(data.image_ids),
+      "settings": settings,
+      "folds": results,
+      "pooled": pooled,
+      "summary": summarise([r["test"] for r in results]),
+      "seconds": {"folds": round(time.perf_counter() - started, 2)},
+      "package_version": schemas.PACKAGE_VERSION,
+  }
+
+
+def all_views_cache(config: TrainConfig, model, data: data_lib.LabelledData
+                   ) -> recipe.ConvCache:
+  """A cache of every view of every image: what the folds need."""
+  everything = np.arange(len(data.labels))
+  return recipe.ConvCache(model, data.images,
+                          {v: everything for v in recipe.views(config)},
+                          config.batch_size, config.seed,
+                          recipe.cache_layers(config, model))
 
 
 def cross_validate(config: TrainConfig, folds: int) -> Dict:
@@ -234,58 +319,41 @@ def cross_validate(config: TrainConfig, folds: int) -> Dict:
   names = list(schemas.LABELS)
   data, stats = data_lib.load_labelled(config.data, names, config.image_size)
   hashes = [split.dhash(image) for image in data.images]
-  group_of = split.duplicate_groups(data.image_ids, hashes)
-  fold_of = assign_folds(data.image_ids, [names[i] for i in data.labels],
-                         group_of, folds, config.seed)
-  _LOG.info("cv: %d images in %d near-duplicate groups, %d folds",
-            len(data.image_ids), len(set(group_of)), folds)
   keras.utils.set_random_seed(config.seed)
   model = model_lib.build_model(int(data.images.shape[1]),
                                 config.backbone_weights, len(names),
                                 config.backbone)
-  initial = model.get_weights()
-  everything = np.arange(len(data.labels))
-  cache = recipe.ConvCache(model, data.images,
-                           {v: everything for v in recipe.views(config)},
-                           config.batch_size, config.seed,
-                           recipe.cache_layers(config, model))
+  cache = all_views_cache(config, model, data)
   # Per-fold results are logged; hundreds of epoch lines would bury them.
   runner = recipe.Recipe(model, cache, data.labels, config, progress=0)
-  results = []
-  for k in range(folds):
-    # Every fold starts from the same pretrained base and initial head.
-    model.set_weights(initial)
-    model_lib.freeze_backbone(model)
-    results.append(_fold(k, config, runner, data, hashes, fold_of))
-    _LOG.info("cv fold %d: %s", k, {n: results[-1]["test"][n]
-                                    for n in ("macro_f1", "accuracy")})
-  order = np.concatenate([r.pop("_test") for r in results])
-  pooled_probabilities = np.concatenate([r.pop("_probabilities")
-                                         for r in results])
-  thresholds = np.concatenate([np.full(r["counts"]["test"], r["threshold"])
-                               for r in results])
-  pooled = fold_metrics(data.labels[order], pooled_probabilities, thresholds,
-                        names)
-  settings = dataclasses.asdict(config)
-  settings.pop("output", None)
-  settings.pop("overwrite", None)
-  settings["data"] = list(config.data)
+  report = run_folds(config, folds, runner, data, hashes)
+  report.update(examples_read=stats.examples,
+                unlabelled_skipped=stats.unlabelled,
+                duplicates_skipped=stats.duplicates,
+                conflicting_labels_skipped=stats.conflicting)
+  report["seconds"].update(conv_cache=round(cache.seconds, 2),
+                           total=round(time.perf_counter() - started, 2))
+  return report
+
+
+def card_summary(report: Optional[Dict]) -> Optional[Dict]:
+  """The part of a cv report that metadata.json keeps (no image ids)."""
+  if not report:
+    return None
   return {
-      "folds_count": folds,
-      "images": int(len(data.labels)),
-      "groups": int(len(set(group_of))),
-      "class_counts": {name: int((data.labels == i).sum())
-                       for i, name in enumerate(names)},
-      "examples_read": stats.examples,
-      "unlabelled_skipped": stats.unlabelled,
-      "duplicates_skipped": stats.duplicates,
-      "conflicting_labels_skipped": stats.conflicting,
-      "data_fingerprint": split.fingerprint(data.image_ids),
-      "settings": settings,
-      "folds": results,
-      "pooled": pooled,
-      "summary": summarise([r["test"] for r in results]),
-      "seconds": {"conv_cache": round(cache.seconds, 2),
-                  "total": round(time.perf_counter() - started, 2)},
-      "package_version": schemas.PACKAGE_VERSION,
+      "folds": report["folds_count"],
+      "images": report["images"],
+      "groups": report["groups"],
+      "data_fingerprint": report["data_fingerprint"],
+      "pooled": {k: v for k, v in report["pooled"].items()
+                 if k != "confusion_matrix"},
+      "pooled_confusion_matrix": report["pooled"]["confusion_matrix"],
+      "summary": report["summary"],
+      "per_fold": [{"fold": f["fold"], "counts": f["counts"],
+                    "temperature": f["temperature"],
+                    "threshold": f["threshold"],
+                    "target_reached": f["target_reached"],
+                    "test": {k: v for k, v in f["test"].items()
+                             if k != "confusion_matrix"}}
+                   for f in report["folds"]],
   }

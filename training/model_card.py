@@ -179,7 +179,11 @@ def _metrics_section(metadata: Dict) -> List[str]:
   report = metadata.get("test_metrics") or {}
   lines = [f"## Metrics (test split, {report.get('count', 0)} images)", ""]
   if not report.get("count"):
-    return lines + ["No test images: no metrics.", ""]
+    return lines + ["No test images: no test split (the default:"
+                    " cross-validation measures the recipe, and the model"
+                    " learns from the rest)."
+                    " Held-out figures: \"Cross-validated figures\" above.",
+                    ""]
   macro = report.get("macro") or {}
   low, high = wilson_interval(report.get("accuracy") or 0.0, report["count"])
   lines += [f"Accuracy **{_num(report.get('accuracy'))}** (95 % Wilson"
@@ -201,6 +205,70 @@ def _metrics_section(metadata: Dict) -> List[str]:
                     [[label] + list(row) for label, row in zip(labels,
                                                                matrix)])
   return lines + [""]
+
+
+_CV_ROWS = (
+    ("macro F1", "macro_f1"), ("recall, malignant", "recall_malignant"),
+    ("recall, benign", "recall_benign"), ("recall, normal", "recall_normal"),
+    ("accuracy", "accuracy"), ("ECE (15 bins, calibrated)", "ece"),
+    ("AUC, malignant vs rest", "auc_malignant"),
+    ("flagged at the chosen threshold", "flagged_share"),
+    ("accuracy, not flagged", "accuracy_unflagged"),
+    ("accuracy, flagged", "accuracy_flagged"),
+    ("flagged at the fixed threshold", "fixed_flagged_share"),
+    ("accuracy, not flagged at the fixed threshold",
+     "fixed_accuracy_unflagged"))
+_SHARES = ("flagged_share", "fixed_flagged_share")
+
+
+def _cv_section(metadata: Dict) -> List[str]:
+  """The recipe's cross-validated figures on the training data."""
+  report = metadata.get(artifact_schema.METADATA_CROSS_VALIDATION)
+  lines = ["## Cross-validated figures (held-out folds of the training data)",
+           ""]
+  if not report:
+    return lines + [
+        "Not measured for this artifact (`--cv_folds 0`). Run `python -m"
+        " training cv --data GLOB` with the same flags to know how the"
+        " recipe does on images it has not seen.", ""]
+  fixed = (report.get("pooled") or {}).get("fixed_threshold")
+  lines += [
+      f"The recipe that made this model was first run {report['folds']}"
+      f" times on the same {report['images']} images"
+      f" ({report['groups']} near-duplicate groups), each time scoring one"
+      " fold with a model trained, calibrated and thresholded on the other"
+      " folds; an image and its near-duplicates (dHash within 2 bits) never"
+      " sit on both sides. These are the held-out figures of this recipe on"
+      " these data; the final model learnt from more images (all but its"
+      " validation split), so they are, if anything, slightly pessimistic"
+      " for it. They hold for images like these only: another scanner or"
+      " hospital can do much worse (see the note under Review threshold).",
+      ""]
+  summary = report.get("summary") or {}
+  pooled = report.get("pooled") or {}
+
+  def cell(name, value):
+    return _pct(value) if name in _SHARES else _num(value)
+
+  rows = []
+  for title, name in _CV_ROWS:
+    stats = summary.get(name) or {}
+    if stats.get("mean") is None and pooled.get(name) is None:
+      continue
+    mean_sd = (f"{cell(name, stats.get('mean'))} ±"
+               f" {cell(name, stats.get('sd'))}")
+    rows.append([title if "fixed" not in name else
+                 title.replace("the fixed threshold",
+                               f"the fixed {_num(fixed)}"),
+                 mean_sd, cell(name, pooled.get(name))])
+  lines += _table(["figure", "mean ± sd over folds",
+                   f"pooled ({pooled.get('count', NA)} images)"], rows)
+  lines += ["", "Each fold used its own chosen threshold (per fold:"
+            + ", ".join(f" {_num(f.get('threshold'), 3)}"
+                        for f in report.get("per_fold") or [])
+            + "). Pooled: every image scored by the fold model that did not"
+            " see it. Full report: `cv.json`.", ""]
+  return lines
 
 
 def _calibration_section(metadata: Dict) -> List[str]:
@@ -431,7 +499,10 @@ def _caveats_section(metadata: Dict) -> List[str]:
       f" ({training.get('near_duplicates_grouped', NA)} images in such"
       " groups here). Re-crops, rescaled or differently annotated copies of"
       " one frame can still escape the hash, so test figures may be"
-      " optimistic.",
+      " optimistic. Together with the axilla images and the burned-in"
+      " annotations below, this makes any single split of BUSI optimistic:"
+      " trust the cross-validated figures over one split's, and a"
+      " local evaluation over both.",
       "- **Burned-in annotations**: many frames carry calipers, measurement"
       " text, arrows, body markers and scanner overlays. Calipers and"
       " measurements are drawn on lesions, so they correlate with the label:"
@@ -495,6 +566,7 @@ def _files_section() -> List[str]:
 def render(metadata: Dict) -> str:
   """The model card (Markdown) for an artifact's metadata."""
   sections = (_header(metadata) + [_INTENDED_USE] + _data_section(metadata) +
+              _cv_section(metadata) +
               _metrics_section(metadata) + _calibration_section(metadata) +
               _threshold_section(metadata) +
               _recalibration_section(metadata) + _caveats_section(metadata) +

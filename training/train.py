@@ -32,7 +32,7 @@ import numpy as np
 import schemas
 from schemas import artifact as artifact_schema
 from training import artifact, calibration, data as data_lib
-from training import metrics, model as model_lib, plots, recipe, split
+from training import cv, metrics, model as model_lib, plots, recipe, split
 from training.config import TrainConfig
 
 _LOG = logging.getLogger(__name__)
@@ -131,20 +131,23 @@ def _print_calibration(cal: Dict, flagging: Dict) -> None:
           f" {cal['nll_before']:.4f} → {cal['nll_after']:.4f})")
   else:
     print(f"Calibration: none ({cal['reason']}); temperature 1.0")
-  print(f"Test ECE ({cal['bins']} bins, {cal['count']} images):"
-        f" {num(cal['ece_before'])} before, {num(cal['ece_after'])} after")
+  if cal["count"]:
+    print(f"Test ECE ({cal['bins']} bins, {cal['count']} images):"
+          f" {num(cal['ece_before'])} before, {num(cal['ece_after'])} after")
   source = "fixed"
   if flagging["source"] == TARGET_ACCURACY:
     source = f"target accuracy {flagging['target_accuracy']:g}" + (
         "" if flagging["target_reached"] else " NOT reached")
   print(f"Review threshold {flagging['threshold']:.4f} ({source})")
-  print("  " + _format_flagging("validation", flagging["val"]))
-  print("  " + _format_flagging("test", flagging["test"]))
+  for name, key in (("validation", "val"), ("test", "test")):
+    if flagging[key]:
+      print("  " + _format_flagging(name, flagging[key]))
   if flagging["source"] != FIXED:
     fixed = flagging["fixed"]
     print(f"At the fixed threshold {fixed['threshold']:g}:")
-    print("  " + _format_flagging("validation", fixed["val"]))
-    print("  " + _format_flagging("test", fixed["test"]))
+    for name, key in (("validation", "val"), ("test", "test")):
+      if fixed[key]:
+        print("  " + _format_flagging(name, fixed[key]))
 
 
 def _predict(model, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -209,21 +212,36 @@ def _read_and_split(config: TrainConfig) -> _Prepared:
   return _Prepared(data, stats, hashes, indices, class_counts, grouped)
 
 
-def _fit(config: TrainConfig, prepared: _Prepared):
-  """Builds the model and runs the recipe's stages on cached views."""
+def _fit(config: TrainConfig, prepared: _Prepared, work: str):
+  """Builds the model, cross-validates the recipe (unless --cv_folds 0),
+  then runs its stages on the train/val split; all on one conv cache."""
   data, indices = prepared.data, prepared.indices
   model = model_lib.build_model(int(data.images.shape[1]),
                                 config.backbone_weights, len(schemas.LABELS),
                                 config.backbone)
   train_idx, val_idx = indices[split.TRAIN], indices[split.VAL]
-  needed = {view: train_idx for view in recipe.views(config)}
-  # Validation images are seen as stored (view 0 only), as scoring sees them.
-  needed[recipe.ORIGINAL] = np.concatenate([train_idx, val_idx])
-  cache = recipe.ConvCache(model, data.images, needed, config.batch_size,
-                           config.seed, recipe.cache_layers(config, model))
+  report = None
+  if config.cv_folds:
+    # The folds need every view of every image; the final fit reuses them.
+    cache = cv.all_views_cache(config, model, data)
+    folds = recipe.Recipe(model, cache, data.labels, config, progress=0)
+    print(f"Cross-validating the recipe on {len(data.labels)} images"
+          f" ({config.cv_folds} grouped folds)...")
+    report = cv.run_folds(config, config.cv_folds, folds, data,
+                          prepared.hashes)
+    print(cv.format_table(report))
+    cv.write_report(report, work)
+  else:
+    needed = {view: train_idx for view in recipe.views(config)}
+    # Validation images are seen as stored (view 0 only), as scoring sees
+    # them.
+    needed[recipe.ORIGINAL] = np.concatenate([train_idx, val_idx])
+    cache = recipe.ConvCache(model, data.images, needed, config.batch_size,
+                             config.seed, recipe.cache_layers(config, model))
+  keras.utils.set_random_seed(config.seed)
   runner = recipe.Recipe(model, cache, data.labels, config)
   fitted = runner.fit(train_idx, val_idx)
-  return model, runner, fitted
+  return model, runner, fitted, report
 
 
 def _write_plots(work: str, config: TrainConfig, test_report: Dict,
@@ -264,6 +282,7 @@ def _training_block(config: TrainConfig, prepared: _Prepared,
       "epochs": config.epochs,
       "fine_tune_epochs": config.fine_tune_epochs,
       "patience": config.patience,
+      "cv_folds": config.cv_folds,
       "epochs_run": fitted.epochs_run,
       "best_epoch": fitted.best_epoch,
       "seed": config.seed,
@@ -311,8 +330,13 @@ def train(config: TrainConfig) -> Dict:
 
   prepared = _read_and_split(config)
   seconds = {"read": time.perf_counter() - started}
-  model, runner, fitted = _fit(config, prepared)
+  work = (config.output if "://" not in config.output else
+          tempfile.mkdtemp(prefix="busi-train-"))
+  os.makedirs(work, exist_ok=True)
+  model, runner, fitted, cv_report = _fit(config, prepared, work)
   seconds["conv_cache"] = runner.cache.seconds
+  if cv_report:
+    seconds["cross_validation"] = cv_report["seconds"]["folds"]
   seconds.update(fitted.seconds)
 
   # Test logits from the assembled full model on raw pixels: what scoring
@@ -339,9 +363,6 @@ def train(config: TrainConfig) -> Dict:
   seconds["calibration"] = time.perf_counter() - calibration_started
   _print_calibration(cal, flagging)
 
-  work = (config.output if "://" not in config.output else
-          tempfile.mkdtemp(prefix="busi-train-"))
-  os.makedirs(work, exist_ok=True)
   _write_plots(work, config, test_report, fitted, cal)
   _write_split(work, prepared)
   seconds["total"] = time.perf_counter() - started
@@ -362,6 +383,7 @@ def train(config: TrainConfig) -> Dict:
       "calibration": cal,
       "flagging": flagging,
       "training": _training_block(config, prepared, fitted, seconds),
+      artifact_schema.METADATA_CROSS_VALIDATION: cv.card_summary(cv_report),
   })
   # Checked on validation images when there is no test split.
   check = test_idx if len(test_idx) else val_idx
