@@ -24,14 +24,15 @@ Options:
   --backbone_weights W       imagenet | none | PATH to Keras VGG16 notop .h5
                              (default: none for the demo, imagenet otherwise)
   --image_size N             default 64 for the demo, 224 otherwise
-  --epochs N                 default 300 for the demo, 30 otherwise
+  --epochs N                 default 300 for the demo, train's default otherwise
   --output DIR               default demo_output
-  --augment                  train with augmentation (slower; see README)
+  --augment | --no_augment   fixed augmented views (train's default on real
+                             data) or none (the demo's default)
   --gradcam MODE             none | flagged | malignant | all (default flagged)
 USAGE
 }
 SCORE=""
-AUGMENT="--no_augment"
+AUGMENT=""
 GRADCAM="flagged"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -42,6 +43,7 @@ while [ $# -gt 0 ]; do
     --epochs) EPOCHS="$2"; shift 2 ;;
     --output) OUT="$2"; shift 2 ;;
     --augment) AUGMENT="--augment"; shift ;;
+    --no_augment) AUGMENT="--no_augment"; shift ;;
     --gradcam) GRADCAM="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
@@ -58,6 +60,7 @@ if [ -z "$DATA" ]; then
   IMAGE_SIZE="${IMAGE_SIZE:-64}"
   EPOCHS="${EPOCHS:-300}"
   WEIGHTS="${WEIGHTS:-none}"
+  AUGMENT="${AUGMENT:---no_augment}"
   # Random VGG16 weights give small, correlated features: a higher learning
   # rate and more (cheap, cached-feature) epochs let the head learn them.
   # The threshold is chosen for 90 % validation accuracy on confident images.
@@ -69,13 +72,12 @@ if [ -z "$DATA" ]; then
   SCORE="${SCORE:-$OUT/demo_new_scans.zip}"
 else
   IMAGE_SIZE="${IMAGE_SIZE:-224}"
-  EPOCHS="${EPOCHS:-30}"
   WEIGHTS="${WEIGHTS:-imagenet}"
   if [ -z "$SCORE" ]; then
     SCORE="$DATA"
     echo "note: scoring the training archive itself (pass --score for held-out" \
-         "data); its accuracy is not a test figure — the model's test-split" \
-         "metrics are in $OUT/model/metadata.json and MODEL_CARD.md" >&2
+         "data); its accuracy is not a test figure — the recipe's" \
+         "cross-validated figures are in $OUT/model/MODEL_CARD.md and cv.json" >&2
   fi
 fi
 
@@ -85,8 +87,9 @@ python -m beam_pipeline preprocess --input "$DATA" --output "$OUT/training_data"
 
 step "Training → $OUT/model"
 python -m training train --data "$OUT/training_data/tfrecords/*.tfrecord.gz" \
-  --output "$OUT/model" --backbone_weights "$WEIGHTS" --epochs "$EPOCHS" \
-  $AUGMENT ${EXTRA_TRAIN[@]+"${EXTRA_TRAIN[@]}"} --overwrite
+  --output "$OUT/model" --backbone_weights "$WEIGHTS" \
+  ${EPOCHS:+--epochs "$EPOCHS"} $AUGMENT ${EXTRA_TRAIN[@]+"${EXTRA_TRAIN[@]}"} \
+  --overwrite
 
 step "Scoring $SCORE → $OUT/scored"
 python -m beam_pipeline run --input "$SCORE" --model "$OUT/model" \

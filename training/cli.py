@@ -39,6 +39,10 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                       help="Stop a stage after this many epochs without a"
                       " lower validation loss, keeping the best epoch's"
                       " weights (default %(default)d; 0: run every epoch).")
+  parser.add_argument("--label_smoothing", type=float,
+                      default=config_lib.DEFAULT_LABEL_SMOOTHING,
+                      help="Share of each one-hot target spread over the"
+                      " other classes (default %(default)g).")
   parser.add_argument("--learning_rate", type=float,
                       default=config_lib.LEARNING_RATE,
                       help="Adam learning rate of the head stage (default"
@@ -118,7 +122,7 @@ def _recipe_config(args: argparse.Namespace, **fields
       data=tuple(args.data), image_size=args.image_size,
       backbone_weights=args.backbone_weights, backbone=args.backbone,
       epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
-      patience=args.patience,
+      patience=args.patience, label_smoothing=args.label_smoothing,
       val_fraction=args.val_fraction, test_fraction=args.test_fraction,
       seed=args.seed,
       threshold=(schemas.DEFAULT_THRESHOLD if args.threshold is None

@@ -28,6 +28,7 @@ DEFAULT_AUGMENT_VIEWS = 7  # the mirror image + 6 random geometric views
 DEFAULT_VAL_FRACTION = 0.15
 DEFAULT_TEST_FRACTION = 0.0  # `cv` measures the recipe; train on the rest
 DEFAULT_FOLDS = 5
+DEFAULT_LABEL_SMOOTHING = 0.1
 DEFAULT_NAME = "busi-vgg16"
 
 
@@ -50,6 +51,7 @@ class TrainConfig:
   # augmentation); their conv outputs are computed once.
   augment_views: int = DEFAULT_AUGMENT_VIEWS
   patience: int = DEFAULT_PATIENCE  # 0: no early stopping
+  label_smoothing: float = DEFAULT_LABEL_SMOOTHING
   # `train` cross-validates the recipe on its data first (0: not), so the
   # artifact carries out-of-fold figures: the conv outputs are shared, so
   # this costs k head fits (and k fine-tunes when fine-tuning).
@@ -89,6 +91,8 @@ class TrainConfig:
       raise ValueError("--augment_views must be 0 or more")
     if self.cv_folds == 1 or self.cv_folds < 0:
       raise ValueError("--cv_folds must be 0 (none) or at least 2")
+    if not 0.0 <= self.label_smoothing < 1.0:
+      raise ValueError("--label_smoothing must be in [0, 1)")
     if self.patience < 0:
       raise ValueError("--patience must be 0 or more")
     if self.batch_size < 1:

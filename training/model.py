@@ -207,11 +207,18 @@ def unfreeze_top_block(model: keras.Model) -> List[str]:
   return names
 
 
-def compile_model(model: keras.Model, learning_rate: float) -> None:
-  """Adam + categorical cross-entropy on the softmax output + accuracy."""
+def compile_model(model: keras.Model, learning_rate: float,
+                  label_smoothing: float = 0.0) -> None:
+  """Adam + categorical cross-entropy on the softmax output + accuracy.
+
+  `label_smoothing` moves that share of each target onto the other classes
+  evenly: the head is not pushed towards ever larger logits on the few
+  hundred training images it can separate.
+  """
   model.compile(
       optimizer=keras.optimizers.Adam(learning_rate),
-      loss=keras.losses.CategoricalCrossentropy(),
+      loss=keras.losses.CategoricalCrossentropy(
+          label_smoothing=label_smoothing),
       metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
 
 

@@ -48,7 +48,8 @@ HOLDOUT = "holdout"
 _COMPANION_FILES = (artifact_schema.CONFUSION_MATRIX_FILE,
                     artifact_schema.TRAINING_CURVES_FILE,
                     artifact_schema.SPLIT_FILE,
-                    artifact_schema.RELIABILITY_DIAGRAM_FILE)
+                    artifact_schema.RELIABILITY_DIAGRAM_FILE,
+                    artifact_schema.CV_REPORT_FILE)
 # Parent fields the new artifact must not inherit: save_artifact fills in the
 # first five afresh; the others are what recalibration replaces.
 _NOT_INHERITED = ("model_version", "created_at", schemas.METADATA_MODEL_SHA256,

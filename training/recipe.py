@@ -227,7 +227,7 @@ class Recipe:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=config.patience,
             restore_best_weights=True))
-    model_lib.compile_model(target, learning_rate)
+    model_lib.compile_model(target, learning_rate, config.label_smoothing)
     trainable = sum(int(np.prod(w.shape)) for w in target.trainable_weights)
     _LOG.info("Stage %s: up to %d epochs, lr %g, %d trainable parameters,"
               " %d training rows (%d views) on cached %s outputs", stage,

@@ -1,0 +1,85 @@
+"""The recipe's pieces: fixed views, the conv cache, early stopping."""
+
+import keras
+import numpy as np
+import pytest
+
+from training import model as model_lib, recipe, testing
+from training.config import TrainConfig
+
+SIZE = 32
+
+
+@pytest.fixture(name="images", scope="module")
+def fixture_images():
+  rng = np.random.default_rng(0)
+  return np.concatenate([testing.class_images(i, 8, SIZE, rng)
+                         for i in range(3)])
+
+
+def test_views_are_fixed_and_geometric(images):
+  batch = images[:4]
+  assert recipe.view_images(batch, recipe.ORIGINAL, 0) is batch
+  np.testing.assert_array_equal(recipe.view_images(batch, recipe.MIRROR, 0),
+                                batch[:, :, ::-1])
+  first = recipe.view_images(batch, 2, seed=7)
+  assert first.dtype == np.uint8 and first.shape == batch.shape
+  np.testing.assert_array_equal(first, recipe.view_images(batch, 2, seed=7))
+  assert not np.array_equal(first, batch)
+  assert not np.array_equal(first, recipe.view_images(batch, 3, seed=7))
+  assert not np.array_equal(first, recipe.view_images(batch, 2, seed=8))
+  # A geometric change only: the grey levels stay in the image's range.
+  assert first.max() <= batch.max() and first.min() >= batch.min()
+
+
+def test_cache_matches_the_model_and_refuses_missing_views(images):
+  model = model_lib.build_model(SIZE, "none", 3, model_lib.TINY)
+  indices = np.array([1, 5, 9, 20])
+  cut = model_lib.top_block_input(model)
+  cache = recipe.ConvCache(model, images, {0: np.arange(len(images)),
+                                           1: indices}, 8, 0,
+                           [cut, model_lib.FEATURES_LAYER])
+  direct = model_lib.sub_model(model, None, model_lib.FEATURES_LAYER)
+  mirrored = np.ascontiguousarray(images[indices][:, :, ::-1])
+  np.testing.assert_allclose(
+      cache.get(model_lib.FEATURES_LAYER, 1, indices[::-1]),
+      np.asarray(direct(mirrored[::-1])), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      cache.get(model_lib.FEATURES_LAYER, 0, [3]),
+      np.asarray(direct(images[3:4])), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="view 1"):
+    cache.get(model_lib.FEATURES_LAYER, 1, [2])
+  assert cache.seconds > 0
+
+
+def test_early_stopping_keeps_the_best_epoch(images):
+  labels = np.repeat(np.arange(3), 8)
+  keras.utils.set_random_seed(0)
+  model = model_lib.build_model(SIZE, "none", 3, model_lib.TINY)
+  config = TrainConfig(data=("x",), output="x", backbone="tiny",
+                       backbone_weights="none", epochs=60, patience=3,
+                       learning_rate=0.05, augment_views=1)
+  train, val = np.arange(0, 24, 2), np.arange(1, 24, 2)
+  cache = recipe.ConvCache(
+      model, images, {0: np.arange(24), 1: train}, 8, 0,
+      recipe.cache_layers(config, model))
+  runner = recipe.Recipe(model, cache, labels, config, progress=0)
+  fitted = runner.fit(train, val)
+  run, best = fitted.epochs_run["head"], fitted.best_epoch["head"]
+  losses = fitted.history["val_loss"]
+  assert len(losses) == run <= 60 and best == int(np.argmin(losses)) + 1
+  if run < 60:  # it stopped: `patience` epochs after the best one
+    assert run == best + config.patience
+  # The weights kept are the best epoch's: its validation loss again.
+  head = model_lib.sub_model(model, model_lib.FEATURES_LAYER, None)
+  loss = keras.losses.CategoricalCrossentropy(
+      label_smoothing=config.label_smoothing)
+  again = float(loss(recipe.one_hot(labels[val], 3),
+                     head(cache.get(model_lib.FEATURES_LAYER, 0, val))))
+  assert again == pytest.approx(min(losses), rel=1e-4, abs=1e-5)
+  assert fitted.seconds["head"] > 0
+
+
+def test_class_weights_are_balanced():
+  weights = recipe.balanced_class_weights(np.array([0, 0, 0, 1]), 3)
+  assert weights == {0: pytest.approx(4 / 6), 1: pytest.approx(2.0), 2: 1.0}
