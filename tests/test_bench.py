@@ -48,3 +48,21 @@ def test_precision_cost_compares_against_float32(tmp_path):
     assert 0 <= row["changed_predictions"] <= 8
     assert row["max_probability_difference"] < 0.5
   json.dumps(figures)
+
+
+def test_recipe_search_runs_each_variant_on_one_cache(tmp_path):
+  from bench import recipe_search  # pylint: disable=import-outside-toplevel
+  testing.write_tfrecords(str(tmp_path / "part-00000-of-00001.tfrecord.gz"),
+                          testing.synthetic_records(per_class=6,
+                                                    image_size=16, seed=1))
+  figures = recipe_search.run(
+      [str(tmp_path / "*.tfrecord.gz")], "none",
+      {"plain": {"augment_views": 0, "epochs": 3, "val_fraction": 0.4},
+       "views": {"augment_views": 1, "epochs": 3, "val_fraction": 0.4,
+                 "fine_tune_epochs": 1}},
+      folds=2, backbone="tiny", batch_size=8)
+  assert set(figures["variants"]) == {"plain", "views"}
+  for row in figures["variants"].values():
+    assert row["summary"]["macro_f1"]["n"] == 2
+    assert row["pooled"]["count"] == 18
+  assert figures["variants"]["views"]["epochs_run"][0]["fine_tune"] == 1

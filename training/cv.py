@@ -288,14 +288,18 @@ def run_folds(config: TrainConfig, folds: int, runner: recipe.Recipe,
   }
 
 
-def all_views_cache(config: TrainConfig, model, data: data_lib.LabelledData
+def all_views_cache(config: TrainConfig, model, data: data_lib.LabelledData,
+                    layers: Optional[Sequence[str]] = None
                    ) -> recipe.ConvCache:
-  """A cache of every view of every image: what the folds need."""
+  """A cache of every view of every image: what the folds need.
+
+  `layers`: what to cache; default: what `config`'s recipe needs.
+  """
   everything = np.arange(len(data.labels))
   return recipe.ConvCache(model, data.images,
                           {v: everything for v in recipe.views(config)},
                           config.batch_size, config.seed,
-                          recipe.cache_layers(config, model))
+                          layers or recipe.cache_layers(config, model))
 
 
 def cross_validate(config: TrainConfig, folds: int) -> Dict:
