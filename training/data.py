@@ -9,7 +9,8 @@ as one uint8 array; features and augmentation are computed from that.
 
 import collections
 import logging
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import (Callable, Dict, Iterator, List, NamedTuple, Optional,
+                    Sequence, Tuple)
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
@@ -38,8 +39,13 @@ class ReadStats(NamedTuple):
   used: int
 
 
-def list_files(patterns: Sequence[str]) -> List[str]:
+def expand_globs(patterns: Sequence[str],
+                 no_match: Callable[[str], str]) -> List[str]:
   """Expands globs (local or gs://) into a sorted list of distinct files.
+
+  Args:
+    patterns: the globs.
+    no_match: the error message for a pattern that matches nothing.
 
   Raises:
     ValueError: a pattern matches no file.
@@ -47,12 +53,17 @@ def list_files(patterns: Sequence[str]) -> List[str]:
   files = set()
   for pattern, result in zip(patterns, FileSystems.match(list(patterns))):
     if not result.metadata_list:
-      raise ValueError(
-          f"--data {pattern!r} matches no file. Pass the TFRecords written by"
-          " `python -m beam_pipeline preprocess`, e.g."
-          f" 'OUT/{schemas.TFRECORD_DIR}/*{schemas.TFRECORD_SUFFIX}'.")
+      raise ValueError(no_match(pattern))
     files.update(m.path for m in result.metadata_list)
   return sorted(files)
+
+
+def list_files(patterns: Sequence[str]) -> List[str]:
+  """The TFRecord files of `--data` globs (see `expand_globs`)."""
+  return expand_globs(patterns, lambda pattern: (
+      f"--data {pattern!r} matches no file. Pass the TFRecords written by"
+      " `python -m beam_pipeline preprocess`, e.g."
+      f" 'OUT/{schemas.TFRECORD_DIR}/*{schemas.TFRECORD_SUFFIX}'."))
 
 
 def read_records(files: Sequence[str]) -> Iterator[imaging.ImageRecord]:

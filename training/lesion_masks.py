@@ -11,10 +11,8 @@ evaluated images are ever decoded.
 import logging
 from typing import Iterator, List, Sequence, Set, Tuple
 
-from apache_beam.io.filesystems import FileSystems
-
 from beam_pipeline import archives, imaging
-from training import lesions
+from training import data as data_lib, lesions
 
 _LOG = logging.getLogger(__name__)
 
@@ -26,20 +24,16 @@ def list_archives(patterns: Sequence[str]) -> List[str]:
     ValueError: a pattern matches nothing, or a file that is not a zip, tar
       or tar.gz.
   """
-  uris = set()
-  for pattern, result in zip(patterns, FileSystems.match(list(patterns))):
-    if not result.metadata_list:
-      raise ValueError(
-          f"--masks {pattern!r} matches no file. Pass the BUSI archive(s)"
-          " (zip, tar or tar.gz) holding the `x_mask.png` files beside the"
-          " images, e.g. Dataset_BUSI_with_GT.zip.")
-    uris.update(m.path for m in result.metadata_list)
+  uris = data_lib.expand_globs(patterns, lambda pattern: (
+      f"--masks {pattern!r} matches no file. Pass the BUSI archive(s)"
+      " (zip, tar or tar.gz) holding the `x_mask.png` files beside the"
+      " images, e.g. Dataset_BUSI_with_GT.zip."))
   for uri in uris:
     if archives.archive_kind(uri) == archives.FILE:
       raise ValueError(
           f"--masks {uri!r} is not a zip, tar or tar.gz: masks are paired by"
           " archive member path, so pass the archive itself")
-  return sorted(uris)
+  return uris
 
 
 def _members(uri: str, limits: archives.Limits) -> Iterator[archives.Member]:
