@@ -177,3 +177,43 @@ def test_cv_refuses_bad_flags(cv_data, capsys):
   assert "--test_fraction" in capsys.readouterr().err
   with pytest.raises(SystemExit):
     cli.main(base + ["--bogus", "3"])
+
+
+def test_run_folds_leaves_the_model_as_it_found_it(cv_data):
+  from training import data as data_lib, model as model_lib, recipe  # pylint: disable=import-outside-toplevel
+  from training.config import TrainConfig  # pylint: disable=import-outside-toplevel
+  data, _ = data_lib.load_labelled([cv_data[0]])
+  config = TrainConfig(data=(cv_data[0],), output="", backbone="tiny",
+                       backbone_weights="none", epochs=3, augment_views=1,
+                       val_fraction=0.25, fine_tune_epochs=1)
+  model = model_lib.build_model(SIZE, "none", 3, model_lib.TINY)
+  before = [w.copy() for w in model.get_weights()]
+  runner = recipe.Recipe(model, cv.all_views_cache(config, model, data),
+                         data.labels, config, progress=0)
+  report = cv.run_folds(config, 2, runner, data,
+                        [split.dhash(image) for image in data.images])
+  assert all(f["epochs_run"]["fine_tune"] == 1 for f in report["folds"])
+  for old, new in zip(before, model.get_weights()):
+    np.testing.assert_array_equal(old, new)
+  # block5 is frozen again: the next fit starts as a fresh one would.
+  assert model_lib.frozen_prefix_end(model) == model_lib.FEATURES_LAYER
+
+
+def test_train_overwrite_without_cv_drops_the_old_report(tmp_path, cv_data,
+                                                        capsys):
+  output = str(tmp_path / "model")
+  base = ["train", "--data", cv_data[0], "--output", output, "--backbone",
+          "tiny", "--backbone_weights", "none", "--epochs", "2",
+          "--no_augment", "--val_fraction", "0.25"]
+  assert cli.main(base + ["--cv_folds", "2"]) == 0
+  assert os.path.exists(os.path.join(output, schemas.CV_REPORT_FILE))
+  with open(os.path.join(output, schemas.METADATA_FILE)) as f:
+    assert json.load(f)["cross_validation"]["folds"] == 2
+  capsys.readouterr()
+  assert cli.main(base + ["--cv_folds", "0", "--overwrite"]) == 0
+  assert "nothing held out" in capsys.readouterr().out
+  assert not os.path.exists(os.path.join(output, schemas.CV_REPORT_FILE))
+  with open(os.path.join(output, schemas.METADATA_FILE)) as f:
+    assert json.load(f)["cross_validation"] is None
+  assert cli.main(base + ["--augment_views", "3", "--overwrite"]) == 2
+  assert "--no_augment contradicts" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""`python -m training {train,evaluate,phantoms} FLAGS`."""
+"""`python -m training {train,cv,evaluate,recalibrate,gradcam,phantoms} FLAGS`."""
 
 import logging
 import sys

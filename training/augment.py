@@ -1,4 +1,5 @@
-"""Training-time augmentation for ultrasound, applied in the tf.data pipeline.
+"""Training-time augmentation for ultrasound: the fixed views of
+`training.recipe.view_images`, drawn once per run.
 
 Geometry only, as the original recipe's ImageDataGenerator: rotation ±15°,
 width and height shift ±10 %, shear 0.01°, zoom ±10 % (x and y drawn

@@ -1,5 +1,5 @@
 """Command line: `python -m training COMMAND FLAGS`, COMMAND one of train,
-evaluate, gradcam, recalibrate, phantoms."""
+cv, evaluate, recalibrate, gradcam, phantoms."""
 
 import argparse
 import sys
@@ -82,11 +82,11 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                       help="The data are synthetic phantoms: the model card"
                       " says so.")
   parser.add_argument("--batch_size", type=int, default=32)
-  parser.add_argument("--augment_views", type=int,
-                      default=config_lib.DEFAULT_AUGMENT_VIEWS,
+  parser.add_argument("--augment_views", type=int, default=None,
                       help="Fixed views of each training image besides the"
                       " original: its mirror image, then random rotation /"
-                      " shift / zoom / flip (default %(default)d). Their conv"
+                      " shift / zoom / flip (default"
+                      f" {config_lib.DEFAULT_AUGMENT_VIEWS}). Their conv"
                       " outputs are computed once, so each costs one VGG16"
                       " pass per training image, not one per epoch.")
   augment = parser.add_mutually_exclusive_group()
@@ -115,9 +115,15 @@ def _recipe_config(args: argparse.Namespace, **fields
               schemas.DEFAULT_TARGET_ACCURACY)
   elif target == _NONE:
     target = None
-  views = args.augment_views if args.augment is not False else 0
-  if args.augment and not views:
-    raise ValueError("--augment with --augment_views 0 asks for no views")
+  views = args.augment_views
+  if args.augment is False:
+    if views:
+      raise ValueError(f"--no_augment contradicts --augment_views {views}")
+    views = 0
+  elif views is None:
+    views = config_lib.DEFAULT_AUGMENT_VIEWS
+  elif args.augment and not views:
+    raise ValueError("--augment contradicts --augment_views 0")
   return config_lib.TrainConfig(
       data=tuple(args.data), image_size=args.image_size,
       backbone_weights=args.backbone_weights, backbone=args.backbone,
@@ -138,7 +144,8 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="python -m training",
       description="Train the BUSI classifier from preprocessed TFRecords,"
-      " evaluate a trained artifact, or explain one image with Grad-CAM.")
+      " cross-validate its recipe, evaluate or recalibrate a trained"
+      " artifact, or explain one image with Grad-CAM.")
   commands = parser.add_subparsers(dest="command", required=True)
 
   train = commands.add_parser(

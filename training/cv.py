@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -59,6 +59,9 @@ def assign_folds(image_ids: Sequence[str], labels: Sequence[str],
                             {k: 1.0 / folds for k in range(folds)}, seed)
   fold_of = np.full(len(image_ids), -1, dtype=np.int64)
   for k, indices in parts.items():
+    if not indices:
+      raise ValueError(f"--folds {folds}: fold {k} would be empty (too few"
+                       " images of each class); use fewer folds")
     fold_of[indices] = k
   return fold_of
 

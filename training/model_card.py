@@ -125,8 +125,9 @@ _INTENDED_USE = """\
   clinical work-up. **Not for screening decisions on its own**: a "normal" or
   "benign" output must never by itself clear a patient, nor a "malignant" one
   by itself send her to biopsy.
-- Validated only retrospectively, on the held-out split of its own training
-  data (below); not prospectively, and not on other centres, scanners,
+- Validated only retrospectively, on held-out parts of its own training
+  data (cross-validation folds and, if kept, a test split; below); not
+  prospectively, and not on other centres, scanners,
   presets or populations. Expect worse and differently calibrated results
   there; measure before relying on it
   (`python -m training evaluate --model DIR --data ...`).
@@ -232,17 +233,24 @@ def _cv_section(metadata: Dict) -> List[str]:
         " training cv --data GLOB` with the same flags to know how the"
         " recipe does on images it has not seen.", ""]
   fixed = (report.get("pooled") or {}).get("fixed_threshold")
+  if metadata.get(schemas.METADATA_RECALIBRATION):
+    lines += ["> Recalibrated for a new site: these figures are the original"
+              " model's recipe on its training data, with the temperatures"
+              " and thresholds fitted there, not this artifact's on the"
+              " site.", ""]
   lines += [
-      f"The recipe that made this model was first run {report['folds']}"
-      f" times on the same {report['images']} images"
-      f" ({report['groups']} near-duplicate groups), each time scoring one"
-      " fold with a model trained, calibrated and thresholded on the other"
-      " folds; an image and its near-duplicates (dHash within 2 bits) never"
-      " sit on both sides. These are the held-out figures of this recipe on"
-      " these data; the final model learnt from more images (all but its"
-      " validation split), so they are, if anything, slightly pessimistic"
-      " for it. They hold for images like these only: another scanner or"
-      " hospital can do much worse (see the note under Review threshold).",
+      f"The recipe that made this model was first run"
+      f" {report.get('folds', NA)} times on the same"
+      f" {report.get('images', NA)} images"
+      f" ({report.get('groups', NA)} near-duplicate groups), each time"
+      " scoring one fold with a model trained, calibrated and thresholded on"
+      " the other folds; an image and its near-duplicates (dHash within 2"
+      " bits) never sit on both sides. These are the held-out figures of"
+      " this recipe on these data; each fold model learnt from a fold fewer"
+      " than the final model, so they are, if anything, slightly"
+      " pessimistic for it. They hold for images like these only: another"
+      " scanner or hospital can do much worse (see the note under Review"
+      " threshold).",
       ""]
   summary = report.get("summary") or {}
   pooled = report.get("pooled") or {}
@@ -301,6 +309,11 @@ def _calibration_section(metadata: Dict) -> List[str]:
     lines += [f"Not calibrated (T = {_num(temperature)}):"
               f" {cal.get('reason', 'no calibration recorded')}.", ""]
   split_name = cal.get("split", "test")
+  if cal.get("count") == 0:
+    return lines + [
+        "No test split to measure the calibration on: the cross-validated"
+        " ECE above is the held-out figure (each fold fitted its own"
+        " temperature on its validation split).", ""]
   lines += _table(
       ["expected calibration error", "value"],
       [[f"ECE on {split_name}, T = 1 (before)", _num(cal.get("ece_before"))],
@@ -324,7 +337,7 @@ def _threshold_section(metadata: Dict) -> List[str]:
     lines.append("Source: refitted on a site sample (see \"Recalibration for"
                  " a new site\"). Any table below is the model's as trained,"
                  " at its threshold then, on its own splits.")
-  elif source == "target_accuracy":
+  elif source == schemas.THRESHOLD_TARGET_ACCURACY:
     target = metadata.get("target_accuracy")
     lines.append(
         f"Source: `--target_accuracy {_num(target)}`: the lowest validation"
@@ -356,8 +369,10 @@ def _threshold_section(metadata: Dict) -> List[str]:
                      "accuracy, not flagged", "accuracy, flagged",
                      "accuracy, all"], rows)
     lines += ["", "The images not flagged are the ones a reader might be"
-              " tempted to trust; their accuracy on the test split is the"
-              " honest figure (validation chose the threshold)."]
+              " tempted to trust. Validation chose the threshold (and"
+              " stopped the training and fitted the temperature), so its"
+              " figures are in-sample; the honest ones are the test split's"
+              " when there is one, and the cross-validated ones above."]
   else:
     lines.append("No labelled validation or test images: no figures.")
   return lines + ["", _LOCAL_DATA_NOTE, ""]
@@ -430,7 +445,7 @@ def _recalibration_section(metadata: Dict) -> List[str]:
                  f" {_num(temp.get('temperature'), 4)}:"
                  f" {temp.get('reason', NA)} (the fit gave"
                  f" {_num(temp.get('fitted_value'), 4)}).")
-  if thr.get("source") == "target_accuracy":
+  if thr.get("source") == schemas.THRESHOLD_TARGET_ACCURACY:
     source = ("the lowest confidence at which the fit part's accuracy on the"
               " images not flagged reaches"
               f" {_pct(thr.get('target_accuracy'))}")
@@ -531,13 +546,28 @@ def _training_section(metadata: Dict) -> List[str]:
   if _is_test_artifact(metadata):
     return []
   seconds = training.get("seconds") or {}
-  rows = [["head epochs (base frozen)", training.get("epochs", NA)],
+  run = training.get("epochs_run") or {}
+  best = training.get("best_epoch") or {}
+
+  def epochs(stage, most):
+    if stage not in run:
+      return most
+    return (f"{run[stage]} run of at most {most}" +
+            (f", best {best[stage]} kept" if best.get(stage) else ""))
+
+  rows = [["head epochs (base frozen)",
+           epochs("head", training.get("epochs", NA))],
           ["fine-tune epochs (block5 unfrozen)",
-           training.get("fine_tune_epochs", NA)],
+           epochs("fine_tune", training.get("fine_tune_epochs", NA))],
+          ["early stopping patience", training.get("patience", NA)],
+          ["label smoothing", training.get("label_smoothing", NA)],
           ["learning rates", f"{training.get('learning_rate', NA)} /"
                              f" {training.get('fine_tune_learning_rate', NA)}"],
           ["batch size", training.get("batch_size", NA)],
           ["augmentation", training.get("augment", NA)],
+          ["augmented views per training image",
+           training.get("augment_views", NA)],
+          ["cross-validation folds run first", training.get("cv_folds", NA)],
           ["val / test fractions", f"{training.get('val_fraction', NA)} /"
                                    f" {training.get('test_fraction', NA)}"],
           ["class weights", training.get("class_weight", NA)],
@@ -550,9 +580,12 @@ def _files_section() -> List[str]:
             " probabilities"),
            (schemas.LABELS_FILE, "class names in output order"),
            (schemas.METADATA_FILE, "every number on this card, and more"),
-           (artifact_schema.CONFUSION_MATRIX_FILE, "test confusion matrix"),
+           (artifact_schema.CONFUSION_MATRIX_FILE, "test confusion matrix"
+            " (empty without a test split)"),
            (artifact_schema.RELIABILITY_DIAGRAM_FILE,
-            "calibration before / after, test split"),
+            "calibration before / after, test split (empty without one)"),
+           (artifact_schema.CV_REPORT_FILE, "the cross-validation of the"
+            " recipe run before training (per fold, pooled, mean ± sd)"),
            (artifact_schema.TRAINING_CURVES_FILE, "loss and accuracy per"
             " epoch"),
            (artifact_schema.SPLIT_FILE, "image_ids and dHashes of each"

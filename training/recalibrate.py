@@ -33,7 +33,7 @@ from apache_beam.io.filesystems import FileSystems
 import schemas
 from schemas import artifact as artifact_schema
 from training import artifact, calibration, data as data_lib
-from training import model as model_lib, split
+from training import model as model_lib, recipe, split
 from training.layers import TemperatureScaling
 
 _LOG = logging.getLogger(__name__)
@@ -216,12 +216,6 @@ def _fit_temperature(logits: np.ndarray, labels: np.ndarray,
                            fit.nll_after)
 
 
-def _confidence(logits: np.ndarray, labels: np.ndarray, temperature: float):
-  """Top probability and correctness of each prediction."""
-  probabilities = calibration.softmax(logits, temperature)
-  return probabilities.max(axis=1), probabilities.argmax(axis=1) == labels
-
-
 def _choose_threshold(config: RecalibrateConfig, confidence: np.ndarray,
                       correct: np.ndarray) -> ThresholdChoice:
   """The fixed --threshold, or the one reaching the target on the fit part."""
@@ -246,7 +240,7 @@ def _choose_threshold(config: RecalibrateConfig, confidence: np.ndarray,
 def _figures(logits: np.ndarray, labels: np.ndarray, temperature: float,
              threshold: float) -> Dict:
   """What one (temperature, threshold) does on labelled logits (JSON)."""
-  confidence, correct = _confidence(logits, labels, temperature)
+  confidence, correct = recipe.confidence(logits, labels, temperature)
   reliability = calibration.reliability(confidence, correct)
   return {"temperature": float(temperature),
           **calibration.flag_stats(confidence, correct, threshold),
@@ -428,7 +422,7 @@ def recalibrate(config: RecalibrateConfig) -> Dict:
                                              config.batch_size))
   temperature = _fit_temperature(fit_logits, parts.fit.labels,
                                  parent_temperature)
-  fit_confidence = _confidence(fit_logits, parts.fit.labels,
+  fit_confidence = recipe.confidence(fit_logits, parts.fit.labels,
                                temperature.temperature)
   threshold = _choose_threshold(config, *fit_confidence)
   before = _figures(holdout_logits, parts.holdout.labels, parent_temperature,

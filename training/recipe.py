@@ -64,7 +64,10 @@ def view_images(images: np.ndarray, view: int, seed: int,
     images: uint8 [B, H, W, 3].
     view: ORIGINAL, MIRROR, or 2… for a random geometric augmentation.
     seed: the run's seed; with `view` and `offset` it fixes the draw.
-    offset: index of the batch's first image, so batches draw differently.
+    offset: position of the batch in its view's list of images, so batches
+      draw differently. The draws depend on the images computed and on
+      the batch size: `cv` and `train` (which computes every image for its
+      own cross-validation) draw the same views.
   """
   if view == ORIGINAL:
     return images
@@ -124,6 +127,14 @@ class ConvCache:
     return self._models[layer]
 
   def _compute(self, layer: str, view: int) -> np.ndarray:
+    # Only outputs of layers no training touches may be cached: a stage
+    # asking for a layer after a trainable one would get stale values.
+    names = [l.name for l in self._model.layers]
+    trainable = [l.name for l in self._model.layers[:names.index(layer) + 1]
+                 if l.trainable_weights]
+    if trainable:
+      raise ValueError(f"cannot cache {layer}: {trainable[0]} before it"
+                       " trains")
     position = self._layers.index(layer)
     indices = self._needed[view]
     started = time.perf_counter()

@@ -43,17 +43,6 @@ SPLIT_FILE = artifact_schema.SPLIT_FILE
 RELIABILITY_DIAGRAM_FILE = artifact_schema.RELIABILITY_DIAGRAM_FILE
 FIXED = recipe.FIXED
 TARGET_ACCURACY = recipe.TARGET_ACCURACY
-# Kept importable from here (tests and older callers use it).
-balanced_class_weights = recipe.balanced_class_weights
-
-
-def _logits(model, images: np.ndarray, batch_size: int) -> np.ndarray:
-  """The full model's "logits" layer on raw pixels: what scoring computes,
-  before the temperature and the softmax."""
-  if not len(images):
-    return np.zeros((0, int(model.outputs[0].shape[-1])), np.float32)
-  sub = model_lib.sub_model(model, None, model_lib.LOGITS_LAYER)
-  return recipe.in_batches(sub, images, batch_size)
 
 
 def _reliability(logits: np.ndarray, labels: np.ndarray,
@@ -156,6 +145,32 @@ def _predict(model, images: np.ndarray, batch_size: int) -> np.ndarray:
   return model.predict(images, batch_size=batch_size, verbose=0)
 
 
+def _remove_stale(config: TrainConfig) -> None:
+  """With --overwrite, the old artifact stops being one before anything is
+  written (metadata.json goes first), and its cv.json goes too when this
+  run writes none."""
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
+  names = [schemas.METADATA_FILE] + ([] if config.cv_folds else
+                                     [schemas.CV_REPORT_FILE])
+  stale = [FileSystems.join(config.output.rstrip("/"), name) for name in names]
+  stale = [uri for uri in stale if FileSystems.exists(uri)]
+  if stale:
+    FileSystems.delete(stale)
+
+
+def _warn_unmeasured(config: TrainConfig) -> None:
+  """Says so when nothing held out will measure the model."""
+  if not config.cv_folds and not config.test_fraction:
+    message = ("WARNING: --cv_folds 0 and no test split: nothing held out"
+               " will measure this model. Run `python -m training cv` with"
+               " the same flags, or keep --cv_folds.")
+    _LOG.warning(message)
+    print(message)
+  if config.patience and not config.val_fraction:
+    print(f"Note: no validation split, so no early stopping: every stage"
+          f" runs all its epochs (--epochs {config.epochs}).")
+
+
 def _check_output(config: TrainConfig) -> None:
   from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
   existing = FileSystems.join(config.output.rstrip("/"), schemas.METADATA_FILE)
@@ -212,7 +227,7 @@ def _read_and_split(config: TrainConfig) -> _Prepared:
   return _Prepared(data, stats, hashes, indices, class_counts, grouped)
 
 
-def _fit(config: TrainConfig, prepared: _Prepared, work: str):
+def _fit(config: TrainConfig, prepared: _Prepared):
   """Builds the model, cross-validates the recipe (unless --cv_folds 0),
   then runs its stages on the train/val split; all on one conv cache."""
   data, indices = prepared.data, prepared.indices
@@ -230,7 +245,6 @@ def _fit(config: TrainConfig, prepared: _Prepared, work: str):
     report = cv.run_folds(config, config.cv_folds, folds, data,
                           prepared.hashes)
     print(cv.format_table(report))
-    cv.write_report(report, work)
   else:
     needed = {view: train_idx for view in recipe.views(config)}
     # Validation images are seen as stored (view 0 only), as scoring sees
@@ -325,16 +339,19 @@ def train(config: TrainConfig) -> Dict:
   """
   config.validate()
   _check_output(config)
+  _warn_unmeasured(config)
   started = time.perf_counter()
   keras.utils.set_random_seed(config.seed)
   labels = list(schemas.LABELS)
 
   prepared = _read_and_split(config)
+  if config.overwrite:
+    _remove_stale(config)
   seconds = {"read": time.perf_counter() - started}
   work = (config.output if "://" not in config.output else
           tempfile.mkdtemp(prefix="busi-train-"))
   os.makedirs(work, exist_ok=True)
-  model, runner, fitted, cv_report = _fit(config, prepared, work)
+  model, runner, fitted, cv_report = _fit(config, prepared)
   seconds["conv_cache"] = runner.cache.seconds
   if cv_report:
     seconds["cross_validation"] = cv_report["seconds"]["folds"]
@@ -345,7 +362,8 @@ def train(config: TrainConfig) -> Dict:
   data = prepared.data
   val_idx, test_idx = prepared.indices[split.VAL], prepared.indices[split.TEST]
   test_started = time.perf_counter()
-  test_logits = _logits(model, data.images[test_idx], config.batch_size)
+  test_logits = model_lib.predict_logits(model, data.images[test_idx],
+                                         config.batch_size)
   test_report = metrics.classification_report(
       data.labels[test_idx], test_logits.argmax(axis=1), labels)
   seconds["test"] = time.perf_counter() - test_started
@@ -366,6 +384,8 @@ def train(config: TrainConfig) -> Dict:
 
   _write_plots(work, config, test_report, fitted, cal)
   _write_split(work, prepared)
+  if cv_report:
+    cv.write_report(cv_report, work)
   seconds["total"] = time.perf_counter() - started
   metadata = artifact.save_artifact(model, work, labels, {
       "name": config.name,
