@@ -38,6 +38,8 @@ DEFAULT_VARIANTS = {
     "default, lr 3e-4": {"learning_rate": 3e-4},
     "default, label smoothing 0.2": {"label_smoothing": 0.2},
     "default, no label smoothing": {"label_smoothing": 0.0},
+    "mirror view + block5 fine-tuned (5 epochs)": {
+        "augment_views": 1, "fine_tune_epochs": 5},
 }
 
 _COLUMNS = ("macro_f1", "recall_malignant", "accuracy", "ece",
