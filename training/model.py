@@ -334,7 +334,16 @@ def predict_logits(model: keras.Model, images: np.ndarray,
   """
   if not len(images):
     return np.zeros((0, int(model.outputs[0].shape[-1])), np.float32)
-  sub = sub_model(model, None, LOGITS_LAYER)
+  return in_batches(sub_model(model, None, LOGITS_LAYER), images, batch_size)
+
+
+def in_batches(model: keras.Model, inputs: np.ndarray,
+               batch_size: int) -> np.ndarray:
+  """`model(inputs)` in inference mode, `batch_size` rows a call.
+
+  Plain calls rather than predict(): each new sub-model's predict() traces a
+  function, and TensorFlow then warns about retracing.
+  """
   return np.concatenate([
-      np.asarray(sub(images[i:i + batch_size], training=False))
-      for i in range(0, len(images), batch_size)])
+      np.asarray(model(inputs[i:i + batch_size], training=False))
+      for i in range(0, len(inputs), batch_size)])

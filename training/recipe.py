@@ -285,16 +285,8 @@ class Recipe:
       return np.zeros((0, self.num_classes), np.float32)
     cut = model_lib.frozen_prefix_end(self.model)
     sub = model_lib.sub_model(self.model, cut, model_lib.LOGITS_LAYER)
-    return in_batches(sub, self.cache.get(cut, ORIGINAL, indices),
-                      self.config.batch_size)
-
-
-def in_batches(model, inputs: np.ndarray, batch_size: int) -> np.ndarray:
-  # Plain calls rather than predict(): each new sub-model's predict() traces
-  # a function, and TensorFlow then warns about retracing.
-  return np.concatenate([
-      np.asarray(model(inputs[i:i + batch_size], training=False))
-      for i in range(0, len(inputs), batch_size)])
+    return model_lib.in_batches(sub, self.cache.get(cut, ORIGINAL, indices),
+                                self.config.batch_size)
 
 
 def confidence(logits: np.ndarray, labels: np.ndarray, temperature: float):
