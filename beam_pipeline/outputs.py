@@ -9,6 +9,8 @@ presence marks a completed run.
 import datetime
 import json
 import logging
+import os
+import posixpath
 import time
 from typing import Dict, Mapping, Optional, Sequence
 
@@ -42,6 +44,25 @@ def utc_now_iso() -> str:
 
 class OutputDirInUse(ValueError):
   pass
+
+
+def location(path: str) -> str:
+  """Where a path really is, for comparing two spellings of it.
+
+  Local paths are made absolute with symlinks, `.`/`..` and repeated
+  slashes resolved; URIs (gs://...) keep their scheme and bucket, with
+  repeated slashes and `.`/`..` segments in the object path collapsed.
+  """
+  if "://" not in path:
+    return os.path.realpath(os.path.abspath(path))
+  scheme, rest = path.split("://", 1)
+  bucket, _, name = rest.partition("/")
+  name = posixpath.normpath("/" + name).lstrip("/") if name else ""
+  return f"{scheme.lower()}://{bucket}/{name}".rstrip("/")
+
+
+def _inside(path: str, directory: str) -> bool:
+  return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
 def prepare_output_dir(output: str, overwrite: bool,
@@ -78,7 +99,12 @@ def prepare_output_dir(output: str, overwrite: bool,
   stale = sorted(stale)
   wanted = {m.path for result in FileSystems.match(list(inputs))
             for m in result.metadata_list} if inputs else set()
-  clash = sorted(wanted.intersection(stale))
+  # Compared as locations, not strings: `./o`, `o//`, an absolute path or a
+  # symlink to o name the same files, and replacing them would delete the
+  # run's own inputs.
+  replaced = [location(join(output, sub)) for sub in OUTPUT_SUBDIRS]
+  clash = sorted(path for path in wanted
+                 if any(_inside(location(path), d) for d in replaced))
   if clash:
     raise OutputDirInUse(
         f"--input {clash[0]} lies in {output}, whose outputs this run would"

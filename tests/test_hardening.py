@@ -360,3 +360,22 @@ def test_non_finite_model_output_is_an_error_not_a_prediction():
   (row,) = list(_to_row((key, PredictionResult(None, np.array(
       [0.1, 0.2, 0.7]))), config, "none"))
   assert row["predicted_class"] == "malignant"
+
+
+def test_output_guard_compares_locations_not_spellings(tmp_path, model_dir,
+                                                       monkeypatch):
+  from beam_pipeline import outputs  # pylint: disable=import-outside-toplevel
+  archive = str(tmp_path / "a.zip")
+  af.write_zip(archive, af.busi_entries(1))
+  monkeypatch.chdir(tmp_path)
+  pipeline.run(["preprocess", "--input", archive, "--output", "o",
+                "--image_size", str(SIZE)])
+  os.symlink(str(tmp_path / "o"), str(tmp_path / "link"))
+  for spelling in ("./o", "o//", str(tmp_path / "o"), "link", "x/../o"):
+    with pytest.raises(ValueError, match="lies in"):
+      pipeline.run(["score", "--input", "o/tfrecords/*.tfrecord.gz",
+                    "--model", model_dir, "--output", spelling,
+                    "--overwrite"])
+  assert len(read_records(str(tmp_path / "o"))) == 3
+  assert outputs.location("gs://b//o/./tfrecords/") == "gs://b/o/tfrecords"
+  assert outputs.location("gs://b/o/x/../tfrecords") == "gs://b/o/tfrecords"
