@@ -5,7 +5,9 @@ Each stage is a small named PTransform; the per-element work is in
 """
 
 import operator
-from typing import Dict, Iterable, NamedTuple, Union
+import os
+import stat
+from typing import Dict, Iterable, NamedTuple, Optional, Union
 
 import apache_beam as beam
 from apache_beam.io import fileio
@@ -58,6 +60,10 @@ class PlanWork(beam.DoFn):
     self._max_members = max_members
 
   def process(self, uri: str) -> Iterable[Union[WorkItem, archives.Member]]:
+    special = _not_a_regular_file(uri)
+    if special:
+      yield archives.Member(uri, uri, "error", error=special)
+      return
     kind = archives.archive_kind(uri)
     if kind == archives.ZIP:
       try:
@@ -74,6 +80,30 @@ class PlanWork(beam.DoFn):
       yield TarInput(uri)
     else:
       yield FileInput(uri)
+
+
+def _not_a_regular_file(uri: str) -> Optional[archives.ArchiveError]:
+  """Why a local path matched by a glob cannot be read, or None.
+
+  Opening a FIFO blocks until something writes to it (forever, in a batch
+  job), and devices, sockets and folders are not images either: each becomes
+  one error row instead of a hang or a silent loss. Remote objects are
+  always plain bytes.
+  """
+  if "://" in uri:
+    return None
+  try:
+    mode = os.stat(uri).st_mode
+  except OSError as e:  # vanished, a dangling or looping symlink
+    return archives.ArchiveError(
+        "ReadFailed", f"{type(e).__name__}: {e.strerror or e}")
+  if stat.S_ISREG(mode):
+    return None
+  what = ("a FIFO" if stat.S_ISFIFO(mode) else
+          "a folder" if stat.S_ISDIR(mode) else
+          "a socket" if stat.S_ISSOCK(mode) else "a device file")
+  return archives.ArchiveError(
+      "NotARegularFile", f"{what}, not a file: only regular files are read")
 
 
 class ReadTars(beam.DoFn):

@@ -379,3 +379,29 @@ def test_output_guard_compares_locations_not_spellings(tmp_path, model_dir,
   assert len(read_records(str(tmp_path / "o"))) == 3
   assert outputs.location("gs://b//o/./tfrecords/") == "gs://b/o/tfrecords"
   assert outputs.location("gs://b/o/x/../tfrecords") == "gs://b/o/tfrecords"
+
+
+def test_special_files_matched_by_a_glob_are_error_rows_not_hangs(tmp_path):
+  folder = tmp_path / "in"
+  folder.mkdir()
+  af.write_zip(str(folder / "a.zip"), af.busi_entries(1))
+  os.mkfifo(str(folder / "pipe.png"))  # opening it would block forever
+  os.symlink(str(folder / "gone.png"), str(folder / "dangling.png"))
+
+  def hung(signum, frame):
+    raise TimeoutError("preprocess hung on a special file")
+
+  previous = signal.signal(signal.SIGALRM, hung)
+  signal.alarm(120)
+  try:
+    out = str(tmp_path / "out")
+    manifest = pipeline.run(["preprocess", "--input", str(folder / "*"),
+                             "--output", out, "--image_size", "8"])
+  finally:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+  assert manifest["invariant"]["holds"]
+  errors = {os.path.basename(e["source"]): e for e in read_errors(out)}
+  assert errors["pipe.png"]["error_type"] == "NotARegularFile"
+  assert "FIFO" in errors["pipe.png"]["message"]
+  assert len(read_records(out)) == 3  # the zip's images still made it
