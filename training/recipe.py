@@ -34,8 +34,6 @@ _LOG = logging.getLogger(__name__)
 ORIGINAL = 0  # view 0: the pixels as stored (and as scoring sees them)
 MIRROR = 1  # view 1: the horizontal mirror image
 
-FIXED = schemas.THRESHOLD_FIXED
-TARGET_ACCURACY = schemas.THRESHOLD_TARGET_ACCURACY
 
 
 def verbose() -> int:
@@ -204,6 +202,7 @@ class FitResult(NamedTuple):
   seconds: Dict[str, float]
   epoch_seconds: Dict[str, List[float]]
   fine_tune_start: Optional[int]  # epoch at which fine-tuning began
+  class_weight: Dict[int, float]  # balanced, from the training labels
 
 
 class Recipe:
@@ -266,8 +265,8 @@ class Recipe:
       val: indices of the validation images (may be empty: no early stop).
     """
     config = self.config
-    result = FitResult({}, {}, {}, {}, {}, None)
     class_weight = balanced_class_weights(self.labels[train], self.num_classes)
+    result = FitResult({}, {}, {}, {}, {}, None, class_weight)
     self._stage("head", model_lib.FEATURES_LAYER, train, val, config.epochs,
                 config.learning_rate, class_weight, result)
     if config.fine_tune_epochs:
@@ -341,13 +340,15 @@ def choose_flagging(config: TrainConfig, val, test) -> Dict:
     return calibration.flag_stats(*values, threshold) if len(values[0]) else (
         None)
 
-  block = {"source": FIXED, "target_accuracy": config.target_accuracy,
+  block = {"source": schemas.THRESHOLD_FIXED,
+           "target_accuracy": config.target_accuracy,
            "target_reached": None}
   threshold = float(config.threshold)
   if config.target_accuracy is not None:
     choice = calibration.choose_threshold(*val, config.target_accuracy)
     threshold = choice.threshold
-    block.update(source=TARGET_ACCURACY, target_reached=choice.reached)
+    block.update(source=schemas.THRESHOLD_TARGET_ACCURACY,
+                 target_reached=choice.reached)
   block.update(threshold=threshold, val=stats(val, threshold),
                test=stats(test, threshold))
   block["fixed"] = {"threshold": float(config.threshold),

@@ -41,8 +41,6 @@ CONFUSION_MATRIX_FILE = artifact_schema.CONFUSION_MATRIX_FILE
 TRAINING_CURVES_FILE = artifact_schema.TRAINING_CURVES_FILE
 SPLIT_FILE = artifact_schema.SPLIT_FILE
 RELIABILITY_DIAGRAM_FILE = artifact_schema.RELIABILITY_DIAGRAM_FILE
-FIXED = recipe.FIXED
-TARGET_ACCURACY = recipe.TARGET_ACCURACY
 
 
 def _reliability(logits: np.ndarray, labels: np.ndarray,
@@ -124,14 +122,14 @@ def _print_calibration(cal: Dict, flagging: Dict) -> None:
     print(f"Test ECE ({cal['bins']} bins, {cal['count']} images):"
           f" {num(cal['ece_before'])} before, {num(cal['ece_after'])} after")
   source = "fixed"
-  if flagging["source"] == TARGET_ACCURACY:
+  if flagging["source"] == schemas.THRESHOLD_TARGET_ACCURACY:
     source = f"target accuracy {flagging['target_accuracy']:g}" + (
         "" if flagging["target_reached"] else " NOT reached")
   print(f"Review threshold {flagging['threshold']:.4f} ({source})")
   for name, key in (("validation", "val"), ("test", "test")):
     if flagging[key]:
       print("  " + _format_flagging(name, flagging[key]))
-  if flagging["source"] != FIXED:
+  if flagging["source"] != schemas.THRESHOLD_FIXED:
     fixed = flagging["fixed"]
     print(f"At the fixed threshold {fixed['threshold']:g}:")
     for name, key in (("validation", "val"), ("test", "test")):
@@ -290,8 +288,6 @@ def _training_block(config: TrainConfig, prepared: _Prepared,
                     fitted: recipe.FitResult, seconds: Dict) -> Dict:
   labels = list(schemas.LABELS)
   stats = prepared.stats
-  class_weight = recipe.balanced_class_weights(
-      prepared.data.labels[prepared.indices[split.TRAIN]], len(labels))
   return {
       "epochs": config.epochs,
       "fine_tune_epochs": config.fine_tune_epochs,
@@ -311,7 +307,7 @@ def _training_block(config: TrainConfig, prepared: _Prepared,
       "learning_rate": config.learning_rate,
       "fine_tune_learning_rate": config.fine_tune_learning_rate,
       "class_weight": {labels[c]: round(w, 6)
-                       for c, w in class_weight.items()},
+                       for c, w in fitted.class_weight.items()},
       "data": list(config.data),
       "examples_read": stats.examples,
       "unlabelled_skipped": stats.unlabelled,
