@@ -7,6 +7,23 @@ from typing import List
 
 from beam_pipeline import outputs
 
+# Exit statuses, documented in the README ("Exit status").
+EXIT_OK = 0
+EXIT_USAGE = 2  # bad flags, an output refused, an input that matches nothing
+EXIT_INVARIANT = 3  # the manifest's member invariant does not hold
+EXIT_IO = 4  # no space left, read-only or unwritable output, ...
+EXIT_INCOMPLETE = 5  # finished, but inputs promised more than could be read
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT)
+
+
+def exit_status(manifest: dict) -> int:
+  """The exit status a finished run's manifest calls for."""
+  if not manifest["invariant"]["holds"]:
+    return EXIT_INVARIANT
+  if not manifest.get("complete", True):
+    return EXIT_INCOMPLETE
+  return EXIT_OK
+
 
 def format_summary(manifest: dict) -> str:
   """The end-of-run summary a person reads."""
@@ -26,6 +43,8 @@ def format_summary(manifest: dict) -> str:
   invariant = manifest.get("invariant", {})
   lines.append(f"  {invariant.get('rule')}: "
                f"{'holds' if invariant.get('holds') else 'BROKEN'}")
+  for name, value in (manifest.get("incomplete_because") or {}).items():
+    lines.append(f"  INCOMPLETE: {name} = {value} (see the errors table)")
   lines.append(f"  outputs in {manifest.get('output')}")
   return "\n".join(lines)
 
@@ -71,7 +90,7 @@ def main(argv: List[str]) -> int:
     manifest = pipeline.run(argv)
   except (ValueError, outputs.OutputDirInUse) as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return EXIT_USAGE
   if "invariant" not in manifest:
     # No manifest was written (a Dataflow --dry_run, a job left running).
     print(f"Run {manifest.get('run_id')} ({manifest.get('command')}):"
@@ -79,4 +98,4 @@ def main(argv: List[str]) -> int:
     return 0
   print(format_summary(manifest))
   logging.getLogger(__name__).debug(json.dumps(manifest))
-  return 0 if manifest["invariant"]["holds"] else 1
+  return exit_status(manifest)

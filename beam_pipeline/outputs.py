@@ -179,6 +179,14 @@ def finish_manifest(base: Dict, counts: Dict[str, int],
   if not manifest["invariant"]["holds"]:
     _LOG.error("Manifest invariant broken: %s seen, %s accounted for",
                counts["members_seen"], accounted)
+  # The invariant counts what was read; these count what the inputs promised
+  # and the run could not read at all (a shard broken mid-way, an input gone
+  # since launch). Either makes the output incomplete, however well the rest
+  # adds up.
+  lost = {name: counts[name] for name in schemas.LOSS_COUNTS
+          if counts.get(name)}
+  manifest["complete"] = manifest["invariant"]["holds"] and not lost
+  manifest["incomplete_because"] = lost
   manifest["finished_at"] = utc_now_iso()
   manifest["wall_time_s"] = round(time.time() - started, 3)
   if scored and manifest["wall_time_s"] > 0:

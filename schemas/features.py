@@ -31,6 +31,13 @@ PREDICTIONS_DIR = "predictions"
 GRADCAM_DIR = "gradcam"
 MANIFEST_FILE = "manifest.json"
 
+# Manifest counts of what the inputs promised but the run could not read
+# (beyond the error rows it wrote): any of them non-zero makes the run
+# incomplete (manifest "complete": false, exit status 5).
+COUNT_SHARDS_UNREAD = "shards_unread"  # TFRecord shards broken before their end
+COUNT_INPUTS_VANISHED = "inputs_vanished"  # matched at launch, gone when read
+LOSS_COUNTS = (COUNT_SHARDS_UNREAD, COUNT_INPUTS_VANISHED)
+
 
 def feature_spec() -> Dict[str, object]:
   """Returns the `tf.io.parse_example` spec for the TFRecords.
