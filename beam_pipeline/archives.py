@@ -50,6 +50,24 @@ class ArchiveError(Exception):
     return (type(self), (self.kind, str(self)))
 
 
+# error_type of an input matched when the run started and gone when read.
+VANISHED = "InputVanished"
+
+
+def vanished() -> ArchiveError:
+  return ArchiveError(
+      VANISHED, "matched when the run started, gone when it was read")
+
+
+def read_failure(uri: str, error: ArchiveError) -> ArchiveError:
+  """`error`, or InputVanished if the input no longer exists."""
+  try:
+    gone = not FileSystems.exists(uri)
+  except Exception:  # pylint: disable=broad-except
+    gone = False
+  return vanished() if gone else error
+
+
 class Limits(NamedTuple):
   """Per-member and per-archive limits, each a command-line flag."""
   max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
@@ -98,9 +116,20 @@ def clean_name(name: str) -> str:
   return text
 
 
+def display_uri(uri: str) -> str:
+  """A URI or local path as valid UTF-8 text for `source` columns.
+
+  Local names may hold bytes that are not UTF-8 (Python hands them over as
+  surrogates); they become visible escapes (`\xe9`), as in `clean_name`,
+  instead of failing the Parquet and TFRecord writes.
+  """
+  return uri.encode("utf-8", "surrogateescape").decode("utf-8",
+                                                       "backslashreplace")
+
+
 def member_source(archive_uri: str, member_path: str) -> str:
   """The `source` of an archive member: archive URI + '!/' + member path."""
-  return f"{archive_uri}!/{clean_name(member_path).lstrip('/')}"
+  return f"{display_uri(archive_uri)}!/{clean_name(member_path).lstrip('/')}"
 
 
 class _BoundedTarInfo(tarfile.TarInfo):
@@ -428,7 +457,8 @@ def read_zip_range(zip_range: ZipRange, limits: Limits,
   except Exception as e:  # pylint: disable=broad-except
     error = ArchiveError("BadArchive", f"cannot reopen zip: {e}")
     for index in range(start, stop):
-      yield Member(f"{uri}!/#{index}", f"#{index}", "error", error=error)
+      yield Member(f"{display_uri(uri)}!/#{index}", f"#{index}", "error",
+                   error=error)
     return
   try:
     infos = zf.infolist()
@@ -480,7 +510,7 @@ def read_tar(uri: str, limits: Limits, *,
       for info in tf:
         index += 1
         if index > limits.max_members:
-          yield Member(uri, posixpath.basename(uri), "error",
+          yield Member(display_uri(uri), posixpath.basename(uri), "error",
                        error=ArchiveError(
                            "TooManyMembers",
                            f"stopped after {limits.max_members} members"
@@ -513,29 +543,32 @@ def read_tar(uri: str, limits: Limits, *,
           continue
         yield Member(source, info.name, kind or "file", data=data)
     if index == 0:
-      yield Member(uri, posixpath.basename(uri), "error", error=ArchiveError(
-          "EmptyArchive", "the tar has no members"))
+      yield Member(display_uri(uri), posixpath.basename(uri), "error",
+                   error=ArchiveError("EmptyArchive", "the tar has no members"))
   except Exception as e:  # pylint: disable=broad-except
     # tarfile.ReadError, EOFError, zlib/gzip errors on truncated archives.
     what = ("not a readable tar" if index == 0 else
             f"archive breaks after {index} members")
-    yield Member(uri, posixpath.basename(uri), "error",
-                 error=ArchiveError("BadArchive",
-                                    f"{what}: {type(e).__name__}: {e}"))
+    error = ArchiveError("BadArchive", f"{what}: {type(e).__name__}: {e}")
+    if index == 0:
+      error = read_failure(uri, error)
+    yield Member(display_uri(uri), posixpath.basename(uri), "error",
+                 error=error)
 
 
 def read_file(uri: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
              ) -> Member:
   """Reads a plain (non-archive) input file as a single member."""
   kind = _classify(uri, False)
+  source = display_uri(uri)
   if kind:
-    return Member(uri, uri, kind)
+    return Member(source, uri, kind)
   try:
     with open_raw(uri) as f:
-      return Member(uri, uri, "file",
+      return Member(source, uri, "file",
                     data=read_limited(f, max_member_bytes, "file"))
   except ArchiveError as e:
-    return Member(uri, uri, "error", error=e)
+    return Member(source, uri, "error", error=e)
   except Exception as e:  # pylint: disable=broad-except
-    return Member(uri, uri, "error", error=ArchiveError(
-        "ReadFailed", f"{type(e).__name__}: {e}"))
+    return Member(source, uri, "error", error=read_failure(uri, ArchiveError(
+        "ReadFailed", f"{type(e).__name__}: {e}")))

@@ -8,7 +8,6 @@ any pipeline is built, with messages that say what to pass instead.
 import argparse
 from typing import List, Optional
 
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (GoogleCloudOptions,
                                                   PipelineOptions,
                                                   StandardOptions)
@@ -123,9 +122,6 @@ def validate(command: str, options: PipelineOptions) -> BusiOptions:
         " right fitting) cannot be combined with --dataflow_service_options="
         "worker_accelerator=... (GPU on every worker); Dataflow documents them"
         " as exclusive. Pass one of the two.")
-  for pattern in opts.input:
-    if not FileSystems.match([pattern])[0].metadata_list:
-      raise ValueError(f"--input {pattern!r} matches no file")
   return opts
 
 

@@ -2,7 +2,7 @@
 
 import logging
 import time
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -11,18 +11,19 @@ from apache_beam.options.pipeline_options import (PipelineOptions,
 
 import schemas
 from beam_pipeline import options as opts_lib
-from beam_pipeline import archives, gcs, outputs
+from beam_pipeline import archives, gcs, inputs, outputs
 from beam_pipeline.preprocess import PreprocessLimits, ReadImages
 
 _LOG = logging.getLogger(__name__)
 
 
 def manifest_base(command: str, opts: opts_lib.BusiOptions, run_id: str,
-                  image_size: int) -> Dict:
+                  image_size: int, paths: Sequence[str]) -> Dict:
   return {
       "run_id": run_id,
       "command": command,
-      "inputs": list(opts.input),
+      "inputs": [inputs.display(pattern) for pattern in opts.input],
+      "inputs_matched": len(paths),
       "output": opts.output,
       "image_size": image_size,
       "format_version": schemas.FORMAT_VERSION,
@@ -32,8 +33,11 @@ def manifest_base(command: str, opts: opts_lib.BusiOptions, run_id: str,
 
 
 def build_preprocess(p: beam.Pipeline, opts: opts_lib.BusiOptions,
-                     run_id: str, image_size: Optional[int] = None) -> Dict:
+                     run_id: str, paths: Sequence[str],
+                     image_size: Optional[int] = None) -> Dict:
   """Adds archives → TFRecords (errors and manifest are added by the caller).
+
+  `paths` are the inputs matched at launch (`inputs.match_inputs`).
 
   Returns the dict of ReadImages' PCollections plus "tfrecord_files" and
   "counts", for `_finish_preprocess` or the `run` command to complete.
@@ -44,24 +48,32 @@ def build_preprocess(p: beam.Pipeline, opts: opts_lib.BusiOptions,
       archives.Limits(opts.max_member_bytes, opts.max_compression_ratio,
                       opts.max_members_per_archive),
       opts.zip_chunk_size)
-  read = p | "ReadImages" >> ReadImages(opts.input, limits, run_id)
+  read = p | "ReadImages" >> ReadImages(paths, limits, run_id)
   read["tfrecord_files"] = read["examples"] | "WriteExamples" >> (
       outputs.WriteExamples(opts.output))
   read["counts"] = {
       "members_seen": read["members_seen"],
       "images_written": outputs.count(read["examples"], "CountImages"),
       "masks_skipped": outputs.count(read["masks"], "CountMasks"),
+      schemas.COUNT_INPUTS_VANISHED: outputs.count(
+          read["errors"] | "Vanished" >> beam.Filter(_is_vanished),
+          "CountVanished"),
   }
   return read
 
 
-def _finish_preprocess(p, opts, read, run_id, started, command):
+def _is_vanished(error_row: Dict) -> bool:
+  return error_row["error_type"] == archives.VANISHED
+
+
+def _finish_preprocess(p, opts, read, run_id, started, command, paths):
   errors_written = read["errors"] | "WriteErrors" >> outputs.WriteTable(
       opts.output, schemas.ERRORS_DIR, schemas.errors_schema())
   counts = dict(read["counts"])
   counts["errors"] = outputs.count(read["errors"], "CountErrors")
   p | "Manifest" >> outputs.WriteManifest(
-      opts.output, manifest_base(command, opts, run_id, opts.image_size),
+      opts.output,
+      manifest_base(command, opts, run_id, opts.image_size, paths),
       started, counts,
       {"tfrecords": read["tfrecord_files"], "errors": errors_written})
 
@@ -90,6 +102,9 @@ def create(argv: Optional[List[str]] = None,
   gcs.configure_for_emulator()
   options = PipelineOptions(flags)
   opts = opts_lib.validate(command, options)
+  # Matched once, here: every path in this list ends as members or an error
+  # row, even if it is gone by the time a worker reads it.
+  paths = inputs.match_inputs(opts.input)
   run_id = outputs.new_run_id()
   started = time.time()
   if test_pipeline is not None:
@@ -106,10 +121,10 @@ def create(argv: Optional[List[str]] = None,
     config = scoring_pipeline.load_config(opts, run_id, command)
   outputs.prepare_output_dir(opts.output, opts.overwrite, opts.input)
   if config is None:
-    read = build_preprocess(p, opts, run_id)
-    _finish_preprocess(p, opts, read, run_id, started, command)
+    read = build_preprocess(p, opts, run_id, paths)
+    _finish_preprocess(p, opts, read, run_id, started, command, paths)
   else:
-    scoring_pipeline.build(command, p, opts, config, started)
+    scoring_pipeline.build(command, p, opts, config, started, paths)
   return Job(p, command, opts, run_id)
 
 

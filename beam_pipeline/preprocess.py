@@ -4,17 +4,13 @@ Each stage is a small named PTransform; the per-element work is in
 `archives` and `imaging`.
 """
 
-import operator
-import os
-import stat
 from typing import Dict, Iterable, NamedTuple, Optional, Union
 
 import apache_beam as beam
-from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 
 import schemas
-from beam_pipeline import archives, imaging
+from beam_pipeline import archives, imaging, inputs
 
 MASKS = "masks"
 ERRORS = "errors"
@@ -50,60 +46,43 @@ def error_row(source: str, stage: schemas.Stage, error_type: str,
 
 
 class PlanWork(beam.DoFn):
-  """Input file → units of work: zip member ranges, whole tars, plain files.
+  """Input path → units of work: zip member ranges, whole tars, plain files.
 
-  A zip that cannot be opened becomes an error Member here (one member seen).
+  Takes paths as `inputs.encode` gives them. A path that is not a readable
+  file (a folder, FIFO, broken link, vanished input) or a zip that cannot be
+  opened becomes an error Member here (one member seen).
   """
 
   def __init__(self, zip_chunk_size: int, max_members: int):
     self._chunk = zip_chunk_size
     self._max_members = max_members
 
-  def process(self, uri: str) -> Iterable[Union[WorkItem, archives.Member]]:
-    special = _not_a_regular_file(uri)
-    if special:
-      yield archives.Member(uri, uri, "error", error=special)
+  def process(self, element: bytes
+             ) -> Iterable[Union[WorkItem, archives.Member]]:
+    uri = inputs.decode(element)
+    problem = inputs.unreadable(uri)
+    if problem:
+      yield archives.Member(inputs.display(uri), uri, "error", error=problem)
       return
     kind = archives.archive_kind(uri)
     if kind == archives.ZIP:
       try:
         count = archives.count_zip_members(uri, self._max_members)
       except archives.ArchiveError as e:
-        yield archives.Member(uri, uri, "error", error=e)
+        yield archives.Member(inputs.display(uri), uri, "error",
+                              error=archives.read_failure(uri, e))
         return
       except Exception as e:  # pylint: disable=broad-except
-        yield archives.Member(uri, uri, "error", error=archives.ArchiveError(
-            "ReadFailed", f"{type(e).__name__}: {e}"))
+        yield archives.Member(
+            inputs.display(uri), uri, "error",
+            error=archives.read_failure(uri, archives.ArchiveError(
+                "ReadFailed", f"{type(e).__name__}: {e}")))
         return
       yield from archives.split_zip(uri, count, self._chunk)
     elif kind == archives.TAR:
       yield TarInput(uri)
     else:
       yield FileInput(uri)
-
-
-def _not_a_regular_file(uri: str) -> Optional[archives.ArchiveError]:
-  """Why a local path matched by a glob cannot be read, or None.
-
-  Opening a FIFO blocks until something writes to it (forever, in a batch
-  job), and devices, sockets and folders are not images either: each becomes
-  one error row instead of a hang or a silent loss. Remote objects are
-  always plain bytes.
-  """
-  if "://" in uri:
-    return None
-  try:
-    mode = os.stat(uri).st_mode
-  except OSError as e:  # vanished, a dangling or looping symlink
-    return archives.ArchiveError(
-        "ReadFailed", f"{type(e).__name__}: {e.strerror or e}")
-  if stat.S_ISREG(mode):
-    return None
-  what = ("a FIFO" if stat.S_ISFIFO(mode) else
-          "a folder" if stat.S_ISDIR(mode) else
-          "a socket" if stat.S_ISSOCK(mode) else "a device file")
-  return archives.ArchiveError(
-      "NotARegularFile", f"{what}, not a file: only regular files are read")
 
 
 class ReadTars(beam.DoFn):
@@ -213,29 +192,25 @@ class DecodeMember(beam.DoFn):
 
 
 class ReadImages(beam.PTransform):
-  """Input globs → serialized Examples, mask sources, error rows, counts.
+  """Input paths → serialized Examples, mask sources, error rows, counts.
 
+  Takes the paths matched at launch (`inputs.match_inputs`), each read once.
   Returns a dict: "examples" (serialized tf.train.Example bytes), "masks"
   (str), "errors" (error rows) and "members_seen" (a singleton count of the
   archive entries and input files read).
   """
 
-  def __init__(self, patterns, limits: PreprocessLimits, run_id: str):
+  def __init__(self, paths, limits: PreprocessLimits, run_id: str):
     super().__init__()
-    self._patterns = list(patterns)
+    self._paths = [inputs.encode(path) for path in paths]
     self._limits = limits
     self._run_id = run_id
 
   def expand(self, pbegin):
     limits = self._limits
-    uris = (
-        pbegin
-        | "Patterns" >> beam.Create(self._patterns)
-        | "MatchFiles" >> fileio.MatchAll()
-        | "Paths" >> beam.Map(operator.attrgetter("path"))
-        | "DropRepeatedPaths" >> beam.Distinct())
     work = (
-        uris
+        pbegin
+        | "Paths" >> beam.Create(self._paths)
         | "PlanWork" >> beam.ParDo(PlanWork(limits.zip_chunk_size,
                                             limits.archive.max_members))
         | "ReadTars" >> beam.ParDo(ReadTars(limits.archive))

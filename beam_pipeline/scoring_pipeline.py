@@ -260,21 +260,25 @@ def load_config(opts, run_id: str, command: str) -> scoring.ScoringConfig:
 
 
 def build(command: str, p: beam.Pipeline, opts,
-          config: scoring.ScoringConfig, started: float) -> Dict:
-  """Adds `score` (TFRecords in) or `run` (archives in) to the pipeline."""
+          config: scoring.ScoringConfig, started: float, paths) -> Dict:
+  """Adds `score` (TFRecords in) or `run` (archives in) to the pipeline.
+
+  `paths` are the inputs matched at launch (`inputs.match_inputs`).
+  """
   run_id = config.run_id
   written = {}
   counts = {}
   error_parts = []
   if command == opts_lib.RUN:
     from beam_pipeline.pipeline import build_preprocess  # pylint: disable=import-outside-toplevel
-    read = build_preprocess(p, opts, run_id, image_size=config.image_size)
+    read = build_preprocess(p, opts, run_id, paths,
+                            image_size=config.image_size)
     written["tfrecords"] = read["tfrecord_files"]
     counts.update(read["counts"])
     images = read["examples"] | "ParseExamples" >> beam.Map(
         scoring.parse_for_scoring)
   else:
-    read = p | "ReadTFRecords" >> ReadTFRecords(opts.input, run_id)
+    read = p | "ReadTFRecords" >> ReadTFRecords(paths, run_id)
     counts["members_seen"] = read["members_seen"]
     counts["masks_skipped"] = outputs.count(
         p | "NoMasks" >> beam.Create([]), "CountMasks")
@@ -311,7 +315,7 @@ def build(command: str, p: beam.Pipeline, opts,
                | "ClassDict" >> beam.combiners.ToDict())
 
   from beam_pipeline.pipeline import manifest_base  # pylint: disable=import-outside-toplevel
-  base = manifest_base(command, opts, run_id, config.image_size)
+  base = manifest_base(command, opts, run_id, config.image_size, paths)
   base.update({"model": opts.model, "model_version": config.model_version,
                "threshold": config.threshold, "labels": list(config.labels),
                "batch_size": opts.batch_size})

@@ -60,7 +60,8 @@ def test_zip_and_targz_in_a_bucket_end_to_end(tmp_path, gcs_client):
       f"gs://{BUCKET}/in/*.tar.gz", "--output", f"gs://{BUCKET}/pre",
       "--image_size", str(SIZE)])
   assert pre["counts"] == {"members_seen": 26, "images_written": 12,
-                           "masks_skipped": 12, "errors": 2}
+                           "masks_skipped": 12, "errors": 2,
+                           "inputs_vanished": 0}
 
   scored = pipeline.run([
       "score", "--input", f"gs://{BUCKET}/pre/tfrecords/*.tfrecord.gz",
@@ -112,3 +113,22 @@ def test_run_with_everything_in_the_bucket(tmp_path, gcs_client):
     pipeline.run(["run", "--input", f"gs://{BUCKET}/in2/c.zip", "--model",
                   f"gs://{BUCKET}/models/m2", "--output",
                   f"gs://{BUCKET}/run2"])
+
+
+def test_objects_deleted_after_launch_are_vanished_rows(tmp_path, gcs_client):
+  bucket = gcs_client.bucket(BUCKET)
+  af.write_zip(str(tmp_path / "d.zip"), _entries(3))
+  bucket.blob("in3/d.zip").upload_from_filename(str(tmp_path / "d.zip"))
+  bucket.blob("in3/e.zip").upload_from_filename(str(tmp_path / "d.zip"))
+  bucket.blob("in3/f.png").upload_from_string(
+      af.png(np.full((6, 6), 9, np.uint8)))
+  job = pipeline.create(["preprocess", "--input", f"gs://{BUCKET}/in3/*",
+                         "--output", f"gs://{BUCKET}/pre3",
+                         "--image_size", str(SIZE)])
+  bucket.blob("in3/e.zip").delete()
+  bucket.blob("in3/f.png").delete()
+  job.pipeline.run().wait_until_finish()
+  manifest = json.loads(bucket.blob("pre3/manifest.json").download_as_bytes())
+  assert manifest["counts"]["inputs_vanished"] == 2
+  assert manifest["invariant"]["holds"] and not manifest["complete"]
+  assert manifest["counts"]["images_written"] == 6
