@@ -140,8 +140,9 @@ def unreadable(path: str) -> Optional[archives.ArchiveError]:
     if os.path.islink(path):
       if e.errno == errno.ELOOP:
         return archives.ArchiveError(BROKEN_LINK, "a symlink loop")
-      return archives.ArchiveError(
-          BROKEN_LINK, f"a dangling symlink (to {display(os.readlink(path))!r})")
+      target = display(os.readlink(path))
+      return archives.ArchiveError(BROKEN_LINK,
+                                   f"a dangling symlink (to {target!r})")
     if e.errno == errno.ENOENT:
       return archives.vanished()
     return archives.ArchiveError(

@@ -6,7 +6,8 @@ any pipeline is built, with messages that say what to pass instead.
 """
 
 import argparse
-from typing import List, Optional
+import difflib
+from typing import List, Optional, Sequence
 
 from apache_beam.options.pipeline_options import (GoogleCloudOptions,
                                                   PipelineOptions,
@@ -81,6 +82,37 @@ class BusiOptions(PipelineOptions):
     parser.add_argument(
         "--overwrite", action="store_true", default=False,
         help="Replace the outputs of a completed earlier run in --output.")
+
+
+def refuse_unknown_flags(flags: Sequence[str]) -> None:
+  """Refuses flags that neither Beam nor this project defines.
+
+  Beam only logs a warning for an unknown flag and runs with the defaults; a
+  misspelt `--threshhold 0.5` or `--inference_accelerator` must stop the run
+  instead (on a hospital's outputs, a silent default is a wrong result).
+  Abbreviations are refused too, as Beam's own parser does.
+
+  Raises:
+    ValueError: naming each unknown flag, with the closest known spelling.
+  """
+  parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
+  for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+    cls._add_argparse_args(parser)  # pylint: disable=protected-access
+  _, unknown = parser.parse_known_args(list(flags))
+  if not unknown:
+    return
+  known = [s for action in parser._actions for s in action.option_strings]  # pylint: disable=protected-access
+  problems = []
+  for i, arg in enumerate(unknown):
+    if not arg.startswith("-"):
+      if i == 0 or not unknown[i - 1].startswith("-"):  # not a flag's value
+        problems.append(f"unexpected argument {arg!r}")
+      continue
+    name = arg.split("=", 1)[0]
+    close = difflib.get_close_matches(name, known, n=1)
+    problems.append(f"unknown flag {name}" +
+                    (f" (did you mean {close[0]}?)" if close else ""))
+  raise ValueError("; ".join(problems))
 
 
 def _require(value, flag: str, command: str) -> None:

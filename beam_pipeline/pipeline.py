@@ -99,6 +99,7 @@ def create(argv: Optional[List[str]] = None,
       output directory holding a completed run (without --overwrite).
   """
   command, flags = opts_lib.split_command(argv)
+  opts_lib.refuse_unknown_flags(flags)
   gcs.configure_for_emulator()
   options = PipelineOptions(flags)
   opts = opts_lib.validate(command, options)

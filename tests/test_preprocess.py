@@ -10,6 +10,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 import schemas
 from beam_pipeline import imaging, pipeline
+from beam_pipeline import options as opts_lib
 from beam_pipeline.preprocess import PreprocessLimits, ReadImages
 from tests import archive_factory as af
 from tests.pipeline_helpers import (pixel_digest, read_errors, read_records,
@@ -186,3 +187,27 @@ def test_cli_help_and_errors(tmp_path, capsys):
   assert cli.main(["preprocess", "--input", str(tmp_path / "none.zip"),
                    "--output", str(tmp_path / "o")]) == 2
   assert "matches no file" in capsys.readouterr().err
+
+
+def test_misspelt_or_unknown_flags_are_refused_before_anything_runs(
+    tmp_path, capsys):
+  from beam_pipeline import cli
+  archive = str(tmp_path / "a.zip")
+  af.write_zip(archive, af.busi_entries(1))
+  out = str(tmp_path / "o")
+  for flags, message in (
+      (["--threshhold", "0.5"], "unknown flag --threshhold (did you mean"
+       " --threshold?)"),
+      (["--inference_acclerator=type:nvidia-l4"],
+       "did you mean --inference_accelerator?"),
+      (["--image_siz", "8"], "did you mean --image_size?"),  # no abbreviations
+      (["stray"], "unexpected argument 'stray'")):
+    assert cli.main(["preprocess", "--input", archive, "--output", out,
+                     *flags]) == cli.EXIT_USAGE, flags
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(out)
+  # Beam's and Dataflow's own flags still pass through.
+  opts_lib.refuse_unknown_flags([
+      "--runner", "DataflowRunner", "--project", "p", "--region", "r",
+      "--temp_location", "gs://b/t", "--machine_type", "g2-standard-4",
+      "--experiments", "x", "--direct_num_workers", "2", "--image_size", "8"])

@@ -395,3 +395,10 @@ def test_empty_validation_split_trains_without_calibration(tmp_path,
       label: 0 for label in metadata["labels"]}
   assert not metadata["calibration"]["fitted"]
   assert metadata["temperature"] == 1.0
+
+
+def test_abbreviated_flags_are_refused(tmp_path, data_glob, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["cv", "--data", data_glob, "--fold", "3", "--backbone", "tiny"])
+  assert exit_info.value.code == 2
+  assert "--fold" in capsys.readouterr().err

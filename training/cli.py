@@ -141,15 +141,18 @@ def _recipe_config(args: argparse.Namespace, **fields
 
 
 def _parser() -> argparse.ArgumentParser:
+  # No abbreviations: `--fold 3` for `--folds` would pass silently, and a
+  # later flag starting the same way would change what it means.
   parser = argparse.ArgumentParser(
-      prog="python -m training",
+      prog="python -m training", allow_abbrev=False,
       description="Train the BUSI classifier from preprocessed TFRecords,"
       " cross-validate its recipe, evaluate or recalibrate a trained"
       " artifact, or explain one image with Grad-CAM.")
   commands = parser.add_subparsers(dest="command", required=True)
 
   train = commands.add_parser(
-      "train", help="TFRecords → model artifact directory.",
+      "train", allow_abbrev=False,
+      help="TFRecords → model artifact directory.",
       description="Trains VGG16 (frozen base + head, optional block5"
       " fine-tuning) on the labelled examples of the TFRecords written by"
       " `python -m beam_pipeline preprocess` and writes the artifact that"
@@ -168,7 +171,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="Replace an artifact already in --output.")
 
   cross = commands.add_parser(
-      "cv", help="Cross-validate the training recipe on labelled TFRecords.",
+      "cv", allow_abbrev=False,
+      help="Cross-validate the training recipe on labelled TFRecords.",
       description="Grouped, stratified k-fold cross-validation of the whole"
       " recipe `train` runs with the same flags: each fold in turn is scored"
       " by a model trained, calibrated and thresholded on the other folds."
@@ -182,7 +186,8 @@ def _parser() -> argparse.ArgumentParser:
   _add_recipe_flags(cross)
 
   evaluate = commands.add_parser(
-      "evaluate", help="Metrics of an artifact on labelled TFRecords.")
+      "evaluate", allow_abbrev=False,
+      help="Metrics of an artifact on labelled TFRecords.")
   evaluate.add_argument("--model", required=True,
                         help="Artifact directory written by train.")
   evaluate.add_argument("--data", action="append", required=True,
@@ -198,7 +203,8 @@ def _parser() -> argparse.ArgumentParser:
       " Grad-CAM pointing game and IoU against them to metrics.json.")
 
   explain = commands.add_parser(
-      "gradcam", help="Grad-CAM overlay of one image file.",
+      "gradcam", allow_abbrev=False,
+      help="Grad-CAM overlay of one image file.",
       description="Decodes and resizes the image exactly as the pipeline"
       " does, prints the artifact's probabilities, and writes the Grad-CAM"
       " overlay (block5_conv3) for the predicted or the given class.")
@@ -212,7 +218,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="Class to explain; default: the predicted one.")
 
   recal = commands.add_parser(
-      "recalibrate", help="Refit temperature and threshold for a new site.",
+      "recalibrate", allow_abbrev=False,
+      help="Refit temperature and threshold for a new site.",
       description="Refits an artifact's temperature and review threshold on"
       " a labelled sample from another hospital or scanner (TFRecords of"
       " `python -m beam_pipeline preprocess`), keeping every weight, and"
@@ -250,7 +257,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="Replace an artifact already in --output.")
 
   phantom = commands.add_parser(
-      "phantoms", help="Write a BUSI-layout zip of synthetic phantom frames.")
+      "phantoms", allow_abbrev=False,
+      help="Write a BUSI-layout zip of synthetic phantom frames.")
   phantom.add_argument("--output", required=True, help="The .zip to write.")
   phantom.add_argument("--per_class", type=int, default=50,
                        help="Images of each class.")
