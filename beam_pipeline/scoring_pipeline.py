@@ -9,7 +9,6 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.io.tfrecordio import _TFRecordUtil
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.utils import shared
 
@@ -17,34 +16,33 @@ import schemas
 from beam_pipeline import outputs
 from beam_pipeline import options as opts_lib
 from beam_pipeline import scoring
+from beam_pipeline import tfrecord_io
 from beam_pipeline.model_handler import keyed_handler
 from beam_pipeline.preprocess import ERRORS, error_row
 
 GRADCAM = "gradcam"
+UNREAD = "unread"
 
 _LOG = logging.getLogger(__name__)
 
 
 def _read_tfrecord_file(uri: str, run_id: str):
-  """One TFRecord file → (source, payload) per record.
+  """One TFRecord file → (source, payload) per intact record.
 
-  Gzip or plain by the file's extension. A file that breaks part-way keeps
-  the records read before the break and adds one error row saying where.
+  Each fault the reader finds is one error row (`URI#<index>`); a file that
+  lost an unknown number of records is also named once on the UNREAD output.
   """
-  index = 0
-  try:
-    with FileSystems.open(uri) as f:
-      while True:
-        payload = _TFRecordUtil.read_record(f)
-        if payload is None:
-          return
-        yield f"{uri}#{index}", payload
-        index += 1
-  except Exception as e:  # pylint: disable=broad-except
-    # zlib/gzip errors on a truncated file, ValueError on bad framing.
+  unread = False
+  for item in tfrecord_io.read_file(uri):
+    if isinstance(item, tfrecord_io.Record):
+      yield f"{uri}#{item.index}", item.payload
+      continue
     yield beam.pvalue.TaggedOutput(ERRORS, error_row(
-        f"{uri}#{index}", schemas.Stage.READ, "BadTFRecordFile",
-        f"unreadable after {index} records: {type(e).__name__}: {e}", run_id))
+        f"{uri}#{item.index}", schemas.Stage.READ, item.error_type,
+        item.message, run_id))
+    if item.unread and not unread:
+      unread = True
+      yield beam.pvalue.TaggedOutput(UNREAD, uri)
 
 
 def _parse_record(element, run_id: str):
@@ -149,8 +147,10 @@ class ReadTFRecords(beam.PTransform):
   """TFRecord globs → ImageRecords; unreadable files and malformed records
   to error rows.
 
-  Returns a dict: "images", "errors", and "members_seen" (a singleton count of
-  records read plus broken files).
+  Returns a dict: "images", "errors", "members_seen" (a singleton count of
+  the records read plus the reader's error rows: one per bad record, skipped
+  region or broken file) and "shards_unread" (a singleton count of the files
+  that lost an unknown number of records).
   """
 
   def __init__(self, patterns, run_id: str):
@@ -169,16 +169,19 @@ class ReadTFRecords(beam.PTransform):
         | "SpreadFiles" >> beam.Reshuffle()
         | "ReadRecords" >> beam.FlatMap(
             _read_tfrecord_file, self._run_id).with_outputs(
-                ERRORS, main="records"))
+                ERRORS, UNREAD, main="records"))
     parsed = read.records | "ParseExamples" >> beam.FlatMap(
         _parse_record, self._run_id).with_outputs(ERRORS, main="images")
     seen = ((read.records | "CountRecords" >> beam.combiners.Count.Globally(),
-             read[ERRORS] | "CountBrokenFiles" >> (
+             read[ERRORS] | "CountReadErrors" >> (
                  beam.combiners.Count.Globally()))
             | "SeenParts" >> beam.Flatten()
             | "SumSeen" >> beam.CombineGlobally(sum))
     errors = (read[ERRORS], parsed[ERRORS]) | "ReadErrors" >> beam.Flatten()
-    return {"images": parsed.images, "errors": errors, "members_seen": seen}
+    unread = read[UNREAD] | "CountUnreadShards" >> (
+        beam.combiners.Count.Globally())
+    return {"images": parsed.images, "errors": errors, "members_seen": seen,
+            "shards_unread": unread}
 
 
 class ScoreImages(beam.PTransform):
@@ -276,6 +279,7 @@ def build(command: str, p: beam.Pipeline, opts,
   else:
     read = p | "ReadTFRecords" >> ReadTFRecords(opts.input, run_id)
     counts["members_seen"] = read["members_seen"]
+    counts[schemas.COUNT_SHARDS_UNREAD] = read["shards_unread"]
     counts["masks_skipped"] = outputs.count(
         p | "NoMasks" >> beam.Create([]), "CountMasks")
     images = read["images"]
