@@ -46,7 +46,7 @@ def build_preprocess(p: beam.Pipeline, opts: opts_lib.BusiOptions,
       opts.zip_chunk_size)
   read = p | "ReadImages" >> ReadImages(opts.input, limits, run_id)
   read["tfrecord_files"] = read["examples"] | "WriteExamples" >> (
-      outputs.WriteExamples(opts.output))
+      outputs.WriteExamples(opts.output, opts.max_records_per_shard))
   read["counts"] = {
       "members_seen": read["members_seen"],
       "images_written": outputs.count(read["examples"], "CountImages"),
