@@ -19,9 +19,9 @@ readers stop at the first fault:
 - a frame whose data fails its CRC is one `BadRecord`; reading goes on with
   the next frame (its length was checked);
 - a length that fails its CRC (or declares more than MAX_RECORD_BYTES) is
-  resynchronised on: reading resumes at the next offset where a whole frame
-  checks out. When the skipped bytes are exactly one frame (its data CRC
-  holds), that is one `BadRecord`; otherwise one `BadTFRecordRegion`, an
+  resynchronised on: reading resumes at the next offset where a frame
+  header checks out. When the skipped bytes are exactly one frame (its data
+  CRC holds), that is one `BadRecord`; otherwise one `BadTFRecordRegion`, an
   unknown number of records lost;
 - a gzip stream that breaks, or a file cut short, keeps every record decoded
   before the break, then one `BadTFRecordFile`: the rest is unread.
@@ -415,35 +415,30 @@ def _header_offsets(data: bytes) -> np.ndarray:
   return at[masked == stored]
 
 
-def _frame_at(window: _Window, at: int,
-              max_record_bytes: int) -> Optional[int]:
-  """The end offset of an intact frame at `at` (both CRCs hold), or None."""
-  if not window.ensure(at + _HEADER_BYTES):
-    return None
+def _whole_frame_at(window: _Window, at: int, max_record_bytes: int) -> bool:
+  """Whether a header whose length CRC holds is at `at`, and the stream holds
+  the whole frame it declares."""
   length = _frame_length(window.take(at, at + _HEADER_BYTES),
                          max_record_bytes)
-  if length is None:
-    return None
-  end = at + length + _FRAME_BYTES
-  if not window.ensure(end):
-    return None
-  payload = window.take(at + _HEADER_BYTES, end - _CRC.size)
-  if _CRC.unpack(window.take(end - _CRC.size, end))[0] != masked_crc32c(
-      payload):
-    return None
-  return end
+  return length is not None and window.ensure(at + length + _FRAME_BYTES)
 
 
 def _next_frame(window: _Window, start: int,
                 max_record_bytes: int) -> Optional[int]:
-  """The first offset after `start` where an intact frame begins, or None."""
+  """The first offset after `start` where a frame header holds (and the
+  stream holds its whole frame), or None.
+
+  The data's CRC is left to the reading that resumes there: a frame whose
+  data fails too is one more BadRecord, not part of the skipped bytes, and
+  the search costs one pass over the bytes whatever they hold.
+  """
   scan = start + 1
   while True:
     limit = window.end
     while scan < limit - _HEADER_BYTES + 1:
       stop = min(limit, scan + _SCAN_BYTES + _HEADER_BYTES - 1)
       for i in _header_offsets(window.take(scan, stop)):
-        if _frame_at(window, scan + int(i), max_record_bytes) is not None:
+        if _whole_frame_at(window, scan + int(i), max_record_bytes):
           return scan + int(i)
       scan = stop - _HEADER_BYTES + 1
     if scan - start > max_record_bytes + _FRAME_BYTES:

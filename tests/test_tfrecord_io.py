@@ -6,6 +6,7 @@ import glob
 import io
 import json
 import os
+import time
 import zlib
 
 import numpy as np
@@ -139,6 +140,14 @@ def test_one_flipped_byte_costs_one_record(compress, where):
   assert records == {i: e for i, e in enumerate(EXAMPLES) if i != 7}
 
 
+def test_two_faults_in_a_row_are_two_bad_records():
+  data = _flip(_flip(_plain(), _frame_start(5) + 2), _frame_start(6) + 50)
+  records, damages = _read(data)
+  assert [(d.index, d.error_type, d.unread) for d in damages] == [
+      (5, tfrecord_io.BAD_RECORD, False), (6, tfrecord_io.BAD_RECORD, False)]
+  assert records == {i: e for i, e in enumerate(EXAMPLES) if i not in (5, 6)}
+
+
 def test_damaged_region_of_unknown_size_is_skipped():
   data = bytearray(_plain())
   start = _frame_start(10) + 5
@@ -158,6 +167,19 @@ def test_absurd_length_is_corruption_not_an_allocation():
   assert [(d.error_type, d.unread) for d in damages] == [
       (tfrecord_io.BAD_REGION, True)]
   assert list(records.values()) == EXAMPLES[:3]
+
+
+def test_a_file_of_false_headers_is_searched_in_one_pass():
+  # Every 12 bytes a header that holds and declares 50 MiB: hostile bytes
+  # must cost one pass, not one 50 MiB read or CRC per offset.
+  length = (50 << 20).to_bytes(8, "little")
+  header = length + tfrecord_io._CRC.pack(tfrecord_io.masked_crc32c(length))  # pylint: disable=protected-access
+  started = time.perf_counter()
+  records, damages = _read(b"x" + header * 100_000)
+  assert time.perf_counter() - started < 20
+  assert not records
+  assert [(d.error_type, d.unread) for d in damages] == [
+      (tfrecord_io.BAD_REGION, True)]
 
 
 def test_broken_gzip_stream_keeps_every_record_before_the_break():
