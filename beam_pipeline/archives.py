@@ -59,13 +59,17 @@ def vanished() -> ArchiveError:
       VANISHED, "matched when the run started, gone when it was read")
 
 
+def is_gone(uri: str) -> bool:
+  """True if the input no longer exists (False when that cannot be told)."""
+  try:
+    return not FileSystems.exists(uri)
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
 def read_failure(uri: str, error: ArchiveError) -> ArchiveError:
   """`error`, or InputVanished if the input no longer exists."""
-  try:
-    gone = not FileSystems.exists(uri)
-  except Exception:  # pylint: disable=broad-except
-    gone = False
-  return vanished() if gone else error
+  return vanished() if is_gone(uri) else error
 
 
 class Limits(NamedTuple):

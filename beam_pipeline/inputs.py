@@ -17,6 +17,7 @@ import re
 import stat
 from typing import Iterable, List, Optional
 
+import apache_beam as beam
 from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 
@@ -159,3 +160,14 @@ def unreadable(path: str) -> Optional[archives.ArchiveError]:
       f"{what}, not a file: only regular files are read"
       + (" (use a glob that reaches the files inside, e.g. DIR/**)"
          if stat.S_ISDIR(mode) else ""))
+
+
+def _is_vanished(error_row) -> bool:
+  return error_row["error_type"] == archives.VANISHED
+
+
+def count_vanished(errors: beam.PCollection) -> beam.PCollection:
+  """Singleton count of the InputVanished rows among error rows."""
+  return (errors
+          | "Vanished" >> beam.Filter(_is_vanished)
+          | "CountVanished" >> beam.combiners.Count.Globally())

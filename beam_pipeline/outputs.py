@@ -18,7 +18,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 import schemas
-from beam_pipeline.tfrecord_sink import WriteGzipTFRecords
+from beam_pipeline.tfrecord_io import WriteGzipTFRecords
 
 _LOG = logging.getLogger(__name__)
 
@@ -118,15 +118,18 @@ def prepare_output_dir(output: str, overwrite: bool,
 
 
 class WriteExamples(beam.PTransform):
-  """Serialized Examples → gzip TFRecord shards `DIR/tfrecords/*.tfrecord.gz`."""
+  """Serialized Examples → gzip TFRecord shards `DIR/tfrecords/*.tfrecord.gz`,
+  each of at most `max_records_per_shard` records (None: no limit)."""
 
-  def __init__(self, output: str):
+  def __init__(self, output: str, max_records_per_shard: Optional[int] = None):
     super().__init__()
     self._prefix = join(output, schemas.TFRECORD_DIR, "part")
+    self._max_records = max_records_per_shard
 
   def expand(self, examples):
     return examples | "WriteTFRecords" >> WriteGzipTFRecords(
-        self._prefix, schemas.TFRECORD_SUFFIX)
+        self._prefix, schemas.TFRECORD_SUFFIX,
+        max_records_per_shard=self._max_records)
 
 
 class WriteTable(beam.PTransform):

@@ -50,20 +50,14 @@ def build_preprocess(p: beam.Pipeline, opts: opts_lib.BusiOptions,
       opts.zip_chunk_size)
   read = p | "ReadImages" >> ReadImages(paths, limits, run_id)
   read["tfrecord_files"] = read["examples"] | "WriteExamples" >> (
-      outputs.WriteExamples(opts.output))
+      outputs.WriteExamples(opts.output, opts.max_records_per_shard))
   read["counts"] = {
       "members_seen": read["members_seen"],
       "images_written": outputs.count(read["examples"], "CountImages"),
       "masks_skipped": outputs.count(read["masks"], "CountMasks"),
-      schemas.COUNT_INPUTS_VANISHED: outputs.count(
-          read["errors"] | "Vanished" >> beam.Filter(_is_vanished),
-          "CountVanished"),
+      schemas.COUNT_INPUTS_VANISHED: inputs.count_vanished(read["errors"]),
   }
   return read
-
-
-def _is_vanished(error_row: Dict) -> bool:
-  return error_row["error_type"] == archives.VANISHED
 
 
 def _finish_preprocess(p, opts, read, run_id, started, command, paths):

@@ -7,44 +7,57 @@ from typing import Dict
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.io.tfrecordio import _TFRecordUtil
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.utils import shared
 
 import schemas
-from beam_pipeline import outputs
+from beam_pipeline import archives, inputs, outputs
 from beam_pipeline import options as opts_lib
 from beam_pipeline import scoring
+from beam_pipeline import tfrecord_io
 from beam_pipeline.model_handler import keyed_handler
 from beam_pipeline.preprocess import ERRORS, error_row
 
 GRADCAM = "gradcam"
+UNREAD = "unread"
 
 _LOG = logging.getLogger(__name__)
 
 
-def _read_tfrecord_file(uri: str, run_id: str):
-  """One TFRecord file → (source, payload) per record.
+def _read_tfrecord_file(element: bytes, run_id: str):
+  """One TFRecord file (as `inputs.encode` gives it) → (source, payload) per
+  intact record.
 
-  Gzip or plain by the file's extension. A file that breaks part-way keeps
-  the records read before the break and adds one error row saying where.
+  Each fault the reader finds is one error row (`URI#<index>`); a file that
+  lost an unknown number of records is also named once on the UNREAD output.
+  A path that is not a readable file (a folder, FIFO, broken link) is one
+  error row; one gone since launch is an InputVanished row.
   """
-  index = 0
-  try:
-    with FileSystems.open(uri) as f:
-      while True:
-        payload = _TFRecordUtil.read_record(f)
-        if payload is None:
-          return
-        yield f"{uri}#{index}", payload
-        index += 1
-  except Exception as e:  # pylint: disable=broad-except
-    # zlib/gzip errors on a truncated file, ValueError on bad framing.
+  uri = inputs.decode(element)
+  source = inputs.display(uri)
+  problem = inputs.unreadable(uri)
+  if problem:
     yield beam.pvalue.TaggedOutput(ERRORS, error_row(
-        f"{uri}#{index}", schemas.Stage.READ, "BadTFRecordFile",
-        f"unreadable after {index} records: {type(e).__name__}: {e}", run_id))
+        source, schemas.Stage.READ, problem.kind, str(problem), run_id))
+    return
+  unread = False
+  for item in tfrecord_io.read_file(uri):
+    if isinstance(item, tfrecord_io.Record):
+      yield f"{source}#{item.index}", item.payload
+      continue
+    if (item.error_type == tfrecord_io.BAD_FILE and item.index == 0 and
+        archives.is_gone(uri)):
+      yield beam.pvalue.TaggedOutput(ERRORS, error_row(
+          source, schemas.Stage.READ, archives.VANISHED,
+          str(archives.vanished()), run_id))
+      return
+    yield beam.pvalue.TaggedOutput(ERRORS, error_row(
+        f"{source}#{item.index}", schemas.Stage.READ, item.error_type,
+        item.message, run_id))
+    if item.unread and not unread:
+      unread = True
+      yield beam.pvalue.TaggedOutput(UNREAD, source)
 
 
 def _parse_record(element, run_id: str):
@@ -146,39 +159,40 @@ def _is_low_confidence(row) -> bool:
 
 
 class ReadTFRecords(beam.PTransform):
-  """TFRecord globs → ImageRecords; unreadable files and malformed records
-  to error rows.
+  """TFRecord paths (matched at launch) → ImageRecords; unreadable files and
+  malformed records to error rows.
 
-  Returns a dict: "images", "errors", and "members_seen" (a singleton count of
-  records read plus broken files).
+  Returns a dict: "images", "errors", "members_seen" (a singleton count of
+  the records read plus the reader's error rows: one per bad record, skipped
+  region or broken file) and "shards_unread" (a singleton count of the files
+  that lost an unknown number of records).
   """
 
-  def __init__(self, patterns, run_id: str):
+  def __init__(self, paths, run_id: str):
     super().__init__()
-    self._patterns = list(patterns)
+    self._paths = [inputs.encode(path) for path in paths]
     self._run_id = run_id
 
   def expand(self, pbegin):
     read = (
         pbegin
-        | "Patterns" >> beam.Create(self._patterns)
-        | "MatchFiles" >> fileio.MatchAll()
-        | "Paths" >> beam.Map(operator.attrgetter("path"))
-        # Overlapping globs must not score a file twice.
-        | "DropRepeatedPaths" >> beam.Distinct()
+        | "Paths" >> beam.Create(self._paths)
         | "SpreadFiles" >> beam.Reshuffle()
         | "ReadRecords" >> beam.FlatMap(
             _read_tfrecord_file, self._run_id).with_outputs(
-                ERRORS, main="records"))
+                ERRORS, UNREAD, main="records"))
     parsed = read.records | "ParseExamples" >> beam.FlatMap(
         _parse_record, self._run_id).with_outputs(ERRORS, main="images")
     seen = ((read.records | "CountRecords" >> beam.combiners.Count.Globally(),
-             read[ERRORS] | "CountBrokenFiles" >> (
+             read[ERRORS] | "CountReadErrors" >> (
                  beam.combiners.Count.Globally()))
             | "SeenParts" >> beam.Flatten()
             | "SumSeen" >> beam.CombineGlobally(sum))
     errors = (read[ERRORS], parsed[ERRORS]) | "ReadErrors" >> beam.Flatten()
-    return {"images": parsed.images, "errors": errors, "members_seen": seen}
+    unread = read[UNREAD] | "CountUnreadShards" >> (
+        beam.combiners.Count.Globally())
+    return {"images": parsed.images, "errors": errors, "members_seen": seen,
+            "shards_unread": unread}
 
 
 class ScoreImages(beam.PTransform):
@@ -280,6 +294,9 @@ def build(command: str, p: beam.Pipeline, opts,
   else:
     read = p | "ReadTFRecords" >> ReadTFRecords(paths, run_id)
     counts["members_seen"] = read["members_seen"]
+    counts[schemas.COUNT_SHARDS_UNREAD] = read["shards_unread"]
+    counts[schemas.COUNT_INPUTS_VANISHED] = inputs.count_vanished(
+        read["errors"])
     counts["masks_skipped"] = outputs.count(
         p | "NoMasks" >> beam.Create([]), "CountMasks")
     images = read["images"]

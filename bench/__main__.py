@@ -7,7 +7,9 @@ Sections (each also runnable alone, see its module):
   end-to-end scoring TFRecords → Parquet on the DirectRunner, their ratio, and
   the scoring run's peak memory (bench.scoring_bench);
 - precision: reduced-precision inference against float32 on a fixed set of
-  images: max probability difference, changed predictions, speed.
+  images: max probability difference, changed predictions, speed;
+- tfrecord: the fail-small TFRecord reader against Beam's, MB/s on gzip and
+  plain shards, and shard sizes (bench.tfrecord_bench).
 
 Warm-up runs are excluded everywhere and figures are medians of --repeats
 runs. Without --model the VGG16 has random weights (same computation, same
@@ -24,7 +26,7 @@ from typing import Dict
 
 import numpy as np
 
-from bench import common, preprocess_bench, scoring_bench
+from bench import common, preprocess_bench, scoring_bench, tfrecord_bench
 
 
 def precision_cost(model_dir: str, count: int = 64, repeats: int = 3,
@@ -127,7 +129,8 @@ def main(argv=None) -> int:
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--skip", nargs="*", default=[],
-                      choices=["preprocess", "scoring", "precision"])
+                      choices=["preprocess", "scoring", "precision",
+                               "tfrecord"])
   args = parser.parse_args(argv)
   started = time.time()
   figures = {"environment": {},
@@ -154,6 +157,10 @@ def main(argv=None) -> int:
     if "precision" not in args.skip:
       figures["precision"] = precision_cost(model_dir, repeats=args.repeats,
                                             batch_size=args.batch_size)
+    if "tfrecord" not in args.skip:
+      os.makedirs(os.path.join(workdir, "tfrecord"))
+      figures["tfrecord_read"] = tfrecord_bench.run(
+          os.path.join(workdir, "tfrecord"), repeats=args.repeats)
   figures["environment"] = common.environment()  # as the runs left it
   figures["bench_wall_s"] = round(time.time() - started, 1)
   os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from bench import __main__ as bench_main
-from bench import preprocess_bench, scoring_bench
+from bench import preprocess_bench, scoring_bench, tfrecord_bench
 from training import testing
 
 
@@ -34,6 +34,17 @@ def test_scoring_bench_scores_every_image(tmp_path):
       "compiled_tf_function", "eager_model_call", "keras_predict"}
   assert figures["end_to_end_images_per_s_whole_run"] > 0
   assert figures["peak_rss_mb_scoring_run"] > 100  # TensorFlow alone
+
+
+def test_tfrecord_bench_times_both_readers(tmp_path):
+  figures = tfrecord_bench.run(str(tmp_path), records=40, image_size=16,
+                               repeats=1, resync_megabytes=1)
+  for kind in ("gzip", "plain"):
+    assert figures[kind]["beam_mb_per_s"] > 0
+    assert figures[kind]["fail_small_mb_per_s"] > 0
+  assert figures["shard_mb_at_2000_records_rgb"] > 0
+  assert figures["resync_search_mb_per_s"] > 0
+  json.dumps(figures)
 
 
 def test_precision_cost_compares_against_float32(tmp_path):

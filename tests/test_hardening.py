@@ -122,6 +122,9 @@ def test_broken_tfrecord_files_through_score(tmp_path, model_dir):
                                ("garbage.tfrecord.gz", "BadTFRecordFile")}
   assert manifest["invariant"]["holds"]
   assert manifest["counts"]["predictions"] >= 5
+  # Both broken files lost records nobody can count: the run says so.
+  assert manifest["counts"][schemas.COUNT_SHARDS_UNREAD] == 2
+  assert not manifest["complete"]
 
 
 def test_size_and_count_limits_are_flags(tmp_path):

@@ -167,3 +167,43 @@ def test_a_run_whose_every_input_vanished_is_not_complete(tmp_path):
   manifest = outputs.read_json(os.path.join(out, "manifest.json"))
   assert manifest["counts"]["images_written"] == 0
   assert cli.exit_status(manifest) == cli.EXIT_INCOMPLETE
+
+
+def test_score_accounts_for_every_matched_shard_path(tmp_path):
+  from training import testing as training_testing  # pylint: disable=import-outside-toplevel
+  model = str(tmp_path / "model")
+  training_testing.make_test_artifact(model, image_size=SIZE)
+  archive = str(tmp_path / "a.zip")
+  af.write_zip(archive, af.busi_entries(1))
+  pre = str(tmp_path / "pre")
+  _preprocess(archive, pre)
+  shards = tmp_path / "shards"
+  shards.mkdir()
+  (shard,) = (tmp_path / "pre" / "tfrecords").iterdir()
+  odd = os.path.join(os.fsencode(str(shards)), b"caf\xe9.tfrecord.gz")
+  with open(odd, "wb") as f:
+    f.write(shard.read_bytes())
+  (shards / "doomed.tfrecord.gz").write_bytes(shard.read_bytes())
+  os.mkfifo(str(shards / "pipe.tfrecord.gz"))
+  os.symlink(str(shards / "gone"), str(shards / "dangling.tfrecord.gz"))
+  out = str(tmp_path / "out")
+  job = pipeline.create(["score", "--input", str(shards / "*"),
+                         "--model", model, "--output", out])
+  os.remove(shards / "doomed.tfrecord.gz")
+  with _HangGuard():
+    job.pipeline.run().wait_until_finish()
+  from beam_pipeline import outputs  # pylint: disable=import-outside-toplevel
+  manifest = outputs.read_json(os.path.join(out, "manifest.json"))
+  errors = {os.path.basename(e["source"]): e["error_type"]
+            for e in read_errors(out)}
+  assert errors == {"doomed.tfrecord.gz": archives.VANISHED,
+                    "pipe.tfrecord.gz": "NotARegularFile",
+                    "dangling.tfrecord.gz": "BrokenLink"}
+  counts = manifest["counts"]
+  assert counts["predictions"] == 3 and counts["members_seen"] == 6
+  assert counts["inputs_vanished"] == 1 and not manifest["complete"]
+  import duckdb  # pylint: disable=import-outside-toplevel
+  sources = [s for (s,) in duckdb.sql(
+      f"SELECT source FROM read_parquet('{out}/predictions/*.parquet')"
+  ).fetchall()]
+  assert len(sources) == 3
