@@ -21,7 +21,7 @@ import apache_beam as beam
 from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 
-from beam_pipeline import archives
+from busi_core import archives
 
 BROKEN_LINK = "BrokenLink"
 NOT_A_REGULAR_FILE = "NotARegularFile"

@@ -1,47 +1,19 @@
 """Beam model handler for the VGG16 artifact: stock TF handler, faster call.
 
-Loading goes through `training.artifact.load_artifact` (Keras safe mode, the
+Loading goes through `busi_core.artifact.load_artifact` (Keras safe mode, the
 artifact validated, gs:// artifacts staged locally). Batching, one model per
 worker process shared by its threads, and the inference metrics all come from
 Beam's TFModelHandlerNumpy / KeyedModelHandler / RunInference.
 """
 
-import threading
-import weakref
 from typing import Any, Dict, Iterable, Optional, Sequence
 
 import numpy as np
 from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult
 from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerNumpy
 
-from training.precision import with_precision
-
-# One compiled call per loaded model; weak so a reloaded model frees the old.
-_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_COMPILE_LOCK = threading.Lock()
-
-
-def compiled_call(model):
-  """The model's forward pass as a traced `tf.function` over uint8 batches.
-
-  Measured on a 2-core AVX2 machine for VGG16 at 224², batch 32: eager
-  `model(x)` (Beam's default inference function) ≈ 4.8 images/s,
-  `model.predict` ≈ 3.1 with multi-second stalls, this ≈ 6.0 (see
-  `python -m bench`). The batch dimension is left open so a short last batch
-  does not retrace.
-  """
-  with _COMPILE_LOCK:
-    fn = _COMPILED.get(model)
-    if fn is None:
-      import tensorflow as tf  # pylint: disable=import-outside-toplevel
-      shape = [None] + list(model.inputs[0].shape[1:])
-      fn = tf.function(
-          lambda x: model(x, training=False),
-          input_signature=[tf.TensorSpec(shape, tf.uint8)],
-          reduce_retracing=True, autograph=False)
-      _COMPILED[model] = fn
-    return fn
-
+from busi_core.inference import compiled_call
+from busi_core.precision import with_precision
 
 def compiled_inference_fn(model, batch: Sequence[np.ndarray],
                           inference_args: Optional[Dict[str, Any]] = None,
@@ -67,7 +39,7 @@ class ArtifactModelHandler(TFModelHandlerNumpy):
     precision: "float32", or "bfloat16"/"float16" for GPUs (see
       with_precision).
     model_sha256: refuse a model.keras with another digest (the job's
-      launch-time model; see training.artifact.load_artifact).
+      launch-time model; see busi_core.artifact.load_artifact).
   """
 
   def __init__(self, model_dir: str, *, batch_size: int = 32,
@@ -85,7 +57,7 @@ class ArtifactModelHandler(TFModelHandlerNumpy):
     self._model_sha256 = model_sha256
 
   def load_model(self):
-    from training import artifact  # pylint: disable=import-outside-toplevel
+    from busi_core import artifact  # pylint: disable=import-outside-toplevel
     return with_precision(
         artifact.load_artifact(self._model_dir, self._model_sha256).model,
         self._precision)

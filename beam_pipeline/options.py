@@ -14,7 +14,7 @@ from apache_beam.options.pipeline_options import (GoogleCloudOptions,
                                                   StandardOptions)
 
 import schemas
-from beam_pipeline import archives, imaging
+from busi_core import archives, imaging
 
 PREPROCESS = "preprocess"
 SCORE = "score"

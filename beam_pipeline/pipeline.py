@@ -11,7 +11,8 @@ from apache_beam.options.pipeline_options import (PipelineOptions,
 
 import schemas
 from beam_pipeline import options as opts_lib
-from beam_pipeline import archives, gcs, inputs, outputs
+from beam_pipeline import gcs, inputs, outputs
+from busi_core import archives
 from beam_pipeline.preprocess import PreprocessLimits, ReadImages
 
 _LOG = logging.getLogger(__name__)

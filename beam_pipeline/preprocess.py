@@ -10,7 +10,8 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 import schemas
-from beam_pipeline import archives, imaging, inputs
+from beam_pipeline import inputs
+from busi_core import archives, imaging
 
 MASKS = "masks"
 ERRORS = "errors"

@@ -7,7 +7,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 
 import schemas
-from beam_pipeline import imaging
+from busi_core import imaging
 from beam_pipeline.preprocess import error_row
 
 

@@ -12,7 +12,8 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.utils import shared
 
 import schemas
-from beam_pipeline import archives, inputs, outputs
+from beam_pipeline import inputs, outputs
+from busi_core import archives
 from beam_pipeline import options as opts_lib
 from beam_pipeline import scoring
 from beam_pipeline import tfrecord_io
@@ -122,13 +123,13 @@ class ExplainBatch(beam.DoFn):
 
   def setup(self):
     def load():
-      from training import artifact  # pylint: disable=import-outside-toplevel
+      from busi_core import artifact  # pylint: disable=import-outside-toplevel
       return artifact.load_artifact(self._model_dir,
                                     self._model_sha256).model
     self._model = self._shared.acquire(load, tag=f"gradcam:{self._model_dir}")
 
   def process(self, batch):
-    from training import gradcam  # pylint: disable=import-outside-toplevel
+    from busi_core import gradcam  # pylint: disable=import-outside-toplevel
     rows = [row for row, _ in batch]
     try:
       images = np.stack([pixels for _, pixels in batch])
@@ -258,7 +259,7 @@ def load_config(opts, run_id: str, command: str) -> scoring.ScoringConfig:
   that a corrupt, unsafe or mismatched artifact fails the launch with its
   message instead of failing every batch on the workers.
   """
-  from training import artifact  # pylint: disable=import-outside-toplevel
+  from busi_core import artifact  # pylint: disable=import-outside-toplevel
   info = artifact.load_artifact(opts.model)
   size = int(info.metadata["image_size"])
   if command == opts_lib.RUN and opts.image_size not in (None, size):

@@ -34,8 +34,8 @@ def precision_cost(model_dir: str, count: int = 64, repeats: int = 3,
   """float32 against bfloat16/float16 on `count` fixed images."""
   import cv2  # pylint: disable=import-outside-toplevel
   from beam_pipeline.model_handler import compiled_call  # pylint: disable=import-outside-toplevel
-  from training.precision import with_precision  # pylint: disable=import-outside-toplevel
-  from training import artifact  # pylint: disable=import-outside-toplevel
+  from busi_core.precision import with_precision  # pylint: disable=import-outside-toplevel
+  from busi_core import artifact  # pylint: disable=import-outside-toplevel
   loaded = artifact.load_artifact(model_dir)
   size = int(loaded.metadata["image_size"])
   rng = np.random.default_rng(42)

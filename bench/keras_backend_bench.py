@@ -82,8 +82,8 @@ def run(model_dir: str, batch_sizes: List[int], precisions: List[str],
         repeats: int, peak_tflops: Dict[str, float]) -> Dict:
   import keras  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  import training.layers  # pylint: disable=import-outside-toplevel,unused-import
-  from training.precision import with_precision  # pylint: disable=import-outside-toplevel
+  import busi_core.layers  # pylint: disable=import-outside-toplevel,unused-import
+  from busi_core.precision import with_precision  # pylint: disable=import-outside-toplevel
   base = keras.saving.load_model(os.path.join(model_dir, "model.keras"),
                                  safe_mode=True, compile=False)
   size = base.inputs[0].shape[1]

@@ -44,7 +44,7 @@ def quarter_count(count: int, batch_size: int) -> int:
 def _make_data(workdir: str, count: int, image_size: int,
                batch_size: int) -> Dict[str, str]:
   from training import testing  # pylint: disable=import-outside-toplevel
-  from beam_pipeline import imaging  # pylint: disable=import-outside-toplevel
+  from busi_core import imaging  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   import cv2  # pylint: disable=import-outside-toplevel
   records = []
@@ -134,7 +134,8 @@ def run(workdir: str, count: int = 160, batch_size: int = 32,
     image_size: for the random-weights VGG16.
     batch_sizes: further batch sizes for the bare compiled call.
   """
-  from training import artifact, testing  # pylint: disable=import-outside-toplevel
+  from training import testing
+  from busi_core import artifact  # pylint: disable=import-outside-toplevel
   if model_dir is None:
     model_dir = os.path.join(workdir, "model")
     testing.make_test_artifact(model_dir, image_size=image_size,

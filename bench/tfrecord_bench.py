@@ -29,7 +29,7 @@ from bench import common
 
 def _examples(count: int, image_size: int, channels: int) -> List[bytes]:
   import cv2  # pylint: disable=import-outside-toplevel
-  from beam_pipeline import imaging  # pylint: disable=import-outside-toplevel
+  from busi_core import imaging  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   out = []
   for i in range(count):

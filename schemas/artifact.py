@@ -29,6 +29,14 @@ DEFAULT_THRESHOLD = 0.9
 
 # The layer Grad-CAM explains (the last conv layer of VGG16).
 GRADCAM_LAYER = "block5_conv3"
+# Layer names of the artifact's model that scoring, Grad-CAM and the
+# out-of-fold tooling look up.
+INPUT_NAME = "image"
+PREPROCESS_LAYER = "vgg_preprocess"
+FEATURES_LAYER = "features"  # GlobalAveragePooling2D: the cached features
+LOGITS_LAYER = "logits"
+TEMPERATURE_LAYER = "temperature"
+PROBABILITIES_LAYER = "probabilities"
 
 # Fields every metadata.json has; scoring refuses an artifact without them.
 METADATA_REQUIRED_FIELDS = (

@@ -9,7 +9,7 @@ import duckdb
 import tensorflow as tf
 from apache_beam.testing.test_pipeline import TestPipeline
 
-from beam_pipeline import imaging
+from busi_core import imaging
 import schemas
 
 # Beam's DirectRunner would first try Prism, which downloads a binary; tests

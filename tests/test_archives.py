@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 import pytest
 
-from beam_pipeline import archives
+from busi_core import archives
 
 LIMITS = archives.Limits()
 

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import schemas
-from beam_pipeline import imaging, pipeline
+from beam_pipeline import pipeline
+from busi_core import imaging
 from tests import archive_factory as af
 from training import testing as training_testing
 

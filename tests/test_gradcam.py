@@ -9,7 +9,7 @@ import schemas
 from beam_pipeline import pipeline
 from tests import archive_factory as af
 from tests.pipeline_helpers import read_errors, sql
-from training import gradcam
+from busi_core import gradcam
 from training import model as model_lib
 from training import testing as training_testing
 

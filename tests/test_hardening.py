@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import schemas
-from beam_pipeline import archives, imaging, pipeline
+from beam_pipeline import pipeline
+from busi_core import archives, imaging
 from beam_pipeline.preprocess import DecodeMember
 from tests import archive_factory as af
 from tests import torture

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import schemas
-from beam_pipeline import imaging
+from busi_core import imaging
 from tests import archive_factory as af
 
 

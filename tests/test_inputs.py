@@ -7,7 +7,8 @@ import signal
 import numpy as np
 import pytest
 
-from beam_pipeline import archives, cli, inputs, pipeline
+from beam_pipeline import cli, inputs, pipeline
+from busi_core import archives
 from tests import archive_factory as af
 from tests.pipeline_helpers import read_errors, read_records
 

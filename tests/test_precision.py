@@ -7,8 +7,8 @@ import sys
 import numpy as np
 
 from beam_pipeline.model_handler import compiled_call
-from training.precision import with_precision
-from training import artifact
+from busi_core.precision import with_precision
+from busi_core import artifact
 from training import testing as training_testing
 
 
@@ -40,7 +40,7 @@ def test_artifact_loads_on_another_keras_backend(tmp_path):
   np.save(tmp_path / "images.npy", images)
   expected = np.asarray(model(images))
   script = (
-      "import sys, numpy as np, keras, training.layers\n"
+      "import sys, numpy as np, keras, busi_core.layers\n"
       "assert keras.backend.backend() == 'jax'\n"
       "m = keras.saving.load_model(sys.argv[1], safe_mode=True, compile=False)\n"
       "x = np.load(sys.argv[2])\n"

@@ -9,7 +9,8 @@ import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
 import schemas
-from beam_pipeline import imaging, pipeline
+from beam_pipeline import pipeline
+from busi_core import imaging
 from beam_pipeline import options as opts_lib
 from beam_pipeline.preprocess import PreprocessLimits, ReadImages
 from tests import archive_factory as af

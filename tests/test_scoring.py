@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import schemas
-from beam_pipeline import imaging, pipeline, scoring
+from beam_pipeline import pipeline, scoring
+from busi_core import imaging
 from tests import archive_factory as af
 from tests.pipeline_helpers import read_errors, read_records, sql
 from training import testing as training_testing

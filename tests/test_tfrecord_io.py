@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import schemas
-from beam_pipeline import cli, imaging, options, pipeline, tfrecord_io
+from beam_pipeline import cli, options, pipeline, tfrecord_io
+from busi_core import imaging
 from tests import archive_factory as af
 from tests.pipeline_helpers import read_errors
 from training import testing as training_testing

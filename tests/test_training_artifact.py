@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 import schemas
-from training import artifact, testing
+from training import testing
+from busi_core import artifact
+from training import saving
 from training import model as model_lib
 
 
@@ -153,7 +155,7 @@ def test_lambda_layer_refused(tmp_path):
   x = keras.layers.GlobalAveragePooling2D()(x)
   model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
   model_dir = str(tmp_path / "lambda")
-  artifact.save_artifact(model, model_dir, schemas.LABELS, _metadata_fields())
+  saving.save_artifact(model, model_dir, schemas.LABELS, _metadata_fields())
   artifact.read_artifact_info(model_dir)  # the JSON side is fine
   with pytest.raises(artifact.ArtifactError, match="safe mode"):
     artifact.load_artifact(model_dir)
@@ -164,7 +166,7 @@ def test_float_input_refused(tmp_path):
   x = keras.layers.GlobalAveragePooling2D()(inputs)
   model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
   model_dir = str(tmp_path / "float")
-  artifact.save_artifact(model, model_dir, schemas.LABELS, _metadata_fields())
+  saving.save_artifact(model, model_dir, schemas.LABELS, _metadata_fields())
   with pytest.raises(artifact.ArtifactError, match="uint8"):
     artifact.load_artifact(model_dir)
 
@@ -172,7 +174,7 @@ def test_float_input_refused(tmp_path):
 def test_save_fills_in_fields_and_requires_the_rest(tmp_path):
   model = model_lib.build_model(32, backbone="tiny")
   model.get_layer("temperature").set_temperature(1.5)
-  metadata = artifact.save_artifact(model, str(tmp_path / "m"),
+  metadata = saving.save_artifact(model, str(tmp_path / "m"),
                                     schemas.LABELS,
                                     dict(_metadata_fields(), name="x"))
   assert metadata["image_size"] == 32
@@ -184,12 +186,12 @@ def test_save_fills_in_fields_and_requires_the_rest(tmp_path):
   with pytest.raises(artifact.ArtifactError, match="lacks data_fingerprint"):
     fields = _metadata_fields()
     del fields["data_fingerprint"]
-    artifact.save_artifact(model, str(tmp_path / "n"), schemas.LABELS, fields)
+    saving.save_artifact(model, str(tmp_path / "n"), schemas.LABELS, fields)
 
 
 def test_read_artifact_info_does_not_import_tensorflow(model_dir):
   # The launcher validates artifacts up front; that must stay cheap.
-  code = ("import sys; from training import artifact;"
+  code = ("import sys; from busi_core import artifact;"
           f" artifact.read_artifact_info({model_dir!r});"
           " assert 'tensorflow' not in sys.modules, 'tensorflow imported';"
           " assert 'keras' not in sys.modules, 'keras imported'")

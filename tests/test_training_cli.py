@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 import schemas
-from training import artifact, calibration, cli, evaluate, split, testing
+from training import calibration, cli, evaluate, split, testing
+from busi_core import artifact
+from training import saving
 from training import model as model_lib, train
 
 SIZE = 32
@@ -272,7 +274,7 @@ def _colour_model(size):
   VGGPreprocess gives BGR minus the means; averaged and passed through an
   identity Dense, a pure blue image scores class 0, green 1, red 2.
   """
-  from training import layers  # pylint: disable=import-outside-toplevel
+  from busi_core import layers  # pylint: disable=import-outside-toplevel
   inputs = keras.Input((size, size, 3), dtype="uint8")
   x = layers.VGGPreprocess()(inputs)
   x = keras.layers.GlobalAveragePooling2D()(x)
@@ -285,7 +287,7 @@ def _colour_model(size):
 def test_evaluate_matches_hand_computation(tmp_path, capsys):
   size = 8
   model_dir = str(tmp_path / "model")
-  artifact.save_artifact(_colour_model(size), model_dir, schemas.LABELS, {
+  saving.save_artifact(_colour_model(size), model_dir, schemas.LABELS, {
       "backbone": "colour", "weights_source": "none", "data_fingerprint": {},
       "class_counts": {}, "test_metrics": {}, "threshold": 0.9})
   rng = np.random.default_rng(0)
@@ -338,8 +340,8 @@ def fixture_test_artifact(tmp_path_factory):
 
 def test_gradcam_command_writes_the_overlay(tmp_path, test_artifact, capsys):
   import cv2  # pylint: disable=import-outside-toplevel
-  from beam_pipeline import imaging  # pylint: disable=import-outside-toplevel
-  from training import gradcam  # pylint: disable=import-outside-toplevel
+  from busi_core import imaging  # pylint: disable=import-outside-toplevel
+  from busi_core import gradcam  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(4)
   frame = rng.integers(0, 256, (70, 90), np.uint8)  # grey, not square
   image = str(tmp_path / "scan.png")

@@ -1,9 +1,9 @@
-"""training.gradcam on a reduced-precision model (the lead's module, fixed)."""
+"""busi_core.gradcam on a reduced-precision model (the lead's module, fixed)."""
 
 import numpy as np
 
-from training.precision import with_precision
-from training import gradcam
+from busi_core.precision import with_precision
+from busi_core import gradcam
 from training import model as model_lib
 
 

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from training import layers
+from busi_core import layers
 
 
 def test_vgg_preprocess_equals_keras_preprocess_input():

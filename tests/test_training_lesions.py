@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 
 import schemas
-from beam_pipeline import archives, imaging, pipeline
+from beam_pipeline import pipeline
+from busi_core import archives, imaging
 from schemas import evaluation as evaluation_schema
 from tests import archive_factory as af
-from training import artifact, cli, evaluate, lesion_masks, lesions
+from training import cli, evaluate, lesion_masks, lesions
+from busi_core import artifact
+from training import saving
 from training import model as model_lib
 
 ROOT = "Dataset_BUSI_with_GT"
@@ -278,7 +281,7 @@ def test_evaluate_masks_end_to_end(tmp_path, capsys):
                 "--image_size", str(SIZE)])
   data = os.path.join(out, schemas.TFRECORD_DIR, "*" + schemas.TFRECORD_SUFFIX)
   model_dir = str(tmp_path / "model")
-  artifact.save_artifact(_lesion_detector(SIZE), model_dir, schemas.LABELS, {
+  saving.save_artifact(_lesion_detector(SIZE), model_dir, schemas.LABELS, {
       "backbone": "tiny", "weights_source": "none", "data_fingerprint": {},
       "class_counts": {}, "test_metrics": {}, "threshold": 0.9})
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import schemas
-from beam_pipeline import imaging
+from busi_core import imaging
 from training import cli, phantoms, split
 
 

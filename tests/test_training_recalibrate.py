@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 
 import schemas
-from training import artifact, calibration, cli, model_card
+from training import calibration, cli, model_card
+from busi_core import artifact
+from training import saving
 from training import model as model_lib, split, testing
-from training.layers import TemperatureScaling
+from busi_core.layers import TemperatureScaling
 
 SIZE = 32
 IMAGES = 90
@@ -86,7 +88,7 @@ def fixture_site(tmp_path_factory):
       "temperature")}
   fields.update(name="parent", threshold=PARENT_THRESHOLD,
                 temperature=parent_temperature)
-  artifact.save_artifact(loaded.model, parent, loaded.labels, fields)
+  saving.save_artifact(loaded.model, parent, loaded.labels, fields)
   with open(os.path.join(parent, schemas.SPLIT_FILE), "w") as f:
     json.dump({"train": ["a"], "val": [], "test": []}, f)
 

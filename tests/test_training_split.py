@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from beam_pipeline import imaging
+from busi_core import imaging
 from training import split
 
 LABELS = ("normal", "benign", "malignant")

@@ -1,6 +1,6 @@
 """Reading the preprocessing stage's TFRecords into labelled arrays.
 
-Examples are parsed with `beam_pipeline.imaging.from_example`, the reader of
+Examples are parsed with `busi_core.imaging.from_example`, the reader of
 what the pipeline wrote (grey frames come back replicated to RGB), so the two
 cannot disagree about the format. BUSI
 is small (780 images, ~120 MB at 224²), so the labelled set is held in memory
@@ -16,7 +16,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 import schemas
-from beam_pipeline import imaging
+from busi_core import imaging
 
 _LOG = logging.getLogger(__name__)
 

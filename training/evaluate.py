@@ -11,7 +11,8 @@ from apache_beam.io.filesystems import FileSystems
 import schemas
 from schemas import artifact as artifact_schema
 from schemas import evaluation as evaluation_schema
-from training import artifact, calibration, data as data_lib, metrics
+from training import calibration, data as data_lib, metrics
+from busi_core import artifact
 from training import lesion_masks, lesions, plots, split
 
 _LOG = logging.getLogger(__name__)

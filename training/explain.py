@@ -1,8 +1,8 @@
 """`python -m training gradcam`: one image file → probabilities + overlay PNG.
 
-The file is decoded and resized by `beam_pipeline.imaging.decode_and_resize`
+The file is decoded and resized by `busi_core.imaging.decode_and_resize`
 at the artifact's image_size, i.e. exactly as the pipeline preprocesses it,
-and the heatmap comes from `training.gradcam` as in scoring's `--gradcam`.
+and the heatmap comes from `busi_core.gradcam` as in scoring's `--gradcam`.
 """
 
 from typing import List, NamedTuple, Optional
@@ -10,8 +10,8 @@ from typing import List, NamedTuple, Optional
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from beam_pipeline import imaging
-from training import artifact, gradcam
+from busi_core import imaging
+from busi_core import artifact, gradcam
 
 
 class Explanation(NamedTuple):

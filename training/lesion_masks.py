@@ -1,6 +1,6 @@
 """Reading BUSI lesion masks out of archives, for `evaluate --masks`.
 
-The masks are read with the pipeline's own readers (`beam_pipeline.archives`,
+The masks are read with the pipeline's own readers (`busi_core.archives`,
 `masks_only`), so they pass the checks the images passed (member size,
 compression ratio, CRC, overlapping members); image members are passed over
 (a zip's unread, a tar's streamed past). The bytes are kept undecoded, keyed
@@ -11,7 +11,7 @@ evaluated images are ever decoded.
 import logging
 from typing import Iterator, List, Sequence, Set, Tuple
 
-from beam_pipeline import archives, imaging
+from busi_core import archives, imaging
 from training import data as data_lib, lesions
 
 _LOG = logging.getLogger(__name__)

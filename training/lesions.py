@@ -28,8 +28,8 @@ import numpy as np
 import schemas
 from schemas import evaluation as evaluation_schema
 from schemas.evaluation import LesionLocalisation, LocalisationScore
-from beam_pipeline import imaging
-from training import gradcam
+from busi_core import imaging
+from busi_core import gradcam
 
 _LOG = logging.getLogger(__name__)
 

@@ -21,19 +21,16 @@ import keras
 import numpy as np
 
 import schemas
+from busi_core.layers import TemperatureScaling, VGGPreprocess
+# Layer names other code relies on are artifact fields, spelled in schemas.
+from schemas.artifact import (FEATURES_LAYER, INPUT_NAME, LOGITS_LAYER,
+                              PREPROCESS_LAYER, PROBABILITIES_LAYER,
+                              TEMPERATURE_LAYER)
 from training.config import BACKBONES, IMAGENET, NO_WEIGHTS, TINY, VGG16
-from training.layers import TemperatureScaling, VGGPreprocess
 
 HEAD_UNITS = 256
 DROPOUT_RATE = 0.5
 
-# Layer names other code relies on.
-INPUT_NAME = "image"
-PREPROCESS_LAYER = "vgg_preprocess"
-FEATURES_LAYER = "features"  # GlobalAveragePooling2D: the cached features
-LOGITS_LAYER = "logits"
-TEMPERATURE_LAYER = "temperature"
-PROBABILITIES_LAYER = "probabilities"
 TOP_BLOCK_PREFIX = "block5_"  # unfrozen by the fine-tune stage
 
 

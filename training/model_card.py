@@ -100,7 +100,7 @@ def _header(metadata: Dict) -> List[str]:
       ["classes (output order)", ", ".join(labels) or NA],
       ["input", f"raw uint8 RGB {metadata.get('image_size', NA)}×"
                 f"{metadata.get('image_size', NA)} (resized by"
-                " `beam_pipeline.imaging.decode_and_resize`)"],
+                " `busi_core.imaging.decode_and_resize`)"],
       ["backbone", metadata.get("backbone", NA)],
       ["backbone weights", weights_provenance(metadata.get("weights_source"))],
       ["temperature", _num(metadata.get("temperature"))],

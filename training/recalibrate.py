@@ -32,9 +32,11 @@ from apache_beam.io.filesystems import FileSystems
 
 import schemas
 from schemas import artifact as artifact_schema
-from training import artifact, calibration, data as data_lib
+from training import calibration, data as data_lib
+from busi_core import artifact
+from training import saving
 from training import model as model_lib, recipe, split
-from training.layers import TemperatureScaling
+from busi_core.layers import TemperatureScaling
 
 _LOG = logging.getLogger(__name__)
 
@@ -456,13 +458,13 @@ def _write(config: RecalibrateConfig, model, parent: artifact.Artifact,
   try:
     _replace_companions(config.model, work, config.output)
     _write_split(work, parts)
-    metadata = artifact.save_artifact(model, work, parent.labels, fields)
+    metadata = saving.save_artifact(model, work, parent.labels, fields)
     _verify_saved(work, weights, parts.holdout.images[:8],
                   calibration.softmax(holdout_logits[:8],
                                       metadata["temperature"]),
                   config.batch_size)
     if remote:
-      artifact.copy_artifact(work, config.output)
+      saving.copy_artifact(work, config.output)
   finally:
     if remote:
       shutil.rmtree(work, ignore_errors=True)

@@ -8,7 +8,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import numpy as np
 
 import schemas
-from beam_pipeline import imaging
+from busi_core import imaging
 
 
 def write_tfrecords(path: str, records: Iterable[imaging.ImageRecord]) -> str:
@@ -93,13 +93,13 @@ def make_test_artifact(model_dir: str, image_size: int = 32,
     The metadata written.
   """
   import keras  # pylint: disable=import-outside-toplevel
-  from training import artifact, metrics, model as model_lib, split  # pylint: disable=import-outside-toplevel
+  from training import metrics, model as model_lib, saving, split  # pylint: disable=import-outside-toplevel
   keras.utils.set_random_seed(seed)
   labels = list(schemas.LABELS)
   model = model_lib.build_model(image_size, model_lib.NO_WEIGHTS, len(labels),
                                 backbone)
   empty = {name: [] for name in split.SPLITS}
-  return artifact.save_artifact(model, model_dir, labels, {
+  return saving.save_artifact(model, model_dir, labels, {
       "name": f"test-{backbone}",
       "image_size": image_size,
       "threshold": threshold,

@@ -31,7 +31,9 @@ import numpy as np
 
 import schemas
 from schemas import artifact as artifact_schema
-from training import artifact, calibration, data as data_lib
+from training import calibration, data as data_lib
+from busi_core import artifact
+from training import saving
 from training import cv, metrics, model as model_lib, plots, recipe, split
 from training.config import TrainConfig
 
@@ -383,7 +385,7 @@ def train(config: TrainConfig) -> Dict:
   if cv_report:
     cv.write_report(cv_report, work)
   seconds["total"] = time.perf_counter() - started
-  metadata = artifact.save_artifact(model, work, labels, {
+  metadata = saving.save_artifact(model, work, labels, {
       "name": config.name,
       "image_size": int(data.images.shape[1]),
       "threshold": flagging["threshold"],
@@ -408,7 +410,7 @@ def train(config: TrainConfig) -> Dict:
   _verify_saved(work, model, data.images[check[:8]], config.batch_size,
                 calibration.softmax(check_logits[:8], temperature))
   if work != config.output:
-    artifact.copy_artifact(work, config.output)
+    saving.copy_artifact(work, config.output)
     shutil.rmtree(work, ignore_errors=True)
   print(f"Model {metadata['model_version']} written to {config.output}"
         f" in {seconds['total']:.1f} s")

@@ -22,6 +22,8 @@ except ImportError:  # pragma: no cover - isal is a declared dependency
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from busi_core import imaging
+
 ZIP = "zip"
 TAR = "tar"
 FILE = "file"
@@ -354,7 +356,6 @@ def _inflate(fp, compressed_size: int, budget: _SizeBudget) -> bytes:
 
 
 def _classify(path: str, is_dir: bool) -> Optional[str]:
-  from beam_pipeline import imaging  # pylint: disable=import-outside-toplevel
   if is_dir:
     return "dir"
   if imaging.is_mask(path):

@@ -158,7 +158,7 @@ def _refuse_lambda(path: str) -> None:
     raise ArtifactError(
         f"{path} contains a Lambda layer, which can run arbitrary code and is"
         " refused in Keras safe mode. Rebuild the model with the registered"
-        " layers of training.layers (`python -m training train`).")
+        " layers of busi_core.layers (`python -m training train`).")
 
 
 def _localize(model_dir: str) -> str:
@@ -242,11 +242,11 @@ def _load_checked(model_dir: str, local_dir: str, labels, metadata,
   shapes; returns (model, sha256 of model.keras)."""
   path = os.path.join(local_dir, schemas.MODEL_FILE)
   _refuse_lambda(path)
-  digest = _sha256_file(path)
+  digest = sha256_file(path)
   _check_digest(model_dir, digest, metadata, expected_sha256)
   import keras  # pylint: disable=import-outside-toplevel,redefined-outer-name
   # Registers VGGPreprocess and TemperatureScaling with Keras.
-  import training.layers  # pylint: disable=import-outside-toplevel,unused-import
+  import busi_core.layers  # pylint: disable=import-outside-toplevel,unused-import
   try:
     model = keras.saving.load_model(path, safe_mode=True, compile=False)
   except Exception as e:  # Keras raises ValueError, TypeError, KeyError, ...
@@ -287,103 +287,9 @@ def model_version(name: str, created: datetime.datetime,
   return f"{name}-{created:%Y%m%dT%H%M%SZ}-{model_bytes_sha256[:8]}"
 
 
-def _sha256_file(path: str) -> str:
+def sha256_file(path: str) -> str:
   digest = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       digest.update(block)
   return digest.hexdigest()
-
-
-def save_artifact(model: "keras.Model", model_dir: str, labels: Sequence[str],
-                  metadata_fields: Dict[str, Any]) -> Dict[str, Any]:
-  """Writes model.keras, labels.json, MODEL_CARD.md and metadata.json into a
-  local directory.
-
-  metadata.json is written last, so a directory with one is complete. The
-  card is rendered from the final metadata (`training.model_card.render`).
-
-  Args:
-    model: the uint8-input classifier, outputs in `labels` order.
-    model_dir: local directory (created if needed).
-    labels: class names in output order.
-    metadata_fields: metadata; model_version, created_at, format_version,
-      package_version, labels, image_size (from the model), threshold
-      (DEFAULT_THRESHOLD) are filled in when absent; temperature is always
-      the model's (a different value given is an error). A "name" field, if given, prefixes model_version.
-
-  Returns:
-    The metadata written.
-
-  Raises:
-    ArtifactError: a required field is still missing, or the result does not
-      pass `read_artifact_info`.
-  """
-  from training import model as model_lib  # pylint: disable=import-outside-toplevel
-  labels = list(labels)
-  os.makedirs(model_dir, exist_ok=True)
-  metadata_path = os.path.join(model_dir, schemas.METADATA_FILE)
-  if os.path.exists(metadata_path):
-    os.remove(metadata_path)  # an interrupted save must not look complete
-  model_path = os.path.join(model_dir, schemas.MODEL_FILE)
-  model.save(model_path)
-  with open(os.path.join(model_dir, schemas.LABELS_FILE), "w",
-            encoding="utf-8") as f:
-    json.dump(labels, f)
-
-  created = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
-  metadata = dict(metadata_fields)
-  name = str(metadata.get("name") or DEFAULT_NAME)
-  model_sha256 = _sha256_file(model_path)
-  metadata.setdefault("model_version",
-                      model_version(name, created, model_sha256))
-  metadata[schemas.METADATA_MODEL_SHA256] = model_sha256
-  metadata.setdefault("created_at", created.isoformat())
-  metadata.setdefault("image_size", int(model.inputs[0].shape[1]))
-  metadata.setdefault("threshold", schemas.DEFAULT_THRESHOLD)
-  temperature = model_lib.temperature_of(model)
-  if abs(float(metadata.get("temperature", temperature)) - temperature) > 1e-6:
-    raise ArtifactError(
-        f"metadata temperature {metadata['temperature']} differs from the"
-        f" model's TemperatureScaling value {temperature}")
-  metadata["temperature"] = temperature
-  metadata["labels"] = labels
-  metadata.setdefault("format_version", schemas.ARTIFACT_FORMAT_VERSION)
-  metadata.setdefault("package_version", schemas.PACKAGE_VERSION)
-  missing = [f for f in schemas.METADATA_REQUIRED_FIELDS if f not in metadata]
-  if missing:
-    raise ArtifactError(f"metadata_fields lacks {', '.join(missing)}")
-  # Required fields first, in their documented order, then the rest.
-  ordered = {f: metadata[f] for f in schemas.METADATA_REQUIRED_FIELDS}
-  ordered.update(metadata)
-  from training import model_card  # pylint: disable=import-outside-toplevel
-  model_card.write(ordered, os.path.join(model_dir, schemas.MODEL_CARD_FILE))
-  tmp = metadata_path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(ordered, f, indent=2)
-  os.replace(tmp, metadata_path)
-  read_artifact_info(model_dir)
-  return ordered
-
-
-def copy_artifact(local_dir: str, output: str) -> None:
-  """Copies a finished local artifact directory to `output` (e.g. gs://).
-
-  metadata.json is copied last, so the copy counts as an artifact only once
-  every other file is there.
-
-  Args:
-    local_dir: a directory written by `save_artifact` (and its companions).
-    output: the destination directory, any Beam FileSystems path.
-  """
-  names = sorted(os.listdir(local_dir),
-                 key=lambda n: n == schemas.METADATA_FILE)
-  # An older artifact's metadata.json must not sit beside the new model while
-  # the files are copied (or if the copy fails): it goes first, comes last.
-  old_metadata = _join(output, schemas.METADATA_FILE)
-  if FileSystems.exists(old_metadata):
-    FileSystems.delete([old_metadata])
-  for name in names:
-    with open(os.path.join(local_dir, name), "rb") as src, FileSystems.create(
-        _join(output, name)) as dst:
-      shutil.copyfileobj(src, dst, 1 << 20)

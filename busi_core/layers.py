@@ -3,7 +3,7 @@
 No `tf.*` and no Lambda: `model.keras` must load on any Keras 3 backend and
 with `safe_mode=True`, which refuses the arbitrary code a Lambda carries.
 Importing this module registers the layers under the package name "busi";
-`training.artifact.load_artifact` does that before loading.
+`busi_core.artifact.load_artifact` does that before loading.
 """
 
 from typing import Optional

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 import schemas
+from busi_core.inference import compiled_call
 
 _GRAD_MODELS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
@@ -28,9 +29,8 @@ def _grad_call(model):
       return fn
     import keras  # pylint: disable=import-outside-toplevel
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    from training import model as model_lib  # pylint: disable=import-outside-toplevel
     conv = model.get_layer(schemas.GRADCAM_LAYER).output
-    logits = model.get_layer(model_lib.LOGITS_LAYER).output
+    logits = model.get_layer(schemas.LOGITS_LAYER).output
     probe = keras.Model(model.inputs, [conv, logits])
     shape = [None] + list(model.inputs[0].shape[1:])
 
@@ -68,7 +68,6 @@ def heatmaps(model, images: np.ndarray,
   """
   images = np.asarray(images, dtype=np.uint8)
   if classes is None:
-    from beam_pipeline.model_handler import compiled_call  # pylint: disable=import-outside-toplevel
     classes = compiled_call(model)(images).numpy().argmax(axis=1)
   cams = _grad_call(model)(images, np.asarray(classes, np.int32)).numpy()
   height, width = images.shape[1:3]
