@@ -6,6 +6,7 @@ the final names. The manifest is written last, through a temporary name; its
 presence marks a completed run.
 """
 
+import contextlib
 import datetime
 import fnmatch
 import json
@@ -123,10 +124,13 @@ def check_writable(output: str) -> None:
   probe = join(output, _PROBE_PREFIX + uuid.uuid4().hex)
   try:
     with FileSystems.create(probe) as f:
-      # A byte of data, not just a name: a full disk often still has inodes.
+      # Some data, not just a name: a full disk often still has inodes.
       f.write(b"busi write probe\n")
     FileSystems.delete([probe])
   except Exception as e:  # pylint: disable=broad-except
+    # A full disk fails at close, after the (empty) file was made.
+    with contextlib.suppress(Exception):
+      FileSystems.delete([probe])
     cause = failures.io_cause(e)
     if cause is None:
       reason, advice = (f"{type(e).__name__}: {str(e).splitlines()[0]}"
