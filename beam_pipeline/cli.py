@@ -6,10 +6,13 @@ what to do, and an exit status of their own; `--verbose` adds Beam's
 messages and the tracebacks.
 """
 
+import io
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import List, NoReturn, Optional
 
 from beam_pipeline import failures, outputs
@@ -200,15 +203,55 @@ def main(argv: List[str]) -> int:
     return EXIT_INTERRUPTED
 
 
+class _MainThreadStderr(io.TextIOBase):
+  """sys.stderr during a run: the main thread's writes, not the workers'.
+
+  Beam's worker threads print the traceback of every bundle that fails or
+  is cut short straight to sys.stderr (the in-process runner's threaded
+  mode), and a dying thread's traceback goes there too; the launcher reports
+  the failure itself, in one line. Logging is unaffected: its handler holds
+  the real stream.
+  """
+
+  def __init__(self, stream):
+    super().__init__()
+    self._stream = stream
+
+  def write(self, text: str) -> int:
+    if threading.current_thread() is threading.main_thread():
+      return self._stream.write(text)
+    return len(text)
+
+  def flush(self) -> None:
+    self._stream.flush()
+
+  def __getattr__(self, name):
+    return getattr(self._stream, name)
+
+
+def _exit_interrupted(unused_signum, unused_frame) -> NoReturn:
+  """SIGINT: one line and out, without waiting for Beam's threads to stop
+  (they would print their cut-short bundles, and can keep the process
+  alive). What they wrote is a leftover that the rerun removes."""
+  sys.stdout.flush()
+  print(INTERRUPTED, file=sys.__stderr__, flush=True)
+  os._exit(EXIT_INTERRUPTED)  # pylint: disable=protected-access
+
+
 def command_line(argv: Optional[List[str]] = None) -> NoReturn:
   """`python -m beam_pipeline`: console logging, `main`, and the exit."""
   argv = sys.argv[1:] if argv is None else list(argv)
-  configure_logging(verbose=VERBOSE_FLAG in argv)
+  verbose = VERBOSE_FLAG in argv
+  configure_logging(verbose)
+  if not verbose:
+    sys.stderr = _MainThreadStderr(sys.stderr)
+  # Not where SIGINT is ignored (started in the background, nohup).
+  if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _exit_interrupted)
   status = main(argv)
   if status in (EXIT_INTERRUPTED, EXIT_IO):
     # The runner's worker threads may be in the middle of a bundle, and the
-    # interpreter would wait for them before exiting: leave at once. What
-    # they wrote is a leftover that the rerun removes.
+    # interpreter would wait for them before exiting: leave at once.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)  # pylint: disable=protected-access

@@ -171,7 +171,10 @@ def test_disk_full_mid_run_is_one_line_and_exit_4(tmp_path, model_dir,
   with tmpfs(tmp_path / "mnt", "size=12k") as mnt:
     out = os.path.join(mnt, "out")
     argv = ["run", "--input", big_zip, "--model", model_dir, "--output", out]
-    proc = launch(argv)
+    # Threaded workers: each prints its failed bundle's traceback unless
+    # the launcher keeps them off the console.
+    proc = launch(argv + ["--direct_num_workers", "2",
+                          "--direct_running_mode", "multi_threading"])
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == cli.EXIT_IO, stderr[-3000:]
     line = assert_one_line(stderr, "error:")
