@@ -89,8 +89,8 @@ def check_inputs_apart(output: str, inputs: Sequence[str]) -> None:
     where = location(path)
     if _inside(where, out):
       raise OutputDirInUse(
-          f"--input {path} lies in --output {output}, whose files this run"
-          " would replace; write to another --output")
+          f"--input {path} lies in --output {output}, where this run (or a"
+          " rerun) would write over or delete it; write to another --output")
     if _inside(out, where):
       raise OutputDirInUse(
           f"--output {output} lies in --input {path}; the run would read its"
