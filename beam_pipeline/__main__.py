@@ -1,10 +1,6 @@
-"""`python -m beam_pipeline {preprocess,score,run,report} FLAGS`."""
-
-import logging
-import sys
+"""`python -m beam_pipeline {preprocess,score,run,summary,report} FLAGS`."""
 
 from beam_pipeline import cli
 
 if __name__ == "__main__":
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-  sys.exit(cli.main(sys.argv[1:]))
+  cli.command_line()

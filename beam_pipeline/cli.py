@@ -1,19 +1,39 @@
-"""Command-line front end: runs a command and prints the run's summary."""
+"""Command-line front end: runs a command and prints the run's summary.
 
+Failures a person can act on (bad flags, a refused output, a full or
+read-only disk, Ctrl-C) end in one line on stderr saying what happened and
+what to do, and an exit status of their own; `--verbose` adds Beam's
+messages and the tracebacks.
+"""
+
+import io
 import json
 import logging
+import os
+import signal
 import sys
-from typing import List
+import threading
+from typing import List, NoReturn, Optional
 
-from beam_pipeline import outputs
+from beam_pipeline import failures, outputs
+
+_LOG = logging.getLogger(__name__)
 
 # Exit statuses, documented in the README ("Exit status").
 EXIT_OK = 0
+EXIT_ERROR = 1  # anything else: a bug, or a failure not listed here
 EXIT_USAGE = 2  # bad flags, an output refused, an input that matches nothing
 EXIT_INVARIANT = 3  # the manifest's member invariant does not hold
 EXIT_IO = 4  # no space left, read-only or unwritable output, ...
 EXIT_INCOMPLETE = 5  # finished, but inputs promised more than could be read
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT)
+
+VERBOSE_FLAG = "--verbose"
+INTERRUPTED = ("interrupted: the run was stopped before it finished; rerun the"
+               " same command; the unfinished output is removed on rerun")
+# Loggers whose INFO messages a person reads; other libraries' show from
+# WARNING (all of them with --verbose).
+_OWN_LOGGERS = ("beam_pipeline", "training", "schemas")
 
 
 def exit_status(manifest: dict) -> int:
@@ -58,6 +78,8 @@ commands:
   summary     DuckDB SQL summary of a run: summary --output DIR
   report      HTML run report: report --predictions DIR --output REPORT_DIR
 
+--verbose shows Beam's own messages and full tracebacks of failures.
+
 Beam's own flags (--runner, --direct_num_workers, --project, ...) pass
 through. See README.md."""
 
@@ -73,29 +95,164 @@ def print_help() -> None:
   parser.print_help()
 
 
+class _ConsoleFilter(logging.Filter):
+  """Our messages from INFO, other libraries' from WARNING.
+
+  Beam's runner logs a failed step at ERROR with its traceback before
+  raising it; the launcher reports that failure itself, in one line.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.name.split(".")[0] in _OWN_LOGGERS:
+      return True
+    if record.name.startswith("apache_beam.runners"):
+      return logging.WARNING <= record.levelno < logging.ERROR
+    return record.levelno >= logging.WARNING
+
+
+class _OneLineFormatter(logging.Formatter):
+  """Formats a record without its traceback."""
+
+  def format(self, record: logging.LogRecord) -> str:
+    record = logging.makeLogRecord(record.__dict__)
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return super().format(record)
+
+
+def configure_logging(verbose: bool = False) -> None:
+  """Console logging of `python -m beam_pipeline`.
+
+  Args:
+    verbose: everything from DEBUG, with tracebacks; otherwise our INFO
+      messages and other libraries' warnings, one line each.
+  """
+  handler = logging.StreamHandler(sys.stderr)
+  if verbose:
+    handler.setFormatter(
+        logging.Formatter("%(levelname)s %(name)s %(message)s"))
+  else:
+    handler.setFormatter(_OneLineFormatter("%(levelname)s %(message)s"))
+    handler.addFilter(_ConsoleFilter())
+  root = logging.getLogger()
+  root.handlers[:] = [handler]
+  root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _io_failure_line(cause: failures.IoCause, output: str) -> str:
+  where = f" ({cause.filename})" if cause.filename else ""
+  return (f"error: the run stopped writing to {output}: {cause.reason}{where}"
+          f" — {cause.advice}, then rerun the same command; the unfinished"
+          " output is removed on rerun")
+
+
+def _run_pipeline(argv: List[str]) -> int:
+  """Creates and runs the job; one line and a status for known failures."""
+  from beam_pipeline import pipeline  # pylint: disable=import-outside-toplevel
+  try:
+    job = pipeline.create(argv)
+  except failures.OutputNotWritable as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_IO
+  except (ValueError, outputs.OutputDirInUse) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+  try:
+    manifest = pipeline.execute(job)
+  except Exception as e:  # pylint: disable=broad-except
+    if failures.interrupted(e):
+      raise KeyboardInterrupt from e
+    cause = failures.io_cause(e)
+    if cause is not None:
+      _LOG.debug("The run failed", exc_info=True)
+      print(_io_failure_line(cause, job.options.output), file=sys.stderr)
+      return EXIT_IO
+    if isinstance(e, ValueError):
+      # E.g. a model artifact replaced mid-job: the message says it all.
+      _LOG.debug("The run failed", exc_info=True)
+      print(f"error: {e}", file=sys.stderr)
+      return EXIT_USAGE
+    raise
+  if "invariant" not in manifest:
+    # No manifest was written (a Dataflow --dry_run, a job left running).
+    print(f"Run {manifest.get('run_id')} ({manifest.get('command')}):"
+          f" {manifest.get('state')}; no manifest was written")
+    return EXIT_OK
+  print(format_summary(manifest))
+  _LOG.debug(json.dumps(manifest))
+  return exit_status(manifest)
+
+
 def main(argv: List[str]) -> int:
+  """Runs a command; returns the exit status (see the README)."""
+  argv = [a for a in argv if a != VERBOSE_FLAG]
   if not argv or argv[0] in ("-h", "--help", "help") or (
       argv[0] in ("preprocess", "score", "run") and
       any(a in ("-h", "--help") for a in argv[1:])):
     print_help()
     return 0 if argv else 2
-  from beam_pipeline import pipeline  # pylint: disable=import-outside-toplevel
-  if argv and argv[0] == "summary":
-    from beam_pipeline import sql_summary  # pylint: disable=import-outside-toplevel
-    return sql_summary.main(argv[1:])
-  if argv and argv[0] == "report":
-    from beam_pipeline import report  # pylint: disable=import-outside-toplevel
-    return report.main(argv[1:])
   try:
-    manifest = pipeline.run(argv)
-  except (ValueError, outputs.OutputDirInUse) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return EXIT_USAGE
-  if "invariant" not in manifest:
-    # No manifest was written (a Dataflow --dry_run, a job left running).
-    print(f"Run {manifest.get('run_id')} ({manifest.get('command')}):"
-          f" {manifest.get('state')}; no manifest was written")
-    return 0
-  print(format_summary(manifest))
-  logging.getLogger(__name__).debug(json.dumps(manifest))
-  return exit_status(manifest)
+    if argv[0] == "summary":
+      from beam_pipeline import sql_summary  # pylint: disable=import-outside-toplevel
+      return sql_summary.main(argv[1:])
+    if argv[0] == "report":
+      from beam_pipeline import report  # pylint: disable=import-outside-toplevel
+      return report.main(argv[1:])
+    return _run_pipeline(argv)
+  except KeyboardInterrupt:
+    print(INTERRUPTED, file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+class _MainThreadStderr(io.TextIOBase):
+  """sys.stderr during a run: the main thread's writes, not the workers'.
+
+  Beam's worker threads print the traceback of every bundle that fails or
+  is cut short straight to sys.stderr (the in-process runner's threaded
+  mode), and a dying thread's traceback goes there too; the launcher reports
+  the failure itself, in one line. Logging is unaffected: its handler holds
+  the real stream.
+  """
+
+  def __init__(self, stream):
+    super().__init__()
+    self._stream = stream
+
+  def write(self, text: str) -> int:
+    if threading.current_thread() is threading.main_thread():
+      return self._stream.write(text)
+    return len(text)
+
+  def flush(self) -> None:
+    self._stream.flush()
+
+  def __getattr__(self, name):
+    return getattr(self._stream, name)
+
+
+def _exit_interrupted(unused_signum, unused_frame) -> NoReturn:
+  """SIGINT: one line and out, without waiting for Beam's threads to stop
+  (they would print their cut-short bundles, and can keep the process
+  alive). What they wrote is a leftover that the rerun removes."""
+  sys.stdout.flush()
+  print(INTERRUPTED, file=sys.__stderr__, flush=True)
+  os._exit(EXIT_INTERRUPTED)  # pylint: disable=protected-access
+
+
+def command_line(argv: Optional[List[str]] = None) -> NoReturn:
+  """`python -m beam_pipeline`: console logging, `main`, and the exit."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  verbose = VERBOSE_FLAG in argv
+  configure_logging(verbose)
+  if not verbose:
+    sys.stderr = _MainThreadStderr(sys.stderr)
+  # Not where SIGINT is ignored (started in the background, nohup).
+  if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _exit_interrupted)
+  status = main(argv)
+  if status in (EXIT_INTERRUPTED, EXIT_IO):
+    # The runner's worker threads may be in the middle of a bundle, and the
+    # interpreter would wait for them before exiting: leave at once.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # pylint: disable=protected-access
+  sys.exit(status)

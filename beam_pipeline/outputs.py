@@ -6,18 +6,21 @@ the final names. The manifest is written last, through a temporary name; its
 presence marks a completed run.
 """
 
+import contextlib
 import datetime
+import fnmatch
 import json
 import logging
 import os
 import posixpath
 import time
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 import schemas
+from beam_pipeline import failures
 from beam_pipeline.tfrecord_io import WriteGzipTFRecords
 
 _LOG = logging.getLogger(__name__)
@@ -43,7 +46,7 @@ def utc_now_iso() -> str:
 
 
 class OutputDirInUse(ValueError):
-  pass
+  """The output may not be used: a completed run, or the run's own inputs."""
 
 
 def location(path: str) -> str:
@@ -65,52 +68,150 @@ def _inside(path: str, directory: str) -> bool:
   return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
+def check_inputs_apart(output: str, inputs: Sequence[str],
+                       matched: Optional[Sequence[str]] = None) -> None:
+  """Refuses an output that holds one of the run's inputs, or lies in one.
+
+  Both the inputs as spelled (a folder, a glob) and the files they match
+  are compared with the output as locations, not strings: `./o`, `o//`,
+  `x/../o`, an absolute path or a symlink to `o` all name `o`.
+
+  Raises:
+    OutputDirInUse: an input lies in the output (a rerun would delete or
+      overwrite it), or the output lies in an input (the run would read its
+      own outputs).
+  """
+  if not inputs:
+    return
+  out = location(output)
+  if matched is None:
+    matched = sorted({m.path for result in FileSystems.match(list(inputs))
+                      for m in result.metadata_list})
+  for path in list(inputs) + matched:
+    where = location(path)
+    if _inside(where, out):
+      raise OutputDirInUse(
+          f"--input {path} lies in --output {output}, where this run (or a"
+          " rerun) would write over or delete it; write to another --output")
+    if _inside(out, where):
+      raise OutputDirInUse(
+          f"--output {output} lies in --input {path}; the run would read its"
+          " own outputs. Write to another --output")
+
+
+# A write-then-delete probe in the output, made before anything is deleted.
+_PROBE_PREFIX = ".busi-write-probe-"
+# write_json's temporary name: `<name>.tmp`, renamed into place.
+_TMP_SUFFIX = ".tmp"
+# What a run that stopped part-way may leave at the top of the output:
+# Beam's FileBasedSink temporary folders (`beam-temp-<prefix>-<uuid>`; ours
+# are inside the OUTPUT_SUBDIRS, which are emptied whole), the manifest's
+# temporary file and a probe.
+_TOP_LEVEL_LEFTOVERS = ("beam-temp-*", schemas.MANIFEST_FILE + _TMP_SUFFIX,
+                        _PROBE_PREFIX + "*")
+
+
+def check_writable(output: str) -> None:
+  """Creates, writes and removes a small probe file in `output`.
+
+  Local output folders are created on the way. On Cloud Storage the probe is
+  an object, written and deleted through the same FileSystems calls the run
+  uses.
+
+  Raises:
+    OutputNotWritable: with one line naming the cause (read-only, no space
+      left, permission denied, ...) and what to do.
+  """
+  import uuid  # pylint: disable=import-outside-toplevel
+  probe = join(output, _PROBE_PREFIX + uuid.uuid4().hex)
+  try:
+    with FileSystems.create(probe) as f:
+      # Some data, not just a name: a full disk often still has inodes.
+      f.write(b"busi write probe\n")
+    FileSystems.delete([probe])
+  except Exception as e:  # pylint: disable=broad-except
+    # A full disk fails at close, after the (empty) file was made.
+    with contextlib.suppress(Exception):
+      FileSystems.delete([probe])
+    cause = failures.io_cause(e)
+    if cause is None:
+      reason, advice = (f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                        if str(e) else type(e).__name__,
+                        "choose another --output")
+    else:
+      reason, advice = cause.reason, cause.advice
+    raise failures.OutputNotWritable(
+        f"cannot write to {output}: {reason} — {advice}") from e
+
+
+def leftovers(output: str) -> List[str]:
+  """Everything an earlier run left in `output` that a new run replaces.
+
+  Every file and folder inside the OUTPUT_SUBDIRS (Beam's `beam-temp-*`
+  folders included), and at the top level Beam temporary folders, the
+  manifest's temporary file and write probes. The manifest itself and any
+  other file of the user's are not listed.
+  """
+  if "://" in output:
+    # Object stores have no folders: "**" matches objects at any depth
+    # under a prefix, so temporary "folders" are listed object by object.
+    patterns = [join(output, sub, "**") for sub in OUTPUT_SUBDIRS]
+    patterns += [join(output, name.replace("*", "**"))
+                 for name in _TOP_LEVEL_LEFTOVERS]
+    return sorted({m.path for result in FileSystems.match(patterns)
+                   for m in result.metadata_list})
+  # FileSystems.match lists files only; an empty beam-temp folder (a run
+  # killed before its first shard) would stay. Folders are deleted whole.
+  found = []
+  for sub in OUTPUT_SUBDIRS:
+    folder = join(output, sub)
+    if os.path.isdir(folder):
+      found += [join(folder, name) for name in os.listdir(folder)]
+  if os.path.isdir(output):
+    found += [join(output, name) for name in os.listdir(output)
+              if any(fnmatch.fnmatchcase(name, pattern)
+                     for pattern in _TOP_LEVEL_LEFTOVERS)]
+  return sorted(found)
+
+
 def prepare_output_dir(output: str, overwrite: bool,
-                       inputs: Sequence[str] = ()) -> None:
+                       inputs: Sequence[str] = (),
+                       matched: Optional[Sequence[str]] = None) -> None:
   """Makes `output` ready for a new run, or refuses.
 
-  A directory holding a completed run (a manifest) is refused unless
-  `overwrite`; leftovers of an interrupted run (outputs but no manifest) are
-  removed, so rerunning the same command after a crash completes cleanly.
+  In this order, so that nothing is deleted unless the run can go ahead:
+  the inputs are checked to lie apart from the output; a completed run (a
+  manifest) is refused unless `overwrite`; the output is probed for
+  writability; then the manifest of the run being replaced and every
+  leftover of an earlier run (partial shards, Beam's `beam-temp-*` folders,
+  temporary files) are removed, so rerunning the same command after a
+  crash, a kill or Ctrl-C completes cleanly.
 
   Args:
     output: the run's output directory.
     overwrite: replace a completed run.
-    inputs: the run's input globs: refused if replacing the output would
-      delete one of their files (e.g. scoring DIR/tfrecords into DIR).
+    inputs: the run's inputs (globs or paths, as given or as matched).
+    matched: the paths the inputs matched, if already known (otherwise
+      they are matched here).
 
   Raises:
-    OutputDirInUse: a completed run is there and overwrite is False, or the
-      inputs lie in the outputs this run would replace.
+    OutputDirInUse: a completed run is there and overwrite is False, or an
+      input lies in the output or the output in an input.
+    OutputNotWritable: the probe write failed (read-only, full, no
+      permission).
   """
+  check_inputs_apart(output, inputs, matched)
   manifest = join(output, schemas.MANIFEST_FILE)
   completed = FileSystems.exists(manifest)
   if completed and not overwrite:
     raise OutputDirInUse(
         f"{output} already holds a completed run ({manifest}). Choose a new"
         " --output, or pass --overwrite to replace it.")
-  stale = set()
-  for sub in OUTPUT_SUBDIRS:
-    # "*" finds local files and folders (deleted whole); "**" finds objects
-    # at any depth on gs://, where Beam's temporary folders are prefixes.
-    for result in FileSystems.match([join(output, sub, "*"),
-                                     join(output, sub, "**")]):
-      stale.update(m.path for m in result.metadata_list)
-  stale = sorted(stale)
-  wanted = {m.path for result in FileSystems.match(list(inputs))
-            for m in result.metadata_list} if inputs else set()
-  # Compared as locations, not strings: `./o`, `o//`, an absolute path or a
-  # symlink to o name the same files, and replacing them would delete the
-  # run's own inputs.
-  replaced = [location(join(output, sub)) for sub in OUTPUT_SUBDIRS]
-  clash = sorted(path for path in wanted
-                 if any(_inside(location(path), d) for d in replaced))
-  if clash:
-    raise OutputDirInUse(
-        f"--input {clash[0]} lies in {output}, whose outputs this run would"
-        " replace; write to another --output")
+  check_writable(output)
+  # The manifest first: from here on the directory is no completed run.
   if completed:
     FileSystems.delete([manifest])
+  stale = leftovers(output)
   if stale:
     _LOG.warning("Removing %d outputs of an earlier, unfinished or replaced"
                  " run in %s", len(stale), output)
@@ -153,7 +254,7 @@ def count(pcoll, label: str):
 
 def write_json(uri: str, payload: Mapping) -> None:
   """Writes JSON through a temporary name, then renames it into place."""
-  tmp = uri + ".tmp"
+  tmp = uri + _TMP_SUFFIX
   with FileSystems.create(tmp) as f:
     f.write(json.dumps(payload, indent=2, sort_keys=False).encode())
   if FileSystems.exists(uri):

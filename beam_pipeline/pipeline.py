@@ -90,8 +90,10 @@ def create(argv: Optional[List[str]] = None,
     test_pipeline: a TestPipeline to build into instead of a new Pipeline.
 
   Raises:
-    ValueError: bad flags, missing inputs, an unusable model artifact, or an
-      output directory holding a completed run (without --overwrite).
+    ValueError: bad flags, missing inputs, an unusable model artifact, an
+      output directory holding a completed run (without --overwrite) or
+      one of the inputs (outputs.OutputDirInUse).
+    failures.OutputNotWritable: the output refused a probe write.
   """
   command, flags = opts_lib.split_command(argv)
   opts_lib.refuse_unknown_flags(flags)
@@ -115,7 +117,7 @@ def create(argv: Optional[List[str]] = None,
     from beam_pipeline import scoring_pipeline  # pylint: disable=import-outside-toplevel
     # The artifact is checked before the output is touched or a file read.
     config = scoring_pipeline.load_config(opts, run_id, command)
-  outputs.prepare_output_dir(opts.output, opts.overwrite, opts.input)
+  outputs.prepare_output_dir(opts.output, opts.overwrite, opts.input, paths)
   if config is None:
     read = build_preprocess(p, opts, run_id, paths)
     _finish_preprocess(p, opts, read, run_id, started, command, paths)
@@ -124,9 +126,26 @@ def create(argv: Optional[List[str]] = None,
   return Job(p, command, opts, run_id)
 
 
+def execute(job: Job) -> Dict:
+  """Runs a built job to the end and reads its manifest back.
+
+  Returns:
+    The manifest of the run, or, for a run that wrote none (e.g. a Dataflow
+    `--dry_run`), its id and state.
+  """
+  result = job.pipeline.run()
+  result.wait_until_finish()
+  manifest_uri = outputs.join(job.options.output, schemas.MANIFEST_FILE)
+  if not FileSystems.exists(manifest_uri):
+    return {"run_id": job.run_id, "command": job.command,
+            "state": str(result.state)}
+  _LOG.info("Run %s finished", job.run_id)
+  return outputs.read_json(manifest_uri)
+
+
 def run(argv: Optional[List[str]] = None,
         test_pipeline: Optional[beam.Pipeline] = None) -> Dict:
-  """Entry point of `python -m beam_pipeline COMMAND FLAGS`.
+  """Entry point of `python -m beam_pipeline COMMAND FLAGS`: create, execute.
 
   Args:
     argv: command and flags; Beam flags pass through.
@@ -136,12 +155,4 @@ def run(argv: Optional[List[str]] = None,
     The manifest of the run (read back from the output directory), or, for a
     run that wrote none (e.g. a Dataflow `--dry_run`), its id and state.
   """
-  job = create(argv, test_pipeline)
-  result = job.pipeline.run()
-  result.wait_until_finish()
-  manifest_uri = outputs.join(job.options.output, schemas.MANIFEST_FILE)
-  if not FileSystems.exists(manifest_uri):
-    return {"run_id": job.run_id, "command": job.command,
-            "state": str(result.state)}
-  _LOG.info("Run %s finished", job.run_id)
-  return outputs.read_json(manifest_uri)
+  return execute(create(argv, test_pipeline))
