@@ -22,6 +22,7 @@ from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 
 from busi_core import archives
+from busi_core.errors import MemberError
 
 BROKEN_LINK = "BrokenLink"
 NOT_A_REGULAR_FILE = "NotARegularFile"
@@ -124,7 +125,7 @@ def decode(element: bytes) -> str:
   return os.fsdecode(element)
 
 
-def unreadable(path: str) -> Optional[archives.ArchiveError]:
+def unreadable(path: str) -> Optional[MemberError]:
   """Why a matched local path cannot be read as a file, or None.
 
   Opening a FIFO blocks until something writes to it (forever, in a batch
@@ -140,13 +141,13 @@ def unreadable(path: str) -> Optional[archives.ArchiveError]:
   except OSError as e:
     if os.path.islink(path):
       if e.errno == errno.ELOOP:
-        return archives.ArchiveError(BROKEN_LINK, "a symlink loop")
+        return MemberError(BROKEN_LINK, "a symlink loop")
       target = display(os.readlink(path))
-      return archives.ArchiveError(BROKEN_LINK,
+      return MemberError(BROKEN_LINK,
                                    f"a dangling symlink (to {target!r})")
     if e.errno == errno.ENOENT:
       return archives.vanished()
-    return archives.ArchiveError(
+    return MemberError(
         "ReadFailed", f"{type(e).__name__}: {e.strerror or e}")
   if stat.S_ISREG(mode):
     return None
@@ -155,7 +156,7 @@ def unreadable(path: str) -> Optional[archives.ArchiveError]:
           "a socket" if stat.S_ISSOCK(mode) else "a device file")
   if os.path.islink(path):
     what = f"a symlink to {what}"
-  return archives.ArchiveError(
+  return MemberError(
       NOT_A_REGULAR_FILE,
       f"{what}, not a file: only regular files are read"
       + (" (use a glob that reaches the files inside, e.g. DIR/**)"

@@ -1,4 +1,5 @@
-"""Pipeline wiring: `build_*` only add steps; `run` parses flags, builds, runs."""
+"""The one composer of every job: `build` only adds steps; `create` parses
+flags, checks the model and the output, and builds; `run` runs."""
 
 import logging
 import time
@@ -11,66 +12,139 @@ from apache_beam.options.pipeline_options import (PipelineOptions,
 
 import schemas
 from beam_pipeline import options as opts_lib
-from beam_pipeline import gcs, inputs, outputs
-from busi_core import archives
+from beam_pipeline import gcs, inputs, outputs, scoring, scoring_pipeline
 from beam_pipeline.preprocess import PreprocessLimits, ReadImages
+from busi_core import archives
 
 _LOG = logging.getLogger(__name__)
 
 
-def manifest_base(command: str, opts: opts_lib.BusiOptions, run_id: str,
-                  image_size: int, paths: Sequence[str]) -> Dict:
-  return {
-      "run_id": run_id,
-      "command": command,
+class Plan(NamedTuple):
+  """What `build` composes: the command, its flags and what launch found."""
+  command: str
+  options: opts_lib.BusiOptions
+  paths: Sequence[str]  # the inputs matched at launch (inputs.match_inputs)
+  run_id: str
+  started: float  # time.time() at launch
+  scoring: Optional[scoring.ScoringConfig]  # None for preprocess
+
+
+def manifest_base(plan: Plan, image_size: int) -> Dict:
+  """The manifest's fixed fields, known before the run."""
+  opts = plan.options
+  base = {
+      "run_id": plan.run_id,
+      "command": plan.command,
       "inputs": [inputs.display(pattern) for pattern in opts.input],
-      "inputs_matched": len(paths),
+      "inputs_matched": len(plan.paths),
       "output": opts.output,
       "image_size": image_size,
       "format_version": schemas.FORMAT_VERSION,
       "package_version": schemas.PACKAGE_VERSION,
       "started_at": outputs.utc_now_iso(),
   }
+  if plan.scoring is not None:
+    config = plan.scoring
+    base.update({"model": opts.model, "model_version": config.model_version,
+                 "threshold": config.threshold,
+                 "labels": list(config.labels),
+                 "batch_size": opts.batch_size})
+  return base
 
 
-def build_preprocess(p: beam.Pipeline, opts: opts_lib.BusiOptions,
-                     run_id: str, paths: Sequence[str],
-                     image_size: Optional[int] = None) -> Dict:
-  """Adds archives → TFRecords (errors and manifest are added by the caller).
-
-  `paths` are the inputs matched at launch (`inputs.match_inputs`).
-
-  Returns the dict of ReadImages' PCollections plus "tfrecord_files" and
-  "counts", for `_finish_preprocess` or the `run` command to complete.
-  """
-  size = image_size or opts.image_size
+def _read_archives(p: beam.Pipeline, plan: Plan, image_size: int,
+                   counts: Dict, written: Dict):
+  """Archives → Examples written as TFRecords; returns ReadImages' dict."""
+  opts = plan.options
   limits = PreprocessLimits(
-      size, opts.max_pixels,
+      image_size, opts.max_pixels,
       archives.Limits(opts.max_member_bytes, opts.max_compression_ratio,
                       opts.max_members_per_archive),
       opts.zip_chunk_size)
-  read = p | "ReadImages" >> ReadImages(paths, limits, run_id)
-  read["tfrecord_files"] = read["examples"] | "WriteExamples" >> (
+  read = p | "ReadImages" >> ReadImages(plan.paths, limits, plan.run_id)
+  written["tfrecords"] = read["examples"] | "WriteExamples" >> (
       outputs.WriteExamples(opts.output, opts.max_records_per_shard))
-  read["counts"] = {
+  counts.update({
       "members_seen": read["members_seen"],
       "images_written": outputs.count(read["examples"], "CountImages"),
       "masks_skipped": outputs.count(read["masks"], "CountMasks"),
       schemas.COUNT_INPUTS_VANISHED: inputs.count_vanished(read["errors"]),
-  }
+  })
   return read
 
 
-def _finish_preprocess(p, opts, read, run_id, started, command, paths):
-  errors_written = read["errors"] | "WriteErrors" >> outputs.WriteTable(
-      opts.output, schemas.ERRORS_DIR, schemas.errors_schema())
-  counts = dict(read["counts"])
-  counts["errors"] = outputs.count(read["errors"], "CountErrors")
+def _read_shards(p: beam.Pipeline, plan: Plan, counts: Dict):
+  """TFRecord shards → ImageRecords; returns ReadTFRecords' dict."""
+  read = p | "ReadTFRecords" >> scoring_pipeline.ReadTFRecords(
+      plan.paths, plan.run_id)
+  counts.update({
+      "members_seen": read["members_seen"],
+      schemas.COUNT_SHARDS_UNREAD: read["shards_unread"],
+      schemas.COUNT_INPUTS_VANISHED: inputs.count_vanished(read["errors"]),
+      "masks_skipped": outputs.count(p | "NoMasks" >> beam.Create([]),
+                                     "CountMasks"),
+  })
+  return read
+
+
+def _score(images, plan: Plan, counts: Dict, written: Dict, extra: Dict):
+  """ImageRecords → predictions written; returns ScoreImages' dict."""
+  opts, config = plan.options, plan.scoring
+  scored = images | "ScoreImages" >> scoring_pipeline.ScoreImages(
+      opts.model, config, opts.batch_size, opts.inference_accelerator,
+      opts.inference_precision, opts.gradcam, opts.output)
+  rows = scored["rows"]
+  written["predictions"] = rows | "WritePredictions" >> outputs.WriteTable(
+      opts.output, schemas.PREDICTIONS_DIR,
+      schemas.predictions_schema(config.labels))
+  counts["predictions"] = outputs.count(rows, "CountPredictions")
+  counts["low_confidence"] = outputs.count(
+      rows | "LowConfidence" >> beam.Filter(scoring.is_low_confidence),
+      "CountLowConfidence")
+  # In the errors table (stage "gradcam") but outside the invariant: those
+  # images have their prediction row.
+  counts["gradcam_failures"] = outputs.count(scored["gradcam_errors"],
+                                             "CountGradCamFailures")
+  extra["predicted_classes"] = (
+      rows
+      | "PredictedClass" >> beam.Map(scoring.predicted_class)
+      | "CountPerClass" >> beam.combiners.Count.PerElement()
+      | "ClassDict" >> beam.combiners.ToDict())
+  return scored
+
+
+def build(p: beam.Pipeline, plan: Plan) -> None:
+  """Adds every step of a preprocess, score or run job to `p`.
+
+  Read (archives or TFRecord shards), score when there is a model, then the
+  errors table and, last, the manifest with its counts.
+  """
+  counts, written, extra = {}, {}, {}
+  config = plan.scoring
+  image_size = config.image_size if config else plan.options.image_size
+  if plan.command == opts_lib.SCORE:
+    read = _read_shards(p, plan, counts)
+    images = read["images"]
+  else:
+    read = _read_archives(p, plan, image_size, counts, written)
+    images = read["examples"]
+    if config is not None:
+      images = images | "ParseExamples" >> beam.Map(
+          scoring.parse_for_scoring)
+  if config is None:
+    errors = error_table = read["errors"]
+  else:
+    scored = _score(images, plan, counts, written, extra)
+    errors = (read["errors"], scored["errors"]) | "AllErrors" >> (
+        beam.Flatten())
+    error_table = (errors, scored["gradcam_errors"]) | "ErrorTable" >> (
+        beam.Flatten())
+  written["errors"] = error_table | "WriteErrors" >> outputs.WriteTable(
+      plan.options.output, schemas.ERRORS_DIR, schemas.errors_schema())
+  counts["errors"] = outputs.count(errors, "CountErrors")
   p | "Manifest" >> outputs.WriteManifest(
-      opts.output,
-      manifest_base(command, opts, run_id, opts.image_size, paths),
-      started, counts,
-      {"tfrecords": read["tfrecord_files"], "errors": errors_written})
+      plan.options.output, manifest_base(plan, image_size), plan.started,
+      counts, written, extra=extra)
 
 
 class Job(NamedTuple):
@@ -114,15 +188,10 @@ def create(argv: Optional[List[str]] = None,
 
   config = None
   if command != opts_lib.PREPROCESS:
-    from beam_pipeline import scoring_pipeline  # pylint: disable=import-outside-toplevel
     # The artifact is checked before the output is touched or a file read.
     config = scoring_pipeline.load_config(opts, run_id, command)
   outputs.prepare_output_dir(opts.output, opts.overwrite, opts.input, paths)
-  if config is None:
-    read = build_preprocess(p, opts, run_id, paths)
-    _finish_preprocess(p, opts, read, run_id, started, command, paths)
-  else:
-    scoring_pipeline.build(command, p, opts, config, started, paths)
+  build(p, Plan(command, opts, paths, run_id, started, config))
   return Job(p, command, opts, run_id)
 
 

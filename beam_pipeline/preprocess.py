@@ -11,13 +11,13 @@ from apache_beam.metrics import Metrics
 
 import schemas
 from beam_pipeline import inputs
+from beam_pipeline.errors import ERRORS, error_row
 from busi_core import archives, imaging
+from busi_core.errors import MemberError
 
 MASKS = "masks"
-ERRORS = "errors"
 
 _NAMESPACE = "busi"
-_ERROR_COLUMNS = tuple(schemas.error_columns())
 
 
 class TarInput(NamedTuple):
@@ -37,13 +37,6 @@ class PreprocessLimits(NamedTuple):
   max_pixels: int = imaging.DEFAULT_MAX_PIXELS
   archive: archives.Limits = archives.Limits()
   zip_chunk_size: int = archives.DEFAULT_ZIP_CHUNK
-
-
-def error_row(source: str, stage: schemas.Stage, error_type: str,
-              message: str, run_id: str) -> Dict[str, str]:
-  """One row of the errors table (column names from schemas)."""
-  return dict(zip(_ERROR_COLUMNS, (source, schemas.Stage(stage).value,
-                                    error_type, message, run_id), strict=True))
 
 
 class PlanWork(beam.DoFn):
@@ -69,14 +62,14 @@ class PlanWork(beam.DoFn):
     if kind == archives.ZIP:
       try:
         count = archives.count_zip_members(uri, self._max_members)
-      except archives.ArchiveError as e:
+      except MemberError as e:
         yield archives.Member(inputs.display(uri), uri, "error",
                               error=archives.read_failure(uri, e))
         return
       except Exception as e:  # pylint: disable=broad-except
         yield archives.Member(
             inputs.display(uri), uri, "error",
-            error=archives.read_failure(uri, archives.ArchiveError(
+            error=archives.read_failure(uri, MemberError(
                 "ReadFailed", f"{type(e).__name__}: {e}")))
         return
       yield from archives.split_zip(uri, count, self._chunk)
@@ -176,7 +169,7 @@ class DecodeMember(beam.DoFn):
           pixels=decoded.pixels,
           original_height=decoded.original_height,
           original_width=decoded.original_width))
-    except imaging.DecodeError as e:
+    except MemberError as e:
       self._errors.inc()
       yield beam.pvalue.TaggedOutput(ERRORS, error_row(
           member.source, schemas.Stage.DECODE, e.kind, str(e), self._run_id))

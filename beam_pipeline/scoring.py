@@ -8,7 +8,7 @@ import numpy as np
 
 import schemas
 from busi_core import imaging
-from beam_pipeline.preprocess import error_row
+from beam_pipeline.errors import error_row
 
 
 class RowKey(NamedTuple):
@@ -129,3 +129,11 @@ def gradcam_uri(output: str, image_id: str, source: str) -> str:
   tag = hashlib.sha256(source.encode("utf-8")).hexdigest()[:12]
   return FileSystems.join(base, schemas.GRADCAM_DIR,
                           f"{image_id[:32]}-{tag}.png")
+
+
+def is_low_confidence(row: Dict) -> bool:
+  return row["low_confidence"]
+
+
+def predicted_class(row: Dict) -> str:
+  return row["predicted_class"]

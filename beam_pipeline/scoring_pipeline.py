@@ -1,8 +1,9 @@
-"""The scoring stage (`score`) and the whole job (`run`), wired as PTransforms."""
+"""The scoring stage as PTransforms: TFRecord shards → ImageRecords
+(ReadTFRecords), ImageRecords → prediction rows through RunInference
+(ScoreImages, with Grad-CAM overlays); `pipeline.build` composes them."""
 
 import datetime
 import logging
-import operator
 from typing import Dict
 
 import apache_beam as beam
@@ -12,13 +13,13 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.utils import shared
 
 import schemas
-from beam_pipeline import inputs, outputs
+from beam_pipeline import inputs
 from busi_core import archives
 from beam_pipeline import options as opts_lib
 from beam_pipeline import scoring
 from beam_pipeline import tfrecord_io
 from beam_pipeline.model_handler import keyed_handler
-from beam_pipeline.preprocess import ERRORS, error_row
+from beam_pipeline.errors import ERRORS, error_row
 
 GRADCAM = "gradcam"
 UNREAD = "unread"
@@ -155,10 +156,6 @@ class ExplainBatch(beam.DoFn):
       yield row
 
 
-def _is_low_confidence(row) -> bool:
-  return row["low_confidence"]
-
-
 class ReadTFRecords(beam.PTransform):
   """TFRecord paths (matched at launch) → ImageRecords; unreadable files and
   malformed records to error rows.
@@ -272,72 +269,3 @@ def load_config(opts, run_id: str, command: str) -> scoring.ScoringConfig:
       labels=tuple(info.labels), threshold=threshold,
       model_version=str(info.metadata["model_version"]), run_id=run_id,
       image_size=size, model_sha256=info.model_sha256)
-
-
-def build(command: str, p: beam.Pipeline, opts,
-          config: scoring.ScoringConfig, started: float, paths) -> Dict:
-  """Adds `score` (TFRecords in) or `run` (archives in) to the pipeline.
-
-  `paths` are the inputs matched at launch (`inputs.match_inputs`).
-  """
-  run_id = config.run_id
-  written = {}
-  counts = {}
-  error_parts = []
-  if command == opts_lib.RUN:
-    from beam_pipeline.pipeline import build_preprocess  # pylint: disable=import-outside-toplevel
-    read = build_preprocess(p, opts, run_id, paths,
-                            image_size=config.image_size)
-    written["tfrecords"] = read["tfrecord_files"]
-    counts.update(read["counts"])
-    images = read["examples"] | "ParseExamples" >> beam.Map(
-        scoring.parse_for_scoring)
-  else:
-    read = p | "ReadTFRecords" >> ReadTFRecords(paths, run_id)
-    counts["members_seen"] = read["members_seen"]
-    counts[schemas.COUNT_SHARDS_UNREAD] = read["shards_unread"]
-    counts[schemas.COUNT_INPUTS_VANISHED] = inputs.count_vanished(
-        read["errors"])
-    counts["masks_skipped"] = outputs.count(
-        p | "NoMasks" >> beam.Create([]), "CountMasks")
-    images = read["images"]
-  error_parts.append(read["errors"])
-
-  scored = images | "ScoreImages" >> ScoreImages(
-      opts.model, config, opts.batch_size, opts.inference_accelerator,
-      opts.inference_precision, opts.gradcam, opts.output)
-  error_parts.append(scored["errors"])
-  rows = scored["rows"]
-  errors = tuple(error_parts) | "AllErrors" >> beam.Flatten()
-  all_errors = (errors, scored["gradcam_errors"]) | "ErrorTable" >> (
-      beam.Flatten())
-
-  written["predictions"] = rows | "WritePredictions" >> outputs.WriteTable(
-      opts.output, schemas.PREDICTIONS_DIR,
-      schemas.predictions_schema(config.labels))
-  written["errors"] = all_errors | "WriteErrors" >> outputs.WriteTable(
-      opts.output, schemas.ERRORS_DIR, schemas.errors_schema())
-  counts["predictions"] = outputs.count(rows, "CountPredictions")
-  counts["low_confidence"] = outputs.count(
-      rows | "LowConfidence" >> beam.Filter(_is_low_confidence),
-      "CountLowConfidence")
-  counts["errors"] = outputs.count(errors, "CountErrors")
-  # In the errors table (stage "gradcam") but outside the invariant: those
-  # images have their prediction row.
-  counts["gradcam_failures"] = outputs.count(scored["gradcam_errors"],
-                                             "CountGradCamFailures")
-  per_class = (rows
-               | "PredictedClass" >> beam.Map(
-                   operator.itemgetter("predicted_class"))
-               | "CountPerClass" >> beam.combiners.Count.PerElement()
-               | "ClassDict" >> beam.combiners.ToDict())
-
-  from beam_pipeline.pipeline import manifest_base  # pylint: disable=import-outside-toplevel
-  base = manifest_base(command, opts, run_id, config.image_size, paths)
-  base.update({"model": opts.model, "model_version": config.model_version,
-               "threshold": config.threshold, "labels": list(config.labels),
-               "batch_size": opts.batch_size})
-  p | "Manifest" >> outputs.WriteManifest(
-      opts.output, base, started, counts, written,
-      extra={"predicted_classes": per_class})
-  return {"rows": rows, "errors": errors}

@@ -23,6 +23,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from busi_core import imaging
+from busi_core.errors import MemberError
 
 ZIP = "zip"
 TAR = "tar"
@@ -41,23 +42,12 @@ _RATIO_FLOOR_BYTES = 1024 * 1024
 _READ_BLOCK = 1 << 20
 
 
-class ArchiveError(Exception):
-  """An archive or member that cannot be read; `kind` is its error_type."""
-
-  def __init__(self, kind: str, message: str):
-    super().__init__(message)
-    self.kind = kind
-
-  def __reduce__(self):  # picklable, so Members can cross a shuffle
-    return (type(self), (self.kind, str(self)))
-
-
 # error_type of an input matched when the run started and gone when read.
 VANISHED = "InputVanished"
 
 
-def vanished() -> ArchiveError:
-  return ArchiveError(
+def vanished() -> MemberError:
+  return MemberError(
       VANISHED, "matched when the run started, gone when it was read")
 
 
@@ -69,7 +59,7 @@ def is_gone(uri: str) -> bool:
     return False
 
 
-def read_failure(uri: str, error: ArchiveError) -> ArchiveError:
+def read_failure(uri: str, error: MemberError) -> MemberError:
   """`error`, or InputVanished if the input no longer exists."""
   return vanished() if is_gone(uri) else error
 
@@ -99,7 +89,7 @@ class Member(NamedTuple):
   path: str  # path inside the archive, or the file's URI
   kind: str  # "file", "dir", "mask" or "error"
   data: Optional[bytes] = None
-  error: Optional[ArchiveError] = None
+  error: Optional[MemberError] = None
 
 
 # Longest member name kept in `source`; longer names are cut and marked.
@@ -199,12 +189,12 @@ class _SizeBudget:
   def add(self, count: int) -> None:
     self.total += count
     if self.total > self.limit:
-      raise ArchiveError(
+      raise MemberError(
           "MemberTooLarge",
           f"{self._what} inflates to more than {self.limit} bytes"
           " (--max_member_bytes)")
     if self._ratio_cap is not None and self.total > self._ratio_cap:
-      raise ArchiveError(
+      raise MemberError(
           "CompressionRatioExceeded",
           f"{self._what} inflates past {self._max_ratio:g}x its compressed"
           f" size of {self._compressed_size} bytes (--max_compression_ratio):"
@@ -224,7 +214,7 @@ def read_limited(stream, limit: int, what: str,
     max_ratio: most inflated bytes per compressed byte (checked past 1 MiB).
 
   Raises:
-    ArchiveError: MemberTooLarge or CompressionRatioExceeded.
+    MemberError: MemberTooLarge or CompressionRatioExceeded.
   """
   budget = _SizeBudget(limit, what, compressed_size, max_ratio)
   chunks = []
@@ -271,33 +261,33 @@ def read_zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo,
   cache per DoFn instance, and Beam runs each instance on one thread).
 
   Raises:
-    ArchiveError: MemberTooLarge, CompressionRatioExceeded, or BadMember (an
+    MemberError: MemberTooLarge, CompressionRatioExceeded, or BadMember (an
       overlapping member, a missing or mismatched local header, data cut
       short or running into the next member, a wrong size or CRC).
     Exception: zipfile's own errors for methods it cannot read (deflate64).
   """
   end = extents.get(info.header_offset, -1)
   if end < 0:
-    raise ArchiveError(
+    raise MemberError(
         "BadMember", "member overlaps another member's bytes (a zip bomb"
         " construction): refused")
   fp = zf.fp
   fp.seek(info.header_offset)
   header = fp.read(_LOCAL_HEADER.size)
   if len(header) != _LOCAL_HEADER.size:
-    raise ArchiveError("BadMember", "local file header cut short")
+    raise MemberError("BadMember", "local file header cut short")
   magic, name_len, extra_len = _LOCAL_HEADER.unpack(header)
   if magic != b"PK\x03\x04":
-    raise ArchiveError("BadMember", "bad magic number for the local header")
+    raise MemberError("BadMember", "bad magic number for the local header")
   name = fp.read(name_len).decode(
       "utf-8" if info.flag_bits & 0x800 else "cp437", "replace")
   if name != info.orig_filename:
-    raise ArchiveError(
+    raise MemberError(
         "BadMember", "the local header names another file than the central"
         " directory")
   data_offset = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
   if data_offset + info.compress_size > end:
-    raise ArchiveError(
+    raise MemberError(
         "BadMember", f"member data ({info.compress_size} bytes) runs past"
         " the next member or the central directory")
   if (info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or
@@ -312,20 +302,20 @@ def read_zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo,
     budget.add(info.compress_size)
     data = fp.read(info.compress_size)
     if len(data) != info.compress_size:
-      raise ArchiveError("BadMember", "member data cut short")
+      raise MemberError("BadMember", "member data cut short")
   elif info.compress_size == 0:
     data = b""  # zipfile reads this as empty; size and CRC decide below
   else:
     try:
       data = _inflate(fp, info.compress_size, budget)
     except _zlib.error as e:
-      raise ArchiveError("BadMember", f"corrupt deflate data: {e}") from e
+      raise MemberError("BadMember", f"corrupt deflate data: {e}") from e
   if len(data) != info.file_size:
-    raise ArchiveError(
+    raise MemberError(
         "BadMember", f"member holds {len(data)} bytes, the central directory"
         f" says {info.file_size}")
   if _zlib.crc32(data) & 0xFFFFFFFF != info.CRC:
-    raise ArchiveError("BadMember", "Bad CRC-32: the member is corrupt")
+    raise MemberError("BadMember", "Bad CRC-32: the member is corrupt")
   return data
 
 
@@ -337,7 +327,7 @@ def _inflate(fp, compressed_size: int, budget: _SizeBudget) -> bytes:
   while remaining > 0 and not inflater.eof:
     pending = fp.read(min(_READ_BLOCK, remaining))
     if not pending:
-      raise ArchiveError("BadMember", "member data cut short")
+      raise MemberError("BadMember", "member data cut short")
     remaining -= len(pending)
     # Output is taken a block at a time, so a bomb never inflates more than
     # one block past the budget.
@@ -349,7 +339,7 @@ def _inflate(fp, compressed_size: int, budget: _SizeBudget) -> bytes:
   while not inflater.eof:  # output still held back by the block size
     block = inflater.decompress(b"", _READ_BLOCK)
     if not block:
-      raise ArchiveError("BadMember", "deflate stream cut short")
+      raise MemberError("BadMember", "deflate stream cut short")
     budget.add(len(block))
     chunks.append(block)
   return b"".join(chunks)
@@ -367,27 +357,27 @@ def count_zip_members(uri: str, max_members: int = DEFAULT_MAX_MEMBERS) -> int:
   """Number of entries in a zip's central directory.
 
   Raises:
-    ArchiveError: the file is not a readable zip (a zip cut short has no
+    MemberError: the file is not a readable zip (a zip cut short has no
       central directory), is empty, or has more than max_members entries.
   """
   try:
     with open_raw(uri) as f, zipfile.ZipFile(f) as zf:
       count = len(zf.infolist())
   except UnicodeDecodeError as e:
-    raise ArchiveError(
+    raise MemberError(
         "BadMemberName",
         f"a member name is flagged UTF-8 but is not ({e}); Python's zipfile"
         " cannot list this archive: re-create it with valid names") from e
   except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError,
           OSError) as e:
-    raise ArchiveError(
+    raise MemberError(
         "BadArchive",
         f"not a readable zip ({type(e).__name__}: {e}); a zip cut short has"
         " no central directory — re-upload or re-create it") from e
   if count == 0:
-    raise ArchiveError("EmptyArchive", "the zip has no members")
+    raise MemberError("EmptyArchive", "the zip has no members")
   if count > max_members:
-    raise ArchiveError(
+    raise MemberError(
         "TooManyMembers",
         f"the zip has {count} members, over {max_members}"
         " (--max_members_per_archive)")
@@ -460,7 +450,7 @@ def read_zip_range(zip_range: ZipRange, limits: Limits,
   try:
     zf = cache.get(uri)
   except Exception as e:  # pylint: disable=broad-except
-    error = ArchiveError("BadArchive", f"cannot reopen zip: {e}")
+    error = MemberError("BadArchive", f"cannot reopen zip: {e}")
     for index in range(start, stop):
       yield Member(f"{display_uri(uri)}!/#{index}", f"#{index}", "error",
                    error=error)
@@ -478,17 +468,17 @@ def read_zip_range(zip_range: ZipRange, limits: Limits,
         yield Member(source, info.filename, kind)
         continue
       if info.flag_bits & 0x1:
-        yield Member(source, info.filename, "error", error=ArchiveError(
+        yield Member(source, info.filename, "error", error=MemberError(
             "EncryptedMember", "member is encrypted; decrypt the archive first"))
         continue
       try:
         data = read_zip_member(zf, info, limits, cache.extents)
         yield Member(source, info.filename, kind or "file", data=data)
-      except ArchiveError as e:
+      except MemberError as e:
         yield Member(source, info.filename, "error", error=e)
       except Exception as e:  # pylint: disable=broad-except
         # zlib.error, BadZipFile (CRC), NotImplementedError (compression), ...
-        yield Member(source, info.filename, "error", error=ArchiveError(
+        yield Member(source, info.filename, "error", error=MemberError(
             "BadMember", f"{type(e).__name__}: {e}"))
   finally:
     if own:
@@ -516,7 +506,7 @@ def read_tar(uri: str, limits: Limits, *,
         index += 1
         if index > limits.max_members:
           yield Member(display_uri(uri), posixpath.basename(uri), "error",
-                       error=ArchiveError(
+                       error=MemberError(
                            "TooManyMembers",
                            f"stopped after {limits.max_members} members"
                            " (--max_members_per_archive)"))
@@ -530,12 +520,12 @@ def read_tar(uri: str, limits: Limits, *,
           yield Member(source, info.name, kind)
           continue
         if not info.isfile():
-          yield Member(source, info.name, "error", error=ArchiveError(
+          yield Member(source, info.name, "error", error=MemberError(
               "NotARegularFile",
               f"tar entry of type {info.type!r} (link or device) is not read"))
           continue
         if info.size > max_member_bytes:
-          yield Member(source, info.name, "error", error=ArchiveError(
+          yield Member(source, info.name, "error", error=MemberError(
               "MemberTooLarge",
               f"member is {info.size} bytes, over {max_member_bytes}"
               " (--max_member_bytes)"))
@@ -543,18 +533,18 @@ def read_tar(uri: str, limits: Limits, *,
         stream = tf.extractfile(info)
         try:
           data = read_limited(stream, max_member_bytes, "member")
-        except ArchiveError as e:
+        except MemberError as e:
           yield Member(source, info.name, "error", error=e)
           continue
         yield Member(source, info.name, kind or "file", data=data)
     if index == 0:
       yield Member(display_uri(uri), posixpath.basename(uri), "error",
-                   error=ArchiveError("EmptyArchive", "the tar has no members"))
+                   error=MemberError("EmptyArchive", "the tar has no members"))
   except Exception as e:  # pylint: disable=broad-except
     # tarfile.ReadError, EOFError, zlib/gzip errors on truncated archives.
     what = ("not a readable tar" if index == 0 else
             f"archive breaks after {index} members")
-    error = ArchiveError("BadArchive", f"{what}: {type(e).__name__}: {e}")
+    error = MemberError("BadArchive", f"{what}: {type(e).__name__}: {e}")
     if index == 0:
       error = read_failure(uri, error)
     yield Member(display_uri(uri), posixpath.basename(uri), "error",
@@ -572,8 +562,8 @@ def read_file(uri: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
     with open_raw(uri) as f:
       return Member(source, uri, "file",
                     data=read_limited(f, max_member_bytes, "file"))
-  except ArchiveError as e:
+  except MemberError as e:
     return Member(source, uri, "error", error=e)
   except Exception as e:  # pylint: disable=broad-except
-    return Member(source, uri, "error", error=read_failure(uri, ArchiveError(
+    return Member(source, uri, "error", error=read_failure(uri, MemberError(
         "ReadFailed", f"{type(e).__name__}: {e}")))

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 import schemas
+from busi_core.errors import MemberError
 
 # OpenCV must not spawn its own thread pool inside Beam's worker threads.
 cv2.setNumThreads(1)
@@ -37,17 +38,6 @@ _SIGNATURES = (
     (b"II*\x00", "tiff"),
     (b"MM\x00*", "tiff"),
 )
-
-
-class DecodeError(ValueError):
-  """An archive member that cannot become an image; `kind` is its error_type."""
-
-  def __init__(self, kind: str, message: str):
-    super().__init__(message)
-    self.kind = kind
-
-  def __reduce__(self):
-    return (type(self), (self.kind, str(self)))
 
 
 class DecodedImage(NamedTuple):
@@ -131,19 +121,19 @@ def check_header(data: bytes, max_pixels: int) -> Tuple[str, int, int]:
     (format, height, width) as declared by the header.
 
   Raises:
-    DecodeError: empty, not an image, unreadable header, or too many pixels.
+    MemberError: empty, not an image, unreadable header, or too many pixels.
   """
   if not data:
-    raise DecodeError("EmptyFile", "zero-byte file")
+    raise MemberError("EmptyFile", "zero-byte file")
   fmt = sniff_format(data)
   nested = sniff_archive(data) if fmt is None else None
   if nested:
-    raise DecodeError(
+    raise MemberError(
         "NestedArchive",
         f"a {nested} archive inside an archive; only one level is read:"
         " extract it and pass it as its own --input")
   if fmt is None:
-    raise DecodeError(
+    raise MemberError(
         "NotAnImage",
         f"bytes are not PNG, JPEG, BMP, TIFF or WebP (starts with {data[:8]!r})")
   try:
@@ -154,12 +144,12 @@ def check_header(data: bytes, max_pixels: int) -> Tuple[str, int, int]:
       with Image.open(io.BytesIO(data)) as header:
         width, height = header.size
   except Exception as e:  # Pillow raises many types for broken headers.
-    raise DecodeError("CorruptImage",
+    raise MemberError("CorruptImage",
                       f"unreadable {fmt} header: {type(e).__name__}: {e}") from e
   if width <= 0 or height <= 0:
-    raise DecodeError("CorruptImage", f"{fmt} header declares {width}x{height}")
+    raise MemberError("CorruptImage", f"{fmt} header declares {width}x{height}")
   if width * height > max_pixels:
-    raise DecodeError(
+    raise MemberError(
         "TooManyPixels",
         f"{fmt} header declares {width}x{height} = {width * height} pixels,"
         f" over the limit of {max_pixels} (--max_pixels)")
@@ -175,7 +165,7 @@ def _to_8bit(img: np.ndarray) -> np.ndarray:
   if img.dtype == np.uint16:
     img = cv2.convertScaleAbs(img, alpha=255.0 / 65535.0)
   elif img.dtype != np.uint8:
-    raise DecodeError("UnsupportedPixelType", f"pixel type {img.dtype}")
+    raise MemberError("UnsupportedPixelType", f"pixel type {img.dtype}")
   if img.ndim == 2:
     return img
   channels = img.shape[2]
@@ -185,7 +175,7 @@ def _to_8bit(img: np.ndarray) -> np.ndarray:
     return img
   if channels == 4:
     return cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
-  raise DecodeError("UnsupportedChannels", f"{channels} channels")
+  raise MemberError("UnsupportedChannels", f"{channels} channels")
 
 
 def _is_grey(bgr: np.ndarray) -> bool:
@@ -215,12 +205,12 @@ def decode_and_resize(data: bytes, image_size: int,
     The resized pixels and the original height and width.
 
   Raises:
-    DecodeError: the bytes are not a decodable image within the limits.
+    MemberError: the bytes are not a decodable image within the limits.
   """
   fmt, _, _ = check_header(data, max_pixels)
   img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
   if img is None or img.size == 0:
-    raise DecodeError("CorruptImage", f"OpenCV could not decode the {fmt} data")
+    raise MemberError("CorruptImage", f"OpenCV could not decode the {fmt} data")
   height, width = img.shape[:2]
   img = _to_8bit(img)
   # INTER_AREA: the right filter for the usual downscale of ~500 px frames.

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from busi_core import archives
+from busi_core.errors import MemberError
 
 LIMITS = archives.Limits()
 
@@ -22,7 +23,7 @@ def _members(data: bytes, limits: archives.Limits = LIMITS):
       try:
         out.append((info.filename,
                     archives.read_zip_member(zf, info, limits, extents)))
-      except archives.ArchiveError as e:
+      except MemberError as e:
         out.append((info.filename, e.kind))
   return out
 

@@ -22,6 +22,7 @@ from tests import archive_factory as af
 from tests import torture
 from tests.pipeline_helpers import read_errors, read_records, sql
 from training import testing as training_testing
+from busi_core.errors import MemberError
 
 SIZE = 16
 
@@ -176,7 +177,7 @@ mutations = st.builds(
 def test_decoder_only_raises_decode_errors(data):
   try:
     decoded = imaging.decode_and_resize(data, 8)
-  except imaging.DecodeError:
+  except MemberError:
     return
   assert decoded.pixels.shape == (8, 8, 3)
   assert decoded.pixels.dtype == np.uint8
@@ -220,7 +221,7 @@ def test_archive_readers_never_raise(tmp_path, data):
   zip_path.write_bytes(data)
   try:
     count = archives.count_zip_members(str(zip_path))
-  except archives.ArchiveError:
+  except MemberError:
     count = 0
   if count:
     members = list(archives.read_zip_range(

@@ -16,6 +16,7 @@ from training import cli, evaluate, lesion_masks, lesions
 from busi_core import artifact
 from training import saving
 from training import model as model_lib
+from busi_core.errors import MemberError
 
 ROOT = "Dataset_BUSI_with_GT"
 
@@ -122,7 +123,7 @@ def test_lesion_mask_unites_resizes_and_thresholds():
   wide[:, 20:] = 255
   np.testing.assert_array_equal(lesions.lesion_mask([_png(wide)], 4)[0],
                                 [False, False, True, True])
-  with pytest.raises(imaging.DecodeError):
+  with pytest.raises(MemberError):
     lesions.lesion_mask([b"not a png"], 4)
   with pytest.raises(ValueError):
     lesions.lesion_mask([], 4)

@@ -12,6 +12,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from busi_core import imaging
 from busi_core import artifact, gradcam
+from busi_core.errors import MemberError
 
 
 class Explanation(NamedTuple):
@@ -39,7 +40,7 @@ def explain_file(model_dir: str, image: str, output: str,
   Raises:
     artifact.ArtifactError: the artifact is invalid.
     ValueError: unknown class, missing file, or bytes that do not decode
-      (imaging.DecodeError).
+      (MemberError).
   """
   loaded = artifact.load_artifact(model_dir)
   labels = loaded.labels

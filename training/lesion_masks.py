@@ -13,6 +13,7 @@ from typing import Iterator, List, Sequence, Set, Tuple
 
 from busi_core import archives, imaging
 from training import data as data_lib, lesions
+from busi_core.errors import MemberError
 
 _LOG = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def _members(uri: str, limits: archives.Limits) -> Iterator[archives.Member]:
     return
   try:
     count = archives.count_zip_members(uri, limits.max_members)
-  except archives.ArchiveError as e:
+  except MemberError as e:
     raise ValueError(f"--masks {uri}: {e}") from e
   cache = archives.OpenZipCache()
   try:

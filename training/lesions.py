@@ -30,6 +30,7 @@ from schemas import evaluation as evaluation_schema
 from schemas.evaluation import LesionLocalisation, LocalisationScore
 from busi_core import imaging
 from busi_core import gradcam
+from busi_core.errors import MemberError
 
 _LOG = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def lesion_mask(masks: Iterable[bytes], image_size: int) -> np.ndarray:
     bool [image_size, image_size], True on the lesion.
 
   Raises:
-    imaging.DecodeError: a mask is not a decodable image.
+    MemberError: a mask is not a decodable image.
     ValueError: no masks.
   """
   resized = []
@@ -205,7 +206,7 @@ def _find_lesions(sources: Sequence[str], labels: np.ndarray,
       continue
     try:
       lesion = lesion_mask(masks.masks[key].values(), image_size)
-    except imaging.DecodeError as e:
+    except MemberError as e:
       _LOG.warning("masks of %s unreadable (%s: %s); not scored", key,
                    e.kind, e)
       found.bad[label] += 1

@@ -1,0 +1,21 @@
+"""Error rows: every member that did not make it, with its source and reason.
+
+Each stage sends its failures to the ERRORS output as rows of the errors
+table (`schemas.error_columns()`); the composer writes and counts them.
+"""
+
+from typing import Dict
+
+import schemas
+
+# Tag of the dead-letter output of every step that can fail.
+ERRORS = "errors"
+
+_ERROR_COLUMNS = tuple(schemas.error_columns())
+
+
+def error_row(source: str, stage: schemas.Stage, error_type: str,
+              message: str, run_id: str) -> Dict[str, str]:
+  """One row of the errors table (column names from schemas)."""
+  return dict(zip(_ERROR_COLUMNS, (source, schemas.Stage(stage).value,
+                                    error_type, message, run_id), strict=True))
