@@ -6,6 +6,7 @@ what to do, and an exit status of their own; `--verbose` adds Beam's
 messages and the tracebacks.
 """
 
+import argparse
 import io
 import json
 import logging
@@ -29,6 +30,7 @@ EXIT_INCOMPLETE = 5  # finished, but inputs promised more than could be read
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT)
 
 VERBOSE_FLAG = "--verbose"
+_PIPELINE_COMMANDS = ("preprocess", "score", "run")
 INTERRUPTED = ("interrupted: the run was stopped before it finished; rerun the"
                " same command; the unfinished output is removed on rerun")
 # Loggers whose INFO messages a person reads; other libraries' show from
@@ -69,30 +71,57 @@ def format_summary(manifest: dict) -> str:
   return "\n".join(lines)
 
 
-USAGE = """python -m beam_pipeline COMMAND [flags] [Beam pipeline flags]
+USAGE = "python -m beam_pipeline [--version] COMMAND [flags] [Beam flags]"
+_COMMANDS = {
+    "preprocess": "archives / images → DIR/tfrecords, DIR/errors, "
+                  "DIR/manifest.json",
+    "score": "TFRecords → DIR/predictions, DIR/errors (needs --model)",
+    "run": "archives → TFRecords and predictions in one job (needs --model)",
+    "summary": "DuckDB SQL summary of a run: summary --output DIR",
+    "report": "HTML run report: report --predictions DIR --output REPORT_DIR",
+}
+_EPILOG = ("--verbose shows Beam's own messages and full tracebacks of"
+           " failures. Beam's own flags (--runner, --direct_num_workers,"
+           " --project, ...) pass through. Exit statuses: see README.md.")
 
-commands:
-  preprocess  archives / images → DIR/tfrecords, DIR/errors, DIR/manifest.json
-  score       TFRecords → DIR/predictions (needs --model)
-  run         archives → TFRecords and predictions in one job (needs --model)
-  summary     DuckDB SQL summary of a run: summary --output DIR
-  report      HTML run report: report --predictions DIR --output REPORT_DIR
 
---verbose shows Beam's own messages and full tracebacks of failures.
+class _HelpFormatter(argparse.HelpFormatter):
+  """Shows a flag's default where it has one worth showing (no
+  `(default: None)` noise)."""
 
-Beam's own flags (--runner, --direct_num_workers, --project, ...) pass
-through. See README.md."""
+  def _get_help_string(self, action: argparse.Action) -> str:
+    text = action.help or ""
+    if (action.default not in (None, False, argparse.SUPPRESS) and
+        "%(default)" not in text and action.option_strings):
+      text += " (default: %(default)s)"
+    return text
 
 
-def print_help() -> None:
-  """The commands and every project flag with its default."""
-  import argparse  # pylint: disable=import-outside-toplevel
-  from beam_pipeline.options import BusiOptions  # pylint: disable=import-outside-toplevel
-  parser = argparse.ArgumentParser(
-      usage=USAGE, add_help=False,
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  BusiOptions._add_argparse_args(parser)  # pylint: disable=protected-access
+def print_help(command: Optional[str] = None) -> None:
+  """The commands, or one pipeline command's own flags with defaults."""
+  from beam_pipeline import options as opts_lib  # pylint: disable=import-outside-toplevel
+  if command in opts_lib.COMMANDS:
+    parser = opts_lib.command_parser(
+        command, prog=f"python -m beam_pipeline {command}",
+        description=_COMMANDS[command], epilog=_EPILOG,
+        formatter_class=_HelpFormatter)
+    parser.print_help()
+    return
+  parser = argparse.ArgumentParser(prog="python -m beam_pipeline",
+                                   usage=USAGE, epilog=_EPILOG)
+  parser.add_argument("--version", action="store_true",
+                      help="print the package version and exit")
+  commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+  for name, text in _COMMANDS.items():
+    commands.add_parser(name, help=text)
   parser.print_help()
+
+
+def version() -> str:
+  import schemas  # pylint: disable=import-outside-toplevel
+  return (f"busi-scoring {schemas.PACKAGE_VERSION} (TFRecord format"
+          f" {schemas.FORMAT_VERSION}, artifact format"
+          f" {schemas.ARTIFACT_FORMAT_VERSION})")
 
 
 class _ConsoleFilter(logging.Filter):
@@ -185,17 +214,22 @@ def _run_pipeline(argv: List[str]) -> int:
 def main(argv: List[str]) -> int:
   """Runs a command; returns the exit status (see the README)."""
   argv = [a for a in argv if a != VERBOSE_FLAG]
-  if not argv or argv[0] in ("-h", "--help", "help") or (
-      argv[0] in ("preprocess", "score", "run") and
-      any(a in ("-h", "--help") for a in argv[1:])):
+  if argv and argv[0] == "--version":
+    print(version())
+    return EXIT_OK
+  if not argv or argv[0] in ("-h", "--help", "help"):
     print_help()
-    return 0 if argv else 2
+    return EXIT_OK if argv else EXIT_USAGE
+  if argv[0] in _PIPELINE_COMMANDS and any(
+      a in ("-h", "--help") for a in argv[1:]):
+    print_help(argv[0])
+    return EXIT_OK
   try:
     if argv[0] == "summary":
-      from beam_pipeline import sql_summary  # pylint: disable=import-outside-toplevel
-      return sql_summary.main(argv[1:])
+      from reporting import summary  # pylint: disable=import-outside-toplevel
+      return summary.main(argv[1:])
     if argv[0] == "report":
-      from beam_pipeline import report  # pylint: disable=import-outside-toplevel
+      from reporting import report  # pylint: disable=import-outside-toplevel
       return report.main(argv[1:])
     return _run_pipeline(argv)
   except KeyboardInterrupt:

@@ -21,6 +21,19 @@ SCORE = "score"
 RUN = "run"
 COMMANDS = (PREPROCESS, SCORE, RUN)
 
+# The project flags each command takes (Beam's own flags pass through).
+_READ_FLAGS = ("input", "output", "overwrite")
+_ARCHIVE_FLAGS = ("image_size", "max_pixels", "max_member_bytes",
+                  "max_compression_ratio", "max_members_per_archive",
+                  "zip_chunk_size", "max_records_per_shard")
+_MODEL_FLAGS = ("model", "threshold", "batch_size", "inference_accelerator",
+                "inference_precision", "gradcam")
+COMMAND_FLAGS = {
+    PREPROCESS: _READ_FLAGS + _ARCHIVE_FLAGS,
+    SCORE: _READ_FLAGS + _MODEL_FLAGS,
+    RUN: _READ_FLAGS + _ARCHIVE_FLAGS + _MODEL_FLAGS,
+}
+
 GRADCAM_CHOICES = ("none", "flagged", "malignant", "all")
 PRECISIONS = ("float32", "bfloat16", "float16")
 # Images per TFRecord shard: one corrupt file costs at most this many.
@@ -90,6 +103,39 @@ class BusiOptions(PipelineOptions):
     parser.add_argument(
         "--overwrite", action="store_true", default=False,
         help="Replace the outputs of a completed earlier run in --output.")
+
+
+def command_parser(command: str, **kwargs) -> argparse.ArgumentParser:
+  """A parser holding only the project flags `command` takes (for --help
+  and for refusing the others)."""
+  every = argparse.ArgumentParser(add_help=False)
+  BusiOptions._add_argparse_args(every)  # pylint: disable=protected-access
+  parser = argparse.ArgumentParser(allow_abbrev=False, **kwargs)
+  wanted = {f"--{name}" for name in COMMAND_FLAGS[command]}
+  for action in every._actions:  # pylint: disable=protected-access
+    if set(action.option_strings) & wanted:
+      parser._add_action(action)  # pylint: disable=protected-access
+  return parser
+
+
+def refuse_flags_of_other_commands(command: str,
+                                   flags: Sequence[str]) -> None:
+  """Refuses project flags that `command` does not take (`preprocess
+  --threshold 0.5` would otherwise be read and ignored).
+
+  Raises:
+    ValueError: naming the flag and the commands that take it.
+  """
+  if command not in COMMANDS:
+    return
+  known = set(COMMAND_FLAGS[command])
+  for arg in flags:
+    name = arg.split("=", 1)[0][2:] if arg.startswith("--") else None
+    if name and name not in known and any(
+        name in names for names in COMMAND_FLAGS.values()):
+      takers = [c for c in COMMANDS if name in COMMAND_FLAGS[c]]
+      raise ValueError(f"--{name} does not apply to {command} (only to"
+                       f" {', '.join(takers)})")
 
 
 def refuse_unknown_flags(flags: Sequence[str]) -> None:

@@ -12,7 +12,8 @@ from apache_beam.options.pipeline_options import (PipelineOptions,
 
 import schemas
 from beam_pipeline import options as opts_lib
-from beam_pipeline import gcs, inputs, outputs, scoring, scoring_pipeline
+from beam_pipeline import inputs, outputs, scoring, scoring_pipeline
+from busi_core import gcs
 from beam_pipeline.preprocess import PreprocessLimits, ReadImages
 from busi_core import archives
 
@@ -171,6 +172,7 @@ def create(argv: Optional[List[str]] = None,
   """
   command, flags = opts_lib.split_command(argv)
   opts_lib.refuse_unknown_flags(flags)
+  opts_lib.refuse_flags_of_other_commands(command, flags)
   gcs.configure_for_emulator()
   options = PipelineOptions(flags)
   opts = opts_lib.validate(command, options)

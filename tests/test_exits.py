@@ -322,7 +322,7 @@ def test_output_beside_the_inputs_is_fine(tmp_path, monkeypatch):
 
 
 def test_leftovers_on_cloud_storage_are_removed(gcs_client):
-  from beam_pipeline import gcs
+  from busi_core import gcs
   from tests.conftest import BUCKET
   gcs.configure_for_emulator()
   bucket = gcs_client.bucket(BUCKET)

@@ -182,7 +182,7 @@ def test_bad_flags_fail_with_clear_messages(tmp_path):
 
 def test_cli_help_and_errors(tmp_path, capsys):
   from beam_pipeline import cli
-  assert cli.main(["--help"]) == 0
+  assert cli.main(["preprocess", "--help"]) == 0
   assert "--max_compression_ratio" in capsys.readouterr().out
   assert cli.main([]) == 2
   assert cli.main(["preprocess", "--input", str(tmp_path / "none.zip"),
@@ -212,3 +212,27 @@ def test_misspelt_or_unknown_flags_are_refused_before_anything_runs(
       "--runner", "DataflowRunner", "--project", "p", "--region", "r",
       "--temp_location", "gs://b/t", "--machine_type", "g2-standard-4",
       "--experiments", "x", "--direct_num_workers", "2", "--image_size", "8"])
+
+
+def test_each_command_has_its_own_help_and_flags(tmp_path, capsys):
+  from beam_pipeline import cli
+  assert cli.main(["--version"]) == 0
+  assert schemas.PACKAGE_VERSION in capsys.readouterr().out
+  assert cli.main(["--help"]) == 0
+  top = capsys.readouterr().out
+  assert all(c in top for c in ("preprocess", "score", "run", "summary",
+                                "report"))
+  assert cli.main(["score", "--help"]) == 0
+  score_help = capsys.readouterr().out
+  assert "--threshold" in score_help and "--max_pixels" not in score_help
+  assert "(default: None)" not in score_help
+  assert "(default: 32)" in score_help  # --batch_size
+  assert cli.main(["preprocess", "-h"]) == 0
+  assert "--model" not in capsys.readouterr().out
+  archive = str(tmp_path / "a.zip")
+  af.write_zip(archive, af.busi_entries(1))
+  assert cli.main(["preprocess", "--input", archive, "--output",
+                   str(tmp_path / "o"), "--threshold", "0.5"]) == 2
+  assert "--threshold does not apply to preprocess" in (
+      capsys.readouterr().err)
+  assert not os.path.exists(tmp_path / "o")

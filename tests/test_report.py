@@ -21,8 +21,9 @@ import pytest
 from PIL import Image
 
 import schemas
-from beam_pipeline import gcs, report
-from beam_pipeline.sql_summary import predictions_glob
+from busi_core import gcs
+from reporting import report
+from reporting.sql import predictions_glob
 from tests.conftest import BUCKET
 
 RUN_ID = "20260101T000000Z-abcdef01"
@@ -352,3 +353,29 @@ def test_headless_chromium_draws_the_page(full_report, tmp_path):
   assert len(colours) > 200
   # The page header (dark band) is where the CSS puts it: drawn, styled.
   assert pixels[:40, :, :].mean() < 100
+
+
+def test_summary_and_report_read_the_same_sql(tmp_path, capsys):
+  from beam_pipeline import cli  # pylint: disable=import-outside-toplevel
+  from reporting import summary  # pylint: disable=import-outside-toplevel
+  run_dir = _write_run(tmp_path / "run")
+  data = report.query_report_data(run_dir)
+  text = summary.summary(run_dir)
+  lines = text.splitlines()
+  for title in ("Predictions per class", "Low-confidence share",
+                "Accuracy against known labels", "Accuracy by class",
+                "Errors by stage and type"):
+    assert any(title in line for line in lines), title
+  # The per-class counts and the flagged count agree with the report's.
+  for count in data.per_class:
+    assert any(line.split()[:2] == [count.predicted_class,
+                                    str(count.images)] for line in lines)
+  share = lines[lines.index("-- Low-confidence share") + 3].split()
+  assert share[:2] == [str(data.total), str(data.flagged)]
+  errors = lines[lines.index("-- Errors by stage and type") + 3].split()
+  assert errors[:3] == ["decode", "CorruptImage", "2"]
+  assert cli.main(["summary", "--output", run_dir]) == 0
+  assert "Predictions per class" in capsys.readouterr().out
+  # A run without an errors table is still summarised.
+  assert "Errors by stage" not in summary.summary(
+      _write_run(tmp_path / "clean", with_errors=False))

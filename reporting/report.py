@@ -13,22 +13,20 @@ figure PNG bytes, data → HTML; `main` only parses flags and writes the file.
 import argparse
 import base64
 import dataclasses
-import glob
 import html
 import io
 import json
 import os
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-import duckdb
 from apache_beam.io.filesystems import FileSystems
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 import schemas
-from beam_pipeline import gcs
-from beam_pipeline.sql_summary import errors_glob, predictions_glob
+from busi_core import gcs
+from reporting import sql
 
 REPORT_FILE = "index.html"
 DEFAULT_GALLERY_SIZE = 12
@@ -158,24 +156,13 @@ def query_report_data(run_dir: str,
     The values the page shows.
   """
   manifest = load_manifest(run_dir)
-  con = duckdb.connect()
-  pred_files = glob.glob(predictions_glob(run_dir))
-  errors_present = bool(glob.glob(errors_glob(run_dir)))
-  # read_parquet refuses a glob that matches nothing, and a run with no
-  # errors files (or an interrupted one) must still get a page: register a
-  # view only over files that exist, and skip the queries otherwise. The
-  # relation API rather than an f-string, so a quote in a path cannot break
-  # the SQL.
-  if errors_present:
-    con.read_parquet(errors_glob(run_dir)).create_view("errors")
-  if pred_files:
-    con.read_parquet(predictions_glob(run_dir)).create_view("preds")
-    columns = {row[0] for row in con.execute("DESCRIBE preds").fetchall()}
-  else:
-    columns = set()
+  run = sql.connect(run_dir)
+  con = run.con
+  columns = ({row[0] for row in con.execute("DESCRIBE preds").fetchall()}
+             if run.has_predictions else set())
 
-  def rows(sql: str) -> List[tuple]:
-    return con.execute(sql).fetchall()
+  def rows(query: str) -> List[tuple]:
+    return con.execute(query).fetchall()
 
   total = flagged = gradcam_total = 0
   thresholds: Tuple[float, ...] = ()
@@ -184,47 +171,25 @@ def query_report_data(run_dir: str,
   confusion: Dict[Tuple[str, str], int] = {}
   by_flag = {False: (0, 0), True: (0, 0)}
   gallery: List[GalleryItem] = []
-  if pred_files:
-    total, flagged, threshold_list = rows(
-        "SELECT count(*), count(*) FILTER (WHERE low_confidence),"
-        " list(DISTINCT threshold ORDER BY threshold) FROM preds")[0]
+  if run.has_predictions:
+    total, flagged, threshold_list = rows(sql.FLAGGED)[0]
     thresholds = tuple(threshold_list or ())
-    per_class = [ClassCount(*r) for r in rows(
-        "SELECT predicted_class, count(*) AS images, avg(confidence)"
-        " FROM preds GROUP BY predicted_class"
-        " ORDER BY images DESC, predicted_class")]
-    # Binned in SQL so a run of millions of rows sends 50 numbers, not all.
-    for bin_index, n in rows(
-        f"SELECT least(floor(confidence * {HISTOGRAM_BINS})::INT,"
-        f" {HISTOGRAM_BINS - 1}) AS bin, count(*) FROM preds"
-        f" GROUP BY bin"):
+    per_class = [ClassCount(*r) for r in rows(sql.PER_CLASS)]
+    for bin_index, n in rows(sql.confidence_histogram(HISTOGRAM_BINS)):
       histogram[max(0, bin_index)] += n
-    for label, predicted, n in rows(
-        "SELECT label, predicted_class, count(*) FROM preds"
-        " WHERE label IS NOT NULL GROUP BY ALL"):
+    for label, predicted, n in rows(sql.CONFUSION):
       confusion[(label, predicted)] = n
-    for low, n, correct in rows(
-        "SELECT low_confidence, count(*),"
-        " sum((predicted_class = label)::INT) FROM preds"
-        " WHERE label IS NOT NULL GROUP BY low_confidence"):
+    for low, n, correct in rows(sql.ACCURACY_BY_FLAG):
       by_flag[bool(low)] = (n, int(correct))
     # Runs written before Grad-CAM existed have no such column.
     if "gradcam_uri" in columns:
-      gradcam_total = rows(
-          "SELECT count(gradcam_uri) FROM preds")[0][0]
-      # Flagged and least confident first: the overlays a reviewer needs.
+      gradcam_total = rows(sql.GRADCAM_COUNT)[0][0]
       gallery = [GalleryItem(*r) for r in con.execute(
-          "SELECT source, predicted_class, confidence, low_confidence, label,"
-          " gradcam_uri FROM preds WHERE gradcam_uri IS NOT NULL"
-          " ORDER BY low_confidence DESC, confidence, source LIMIT ?",
-          [gallery_size]).fetchall()]
+          sql.GALLERY, [gallery_size]).fetchall()]
 
   errors = None
-  if errors_present:
-    errors = tuple(ErrorCount(*r) for r in rows(
-        "SELECT stage, error_type, count(*) AS members, any_value(message)"
-        " FROM errors GROUP BY stage, error_type"
-        " ORDER BY members DESC, stage, error_type"))
+  if run.has_errors:
+    errors = tuple(ErrorCount(*r) for r in rows(sql.ERRORS_BY_TYPE))
 
   model_labels = (manifest or {}).get("labels") or schemas.LABELS
   labels = _class_order(
