@@ -12,6 +12,7 @@ import numpy as np
 from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult
 from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerNumpy
 
+from busi_core import artifact
 from busi_core.inference import compiled_call
 from busi_core.precision import with_precision
 
@@ -57,7 +58,6 @@ class ArtifactModelHandler(TFModelHandlerNumpy):
     self._model_sha256 = model_sha256
 
   def load_model(self):
-    from busi_core import artifact  # pylint: disable=import-outside-toplevel
     return with_precision(
         artifact.load_artifact(self._model_dir, self._model_sha256).model,
         self._precision)

@@ -14,7 +14,7 @@ from apache_beam.utils import shared
 
 import schemas
 from beam_pipeline import inputs
-from busi_core import archives
+from busi_core import archives, artifact, gradcam
 from beam_pipeline import options as opts_lib
 from beam_pipeline import scoring
 from beam_pipeline import tfrecord_io
@@ -124,13 +124,11 @@ class ExplainBatch(beam.DoFn):
 
   def setup(self):
     def load():
-      from busi_core import artifact  # pylint: disable=import-outside-toplevel
       return artifact.load_artifact(self._model_dir,
                                     self._model_sha256).model
     self._model = self._shared.acquire(load, tag=f"gradcam:{self._model_dir}")
 
   def process(self, batch):
-    from busi_core import gradcam  # pylint: disable=import-outside-toplevel
     rows = [row for row, _ in batch]
     try:
       images = np.stack([pixels for _, pixels in batch])
@@ -256,7 +254,6 @@ def load_config(opts, run_id: str, command: str) -> scoring.ScoringConfig:
   that a corrupt, unsafe or mismatched artifact fails the launch with its
   message instead of failing every batch on the workers.
   """
-  from busi_core import artifact  # pylint: disable=import-outside-toplevel
   info = artifact.load_artifact(opts.model)
   size = int(info.metadata["image_size"])
   if command == opts_lib.RUN and opts.image_size not in (None, size):
