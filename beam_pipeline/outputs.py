@@ -18,7 +18,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 import schemas
-from beam_pipeline.tfrecord_io import WriteGzipTFRecords
+from busi_core.tfrecord_io import WriteGzipTFRecords
 
 _LOG = logging.getLogger(__name__)
 

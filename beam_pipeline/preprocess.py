@@ -12,6 +12,7 @@ from apache_beam.metrics import Metrics
 import schemas
 from beam_pipeline import inputs
 from busi_core import archives, imaging
+from schemas import records
 
 MASKS = "masks"
 ERRORS = "errors"
@@ -169,7 +170,7 @@ class DecodeMember(beam.DoFn):
       # Serialized here, in the step that decoded it: between steps an
       # Example moves as plain bytes, far cheaper for Beam to pass than a
       # pickled array.
-      example = imaging.to_example(imaging.ImageRecord(
+      example = records.to_example(records.ImageRecord(
           image_id=imaging.image_id(member.data),
           source=member.source,
           label=imaging.label_from_path(member.path),

@@ -16,7 +16,7 @@ from beam_pipeline import inputs, outputs
 from busi_core import archives
 from beam_pipeline import options as opts_lib
 from beam_pipeline import scoring
-from beam_pipeline import tfrecord_io
+from busi_core import tfrecord_io
 from beam_pipeline.model_handler import keyed_handler
 from beam_pipeline.preprocess import ERRORS, error_row
 
