@@ -21,7 +21,7 @@ from apache_beam.io.filesystems import FileSystems
 
 import schemas
 from beam_pipeline import failures
-from beam_pipeline.tfrecord_io import WriteGzipTFRecords
+from busi_core.tfrecord_io import WriteGzipTFRecords
 
 _LOG = logging.getLogger(__name__)
 

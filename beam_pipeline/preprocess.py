@@ -14,6 +14,7 @@ from beam_pipeline import inputs
 from beam_pipeline.errors import ERRORS, error_row
 from busi_core import archives, imaging
 from busi_core.errors import MemberError
+from schemas import records
 
 MASKS = "masks"
 
@@ -162,7 +163,7 @@ class DecodeMember(beam.DoFn):
       # Serialized here, in the step that decoded it: between steps an
       # Example moves as plain bytes, far cheaper for Beam to pass than a
       # pickled array.
-      example = imaging.to_example(imaging.ImageRecord(
+      example = records.to_example(records.ImageRecord(
           image_id=imaging.image_id(member.data),
           source=member.source,
           label=imaging.label_from_path(member.path),

@@ -7,8 +7,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 
 import schemas
-from busi_core import imaging
 from beam_pipeline.errors import error_row
+from schemas import records
 
 
 class RowKey(NamedTuple):
@@ -38,7 +38,7 @@ class ScoringConfig(NamedTuple):
   model_sha256: Optional[str] = None
 
 
-def keyed_input(record: imaging.ImageRecord, image_size: int
+def keyed_input(record: records.ImageRecord, image_size: int
                ) -> Tuple[RowKey, np.ndarray]:
   """ImageRecord → (key, uint8 pixels) for the keyed model handler.
 
@@ -98,14 +98,9 @@ def failed_batch_rows(failure, run_id: str) -> List[Dict]:
   return rows
 
 
-def parse_for_scoring(serialized: bytes) -> imaging.ImageRecord:
+def parse_for_scoring(serialized: bytes) -> records.ImageRecord:
   """A TFRecord payload → ImageRecord (raises ValueError when malformed)."""
-  try:
-    return imaging.from_example(serialized)
-  except ValueError:
-    raise
-  except Exception as e:  # protobuf DecodeError and friends
-    raise ValueError(f"not a tf.train.Example: {type(e).__name__}: {e}") from e
+  return records.from_example(serialized)
 
 
 def wants_gradcam(row: Dict, mode: str) -> bool:

@@ -17,7 +17,7 @@ from beam_pipeline import inputs
 from busi_core import archives, artifact, gradcam
 from beam_pipeline import options as opts_lib
 from beam_pipeline import scoring
-from beam_pipeline import tfrecord_io
+from busi_core import tfrecord_io
 from beam_pipeline.model_handler import keyed_handler
 from beam_pipeline.errors import ERRORS, error_row
 

@@ -9,7 +9,10 @@ Sections (each also runnable alone, see its module):
 - precision: reduced-precision inference against float32 on a fixed set of
   images: max probability difference, changed predictions, speed;
 - tfrecord: the fail-small TFRecord reader against Beam's, MB/s on gzip and
-  plain shards, and shard sizes (bench.tfrecord_bench).
+  plain shards, and shard sizes (bench.tfrecord_bench);
+- codec: encode and decode of one Example per image, the generated message
+  classes against the former hand-written encoder, and their share of the
+  preprocessing stage's per-image work (bench.codec_bench).
 
 Warm-up runs are excluded everywhere and figures are medians of --repeats
 runs. Without --model the VGG16 has random weights (same computation, same
@@ -26,7 +29,8 @@ from typing import Dict
 
 import numpy as np
 
-from bench import common, preprocess_bench, scoring_bench, tfrecord_bench
+from bench import (codec_bench, common, preprocess_bench, scoring_bench,
+                   tfrecord_bench)
 
 
 def precision_cost(model_dir: str, count: int = 64, repeats: int = 3,
@@ -99,6 +103,15 @@ def _table(figures: Dict) -> str:
       f"{sc['ratio_whole_run_to_bare']}",
       f"{'scoring run peak RSS, MB':<58} {sc['peak_rss_mb_scoring_run']}",
   ]
+  for kind in ("grey", "rgb"):
+    row = figures.get("codec", {}).get(kind)
+    if row:
+      lines.append(f"{'codec ' + kind + ': encode ms, hand-written / generated':<58} "
+                   f"{row['encode_ms']['hand_written']} / "
+                   f"{row['encode_ms']['generated']}")
+      lines.append(f"{'codec ' + kind + ': stage ms/image, hand-written / generated':<58} "
+                   f"{row['stage_ms_per_image']['hand_written']} / "
+                   f"{row['stage_ms_per_image']['generated']}")
   prec = figures.get("precision", {})
   for name in ("bfloat16", "float16"):
     row = prec.get(name, {})
@@ -130,7 +143,7 @@ def main(argv=None) -> int:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--skip", nargs="*", default=[],
                       choices=["preprocess", "scoring", "precision",
-                               "tfrecord"])
+                               "tfrecord", "codec"])
   args = parser.parse_args(argv)
   started = time.time()
   figures = {"environment": {},
@@ -161,6 +174,8 @@ def main(argv=None) -> int:
       os.makedirs(os.path.join(workdir, "tfrecord"))
       figures["tfrecord_read"] = tfrecord_bench.run(
           os.path.join(workdir, "tfrecord"), repeats=args.repeats)
+    if "codec" not in args.skip:
+      figures["codec"] = codec_bench.run(repeats=max(3, args.repeats))
   figures["environment"] = common.environment()  # as the runs left it
   figures["bench_wall_s"] = round(time.time() - started, 1)
   os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -44,7 +44,7 @@ def quarter_count(count: int, batch_size: int) -> int:
 def _make_data(workdir: str, count: int, image_size: int,
                batch_size: int) -> Dict[str, str]:
   from training import testing  # pylint: disable=import-outside-toplevel
-  from busi_core import imaging  # pylint: disable=import-outside-toplevel
+  from schemas import records as records_lib  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   import cv2  # pylint: disable=import-outside-toplevel
   records = []
@@ -52,7 +52,7 @@ def _make_data(workdir: str, count: int, image_size: int,
     img = cv2.resize(common.ultrasound_like(rng, 500), (image_size,) * 2,
                      interpolation=cv2.INTER_AREA)
     # Stored grey, one channel, as preprocessing stores grey frames.
-    records.append(imaging.ImageRecord(
+    records.append(records_lib.ImageRecord(
         image_id=f"{i:064x}", source=f"bench://{i}",
         label=schemas.LABELS[i % 3], pixels=img, original_height=500,
         original_width=500))

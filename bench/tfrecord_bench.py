@@ -3,7 +3,7 @@
 - beam: what `score` read with before, `FileSystems.open` (gzip by extension,
   decompressed by Beam in large blocks) and `_TFRecordUtil.read_record`,
   which stops at the first fault;
-- fail_small: `beam_pipeline.tfrecord_io.read_file`, which inflates in small
+- fail_small: `busi_core.tfrecord_io.read_file`, which inflates in small
   pieces and resynchronises on frame CRCs.
 
 Both read the same gzip shard (written by the pipeline's own sink) and the
@@ -29,7 +29,7 @@ from bench import common
 
 def _examples(count: int, image_size: int, channels: int) -> List[bytes]:
   import cv2  # pylint: disable=import-outside-toplevel
-  from busi_core import imaging  # pylint: disable=import-outside-toplevel
+  from schemas import records  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   out = []
   for i in range(count):
@@ -37,7 +37,7 @@ def _examples(count: int, image_size: int, channels: int) -> List[bytes]:
                          interpolation=cv2.INTER_AREA)
               for _ in range(channels)]
     pixels = planes[0] if channels == 1 else np.dstack(planes)
-    out.append(imaging.to_example(imaging.ImageRecord(
+    out.append(records.to_example(records.ImageRecord(
         image_id=f"{i:064x}", source=f"bench://{i}", label="benign",
         pixels=pixels, original_height=500, original_width=500)))
   return out
@@ -45,7 +45,7 @@ def _examples(count: int, image_size: int, channels: int) -> List[bytes]:
 
 def _write(path: str, examples: List[bytes], gzip: bool) -> int:
   """Writes a file the way the pipeline's sink does; returns its size."""
-  from beam_pipeline import tfrecord_io  # pylint: disable=import-outside-toplevel
+  from busi_core import tfrecord_io  # pylint: disable=import-outside-toplevel
   with open(path, "wb") as f:
     tfrecord_io.write_records(f, examples, gzip)
   return os.path.getsize(path)
@@ -62,7 +62,7 @@ def _read_beam(path: str) -> int:
 
 
 def _read_fail_small(path: str) -> int:
-  from beam_pipeline import tfrecord_io  # pylint: disable=import-outside-toplevel
+  from busi_core import tfrecord_io  # pylint: disable=import-outside-toplevel
   count = 0
   for item in tfrecord_io.read_file(path):
     assert isinstance(item, tfrecord_io.Record), item
@@ -73,7 +73,7 @@ def _read_fail_small(path: str) -> int:
 def _resync_mb_per_s(workdir: str, megabytes: int, repeats: int) -> float:
   """Damaged bytes searched per second: a plain file of random bytes whose
   first frame header is corrupt, read to its end."""
-  from beam_pipeline import tfrecord_io  # pylint: disable=import-outside-toplevel
+  from busi_core import tfrecord_io  # pylint: disable=import-outside-toplevel
   path = os.path.join(workdir, "damaged.tfrecord")
   with open(path, "wb") as f:
     f.write(np.random.default_rng(1).bytes(megabytes << 20))

@@ -1,10 +1,10 @@
-"""Per-element image functions: classify members, decode, resize, to Example.
+"""Per-element image functions: classify members, decode, resize.
 
 Plain functions with no Beam in them, so they are unit-tested without a runner
-and shared by training (reading Examples back) and scoring.
+and shared by preprocessing, scoring and training. The Example codec is
+`schemas.records`.
 """
 
-import functools
 import hashlib
 import io
 import posixpath
@@ -28,7 +28,6 @@ Image.MAX_IMAGE_PIXELS = None
 DEFAULT_MAX_PIXELS = 50_000_000
 
 _MASK_STEM = re.compile(r"_mask(_\d+)?$", re.IGNORECASE)
-_IMAGE_ID = re.compile(r"[0-9a-f]{64}")
 
 # Magic numbers of the formats we decode. Bytes decide, never the extension.
 _SIGNATURES = (
@@ -43,17 +42,6 @@ _SIGNATURES = (
 class DecodedImage(NamedTuple):
   """Resized pixels of one image and the size it had before resizing."""
   pixels: np.ndarray  # uint8 [size, size, 3] RGB, or [size, size] if grey
-  original_height: int
-  original_width: int
-
-
-class ImageRecord(NamedTuple):
-  """One Example's content, as read back from a TFRecord."""
-  image_id: str
-  source: str
-  label: str
-  # uint8 [height, width, 3] RGB; to_example also takes grey [height, width].
-  pixels: np.ndarray
   original_height: int
   original_width: int
 
@@ -199,7 +187,8 @@ def decode_and_resize(data: bytes, image_size: int,
     max_pixels: pixel limit checked on the header before decoding.
     keep_grey: return a grey image (a grey file, or a colour file whose
       resized channels are all equal) as 2-D [size, size] instead of
-      replicating it: what the TFRecords store (see `to_example`).
+      replicating it: what the TFRecords store (see
+      `schemas.records.to_example`).
 
   Returns:
     The resized pixels and the original height and width.
@@ -225,129 +214,3 @@ def decode_and_resize(data: bytes, image_size: int,
   else:
     img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
   return DecodedImage(img, height, width)
-
-
-def _varint(value: int) -> bytes:
-  out = bytearray()
-  value &= (1 << 64) - 1  # int64 as protobuf's two's-complement varint
-  while True:
-    byte = value & 0x7F
-    value >>= 7
-    if value:
-      out.append(byte | 0x80)
-    else:
-      out.append(byte)
-      return bytes(out)
-
-
-@functools.lru_cache(maxsize=4096)
-def _head(number: int, length: int) -> bytes:
-  """Tag and length of a length-delimited protobuf field (cached: the same
-  few lengths recur for every image)."""
-  return _varint(number << 3 | 2) + _varint(length)
-
-
-def _feature_parts(key: str, kind: int, payload) -> list:
-  """One Features map entry as a list of byte strings (payload not copied).
-
-  Nesting: map entry {key=1, value=2: Feature {kind: List {value=1}}}, where
-  kind is 1 for BytesList and 3 for Int64List (packed varints).
-  """
-  size = len(payload)
-  inner = _head(1, size)  # BytesList.value / Int64List.value (packed)
-  feature = _head(kind, len(inner) + size)
-  value_len = len(feature) + len(inner) + size
-  key_field = _head(1, len(key)) + key.encode()
-  entry = key_field + _head(2, value_len)
-  return [_head(1, len(entry) + value_len), entry, feature, inner, payload]
-
-
-def to_example(record: ImageRecord) -> bytes:
-  """Serialises one image as a tf.train.Example (the TFRecord payload).
-
-  The protobuf wire format is written directly: the same message that
-  `tf.train.Example(...).SerializeToString()` encodes (a test parses it with
-  TensorFlow), without importing TensorFlow into the preprocessing workers,
-  and with the pixels copied once instead of once per nesting level.
-
-  Grey pixels ([H, W] or [H, W, 1]) are stored as one channel: a third of
-  the bytes to compress, write and read. `from_example` gives them back as
-  RGB.
-  """
-  pixels = np.ascontiguousarray(record.pixels, dtype=np.uint8)
-  height, width = pixels.shape[:2]
-  channels = 1 if pixels.ndim == 2 else pixels.shape[2]
-  if pixels.ndim not in (2, 3) or channels not in (1, 3):
-    raise ValueError(f"pixels of shape {pixels.shape}: expected [H, W],"
-                     " [H, W, 1] or [H, W, 3]")
-  parts = []
-  for key, kind, payload in (
-      (schemas.FEATURE_IMAGE, 1, memoryview(pixels).cast("B")),
-      (schemas.FEATURE_CHANNELS, 3, _varint(channels)),
-      (schemas.FEATURE_IMAGE_ID, 1, record.image_id.encode()),
-      (schemas.FEATURE_SOURCE, 1, record.source.encode("utf-8")),
-      (schemas.FEATURE_LABEL, 1, record.label.encode()),
-      (schemas.FEATURE_HEIGHT, 3, _varint(height)),
-      (schemas.FEATURE_WIDTH, 3, _varint(width)),
-      (schemas.FEATURE_ORIGINAL_HEIGHT, 3, _varint(record.original_height)),
-      (schemas.FEATURE_ORIGINAL_WIDTH, 3, _varint(record.original_width)),
-  ):
-    parts += _feature_parts(key, kind, payload)
-  features_len = sum(len(p) for p in parts)
-  # Example.features (1) → Features.feature (1) entries.
-  return b"".join([_head(1, features_len)] + parts)
-
-
-def from_example(serialized: bytes) -> ImageRecord:
-  """Parses an Example written by to_example back into pixels and fields.
-
-  Raises:
-    ValueError: a feature is missing or the pixel bytes do not match the
-      stored height × width × channels.
-
-  Returns:
-    The record, with pixels always [height, width, 3] RGB: a one-channel
-    image is replicated. Records without a `channels` feature (format 1)
-    hold three.
-  """
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  feature = tf.train.Example.FromString(serialized).features.feature
-
-  def one(key, kind):
-    if key not in feature:
-      raise ValueError(f"feature {key!r} missing")
-    values = getattr(feature[key], kind).value
-    if len(values) != 1:
-      raise ValueError(f"feature {key!r} has {len(values)} values, expected 1")
-    return values[0]
-
-  height = one(schemas.FEATURE_HEIGHT, "int64_list")
-  width = one(schemas.FEATURE_WIDTH, "int64_list")
-  raw = one(schemas.FEATURE_IMAGE, "bytes_list")
-  channels = (one(schemas.FEATURE_CHANNELS, "int64_list")
-              if schemas.FEATURE_CHANNELS in feature else 3)
-  if channels not in (1, 3):
-    raise ValueError(f"image has {channels} channels, expected 1 or 3")
-  if height <= 0 or width <= 0 or len(raw) != height * width * channels:
-    raise ValueError(f"image has {len(raw)} bytes, expected"
-                     f" {height}x{width}x{channels}")
-  pixels = np.frombuffer(raw, np.uint8).reshape(height, width, channels)
-  if channels == 1:
-    pixels = np.repeat(pixels, 3, axis=2)
-  label = (one(schemas.FEATURE_LABEL, "bytes_list")
-           if schemas.FEATURE_LABEL in feature else b"")
-  # The id names Grad-CAM files and joins tables: only a sha256 hex digest
-  # is accepted, so a crafted record cannot steer a path.
-  image_id_value = one(schemas.FEATURE_IMAGE_ID, "bytes_list").decode(
-      "ascii", "replace")
-  if not _IMAGE_ID.fullmatch(image_id_value):
-    raise ValueError(f"image_id {image_id_value[:80]!r} is not a sha256 hex"
-                     " digest")
-  return ImageRecord(
-      image_id=image_id_value,
-      source=one(schemas.FEATURE_SOURCE, "bytes_list").decode("utf-8"),
-      label=label.decode(),
-      pixels=pixels,
-      original_height=one(schemas.FEATURE_ORIGINAL_HEIGHT, "int64_list"),
-      original_width=one(schemas.FEATURE_ORIGINAL_WIDTH, "int64_list"),
-  )

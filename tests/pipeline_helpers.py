@@ -6,11 +6,11 @@ import os
 from typing import Dict, List
 
 import duckdb
-import tensorflow as tf
 from apache_beam.testing.test_pipeline import TestPipeline
 
-from busi_core import imaging
 import schemas
+from busi_core import tfrecord_io
+from schemas import records
 
 # Beam's DirectRunner would first try Prism, which downloads a binary; tests
 # run in-process on the FnApiRunner, as `run()` does for local runs.
@@ -21,12 +21,14 @@ def make_test_pipeline() -> TestPipeline:
   return TestPipeline(runner=RUNNER)
 
 
-def read_records(output_dir: str) -> List[imaging.ImageRecord]:
+def read_records(output_dir: str) -> List[records.ImageRecord]:
   files = sorted(glob.glob(os.path.join(output_dir, schemas.TFRECORD_DIR,
                                         "*" + schemas.TFRECORD_SUFFIX)))
   assert files, f"no TFRecords under {output_dir}"
-  return [imaging.from_example(r.numpy())
-          for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
+  items = [item for f in files for item in tfrecord_io.read_file(f)]
+  damages = [i for i in items if isinstance(i, tfrecord_io.Damage)]
+  assert not damages, damages
+  return [records.from_example(i.payload) for i in items]
 
 
 def sql(query: str) -> List[tuple]:
@@ -41,5 +43,5 @@ def read_errors(output_dir: str) -> List[Dict]:
   return [dict(zip(names, row)) for row in cur.fetchall()]
 
 
-def pixel_digest(record: imaging.ImageRecord) -> str:
+def pixel_digest(record: records.ImageRecord) -> str:
   return hashlib.sha256(record.pixels.tobytes()).hexdigest()

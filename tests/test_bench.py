@@ -9,7 +9,7 @@ import json
 import pytest
 
 from bench import __main__ as bench_main
-from bench import preprocess_bench, scoring_bench, tfrecord_bench
+from bench import codec_bench, preprocess_bench, scoring_bench, tfrecord_bench
 from training import testing
 
 
@@ -44,6 +44,17 @@ def test_tfrecord_bench_times_both_readers(tmp_path):
     assert figures[kind]["fail_small_mb_per_s"] > 0
   assert figures["shard_mb_at_2000_records_rgb"] > 0
   assert figures["resync_search_mb_per_s"] > 0
+  json.dumps(figures)
+
+
+def test_codec_bench_times_both_encoders():
+  figures = codec_bench.run(count=6, image_size=16, repeats=1, stage_count=3)
+  for kind in ("grey", "rgb"):
+    row = figures[kind]
+    assert set(row["encode_ms"]) == {"hand_written", "generated"}
+    assert all(v > 0 for v in row["stage_ms_per_image"].values())
+    assert row["decode_ms"]["generated"] > 0
+  assert figures["decision"]
   json.dumps(figures)
 
 

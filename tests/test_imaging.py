@@ -6,6 +6,7 @@ import pytest
 import schemas
 from busi_core import imaging
 from busi_core.errors import MemberError
+from schemas import records
 from tests import archive_factory as af
 
 
@@ -96,11 +97,11 @@ def test_jpeg_named_png_is_decoded_by_its_bytes():
 
 def test_example_round_trip():
   rng = np.random.default_rng(4)
-  record = imaging.ImageRecord(
+  record = records.ImageRecord(
       image_id="ab" * 32, source="gs://b/x.zip!/benign/é (1).png",
       label="benign", pixels=af.speckle(rng, 6, 6, 3), original_height=300,
       original_width=400)
-  back = imaging.from_example(imaging.to_example(record))
+  back = records.from_example(records.to_example(record))
   assert back.image_id == record.image_id and back.source == record.source
   assert back.label == "benign"
   assert (back.original_height, back.original_width) == (300, 400)
@@ -110,9 +111,9 @@ def test_example_round_trip():
 def test_example_matches_tf_feature_spec():
   import tensorflow as tf
   rng = np.random.default_rng(5)
-  record = imaging.ImageRecord("c" * 64, "s", "", af.speckle(rng, 4, 4, 3),
+  record = records.ImageRecord("c" * 64, "s", "", af.speckle(rng, 4, 4, 3),
                                9, 9)
-  parsed = tf.io.parse_single_example(imaging.to_example(record),
+  parsed = tf.io.parse_single_example(records.to_example(record),
                                       schemas.feature_spec())
   assert parsed[schemas.FEATURE_LABEL].numpy() == b""
   pixels = tf.reshape(tf.io.decode_raw(parsed[schemas.FEATURE_IMAGE],
@@ -128,9 +129,9 @@ def test_keep_grey_is_the_same_image_in_fewer_bytes(index):
   compact = imaging.decode_and_resize(entry.data, 24, keep_grey=True).pixels
   grey = bool((rgb == rgb[..., :1]).all())
   assert compact.shape == ((24, 24) if grey else (24, 24, 3))
-  record = imaging.ImageRecord("f" * 64, "s", "", compact, 24, 24)
+  record = records.ImageRecord("f" * 64, "s", "", compact, 24, 24)
   np.testing.assert_array_equal(
-      imaging.from_example(imaging.to_example(record)).pixels, rgb)
+      records.from_example(records.to_example(record)).pixels, rgb)
 
 
 def test_grey_saved_as_rgb_is_stored_as_one_channel():
@@ -149,9 +150,9 @@ def test_grey_example_is_a_third_of_the_pixels_and_parses_with_tf():
   import tensorflow as tf
   rng = np.random.default_rng(10)
   grey = af.speckle(rng, 8, 8)
-  grey_ex = imaging.to_example(imaging.ImageRecord("a" * 64, "s", "", grey,
+  grey_ex = records.to_example(records.ImageRecord("a" * 64, "s", "", grey,
                                                    8, 8))
-  rgb_ex = imaging.to_example(imaging.ImageRecord(
+  rgb_ex = records.to_example(records.ImageRecord(
       "a" * 64, "s", "", np.repeat(grey[..., None], 3, axis=2), 8, 8))
   # Two channels fewer, give or take the nested length prefixes.
   assert 2 * 64 <= len(rgb_ex) - len(grey_ex) <= 2 * 64 + 8
@@ -166,11 +167,11 @@ def test_format_1_records_without_channels_read_as_rgb():
   import tensorflow as tf
   rng = np.random.default_rng(11)
   pixels = af.speckle(rng, 5, 7, 3)
-  example = tf.train.Example.FromString(imaging.to_example(
-      imaging.ImageRecord("b" * 64, "s", "benign", pixels, 50, 70)))
+  example = tf.train.Example.FromString(records.to_example(
+      records.ImageRecord("b" * 64, "s", "benign", pixels, 50, 70)))
   del example.features.feature[schemas.FEATURE_CHANNELS]
   serialized = example.SerializeToString()
-  np.testing.assert_array_equal(imaging.from_example(serialized).pixels,
+  np.testing.assert_array_equal(records.from_example(serialized).pixels,
                                 pixels)
   parsed = tf.io.parse_single_example(serialized, schemas.feature_spec())
   assert parsed[schemas.FEATURE_CHANNELS].numpy() == 3
@@ -180,31 +181,31 @@ def test_format_1_records_without_channels_read_as_rgb():
 def test_from_example_rejects_other_channel_counts(channels):
   import tensorflow as tf
   rng = np.random.default_rng(12)
-  example = tf.train.Example.FromString(imaging.to_example(
-      imaging.ImageRecord("c" * 64, "s", "", af.speckle(rng, 4, 4), 4, 4)))
+  example = tf.train.Example.FromString(records.to_example(
+      records.ImageRecord("c" * 64, "s", "", af.speckle(rng, 4, 4), 4, 4)))
   example.features.feature[schemas.FEATURE_CHANNELS].int64_list.value[0] = (
       channels)
   with pytest.raises(ValueError, match="channels"):
-    imaging.from_example(example.SerializeToString())
+    records.from_example(example.SerializeToString())
 
 
 def test_from_example_rejects_wrong_pixel_count():
   rng = np.random.default_rng(6)
-  record = imaging.ImageRecord("d" * 64, "s", "", af.speckle(rng, 4, 4, 3),
+  record = records.ImageRecord("d" * 64, "s", "", af.speckle(rng, 4, 4, 3),
                                4, 4)
-  bad = imaging.to_example(record._replace(pixels=record.pixels[:3]))
+  bad = records.to_example(record._replace(pixels=record.pixels[:3]))
   # Height is taken from the array, so shrink via a hand-made inconsistency.
   import tensorflow as tf
   example = tf.train.Example.FromString(bad)
   example.features.feature[schemas.FEATURE_HEIGHT].int64_list.value[0] = 4
   with pytest.raises(ValueError):
-    imaging.from_example(example.SerializeToString())
+    records.from_example(example.SerializeToString())
 
 
 def test_hand_written_example_equals_tensorflows():
   import tensorflow as tf
   rng = np.random.default_rng(8)
-  record = imaging.ImageRecord(
+  record = records.ImageRecord(
       image_id="e" * 64, source="gs://b/ü.zip!/x (1).png", label="normal",
       pixels=af.speckle(rng, 300, 200, 3), original_height=2 ** 40,
       original_width=1)
@@ -225,4 +226,4 @@ def test_hand_written_example_equals_tensorflows():
       schemas.FEATURE_ORIGINAL_HEIGHT: feature(2 ** 40),
       schemas.FEATURE_ORIGINAL_WIDTH: feature(1),
   }))
-  assert tf.train.Example.FromString(imaging.to_example(record)) == expected
+  assert tf.train.Example.FromString(records.to_example(record)) == expected

@@ -11,6 +11,7 @@ from apache_beam.testing.util import assert_that, equal_to
 import schemas
 from beam_pipeline import pipeline
 from busi_core import imaging
+from schemas import records as records_lib
 from beam_pipeline import options as opts_lib
 from beam_pipeline.preprocess import PreprocessLimits, ReadImages
 from tests import archive_factory as af
@@ -43,7 +44,7 @@ def test_read_images_routes_every_member(tmp_path, kind):
   with make_test_pipeline() as p:
     out = p | ReadImages([path], PreprocessLimits(SIZE, zip_chunk_size=3),
                          "run-1")
-    assert_that(out["examples"] | "Keys" >> beam.Map(imaging.from_example)
+    assert_that(out["examples"] | "Keys" >> beam.Map(records_lib.from_example)
                 | beam.Map(lambda r: (r.image_id, r.source, r.label)),
                 equal_to(images),
                 label="Images")
@@ -63,7 +64,7 @@ def test_pixels_match_opencv(tmp_path):
 
   def check(examples):
     assert len(examples) == len(expected)
-    for r in map(imaging.from_example, examples):
+    for r in map(records_lib.from_example, examples):
       np.testing.assert_array_equal(r.pixels, expected[r.image_id])
 
   with make_test_pipeline() as p:

@@ -10,6 +10,7 @@ import pytest
 import schemas
 from beam_pipeline import pipeline, scoring
 from busi_core import imaging
+from schemas import records
 from tests import archive_factory as af
 from tests.pipeline_helpers import read_errors, read_records, sql
 from training import testing as training_testing
@@ -56,7 +57,7 @@ def test_prediction_row_follows_schema():
 
 
 def test_keyed_input_refuses_wrong_shapes():
-  record = imaging.ImageRecord("i", "s", "benign",
+  record = records.ImageRecord("i", "s", "benign",
                                np.zeros((16, 16, 3), np.uint8), 16, 16)
   with pytest.raises(ValueError, match="--image_size 32"):
     scoring.keyed_input(record, SIZE)
@@ -87,7 +88,7 @@ def test_score_tfrecords(tmp_path, model_dir):
                 "--image_size", str(SIZE)])
   # One example of the wrong size among the good ones: it must land in
   # errors while the others still score.
-  odd = imaging.ImageRecord("f" * 64, "odd.png", "benign",
+  odd = records.ImageRecord("f" * 64, "odd.png", "benign",
                             np.zeros((16, 16, 3), np.uint8), 16, 16)
   training_testing.write_tfrecords(
       os.path.join(pre, schemas.TFRECORD_DIR, "odd.tfrecord.gz"), [odd])

@@ -1,9 +1,9 @@
 """Reading the preprocessing stage's TFRecords into labelled arrays.
 
-Examples are parsed with `busi_core.imaging.from_example`, the reader of
-what the pipeline wrote (grey frames come back replicated to RGB), so the two
-cannot disagree about the format. BUSI
-is small (780 images, ~120 MB at 224²), so the labelled set is held in memory
+Files are read with `busi_core.tfrecord_io` and Examples parsed with
+`schemas.records.from_example`, the reader and codec the pipeline writes and
+scores with (grey frames come back replicated to RGB), so the two cannot
+disagree about the format. BUSI is small (780 images, ~120 MB at 224²), so the labelled set is held in memory
 as one uint8 array; features and augmentation are computed from that.
 """
 
@@ -16,7 +16,8 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 import schemas
-from busi_core import imaging
+from busi_core import tfrecord_io
+from schemas import records
 
 _LOG = logging.getLogger(__name__)
 
@@ -66,12 +67,22 @@ def list_files(patterns: Sequence[str]) -> List[str]:
       f" 'OUT/{schemas.TFRECORD_DIR}/*{schemas.TFRECORD_SUFFIX}'."))
 
 
-def read_records(files: Sequence[str]) -> Iterator[imaging.ImageRecord]:
-  """Every example of the gzip TFRecord files, parsed."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  dataset = tf.data.TFRecordDataset(list(files), compression_type="GZIP")
-  for serialized in dataset.as_numpy_iterator():
-    yield imaging.from_example(serialized)
+def read_records(files: Sequence[str]) -> Iterator[records.ImageRecord]:
+  """Every example of the TFRecord files, parsed, file by file in order.
+
+  Raises:
+    ValueError: a file is damaged (training takes every record or none, as
+      it did with tf.data) or holds a malformed Example; the message names
+      the file and the record.
+  """
+  for path in files:
+    for item in tfrecord_io.read_file(path):
+      if isinstance(item, tfrecord_io.Damage):
+        raise ValueError(f"{path}: {item.error_type}: {item.message}")
+      try:
+        yield records.from_example(item.payload)
+      except ValueError as e:
+        raise ValueError(f"{path}#{item.index}: {e}") from e
 
 
 def load_labelled(patterns: Sequence[str],
@@ -95,7 +106,7 @@ def load_labelled(patterns: Sequence[str],
   """
   index = {label: i for i, label in enumerate(labels)}
   counts = collections.Counter()
-  by_id: Dict[str, List[imaging.ImageRecord]] = collections.defaultdict(list)
+  by_id: Dict[str, List[records.ImageRecord]] = collections.defaultdict(list)
   sizes = collections.Counter()
   for record in read_records(list_files(patterns)):
     counts["examples"] += 1
@@ -125,7 +136,7 @@ def load_labelled(patterns: Sequence[str],
         f" images; rerun `python -m beam_pipeline preprocess --image_size"
         f" {image_size}` or leave --image_size out")
 
-  kept: List[imaging.ImageRecord] = []
+  kept: List[records.ImageRecord] = []
   for image_id in sorted(by_id):
     copies = sorted(by_id[image_id], key=lambda r: r.source)
     if len({r.label for r in copies}) > 1:

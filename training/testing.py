@@ -2,16 +2,17 @@
 TFRecords written exactly as the preprocessing stage writes them."""
 
 import hashlib
-import os
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
 import schemas
-from busi_core import imaging
+from busi_core import tfrecord_io
+from schemas import records as records_lib
 
 
-def write_tfrecords(path: str, records: Iterable[imaging.ImageRecord]) -> str:
+def write_tfrecords(path: str,
+                    records: Iterable[records_lib.ImageRecord]) -> str:
   """Writes records as one gzip TFRecord file, as the pipeline does.
 
   Args:
@@ -21,22 +22,18 @@ def write_tfrecords(path: str, records: Iterable[imaging.ImageRecord]) -> str:
   Returns:
     `path`.
   """
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with tf.io.TFRecordWriter(path, options="GZIP") as writer:
-    for record in records:
-      writer.write(imaging.to_example(record))
-  return path
+  return tfrecord_io.write_file(
+      path, (records_lib.to_example(record) for record in records))
 
 
 def make_record(pixels: np.ndarray, label: str,
-                source: Optional[str] = None) -> imaging.ImageRecord:
+                source: Optional[str] = None) -> records_lib.ImageRecord:
   """An ImageRecord whose image_id is the sha256 of the pixels (stands in for
   the sha256 of the original file's bytes)."""
   pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
   image_id = hashlib.sha256(pixels.tobytes()).hexdigest()
   folder = label or "unlabelled"
-  return imaging.ImageRecord(
+  return records_lib.ImageRecord(
       image_id=image_id,
       source=source or f"test.zip!/{folder}/{image_id[:12]}.png",
       label=label, pixels=pixels, original_height=pixels.shape[0],
@@ -61,7 +58,7 @@ def class_images(label_index: int, count: int, image_size: int,
 
 def synthetic_records(per_class: int, image_size: int, seed: int = 0,
                       labels: Sequence[str] = schemas.LABELS
-                     ) -> List[imaging.ImageRecord]:
+                     ) -> List[records_lib.ImageRecord]:
   """`per_class` distinct labelled records of each class (see class_images)."""
   rng = np.random.default_rng(seed)
   records = []

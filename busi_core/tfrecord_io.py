@@ -1,5 +1,8 @@
 """TFRecord files, written and read: the one module that knows their framing.
 
+Preprocessing writes, and scoring and training read, through it (the
+payloads are `schemas.records` Examples).
+
 A TFRecord file is a sequence of frames: the data's length (uint64, little
 endian), the masked CRC32C of those 8 bytes, the data, the masked CRC32C of
 the data. A `.tfrecord.gz` file is one gzip stream (of one or more members)
@@ -9,7 +12,8 @@ Writing: `WriteGzipTFRecords`, a Beam file sink that deflates with ISA-L (Beam's
 WriteToTFRecord uses zlib level 6, about 10 ms per 224×224×3 image on one
 core, three times the decode itself; ISA-L level 2 takes ~0.3 ms and makes a
 smaller file) and starts a new shard every `max_records_per_shard` records,
-so that one corrupt file costs one shard. The files read with
+so that one corrupt file costs one shard. `write_file` writes one file the
+same way. The files read with
 `tf.data.TFRecordDataset(..., compression_type="GZIP")` and Beam's
 ReadFromTFRecord.
 
@@ -131,6 +135,15 @@ def write_records(f, payloads: Iterable[bytes], gzip: bool = True) -> None:
     write_record(handle, payload)
   if gzip:
     handle.finish()
+
+
+def write_file(uri: str, payloads: Iterable[bytes], gzip: bool = True) -> str:
+  """Writes records as one local or gs:// TFRecord file, gzipped as the
+  pipeline's sink writes them, or plain; returns `uri`."""
+  with FileSystems.create(uri, "application/octet-stream",
+                          CompressionTypes.UNCOMPRESSED) as f:
+    write_records(f, payloads, gzip)
+  return uri
 
 
 class _FastGzipTFRecordSink(filebasedsink.FileBasedSink):

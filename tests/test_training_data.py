@@ -1,0 +1,55 @@
+"""training.data reads TFRecords through busi_core.tfrecord_io: the records
+tf.data read, in the same order, and a damaged file is refused."""
+
+import numpy as np
+import pytest
+
+from busi_core import tfrecord_io
+from schemas import records as records_lib
+from training import data as data_lib
+from training import testing
+
+
+@pytest.fixture(name="files")
+def _files(tmp_path):
+  records = testing.synthetic_records(per_class=3, image_size=8, seed=2)
+  grey = testing.make_record(records[0].pixels[..., 0], "benign",
+                             source="test.zip!/benign/grey.png")
+  return [
+      testing.write_tfrecords(str(tmp_path / "b.tfrecord.gz"),
+                              records[5:] + records[1:2]),
+      testing.write_tfrecords(str(tmp_path / "a.tfrecord.gz"),
+                              records[:5] + [grey]),
+  ]
+
+
+def test_same_records_in_the_same_order_as_tf_data(files):
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  dataset = tf.data.TFRecordDataset(files, compression_type="GZIP")
+  expected = [records_lib.from_example(s)
+              for s in dataset.as_numpy_iterator()]
+  got = list(data_lib.read_records(files))
+  assert [r.source for r in got] == [r.source for r in expected]
+  assert len(got) == 11
+  for ours, theirs in zip(got, expected):
+    np.testing.assert_array_equal(ours.pixels, theirs.pixels)
+    assert ours._replace(pixels=None) == theirs._replace(pixels=None)
+
+
+def test_load_labelled_sorts_by_id_and_drops_duplicates(files, tmp_path):
+  data, stats = data_lib.load_labelled([str(tmp_path / "*.tfrecord.gz")])
+  assert data.image_ids == sorted(data.image_ids)
+  assert data.images.shape == (10, 8, 8, 3)
+  assert (stats.examples, stats.duplicates, stats.used) == (11, 1, 10)
+  del files
+
+
+def test_a_damaged_file_is_refused_by_name(files):
+  with open(files[1], "rb") as f:
+    data = f.read()
+  assert all(isinstance(i, tfrecord_io.Record)
+             for i in tfrecord_io.read_file(files[1]))
+  with open(files[1], "wb") as f:
+    f.write(data[:len(data) // 2])  # cut short
+  with pytest.raises(ValueError, match="a.tfrecord.gz.*BadTFRecordFile"):
+    list(data_lib.read_records(files))
