@@ -185,6 +185,14 @@ def validate(command: str, options: PipelineOptions) -> BusiOptions:
   opts = options.view_as(BusiOptions)
   _require(opts.input, "--input", command)
   _require(opts.output, "--output", command)
+  try:
+    opts.output.encode("utf-8")
+  except UnicodeEncodeError as e:
+    # Beam's sinks write paths as UTF-8 text; fail here, before anything is
+    # created, rather than half-way with a codec error.
+    raise ValueError(
+        f"--output {opts.output.encode('utf-8', 'surrogateescape')!r} is not"
+        " valid UTF-8 text; choose an output name that is") from e
   if command in (SCORE, RUN):
     _require(opts.model, "--model", command)
   if command == PREPROCESS and opts.image_size is None:

@@ -208,3 +208,14 @@ def test_score_accounts_for_every_matched_shard_path(tmp_path):
       f"SELECT source FROM read_parquet('{out}/predictions/*.parquet')"
   ).fetchall()]
   assert len(sources) == 3
+
+
+def test_an_output_name_that_is_not_utf8_is_refused_up_front(tmp_path,
+                                                             capsys):
+  archive = str(tmp_path / "a.zip")
+  af.write_zip(archive, af.busi_entries(1))
+  out = os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), b"o\xe9"))
+  assert cli.main(["preprocess", "--input", archive, "--output", out,
+                   "--image_size", str(SIZE)]) == cli.EXIT_USAGE
+  assert "is not valid UTF-8" in capsys.readouterr().err
+  assert not os.path.lexists(out)
