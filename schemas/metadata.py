@@ -99,7 +99,7 @@ class Record:
         type; the message names the field.
     """
     if not isinstance(data, Mapping):
-      raise MetadataError(f"{path.rstrip('.') or 'metadata'} is"
+      raise MetadataError(f"field {path.rstrip('.') or '(top level)'} is"
                           f" {_show(data)}, not a JSON object")
     hints = _hints(cls)
     given, missing = {}, []
@@ -113,6 +113,14 @@ class Record:
     names = {f.name for f in _declared(cls)}
     return cls(**given, extra={k: v for k, v in data.items()
                                if k not in names})
+
+  def replace(self: _R, **changes: Any) -> _R:
+    """A copy with `changes`, each given (written even if None).
+
+    (`dataclasses.replace` keeps an absent field absent when set to None.)
+    """
+    return dataclasses.replace(self, _absent=self._absent - changes.keys(),
+                               **changes)
 
   def as_kwargs(self) -> Dict[str, Any]:
     """The fields given (not absent) and `extra`: the keyword arguments that

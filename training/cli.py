@@ -279,9 +279,10 @@ def main(argv: Optional[List[str]] = None) -> int:
   try:
     if args.command == "train":
       from training import train  # pylint: disable=import-outside-toplevel
-      train.train(_recipe_config(args, output=args.output, name=args.name,
-                                 overwrite=args.overwrite,
-                                 cv_folds=args.cv_folds))
+      result = train.train(_recipe_config(
+          args, output=args.output, name=args.name, overwrite=args.overwrite,
+          cv_folds=args.cv_folds))
+      print(train.format_summary(result))
     elif args.command == "cv":
       from training import cv  # pylint: disable=import-outside-toplevel
       report = cv.cross_validate(_recipe_config(args, output=args.output or ""),
