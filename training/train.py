@@ -65,6 +65,10 @@ class _Clock:
     yield
     self.seconds[name] = time.perf_counter() - started
 
+  def add(self, seconds: Dict[str, float]) -> None:
+    """Seconds a step measured itself."""
+    self.seconds.update(seconds)
+
   def stop(self) -> Dict[str, float]:
     self.seconds["total"] = time.perf_counter() - self.started
     return self.seconds
@@ -95,7 +99,7 @@ def train(config: TrainConfig) -> TrainResult:
       save.remove_stale(config)
   work = save.work_dir(config.output)
   fitted = fit.fit(config, read.data, splits)
-  clock.seconds.update(fitted.seconds())
+  clock.add(fitted.seconds())
   with clock.step("test"):
     test = measure.score_test(fitted.model, read.data, splits,
                               config.batch_size)
