@@ -16,14 +16,13 @@ probabilities; the review threshold is then chosen on validation for
 (empty by default: `cv` measures the recipe, and the final model learns from
 the rest) is used only to report.
 
-`train` runs the steps of `training.steps` in order; `format_summary` is what
-the CLI prints afterwards.
+`train` runs the steps of `training.steps` in order and only logs; the CLI
+prints `flag_warnings` before it and `format_summary` after.
 """
 
 import contextlib
-import logging
 import time
-from typing import Dict, Iterator, NamedTuple, Optional
+from typing import Dict, Iterator, List, NamedTuple, Optional
 
 import keras
 
@@ -35,8 +34,6 @@ from training import cv, data as data_lib, metrics
 from training.config import TrainConfig
 from training.steps import calibrate, data, fit, measure, save, split
 from training.steps import threshold, verify
-
-_LOG = logging.getLogger(__name__)
 
 CONFUSION_MATRIX_FILE = artifact_schema.CONFUSION_MATRIX_FILE
 TRAINING_CURVES_FILE = artifact_schema.TRAINING_CURVES_FILE
@@ -89,7 +86,6 @@ def train(config: TrainConfig) -> TrainResult:
   """
   config.validate()
   save.check_output(config)
-  _log_unmeasured(config)
   clock = _Clock()
   keras.utils.set_random_seed(config.seed)
   with clock.step("read"):
@@ -119,15 +115,19 @@ def train(config: TrainConfig) -> TrainResult:
   return TrainResult(metadata, read.stats, fitted.cv_report, config.output)
 
 
-def _log_unmeasured(config: TrainConfig) -> None:
-  """Says so when nothing held out will measure the model."""
+def flag_warnings(config: TrainConfig) -> List[str]:
+  """What the flags alone say about the run, for the CLI to print before it
+  starts (train itself does not log these)."""
+  lines = []
   if not config.cv_folds and not config.test_fraction:
-    _LOG.warning("--cv_folds 0 and no test split: nothing held out will"
-                 " measure this model. Run `python -m training cv` with the"
-                 " same flags, or keep --cv_folds.")
+    lines.append("WARNING: --cv_folds 0 and no test split: nothing held out"
+                 " will measure this model. Run `python -m training cv` with"
+                 " the same flags, or keep --cv_folds.")
   if config.patience and not config.val_fraction:
-    _LOG.info("No validation split, so no early stopping: every stage runs"
-              " all its epochs (--epochs %d).", config.epochs)
+    lines.append("Note: no validation split, so no early stopping: every"
+                 " stage runs all its epochs (--epochs"
+                 f" {config.epochs}).")
+  return lines
 
 
 def _num(x: Optional[float]) -> str:
