@@ -255,14 +255,14 @@ def load_config(opts, run_id: str, command: str) -> scoring.ScoringConfig:
   message instead of failing every batch on the workers.
   """
   info = artifact.load_artifact(opts.model)
-  size = int(info.metadata["image_size"])
+  size = info.metadata.image_size
   if command == opts_lib.RUN and opts.image_size not in (None, size):
     raise ValueError(
         f"--image_size {opts.image_size} does not match the model's image size"
         f" {size}; leave --image_size out to use the model's")
   threshold = (opts.threshold if opts.threshold is not None else
-               float(info.metadata["threshold"]))
+               float(info.metadata.threshold))
   return scoring.ScoringConfig(
       labels=tuple(info.labels), threshold=threshold,
-      model_version=str(info.metadata["model_version"]), run_id=run_id,
+      model_version=info.metadata.model_version, run_id=run_id,
       image_size=size, model_sha256=info.model_sha256)

@@ -41,7 +41,7 @@ def precision_cost(model_dir: str, count: int = 64, repeats: int = 3,
   from busi_core.precision import with_precision  # pylint: disable=import-outside-toplevel
   from busi_core import artifact  # pylint: disable=import-outside-toplevel
   loaded = artifact.load_artifact(model_dir)
-  size = int(loaded.metadata["image_size"])
+  size = loaded.metadata.image_size
   rng = np.random.default_rng(42)
   images = np.stack([cv2.cvtColor(cv2.resize(
       common.ultrasound_like(rng, 500), (size, size),

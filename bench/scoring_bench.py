@@ -141,7 +141,7 @@ def run(workdir: str, count: int = 160, batch_size: int = 32,
     testing.make_test_artifact(model_dir, image_size=image_size,
                                backbone="vgg16")
   loaded = artifact.load_artifact(model_dir)
-  image_size = int(loaded.metadata["image_size"])
+  image_size = loaded.metadata.image_size
   if count % batch_size:
     raise ValueError(f"--images {count} must be a multiple of --batch_size"
                      f" {batch_size}: a short last batch runs slower")
@@ -169,8 +169,8 @@ def run(workdir: str, count: int = 160, batch_size: int = 32,
       "image_size": image_size,
       "batch_size": batch_size,
       "repeats": repeats,
-      "model": loaded.metadata.get("model_version"),
-      "weights": loaded.metadata.get("weights_source"),
+      "model": loaded.metadata.model_version,
+      "weights": loaded.metadata.weights_source,
       "bare_images_per_s": bare,
       "end_to_end_images_per_s_steady": round(steady, 3),
       "end_to_end_images_per_s_whole_run": round(whole, 3),

@@ -5,10 +5,12 @@ MODEL_DIR/
   labels.json    JSON list of class names, the output order
   MODEL_CARD.md  intended use, data, metrics, calibration, caveats (from the
                  metadata; training/model_card.py)
-  metadata.json  schemas.METADATA_REQUIRED_FIELDS and more
+  metadata.json  schemas.metadata.ArtifactMetadata (required fields:
+                 schemas.METADATA_REQUIRED_FIELDS)
 
 `read_artifact_info` validates the small JSON files without loading the model
-or even importing TensorFlow (for the launcher's up-front checks);
+or even importing TensorFlow (for the launcher's up-front checks) and returns
+the metadata as the typed record;
 `load_artifact` also loads the model, in Keras safe mode, and checks it
 against the metadata. Both go through Beam
 FileSystems, so MODEL_DIR may be gs://.
@@ -22,12 +24,12 @@ import re
 import shutil
 import tempfile
 import zipfile
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, NamedTuple
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, List, NamedTuple, Optional
 
 from apache_beam.io.filesystems import FileSystems
 
 import schemas
+from schemas.metadata import ArtifactMetadata, MetadataError
 
 if TYPE_CHECKING:  # Keras is imported only by the functions that load/save.
   import keras
@@ -45,13 +47,13 @@ class ArtifactError(ValueError):
 
 class ArtifactInfo(NamedTuple):
   labels: List[str]
-  metadata: Dict[str, Any]
+  metadata: ArtifactMetadata
 
 
 class Artifact(NamedTuple):
   model: "keras.Model"
   labels: List[str]
-  metadata: Dict[str, Any]
+  metadata: ArtifactMetadata
   local_dir: str  # the directory model.keras was read from (model_dir itself)
   model_sha256: str  # of the model.keras loaded
 
@@ -78,7 +80,9 @@ def read_artifact_info(model_dir: str) -> ArtifactInfo:
     model_dir: the artifact directory (local or gs://).
 
   Returns:
-    The labels (output order) and the metadata.
+    The labels (output order) and the metadata as its typed record, checked
+    once here: required fields, every field's type, the ranges scoring
+    relies on.
 
   Raises:
     ArtifactError: a file or field is missing or wrong; the message names it
@@ -93,44 +97,50 @@ def read_artifact_info(model_dir: str) -> ArtifactInfo:
     raise ArtifactError(
         f"{schemas.LABELS_FILE} in {model_dir} must be a JSON list of distinct"
         f" class names, got {labels!r}. {_PASS_DIR}")
-  metadata = _read_json(model_dir, schemas.METADATA_FILE)
-  if not isinstance(metadata, dict):
+  raw = _read_json(model_dir, schemas.METADATA_FILE)
+  if not isinstance(raw, dict):
     raise ArtifactError(f"{schemas.METADATA_FILE} in {model_dir} is not a JSON"
                         f" object. {_PASS_DIR}")
-  missing = [f for f in schemas.METADATA_REQUIRED_FIELDS if f not in metadata]
+  missing = [f for f in schemas.METADATA_REQUIRED_FIELDS if f not in raw]
   if missing:
     raise ArtifactError(
         f"{schemas.METADATA_FILE} in {model_dir} lacks {', '.join(missing)}:"
         f" it was not written by this version's training. {_RETRAIN}")
-  if str(metadata["format_version"]) != schemas.ARTIFACT_FORMAT_VERSION:
+  # Before the types: another format may have another shape altogether.
+  if str(raw["format_version"]) != schemas.ARTIFACT_FORMAT_VERSION:
     raise ArtifactError(
-        f"{model_dir} has artifact format {metadata['format_version']!r};"
+        f"{model_dir} has artifact format {raw['format_version']!r};"
         f" this release reads format {schemas.ARTIFACT_FORMAT_VERSION!r}."
         f" {_RETRAIN}")
-  if metadata["labels"] != labels:
+  try:
+    metadata = ArtifactMetadata.from_json(raw)
+  except MetadataError as e:
+    raise ArtifactError(f"{schemas.METADATA_FILE} in {model_dir}: {e}."
+                        f" {_PASS_DIR}") from e
+  _check_values(model_dir, labels, metadata)
+  return ArtifactInfo(labels, metadata)
+
+
+def _check_values(model_dir: str, labels: List[str],
+                  metadata: ArtifactMetadata) -> None:
+  """The ranges scoring relies on, and labels.json against the metadata."""
+  if list(metadata.labels) != labels:
     raise ArtifactError(
         f"{schemas.LABELS_FILE} {labels} and metadata labels"
-        f" {metadata['labels']} differ in {model_dir}: the files come from"
+        f" {list(metadata.labels)} differ in {model_dir}: the files come from"
         f" different trainings. {_PASS_DIR}")
-  threshold = metadata["threshold"]
-  if (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-      or not 0.0 <= threshold <= 1.0):
+  if not 0.0 <= metadata.threshold <= 1.0:
     raise ArtifactError(
-        f"metadata threshold {threshold!r} in {model_dir} is not a number in"
-        " [0, 1]; fix metadata.json or retrain with --threshold.")
-  temperature = metadata["temperature"]
-  if (isinstance(temperature, bool) or
-      not isinstance(temperature, (int, float)) or
-      not 0.0 < temperature < float("inf")):
+        f"metadata threshold {metadata.threshold!r} in {model_dir} is not a"
+        " number in [0, 1]; fix metadata.json or retrain with --threshold.")
+  if not 0.0 < metadata.temperature < float("inf"):
     raise ArtifactError(
-        f"metadata temperature {temperature!r} in {model_dir} is not a"
-        f" positive number. {_PASS_DIR}")
-  size = metadata["image_size"]
-  if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        f"metadata temperature {metadata.temperature!r} in {model_dir} is not"
+        f" a positive number. {_PASS_DIR}")
+  if metadata.image_size < 1:
     raise ArtifactError(
-        f"metadata image_size {size!r} in {model_dir} is not a positive"
-        f" integer. {_PASS_DIR}")
-  return ArtifactInfo(labels, metadata)
+        f"metadata image_size {metadata.image_size!r} in {model_dir} is not a"
+        f" positive integer. {_PASS_DIR}")
 
 
 def _layer_classes(config: Any) -> Iterator[str]:
@@ -213,20 +223,20 @@ def load_artifact(model_dir: str,
                   else local_dir, digest)
 
 
-def _check_digest(model_dir: str, digest: str, metadata,
+def _check_digest(model_dir: str, digest: str, metadata: ArtifactMetadata,
                   expected_sha256: Optional[str]) -> None:
   """Refuses a model.keras that is not the one the metadata names."""
-  recorded = metadata.get(schemas.METADATA_MODEL_SHA256)
+  recorded = metadata.model_sha256
   if recorded is not None:
     matches = digest == recorded
   else:  # saved before model_sha256 existed: model_version's digest prefix
-    legacy = _VERSION_DIGEST.search(str(metadata["model_version"]))
+    legacy = _VERSION_DIGEST.search(metadata.model_version)
     matches = legacy is None or digest.startswith(legacy.group(1))
   if not matches:
     raise ArtifactError(
         f"{model_dir}/{schemas.MODEL_FILE} is not the model its metadata.json"
         f" describes (sha256 {digest[:16]}... differs from the one recorded"
-        f" for {metadata['model_version']}): the file was replaced after"
+        f" for {metadata.model_version}): the file was replaced after"
         f" training. {_PASS_DIR}")
   if expected_sha256 is not None and digest != expected_sha256:
     raise ArtifactError(
@@ -236,8 +246,8 @@ def _check_digest(model_dir: str, digest: str, metadata,
         " model.")
 
 
-def _load_checked(model_dir: str, local_dir: str, labels, metadata,
-                  expected_sha256: Optional[str] = None):
+def _load_checked(model_dir: str, local_dir: str, labels: List[str],
+                  metadata: ArtifactMetadata, expected_sha256: Optional[str] = None):
   """Loads model.keras from local_dir in safe mode and checks its digest and
   shapes; returns (model, sha256 of model.keras)."""
   path = os.path.join(local_dir, schemas.MODEL_FILE)
@@ -257,7 +267,7 @@ def _load_checked(model_dir: str, local_dir: str, labels, metadata,
     raise ArtifactError(
         f"cannot load {model_dir}/{schemas.MODEL_FILE}: {type(e).__name__}:"
         f" {e}. {_RETRAIN}") from e
-  size = metadata["image_size"]
+  size = metadata.image_size
   expected_input = (None, size, size, 3)
   actual_input = (tuple(model.inputs[0].shape) if len(model.inputs) == 1
                   else None)

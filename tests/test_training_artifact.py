@@ -56,22 +56,22 @@ def test_test_artifact_is_complete(model_dir):
   info = artifact.read_artifact_info(model_dir)
   assert info.labels == list(schemas.LABELS)
   for field in schemas.METADATA_REQUIRED_FIELDS:
-    assert field in info.metadata
+    assert field in info.metadata.to_json()
   metadata = info.metadata
-  assert metadata["threshold"] == 0.8
-  assert metadata["image_size"] == 32
-  assert metadata["temperature"] == 1.0
-  assert metadata["format_version"] == schemas.ARTIFACT_FORMAT_VERSION
-  assert metadata["package_version"] == schemas.PACKAGE_VERSION
+  assert metadata.threshold == 0.8
+  assert metadata.image_size == 32
+  assert metadata.temperature == 1.0
+  assert metadata.format_version == schemas.ARTIFACT_FORMAT_VERSION
+  assert metadata.package_version == schemas.PACKAGE_VERSION
   assert re.fullmatch(r"test-tiny-\d{8}T\d{6}Z-[0-9a-f]{8}",
-                      metadata["model_version"])
+                      metadata.model_version)
   with open(os.path.join(model_dir, schemas.LABELS_FILE)) as f:
     assert json.load(f) == list(schemas.LABELS)  # plain JSON, never pickle
   with open(os.path.join(model_dir, schemas.MODEL_CARD_FILE)) as f:
     card = f.read()
   assert "UNTRAINED TEST ARTIFACT" in card
-  assert metadata["model_version"] in card and "Intended use" in card
-  assert metadata["calibration"]["reason"] == "untrained test artifact"
+  assert metadata.model_version in card and "Intended use" in card
+  assert metadata.calibration.reason == "untrained test artifact"
 
 
 def test_load_predicts_probabilities_in_label_order(model_dir):
@@ -155,7 +155,7 @@ def test_lambda_layer_refused(tmp_path):
   x = keras.layers.GlobalAveragePooling2D()(x)
   model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
   model_dir = str(tmp_path / "lambda")
-  saving.save_artifact(model, model_dir, schemas.LABELS, _metadata_fields())
+  saving.save_artifact(model, model_dir, schemas.LABELS, **_metadata_fields())
   artifact.read_artifact_info(model_dir)  # the JSON side is fine
   with pytest.raises(artifact.ArtifactError, match="safe mode"):
     artifact.load_artifact(model_dir)
@@ -166,7 +166,7 @@ def test_float_input_refused(tmp_path):
   x = keras.layers.GlobalAveragePooling2D()(inputs)
   model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
   model_dir = str(tmp_path / "float")
-  saving.save_artifact(model, model_dir, schemas.LABELS, _metadata_fields())
+  saving.save_artifact(model, model_dir, schemas.LABELS, **_metadata_fields())
   with pytest.raises(artifact.ArtifactError, match="uint8"):
     artifact.load_artifact(model_dir)
 
@@ -175,18 +175,20 @@ def test_save_fills_in_fields_and_requires_the_rest(tmp_path):
   model = model_lib.build_model(32, backbone="tiny")
   model.get_layer("temperature").set_temperature(1.5)
   metadata = saving.save_artifact(model, str(tmp_path / "m"),
-                                    schemas.LABELS,
-                                    dict(_metadata_fields(), name="x"))
-  assert metadata["image_size"] == 32
-  assert metadata["threshold"] == schemas.DEFAULT_THRESHOLD
-  assert metadata["temperature"] == 1.5
-  assert metadata["model_version"].startswith("x-")
-  assert list(metadata)[:len(schemas.METADATA_REQUIRED_FIELDS)] == list(
+                                  schemas.LABELS, **_metadata_fields(),
+                                  name="x")
+  assert metadata.image_size == 32
+  assert metadata.threshold == schemas.DEFAULT_THRESHOLD
+  assert metadata.temperature == 1.5
+  assert metadata.model_version.startswith("x-")
+  with open(tmp_path / "m" / schemas.METADATA_FILE) as f:
+    written = json.load(f)
+  assert list(written)[:len(schemas.METADATA_REQUIRED_FIELDS)] == list(
       schemas.METADATA_REQUIRED_FIELDS)
   with pytest.raises(artifact.ArtifactError, match="lacks data_fingerprint"):
     fields = _metadata_fields()
     del fields["data_fingerprint"]
-    saving.save_artifact(model, str(tmp_path / "n"), schemas.LABELS, fields)
+    saving.save_artifact(model, str(tmp_path / "n"), schemas.LABELS, **fields)
 
 
 def test_read_artifact_info_does_not_import_tensorflow(model_dir):
@@ -201,10 +203,10 @@ def test_read_artifact_info_does_not_import_tensorflow(model_dir):
 
 def test_model_swapped_after_training_refused(tmp_path, model_dir):
   loaded = artifact.load_artifact(model_dir)
-  digest = loaded.metadata[schemas.METADATA_MODEL_SHA256]
+  digest = loaded.metadata.model_sha256
   assert loaded.model_sha256 == digest
   assert re.fullmatch(r"[0-9a-f]{64}", digest)
-  assert loaded.metadata["model_version"].endswith(digest[:8])
+  assert loaded.metadata.model_version.endswith(digest[:8])
   other = str(tmp_path / "other")
   testing.make_test_artifact(other, image_size=32, seed=4)
   swapped = _copy(model_dir, str(tmp_path / "swapped"))

@@ -153,8 +153,8 @@ def test_train_with_augmentation(tmp_path, data_glob):
                      "1", "--batch_size", "8"])
   assert status == 0
   metadata = artifact.read_artifact_info(output).metadata
-  assert metadata["training"]["augment"] is True
-  assert len(metadata["training"]["epoch_seconds"]["head"]) == 1
+  assert metadata.training.augment is True
+  assert len(metadata.training.epoch_seconds["head"]) == 1
   artifact.load_artifact(output)
 
 
@@ -181,11 +181,11 @@ def test_target_accuracy_threshold_from_validation(tmp_path, data_glob,
   out = capsys.readouterr().out
   assert "Review threshold" in out and "Test ECE" in out
   metadata = artifact.read_artifact_info(output).metadata
-  assert metadata["threshold_source"] == "target_accuracy"
-  assert metadata["target_accuracy"] == 0.8
-  assert metadata["training"]["learning_rate"] == 3e-3
-  flagging = metadata["flagging"]
-  assert flagging["fixed"]["threshold"] == schemas.DEFAULT_THRESHOLD
+  assert metadata.threshold_source == "target_accuracy"
+  assert metadata.target_accuracy == 0.8
+  assert metadata.training.learning_rate == 3e-3
+  flagging = metadata.flagging
+  assert flagging.fixed.threshold == schemas.DEFAULT_THRESHOLD
   # Recompute the choice from the saved (calibrated) model on the val split.
   images, labels = _split_images(output, split.VAL)
   probabilities = artifact.load_artifact(output).model.predict(images,
@@ -193,12 +193,12 @@ def test_target_accuracy_threshold_from_validation(tmp_path, data_glob,
   confidence = probabilities.max(axis=1)
   correct = probabilities.argmax(axis=1) == labels
   choice = calibration.choose_threshold(confidence, correct, 0.8)
-  assert metadata["threshold"] == pytest.approx(choice.threshold, abs=1e-5)
-  assert flagging["target_reached"] == choice.reached
-  assert flagging["val"]["flagged"] == int(
-      (confidence < metadata["threshold"] - 1e-5).sum())
+  assert metadata.threshold == pytest.approx(choice.threshold, abs=1e-5)
+  assert flagging.target_reached == choice.reached
+  assert flagging.val.flagged == int(
+      (confidence < metadata.threshold - 1e-5).sum())
   if choice.reached:
-    assert flagging["val"]["accuracy_confident"] >= 0.8
+    assert flagging.val.accuracy_confident >= 0.8
   card = open(os.path.join(output, schemas.MODEL_CARD_FILE)).read()
   assert "SYNTHETIC PHANTOMS" in card and "--target_accuracy 0.800" in card
 
@@ -207,12 +207,23 @@ def test_no_calibrate_keeps_temperature_one(tmp_path, data_glob):
   output = str(tmp_path / "m")
   assert _tiny_train(output, data_glob, "--no_calibrate") == 0
   metadata = artifact.read_artifact_info(output).metadata
-  cal = metadata["calibration"]
-  assert metadata["temperature"] == 1.0 and not cal["fitted"]
-  assert cal["reason"] == "--no_calibrate"
-  assert cal["ece_before"] == cal["ece_after"]
+  cal = metadata.calibration
+  assert metadata.temperature == 1.0 and not cal.fitted
+  assert cal.reason == "--no_calibrate"
+  assert cal.ece_before == cal.ece_after
   assert artifact.load_artifact(output).model.get_layer(
       "temperature").value == 1.0
+
+
+def test_flag_warnings_printed_not_logged(tmp_path, data_glob, capsys,
+                                          caplog):
+  output = str(tmp_path / "m")
+  assert _tiny_train(output, data_glob, "--cv_folds", "0", "--epochs",
+                     "1") == 0
+  out = capsys.readouterr().out
+  assert out.startswith("WARNING: --cv_folds 0 and no test split")
+  assert "nothing held out" not in caplog.text
+  assert "Review threshold" in out and f"written to {output}" in out
 
 
 def test_same_seed_same_split(tmp_path, data_glob):
@@ -223,7 +234,7 @@ def test_same_seed_same_split(tmp_path, data_glob):
                      "--backbone", "tiny", "--backbone_weights", "none",
                      "--no_augment", "--epochs", "1", "--seed", "5"]) == 0
     fingerprints.append(
-        artifact.read_artifact_info(output).metadata["data_fingerprint"])
+        artifact.read_artifact_info(output).metadata.data_fingerprint)
   assert fingerprints[0] == fingerprints[1]
 
 
@@ -287,9 +298,10 @@ def _colour_model(size):
 def test_evaluate_matches_hand_computation(tmp_path, capsys):
   size = 8
   model_dir = str(tmp_path / "model")
-  saving.save_artifact(_colour_model(size), model_dir, schemas.LABELS, {
-      "backbone": "colour", "weights_source": "none", "data_fingerprint": {},
-      "class_counts": {}, "test_metrics": {}, "threshold": 0.9})
+  saving.save_artifact(_colour_model(size), model_dir, schemas.LABELS,
+                       backbone="colour", weights_source="none",
+                       data_fingerprint={}, class_counts={}, test_metrics={},
+                       threshold=0.9)
   rng = np.random.default_rng(0)
   colours = {"blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0)}
   # (true label, colour = predicted class) — the fixed prediction set.
@@ -328,7 +340,7 @@ def test_evaluate_matches_hand_computation(tmp_path, capsys):
   assert report["low_confidence"] == 0
   assert report["seen_in_training"] is None
   assert report["model_version"] == artifact.read_artifact_info(
-      model_dir).metadata["model_version"]
+      model_dir).metadata.model_version
 
 
 @pytest.fixture(name="test_artifact", scope="module")
@@ -393,10 +405,10 @@ def test_empty_validation_split_trains_without_calibration(tmp_path,
   assert _tiny_train(output, data_glob, "--val_fraction", "0",
                      "--threshold", "0.9") == 0
   metadata = artifact.read_artifact_info(output).metadata
-  assert metadata["class_counts"]["val"] == {
-      label: 0 for label in metadata["labels"]}
-  assert not metadata["calibration"]["fitted"]
-  assert metadata["temperature"] == 1.0
+  assert metadata.class_counts["val"] == {
+      label: 0 for label in metadata.labels}
+  assert not metadata.calibration.fitted
+  assert metadata.temperature == 1.0
 
 
 def test_abbreviated_flags_are_refused(tmp_path, data_glob, capsys):

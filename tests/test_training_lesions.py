@@ -282,9 +282,10 @@ def test_evaluate_masks_end_to_end(tmp_path, capsys):
                 "--image_size", str(SIZE)])
   data = os.path.join(out, schemas.TFRECORD_DIR, "*" + schemas.TFRECORD_SUFFIX)
   model_dir = str(tmp_path / "model")
-  saving.save_artifact(_lesion_detector(SIZE), model_dir, schemas.LABELS, {
-      "backbone": "tiny", "weights_source": "none", "data_fingerprint": {},
-      "class_counts": {}, "test_metrics": {}, "threshold": 0.9})
+  saving.save_artifact(_lesion_detector(SIZE), model_dir, schemas.LABELS,
+                       backbone="tiny", weights_source="none",
+                       data_fingerprint={}, class_counts={}, test_metrics={},
+                       threshold=0.9)
 
   def run(masks, name):
     report_dir = str(tmp_path / name)

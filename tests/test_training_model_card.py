@@ -1,6 +1,21 @@
 """MODEL_CARD.md is rendered from the metadata: the numbers must be in it."""
 
+from schemas.metadata import ArtifactMetadata
 from training import model_card
+
+
+def _render(metadata):
+  return model_card.render(ArtifactMetadata.from_json(metadata))
+
+
+def sparse_metadata(**fields):
+  """Metadata with the required fields only, most of them empty."""
+  return ArtifactMetadata.from_json({
+      "model_version": "x", "created_at": "", "image_size": 1,
+      "threshold": 0.9, "temperature": 1.0, "labels": [], "backbone": "",
+      "weights_source": "", "data_fingerprint": {}, "class_counts": {},
+      "test_metrics": {}, "format_version": "1", "package_version": "",
+      **fields})
 
 
 def _metadata(**changes):
@@ -61,7 +76,7 @@ def _metadata(**changes):
 
 
 def test_card_holds_the_key_numbers():
-  card = model_card.render(_metadata())
+  card = _render(_metadata())
   for text in (
       "# Model card: busi-vgg16-20250101T000000Z-abcdef12",
       "2025-01-01T00:00:00+00:00", "9.9.9", "| artifact format_version | 1 |",
@@ -87,7 +102,7 @@ def test_card_warnings():
                        training={"synthetic_data": True})
   metadata["flagging"]["target_reached"] = False
   metadata["calibration"]["at_bound"] = True
-  card = model_card.render(metadata)
+  card = _render(metadata)
   assert "TRAINED ON SYNTHETIC PHANTOMS" in card
   assert "was not reached" in card
   assert "end of its search range" in card
@@ -95,7 +110,7 @@ def test_card_warnings():
 
 
 def test_card_survives_sparse_metadata():
-  card = model_card.render({"model_version": "x", "threshold": 0.9})
+  card = model_card.render(sparse_metadata(model_version="x", threshold=0.9))
   assert "# Model card: x" in card and "No test images" in card
   assert "Not calibrated" in card
 
@@ -116,12 +131,12 @@ def test_card_shows_the_cross_validated_figures():
                  "flagged_share": 0.31},
       "per_fold": [{"fold": k, "threshold": 0.61 + k / 100}
                    for k in range(5)]})
-  card = model_card.render(metadata)
+  card = _render(metadata)
   assert "## Cross-validated figures" in card
   assert "| macro F1 | 0.712 ± 0.046 | 0.701 |" in card
   assert "| flagged at the chosen threshold | 30.0 % ± 5.0 % | 31.0 % |" in card
   assert "flagged at the fixed 0.900" in card
   assert "623 images" in card and "0.650" in card  # fold 4's threshold
-  without = model_card.render(_metadata())
+  without = _render(_metadata())
   assert "Not measured for this artifact" in without
   assert "single split of BUSI optimistic" in without

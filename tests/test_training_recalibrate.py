@@ -21,6 +21,7 @@ from busi_core import artifact
 from training import saving
 from training import model as model_lib, split, testing
 from busi_core.layers import TemperatureScaling
+from tests.test_training_model_card import sparse_metadata
 
 SIZE = 32
 IMAGES = 90
@@ -83,12 +84,12 @@ def fixture_site(tmp_path_factory):
   parent = str(root / "parent")
   parent_temperature = best.temperature / 20
   model_lib.set_temperature(loaded.model, parent_temperature)
-  fields = {k: v for k, v in loaded.metadata.items() if k not in (
+  fields = {k: v for k, v in loaded.metadata.as_kwargs().items() if k not in (
       "model_version", "created_at", schemas.METADATA_MODEL_SHA256,
       "temperature")}
   fields.update(name="parent", threshold=PARENT_THRESHOLD,
                 temperature=parent_temperature)
-  saving.save_artifact(loaded.model, parent, loaded.labels, fields)
+  saving.save_artifact(loaded.model, parent, loaded.labels, **fields)
   with open(os.path.join(parent, schemas.SPLIT_FILE), "w") as f:
     json.dump({"train": ["a"], "val": [], "test": []}, f)
 
@@ -128,20 +129,22 @@ def test_recalibrate_refits_temperature_and_threshold(site, tmp_path, capsys):
   parent = artifact.load_artifact(site.parent)
   new = artifact.load_artifact(str(output))
   metadata = new.metadata
-  block = metadata[schemas.METADATA_RECALIBRATION]
+  with open(output / schemas.METADATA_FILE) as f:
+    assert metadata.to_json() == json.load(f)  # typed, and nothing lost
+  block = metadata.recalibration
 
   # Temperature and threshold move toward what the whole sample wants.
-  temperature = metadata["temperature"]
-  assert block["temperature"]["fitted"]
+  temperature = metadata.temperature
+  assert block.temperature.fitted
   assert new.model.get_layer("temperature").value == pytest.approx(
       temperature)
   assert (abs(np.log(temperature / site.best_temperature)) <
           abs(np.log(site.parent_temperature / site.best_temperature)) / 4)
-  assert (abs(metadata["threshold"] - site.best_threshold) <
+  assert (abs(metadata.threshold - site.best_threshold) <
           abs(PARENT_THRESHOLD - site.best_threshold))
-  assert metadata["threshold_source"] == schemas.THRESHOLD_TARGET_ACCURACY
-  assert metadata["target_accuracy"] == TARGET
-  assert block["threshold"]["target_reached"] is True
+  assert metadata.threshold_source == schemas.THRESHOLD_TARGET_ACCURACY
+  assert metadata.target_accuracy == TARGET
+  assert block.threshold.target_reached is True
 
   # Every weight but the temperature is the parent's.
   before, after = _weights(parent.model), _weights(new.model)
@@ -157,55 +160,57 @@ def test_recalibrate_refits_temperature_and_threshold(site, tmp_path, capsys):
                           temperature), atol=1e-5)
 
   # A new artifact that names its parent and keeps its other metadata.
-  assert metadata["model_version"] != parent.metadata["model_version"]
-  assert metadata["model_version"].startswith("parent-")  # the parent's name
-  assert metadata[schemas.METADATA_PARENT_MODEL_VERSION] == (
-      parent.metadata["model_version"])
-  assert metadata[schemas.METADATA_PARENT_MODEL_SHA256] == parent.model_sha256
+  assert metadata.model_version != parent.metadata.model_version
+  assert metadata.model_version.startswith("parent-")  # the parent's name
+  assert metadata.parent_model_version == parent.metadata.model_version
+  assert metadata.parent_model_sha256 == parent.model_sha256
   for field in schemas.METADATA_REQUIRED_FIELDS:
-    assert field in metadata, field
-  for field in ("test_metrics", "class_counts", "data_fingerprint",
-                "weights_source", "backbone", "training"):
-    assert metadata[field] == parent.metadata[field], field
+    assert field in metadata.to_json(), field
+  assert metadata.test_metrics == parent.metadata.test_metrics
+  assert metadata.class_counts == parent.metadata.class_counts
+  assert metadata.data_fingerprint == parent.metadata.data_fingerprint
+  assert metadata.weights_source == parent.metadata.weights_source
+  assert metadata.backbone == parent.metadata.backbone
+  assert metadata.training == parent.metadata.training
   assert os.path.exists(output / schemas.SPLIT_FILE)  # the parent's
   with open(output / schemas.RECALIBRATION_SPLIT_FILE) as f:
     sample_split = json.load(f)
 
   # Honest figures: the held-out part, parent vs new.
-  check = block["check"]
-  fit_count = block["temperature"]["fit_count"]
-  assert not check["in_sample"] and check["part"] == "holdout"
-  assert fit_count + check["count"] == IMAGES == block["images"]
-  assert block["examples_read"] == IMAGES + 1
-  assert 0.2 < check["count"] / IMAGES < 0.4
-  assert len(sample_split["holdout"]) == check["count"]
+  check = block.check
+  fit_count = block.temperature.fit_count
+  assert not check.in_sample and check.part == "holdout"
+  assert fit_count + check.count == IMAGES == block.images
+  assert block.examples_read == IMAGES + 1
+  assert 0.2 < check.count / IMAGES < 0.4
+  assert len(sample_split["holdout"]) == check.count
   assert not set(sample_split["fit"]) & set(sample_split["holdout"])
-  assert block["data_fingerprint"]["overall"] == split.fingerprint(
+  assert block.data_fingerprint["overall"] == split.fingerprint(
       site.image_ids)
-  old, now = check["before"], check["after"]
-  assert old["temperature"] == pytest.approx(site.parent_temperature)
-  assert old["threshold"] == PARENT_THRESHOLD
-  assert now["threshold"] == metadata["threshold"]
-  assert old["accuracy"] == now["accuracy"]  # a temperature moves no argmax
-  assert now["ece"] < old["ece"] and now["nll"] < old["nll"]
+  old, now = check.before, check.after
+  assert old.temperature == pytest.approx(site.parent_temperature)
+  assert old.threshold == PARENT_THRESHOLD
+  assert now.threshold == metadata.threshold
+  assert old.accuracy == now.accuracy  # a temperature moves no argmax
+  assert now.ece < old.ece and now.nll < old.nll
   # Recomputed by hand on the held-out images.
   rows = [site.image_ids.index(i) for i in sample_split["holdout"]]
   held_logits, held_labels = site.logits[rows], site.labels[rows]
   probabilities = calibration.softmax(held_logits, temperature)
   expected = calibration.flag_stats(
       probabilities.max(axis=1), probabilities.argmax(axis=1) == held_labels,
-      metadata["threshold"])
+      metadata.threshold)
   for key, value in expected.items():
-    assert now[key] == pytest.approx(value), key
-  assert now["nll"] == pytest.approx(
+    assert getattr(now, key) == pytest.approx(value), key
+  assert now.nll == pytest.approx(
       calibration.nll(held_logits, held_labels, temperature), abs=1e-5)
 
   card = (output / schemas.MODEL_CARD_FILE).read_text()
   for text in ("## Recalibration for a new site",
-               parent.metadata["model_version"], "parent (before)",
-               "recalibrated (after)", f"| ECE (15 bins) | {old['ece']:.3f} |"
-               f" {now['ece']:.3f} |", f"{metadata['threshold']:.4f}",
-               block["data_fingerprint"]["overall"],
+               parent.metadata.model_version, "parent (before)",
+               "recalibrated (after)", f"| ECE (15 bins) | {old.ece:.3f} |"
+               f" {now.ece:.3f} |", f"{metadata.threshold:.4f}",
+               block.data_fingerprint["overall"],
                "python -m training recalibrate --model DIR"):
     assert text in card, text
   assert "In-sample" not in card
@@ -216,16 +221,16 @@ def test_fixed_threshold_in_sample(site, tmp_path):
   assert _run(site, output, "--threshold", "0.8", "--holdout_fraction", "0",
               "--name", "site-b") == 0
   metadata = _metadata(output)
-  block = metadata[schemas.METADATA_RECALIBRATION]
-  assert metadata["threshold"] == 0.8
-  assert metadata["threshold_source"] == schemas.THRESHOLD_FIXED
-  assert metadata["target_accuracy"] is None
-  assert metadata["model_version"].startswith("site-b-")
-  assert block["check"]["in_sample"] and block["check"]["count"] == IMAGES
-  assert block["temperature"]["fit_count"] == IMAGES
+  block = metadata.recalibration
+  assert metadata.threshold == 0.8
+  assert metadata.threshold_source == schemas.THRESHOLD_FIXED
+  assert metadata.target_accuracy is None
+  assert metadata.model_version.startswith("site-b-")
+  assert block.check.in_sample and block.check.count == IMAGES
+  assert block.temperature.fit_count == IMAGES
   # Fitted on all of it: exactly the temperature fitted on the sample.
-  assert metadata["temperature"] == pytest.approx(site.best_temperature,
-                                                  rel=1e-4)
+  assert metadata.temperature == pytest.approx(site.best_temperature,
+                                               rel=1e-4)
   card = (output / schemas.MODEL_CARD_FILE).read_text()
   assert "**In-sample figures**" in card and "fixed (`--threshold`)" in card
 
@@ -237,9 +242,9 @@ def test_existing_output_needs_overwrite(site, tmp_path, capsys):
   (output / schemas.artifact.TRAINING_CURVES_FILE).write_bytes(b"old")
   assert _run(site, output) == 2
   assert "--overwrite" in capsys.readouterr().err
-  assert _metadata(output)["training"]["untrained_test_artifact"]
+  assert _metadata(output).training.untrained_test_artifact
   assert _run(site, output, "--overwrite") == 0
-  assert _metadata(output)[schemas.METADATA_PARENT_MODEL_VERSION]
+  assert _metadata(output).parent_model_version
   assert not (output / schemas.artifact.TRAINING_CURVES_FILE).exists()
 
 
@@ -307,7 +312,7 @@ def test_gs_output(site, gcs_client):
   output = f"gs://{BUCKET}/models/recal"
   assert _run(site, output) == 0
   info = artifact.read_artifact_info(output)
-  assert info.metadata[schemas.METADATA_PARENT_MODEL_VERSION]
+  assert info.metadata.parent_model_version
   names = {blob.name for blob in gcs_client.list_blobs(
       BUCKET, prefix="models/recal/")}
   for name in (schemas.MODEL_FILE, schemas.MODEL_CARD_FILE, schemas.SPLIT_FILE,
@@ -317,7 +322,7 @@ def test_gs_output(site, gcs_client):
 
 
 def test_every_card_says_how_to_check_and_recalibrate():
-  card = model_card.render({"model_version": "x", "threshold": 0.9})
+  card = model_card.render(sparse_metadata(model_version="x", threshold=0.9))
   assert "holds only for data like" in card
   assert ("python -m training evaluate --model DIR --data LOCAL_GLOB"
           " --output REPORT") in card

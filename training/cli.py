@@ -279,9 +279,13 @@ def main(argv: Optional[List[str]] = None) -> int:
   try:
     if args.command == "train":
       from training import train  # pylint: disable=import-outside-toplevel
-      train.train(_recipe_config(args, output=args.output, name=args.name,
-                                 overwrite=args.overwrite,
-                                 cv_folds=args.cv_folds))
+      config = _recipe_config(args, output=args.output, name=args.name,
+                              overwrite=args.overwrite,
+                              cv_folds=args.cv_folds)
+      config.validate()
+      for line in train.flag_warnings(config):
+        print(line)
+      print(train.format_summary(train.train(config)))
     elif args.command == "cv":
       from training import cv  # pylint: disable=import-outside-toplevel
       report = cv.cross_validate(_recipe_config(args, output=args.output or ""),

@@ -91,17 +91,17 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
   """
   loaded = artifact.load_artifact(model_dir)
   labels = loaded.labels
-  size = loaded.metadata["image_size"]
+  size = loaded.metadata.image_size
   data, stats = data_lib.load_labelled(patterns, labels, size)
   # Before the model runs, so that a bad --masks fails at once.
   mask_sets = lesion_masks.read_mask_archives(masks) if masks else None
   _LOG.info("Evaluating %s on %d labelled images (%d unlabelled skipped)",
-            loaded.metadata["model_version"], stats.used, stats.unlabelled)
+            loaded.metadata.model_version, stats.used, stats.unlabelled)
   probabilities = loaded.model.predict(data.images, batch_size=batch_size,
                                        verbose=0)
   predicted = probabilities.argmax(axis=1)
   report = metrics.classification_report(data.labels, predicted, labels)
-  threshold = float(loaded.metadata["threshold"])
+  threshold = float(loaded.metadata.threshold)
   confidence = probabilities.max(axis=1)
   correct = predicted == data.labels
   reliability = calibration.reliability(confidence, correct)
@@ -109,11 +109,11 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
                             data.images)
   report.update({
       "model_dir": model_dir,
-      "model_version": loaded.metadata["model_version"],
+      "model_version": loaded.metadata.model_version,
       "threshold": threshold,
       "low_confidence": int((confidence < threshold).sum()),
       # With the artifact's (calibrated) probabilities, as scoring sees them.
-      "temperature": float(loaded.metadata["temperature"]),
+      "temperature": float(loaded.metadata.temperature),
       "ece": reliability["ece"],
       "reliability": reliability,
       "flagging": calibration.flag_stats(confidence, correct, threshold),

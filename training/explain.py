@@ -50,7 +50,7 @@ def explain_file(model_dir: str, image: str, output: str,
     raise ValueError(f"--image {image!r}: no such file")
   with FileSystems.open(image) as f:
     data = f.read()
-  size = int(loaded.metadata["image_size"])
+  size = loaded.metadata.image_size
   pixels = imaging.decode_and_resize(data, size).pixels[None]
   probabilities = np.asarray(loaded.model(pixels, training=False))[0]
   predicted = labels[int(probabilities.argmax())]
@@ -58,10 +58,10 @@ def explain_file(model_dir: str, image: str, output: str,
   heat = gradcam.heatmaps(loaded.model, pixels, [labels.index(explained)])[0]
   with FileSystems.create(output) as f:
     f.write(gradcam.overlay_png(pixels[0], heat))
-  threshold = float(loaded.metadata["threshold"])
+  threshold = float(loaded.metadata.threshold)
   return Explanation(
       image=image, output=output,
-      model_version=str(loaded.metadata["model_version"]), labels=labels,
+      model_version=loaded.metadata.model_version, labels=labels,
       probabilities=[float(p) for p in probabilities], predicted=predicted,
       explained=explained, threshold=threshold,
       flagged=bool(probabilities.max() < threshold))

@@ -1,16 +1,19 @@
 """MODEL_CARD.md: what a model is for, what it was trained on, how good and
 how calibrated it is, and what to distrust — rendered from metadata.json.
 
-`render(metadata)` is a pure function of the metadata (no TensorFlow), so the
-card can never disagree with the numbers scoring reads; `save_artifact`
-writes it into every artifact. Fields an artifact lacks are shown as "n/a".
+`render(metadata)` is a pure function of the metadata record (no
+TensorFlow), so the card can never disagree with the numbers scoring reads;
+`save_artifact` writes it into every artifact. Fields an artifact lacks are
+shown as "n/a".
 """
 
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import schemas
 from schemas import artifact as artifact_schema
+from schemas import metadata as metadata_schema
+from schemas.metadata import ArtifactMetadata
 
 NA = "n/a"
 
@@ -72,43 +75,40 @@ def weights_provenance(weights_source: Any) -> str:
   return f"`{source}`"
 
 
-def _is_test_artifact(metadata: Dict) -> bool:
-  return bool((metadata.get("training") or {}).get("untrained_test_artifact"))
+def _or_na(value: Any) -> Any:
+  return NA if value is None else value
 
 
-def _is_synthetic(metadata: Dict) -> bool:
-  return bool((metadata.get("training") or {}).get("synthetic_data"))
+def _training(metadata: ArtifactMetadata) -> metadata_schema.TrainingSettings:
+  return metadata.training or metadata_schema.TrainingSettings()
 
 
-def _header(metadata: Dict) -> List[str]:
-  lines = [f"# Model card: {metadata.get('model_version', NA)}", ""]
-  if _is_test_artifact(metadata):
+def _header(metadata: ArtifactMetadata) -> List[str]:
+  lines = [f"# Model card: {metadata.model_version}", ""]
+  if metadata.is_test_artifact:
     lines += ["> **UNTRAINED TEST ARTIFACT.** Random weights, trained on no"
               " data, written by `training.testing.make_test_artifact` for"
               " software tests. Its predictions mean nothing; never use it on"
               " images of patients.", ""]
-  if _is_synthetic(metadata):
+  if metadata.is_synthetic:
     lines += ["> **TRAINED ON SYNTHETIC PHANTOMS**, not on patient images"
               " (`python -m training phantoms` or similar). It demonstrates"
               " the software only and says nothing about real ultrasound.",
               ""]
-  training = metadata.get("training") or {}
-  labels = metadata.get("labels") or []
   lines += _table(["field", "value"], [
-      ["model_version", metadata.get("model_version", NA)],
-      ["created_at", metadata.get("created_at", NA)],
-      ["classes (output order)", ", ".join(labels) or NA],
-      ["input", f"raw uint8 RGB {metadata.get('image_size', NA)}×"
-                f"{metadata.get('image_size', NA)} (resized by"
-                " `busi_core.imaging.decode_and_resize`)"],
-      ["backbone", metadata.get("backbone", NA)],
-      ["backbone weights", weights_provenance(metadata.get("weights_source"))],
-      ["temperature", _num(metadata.get("temperature"))],
-      ["review threshold", f"{_num(metadata.get('threshold'), 4)}"
-                           f" ({metadata.get('threshold_source', 'fixed')})"],
-      ["artifact format_version", metadata.get("format_version", NA)],
-      ["package_version", metadata.get("package_version", NA)],
-      ["seed", training.get("seed", NA)],
+      ["model_version", metadata.model_version],
+      ["created_at", metadata.created_at],
+      ["classes (output order)", ", ".join(metadata.labels) or NA],
+      ["input", f"raw uint8 RGB {metadata.image_size}×{metadata.image_size}"
+                " (resized by `busi_core.imaging.decode_and_resize`)"],
+      ["backbone", metadata.backbone],
+      ["backbone weights", weights_provenance(metadata.weights_source)],
+      ["temperature", _num(metadata.temperature)],
+      ["review threshold", f"{_num(metadata.threshold, 4)}"
+                           f" ({_threshold_source(metadata)})"],
+      ["artifact format_version", metadata.format_version],
+      ["package_version", metadata.package_version],
+      ["seed", _or_na(_training(metadata).seed)],
   ])
   return lines + [""]
 
@@ -136,13 +136,17 @@ _INTENDED_USE = """\
 """
 
 
-def _data_section(metadata: Dict) -> List[str]:
+def _threshold_source(metadata: ArtifactMetadata) -> str:
+  return metadata.threshold_source or schemas.THRESHOLD_FIXED
+
+
+def _data_section(metadata: ArtifactMetadata) -> List[str]:
   lines = ["## Training data", ""]
-  if _is_test_artifact(metadata):
+  if metadata.is_test_artifact:
     lines += ["None: this artifact was never trained.", ""]
-  fingerprint = metadata.get("data_fingerprint") or {}
-  counts = metadata.get("class_counts") or {}
-  labels = metadata.get("labels") or []
+  fingerprint = metadata.data_fingerprint
+  counts = metadata.class_counts
+  labels = list(metadata.labels)
   lines.append("Data fingerprint (sha256 over the sorted image_ids of each"
                " split; `overall` over all):")
   lines.append("")
@@ -161,44 +165,45 @@ def _data_section(metadata: Dict) -> List[str]:
     lines += ["Images per class and split:", ""]
     lines += _table(["split"] + labels + ["total"], rows)
     lines.append("")
-  training = metadata.get("training") or {}
-  skips = [("examples read", "examples_read"),
-           ("unlabelled, skipped", "unlabelled_skipped"),
-           ("exact duplicates (same bytes), used once", "duplicates_skipped"),
+  training = _training(metadata)
+  skips = [("examples read", training.examples_read),
+           ("unlabelled, skipped", training.unlabelled_skipped),
+           ("exact duplicates (same bytes), used once",
+            training.duplicates_skipped),
            ("same bytes under two classes, dropped",
-            "conflicting_labels_skipped"),
+            training.conflicting_labels_skipped),
            ("images in a near-duplicate group (kept in one split)",
-            "near_duplicates_grouped")]
-  if any(key in training for _, key in skips):
+            training.near_duplicates_grouped)]
+  if any(count is not None for _, count in skips):
     lines += _table(["reading", "images"],
-                    [[name, training.get(key, NA)] for name, key in skips])
+                    [[name, _or_na(count)] for name, count in skips])
     lines.append("")
   return lines
 
 
-def _metrics_section(metadata: Dict) -> List[str]:
-  report = metadata.get("test_metrics") or {}
-  lines = [f"## Metrics (test split, {report.get('count', 0)} images)", ""]
-  if not report.get("count"):
+def _metrics_section(metadata: ArtifactMetadata) -> List[str]:
+  report = metadata.test_metrics
+  lines = [f"## Metrics (test split, {report.count or 0} images)", ""]
+  if not report.count:
     return lines + ["No test images: no test split (the default:"
                     " cross-validation measures the recipe, and the model"
                     " learns from the rest)."
                     " Held-out figures: \"Cross-validated figures\" above.",
                     ""]
-  macro = report.get("macro") or {}
-  low, high = wilson_interval(report.get("accuracy") or 0.0, report["count"])
-  lines += [f"Accuracy **{_num(report.get('accuracy'))}** (95 % Wilson"
-            f" interval {low:.3f}–{high:.3f} for {report['count']} images);"
-            f" macro precision {_num(macro.get('precision'))}, recall"
-            f" {_num(macro.get('recall'))}, F1 {_num(macro.get('f1'))}."
+  macro = report.macro or metadata_schema.Scores()
+  low, high = wilson_interval(report.accuracy or 0.0, report.count)
+  lines += [f"Accuracy **{_num(report.accuracy)}** (95 % Wilson"
+            f" interval {low:.3f}–{high:.3f} for {report.count} images);"
+            f" macro precision {_num(macro.precision)}, recall"
+            f" {_num(macro.recall)}, F1 {_num(macro.f1)}."
             " The test split influenced neither training, calibration nor"
             " the threshold.", ""]
-  rows = [[label, _num(row.get("precision")), _num(row.get("recall")),
-           _num(row.get("f1")), row.get("support", NA)]
-          for label, row in (report.get("per_class") or {}).items()]
+  rows = [[label, _num(row.precision), _num(row.recall), _num(row.f1),
+           _or_na(row.support)]
+          for label, row in (report.per_class or {}).items()]
   lines += _table(["class", "precision", "recall", "F1", "support"], rows)
-  labels = report.get("labels") or []
-  matrix = report.get("confusion_matrix") or []
+  labels = list(report.labels or ())
+  matrix = report.confusion_matrix or ()
   if matrix:
     lines += ["", "Confusion matrix (rows: true class, columns: predicted):",
               ""]
@@ -222,9 +227,9 @@ _CV_ROWS = (
 _SHARES = ("flagged_share", "fixed_flagged_share")
 
 
-def _cv_section(metadata: Dict) -> List[str]:
+def _cv_section(metadata: ArtifactMetadata) -> List[str]:
   """The recipe's cross-validated figures on the training data."""
-  report = metadata.get(artifact_schema.METADATA_CROSS_VALIDATION)
+  report = metadata.cross_validation
   lines = ["## Cross-validated figures (held-out folds of the training data)",
            ""]
   if not report:
@@ -232,17 +237,18 @@ def _cv_section(metadata: Dict) -> List[str]:
         "Not measured for this artifact (`--cv_folds 0`). Run `python -m"
         " training cv --data GLOB` with the same flags to know how the"
         " recipe does on images it has not seen.", ""]
-  fixed = (report.get("pooled") or {}).get("fixed_threshold")
-  if metadata.get(schemas.METADATA_RECALIBRATION):
+  pooled = report.pooled or {}
+  fixed = pooled.get("fixed_threshold")
+  if metadata.recalibration:
     lines += ["> Recalibrated for a new site: these figures are the original"
               " model's recipe on its training data, with the temperatures"
               " and thresholds fitted there, not this artifact's on the"
               " site.", ""]
   lines += [
       f"The recipe that made this model was first run"
-      f" {report.get('folds', NA)} times on the same"
-      f" {report.get('images', NA)} images"
-      f" ({report.get('groups', NA)} near-duplicate groups), each time"
+      f" {_or_na(report.folds)} times on the same"
+      f" {_or_na(report.images)} images"
+      f" ({_or_na(report.groups)} near-duplicate groups), each time"
       " scoring one fold with a model trained, calibrated and thresholded on"
       " the other folds; an image and its near-duplicates (dHash within 2"
       " bits) never sit on both sides. These are the held-out figures of"
@@ -252,19 +258,17 @@ def _cv_section(metadata: Dict) -> List[str]:
       " scanner or hospital can do much worse (see the note under Review"
       " threshold).",
       ""]
-  summary = report.get("summary") or {}
-  pooled = report.get("pooled") or {}
+  summary = report.summary or {}
 
   def cell(name, value):
     return _pct(value) if name in _SHARES else _num(value)
 
   rows = []
   for title, name in _CV_ROWS:
-    stats = summary.get(name) or {}
-    if stats.get("mean") is None and pooled.get(name) is None:
+    stats = summary.get(name) or metadata_schema.FigureSummary()
+    if stats.mean is None and pooled.get(name) is None:
       continue
-    mean_sd = (f"{cell(name, stats.get('mean'))} ±"
-               f" {cell(name, stats.get('sd'))}")
+    mean_sd = f"{cell(name, stats.mean)} ± {cell(name, stats.sd)}"
     rows.append([title if "fixed" not in name else
                  title.replace("the fixed threshold",
                                f"the fixed {_num(fixed)}"),
@@ -272,34 +276,35 @@ def _cv_section(metadata: Dict) -> List[str]:
   lines += _table(["figure", "mean ± sd over folds",
                    f"pooled ({pooled.get('count', NA)} images)"], rows)
   lines += ["", "Each fold used its own chosen threshold (per fold:"
-            + ", ".join(f" {_num(f.get('threshold'), 3)}"
-                        for f in report.get("per_fold") or [])
+            + ", ".join(f" {_num(f.threshold, 3)}"
+                        for f in report.per_fold or ())
             + "). Pooled: every image scored by the fold model that did not"
             " see it. Full report: `cv.json`.", ""]
   return lines
 
 
-def _calibration_section(metadata: Dict) -> List[str]:
-  cal = metadata.get("calibration") or {}
+def _calibration_section(metadata: ArtifactMetadata) -> List[str]:
+  cal = metadata.calibration or metadata_schema.Calibration()
   lines = ["## Calibration", ""]
-  if metadata.get(schemas.METADATA_RECALIBRATION):
+  if metadata.recalibration:
     lines += [f"> Recalibrated for a new site: this model's temperature is"
-              f" now {_num(metadata.get('temperature'))}. This section and"
+              f" now {_num(metadata.temperature)}. This section and"
               " the next describe the model as trained, on its own"
               " validation and test splits; \"Recalibration for a new"
               " site\" has the figures on the site sample.", ""]
-  temperature = cal.get("temperature", metadata.get("temperature"))
-  if cal.get("fitted"):
+  temperature = (metadata.temperature if cal.temperature is None else
+                 cal.temperature)
+  if cal.fitted:
     lines += [f"Temperature scaling: the logits are divided by **T ="
               f" {_num(temperature)}** inside the model (layer"
               " `temperature`), so every consumer of model.keras gets the"
               f" calibrated probabilities. T was fitted on the"
-              f" {cal.get('fit_split', 'val')} split"
-              f" ({cal.get('fit_count', NA)} images) by minimising the"
-              f" negative log-likelihood ({_num(cal.get('nll_before'))} at"
-              f" T=1 → {_num(cal.get('nll_after'))}). T > 1 means the raw"
+              f" {cal.fit_split or 'val'} split"
+              f" ({_or_na(cal.fit_count)} images) by minimising the"
+              f" negative log-likelihood ({_num(cal.nll_before)} at"
+              f" T=1 → {_num(cal.nll_after)}). T > 1 means the raw"
               " model was over-confident, T < 1 under-confident.", ""]
-    if cal.get("at_bound"):
+    if cal.at_bound:
       lines += ["> **T hit the end of its search range**: the validation"
                 " split is perfectly separated (its likelihood keeps"
                 " improving with ever sharper probabilities), or the raw"
@@ -307,43 +312,43 @@ def _calibration_section(metadata: Dict) -> List[str]:
                 " uncalibrated.", ""]
   else:
     lines += [f"Not calibrated (T = {_num(temperature)}):"
-              f" {cal.get('reason', 'no calibration recorded')}.", ""]
-  split_name = cal.get("split", "test")
-  if cal.get("count") == 0:
+              f" {cal.reason or 'no calibration recorded'}.", ""]
+  split_name = cal.split or "test"
+  if cal.count == 0:
     return lines + [
         "No test split to measure the calibration on: the cross-validated"
         " ECE above is the held-out figure (each fold fitted its own"
         " temperature on its validation split).", ""]
   lines += _table(
       ["expected calibration error", "value"],
-      [[f"ECE on {split_name}, T = 1 (before)", _num(cal.get("ece_before"))],
+      [[f"ECE on {split_name}, T = 1 (before)", _num(cal.ece_before)],
        [f"ECE on {split_name}, T = {_num(temperature)} (after)",
-        _num(cal.get("ece_after"))],
-       ["bins", f"{cal.get('bins', NA)} equal-width confidence bins"],
-       ["images", cal.get("count", NA)]])
+        _num(cal.ece_after)],
+       ["bins", f"{_or_na(cal.bins)} equal-width confidence bins"],
+       ["images", _or_na(cal.count)]])
   lines += ["", f"Reliability diagram: "
             f"`{artifact_schema.RELIABILITY_DIAGRAM_FILE}`.", ""]
   return lines
 
 
-def _threshold_section(metadata: Dict) -> List[str]:
-  flagging = metadata.get("flagging") or {}
-  threshold = metadata.get("threshold")
-  source = metadata.get("threshold_source", "fixed")
+def _threshold_section(metadata: ArtifactMetadata) -> List[str]:
+  flagging = metadata.flagging or metadata_schema.Flagging()
+  threshold = metadata.threshold
+  source = _threshold_source(metadata)
   lines = ["## Review threshold", "",
            f"Scoring flags an image for review when its top probability is"
            f" below **{_num(threshold, 4)}**."]
-  if metadata.get(schemas.METADATA_RECALIBRATION):
+  if metadata.recalibration:
     lines.append("Source: refitted on a site sample (see \"Recalibration for"
                  " a new site\"). Any table below is the model's as trained,"
                  " at its threshold then, on its own splits.")
   elif source == schemas.THRESHOLD_TARGET_ACCURACY:
-    target = metadata.get("target_accuracy")
+    target = metadata.target_accuracy
     lines.append(
         f"Source: `--target_accuracy {_num(target)}`: the lowest validation"
         " confidence at which the validation accuracy on the images not"
         f" flagged reaches {_pct(target)}, after calibration.")
-    if flagging.get("target_reached") is False:
+    if flagging.target_reached is False:
       lines += ["", f"> **The target {_pct(target)} was not reached** on"
                 " validation at any threshold: the threshold fell back to the"
                 " highest validation confidence, which flags nearly every"
@@ -352,18 +357,16 @@ def _threshold_section(metadata: Dict) -> List[str]:
     lines.append("Source: fixed (`--threshold`).")
   lines.append("")
   rows = []
-  for name, block in (("chosen", flagging),
-                      ("fixed", flagging.get("fixed") or {})):
-    for split_name in ("val", "test"):
-      stats = block.get(split_name)
-      if not stats:
-        continue
-      rows.append([f"{_num(stats.get('threshold'), 4)} ({name})",
-                   split_name, stats.get("count", NA),
-                   _pct(stats.get("flagged_share")),
-                   _num(stats.get("accuracy_confident")),
-                   _num(stats.get("accuracy_flagged")),
-                   _num(stats.get("accuracy"))])
+  fixed = flagging.fixed or metadata_schema.FixedFlagging()
+  for name, split_name, stats in (
+      ("chosen", "val", flagging.val), ("chosen", "test", flagging.test),
+      ("fixed", "val", fixed.val), ("fixed", "test", fixed.test)):
+    if not stats:
+      continue
+    rows.append([f"{_num(stats.threshold, 4)} ({name})", split_name,
+                 _or_na(stats.count), _pct(stats.flagged_share),
+                 _num(stats.accuracy_confident), _num(stats.accuracy_flagged),
+                 _num(stats.accuracy)])
   if rows:
     lines += _table(["threshold", "split", "images", "flagged",
                      "accuracy, not flagged", "accuracy, flagged",
@@ -399,102 +402,99 @@ _LOCAL_DATA_NOTE = "\n".join([
 ])
 
 
-def _recalibration_section(metadata: Dict) -> List[str]:
+def _recalibration_section(metadata: ArtifactMetadata) -> List[str]:
   """Before / after figures of a recalibrated artifact on its site sample."""
-  block = metadata.get(schemas.METADATA_RECALIBRATION)
+  block = metadata.recalibration
   if not block:
     return []
-  parent = block.get("parent") or {}
-  temp = block.get("temperature") or {}
-  thr = block.get("threshold") or {}
-  check = block.get("check") or {}
-  before, after = check.get("before") or {}, check.get("after") or {}
-  counts = block.get("class_counts") or {}
-  fingerprint = (block.get("data_fingerprint") or {}).get("overall", NA)
-  held_out = 0 if check.get("in_sample") else check.get("count", NA)
-  parent_version = metadata.get(schemas.METADATA_PARENT_MODEL_VERSION, NA)
+  parent = block.parent or metadata_schema.RecalibrationParent()
+  temp = block.temperature or metadata_schema.RecalibratedTemperature()
+  thr = block.threshold or metadata_schema.RecalibratedThreshold()
+  check = block.check or metadata_schema.RecalibrationCheck()
+  before = check.before or metadata_schema.SiteFigures()
+  after = check.after or metadata_schema.SiteFigures()
+  counts = block.class_counts or {}
+  fingerprint = (block.data_fingerprint or {}).get("overall", NA)
+  held_out = 0 if check.in_sample else _or_na(check.count)
   lines = [
       "## Recalibration for a new site", "",
-      f"This artifact is **{parent_version}** (model.keras sha256"
-      f" `{metadata.get(schemas.METADATA_PARENT_MODEL_SHA256, NA)}`) with"
+      f"This artifact is **{_or_na(metadata.parent_model_version)}**"
+      f" (model.keras sha256 `{_or_na(metadata.parent_model_sha256)}`) with"
       " only its temperature and review threshold refitted on a labelled"
       " sample from another site. Every other weight is the parent's: the"
       " predicted classes, the test metrics and the confusion matrix above"
       " are unchanged, and so are the companion plots and `split.json`.", "",
-      f"Sample: {block.get('images', NA)} labelled images (fingerprint"
-      f" `{fingerprint}`): {temp.get('fit_count', NA)} to fit on,"
+      f"Sample: {_or_na(block.images)} labelled images (fingerprint"
+      f" `{fingerprint}`): {_or_na(temp.fit_count)} to fit on,"
       f" {held_out} held out (`--holdout_fraction"
-      f" {block.get('holdout_fraction', NA)}`, seed {block.get('seed', NA)};"
+      f" {_or_na(block.holdout_fraction)}`, seed {_or_na(block.seed)};"
       " near-duplicates kept in one part,"
-      f" {block.get('near_duplicates_grouped', NA)} images in such groups;"
+      f" {_or_na(block.near_duplicates_grouped)} images in such groups;"
       f" the parts' image_ids in `{schemas.RECALIBRATION_SPLIT_FILE}`).",
       ""]
-  labels = metadata.get("labels") or []
+  labels = list(metadata.labels)
   rows = [[name] + [part.get(l, 0) for l in labels]
           for name, part in counts.items() if part]
   if rows:
     lines += _table(["part"] + labels, rows) + [""]
-  if temp.get("fitted"):
+  if temp.fitted:
     lines.append(
-        f"Temperature {_num(parent.get('temperature'), 4)} →"
-        f" **{_num(temp.get('temperature'), 4)}**, fitted on the fit part"
-        f" (NLL {_num(temp.get('nll_parent'))} at the parent's temperature →"
-        f" {_num(temp.get('nll_after'))}).")
+        f"Temperature {_num(parent.temperature, 4)} →"
+        f" **{_num(temp.temperature, 4)}**, fitted on the fit part"
+        f" (NLL {_num(temp.nll_parent)} at the parent's temperature →"
+        f" {_num(temp.nll_after)}).")
   else:
     lines.append(f"Temperature kept at the parent's"
-                 f" {_num(temp.get('temperature'), 4)}:"
-                 f" {temp.get('reason', NA)} (the fit gave"
-                 f" {_num(temp.get('fitted_value'), 4)}).")
-  if thr.get("source") == schemas.THRESHOLD_TARGET_ACCURACY:
+                 f" {_num(temp.temperature, 4)}: {_or_na(temp.reason)} (the"
+                 f" fit gave {_num(temp.fitted_value, 4)}).")
+  if thr.source == schemas.THRESHOLD_TARGET_ACCURACY:
     source = ("the lowest confidence at which the fit part's accuracy on the"
-              " images not flagged reaches"
-              f" {_pct(thr.get('target_accuracy'))}")
+              f" images not flagged reaches {_pct(thr.target_accuracy)}")
   else:
     source = "fixed (`--threshold`)"
-  lines += [f"Threshold {_num(parent.get('threshold'), 4)} →"
-            f" **{_num(thr.get('threshold'), 4)}**: {source}.", ""]
-  if thr.get("target_reached") is False:
-    lines += [f"> **The target {_pct(thr.get('target_accuracy'))} was not"
+  lines += [f"Threshold {_num(parent.threshold, 4)} →"
+            f" **{_num(thr.threshold, 4)}**: {source}.", ""]
+  if thr.target_reached is False:
+    lines += [f"> **The target {_pct(thr.target_accuracy)} was not"
               " reached** on the fit part at any threshold: the threshold"
               " fell back to its highest confidence, which flags nearly every"
               " image.", ""]
-  if check.get("in_sample"):
+  if check.in_sample:
     lines += ["> **In-sample figures** (`--holdout_fraction 0`): the"
               " temperature and threshold were fitted on the very images"
-              f" below ({check.get('count', NA)}), so the recalibrated"
+              f" below ({_or_na(check.count)}), so the recalibrated"
               " column is optimistic.", ""]
   else:
-    lines += [f"On the {check.get('count', NA)} held-out images (used for"
+    lines += [f"On the {_or_na(check.count)} held-out images (used for"
               " neither the temperature nor the threshold):", ""]
-  rows = [["temperature", _num(before.get("temperature"), 4),
-           _num(after.get("temperature"), 4)],
-          ["threshold", _num(before.get("threshold"), 4),
-           _num(after.get("threshold"), 4)]]
-  for name, key in (("accuracy, all", "accuracy"),
-                    ("ECE (15 bins)", "ece"), ("NLL", "nll")):
-    rows.append([name, _num(before.get(key)), _num(after.get(key))])
-  rows.append(["flagged", f"{before.get('flagged', NA)}"
-               f" ({_pct(before.get('flagged_share'))})",
-               f"{after.get('flagged', NA)}"
-               f" ({_pct(after.get('flagged_share'))})"])
-  for name, key in (("accuracy, not flagged", "accuracy_confident"),
-                    ("accuracy, flagged", "accuracy_flagged")):
-    rows.append([name, _num(before.get(key)), _num(after.get(key))])
+  rows = [["temperature", _num(before.temperature, 4),
+           _num(after.temperature, 4)],
+          ["threshold", _num(before.threshold, 4), _num(after.threshold, 4)],
+          ["accuracy, all", _num(before.accuracy), _num(after.accuracy)],
+          ["ECE (15 bins)", _num(before.ece), _num(after.ece)],
+          ["NLL", _num(before.nll), _num(after.nll)],
+          ["flagged", f"{_or_na(before.flagged)}"
+                      f" ({_pct(before.flagged_share)})",
+           f"{_or_na(after.flagged)} ({_pct(after.flagged_share)})"],
+          ["accuracy, not flagged", _num(before.accuracy_confident),
+           _num(after.accuracy_confident)],
+          ["accuracy, flagged", _num(before.accuracy_flagged),
+           _num(after.accuracy_flagged)]]
   lines += _table(["site sample", "parent (before)", "recalibrated (after)"],
                   rows)
-  confident = (after.get("count") or 0) - (after.get("flagged") or 0)
-  if after.get("accuracy_confident") is not None and confident > 0:
-    low, high = wilson_interval(after["accuracy_confident"], confident)
+  confident = (after.count or 0) - (after.flagged or 0)
+  if after.accuracy_confident is not None and confident > 0:
+    low, high = wilson_interval(after.accuracy_confident, confident)
     lines += ["", f"On {confident} images not flagged, the recalibrated"
-              f" accuracy {_num(after['accuracy_confident'])} has a 95 %"
+              f" accuracy {_num(after.accuracy_confident)} has a 95 %"
               f" Wilson interval of {low:.3f}–{high:.3f}."]
   return lines + [""]
 
 
-def _caveats_section(metadata: Dict) -> List[str]:
-  training = metadata.get("training") or {}
+def _caveats_section(metadata: ArtifactMetadata) -> List[str]:
+  training = _training(metadata)
   lines = ["## Known data caveats", ""]
-  if _is_synthetic(metadata):
+  if metadata.is_synthetic:
     lines += ["- **Synthetic phantoms.** The training images are generated"
               " frames (layered tissue, speckle, drawn lesions), not scans."
               " Whatever the model learnt separates the generator's"
@@ -506,12 +506,12 @@ def _caveats_section(metadata: Dict) -> List[str]:
       "",
       "- **Duplicates and near-duplicates**, some filed under two classes."
       " Training uses an image once per image_id (sha256 of the file bytes;"
-      f" {training.get('duplicates_skipped', NA)} repeats skipped here),"
+      f" {_or_na(training.duplicates_skipped)} repeats skipped here),"
       " drops images stored under conflicting classes"
-      f" ({training.get('conflicting_labels_skipped', NA)} here), and groups"
+      f" ({_or_na(training.conflicting_labels_skipped)} here), and groups"
       " near-duplicates (64-bit difference hash within 2 bits) with"
       " union-find so that a group never straddles two splits"
-      f" ({training.get('near_duplicates_grouped', NA)} images in such"
+      f" ({_or_na(training.near_duplicates_grouped)} images in such"
       " groups here). Re-crops, rescaled or differently annotated copies of"
       " one frame can still escape the hash, so test figures may be"
       " optimistic. Together with the axilla images and the burned-in"
@@ -541,36 +541,36 @@ def _caveats_section(metadata: Dict) -> List[str]:
   return lines + [""]
 
 
-def _training_section(metadata: Dict) -> List[str]:
-  training = metadata.get("training") or {}
-  if _is_test_artifact(metadata):
+def _training_section(metadata: ArtifactMetadata) -> List[str]:
+  if metadata.is_test_artifact:
     return []
-  seconds = training.get("seconds") or {}
-  run = training.get("epochs_run") or {}
-  best = training.get("best_epoch") or {}
+  training = _training(metadata)
+  seconds = training.seconds or {}
+  run = training.epochs_run or {}
+  best = training.best_epoch or {}
 
   def epochs(stage, most):
+    most = _or_na(most)
     if stage not in run:
       return most
     return (f"{run[stage]} run of at most {most}" +
             (f", best {best[stage]} kept" if best.get(stage) else ""))
 
-  rows = [["head epochs (base frozen)",
-           epochs("head", training.get("epochs", NA))],
+  rows = [["head epochs (base frozen)", epochs("head", training.epochs)],
           ["fine-tune epochs (block5 unfrozen)",
-           epochs("fine_tune", training.get("fine_tune_epochs", NA))],
-          ["early stopping patience", training.get("patience", NA)],
-          ["label smoothing", training.get("label_smoothing", NA)],
-          ["learning rates", f"{training.get('learning_rate', NA)} /"
-                             f" {training.get('fine_tune_learning_rate', NA)}"],
-          ["batch size", training.get("batch_size", NA)],
-          ["augmentation", training.get("augment", NA)],
+           epochs("fine_tune", training.fine_tune_epochs)],
+          ["early stopping patience", _or_na(training.patience)],
+          ["label smoothing", _or_na(training.label_smoothing)],
+          ["learning rates", f"{_or_na(training.learning_rate)} /"
+                             f" {_or_na(training.fine_tune_learning_rate)}"],
+          ["batch size", _or_na(training.batch_size)],
+          ["augmentation", _or_na(training.augment)],
           ["augmented views per training image",
-           training.get("augment_views", NA)],
-          ["cross-validation folds run first", training.get("cv_folds", NA)],
-          ["val / test fractions", f"{training.get('val_fraction', NA)} /"
-                                   f" {training.get('test_fraction', NA)}"],
-          ["class weights", training.get("class_weight", NA)],
+           _or_na(training.augment_views)],
+          ["cross-validation folds run first", _or_na(training.cv_folds)],
+          ["val / test fractions", f"{_or_na(training.val_fraction)} /"
+                                   f" {_or_na(training.test_fraction)}"],
+          ["class weights", _or_na(training.class_weight)],
           ["wall seconds", seconds.get("total", NA)]]
   return ["## Training", ""] + _table(["setting", "value"], rows) + [""]
 
@@ -596,7 +596,7 @@ def _files_section() -> List[str]:
            " card.)", ""])
 
 
-def render(metadata: Dict) -> str:
+def render(metadata: ArtifactMetadata) -> str:
   """The model card (Markdown) for an artifact's metadata."""
   sections = (_header(metadata) + [_INTENDED_USE] + _data_section(metadata) +
               _cv_section(metadata) +
@@ -607,7 +607,7 @@ def render(metadata: Dict) -> str:
   return "\n".join(sections).rstrip() + "\n"
 
 
-def write(metadata: Dict, path: str, text: Optional[str] = None) -> str:
+def write(metadata: ArtifactMetadata, path: str, text: Optional[str] = None) -> str:
   """Writes the card to a local path; returns its text."""
   text = text if text is not None else render(metadata)
   with open(path, "w", encoding="utf-8") as f:

@@ -25,13 +25,15 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 import schemas
 from schemas import artifact as artifact_schema
+from schemas import metadata as metadata_schema
+from schemas.metadata import ArtifactMetadata
 from training import calibration, data as data_lib
 from busi_core import artifact
 from training import saving
@@ -52,14 +54,6 @@ _COMPANION_FILES = (artifact_schema.CONFUSION_MATRIX_FILE,
                     artifact_schema.SPLIT_FILE,
                     artifact_schema.RELIABILITY_DIAGRAM_FILE,
                     artifact_schema.CV_REPORT_FILE)
-# Parent fields the new artifact must not inherit: save_artifact fills in the
-# first five afresh; the others are what recalibration replaces.
-_NOT_INHERITED = ("model_version", "created_at", schemas.METADATA_MODEL_SHA256,
-                  "format_version", "package_version", "temperature",
-                  "threshold", "threshold_source", "target_accuracy",
-                  schemas.METADATA_PARENT_MODEL_VERSION,
-                  schemas.METADATA_PARENT_MODEL_SHA256,
-                  schemas.METADATA_RECALIBRATION)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +204,6 @@ def _fit_temperature(logits: np.ndarray, labels: np.ndarray,
         f" parent's temperature {parent_temperature:.4g} is kept; label more"
         " images, especially hard ones.")
     _LOG.warning(message)
-    print(message)
     return TemperatureChoice(parent_temperature, False,
                              "fitted temperature at the search bound", fit,
                              nll_parent, nll_parent)
@@ -234,21 +227,21 @@ def _choose_threshold(config: RecalibrateConfig, confidence: np.ndarray,
         f" {choice.threshold:.4f}, which flags nearly everything; the model"
         " card says so.")
     _LOG.warning(message)
-    print(message)
   return ThresholdChoice(choice.threshold, schemas.THRESHOLD_TARGET_ACCURACY,
                          target, choice.reached)
 
 
 def _figures(logits: np.ndarray, labels: np.ndarray, temperature: float,
-             threshold: float) -> Dict:
-  """What one (temperature, threshold) does on labelled logits (JSON)."""
+             threshold: float) -> metadata_schema.SiteFigures:
+  """What one (temperature, threshold) does on labelled logits."""
   confidence, correct = recipe.confidence(logits, labels, temperature)
   reliability = calibration.reliability(confidence, correct)
-  return {"temperature": float(temperature),
-          **calibration.flag_stats(confidence, correct, threshold),
-          "ece": reliability["ece"],
-          "nll": round(calibration.nll(logits, labels, temperature), 6),
-          "reliability": reliability}
+  return metadata_schema.SiteFigures(
+      temperature=float(temperature),
+      **calibration.flag_stats(confidence, correct, threshold),
+      ece=reliability["ece"],
+      nll=round(calibration.nll(logits, labels, temperature), 6),
+      reliability=reliability)
 
 
 def _class_counts(part: data_lib.LabelledData,
@@ -260,82 +253,84 @@ def _class_counts(part: data_lib.LabelledData,
 def _recalibration_block(config: RecalibrateConfig, parent: artifact.Artifact,
                          stats: data_lib.ReadStats, parts: SampleParts,
                          temperature: TemperatureChoice,
-                         threshold: ThresholdChoice, fit_stats: Dict,
-                         before: Dict, after: Dict) -> Dict:
+                         threshold: ThresholdChoice,
+                         fit_stats: metadata_schema.FlagStats,
+                         before: metadata_schema.SiteFigures,
+                         after: metadata_schema.SiteFigures
+                        ) -> metadata_schema.Recalibration:
   """The "recalibration" metadata block."""
   labels = parent.labels
   ids = {FIT: parts.fit.image_ids,
          HOLDOUT: [] if parts.in_sample else parts.holdout.image_ids}
   fit = temperature.fit
-  return {
-      "parent": {
-          "model_dir": config.model,
-          "model_version": parent.metadata["model_version"],
-          "model_sha256": parent.model_sha256,
-          "temperature": before["temperature"],
-          "threshold": before["threshold"],
-          "threshold_source": parent.metadata.get("threshold_source",
-                                                  schemas.THRESHOLD_FIXED),
-          "target_accuracy": parent.metadata.get("target_accuracy"),
-      },
-      "data": list(config.data),
-      "data_fingerprint": split.data_fingerprint(ids),
-      "examples_read": stats.examples,
-      "unlabelled_skipped": stats.unlabelled,
-      "unknown_label_skipped": stats.unknown_label,
-      "duplicates_skipped": stats.duplicates,
-      "conflicting_labels_skipped": stats.conflicting,
-      "images": stats.used,
-      "holdout_fraction": config.holdout_fraction,
-      "seed": config.seed,
-      "near_duplicates_grouped": parts.near_duplicates_grouped,
-      "class_counts": {FIT: _class_counts(parts.fit, labels),
-                       HOLDOUT: (None if parts.in_sample else
-                                 _class_counts(parts.holdout, labels))},
-      "temperature": {
-          "temperature": temperature.temperature,
-          "fitted": temperature.fitted,
-          "reason": temperature.reason,
-          "fit_count": len(parts.fit.labels),
-          "fitted_value": float(fit.temperature),
-          "at_bound": fit.at_bound,
-          "nll_parent": round(temperature.nll_parent, 6),
-          "nll_after": round(temperature.nll_after, 6),
-      },
-      "threshold": {
-          "threshold": threshold.threshold,
-          "source": threshold.source,
-          "target_accuracy": threshold.target_accuracy,
-          "target_reached": threshold.target_reached,
-          FIT: fit_stats,
-      },
+  return metadata_schema.Recalibration(
+      parent=metadata_schema.RecalibrationParent(
+          model_dir=config.model,
+          model_version=parent.metadata.model_version,
+          model_sha256=parent.model_sha256,
+          temperature=before.temperature,
+          threshold=before.threshold,
+          threshold_source=(parent.metadata.threshold_source or
+                            schemas.THRESHOLD_FIXED),
+          target_accuracy=parent.metadata.target_accuracy),
+      data=tuple(config.data),
+      data_fingerprint=split.data_fingerprint(ids),
+      examples_read=stats.examples,
+      unlabelled_skipped=stats.unlabelled,
+      unknown_label_skipped=stats.unknown_label,
+      duplicates_skipped=stats.duplicates,
+      conflicting_labels_skipped=stats.conflicting,
+      images=stats.used,
+      holdout_fraction=config.holdout_fraction,
+      seed=config.seed,
+      near_duplicates_grouped=parts.near_duplicates_grouped,
+      class_counts={FIT: _class_counts(parts.fit, labels),
+                    HOLDOUT: (None if parts.in_sample else
+                              _class_counts(parts.holdout, labels))},
+      temperature=metadata_schema.RecalibratedTemperature(
+          temperature=temperature.temperature,
+          fitted=temperature.fitted,
+          reason=temperature.reason,
+          fit_count=len(parts.fit.labels),
+          fitted_value=float(fit.temperature),
+          at_bound=fit.at_bound,
+          nll_parent=round(temperature.nll_parent, 6),
+          nll_after=round(temperature.nll_after, 6)),
+      threshold=metadata_schema.RecalibratedThreshold(
+          threshold=threshold.threshold,
+          source=threshold.source,
+          target_accuracy=threshold.target_accuracy,
+          target_reached=threshold.target_reached,
+          fit=fit_stats),
       # Parent = its temperature and threshold; after = the new ones; both on
       # the held-out part (the fit part itself when in_sample).
-      "check": {"part": FIT if parts.in_sample else HOLDOUT,
-                "in_sample": parts.in_sample,
-                "count": len(parts.holdout.labels),
-                "before": before, "after": after},
-  }
+      check=metadata_schema.RecalibrationCheck(
+          part=FIT if parts.in_sample else HOLDOUT,
+          in_sample=parts.in_sample,
+          count=len(parts.holdout.labels),
+          before=before, after=after))
 
 
 def _metadata(config: RecalibrateConfig, parent: artifact.Artifact,
               temperature: float, threshold: ThresholdChoice,
-              block: Dict) -> Dict:
-  """The parent's metadata with the refitted fields and the provenance."""
-  metadata = {key: value for key, value in parent.metadata.items()
-              if key not in _NOT_INHERITED}
-  metadata.update({
-      "name": config.name or parent.metadata.get("name") or
-              artifact.DEFAULT_NAME,
-      "temperature": temperature,
-      "threshold": threshold.threshold,
-      "threshold_source": threshold.source,
-      "target_accuracy": threshold.target_accuracy,
-      schemas.METADATA_PARENT_MODEL_VERSION: parent.metadata["model_version"],
-      schemas.METADATA_PARENT_MODEL_SHA256: parent.model_sha256,
-      schemas.METADATA_RECALIBRATION: block,
-  })
-  return metadata
+              block: metadata_schema.Recalibration) -> Dict[str, Any]:
+  """The new artifact's metadata fields (for `saving.save_artifact`): the
+  parent's, with the refitted ones and the provenance replaced."""
+  replaced = dict(
+      name=config.name or parent.metadata.name or artifact.DEFAULT_NAME,
+      temperature=temperature,
+      threshold=threshold.threshold,
+      threshold_source=threshold.source,
+      target_accuracy=threshold.target_accuracy,
+      parent_model_version=parent.metadata.model_version,
+      parent_model_sha256=parent.model_sha256,
+      recalibration=block)
+  # save_artifact stamps the new artifact's own versions and digest.
+  inherited = {name: value
+               for name, value in parent.metadata.as_kwargs().items()
+               if name not in replaced and
+               name not in metadata_schema.STAMPED_FIELDS}
+  return {**inherited, **replaced}
 
 
 def _replace_companions(parent_dir: str, work: str, output: str) -> None:
@@ -388,7 +383,7 @@ def _verify_saved(model_dir: str, weights: Dict[str, List[np.ndarray]],
                        " the new temperature")
 
 
-def recalibrate(config: RecalibrateConfig) -> Dict:
+def recalibrate(config: RecalibrateConfig) -> ArtifactMetadata:
   """Refits temperature and threshold on a site sample; writes a new artifact.
 
   Args:
@@ -408,7 +403,7 @@ def recalibrate(config: RecalibrateConfig) -> Dict:
   parent = artifact.load_artifact(config.model)
   labels = parent.labels
   sample, stats = data_lib.load_labelled(config.data, labels,
-                                         parent.metadata["image_size"])
+                                         parent.metadata.image_size)
   parts = _split_sample(sample, labels, config.holdout_fraction, config.seed)
   _LOG.info("Site sample: %d images, %d to fit on, %d held out", stats.used,
             len(parts.fit.labels),
@@ -416,7 +411,7 @@ def recalibrate(config: RecalibrateConfig) -> Dict:
 
   model = parent.model
   parent_temperature = model_lib.temperature_of(model)
-  parent_threshold = float(parent.metadata["threshold"])
+  parent_threshold = float(parent.metadata.threshold)
   fit_logits = model_lib.predict_logits(model, parts.fit.images,
                                         config.batch_size)
   holdout_logits = (fit_logits if parts.in_sample else
@@ -433,8 +428,8 @@ def recalibrate(config: RecalibrateConfig) -> Dict:
                    temperature.temperature, threshold.threshold)
   block = _recalibration_block(
       config, parent, stats, parts, temperature, threshold,
-      calibration.flag_stats(*fit_confidence, threshold.threshold), before,
-      after)
+      metadata_schema.FlagStats(**calibration.flag_stats(
+          *fit_confidence, threshold.threshold)), before, after)
 
   weights = _layer_weights(model)
   model_lib.set_temperature(model, temperature.temperature)
@@ -445,7 +440,8 @@ def recalibrate(config: RecalibrateConfig) -> Dict:
 
 def _write(config: RecalibrateConfig, model, parent: artifact.Artifact,
            parts: SampleParts, weights: Dict[str, List[np.ndarray]],
-           fields: Dict, holdout_logits: np.ndarray) -> Dict:
+           fields: Dict[str, Any],
+           holdout_logits: np.ndarray) -> ArtifactMetadata:
   """Saves the new artifact locally, checks it, copies it if remote."""
   remote = "://" in config.output
   work = tempfile.mkdtemp(prefix="busi-recal-") if remote else config.output
@@ -458,10 +454,10 @@ def _write(config: RecalibrateConfig, model, parent: artifact.Artifact,
   try:
     _replace_companions(config.model, work, config.output)
     _write_split(work, parts)
-    metadata = saving.save_artifact(model, work, parent.labels, fields)
+    metadata = saving.save_artifact(model, work, parent.labels, **fields)
     _verify_saved(work, weights, parts.holdout.images[:8],
                   calibration.softmax(holdout_logits[:8],
-                                      metadata["temperature"]),
+                                      metadata.temperature),
                   config.batch_size)
     if remote:
       saving.copy_artifact(work, config.output)
@@ -475,36 +471,38 @@ def _num(value, digits: int = 3) -> str:
   return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def format_summary(metadata: Dict, output: str) -> str:
+def format_summary(metadata: ArtifactMetadata, output: str) -> str:
   """What recalibrate did, for a person at a terminal."""
-  block = metadata[schemas.METADATA_RECALIBRATION]
-  parent, temp, thr = block["parent"], block["temperature"], block["threshold"]
-  check = block["check"]
-  before, after = check["before"], check["after"]
-  held_out = 0 if check["in_sample"] else check["count"]
+  block = metadata.recalibration
+  parent, temp, thr = block.parent, block.temperature, block.threshold
+  check = block.check
+  before, after = check.before, check.after
+  held_out = 0 if check.in_sample else check.count
   lines = [
-      f"Recalibrated {parent['model_version']} on {block['images']} site"
-      f" images ({temp['fit_count']} to fit on, {held_out} held out, seed"
-      f" {block['seed']}"
-      + (f"; {block['unlabelled_skipped']} unlabelled skipped"
-         if block["unlabelled_skipped"] else "") + ")",
-      f"Temperature {parent['temperature']:.4f} → {temp['temperature']:.4f}"
-      + (f" (NLL on the fit part {temp['nll_parent']:.4f} →"
-         f" {temp['nll_after']:.4f})" if temp["fitted"] else
-         f" (kept: {temp['reason']})"),
-      f"Threshold {parent['threshold']:.4f} → {thr['threshold']:.4f} ("
-      + ("fixed" if thr["source"] == schemas.THRESHOLD_FIXED else
-         f"target accuracy {thr['target_accuracy']:g}"
-         + ("" if thr["target_reached"] else " NOT reached")) + ")",
+      f"Recalibrated {parent.model_version} on {block.images} site"
+      f" images ({temp.fit_count} to fit on, {held_out} held out, seed"
+      f" {block.seed}"
+      + (f"; {block.unlabelled_skipped} unlabelled skipped"
+         if block.unlabelled_skipped else "") + ")",
+      f"Temperature {parent.temperature:.4f} → {temp.temperature:.4f}"
+      + (f" (NLL on the fit part {temp.nll_parent:.4f} →"
+         f" {temp.nll_after:.4f})" if temp.fitted else
+         f" (kept: {temp.reason})"),
+      f"Threshold {parent.threshold:.4f} → {thr.threshold:.4f} ("
+      + ("fixed" if thr.source == schemas.THRESHOLD_FIXED else
+         f"target accuracy {thr.target_accuracy:g}"
+         + ("" if thr.target_reached else " NOT reached")) + ")",
       ("In-sample figures (--holdout_fraction 0: fitted and measured on the"
-       f" same {check['count']} images, optimistic):" if check["in_sample"]
-       else f"On the {check['count']} held-out images:"),
+       f" same {check.count} images, optimistic):" if check.in_sample
+       else f"On the {check.count} held-out images:"),
       f"  {'':<24}{'parent':>10}{'new':>10}"]
-  for name, key in (("ECE", "ece"), ("NLL", "nll"),
-                    ("flagged share", "flagged_share"),
-                    ("accuracy, not flagged", "accuracy_confident"),
-                    ("accuracy, flagged", "accuracy_flagged"),
-                    ("accuracy, all", "accuracy")):
-    lines.append(f"  {name:<24}{_num(before[key]):>10}{_num(after[key]):>10}")
-  lines.append(f"Model {metadata['model_version']} written to {output}")
+  for name, old, new in (
+      ("ECE", before.ece, after.ece), ("NLL", before.nll, after.nll),
+      ("flagged share", before.flagged_share, after.flagged_share),
+      ("accuracy, not flagged", before.accuracy_confident,
+       after.accuracy_confident),
+      ("accuracy, flagged", before.accuracy_flagged, after.accuracy_flagged),
+      ("accuracy, all", before.accuracy, after.accuracy)):
+    lines.append(f"  {name:<24}{_num(old):>10}{_num(new):>10}")
+  lines.append(f"Model {metadata.model_version} written to {output}")
   return "\n".join(lines)

@@ -9,12 +9,13 @@ import datetime
 import json
 import os
 import shutil
-from typing import TYPE_CHECKING, Any, Dict, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Sequence
 
 from apache_beam.io.filesystems import FileSystems
 
 import schemas
 from busi_core import artifact
+from schemas.metadata import ArtifactMetadata, MetadataError
 from training import model as model_lib
 from training import model_card
 
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 
 def save_artifact(model: "keras.Model", model_dir: str, labels: Sequence[str],
-                  metadata_fields: Dict[str, Any]) -> Dict[str, Any]:
+                  /, **fields: Any) -> ArtifactMetadata:
   """Writes model.keras, labels.json, MODEL_CARD.md and metadata.json into a
   local directory.
 
@@ -34,18 +35,19 @@ def save_artifact(model: "keras.Model", model_dir: str, labels: Sequence[str],
     model: the uint8-input classifier, outputs in `labels` order.
     model_dir: local directory (created if needed).
     labels: class names in output order.
-    metadata_fields: metadata; model_version, created_at, format_version,
-      package_version, labels, image_size (from the model), threshold
-      (DEFAULT_THRESHOLD) are filled in when absent; temperature is always
-      the model's (a different value given is an error). A "name" field, if
+    **fields: `ArtifactMetadata` fields (records or their JSON). The
+      stamped ones (schemas.metadata.STAMPED_FIELDS), image_size (from the
+      model) and threshold (DEFAULT_THRESHOLD) are filled in when absent;
+      labels (the argument) and model_sha256 always; temperature is always
+      the model's (a different value given is an error). A `name`, if
       given, prefixes model_version.
 
   Returns:
     The metadata written.
 
   Raises:
-    ArtifactError: a required field is still missing, or the result does not
-      pass `read_artifact_info`.
+    ArtifactError: a required field is still missing, a field has the wrong
+      type, or the result does not pass `read_artifact_info`.
   """
   labels = list(labels)
   os.makedirs(model_dir, exist_ok=True)
@@ -58,38 +60,48 @@ def save_artifact(model: "keras.Model", model_dir: str, labels: Sequence[str],
             encoding="utf-8") as f:
     json.dump(labels, f)
 
-  created = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
-  metadata = dict(metadata_fields)
-  name = str(metadata.get("name") or artifact.DEFAULT_NAME)
-  model_sha256 = artifact.sha256_file(model_path)
-  metadata.setdefault("model_version",
-                      artifact.model_version(name, created, model_sha256))
-  metadata[schemas.METADATA_MODEL_SHA256] = model_sha256
-  metadata.setdefault("created_at", created.isoformat())
-  metadata.setdefault("image_size", int(model.inputs[0].shape[1]))
-  metadata.setdefault("threshold", schemas.DEFAULT_THRESHOLD)
-  temperature = model_lib.temperature_of(model)
-  if abs(float(metadata.get("temperature", temperature)) - temperature) > 1e-6:
-    raise artifact.ArtifactError(
-        f"metadata temperature {metadata['temperature']} differs from the"
-        f" model's TemperatureScaling value {temperature}")
-  metadata["temperature"] = temperature
-  metadata["labels"] = labels
-  metadata.setdefault("format_version", schemas.ARTIFACT_FORMAT_VERSION)
-  metadata.setdefault("package_version", schemas.PACKAGE_VERSION)
-  missing = [f for f in schemas.METADATA_REQUIRED_FIELDS if f not in metadata]
-  if missing:
-    raise artifact.ArtifactError(f"metadata_fields lacks {', '.join(missing)}")
-  # Required fields first, in their documented order, then the rest.
-  ordered = {f: metadata[f] for f in schemas.METADATA_REQUIRED_FIELDS}
-  ordered.update(metadata)
-  model_card.write(ordered, os.path.join(model_dir, schemas.MODEL_CARD_FILE))
+  metadata = _stamp(model, model_path, labels, fields)
+  model_card.write(metadata, os.path.join(model_dir, schemas.MODEL_CARD_FILE))
   tmp = metadata_path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(ordered, f, indent=2)
+    json.dump(metadata.to_json(), f, indent=2)
   os.replace(tmp, metadata_path)
   artifact.read_artifact_info(model_dir)
-  return ordered
+  return metadata
+
+
+def _stamp(model: "keras.Model", model_path: str, labels: List[str],
+           fields: Dict[str, Any]) -> ArtifactMetadata:
+  """The metadata of the model just saved: `fields` with the stamped ones
+  filled in, every type checked."""
+  created = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+  model_sha256 = artifact.sha256_file(model_path)
+  name = fields.get("name") or artifact.DEFAULT_NAME
+  temperature = model_lib.temperature_of(model)
+  given = fields.get("temperature", temperature)
+  if abs(float(given) - temperature) > 1e-6:
+    raise artifact.ArtifactError(
+        f"metadata temperature {given} differs from the model's"
+        f" TemperatureScaling value {temperature}")
+  draft = dict(
+      model_version=artifact.model_version(name, created, model_sha256),
+      created_at=created.isoformat(),
+      image_size=int(model.inputs[0].shape[1]),
+      threshold=schemas.DEFAULT_THRESHOLD,
+      format_version=schemas.ARTIFACT_FORMAT_VERSION,
+      package_version=schemas.PACKAGE_VERSION)
+  draft.update(fields)
+  draft.update(temperature=temperature, labels=tuple(labels),
+               model_sha256=model_sha256)
+  missing = [f for f in schemas.METADATA_REQUIRED_FIELDS if f not in draft]
+  if missing:
+    raise artifact.ArtifactError(f"metadata_fields lacks {', '.join(missing)}")
+  try:
+    # Through JSON: checks every type, and blocks given as dicts become
+    # records.
+    return ArtifactMetadata.from_json(ArtifactMetadata(**draft).to_json())
+  except MetadataError as e:
+    raise artifact.ArtifactError(f"metadata: {e}") from e
 
 
 def copy_artifact(local_dir: str, output: str) -> None:

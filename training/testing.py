@@ -2,12 +2,13 @@
 TFRecords written exactly as the preprocessing stage writes them."""
 
 import hashlib
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 
 import schemas
 from busi_core import tfrecord_io
+from schemas import metadata as metadata_schema
 from schemas import records as records_lib
 
 
@@ -70,7 +71,7 @@ def synthetic_records(per_class: int, image_size: int, seed: int = 0,
 
 def make_test_artifact(model_dir: str, image_size: int = 32,
                        backbone: str = "tiny", threshold: float = 0.9,
-                       seed: int = 0) -> Dict:
+                       seed: int = 0) -> metadata_schema.ArtifactMetadata:
   """Builds and saves an untrained but valid artifact, in about a second.
 
   The model has the real structure (uint8 input, VGGPreprocess, a conv base
@@ -96,22 +97,24 @@ def make_test_artifact(model_dir: str, image_size: int = 32,
   model = model_lib.build_model(image_size, model_lib.NO_WEIGHTS, len(labels),
                                 backbone)
   empty = {name: [] for name in split.SPLITS}
-  return saving.save_artifact(model, model_dir, labels, {
-      "name": f"test-{backbone}",
-      "image_size": image_size,
-      "threshold": threshold,
-      "backbone": backbone,
-      "weights_source": model_lib.NO_WEIGHTS,
-      "data_fingerprint": split.data_fingerprint(empty),
-      "class_counts": {name: {label: 0 for label in labels}
-                       for name in split.SPLITS},
-      "test_metrics": metrics.classification_report([], [], labels),
-      "temperature": 1.0,
-      "threshold_source": "fixed",
-      "target_accuracy": None,
-      "calibration": {"temperature": 1.0, "fitted": False,
-                      "reason": "untrained test artifact", "split": "test",
-                      "bins": 15, "count": 0, "ece_before": None,
-                      "ece_after": None},
-      "training": {"untrained_test_artifact": True, "seed": seed},
-  })
+  return saving.save_artifact(
+      model, model_dir, labels,
+      name=f"test-{backbone}",
+      image_size=image_size,
+      threshold=threshold,
+      backbone=backbone,
+      weights_source=model_lib.NO_WEIGHTS,
+      data_fingerprint=split.data_fingerprint(empty),
+      class_counts={name: {label: 0 for label in labels}
+                    for name in split.SPLITS},
+      test_metrics=metadata_schema.ClassificationReport.from_json(
+          metrics.classification_report([], [], labels)),
+      temperature=1.0,
+      threshold_source=schemas.THRESHOLD_FIXED,
+      target_accuracy=None,
+      calibration=metadata_schema.Calibration(
+          temperature=1.0, fitted=False, reason="untrained test artifact",
+          split=split.TEST, bins=15, count=0, ece_before=None,
+          ece_after=None),
+      training=metadata_schema.TrainingSettings(untrained_test_artifact=True,
+                                                seed=seed))

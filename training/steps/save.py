@@ -1,0 +1,160 @@
+"""Step: the output directory, the companion files, the metadata and the
+artifact itself (`training.saving`), and the copy to gs://."""
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Dict
+
+from apache_beam.io.filesystems import FileSystems
+
+import schemas
+from schemas import artifact as artifact_schema
+from schemas import metadata as metadata_schema
+from schemas.metadata import ArtifactMetadata
+from training import cv, model as model_lib, plots, saving, split
+from training.config import TrainConfig
+from training.steps.data import Read
+from training.steps.fit import Fitted
+from training.steps.split import Splits
+
+
+def check_output(config: TrainConfig) -> None:
+  """Refuses to replace an artifact unless --overwrite says so.
+
+  Raises:
+    ValueError: --output holds an artifact and --overwrite is not given.
+  """
+  existing = FileSystems.join(config.output.rstrip("/"), schemas.METADATA_FILE)
+  if FileSystems.exists(existing) and not config.overwrite:
+    raise ValueError(
+        f"{config.output} already holds a model artifact. Choose a new"
+        " --output, or pass --overwrite to replace it.")
+
+
+def remove_stale(config: TrainConfig) -> None:
+  """With --overwrite, the old artifact stops being one before anything is
+  written (metadata.json goes first), and its cv.json goes too when this
+  run writes none."""
+  names = [schemas.METADATA_FILE] + ([] if config.cv_folds else
+                                     [schemas.CV_REPORT_FILE])
+  stale = [FileSystems.join(config.output.rstrip("/"), name) for name in names]
+  stale = [uri for uri in stale if FileSystems.exists(uri)]
+  if stale:
+    FileSystems.delete(stale)
+
+
+def work_dir(output: str) -> str:
+  """The local directory the artifact is written in: `output` itself, or a
+  temporary one that `publish` copies to a remote `output`."""
+  work = output if "://" not in output else tempfile.mkdtemp(
+      prefix="busi-train-")
+  os.makedirs(work, exist_ok=True)
+  return work
+
+
+def write_companions(work: str, config: TrainConfig, read: Read,
+                     splits: Splits, test_report: Dict, fitted: Fitted,
+                     cal: metadata_schema.Calibration) -> None:
+  """The plots, split.json and (with --cv_folds) cv.json beside the model."""
+  labels = list(schemas.LABELS)
+  plots.plot_confusion_matrix(
+      test_report["confusion_matrix"], labels,
+      os.path.join(work, artifact_schema.CONFUSION_MATRIX_FILE),
+      f"{config.name}: test split ({test_report['count']} images)")
+  plots.plot_training_curves(
+      fitted.result.history,
+      os.path.join(work, artifact_schema.TRAINING_CURVES_FILE),
+      fitted.result.fine_tune_start)
+  panels = [("test split, T = 1 (before)", cal.reliability_before)]
+  if cal.fitted:
+    panels.append((f"test split, T = {cal.temperature:.3f} (after)",
+                   cal.reliability_after))
+  plots.plot_reliability(
+      panels, os.path.join(work, artifact_schema.RELIABILITY_DIAGRAM_FILE))
+  with open(os.path.join(work, artifact_schema.SPLIT_FILE), "w",
+            encoding="utf-8") as f:
+    # The dHashes let `evaluate` spot near-duplicates of training images in
+    # other data (BUSI repeats frames), not only exact copies.
+    json.dump({**splits.image_ids(read.data),
+               artifact_schema.SPLIT_DHASH_KEY: {
+                   name: [split.hash_hex(splits.hashes[i]) for i in idx]
+                   for name, idx in splits.indices.items()}}, f)
+  if fitted.cv_report:
+    cv.write_report(fitted.cv_report, work)
+
+
+def _training_settings(config: TrainConfig, read: Read, splits: Splits,
+                       fitted: Fitted, seconds: Dict[str, float]
+                      ) -> metadata_schema.TrainingSettings:
+  labels = list(schemas.LABELS)
+  stats, result = read.stats, fitted.result
+  return metadata_schema.TrainingSettings(
+      epochs=config.epochs,
+      fine_tune_epochs=config.fine_tune_epochs,
+      patience=config.patience,
+      label_smoothing=config.label_smoothing,
+      cv_folds=config.cv_folds,
+      epochs_run=result.epochs_run,
+      best_epoch=result.best_epoch,
+      seed=config.seed,
+      val_fraction=config.val_fraction,
+      test_fraction=config.test_fraction,
+      augment=config.augment,
+      augment_views=config.augment_views,
+      calibrate=config.calibrate,
+      synthetic_data=config.synthetic_data,
+      batch_size=config.batch_size,
+      learning_rate=config.learning_rate,
+      fine_tune_learning_rate=config.fine_tune_learning_rate,
+      class_weight={labels[c]: round(w, 6)
+                    for c, w in result.class_weight.items()},
+      data=tuple(config.data),
+      examples_read=stats.examples,
+      unlabelled_skipped=stats.unlabelled,
+      duplicates_skipped=stats.duplicates,
+      conflicting_labels_skipped=stats.conflicting,
+      near_duplicates_grouped=splits.grouped,
+      history=result.history,
+      seconds={k: round(v, 2) for k, v in seconds.items()},
+      epoch_seconds=result.epoch_seconds)
+
+
+def save(work: str, config: TrainConfig, read: Read, splits: Splits,
+         fitted: Fitted, test_report: Dict, cal: metadata_schema.Calibration,
+         flagging: metadata_schema.Flagging,
+         seconds: Dict[str, float]) -> ArtifactMetadata:
+  """Writes the artifact (model, labels, card, metadata) into `work`.
+
+  Returns:
+    The metadata written.
+  """
+  return saving.save_artifact(
+      fitted.model, work, list(schemas.LABELS),
+      name=config.name,
+      image_size=int(read.data.images.shape[1]),
+      threshold=flagging.threshold,
+      threshold_source=flagging.source,
+      target_accuracy=config.target_accuracy,
+      backbone=config.backbone,
+      weights_source=model_lib.weights_source(config.backbone_weights),
+      data_fingerprint=split.data_fingerprint(splits.image_ids(read.data)),
+      class_counts=splits.class_counts,
+      test_metrics=metadata_schema.ClassificationReport.from_json(
+          test_report),
+      temperature=cal.temperature,
+      calibration=cal,
+      flagging=flagging,
+      training=_training_settings(config, read, splits, fitted, seconds),
+      cross_validation=(None if fitted.cv_report is None else
+                        metadata_schema.CrossValidationSummary.from_json(
+                            cv.card_summary(fitted.cv_report))))
+
+
+def publish(work: str, output: str) -> None:
+  """Copies the artifact to a remote `output` (metadata.json last) and
+  removes the local copy; nothing to do when `work` is `output`."""
+  if work != output:
+    saving.copy_artifact(work, output)
+    shutil.rmtree(work, ignore_errors=True)

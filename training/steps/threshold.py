@@ -1,0 +1,28 @@
+"""Step: the review threshold, fixed or chosen on validation for
+--target_accuracy, and what it flags."""
+
+import logging
+
+from schemas import metadata as metadata_schema
+from training import recipe
+from training.config import TrainConfig
+from training.steps.measure import Scored
+
+_LOG = logging.getLogger(__name__)
+
+
+def choose(config: TrainConfig, val: Scored, test: Scored,
+           temperature: float) -> metadata_schema.Flagging:
+  """The "flagging" block (`recipe.choose_flagging`) at the calibrated
+  `temperature`, with a warning when the target accuracy cannot be reached.
+  """
+  flagging = metadata_schema.Flagging.from_json(recipe.choose_flagging(
+      config, val.confidence(temperature), test.confidence(temperature)))
+  if flagging.target_reached is False:
+    _LOG.warning(
+        "no threshold reaches validation accuracy %g on the images it does"
+        " not flag (the most confident validation predictions are wrong)."
+        " Falling back to the highest validation confidence, %.4f, which"
+        " flags nearly everything; the model card says so.",
+        config.target_accuracy, flagging.threshold)
+  return flagging
