@@ -91,7 +91,8 @@ def test_torture_set_through_preprocess(tmp_path, torture_dir):
   assert sorted(os.listdir(out)) == ["errors", "manifest.json", "tfrecords"]
 
 
-def test_torture_set_through_run(tmp_path, torture_dir, model_dir):
+def test_torture_set_through_run(tmp_path, torture_dir, model_dir,
+                                 fake_model):
   out = str(tmp_path / "out")
   manifest = pipeline.run(["run", "--input", str(torture_dir / "*"),
                            "--model", model_dir, "--output", out])
@@ -104,7 +105,8 @@ def test_torture_set_through_run(tmp_path, torture_dir, model_dir):
              " GROUP BY image_id HAVING count(*) > 1") == [(2,)]
 
 
-def test_broken_tfrecord_files_through_score(tmp_path, model_dir):
+def test_broken_tfrecord_files_through_score(tmp_path, model_dir,
+                                             fake_model):
   rng = np.random.default_rng(0)
   records = [training_testing.make_record(af.speckle(rng, SIZE, SIZE, 3),
                                           "benign") for _ in range(5)]
