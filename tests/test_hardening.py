@@ -130,6 +130,7 @@ def test_broken_tfrecord_files_through_score(tmp_path, model_dir,
   assert not manifest["complete"]
 
 
+@pytest.mark.slow
 def test_size_and_count_limits_are_flags(tmp_path):
   rng = np.random.default_rng(1)
   entries = [af.Entry(f"benign/{i}.png", af.png(af.speckle(rng, 60, 60)),
@@ -235,6 +236,7 @@ def test_archive_readers_never_raise(tmp_path, data):
 
 # --- faults and reruns ---
 
+@pytest.mark.slow
 def test_killed_run_leaves_nothing_readable_and_rerun_completes(
     tmp_path, model_dir):
   rng = np.random.default_rng(3)

@@ -61,6 +61,7 @@ def test_local_names_that_are_not_utf8_are_escaped_not_fatal(tmp_path):
   assert error["error_type"] == "NotAnImage"
 
 
+@pytest.mark.slow
 def test_links_folders_and_special_files_each_become_one_row(tmp_path):
   folder = tmp_path / "in"
   folder.mkdir()
