@@ -30,6 +30,8 @@ REQUIRED = [
     "pillow>=11,<13",
     # ISA-L deflate: gzip TFRecords at ~40x the speed of zlib level 6.
     "isal>=1.7,<2",
+    # CRC32C of TFRecord frames (the fail-small reader and the writer).
+    "google-crc32c>=1.5,<2",
 ]
 
 EXTRAS = {
@@ -37,6 +39,8 @@ EXTRAS = {
         "pytest>=8",
         "hypothesis>=6",
         "gcp-storage-emulator>=2024.8.3",
+        # The import contract (.importlinter), run by the tests.
+        "import-linter>=2.1,<3",
     # Beam builds the --setup_file sdist with it when launching on Dataflow.
     "build>=1",
     # The artifact must load on any Keras 3 backend: a test loads it on JAX.
@@ -53,7 +57,8 @@ setuptools.setup(
     python_requires=">=3.11,<3.12",
     packages=setuptools.find_packages(
         include=["beam_pipeline", "beam_pipeline.*", "training", "training.*",
-                 "schemas", "schemas.*", "bench", "bench.*"]),
+                 "schemas", "schemas.*", "busi_core", "busi_core.*",
+                 "reporting", "reporting.*", "bench", "bench.*"]),
     install_requires=REQUIRED,
     extras_require=EXTRAS,
 )

@@ -18,7 +18,7 @@ from busi_core import archives, artifact, gradcam
 from beam_pipeline import options as opts_lib
 from beam_pipeline import scoring
 from busi_core import tfrecord_io
-from beam_pipeline.model_handler import keyed_handler
+from beam_pipeline import model_handler
 from beam_pipeline.errors import ERRORS, error_row
 
 GRADCAM = "gradcam"
@@ -215,7 +215,9 @@ class ScoreImages(beam.PTransform):
     config = self._config
     inputs = images | "ToModelInput" >> beam.FlatMap(
         _to_model_input, config).with_outputs(ERRORS, main="inputs")
-    inference = RunInference(keyed_handler(
+    # Looked up here, not imported by name: wiring tests swap in a numpy
+    # fake (tests/fakes.py) so that only the model's own tests need Keras.
+    inference = RunInference(model_handler.keyed_handler(
         self._model_dir, batch_size=self._batch_size,
         precision=self._precision, model_sha256=config.model_sha256))
     if self._accelerator:

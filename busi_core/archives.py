@@ -369,7 +369,9 @@ def count_zip_members(uri: str, max_members: int = DEFAULT_MAX_MEMBERS) -> int:
         f"a member name is flagged UTF-8 but is not ({e}); Python's zipfile"
         " cannot list this archive: re-create it with valid names") from e
   except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError,
-          OSError) as e:
+          OSError, NotImplementedError) as e:
+    # NotImplementedError: zipfile refuses "version needed to extract" it
+    # does not know (e.g. 6.4) while listing.
     raise MemberError(
         "BadArchive",
         f"not a readable zip ({type(e).__name__}: {e}); a zip cut short has"

@@ -45,3 +45,17 @@ def gcs_client():
       os.environ["STORAGE_EMULATOR_HOST"] = previous
 
 
+@pytest.fixture
+def fake_model(monkeypatch):
+  """Scoring runs in this test use the numpy FakeModel (tests/fakes.py)
+  instead of the artifact's Keras model; the artifact's files are still read
+  and checked at launch. Fails the test if no image reached the fake (the
+  seam moved and the real model scored instead)."""
+  from beam_pipeline import model_handler
+  from tests import fakes
+  monkeypatch.setattr(model_handler, "keyed_handler", fakes.keyed_handler)
+  before = fakes.CALLS.images
+  yield fakes
+  assert fakes.CALLS.images > before, (
+      "the fake model scored nothing: does ScoreImages still call"
+      " beam_pipeline.model_handler.keyed_handler?")

@@ -14,6 +14,7 @@ from training import testing
 
 
 @pytest.mark.parametrize("png_channels", [1, 3])
+@pytest.mark.slow
 def test_preprocess_bench_measures_both_sides(tmp_path, png_channels):
   figures = preprocess_bench.run(str(tmp_path), count=24, image_size=16,
                                  repeats=2, png_channels=png_channels)
@@ -23,6 +24,7 @@ def test_preprocess_bench_measures_both_sides(tmp_path, png_channels):
   assert figures["ratio_whole_run_to_bare"] > 0
 
 
+@pytest.mark.slow
 def test_scoring_bench_scores_every_image(tmp_path):
   model_dir = str(tmp_path / "model")
   testing.make_test_artifact(model_dir, image_size=16)
@@ -72,6 +74,7 @@ def test_precision_cost_compares_against_float32(tmp_path):
   json.dumps(figures)
 
 
+@pytest.mark.slow
 def test_recipe_search_runs_each_variant_on_one_cache(tmp_path):
   from bench import recipe_search  # pylint: disable=import-outside-toplevel
   testing.write_tfrecords(str(tmp_path / "part-00000-of-00001.tfrecord.gz"),

@@ -30,6 +30,8 @@ STAGES = ("ReadImages/PlanWork", "ReadImages/ReadTars",
           "ParseExamples", "ScoreImages/ToModelInput",
           "ScoreImages/RunInference", "ScoreImages/ToRows",
           "WritePredictions", "WriteErrors", "Manifest/WriteManifest")
+# Slow set: a storage server and a full Dataflow translation per test.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -131,6 +131,7 @@ def assert_complete_without_leftovers(out, manifest) -> None:
 
 # --- Ctrl-C and SIGTERM ---
 
+@pytest.mark.slow
 def test_ctrl_c_mid_run_is_one_line_and_exit_130(tmp_path, model_dir,
                                                  big_zip):
   out = str(tmp_path / "out")
@@ -146,6 +147,7 @@ def test_ctrl_c_mid_run_is_one_line_and_exit_130(tmp_path, model_dir,
   assert_complete_without_leftovers(out, pipeline.run(argv))
 
 
+@pytest.mark.slow
 def test_rerun_after_sigterm_keeps_no_beam_temp_folders(tmp_path, model_dir,
                                                          big_zip):
   out = str(tmp_path / "out")
@@ -166,6 +168,7 @@ def test_rerun_after_sigterm_keeps_no_beam_temp_folders(tmp_path, model_dir,
 
 # --- disk full ---
 
+@pytest.mark.slow
 def test_disk_full_mid_run_is_one_line_and_exit_4(tmp_path, model_dir,
                                                   big_zip):
   with tmpfs(tmp_path / "mnt", "size=12k") as mnt:
@@ -321,6 +324,7 @@ def test_output_beside_the_inputs_is_fine(tmp_path, monkeypatch):
   assert os.listdir("out") == []  # the probe came and went
 
 
+@pytest.mark.slow
 def test_leftovers_on_cloud_storage_are_removed(gcs_client):
   from busi_core import gcs
   from tests.conftest import BUCKET

@@ -20,6 +20,9 @@ from training import testing as training_testing
 
 from tests.conftest import BUCKET
 SIZE = 32
+# Slow set: a storage server, and the real Keras model staged from gs://
+# on the workers.
+pytestmark = pytest.mark.slow
 
 
 def _upload_dir(client, local_dir, prefix):

@@ -4,6 +4,7 @@ import os
 
 import keras
 import numpy as np
+import pytest
 
 import schemas
 from beam_pipeline import pipeline
@@ -24,6 +25,7 @@ def _lesion_images(rng, count, lesion):
   return images
 
 
+@pytest.mark.slow
 def test_gradcam_peaks_on_the_learned_lesion():
   keras.utils.set_random_seed(0)
   rng = np.random.default_rng(0)
@@ -47,6 +49,7 @@ def test_gradcam_peaks_on_the_learned_lesion():
   assert png.startswith(b"\x89PNG")
 
 
+@pytest.mark.slow
 def test_gradcam_uri_exactly_for_chosen_images(tmp_path):
   model_dir = str(tmp_path / "model")
   training_testing.make_test_artifact(model_dir, image_size=SIZE)

@@ -93,7 +93,8 @@ def test_torture_set_through_preprocess(tmp_path, torture_dir):
   assert sorted(os.listdir(out)) == ["errors", "manifest.json", "tfrecords"]
 
 
-def test_torture_set_through_run(tmp_path, torture_dir, model_dir):
+def test_torture_set_through_run(tmp_path, torture_dir, model_dir,
+                                 fake_model):
   out = str(tmp_path / "out")
   manifest = pipeline.run(["run", "--input", str(torture_dir / "*"),
                            "--model", model_dir, "--output", out])
@@ -106,7 +107,8 @@ def test_torture_set_through_run(tmp_path, torture_dir, model_dir):
              " GROUP BY image_id HAVING count(*) > 1") == [(2,)]
 
 
-def test_broken_tfrecord_files_through_score(tmp_path, model_dir):
+def test_broken_tfrecord_files_through_score(tmp_path, model_dir,
+                                             fake_model):
   rng = np.random.default_rng(0)
   records = [training_testing.make_record(af.speckle(rng, SIZE, SIZE, 3),
                                           "benign") for _ in range(5)]
@@ -130,6 +132,7 @@ def test_broken_tfrecord_files_through_score(tmp_path, model_dir):
   assert not manifest["complete"]
 
 
+@pytest.mark.slow
 def test_size_and_count_limits_are_flags(tmp_path):
   rng = np.random.default_rng(1)
   entries = [af.Entry(f"benign/{i}.png", af.png(af.speckle(rng, 60, 60)),
@@ -235,6 +238,7 @@ def test_archive_readers_never_raise(tmp_path, data):
 
 # --- faults and reruns ---
 
+@pytest.mark.slow
 def test_killed_run_leaves_nothing_readable_and_rerun_completes(
     tmp_path, model_dir):
   rng = np.random.default_rng(3)

@@ -61,6 +61,7 @@ def test_local_names_that_are_not_utf8_are_escaped_not_fatal(tmp_path):
   assert error["error_type"] == "NotAnImage"
 
 
+@pytest.mark.slow
 def test_links_folders_and_special_files_each_become_one_row(tmp_path):
   folder = tmp_path / "in"
   folder.mkdir()
@@ -170,7 +171,7 @@ def test_a_run_whose_every_input_vanished_is_not_complete(tmp_path):
   assert cli.exit_status(manifest) == cli.EXIT_INCOMPLETE
 
 
-def test_score_accounts_for_every_matched_shard_path(tmp_path):
+def test_score_accounts_for_every_matched_shard_path(tmp_path, fake_model):
   from training import testing as training_testing  # pylint: disable=import-outside-toplevel
   model = str(tmp_path / "model")
   training_testing.make_test_artifact(model, image_size=SIZE)

@@ -35,6 +35,7 @@ def test_the_project_keeps_its_import_contract():
   assert "2 kept, 0 broken" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module,line,broken", [
     # training reaching into the pipeline: the package cycle issue 14 removed.
     ("training/data.py", "from beam_pipeline import pipeline",

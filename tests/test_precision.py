@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from beam_pipeline.model_handler import compiled_call
 from busi_core.precision import with_precision
@@ -30,6 +31,7 @@ def test_bfloat16_close_to_float32(tmp_path):
   assert dense and all(layer.compute_dtype == "bfloat16" for layer in dense)
 
 
+@pytest.mark.slow
 def test_artifact_loads_on_another_keras_backend(tmp_path):
   """model.keras has no TensorFlow-only layer: Keras' JAX backend loads it
   and computes the same probabilities."""

@@ -137,6 +137,7 @@ def test_directories_and_text_are_the_only_errors(tmp_path):
                                     counts["masks_skipped"] + counts["errors"])
 
 
+@pytest.mark.slow
 def test_rerun_gives_same_examples_and_refuses_completed_output(tmp_path):
   path, _ = _busi_zip(tmp_path)
   argv = ["preprocess", "--input", path, "--image_size", str(SIZE)]

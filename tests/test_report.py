@@ -330,6 +330,7 @@ def _browser() -> str:
               "chromium`, or set BUSI_SKIP_BROWSER=1 to skip this check")
 
 
+@pytest.mark.slow
 def test_headless_chromium_draws_the_page(full_report, tmp_path):
   if os.environ.get("BUSI_SKIP_BROWSER") == "1":
     pytest.skip("BUSI_SKIP_BROWSER=1: no browser check")

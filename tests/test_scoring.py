@@ -80,7 +80,7 @@ def test_failed_batch_rows_name_every_image():
              for r in rows)
 
 
-def test_score_tfrecords(tmp_path, model_dir):
+def test_score_tfrecords(tmp_path, model_dir, fake_model):
   archive = str(tmp_path / "busi.zip")
   entries = _busi_zip(archive)
   pre = str(tmp_path / "pre")
@@ -129,7 +129,8 @@ def test_score_tfrecords(tmp_path, model_dir):
   assert sum(manifest["predicted_classes"].values()) == 12
 
 
-def test_run_end_to_end_and_rerun_is_stable(tmp_path, model_dir):
+def test_run_end_to_end_and_rerun_is_stable(tmp_path, model_dir,
+                                              fake_model):
   archive = str(tmp_path / "busi.zip")
   entries = _busi_zip(archive, n_per_class=3)
   outs = []

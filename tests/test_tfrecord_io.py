@@ -296,7 +296,7 @@ def _manifest(out):
   return json.load(open(os.path.join(out, schemas.MANIFEST_FILE)))
 
 
-def test_score_keeps_every_intact_record(tmp_path, model_dir):
+def test_score_keeps_every_intact_record(tmp_path, model_dir, fake_model):
   (tmp_path / "in").mkdir()
   data = _flip(_plain(), _frame_start(7) + 40)  # inside record 7's data
   (tmp_path / "in" / "a.tfrecord").write_bytes(data)
@@ -316,7 +316,8 @@ def test_score_keeps_every_intact_record(tmp_path, model_dir):
   assert manifest["invariant"]["holds"] and manifest["complete"]
 
 
-def test_broken_shards_make_score_incomplete_exit_5(tmp_path, model_dir):
+def test_broken_shards_make_score_incomplete_exit_5(tmp_path, model_dir,
+                                                    fake_model):
   (tmp_path / "in").mkdir()
   gz = _gzip(_plain())
   at = _hard_break(gz)

@@ -173,6 +173,7 @@ def _split_images(output, name):
           np.array([schemas.LABELS.index(by_id[i].label) for i in ids]))
 
 
+@pytest.mark.slow
 def test_target_accuracy_threshold_from_validation(tmp_path, data_glob,
                                                    capsys):
   output = str(tmp_path / "m")
@@ -203,6 +204,7 @@ def test_target_accuracy_threshold_from_validation(tmp_path, data_glob,
   assert "SYNTHETIC PHANTOMS" in card and "--target_accuracy 0.800" in card
 
 
+@pytest.mark.slow
 def test_no_calibrate_keeps_temperature_one(tmp_path, data_glob):
   output = str(tmp_path / "m")
   assert _tiny_train(output, data_glob, "--no_calibrate") == 0
@@ -215,6 +217,7 @@ def test_no_calibrate_keeps_temperature_one(tmp_path, data_glob):
       "temperature").value == 1.0
 
 
+@pytest.mark.slow
 def test_flag_warnings_printed_not_logged(tmp_path, data_glob, capsys,
                                           caplog):
   output = str(tmp_path / "m")
@@ -226,6 +229,7 @@ def test_flag_warnings_printed_not_logged(tmp_path, data_glob, capsys,
   assert "Review threshold" in out and f"written to {output}" in out
 
 
+@pytest.mark.slow
 def test_same_seed_same_split(tmp_path, data_glob):
   fingerprints = []
   for run in ("a", "b"):
@@ -269,6 +273,7 @@ def test_offline_imagenet_exits_with_advice(tmp_path, data_glob, capsys,
   assert "--backbone_weights PATH" in err and "none" in err
 
 
+@pytest.mark.slow
 def test_existing_artifact_needs_overwrite(tmp_path, data_glob, capsys):
   output = str(tmp_path / "m")
   testing.make_test_artifact(output)
@@ -394,6 +399,7 @@ def test_gradcam_command_writes_the_overlay(tmp_path, test_artifact, capsys):
                    "--output", output]) == 2
 
 
+@pytest.mark.slow
 def test_empty_validation_split_trains_without_calibration(tmp_path,
                                                           data_glob, capsys):
   # LabelledData is a NamedTuple: emptiness must be judged on its images,

@@ -115,6 +115,7 @@ def fixture_cv_data(tmp_path_factory):
   return str(root / "*.tfrecord.gz"), records, copies
 
 
+@pytest.mark.slow
 def test_cv_command_reports_every_fold(tmp_path, cv_data, capsys):
   data_glob, records, copies = cv_data
   output = str(tmp_path / "cv")
@@ -179,6 +180,7 @@ def test_cv_refuses_bad_flags(cv_data, capsys):
     cli.main(base + ["--bogus", "3"])
 
 
+@pytest.mark.slow
 def test_run_folds_leaves_the_model_as_it_found_it(cv_data):
   from training import data as data_lib, model as model_lib, recipe  # pylint: disable=import-outside-toplevel
   from training.config import TrainConfig  # pylint: disable=import-outside-toplevel
@@ -199,6 +201,7 @@ def test_run_folds_leaves_the_model_as_it_found_it(cv_data):
   assert model_lib.frozen_prefix_end(model) == model_lib.FEATURES_LAYER
 
 
+@pytest.mark.slow
 def test_train_overwrite_without_cv_drops_the_old_report(tmp_path, cv_data,
                                                         capsys):
   output = str(tmp_path / "model")

@@ -275,6 +275,7 @@ def _lesion_detector(size):
   return model
 
 
+@pytest.mark.slow
 def test_evaluate_masks_end_to_end(tmp_path, capsys):
   busi, copy, moved = _phantoms(tmp_path)
   out = str(tmp_path / "pre")

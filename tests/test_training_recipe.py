@@ -52,6 +52,7 @@ def test_cache_matches_the_model_and_refuses_missing_views(images):
   assert cache.seconds > 0
 
 
+@pytest.mark.slow
 def test_early_stopping_keeps_the_best_epoch(images):
   labels = np.repeat(np.arange(3), 8)
   keras.utils.set_random_seed(0)
