@@ -28,10 +28,12 @@ WORKDIR /opt/busi
 RUN pip install "tensorflow[and-cuda]==2.21.0" "apache-beam[gcp]==2.77.0"
 COPY setup.py ./
 COPY schemas schemas
+COPY busi_core busi_core
+COPY reporting reporting
 COPY beam_pipeline beam_pipeline
 COPY training training
 COPY bench bench
-RUN pip install . && python -c "import beam_pipeline, training, schemas, apache_beam, tensorflow"
+RUN pip install . && python -c "import beam_pipeline, busi_core, reporting, training, schemas, apache_beam, tensorflow"
 
 # The Beam SDK harness: the entrypoint Dataflow starts in every container.
 COPY --from=beam_sdk /opt/apache/beam /opt/apache/beam
