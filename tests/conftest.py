@@ -59,3 +59,13 @@ def fake_model(monkeypatch):
   assert fakes.CALLS.images > before, (
       "the fake model scored nothing: does ScoreImages still call"
       " beam_pipeline.model_handler.keyed_handler?")
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+  """A tiny real artifact (16×16 input) shared by the pipeline tests; its
+  launch-time checks are real even where a fake model scores."""
+  from training import testing as training_testing  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path_factory.mktemp("model"))
+  training_testing.make_test_artifact(path, image_size=16)
+  return path

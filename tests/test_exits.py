@@ -23,18 +23,10 @@ import schemas
 from beam_pipeline import cli, failures, outputs, pipeline
 from tests import archive_factory as af
 from tests.pipeline_helpers import read_records, sql
-from training import testing as training_testing
 
 SIZE = 16
 N_IMAGES = 120
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("model"))
-  training_testing.make_test_artifact(path, image_size=SIZE)
-  return path
 
 
 @pytest.fixture(scope="module")

@@ -37,13 +37,6 @@ def torture_dir(tmp_path_factory):
   return d
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("model"))
-  training_testing.make_test_artifact(path, image_size=SIZE)
-  return path
-
-
 def _check_fates(d, examples_sources, errors, manifest):
   """Every torture member ends where the issue says it must."""
   by_source = {e["source"]: e for e in errors}

@@ -285,13 +285,6 @@ def test_fuzzed_shards_never_raise_and_never_lose_silently(kind, flips, cut):
 # --- through the pipeline ----------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("model"))
-  training_testing.make_test_artifact(path, image_size=SIZE)
-  return path
-
-
 def _manifest(out):
   return json.load(open(os.path.join(out, schemas.MANIFEST_FILE)))
 

@@ -422,3 +422,10 @@ def test_abbreviated_flags_are_refused(tmp_path, data_glob, capsys):
     cli.main(["cv", "--data", data_glob, "--fold", "3", "--backbone", "tiny"])
   assert exit_info.value.code == 2
   assert "--fold" in capsys.readouterr().err
+
+
+def test_version(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["--version"])
+  assert exit_info.value.code == 0
+  assert schemas.PACKAGE_VERSION in capsys.readouterr().out

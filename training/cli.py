@@ -148,6 +148,10 @@ def _parser() -> argparse.ArgumentParser:
       description="Train the BUSI classifier from preprocessed TFRecords,"
       " cross-validate its recipe, evaluate or recalibrate a trained"
       " artifact, or explain one image with Grad-CAM.")
+  parser.add_argument(
+      "--version", action="version",
+      version=f"busi-scoring {schemas.PACKAGE_VERSION} (artifact format"
+      f" {schemas.ARTIFACT_FORMAT_VERSION})")
   commands = parser.add_subparsers(dest="command", required=True)
 
   train = commands.add_parser(
