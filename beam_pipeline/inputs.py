@@ -101,18 +101,13 @@ def match_inputs(patterns: Iterable[str]) -> List[str]:
   for pattern in patterns:
     matched = match_pattern(pattern)
     if not matched:
-      raise ValueError(f"--input {display(pattern)!r} matches no file")
+      raise ValueError(f"--input {archives.display_uri(pattern)!r} matches no file")
     for path in matched:
       key = _same_place(path)
       if key not in seen:
         seen.add(key)
         paths.append(path)
   return paths
-
-
-def display(path: str) -> str:
-  """A path as valid UTF-8 text: undecodable bytes become `\\xNN` escapes."""
-  return archives.display_uri(path)
 
 
 def encode(path: str) -> bytes:
@@ -142,9 +137,8 @@ def unreadable(path: str) -> Optional[MemberError]:
     if os.path.islink(path):
       if e.errno == errno.ELOOP:
         return MemberError(BROKEN_LINK, "a symlink loop")
-      target = display(os.readlink(path))
-      return MemberError(BROKEN_LINK,
-                                   f"a dangling symlink (to {target!r})")
+      target = archives.display_uri(os.readlink(path))
+      return MemberError(BROKEN_LINK, f"a dangling symlink (to {target!r})")
     if e.errno == errno.ENOENT:
       return archives.vanished()
     return MemberError(

@@ -13,9 +13,8 @@ from apache_beam.options.pipeline_options import (PipelineOptions,
 import schemas
 from beam_pipeline import options as opts_lib
 from beam_pipeline import inputs, outputs, scoring, scoring_pipeline
-from busi_core import gcs
 from beam_pipeline.preprocess import PreprocessLimits, ReadImages
-from busi_core import archives
+from busi_core import archives, gcs
 
 _LOG = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ def manifest_base(plan: Plan, image_size: int) -> Dict:
   base = {
       "run_id": plan.run_id,
       "command": plan.command,
-      "inputs": [inputs.display(pattern) for pattern in opts.input],
+      "inputs": [archives.display_uri(pattern) for pattern in opts.input],
       "inputs_matched": len(plan.paths),
       "output": opts.output,
       "image_size": image_size,

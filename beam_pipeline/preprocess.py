@@ -57,19 +57,19 @@ class PlanWork(beam.DoFn):
     uri = inputs.decode(element)
     problem = inputs.unreadable(uri)
     if problem:
-      yield archives.Member(inputs.display(uri), uri, "error", error=problem)
+      yield archives.Member(archives.display_uri(uri), uri, "error", error=problem)
       return
     kind = archives.archive_kind(uri)
     if kind == archives.ZIP:
       try:
         count = archives.count_zip_members(uri, self._max_members)
       except MemberError as e:
-        yield archives.Member(inputs.display(uri), uri, "error",
+        yield archives.Member(archives.display_uri(uri), uri, "error",
                               error=archives.read_failure(uri, e))
         return
       except Exception as e:  # pylint: disable=broad-except
         yield archives.Member(
-            inputs.display(uri), uri, "error",
+            archives.display_uri(uri), uri, "error",
             error=archives.read_failure(uri, MemberError(
                 "ReadFailed", f"{type(e).__name__}: {e}")))
         return

@@ -37,7 +37,7 @@ def _read_tfrecord_file(element: bytes, run_id: str):
   error row; one gone since launch is an InputVanished row.
   """
   uri = inputs.decode(element)
-  source = inputs.display(uri)
+  source = archives.display_uri(uri)
   problem = inputs.unreadable(uri)
   if problem:
     yield beam.pvalue.TaggedOutput(ERRORS, error_row(
