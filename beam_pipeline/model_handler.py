@@ -12,22 +12,24 @@ import numpy as np
 from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult
 from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerNumpy
 
-from busi_core import artifact
-from busi_core.inference import compiled_call
+from busi_core import artifact, inference
 from busi_core.precision import with_precision
 
-def compiled_inference_fn(model, batch: Sequence[np.ndarray],
+
+def compiled_inference_fn(model: inference.ScoringModel,
+                          batch: Sequence[np.ndarray],
                           inference_args: Optional[Dict[str, Any]] = None,
                           model_id: Optional[str] = None
                          ) -> Iterable[PredictionResult]:
-  """Beam TensorInferenceFn: stacks uint8 images and calls the compiled model."""
+  """Beam TensorInferenceFn: stacks uint8 images and calls the compiled
+  model once; each PredictionResult's inference is an
+  `inference.ModelOutput` (probabilities and OOD score)."""
   del inference_args  # the artifact's model takes none
   images = np.stack(batch)
   if images.dtype != np.uint8:
     raise TypeError(f"model input must be uint8 pixels, got {images.dtype}")
-  probabilities = compiled_call(model)(images).numpy()
-  return [PredictionResult(example, inference, model_id)
-          for example, inference in zip(batch, probabilities)]
+  return [PredictionResult(example, output, model_id)
+          for example, output in zip(batch, inference.predict(model, images))]
 
 
 class ArtifactModelHandler(TFModelHandlerNumpy):
@@ -57,10 +59,10 @@ class ArtifactModelHandler(TFModelHandlerNumpy):
     self._precision = precision
     self._model_sha256 = model_sha256
 
-  def load_model(self):
-    return with_precision(
-        artifact.load_artifact(self._model_dir, self._model_sha256).model,
-        self._precision)
+  def load_model(self) -> inference.ScoringModel:
+    loaded = artifact.load_artifact(self._model_dir, self._model_sha256)
+    return inference.scoring_model(
+        with_precision(loaded.model, self._precision), loaded.ood)
 
   def get_metrics_namespace(self) -> str:
     return "BusiRunInference"

@@ -26,8 +26,8 @@ _READ_FLAGS = ("input", "output", "overwrite")
 _ARCHIVE_FLAGS = ("image_size", "max_pixels", "max_member_bytes",
                   "max_compression_ratio", "max_members_per_archive",
                   "zip_chunk_size", "max_records_per_shard")
-_MODEL_FLAGS = ("model", "threshold", "batch_size", "inference_accelerator",
-                "inference_precision", "gradcam")
+_MODEL_FLAGS = ("model", "threshold", "ood_threshold", "batch_size",
+                "inference_accelerator", "inference_precision", "gradcam")
 COMMAND_FLAGS = {
     PREPROCESS: _READ_FLAGS + _ARCHIVE_FLAGS,
     SCORE: _READ_FLAGS + _MODEL_FLAGS,
@@ -87,6 +87,12 @@ class BusiOptions(PipelineOptions):
         "--threshold", type=float, default=None,
         help="Confidence below which a prediction is flagged; default: the"
         " artifact's metadata.json threshold.")
+    parser.add_argument(
+        "--ood_threshold", type=float, default=None,
+        help="OOD score above which an image is out of distribution;"
+        " default: the artifact's (metadata.json ood.threshold, chosen in"
+        " training so that 99 %% of validation images pass). The artifact"
+        " must have an OOD detector.")
     parser.add_argument("--batch_size", type=int, default=32,
                         help="Images per model call.")
     parser.add_argument(
@@ -201,6 +207,10 @@ def validate(command: str, options: PipelineOptions) -> BusiOptions:
     raise ValueError(f"--image_size {opts.image_size} is outside 8..4096")
   if opts.threshold is not None and not 0.0 <= opts.threshold <= 1.0:
     raise ValueError(f"--threshold {opts.threshold} is outside [0, 1]")
+  if opts.ood_threshold is not None and not (
+      0.0 <= opts.ood_threshold < float("inf")):
+    raise ValueError(f"--ood_threshold {opts.ood_threshold} is not a"
+                     " non-negative number")
   if opts.batch_size < 1:
     raise ValueError("--batch_size must be at least 1")
   for name in ("max_pixels", "max_member_bytes", "max_compression_ratio",

@@ -47,6 +47,8 @@ def manifest_base(plan: Plan, image_size: int) -> Dict:
     config = plan.scoring
     base.update({"model": opts.model, "model_version": config.model_version,
                  "threshold": config.threshold,
+                 # null: the model has no OOD detector (columns null too)
+                 "ood_threshold": config.ood_threshold,
                  "labels": list(config.labels),
                  "batch_size": opts.batch_size})
   return base
@@ -101,6 +103,17 @@ def _score(images, plan: Plan, counts: Dict, written: Dict, extra: Dict):
   counts["low_confidence"] = outputs.count(
       rows | "LowConfidence" >> beam.Filter(scoring.is_low_confidence),
       "CountLowConfidence")
+  counts["out_of_distribution"] = outputs.count(
+      rows | "OutOfDistribution" >> beam.Filter(
+          scoring.is_out_of_distribution), "CountOutOfDistribution")
+  counts["needs_review"] = outputs.count(
+      rows | "NeedsReview" >> beam.Filter(scoring.needs_review),
+      "CountNeedsReview")
+  extra["quality_flags"] = (
+      rows
+      | "QualityFlags" >> beam.FlatMap(scoring.quality_flag_names)
+      | "CountPerFlag" >> beam.combiners.Count.PerElement()
+      | "FlagDict" >> beam.combiners.ToDict())
   # In the errors table (stage "gradcam") but outside the invariant: those
   # images have their prediction row.
   counts["gradcam_failures"] = outputs.count(scored["gradcam_errors"],

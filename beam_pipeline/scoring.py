@@ -8,6 +8,7 @@ import numpy as np
 
 import schemas
 from beam_pipeline.errors import error_row
+from busi_core import inference
 from schemas import records
 
 
@@ -16,6 +17,7 @@ class RowKey(NamedTuple):
   image_id: str
   source: str
   label: str
+  quality_flags: Optional[str] = None  # as the record has them
 
 
 @functools.lru_cache(maxsize=8)
@@ -36,6 +38,9 @@ class ScoringConfig(NamedTuple):
   # score with any other (the rows carry this model's model_version).
   # None: not checked.
   model_sha256: Optional[str] = None
+  # Scores above it are out of distribution (the artifact's, or
+  # --ood_threshold); None: the artifact has no OOD detector.
+  ood_threshold: Optional[float] = None
 
 
 def keyed_input(record: records.ImageRecord, image_size: int
@@ -52,26 +57,40 @@ def keyed_input(record: records.ImageRecord, image_size: int
         f"image is {pixels.dtype} {tuple(pixels.shape)}, the model takes uint8"
         f" ({image_size}, {image_size}, 3); preprocess with --image_size"
         f" {image_size}")
-  return RowKey(record.image_id, record.source, record.label or ""), pixels
+  return RowKey(record.image_id, record.source, record.label or "",
+                record.quality_flags), pixels
 
 
-def prediction_row(key: RowKey, probabilities: Sequence[float],
+def prediction_row(key: RowKey, output: inference.ModelOutput,
                    config: ScoringConfig,
                    scored_at: Optional[datetime.datetime] = None,
                    gradcam_uri: Optional[str] = None) -> Dict:
-  """One predictions row, columns as in `schemas.predictions_schema`."""
-  probs = [float(p) for p in probabilities]
+  """One predictions row, columns as in `schemas.predictions_schema`.
+
+  `out_of_distribution` is null when either the score or the threshold is
+  (an artifact without a detector); `needs_review` is true when the image is
+  low-confidence, out of distribution or has any quality flag.
+  """
+  probs = [float(p) for p in output.probabilities]
   if len(probs) != len(config.labels):
     raise ValueError(f"model returned {len(probs)} probabilities for"
                      f" {len(config.labels)} labels")
   top = int(np.argmax(probs))
   confidence = probs[top]
+  low_confidence = confidence < config.threshold
+  ood_score = None if output.ood_score is None else float(output.ood_score)
+  out_of_distribution = (None if ood_score is None or
+                         config.ood_threshold is None else
+                         ood_score > config.ood_threshold)
+  needs_review = bool(low_confidence or out_of_distribution or
+                      key.quality_flags)
   values = [key.image_id, key.source, key.label or None, config.labels[top]]
   values += probs
-  values += [confidence, confidence < config.threshold,
+  values += [confidence, low_confidence,
              float(config.threshold), config.model_version, config.run_id,
              scored_at or datetime.datetime.now(datetime.timezone.utc),
-             gradcam_uri]
+             gradcam_uri, ood_score, out_of_distribution, key.quality_flags,
+             needs_review]
   return dict(zip(prediction_columns(config.labels), values, strict=True))
 
 
@@ -108,7 +127,7 @@ def wants_gradcam(row: Dict, mode: str) -> bool:
   if mode == "all":
     return True
   if mode == "flagged":
-    return bool(row["low_confidence"])
+    return bool(row[schemas.COLUMN_LOW_CONFIDENCE])
   if mode == "malignant":
     return row["predicted_class"] == "malignant"
   return False
@@ -127,7 +146,21 @@ def gradcam_uri(output: str, image_id: str, source: str) -> str:
 
 
 def is_low_confidence(row: Dict) -> bool:
-  return row["low_confidence"]
+  return row[schemas.COLUMN_LOW_CONFIDENCE]
+
+
+def is_out_of_distribution(row: Dict) -> bool:
+  return bool(row[schemas.COLUMN_OUT_OF_DISTRIBUTION])
+
+
+def needs_review(row: Dict) -> bool:
+  return row[schemas.COLUMN_NEEDS_REVIEW]
+
+
+def quality_flag_names(row: Dict) -> List[str]:
+  """The row's quality flags as a list (none for "" or null)."""
+  return [name for name in (row[schemas.COLUMN_QUALITY_FLAGS] or "").split(",")
+          if name]
 
 
 def predicted_class(row: Dict) -> str:

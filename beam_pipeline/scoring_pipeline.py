@@ -87,13 +87,16 @@ def _to_row(keyed_result, config: scoring.ScoringConfig, gradcam: str):
   to the GRADCAM output with their pixels; a non-finite model output (NaN or
   inf, e.g. a float16 overflow) is an error, never a confident prediction."""
   key, result = keyed_result
-  if not np.all(np.isfinite(result.inference)):
+  output = result.inference
+  values = list(output.probabilities) + (
+      [] if output.ood_score is None else [output.ood_score])
+  if not np.all(np.isfinite(values)):
     yield beam.pvalue.TaggedOutput(ERRORS, error_row(
         key.source, schemas.Stage.INFERENCE, "NonFiniteOutput",
-        f"model output {np.asarray(result.inference).tolist()} is not finite",
-        config.run_id))
+        f"model output {np.asarray(output.probabilities).tolist()} (OOD"
+        f" score {output.ood_score}) is not finite", config.run_id))
     return
-  row = scoring.prediction_row(key, result.inference, config,
+  row = scoring.prediction_row(key, output, config,
                                datetime.datetime.now(datetime.timezone.utc))
   if scoring.wants_gradcam(row, gradcam):
     yield beam.pvalue.TaggedOutput(GRADCAM, (row, result.example))
@@ -264,7 +267,16 @@ def load_config(opts, run_id: str, command: str) -> scoring.ScoringConfig:
         f" {size}; leave --image_size out to use the model's")
   threshold = (opts.threshold if opts.threshold is not None else
                float(info.metadata.threshold))
+  ood_threshold = None
+  if info.ood is not None:
+    ood_threshold = (opts.ood_threshold if opts.ood_threshold is not None
+                     else info.ood.threshold)
+  elif opts.ood_threshold is not None:
+    raise ValueError(
+        f"--ood_threshold was given but {opts.model} has no OOD detector"
+        f" ({schemas.OOD_FILE}); retrain it with this version to get one")
   return scoring.ScoringConfig(
       labels=tuple(info.labels), threshold=threshold,
       model_version=info.metadata.model_version, run_id=run_id,
-      image_size=size, model_sha256=info.model_sha256)
+      image_size=size, model_sha256=info.model_sha256,
+      ood_threshold=ood_threshold)

@@ -37,7 +37,7 @@ def precision_cost(model_dir: str, count: int = 64, repeats: int = 3,
                    batch_size: int = 32) -> Dict:
   """float32 against bfloat16/float16 on `count` fixed images."""
   import cv2  # pylint: disable=import-outside-toplevel
-  from beam_pipeline.model_handler import compiled_call  # pylint: disable=import-outside-toplevel
+  from busi_core.inference import compiled_call  # pylint: disable=import-outside-toplevel
   from busi_core.precision import with_precision  # pylint: disable=import-outside-toplevel
   from busi_core import artifact  # pylint: disable=import-outside-toplevel
   loaded = artifact.load_artifact(model_dir)

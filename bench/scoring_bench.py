@@ -71,7 +71,7 @@ def _make_data(workdir: str, count: int, image_size: int,
 def bare_model(model, pixels: np.ndarray, batch_sizes: List[int],
                repeats: int) -> Dict:
   """Images/s of the compiled call, eager call and predict, per batch size."""
-  from beam_pipeline.model_handler import compiled_call  # pylint: disable=import-outside-toplevel
+  from busi_core.inference import compiled_call  # pylint: disable=import-outside-toplevel
   compiled = compiled_call(model)
   ways = {
       "compiled_tf_function": lambda x: compiled(x).numpy(),

@@ -7,12 +7,14 @@ MODEL_DIR/
                  metadata; training/model_card.py)
   metadata.json  schemas.metadata.ArtifactMetadata (required fields:
                  schemas.METADATA_REQUIRED_FIELDS)
+  ood.npz        the out-of-distribution detector (busi_core.ood), when
+                 metadata.json has an "ood" block; older artifacts have none
 
 `read_artifact_info` validates the small JSON files without loading the model
 or even importing TensorFlow (for the launcher's up-front checks) and returns
 the metadata as the typed record;
-`load_artifact` also loads the model, in Keras safe mode, and checks it
-against the metadata. Both go through Beam
+`load_artifact` also loads the model, in Keras safe mode, and the OOD
+detector, and checks both against the metadata. Both go through Beam
 FileSystems, so MODEL_DIR may be gs://.
 """
 
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterator, List, NamedTuple, Optional
 from apache_beam.io.filesystems import FileSystems
 
 import schemas
+from busi_core import ood as ood_lib
 from schemas.metadata import ArtifactMetadata, MetadataError
 
 if TYPE_CHECKING:  # Keras is imported only by the functions that load/save.
@@ -56,6 +59,7 @@ class Artifact(NamedTuple):
   metadata: ArtifactMetadata
   local_dir: str  # the directory model.keras was read from (model_dir itself)
   model_sha256: str  # of the model.keras loaded
+  ood: Optional[ood_lib.OodModel] = None  # None: the artifact has none
 
 
 def _join(model_dir: str, name: str) -> str:
@@ -141,6 +145,46 @@ def _check_values(model_dir: str, labels: List[str],
     raise ArtifactError(
         f"metadata image_size {metadata.image_size!r} in {model_dir} is not a"
         f" positive integer. {_PASS_DIR}")
+  if metadata.ood is not None:
+    block = metadata.ood
+    missing = [name for name in ("transform", "dims", "file", "sha256",
+                                 "threshold") if getattr(block, name) is None]
+    if missing:
+      raise ArtifactError(
+          f"metadata ood block in {model_dir} lacks {', '.join(missing)}."
+          f" {_PASS_DIR}")
+    if block.file != schemas.OOD_FILE:
+      raise ArtifactError(
+          f"metadata ood file {block.file!r} in {model_dir} is not"
+          f" {schemas.OOD_FILE}. {_PASS_DIR}")
+
+
+def load_ood(model_dir: str,
+             metadata: ArtifactMetadata) -> Optional[ood_lib.OodModel]:
+  """The artifact's out-of-distribution detector, checked against its
+  metadata block; None when the artifact has none.
+
+  Raises:
+    ArtifactError: the block names a file that is missing, replaced or
+      malformed.
+  """
+  block = metadata.ood
+  if block is None:
+    return None
+  path = _join(model_dir, schemas.OOD_FILE)
+  try:
+    with FileSystems.open(path) as f:
+      data = f.read()
+  except Exception as e:  # Beam raises IOError / BeamIOError / ...
+    raise ArtifactError(
+        f"cannot read {path}, which metadata.json's ood block names:"
+        f" {type(e).__name__}: {e}. {_PASS_DIR}") from e
+  try:
+    return ood_lib.from_bytes(data, transform=block.transform,
+                              threshold=block.threshold, dims=block.dims,
+                              sha256=block.sha256)
+  except ood_lib.OodError as e:
+    raise ArtifactError(f"{model_dir}: {e}. {_PASS_DIR}") from e
 
 
 def _layer_classes(config: Any) -> Iterator[str]:
@@ -219,8 +263,26 @@ def load_artifact(model_dir: str,
     # memory; workers load models repeatedly over a long job.
     if local_dir != model_dir:
       shutil.rmtree(local_dir, ignore_errors=True)
+  detector = load_ood(model_dir, metadata)
+  if detector is not None:
+    _check_ood_dims(model_dir, model, detector)
   return Artifact(model, labels, metadata, model_dir if local_dir != model_dir
-                  else local_dir, digest)
+                  else local_dir, digest, detector)
+
+
+def _check_ood_dims(model_dir: str, model: "keras.Model",
+                    detector: ood_lib.OodModel) -> None:
+  try:
+    layer = model.get_layer(schemas.FEATURES_LAYER)
+  except ValueError as e:
+    raise ArtifactError(
+        f"{model_dir} has an OOD detector but its model has no"
+        f" {schemas.FEATURES_LAYER!r} layer. {_PASS_DIR}") from e
+  dims = int(layer.output.shape[-1])
+  if dims != detector.dims:
+    raise ArtifactError(
+        f"{model_dir}: the OOD detector takes {detector.dims} features, the"
+        f" model's {schemas.FEATURES_LAYER!r} layer gives {dims}. {_PASS_DIR}")
 
 
 def _check_digest(model_dir: str, digest: str, metadata: ArtifactMetadata,

@@ -22,6 +22,27 @@ CV_REPORT_FILE = "cv.json"
 # data (null with --cv_folds 0): folds, images, settings, pooled, summary.
 METADATA_CROSS_VALIDATION = "cross_validation"
 
+# The out-of-distribution detector, fitted by training on the "features"
+# layer of its training images (busi_core.ood) and described by
+# metadata.json's "ood" block (schemas.metadata.OodDetector), which records
+# the file's sha256: loading checks it. A numpy .npz of float64 arrays, read
+# with allow_pickle=False. Artifacts without it load; their OOD columns are
+# null.
+OOD_FILE = "ood.npz"
+OOD_MEAN = "mean"  # [D]: mean of the (transformed) training features
+OOD_PRECISION = "precision"  # [D, D]: inverse of the shrunk covariance
+OOD_ARRAYS = (OOD_MEAN, OOD_PRECISION)
+# The score: Mahalanobis distance under a Ledoit-Wolf shrunk covariance.
+OOD_METHOD_MAHALANOBIS = "mahalanobis_ledoit_wolf"
+# Transforms applied to the features before the distance.
+OOD_TRANSFORM_NONE = "none"
+OOD_TRANSFORM_SQRT = "sqrt"  # GAP of ReLU maps is non-negative and skewed
+OOD_TRANSFORM_L2 = "l2"  # unit length: direction only
+OOD_TRANSFORMS = (OOD_TRANSFORM_NONE, OOD_TRANSFORM_SQRT, OOD_TRANSFORM_L2)
+# Share of in-distribution validation images whose score passes the
+# threshold training chooses (the rest are flagged).
+DEFAULT_OOD_PASS_RATE = 0.99
+
 # Bumped when the artifact layout or the model's input contract changes.
 ARTIFACT_FORMAT_VERSION = "1"
 

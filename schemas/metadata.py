@@ -422,6 +422,35 @@ class Recalibration(Record):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class OodCount(Record):
+  """How many images of a set the out-of-distribution threshold flags."""
+  count: Optional[int] = optional()
+  flagged: Optional[int] = optional()
+  flagged_share: Optional[float] = optional()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OodDetector(Record):
+  """The "ood" block: the out-of-distribution detector saved as OOD_FILE
+  (absent: the artifact has none, and the OOD columns are null)."""
+  method: Optional[str] = optional()  # schemas.OOD_METHOD_*
+  transform: Optional[str] = optional()  # schemas.OOD_TRANSFORMS
+  feature_layer: Optional[str] = optional()  # schemas.FEATURES_LAYER
+  dims: Optional[int] = optional()  # length of a feature vector
+  file: Optional[str] = optional()  # schemas.OOD_FILE
+  sha256: Optional[str] = optional()  # of the file; loading checks it
+  fit_split: Optional[str] = optional()  # whose features it was fitted on
+  fit_count: Optional[int] = optional()  # feature vectors (images × views)
+  fit_images: Optional[int] = optional()
+  shrinkage: Optional[float] = optional()  # Ledoit-Wolf's, in [0, 1]
+  threshold: Optional[float] = optional()  # scores above it are flagged
+  threshold_split: Optional[str] = optional()  # where it was chosen
+  target_pass_rate: Optional[float] = optional()
+  val: Optional[OodCount] = optional()  # None: no images in the split
+  test: Optional[OodCount] = optional()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ArtifactMetadata(Record):
   """metadata.json. The fields without a default are the required ones
   (schemas.METADATA_REQUIRED_FIELDS, in that order)."""
@@ -449,6 +478,7 @@ class ArtifactMetadata(Record):
   parent_model_version: Optional[str] = optional()  # recalibrated only
   parent_model_sha256: Optional[str] = optional()
   recalibration: Optional[Recalibration] = optional()
+  ood: Optional[OodDetector] = optional()  # None: no OOD detector
 
   @property
   def is_test_artifact(self) -> bool:

@@ -19,7 +19,7 @@ as fast as TensorFlow's own class (the same protobuf runtime).
 """
 
 import re
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -40,6 +40,9 @@ class ImageRecord(NamedTuple):
   pixels: np.ndarray
   original_height: int
   original_width: int
+  # Comma-separated quality flag names ("" when none); None when the record
+  # predates the quality checks.
+  quality_flags: Optional[str] = None
 
 
 def to_example(record: ImageRecord) -> bytes:

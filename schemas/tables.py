@@ -31,6 +31,18 @@ def errors_schema() -> pa.Schema:
   ])
 
 
+# Columns of the predictions table that code reads by name.
+COLUMN_LOW_CONFIDENCE = "low_confidence"
+COLUMN_OOD_SCORE = "ood_score"  # null: the model has no OOD detector
+COLUMN_OUT_OF_DISTRIBUTION = "out_of_distribution"  # null: as ood_score
+# Comma-separated quality flag names (schemas.QUALITY_FLAGS), "" when none;
+# null when the TFRecord predates the checks.
+COLUMN_QUALITY_FLAGS = "quality_flags"
+# low_confidence, out_of_distribution or any quality flag: the one column a
+# review worklist filters on.
+COLUMN_NEEDS_REVIEW = "needs_review"
+
+
 def error_columns():
   """Column names of the errors table, in order."""
   return [f.name for f in errors_schema()]
@@ -67,11 +79,15 @@ def predictions_schema(labels: Sequence[str]) -> pa.Schema:
   ]
   fields += [
       pa.field("confidence", pa.float64(), nullable=False),
-      pa.field("low_confidence", pa.bool_(), nullable=False),
+      pa.field(COLUMN_LOW_CONFIDENCE, pa.bool_(), nullable=False),
       pa.field("threshold", pa.float64(), nullable=False),
       pa.field("model_version", pa.string(), nullable=False),
       pa.field("run_id", pa.string(), nullable=False),
       pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
       pa.field("gradcam_uri", pa.string(), nullable=True),
+      pa.field(COLUMN_OOD_SCORE, pa.float64(), nullable=True),
+      pa.field(COLUMN_OUT_OF_DISTRIBUTION, pa.bool_(), nullable=True),
+      pa.field(COLUMN_QUALITY_FLAGS, pa.string(), nullable=True),
+      pa.field(COLUMN_NEEDS_REVIEW, pa.bool_(), nullable=False),
   ]
   return pa.schema(fields)

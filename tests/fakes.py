@@ -18,6 +18,7 @@ from apache_beam.ml.inference.base import (KeyedModelHandler, ModelHandler,
                                            PredictionResult)
 
 import schemas
+from busi_core import inference
 
 MODEL_ID = "fake-numpy-model"
 
@@ -65,7 +66,7 @@ def predict(images: np.ndarray,
 
 
 class FakeModelHandler(ModelHandler[np.ndarray, PredictionResult, FakeModel]):
-  """uint8 images → PredictionResult(image, probabilities), batched as the
+  """uint8 images → PredictionResult(image, ModelOutput), batched as the
   artifact handler batches (min = max = batch_size)."""
 
   def __init__(self, *, batch_size: int = 32,
@@ -83,7 +84,10 @@ class FakeModelHandler(ModelHandler[np.ndarray, PredictionResult, FakeModel]):
                    ) -> Iterable[PredictionResult]:
     probabilities = model.predict(np.stack(batch))
     CALLS.record(images=len(batch))
-    return [PredictionResult(example, p, MODEL_ID)
+    # As the artifact handler gives them; no OOD detector, as the tiny
+    # test artifacts of the wiring tests have none.
+    return [PredictionResult(example, inference.ModelOutput(p, None),
+                             MODEL_ID)
             for example, p in zip(batch, probabilities)]
 
   def batch_elements_kwargs(self) -> Dict[str, int]:

@@ -359,13 +359,20 @@ def test_non_finite_model_output_is_an_error_not_a_prediction():
   from apache_beam.ml.inference.base import PredictionResult
   from beam_pipeline import scoring
   from beam_pipeline.scoring_pipeline import _to_row
+  from busi_core.inference import ModelOutput
   config = scoring.ScoringConfig(tuple(schemas.LABELS), 0.9, "m", "r", SIZE)
   key = scoring.RowKey("a" * 64, "x.zip!/a.png", "")
-  (out,) = list(_to_row((key, PredictionResult(None, np.array(
-      [np.nan, np.nan, np.nan]))), config, "none"))
+  def result(probabilities, ood_score=None):
+    return PredictionResult(None, ModelOutput(np.array(probabilities),
+                                              ood_score))
+
+  (out,) = list(_to_row((key, result([np.nan, np.nan, np.nan])), config,
+                        "none"))
   assert out.tag == "errors" and out.value["error_type"] == "NonFiniteOutput"
-  (row,) = list(_to_row((key, PredictionResult(None, np.array(
-      [0.1, 0.2, 0.7]))), config, "none"))
+  (out,) = list(_to_row((key, result([0.1, 0.2, 0.7], np.inf)), config,
+                        "none"))
+  assert out.tag == "errors" and out.value["error_type"] == "NonFiniteOutput"
+  (row,) = list(_to_row((key, result([0.1, 0.2, 0.7])), config, "none"))
   assert row["predicted_class"] == "malignant"
 
 

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from beam_pipeline.model_handler import compiled_call
+from busi_core.inference import compiled_call
 from busi_core.precision import with_precision
 from busi_core import artifact
 from training import testing as training_testing

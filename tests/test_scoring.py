@@ -10,6 +10,7 @@ import pytest
 import schemas
 from beam_pipeline import pipeline, scoring
 from busi_core import imaging
+from busi_core.inference import ModelOutput
 from schemas import records
 from tests import archive_factory as af
 from tests.pipeline_helpers import read_errors, read_records, sql
@@ -45,8 +46,8 @@ def _predictions(output_dir):
 def test_prediction_row_follows_schema():
   config = scoring.ScoringConfig(LABELS, 0.9, "m-1", "run-1", SIZE)
   key = scoring.RowKey("abc", "x.zip!/benign/a.png", "")
-  row = scoring.prediction_row(key, np.array([0.05, 0.15, 0.8], np.float32),
-                               config)
+  row = scoring.prediction_row(
+      key, ModelOutput(np.array([0.05, 0.15, 0.8], np.float32), None), config)
   assert list(row) == schemas.prediction_columns(LABELS)
   assert row["predicted_class"] == "malignant"
   assert row["label"] is None
@@ -54,6 +55,33 @@ def test_prediction_row_follows_schema():
   assert row["low_confidence"] is True and row["threshold"] == 0.9
   assert isinstance(row["p_normal"], float)
   assert row["scored_at"].tzinfo is datetime.timezone.utc
+  # No detector and a record from before the quality checks: nulls.
+  assert (row["ood_score"], row["out_of_distribution"],
+          row["quality_flags"]) == (None, None, None)
+  assert row["needs_review"] is True  # low confidence alone
+
+
+@pytest.mark.parametrize("confident, score, flags, ood, review", [
+    (True, 1.0, "", False, False),
+    (True, 5.0 + 1e-9, "", True, True),
+    (True, 5.0, "", False, False),
+    (True, 1.0, "colour", False, True),
+    (False, 1.0, "", False, True),
+    (True, None, "", None, False),
+    (True, 1.0, None, False, False),
+])
+def test_needs_review_is_any_of_the_three_flags(confident, score, flags, ood,
+                                                review):
+  config = scoring.ScoringConfig(LABELS, 0.9, "m-1", "run-1", SIZE,
+                                 ood_threshold=5.0)
+  key = scoring.RowKey("abc", "x.zip!/a.png", "", flags)
+  probabilities = [0.02, 0.03, 0.95] if confident else [0.2, 0.3, 0.5]
+  row = scoring.prediction_row(
+      key, ModelOutput(np.array(probabilities), score), config)
+  assert row["out_of_distribution"] is ood
+  assert row["quality_flags"] == flags
+  assert row["needs_review"] is review
+  assert row["ood_score"] == score
 
 
 def test_keyed_input_refuses_wrong_shapes():
@@ -63,7 +91,8 @@ def test_keyed_input_refuses_wrong_shapes():
     scoring.keyed_input(record, SIZE)
   key, pixels = scoring.keyed_input(
       record._replace(pixels=np.zeros((SIZE, SIZE, 3), np.uint8)), SIZE)
-  assert key == scoring.RowKey("i", "s", "benign") and pixels.shape[0] == SIZE
+  assert key == scoring.RowKey("i", "s", "benign", None)
+  assert pixels.shape[0] == SIZE
 
 
 def test_failed_batch_rows_name_every_image():

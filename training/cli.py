@@ -82,6 +82,15 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                       help="The data are synthetic phantoms: the model card"
                       " says so.")
   parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument(
+      "--ood_pass_rate", type=float, default=schemas.DEFAULT_OOD_PASS_RATE,
+      help="Out-of-distribution detector: its threshold lets this share of"
+      " the validation images pass (default %(default)g; 0: no detector).")
+  parser.add_argument(
+      "--ood_transform", choices=schemas.OOD_TRANSFORMS,
+      default=config_lib.DEFAULT_OOD_TRANSFORM,
+      help="How the pooled features are transformed before the detector's"
+      " Mahalanobis distance (default %(default)s).")
   parser.add_argument("--augment_views", type=int, default=None,
                       help="Fixed views of each training image besides the"
                       " original: its mirror image, then random rotation /"
@@ -137,7 +146,8 @@ def _recipe_config(args: argparse.Namespace, **fields
       learning_rate=args.learning_rate,
       fine_tune_learning_rate=args.fine_tune_learning_rate,
       calibrate=args.calibrate, target_accuracy=target,
-      synthetic_data=args.synthetic_data, **fields)
+      synthetic_data=args.synthetic_data, ood_pass_rate=args.ood_pass_rate,
+      ood_transform=args.ood_transform, **fields)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -30,6 +30,7 @@ DEFAULT_TEST_FRACTION = 0.0  # `cv` measures the recipe; train on the rest
 DEFAULT_FOLDS = 5
 DEFAULT_LABEL_SMOOTHING = 0.1
 DEFAULT_NAME = "busi-vgg16"
+DEFAULT_OOD_TRANSFORM = schemas.OOD_TRANSFORM_SQRT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,10 @@ class TrainConfig:
   # None: the fixed --threshold.
   target_accuracy: Optional[float] = schemas.DEFAULT_TARGET_ACCURACY
   synthetic_data: bool = False  # phantoms: said in the model card
+  # The out-of-distribution detector (busi_core.ood): features transform,
+  # and the share of validation images its threshold lets pass (0: none).
+  ood_transform: str = DEFAULT_OOD_TRANSFORM
+  ood_pass_rate: float = schemas.DEFAULT_OOD_PASS_RATE
 
   @property
   def augment(self) -> bool:
@@ -118,6 +123,12 @@ class TrainConfig:
         raise ValueError(f"--{name} must be in [0, 1)")
     if self.val_fraction + self.test_fraction >= 1.0:
       raise ValueError("--val_fraction + --test_fraction must be below 1")
+    if self.ood_transform not in schemas.OOD_TRANSFORMS:
+      raise ValueError(f"--ood_transform must be one of"
+                       f" {schemas.OOD_TRANSFORMS}")
+    if not 0.0 <= self.ood_pass_rate <= 1.0:
+      raise ValueError(f"--ood_pass_rate {self.ood_pass_rate} is outside"
+                       " [0, 1] (0: no out-of-distribution detector)")
     if self.backbone not in BACKBONES:
       raise ValueError(f"--backbone must be one of {BACKBONES}")
     if not self.name or "/" in self.name:

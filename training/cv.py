@@ -26,6 +26,7 @@ import numpy as np
 import keras
 
 import schemas
+from training import ood_detector
 from training import calibration, data as data_lib, metrics
 from training import model as model_lib, recipe, split
 from training.config import TrainConfig
@@ -36,7 +37,7 @@ _LOG = logging.getLogger(__name__)
 SCALARS = ("macro_f1", "recall_malignant", "recall_benign", "recall_normal",
            "accuracy", "ece", "auc_malignant", "flagged_share",
            "accuracy_unflagged", "accuracy_flagged", "fixed_flagged_share",
-           "fixed_accuracy_unflagged")
+           "fixed_accuracy_unflagged", "ood_flagged_share")
 
 
 def assign_folds(image_ids: Sequence[str], labels: Sequence[str],
@@ -207,6 +208,12 @@ def _fold(k: int, config: TrainConfig, runner: recipe.Recipe,
                         names, config.threshold)
   scores["ece_uncalibrated"] = calibration.expected_calibration_error(
       calibration.softmax(test_logits), labels[test])
+  # The fold's OOD detector on the held-out fold: in-distribution images it
+  # flags (None when the recipe fits no detector).
+  ood_flags = ood_detector.held_out_flags(
+      ood_detector.fit(config, runner, train, val), runner, test)
+  scores["ood_flagged_share"] = (None if ood_flags is None else
+                                 float(np.mean(ood_flags)))
   return {
       "fold": k,
       "counts": {"train": int(len(train)), "val": int(len(val)),
@@ -223,6 +230,7 @@ def _fold(k: int, config: TrainConfig, runner: recipe.Recipe,
       "test_image_ids": [data.image_ids[i] for i in test],
       "_probabilities": probabilities,
       "_test": test,
+      "_ood_flags": ood_flags,
   }
 
 
@@ -269,6 +277,10 @@ def run_folds(config: TrainConfig, folds: int, runner: recipe.Recipe,
                                for r in results])
   pooled = fold_metrics(data.labels[order], pooled_probabilities, thresholds,
                         names, config.threshold)
+  ood_flags = [r.pop("_ood_flags") for r in results]
+  pooled["ood_flagged_share"] = (
+      None if any(f is None for f in ood_flags) else
+      float(np.mean(np.concatenate(ood_flags))))
   settings = dataclasses.asdict(config)
   settings.pop("output", None)
   settings.pop("overwrite", None)

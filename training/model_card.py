@@ -223,8 +223,10 @@ _CV_ROWS = (
     ("accuracy, flagged", "accuracy_flagged"),
     ("flagged at the fixed threshold", "fixed_flagged_share"),
     ("accuracy, not flagged at the fixed threshold",
-     "fixed_accuracy_unflagged"))
-_SHARES = ("flagged_share", "fixed_flagged_share")
+     "fixed_accuracy_unflagged"),
+    ("out of distribution (in-distribution images flagged)",
+     "ood_flagged_share"))
+_SHARES = ("flagged_share", "fixed_flagged_share", "ood_flagged_share")
 
 
 def _cv_section(metadata: ArtifactMetadata) -> List[str]:
@@ -575,6 +577,54 @@ def _training_section(metadata: ArtifactMetadata) -> List[str]:
   return ["## Training", ""] + _table(["setting", "value"], rows) + [""]
 
 
+def _ood_count(name: str, counted: Optional[metadata_schema.OodCount]
+              ) -> List[Any]:
+  if not counted:
+    return [name, NA, NA]
+  return [name, f"{counted.flagged} of {counted.count}",
+          _pct(counted.flagged_share)]
+
+
+def _ood_section(metadata: ArtifactMetadata) -> List[str]:
+  """The out-of-distribution detector, or that there is none."""
+  lines = ["## Out-of-distribution detector", ""]
+  block = metadata.ood
+  if block is None:
+    return lines + [
+        "This artifact has no out-of-distribution detector: scoring writes"
+        " null `ood_score` and `out_of_distribution` columns, and only"
+        " `low_confidence` and the quality flags set `needs_review`. Retrain"
+        " with this release to get one.", ""]
+  held_out = None
+  if metadata.cross_validation and metadata.cross_validation.summary:
+    held_out = metadata.cross_validation.summary.get("ood_flagged_share")
+  lines += [
+      f"`{schemas.OOD_FILE}`: Mahalanobis distance of an image's"
+      f" `{block.feature_layer}` vector ({_or_na(block.dims)} pooled VGG16"
+      f" features, {block.transform} transform) from those of the"
+      f" {_or_na(block.fit_images)} training images"
+      f" ({_or_na(block.fit_count)} vectors with their augmented views),"
+      f" under a Ledoit-Wolf shrunk covariance (shrinkage"
+      f" {_num(block.shrinkage)}). Threshold **{_num(block.threshold)}**,"
+      f" chosen on the {block.threshold_split} split so that"
+      f" {_pct(block.target_pass_rate)} of its images pass; a score above it"
+      " sets `out_of_distribution` (and `needs_review`).", ""]
+  rows = [_ood_count("validation (chose the threshold)", block.val),
+          _ood_count("test", block.test)]
+  if held_out is not None and held_out.mean is not None:
+    rows.append(["held-out cross-validation folds (mean ± sd)",
+                 f"{held_out.n} folds",
+                 f"{_pct(held_out.mean)} ± {_pct(held_out.sd)}"])
+  lines += _table(["in-distribution images", "flagged", "share"], rows)
+  lines += [
+      "", "It measures how unlike the training images an image looks to this"
+      " model, not whether the prediction is right: images from another"
+      " scanner or hospital may score higher than these figures suggest."
+      " `python -m training evaluate --ood GLOB` measures what it catches in"
+      " an archive of images that are not breast ultrasound.", ""]
+  return lines
+
+
 def _files_section() -> List[str]:
   files = [(schemas.MODEL_FILE, "the model: raw uint8 pixels → calibrated"
             " probabilities"),
@@ -589,7 +639,9 @@ def _files_section() -> List[str]:
            (artifact_schema.TRAINING_CURVES_FILE, "loss and accuracy per"
             " epoch"),
            (artifact_schema.SPLIT_FILE, "image_ids and dHashes of each"
-            " split")]
+            " split"),
+           (schemas.OOD_FILE, "the out-of-distribution detector (mean and"
+            " precision matrix; numpy .npz, no pickle)")]
   return (["## Files", ""] +
           _table(["file", "content"], [[f"`{n}`", d] for n, d in files]) +
           ["", "(An untrained test artifact has only the first three and this"
@@ -601,7 +653,7 @@ def render(metadata: ArtifactMetadata) -> str:
   sections = (_header(metadata) + [_INTENDED_USE] + _data_section(metadata) +
               _cv_section(metadata) +
               _metrics_section(metadata) + _calibration_section(metadata) +
-              _threshold_section(metadata) +
+              _threshold_section(metadata) + _ood_section(metadata) +
               _recalibration_section(metadata) + _caveats_section(metadata) +
               _training_section(metadata) + _files_section())
   return "\n".join(sections).rstrip() + "\n"

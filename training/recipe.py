@@ -288,6 +288,23 @@ class Recipe:
                                 self.config.batch_size)
 
 
+  def features(self, indices: np.ndarray,
+               view: int = ORIGINAL) -> np.ndarray:
+    """The "features" layer (what the OOD detector reads) of one view of the
+    images, through the cache: the trained model's own features, block5
+    included when it was fine-tuned."""
+    if not len(indices):
+      return np.zeros((0, int(self.model.get_layer(
+          model_lib.FEATURES_LAYER).output.shape[-1])), np.float32)
+    cut = model_lib.frozen_prefix_end(self.model)
+    names = [layer.name for layer in self.model.layers]
+    if names.index(cut) >= names.index(model_lib.FEATURES_LAYER):
+      return self.cache.get(model_lib.FEATURES_LAYER, view, indices)
+    sub = model_lib.sub_model(self.model, cut, model_lib.FEATURES_LAYER)
+    return model_lib.in_batches(sub, self.cache.get(cut, view, indices),
+                                self.config.batch_size)
+
+
 def confidence(logits: np.ndarray, labels: np.ndarray, temperature: float):
   """Top probability and correctness of each prediction."""
   probabilities = calibration.softmax(logits, temperature)

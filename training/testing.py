@@ -71,7 +71,10 @@ def synthetic_records(per_class: int, image_size: int, seed: int = 0,
 
 def make_test_artifact(model_dir: str, image_size: int = 32,
                        backbone: str = "tiny", threshold: float = 0.9,
-                       seed: int = 0) -> metadata_schema.ArtifactMetadata:
+                       seed: int = 0, ood_images: Optional[np.ndarray] = None,
+                       ood_pass_rate: float = schemas.DEFAULT_OOD_PASS_RATE,
+                       ood_transform: str = schemas.OOD_TRANSFORM_SQRT
+                      ) -> metadata_schema.ArtifactMetadata:
   """Builds and saves an untrained but valid artifact, in about a second.
 
   The model has the real structure (uint8 input, VGGPreprocess, a conv base
@@ -86,6 +89,11 @@ def make_test_artifact(model_dir: str, image_size: int = 32,
     backbone: "tiny" (fast) or "vgg16" (random weights).
     threshold: metadata threshold.
     seed: weight initialisation seed.
+    ood_images: uint8 [N, size, size, 3] in-distribution images: when given,
+      the artifact gets an OOD detector fitted (as training fits one) on the
+      untrained model's features of the first 80 % of them, its threshold
+      chosen on the rest for `ood_pass_rate`.
+    ood_pass_rate, ood_transform: as `train`'s flags.
 
   Returns:
     The metadata written.
@@ -97,6 +105,10 @@ def make_test_artifact(model_dir: str, image_size: int = 32,
   model = model_lib.build_model(image_size, model_lib.NO_WEIGHTS, len(labels),
                                 backbone)
   empty = {name: [] for name in split.SPLITS}
+  ood_block = None
+  if ood_images is not None:
+    ood_block = _fit_test_detector(model, model_dir, ood_images,
+                                   ood_pass_rate, ood_transform)
   return saving.save_artifact(
       model, model_dir, labels,
       name=f"test-{backbone}",
@@ -117,4 +129,34 @@ def make_test_artifact(model_dir: str, image_size: int = 32,
           split=split.TEST, bins=15, count=0, ece_before=None,
           ece_after=None),
       training=metadata_schema.TrainingSettings(untrained_test_artifact=True,
-                                                seed=seed))
+                                                seed=seed),
+      ood=ood_block)
+
+
+def _fit_test_detector(model, model_dir: str, images: np.ndarray,
+                       pass_rate: float, transform: str
+                      ) -> metadata_schema.OodDetector:
+  """Fits and writes make_test_artifact's detector; returns its block."""
+  import os  # pylint: disable=import-outside-toplevel
+  from busi_core import ood  # pylint: disable=import-outside-toplevel
+  from training import model as model_lib, ood_detector  # pylint: disable=import-outside-toplevel
+  features = model_lib.in_batches(
+      model_lib.sub_model(model, None, schemas.FEATURES_LAYER),
+      np.asarray(images, np.uint8), 32)
+  cut = max(2, int(round(0.8 * len(features))))
+  detector, shrinkage = ood.fit(features[:cut], transform)
+  val_scores = ood.scores(detector, features[cut:])
+  detector = detector._replace(
+      threshold=ood.choose_threshold(val_scores, pass_rate))
+  data = ood.to_bytes(detector)
+  os.makedirs(model_dir, exist_ok=True)
+  with open(os.path.join(model_dir, schemas.OOD_FILE), "wb") as f:
+    f.write(data)
+  return metadata_schema.OodDetector(
+      method=schemas.OOD_METHOD_MAHALANOBIS, transform=transform,
+      feature_layer=schemas.FEATURES_LAYER, dims=detector.dims,
+      file=schemas.OOD_FILE, sha256=ood.sha256_bytes(data), fit_split="train",
+      fit_count=cut, fit_images=cut, shrinkage=shrinkage,
+      threshold=detector.threshold, threshold_split="val",
+      target_pass_rate=pass_rate,
+      val=ood_detector.count(ood.flagged(detector, val_scores)))

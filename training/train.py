@@ -12,7 +12,9 @@ The head and block5 are the full model's own layer objects
 The temperature of the model's TemperatureScaling layer is fitted on the
 validation split's logits, so model.keras itself outputs calibrated
 probabilities; the review threshold is then chosen on validation for
-`--target_accuracy` (default 0.95) or fixed (`--threshold`). The test split
+`--target_accuracy` (default 0.95) or fixed (`--threshold`). The out-of-distribution detector is fitted on
+the training images' features and thresholded on validation
+(`training.ood_detector`). The test split
 (empty by default: `cv` measures the recipe, and the final model learns from
 the rest) is used only to report.
 
@@ -30,7 +32,7 @@ import schemas
 from schemas import artifact as artifact_schema
 from schemas import metadata as metadata_schema
 from schemas.metadata import ArtifactMetadata
-from training import cv, data as data_lib, metrics
+from training import cv, data as data_lib, metrics, ood_detector
 from training.config import TrainConfig
 from training.steps import calibrate, data, fit, measure, save, split
 from training.steps import threshold, verify
@@ -104,13 +106,16 @@ def train(config: TrainConfig) -> TrainResult:
     val = measure.score_val(fitted.runner, read.data, splits)
     cal = calibrate.calibrate(fitted.model, config, val, test)
     flagging = threshold.choose(config, val, test, cal.temperature)
+  with clock.step("ood"):
+    detector = ood_detector.fit(config, fitted.runner, splits.train,
+                                splits.val, splits.test)
   save.write_companions(work, config, read, splits, test_report, fitted, cal)
   metadata = save.save(work, config, read, splits, fitted, test_report, cal,
-                       flagging, clock.stop())
+                       flagging, detector, clock.stop())
   # Checked on validation images when there is no test split.
   verify.verify(work, fitted.model, read.data,
                 test if len(test.indices) else val, cal.temperature,
-                config.batch_size)
+                config.batch_size, detector)
   save.publish(work, config.output)
   return TrainResult(metadata, read.stats, fitted.cv_report, config.output)
 

@@ -5,7 +5,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Dict
+from typing import Dict, Optional
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -13,7 +13,9 @@ import schemas
 from schemas import artifact as artifact_schema
 from schemas import metadata as metadata_schema
 from schemas.metadata import ArtifactMetadata
-from training import cv, model as model_lib, plots, saving, split
+from busi_core import ood
+from training import cv, model as model_lib, ood_detector, plots, saving
+from training import split
 from training.config import TrainConfig
 from training.steps.data import Read
 from training.steps.fit import Fitted
@@ -124,12 +126,20 @@ def _training_settings(config: TrainConfig, read: Read, splits: Splits,
 def save(work: str, config: TrainConfig, read: Read, splits: Splits,
          fitted: Fitted, test_report: Dict, cal: metadata_schema.Calibration,
          flagging: metadata_schema.Flagging,
+         detector: Optional[ood_detector.Detector],
          seconds: Dict[str, float]) -> ArtifactMetadata:
-  """Writes the artifact (model, labels, card, metadata) into `work`.
+  """Writes the artifact (model, labels, OOD detector, card, metadata) into
+  `work`.
 
   Returns:
     The metadata written.
   """
+  ood_path = os.path.join(work, schemas.OOD_FILE)
+  if detector is not None:
+    with open(ood_path, "wb") as f:
+      f.write(ood.to_bytes(detector.model))
+  elif os.path.exists(ood_path):  # an --overwrite'n artifact's
+    os.remove(ood_path)
   return saving.save_artifact(
       fitted.model, work, list(schemas.LABELS),
       name=config.name,
@@ -149,7 +159,8 @@ def save(work: str, config: TrainConfig, read: Read, splits: Splits,
       training=_training_settings(config, read, splits, fitted, seconds),
       cross_validation=(None if fitted.cv_report is None else
                         metadata_schema.CrossValidationSummary.from_json(
-                            cv.card_summary(fitted.cv_report))))
+                            cv.card_summary(fitted.cv_report))),
+      ood=None if detector is None else detector.block)
 
 
 def publish(work: str, output: str) -> None:
