@@ -5,6 +5,7 @@ scoring's network also outputs the "features" layer, from which the
 out-of-distribution score is computed (`predict`).
 """
 
+import dataclasses
 import threading
 import weakref
 from typing import TYPE_CHECKING, List, NamedTuple, Optional
@@ -50,10 +51,14 @@ class ModelOutput(NamedTuple):
   ood_score: Optional[float]  # None: the artifact has no OOD detector
 
 
-class ScoringModel(NamedTuple):
+@dataclasses.dataclass(frozen=True, eq=False)
+class ScoringModel:
   """The artifact's model as scoring calls it: one network with two outputs
   (probabilities and the "features" layer that the OOD score reads), and the
-  detector (None: the artifact has none, and only probabilities come out)."""
+  detector (None: the artifact has none, and only probabilities come out).
+
+  A dataclass, not a NamedTuple: Beam's model sharing (`shared.Shared`)
+  keeps a weak reference to what `load_model` returns."""
   network: "keras.Model"
   ood: Optional[ood_lib.OodModel]
 

@@ -91,3 +91,14 @@ def test_recipe_search_runs_each_variant_on_one_cache(tmp_path):
     assert row["summary"]["macro_f1"]["n"] == 2
     assert row["pooled"]["count"] == 18
   assert figures["variants"]["views"]["epochs_run"][0]["fine_tune"] == 1
+
+
+def test_ood_bench_measures_both_ways():
+  from bench import ood_bench  # pylint: disable=import-outside-toplevel
+  figures = ood_bench.run(count=8, batch_size=4, repeats=1, image_size=16,
+                          backbone="tiny")
+  assert set(figures["ms_per_image"]) == {"probabilities_only",
+                                          "probabilities_and_ood"}
+  assert all(v > 0 for v in figures["ms_per_image"].values())
+  assert figures["feature_dims"] == 16
+  assert figures["quadratic_form_ms_per_image"] > 0

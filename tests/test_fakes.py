@@ -29,5 +29,5 @@ def test_fake_handler_through_run_inference():
                  | beam.Create(list(enumerate(images)))
                  | RunInference(fakes.keyed_handler("unused", batch_size=2))
                  | beam.MapTuple(lambda key, result: (
-                     key, int(np.argmax(result.inference)))))
+                     key, int(np.argmax(result.inference.probabilities)))))
     assert_that(predicted, equal_to([(0, 0), (1, 1), (2, 2), (3, 1)]))

@@ -243,3 +243,102 @@ def test_phantoms_pass_and_other_images_are_flagged(ood_model_dir):
   for kind, images in _not_ultrasound().items():
     scores = [o.ood_score for o in inference.predict(model, np.stack(images))]
     assert min(scores) > loaded.ood.threshold, (kind, scores)
+
+
+def test_evaluate_reports_flagged_and_caught(tmp_path, ood_model_dir, capsys):
+  from training import cli, evaluate  # pylint: disable=import-outside-toplevel
+  labelled = [testing.make_record(image, schemas.LABELS[i % 3])
+              for i, image in enumerate(_phantoms(12, seed=21))]
+  others = [testing.make_record(image, "")
+            for images in _not_ultrasound().values() for image in images]
+  data = testing.write_tfrecords(str(tmp_path / "busi" / "p.tfrecord.gz"),
+                                 labelled)
+  other = testing.write_tfrecords(str(tmp_path / "other" / "o.tfrecord.gz"),
+                                  others)
+  report_dir = str(tmp_path / "report")
+  assert cli.main(["evaluate", "--model", ood_model_dir, "--data", data,
+                   "--ood", other, "--output", report_dir]) == 0
+  out = capsys.readouterr().out
+  with open(os.path.join(report_dir, evaluate.REPORT_FILE)) as f:
+    report = json.load(f)
+  assert report["ood"]["count"] == 12 and report["ood"]["flagged"] <= 2
+  archive = report["ood_archive"]
+  assert (archive["count"], archive["caught"]) == (len(others), len(others))
+  assert archive["missed"] == []
+  assert f"OOD archive: {len(others)} of {len(others)} images caught" in out
+  # An artifact without a detector cannot answer --ood.
+  plain = str(tmp_path / "plain")
+  testing.make_test_artifact(plain, image_size=SIZE)
+  assert cli.main(["evaluate", "--model", plain, "--data", data, "--ood",
+                   other, "--output", report_dir]) == 2
+  assert "has no out-of-distribution detector" in capsys.readouterr().err
+
+
+def _png(image: np.ndarray) -> bytes:
+  ok, png = cv2.imencode(".png", image)
+  assert ok
+  return png.tobytes()
+
+
+def test_pipeline_writes_the_columns_and_counts(tmp_path, ood_model_dir):
+  """`run` through the real artifact handler: OOD members flagged, phantoms
+  not, needs_review and the manifest counts agree with the rows; an artifact
+  without a detector scores the same images with null OOD columns."""
+  import zipfile  # pylint: disable=import-outside-toplevel
+  from beam_pipeline import pipeline  # pylint: disable=import-outside-toplevel
+  from tests.pipeline_helpers import sql  # pylint: disable=import-outside-toplevel
+  archive = str(tmp_path / "mixed.zip")
+  rng = np.random.default_rng(5)
+  with zipfile.ZipFile(archive, "w") as zf:
+    for i in range(12):
+      label = schemas.LABELS[i % 3]
+      image = phantoms.render_phantom(label, rng, 160)[0]
+      zf.writestr(f"Dataset_BUSI_with_GT/{label}/{label} ({i}).png",
+                  _png(image))
+    zf.writestr("other/noise.png", _png(
+        rng.integers(0, 256, (160, 160), dtype=np.uint8)))
+    zf.writestr("other/page.png", _png(_text_page(1)))
+    zf.writestr("other/stripes.png", _png(_colour_pattern(2)))
+  out = str(tmp_path / "out")
+  manifest = pipeline.run(["run", "--input", archive, "--model",
+                           ood_model_dir, "--output", out])
+  pattern = f"{out}/{schemas.PREDICTIONS_DIR}/*.parquet"
+  rows = dict(sql(
+      "SELECT split_part(source, '!/', 2), out_of_distribution FROM"
+      f" read_parquet('{pattern}')"))
+  assert len(rows) == 15
+  assert all(rows[f"other/{name}.png"] for name in ("noise", "page",
+                                                    "stripes"))
+  assert sum(bool(v) for k, v in rows.items()
+             if not k.startswith("other/")) <= 1
+  (bad_review, ood, review, nulls) = sql(
+      "SELECT count(*) FILTER (WHERE needs_review IS DISTINCT FROM"
+      " (low_confidence OR coalesce(out_of_distribution, false) OR"
+      "  coalesce(quality_flags, '') <> '')),"
+      " count(*) FILTER (WHERE out_of_distribution),"
+      " count(*) FILTER (WHERE needs_review), count(*) FILTER (WHERE"
+      f" ood_score IS NULL) FROM read_parquet('{pattern}')")[0]
+  assert bad_review == 0 and nulls == 0
+  counts = manifest["counts"]
+  assert (counts["out_of_distribution"], counts["needs_review"]) == (
+      ood, review)
+  assert manifest["ood_threshold"] == artifact.load_artifact(
+      ood_model_dir).ood.threshold
+  # The same TFRecords scored by an artifact without a detector.
+  plain = str(tmp_path / "plain")
+  testing.make_test_artifact(plain, image_size=SIZE)
+  rescored = str(tmp_path / "rescored")
+  manifest = pipeline.run([
+      "score", "--input", f"{out}/{schemas.TFRECORD_DIR}/*.tfrecord.gz",
+      "--model", plain, "--output", rescored])
+  assert manifest["ood_threshold"] is None
+  assert manifest["counts"]["out_of_distribution"] == 0
+  assert sql("SELECT count(*), count(ood_score), count(out_of_distribution)"
+             f" FROM read_parquet('{rescored}/{schemas.PREDICTIONS_DIR}/"
+             "*.parquet')") == [(15, 0, 0)]
+  # --ood_threshold needs a detector.
+  with pytest.raises(ValueError, match="no OOD detector"):
+    pipeline.run(["score", "--input",
+                  f"{out}/{schemas.TFRECORD_DIR}/*.tfrecord.gz", "--model",
+                  plain, "--output", str(tmp_path / "x"),
+                  "--ood_threshold", "3"])

@@ -83,6 +83,14 @@ def test_train_without_augmentation(tmp_path, data_glob, capsys):
   counts = metadata["class_counts"]
   assert sum(sum(c.values()) for c in counts.values()) == 30
   assert metadata["test_metrics"]["count"] == sum(counts["test"].values())
+  # The OOD detector: fitted on the training split, thresholded on
+  # validation, its file beside the model and described in the metadata.
+  block = metadata["ood"]
+  assert block["fit_split"] == "train" and block["threshold_split"] == "val"
+  assert block["val"]["count"] == metadata["class_counts"]["val"][
+      "benign"] + metadata["class_counts"]["val"]["malignant"] + metadata[
+          "class_counts"]["val"]["normal"]
+  assert os.path.exists(os.path.join(output, schemas.OOD_FILE))
   assert set(metadata["data_fingerprint"]) == {"train", "val", "test",
                                                "overall"}
 

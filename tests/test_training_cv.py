@@ -163,6 +163,10 @@ def test_cv_command_reports_every_fold(tmp_path, cv_data, capsys):
   weights = [f["counts"]["test"] for f in report["folds"]]
   assert report["pooled"]["accuracy"] == pytest.approx(np.average(
       [f["test"]["accuracy"] for f in report["folds"]], weights=weights))
+  # Each fold's own OOD detector on its held-out fold, pooled the same way.
+  assert report["pooled"]["ood_flagged_share"] == pytest.approx(np.average(
+      [f["test"]["ood_flagged_share"] for f in report["folds"]],
+      weights=weights))
   assert report["settings"]["augment_views"] == 1
   assert report["settings"]["target_accuracy"] == 0.8
   assert report["summary"]["accuracy"]["mean"] > 0.5  # it learnt something

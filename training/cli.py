@@ -215,6 +215,11 @@ def _parser() -> argparse.ArgumentParser:
       help="Glob of BUSI archives (zip, tar, tar.gz) holding the lesion masks"
       " (x_mask.png, x_mask_1.png beside x.png); repeatable. Adds the"
       " Grad-CAM pointing game and IoU against them to metrics.json.")
+  evaluate.add_argument(
+      "--ood", action="append", default=[],
+      help="Glob of *.tfrecord.gz of images that are NOT breast ultrasound"
+      " (other modalities, photographs, documents; labels not needed);"
+      " repeatable. Adds how many the OOD detector catches to metrics.json.")
 
   explain = commands.add_parser(
       "gradcam", allow_abbrev=False,
@@ -310,7 +315,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif args.command == "evaluate":
       from training import evaluate, lesions, metrics  # pylint: disable=import-outside-toplevel
       report = evaluate.evaluate(args.model, args.data, args.output,
-                                 args.batch_size, args.masks)
+                                 args.batch_size, args.masks, args.ood)
       print(metrics.format_report(report))
       flagging = report["flagging"]
       print(f"ECE {report['ece']:.3f} (15 bins) at temperature"
@@ -325,6 +330,8 @@ def main(argv: Optional[List[str]] = None) -> int:
               " in the model's training or validation split, and"
               f" {report['near_duplicates_of_training'] or 0} more are"
               " near-duplicates of images there.")
+      for line in evaluate.ood_lines(report):
+        print(line)
       if evaluation_schema.LESION_LOCALISATION in report:
         print(lesions.format_localisation(
             evaluation_schema.LesionLocalisation.from_json(

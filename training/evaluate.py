@@ -6,13 +6,14 @@ import logging
 import os
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 import schemas
 from schemas import artifact as artifact_schema
 from schemas import evaluation as evaluation_schema
 from training import calibration, data as data_lib, metrics
-from busi_core import artifact
+from busi_core import artifact, inference, ood
 from training import lesion_masks, lesions, plots, split
 
 _LOG = logging.getLogger(__name__)
@@ -63,8 +64,65 @@ def _seen_counts(fitted: Optional[_Fitted], image_ids: Sequence[str],
   return int(sum(exact)), int(sum(n and not e for n, e in zip(near, exact)))
 
 
+def _score(model: inference.ScoringModel, images: np.ndarray,
+           batch_size: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+  """(probabilities [n, classes], OOD scores [n] or None): scoring's own
+  forward pass (`busi_core.inference.predict`), a batch at a time."""
+  outputs: List[inference.ModelOutput] = []
+  for start in range(0, len(images), batch_size):
+    outputs += inference.predict(model, images[start:start + batch_size])
+  classes = int(model.network.outputs[0].shape[-1])
+  probabilities = (np.stack([o.probabilities for o in outputs]) if outputs
+                   else np.zeros((0, classes), np.float32))
+  if model.ood is None:
+    return probabilities, None
+  return probabilities, np.array([o.ood_score for o in outputs], np.float64)
+
+
+def _ood_block(model: inference.ScoringModel,
+               scores: Optional[np.ndarray]) -> Optional[Dict]:
+  """What the detector flags of these (in-distribution) images."""
+  if scores is None:
+    return None
+  flagged = ood.flagged(model.ood, scores)
+  return {"threshold": model.ood.threshold, "count": int(len(scores)),
+          "flagged": int(flagged.sum()),
+          "flagged_share": float(flagged.mean()) if len(scores) else None}
+
+
+def evaluate_ood_archive(model: inference.ScoringModel,
+                         patterns: Sequence[str], batch_size: int,
+                         listed: int = 20) -> Dict:
+  """How many images of TFRecords known to be out of distribution (not
+  breast ultrasound) the detector catches; labels are not needed.
+
+  Returns:
+    {"data", "count", "caught", "caught_share", "threshold", "missed": the
+    sources of up to `listed` images it let through, highest score first}.
+  """
+  records = list(data_lib.read_records(data_lib.list_files(patterns)))
+  if not records:
+    raise ValueError(f"--ood {list(patterns)} holds no image")
+  images = np.stack([r.pixels for r in records])
+  size = int(model.network.inputs[0].shape[1])
+  if images.shape[1:3] != (size, size):
+    raise ValueError(f"--ood images are {images.shape[1]}x{images.shape[2]},"
+                     f" the model takes {size}x{size}: preprocess them with"
+                     f" --image_size {size}")
+  _, scores = _score(model, images, batch_size)
+  caught = ood.flagged(model.ood, scores)
+  missed = [i for i in np.argsort(-scores) if not caught[i]][:listed]
+  return {"data": list(patterns), "count": int(len(records)),
+          "caught": int(caught.sum()),
+          "caught_share": float(caught.mean()),
+          "threshold": model.ood.threshold,
+          "missed": [{"source": records[i].source,
+                      "ood_score": float(scores[i])} for i in missed]}
+
+
 def evaluate(model_dir: str, patterns: Sequence[str], output: str,
-             batch_size: int = 32, masks: Sequence[str] = ()) -> Dict:
+             batch_size: int = 32, masks: Sequence[str] = (),
+             ood_patterns: Sequence[str] = ()) -> Dict:
   """Scores labelled TFRecords with an artifact; writes metrics and a plot.
 
   Args:
@@ -76,13 +134,18 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
     masks: globs of BUSI archives holding the lesion masks; when given, the
       report gets a `lesion_localisation` block (`lesions.localise`): Grad-CAM
       of the benign/malignant images checked against their masks.
+    ood_patterns: globs of TFRecords of images that are not breast
+      ultrasound: the report's "ood_archive" block says how many the
+      artifact's OOD detector catches (`evaluate_ood_archive`).
 
   Returns:
     The report written to metrics.json: the `metrics.classification_report`
     fields, the ECE (15 bins) and what the artifact's threshold flags
     (`calibration.flag_stats`), plus provenance: model_version, data
     fingerprint, skip counts, and how many of the images the model was
-    trained or validated on, as exact copies or near-duplicates, when known.
+    trained or validated on, as exact copies or near-duplicates, when known;
+    "ood": what the OOD detector flags of these images (null without a
+    detector), and "ood_archive" with --ood.
 
   Raises:
     artifact.ArtifactError: the artifact is invalid.
@@ -90,6 +153,10 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
       --masks archive cannot be read.
   """
   loaded = artifact.load_artifact(model_dir)
+  if ood_patterns and loaded.ood is None:
+    raise ValueError(f"--ood: {model_dir} has no out-of-distribution detector"
+                     " (retrain it with this release)")
+  scoring_model = inference.scoring_model(loaded.model, loaded.ood)
   labels = loaded.labels
   size = loaded.metadata.image_size
   data, stats = data_lib.load_labelled(patterns, labels, size)
@@ -97,8 +164,7 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
   mask_sets = lesion_masks.read_mask_archives(masks) if masks else None
   _LOG.info("Evaluating %s on %d labelled images (%d unlabelled skipped)",
             loaded.metadata.model_version, stats.used, stats.unlabelled)
-  probabilities = loaded.model.predict(data.images, batch_size=batch_size,
-                                       verbose=0)
+  probabilities, ood_scores = _score(scoring_model, data.images, batch_size)
   predicted = probabilities.argmax(axis=1)
   report = metrics.classification_report(data.labels, predicted, labels)
   threshold = float(loaded.metadata.threshold)
@@ -129,6 +195,7 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
       # the same frame re-encoded, resized or slightly changed).
       "seen_in_training": seen,
       "near_duplicates_of_training": near,
+      "ood": _ood_block(scoring_model, ood_scores),
       "evaluated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"),
       "package_version": schemas.PACKAGE_VERSION,
@@ -137,6 +204,9 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
     report[evaluation_schema.LESION_LOCALISATION] = lesions.localise(
         loaded.model, data.images, data.sources, data.labels, predicted,
         labels, mask_sets, batch_size).to_json()
+  if ood_patterns:
+    report["ood_archive"] = evaluate_ood_archive(scoring_model, ood_patterns,
+                                                 batch_size)
   if seen or near:
     _LOG.warning("%d of the %d images were in the model's training or"
                  " validation split and %d more are near-duplicates of images"
@@ -150,3 +220,20 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
       report["confusion_matrix"], labels, _join(output, CONFUSION_MATRIX_FILE),
       f"{report['model_version']} ({report['count']} images)")
   return report
+
+
+def ood_lines(report: Dict) -> List[str]:
+  """The OOD part of an evaluate report, for a terminal."""
+  block = report.get("ood")
+  if block is None:
+    return ["OOD: the artifact has no out-of-distribution detector."]
+  lines = [f"OOD threshold {block['threshold']:.3f} flags {block['flagged']}"
+           f" of these {block['count']} images as out of distribution"]
+  archive = report.get("ood_archive")
+  if archive:
+    lines.append(f"OOD archive: {archive['caught']} of {archive['count']}"
+                 f" images caught ({100 * archive['caught_share']:.1f} %)")
+    for miss in archive["missed"][:5]:
+      lines.append(f"  missed: {miss['source']} (score"
+                   f" {miss['ood_score']:.3f})")
+  return lines
