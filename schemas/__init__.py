@@ -41,6 +41,7 @@ from schemas.features import (
     FEATURE_LABEL,
     FEATURE_ORIGINAL_HEIGHT,
     FEATURE_ORIGINAL_WIDTH,
+    FEATURE_QUALITY_FLAGS,
     FEATURE_SOURCE,
     FEATURE_WIDTH,
     FORMAT_VERSION,
@@ -56,6 +57,21 @@ from schemas.features import (
     PREDICTIONS_DIR,
     GRADCAM_DIR,
     feature_spec,
+)
+from schemas.quality import (
+    DEFAULT_QUALITY_BLANK_STD,
+    DEFAULT_QUALITY_COLOUR_SHARE,
+    DEFAULT_QUALITY_COLOUR_TOLERANCE,
+    DEFAULT_QUALITY_MAX_ASPECT_RATIO,
+    DEFAULT_QUALITY_MIN_CONTRAST,
+    DEFAULT_QUALITY_MIN_SIDE,
+    FLAG_ASPECT_RATIO,
+    FLAG_BLANK,
+    FLAG_COLOUR,
+    FLAG_LOW_CONTRAST,
+    FLAG_TINY,
+    QUALITY_FLAG_SEPARATOR,
+    QUALITY_FLAGS,
 )
 from schemas.tables import (
     error_columns,
