@@ -8,7 +8,6 @@ import pytest
 import schemas
 from busi_core import imaging, quality
 from tests import archive_factory as af
-from training import phantoms
 
 SIZE = 224
 
@@ -25,24 +24,11 @@ def _check(img: np.ndarray, encode=af.png, **thresholds):
                        quality.QualityThresholds(**thresholds))
 
 
-def _phantom(seed: int, size: int = 500, label: str = "benign"):
-  image, _ = phantoms.render_phantom(label, np.random.default_rng(seed), size)
-  return image
-
-
-def _doppler(seed: int = 0) -> np.ndarray:
-  """A phantom in BGR with a red/blue flow blob, as colour Doppler draws."""
-  bgr = cv2.cvtColor(_phantom(seed), cv2.COLOR_GRAY2BGR)
-  cv2.ellipse(bgr, (200, 180), (22, 12), 0, 0, 360, (0, 0, 230), -1)
-  cv2.ellipse(bgr, (240, 185), (12, 8), 0, 0, 360, (230, 60, 0), -1)
-  return bgr
-
-
 @pytest.mark.parametrize("seed,size,label", [
     (0, 500, "benign"), (1, 500, "malignant"), (2, 500, "normal"),
     (3, 300, "benign"), (4, 700, "malignant"), (5, 224, "normal")])
 def test_no_flag_fires_on_phantoms(seed, size, label):
-  image = _phantom(seed, size, label)
+  image = af.phantom(seed, size, label)
   assert _check(image) == ()
   # Saved as RGB, and as an RGB JPEG with its chroma noise: still grey.
   bgr = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
@@ -51,17 +37,17 @@ def test_no_flag_fires_on_phantoms(seed, size, label):
 
 
 def test_colour_fires_on_a_doppler_blob():
-  assert _check(_doppler()) == (schemas.FLAG_COLOUR,)
+  assert _check(af.doppler()) == (schemas.FLAG_COLOUR,)
   # JPEG keeps the overlay's colour.
-  assert _check(_doppler(), encode=af.jpeg) == (schemas.FLAG_COLOUR,)
+  assert _check(af.doppler(), encode=af.jpeg) == (schemas.FLAG_COLOUR,)
   # Thresholds decide: a share above the blob's, or a tolerance above its
   # colours' spread, keeps it quiet.
-  assert _check(_doppler(), colour_share=0.05) == ()
-  assert _check(_doppler(), colour_tolerance=254) == ()
+  assert _check(af.doppler(), colour_share=0.05) == ()
+  assert _check(af.doppler(), colour_tolerance=254) == ()
 
 
 def test_colour_ignores_a_few_coloured_pixels():
-  bgr = cv2.cvtColor(_phantom(0), cv2.COLOR_GRAY2BGR)
+  bgr = cv2.cvtColor(af.phantom(0), cv2.COLOR_GRAY2BGR)
   cv2.circle(bgr, (400, 400), 3, (0, 255, 255), -1)  # a caliper's cross
   assert _check(bgr) == ()
 
@@ -93,20 +79,20 @@ def test_low_contrast_fires_on_a_faint_ramp():
   ramp = np.tile(np.linspace(100, 140, 560), (480, 1)).astype(np.uint8)
   assert _check(ramp) == (schemas.FLAG_LOW_CONTRAST,)
   # A phantom squeezed into 40 grey levels: speckle, but washed out.
-  faint = (100 + _phantom(1).astype(np.float32) * 40 / 255).astype(np.uint8)
+  faint = (100 + af.phantom(1).astype(np.float32) * 40 / 255).astype(np.uint8)
   assert _check(faint) == (schemas.FLAG_LOW_CONTRAST,)
   assert _check(faint, min_contrast=8) == ()
 
 
 def test_tiny_fires_on_a_small_original():
-  assert _check(_phantom(0, size=40)) == (schemas.FLAG_TINY,)
-  assert _check(_phantom(0, size=40), min_side=40) == ()
-  assert _check(_phantom(0, size=128)) == ()
+  assert _check(af.phantom(0, size=40)) == (schemas.FLAG_TINY,)
+  assert _check(af.phantom(0, size=40), min_side=40) == ()
+  assert _check(af.phantom(0, size=128)) == ()
 
 
 @pytest.mark.parametrize("height,width", [(300, 1200), (1200, 300)])
 def test_aspect_ratio_fires_on_an_extreme_shape(height, width):
-  image = cv2.resize(_phantom(0), (width, height), interpolation=cv2.INTER_AREA)
+  image = cv2.resize(af.phantom(0), (width, height), interpolation=cv2.INTER_AREA)
   assert _check(image) == (schemas.FLAG_ASPECT_RATIO,)
   assert _check(image, max_aspect_ratio=4.0) == ()
   # 1000×100 is a strip: too thin as well.
@@ -149,3 +135,12 @@ def test_defaults_are_the_schemas():
       schemas.DEFAULT_QUALITY_COLOUR_SHARE, schemas.DEFAULT_QUALITY_BLANK_STD,
       schemas.DEFAULT_QUALITY_MIN_CONTRAST, schemas.DEFAULT_QUALITY_MIN_SIDE,
       schemas.DEFAULT_QUALITY_MAX_ASPECT_RATIO)
+
+
+def test_the_factory_cases_fire_what_they_name():
+  for case in af.quality_cases():
+    decoded = imaging.decode_and_resize(case.entry.data, SIZE,
+                                        keep_grey=True)
+    assert quality.join(quality.check(
+        decoded.pixels, decoded.original_height,
+        decoded.original_width)) == case.flags, case.entry.path
