@@ -99,35 +99,41 @@ class BusiOptions(PipelineOptions):
     parser.add_argument(
         "--quality_colour_tolerance", type=int,
         default=schemas.DEFAULT_QUALITY_COLOUR_TOLERANCE,
-        help="preprocess/run, image-quality flag 'colour': grey levels by"
+        help=f"preprocess/run, image-quality flag '{schemas.FLAG_COLOUR}':"
+        " grey levels by"
         " which a pixel's channels must differ to count as colour (0-255;"
         " above JPEG chroma noise).")
     parser.add_argument(
         "--quality_colour_share", type=float,
         default=schemas.DEFAULT_QUALITY_COLOUR_SHARE,
-        help="preprocess/run: 'colour' fires above this share of colour"
+        help=f"preprocess/run: '{schemas.FLAG_COLOUR}' fires above this"
+        " share of colour"
         " pixels (0-1; 1 turns it off): Doppler or elastography overlays,"
         " coloured calipers.")
     parser.add_argument(
         "--quality_blank_std", type=float,
         default=schemas.DEFAULT_QUALITY_BLANK_STD,
-        help="preprocess/run: 'blank' fires below this standard deviation of"
+        help=f"preprocess/run: '{schemas.FLAG_BLANK}' fires below this"
+        " standard deviation of"
         " the grey levels (0-128; 0 turns it off).")
     parser.add_argument(
         "--quality_min_contrast", type=int,
         default=schemas.DEFAULT_QUALITY_MIN_CONTRAST,
-        help="preprocess/run: 'low_contrast' fires below this many grey"
+        help=f"preprocess/run: '{schemas.FLAG_LOW_CONTRAST}' fires below"
+        " this many grey"
         " levels between the 1st and 99th percentiles (0-256; 0 turns it"
         " off).")
     parser.add_argument(
         "--quality_min_side", type=int,
         default=schemas.DEFAULT_QUALITY_MIN_SIDE,
-        help="preprocess/run: 'tiny' fires when the original's shorter side"
+        help=f"preprocess/run: '{schemas.FLAG_TINY}' fires when the"
+        " original's shorter side"
         " is below this many pixels (0 turns it off).")
     parser.add_argument(
         "--quality_max_aspect_ratio", type=float,
         default=schemas.DEFAULT_QUALITY_MAX_ASPECT_RATIO,
-        help="preprocess/run: 'aspect_ratio' fires when the original's"
+        help=f"preprocess/run: '{schemas.FLAG_ASPECT_RATIO}' fires when"
+        " the original's"
         " longer side is over this many times its shorter one (at least 1).")
     parser.add_argument("--model", default=None,
                         help="Model artifact directory (local or gs://).")

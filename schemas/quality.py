@@ -6,19 +6,20 @@ stores the names that fire, joined by QUALITY_FLAG_SEPARATOR, in the
 `quality_flags` feature (`schemas.features.FEATURE_QUALITY_FLAGS`).
 """
 
-# A colour overlay (Doppler, elastography): more than QUALITY_COLOUR_SHARE of
-# the pixels have channels further apart than QUALITY_COLOUR_TOLERANCE.
+# A colour overlay (Doppler, elastography, coloured calipers): more than
+# DEFAULT_QUALITY_COLOUR_SHARE of the pixels have channels further apart than
+# DEFAULT_QUALITY_COLOUR_TOLERANCE.
 FLAG_COLOUR = "colour"
 # A blank or near-constant frame: grey standard deviation below
-# QUALITY_BLANK_STD.
+# DEFAULT_QUALITY_BLANK_STD.
 FLAG_BLANK = "blank"
 # Very low contrast: 99th minus 1st percentile of grey below
-# QUALITY_MIN_CONTRAST.
+# DEFAULT_QUALITY_MIN_CONTRAST.
 FLAG_LOW_CONTRAST = "low_contrast"
-# A tiny original: its shorter side below QUALITY_MIN_SIDE pixels.
+# A tiny original: its shorter side below DEFAULT_QUALITY_MIN_SIDE pixels.
 FLAG_TINY = "tiny"
-# An extreme shape: the original's longer side over QUALITY_MAX_ASPECT_RATIO
-# times its shorter one.
+# An extreme shape: the original's longer side over
+# DEFAULT_QUALITY_MAX_ASPECT_RATIO times its shorter one.
 FLAG_ASPECT_RATIO = "aspect_ratio"
 
 # The order flags are listed in, in records and tables.
