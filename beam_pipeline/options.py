@@ -14,7 +14,7 @@ from apache_beam.options.pipeline_options import (GoogleCloudOptions,
                                                   StandardOptions)
 
 import schemas
-from busi_core import archives, imaging
+from busi_core import archives, imaging, quality
 
 PREPROCESS = "preprocess"
 SCORE = "score"
@@ -26,18 +26,33 @@ _READ_FLAGS = ("input", "output", "overwrite")
 _ARCHIVE_FLAGS = ("image_size", "max_pixels", "max_member_bytes",
                   "max_compression_ratio", "max_members_per_archive",
                   "zip_chunk_size", "max_records_per_shard")
+# Thresholds of the image-quality flags: `--quality_<field>` for each field
+# of quality.QualityThresholds.
+_QUALITY_PREFIX = "quality_"
+_QUALITY_FLAGS = tuple(_QUALITY_PREFIX + field
+                       for field in quality.QualityThresholds._fields)
 _MODEL_FLAGS = ("model", "threshold", "ood_threshold", "batch_size",
                 "inference_accelerator", "inference_precision", "gradcam")
 COMMAND_FLAGS = {
-    PREPROCESS: _READ_FLAGS + _ARCHIVE_FLAGS,
+    PREPROCESS: _READ_FLAGS + _ARCHIVE_FLAGS + _QUALITY_FLAGS,
     SCORE: _READ_FLAGS + _MODEL_FLAGS,
-    RUN: _READ_FLAGS + _ARCHIVE_FLAGS + _MODEL_FLAGS,
+    RUN: _READ_FLAGS + _ARCHIVE_FLAGS + _QUALITY_FLAGS + _MODEL_FLAGS,
 }
 
 GRADCAM_CHOICES = ("none", "flagged", "malignant", "all")
 PRECISIONS = ("float32", "bfloat16", "float16")
 # Images per TFRecord shard: one corrupt file costs at most this many.
 DEFAULT_MAX_RECORDS_PER_SHARD = 2000
+# The values each quality threshold may take (both ends included); the
+# defaults and what they mean are schemas.quality's.
+_QUALITY_RANGES = {
+    "colour_tolerance": (0, 255),
+    "colour_share": (0.0, 1.0),
+    "blank_std": (0.0, 128.0),
+    "min_contrast": (0, 256),
+    "min_side": (0, None),
+    "max_aspect_ratio": (1.0, None),
+}
 
 
 class BusiOptions(PipelineOptions):
@@ -81,6 +96,45 @@ class BusiOptions(PipelineOptions):
         help="preprocess/run: start a new TFRecord shard after this many"
         " images, so that one corrupt file costs one shard (2,000 images at"
         " 224×224 are about 60 MB grey, 180 MB RGB).")
+    parser.add_argument(
+        "--quality_colour_tolerance", type=int,
+        default=schemas.DEFAULT_QUALITY_COLOUR_TOLERANCE,
+        help=f"preprocess/run, image-quality flag '{schemas.FLAG_COLOUR}':"
+        " grey levels by"
+        " which a pixel's channels must differ to count as colour (0-255;"
+        " above JPEG chroma noise).")
+    parser.add_argument(
+        "--quality_colour_share", type=float,
+        default=schemas.DEFAULT_QUALITY_COLOUR_SHARE,
+        help=f"preprocess/run: '{schemas.FLAG_COLOUR}' fires above this"
+        " share of colour"
+        " pixels (0-1; 1 turns it off): Doppler or elastography overlays,"
+        " coloured calipers.")
+    parser.add_argument(
+        "--quality_blank_std", type=float,
+        default=schemas.DEFAULT_QUALITY_BLANK_STD,
+        help=f"preprocess/run: '{schemas.FLAG_BLANK}' fires below this"
+        " standard deviation of"
+        " the grey levels (0-128; 0 turns it off).")
+    parser.add_argument(
+        "--quality_min_contrast", type=int,
+        default=schemas.DEFAULT_QUALITY_MIN_CONTRAST,
+        help=f"preprocess/run: '{schemas.FLAG_LOW_CONTRAST}' fires below"
+        " this many grey"
+        " levels between the 1st and 99th percentiles (0-256; 0 turns it"
+        " off).")
+    parser.add_argument(
+        "--quality_min_side", type=int,
+        default=schemas.DEFAULT_QUALITY_MIN_SIDE,
+        help=f"preprocess/run: '{schemas.FLAG_TINY}' fires when the"
+        " original's shorter side"
+        " is below this many pixels (0 turns it off).")
+    parser.add_argument(
+        "--quality_max_aspect_ratio", type=float,
+        default=schemas.DEFAULT_QUALITY_MAX_ASPECT_RATIO,
+        help=f"preprocess/run: '{schemas.FLAG_ASPECT_RATIO}' fires when"
+        " the original's"
+        " longer side is over this many times its shorter one (at least 1).")
     parser.add_argument("--model", default=None,
                         help="Model artifact directory (local or gs://).")
     parser.add_argument(
@@ -218,6 +272,12 @@ def validate(command: str, options: PipelineOptions) -> BusiOptions:
                "max_records_per_shard"):
     if getattr(opts, name) < 1:
       raise ValueError(f"--{name} must be at least 1")
+  for field, (low, high) in _QUALITY_RANGES.items():
+    value = getattr(opts, _QUALITY_PREFIX + field)
+    # Written so that NaN fails too.
+    if not (low <= value and (high is None or value <= high)):
+      span = f"{low}..{high}" if high is not None else f"at least {low}"
+      raise ValueError(f"--{_QUALITY_PREFIX}{field} {value} is outside {span}")
   service_options = options.view_as(
       GoogleCloudOptions).dataflow_service_options or []
   if opts.inference_accelerator and any(
@@ -228,6 +288,13 @@ def validate(command: str, options: PipelineOptions) -> BusiOptions:
         "worker_accelerator=... (GPU on every worker); Dataflow documents them"
         " as exclusive. Pass one of the two.")
   return opts
+
+
+def quality_thresholds(opts: BusiOptions) -> quality.QualityThresholds:
+  """The image-quality thresholds the `--quality_*` flags set."""
+  return quality.QualityThresholds(**{
+      field: getattr(opts, _QUALITY_PREFIX + field)
+      for field in quality.QualityThresholds._fields})
 
 
 def is_local_runner(options: PipelineOptions) -> bool:

@@ -62,7 +62,7 @@ def _read_archives(p: beam.Pipeline, plan: Plan, image_size: int,
       image_size, opts.max_pixels,
       archives.Limits(opts.max_member_bytes, opts.max_compression_ratio,
                       opts.max_members_per_archive),
-      opts.zip_chunk_size)
+      opts.zip_chunk_size, opts_lib.quality_thresholds(opts))
   read = p | "ReadImages" >> ReadImages(plan.paths, limits, plan.run_id)
   written["tfrecords"] = read["examples"] | "WriteExamples" >> (
       outputs.WriteExamples(opts.output, opts.max_records_per_shard))

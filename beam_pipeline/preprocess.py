@@ -1,7 +1,7 @@
 """Composite transforms of the preprocessing stage: archives → image records.
 
 Each stage is a small named PTransform; the per-element work is in
-`archives` and `imaging`.
+`archives`, `imaging` and `quality`.
 """
 
 from typing import Dict, Iterable, NamedTuple, Optional, Union
@@ -12,7 +12,7 @@ from apache_beam.metrics import Metrics
 import schemas
 from beam_pipeline import inputs
 from beam_pipeline.errors import ERRORS, error_row
-from busi_core import archives, imaging
+from busi_core import archives, imaging, quality
 from busi_core.errors import MemberError
 from schemas import records
 
@@ -33,11 +33,14 @@ WorkItem = Union[archives.ZipRange, TarInput, FileInput]
 
 
 class PreprocessLimits(NamedTuple):
-  """Image size and the limits that keep hostile inputs harmless."""
+  """Image size, the limits that keep hostile inputs harmless, and where the
+  image-quality flags fire."""
   image_size: int
   max_pixels: int = imaging.DEFAULT_MAX_PIXELS
   archive: archives.Limits = archives.Limits()
   zip_chunk_size: int = archives.DEFAULT_ZIP_CHUNK
+  quality_thresholds: quality.QualityThresholds = (
+      quality.QualityThresholds())
 
 
 class PlanWork(beam.DoFn):
@@ -128,15 +131,24 @@ class ReadMembers(beam.DoFn):
 
 
 class DecodeMember(beam.DoFn):
-  """Member → serialized Example (main), mask source (MASKS) or error row."""
+  """Member → serialized Example (main), mask source (MASKS) or error row.
 
-  def __init__(self, image_size: int, max_pixels: int, run_id: str):
+  Each image's quality flags (`quality.check`) go into its Example and are
+  counted, one counter per flag (`quality_<flag>`).
+  """
+
+  def __init__(self, image_size: int, max_pixels: int, run_id: str,
+               thresholds: quality.QualityThresholds = (
+                   quality.QualityThresholds())):
     self._size = image_size
     self._max_pixels = max_pixels
     self._run_id = run_id
+    self._thresholds = thresholds
     self._images = Metrics.counter(_NAMESPACE, "images_decoded")
     self._masks = Metrics.counter(_NAMESPACE, "masks_skipped")
     self._errors = Metrics.counter(_NAMESPACE, "decode_errors")
+    self._flagged = {name: Metrics.counter(_NAMESPACE, f"quality_{name}")
+                     for name in schemas.QUALITY_FLAGS}
 
   def process(self, member: archives.Member):
     if member.kind == "mask":
@@ -160,6 +172,8 @@ class DecodeMember(beam.DoFn):
     try:
       decoded = imaging.decode_and_resize(member.data, self._size,
                                           self._max_pixels, keep_grey=True)
+      flags = quality.check(decoded.pixels, decoded.original_height,
+                            decoded.original_width, self._thresholds)
       # Serialized here, in the step that decoded it: between steps an
       # Example moves as plain bytes, far cheaper for Beam to pass than a
       # pickled array.
@@ -169,7 +183,8 @@ class DecodeMember(beam.DoFn):
           label=imaging.label_from_path(member.path),
           pixels=decoded.pixels,
           original_height=decoded.original_height,
-          original_width=decoded.original_width))
+          original_width=decoded.original_width,
+          quality_flags=quality.join(flags)))
     except MemberError as e:
       self._errors.inc()
       yield beam.pvalue.TaggedOutput(ERRORS, error_row(
@@ -183,6 +198,8 @@ class DecodeMember(beam.DoFn):
           self._run_id))
       return
     self._images.inc()
+    for name in flags:
+      self._flagged[name].inc()
     yield example
 
 
@@ -215,7 +232,8 @@ class ReadImages(beam.PTransform):
     members = work | "ReadMembers" >> beam.ParDo(
         ReadMembers(limits.archive))
     decoded = members | "DecodeImages" >> beam.ParDo(DecodeMember(
-        limits.image_size, limits.max_pixels, self._run_id)).with_outputs(
+        limits.image_size, limits.max_pixels, self._run_id,
+        limits.quality_thresholds)).with_outputs(
             MASKS, ERRORS, main="examples")
     return {
         "examples": decoded.examples,

@@ -12,7 +12,9 @@ Sections (each also runnable alone, see its module):
   plain shards, and shard sizes (bench.tfrecord_bench);
 - codec: encode and decode of one Example per image, the generated message
   classes against the former hand-written encoder, and their share of the
-  preprocessing stage's per-image work (bench.codec_bench).
+  preprocessing stage's per-image work (bench.codec_bench);
+- quality: the image-quality checks against the decode + resize they follow,
+  per image (bench.quality_bench).
 
 Warm-up runs are excluded everywhere and figures are medians of --repeats
 runs. Without --model the VGG16 has random weights (same computation, same
@@ -29,8 +31,8 @@ from typing import Dict
 
 import numpy as np
 
-from bench import (codec_bench, common, preprocess_bench, scoring_bench,
-                   tfrecord_bench)
+from bench import (codec_bench, common, preprocess_bench, quality_bench,
+                   scoring_bench, tfrecord_bench)
 
 
 def precision_cost(model_dir: str, count: int = 64, repeats: int = 3,
@@ -112,6 +114,11 @@ def _table(figures: Dict) -> str:
       lines.append(f"{'codec ' + kind + ': stage ms/image, hand-written / generated':<58} "
                    f"{row['stage_ms_per_image']['hand_written']} / "
                    f"{row['stage_ms_per_image']['generated']}")
+  for kind in ("grey", "colour"):
+    row = figures.get("quality", {}).get(kind)
+    if row:
+      lines.append(f"{'quality check ' + kind + ': ms, share of decode+resize':<58} "
+                   f"{row['quality_check_ms']}, {row['ratio_check_to_decode']}")
   prec = figures.get("precision", {})
   for name in ("bfloat16", "float16"):
     row = prec.get(name, {})
@@ -143,7 +150,7 @@ def main(argv=None) -> int:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--skip", nargs="*", default=[],
                       choices=["preprocess", "scoring", "precision",
-                               "tfrecord", "codec"])
+                               "tfrecord", "codec", "quality"])
   args = parser.parse_args(argv)
   started = time.time()
   figures = {"environment": {},
@@ -176,6 +183,8 @@ def main(argv=None) -> int:
           os.path.join(workdir, "tfrecord"), repeats=args.repeats)
     if "codec" not in args.skip:
       figures["codec"] = codec_bench.run(repeats=max(3, args.repeats))
+    if "quality" not in args.skip:
+      figures["quality"] = quality_bench.run(repeats=max(5, args.repeats))
   figures["environment"] = common.environment()  # as the runs left it
   figures["bench_wall_s"] = round(time.time() - started, 1)
   os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

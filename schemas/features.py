@@ -22,6 +22,10 @@ FEATURE_HEIGHT = "height"  # stored (resized) height
 FEATURE_WIDTH = "width"  # stored (resized) width
 FEATURE_ORIGINAL_HEIGHT = "original_height"
 FEATURE_ORIGINAL_WIDTH = "original_width"
+# Names of the image-quality flags that fired (schemas.quality), joined by
+# QUALITY_FLAG_SEPARATOR; "" when none did. Absent in records written before
+# the checks existed: older readers ignore it, so FORMAT_VERSION stands.
+FEATURE_QUALITY_FLAGS = "quality_flags"
 
 # Output layout under a run's output directory.
 TFRECORD_DIR = "tfrecords"
@@ -57,6 +61,8 @@ def feature_spec() -> Dict[str, object]:
       FEATURE_WIDTH: tf.io.FixedLenFeature([], tf.int64),
       FEATURE_ORIGINAL_HEIGHT: tf.io.FixedLenFeature([], tf.int64),
       FEATURE_ORIGINAL_WIDTH: tf.io.FixedLenFeature([], tf.int64),
+      FEATURE_QUALITY_FLAGS: tf.io.FixedLenFeature([], tf.string,
+                                                   default_value=""),
   }
 
 # The project's release; setup.py reads it from here.

@@ -25,10 +25,17 @@ import numpy as np
 
 from schemas import _example_pb2
 from schemas import features as _features
+from schemas import quality as _quality
 
 # The id names Grad-CAM files and joins tables: only a sha256 hex digest is
 # accepted on reading, so a crafted record cannot steer a path.
 _IMAGE_ID = re.compile(r"[0-9a-f]{64}")
+# Quality flag names (snake_case) joined by QUALITY_FLAG_SEPARATOR, or "".
+# Names outside schemas.QUALITY_FLAGS pass (a newer writer may add flags);
+# anything else is refused, so what scoring copies into a table is names.
+_QUALITY_FLAGS = re.compile(
+    r"(?:[a-z0-9_]{1,64}(?:%s[a-z0-9_]{1,64}){0,31})?"
+    % re.escape(_quality.QUALITY_FLAG_SEPARATOR))
 
 
 class ImageRecord(NamedTuple):
@@ -40,8 +47,9 @@ class ImageRecord(NamedTuple):
   pixels: np.ndarray
   original_height: int
   original_width: int
-  # Comma-separated quality flag names ("" when none); None when the record
-  # predates the quality checks.
+  # Names of the quality flags that fired (schemas.quality), joined by
+  # QUALITY_FLAG_SEPARATOR; "" when none did; None when not checked (records
+  # written before the checks existed).
   quality_flags: Optional[str] = None
 
 
@@ -49,9 +57,9 @@ def to_example(record: ImageRecord) -> bytes:
   """Serialises one image as a tf.train.Example (the TFRecord payload).
 
   Grey pixels ([H, W] or [H, W, 1]) are stored as one channel; `from_example`
-  gives them back as RGB. Map entries are written sorted by key
-  (deterministic serialisation), so the same record is always the same
-  bytes.
+  gives them back as RGB. quality_flags is stored when it is not None ("" too).
+  Map entries are written sorted by key (deterministic serialisation), so
+  the same record is always the same bytes.
 
   Args:
     record: the image and its fields; pixels uint8 [H, W], [H, W, 1] or
@@ -61,7 +69,8 @@ def to_example(record: ImageRecord) -> bytes:
     The serialized Example.
 
   Raises:
-    ValueError: the pixels have another shape.
+    ValueError: the pixels have another shape, or quality_flags is not flag
+      names joined by commas (from_example would refuse it).
   """
   pixels = np.ascontiguousarray(record.pixels, dtype=np.uint8)
   height, width = pixels.shape[:2]
@@ -69,6 +78,10 @@ def to_example(record: ImageRecord) -> bytes:
   if pixels.ndim not in (2, 3) or channels not in (1, 3):
     raise ValueError(f"pixels of shape {pixels.shape}: expected [H, W],"
                      " [H, W, 1] or [H, W, 3]")
+  if (record.quality_flags is not None and
+      not _QUALITY_FLAGS.fullmatch(record.quality_flags)):
+    raise ValueError(f"quality_flags {record.quality_flags[:80]!r} are not"
+                     " flag names joined by commas")
   example = _example_pb2.Example()
   feature = example.features.feature
   for key, value in (
@@ -78,6 +91,9 @@ def to_example(record: ImageRecord) -> bytes:
       (_features.FEATURE_LABEL, record.label.encode()),
   ):
     feature[key].bytes_list.value.append(value)
+  if record.quality_flags is not None:
+    feature[_features.FEATURE_QUALITY_FLAGS].bytes_list.value.append(
+        record.quality_flags.encode())
   for key, value in (
       (_features.FEATURE_CHANNELS, channels),
       (_features.FEATURE_HEIGHT, height),
@@ -98,11 +114,13 @@ def from_example(serialized: bytes) -> ImageRecord:
   Returns:
     The record, with pixels always [height, width, 3] RGB: a one-channel
     image is replicated. Records without a `channels` feature (format 1)
-    hold three.
+    hold three. quality_flags is None when the record has no
+    `quality_flags` feature (written before the checks existed).
 
   Raises:
     ValueError: the bytes are not an Example, a feature is missing, the
-      image_id is not a sha256 hex digest, or the pixel bytes do not match
+      image_id is not a sha256 hex digest, quality_flags is not flag names
+      joined by commas, or the pixel bytes do not match
       the stored height × width × channels.
   """
   try:
@@ -138,6 +156,13 @@ def from_example(serialized: bytes) -> ImageRecord:
       "ascii", "replace")
   if not _IMAGE_ID.fullmatch(image_id):
     raise ValueError(f"image_id {image_id[:80]!r} is not a sha256 hex digest")
+  quality_flags = None
+  if _features.FEATURE_QUALITY_FLAGS in feature:
+    quality_flags = one(_features.FEATURE_QUALITY_FLAGS, "bytes_list").decode(
+        "ascii", "replace")
+    if not _QUALITY_FLAGS.fullmatch(quality_flags):
+      raise ValueError(f"quality_flags {quality_flags[:80]!r} are not flag"
+                       " names joined by commas")
   return ImageRecord(
       image_id=image_id,
       source=one(_features.FEATURE_SOURCE, "bytes_list").decode("utf-8"),
@@ -145,4 +170,5 @@ def from_example(serialized: bytes) -> ImageRecord:
       pixels=pixels,
       original_height=one(_features.FEATURE_ORIGINAL_HEIGHT, "int64_list"),
       original_width=one(_features.FEATURE_ORIGINAL_WIDTH, "int64_list"),
+      quality_flags=quality_flags,
   )

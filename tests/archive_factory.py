@@ -8,6 +8,9 @@ from typing import Dict, List, NamedTuple, Optional
 import cv2
 import numpy as np
 
+import schemas
+from training import phantoms
+
 
 class Entry(NamedTuple):
   """One member to put in an archive, and what the pipeline must make of it."""
@@ -35,6 +38,46 @@ def speckle(rng: np.random.Generator, h: int, w: int, channels: int = 0,
   top = 65535 if dtype == np.uint16 else 255
   shape = (h, w) if channels == 0 else (h, w, channels)
   return rng.integers(0, top + 1, size=shape, dtype=np.int64).astype(dtype)
+
+
+def phantom(seed: int, size: int = 500, label: str = "benign") -> np.ndarray:
+  """A grey ultrasound-like frame (training.phantoms): fires no quality
+  flag."""
+  image, _ = phantoms.render_phantom(label, np.random.default_rng(seed), size)
+  return image
+
+
+def doppler(seed: int = 0) -> np.ndarray:
+  """A phantom in BGR with red and blue flow blobs, as colour Doppler draws
+  them: fires the quality flag 'colour'."""
+  bgr = cv2.cvtColor(phantom(seed), cv2.COLOR_GRAY2BGR)
+  cv2.ellipse(bgr, (200, 180), (22, 12), 0, 0, 360, (0, 0, 230), -1)
+  cv2.ellipse(bgr, (240, 185), (12, 8), 0, 0, 360, (230, 60, 0), -1)
+  return bgr
+
+
+class QualityCase(NamedTuple):
+  """A BUSI-layout image made to fire some quality flags."""
+  entry: Entry
+  flags: str  # what its record's quality_flags must be
+
+
+def quality_cases() -> List[QualityCase]:
+  """One image per quality flag, and a clean phantom."""
+  ramp = np.tile(np.linspace(100, 140, 560), (480, 1)).astype(np.uint8)
+  wide = cv2.resize(phantom(2), (1200, 300), interpolation=cv2.INTER_AREA)
+  cases = (
+      ("clean", phantom(1), ()),
+      ("doppler", doppler(), (schemas.FLAG_COLOUR,)),
+      ("blank", np.full((480, 560), 7, np.uint8),
+       (schemas.FLAG_BLANK, schemas.FLAG_LOW_CONTRAST)),
+      ("faint", ramp, (schemas.FLAG_LOW_CONTRAST,)),
+      ("small", phantom(3, size=40), (schemas.FLAG_TINY,)),
+      ("wide", wide, (schemas.FLAG_ASPECT_RATIO,)),
+  )
+  return [QualityCase(Entry(f"Dataset_BUSI_with_GT/benign/{name}.png",
+                            png(img), "image", "benign"), ",".join(flags))
+          for name, img, flags in cases]
 
 
 def mixed_entries(seed: int = 0) -> List[Entry]:

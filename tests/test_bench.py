@@ -9,7 +9,8 @@ import json
 import pytest
 
 from bench import __main__ as bench_main
-from bench import codec_bench, preprocess_bench, scoring_bench, tfrecord_bench
+from bench import (codec_bench, preprocess_bench, quality_bench, scoring_bench,
+                   tfrecord_bench)
 from training import testing
 
 
@@ -57,6 +58,17 @@ def test_codec_bench_times_both_encoders():
     assert all(v > 0 for v in row["stage_ms_per_image"].values())
     assert row["decode_ms"]["generated"] > 0
   assert figures["decision"]
+  json.dumps(figures)
+
+
+def test_quality_bench_times_check_and_decode():
+  figures = quality_bench.run(count=3, size=64, image_size=16, repeats=1)
+  for kind, stored, flagged in (("grey", 1, {}),
+                                ("colour", 3, {"colour": 3})):
+    row = figures[kind]
+    assert row["stored_channels"] == stored
+    assert row["decode_and_resize_ms"] > 0 and row["quality_check_ms"] > 0
+    assert row["images_flagged"] == {**flagged, "tiny": 3}  # 64 px originals
   json.dumps(figures)
 
 

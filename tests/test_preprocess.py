@@ -6,11 +6,12 @@ import os
 import apache_beam as beam
 import numpy as np
 import pytest
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.util import assert_that, equal_to
 
 import schemas
 from beam_pipeline import pipeline
-from busi_core import imaging
+from busi_core import imaging, quality
 from schemas import records as records_lib
 from beam_pipeline import options as opts_lib
 from beam_pipeline.preprocess import PreprocessLimits, ReadImages
@@ -120,6 +121,89 @@ def test_busi_zip_end_to_end(tmp_path):
   assert on_disk["format_version"] == schemas.FORMAT_VERSION
   assert on_disk["package_version"] == schemas.PACKAGE_VERSION
   assert on_disk["wall_time_s"] > 0
+
+
+def _quality_zip(tmp_path):
+  cases = af.quality_cases()
+  path = str(tmp_path / "quality.zip")
+  af.write_zip(path, [case.entry for case in cases])
+  return path, {f"{path}!/{case.entry.path}": case.flags for case in cases}
+
+
+def test_quality_flags_are_stored_and_counted(tmp_path):
+  path, expected = _quality_zip(tmp_path)
+  p = make_test_pipeline()
+  out = p | ReadImages([path], PreprocessLimits(224), "run-1")
+  assert_that(out["examples"] | beam.Map(records_lib.from_example)
+              | beam.Map(lambda r: (r.source, r.quality_flags)),
+              equal_to(sorted(expected.items())))
+  result = p.run()
+  result.wait_until_finish()
+  counters = {c.key.metric.name: c.committed for c in result.metrics().query(
+      MetricsFilter().with_namespace("busi"))["counters"]}
+  fired = [f for flags in expected.values() for f in flags.split(",") if f]
+  for name in schemas.QUALITY_FLAGS:
+    assert counters.get(f"quality_{name}", 0) == fired.count(name), name
+  assert counters["images_decoded"] == len(expected)
+
+
+def test_quality_thresholds_are_flags(tmp_path):
+  path, expected = _quality_zip(tmp_path)
+  out = str(tmp_path / "out")
+  pipeline.run(["preprocess", "--input", path, "--output", out,
+                "--quality_colour_share", "1", "--quality_min_side=0",
+                "--quality_max_aspect_ratio", "5"])
+  got = {r.source: r.quality_flags for r in read_records(out)}
+  assert got == {**expected, **{
+      source: "" for source, flags in expected.items()
+      if flags in (schemas.FLAG_COLOUR, schemas.FLAG_TINY,
+                   schemas.FLAG_ASPECT_RATIO)}}
+  assert sum(flags == "" for flags in got.values()) == 4
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--quality_colour_share", "-0.1", "outside 0.0..1.0"),
+    ("--quality_colour_share", "1.5", "outside 0.0..1.0"),
+    ("--quality_colour_share", "nan", "outside 0.0..1.0"),
+    ("--quality_colour_tolerance", "256", "outside 0..255"),
+    ("--quality_blank_std", "-1", "outside 0.0..128.0"),
+    ("--quality_min_contrast", "-5", "outside 0..256"),
+    ("--quality_min_side", "-1", "outside at least 0"),
+    ("--quality_max_aspect_ratio", "0.5", "outside at least 1.0"),
+])
+def test_bad_quality_thresholds_are_refused(tmp_path, capsys, flag, value,
+                                            message):
+  from beam_pipeline import cli
+  archive = str(tmp_path / "a.zip")
+  af.write_zip(archive, af.busi_entries(1))
+  out = str(tmp_path / "o")
+  assert cli.main(["preprocess", "--input", archive, "--output", out, flag,
+                   value]) == cli.EXIT_USAGE
+  assert message in capsys.readouterr().err
+  assert not os.path.exists(out)
+  # Not a number: argparse's own exit, status 2 too (as for --image_size).
+  with pytest.raises(SystemExit) as exited:
+    cli.main(["preprocess", "--input", archive, "--output", out, flag, "ten"])
+  assert exited.value.code == 2
+  assert "invalid" in capsys.readouterr().err
+  assert not os.path.exists(out)
+
+
+def test_quality_flags_belong_to_preprocess_and_run(tmp_path, capsys):
+  from beam_pipeline import cli
+  assert cli.main(["preprocess", "--help"]) == 0
+  text = " ".join(capsys.readouterr().out.split())
+  defaults = opts_lib.quality_thresholds(opts_lib.BusiOptions([]))
+  assert defaults == quality.QualityThresholds()
+  for field, value in defaults._asdict().items():
+    assert f"--quality_{field}" in text
+    assert f"(default: {value})" in text
+  assert cli.main(["run", "--help"]) == 0
+  assert "--quality_min_side" in capsys.readouterr().out
+  assert cli.main(["score", "--input", "x", "--output", str(tmp_path / "o"),
+                   "--model", "m", "--quality_min_side", "10"]) == 2
+  assert "--quality_min_side does not apply to score" in (
+      capsys.readouterr().err)
 
 
 def test_directories_and_text_are_the_only_errors(tmp_path):

@@ -90,6 +90,49 @@ def test_format_1_examples_written_by_tensorflow_decode():
   assert (back.original_height, back.original_width) == (500, 700)
 
 
+@pytest.mark.parametrize("flags", ["", "colour", "blank,low_contrast",
+                                   "tiny,aspect_ratio,new_flag_2"])
+def test_quality_flags_round_trip(flags):
+  record = _record(af.speckle(np.random.default_rng(6), 3, 4))._replace(
+      quality_flags=flags)
+  serialized = records.to_example(record)
+  assert records.from_example(serialized).quality_flags == flags
+  example = _example_pb2.Example.FromString(serialized)
+  assert example.features.feature[
+      schemas.FEATURE_QUALITY_FLAGS].bytes_list.value == [flags.encode()]
+
+
+def test_quality_flags_absent_read_as_none():
+  record = _record(af.speckle(np.random.default_rng(7), 3, 4))
+  assert record.quality_flags is None  # the default: existing callers
+  serialized = records.to_example(record)
+  # None writes no feature at all: the bytes of a record from before.
+  example = _example_pb2.Example.FromString(serialized)
+  assert schemas.FEATURE_QUALITY_FLAGS not in example.features.feature
+  assert records.from_example(serialized).quality_flags is None
+  # TensorFlow reads the absent feature as "", a set one as written.
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  flagged = records.to_example(record._replace(quality_flags="colour"))
+  parsed = tf.io.parse_example(tf.constant([serialized, flagged]),
+                               schemas.feature_spec())
+  assert list(parsed[schemas.FEATURE_QUALITY_FLAGS].numpy()) == [b"",
+                                                                 b"colour"]
+
+
+@pytest.mark.parametrize("flags", ["Colour", "colour,", ",blank", "a b",
+                                   "colour;rm -rf", "x" * 65, "é"])
+def test_quality_flags_that_are_not_names_are_refused(flags):
+  record = _record(af.speckle(np.random.default_rng(8), 2, 2))
+  with pytest.raises(ValueError, match="quality_flags"):
+    records.to_example(record._replace(quality_flags=flags))
+  # Nor read back from a record some other writer made.
+  example = _example_pb2.Example.FromString(records.to_example(record))
+  feature = example.features.feature[schemas.FEATURE_QUALITY_FLAGS]
+  feature.bytes_list.value.append(flags.encode())
+  with pytest.raises(ValueError, match="quality_flags"):
+    records.from_example(example.SerializeToString())
+
+
 def test_same_record_same_bytes():
   record = _record(af.speckle(np.random.default_rng(4), 8, 8))
   assert records.to_example(record) == records.to_example(record._replace(
