@@ -159,7 +159,8 @@ def needs_review(row: Dict) -> bool:
 
 def quality_flag_names(row: Dict) -> List[str]:
   """The row's quality flags as a list (none for "" or null)."""
-  return [name for name in (row[schemas.COLUMN_QUALITY_FLAGS] or "").split(",")
+  value = row[schemas.COLUMN_QUALITY_FLAGS] or ""
+  return [name for name in value.split(schemas.QUALITY_FLAG_SEPARATOR)
           if name]
 
 

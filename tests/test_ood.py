@@ -324,6 +324,13 @@ def test_pipeline_writes_the_columns_and_counts(tmp_path, ood_model_dir):
       ood, review)
   assert manifest["ood_threshold"] == artifact.load_artifact(
       ood_model_dir).ood.threshold
+  # The quality flags preprocessing found travel into the same rows.
+  flags = dict(sql("SELECT split_part(source, '!/', 2), quality_flags FROM"
+                   f" read_parquet('{pattern}')"))
+  assert "colour" in flags["other/stripes.png"].split(",")
+  assert {v for k, v in flags.items() if not k.startswith("other/")} == {""}
+  assert manifest["quality_flags"]["colour"] == sum(
+      "colour" in v.split(",") for v in flags.values())
   # The same TFRecords scored by an artifact without a detector.
   plain = str(tmp_path / "plain")
   testing.make_test_artifact(plain, image_size=SIZE)
