@@ -47,7 +47,7 @@ def run(count: int = 96, batch_size: int = 32, repeats: int = 5,
   features = model_lib.in_batches(
       model_lib.sub_model(model, None, schemas.FEATURES_LAYER), images,
       batch_size)
-  detector, _ = ood.fit(features, schemas.OOD_TRANSFORM_SQRT)
+  detector, _ = ood.fit(features, schemas.OOD_TRANSFORM_SQRT_L2)
   plain = inference.scoring_model(model, None)
   with_ood = inference.scoring_model(model, detector._replace(threshold=1.0))
   one_batch = features[:batch_size]

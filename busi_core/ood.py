@@ -47,13 +47,15 @@ def transform_features(features: np.ndarray, transform: str) -> np.ndarray:
     raise ValueError(f"features must be [N, D], got shape {x.shape}")
   if transform == schemas.OOD_TRANSFORM_NONE:
     return x
-  if transform == schemas.OOD_TRANSFORM_SQRT:
+  if transform in (schemas.OOD_TRANSFORM_SQRT, schemas.OOD_TRANSFORM_SQRT_L2):
     # Pooled ReLU outputs are >= 0; a tiny negative from float16/bfloat16
     # rounding must not become NaN.
-    return np.sqrt(np.maximum(x, 0.0))
-  if transform == schemas.OOD_TRANSFORM_L2:
+    x = np.sqrt(np.maximum(x, 0.0))
+  if transform in (schemas.OOD_TRANSFORM_L2, schemas.OOD_TRANSFORM_SQRT_L2):
     norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
+    x = x / np.maximum(norms, 1e-12)
+  if transform in schemas.OOD_TRANSFORMS:
+    return x
   raise ValueError(f"unknown OOD transform {transform!r}; expected one of"
                    f" {', '.join(schemas.OOD_TRANSFORMS)}")
 

@@ -444,9 +444,12 @@ class OodDetector(Record):
   fit_images: Optional[int] = optional()
   shrinkage: Optional[float] = optional()  # Ledoit-Wolf's, in [0, 1]
   threshold: Optional[float] = optional()  # scores above it are flagged
-  threshold_split: Optional[str] = optional()  # where it was chosen
+  # where it was chosen: "val+train_out_of_fold" (training) or "val"
+  threshold_split: Optional[str] = optional()
   target_pass_rate: Optional[float] = optional()
   val: Optional[OodCount] = optional()  # None: no images in the split
+  # The training images, each scored by a detector fitted without it.
+  train_out_of_fold: Optional[OodCount] = optional()
   test: Optional[OodCount] = optional()
 
 

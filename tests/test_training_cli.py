@@ -86,7 +86,10 @@ def test_train_without_augmentation(tmp_path, data_glob, capsys):
   # The OOD detector: fitted on the training split, thresholded on
   # validation, its file beside the model and described in the metadata.
   block = metadata["ood"]
-  assert block["fit_split"] == "train" and block["threshold_split"] == "val"
+  assert block["fit_split"] == "train"
+  assert block["threshold_split"] == "val+train_out_of_fold"
+  assert block["train_out_of_fold"]["count"] == block["fit_images"] == sum(
+      metadata["class_counts"]["train"].values())
   assert block["val"]["count"] == metadata["class_counts"]["val"][
       "benign"] + metadata["class_counts"]["val"]["malignant"] + metadata[
           "class_counts"]["val"]["normal"]

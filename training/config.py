@@ -30,7 +30,7 @@ DEFAULT_TEST_FRACTION = 0.0  # `cv` measures the recipe; train on the rest
 DEFAULT_FOLDS = 5
 DEFAULT_LABEL_SMOOTHING = 0.1
 DEFAULT_NAME = "busi-vgg16"
-DEFAULT_OOD_TRANSFORM = schemas.OOD_TRANSFORM_SQRT
+DEFAULT_OOD_TRANSFORM = schemas.OOD_TRANSFORM_SQRT_L2
 
 
 @dataclasses.dataclass(frozen=True)

@@ -211,7 +211,9 @@ def _fold(k: int, config: TrainConfig, runner: recipe.Recipe,
   # The fold's OOD detector on the held-out fold: in-distribution images it
   # flags (None when the recipe fits no detector).
   ood_flags = ood_detector.held_out_flags(
-      ood_detector.fit(config, runner, train, val), runner, test)
+      ood_detector.fit(config, runner, train, val,
+                       groups=split.duplicate_groups(data.image_ids, hashes)),
+      runner, test)
   scores["ood_flagged_share"] = (None if ood_flags is None else
                                  float(np.mean(ood_flags)))
   return {

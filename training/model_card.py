@@ -598,18 +598,22 @@ def _ood_section(metadata: ArtifactMetadata) -> List[str]:
   held_out = None
   if metadata.cross_validation and metadata.cross_validation.summary:
     held_out = metadata.cross_validation.summary.get("ood_flagged_share")
+  chosen_on = {
+      "val+train_out_of_fold": "the validation images and the training"
+                               " images' out-of-fold scores",
+      "val": "the validation images"}.get(block.threshold_split,
+                                          str(block.threshold_split))
   lines += [
       f"`{schemas.OOD_FILE}`: Mahalanobis distance of an image's"
       f" `{block.feature_layer}` vector ({_or_na(block.dims)} pooled VGG16"
       f" features, {block.transform} transform) from those of the"
-      f" {_or_na(block.fit_images)} training images"
-      f" ({_or_na(block.fit_count)} vectors with their augmented views),"
-      f" under a Ledoit-Wolf shrunk covariance (shrinkage"
-      f" {_num(block.shrinkage)}). Threshold **{_num(block.threshold)}**,"
-      f" chosen on the {block.threshold_split} split so that"
-      f" {_pct(block.target_pass_rate)} of its images pass; a score above it"
-      " sets `out_of_distribution` (and `needs_review`).", ""]
-  rows = [_ood_count("validation (chose the threshold)", block.val),
+      f" {_or_na(block.fit_images)} training images, under a Ledoit-Wolf"
+      f" shrunk covariance (shrinkage {_num(block.shrinkage)}). Threshold"
+      f" **{_num(block.threshold)}**, chosen on {chosen_on} so that"
+      f" {_pct(block.target_pass_rate)} of them pass; a score above it sets"
+      " `out_of_distribution` (and `needs_review`).", ""]
+  rows = [_ood_count("validation", block.val),
+          _ood_count("training, out of fold", block.train_out_of_fold),
           _ood_count("test", block.test)]
   if held_out is not None and held_out.mean is not None:
     rows.append(["held-out cross-validation folds (mean ± sd)",

@@ -73,7 +73,7 @@ def make_test_artifact(model_dir: str, image_size: int = 32,
                        backbone: str = "tiny", threshold: float = 0.9,
                        seed: int = 0, ood_images: Optional[np.ndarray] = None,
                        ood_pass_rate: float = schemas.DEFAULT_OOD_PASS_RATE,
-                       ood_transform: str = schemas.OOD_TRANSFORM_SQRT
+                       ood_transform: str = schemas.OOD_TRANSFORM_SQRT_L2
                       ) -> metadata_schema.ArtifactMetadata:
   """Builds and saves an untrained but valid artifact, in about a second.
 

@@ -33,6 +33,7 @@ from schemas import artifact as artifact_schema
 from schemas import metadata as metadata_schema
 from schemas.metadata import ArtifactMetadata
 from training import cv, data as data_lib, metrics, ood_detector
+from training import split as split_lib
 from training.config import TrainConfig
 from training.steps import calibrate, data, fit, measure, save, split
 from training.steps import threshold, verify
@@ -107,8 +108,9 @@ def train(config: TrainConfig) -> TrainResult:
     cal = calibrate.calibrate(fitted.model, config, val, test)
     flagging = threshold.choose(config, val, test, cal.temperature)
   with clock.step("ood"):
-    detector = ood_detector.fit(config, fitted.runner, splits.train,
-                                splits.val, splits.test)
+    detector = ood_detector.fit(
+        config, fitted.runner, splits.train, splits.val, splits.test,
+        split_lib.duplicate_groups(read.data.image_ids, splits.hashes))
   save.write_companions(work, config, read, splits, test_report, fitted, cal)
   metadata = save.save(work, config, read, splits, fitted, test_report, cal,
                        flagging, detector, clock.stop())
