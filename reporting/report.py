@@ -2,9 +2,11 @@
 
 `python -m beam_pipeline report --predictions DIR --output REPORT_DIR` reads
 a run's Parquet with DuckDB SQL and its manifest, draws the plots with
-matplotlib (Agg) and writes `REPORT_DIR/index.html`. Plots and Grad-CAM
-overlays are embedded as base64 PNG, and the page has no script, stylesheet
-or font from elsewhere, so it can be mailed or archived as one file.
+matplotlib (Agg) and writes `REPORT_DIR/index.html`. Plots, Grad-CAM
+overlays and thumbnails of the most out-of-distribution images (read back
+from the run's TFRecords, `reporting.thumbnails`) are embedded as base64 PNG,
+and the page has no script, stylesheet or font from elsewhere, so it can be
+mailed or archived as one file.
 
 The module is split the way it is tested: queries → `ReportData`, data →
 figure PNG bytes, data → HTML; `main` only parses flags and writes the file.
@@ -26,10 +28,11 @@ from matplotlib.ticker import MaxNLocator
 
 import schemas
 from busi_core import gcs
-from reporting import sql
+from reporting import sql, thumbnails
 
 REPORT_FILE = "index.html"
 DEFAULT_GALLERY_SIZE = 12
+DEFAULT_OOD_THUMBNAILS = 8
 HISTOGRAM_BINS = 50
 # An overlay is a few hundred KiB at most; a cap keeps one odd file from
 # turning the page into something a browser or a mail client chokes on.
@@ -87,6 +90,14 @@ class GalleryImage(NamedTuple):
   problem: Optional[str]
 
 
+class OodImage(NamedTuple):
+  """An out-of-distribution image with its thumbnail's PNG, or why there is
+  none."""
+  item: sql.OodMember
+  data: Optional[bytes]
+  problem: Optional[str]
+
+
 @dataclasses.dataclass(frozen=True)
 class ReportData:
   """Everything the page shows, as plain values (no DuckDB objects).
@@ -105,6 +116,12 @@ class ReportData:
     accuracy: all / confident / flagged rows over labelled images.
     gallery: predictions with an overlay, flagged and least confident first.
     gradcam_total: rows with a non-null gradcam_uri.
+    review: needs_review and its reasons; None without predictions or when
+      the Parquet predates the review columns.
+    review_missing: those of sql.REVIEW_COLUMNS the Parquet lacks.
+    quality_flags: images per quality flag, most frequent first.
+    ood_members: out-of-distribution images, most out of distribution
+      first (as many as the report shows).
   """
   run_dir: str
   manifest: Optional[dict]
@@ -119,6 +136,10 @@ class ReportData:
   accuracy: Tuple[AccuracyRow, ...]
   gallery: Tuple[GalleryItem, ...]
   gradcam_total: int
+  review: Optional[sql.ReviewCounts] = None
+  review_missing: Tuple[str, ...] = ()
+  quality_flags: Tuple[sql.FlagCount, ...] = ()
+  ood_members: Tuple[sql.OodMember, ...] = ()
 
   @property
   def labelled(self) -> int:
@@ -145,12 +166,14 @@ def _class_order(model_labels: Sequence[str], seen: Sequence[str]
 
 
 def query_report_data(run_dir: str,
-                      gallery_size: int = DEFAULT_GALLERY_SIZE) -> ReportData:
+                      gallery_size: int = DEFAULT_GALLERY_SIZE,
+                      ood_size: int = DEFAULT_OOD_THUMBNAILS) -> ReportData:
   """Runs the report's SQL over one run's Parquet.
 
   Args:
     run_dir: a run's output directory (local).
     gallery_size: most Grad-CAM overlays to pick for the gallery.
+    ood_size: most out-of-distribution images to pick for thumbnails.
 
   Returns:
     The values the page shows.
@@ -158,8 +181,6 @@ def query_report_data(run_dir: str,
   manifest = load_manifest(run_dir)
   run = sql.connect(run_dir)
   con = run.con
-  columns = ({row[0] for row in con.execute("DESCRIBE preds").fetchall()}
-             if run.has_predictions else set())
 
   def rows(query: str) -> List[tuple]:
     return con.execute(query).fetchall()
@@ -171,6 +192,10 @@ def query_report_data(run_dir: str,
   confusion: Dict[Tuple[str, str], int] = {}
   by_flag = {False: (0, 0), True: (0, 0)}
   gallery: List[GalleryItem] = []
+  review = None
+  review_missing = run.missing(sql.REVIEW_COLUMNS)
+  quality_flags: List[sql.FlagCount] = []
+  ood_members: List[sql.OodMember] = []
   if run.has_predictions:
     total, flagged, threshold_list = rows(sql.FLAGGED)[0]
     thresholds = tuple(threshold_list or ())
@@ -182,10 +207,17 @@ def query_report_data(run_dir: str,
     for low, n, correct in rows(sql.ACCURACY_BY_FLAG):
       by_flag[bool(low)] = (n, int(correct))
     # Runs written before Grad-CAM existed have no such column.
-    if "gradcam_uri" in columns:
+    if "gradcam_uri" in run.columns:
       gradcam_total = rows(sql.GRADCAM_COUNT)[0][0]
       gallery = [GalleryItem(*r) for r in con.execute(
           sql.GALLERY, [gallery_size]).fetchall()]
+    # Runs written before the OOD detector and quality checks have neither.
+    if not review_missing:
+      review = sql.ReviewCounts(*rows(sql.REVIEW)[0])
+      quality_flags = [sql.FlagCount(*r)
+                       for r in rows(sql.QUALITY_FLAG_COUNTS)]
+      ood_members = [sql.OodMember(*r) for r in con.execute(
+          sql.OOD_MEMBERS, [ood_size]).fetchall()]
 
   errors = None
   if run.has_errors:
@@ -208,7 +240,9 @@ def query_report_data(run_dir: str,
       thresholds=thresholds, per_class=tuple(per_class),
       histogram=tuple(histogram), errors=errors, labels=labels,
       confusion=confusion, accuracy=accuracy, gallery=tuple(gallery),
-      gradcam_total=gradcam_total)
+      gradcam_total=gradcam_total, review=review,
+      review_missing=review_missing if run.has_predictions else (),
+      quality_flags=tuple(quality_flags), ood_members=tuple(ood_members))
 
 
 # --------------------------------------------------------------------------
@@ -259,6 +293,19 @@ def read_gallery(items: Sequence[GalleryItem], run_dir: str
     else:
       images.append(GalleryImage(item, data, None))
   return images
+
+
+def read_ood_images(members: Sequence[sql.OodMember], run_dir: str,
+                    manifest: Optional[dict]) -> List[OodImage]:
+  """Thumbnails of the out-of-distribution images, from the run's TFRecords
+  (see `reporting.thumbnails`); one that cannot be found or read is kept
+  with the reason."""
+  if not members:
+    return []
+  found = thumbnails.read_thumbnails(
+      [m.image_id for m in members],
+      thumbnails.tfrecord_files(run_dir, manifest))
+  return [OodImage(m, *found[m.image_id]) for m in members]
 
 
 # --------------------------------------------------------------------------
@@ -468,6 +515,89 @@ def _confidence_section(data: ReportData,
   return _section("confidence", "Confidence", share + plot)
 
 
+def _review_table(review: sql.ReviewCounts) -> str:
+  total = review.images
+
+  def row(reason: str, count: int, recorded: bool = True) -> tuple:
+    return ((reason, count, _pct(count, total)) if recorded
+            else (reason, "n/a", "n/a"))
+
+  return _table("review", ["reason", "images", "share"], [
+      row("needs review", review.needs_review),
+      row("low confidence", review.low_confidence),
+      row("out of distribution", review.out_of_distribution,
+          bool(review.ood_scored)),
+      row("any quality flag", review.quality_flagged,
+          bool(review.quality_checked)),
+  ], numeric=(1, 2))
+
+
+def _review_notes(data: ReportData) -> str:
+  notes = data.review.notes()
+  ood_threshold = (data.manifest or {}).get("ood_threshold")
+  if data.review.ood_scored and ood_threshold is not None:
+    notes.insert(0, f"Out of distribution: ood_score above"
+                    f" {ood_threshold:g}.")
+  return "".join(_note(n) for n in notes)
+
+
+def _quality_flags_html(data: ReportData) -> str:
+  if not data.review.quality_checked:
+    return ""
+  if not data.quality_flags:
+    body = _note("No image has a quality flag.")
+  else:
+    body = _table("quality-flags", ["flag", "images", "share"],
+                  [(f.flag, f.images, _pct(f.images, data.total))
+                   for f in data.quality_flags], numeric=(1, 2))
+  return f"<h3>Quality flags</h3>{body}"
+
+
+def _ood_gallery_html(data: ReportData, ood_images: Sequence[OodImage]) -> str:
+  review = data.review
+  if not review.ood_scored:
+    return ""
+  if not review.out_of_distribution:
+    return ("<h3>Most out of distribution</h3>"
+            + _note("No image is out of distribution."))
+  cards = []
+  for o in ood_images:
+    it = o.item
+    if o.data is not None:
+      picture = _img(o.data, f"thumbnail of {it.source}")
+    else:
+      picture = f'<div class="missing">{_e(o.problem)}</div>'
+    cards.append(
+        f"<figure>{picture}<figcaption>"
+        f'<span class="source" title="{_e(it.source)}">{_e(it.source)}</span>'
+        f"<br><b>{_e(it.predicted_class)}</b> {it.confidence:.3f}"
+        f" · ood_score {it.ood_score:.3g}</figcaption></figure>")
+  shown = (f"<p>{len(ood_images)} of {review.out_of_distribution}"
+           " out-of-distribution images, most out of distribution first"
+           " (pixels from the run's TFRecords).</p>")
+  return ("<h3>Most out of distribution</h3>" + shown
+          + f'<div class="gallery" id="ood-gallery">{"".join(cards)}</div>')
+
+
+def _review_section(data: ReportData,
+                    ood_images: Sequence[OodImage]) -> str:
+  if not data.total:
+    body = _note("No predictions in this run.")
+  elif data.review is None:
+    body = _note("Not recorded: this run's predictions were written before"
+                 f" the {', '.join(data.review_missing)} columns.")
+  else:
+    review = data.review
+    body = (f'<p class="big"><span id="needs-review-share">'
+            f"{_e(_pct(review.needs_review, review.images))}</span> need"
+            f" review: {review.needs_review} of {review.images} images are"
+            " low confidence, out of distribution or have a quality"
+            f" flag.</p>{_review_table(review)}{_review_notes(data)}"
+            f"{_quality_flags_html(data)}"
+            f"{_ood_gallery_html(data, ood_images)}")
+  return _section("review", "Review", body)
+
+
 def _errors_section(data: ReportData) -> str:
   if data.errors is None:
     body = _note(f"No errors table ({schemas.ERRORS_DIR}/ is missing or"
@@ -554,7 +684,9 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 .plot img{max-width:100%;height:auto}
 .note{color:#666;font-style:italic}
 .big{font-size:17px}
-#low-confidence-share{font-size:26px;font-weight:700;color:#c8553d}
+#low-confidence-share,#needs-review-share{font-size:26px;font-weight:700;
+color:#c8553d}
+h3{font-size:15px;margin:16px 0 8px;color:#27364a}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;
 font-size:12px;font-weight:700;color:#fff}
 .badge.ok{background:#4c9f70}.badge.bad{background:#c8553d}
@@ -571,7 +703,8 @@ text-align:center;color:#a33;background:#f6e9e7;font-size:12px;padding:8px}
 
 
 def render_html(data: ReportData, figures: Mapping[str, bytes],
-                gallery: Sequence[GalleryImage] = ()) -> str:
+                gallery: Sequence[GalleryImage] = (),
+                ood_images: Sequence[OodImage] = ()) -> str:
   """The whole page.
 
   Args:
@@ -579,6 +712,7 @@ def render_html(data: ReportData, figures: Mapping[str, bytes],
     figures: PNG bytes by name: "classes" and "confidence" when there are
       predictions, "confusion" when some are labelled.
     gallery: from `read_gallery`; no section when empty.
+    ood_images: from `read_ood_images`, shown in the review section.
 
   Returns:
     A self-contained HTML document; every value from the data is escaped.
@@ -589,11 +723,12 @@ def render_html(data: ReportData, figures: Mapping[str, bytes],
       _run_section(data),
       _classes_section(data, figures),
       _confidence_section(data, figures),
+      _review_section(data, ood_images),
       _errors_section(data),
       _labels_section(data, figures),
   ]
   nav = [("run", "Run"), ("classes", "Classes"), ("confidence", "Confidence"),
-         ("errors", "Errors"), ("labels", "Labels")]
+         ("review", "Review"), ("errors", "Errors"), ("labels", "Labels")]
   if gallery:
     sections.append(_gallery_section(data, gallery))
     nav.append(("gallery", "Grad-CAM"))
@@ -625,11 +760,13 @@ def figures_for(data: ReportData) -> Dict[str, bytes]:
 
 
 def build_report(run_dir: str,
-                 gallery_size: int = DEFAULT_GALLERY_SIZE) -> str:
+                 gallery_size: int = DEFAULT_GALLERY_SIZE,
+                 ood_size: int = DEFAULT_OOD_THUMBNAILS) -> str:
   """Queries, draws and renders the report of one run; returns the HTML."""
-  data = query_report_data(run_dir, gallery_size)
-  return render_html(data, figures_for(data),
-                     read_gallery(data.gallery, run_dir))
+  data = query_report_data(run_dir, gallery_size, ood_size)
+  return render_html(
+      data, figures_for(data), read_gallery(data.gallery, run_dir),
+      read_ood_images(data.ood_members, run_dir, data.manifest))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -645,13 +782,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--gallery_size", type=int,
                       default=DEFAULT_GALLERY_SIZE,
                       help="Most Grad-CAM overlays to show.")
+  parser.add_argument("--ood_thumbnails", type=int,
+                      default=DEFAULT_OOD_THUMBNAILS,
+                      help="Most out-of-distribution images to show, read"
+                           " from the run's TFRecords (local or gs://).")
   args = parser.parse_args(argv)
   if args.gallery_size < 0:
     parser.error("--gallery_size must be >= 0")
+  if args.ood_thumbnails < 0:
+    parser.error("--ood_thumbnails must be >= 0")
   if not os.path.isdir(args.predictions):
     parser.error(f"--predictions {args.predictions} is not a directory")
   gcs.configure_for_emulator()
-  page = build_report(args.predictions, args.gallery_size)
+  page = build_report(args.predictions, args.gallery_size,
+                      args.ood_thumbnails)
   os.makedirs(args.output, exist_ok=True)
   path = os.path.join(args.output, REPORT_FILE)
   with open(path, "w", encoding="utf-8") as f:

@@ -6,6 +6,8 @@ from typing import List, Optional, Sequence
 
 from reporting import sql
 
+OOD_TOP = 10  # rows of the "Most out-of-distribution" table
+
 
 def _format(columns: Sequence[str], rows: Sequence[Sequence]) -> str:
   cells = [list(map(str, columns))] + [[_cell(v) for v in r] for r in rows]
@@ -13,6 +15,10 @@ def _format(columns: Sequence[str], rows: Sequence[Sequence]) -> str:
   lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
   lines.insert(1, "  ".join("-" * w for w in widths))
   return "\n".join(lines)
+
+
+def _table(title: str, columns: Sequence[str], rows) -> str:
+  return f"-- {title}\n{_format(columns, rows)}"
 
 
 def _cell(value) -> str:
@@ -32,32 +38,83 @@ def _accuracy_rows(by_flag: Sequence[tuple]) -> List[tuple]:
            _share(confident[1], confident[0]), _share(flagged[1], flagged[0]))]
 
 
+def _review_rows(review: sql.ReviewCounts) -> List[tuple]:
+  """needs_review and its reasons with their shares; "n/a" where the run
+  recorded nothing to count (no OOD detector, no quality checks)."""
+  images = review.images
+
+  def row(name: str, count: int, recorded: bool = True) -> tuple:
+    return (name, count, _share(count, images)) if recorded else (
+        name, "n/a", "n/a")
+
+  return [row("needs_review", review.needs_review),
+          row("low_confidence", review.low_confidence),
+          row("out_of_distribution", review.out_of_distribution,
+              bool(review.ood_scored)),
+          row("any_quality_flag", review.quality_flagged,
+              bool(review.quality_checked))]
+
+
+def _review_parts(run: sql.Connection) -> List[str]:
+  """The "Needs review", "Quality flags" and "Most out-of-distribution"
+  tables, or one line when the Parquet predates their columns."""
+  missing = run.missing(sql.REVIEW_COLUMNS)
+  if missing:
+    return [f"-- Needs review: not recorded (predictions written before the"
+            f" {', '.join(missing)} columns)"]
+  review = sql.ReviewCounts(*run.con.execute(sql.REVIEW).fetchone())
+  needs = _table("Needs review", ("reason", "images", "share"),
+                 _review_rows(review))
+  parts = ["\n".join([needs] + review.notes())]
+  if not review.images:
+    return parts
+  flags = run.con.execute(sql.QUALITY_FLAG_COUNTS).fetchall()
+  if not review.quality_checked:
+    parts.append("-- Quality flags: none recorded")
+  elif not flags:
+    parts.append("-- Quality flags: none (no image has a quality flag)")
+  else:
+    parts.append(_table("Quality flags", ("flag", "images", "share"),
+                        [(f, n, _share(n, review.images)) for f, n in flags]))
+  members = run.con.execute(sql.OOD_MEMBERS, [OOD_TOP]).fetchall()
+  if not review.ood_scored:
+    parts.append("-- Most out-of-distribution: none recorded (the model had"
+                 " no OOD detector)")
+  elif not members:
+    parts.append("-- Most out-of-distribution: none (no image is out of"
+                 " distribution)")
+  else:
+    parts.append(_table(f"Most out-of-distribution (top {OOD_TOP})",
+                        sql.OodMember._fields, members))
+  return parts
+
+
 def summary(output: str) -> str:
   """Runs the summary's queries and formats the results as text tables."""
   run = sql.connect(output)
   parts = []
-
-  def table(title: str, columns: Sequence[str], rows) -> None:
-    parts.append(f"-- {title}\n{_format(columns, rows)}")
-
   if run.has_predictions:
     rows = run.con.execute(sql.PER_CLASS).fetchall()
-    table("Predictions per class",
-          ("predicted_class", "images", "mean_confidence"), rows)
+    parts.append(_table("Predictions per class",
+                        ("predicted_class", "images", "mean_confidence"),
+                        rows))
     images, flagged, thresholds = run.con.execute(sql.FLAGGED).fetchone()
-    table("Low-confidence share",
-          ("images", "flagged", "flagged_share", "threshold"),
-          [(images, flagged, _share(flagged, images),
-            ", ".join(f"{t:g}" for t in thresholds or ()))])
-    table("Accuracy against known labels (all / confident / flagged)",
-          ("labelled", "accuracy", "accuracy_confident", "accuracy_flagged"),
-          _accuracy_rows(run.con.execute(sql.ACCURACY_BY_FLAG).fetchall()))
-    table("Accuracy by class", ("label", "images", "recall"),
-          run.con.execute(sql.RECALL_BY_CLASS).fetchall())
+    parts.append(_table(
+        "Low-confidence share",
+        ("images", "flagged", "flagged_share", "threshold"),
+        [(images, flagged, _share(flagged, images),
+          ", ".join(f"{t:g}" for t in thresholds or ()))]))
+    parts += _review_parts(run)
+    parts.append(_table(
+        "Accuracy against known labels (all / confident / flagged)",
+        ("labelled", "accuracy", "accuracy_confident", "accuracy_flagged"),
+        _accuracy_rows(run.con.execute(sql.ACCURACY_BY_FLAG).fetchall())))
+    parts.append(_table("Accuracy by class", ("label", "images", "recall"),
+                        run.con.execute(sql.RECALL_BY_CLASS).fetchall()))
   if run.has_errors:
-    table("Errors by stage and type",
-          ("stage", "error_type", "members", "example"),
-          run.con.execute(sql.ERRORS_BY_TYPE).fetchall())
+    parts.append(_table("Errors by stage and type",
+                        ("stage", "error_type", "members", "example"),
+                        run.con.execute(sql.ERRORS_BY_TYPE).fetchall()))
   return "\n\n".join(parts)
 
 

@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import subprocess
-from typing import Dict, List
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import duckdb
 import numpy as np
@@ -22,9 +22,10 @@ from PIL import Image
 
 import schemas
 from busi_core import gcs
-from reporting import report
+from reporting import report, sql, thumbnails
 from reporting.sql import predictions_glob
 from tests.conftest import BUCKET
+from training import testing as training_testing
 
 RUN_ID = "20260101T000000Z-abcdef01"
 MODEL_VERSION = "busi-vgg16-test"
@@ -32,6 +33,13 @@ THRESHOLD = 0.9
 EVIL_SOURCE = "evil.zip!/<script>alert('x')</script>.png"
 BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+OOD_THRESHOLD = 5.0
+# Out of distribution, the more so the later; row 14's pixels are left out
+# of the TFRecords, so its thumbnail is a gap.
+OOD_ROWS = (0, 7, 14, 21, 28, 35)
+NO_THUMBNAIL_ROW = 14
+NULL_OOD_ROWS = (4, 13, 22, 31)  # no ood_score (as a run without a detector)
+QUALITY_FLAGS = ("", "colour", "blank,low_contrast", None)
 
 
 def _overlay_png(size: int = 48) -> bytes:
@@ -43,6 +51,16 @@ def _overlay_png(size: int = 48) -> bytes:
   return buf.getvalue()
 
 
+def _pixels(i: int) -> np.ndarray:
+  """Row i's image: small, distinct, and not grey, so channel order shows."""
+  rng = np.random.default_rng(1000 + i)
+  return rng.integers(0, 256, size=(16, 12, 3), dtype=np.uint8)
+
+
+def _image_id(i: int) -> str:
+  return training_testing.make_record(_pixels(i), "").image_id
+
+
 def _prediction_rows(n: int, overlay_uri: str, missing_uri: str) -> List[Dict]:
   rng = np.random.default_rng(0)
   labels = schemas.LABELS
@@ -52,19 +70,30 @@ def _prediction_rows(n: int, overlay_uri: str, missing_uri: str) -> List[Dict]:
     probs = rng.dirichlet([1.0, 1.0, 1.0] if i % 3 else [8.0, 0.5, 0.5])
     probs = np.roll(probs, i % 3)
     top = int(np.argmax(probs))
+    low_confidence = bool(probs[top] < THRESHOLD)
+    ood_score = (None if i in NULL_OOD_ROWS else
+                 10.0 + i if i in OOD_ROWS else float(rng.uniform(0, 4)))
+    out_of_distribution = (None if ood_score is None else
+                           ood_score > OOD_THRESHOLD)
+    flags = QUALITY_FLAGS[i % len(QUALITY_FLAGS)]
     row = {
-        "image_id": f"id{i:03d}",
+        "image_id": _image_id(i),
         "source": f"data.zip!/Dataset_BUSI_with_GT/{labels[i % 3]}/{i}.png",
         # Two thirds labelled, from the folder; the rest unknown.
         "label": labels[i % 3] if i % 3 != 2 or i < 12 else None,
         "predicted_class": labels[top],
         "confidence": float(probs[top]),
-        "low_confidence": bool(probs[top] < THRESHOLD),
+        schemas.COLUMN_LOW_CONFIDENCE: low_confidence,
         "threshold": THRESHOLD,
         "model_version": MODEL_VERSION,
         "run_id": RUN_ID,
         "scored_at": scored_at,
         "gradcam_uri": None,
+        schemas.COLUMN_OOD_SCORE: ood_score,
+        schemas.COLUMN_OUT_OF_DISTRIBUTION: out_of_distribution,
+        schemas.COLUMN_QUALITY_FLAGS: flags,
+        schemas.COLUMN_NEEDS_REVIEW: bool(
+            low_confidence or out_of_distribution or flags),
     }
     for label, p in zip(labels, probs):
       row[schemas.probability_column(label)] = float(p)
@@ -81,8 +110,19 @@ def _write_table(path, rows, schema):
   pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
 
-def _write_run(run_dir, n: int = 36, with_errors: bool = True) -> str:
-  """A scored run's outputs in `run_dir`, as the pipeline lays them out."""
+def _write_tfrecords(path: str, rows: List[Dict],
+                     indices: Sequence[int]) -> str:
+  """Rows' images as one TFRecord shard, as preprocessing writes them."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  return training_testing.write_tfrecords(path, [
+      training_testing.make_record(_pixels(i), rows[i]["label"] or "",
+                                   rows[i]["source"]) for i in indices])
+
+
+def _write_run(run_dir, n: int = 36, with_errors: bool = True,
+               tfrecords: bool = True) -> str:
+  """A scored run's outputs in `run_dir`, as the pipeline lays them out;
+  `tfrecords`: with DIR/tfrecords/ (as `run` writes) missing one image."""
   run_dir = str(run_dir)
   overlay = os.path.join(run_dir, schemas.GRADCAM_DIR, "id001.png")
   os.makedirs(os.path.dirname(overlay), exist_ok=True)
@@ -106,11 +146,17 @@ def _write_run(run_dir, n: int = 36, with_errors: bool = True) -> str:
     _write_table(os.path.join(run_dir, schemas.ERRORS_DIR,
                               "part-00000-of-00001.parquet"),
                  errors, schemas.errors_schema())
+  if tfrecords:
+    _write_tfrecords(os.path.join(
+        run_dir, schemas.TFRECORD_DIR,
+        "part-00000-of-00001" + schemas.TFRECORD_SUFFIX), rows,
+        [i for i in range(n) if i != NO_THUMBNAIL_ROW])
   n_errors = len(errors) if with_errors else 0
   flagged = sum(r["low_confidence"] for r in rows)
   manifest = {
       "run_id": RUN_ID, "command": "run", "inputs": ["data.zip"],
       "model_version": MODEL_VERSION, "threshold": THRESHOLD,
+      "ood_threshold": OOD_THRESHOLD,
       "labels": list(schemas.LABELS),
       "counts": {"members_seen": n + 5 + n_errors, "predictions": n,
                  "masks_skipped": 5, "errors": n_errors,
@@ -191,8 +237,8 @@ def full_report(tmp_path_factory):
 def test_report_sections_numbers_and_images(full_report):
   run_dir, _, page = full_report
   parsed = _parse(page)
-  assert parsed.sections == ["run", "classes", "confidence", "errors",
-                             "labels", "gallery"]
+  assert parsed.sections == ["run", "classes", "confidence", "review",
+                             "errors", "labels", "gallery"]
   con = duckdb.connect()
   preds = con.read_parquet(predictions_glob(run_dir))
   preds.create_view("p")
@@ -231,9 +277,9 @@ def test_report_sections_numbers_and_images(full_report):
 def test_report_is_self_contained_and_embeds_pngs(full_report):
   run_dir, _, page = full_report
   parsed = _parse(page)
-  # Bar chart, histogram, confusion matrix, one overlay; the missing overlay
-  # is a text placeholder, not a broken <img>.
-  assert len(parsed.images) == 4
+  # Bar chart, histogram, confusion matrix, one overlay, five thumbnails; the
+  # missing overlay and thumbnail are text placeholders, not broken <img>s.
+  assert len(parsed.images) == 4 + len(OOD_ROWS) - 1
   for src in parsed.images:
     assert src.startswith("data:image/png;base64,")
     assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC)
@@ -259,8 +305,8 @@ def test_empty_run_without_errors_still_renders(tmp_path, capsys):
   run_dir = _write_run(tmp_path / "run", n=0, with_errors=False)
   page = _make_report(run_dir, tmp_path / "report", capsys)
   parsed = _parse(page)
-  assert parsed.sections == ["run", "classes", "confidence", "errors",
-                             "labels"]
+  assert parsed.sections == ["run", "classes", "confidence", "review",
+                             "errors", "labels"]
   assert "No predictions in this run." in page
   assert "No errors table" in page
   assert "No labelled images" in page
@@ -318,6 +364,332 @@ def test_relative_overlay_uri_resolves_against_the_run_dir(tmp_path):
   item = report.GalleryItem("s", "benign", 0.5, True, None, "gradcam/a.png")
   [image] = report.read_gallery([item], str(tmp_path))
   assert image.data is not None
+
+
+# --------------------------------------------------------------------------
+# Review: needs_review, quality flags, out-of-distribution thumbnails
+
+
+def _rows(run_dir: str) -> List[Dict]:
+  return pq.read_table(os.path.join(run_dir, schemas.PREDICTIONS_DIR)
+                      ).to_pylist()
+
+
+def _rewrite_predictions(run_dir: str, change, schema: pa.Schema) -> None:
+  """Rewrites the run's Parquet with each row passed through `change`."""
+  rows = [change(dict(r)) for r in _rows(run_dir)]
+  _write_table(os.path.join(run_dir, schemas.PREDICTIONS_DIR,
+                            "part-00000-of-00001.parquet"), rows, schema)
+
+
+def _set_manifest(run_dir: str, **fields) -> None:
+  path = os.path.join(run_dir, schemas.MANIFEST_FILE)
+  with open(path) as f:
+    manifest = json.load(f)
+  manifest.update(fields)
+  with open(path, "w") as f:
+    json.dump(manifest, f)
+
+
+def _review_html(page: str) -> str:
+  match = re.search(r'<section id="review">.*?</section>', page, re.S)
+  assert match, "no review section"
+  return match.group(0)
+
+
+class _Card(NamedTuple):
+  """One figure of the OOD gallery."""
+  source: str  # from the caption
+  alt: Optional[str]  # of its <img>, None for a gap
+  png: Optional[bytes]
+  gap: Optional[str]  # the gap's reason
+
+
+def _ood_cards(section: str) -> List[_Card]:
+  cards = []
+  for fig in re.findall(r"<figure>(.*?)</figure>", section, re.S):
+    source = re.search(r'<span class="source" title="([^"]*)"', fig).group(1)
+    img = re.search(r'<img src="data:image/png;base64,([^"]*)" alt="([^"]*)"',
+                    fig)
+    gap = re.search(r'<div class="missing">(.*?)</div>', fig, re.S)
+    cards.append(_Card(
+        html.unescape(source), img and html.unescape(img.group(2)),
+        img and base64.b64decode(img.group(1)),
+        gap and html.unescape(gap.group(1))))
+  return cards
+
+
+def _decode_png(data: bytes) -> np.ndarray:
+  with Image.open(io.BytesIO(data)) as im:
+    assert im.format == "PNG"
+    return np.asarray(im.convert("RGB"))
+
+
+def _expected_review(rows: List[Dict]) -> Dict[str, int]:
+  """The review counts, from the rows in Python (not the report's SQL)."""
+  return {
+      "needs review": sum(r[schemas.COLUMN_NEEDS_REVIEW] for r in rows),
+      "low confidence": sum(r[schemas.COLUMN_LOW_CONFIDENCE] for r in rows),
+      "out of distribution": sum(
+          bool(r[schemas.COLUMN_OUT_OF_DISTRIBUTION]) for r in rows),
+      "any quality flag": sum(
+          bool(r[schemas.COLUMN_QUALITY_FLAGS]) for r in rows),
+  }
+
+
+def _ood_order(rows: List[Dict]) -> List[int]:
+  """Row indices of the OOD members, most out of distribution first."""
+  ood = [i for i, r in enumerate(rows) if r[schemas.COLUMN_OUT_OF_DISTRIBUTION]]
+  return sorted(ood, key=lambda i: -rows[i][schemas.COLUMN_OOD_SCORE])
+
+
+def test_review_section_numbers(full_report):
+  run_dir, _, page = full_report
+  rows = _rows(run_dir)
+  parsed = _parse(page)
+  expected = _expected_review(rows)
+  # The fixture covers every case: flagged, not, and null.
+  assert 0 < expected["out of distribution"] < len(rows) - len(NULL_OOD_ROWS)
+  assert 0 < expected["needs review"] < len(rows)
+  review = {r[0]: r[1:] for r in parsed.tables["review"][1:]}
+  assert review == {k: [str(n), f"{100 * n / len(rows):.1f}%"]
+                    for k, n in expected.items()}
+  share = f"{100 * expected['needs review'] / len(rows):.1f}%"
+  assert f'<span id="needs-review-share">{share}</span>' in page
+  flags: Dict[str, int] = {}
+  for r in rows:
+    for flag in (r[schemas.COLUMN_QUALITY_FLAGS] or "").split(","):
+      if flag:
+        flags[flag] = flags.get(flag, 0) + 1
+  assert flags == {"colour": 9, "blank": 9, "low_contrast": 9}
+  assert {r[0]: int(r[1]) for r in parsed.tables["quality-flags"][1:]} == flags
+  assert f"ood_score above {OOD_THRESHOLD:g}" in page
+  assert "Quality checks recorded for 27 of 36 images." in page
+  assert "OOD scores recorded for 32 of 36 images." in page
+
+
+def test_review_section_thumbnails_are_the_ood_members(full_report):
+  run_dir, _, page = full_report
+  rows = _rows(run_dir)
+  section = _review_html(page)
+  cards = _ood_cards(section)
+  order = _ood_order(rows)
+  assert sorted(order) == list(OOD_ROWS)
+  # Every OOD member once, most out of distribution first; none else.
+  assert [c.source for c in cards] == [rows[i]["source"] for i in order]
+  assert section.count("<img") == len(OOD_ROWS) - 1
+  for i, card in zip(order, cards):
+    if i == NO_THUMBNAIL_ROW:
+      # Not in the TFRecords: a gap that says why, no <img>.
+      assert card.alt is None
+      assert card.gap == "not in the 1 TFRecord file read"
+    else:
+      assert card.gap is None and card.alt == f"thumbnail of {rows[i]['source']}"
+      # The stored pixels themselves, channels in RGB order.
+      np.testing.assert_array_equal(_decode_png(card.png), _pixels(i))
+  assert f"<p>{len(OOD_ROWS)} of {len(OOD_ROWS)} out-of-distribution" in page
+
+
+def _summary_table(text: str, title: str) -> List[List[str]]:
+  """The body rows of the summary table whose title starts with `title`."""
+  for part in text.split("\n\n"):
+    lines = part.splitlines()
+    if lines[0].startswith(f"-- {title}"):
+      return [re.split(r"\s{2,}", line.strip()) for line in lines[3:]
+              if not line.endswith(".")]  # notes end with a full stop
+  raise AssertionError(f"no table {title!r} in:\n{text}")
+
+
+def test_summary_review_tables(tmp_path):
+  from reporting import summary  # pylint: disable=import-outside-toplevel
+  run_dir = _write_run(tmp_path / "run")
+  rows = _rows(run_dir)
+  text = summary.summary(run_dir)
+  expected = _expected_review(rows)
+  review = {r[0]: r[1:] for r in _summary_table(text, "Needs review")}
+  assert review == {
+      k.replace(" ", "_"): [str(n), f"{n / len(rows):.3f}".rstrip("0")]
+      for k, n in expected.items()}
+  assert "Quality checks recorded for 27 of 36 images." in text
+  flags = _summary_table(text, "Quality flags")
+  assert {f: int(n) for f, n, _ in flags} == {
+      "colour": 9, "blank": 9, "low_contrast": 9}
+  top = _summary_table(text, "Most out-of-distribution (top 10)")
+  assert [(r[0], r[1]) for r in top] == [
+      (rows[i]["source"], rows[i]["image_id"]) for i in _ood_order(rows)]
+  assert [float(r[4]) for r in top] == sorted(
+      (10.0 + i for i in OOD_ROWS), reverse=True)
+
+
+def _drop_review_columns(run_dir: str) -> None:
+  old = pa.schema([f for f in schemas.predictions_schema(schemas.LABELS)
+                   if f.name not in sql.REVIEW_COLUMNS])
+  _rewrite_predictions(
+      run_dir, lambda r: {k: v for k, v in r.items()
+                          if k not in sql.REVIEW_COLUMNS}, old)
+
+
+def test_runs_before_the_review_columns_summarise_and_report(tmp_path,
+                                                             capsys):
+  from beam_pipeline import cli  # pylint: disable=import-outside-toplevel
+  from reporting import summary  # pylint: disable=import-outside-toplevel
+  run_dir = _write_run(tmp_path / "run")
+  _drop_review_columns(run_dir)
+  assert not set(sql.REVIEW_COLUMNS) & set(_rows(run_dir)[0])
+  text = summary.summary(run_dir)
+  notes = [line for line in text.splitlines() if "Needs review" in line]
+  assert notes == [
+      "-- Needs review: not recorded (predictions written before the"
+      " ood_score, out_of_distribution, quality_flags, needs_review columns)"]
+  assert "Quality flags" not in text and "out-of-distribution" not in text
+  assert "Low-confidence share" in text and "Accuracy by class" in text
+  assert cli.main(["summary", "--output", run_dir]) == 0
+  assert "not recorded" in capsys.readouterr().out
+
+  page = _make_report(run_dir, tmp_path / "report", capsys)
+  section = _review_html(page)
+  assert "Not recorded: this run&#x27;s predictions were written before" in (
+      section)
+  assert "<img" not in section and 'id="ood-gallery"' not in page
+  parsed = _parse(page)
+  assert "per-class" in parsed.tables and "review" not in parsed.tables
+
+
+def test_model_without_ood_detector(tmp_path, capsys):
+  from reporting import summary  # pylint: disable=import-outside-toplevel
+  run_dir = _write_run(tmp_path / "run")
+
+  def no_detector(row):
+    row[schemas.COLUMN_OOD_SCORE] = None
+    row[schemas.COLUMN_OUT_OF_DISTRIBUTION] = None
+    row[schemas.COLUMN_NEEDS_REVIEW] = bool(
+        row[schemas.COLUMN_LOW_CONFIDENCE] or
+        row[schemas.COLUMN_QUALITY_FLAGS])
+    return row
+
+  _rewrite_predictions(run_dir, no_detector,
+                       schemas.predictions_schema(schemas.LABELS))
+  _set_manifest(run_dir, ood_threshold=None)
+  text = summary.summary(run_dir)
+  assert ("The model had no OOD detector: ood_score is null in every row"
+          in text)
+  review = {r[0]: r[1:] for r in _summary_table(text, "Needs review")}
+  assert review["out_of_distribution"] == ["n/a", "n/a"]
+  assert ("-- Most out-of-distribution: none recorded (the model had no OOD"
+          " detector)") in text.splitlines()
+  page = _make_report(run_dir, tmp_path / "report", capsys)
+  section = _review_html(page)
+  assert "The model had no OOD detector" in section
+  review = {r[0]: r[1:] for r in _parse(page).tables["review"][1:]}
+  assert review["out of distribution"] == ["n/a", "n/a"]
+  assert 'id="ood-gallery"' not in section and "<img" not in section
+
+
+def test_score_run_reads_thumbnails_from_the_manifest_inputs(tmp_path,
+                                                             capsys):
+  run_dir = _write_run(tmp_path / "run", tfrecords=False)
+  rows = _rows(run_dir)
+  # Two shards, every image in them (the one the run's own shard lacks too).
+  shards = tmp_path / "shards"
+  for k in range(2):
+    _write_tfrecords(str(shards / f"part-{k}-of-2.tfrecord.gz"), rows,
+                     range(k, len(rows), 2))
+  _set_manifest(run_dir, command="score",
+                inputs=[str(shards / "*.tfrecord.gz")])
+  page = _make_report(run_dir, tmp_path / "report", capsys)
+  cards = _ood_cards(_review_html(page))
+  assert len(cards) == len(OOD_ROWS)
+  for i, card in zip(_ood_order(rows), cards):
+    assert card.gap is None
+    np.testing.assert_array_equal(_decode_png(card.png), _pixels(i))
+
+  # --ood_thumbnails: only the most out of distribution.
+  assert report.main(["--predictions", run_dir, "--output",
+                      str(tmp_path / "two"), "--ood_thumbnails", "2"]) == 0
+  with open(tmp_path / "two" / report.REPORT_FILE, encoding="utf-8") as f:
+    cards = _ood_cards(_review_html(f.read()))
+  assert [c.source for c in cards] == [
+      rows[i]["source"] for i in _ood_order(rows)[:2]]
+
+
+def test_thumbnails_missing_everywhere_are_gaps(tmp_path):
+  run_dir = _write_run(tmp_path / "run", tfrecords=False)
+  _set_manifest(run_dir, command="score",
+                inputs=[str(tmp_path / "gone" / "*.tfrecord.gz")])
+  page = report.build_report(run_dir)
+  cards = _ood_cards(_review_html(page))
+  assert len(cards) == len(OOD_ROWS)
+  for card in cards:
+    assert card.png is None
+    assert card.gap.startswith("no TFRecords found (looked in ")
+    assert str(tmp_path / "gone") in card.gap
+  # A `run` manifest's inputs are archives: never scanned as TFRecords.
+  _set_manifest(run_dir, command="run")
+  files = thumbnails.tfrecord_files(run_dir, report.load_manifest(run_dir))
+  assert files.uris == () and len(files.looked_in) == 1
+
+
+def test_thumbnail_scan_stops_once_every_image_is_found(tmp_path,
+                                                        monkeypatch):
+  records = [training_testing.make_record(_pixels(i), "") for i in range(4)]
+  first = training_testing.write_tfrecords(str(tmp_path / "a.tfrecord.gz"),
+                                           records[:2])
+  second = training_testing.write_tfrecords(str(tmp_path / "b.tfrecord.gz"),
+                                            records[2:])
+  read = []  # (uri, index) of every record the scan took
+  read_file = thumbnails.tfrecord_io.read_file
+
+  def spy(uri, *args):
+    for item in read_file(uri, *args):
+      read.append((uri, item.index))
+      yield item
+
+  monkeypatch.setattr(thumbnails.tfrecord_io, "read_file", spy)
+  files = thumbnails.TFRecordFiles((first, second), ("*",))
+  found = thumbnails.read_thumbnails([records[0].image_id], files)
+  assert read == [(first, 0)]
+  np.testing.assert_array_equal(
+      _decode_png(found[records[0].image_id].png), records[0].pixels)
+  read.clear()
+  found = thumbnails.read_thumbnails(
+      [records[2].image_id, "f" * 64], files)
+  assert read == [(first, 0), (first, 1), (second, 0), (second, 1)]
+  assert found[records[2].image_id].problem is None
+  assert found["f" * 64] == thumbnails.Thumbnail(
+      None, "not in the 2 TFRecord files read")
+
+
+def test_damaged_tfrecords_are_named_in_the_gap(tmp_path):
+  bad = tmp_path / "bad.tfrecord.gz"
+  bad.write_bytes(b"\x1f\x8b not really gzip")
+  files = thumbnails.TFRecordFiles((str(bad),), ("*",))
+  [(_, thumb)] = thumbnails.read_thumbnails(["a" * 64], files).items()
+  assert thumb.png is None
+  assert thumb.problem == ("not in the 1 TFRecord file read (1 damaged"
+                           " records or regions skipped)")
+
+
+def test_thumbnails_are_shrunk_to_the_longest_side():
+  pixels = np.zeros((400, 300, 3), np.uint8)
+  pixels[..., 0] = 255  # red, so a channel swap shows
+  small = _decode_png(thumbnails.thumbnail_png(pixels))
+  side = thumbnails.MAX_THUMBNAIL_SIDE
+  assert small.shape == (side, side * 3 // 4, 3)
+  assert (small[..., 0] == 255).all() and (small[..., 1:] == 0).all()
+
+
+def test_thumbnails_read_gs_tfrecords(tmp_path, gcs_client):
+  del gcs_client  # the emulator, through Beam's FileSystems
+  gcs.configure_for_emulator()
+  record = training_testing.make_record(_pixels(3), "")
+  training_testing.write_tfrecords(
+      f"gs://{BUCKET}/scored/part-0.tfrecord.gz", [record])
+  files = thumbnails.tfrecord_files(str(tmp_path), {
+      "command": "score", "inputs": [f"gs://{BUCKET}/scored/*.tfrecord.gz"]})
+  assert files.uris == (f"gs://{BUCKET}/scored/part-0.tfrecord.gz",)
+  found = thumbnails.read_thumbnails([record.image_id], files)
+  np.testing.assert_array_equal(_decode_png(found[record.image_id].png),
+                                record.pixels)
 
 
 def _browser() -> str:
