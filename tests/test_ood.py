@@ -349,3 +349,20 @@ def test_pipeline_writes_the_columns_and_counts(tmp_path, ood_model_dir):
                   f"{out}/{schemas.TFRECORD_DIR}/*.tfrecord.gz", "--model",
                   plain, "--output", str(tmp_path / "x"),
                   "--ood_threshold", "3"])
+
+
+def test_recalibrated_artifact_keeps_the_detector(tmp_path, ood_model_dir):
+  """recalibrate keeps the parent's weights, so its features and detector:
+  the new artifact carries the same ood.npz and block, and loads."""
+  from training import cli  # pylint: disable=import-outside-toplevel
+  records = [testing.make_record(image, schemas.LABELS[i % 3])
+             for i, image in enumerate(_phantoms(30, seed=31))]
+  data = testing.write_tfrecords(str(tmp_path / "site" / "p.tfrecord.gz"),
+                                 records)
+  output = str(tmp_path / "recal")
+  assert cli.main(["recalibrate", "--model", ood_model_dir, "--data", data,
+                   "--output", output, "--threshold", "0.5"]) == 0
+  parent, new = (artifact.load_artifact(d) for d in (ood_model_dir, output))
+  assert new.metadata.ood == parent.metadata.ood
+  np.testing.assert_array_equal(new.ood.precision, parent.ood.precision)
+  assert new.ood.threshold == parent.ood.threshold
