@@ -4,13 +4,16 @@ Speed is not asserted here (benchmarks print figures; see README): these
 tests only keep `python -m bench` working.
 """
 
+import io
 import json
+import zipfile
 
 import pytest
+from PIL import Image
 
 from bench import __main__ as bench_main
-from bench import (codec_bench, preprocess_bench, quality_bench, scoring_bench,
-                   tfrecord_bench)
+from bench import (codec_bench, non_us_archive, preprocess_bench, quality_bench,
+                   scoring_bench, tfrecord_bench)
 from training import testing
 
 
@@ -114,3 +117,34 @@ def test_ood_bench_measures_both_ways():
   assert all(v > 0 for v in figures["ms_per_image"].values())
   assert figures["feature_dims"] == 16
   assert figures["quadratic_form_ms_per_image"] > 0
+
+
+def test_non_us_archive_without_extra_packages(tmp_path, monkeypatch):
+  # As if scikit-image, scikit-learn and pydicom were not installed, whatever
+  # this environment holds.
+  monkeypatch.setattr(non_us_archive, "_package_dir", lambda module: None)
+  first = non_us_archive.run(str(tmp_path / "a" / "non_us.zip"))
+  second = non_us_archive.run(str(tmp_path / "b" / "non_us.zip"))
+  assert len(first["skipped"]) == 3
+  for package in ("scikit-image", "scikit-learn", "pydicom"):
+    assert any(note.startswith(package) for note in first["skipped"])
+  assert first["images"] == sum(first["per_kind"].values()) >= 20
+  assert {"chart", "text_document", "ui_screenshot", "ct_mr"} <= set(
+      first["per_kind"])
+  with open(first["zip"], "rb") as a, open(second["zip"], "rb") as b:
+    assert a.read() == b.read()
+  with open(first["manifest"]) as a, open(second["manifest"]) as b:
+    manifest = a.read()
+    assert manifest == b.read()
+  assert first["manifest"] == str(tmp_path / "a" / "non_us.manifest.tsv")
+  rows = [line.split("\t") for line in manifest.splitlines()[1:]]
+  with zipfile.ZipFile(first["zip"]) as zf:
+    members = zf.namelist()
+    assert members == sorted(members) == [row[0] for row in rows]
+    assert len(members) == first["images"]
+    for member in members:
+      assert member.startswith("other/") and member.endswith(".png")
+      with Image.open(io.BytesIO(zf.read(member))) as image:
+        image.load()
+        assert image.format == "PNG" and image.mode in ("L", "RGB")
+  assert all(len(row) == 3 and row[1] and row[2] for row in rows)
