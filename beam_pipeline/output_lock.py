@@ -192,12 +192,13 @@ def _gcs_read(uri: str) -> Optional[_Found]:
   blob = _blob(uri)
   try:
     blob.reload()
-    data = blob.download_as_bytes(if_generation_match=blob.generation)
+    generation, created = blob.generation, blob.time_created
+    data = blob.download_as_bytes(if_generation_match=generation)
   except (exceptions.NotFound, exceptions.PreconditionFailed):
     return None
-  created = blob.time_created
   age = (_now() - created).total_seconds() if created else float("inf")
-  return _Found(_parse(data), data, int(blob.generation), age)
+  return _Found(_parse(data), data, int(generation) if generation else None,
+                age)
 
 
 def _gcs_take_over(uri: str, found: _Found) -> bool:
