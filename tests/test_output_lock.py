@@ -260,6 +260,7 @@ def _upload(client, local_dir: str, prefix: str) -> None:
       bucket.blob(f"{prefix}/{rel}").upload_from_filename(path)
 
 
+@pytest.mark.slow
 def test_summary_and_report_of_a_run_on_cloud_storage(tmp_path, gcs_client,
                                                       capsys):
   from reporting import report  # pylint: disable=import-outside-toplevel
@@ -288,6 +289,7 @@ def test_summary_and_report_of_a_run_on_cloud_storage(tmp_path, gcs_client,
                   " errors/); pass the --output of a preprocess, score or run")
 
 
+@pytest.mark.slow
 def test_the_lock_on_cloud_storage(gcs_client):
   """The emulator ignores if-generation-match, so this checks the
   read-before-write path; real Cloud Storage also refuses the write."""
