@@ -16,7 +16,10 @@ OUT="demo_output"
 IMAGE_SIZE=""
 EPOCHS=""
 EXTRA_TRAIN=()
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; cat <<'USAGE'
+# The header comment above, without the shebang or the first command.
+usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  cat <<'USAGE'
+
 Options:
   --data ARCHIVE_GLOB        labelled archive(s) in BUSI layout (default: demo)
   --score GLOB               archive(s) to score (default: --data, or the demo's
@@ -29,26 +32,60 @@ Options:
   --augment | --no_augment   fixed augmented views (train's default on real
                              data) or none (the demo's default)
   --gradcam MODE             none | flagged | malignant | all (default flagged)
+  -h, --help                 this text
+
+Bad arguments end in one line on stderr and exit status 2, before any set-up.
+The pipeline steps refuse an --output another run is writing (one run per
+output directory; see README.md, Outputs).
 USAGE
+}
+# One line on stderr and status 2 (as the pipeline's own usage errors).
+die() { echo "run_local.sh: $*" >&2; exit 2; }
+# The value of option $1, which must be there and must not be an option.
+value_of() {
+  [ $# -ge 2 ] && [ -n "$2" ] && [ "${2#--}" = "$2" ] ||
+    die "$1 needs a value (see --help)"
+  printf '%s' "$2"
+}
+positive_int() {
+  case "$2" in
+    ''|*[!0-9]*|0) die "$1 must be a positive whole number, not '$2'" ;;
+  esac
 }
 SCORE=""
 AUGMENT=""
 GRADCAM="flagged"
 while [ $# -gt 0 ]; do
   case "$1" in
-    --data) DATA="$2"; shift 2 ;;
-    --score) SCORE="$2"; shift 2 ;;
-    --backbone_weights) WEIGHTS="$2"; shift 2 ;;
-    --image_size) IMAGE_SIZE="$2"; shift 2 ;;
-    --epochs) EPOCHS="$2"; shift 2 ;;
-    --output) OUT="$2"; shift 2 ;;
+    --data) DATA="$(value_of "$@")"; shift 2 ;;
+    --score) SCORE="$(value_of "$@")"; shift 2 ;;
+    --backbone_weights) WEIGHTS="$(value_of "$@")"; shift 2 ;;
+    --image_size) IMAGE_SIZE="$(value_of "$@")"; shift 2
+                  positive_int --image_size "$IMAGE_SIZE" ;;
+    --epochs) EPOCHS="$(value_of "$@")"; shift 2
+              positive_int --epochs "$EPOCHS" ;;
+    --output) OUT="$(value_of "$@")"; shift 2 ;;
     --augment) AUGMENT="--augment"; shift ;;
     --no_augment) AUGMENT="--no_augment"; shift ;;
-    --gradcam) GRADCAM="$2"; shift 2 ;;
+    --gradcam) GRADCAM="$(value_of "$@")"; shift 2
+               case "$GRADCAM" in
+                 none|flagged|malignant|all) ;;
+                 *) die "--gradcam must be none, flagged, malignant or all," \
+                        "not '$GRADCAM'" ;;
+               esac ;;
     -h|--help) usage; exit 0 ;;
-    *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
+    *) die "unknown option: $1 (see --help)" ;;
   esac
 done
+if [ -n "$DATA" ] && ! compgen -G "$DATA" >/dev/null; then
+  die "--data $DATA matches no file; pass a BUSI-layout archive (or glob)"
+fi
+if [ -n "$SCORE" ] && ! compgen -G "$SCORE" >/dev/null; then
+  die "--score $SCORE matches no file; pass the archive(s) to score"
+fi
+if [ -e "$OUT" ] && [ ! -d "$OUT" ]; then
+  die "--output $OUT is a file, not a directory; pass a directory"
+fi
 
 source scripts/ensure_env.sh
 mkdir -p "$OUT"

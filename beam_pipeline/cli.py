@@ -16,7 +16,7 @@ import sys
 import threading
 from typing import List, NoReturn, Optional
 
-from beam_pipeline import failures, outputs
+from beam_pipeline import failures, output_lock, outputs
 
 _LOG = logging.getLogger(__name__)
 
@@ -211,6 +211,19 @@ def _run_pipeline(argv: List[str]) -> int:
   return exit_status(manifest)
 
 
+def _run_reporting(command: str, argv: List[str]) -> int:
+  """`summary` or `report`; one line and status 2 where there is no run to
+  read."""
+  # pylint: disable=import-outside-toplevel
+  from reporting import report, run_files, summary
+  try:
+    return (summary if command == "summary" else report).main(argv)
+  except run_files.RunDirError as e:
+    _LOG.debug("No run to read", exc_info=True)
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def main(argv: List[str]) -> int:
   """Runs a command; returns the exit status (see the README)."""
   argv = [a for a in argv if a != VERBOSE_FLAG]
@@ -225,12 +238,8 @@ def main(argv: List[str]) -> int:
     print_help(argv[0])
     return EXIT_OK
   try:
-    if argv[0] == "summary":
-      from reporting import summary  # pylint: disable=import-outside-toplevel
-      return summary.main(argv[1:])
-    if argv[0] == "report":
-      from reporting import report  # pylint: disable=import-outside-toplevel
-      return report.main(argv[1:])
+    if argv[0] in ("summary", "report"):
+      return _run_reporting(argv[0], argv[1:])
     return _run_pipeline(argv)
   except KeyboardInterrupt:
     print(INTERRUPTED, file=sys.stderr)
@@ -266,8 +275,10 @@ class _MainThreadStderr(io.TextIOBase):
 def _exit_interrupted(unused_signum, unused_frame) -> NoReturn:
   """SIGINT: one line and out, without waiting for Beam's threads to stop
   (they would print their cut-short bundles, and can keep the process
-  alive). What they wrote is a leftover that the rerun removes."""
+  alive). What they wrote is a leftover that the rerun removes; the run's
+  claim on --output goes now."""
   sys.stdout.flush()
+  output_lock.release_held()
   print(INTERRUPTED, file=sys.__stderr__, flush=True)
   os._exit(EXIT_INTERRUPTED)  # pylint: disable=protected-access
 

@@ -22,7 +22,7 @@ RUN = "run"
 COMMANDS = (PREPROCESS, SCORE, RUN)
 
 # The project flags each command takes (Beam's own flags pass through).
-_READ_FLAGS = ("input", "output", "overwrite")
+_READ_FLAGS = ("input", "output", "overwrite", "lock_stale_after_s")
 _ARCHIVE_FLAGS = ("image_size", "max_pixels", "max_member_bytes",
                   "max_compression_ratio", "max_members_per_archive",
                   "zip_chunk_size", "max_records_per_shard")
@@ -41,6 +41,9 @@ COMMAND_FLAGS = {
 
 GRADCAM_CHOICES = ("none", "flagged", "malignant", "all")
 PRECISIONS = ("float32", "bfloat16", "float16")
+# Age after which another host's lock on --output, or any lock on gs://,
+# counts as abandoned (beam_pipeline.output_lock).
+DEFAULT_LOCK_STALE_AFTER_S = 6 * 3600
 # Images per TFRecord shard: one corrupt file costs at most this many.
 DEFAULT_MAX_RECORDS_PER_SHARD = 2000
 # The values each quality threshold may take (both ends included); the
@@ -163,6 +166,13 @@ class BusiOptions(PipelineOptions):
     parser.add_argument(
         "--overwrite", action="store_true", default=False,
         help="Replace the outputs of a completed earlier run in --output.")
+    parser.add_argument(
+        "--lock_stale_after_s", type=float,
+        default=DEFAULT_LOCK_STALE_AFTER_S,
+        help="Seconds after which the lock of another run on --output is"
+        " taken over as abandoned: a lock from another host, or any lock on"
+        " gs:// (a lock of this host whose process is gone is taken over at"
+        " once).")
 
 
 def command_parser(command: str, **kwargs) -> argparse.ArgumentParser:
@@ -265,6 +275,9 @@ def validate(command: str, options: PipelineOptions) -> BusiOptions:
       0.0 <= opts.ood_threshold < float("inf")):
     raise ValueError(f"--ood_threshold {opts.ood_threshold} is not a"
                      " non-negative number")
+  if not opts.lock_stale_after_s > 0:
+    raise ValueError(f"--lock_stale_after_s {opts.lock_stale_after_s} must be"
+                     " more than 0")
   if opts.batch_size < 1:
     raise ValueError("--batch_size must be at least 1")
   for name in ("max_pixels", "max_member_bytes", "max_compression_ratio",

@@ -20,7 +20,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 import schemas
-from beam_pipeline import failures
+from beam_pipeline import failures, output_lock
 from busi_core.tfrecord_io import WriteGzipTFRecords
 
 _LOG = logging.getLogger(__name__)
@@ -99,6 +99,28 @@ def check_inputs_apart(output: str, inputs: Sequence[str],
           " own outputs. Write to another --output")
 
 
+def check_is_directory(output: str) -> None:
+  """Refuses a local `output` that is a file, or lies under one.
+
+  Raises:
+    OutputDirInUse: naming the file and what to pass instead.
+  """
+  if "://" in output:
+    return  # object stores have no folders: any prefix can hold a run
+  path = os.path.abspath(output)
+  while not os.path.lexists(path):
+    parent = os.path.dirname(path)
+    if parent == path:
+      return
+    path = parent
+  if not os.path.isdir(path):
+    what = "is a file" if path == os.path.abspath(output) else (
+        f"lies under the file {path}")
+    raise OutputDirInUse(
+        f"--output {output} {what}, not a directory; pass a directory (new,"
+        " or holding an earlier run)")
+
+
 # A write-then-delete probe in the output, made before anything is deleted.
 _PROBE_PREFIX = ".busi-write-probe-"
 # write_json's temporary name: `<name>.tmp`, renamed into place.
@@ -133,15 +155,22 @@ def check_writable(output: str) -> None:
     # A full disk fails at close, after the (empty) file was made.
     with contextlib.suppress(Exception):
       FileSystems.delete([probe])
-    cause = failures.io_cause(e)
-    if cause is None:
-      reason, advice = (f"{type(e).__name__}: {str(e).splitlines()[0]}"
-                        if str(e) else type(e).__name__,
-                        "choose another --output")
-    else:
-      reason, advice = cause.reason, cause.advice
-    raise failures.OutputNotWritable(
-        f"cannot write to {output}: {reason} — {advice}") from e
+    raise not_writable(output, e) from e
+
+
+def not_writable(output: str,
+                 error: Exception) -> failures.OutputNotWritable:
+  """The one-line refusal for a write to `output` that failed with `error`
+  (the probe's, or the run lock's)."""
+  cause = failures.io_cause(error)
+  if cause is None:
+    reason, advice = (f"{type(error).__name__}: {str(error).splitlines()[0]}"
+                      if str(error) else type(error).__name__,
+                      "choose another --output")
+  else:
+    reason, advice = cause.reason, cause.advice
+  return failures.OutputNotWritable(
+      f"cannot write to {output}: {reason} — {advice}")
 
 
 def leftovers(output: str) -> List[str]:
@@ -179,10 +208,12 @@ def prepare_output_dir(output: str, overwrite: bool,
                        matched: Optional[Sequence[str]] = None) -> None:
   """Makes `output` ready for a new run, or refuses.
 
-  In this order, so that nothing is deleted unless the run can go ahead:
-  the inputs are checked to lie apart from the output; a completed run (a
-  manifest) is refused unless `overwrite`; the output is probed for
-  writability; then the manifest of the run being replaced and every
+  Call it holding the output's lock (output_lock.claim): the leftovers it
+  removes are then no other live run's files. In this order, so that
+  nothing is deleted unless the run can go ahead: the output is checked to
+  be no file; the inputs are checked to lie apart from the output; a
+  completed run (a manifest) is refused unless `overwrite`; the output is
+  probed for writability; then the manifest of the run being replaced and every
   leftover of an earlier run (partial shards, Beam's `beam-temp-*` folders,
   temporary files) are removed, so rerunning the same command after a
   crash, a kill or Ctrl-C completes cleanly.
@@ -195,11 +226,13 @@ def prepare_output_dir(output: str, overwrite: bool,
       they are matched here).
 
   Raises:
-    OutputDirInUse: a completed run is there and overwrite is False, or an
-      input lies in the output or the output in an input.
+    OutputDirInUse: a completed run is there and overwrite is False, an
+      input lies in the output or the output in an input, or the output is
+      a file.
     OutputNotWritable: the probe write failed (read-only, full, no
       permission).
   """
+  check_is_directory(output)
   check_inputs_apart(output, inputs, matched)
   manifest = join(output, schemas.MANIFEST_FILE)
   completed = FileSystems.exists(manifest)
@@ -308,6 +341,8 @@ def _write_manifest(unused_element, output: str, base: Dict, started: float,
   counts = {k[2:]: v for k, v in side.items() if k.startswith("c_")}
   manifest = finish_manifest(merged, counts, started)
   write_json(join(output, schemas.MANIFEST_FILE), manifest)
+  # The run is complete: the next may use the directory.
+  output_lock.release(output, base["run_id"])
   return manifest
 
 

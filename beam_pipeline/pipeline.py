@@ -8,11 +8,13 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (PipelineOptions,
-                                                  StandardOptions)
+                                                  StandardOptions, TestOptions)
+from apache_beam.runners.runner import PipelineState
 
 import schemas
 from beam_pipeline import options as opts_lib
-from beam_pipeline import inputs, outputs, scoring, scoring_pipeline
+from beam_pipeline import (inputs, output_lock, outputs, scoring,
+                           scoring_pipeline)
 from beam_pipeline.preprocess import PreprocessLimits, ReadImages
 from busi_core import archives, gcs
 
@@ -179,7 +181,8 @@ def create(argv: Optional[List[str]] = None,
   Raises:
     ValueError: bad flags, missing inputs, an unusable model artifact, an
       output directory holding a completed run (without --overwrite) or
-      one of the inputs (outputs.OutputDirInUse).
+      one of the inputs (outputs.OutputDirInUse), or claimed by another
+      live run (output_lock.OutputLocked).
     failures.OutputNotWritable: the output refused a probe write.
   """
   command, flags = opts_lib.split_command(argv)
@@ -204,9 +207,38 @@ def create(argv: Optional[List[str]] = None,
   if command != opts_lib.PREPROCESS:
     # The artifact is checked before the output is touched or a file read.
     config = scoring_pipeline.load_config(opts, run_id, command)
-  outputs.prepare_output_dir(opts.output, opts.overwrite, opts.input, paths)
-  build(p, Plan(command, opts, paths, run_id, started, config))
+  _claim_and_build(p, Plan(command, opts, paths, run_id, started, config),
+                   options)
   return Job(p, command, opts, run_id)
+
+
+def _in_process(options: PipelineOptions) -> bool:
+  return opts_lib.is_local_runner(options)
+
+
+def _claim_and_build(p: beam.Pipeline, plan: Plan,
+                     options: PipelineOptions) -> None:
+  """Claims --output (output_lock) before anything in it is deleted, then
+  prepares it and builds; the claim is given back if either fails, and at
+  once for a Dataflow --dry_run, which writes nothing."""
+  opts = plan.options
+  outputs.check_is_directory(opts.output)
+  outputs.check_inputs_apart(opts.output, opts.input, plan.paths)
+  try:
+    output_lock.claim(opts.output, plan.run_id, opts.lock_stale_after_s,
+                      in_process=_in_process(options))
+  except OSError as e:
+    raise outputs.not_writable(opts.output, e) from e
+  try:
+    outputs.prepare_output_dir(opts.output, opts.overwrite, opts.input,
+                               plan.paths)
+    build(p, plan)
+  except BaseException:
+    output_lock.release(opts.output, plan.run_id)
+    raise
+  # As Beam's Dataflow runner reads it: any value given means a dry run.
+  if options.view_as(TestOptions).dry_run:
+    output_lock.release(opts.output, plan.run_id)
 
 
 def execute(job: Job) -> Dict:
@@ -216,10 +248,21 @@ def execute(job: Job) -> Dict:
     The manifest of the run, or, for a run that wrote none (e.g. a Dataflow
     `--dry_run`), its id and state.
   """
-  result = job.pipeline.run()
-  result.wait_until_finish()
+  result = None
+  try:
+    result = job.pipeline.run()
+    result.wait_until_finish()
+  except BaseException:
+    # The run's lock goes with it, unless the job may still be running
+    # elsewhere (a Dataflow job outlives its launcher's Ctrl-C).
+    if (_in_process(job.options) or result is None or
+        PipelineState.is_terminal(result.state)):
+      output_lock.release(job.options.output, job.run_id)
+    raise
   manifest_uri = outputs.join(job.options.output, schemas.MANIFEST_FILE)
   if not FileSystems.exists(manifest_uri):
+    if PipelineState.is_terminal(result.state):
+      output_lock.release(job.options.output, job.run_id)
     return {"run_id": job.run_id, "command": job.command,
             "state": str(result.state)}
   _LOG.info("Run %s finished", job.run_id)

@@ -28,7 +28,7 @@ from matplotlib.ticker import MaxNLocator
 
 import schemas
 from busi_core import gcs
-from reporting import sql, thumbnails
+from reporting import run_files, sql, thumbnails
 
 REPORT_FILE = "index.html"
 DEFAULT_GALLERY_SIZE = 12
@@ -762,8 +762,21 @@ def figures_for(data: ReportData) -> Dict[str, bytes]:
 def build_report(run_dir: str,
                  gallery_size: int = DEFAULT_GALLERY_SIZE,
                  ood_size: int = DEFAULT_OOD_THUMBNAILS) -> str:
-  """Queries, draws and renders the report of one run; returns the HTML."""
-  data = query_report_data(run_dir, gallery_size, ood_size)
+  """Queries, draws and renders the report of one run; returns the HTML.
+
+  Args:
+    run_dir: the run's output directory, local or gs:// (its Parquet and
+      manifest are copied to a temporary directory for the queries).
+    gallery_size: most Grad-CAM overlays to show.
+    ood_size: most out-of-distribution thumbnails to show.
+
+  Raises:
+    run_files.RunDirError: no run in `run_dir`.
+  """
+  with run_files.opened(run_dir, "--predictions") as files:
+    data = dataclasses.replace(
+        query_report_data(files.local, gallery_size, ood_size),
+        run_dir=run_dir)
   return render_html(
       data, figures_for(data), read_gallery(data.gallery, run_dir),
       read_ood_images(data.ood_members, run_dir, data.manifest))
@@ -775,8 +788,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       description="Writes REPORT_DIR/index.html: one self-contained page"
                   " about a scored run.")
   parser.add_argument("--predictions", required=True, metavar="DIR",
-                      help="A run's output directory (local; Grad-CAM"
-                           " overlays may be on gs://).")
+                      help="A run's output directory (local or gs://).")
   parser.add_argument("--output", required=True, metavar="REPORT_DIR",
                       help="Directory to write index.html into (local).")
   parser.add_argument("--gallery_size", type=int,
@@ -791,8 +803,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.error("--gallery_size must be >= 0")
   if args.ood_thumbnails < 0:
     parser.error("--ood_thumbnails must be >= 0")
-  if not os.path.isdir(args.predictions):
-    parser.error(f"--predictions {args.predictions} is not a directory")
   gcs.configure_for_emulator()
   page = build_report(args.predictions, args.gallery_size,
                       args.ood_thumbnails)

@@ -1,10 +1,13 @@
 """`python -m beam_pipeline summary --output DIR`: a run's results as text
-tables, from the queries in `reporting.sql`."""
+tables, from the queries in `reporting.sql` (DIR local or gs://)."""
 
 import argparse
 from typing import List, Optional, Sequence
 
-from reporting import sql
+import duckdb
+
+import schemas
+from reporting import run_files, sql
 
 OOD_TOP = 10  # rows of the "Most out-of-distribution" table
 
@@ -90,8 +93,44 @@ def _review_parts(run: sql.Connection) -> List[str]:
 
 
 def summary(output: str) -> str:
-  """Runs the summary's queries and formats the results as text tables."""
-  run = sql.connect(output)
+  """Runs the summary's queries and formats the results as text tables.
+
+  Args:
+    output: a run's output directory, local or gs:// (its Parquet and
+      manifest are copied to a temporary directory first).
+
+  Returns:
+    The tables; the first line says so when the run is incomplete (no
+    manifest).
+
+  Raises:
+    run_files.RunDirError: no run there, a preprocess run (no predictions
+      to summarise), or Parquet that DuckDB cannot read.
+  """
+  with run_files.opened(output) as files:
+    if files.is_preprocess_run:
+      raise run_files.RunDirError(
+          f"--output {output} holds a preprocess run (TFRecords, no"
+          " predictions); pass the --output of a score or run, or score it"
+          f" first: score --input '{output.rstrip('/')}/"
+          f"{schemas.TFRECORD_DIR}/*{schemas.TFRECORD_SUFFIX}' --model"
+          " MODEL_DIR --output DIR")
+    try:
+      parts = _tables(sql.connect(files.local))
+    except (duckdb.IOException, duckdb.InvalidInputException) as e:
+      raise run_files.RunDirError(
+          f"--output {output}: cannot read its Parquet"
+          f" ({str(e).splitlines()[0]}); the files are damaged or not a"
+          " run's") from e
+    note = files.incomplete_note()
+  if note:
+    parts.insert(0, note)
+    if len(parts) == 1:
+      parts.append("(no predictions or errors written yet)")
+  return "\n\n".join(parts)
+
+
+def _tables(run: sql.Connection) -> List[str]:
   parts = []
   if run.has_predictions:
     rows = run.con.execute(sql.PER_CLASS).fetchall()
@@ -115,7 +154,7 @@ def summary(output: str) -> str:
     parts.append(_table("Errors by stage and type",
                         ("stage", "error_type", "members", "example"),
                         run.con.execute(sql.ERRORS_BY_TYPE).fetchall()))
-  return "\n\n".join(parts)
+  return parts
 
 
 def main(argv=None) -> int:
@@ -123,7 +162,7 @@ def main(argv=None) -> int:
       prog="python -m beam_pipeline summary", description=__doc__,
       allow_abbrev=False)
   parser.add_argument("--output", required=True,
-                      help="A run's output directory (local).")
+                      help="A run's output directory (local or gs://).")
   args = parser.parse_args(argv)
   print(summary(args.output))
   return 0

@@ -59,6 +59,7 @@ from schemas.features import (
     LABELS,
     PACKAGE_VERSION,
     MANIFEST_FILE,
+    RUN_LOCK_FILE,
     COUNT_INPUTS_VANISHED,
     COUNT_SHARDS_UNREAD,
     LOSS_COUNTS,

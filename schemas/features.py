@@ -34,6 +34,9 @@ ERRORS_DIR = "errors"
 PREDICTIONS_DIR = "predictions"
 GRADCAM_DIR = "gradcam"
 MANIFEST_FILE = "manifest.json"
+# Held by the run writing the directory, from before it deletes or writes
+# anything there until its manifest is written (beam_pipeline.output_lock).
+RUN_LOCK_FILE = ".busi-run.lock"
 
 # Manifest counts of what the inputs promised but the run could not read
 # (beyond the error rows it wrote): any of them non-zero makes the run

@@ -1,0 +1,125 @@
+"""A run's output directory as `summary` and `report` read it: checked, and
+local.
+
+DuckDB reads local files. A run on gs:// is copied first — its
+`predictions/` and `errors/` Parquet and `manifest.json`, nothing else —
+through Beam's FileSystems (the IO the pipeline wrote it with, emulator
+included) into a temporary directory, and the same SQL runs there; DuckDB's
+network extension is not needed.
+"""
+
+import contextlib
+import glob
+import json
+import os
+import tempfile
+from typing import Iterator, NamedTuple, Optional
+
+from apache_beam.io.filesystems import FileSystems
+
+import schemas
+from busi_core import gcs
+
+_PARQUET_DIRS = (schemas.PREDICTIONS_DIR, schemas.ERRORS_DIR)
+_PREPROCESS = "preprocess"  # the manifest's command of a preprocess run
+
+
+class RunDirError(ValueError):
+  """The path holds no run to read; the message says what to pass."""
+
+
+class RunFiles(NamedTuple):
+  """A run directory made readable by DuckDB.
+
+  Attributes:
+    run_dir: the directory as given (local or gs://).
+    local: a local directory holding its manifest and Parquet (`run_dir`
+      itself when local).
+    manifest: manifest.json, or None: the run did not finish (crashed,
+      stopped, or still running).
+  """
+  run_dir: str
+  local: str
+  manifest: Optional[dict]
+
+  @property
+  def has_predictions(self) -> bool:
+    return bool(glob.glob(os.path.join(self.local, schemas.PREDICTIONS_DIR,
+                                       "*.parquet")))
+
+  @property
+  def is_preprocess_run(self) -> bool:
+    return (self.manifest or {}).get("command") == _PREPROCESS
+
+  def incomplete_note(self) -> Optional[str]:
+    """One line saying the run is incomplete, or None when it finished."""
+    if self.manifest is not None:
+      return None
+    return (f"Run incomplete: no {schemas.MANIFEST_FILE} in {self.run_dir}"
+            " (the run crashed, was stopped, or is still running); what it"
+            " has written so far:")
+
+
+def _no_run(run_dir: str, flag: str, why: str) -> RunDirError:
+  return RunDirError(f"{flag} {run_dir} {why}; pass the --output of a"
+                     " preprocess, score or run")
+
+
+def _copy_from_storage(run_dir: str, flag: str, local: str) -> None:
+  """Copies the run's Parquet and manifest under `local`, same layout."""
+  base = run_dir.rstrip("/")
+  wanted = [FileSystems.join(base, sub, "*.parquet") for sub in _PARQUET_DIRS]
+  wanted.append(FileSystems.join(base, schemas.MANIFEST_FILE))
+  found = [m.path for result in FileSystems.match(wanted)
+           for m in result.metadata_list]
+  if not found:
+    raise _no_run(run_dir, flag, "holds no run (no manifest.json, and no"
+                  " Parquet under predictions/ or errors/)")
+  for path in found:
+    relative = path[len(base):].lstrip("/")
+    target = os.path.join(local, *relative.split("/"))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with FileSystems.open(path, compression_type="uncompressed") as src, \
+        open(target, "wb") as dst:
+      while True:
+        chunk = src.read(1 << 22)
+        if not chunk:
+          break
+        dst.write(chunk)
+
+
+def _load_manifest(local: str) -> Optional[dict]:
+  path = os.path.join(local, schemas.MANIFEST_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+@contextlib.contextmanager
+def opened(run_dir: str, flag: str = "--output") -> Iterator[RunFiles]:
+  """The run in `run_dir`, readable locally for the time of the block.
+
+  Args:
+    run_dir: a run's output directory, local or gs://.
+    flag: the flag that named it, for the messages.
+
+  Yields:
+    RunFiles; a gs:// run's files are in a temporary directory, removed
+    after the block.
+
+  Raises:
+    RunDirError: no such directory, a file, or (gs://) nothing of a run
+      under the prefix.
+  """
+  if "://" not in run_dir:
+    if not os.path.exists(run_dir):
+      raise _no_run(run_dir, flag, "does not exist")
+    if not os.path.isdir(run_dir):
+      raise _no_run(run_dir, flag, "is a file, not a run's output directory")
+    yield RunFiles(run_dir, run_dir, _load_manifest(run_dir))
+    return
+  gcs.configure_for_emulator()
+  with tempfile.TemporaryDirectory(prefix="busi-run-") as local:
+    _copy_from_storage(run_dir, flag, local)
+    yield RunFiles(run_dir, local, _load_manifest(local))
