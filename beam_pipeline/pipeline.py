@@ -1,18 +1,22 @@
 """The one composer of every job: `build` only adds steps; `create` parses
 flags, checks the model and the output, and builds; `run` runs."""
 
+import contextlib
 import logging
 import time
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, TextIO
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import (PipelineOptions,
+from apache_beam.options.pipeline_options import (DirectOptions,
+                                                  PipelineOptions,
                                                   StandardOptions)
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 import schemas
 from beam_pipeline import options as opts_lib
-from beam_pipeline import inputs, outputs, scoring, scoring_pipeline
+from beam_pipeline import (inputs, outputs, progress, scoring,
+                           scoring_pipeline)
 from beam_pipeline.preprocess import PreprocessLimits, ReadImages
 from busi_core import archives, gcs
 
@@ -209,21 +213,62 @@ def create(argv: Optional[List[str]] = None,
   return Job(p, command, opts, run_id)
 
 
-def execute(job: Job) -> Dict:
+# Key of `execute`'s answer holding the job's committed Beam counters; not a
+# field of manifest.json (the job writes that before they are committed).
+COUNTERS = "counters"
+
+
+def _progress(job: Job, stream: Optional[TextIO],
+              every_s: Optional[float]):
+  """The progress line's reporter where one can be shown, else a no-op.
+
+  Only a run in this process has one: workers of another process (Dataflow,
+  whose UI shows the counters live, or the FnApiRunner's multi_processing
+  mode) update a tally nobody here reads (see `progress`).
+  """
+  if stream is None or not isinstance(job.pipeline.runner, FnApiRunner):
+    return contextlib.nullcontext()
+  mode = job.options.view_as(DirectOptions).direct_running_mode
+  if mode == "multi_processing":
+    _LOG.info("No progress line with --direct_running_mode multi_processing;"
+              " the counters are shown at the end")
+    return contextlib.nullcontext()
+  if job.command == opts_lib.PREPROCESS:
+    verb, images = "preprocessed", schemas.COUNTER_IMAGES_DECODED
+  else:
+    verb, images = "scored", schemas.COUNTER_PREDICTIONS
+  return progress.Reporter(
+      stream, verb, images,
+      progress.every_s(stream) if every_s is None else every_s)
+
+
+def execute(job: Job, progress_to: Optional[TextIO] = None,
+            progress_every_s: Optional[float] = None) -> Dict:
   """Runs a built job to the end and reads its manifest back.
 
+  Args:
+    job: from `create`.
+    progress_to: where a local run prints its progress line (see
+      `progress.Reporter`); None: nowhere.
+    progress_every_s: seconds between progress lines; None: as suits the
+      stream (`progress.every_s`).
+
   Returns:
-    The manifest of the run, or, for a run that wrote none (e.g. a Dataflow
-    `--dry_run`), its id and state.
+    The manifest of the run, with the job's committed Beam counters under
+    COUNTERS, or, for a run that wrote none (e.g. a Dataflow `--dry_run`),
+    its id and state.
   """
-  result = job.pipeline.run()
-  result.wait_until_finish()
+  with _progress(job, progress_to, progress_every_s):
+    result = job.pipeline.run()
+    result.wait_until_finish()
   manifest_uri = outputs.join(job.options.output, schemas.MANIFEST_FILE)
   if not FileSystems.exists(manifest_uri):
     return {"run_id": job.run_id, "command": job.command,
             "state": str(result.state)}
   _LOG.info("Run %s finished", job.run_id)
-  return outputs.read_json(manifest_uri)
+  manifest = outputs.read_json(manifest_uri)
+  manifest[COUNTERS] = progress.committed_counters(result)
+  return manifest
 
 
 def run(argv: Optional[List[str]] = None,
