@@ -267,7 +267,12 @@ def execute(job: Job, progress_to: Optional[TextIO] = None,
             "state": str(result.state)}
   _LOG.info("Run %s finished", job.run_id)
   manifest = outputs.read_json(manifest_uri)
-  manifest[COUNTERS] = progress.committed_counters(result)
+  try:
+    manifest[COUNTERS] = progress.committed_counters(result)
+  except Exception:  # pylint: disable=broad-except
+    # A finished run stands on its manifest; the counters only add to the
+    # summary (a runner's metrics service can fail or lack them).
+    _LOG.warning("The run's Beam counters could not be read", exc_info=True)
   return manifest
 
 
