@@ -68,6 +68,11 @@ def format_summary(manifest: dict) -> str:
   for name, value in (manifest.get("incomplete_because") or {}).items():
     lines.append(f"  INCOMPLETE: {name} = {value} (see the errors table)")
   lines.append(f"  outputs in {manifest.get('output')}")
+  counters = manifest.get("counters")  # pipeline.COUNTERS, from `execute`
+  if counters:
+    lines.append("  Beam counters (committed):")
+    for name, value in counters.items():
+      lines.append(f"    {name:<20} {value}")
   return "\n".join(lines)
 
 
@@ -186,7 +191,7 @@ def _run_pipeline(argv: List[str]) -> int:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_USAGE
   try:
-    manifest = pipeline.execute(job)
+    manifest = pipeline.execute(job, progress_to=_console())
   except Exception as e:  # pylint: disable=broad-except
     if failures.interrupted(e):
       raise KeyboardInterrupt from e
@@ -270,6 +275,13 @@ class _MainThreadStderr(io.TextIOBase):
 
   def __getattr__(self, name):
     return getattr(self._stream, name)
+
+
+def _console():
+  """The console's stderr, for the progress thread: past _MainThreadStderr,
+  which silences Beam's worker threads."""
+  stream = sys.stderr
+  return stream._stream if isinstance(stream, _MainThreadStderr) else stream  # pylint: disable=protected-access
 
 
 def _exit_interrupted(unused_signum, unused_frame) -> NoReturn:

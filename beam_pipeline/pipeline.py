@@ -1,19 +1,22 @@
 """The one composer of every job: `build` only adds steps; `create` parses
 flags, checks the model and the output, and builds; `run` runs."""
 
+import contextlib
 import logging
 import time
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, TextIO
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import (PipelineOptions,
+from apache_beam.options.pipeline_options import (DirectOptions,
+                                                  PipelineOptions,
                                                   StandardOptions, TestOptions)
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.runners.runner import PipelineState
 
 import schemas
 from beam_pipeline import options as opts_lib
-from beam_pipeline import (inputs, output_lock, outputs, scoring,
+from beam_pipeline import (inputs, output_lock, outputs, progress, scoring,
                            scoring_pipeline)
 from beam_pipeline.preprocess import PreprocessLimits, ReadImages
 from busi_core import archives, gcs
@@ -241,17 +244,56 @@ def _claim_and_build(p: beam.Pipeline, plan: Plan,
     output_lock.release(opts.output, plan.run_id)
 
 
-def execute(job: Job) -> Dict:
+# Key of `execute`'s answer holding the job's committed Beam counters; not a
+# field of manifest.json (the job writes that before they are committed).
+COUNTERS = "counters"
+
+
+def _progress(job: Job, stream: Optional[TextIO],
+              every_s: Optional[float]):
+  """The progress line's reporter where one can be shown, else a no-op.
+
+  Only a run in this process has one: workers of another process (Dataflow,
+  whose UI shows the counters live, or the FnApiRunner's multi_processing
+  mode) update a tally nobody here reads (see `progress`).
+  """
+  if stream is None or not isinstance(job.pipeline.runner, FnApiRunner):
+    return contextlib.nullcontext()
+  mode = job.options.view_as(DirectOptions).direct_running_mode
+  if mode == "multi_processing":
+    _LOG.info("No progress line with --direct_running_mode multi_processing;"
+              " the counters are shown at the end")
+    return contextlib.nullcontext()
+  if job.command == opts_lib.PREPROCESS:
+    verb, images = "preprocessed", schemas.COUNTER_IMAGES_DECODED
+  else:
+    verb, images = "scored", schemas.COUNTER_PREDICTIONS
+  return progress.Reporter(
+      stream, verb, images,
+      progress.every_s(stream) if every_s is None else every_s)
+
+
+def execute(job: Job, progress_to: Optional[TextIO] = None,
+            progress_every_s: Optional[float] = None) -> Dict:
   """Runs a built job to the end and reads its manifest back.
 
+  Args:
+    job: from `create`.
+    progress_to: where a local run prints its progress line (see
+      `progress.Reporter`); None: nowhere.
+    progress_every_s: seconds between progress lines; None: as suits the
+      stream (`progress.every_s`).
+
   Returns:
-    The manifest of the run, or, for a run that wrote none (e.g. a Dataflow
-    `--dry_run`), its id and state.
+    The manifest of the run, with the job's committed Beam counters under
+    COUNTERS, or, for a run that wrote none (e.g. a Dataflow `--dry_run`),
+    its id and state.
   """
   result = None
   try:
-    result = job.pipeline.run()
-    result.wait_until_finish()
+    with _progress(job, progress_to, progress_every_s):
+      result = job.pipeline.run()
+      result.wait_until_finish()
   except BaseException:
     # The run's lock goes with it, unless the job may still be running
     # elsewhere (a Dataflow job outlives its launcher's Ctrl-C).
@@ -266,7 +308,14 @@ def execute(job: Job) -> Dict:
     return {"run_id": job.run_id, "command": job.command,
             "state": str(result.state)}
   _LOG.info("Run %s finished", job.run_id)
-  return outputs.read_json(manifest_uri)
+  manifest = outputs.read_json(manifest_uri)
+  try:
+    manifest[COUNTERS] = progress.committed_counters(result)
+  except Exception:  # pylint: disable=broad-except
+    # A finished run stands on its manifest; the counters only add to the
+    # summary (a runner's metrics service can fail or lack them).
+    _LOG.warning("The run's Beam counters could not be read", exc_info=True)
+  return manifest
 
 
 def run(argv: Optional[List[str]] = None,

@@ -7,18 +7,15 @@ Each stage is a small named PTransform; the per-element work is in
 from typing import Dict, Iterable, NamedTuple, Optional, Union
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 
 import schemas
-from beam_pipeline import inputs
+from beam_pipeline import inputs, progress
 from beam_pipeline.errors import ERRORS, error_row
 from busi_core import archives, imaging, quality
 from busi_core.errors import MemberError
 from schemas import records
 
 MASKS = "masks"
-
-_NAMESPACE = "busi"
 
 
 class TarInput(NamedTuple):
@@ -59,7 +56,10 @@ class PlanWork(beam.DoFn):
              ) -> Iterable[Union[WorkItem, archives.Member]]:
     uri = inputs.decode(element)
     problem = inputs.unreadable(uri)
+    # Each member this path becomes is expected once (the progress line's
+    # ETA): all are known before the shuffle that precedes decoding.
     if problem:
+      progress.expect()
       yield archives.Member(archives.display_uri(uri), uri, "error", error=problem)
       return
     kind = archives.archive_kind(uri)
@@ -67,19 +67,23 @@ class PlanWork(beam.DoFn):
       try:
         count = archives.count_zip_members(uri, self._max_members)
       except MemberError as e:
+        progress.expect()
         yield archives.Member(archives.display_uri(uri), uri, "error",
                               error=archives.read_failure(uri, e))
         return
       except Exception as e:  # pylint: disable=broad-except
+        progress.expect()
         yield archives.Member(
             archives.display_uri(uri), uri, "error",
             error=archives.read_failure(uri, MemberError(
                 "ReadFailed", f"{type(e).__name__}: {e}")))
         return
+      progress.expect(count)
       yield from archives.split_zip(uri, count, self._chunk)
     elif kind == archives.TAR:
-      yield TarInput(uri)
+      yield TarInput(uri)  # its members are expected as ReadTars lists them
     else:
+      progress.expect()
       yield FileInput(uri)
 
 
@@ -96,7 +100,9 @@ class ReadTars(beam.DoFn):
 
   def process(self, item):
     if isinstance(item, TarInput):
-      yield from archives.read_tar(item.uri, self._limits)
+      for member in archives.read_tar(item.uri, self._limits):
+        progress.expect()
+        yield member
     else:
       yield item
 
@@ -107,7 +113,6 @@ class ReadMembers(beam.DoFn):
   def __init__(self, limits: archives.Limits):
     self._limits = limits
     self._zips = None
-    self._seen = Metrics.counter(_NAMESPACE, "members_seen")
 
   def setup(self):
     # Ranges of one zip mostly reach the same worker one after another;
@@ -126,7 +131,7 @@ class ReadMembers(beam.DoFn):
     else:
       members = [archives.read_file(item.uri, self._limits.max_member_bytes)]
     for member in members:
-      self._seen.inc()
+      progress.count(schemas.COUNTER_MEMBERS_SEEN)
       yield member
 
 
@@ -134,7 +139,7 @@ class DecodeMember(beam.DoFn):
   """Member → serialized Example (main), mask source (MASKS) or error row.
 
   Each image's quality flags (`quality.check`) go into its Example and are
-  counted, one counter per flag (`quality_<flag>`).
+  counted, one counter per flag (`schemas.quality_counter`).
   """
 
   def __init__(self, image_size: int, max_pixels: int, run_id: str,
@@ -144,25 +149,20 @@ class DecodeMember(beam.DoFn):
     self._max_pixels = max_pixels
     self._run_id = run_id
     self._thresholds = thresholds
-    self._images = Metrics.counter(_NAMESPACE, "images_decoded")
-    self._masks = Metrics.counter(_NAMESPACE, "masks_skipped")
-    self._errors = Metrics.counter(_NAMESPACE, "decode_errors")
-    self._flagged = {name: Metrics.counter(_NAMESPACE, f"quality_{name}")
-                     for name in schemas.QUALITY_FLAGS}
 
   def process(self, member: archives.Member):
     if member.kind == "mask":
-      self._masks.inc()
+      progress.count(schemas.COUNTER_MASKS_SKIPPED)
       yield beam.pvalue.TaggedOutput(MASKS, member.source)
       return
     if member.kind == "dir":
-      self._errors.inc()
+      progress.count(schemas.COUNTER_DECODE_ERRORS)
       yield beam.pvalue.TaggedOutput(ERRORS, error_row(
           member.source, schemas.Stage.EXTRACT, "Directory",
           "directory entry, not an image", self._run_id))
       return
     if member.kind == "error":
-      self._errors.inc()
+      progress.count(schemas.COUNTER_DECODE_ERRORS)
       stage = (schemas.Stage.READ if member.source == member.path or
                "!/" not in member.source else schemas.Stage.EXTRACT)
       yield beam.pvalue.TaggedOutput(ERRORS, error_row(
@@ -186,20 +186,20 @@ class DecodeMember(beam.DoFn):
           original_width=decoded.original_width,
           quality_flags=quality.join(flags)))
     except MemberError as e:
-      self._errors.inc()
+      progress.count(schemas.COUNTER_DECODE_ERRORS)
       yield beam.pvalue.TaggedOutput(ERRORS, error_row(
           member.source, schemas.Stage.DECODE, e.kind, str(e), self._run_id))
       return
     except Exception as e:  # pylint: disable=broad-except
       # OpenCV raises cv2.error on some malformed inputs; never crash the run.
-      self._errors.inc()
+      progress.count(schemas.COUNTER_DECODE_ERRORS)
       yield beam.pvalue.TaggedOutput(ERRORS, error_row(
           member.source, schemas.Stage.DECODE, type(e).__name__, str(e),
           self._run_id))
       return
-    self._images.inc()
+    progress.count(schemas.COUNTER_IMAGES_DECODED)
     for name in flags:
-      self._flagged[name].inc()
+      progress.count(schemas.quality_counter(name))
     yield example
 
 

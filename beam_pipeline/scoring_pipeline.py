@@ -13,7 +13,7 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.utils import shared
 
 import schemas
-from beam_pipeline import inputs
+from beam_pipeline import inputs, progress
 from busi_core import archives, artifact, gradcam
 from beam_pipeline import options as opts_lib
 from beam_pipeline import scoring
@@ -34,18 +34,22 @@ def _read_tfrecord_file(element: bytes, run_id: str):
   Each fault the reader finds is one error row (`URI#<index>`); a file that
   lost an unknown number of records is also named once on the UNREAD output.
   A path that is not a readable file (a folder, FIFO, broken link) is one
-  error row; one gone since launch is an InputVanished row.
+  error row; one gone since launch is an InputVanished row. Each record and
+  error row is a member the run expects (the progress line's ETA).
   """
   uri = inputs.decode(element)
   source = archives.display_uri(uri)
   problem = inputs.unreadable(uri)
   if problem:
+    progress.expect()
     yield beam.pvalue.TaggedOutput(ERRORS, error_row(
         source, schemas.Stage.READ, problem.kind, str(problem), run_id))
     return
   unread = False
   for item in tfrecord_io.read_file(uri):
+    progress.expect()
     if isinstance(item, tfrecord_io.Record):
+      progress.count(schemas.COUNTER_RECORDS_READ)
       yield f"{source}#{item.index}", item.payload
       continue
     if (item.error_type == tfrecord_io.BAD_FILE and item.index == 0 and
@@ -98,10 +102,25 @@ def _to_row(keyed_result, config: scoring.ScoringConfig, gradcam: str):
     return
   row = scoring.prediction_row(key, output, config,
                                datetime.datetime.now(datetime.timezone.utc))
+  _count_row(row)
   if scoring.wants_gradcam(row, gradcam):
     yield beam.pvalue.TaggedOutput(GRADCAM, (row, result.example))
   else:
     yield row
+
+
+def _count_row(row) -> None:
+  """Beam counters of a prediction row: every row goes out exactly once
+  (Grad-CAM passes it on, with or without its overlay)."""
+  progress.count(schemas.COUNTER_PREDICTIONS)
+  progress.count(schemas.predicted_counter(scoring.predicted_class(row)))
+  for name, applies in ((schemas.COUNTER_LOW_CONFIDENCE,
+                         scoring.is_low_confidence),
+                        (schemas.COUNTER_OUT_OF_DISTRIBUTION,
+                         scoring.is_out_of_distribution),
+                        (schemas.COUNTER_NEEDS_REVIEW, scoring.needs_review)):
+    if applies(row):
+      progress.count(name)
 
 
 class ExplainBatch(beam.DoFn):
@@ -180,7 +199,10 @@ class ReadTFRecords(beam.PTransform):
         | "ReadRecords" >> beam.FlatMap(
             _read_tfrecord_file, self._run_id).with_outputs(
                 ERRORS, UNREAD, main="records"))
-    parsed = read.records | "ParseExamples" >> beam.FlatMap(
+    # One worker reads a whole file (a local preprocess writes one shard):
+    # spreading its records lets every worker parse and score them.
+    records = read.records | "SpreadRecords" >> beam.Reshuffle()
+    parsed = records | "ParseExamples" >> beam.FlatMap(
         _parse_record, self._run_id).with_outputs(ERRORS, main="images")
     seen = ((read.records | "CountRecords" >> beam.combiners.Count.Globally(),
              read[ERRORS] | "CountReadErrors" >> (

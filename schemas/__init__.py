@@ -43,6 +43,22 @@ from schemas.artifact import (
     THRESHOLD_FIXED,
     THRESHOLD_TARGET_ACCURACY,
 )
+from schemas.counters import (
+    COUNTER_DECODE_ERRORS,
+    COUNTER_IMAGES_DECODED,
+    COUNTER_LOW_CONFIDENCE,
+    COUNTER_MASKS_SKIPPED,
+    COUNTER_MEMBERS_SEEN,
+    COUNTER_NAMESPACE,
+    COUNTER_NEEDS_REVIEW,
+    COUNTER_OUT_OF_DISTRIBUTION,
+    COUNTER_PREDICTIONS,
+    COUNTER_RECORDS_READ,
+    counter_rank,
+    errors_counter,
+    predicted_counter,
+    quality_counter,
+)
 from schemas.features import (
     DEFAULT_IMAGE_SIZE,
     FEATURE_CHANNELS,
