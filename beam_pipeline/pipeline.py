@@ -105,15 +105,13 @@ def _score(images, plan: Plan, counts: Dict, written: Dict, extra: Dict):
       opts.output, schemas.PREDICTIONS_DIR,
       schemas.predictions_schema(config.labels))
   counts["predictions"] = outputs.count(rows, "CountPredictions")
-  counts["low_confidence"] = outputs.count(
-      rows | "LowConfidence" >> beam.Filter(scoring.is_low_confidence),
-      "CountLowConfidence")
-  counts["out_of_distribution"] = outputs.count(
-      rows | "OutOfDistribution" >> beam.Filter(
-          scoring.is_out_of_distribution), "CountOutOfDistribution")
-  counts["needs_review"] = outputs.count(
-      rows | "NeedsReview" >> beam.Filter(scoring.needs_review),
-      "CountNeedsReview")
+  for name, label, predicate in (
+      ("low_confidence", "LowConfidence", scoring.is_low_confidence),
+      ("out_of_distribution", "OutOfDistribution",
+       scoring.is_out_of_distribution),
+      ("needs_review", "NeedsReview", scoring.needs_review)):
+    counts[name] = outputs.count(rows | label >> beam.Filter(predicate),
+                                 f"Count{label}")
   extra["quality_flags"] = (
       rows
       | "QualityFlags" >> beam.FlatMap(scoring.quality_flag_names)

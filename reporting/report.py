@@ -17,7 +17,6 @@ import base64
 import dataclasses
 import html
 import io
-import json
 import os
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
@@ -150,15 +149,6 @@ class ReportData:
 # Queries → data
 
 
-def load_manifest(run_dir: str) -> Optional[dict]:
-  """The run's manifest.json, or None when it is missing."""
-  path = os.path.join(run_dir, schemas.MANIFEST_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
-
-
 def _class_order(model_labels: Sequence[str], seen: Sequence[str]
                 ) -> Tuple[str, ...]:
   extra = sorted({s for s in seen if s is not None} - set(model_labels))
@@ -178,7 +168,7 @@ def query_report_data(run_dir: str,
   Returns:
     The values the page shows.
   """
-  manifest = load_manifest(run_dir)
+  manifest = run_files.load_manifest(run_dir)
   run = sql.connect(run_dir)
   con = run.con
 

@@ -12,6 +12,7 @@ import contextlib
 import glob
 import json
 import os
+import shutil
 import tempfile
 from typing import Iterator, NamedTuple, Optional
 
@@ -81,14 +82,11 @@ def _copy_from_storage(run_dir: str, flag: str, local: str) -> None:
     os.makedirs(os.path.dirname(target), exist_ok=True)
     with FileSystems.open(path, compression_type="uncompressed") as src, \
         open(target, "wb") as dst:
-      while True:
-        chunk = src.read(1 << 22)
-        if not chunk:
-          break
-        dst.write(chunk)
+      shutil.copyfileobj(src, dst, 1 << 22)
 
 
-def _load_manifest(local: str) -> Optional[dict]:
+def load_manifest(local: str) -> Optional[dict]:
+  """A local run directory's manifest.json, or None when it is missing."""
   path = os.path.join(local, schemas.MANIFEST_FILE)
   if not os.path.exists(path):
     return None
@@ -117,9 +115,9 @@ def opened(run_dir: str, flag: str = "--output") -> Iterator[RunFiles]:
       raise _no_run(run_dir, flag, "does not exist")
     if not os.path.isdir(run_dir):
       raise _no_run(run_dir, flag, "is a file, not a run's output directory")
-    yield RunFiles(run_dir, run_dir, _load_manifest(run_dir))
+    yield RunFiles(run_dir, run_dir, load_manifest(run_dir))
     return
   gcs.configure_for_emulator()
   with tempfile.TemporaryDirectory(prefix="busi-run-") as local:
     _copy_from_storage(run_dir, flag, local)
-    yield RunFiles(run_dir, local, _load_manifest(local))
+    yield RunFiles(run_dir, local, load_manifest(local))

@@ -22,7 +22,7 @@ from PIL import Image
 
 import schemas
 from busi_core import gcs
-from reporting import report, sql, thumbnails
+from reporting import report, run_files, sql, thumbnails
 from reporting.sql import predictions_glob
 from tests.conftest import BUCKET
 from training import testing as training_testing
@@ -625,7 +625,7 @@ def test_thumbnails_missing_everywhere_are_gaps(tmp_path):
     assert str(tmp_path / "gone") in card.gap
   # A `run` manifest's inputs are archives: never scanned as TFRecords.
   _set_manifest(run_dir, command="run")
-  files = thumbnails.tfrecord_files(run_dir, report.load_manifest(run_dir))
+  files = thumbnails.tfrecord_files(run_dir, run_files.load_manifest(run_dir))
   assert files.uris == () and len(files.looked_in) == 1
 
 

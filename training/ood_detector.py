@@ -30,8 +30,10 @@ _LOG = logging.getLogger(__name__)
 
 
 class Detector(NamedTuple):
-  """A fitted detector and its metadata block."""
+  """A fitted detector, its file's bytes (what the block's sha256 is of) and
+  its metadata block."""
   model: ood.OodModel
+  data: bytes
   block: metadata_schema.OodDetector
 
 
@@ -97,40 +99,56 @@ def fit(config: TrainConfig, runner: recipe.Recipe, train: np.ndarray,
     _LOG.warning("No validation images: no out-of-distribution detector"
                  " (its threshold is chosen on validation)")
     return None
-  features = runner.features(train)
-  detector, shrinkage = ood.fit(features, config.ood_transform)
-  val_scores = ood.scores(detector, runner.features(val))
   train_groups = (np.asarray(train) if groups is None else
                   np.asarray(groups)[np.asarray(train)])
-  oof = out_of_fold_scores(features, train_groups, config.ood_transform,
-                           seed=config.seed)
-  pooled = np.concatenate([val_scores, oof[np.isfinite(oof)]])
-  detector = detector._replace(
-      threshold=ood.choose_threshold(pooled, config.ood_pass_rate))
-  test_scores = ood.scores(detector, runner.features(test))
+  return build(runner.features(train), runner.features(val),
+               runner.features(test), train_groups, config.ood_transform,
+               config.ood_pass_rate, config.seed)
+
+
+def build(features: np.ndarray, val_features: np.ndarray,
+          test_features: np.ndarray, train_groups: np.ndarray,
+          transform: str, pass_rate: float, seed: int = 0) -> Detector:
+  """The detector of these features: fitted on the training images',
+  thresholded on the validation images' and the training images'
+  out-of-fold scores.
+
+  Args:
+    features, val_features, test_features: "features" layer outputs of the
+      splits' images (test only reported; may be empty).
+    train_groups: near-duplicate group of each training image.
+    transform, pass_rate: as the flags --ood_transform, --ood_pass_rate.
+    seed: draws the inner folds.
+  """
+  detector, shrinkage = ood.fit(features, transform)
+  val_scores = ood.scores(detector, val_features)
+  oof = out_of_fold_scores(features, train_groups, transform, seed=seed)
+  oof = oof[np.isfinite(oof)]
+  detector = detector._replace(threshold=ood.choose_threshold(
+      np.concatenate([val_scores, oof]), pass_rate))
+  data = ood.to_bytes(detector)
   block = metadata_schema.OodDetector(
       method=schemas.OOD_METHOD_MAHALANOBIS,
-      transform=config.ood_transform,
+      transform=transform,
       feature_layer=schemas.FEATURES_LAYER,
       dims=detector.dims,
       file=schemas.OOD_FILE,
-      sha256=ood.sha256_bytes(ood.to_bytes(detector)),
+      sha256=ood.sha256_bytes(data),
       fit_split="train",
       fit_count=int(len(features)),
-      fit_images=int(len(train)),
+      fit_images=int(len(features)),
       shrinkage=round(shrinkage, 6),
       threshold=detector.threshold,
       threshold_split="val+train_out_of_fold",
-      target_pass_rate=config.ood_pass_rate,
+      target_pass_rate=pass_rate,
       val=count(ood.flagged(detector, val_scores)),
-      train_out_of_fold=count(ood.flagged(detector, oof[np.isfinite(oof)])),
-      test=count(ood.flagged(detector, test_scores)))
+      train_out_of_fold=count(ood.flagged(detector, oof)),
+      test=count(ood.flagged(detector, ood.scores(detector, test_features))))
   _LOG.info("OOD detector: Mahalanobis (%s features, Ledoit-Wolf shrinkage"
             " %.3f) on %d training images; threshold %.3f flags %d of %d"
-            " validation images", config.ood_transform, shrinkage,
-            len(train), detector.threshold, block.val.flagged,
-            block.val.count)
-  return Detector(detector, block)
+            " validation images", transform, shrinkage, len(features),
+            detector.threshold, block.val.flagged, block.val.count)
+  return Detector(detector, data, block)
 
 
 def held_out_flags(detector: Optional[Detector], runner: recipe.Recipe,

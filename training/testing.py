@@ -136,27 +136,18 @@ def make_test_artifact(model_dir: str, image_size: int = 32,
 def _fit_test_detector(model, model_dir: str, images: np.ndarray,
                        pass_rate: float, transform: str
                       ) -> metadata_schema.OodDetector:
-  """Fits and writes make_test_artifact's detector; returns its block."""
+  """Fits (as `train` does) and writes make_test_artifact's detector;
+  returns its block."""
   import os  # pylint: disable=import-outside-toplevel
-  from busi_core import ood  # pylint: disable=import-outside-toplevel
   from training import model as model_lib, ood_detector  # pylint: disable=import-outside-toplevel
   features = model_lib.in_batches(
       model_lib.sub_model(model, None, schemas.FEATURES_LAYER),
       np.asarray(images, np.uint8), 32)
   cut = max(2, int(round(0.8 * len(features))))
-  detector, shrinkage = ood.fit(features[:cut], transform)
-  val_scores = ood.scores(detector, features[cut:])
-  detector = detector._replace(
-      threshold=ood.choose_threshold(val_scores, pass_rate))
-  data = ood.to_bytes(detector)
+  detector = ood_detector.build(features[:cut], features[cut:],
+                                features[:0], np.arange(cut), transform,
+                                pass_rate)
   os.makedirs(model_dir, exist_ok=True)
   with open(os.path.join(model_dir, schemas.OOD_FILE), "wb") as f:
-    f.write(data)
-  return metadata_schema.OodDetector(
-      method=schemas.OOD_METHOD_MAHALANOBIS, transform=transform,
-      feature_layer=schemas.FEATURES_LAYER, dims=detector.dims,
-      file=schemas.OOD_FILE, sha256=ood.sha256_bytes(data), fit_split="train",
-      fit_count=cut, fit_images=cut, shrinkage=shrinkage,
-      threshold=detector.threshold, threshold_split="val",
-      target_pass_rate=pass_rate,
-      val=ood_detector.count(ood.flagged(detector, val_scores)))
+    f.write(detector.data)
+  return detector.block

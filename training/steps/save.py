@@ -13,7 +13,6 @@ import schemas
 from schemas import artifact as artifact_schema
 from schemas import metadata as metadata_schema
 from schemas.metadata import ArtifactMetadata
-from busi_core import ood
 from training import cv, model as model_lib, ood_detector, plots, saving
 from training import split
 from training.config import TrainConfig
@@ -137,7 +136,7 @@ def save(work: str, config: TrainConfig, read: Read, splits: Splits,
   ood_path = os.path.join(work, schemas.OOD_FILE)
   if detector is not None:
     with open(ood_path, "wb") as f:
-      f.write(ood.to_bytes(detector.model))
+      f.write(detector.data)
   elif os.path.exists(ood_path):  # an --overwrite'n artifact's
     os.remove(ood_path)
   return saving.save_artifact(
