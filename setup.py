@@ -32,6 +32,17 @@ REQUIRED = [
     "isal>=1.7,<2",
     # CRC32C of TFRecord frames (the fail-small reader and the writer).
     "google-crc32c>=1.5,<2",
+    # DICOM: pydicom (MIT) reads the files; its pixel decoder plugins are
+    # chosen so that every compressed syntax has one and none is GPL
+    # (README, "DICOM input"): Pillow (HPND, above) JPEG baseline,
+    # pylibjpeg-openjpeg (MIT) JPEG 2000, pyjpegls (MIT; CharLS, BSD-3)
+    # JPEG-LS, python-gdcm (BSD-3) JPEG extended and lossless. Not
+    # pylibjpeg-libjpeg: GPL-3.0.
+    "pydicom>=3.0.2,<3.1",
+    "pylibjpeg>=2.1,<3",
+    "pylibjpeg-openjpeg>=2.6,<3",
+    "pyjpegls>=1.5.1,<2",
+    "python-gdcm>=3.2.6,<3.3",
 ]
 
 EXTRAS = {
