@@ -18,6 +18,11 @@ class RowKey(NamedTuple):
   source: str
   label: str
   quality_flags: Optional[str] = None  # as the record has them
+  # DICOM fields as the record has them (None for other images).
+  frame: Optional[int] = None
+  study_key: Optional[str] = None
+  series_key: Optional[str] = None
+  region_cropped: Optional[bool] = None
 
 
 @functools.lru_cache(maxsize=8)
@@ -58,7 +63,8 @@ def keyed_input(record: records.ImageRecord, image_size: int
         f" ({image_size}, {image_size}, 3); preprocess with --image_size"
         f" {image_size}")
   return RowKey(record.image_id, record.source, record.label or "",
-                record.quality_flags), pixels
+                record.quality_flags, record.frame, record.study_key,
+                record.series_key, record.region_cropped), pixels
 
 
 def prediction_row(key: RowKey, output: inference.ModelOutput,
@@ -90,7 +96,8 @@ def prediction_row(key: RowKey, output: inference.ModelOutput,
              float(config.threshold), config.model_version, config.run_id,
              scored_at or datetime.datetime.now(datetime.timezone.utc),
              gradcam_uri, ood_score, out_of_distribution, key.quality_flags,
-             needs_review]
+             needs_review, key.frame, key.study_key, key.series_key,
+             key.region_cropped]
   return dict(zip(prediction_columns(config.labels), values, strict=True))
 
 

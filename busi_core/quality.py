@@ -92,11 +92,12 @@ def measure(pixels: np.ndarray, original_height: int, original_width: int,
 
 
 def flags(stats: QualityStats,
-          thresholds: QualityThresholds = QualityThresholds()
-         ) -> Tuple[str, ...]:
-  """The names of the flags that `stats` fire, in `schemas.QUALITY_FLAGS`
-  order."""
+          thresholds: QualityThresholds = QualityThresholds(),
+          burned_in_annotation: bool = False) -> Tuple[str, ...]:
+  """The names of the flags that `stats` (and a DICOM header's Burned In
+  Annotation) fire, in `schemas.QUALITY_FLAGS` order."""
   fired = {
+      schemas.FLAG_BURNED_IN_ANNOTATION: burned_in_annotation,
       schemas.FLAG_COLOUR: stats.colour_share > thresholds.colour_share,
       schemas.FLAG_BLANK: stats.grey_std < thresholds.blank_std,
       schemas.FLAG_LOW_CONTRAST: stats.contrast < thresholds.min_contrast,
@@ -108,8 +109,8 @@ def flags(stats: QualityStats,
 
 
 def check(pixels: np.ndarray, original_height: int, original_width: int,
-          thresholds: QualityThresholds = QualityThresholds()
-         ) -> Tuple[str, ...]:
+          thresholds: QualityThresholds = QualityThresholds(),
+          burned_in_annotation: bool = False) -> Tuple[str, ...]:
   """The quality flags one image fires.
 
   Args:
@@ -118,6 +119,8 @@ def check(pixels: np.ndarray, original_height: int, original_width: int,
     original_height: height before resizing.
     original_width: width before resizing.
     thresholds: where each flag fires.
+    burned_in_annotation: the image is a DICOM whose header says text is
+      burned into its pixels.
 
   Returns:
     The names of the flags that fire, in `schemas.QUALITY_FLAGS` order; empty
@@ -127,7 +130,8 @@ def check(pixels: np.ndarray, original_height: int, original_width: int,
     ValueError: the pixels are not a non-empty uint8 grey or RGB image.
   """
   return flags(measure(pixels, original_height, original_width,
-                       thresholds.colour_tolerance), thresholds)
+                       thresholds.colour_tolerance), thresholds,
+               burned_in_annotation)
 
 
 def join(names: Sequence[str]) -> str:

@@ -26,6 +26,18 @@ FEATURE_ORIGINAL_WIDTH = "original_width"
 # QUALITY_FLAG_SEPARATOR; "" when none did. Absent in records written before
 # the checks existed: older readers ignore it, so FORMAT_VERSION stands.
 FEATURE_QUALITY_FLAGS = "quality_flags"
+# DICOM only, each absent for other images (older readers ignore them, so
+# FORMAT_VERSION stands):
+# 1-based number of the frame of a multi-frame DICOM (DICOM's own numbering,
+# as in Referenced Frame Number); absent for single-frame images.
+FEATURE_FRAME = "frame"
+# HMAC-SHA256 (hex) of StudyInstanceUID / SeriesInstanceUID under the run's
+# key (busi_core.pseudonyms); absent without a key or without the UID.
+FEATURE_STUDY_KEY = "study_key"
+FEATURE_SERIES_KEY = "series_key"
+# 1 when the image was cropped to its ultrasound region's B-mode area before
+# resizing, 0 when a DICOM had no such region.
+FEATURE_REGION_CROPPED = "region_cropped"
 
 # Output layout under a run's output directory.
 TFRECORD_DIR = "tfrecords"
@@ -66,6 +78,14 @@ def feature_spec() -> Dict[str, object]:
       FEATURE_ORIGINAL_WIDTH: tf.io.FixedLenFeature([], tf.int64),
       FEATURE_QUALITY_FLAGS: tf.io.FixedLenFeature([], tf.string,
                                                    default_value=""),
+      # -1 / "": absent (not a multi-frame DICOM, no key, not a DICOM).
+      FEATURE_FRAME: tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+      FEATURE_STUDY_KEY: tf.io.FixedLenFeature([], tf.string,
+                                               default_value=""),
+      FEATURE_SERIES_KEY: tf.io.FixedLenFeature([], tf.string,
+                                                default_value=""),
+      FEATURE_REGION_CROPPED: tf.io.FixedLenFeature([], tf.int64,
+                                                    default_value=-1),
   }
 
 # The project's release; setup.py reads it from here.

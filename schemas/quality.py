@@ -22,9 +22,13 @@ FLAG_TINY = "tiny"
 # DEFAULT_QUALITY_MAX_ASPECT_RATIO times its shorter one.
 FLAG_ASPECT_RATIO = "aspect_ratio"
 
+# A DICOM whose Burned In Annotation (0028,0301) is YES: text (possibly
+# patient data) is part of the pixels. Set from the header, not measured.
+FLAG_BURNED_IN_ANNOTATION = "burned_in_annotation"
+
 # The order flags are listed in, in records and tables.
 QUALITY_FLAGS = (FLAG_COLOUR, FLAG_BLANK, FLAG_LOW_CONTRAST, FLAG_TINY,
-                 FLAG_ASPECT_RATIO)
+                 FLAG_ASPECT_RATIO, FLAG_BURNED_IN_ANNOTATION)
 QUALITY_FLAG_SEPARATOR = ","
 
 # The defaults below were measured on the 623 BUSI development images at

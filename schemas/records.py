@@ -51,6 +51,25 @@ class ImageRecord(NamedTuple):
   # QUALITY_FLAG_SEPARATOR; "" when none did; None when not checked (records
   # written before the checks existed).
   quality_flags: Optional[str] = None
+  # DICOM only (schemas.features): None for other images.
+  frame: Optional[int] = None  # 1-based frame of a multi-frame DICOM
+  study_key: Optional[str] = None  # keyed hash hex of StudyInstanceUID
+  series_key: Optional[str] = None  # keyed hash hex of SeriesInstanceUID
+  region_cropped: Optional[bool] = None  # cropped to the US B-mode region
+
+
+# A study/series key is an HMAC-SHA256 hex digest: nothing else (no UID, no
+# free text) can pass through these features.
+_KEY = _IMAGE_ID
+
+
+def _check_dicom_fields(frame, study_key, series_key) -> None:
+  if frame is not None and frame < 1:
+    raise ValueError(f"frame {frame}: frames are numbered from 1")
+  for name, value in (("study_key", study_key), ("series_key", series_key)):
+    if value is not None and not _KEY.fullmatch(value):
+      raise ValueError(f"{name} {value[:80]!r} is not an HMAC-SHA256 hex"
+                       " digest")
 
 
 def to_example(record: ImageRecord) -> bytes:
@@ -94,6 +113,15 @@ def to_example(record: ImageRecord) -> bytes:
   if record.quality_flags is not None:
     feature[_features.FEATURE_QUALITY_FLAGS].bytes_list.value.append(
         record.quality_flags.encode())
+  _check_dicom_fields(record.frame, record.study_key, record.series_key)
+  for key, value in ((_features.FEATURE_STUDY_KEY, record.study_key),
+                     (_features.FEATURE_SERIES_KEY, record.series_key)):
+    if value is not None:
+      feature[key].bytes_list.value.append(value.encode())
+  for key, value in ((_features.FEATURE_FRAME, record.frame),
+                     (_features.FEATURE_REGION_CROPPED, record.region_cropped)):
+    if value is not None:
+      feature[key].int64_list.value.append(int(value))
   for key, value in (
       (_features.FEATURE_CHANNELS, channels),
       (_features.FEATURE_HEIGHT, height),
@@ -163,6 +191,17 @@ def from_example(serialized: bytes) -> ImageRecord:
     if not _QUALITY_FLAGS.fullmatch(quality_flags):
       raise ValueError(f"quality_flags {quality_flags[:80]!r} are not flag"
                        " names joined by commas")
+
+  def optional(key, kind):
+    return one(key, kind) if key in feature else None
+
+  frame = optional(_features.FEATURE_FRAME, "int64_list")
+  keys = [optional(key, "bytes_list") for key in (
+      _features.FEATURE_STUDY_KEY, _features.FEATURE_SERIES_KEY)]
+  study_key, series_key = [None if value is None else
+                           value.decode("ascii", "replace") for value in keys]
+  _check_dicom_fields(frame, study_key, series_key)
+  cropped = optional(_features.FEATURE_REGION_CROPPED, "int64_list")
   return ImageRecord(
       image_id=image_id,
       source=one(_features.FEATURE_SOURCE, "bytes_list").decode("utf-8"),
@@ -171,4 +210,8 @@ def from_example(serialized: bytes) -> ImageRecord:
       original_height=one(_features.FEATURE_ORIGINAL_HEIGHT, "int64_list"),
       original_width=one(_features.FEATURE_ORIGINAL_WIDTH, "int64_list"),
       quality_flags=quality_flags,
+      frame=frame,
+      study_key=study_key,
+      series_key=series_key,
+      region_cropped=None if cropped is None else bool(cropped),
   )

@@ -41,6 +41,11 @@ COLUMN_QUALITY_FLAGS = "quality_flags"
 # low_confidence, out_of_distribution or any quality flag: the one column a
 # review worklist filters on.
 COLUMN_NEEDS_REVIEW = "needs_review"
+# DICOM columns, null for other images (schemas.features has their meaning):
+COLUMN_FRAME = "frame"  # 1-based frame of a multi-frame DICOM
+COLUMN_STUDY_KEY = "study_key"  # keyed hash of StudyInstanceUID
+COLUMN_SERIES_KEY = "series_key"  # keyed hash of SeriesInstanceUID
+COLUMN_REGION_CROPPED = "region_cropped"  # cropped to the US B-mode region
 
 
 def error_columns():
@@ -89,5 +94,9 @@ def predictions_schema(labels: Sequence[str]) -> pa.Schema:
       pa.field(COLUMN_OUT_OF_DISTRIBUTION, pa.bool_(), nullable=True),
       pa.field(COLUMN_QUALITY_FLAGS, pa.string(), nullable=True),
       pa.field(COLUMN_NEEDS_REVIEW, pa.bool_(), nullable=False),
+      pa.field(COLUMN_FRAME, pa.int64(), nullable=True),
+      pa.field(COLUMN_STUDY_KEY, pa.string(), nullable=True),
+      pa.field(COLUMN_SERIES_KEY, pa.string(), nullable=True),
+      pa.field(COLUMN_REGION_CROPPED, pa.bool_(), nullable=True),
   ]
   return pa.schema(fields)
