@@ -8,11 +8,13 @@ nothing, and a run without errors files must still be summarised).
 
 import glob
 import os
-from typing import FrozenSet, List, NamedTuple, Tuple
+import re
+from typing import Dict, FrozenSet, List, NamedTuple, Optional, Tuple
 
 import duckdb
 
 import schemas
+from busi_core import pseudonyms
 
 PREDICTIONS_VIEW = "preds"
 ERRORS_VIEW = "errors"
@@ -172,3 +174,175 @@ def connect(run_dir: str) -> Connection:
   if has_errors:
     con.read_parquet(errors_glob(run_dir)).create_view(ERRORS_VIEW)
   return Connection(con, has_predictions, has_errors, columns)
+
+
+# --------------------------------------------------------------------------
+# Studies: rows grouped by study_key (DICOM scored with an HMAC key)
+
+# The class whose probability ranks studies; a model without it ranks them
+# by their images needing review instead (`Studies.ranked_by_malignant`).
+MALIGNANT = "malignant"
+P_MALIGNANT = schemas.probability_column(MALIGNANT)
+# Columns the study queries read. A run written before one of them reads it
+# as a typed NULL: an old run then has no studies and no DICOM rows, and the
+# same two queries still run.
+_STUDY_SQL_COLUMNS = {
+    schemas.COLUMN_STUDY_KEY: "VARCHAR",
+    schemas.COLUMN_SERIES_KEY: "VARCHAR",
+    schemas.COLUMN_FRAME: "BIGINT",
+    schemas.COLUMN_REGION_CROPPED: "BOOLEAN",
+    schemas.COLUMN_NEEDS_REVIEW: "BOOLEAN",
+    P_MALIGNANT: "DOUBLE",
+}
+# What a key must look like to be shown (an HMAC-SHA256 hex digest, as the
+# record codec enforces); anything else might be a raw UID and is never
+# printed, not even in part.
+_KEY_PATTERN = re.compile(r"[0-9a-f]{64}")
+SHORT_KEY_CHARS = 12
+INVALID_KEY = "(not a key)"
+
+
+def _study_columns(columns: FrozenSet[str]) -> Dict[str, str]:
+  """Each study column as SQL: its name, or a typed NULL when missing."""
+  return {name: name if name in columns else f"CAST(NULL AS {sql_type})"
+          for name, sql_type in _STUDY_SQL_COLUMNS.items()}
+
+
+def study_totals_sql(columns: FrozenSet[str]) -> str:
+  """One row (`StudyTotals`) over the whole run. A DICOM row is one with a
+  frame number (multi-frame) or a region_cropped value (set for every
+  DICOM, cropped or not); PNG and JPEG rows have neither."""
+  c = _study_columns(columns)
+  key = c[schemas.COLUMN_STUDY_KEY]
+  return (
+      f"SELECT count(*) AS images, count({key}) AS keyed_images,"
+      f" count(DISTINCT {key}) AS studies,"
+      f" count(DISTINCT {key}) FILTER (WHERE"
+      f" {c[schemas.COLUMN_NEEDS_REVIEW]}) AS studies_needing_review,"
+      f" count(*) FILTER (WHERE {c[schemas.COLUMN_FRAME]} IS NOT NULL"
+      f" OR {c[schemas.COLUMN_REGION_CROPPED]} IS NOT NULL) AS dicom_images"
+      " FROM preds")
+
+
+def studies_sql(columns: FrozenSet[str]) -> str:
+  """Rows of `StudyRow`, highest p_malignant first (ties: more images
+  needing review, more images, then the key), at most `?` of them.
+
+  Without a p_malignant column max_p_malignant and class_at_max are null
+  and the order starts at the images needing review. class_at_max is the
+  predicted class of the study's image with the highest p_malignant (ties
+  broken by image_id, so the answer is the same on every run).
+  """
+  c = _study_columns(columns)
+  key, p = c[schemas.COLUMN_STUDY_KEY], c[P_MALIGNANT]
+  return (
+      f"SELECT {key} AS study_key, count(*) AS images,"
+      f" count(DISTINCT {c[schemas.COLUMN_SERIES_KEY]}) AS series,"
+      f" count({c[schemas.COLUMN_FRAME]}) AS frames,"
+      f" count(*) FILTER (WHERE {c[schemas.COLUMN_NEEDS_REVIEW]})"
+      " AS review_images,"
+      f" max({p}) AS max_p_malignant,"
+      f" first(predicted_class ORDER BY {p} DESC NULLS LAST, image_id)"
+      " AS class_at_max"
+      f" FROM preds WHERE {key} IS NOT NULL GROUP BY {key}"
+      " ORDER BY max_p_malignant DESC NULLS LAST, review_images DESC,"
+      " images DESC, study_key LIMIT ?")
+
+
+def short_key(key: Optional[str]) -> str:
+  """The first SHORT_KEY_CHARS hex digits of a study key, enough to tell
+  studies apart and to find one (`study_key LIKE 'abc…%'`); INVALID_KEY for
+  a value that is not an HMAC-SHA256 hex digest."""
+  if key is None or not _KEY_PATTERN.fullmatch(key):
+    return INVALID_KEY
+  return key[:SHORT_KEY_CHARS]
+
+
+def shown_key(key: Optional[str]) -> Optional[str]:
+  """The whole key when it is one (for a title attribute), else None."""
+  return key if key is not None and _KEY_PATTERN.fullmatch(key) else None
+
+
+class StudyTotals(NamedTuple):
+  """One row of `study_totals_sql`."""
+  images: int
+  keyed_images: int  # rows whose study_key is not null
+  studies: int
+  studies_needing_review: int  # studies with at least one such image
+  dicom_images: int  # rows with a frame or region_cropped value
+
+
+class StudyRow(NamedTuple):
+  """One row of `studies_sql`: one study."""
+  study_key: str
+  images: int  # prediction rows: images, or frames of multi-frame DICOMs
+  series: int  # distinct series_key values
+  frames: int  # rows with a frame number (of a multi-frame DICOM)
+  review_images: int  # rows with needs_review
+  max_p_malignant: Optional[float]  # None when the model has no such class
+  class_at_max: Optional[str]
+
+  @property
+  def needs_review(self) -> bool:
+    return self.review_images > 0
+
+  @property
+  def short_key(self) -> str:
+    return short_key(self.study_key)
+
+
+class Studies(NamedTuple):
+  """The run's studies: totals, the first `len(top)` by rank, and words
+  for both (summary and report alike)."""
+  totals: StudyTotals
+  top: Tuple[StudyRow, ...]
+  ranked_by_malignant: bool
+
+  @property
+  def more(self) -> int:
+    """Studies ranked below those in `top`."""
+    return self.totals.studies - len(self.top)
+
+  def headline(self) -> str:
+    t = self.totals
+    return (f"{t.studies} {'study' if t.studies == 1 else 'studies'},"
+            f" {t.studies_needing_review} with an image needing review"
+            f" ({t.keyed_images} of {t.images} images carry a study_key).")
+
+  def notes(self) -> List[str]:
+    """What the totals cannot say, in words."""
+    notes = []
+    t = self.totals
+    if t.keyed_images < t.images:
+      notes.append(f"{t.images - t.keyed_images} images without a study_key"
+                   " (not DICOM, no Study Instance UID, or scored without"
+                   " a key) are in no study.")
+    if not self.ranked_by_malignant:
+      notes.append(f"The model has no {MALIGNANT} class: studies are ranked"
+                   " by images needing review, then by images.")
+    return notes
+
+  def absent_note(self) -> Optional[str]:
+    """The one line said when no row has a study_key: None for a run with
+    no DICOM images (nothing to group), else why nothing is grouped."""
+    t = self.totals
+    if t.studies or not t.dicom_images:
+      return None
+    return (f"Studies: not grouped: study_key is null in every row, though"
+            f" {t.dicom_images} of {t.images} images are DICOM (score with"
+            f" --study_hmac_key or ${pseudonyms.KEY_ENV} to group them"
+            " by study).")
+
+
+def query_studies(run: Connection, limit: int) -> Optional[Studies]:
+  """The run's studies, the first `limit` of them by rank; None without
+  predictions."""
+  if not run.has_predictions:
+    return None
+  totals = StudyTotals(*run.con.execute(
+      study_totals_sql(run.columns)).fetchone())
+  top = ()
+  if totals.studies:
+    top = tuple(StudyRow(*r) for r in run.con.execute(
+        studies_sql(run.columns), [limit]).fetchall())
+  return Studies(totals, top, P_MALIGNANT in run.columns)
