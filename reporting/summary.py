@@ -10,6 +10,7 @@ import schemas
 from reporting import run_files, sql
 
 OOD_TOP = 10  # rows of the "Most out-of-distribution" table
+STUDIES_TOP = 20  # rows of the "Studies" table
 
 
 def _format(columns: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -92,6 +93,40 @@ def _review_parts(run: sql.Connection) -> List[str]:
   return parts
 
 
+def _study_rows(studies: sql.Studies) -> List[tuple]:
+  rows = []
+  for s in studies.top:
+    review = f"yes ({s.review_images})" if s.needs_review else "no"
+    rows.append((s.short_key, s.images, s.frames, s.series, review)
+                + ((s.max_p_malignant, s.class_at_max)
+                   if studies.ranked_by_malignant else ()))
+  return rows
+
+
+def _study_parts(run: sql.Connection) -> List[str]:
+  """The "Studies" table, highest p_malignant first; one line when DICOM
+  images were scored without a study key; nothing for a run with neither
+  (PNG and JPEG images, or a run written before the study columns)."""
+  studies = sql.query_studies(run, STUDIES_TOP)
+  absent = studies.absent_note()
+  if absent:
+    return [f"-- {absent}"]
+  if not studies.totals.studies:
+    return []
+  columns = ("study", "images", "frames", "series", "needs_review")
+  order = "by images needing review"
+  if studies.ranked_by_malignant:
+    columns += (f"max_{sql.P_MALIGNANT}", "class_at_max")
+    order = f"highest {sql.P_MALIGNANT} first"
+  shown = len(studies.top)
+  title = (f"Studies (top {shown} of {studies.totals.studies}, {order};"
+           f" study = first {sql.SHORT_KEY_CHARS} hex digits of study_key)")
+  lines = [_table(title, columns, _study_rows(studies))]
+  if studies.more:
+    lines.append(f"... and {studies.more} more.")
+  return ["\n".join(lines + [studies.headline()] + studies.notes())]
+
+
 def summary(output: str) -> str:
   """Runs the summary's queries and formats the results as text tables.
 
@@ -144,6 +179,7 @@ def _tables(run: sql.Connection) -> List[str]:
         [(images, flagged, _share(flagged, images),
           ", ".join(f"{t:g}" for t in thresholds or ()))]))
     parts += _review_parts(run)
+    parts += _study_parts(run)
     parts.append(_table(
         "Accuracy against known labels (all / confident / flagged)",
         ("labelled", "accuracy", "accuracy_confident", "accuracy_flagged"),
