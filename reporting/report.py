@@ -32,6 +32,7 @@ from reporting import run_files, sql, thumbnails
 REPORT_FILE = "index.html"
 DEFAULT_GALLERY_SIZE = 12
 DEFAULT_OOD_THUMBNAILS = 8
+STUDIES_SHOWN = 100  # rows of the "Studies" table
 HISTOGRAM_BINS = 50
 # An overlay is a few hundred KiB at most; a cap keeps one odd file from
 # turning the page into something a browser or a mail client chokes on.
@@ -121,6 +122,8 @@ class ReportData:
     quality_flags: images per quality flag, most frequent first.
     ood_members: out-of-distribution images, most out of distribution
       first (as many as the report shows).
+    studies: the run's studies (rows grouped by study_key), the first
+      STUDIES_SHOWN by rank; None without predictions.
   """
   run_dir: str
   manifest: Optional[dict]
@@ -139,6 +142,7 @@ class ReportData:
   review_missing: Tuple[str, ...] = ()
   quality_flags: Tuple[sql.FlagCount, ...] = ()
   ood_members: Tuple[sql.OodMember, ...] = ()
+  studies: Optional[sql.Studies] = None
 
   @property
   def labelled(self) -> int:
@@ -209,6 +213,7 @@ def query_report_data(run_dir: str,
       ood_members = [sql.OodMember(*r) for r in con.execute(
           sql.OOD_MEMBERS, [ood_size]).fetchall()]
 
+  studies = sql.query_studies(run, STUDIES_SHOWN)
   errors = None
   if run.has_errors:
     errors = tuple(ErrorCount(*r) for r in rows(sql.ERRORS_BY_TYPE))
@@ -232,7 +237,8 @@ def query_report_data(run_dir: str,
       confusion=confusion, accuracy=accuracy, gallery=tuple(gallery),
       gradcam_total=gradcam_total, review=review,
       review_missing=review_missing if run.has_predictions else (),
-      quality_flags=tuple(quality_flags), ood_members=tuple(ood_members))
+      quality_flags=tuple(quality_flags), ood_members=tuple(ood_members),
+      studies=studies)
 
 
 # --------------------------------------------------------------------------
@@ -588,6 +594,65 @@ def _review_section(data: ReportData,
   return _section("review", "Review", body)
 
 
+def _has_studies_section(data: ReportData) -> bool:
+  """A section when rows are grouped by study, or DICOM images were scored
+  without a key; none for a run with neither (PNG and JPEG images, or a
+  run written before the study columns)."""
+  studies = data.studies
+  return bool(studies and (studies.totals.studies or studies.absent_note()))
+
+
+def _study_key_cell(key: str) -> str:
+  """The key's first hex digits, the whole key in the title; a value that
+  is not a key is never shown, in part or whole."""
+  full = sql.shown_key(key)
+  if full is None:
+    return f"<td>{_e(sql.INVALID_KEY)}</td>"
+  return (f'<td class="key" title="{_e(full)}"><code>'
+          f"{_e(sql.short_key(key))}</code>&hellip;</td>")
+
+
+def _studies_table(studies: sql.Studies) -> str:
+  header = ["study", "images", "frames", "series", "needs review"]
+  if studies.ranked_by_malignant:
+    header += [f"max {sql.P_MALIGNANT}", "predicted class at max"]
+  lines = []
+  for s in studies.top:
+    review = (f"yes ({s.review_images})" if s.needs_review else "no")
+    cells = [_study_key_cell(s.study_key),
+             f'<td class="num">{s.images}</td>',
+             f'<td class="num">{s.frames}</td>',
+             f'<td class="num">{s.series}</td>',
+             f"<td>{_e(review)}</td>"]
+    if studies.ranked_by_malignant:
+      cells += [f'<td class="num">{s.max_p_malignant:.3f}</td>',
+                f"<td>{_e(s.class_at_max)}</td>"]
+    lines.append(f"<tr>{''.join(cells)}</tr>")
+  head = "".join(f"<th>{_e(h)}</th>" for h in header)
+  return (f'<table id="studies"><thead><tr>{head}</tr></thead>'
+          f"<tbody>{''.join(lines)}</tbody></table>")
+
+
+def _studies_section(data: ReportData) -> str:
+  studies = data.studies
+  absent = studies.absent_note()
+  if absent:
+    return _section("studies", "Studies", _note(absent))
+  totals = studies.totals
+  order = (f"highest {sql.P_MALIGNANT} first" if studies.ranked_by_malignant
+           else "most images needing review first")
+  shown = (f"<p>{len(studies.top)} of {totals.studies} studies, {order};"
+           f" a study is shown by the first {sql.SHORT_KEY_CHARS} hex"
+           " digits of its study_key (the whole key on hover).</p>")
+  more = (f"<p>&hellip; and {studies.more} more.</p>" if studies.more
+          else "")
+  body = (f'<p class="big" id="studies-headline">'
+          f"{_e(studies.headline())}</p>"
+          f"{''.join(_note(n) for n in studies.notes())}"
+          f"{shown}{_studies_table(studies)}{more}")
+  return _section("studies", "Studies", body)
+
+
 def _errors_section(data: ReportData) -> str:
   if data.errors is None:
     body = _note(f"No errors table ({schemas.ERRORS_DIR}/ is missing or"
@@ -669,6 +734,7 @@ thead th{background:#f0f2f5}
 table.facts th{font-weight:600;color:#555;white-space:nowrap}
 table.facts td{word-break:break-all}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.key{white-space:nowrap}
 .cols{display:flex;flex-wrap:wrap;gap:28px;align-items:flex-start}
 .cols>table.facts{flex:1 1 480px}
 .plot img{max-width:100%;height:auto}
@@ -714,11 +780,14 @@ def render_html(data: ReportData, figures: Mapping[str, bytes],
       _classes_section(data, figures),
       _confidence_section(data, figures),
       _review_section(data, ood_images),
-      _errors_section(data),
-      _labels_section(data, figures),
   ]
   nav = [("run", "Run"), ("classes", "Classes"), ("confidence", "Confidence"),
-         ("review", "Review"), ("errors", "Errors"), ("labels", "Labels")]
+         ("review", "Review")]
+  if _has_studies_section(data):
+    sections.append(_studies_section(data))
+    nav.append(("studies", "Studies"))
+  sections += [_errors_section(data), _labels_section(data, figures)]
+  nav += [("errors", "Errors"), ("labels", "Labels")]
   if gallery:
     sections.append(_gallery_section(data, gallery))
     nav.append(("gallery", "Grad-CAM"))
