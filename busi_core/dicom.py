@@ -296,7 +296,7 @@ def _read(data: bytes) -> Dataset:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
   except MemberError:
     raise
-  # Pydicom raises many types on broken bytes.
+  # pydicom raises many types on broken bytes.
   except Exception as e:  # pylint: disable=broad-except
     raise MemberError(
         "CorruptImage",
@@ -797,7 +797,7 @@ class _Frames:
       except MemberError:
         self._ended = True
         raise
-      # Pydicom raises many types on broken bytes.
+      # pydicom raises many types on broken bytes.
       except Exception as e:  # pylint: disable=broad-except
         self._ended = True
         raise MemberError(
