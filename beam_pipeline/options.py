@@ -14,7 +14,7 @@ from apache_beam.options.pipeline_options import (GoogleCloudOptions,
                                                   StandardOptions)
 
 import schemas
-from busi_core import archives, imaging, quality
+from busi_core import archives, imaging, pseudonyms, quality
 
 PREPROCESS = "preprocess"
 SCORE = "score"
@@ -25,7 +25,8 @@ COMMANDS = (PREPROCESS, SCORE, RUN)
 _READ_FLAGS = ("input", "output", "overwrite", "lock_stale_after_s")
 _ARCHIVE_FLAGS = ("image_size", "max_pixels", "max_member_bytes",
                   "max_compression_ratio", "max_members_per_archive",
-                  "zip_chunk_size", "max_records_per_shard")
+                  "zip_chunk_size", "max_records_per_shard",
+                  "max_frames_per_file", "study_hmac_key")
 # Thresholds of the image-quality flags: `--quality_<field>` for each field
 # of quality.QualityThresholds.
 _QUALITY_PREFIX = "quality_"
@@ -99,6 +100,17 @@ class BusiOptions(PipelineOptions):
         help="preprocess/run: start a new TFRecord shard after this many"
         " images, so that one corrupt file costs one shard (2,000 images at"
         " 224×224 are about 60 MB grey, 180 MB RGB).")
+    parser.add_argument(
+        "--max_frames_per_file", type=int, default=None,
+        help="preprocess/run: read at most this many frames (the first ones)"
+        " of a multi-frame DICOM (default: all); frames left unread are"
+        " counted as frames_skipped in the manifest.")
+    parser.add_argument(
+        "--study_hmac_key", default=None,
+        help="preprocess/run: key (16+ characters) of the study_key and"
+        f" series_key columns, HMAC-SHA256 of the DICOM Study/Series Instance"
+        f" UIDs; default ${pseudonyms.KEY_ENV}, which keeps the key out of"
+        " the job's displayed options. Without a key the columns are null.")
     parser.add_argument(
         "--quality_colour_tolerance", type=int,
         default=schemas.DEFAULT_QUALITY_COLOUR_TOLERANCE,
@@ -285,6 +297,9 @@ def validate(command: str, options: PipelineOptions) -> BusiOptions:
                "max_records_per_shard"):
     if getattr(opts, name) < 1:
       raise ValueError(f"--{name} must be at least 1")
+  if opts.max_frames_per_file is not None and opts.max_frames_per_file < 1:
+    raise ValueError("--max_frames_per_file must be at least 1 (leave it out"
+                     " to read every frame)")
   for field, (low, high) in _QUALITY_RANGES.items():
     value = getattr(opts, _QUALITY_PREFIX + field)
     # Written so that NaN fails too.
@@ -301,6 +316,21 @@ def validate(command: str, options: PipelineOptions) -> BusiOptions:
         "worker_accelerator=... (GPU on every worker); Dataflow documents them"
         " as exclusive. Pass one of the two.")
   return opts
+
+
+def take_study_hmac_key(opts: BusiOptions) -> Optional[bytes]:
+  """The study/series HMAC key (flag, else environment), or None.
+
+  The flag's value is blanked in the options once read, so that the key is
+  not among the options a Dataflow job displays; it reaches the workers
+  inside the decoding step instead.
+
+  Raises:
+    ValueError: the key is too short (the message does not quote it).
+  """
+  key = pseudonyms.resolve_key(opts.study_hmac_key)
+  opts.study_hmac_key = None
+  return key
 
 
 def quality_thresholds(opts: BusiOptions) -> quality.QualityThresholds:

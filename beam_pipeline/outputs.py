@@ -308,10 +308,14 @@ def finish_manifest(base: Dict, counts: Dict[str, int],
   scored = "predictions" in counts
   outcomes = counts["predictions"] if scored else counts["images_written"]
   accounted = outcomes + counts["masks_skipped"] + counts["errors"]
+  # A multi-frame DICOM is one member read and one outcome per frame: its
+  # frames beyond the first are added to the members side.
+  seen = counts["members_seen"] + counts.get("extra_frames", 0)
   manifest["invariant"] = {
-      "rule": "members_seen = {} + masks_skipped + errors".format(
+      "rule": "members_seen{} = {} + masks_skipped + errors".format(
+          " + extra_frames" if "extra_frames" in counts else "",
           "predictions" if scored else "images_written"),
-      "holds": accounted == counts["members_seen"],
+      "holds": accounted == seen,
   }
   if not manifest["invariant"]["holds"]:
     _LOG.error("Manifest invariant broken: %s seen, %s accounted for",

@@ -18,7 +18,7 @@ import schemas
 from beam_pipeline import options as opts_lib
 from beam_pipeline import (inputs, output_lock, outputs, progress, scoring,
                            scoring_pipeline)
-from beam_pipeline.preprocess import PreprocessLimits, ReadImages
+from beam_pipeline.preprocess import DicomSettings, PreprocessLimits, ReadImages
 from busi_core import archives, gcs
 
 _LOG = logging.getLogger(__name__)
@@ -32,6 +32,8 @@ class Plan(NamedTuple):
   run_id: str
   started: float  # time.time() at launch
   scoring: Optional[scoring.ScoringConfig]  # None for preprocess
+  # HMAC key of the DICOM study/series pseudonyms (options.take_study_hmac_key)
+  study_hmac_key: Optional[bytes] = None
 
 
 def manifest_base(plan: Plan, image_size: int) -> Dict:
@@ -67,7 +69,8 @@ def _read_archives(p: beam.Pipeline, plan: Plan, image_size: int,
       image_size, opts.max_pixels,
       archives.Limits(opts.max_member_bytes, opts.max_compression_ratio,
                       opts.max_members_per_archive),
-      opts.zip_chunk_size, opts_lib.quality_thresholds(opts))
+      opts.zip_chunk_size, opts_lib.quality_thresholds(opts),
+      DicomSettings(opts.max_frames_per_file, plan.study_hmac_key))
   read = p | "ReadImages" >> ReadImages(plan.paths, limits, plan.run_id)
   written["tfrecords"] = read["examples"] | "WriteExamples" >> (
       outputs.WriteExamples(opts.output, opts.max_records_per_shard))
@@ -75,6 +78,10 @@ def _read_archives(p: beam.Pipeline, plan: Plan, image_size: int,
       "members_seen": read["members_seen"],
       "images_written": outputs.count(read["examples"], "CountImages"),
       "masks_skipped": outputs.count(read["masks"], "CountMasks"),
+      # Frames of multi-frame DICOMs beyond each file's first, and frames
+      # left unread by --max_frames_per_file.
+      "extra_frames": read["extra_frames"],
+      "frames_skipped": read["frames_skipped"],
       schemas.COUNT_INPUTS_VANISHED: inputs.count_vanished(read["errors"]),
   })
   return read
@@ -192,6 +199,8 @@ def create(argv: Optional[List[str]] = None,
   gcs.configure_for_emulator()
   options = PipelineOptions(flags)
   opts = opts_lib.validate(command, options)
+  study_hmac_key = (opts_lib.take_study_hmac_key(opts)
+                    if command != opts_lib.SCORE else None)
   # Matched once, here: every path in this list ends as members or an error
   # row, even if it is gone by the time a worker reads it.
   paths = inputs.match_inputs(opts.input)
@@ -208,8 +217,8 @@ def create(argv: Optional[List[str]] = None,
   if command != opts_lib.PREPROCESS:
     # The artifact is checked before the output is touched or a file read.
     config = scoring_pipeline.load_config(opts, run_id, command)
-  _claim_and_build(p, Plan(command, opts, paths, run_id, started, config),
-                   options)
+  _claim_and_build(p, Plan(command, opts, paths, run_id, started, config,
+                           study_hmac_key), options)
   return Job(p, command, opts, run_id)
 
 

@@ -11,11 +11,15 @@ import apache_beam as beam
 import schemas
 from beam_pipeline import inputs, progress
 from beam_pipeline.errors import ERRORS, error_row
-from busi_core import archives, imaging, quality
+from busi_core import archives, dicom, imaging, pseudonyms, quality
 from busi_core.errors import MemberError
 from schemas import records
 
 MASKS = "masks"
+# DecodeMember's tagged output of (extra outcomes, frames left unread) per
+# multi-frame DICOM: a member that becomes N frame rows adds N - 1 outcomes
+# to the manifest's invariant, and --max_frames_per_file leaves frames unread.
+FRAMES = "frames"
 
 
 class TarInput(NamedTuple):
@@ -38,6 +42,31 @@ class PreprocessLimits(NamedTuple):
   zip_chunk_size: int = archives.DEFAULT_ZIP_CHUNK
   quality_thresholds: quality.QualityThresholds = (
       quality.QualityThresholds())
+  dicom: "DicomSettings" = None
+
+
+class DicomSettings(NamedTuple):
+  """How DICOM members are read."""
+  # Most frames read from one multi-frame file (the first ones); None: all.
+  max_frames: Optional[int] = None
+  # HMAC key of study_key / series_key (busi_core.pseudonyms); None: the
+  # columns stay null.
+  hmac_key: Optional[bytes] = None
+
+
+def frame_source(source: str, frame: Optional[int]) -> str:
+  """The `source` of one frame of a multi-frame DICOM: `...#frame=N`."""
+  return source if frame is None else f"{source}#frame={frame}"
+
+
+def frame_image_id(member_id: str, frame: Optional[int]) -> str:
+  """The image_id of one frame: sha256 of the member's id and the frame.
+
+  A single-frame image keeps the sha256 of its bytes, as every other image.
+  """
+  if frame is None:
+    return member_id
+  return imaging.image_id(f"{member_id}#frame={frame}".encode())
 
 
 class PlanWork(beam.DoFn):
@@ -144,11 +173,13 @@ class DecodeMember(beam.DoFn):
 
   def __init__(self, image_size: int, max_pixels: int, run_id: str,
                thresholds: quality.QualityThresholds = (
-                   quality.QualityThresholds())):
+                   quality.QualityThresholds()),
+               dicom_settings: Optional[DicomSettings] = None):
     self._size = image_size
     self._max_pixels = max_pixels
     self._run_id = run_id
     self._thresholds = thresholds
+    self._dicom = dicom_settings or DicomSettings()
 
   def process(self, member: archives.Member):
     if member.kind == "mask":
@@ -168,6 +199,9 @@ class DecodeMember(beam.DoFn):
       yield beam.pvalue.TaggedOutput(ERRORS, error_row(
           member.source, stage, member.error.kind, str(member.error),
           self._run_id))
+      return
+    if member.data and dicom.is_dicom(member.data):
+      yield from self._decode_dicom(member)
       return
     try:
       decoded = imaging.decode_and_resize(member.data, self._size,
@@ -203,6 +237,106 @@ class DecodeMember(beam.DoFn):
     yield example
 
 
+  def _error(self, source: str, kind: str, message: str):
+    progress.count(schemas.COUNTER_DECODE_ERRORS)
+    return beam.pvalue.TaggedOutput(ERRORS, error_row(
+        source, schemas.Stage.DECODE, kind, message, self._run_id))
+
+  def _decode_dicom(self, member: archives.Member):
+    """A DICOM member → one Example (or error row) per frame read.
+
+    Nothing from the header but the pixels, the frame number, Burned In
+    Annotation and the keyed study/series pseudonyms reaches the record; the
+    error messages are `busi_core.dicom`'s, which carry no header text.
+    """
+    try:
+      header = dicom.read_header(member.data, self._max_pixels)
+    except MemberError as e:
+      yield self._error(member.source, e.kind, str(e))
+      return
+    except Exception as e:  # pylint: disable=broad-except
+      # The exception's text may quote the header: only its type is kept.
+      yield self._error(member.source, "CorruptImage",
+                        f"unreadable DICOM ({type(e).__name__})")
+      return
+    member_id = imaging.image_id(member.data)
+    label = imaging.label_from_path(member.path)
+    key = self._dicom.hmac_key
+    study_key = pseudonyms.pseudonym(key, header.study_uid)
+    series_key = pseudonyms.pseudonym(key, header.series_uid)
+    wanted = header.frames
+    if self._dicom.max_frames is not None:
+      wanted = min(wanted, self._dicom.max_frames)
+    progress.expect(wanted - 1)
+    outcomes = 0
+    frames = dicom.iter_frames(member.data, header, self._dicom.max_frames)
+    while outcomes < wanted:
+      number = outcomes + 1 if header.multi_frame else None
+      source = frame_source(member.source, number)
+      try:
+        frame = next(frames)
+      except StopIteration:
+        # Fewer frames than NumberOfFrames declared: the rest are one error.
+        outcomes += 1
+        yield self._error(source, "CorruptImage",
+                          f"the file holds fewer frames than the {wanted}"
+                          " its header declares")
+        break
+      except MemberError as e:
+        outcomes += 1
+        rest = (f"; frames {outcomes + 1}-{wanted} not read"
+                if outcomes < wanted else "")
+        yield self._error(source, e.kind, f"{e}{rest}")
+        break
+      except Exception as e:  # pylint: disable=broad-except
+        outcomes += 1
+        yield self._error(source, "CorruptImage",
+                          f"DICOM frame not decoded ({type(e).__name__})")
+        break
+      outcomes += 1
+      number = frame.number
+      source = frame_source(member.source, number)
+      try:
+        decoded = imaging.resize_pixels(frame.pixels, self._size,
+                                        keep_grey=True)
+        flags = quality.check(decoded.pixels, decoded.original_height,
+                              decoded.original_width, self._thresholds,
+                              burned_in_annotation=header.burned_in_annotation)
+        example = records.to_example(records.ImageRecord(
+            image_id=frame_image_id(member_id, number),
+            source=source,
+            label=label,
+            pixels=decoded.pixels,
+            original_height=decoded.original_height,
+            original_width=decoded.original_width,
+            quality_flags=quality.join(flags),
+            frame=number,
+            study_key=study_key,
+            series_key=series_key,
+            region_cropped=frame.region_cropped))
+      except MemberError as e:
+        yield self._error(source, e.kind, str(e))
+        continue
+      except Exception as e:  # pylint: disable=broad-except
+        yield self._error(source, type(e).__name__, str(e)[:500])
+        continue
+      progress.count(schemas.COUNTER_IMAGES_DECODED)
+      for name in flags:
+        progress.count(schemas.quality_counter(name))
+      yield example
+    skipped = header.frames - wanted
+    if outcomes > 1 or skipped:
+      yield beam.pvalue.TaggedOutput(FRAMES, (outcomes - 1, skipped))
+
+
+def _sum_pairs(pairs: Iterable) -> tuple:
+  extra = skipped = 0
+  for a, b in pairs:
+    extra += a
+    skipped += b
+  return extra, skipped
+
+
 class ReadImages(beam.PTransform):
   """Input paths → serialized Examples, mask sources, error rows, counts.
 
@@ -233,12 +367,18 @@ class ReadImages(beam.PTransform):
         ReadMembers(limits.archive))
     decoded = members | "DecodeImages" >> beam.ParDo(DecodeMember(
         limits.image_size, limits.max_pixels, self._run_id,
-        limits.quality_thresholds)).with_outputs(
-            MASKS, ERRORS, main="examples")
+        limits.quality_thresholds, limits.dicom)).with_outputs(
+            MASKS, ERRORS, FRAMES, main="examples")
+    frames = decoded[FRAMES] | "SumFrames" >> beam.CombineGlobally(
+        _sum_pairs)
     return {
         "examples": decoded.examples,
         "masks": decoded[MASKS],
         "errors": decoded[ERRORS],
+        "extra_frames": frames | "ExtraFrames" >> beam.MapTuple(
+            lambda extra, unused_skipped: extra),
+        "frames_skipped": frames | "FramesSkipped" >> beam.MapTuple(
+            lambda unused_extra, skipped: skipped),
         "members_seen": members | "CountMembers" >> (
             beam.combiners.Count.Globally()),
     }

@@ -123,7 +123,8 @@ def check_header(data: bytes, max_pixels: int) -> Tuple[str, int, int]:
   if fmt is None:
     raise MemberError(
         "NotAnImage",
-        f"bytes are not PNG, JPEG, BMP, TIFF or WebP (starts with {data[:8]!r})")
+        "bytes are not PNG, JPEG, BMP, TIFF, WebP or DICOM (starts with"
+        f" {data[:8]!r})")
   try:
     if fmt == "png" and data[12:16] == b"IHDR" and len(data) >= 24:
       # The PNG header is fixed: read it directly (Pillow costs ~0.1 ms).
@@ -200,8 +201,38 @@ def decode_and_resize(data: bytes, image_size: int,
   img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
   if img is None or img.size == 0:
     raise MemberError("CorruptImage", f"OpenCV could not decode the {fmt} data")
+  return _resize(_to_8bit(img), image_size, keep_grey, bgr=True)
+
+
+def resize_pixels(pixels: np.ndarray, image_size: int,
+                  keep_grey: bool = False) -> DecodedImage:
+  """Resizes decoded uint8 pixels as `decode_and_resize` does.
+
+  For pixels decoded elsewhere (DICOM frames), so that every image reaches
+  the model through the same filter and grey handling.
+
+  Args:
+    pixels: uint8 [H, W] grey or [H, W, 3] RGB.
+    image_size: output height and width.
+    keep_grey: as for `decode_and_resize`.
+
+  Returns:
+    The resized pixels and the original height and width.
+
+  Raises:
+    MemberError: the pixels are not uint8 grey or RGB.
+  """
+  if (pixels.dtype != np.uint8 or pixels.size == 0 or
+      not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] == 3))):
+    raise MemberError("UnsupportedPixelType",
+                      f"pixels {pixels.dtype} {tuple(pixels.shape)}: expected"
+                      " uint8 grey or RGB")
+  return _resize(pixels, image_size, keep_grey, bgr=False)
+
+
+def _resize(img: np.ndarray, image_size: int, keep_grey: bool,
+            bgr: bool) -> DecodedImage:
   height, width = img.shape[:2]
-  img = _to_8bit(img)
   # INTER_AREA: the right filter for the usual downscale of ~500 px frames.
   # It filters each channel alike, so resizing before the channel swap (or
   # the grey test) gives the same pixels as after it, with less work.
@@ -211,6 +242,6 @@ def decode_and_resize(data: bytes, image_size: int,
   if img.ndim == 2:
     if not keep_grey:
       img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-  else:
+  elif bgr:
     img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
   return DecodedImage(img, height, width)

@@ -112,7 +112,8 @@ def test_busi_zip_end_to_end(tmp_path):
   counts = manifest["counts"]
   assert counts == {"members_seen": len(entries), "images_written": 9,
                     "masks_skipped": len(entries) - 9, "errors": 0,
-                    "inputs_vanished": 0}
+                    "inputs_vanished": 0, "extra_frames": 0,
+                    "frames_skipped": 0}
   assert manifest["invariant"]["holds"] is True
   assert read_errors(out) == []
   on_disk = json.load(open(os.path.join(out, schemas.MANIFEST_FILE)))
@@ -252,7 +253,8 @@ def test_plain_files_and_globs(tmp_path):
                            "--output", out, "--image_size", "16"])
   assert manifest["counts"] == {"members_seen": 4, "images_written": 3,
                                 "masks_skipped": 1, "errors": 0,
-                                "inputs_vanished": 0}
+                                "inputs_vanished": 0, "extra_frames": 0,
+                                "frames_skipped": 0}
   assert {r.label for r in read_records(out)} == {"benign"}
 
 
