@@ -308,9 +308,15 @@ def finish_manifest(base: Dict, counts: Dict[str, int],
   scored = "predictions" in counts
   outcomes = counts["predictions"] if scored else counts["images_written"]
   accounted = outcomes + counts["masks_skipped"] + counts["errors"]
+  terms = ["predictions" if scored else "images_written"]
+  # --skip_scored: images left out of scoring are outcomes too; the rule
+  # names them only in runs that count them.
+  if schemas.COUNT_ALREADY_SCORED in counts:
+    accounted += counts[schemas.COUNT_ALREADY_SCORED]
+    terms.append(schemas.COUNT_ALREADY_SCORED)
   manifest["invariant"] = {
       "rule": "members_seen = {} + masks_skipped + errors".format(
-          "predictions" if scored else "images_written"),
+          " + ".join(terms)),
       "holds": accounted == counts["members_seen"],
   }
   if not manifest["invariant"]["holds"]:
