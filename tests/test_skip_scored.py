@@ -163,3 +163,46 @@ def test_bad_skip_scored_is_one_line_and_exit_2(tmp_path, model_dir, capsys):
   assert cli.main(["preprocess", "--input", archive, "--output", str(out),
                    "--skip_scored", "x"]) == cli.EXIT_USAGE
   assert "does not apply to preprocess" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_skip_scored_and_compare_read_runs_on_gs(tmp_path, model_dir,
+                                                first_run, fake_model,
+                                                gcs_client):
+  """gs:// through Beam's FileSystems, on the storage emulator: the glob
+  and the predictions read of --skip_scored, and compare's copy."""
+  from reporting import compare  # pylint: disable=import-outside-toplevel
+  from tests.conftest import BUCKET  # pylint: disable=import-outside-toplevel
+  _, _, first = first_run
+  bucket = gcs_client.bucket(BUCKET)
+  for sub in (schemas.PREDICTIONS_DIR, schemas.ERRORS_DIR):
+    for name in os.listdir(os.path.join(first, sub)):
+      bucket.blob(f"runs/first/{sub}/{name}").upload_from_filename(
+          os.path.join(first, sub, name))
+  bucket.blob(f"runs/first/{schemas.MANIFEST_FILE}").upload_from_filename(
+      os.path.join(first, schemas.MANIFEST_FILE))
+  shards = os.path.join(first, schemas.TFRECORD_DIR, "*.tfrecord.gz")
+  manifest = pipeline.run([
+      "score", "--input", shards, "--model", model_dir, "--output",
+      str(tmp_path / "again"), "--skip_scored", f"gs://{BUCKET}/runs/f*",
+      "--input", _one_new_shard(tmp_path)])  # one new image to score
+  assert manifest["counts"]["already_scored"] == 6
+  assert manifest["counts"]["predictions"] == 1
+  assert manifest["invariant"]["holds"]
+  with pytest.raises(skip_scored.NoScoredRuns, match="matches no run"):
+    skip_scored.find_runs([f"gs://{BUCKET}/runs/nothing*"], str(tmp_path))
+
+  c = compare.compare(f"gs://{BUCKET}/runs/first", first)
+  assert c.overlap == compare.Overlap(both=6, only_old=0, only_new=0)
+  assert c.changed == 0
+
+
+def _one_new_shard(tmp_path):
+  """A preprocessed TFRecord shard of one image not in the first run."""
+  archive = str(tmp_path / "new.zip")
+  af.write_zip(archive, af.busi_entries(1, 99, shape=SHAPE,
+                                        second_mask=False)[:1])
+  pipeline.run(["preprocess", "--input", archive, "--output",
+                str(tmp_path / "pre"), "--image_size", "16"])
+  return os.path.join(str(tmp_path / "pre"), schemas.TFRECORD_DIR,
+                      "*.tfrecord.gz")
