@@ -31,6 +31,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT)
 
 VERBOSE_FLAG = "--verbose"
 _PIPELINE_COMMANDS = ("preprocess", "score", "run")
+_REPORTING_COMMANDS = ("summary", "report", "compare")
 INTERRUPTED = ("interrupted: the run was stopped before it finished; rerun the"
                " same command; the unfinished output is removed on rerun")
 # Loggers whose INFO messages a person reads; other libraries' show from
@@ -84,6 +85,8 @@ _COMMANDS = {
     "run": "archives → TFRecords and predictions in one job (needs --model)",
     "summary": "DuckDB SQL summary of a run: summary --output DIR",
     "report": "HTML run report: report --predictions DIR --output REPORT_DIR",
+    "compare": "how two runs agree (class flips, confidence, flags): compare"
+               " --old RUN --new RUN --output DIR",
 }
 _EPILOG = ("--verbose shows Beam's own messages and full tracebacks of"
            " failures. Beam's own flags (--runner, --direct_num_workers,"
@@ -217,12 +220,13 @@ def _run_pipeline(argv: List[str]) -> int:
 
 
 def _run_reporting(command: str, argv: List[str]) -> int:
-  """`summary` or `report`; one line and status 2 where there is no run to
-  read."""
+  """`summary`, `report` or `compare`; one line and status 2 where there is
+  no run to read."""
   # pylint: disable=import-outside-toplevel
-  from reporting import report, run_files, summary
+  from reporting import compare, report, run_files, summary
   try:
-    return (summary if command == "summary" else report).main(argv)
+    return {"summary": summary, "report": report,
+            "compare": compare}[command].main(argv)
   except run_files.RunDirError as e:
     _LOG.debug("No run to read", exc_info=True)
     print(f"error: {e}", file=sys.stderr)
@@ -243,7 +247,7 @@ def main(argv: List[str]) -> int:
     print_help(argv[0])
     return EXIT_OK
   try:
-    if argv[0] in ("summary", "report"):
+    if argv[0] in _REPORTING_COMMANDS:
       return _run_reporting(argv[0], argv[1:])
     return _run_pipeline(argv)
   except KeyboardInterrupt:

@@ -34,10 +34,13 @@ _QUALITY_FLAGS = tuple(_QUALITY_PREFIX + field
                        for field in quality.QualityThresholds._fields)
 _MODEL_FLAGS = ("model", "threshold", "ood_threshold", "batch_size",
                 "inference_accelerator", "inference_precision", "gradcam")
+# Incremental scoring (beam_pipeline.skip_scored).
+_SKIP_FLAGS = ("skip_scored",)
 COMMAND_FLAGS = {
     PREPROCESS: _READ_FLAGS + _ARCHIVE_FLAGS + _QUALITY_FLAGS,
-    SCORE: _READ_FLAGS + _MODEL_FLAGS,
-    RUN: _READ_FLAGS + _ARCHIVE_FLAGS + _QUALITY_FLAGS + _MODEL_FLAGS,
+    SCORE: _READ_FLAGS + _MODEL_FLAGS + _SKIP_FLAGS,
+    RUN: (_READ_FLAGS + _ARCHIVE_FLAGS + _QUALITY_FLAGS + _MODEL_FLAGS
+          + _SKIP_FLAGS),
 }
 
 GRADCAM_CHOICES = ("none", "flagged", "malignant", "all")
@@ -175,6 +178,13 @@ class BusiOptions(PipelineOptions):
     parser.add_argument(
         "--gradcam", choices=GRADCAM_CHOICES, default="none",
         help="Write Grad-CAM overlays for these predictions.")
+    parser.add_argument(
+        "--skip_scored", action="append", default=None,
+        metavar="RUN_DIR_GLOB",
+        help="score/run: leave out images whose image_id already has a"
+        " prediction by the same model version in these earlier runs'"
+        " predictions (a glob of their --output directories, local or"
+        " gs://; repeatable); they are counted as already_scored.")
     parser.add_argument(
         "--overwrite", action="store_true", default=False,
         help="Replace the outputs of a completed earlier run in --output.")

@@ -308,13 +308,20 @@ def finish_manifest(base: Dict, counts: Dict[str, int],
   scored = "predictions" in counts
   outcomes = counts["predictions"] if scored else counts["images_written"]
   accounted = outcomes + counts["masks_skipped"] + counts["errors"]
+  terms = ["predictions" if scored else "images_written"]
+  # --skip_scored: images left out of scoring are outcomes too; the rule
+  # names them only in runs that count them.
+  if schemas.COUNT_ALREADY_SCORED in counts:
+    accounted += counts[schemas.COUNT_ALREADY_SCORED]
+    terms.append(schemas.COUNT_ALREADY_SCORED)
   # A multi-frame DICOM is one member read and one outcome per frame: its
-  # frames beyond the first are added to the members side.
+  # frames beyond the first are added to the members side (and named in the
+  # rule when there are any).
   seen = counts["members_seen"] + counts.get("extra_frames", 0)
   manifest["invariant"] = {
       "rule": "members_seen{} = {} + masks_skipped + errors".format(
-          " + extra_frames" if "extra_frames" in counts else "",
-          "predictions" if scored else "images_written"),
+          " + extra_frames" if counts.get("extra_frames") else "",
+          " + ".join(terms)),
       "holds": accounted == seen,
   }
   if not manifest["invariant"]["holds"]:

@@ -17,7 +17,7 @@ from apache_beam.runners.runner import PipelineState
 import schemas
 from beam_pipeline import options as opts_lib
 from beam_pipeline import (inputs, output_lock, outputs, progress, scoring,
-                           scoring_pipeline)
+                           scoring_pipeline, skip_scored)
 from beam_pipeline.preprocess import DicomSettings, PreprocessLimits, ReadImages
 from busi_core import archives, gcs
 
@@ -34,6 +34,8 @@ class Plan(NamedTuple):
   scoring: Optional[scoring.ScoringConfig]  # None for preprocess
   # HMAC key of the DICOM study/series pseudonyms (options.take_study_hmac_key)
   study_hmac_key: Optional[bytes] = None
+  # --skip_scored's earlier runs, matched at launch; None without the flag.
+  skip: Optional[skip_scored.ScoredRuns] = None
 
 
 def manifest_base(plan: Plan, image_size: int) -> Dict:
@@ -58,6 +60,8 @@ def manifest_base(plan: Plan, image_size: int) -> Dict:
                  "ood_threshold": config.ood_threshold,
                  "labels": list(config.labels),
                  "batch_size": opts.batch_size})
+  if plan.skip is not None:
+    base["skip_scored"] = plan.skip.manifest_field()
   return base
 
 
@@ -157,6 +161,11 @@ def build(p: beam.Pipeline, plan: Plan) -> None:
   if config is None:
     errors = error_table = read["errors"]
   else:
+    if plan.skip is not None:
+      skipped = images | "SkipScored" >> skip_scored.SkipScored(
+          plan.skip.files, config.model_version)
+      images = skipped["images"]
+      counts[schemas.COUNT_ALREADY_SCORED] = skipped["already_scored"]
     scored = _score(images, plan, counts, written, extra)
     errors = (read["errors"], scored["errors"]) | "AllErrors" >> (
         beam.Flatten())
@@ -187,7 +196,8 @@ def create(argv: Optional[List[str]] = None,
     test_pipeline: a TestPipeline to build into instead of a new Pipeline.
 
   Raises:
-    ValueError: bad flags, missing inputs, an unusable model artifact, an
+    ValueError: bad flags, missing inputs, an unusable model artifact, a
+      --skip_scored glob naming no finished run with predictions, an
       output directory holding a completed run (without --overwrite) or
       one of the inputs (outputs.OutputDirInUse), or claimed by another
       live run (output_lock.OutputLocked).
@@ -217,8 +227,12 @@ def create(argv: Optional[List[str]] = None,
   if command != opts_lib.PREPROCESS:
     # The artifact is checked before the output is touched or a file read.
     config = scoring_pipeline.load_config(opts, run_id, command)
+  skip = None
+  if opts.skip_scored:
+    skip = skip_scored.find_runs(opts.skip_scored, opts.output,
+                                 config.model_version)
   _claim_and_build(p, Plan(command, opts, paths, run_id, started, config,
-                           study_hmac_key), options)
+                           study_hmac_key, skip), options)
   return Job(p, command, opts, run_id)
 
 

@@ -118,7 +118,8 @@ def status(counts: Dict[str, int], images_counter: str,
   """
   images = counts.get(images_counter, 0)
   errors = sum(counts.get(name, 0) for name in _MEMBER_ERRORS)
-  outcomes = images + errors + counts.get(schemas.COUNTER_MASKS_SKIPPED, 0)
+  outcomes = (images + errors + counts.get(schemas.COUNTER_MASKS_SKIPPED, 0)
+              + counts.get(schemas.COUNTER_ALREADY_SCORED, 0))
   expected = counts.get(EXPECTED, 0)
   if not elapsed_s or elapsed_s <= 0:
     return Status(images, errors, 0.0, None)
@@ -164,7 +165,7 @@ class Reporter:
   def line(self) -> str:
     """The progress line now."""
     first = self._tally.first(self._images, schemas.COUNTER_MASKS_SKIPPED,
-                              *_MEMBER_ERRORS)
+                              schemas.COUNTER_ALREADY_SCORED, *_MEMBER_ERRORS)
     elapsed = None if first is None else self._clock() - first
     return format_line(self._verb, status(self._tally.snapshot(),
                                           self._images, elapsed))

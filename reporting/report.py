@@ -758,6 +758,13 @@ text-align:center;color:#a33;background:#f6e9e7;font-size:12px;padding:8px}
 """
 
 
+# The page's pieces, for other pages in the same look (reporting.compare).
+CSS = _CSS
+escape = _e
+html_table = _table
+html_section = _section
+
+
 def render_html(data: ReportData, figures: Mapping[str, bytes],
                 gallery: Sequence[GalleryImage] = (),
                 ood_images: Sequence[OodImage] = ()) -> str:

@@ -25,6 +25,12 @@ def _table(title: str, columns: Sequence[str], rows) -> str:
   return f"-- {title}\n{_format(columns, rows)}"
 
 
+def text_table(title: str, columns: Sequence[str], rows) -> str:
+  """A titled text table as the summary prints them (also
+  `reporting.compare`'s)."""
+  return _table(title, columns, rows)
+
+
 def _cell(value) -> str:
   return f"{value:.3f}".rstrip("0").rstrip(".") if isinstance(
       value, float) else str(value)

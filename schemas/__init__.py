@@ -44,6 +44,7 @@ from schemas.artifact import (
     THRESHOLD_TARGET_ACCURACY,
 )
 from schemas.counters import (
+    COUNTER_ALREADY_SCORED,
     COUNTER_DECODE_ERRORS,
     COUNTER_IMAGES_DECODED,
     COUNTER_LOW_CONFIDENCE,
@@ -80,6 +81,7 @@ from schemas.features import (
     PACKAGE_VERSION,
     MANIFEST_FILE,
     RUN_LOCK_FILE,
+    COUNT_ALREADY_SCORED,
     COUNT_INPUTS_VANISHED,
     COUNT_SHARDS_UNREAD,
     LOSS_COUNTS,

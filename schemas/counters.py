@@ -20,6 +20,8 @@ COUNTER_PREDICTIONS = "predictions"
 COUNTER_LOW_CONFIDENCE = "low_confidence"
 COUNTER_OUT_OF_DISTRIBUTION = "out_of_distribution"
 COUNTER_NEEDS_REVIEW = "needs_review"
+# Left out of scoring by --skip_scored (beam_pipeline.skip_scored).
+COUNTER_ALREADY_SCORED = "already_scored"
 
 _PREDICTED_PREFIX = "predicted_"
 _ERRORS_PREFIX = "errors_"
@@ -46,7 +48,7 @@ _ORDER = (
     (COUNTER_MEMBERS_SEEN, COUNTER_RECORDS_READ, COUNTER_IMAGES_DECODED,
      COUNTER_MASKS_SKIPPED, COUNTER_DECODE_ERRORS, COUNTER_PREDICTIONS,
      COUNTER_LOW_CONFIDENCE, COUNTER_OUT_OF_DISTRIBUTION,
-     COUNTER_NEEDS_REVIEW, _PREDICTED_PREFIX)
+     COUNTER_NEEDS_REVIEW, _PREDICTED_PREFIX, COUNTER_ALREADY_SCORED)
     + tuple(errors_counter(stage) for stage in Stage)
     + tuple(quality_counter(flag) for flag in QUALITY_FLAGS))
 

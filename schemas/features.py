@@ -56,6 +56,10 @@ RUN_LOCK_FILE = ".busi-run.lock"
 COUNT_SHARDS_UNREAD = "shards_unread"  # TFRecord shards broken before their end
 COUNT_INPUTS_VANISHED = "inputs_vanished"  # matched at launch, gone when read
 LOSS_COUNTS = (COUNT_SHARDS_UNREAD, COUNT_INPUTS_VANISHED)
+# Incremental scoring (--skip_scored): images left out because earlier runs
+# hold their prediction by the same model version. A member outcome of its
+# own: in the manifest's invariant when the run counts it.
+COUNT_ALREADY_SCORED = "already_scored"
 
 
 def feature_spec() -> Dict[str, object]:
