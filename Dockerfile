@@ -18,7 +18,8 @@ FROM python:${PYTHON_VERSION}-slim-bookworm
 ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     TF_ENABLE_ONEDNN_OPTS=1 \
-    TF_CPP_MIN_LOG_LEVEL=2
+    TF_CPP_MIN_LOG_LEVEL=2 \
+    TF_FORCE_GPU_ALLOW_GROWTH=true
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 \
  && rm -rf /var/lib/apt/lists/*
@@ -34,6 +35,14 @@ COPY beam_pipeline beam_pipeline
 COPY training training
 COPY bench bench
 RUN pip install . && python -c "import beam_pipeline, busi_core, reporting, training, schemas, apache_beam, tensorflow"
+# Smoke step: `doctor` is also the first command to run in this image on a
+# GPU worker (README, "Check the worker image"). Here, without a GPU, it
+# prints TensorFlow's CUDA/cuDNN build and devices, then loads a tiny
+# artifact exactly as scoring does and times it.
+RUN smoke="$(mktemp -d)" \
+ && python -c "import sys; from training import testing; testing.make_test_artifact(sys.argv[1], image_size=32)" "$smoke/model" \
+ && python -m beam_pipeline doctor --model "$smoke/model" --batch_size 8 --batches 2 \
+ && rm -rf "$smoke"
 
 # The Beam SDK harness: the entrypoint Dataflow starts in every container.
 COPY --from=beam_sdk /opt/apache/beam /opt/apache/beam

@@ -87,6 +87,8 @@ _COMMANDS = {
     "report": "HTML run report: report --predictions DIR --output REPORT_DIR",
     "compare": "how two runs agree (class flips, confidence, flags): compare"
                " --old RUN --new RUN --output DIR",
+    "doctor": "TensorFlow build, CUDA/cuDNN, devices; with --model DIR, load"
+              " the model and time it (run it first inside a worker image)",
 }
 _EPILOG = ("--verbose shows Beam's own messages and full tracebacks of"
            " failures. Beam's own flags (--runner, --direct_num_workers,"
@@ -249,6 +251,11 @@ def main(argv: List[str]) -> int:
   try:
     if argv[0] in _REPORTING_COMMANDS:
       return _run_reporting(argv[0], argv[1:])
+    if argv[0] == "doctor":
+      # Imported here: it loads TensorFlow, which other commands' launchers
+      # do not need.
+      from beam_pipeline import doctor  # pylint: disable=import-outside-toplevel
+      return doctor.main(argv[1:])
     return _run_pipeline(argv)
   except KeyboardInterrupt:
     print(INTERRUPTED, file=sys.stderr)

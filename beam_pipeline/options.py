@@ -7,11 +7,13 @@ any pipeline is built, with messages that say what to pass instead.
 
 import argparse
 import difflib
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
-from apache_beam.options.pipeline_options import (GoogleCloudOptions,
+from apache_beam.options.pipeline_options import (DebugOptions,
+                                                  GoogleCloudOptions,
                                                   PipelineOptions,
-                                                  StandardOptions)
+                                                  StandardOptions,
+                                                  WorkerOptions)
 
 import schemas
 from busi_core import archives, imaging, pseudonyms, quality
@@ -33,7 +35,8 @@ _QUALITY_PREFIX = "quality_"
 _QUALITY_FLAGS = tuple(_QUALITY_PREFIX + field
                        for field in quality.QualityThresholds._fields)
 _MODEL_FLAGS = ("model", "threshold", "ood_threshold", "batch_size",
-                "inference_accelerator", "inference_precision", "gradcam")
+                "inference_accelerator", "model_copies", "inference_precision",
+                "gradcam")
 # Incremental scoring (beam_pipeline.skip_scored).
 _SKIP_FLAGS = ("skip_scored",)
 COMMAND_FLAGS = {
@@ -48,6 +51,26 @@ PRECISIONS = ("float32", "bfloat16", "float16")
 # Age after which another host's lock on --output, or any lock on gs://,
 # counts as abandoned (beam_pipeline.output_lock).
 DEFAULT_LOCK_STALE_AFTER_S = 6 * 3600
+# The recipe README's Dataflow section uses: one L4 on a G2 VM.
+GPU_RECIPE = ("type:nvidia-l4;count:1;machine_type:g2-standard-4;"
+              "install-nvidia-driver")
+# Machine families a GPU type can only be attached to (Compute Engine's
+# accelerator-optimized series: the GPU comes with the machine type).
+_GPU_MACHINE_FAMILY = {
+    "nvidia-l4": "g2-",
+    "nvidia-tesla-a100": "a2-highgpu-",
+    "nvidia-a100-80gb": "a2-ultragpu-",
+    "nvidia-h100-80gb": "a3-highgpu-",
+    "nvidia-h100-mega-80gb": "a3-megagpu-",
+}
+# G2 machine types with exactly one L4 (g2-standard-24 has 2, -48 has 4,
+# -96 has 8).
+_G2_ONE_GPU = ("g2-standard-4", "g2-standard-8", "g2-standard-12",
+               "g2-standard-16", "g2-standard-32")
+_DRIVER_OPTION = "install-nvidia-driver"
+# Google's docs: one SDK process per VM for the whole job (every CPU step
+# too, under the GIL); model sharing belongs on the model handler.
+SINGLE_SDK_CONTAINER_EXPERIMENT = "no_use_multiple_sdk_containers"
 # Images per TFRecord shard: one corrupt file costs at most this many.
 DEFAULT_MAX_RECORDS_PER_SHARD = 2000
 # The values each quality threshold may take (both ends included); the
@@ -169,8 +192,15 @@ class BusiOptions(PipelineOptions):
                         help="Images per model call.")
     parser.add_argument(
         "--inference_accelerator", default=None,
-        help="Beam accelerator resource hint for the inference step only, e.g."
-        " 'type:nvidia-l4;count:1;install-nvidia-driver'. Off by default.")
+        help="Beam accelerator resource hint for the inference step only"
+        f" (Dataflow right fitting), e.g. '{GPU_RECIPE}': GPU type, count 1,"
+        " the machine type the GPU comes with, and the driver. Off by"
+        " default.")
+    parser.add_argument(
+        "--model_copies", type=int, default=None,
+        help="Copies of the model per worker VM, shared by all its SDK"
+        " processes (Beam's model_copies). Default: 1 on GPU workers (one"
+        " model per GPU), otherwise one per SDK process.")
     parser.add_argument(
         "--inference_precision", choices=PRECISIONS, default="float32",
         help="Compute precision of the model call (reduced precision is for"
@@ -316,16 +346,129 @@ def validate(command: str, options: PipelineOptions) -> BusiOptions:
     if not (low <= value and (high is None or value <= high)):
       span = f"{low}..{high}" if high is not None else f"at least {low}"
       raise ValueError(f"--{_QUALITY_PREFIX}{field} {value} is outside {span}")
+  if opts.model_copies is not None and opts.model_copies < 1:
+    raise ValueError("--model_copies must be at least 1")
+  if validate_gpu(options) and opts.model_copies is None:
+    # One model per GPU, shared by every SDK process of the VM (Beam starts
+    # one per vCPU): each loading its own copy would fill the GPU's memory.
+    opts.model_copies = 1
+  return opts
+
+
+class Accelerator(NamedTuple):
+  """A Dataflow accelerator value: `type:T;count:N;machine_type:M;opt;...`."""
+  type: Optional[str]
+  count: Optional[int]
+  machine_type: Optional[str]
+  options: Tuple[str, ...]  # bare words: install-nvidia-driver, ...
+
+
+def parse_accelerator(value: str, flag: str) -> Accelerator:
+  """Parses an accelerator hint or `worker_accelerator` value.
+
+  Raises:
+    ValueError: a part that is neither `key:value` nor a bare option, a
+      repeated or unknown key, or a count that is not a whole number.
+  """
+  fields, options = {}, []
+  for part in (p.strip() for p in value.split(";")):
+    if not part:
+      continue
+    if ":" not in part:
+      options.append(part)
+      continue
+    key, _, val = part.partition(":")
+    if key not in ("type", "count", "machine_type") or key in fields:
+      raise ValueError(f"{flag} {value!r}: unexpected {part!r}; write it as"
+                       f" {GPU_RECIPE!r}")
+    fields[key] = val
+  count = fields.get("count")
+  if count is not None and not count.isdigit():
+    raise ValueError(f"{flag} {value!r}: count {count!r} is not a number")
+  return Accelerator(fields.get("type"), None if count is None else int(count),
+                     fields.get("machine_type"), tuple(options))
+
+
+def _check_gpu(acc: Accelerator, machine_type: Optional[str], flag: str,
+               value: str, machine_flag: str) -> None:
+  """The combinations Dataflow would reject, or that leave a GPU unused."""
+  if not acc.type or acc.count is None:
+    raise ValueError(f"{flag} {value!r} needs both type: and count:, e.g."
+                     f" {GPU_RECIPE!r}")
+  if acc.count != 1:
+    raise ValueError(
+        f"{flag} {value!r}: use count:1. The model handler keeps one model"
+        " per worker VM (--model_copies), which TensorFlow places on the"
+        " first GPU: further GPUs would be paid for and sit idle.")
+  if _DRIVER_OPTION not in acc.options:
+    raise ValueError(
+        f"{flag} {value!r} lacks {_DRIVER_OPTION}: without it Dataflow"
+        " installs no NVIDIA driver and TensorFlow silently runs on the CPU")
+  family = _GPU_MACHINE_FAMILY.get(acc.type)
+  if family is None:
+    # N1 GPUs (T4, V100, P100, P4) attach to N1 machines of any size.
+    if machine_type and not machine_type.startswith("n1-"):
+      raise ValueError(f"{acc.type} GPUs attach to N1 machine types only,"
+                       f" not {machine_type} ({machine_flag})")
+    return
+  if not machine_type:
+    raise ValueError(
+        f"{flag} {value!r}: {acc.type} GPUs come only with {family}* machine"
+        f" types; add {machine_flag} (e.g. {GPU_RECIPE!r})")
+  if not machine_type.startswith(family):
+    raise ValueError(f"{machine_flag} {machine_type} cannot carry {acc.type}"
+                     f" GPUs; use a {family}* machine type")
+  if family == "g2-" and machine_type not in _G2_ONE_GPU:
+    raise ValueError(f"{machine_type} comes with more than one L4; use one of"
+                     f" {', '.join(_G2_ONE_GPU)} ({machine_flag})")
+
+
+def validate_gpu(options: PipelineOptions) -> bool:
+  """Checks the job's GPU request; returns whether workers get GPUs.
+
+  Two ways to ask, as Dataflow documents them: `--inference_accelerator`
+  (a resource hint on the inference step; its machine type goes in the hint,
+  `machine_type:g2-standard-4`) or `--dataflow_service_options
+  worker_accelerator=...` (every worker; `--machine_type g2-standard-4`).
+
+  Raises:
+    ValueError: both at once, a hint without the machine type its GPU needs,
+      a count other than 1, no driver, or the job-wide single-SDK-process
+      experiment (use --model_copies instead).
+  """
+  opts = options.view_as(BusiOptions)
   service_options = options.view_as(
       GoogleCloudOptions).dataflow_service_options or []
-  if opts.inference_accelerator and any(
-      o.startswith("worker_accelerator") for o in service_options):
+  worker = [o.partition("=")[2] for o in service_options
+            if o.startswith("worker_accelerator")]
+  if opts.inference_accelerator and worker:
     raise ValueError(
         "--inference_accelerator (GPU for the inference step only, Dataflow"
         " right fitting) cannot be combined with --dataflow_service_options="
         "worker_accelerator=... (GPU on every worker); Dataflow documents them"
         " as exclusive. Pass one of the two.")
-  return opts
+  if opts.inference_accelerator:
+    hint = opts.inference_accelerator
+    acc = parse_accelerator(hint, "--inference_accelerator")
+    _check_gpu(acc, acc.machine_type, "--inference_accelerator", hint,
+               "machine_type:... in the hint")
+  elif worker:
+    acc = parse_accelerator(worker[0], "worker_accelerator")
+    if acc.machine_type:
+      raise ValueError("worker_accelerator takes no machine_type; pass"
+                       f" --machine_type {acc.machine_type} instead")
+    _check_gpu(acc, options.view_as(WorkerOptions).machine_type,
+               "worker_accelerator", worker[0], "--machine_type")
+  else:
+    return False
+  experiments = options.view_as(DebugOptions).experiments or []
+  if SINGLE_SDK_CONTAINER_EXPERIMENT in experiments:
+    raise ValueError(
+        f"--experiments {SINGLE_SDK_CONTAINER_EXPERIMENT} runs one SDK process"
+        " per VM for the whole job (every step then shares one GIL); leave it"
+        " out: the model handler already keeps one model per GPU"
+        " (--model_copies, default 1 on GPU workers)")
+  return True
 
 
 def take_study_hmac_key(opts: BusiOptions) -> Optional[bytes]:

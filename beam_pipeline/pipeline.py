@@ -110,7 +110,8 @@ def _score(images, plan: Plan, counts: Dict, written: Dict, extra: Dict):
   opts, config = plan.options, plan.scoring
   scored = images | "ScoreImages" >> scoring_pipeline.ScoreImages(
       opts.model, config, opts.batch_size, opts.inference_accelerator,
-      opts.inference_precision, opts.gradcam, opts.output)
+      opts.inference_precision, opts.gradcam, opts.output,
+      model_copies=opts.model_copies)
   rows = scored["rows"]
   written["predictions"] = rows | "WritePredictions" >> outputs.WriteTable(
       opts.output, schemas.PREDICTIONS_DIR,

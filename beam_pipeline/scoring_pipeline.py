@@ -4,7 +4,7 @@
 
 import datetime
 import logging
-from typing import Dict
+from typing import Dict, Optional
 
 import apache_beam as beam
 import numpy as np
@@ -226,8 +226,10 @@ class ScoreImages(beam.PTransform):
 
   def __init__(self, model_dir: str, config: scoring.ScoringConfig,
                batch_size: int, accelerator=None, precision: str = "float32",
-               gradcam: str = "none", output: str = ""):
+               gradcam: str = "none", output: str = "",
+               model_copies: Optional[int] = None):
     super().__init__()
+    self._model_copies = model_copies
     self._gradcam = gradcam
     self._output = output
     self._model_dir = model_dir
@@ -244,7 +246,8 @@ class ScoreImages(beam.PTransform):
     # fake (tests/fakes.py) so that only the model's own tests need Keras.
     inference = RunInference(model_handler.keyed_handler(
         self._model_dir, batch_size=self._batch_size,
-        precision=self._precision, model_sha256=config.model_sha256))
+        precision=self._precision, model_sha256=config.model_sha256,
+        model_copies=self._model_copies))
     if self._accelerator:
       inference = inference.with_resource_hints(accelerator=self._accelerator)
     results, dead = (inputs.inputs

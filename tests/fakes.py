@@ -100,8 +100,9 @@ class FakeModelHandler(ModelHandler[np.ndarray, PredictionResult, FakeModel]):
 
 def keyed_handler(model_dir: str, *, batch_size: int,
                   precision: str = "float32",
-                  model_sha256: Optional[str] = None) -> KeyedModelHandler:
+                  model_sha256: Optional[str] = None,
+                  model_copies: Optional[int] = None) -> KeyedModelHandler:
   """Drop-in for `beam_pipeline.model_handler.keyed_handler` (same
   arguments; the artifact itself is not read)."""
-  del model_dir, precision, model_sha256
+  del model_dir, precision, model_sha256, model_copies
   return KeyedModelHandler(FakeModelHandler(batch_size=batch_size))

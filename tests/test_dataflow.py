@@ -11,18 +11,23 @@ import zlib
 
 import numpy as np
 import pytest
+from apache_beam.internal import pickler
+from apache_beam.options.pipeline_options import (GoogleCloudOptions,
+                                                  WorkerOptions)
 from apache_beam.portability import common_urns
 from apache_beam.portability.api import beam_runner_api_pb2
 
 import beam_pipeline
 import schemas
 import training
-from beam_pipeline import pipeline
+from beam_pipeline import options as opts_lib, pipeline
 from tests import archive_factory as af
 from tests.conftest import BUCKET
 from training import testing as training_testing
 
-ACCELERATOR = "type:nvidia-l4;count:1;install-nvidia-driver"
+# The README's recipe: one L4 with the G2 machine type it comes with.
+ACCELERATOR = "type:nvidia-l4;count:1;machine_type:g2-standard-4;install-nvidia-driver"
+WORKER_ACCELERATOR = "type:nvidia-l4;count:1;install-nvidia-driver"
 ACCELERATOR_URN = "beam:resources:accelerator:v1"
 STAGES = ("ReadImages/PlanWork", "ReadImages/ReadTars",
           "ReadImages/SpreadWork", "ReadImages/ReadMembers",
@@ -53,6 +58,10 @@ def bucket_inputs(gcs_client, tmp_path_factory):
 
 
 def _dry_run(extra):
+  return _dry_run_job(extra).pipeline.runner.proto_pipeline
+
+
+def _dry_run_job(extra):
   argv = ["run", "--input", f"gs://{BUCKET}/df/in/*.zip", "--model",
           f"gs://{BUCKET}/df/model", "--output", f"gs://{BUCKET}/df/out",
           "--runner", "DataflowRunner", "--dry_run=True", "--project",
@@ -60,7 +69,7 @@ def _dry_run(extra):
           f"gs://{BUCKET}/df/tmp", "--overwrite"] + extra
   job = pipeline.create(argv)
   job.pipeline.run().wait_until_finish()
-  return job.pipeline.runner.proto_pipeline
+  return job
 
 
 def _hints(proto, transform):
@@ -68,8 +77,28 @@ def _hints(proto, transform):
   return dict(env.resource_hints) if transform.environment_id else {}
 
 
+def _inference_handlers(proto):
+  """The model handlers the job's RunInference DoFns carry (unpickled)."""
+  handlers = []
+  for transform in proto.components.transforms.values():
+    if (transform.unique_name.startswith("ScoreImages/RunInference/") and
+        transform.spec.urn == common_urns.primitives.PAR_DO.urn):
+      payload = beam_runner_api_pb2.ParDoPayload.FromString(
+          transform.spec.payload)
+      fn = pickler.loads(payload.do_fn.payload)[0]
+      if hasattr(fn, "_model_handler"):
+        handlers.append(fn._model_handler)  # pylint: disable=protected-access
+  assert handlers, "no RunInference DoFn in the job"
+  return handlers
+
+
+def _experiments(job):
+  return list(job.pipeline.runner.job.proto.environment.experiments)
+
+
 def test_job_has_every_stage_and_gpu_only_for_inference(bucket_inputs):
-  proto = _dry_run(["--inference_accelerator", ACCELERATOR])
+  job = _dry_run_job(["--inference_accelerator", ACCELERATOR])
+  proto = job.pipeline.runner.proto_pipeline
   by_name = {t.unique_name: t for t in proto.components.transforms.values()}
   for stage in STAGES:
     assert stage in by_name, f"{stage} missing from the Dataflow job"
@@ -78,8 +107,16 @@ def test_job_has_every_stage_and_gpu_only_for_inference(bucket_inputs):
                and t.spec.urn == common_urns.primitives.PAR_DO.urn]
   assert inference
   for transform in inference:
-    assert _hints(proto, transform).get(ACCELERATOR_URN) == (
-        ACCELERATOR.encode())
+    hint = _hints(proto, transform).get(ACCELERATOR_URN)
+    assert hint == ACCELERATOR.encode()
+    # The G2 machine type travels with the GPU (an L4 exists on no other).
+    assert b"machine_type:g2-standard-4" in hint
+  # One model per GPU: shared by the VM's SDK processes through the handler,
+  # not by running one SDK process per VM for the whole job.
+  for handler in _inference_handlers(proto):
+    assert handler.share_model_across_processes()
+    assert handler.model_copies() == 1
+  assert opts_lib.SINGLE_SDK_CONTAINER_EXPERIMENT not in _experiments(job)
   for name in ("ReadImages/DecodeImages", "ReadImages/ReadMembers",
                "WritePredictions/WriteParquet"):
     leaves = [t for n, t in by_name.items() if n.startswith(name)
@@ -92,6 +129,33 @@ def test_no_accelerator_unless_asked(bucket_inputs):
   proto = _dry_run([])
   assert not any(ACCELERATOR_URN in _hints(proto, t)
                  for t in proto.components.transforms.values())
+  # CPU workers: a model per SDK process, shared by its threads.
+  for handler in _inference_handlers(proto):
+    assert not handler.share_model_across_processes()
+
+
+def test_gpu_on_every_worker_takes_the_g2_machine_type(bucket_inputs):
+  job = _dry_run_job(["--dataflow_service_options",
+                      f"worker_accelerator={WORKER_ACCELERATOR}",
+                      "--machine_type", "g2-standard-4"])
+  proto = job.pipeline.runner.proto_pipeline
+  assert not any(ACCELERATOR_URN in _hints(proto, t)
+                 for t in proto.components.transforms.values())
+  assert all(h.model_copies() == 1 and h.share_model_across_processes()
+             for h in _inference_handlers(proto))
+  submitted = job.pipeline.options
+  assert submitted.view_as(WorkerOptions).machine_type == "g2-standard-4"
+  assert f"worker_accelerator={WORKER_ACCELERATOR}" in submitted.view_as(
+      GoogleCloudOptions).dataflow_service_options
+  assert opts_lib.SINGLE_SDK_CONTAINER_EXPERIMENT not in _experiments(job)
+
+
+def test_gpu_without_its_machine_type_is_refused(bucket_inputs):
+  with pytest.raises(ValueError, match="g2-"):
+    _dry_run(["--inference_accelerator", WORKER_ACCELERATOR])
+  with pytest.raises(ValueError, match="--machine_type"):
+    _dry_run(["--dataflow_service_options",
+              f"worker_accelerator={WORKER_ACCELERATOR}"])
 
 
 def _unpickle_bytes(blob: bytes) -> bytes:
@@ -134,4 +198,4 @@ def test_gpu_hint_and_worker_accelerator_are_exclusive(bucket_inputs):
   with pytest.raises(ValueError, match="exclusive"):
     _dry_run(["--inference_accelerator", ACCELERATOR,
               "--dataflow_service_options",
-              f"worker_accelerator={ACCELERATOR}"])
+              f"worker_accelerator={WORKER_ACCELERATOR}"])
