@@ -5,10 +5,12 @@
 #   docker push REGION-docker.pkg.dev/PROJECT/REPO/busi-worker:0.1.0
 #   ... --sdk_container_image REGION-docker.pkg.dev/PROJECT/REPO/busi-worker:0.1.0
 #
-# Beam and Python versions must match the launcher's (apache-beam 2.77.0,
-# Python 3.11). CUDA and cuDNN come from TensorFlow's `and-cuda` wheels; the
-# NVIDIA driver is installed on the VM by Dataflow (`install-nvidia-driver`
-# in the accelerator option).
+# Beam and Python versions must match the launcher's: every version comes
+# from constraints.txt (pip install -c), and tests/test_pins.py checks that
+# BEAM_VERSION equals its apache-beam pin and PYTHON_VERSION the Python it was
+# frozen on. CUDA and cuDNN come from TensorFlow's `and-cuda` wheels (pinned
+# there too); the NVIDIA driver is installed on the VM by Dataflow
+# (`install-nvidia-driver` in the accelerator option).
 ARG PYTHON_VERSION=3.11
 ARG BEAM_VERSION=2.77.0
 
@@ -26,7 +28,8 @@ RUN apt-get update \
 
 WORKDIR /opt/busi
 # TensorFlow with its CUDA libraries first: a code change does not reinstall it.
-RUN pip install "tensorflow[and-cuda]==2.21.0" "apache-beam[gcp]==2.77.0"
+COPY constraints.txt ./
+RUN pip install -c constraints.txt "tensorflow[and-cuda]" "apache-beam[gcp]"
 COPY setup.py ./
 COPY schemas schemas
 COPY busi_core busi_core
@@ -34,7 +37,7 @@ COPY reporting reporting
 COPY beam_pipeline beam_pipeline
 COPY training training
 COPY bench bench
-RUN pip install . && python -c "import beam_pipeline, busi_core, reporting, training, schemas, apache_beam, tensorflow"
+RUN pip install -c constraints.txt . && python -c "import beam_pipeline, busi_core, reporting, training, schemas, apache_beam, tensorflow"
 # Smoke step: `doctor` is also the first command to run in this image on a
 # GPU worker (README, "Check the worker image"). Here, without a GPU, it
 # prints TensorFlow's CUDA/cuDNN build and devices, then loads a tiny

@@ -65,7 +65,11 @@ setuptools.setup(
     description=(
         "Batch scoring of breast-ultrasound images with VGG16 on Apache Beam,"
         " and the training companion that builds the model artifact."),
-    python_requires=">=3.11,<3.12",
+    # Every Python that Beam 2.77 (3.10 to 3.14) and TensorFlow 2.21 (3.10 to
+    # 3.13) both have wheels for, from 3.11.8 on: earlier 3.11 and 3.12.0/1
+    # lack zipfile's CVE-2024-0450 fix (overlapping-entry zip bombs). Exact
+    # versions: constraints.txt (README, "Pinned versions").
+    python_requires=">=3.11.8,!=3.12.0,!=3.12.1,<3.14",
     packages=setuptools.find_packages(
         include=["beam_pipeline", "beam_pipeline.*", "training", "training.*",
                  "schemas", "schemas.*", "busi_core", "busi_core.*",
