@@ -128,6 +128,9 @@ _SOF_MARKERS = frozenset(
 # JPEG Extended at 12 bits: neither Pillow nor GDCM decode it.
 _JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
 
+# Decoder plugins by preference (see `_plugins`).
+_PLUGIN_ORDER = ("pydicom", "pylibjpeg", "pyjpegls", "pillow", "gdcm")
+
 _UID_CHARS = re.compile(r"[0-9.]{1,64}")
 
 
@@ -381,12 +384,32 @@ def _pixel_element(ds: Dataset) -> Optional[_PixelValue]:
   return _PixelValue(element.value or b"", 0, length, element.VR, False)
 
 
+def _sop_class(ds: Dataset) -> Optional[str]:
+  """The standard name of the dataset's SOP class, None if not standard."""
+  meta = getattr(ds, "file_meta", None) or {}
+  uid = UID(str(ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID")
+                or ""))
+  if _UID_CHARS.fullmatch(str(uid)) and uid.name != str(uid):
+    return uid.name
+  return None
+
+
 def _sop_class_words(ds: Dataset) -> str:
   """" (a Basic Text SR Storage)" for a standard SOP class, else ""."""
-  uid = UID(str(ds.get("SOPClassUID", "")))
-  if _UID_CHARS.fullmatch(str(uid)) and uid.name != str(uid):
-    return f" (a {uid.name})"
-  return ""
+  name = _sop_class(ds)
+  return f" (a {name})" if name else ""
+
+
+def _is_image_object(ds: Dataset) -> bool:
+  """An image SOP class, or an Image Pixel module: pixel data is due.
+
+  Reports, plans, structure sets, waveforms and DICOMDIRs have neither; an
+  image without pixel data was cut short (the file meta, which names the
+  class, comes first) or stripped.
+  """
+  name = _sop_class(ds) or ""
+  return ("Image Storage" in name or "Volume Storage" in name or
+          "Rows" in ds)
 
 
 def _check_decoder(uid: UID) -> None:
@@ -455,6 +478,11 @@ def _header(ds: Dataset, data: bytes, max_pixels: int) -> DicomHeader:
     if any(tag in ds for tag in _FLOAT_PIXEL_DATA):
       raise MemberError("UnsupportedPixelType",
                         "float or double float pixel data is not read")
+    if _is_image_object(ds):
+      raise MemberError(
+          "CorruptImage",
+          f"an image object{_sop_class_words(ds)} without pixel data: the"
+          " file is truncated or its pixels were stripped")
     raise MemberError(
         "NoPixelData",
         f"DICOM object without pixel data{_sop_class_words(ds)}")
@@ -653,6 +681,21 @@ def _to_display(values: np.ndarray, ds: Dataset, photometric: str,
   return _colour(values, ds)
 
 
+def _plugins(decoder) -> Tuple[str, ...]:
+  """The decoder's plugins to try, in order; GDCM only when alone.
+
+  python-gdcm aborts the whole process (a C++ abort, not an exception) on
+  some corrupt JPEG codestreams, which would take a Beam worker down with
+  it; it is kept for what only it reads here (JPEG Lossless).
+  """
+  available = [name for name in _PLUGIN_ORDER
+               if name in decoder.available_plugins]
+  available += sorted(set(decoder.available_plugins) - set(available))
+  if len(available) > 1 and "gdcm" in available:
+    available.remove("gdcm")
+  return tuple(available)
+
+
 def _codestream_size(frame: bytes) -> Optional[Tuple[int, int]]:
   """(height, width) a JPEG, JPEG-LS or JPEG 2000 codestream declares.
 
@@ -725,6 +768,7 @@ class _Frames:
     opts["pixel_vr"] = element.vr if element.vr in ("OB", "OW") else (
         "OW" if bits_allocated > 8 else "OB")
     self._rows, self._columns = opts["rows"], opts["columns"]
+    self._plugins = _plugins(self._decoder)
     if self._decoder.is_encapsulated:
       # A file-like, so the fragments are read one frame at a time; from
       # the member's bytes even when pydicom read the value, since its
@@ -781,10 +825,17 @@ class _Frames:
           f"frame {index + 1} of {self._header.frames}: the codestream"
           f" declares {size[0]}x{size[1]} pixels, more than the header's"
           f" Rows {self._rows}, Columns {self._columns}")
-    values, _ = self._decoder.as_array(
-        encapsulate([frame], has_bot=False), index=0, validate=True,
-        **self._opts)
-    return values
+    single = encapsulate([frame], has_bot=False)
+    failure = None
+    for plugin in self._plugins:
+      try:
+        values, _ = self._decoder.as_array(
+            single, index=0, validate=True, decoding_plugin=plugin,
+            **self._opts)
+        return values
+      except Exception as e:  # pylint: disable=broad-except
+        failure = e  # plugins raise many types; the next may succeed
+    raise failure
 
   def __next__(self) -> Frame:
     if self._ended or self._index >= self._limit:
