@@ -71,6 +71,9 @@ _NESTED_PHI = {
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422")
 _PALETTE = "PALETTE COLOR"
+# Never GDCM: its RLE encoder aborts the process on some frame sizes.
+_ENCODERS = {RLELossless: "pydicom", JPEG2000Lossless: "pylibjpeg",
+             JPEGLSLossless: "pyjpegls"}
 # (x0, y0, x1, y1, spatial_format, data_type), coordinates inclusive.
 Region = Tuple[int, int, int, int, int, int]
 
@@ -253,6 +256,7 @@ def ultrasound_dicom(
     if colour:
       ds.PlanarConfiguration = 0  # what the encoders take
     ds.compress(syntax, stored if frames is not None else stored[0],
+                encoding_plugin=_ENCODERS[syntax],
                 generate_instance_uid=False)
   elif syntax == JPEGBaseline8Bit:
     if bits_allocated != 8:
