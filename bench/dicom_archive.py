@@ -256,7 +256,10 @@ def build(input_zip: str, output: str, count: Optional[int] = None,
     if count is not None and count < len(members):
       chosen = sorted(rng.choice(len(members), size=count, replace=False))
       members = [members[i] for i in chosen]
-    order = rng.permutation(len(RECIPES) * (len(members) // len(RECIPES) + 1))
+    # Each run of len(RECIPES) files uses every recipe once.
+    order = np.concatenate([
+        rng.permutation(len(RECIPES))
+        for _ in range(len(members) // len(RECIPES) + 1)])
     sidecar: Dict[str, Dict] = {}
     partial = output + ".partial"
     with zipfile.ZipFile(partial, "w") as zf:

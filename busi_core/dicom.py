@@ -13,7 +13,6 @@ own warnings and log lines, which may quote values, are silenced, and its
 exception texts are never passed on (only their type names).
 """
 
-import copy
 import io
 import logging
 import math
@@ -39,6 +38,11 @@ from busi_core.errors import MemberError
 # IDs, dates): keep them out of worker logs.
 pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+# Also kept out of stderr: warnings from pydicom, or raised by it on our
+# behalf. Each read also ignores them in a `catch_warnings` block; this
+# filter covers threads that race on the process-wide filter list there.
+warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+warnings.filterwarnings("ignore", module=r"busi_core\.dicom$")
 _PYDICOM_LOGGER = logging.getLogger("pydicom")
 _PYDICOM_LOGGER.setLevel(logging.CRITICAL)
 _PYDICOM_LOGGER.propagate = False
@@ -71,6 +75,10 @@ _FIRST_GROUPS = (0x0002, 0x0008)
 
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 _PALETTE = "PALETTE COLOR"
+_DEFINED_PHOTOMETRICS = frozenset((
+    "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_FULL",
+    "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT",
+    "YBR_RCT", "HSV", "ARGB", "CMYK", "XYB"))
 # Three-sample interpretations that come out of pydicom's decoders as RGB.
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 
@@ -128,6 +136,12 @@ _SOF_MARKERS = frozenset(
 # JPEG Extended at 12 bits: neither Pillow nor GDCM decode it.
 _JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
 
+# What `_monochrome` reads: a frame's view of the dataset holds these.
+_PIXEL_VALUE_KEYWORDS = (
+    "PhotometricInterpretation", "BitsAllocated", "BitsStored",
+    "PixelRepresentation", "RescaleSlope", "RescaleIntercept",
+    "ModalityLUTSequence", "WindowCenter", "WindowWidth", "VOILUTFunction",
+    "VOILUTSequence")
 # Decoder plugins by preference (see `_plugins`).
 _PLUGIN_ORDER = ("pydicom", "pylibjpeg", "pyjpegls", "pillow", "gdcm")
 
@@ -319,11 +333,16 @@ def _int(ds: Dataset, keyword: str) -> Optional[int]:
 
 
 def _photometric(ds: Dataset) -> str:
-  """PhotometricInterpretation upper-cased, "" when absent or malformed."""
+  """PhotometricInterpretation, "" when absent, "unrecognised" when odd.
+
+  Only the standard's defined terms come back: the value is quoted in
+  messages, and a free-text value there could be anything.
+  """
   value = ds.get("PhotometricInterpretation")
-  value = str(value).strip().upper() if value else ""
-  # Only the defined terms are ever quoted in messages.
-  return value if re.fullmatch(r"[A-Z0-9_ ]{1,16}", value) else "unknown"
+  if not value:
+    return ""
+  value = str(value).strip().upper()
+  return value if value in _DEFINED_PHOTOMETRICS else "unrecognised"
 
 
 def _number_of_frames(ds: Dataset) -> int:
@@ -579,10 +598,11 @@ def _to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def _frame_dataset(ds: Dataset, index: int) -> Dataset:
-  """`ds` with the rescale and window of frame `index` at the top level.
+  """The pixel-value elements of frame `index`, with its own rescale/window.
 
-  Enhanced multi-frame objects keep them in the shared and per-frame
-  functional groups; a per-frame value overrides a shared one.
+  Enhanced multi-frame objects keep rescale and window in the shared and
+  per-frame functional groups; a per-frame value overrides a shared one,
+  and both override the top level. Other objects get `ds` itself.
   """
   groups = []
   for keyword, item_index in (("SharedFunctionalGroupsSequence", 0),
@@ -592,7 +612,15 @@ def _frame_dataset(ds: Dataset, index: int) -> Dataset:
       groups.append(sequence[item_index])
   if not groups:
     return ds
-  view = copy.copy(ds)
+  view = Dataset()  # a new one: a shallow copy would share ds's elements
+  for keyword in _PIXEL_VALUE_KEYWORDS:
+    if keyword in ds:
+      view.add(ds[keyword])
+  meta = getattr(ds, "file_meta", None)
+  if meta is not None and "TransferSyntaxUID" in meta:
+    view.file_meta = meta
+  else:
+    view.set_original_encoding(*ds.original_encoding)
   for group in groups:
     for keyword in ("PixelValueTransformationSequence",
                     "FrameVOILUTSequence"):
@@ -600,10 +628,8 @@ def _frame_dataset(ds: Dataset, index: int) -> Dataset:
       if not sequence:
         continue
       for element in sequence[0]:
-        if element.keyword in ("RescaleSlope", "RescaleIntercept",
-                               "WindowCenter", "WindowWidth",
-                               "VOILUTFunction"):
-          setattr(view, element.keyword, element.value)
+        if element.keyword in _PIXEL_VALUE_KEYWORDS:
+          view.add(element)
   return view
 
 

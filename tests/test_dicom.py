@@ -7,6 +7,7 @@ corpus that ships inside the installed pydicom package (never downloaded).
 import glob
 import gzip
 import io
+import json
 import logging
 import os
 import warnings
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from pydicom import uid
 from pydicom.pixels.decoders.base import Decoder
 
+from bench import dicom_archive
 from bench import dicom_writer as dw
 from busi_core import dicom
 from busi_core.errors import MemberError
@@ -317,6 +319,41 @@ def test_zero_window_is_ignored():
   values = grey()
   out = only_frame(dw.ultrasound_dicom(values, window=(128, 0)))
   np.testing.assert_array_equal(out, values)
+
+
+def test_enhanced_functional_groups_give_each_frame_its_transform():
+  values = np.arange(0, 4096, 4, dtype=np.uint16).reshape(32, 32)
+  data = dw.ultrasound_dicom(np.stack([values, values]), frames=2,
+                             bits_stored=12)
+  ds = pydicom.dcmread(io.BytesIO(data))
+  frames = []
+  for slope, intercept in ((1, 0), (-1, 0)):
+    transform = pydicom.Dataset()
+    transform.RescaleSlope, transform.RescaleIntercept = slope, intercept
+    transform.RescaleType = "US"
+    group = pydicom.Dataset()
+    group.PixelValueTransformationSequence = [transform]
+    frames.append(group)
+  ds.PerFrameFunctionalGroupsSequence = frames
+  out = io.BytesIO()
+  ds.save_as(out)
+  _, (first, second) = decode(out.getvalue())
+  plain = only_frame(dw.ultrasound_dicom(values, bits_stored=12))
+  np.testing.assert_array_equal(first.pixels, plain)
+  np.testing.assert_array_equal(second.pixels, 255 - plain)
+  # A shared window applies to both frames, per frame in rescaled units.
+  window = pydicom.Dataset()
+  window.WindowCenter, window.WindowWidth = 2048, 1024
+  shared = pydicom.Dataset()
+  shared.FrameVOILUTSequence = [window]
+  ds.SharedFunctionalGroupsSequence = [shared]
+  out = io.BytesIO()
+  ds.save_as(out)
+  _, (first, second) = decode(out.getvalue())
+  assert (first.pixels[values < 1536] == 0).all()
+  assert (first.pixels[values > 2560] == 255).all()
+  assert (second.pixels == 0).all()  # rescaled values are all below it
+  assert ds.get("RescaleSlope") is None  # the dataset was not changed
 
 
 # --- regions ----------------------------------------------------------------
@@ -694,6 +731,8 @@ def phi_files():
       "float": floats.getvalue(),
       "odd_photometric": dw.ultrasound_dicom(grey()).replace(
           b"MONOCHROME2", b"HSV        "),
+      "phi_photometric": dw.ultrasound_dicom(grey()).replace(
+          b"MONOCHROME2", dw.PHI["PatientID"].encode() + b" "),
   }
 
 
@@ -776,3 +815,79 @@ def test_reader_only_raises_member_errors(data):
       assert e.kind in KINDS
       continue
     assert frame.pixels.dtype == np.uint8
+
+
+# --- the acceptance archive -------------------------------------------------
+
+def busi_like_zip(path, count=8):
+  """A BUSI-layout zip: grey-as-RGB PNGs, one colour PNG, and masks."""
+  rng = np.random.default_rng(11)
+  with zipfile.ZipFile(path, "w") as z:
+    for k in range(count):
+      label = ("benign", "malignant", "normal")[k % 3]
+      rows, columns = int(rng.integers(30, 50)), int(rng.integers(31, 61))
+      image = rng.integers(0, 256, (rows, columns), dtype=np.uint8)
+      image = np.repeat(image[..., None], 3, axis=2)
+      if k == 4:
+        image[..., 2] = 255 - image[..., 2]  # a colour one
+      stem = f"Dataset_BUSI_with_GT/{label}/{label} ({k + 1})"
+      z.writestr(stem + ".png", png(image))
+      z.writestr(stem + "_mask.png", png(np.zeros((rows, columns),
+                                                  np.uint8)))
+
+
+def test_archive_round_trips_every_recipe(tmp_path, monkeypatch):
+  source = tmp_path / "busi.zip"
+  busi_like_zip(source, count=len(dicom_archive.RECIPES))
+  # Every recipe once, in order, and a cine every third file.
+  monkeypatch.setattr(dicom_archive, "MULTI_FRAME_EVERY", 3)
+  output = str(tmp_path / "dicom.zip")
+  sidecar = dicom_archive.build(str(source), output, seed=1)
+  assert len(sidecar) == len(dicom_archive.RECIPES)
+  with open(output + ".json") as f:
+    assert json.load(f) == sidecar
+  recipes = set()
+  with zipfile.ZipFile(output) as z, zipfile.ZipFile(source) as src:
+    assert sorted(z.namelist()) == sorted(sidecar)
+    for member, entry in sidecar.items():
+      assert member.split("/")[0] == entry["label"]
+      assert "_mask" not in entry["original"]
+      recipes.add((entry["photometric"], entry["transfer_syntax"],
+                   entry["bits_stored"], entry["planar"], entry["preamble"]))
+      data = z.read(member)
+      original = cv2.cvtColor(cv2.imdecode(np.frombuffer(
+          src.read(entry["original"]), np.uint8), cv2.IMREAD_COLOR),
+                              cv2.COLOR_BGR2RGB)
+      header, frames = decode(data)
+      assert list(header.region) == entry["region"]
+      assert header.frames == entry["frames"] == len(frames)
+      assert dw.PHI["PatientName"].encode() in data
+      for frame in frames:
+        pixels = frame.pixels
+        if pixels.ndim == 2:
+          pixels = np.repeat(pixels[..., None], 3, axis=2)
+        assert pixels.shape == original.shape, member
+        diff = np.abs(pixels.astype(int) - original)
+        assert diff.max() == 0 if entry["exact"] else diff.mean() < 3, member
+      whole = next(dicom.iter_frames(data, header._replace(region=None)))
+      assert whole.pixels.shape[:2] == tuple(entry["canvas"])
+  assert len(recipes) >= len(dicom_archive.RECIPES) - 1  # colour fallback
+
+
+def test_archive_is_deterministic_and_adds_the_corpus(tmp_path):
+  source = tmp_path / "busi.zip"
+  busi_like_zip(source, count=6)
+  digests = []
+  for name in ("a.zip", "b.zip"):
+    output = str(tmp_path / name)
+    dicom_archive.main(["--input", str(source), "--output", output,
+                        "--count", "3", "--seed", "5", "--pydicom_corpus"])
+    with open(output, "rb") as f, open(output + ".json", "rb") as g:
+      digests.append((f.read(), g.read()))
+  assert digests[0] == digests[1]
+  with zipfile.ZipFile(tmp_path / "a.zip") as z:
+    names = z.namelist()
+  assert sum(not n.startswith("pydicom_corpus/") for n in names) == 3
+  corpus_members = {n for n in names if n.startswith("pydicom_corpus/")}
+  assert "pydicom_corpus/CT_small.dcm" in corpus_members
+  assert len(corpus_members) >= len(corpus_files())
