@@ -104,7 +104,7 @@ def png_members(names: List[str]) -> List[str]:
 
 
 def dicom_member(png_member: str) -> str:
-  """`Dataset_BUSI_with_GT/benign/benign (1).png` → `benign/benign (1).dcm`."""
+  """`Dataset_BUSI_with_GT/benign/x (1).png` → `benign/x (1).dcm`."""
   stem = posixpath.splitext(posixpath.basename(png_member))[0]
   label = imaging.label_from_path(png_member)
   return posixpath.join(label or "unlabelled", stem + ".dcm")

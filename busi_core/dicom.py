@@ -16,8 +16,14 @@ exception texts are never passed on (only their type names).
 import io
 import logging
 import math
+import os
+import pickle
 import re
+import select
 import struct
+import subprocess
+import sys
+import threading
 import warnings
 import zlib
 from typing import Iterator, NamedTuple, Optional, Tuple
@@ -707,12 +713,123 @@ def _to_display(values: np.ndarray, ds: Dataset, photometric: str,
   return _colour(values, ds)
 
 
+class _ChildError(Exception):
+  """A decode that failed in the isolated process; `name` is its type."""
+
+  def __init__(self, name: str):
+    super().__init__(name)
+    self.name = name
+
+
+def _decode_frame_with_gdcm(uid: str, frame: bytes, opts: dict):
+  """("ok", frame array) or ("error", exception type name)."""
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      values, _ = get_decoder(UID(uid)).as_array(
+          encapsulate([frame], has_bot=False), index=0, validate=True,
+          decoding_plugin="gdcm", **opts)
+    return "ok", values
+  except Exception as e:  # pylint: disable=broad-except
+    return "error", type(e).__name__
+
+
+def serve_isolated_decodes() -> None:
+  """Main loop of the isolated decoder process (see `_Isolated`).
+
+  Reads pickled (uid, codestream, options) requests on stdin and writes
+  one pickled reply per request on what was stdout; anything a library
+  prints goes to stderr instead, so it cannot corrupt the replies.
+  """
+  replies = os.fdopen(os.dup(1), "wb")
+  os.dup2(2, 1)
+  requests = sys.stdin.buffer
+  while True:
+    try:
+      request = pickle.load(requests)
+    except (EOFError, pickle.UnpicklingError):
+      return
+    pickle.dump(_decode_frame_with_gdcm(*request), replies,
+                protocol=pickle.HIGHEST_PROTOCOL)
+    replies.flush()
+
+
+class _Isolated:
+  """GDCM decodes in a child process, so that its aborts cost one frame.
+
+  python-gdcm calls abort() on some corrupt JPEG codestreams (a C++
+  exception nobody catches), which would end the Beam worker and fail the
+  bundle over and over; here the child dies instead, the frame becomes
+  CorruptImage and a new child starts for the next one. The child is a
+  fresh interpreter (not a fork: the parent runs threads; not
+  multiprocessing's spawn: it would re-run the parent's main module),
+  started on first use, serving one frame at a time.
+  """
+
+  def __init__(self, timeout_s: float):
+    self._timeout_s = timeout_s
+    self._lock = threading.Lock()
+    self._process = None
+
+  def _start(self) -> None:
+    env = dict(os.environ,
+               PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    self._process = subprocess.Popen(  # pylint: disable=consider-using-with
+        [sys.executable, "-c",
+         "from busi_core import dicom; dicom.serve_isolated_decodes()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, env=env, close_fds=True)
+
+  def _stop(self) -> Optional[int]:
+    """Ends the child; its exit code."""
+    process, self._process = self._process, None
+    if process is None:
+      return None
+    for stream in (process.stdin, process.stdout):
+      try:
+        stream.close()
+      except OSError:
+        pass
+    if process.poll() is None:
+      process.kill()
+    try:
+      return process.wait(5)
+    except subprocess.TimeoutExpired:
+      return None
+
+  def decode(self, uid: UID, frame: bytes, opts: dict) -> np.ndarray:
+    with self._lock:
+      if self._process is None or self._process.poll() is not None:
+        self._stop()
+        self._start()
+      process = self._process
+      try:
+        pickle.dump((str(uid), frame, opts), process.stdin,
+                    protocol=pickle.HIGHEST_PROTOCOL)
+        process.stdin.flush()
+        ready, _, _ = select.select([process.stdout], [], [],
+                                    self._timeout_s)
+        if not ready:
+          self._stop()
+          raise _ChildError(f"DecoderTimeout({int(self._timeout_s)} s)")
+        status, payload = pickle.load(process.stdout)
+      except (EOFError, OSError, pickle.UnpicklingError):
+        code = self._stop()
+        raise _ChildError(f"DecoderProcessDied(exit code {code})") from None
+    if status != "ok":
+      raise _ChildError(payload)
+    return payload
+
+
+_GDCM = _Isolated(timeout_s=120)
+
+
 def _plugins(decoder) -> Tuple[str, ...]:
   """The decoder's plugins to try, in order; GDCM only when alone.
 
   python-gdcm aborts the whole process (a C++ abort, not an exception) on
-  some corrupt JPEG codestreams, which would take a Beam worker down with
-  it; it is kept for what only it reads here (JPEG Lossless).
+  some corrupt JPEG codestreams; it is kept for what only it reads here
+  (JPEG Lossless), and run in a child process (see `_Isolated`).
   """
   available = [name for name in _PLUGIN_ORDER
                if name in decoder.available_plugins]
@@ -855,6 +972,8 @@ class _Frames:
     failure = None
     for plugin in self._plugins:
       try:
+        if plugin == "gdcm":
+          return _GDCM.decode(self._uid, frame, self._opts)
         values, _ = self._decoder.as_array(
             single, index=0, validate=True, decoding_plugin=plugin,
             **self._opts)
@@ -895,10 +1014,11 @@ class _Frames:
       raise
     # Decoder plugins raise many types.
     except Exception as e:  # pylint: disable=broad-except
+      name = e.name if isinstance(e, _ChildError) else type(e).__name__
       raise MemberError(
           "CorruptImage",
           f"frame {number} of {header.frames} could not be decoded from"
-          f" {_syntax_words(self._uid)} ({type(e).__name__})") from None
+          f" {_syntax_words(self._uid)} ({name})") from None
     if header.region is not None:
       top, bottom, left, right = header.region
       pixels = pixels[top:bottom, left:right]

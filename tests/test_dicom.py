@@ -605,6 +605,25 @@ def test_codestream_larger_than_header_is_refused_before_decoding():
   assert e.kind == "CorruptImage" and "60000x60000" in str(e)
 
 
+def test_gdcm_abort_costs_one_frame_not_the_process():
+  # GDCM, the one plugin here for JPEG Lossless, abort()s on this frame
+  # (a changed Adobe APP14 byte); it runs in a child process, so the
+  # frame is CorruptImage and the next file decodes in a new child.
+  original = corpus("SC_rgb_jpeg_gdcm.dcm")
+  ds = pydicom.dcmread(io.BytesIO(original))
+  assert ds.file_meta.TransferSyntaxUID == uid.JPEGLosslessSV1
+  frame = bytearray(next(pydicom.encaps.generate_frames(
+      ds.PixelData, number_of_frames=1)))
+  frame[17] = 0x3F
+  ds.PixelData = pydicom.encaps.encapsulate([bytes(frame)])
+  out = io.BytesIO()
+  ds.save_as(out)
+  e = error_of(out.getvalue())
+  assert e.kind == "CorruptImage" and "DecoderProcessDied" in str(e)
+  np.testing.assert_array_equal(only_frame(original),
+                                only_frame(corpus("SC_rgb_rle.dcm")))
+
+
 def test_deflate_bomb_is_refused(monkeypatch):
   data = corpus("image_dfl.dcm")
   assert only_frame(data).shape == (512, 512)
@@ -704,7 +723,7 @@ def _has_pixels(data: bytes) -> bool:
 
 # --- PHI never leaves -------------------------------------------------------
 
-PHI_VALUES = list(dw.PHI.values()) + list(dw._NESTED_PHI.values()) + [  # pylint: disable=protected-access
+PHI_VALUES = list(dw.PHI.values()) + list(dw.NESTED_PHI.values()) + [
     "ZZPHI findings for Alice", "Alice", "Quetzal", "Xyloville"]
 
 
