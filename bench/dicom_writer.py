@@ -24,9 +24,8 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import convert_color_space
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (UID, ExplicitVRBigEndian, ExplicitVRLittleEndian,
-                         ImplicitVRLittleEndian, JPEG2000Lossless,
-                         JPEGBaseline8Bit, JPEGLSLossless, MPEG4HP41,
-                         RLELossless, generate_uid)
+                         JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless,
+                         MPEG4HP41, RLELossless, generate_uid)
 
 US_IMAGE = UID("1.2.840.10008.5.1.4.1.1.6.1")
 US_MULTIFRAME = UID("1.2.840.10008.5.1.4.1.1.3.1")
@@ -63,7 +62,7 @@ PHI: Dict[str, str] = {
     "DeviceSerialNumber": "ZZSERIAL31337",
 }
 # Also hidden inside sequences, so a scrubber must walk them.
-_NESTED_PHI = {
+NESTED_PHI = {
     "RequestedProcedureDescription": "ZZPHI requested procedure for Alice",
     "RequestedProcedureID": "ZZREQ6060",
 }
@@ -71,6 +70,9 @@ _NESTED_PHI = {
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422")
 _PALETTE = "PALETTE COLOR"
+# Never GDCM: its RLE encoder aborts the process on some frame sizes.
+_ENCODERS = {RLELossless: "pydicom", JPEG2000Lossless: "pylibjpeg",
+             JPEGLSLossless: "pyjpegls"}
 # (x0, y0, x1, y1, spatial_format, data_type), coordinates inclusive.
 Region = Tuple[int, int, int, int, int, int]
 
@@ -97,7 +99,7 @@ def _base_dataset(sop_class: UID, phi: Optional[Dict[str, str]],
     setattr(ds, keyword, value)
   if phi:
     request = Dataset()
-    for keyword, value in _NESTED_PHI.items():
+    for keyword, value in NESTED_PHI.items():
       setattr(request, keyword, value)
     ds.RequestAttributesSequence = DicomSequence([request])
   return ds
@@ -253,6 +255,7 @@ def ultrasound_dicom(
     if colour:
       ds.PlanarConfiguration = 0  # what the encoders take
     ds.compress(syntax, stored if frames is not None else stored[0],
+                encoding_plugin=_ENCODERS[syntax],
                 generate_instance_uid=False)
   elif syntax == JPEGBaseline8Bit:
     if bits_allocated != 8:

@@ -13,12 +13,17 @@ own warnings and log lines, which may quote values, are silenced, and its
 exception texts are never passed on (only their type names).
 """
 
-import copy
 import io
 import logging
 import math
+import os
+import pickle
 import re
+import select
 import struct
+import subprocess
+import sys
+import threading
 import warnings
 import zlib
 from typing import Iterator, NamedTuple, Optional, Tuple
@@ -39,6 +44,11 @@ from busi_core.errors import MemberError
 # IDs, dates): keep them out of worker logs.
 pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+# Also kept out of stderr: warnings from pydicom, or raised by it on our
+# behalf. Each read also ignores them in a `catch_warnings` block; this
+# filter covers threads that race on the process-wide filter list there.
+warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+warnings.filterwarnings("ignore", module=r"busi_core\.dicom$")
 _PYDICOM_LOGGER = logging.getLogger("pydicom")
 _PYDICOM_LOGGER.setLevel(logging.CRITICAL)
 _PYDICOM_LOGGER.propagate = False
@@ -71,6 +81,10 @@ _FIRST_GROUPS = (0x0002, 0x0008)
 
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 _PALETTE = "PALETTE COLOR"
+_DEFINED_PHOTOMETRICS = frozenset((
+    "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_FULL",
+    "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT",
+    "YBR_RCT", "HSV", "ARGB", "CMYK", "XYB"))
 # Three-sample interpretations that come out of pydicom's decoders as RGB.
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 
@@ -127,6 +141,15 @@ _SOF_MARKERS = frozenset(
      0xCF, 0xF7))
 # JPEG Extended at 12 bits: neither Pillow nor GDCM decode it.
 _JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
+
+# What `_monochrome` reads: a frame's view of the dataset holds these.
+_PIXEL_VALUE_KEYWORDS = (
+    "PhotometricInterpretation", "BitsAllocated", "BitsStored",
+    "PixelRepresentation", "RescaleSlope", "RescaleIntercept",
+    "ModalityLUTSequence", "WindowCenter", "WindowWidth", "VOILUTFunction",
+    "VOILUTSequence")
+# Decoder plugins by preference (see `_plugins`).
+_PLUGIN_ORDER = ("pydicom", "pylibjpeg", "pyjpegls", "pillow", "gdcm")
 
 _UID_CHARS = re.compile(r"[0-9.]{1,64}")
 
@@ -316,11 +339,16 @@ def _int(ds: Dataset, keyword: str) -> Optional[int]:
 
 
 def _photometric(ds: Dataset) -> str:
-  """PhotometricInterpretation upper-cased, "" when absent or malformed."""
+  """PhotometricInterpretation, "" when absent, "unrecognised" when odd.
+
+  Only the standard's defined terms come back: the value is quoted in
+  messages, and a free-text value there could be anything.
+  """
   value = ds.get("PhotometricInterpretation")
-  value = str(value).strip().upper() if value else ""
-  # Only the defined terms are ever quoted in messages.
-  return value if re.fullmatch(r"[A-Z0-9_ ]{1,16}", value) else "unknown"
+  if not value:
+    return ""
+  value = str(value).strip().upper()
+  return value if value in _DEFINED_PHOTOMETRICS else "unrecognised"
 
 
 def _number_of_frames(ds: Dataset) -> int:
@@ -381,12 +409,32 @@ def _pixel_element(ds: Dataset) -> Optional[_PixelValue]:
   return _PixelValue(element.value or b"", 0, length, element.VR, False)
 
 
+def _sop_class(ds: Dataset) -> Optional[str]:
+  """The standard name of the dataset's SOP class, None if not standard."""
+  meta = getattr(ds, "file_meta", None) or {}
+  uid = UID(str(ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID")
+                or ""))
+  if _UID_CHARS.fullmatch(str(uid)) and uid.name != str(uid):
+    return uid.name
+  return None
+
+
 def _sop_class_words(ds: Dataset) -> str:
   """" (a Basic Text SR Storage)" for a standard SOP class, else ""."""
-  uid = UID(str(ds.get("SOPClassUID", "")))
-  if _UID_CHARS.fullmatch(str(uid)) and uid.name != str(uid):
-    return f" (a {uid.name})"
-  return ""
+  name = _sop_class(ds)
+  return f" (a {name})" if name else ""
+
+
+def _is_image_object(ds: Dataset) -> bool:
+  """An image SOP class, or an Image Pixel module: pixel data is due.
+
+  Reports, plans, structure sets, waveforms and DICOMDIRs have neither; an
+  image without pixel data was cut short (the file meta, which names the
+  class, comes first) or stripped.
+  """
+  name = _sop_class(ds) or ""
+  return ("Image Storage" in name or "Volume Storage" in name or
+          "Rows" in ds)
 
 
 def _check_decoder(uid: UID) -> None:
@@ -455,6 +503,11 @@ def _header(ds: Dataset, data: bytes, max_pixels: int) -> DicomHeader:
     if any(tag in ds for tag in _FLOAT_PIXEL_DATA):
       raise MemberError("UnsupportedPixelType",
                         "float or double float pixel data is not read")
+    if _is_image_object(ds):
+      raise MemberError(
+          "CorruptImage",
+          f"an image object{_sop_class_words(ds)} without pixel data: the"
+          " file is truncated or its pixels were stripped")
     raise MemberError(
         "NoPixelData",
         f"DICOM object without pixel data{_sop_class_words(ds)}")
@@ -551,10 +604,11 @@ def _to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def _frame_dataset(ds: Dataset, index: int) -> Dataset:
-  """`ds` with the rescale and window of frame `index` at the top level.
+  """The pixel-value elements of frame `index`, with its own rescale/window.
 
-  Enhanced multi-frame objects keep them in the shared and per-frame
-  functional groups; a per-frame value overrides a shared one.
+  Enhanced multi-frame objects keep rescale and window in the shared and
+  per-frame functional groups; a per-frame value overrides a shared one,
+  and both override the top level. Other objects get `ds` itself.
   """
   groups = []
   for keyword, item_index in (("SharedFunctionalGroupsSequence", 0),
@@ -564,7 +618,15 @@ def _frame_dataset(ds: Dataset, index: int) -> Dataset:
       groups.append(sequence[item_index])
   if not groups:
     return ds
-  view = copy.copy(ds)
+  view = Dataset()  # a new one: a shallow copy would share ds's elements
+  for keyword in _PIXEL_VALUE_KEYWORDS:
+    if keyword in ds:
+      view.add(ds[keyword])
+  meta = getattr(ds, "file_meta", None)
+  if meta is not None and "TransferSyntaxUID" in meta:
+    view.file_meta = meta
+  else:
+    view.set_original_encoding(*ds.original_encoding)
   for group in groups:
     for keyword in ("PixelValueTransformationSequence",
                     "FrameVOILUTSequence"):
@@ -572,10 +634,8 @@ def _frame_dataset(ds: Dataset, index: int) -> Dataset:
       if not sequence:
         continue
       for element in sequence[0]:
-        if element.keyword in ("RescaleSlope", "RescaleIntercept",
-                               "WindowCenter", "WindowWidth",
-                               "VOILUTFunction"):
-          setattr(view, element.keyword, element.value)
+        if element.keyword in _PIXEL_VALUE_KEYWORDS:
+          view.add(element)
   return view
 
 
@@ -653,6 +713,132 @@ def _to_display(values: np.ndarray, ds: Dataset, photometric: str,
   return _colour(values, ds)
 
 
+class _ChildError(Exception):
+  """A decode that failed in the isolated process; `name` is its type."""
+
+  def __init__(self, name: str):
+    super().__init__(name)
+    self.name = name
+
+
+def _decode_frame_with_gdcm(uid: str, frame: bytes, opts: dict):
+  """("ok", frame array) or ("error", exception type name)."""
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      values, _ = get_decoder(UID(uid)).as_array(
+          encapsulate([frame], has_bot=False), index=0, validate=True,
+          decoding_plugin="gdcm", **opts)
+    return "ok", values
+  except Exception as e:  # pylint: disable=broad-except
+    return "error", type(e).__name__
+
+
+def serve_isolated_decodes() -> None:
+  """Main loop of the isolated decoder process (see `_Isolated`).
+
+  Reads pickled (uid, codestream, options) requests on stdin and writes
+  one pickled reply per request on what was stdout; anything a library
+  prints goes to stderr instead, so it cannot corrupt the replies.
+  """
+  replies = os.fdopen(os.dup(1), "wb")
+  os.dup2(2, 1)
+  requests = sys.stdin.buffer
+  while True:
+    try:
+      request = pickle.load(requests)
+    except (EOFError, pickle.UnpicklingError):
+      return
+    pickle.dump(_decode_frame_with_gdcm(*request), replies,
+                protocol=pickle.HIGHEST_PROTOCOL)
+    replies.flush()
+
+
+class _Isolated:
+  """GDCM decodes in a child process, so that its aborts cost one frame.
+
+  python-gdcm calls abort() on some corrupt JPEG codestreams (a C++
+  exception nobody catches), which would end the Beam worker and fail the
+  bundle over and over; here the child dies instead, the frame becomes
+  CorruptImage and a new child starts for the next one. The child is a
+  fresh interpreter (not a fork: the parent runs threads; not
+  multiprocessing's spawn: it would re-run the parent's main module),
+  started on first use, serving one frame at a time.
+  """
+
+  def __init__(self, timeout_s: float):
+    self._timeout_s = timeout_s
+    self._lock = threading.Lock()
+    self._process = None
+
+  def _start(self) -> None:
+    env = dict(os.environ,
+               PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    self._process = subprocess.Popen(  # pylint: disable=consider-using-with
+        [sys.executable, "-c",
+         "from busi_core import dicom; dicom.serve_isolated_decodes()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, env=env, close_fds=True)
+
+  def _stop(self) -> Optional[int]:
+    """Ends the child; its exit code."""
+    process, self._process = self._process, None
+    if process is None:
+      return None
+    for stream in (process.stdin, process.stdout):
+      try:
+        stream.close()
+      except OSError:
+        pass
+    if process.poll() is None:
+      process.kill()
+    try:
+      return process.wait(5)
+    except subprocess.TimeoutExpired:
+      return None
+
+  def decode(self, uid: UID, frame: bytes, opts: dict) -> np.ndarray:
+    with self._lock:
+      if self._process is None or self._process.poll() is not None:
+        self._stop()
+        self._start()
+      process = self._process
+      try:
+        pickle.dump((str(uid), frame, opts), process.stdin,
+                    protocol=pickle.HIGHEST_PROTOCOL)
+        process.stdin.flush()
+        ready, _, _ = select.select([process.stdout], [], [],
+                                    self._timeout_s)
+        if not ready:
+          self._stop()
+          raise _ChildError(f"DecoderTimeout({int(self._timeout_s)} s)")
+        status, payload = pickle.load(process.stdout)
+      except (EOFError, OSError, pickle.UnpicklingError):
+        code = self._stop()
+        raise _ChildError(f"DecoderProcessDied(exit code {code})") from None
+    if status != "ok":
+      raise _ChildError(payload)
+    return payload
+
+
+_GDCM = _Isolated(timeout_s=120)
+
+
+def _plugins(decoder) -> Tuple[str, ...]:
+  """The decoder's plugins to try, in order; GDCM only when alone.
+
+  python-gdcm aborts the whole process (a C++ abort, not an exception) on
+  some corrupt JPEG codestreams; it is kept for what only it reads here
+  (JPEG Lossless), and run in a child process (see `_Isolated`).
+  """
+  available = [name for name in _PLUGIN_ORDER
+               if name in decoder.available_plugins]
+  available += sorted(set(decoder.available_plugins) - set(available))
+  if len(available) > 1 and "gdcm" in available:
+    available.remove("gdcm")
+  return tuple(available)
+
+
 def _codestream_size(frame: bytes) -> Optional[Tuple[int, int]]:
   """(height, width) a JPEG, JPEG-LS or JPEG 2000 codestream declares.
 
@@ -725,6 +911,7 @@ class _Frames:
     opts["pixel_vr"] = element.vr if element.vr in ("OB", "OW") else (
         "OW" if bits_allocated > 8 else "OB")
     self._rows, self._columns = opts["rows"], opts["columns"]
+    self._plugins = _plugins(self._decoder)
     if self._decoder.is_encapsulated:
       # A file-like, so the fragments are read one frame at a time; from
       # the member's bytes even when pydicom read the value, since its
@@ -781,10 +968,19 @@ class _Frames:
           f"frame {index + 1} of {self._header.frames}: the codestream"
           f" declares {size[0]}x{size[1]} pixels, more than the header's"
           f" Rows {self._rows}, Columns {self._columns}")
-    values, _ = self._decoder.as_array(
-        encapsulate([frame], has_bot=False), index=0, validate=True,
-        **self._opts)
-    return values
+    single = encapsulate([frame], has_bot=False)
+    failure = None
+    for plugin in self._plugins:
+      try:
+        if plugin == "gdcm":
+          return _GDCM.decode(self._uid, frame, self._opts)
+        values, _ = self._decoder.as_array(
+            single, index=0, validate=True, decoding_plugin=plugin,
+            **self._opts)
+        return values
+      except Exception as e:  # pylint: disable=broad-except
+        failure = e  # plugins raise many types; the next may succeed
+    raise failure
 
   def __next__(self) -> Frame:
     if self._ended or self._index >= self._limit:
@@ -818,10 +1014,11 @@ class _Frames:
       raise
     # Decoder plugins raise many types.
     except Exception as e:  # pylint: disable=broad-except
+      name = e.name if isinstance(e, _ChildError) else type(e).__name__
       raise MemberError(
           "CorruptImage",
           f"frame {number} of {header.frames} could not be decoded from"
-          f" {_syntax_words(self._uid)} ({type(e).__name__})") from None
+          f" {_syntax_words(self._uid)} ({name})") from None
     if header.region is not None:
       top, bottom, left, right = header.region
       pixels = pixels[top:bottom, left:right]
