@@ -270,27 +270,24 @@ class DecodeMember(beam.DoFn):
     progress.expect(wanted - 1)
     outcomes = 0
     frames = dicom.iter_frames(member.data, header, self._dicom.max_frames)
-    while outcomes < wanted:
-      number = outcomes + 1 if header.multi_frame else None
-      source = frame_source(member.source, number)
+    while True:
+      # A frame that fails is its own error row and the next one is tried
+      # (iter_frames goes on after a MemberError); a file that cannot be
+      # read at all raises once and ends.
       try:
         frame = next(frames)
       except StopIteration:
-        # Fewer frames than NumberOfFrames declared: the rest are one error.
-        outcomes += 1
-        yield self._error(source, "CorruptImage",
-                          f"the file holds fewer frames than the {wanted}"
-                          " its header declares")
         break
       except MemberError as e:
         outcomes += 1
-        rest = (f"; frames {outcomes + 1}-{wanted} not read"
-                if outcomes < wanted else "")
-        yield self._error(source, e.kind, f"{e}{rest}")
-        break
+        number = frames.last_number if header.multi_frame else None
+        yield self._error(frame_source(member.source, number), e.kind, str(e))
+        continue
       except Exception as e:  # pylint: disable=broad-except
+        # Not expected from iter_frames; its text may quote the header.
         outcomes += 1
-        yield self._error(source, "CorruptImage",
+        number = frames.last_number if header.multi_frame else None
+        yield self._error(frame_source(member.source, number), "CorruptImage",
                           f"DICOM frame not decoded ({type(e).__name__})")
         break
       outcomes += 1
@@ -324,6 +321,10 @@ class DecodeMember(beam.DoFn):
       for name in flags:
         progress.count(schemas.quality_counter(name))
       yield example
+    if not outcomes:  # never expected: the member must still be accounted
+      outcomes = 1
+      yield self._error(member.source, "CorruptImage",
+                        "no frame of the DICOM could be read")
     skipped = header.frames - wanted
     if outcomes > 1 or skipped:
       yield beam.pvalue.TaggedOutput(FRAMES, (outcomes - 1, skipped))
@@ -335,6 +336,14 @@ def _sum_pairs(pairs: Iterable) -> tuple:
     extra += a
     skipped += b
   return extra, skipped
+
+
+def _extra_frames(pair: tuple) -> int:
+  return pair[0]
+
+
+def _frames_skipped(pair: tuple) -> int:
+  return pair[1]
 
 
 class ReadImages(beam.PTransform):
@@ -375,10 +384,9 @@ class ReadImages(beam.PTransform):
         "examples": decoded.examples,
         "masks": decoded[MASKS],
         "errors": decoded[ERRORS],
-        "extra_frames": frames | "ExtraFrames" >> beam.MapTuple(
-            lambda extra, unused_skipped: extra),
-        "frames_skipped": frames | "FramesSkipped" >> beam.MapTuple(
-            lambda unused_extra, skipped: skipped),
+        "extra_frames": frames | "ExtraFrames" >> beam.Map(_extra_frames),
+        "frames_skipped": frames | "FramesSkipped" >> beam.Map(
+            _frames_skipped),
         "members_seen": members | "CountMembers" >> (
             beam.combiners.Count.Globally()),
     }

@@ -37,7 +37,7 @@ DICOM_ERRORS = {"NoPixelData", "CorruptImage", "UnsupportedTransferSyntax",
 
 def _phi_values():
   """Every made-up PHI value the writer puts in headers, and the UIDs."""
-  values = set(dw.PHI.values()) | set(dw._NESTED_PHI.values())  # pylint: disable=protected-access
+  values = set(dw.PHI.values()) | set(dw.NESTED_PHI.values())
   values |= {STUDY, OTHER_STUDY, *SERIES}
   # A person's name as DICOM writes it and as its parts.
   for name in (v for v in list(values) if "^" in v):
@@ -308,3 +308,39 @@ def test_pydicom_corpus_each_file_a_prediction_or_a_named_error(
   assert fates["MR_truncated.dcm"] == "CorruptImage"
   assert fates["no_meta.dcm"] == "NotAnImage"
   print(json.dumps(fates, indent=1, sort_keys=True))
+
+
+@pytest.mark.slow
+def test_real_model_gradcam_and_report_carry_no_phi(tmp_path, monkeypatch,
+                                                    capfd, caplog):
+  """The real (tiny) Keras model with an OOD detector, Grad-CAM for every
+  image and a tar.gz: every file written, and the logs, free of PHI."""
+  from reporting import report, summary  # pylint: disable=import-outside-toplevel
+  from training import testing as training_testing  # pylint: disable=import-outside-toplevel
+  model = str(tmp_path / "model")
+  rng = np.random.default_rng(0)
+  training_testing.make_test_artifact(
+      model, image_size=SIZE,
+      ood_images=rng.integers(0, 255, (20, SIZE, SIZE, 3), dtype=np.uint8))
+  members = _members()
+  archive = str(tmp_path / "dicom.tar.gz")
+  entries = [af.Entry(name, data, "image") for name, (data, _) in
+             members.items()]
+  af.write_tar(archive, entries, gz=True)
+  monkeypatch.setenv(pseudonyms.KEY_ENV, KEY)
+  out = str(tmp_path / "run")
+  manifest = pipeline.run(["run", "--input", archive, "--model", model,
+                           "--output", out, "--gradcam", "all"])
+  assert manifest["invariant"]["holds"]
+  assert manifest["counts"]["extra_frames"] == 2
+  images = sum(1 for _, fate in members.values() if fate == "image") + 3
+  assert manifest["counts"]["predictions"] == images
+  (cams,) = sql(f"SELECT count(gradcam_uri) FROM read_parquet('{out}/"
+                "predictions/*.parquet')")[0]
+  assert cams == images
+  text = summary.summary(out)
+  report_dir = str(tmp_path / "report")
+  assert report.main(["--predictions", out, "--output", report_dir]) == 0
+  logs = capfd.readouterr()
+  assert _scan(_files(out, report_dir),
+               text + logs.out + logs.err + caplog.text) == []

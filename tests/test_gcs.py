@@ -65,7 +65,8 @@ def test_zip_and_targz_in_a_bucket_end_to_end(tmp_path, gcs_client):
       "--image_size", str(SIZE)])
   assert pre["counts"] == {"members_seen": 26, "images_written": 12,
                            "masks_skipped": 12, "errors": 2,
-                           "inputs_vanished": 0}
+                           "inputs_vanished": 0, "extra_frames": 0,
+                           "frames_skipped": 0}
 
   scored = pipeline.run([
       "score", "--input", f"gs://{BUCKET}/pre/tfrecords/*.tfrecord.gz",
