@@ -98,6 +98,18 @@ def sniff_archive(data: bytes) -> Optional[str]:
   return None
 
 
+def _lead(data: bytes) -> str:
+  """What the first bytes look like, for an error message.
+
+  A binary signature is shown in hex; text is not quoted, since a stray
+  report or export in a hospital archive may start with a patient's name.
+  """
+  head = data[:8]
+  if all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+    return f"starts with {len(head)} bytes of text"
+  return f"starts with bytes {head.hex(' ')}"
+
+
 def check_header(data: bytes, max_pixels: int) -> Tuple[str, int, int]:
   """Validates the bytes as an image before any pixel is decoded.
 
@@ -123,8 +135,7 @@ def check_header(data: bytes, max_pixels: int) -> Tuple[str, int, int]:
   if fmt is None:
     raise MemberError(
         "NotAnImage",
-        "bytes are not PNG, JPEG, BMP, TIFF, WebP or DICOM (starts with"
-        f" {data[:8]!r})")
+        f"bytes are not PNG, JPEG, BMP, TIFF, WebP or DICOM ({_lead(data)})")
   try:
     if fmt == "png" and data[12:16] == b"IHDR" and len(data) >= 24:
       # The PNG header is fixed: read it directly (Pillow costs ~0.1 ms).
