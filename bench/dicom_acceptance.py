@@ -5,7 +5,7 @@ for the archive's made-up patient data.
 
   python -m bench.dicom_acceptance --run RUN_DIR --sidecar DICOM.zip.json \
       --png_predictions 'PNG_RUN/predictions/*.parquet' [--log run.log] \
-      [--seed 16]
+      [--scan REPORT_DIR] [--seed 16]
 
 With $BUSI_STUDY_HMAC_KEY set (the key the run used) it also checks that
 every study_key is the HMAC of its file's StudyInstanceUID.
@@ -69,7 +69,10 @@ def main(argv=None) -> int:
   parser.add_argument("--sidecar", required=True)
   parser.add_argument("--png_predictions", required=True,
                       help="Parquet glob of a run over the PNG originals.")
-  parser.add_argument("--log", action="append", default=[])
+  parser.add_argument("--log", action="append", default=[],
+                      help="A log or printed output to scan too; repeatable.")
+  parser.add_argument("--scan", action="append", default=[],
+                      help="Another folder to scan (the report); repeatable.")
   parser.add_argument("--seed", type=int, default=0,
                       help="The --seed bench.dicom_archive was given.")
   args = parser.parse_args(argv)
@@ -143,7 +146,8 @@ def main(argv=None) -> int:
           " not checked)")
 
   # 4. PHI scan.
-  paths = [p for p in glob.glob(os.path.join(args.run, "**"), recursive=True)
+  paths = [p for folder in [args.run] + args.scan
+           for p in glob.glob(os.path.join(folder, "**"), recursive=True)
            if os.path.isfile(p)] + args.log
   values = phi_values(_uids(sidecar, args.seed))
   found = scan(paths, values)
