@@ -241,6 +241,19 @@ def test_flag_warnings_printed_not_logged(tmp_path, data_glob, capsys,
 
 
 @pytest.mark.slow
+def test_no_cv_with_a_test_split(tmp_path, data_glob, capsys):
+  """./run_local.sh's demo: no cross-validation, a test split, the OOD
+  detector reporting on it (the test images' features must be cached)."""
+  output = str(tmp_path / "m")
+  assert _tiny_train(output, data_glob, "--cv_folds", "0", "--test_fraction",
+                     "0.2", "--epochs", "1") == 0
+  assert "Test ECE" in capsys.readouterr().out
+  metadata = artifact.read_artifact_info(output).metadata
+  assert metadata.test_metrics.count > 0
+  assert metadata.ood is not None
+
+
+@pytest.mark.slow
 def test_same_seed_same_split(tmp_path, data_glob):
   fingerprints = []
   for run in ("a", "b"):

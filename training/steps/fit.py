@@ -52,9 +52,10 @@ def fit(config: TrainConfig, data: data_lib.LabelledData,
                           splits.hashes)
   else:
     needed = {view: splits.train for view in recipe.views(config)}
-    # Validation images are seen as stored (view 0 only), as scoring sees
-    # them.
-    needed[recipe.ORIGINAL] = np.concatenate([splits.train, splits.val])
+    # Validation and test images are seen as stored (view 0 only), as
+    # scoring sees them; the OOD detector reports on the test split's.
+    needed[recipe.ORIGINAL] = np.concatenate([splits.train, splits.val,
+                                              splits.test])
     cache = recipe.ConvCache(model, data.images, needed, config.batch_size,
                              config.seed, recipe.cache_layers(config, model))
   keras.utils.set_random_seed(config.seed)
