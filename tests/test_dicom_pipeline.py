@@ -245,6 +245,7 @@ def test_key_flag_short_key_and_frame_limit(tmp_path, dicom_zip, monkeypatch):
     assert KEY.encode() not in f.read()
 
 
+@pytest.mark.slow
 def test_score_carries_the_dicom_fields(tmp_path, dicom_zip, model_dir,
                                         fake_model, monkeypatch):
   archive, _ = dicom_zip
@@ -268,6 +269,7 @@ def _corpus_files():
   return sorted(glob.glob(os.path.join(folder, "*.dcm")))
 
 
+@pytest.mark.slow
 def test_pydicom_corpus_each_file_a_prediction_or_a_named_error(
     tmp_path, model_dir, fake_model):
   files = _corpus_files()

@@ -112,6 +112,7 @@ def test_launcher_dockerfile_runs_the_template_entry_point_from_the_worker_image
   assert f"python3{python}-template-launcher-base" in dockerfile
 
 
+@pytest.mark.slow
 def test_template_entry_point_runs_the_run_command():
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel

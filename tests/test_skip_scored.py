@@ -85,6 +85,7 @@ def test_rerun_over_grown_archive_scores_only_new_images(
   assert manifest["skip_scored"]["globs"] == [first]
 
 
+@pytest.mark.slow
 def test_score_skips_by_model_version(tmp_path, model_dir, other_model_dir,
                                       first_run, fake_model):
   """`score` over the first run's own TFRecords: the same model version
