@@ -4,7 +4,8 @@ Each stage is a small named PTransform; the per-element work is in
 `archives`, `imaging` and `quality`.
 """
 
-from typing import Dict, Iterable, NamedTuple, Optional, Union
+from typing import (Dict, Iterable, NamedTuple, Optional, Sequence, Tuple,
+                    Union)
 
 import apache_beam as beam
 
@@ -187,18 +188,14 @@ class DecodeMember(beam.DoFn):
       yield beam.pvalue.TaggedOutput(MASKS, member.source)
       return
     if member.kind == "dir":
-      progress.count(schemas.COUNTER_DECODE_ERRORS)
-      yield beam.pvalue.TaggedOutput(ERRORS, error_row(
-          member.source, schemas.Stage.EXTRACT, "Directory",
-          "directory entry, not an image", self._run_id))
+      yield self._error(member.source, "Directory",
+                        "directory entry, not an image", schemas.Stage.EXTRACT)
       return
     if member.kind == "error":
-      progress.count(schemas.COUNTER_DECODE_ERRORS)
       stage = (schemas.Stage.READ if member.source == member.path or
                "!/" not in member.source else schemas.Stage.EXTRACT)
-      yield beam.pvalue.TaggedOutput(ERRORS, error_row(
-          member.source, stage, member.error.kind, str(member.error),
-          self._run_id))
+      yield self._error(member.source, member.error.kind, str(member.error),
+                        stage)
       return
     if member.data and dicom.is_dicom(member.data):
       yield from self._decode_dicom(member)
@@ -206,41 +203,53 @@ class DecodeMember(beam.DoFn):
     try:
       decoded = imaging.decode_and_resize(member.data, self._size,
                                           self._max_pixels, keep_grey=True)
-      flags = quality.check(decoded.pixels, decoded.original_height,
-                            decoded.original_width, self._thresholds)
-      # Serialized here, in the step that decoded it: between steps an
-      # Example moves as plain bytes, far cheaper for Beam to pass than a
-      # pickled array.
-      example = records.to_example(records.ImageRecord(
-          image_id=imaging.image_id(member.data),
-          source=member.source,
-          label=imaging.label_from_path(member.path),
-          pixels=decoded.pixels,
-          original_height=decoded.original_height,
-          original_width=decoded.original_width,
-          quality_flags=quality.join(flags)))
+      example, flags = self._example(decoded, imaging.image_id(member.data),
+                                     member.source,
+                                     imaging.label_from_path(member.path))
     except MemberError as e:
-      progress.count(schemas.COUNTER_DECODE_ERRORS)
-      yield beam.pvalue.TaggedOutput(ERRORS, error_row(
-          member.source, schemas.Stage.DECODE, e.kind, str(e), self._run_id))
+      yield self._error(member.source, e.kind, str(e))
       return
     except Exception as e:  # pylint: disable=broad-except
       # OpenCV raises cv2.error on some malformed inputs; never crash the run.
-      progress.count(schemas.COUNTER_DECODE_ERRORS)
-      yield beam.pvalue.TaggedOutput(ERRORS, error_row(
-          member.source, schemas.Stage.DECODE, type(e).__name__, str(e),
-          self._run_id))
+      yield self._error(member.source, type(e).__name__, str(e))
       return
+    self._count_decoded(flags)
+    yield example
+
+  def _example(self, decoded: imaging.DecodedImage, image_id: str,
+               source: str, label: str, burned_in_annotation: bool = False,
+               **dicom_fields) -> Tuple[bytes, Tuple[str, ...]]:
+    """A decoded image's quality flags and its serialized Example.
+
+    Serialized here, in the step that decoded it: between steps an Example
+    moves as plain bytes, far cheaper for Beam to pass than a pickled array.
+    `dicom_fields` are ImageRecord's frame, study_key, series_key and
+    region_cropped.
+    """
+    flags = quality.check(decoded.pixels, decoded.original_height,
+                          decoded.original_width, self._thresholds,
+                          burned_in_annotation=burned_in_annotation)
+    return records.to_example(records.ImageRecord(
+        image_id=image_id,
+        source=source,
+        label=label,
+        pixels=decoded.pixels,
+        original_height=decoded.original_height,
+        original_width=decoded.original_width,
+        quality_flags=quality.join(flags),
+        **dicom_fields)), flags
+
+  @staticmethod
+  def _count_decoded(flags: Sequence[str]) -> None:
     progress.count(schemas.COUNTER_IMAGES_DECODED)
     for name in flags:
       progress.count(schemas.quality_counter(name))
-    yield example
 
-
-  def _error(self, source: str, kind: str, message: str):
+  def _error(self, source: str, kind: str, message: str,
+             stage: schemas.Stage = schemas.Stage.DECODE):
     progress.count(schemas.COUNTER_DECODE_ERRORS)
     return beam.pvalue.TaggedOutput(ERRORS, error_row(
-        source, schemas.Stage.DECODE, kind, message, self._run_id))
+        source, stage, kind, message, self._run_id))
 
   def _decode_dicom(self, member: archives.Member):
     """A DICOM member → one Example (or error row) per frame read.
@@ -296,30 +305,17 @@ class DecodeMember(beam.DoFn):
       try:
         decoded = imaging.resize_pixels(frame.pixels, self._size,
                                         keep_grey=True)
-        flags = quality.check(decoded.pixels, decoded.original_height,
-                              decoded.original_width, self._thresholds,
-                              burned_in_annotation=header.burned_in_annotation)
-        example = records.to_example(records.ImageRecord(
-            image_id=frame_image_id(member_id, number),
-            source=source,
-            label=label,
-            pixels=decoded.pixels,
-            original_height=decoded.original_height,
-            original_width=decoded.original_width,
-            quality_flags=quality.join(flags),
-            frame=number,
-            study_key=study_key,
-            series_key=series_key,
-            region_cropped=frame.region_cropped))
+        example, flags = self._example(
+            decoded, frame_image_id(member_id, number), source, label,
+            header.burned_in_annotation, frame=number, study_key=study_key,
+            series_key=series_key, region_cropped=frame.region_cropped)
       except MemberError as e:
         yield self._error(source, e.kind, str(e))
         continue
       except Exception as e:  # pylint: disable=broad-except
         yield self._error(source, type(e).__name__, str(e)[:500])
         continue
-      progress.count(schemas.COUNTER_IMAGES_DECODED)
-      for name in flags:
-        progress.count(schemas.quality_counter(name))
+      self._count_decoded(flags)
       yield example
     if not outcomes:  # never expected: the member must still be accounted
       outcomes = 1
