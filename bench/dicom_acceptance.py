@@ -20,7 +20,6 @@ import sys
 from typing import Dict, List
 
 import duckdb
-from pydicom.uid import generate_uid
 
 from bench import dicom_archive
 from bench import dicom_writer
@@ -36,9 +35,7 @@ def _uids(sidecar: Dict, seed: int) -> List[str]:
   """The Study/Series Instance UIDs bench.dicom_archive wrote (same recipe)."""
   uids = set()
   for k in range(sum(1 for v in sidecar.values() if v.get("original"))):
-    study = generate_uid(entropy_srcs=["bench.dicom_archive", str(seed),
-                                       str(k // dicom_archive.STUDY_SIZE)])
-    uids |= {study, generate_uid(entropy_srcs=[study, "series"])}
+    uids |= set(dicom_archive.study_and_series_uids(seed, k))
   return sorted(uids)
 
 

@@ -236,6 +236,14 @@ def _write(zf: zipfile.ZipFile, member: str, data: bytes) -> None:
   zf.writestr(info, data)
 
 
+def study_and_series_uids(seed: int, k: int) -> Tuple[str, str]:
+  """The Study and Series Instance UIDs of the k-th converted image: every
+  STUDY_SIZE images share a study; deterministic for a seed."""
+  study = generate_uid(entropy_srcs=["bench.dicom_archive", str(seed),
+                                     str(k // STUDY_SIZE)])
+  return study, generate_uid(entropy_srcs=[study, "series"])
+
+
 def build(input_zip: str, output: str, count: Optional[int] = None,
           seed: int = 0, pydicom_corpus: bool = False) -> Dict:
   """Writes the DICOM zip and its JSON sidecar.
@@ -273,10 +281,7 @@ def build(input_zip: str, output: str, count: Optional[int] = None,
             else None
         if frames and recipe.transfer_syntax == uid.JPEG2000Lossless:
           frames = None  # keep cines quick to write
-        study = generate_uid(
-            entropy_srcs=["bench.dicom_archive", str(seed),
-                          str(k // STUDY_SIZE)])
-        series = generate_uid(entropy_srcs=[study, "series"])
+        study, series = study_and_series_uids(seed, k)
         burned_in = ("YES", "NO", None)[k % 3]
         data, entry = convert(source.read(png_member), recipe, frames, rng,
                               study, series, burned_in)
