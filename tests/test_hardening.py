@@ -86,6 +86,7 @@ def test_torture_set_through_preprocess(tmp_path, torture_dir):
   assert sorted(os.listdir(out)) == ["errors", "manifest.json", "tfrecords"]
 
 
+@pytest.mark.slow
 def test_torture_set_through_run(tmp_path, torture_dir, model_dir,
                                  fake_model):
   out = str(tmp_path / "out")
@@ -100,6 +101,7 @@ def test_torture_set_through_run(tmp_path, torture_dir, model_dir,
              " GROUP BY image_id HAVING count(*) > 1") == [(2,)]
 
 
+@pytest.mark.slow
 def test_broken_tfrecord_files_through_score(tmp_path, model_dir,
                                              fake_model):
   rng = np.random.default_rng(0)

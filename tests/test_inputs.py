@@ -171,6 +171,7 @@ def test_a_run_whose_every_input_vanished_is_not_complete(tmp_path):
   assert cli.exit_status(manifest) == cli.EXIT_INCOMPLETE
 
 
+@pytest.mark.slow
 def test_score_accounts_for_every_matched_shard_path(tmp_path, fake_model):
   from training import testing as training_testing  # pylint: disable=import-outside-toplevel
   model = str(tmp_path / "model")

@@ -9,6 +9,7 @@ import threading
 import time
 
 import apache_beam as beam
+import pytest
 
 import schemas
 from beam_pipeline import cli, pipeline, progress
@@ -126,6 +127,7 @@ def test_run_commits_counters_of_every_row(tmp_path, model_dir, fake_model):
   assert re.search(r"^    predictions +9$", summary, re.M)
 
 
+@pytest.mark.slow
 def test_progress_line_during_a_run(tmp_path, model_dir, fake_model):
   archive = _zip(str(tmp_path / "busi.zip"))
   stream = io.StringIO()

@@ -175,6 +175,7 @@ _IMPORTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", sorted(_IMPORTS))
 def test_either_import_order_works(order):
   script = "\n".join([

@@ -158,6 +158,7 @@ def test_score_tfrecords(tmp_path, model_dir, fake_model):
   assert sum(manifest["predicted_classes"].values()) == 12
 
 
+@pytest.mark.slow
 def test_run_end_to_end_and_rerun_is_stable(tmp_path, model_dir,
                                               fake_model):
   archive = str(tmp_path / "busi.zip")
