@@ -48,21 +48,27 @@ def exit_status(manifest: dict) -> int:
   return EXIT_OK
 
 
+def _aligned(pairs, indent: str, least: int) -> list:
+  """`name value` lines with the values in one column, however long a name
+  (quality flag counters such as quality_burned_in_annotation are long)."""
+  pairs = list(pairs)
+  width = max([least] + [len(str(name)) for name, _ in pairs])
+  return [f"{indent}{name:<{width}} {value}" for name, value in pairs]
+
+
 def format_summary(manifest: dict) -> str:
   """The end-of-run summary a person reads."""
   counts = manifest.get("counts", {})
   lines = [f"Run {manifest.get('run_id')} ({manifest.get('command')})"
            f" finished in {manifest.get('wall_time_s')} s"]
-  for key, value in counts.items():
-    lines.append(f"  {key:<22} {value}")
+  lines += _aligned(counts.items(), "  ", 22)
   per_class = manifest.get("predicted_classes")
   if per_class:
     lines.append("  predicted classes:")
-    for name, value in per_class.items():
-      lines.append(f"    {name:<20} {value}")
+    lines += _aligned(per_class.items(), "    ", 20)
   if "throughput_images_per_s" in manifest:
-    lines.append(f"  throughput             "
-                 f"{manifest['throughput_images_per_s']} images/s")
+    lines += _aligned([("throughput", f"{manifest['throughput_images_per_s']}"
+                                      " images/s")], "  ", 22)
   invariant = manifest.get("invariant", {})
   lines.append(f"  {invariant.get('rule')}: "
                f"{'holds' if invariant.get('holds') else 'BROKEN'}")
@@ -72,8 +78,7 @@ def format_summary(manifest: dict) -> str:
   counters = manifest.get("counters")  # pipeline.COUNTERS, from `execute`
   if counters:
     lines.append("  Beam counters (committed):")
-    for name, value in counters.items():
-      lines.append(f"    {name:<20} {value}")
+    lines += _aligned(counters.items(), "    ", 20)
   return "\n".join(lines)
 
 

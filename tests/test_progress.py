@@ -176,3 +176,17 @@ def test_score_spreads_records_after_reading(tmp_path, model_dir):
       "ReadTFRecords/ReadRecords")
   assert _producer(p, "ReadTFRecords/ParseExamples").startswith(
       "ReadTFRecords/SpreadRecords")
+
+
+def test_summary_values_share_one_column_however_long_a_name():
+  manifest = {"run_id": "r", "command": "run", "wall_time_s": 1.0,
+              "counts": {"predictions": 2, "errors": 0},
+              "invariant": {"rule": "r", "holds": True}, "output": "o",
+              pipeline.COUNTERS: {"predictions": 2,
+                                  "quality_burned_in_annotation": 1,
+                                  "errors_decode": 0}}
+  summary = cli.format_summary(manifest)
+  block = summary.split("Beam counters (committed):\n")[1].splitlines()
+  assert len(block) == 3
+  assert len({line.rindex(" ") for line in block}) == 1, block
+  assert all(line.startswith("    ") for line in block)
