@@ -109,24 +109,27 @@ def status(counts: Dict[str, int], images_counter: str,
     counts: `Tally.snapshot()`.
     images_counter: the counter of the command's images (predictions, or
       images decoded for preprocess).
-    elapsed_s: seconds since the first member's outcome; None before it.
+    elapsed_s: seconds since the first image (prediction, or decoded image
+      for preprocess); None before it.
 
   Returns:
-    The status; the ETA is the members expected but without an outcome yet
-    (a prediction or decoded image, a mask, an error row) at the rate
-    outcomes came so far.
+    The status; the rate is images per second since the first image, and
+    the ETA is the members expected but without an outcome yet (a
+    prediction or decoded image, a mask, an error row) at that rate. Masks
+    and error rows come early and fast (a `run` skips masks while the model
+    is still loading), so timing from them made the ETA grow until the
+    first prediction; until then it is n/a.
   """
   images = counts.get(images_counter, 0)
   errors = sum(counts.get(name, 0) for name in _MEMBER_ERRORS)
   outcomes = (images + errors + counts.get(schemas.COUNTER_MASKS_SKIPPED, 0)
               + counts.get(schemas.COUNTER_ALREADY_SCORED, 0))
   expected = counts.get(EXPECTED, 0)
-  if not elapsed_s or elapsed_s <= 0:
+  if not images or not elapsed_s or elapsed_s <= 0:
     return Status(images, errors, 0.0, None)
-  eta_s = None
-  if outcomes and expected >= outcomes:
-    eta_s = (expected - outcomes) * elapsed_s / outcomes
-  return Status(images, errors, images / elapsed_s, eta_s)
+  rate = images / elapsed_s
+  eta_s = (expected - outcomes) / rate if expected >= outcomes else None
+  return Status(images, errors, rate, eta_s)
 
 
 def format_line(verb: str, state: Status) -> str:
@@ -164,8 +167,7 @@ class Reporter:
 
   def line(self) -> str:
     """The progress line now."""
-    first = self._tally.first(self._images, schemas.COUNTER_MASKS_SKIPPED,
-                              schemas.COUNTER_ALREADY_SCORED, *_MEMBER_ERRORS)
+    first = self._tally.first(self._images)
     elapsed = None if first is None else self._clock() - first
     return format_line(self._verb, status(self._tally.snapshot(),
                                           self._images, elapsed))

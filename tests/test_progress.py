@@ -35,9 +35,9 @@ def test_status_rate_and_eta():
             schemas.errors_counter(schemas.Stage.DECODE): 2,
             # Overlays that failed are not member outcomes.
             schemas.errors_counter(schemas.Stage.GRADCAM): 5,
-            progress.EXPECTED: 120}
+            progress.EXPECTED: 100}
   state = progress.status(counts, schemas.COUNTER_PREDICTIONS, 10.0)
-  # 40 outcomes in 10 s: the 80 members left take 20 s more.
+  # 30 images in the 10 s since the first: the 60 members left take 20 s.
   assert state == progress.Status(images=30, errors=2, rate=3.0, eta_s=20.0)
   assert progress.format_line("scored", state) == (
       "scored 30 images (3.0 img/s), 2 errors, ETA 0:00:20")
@@ -59,6 +59,27 @@ def test_eta_is_na_when_the_rest_is_unknown():
   assert progress.format_line("scored", progress.Status(
       1875, 0, 12.25, 3725.4)) == (
           "scored 1875 images (12.2 img/s), 0 errors, ETA 1:02:05")
+
+
+def test_eta_waits_for_the_first_image():
+  """Masks and error rows come before the model scores anything: they do
+  not start the clock, so the ETA does not grow while the model loads."""
+  now = [0.0]
+  tally = progress.Tally(clock=lambda: now[0])
+  reporter = progress.Reporter(io.StringIO(), "scored",
+                               schemas.COUNTER_PREDICTIONS, every_s=60,
+                               tally=tally, clock=lambda: now[0])
+  tally.add(progress.EXPECTED, 20)
+  tally.add(schemas.COUNTER_MASKS_SKIPPED, 8)
+  tally.add(schemas.errors_counter(schemas.Stage.DECODE), 2)
+  now[0] = 30.0
+  assert reporter.line() == "scored 0 images (0.0 img/s), 2 errors, ETA n/a"
+  tally.add(schemas.COUNTER_PREDICTIONS, 1)  # at 30 s
+  now[0] = 35.0
+  tally.add(schemas.COUNTER_PREDICTIONS, 4)
+  # 5 images in the 5 s since the first; 5 members left.
+  assert reporter.line() == (
+      "scored 5 images (1.0 img/s), 2 errors, ETA 0:00:05")
 
 
 def test_tally_counts_from_many_threads():
