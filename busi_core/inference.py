@@ -24,13 +24,14 @@ _COMPILE_LOCK = threading.Lock()
 
 
 def compiled_call(model):
-  """The model's forward pass as a traced `tf.function` over uint8 batches.
+  """The model's forward pass as a traced `tf.function` over batches.
 
   Measured on a 2-core AVX2 machine for VGG16 at 224², batch 32: eager
   `model(x)` (Beam's default inference function) ≈ 4.8 images/s,
   `model.predict` ≈ 3.1 with multi-second stalls, this ≈ 6.0 (see
   `python -m bench`). The batch dimension is left open so a short last batch
-  does not retrace.
+  does not retrace. The input dtype is the model's own (uint8 for an
+  artifact; float32 for a sub-model that starts after a conv layer).
   """
   with _COMPILE_LOCK:
     fn = _COMPILED.get(model)
@@ -39,7 +40,7 @@ def compiled_call(model):
       shape = [None] + list(model.inputs[0].shape[1:])
       fn = tf.function(
           lambda x: model(x, training=False),
-          input_signature=[tf.TensorSpec(shape, tf.uint8)],
+          input_signature=[tf.TensorSpec(shape, model.inputs[0].dtype)],
           reduce_retracing=True, autograph=False)
       _COMPILED[model] = fn
     return fn

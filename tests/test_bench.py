@@ -119,6 +119,21 @@ def test_ood_bench_measures_both_ways():
   assert figures["quadratic_form_ms_per_image"] > 0
 
 
+def test_conv_cache_bench_measures_both_ways():
+  from bench import conv_cache_bench  # pylint: disable=import-outside-toplevel
+  figures = conv_cache_bench.run(count=6, batch_size=4, repeats=1,
+                                 image_size=16, backbone="tiny",
+                                 project_images=10)
+  assert set(figures["images_per_s"]) == {"predict", "traced_call"}
+  assert all(v > 0 for v in figures["images_per_s"].values())
+  # Both ways compute the same features (a short last batch included).
+  assert figures["max_abs_difference"] < 1e-5
+  projected = figures["projected_conv_pass_s"]
+  assert projected["traced_call"] == pytest.approx(
+      10 * figures["default_views"] / figures["images_per_s"]["traced_call"],
+      rel=0.01, abs=0.006)
+
+
 def test_non_us_archive_without_extra_packages(tmp_path, monkeypatch):
   # As if scikit-image, scikit-learn and pydicom were not installed, whatever
   # this environment holds.
