@@ -9,8 +9,8 @@ rounds (so both ways see the same machine load):
 
 - predict: `keras.Model.predict` on the features sub-model (what the cache
   called before 2026-12-04);
-- traced call: `training.recipe.forward`, the traced `tf.function` scoring
-  uses (what the cache calls now).
+- traced call: `training.model.in_batches(..., traced=True)`, the traced
+  `tf.function` scoring uses (what the cache calls now).
 
 Figures are medians over the rounds, warm-up (tracing) excluded, plus the
 projected time of the default recipe's conv pass over N images
@@ -41,7 +41,6 @@ def run(count: int = 96, batch_size: int = 32, repeats: int = 3,
   """Measures both ways on the same images; returns the figures."""
   from training import config as config_lib  # pylint: disable=import-outside-toplevel
   from training import model as model_lib  # pylint: disable=import-outside-toplevel
-  from training import recipe  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   model = model_lib.build_model(
       image_size, backbone_weights or model_lib.NO_WEIGHTS,
@@ -53,7 +52,8 @@ def run(count: int = 96, batch_size: int = 32, repeats: int = 3,
   ways = {
       "predict": lambda: sub.predict(images, batch_size=batch_size,
                                      verbose=0),
-      "traced_call": lambda: recipe.forward(sub, images, batch_size),
+      "traced_call": lambda: model_lib.in_batches(sub, images, batch_size,
+                                                  traced=True),
   }
   outputs = {name: call() for name, call in ways.items()}  # warm-up
   seconds = {name: [] for name in ways}

@@ -21,6 +21,7 @@ import keras
 import numpy as np
 
 import schemas
+from busi_core import inference
 from busi_core.layers import TemperatureScaling, VGGPreprocess
 # Layer names other code relies on are artifact fields, spelled in schemas.
 from schemas.artifact import (FEATURES_LAYER, INPUT_NAME, LOGITS_LAYER,
@@ -334,13 +335,30 @@ def predict_logits(model: keras.Model, images: np.ndarray,
   return in_batches(sub_model(model, None, LOGITS_LAYER), images, batch_size)
 
 
-def in_batches(model: keras.Model, inputs: np.ndarray,
-               batch_size: int) -> np.ndarray:
+def in_batches(model: keras.Model, inputs: np.ndarray, batch_size: int,
+               traced: bool = False) -> np.ndarray:
   """`model(inputs)` in inference mode, `batch_size` rows a call.
 
-  Plain calls rather than predict(): each new sub-model's predict() traces a
-  function, and TensorFlow then warns about retracing.
+  Never predict(): each new sub-model's predict() traces a function (and
+  TensorFlow then warns about retracing), and on 2 cores predict() stalls
+  between batches and runs VGG16 at about half the speed
+  (`python -m bench.conv_cache_bench`).
+
+  Args:
+    model: any Keras model with one input.
+    inputs: its input rows.
+    batch_size: rows a call.
+    traced: call the model's traced `tf.function`, the one scoring uses
+      (`busi_core.inference.compiled_call`): traced once per model object,
+      then the fastest call; for a model that sees many batches (the conv
+      cache). False: plain eager calls, for models built for a few batches.
+
+  Returns:
+    float32 numpy array [n, ...] ([0, ...] for no inputs).
   """
-  return np.concatenate([
-      np.asarray(model(inputs[i:i + batch_size], training=False))
-      for i in range(0, len(inputs), batch_size)])
+  call = (inference.compiled_call(model) if traced else
+          lambda x: model(x, training=False))
+  return np.concatenate(
+      [np.zeros((0,) + tuple(model.outputs[0].shape[1:]), np.float32)] +
+      [np.asarray(call(inputs[i:i + batch_size]))
+       for i in range(0, len(inputs), batch_size)])

@@ -26,7 +26,6 @@ import keras
 import numpy as np
 
 import schemas
-from busi_core import inference
 from training import calibration, model as model_lib
 from training.config import TrainConfig
 
@@ -77,24 +76,6 @@ def view_images(images: np.ndarray, view: int, seed: int,
   return augment.augment_batch(
       tf.constant(images),
       tf.constant([seed * 1000 + view, offset], tf.int64)).numpy()
-
-
-def forward(model: keras.Model, inputs: np.ndarray,
-            batch_size: int) -> np.ndarray:
-  """`model(inputs)` in inference mode through its traced call, in batches.
-
-  The traced call scoring uses, not predict(): on 2 cores predict() stalls
-  between batches and runs VGG16 at about half the speed
-  (`python -m bench.conv_cache_bench`).
-
-  Returns:
-    float32 numpy array [n, ...] ([0, ...] for no inputs).
-  """
-  call = inference.compiled_call(model)
-  return np.concatenate(
-      [np.zeros((0,) + tuple(model.outputs[0].shape[1:]), np.float32)] +
-      [call(inputs[i:i + batch_size]).numpy()
-       for i in range(0, len(inputs), batch_size)])
 
 
 class ConvCache:
@@ -158,15 +139,18 @@ class ConvCache:
     sub = self._sub_model(layer)
     if position:
       before = self._layers[position - 1]
-      out = forward(sub, self.get(before, view, indices), self._batch_size)
+      out = model_lib.in_batches(sub, self.get(before, view, indices),
+                                 self._batch_size, traced=True)
     else:
-      parts = [np.zeros((0,) + tuple(sub.outputs[0].shape[1:]), np.float32)]
+      parts = []
       chunk = 8 * self._batch_size
       for start in range(0, len(indices), chunk):
         pixels = view_images(self._images[indices[start:start + chunk]], view,
                              self._seed, start)
-        parts.append(forward(sub, pixels, self._batch_size))
-      out = np.concatenate(parts)
+        parts.append(model_lib.in_batches(sub, pixels, self._batch_size,
+                                          traced=True))
+      out = np.concatenate(parts) if parts else model_lib.in_batches(
+          sub, self._images[:0], self._batch_size, traced=True)
       _LOG.info("Computed %s of %d images, view %d, in %.1f s", layer,
                 len(indices), view, time.perf_counter() - started)
     self.seconds += time.perf_counter() - started
