@@ -19,7 +19,7 @@ Without --backbone_weights the VGG16 has random weights (the same
 computation as a trained one, so the same speed).
 
   python -m bench.conv_cache_bench [--count 96] [--repeats 3]
-      [--backbone_weights H5] [--project_images 623]
+      [--backbone_weights H5] [--project_images 623] [--network_size N]
 """
 
 import argparse
@@ -37,14 +37,20 @@ from bench import common
 def run(count: int = 96, batch_size: int = 32, repeats: int = 3,
         image_size: int = 224, backbone: str = "vgg16",
         backbone_weights: Optional[str] = None,
-        project_images: int = 623) -> Dict:
-  """Measures both ways on the same images; returns the figures."""
+        project_images: int = 623,
+        network_size: Optional[int] = None) -> Dict:
+  """Measures both ways on the same images; returns the figures.
+
+  `network_size`: the backbone's input size (the model resizes to it);
+  None: image_size, no resize (the recipe's default).
+  """
   from training import config as config_lib  # pylint: disable=import-outside-toplevel
   from training import model as model_lib  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
+  network_size = network_size or image_size
   model = model_lib.build_model(
       image_size, backbone_weights or model_lib.NO_WEIGHTS,
-      len(schemas.LABELS), backbone)
+      len(schemas.LABELS), backbone, network_size)
   sub = model_lib.sub_model(model, None, schemas.FEATURES_LAYER)
   images = np.stack([
       np.repeat(common.ultrasound_like(rng, image_size)[..., None], 3, -1)
@@ -67,7 +73,8 @@ def run(count: int = 96, batch_size: int = 32, repeats: int = 3,
   return {
       "environment": common.environment(),
       "images": count, "batch_size": batch_size, "repeats": repeats,
-      "image_size": image_size, "backbone": backbone,
+      "image_size": image_size, "network_size": network_size,
+      "backbone": backbone,
       "images_per_s": {k: round(v, 2) for k, v in rate.items()},
       "speedup": round(rate["traced_call"] / rate["predict"], 3),
       "max_abs_difference": float(np.abs(outputs["predict"] -
@@ -90,10 +97,13 @@ def main(argv=None) -> int:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--backbone_weights", default=None)
   parser.add_argument("--project_images", type=int, default=623)
+  parser.add_argument("--network_size", type=int, default=None,
+                      help="VGG16's input size (default: 224, no resize)")
   args = parser.parse_args(argv)
   print(json.dumps(run(args.count, args.batch_size, args.repeats,
                        backbone_weights=args.backbone_weights,
-                       project_images=args.project_images), indent=2))
+                       project_images=args.project_images,
+                       network_size=args.network_size), indent=2))
   return 0
 
 

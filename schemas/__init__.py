@@ -12,6 +12,7 @@ from schemas.artifact import (
     INPUT_NAME,
     LOGITS_LAYER,
     PREPROCESS_LAYER,
+    RESIZE_LAYER,
     PROBABILITIES_LAYER,
     TEMPERATURE_LAYER,
     LABELS_FILE,

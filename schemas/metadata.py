@@ -482,6 +482,9 @@ class ArtifactMetadata(Record):
   parent_model_sha256: Optional[str] = optional()
   recalibration: Optional[Recalibration] = optional()
   ood: Optional[OodDetector] = optional()  # None: no OOD detector
+  # The backbone's input size: the model resizes its image_size² input to
+  # network_size² (layer RESIZE_LAYER). Absent: image_size.
+  network_size: Optional[int] = optional()
 
   @property
   def is_test_artifact(self) -> bool:

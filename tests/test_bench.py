@@ -8,6 +8,7 @@ import io
 import json
 import zipfile
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -108,6 +109,33 @@ def test_recipe_search_runs_each_variant_on_one_cache(tmp_path):
   assert figures["variants"]["views"]["epochs_run"][0]["fine_tune"] == 1
 
 
+@pytest.mark.slow
+def test_cv_seeds_repeats_cv_with_other_heads(tmp_path):
+  from bench import cv_seeds  # pylint: disable=import-outside-toplevel
+  from training import cv  # pylint: disable=import-outside-toplevel
+  from training.config import TrainConfig  # pylint: disable=import-outside-toplevel
+  testing.write_tfrecords(str(tmp_path / "part-00000-of-00001.tfrecord.gz"),
+                          testing.synthetic_records(per_class=6,
+                                                    image_size=32, seed=1))
+  data = [str(tmp_path / "*.tfrecord.gz")]
+  flags = {"augment_views": 1, "epochs": 3, "val_fraction": 0.4,
+           "network_size": 48}
+  figures = cv_seeds.run(data, seeds=2, folds=2, backbone="tiny", **flags)
+  assert figures["settings"]["network_size"] == 48
+  assert len(figures["seeds"]) == 2
+  # Seed 0 is cv itself with the same flags.
+  report = cv.cross_validate(
+      TrainConfig(data=tuple(data), output="", backbone="tiny",
+                  backbone_weights="none", **flags), 2)
+  for name in cv_seeds.FIGURES:
+    assert figures["seeds"][0][name] == pytest.approx(
+        report["summary"][name]["mean"], abs=1e-9), name
+  # The other seed starts from another head, so it trains differently.
+  assert figures["seeds"][1] != figures["seeds"][0]
+  assert figures["mean"]["macro_f1"] == pytest.approx(
+      np.mean([row["macro_f1"] for row in figures["seeds"]]))
+
+
 def test_ood_bench_measures_both_ways():
   from bench import ood_bench  # pylint: disable=import-outside-toplevel
   figures = ood_bench.run(count=8, batch_size=4, repeats=1, image_size=16,
@@ -123,7 +151,8 @@ def test_conv_cache_bench_measures_both_ways():
   from bench import conv_cache_bench  # pylint: disable=import-outside-toplevel
   figures = conv_cache_bench.run(count=6, batch_size=4, repeats=1,
                                  image_size=16, backbone="tiny",
-                                 project_images=10)
+                                 project_images=10, network_size=24)
+  assert figures["network_size"] == 24
   assert set(figures["images_per_s"]) == {"predict", "traced_call"}
   assert all(v > 0 for v in figures["images_per_s"].values())
   # Both ways compute the same features (a short last batch included).

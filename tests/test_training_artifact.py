@@ -85,6 +85,27 @@ def test_load_predicts_probabilities_in_label_order(model_dir):
   assert loaded.model.get_layer(schemas.GRADCAM_LAYER)
 
 
+def test_resizing_model_saves_and_loads_safely(tmp_path):
+  """The resize to the backbone's size is a stock Keras layer: the model
+  loads with safe_mode and gives the same probabilities, at the input size
+  scoring feeds it, with Grad-CAM maps at that size too."""
+  from busi_core import gradcam  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path / "resizing")
+  metadata = testing.make_test_artifact(path, image_size=32, seed=3,
+                                        network_size=64)
+  assert (metadata.image_size, metadata.network_size) == (32, 64)
+  loaded = artifact.load_artifact(path)
+  assert model_lib.network_size(loaded.model) == 64
+  pixels = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), np.uint8)
+  fresh = model_lib.build_model(32, backbone="tiny", network_size=64)
+  fresh.set_weights(loaded.model.get_weights())
+  np.testing.assert_allclose(loaded.model.predict(pixels, verbose=0),
+                             fresh.predict(pixels, verbose=0), atol=1e-6)
+  assert gradcam.heatmaps(loaded.model, pixels).shape == (3, 32, 32)
+  with open(os.path.join(path, schemas.MODEL_CARD_FILE)) as f:
+    assert "the model resizes it to 64×64" in f.read()
+
+
 def test_test_artifact_is_deterministic(tmp_path, model_dir):
   other = str(tmp_path / "again")
   testing.make_test_artifact(other, image_size=32, threshold=0.8, seed=3)

@@ -1,5 +1,6 @@
 """`python -m training train|evaluate` end to end through `cli.main(argv)`."""
 
+import dataclasses
 import json
 import os
 
@@ -11,7 +12,7 @@ import schemas
 from training import calibration, cli, evaluate, split, testing
 from busi_core import artifact
 from training import saving
-from training import model as model_lib, train
+from training import config as config_lib, model as model_lib, train
 
 SIZE = 32
 
@@ -44,7 +45,9 @@ def test_train_without_augmentation(tmp_path, data_glob, capsys):
                      "--batch_size", "8", "--seed", "1", "--name", "e2e",
                      # A fixed threshold and a test split, asked for (the
                      # defaults choose one for 0.95 and keep no test split).
-                     "--threshold", "0.9", "--test_fraction", "0.15"])
+                     "--threshold", "0.9", "--test_fraction", "0.15",
+                     # VGG16 runs at 40: the model enlarges the 32² input.
+                     "--network_size", "40"])
   assert status == 0
   assert "Skipped 1 unlabelled" in capsys.readouterr().out
   for name in (schemas.MODEL_FILE, schemas.LABELS_FILE, schemas.METADATA_FILE,
@@ -57,6 +60,7 @@ def test_train_without_augmentation(tmp_path, data_glob, capsys):
   for field in schemas.METADATA_REQUIRED_FIELDS:
     assert field in metadata, field
   assert metadata["image_size"] == SIZE  # from the TFRecords
+  assert metadata["network_size"] == 40  # the model resizes to it
   assert metadata["backbone"] == "vgg16"
   assert metadata["weights_source"] == "none"
   assert metadata["threshold"] == schemas.DEFAULT_THRESHOLD
@@ -166,7 +170,10 @@ def test_train_with_augmentation(tmp_path, data_glob):
   metadata = artifact.read_artifact_info(output).metadata
   assert metadata.training.augment is True
   assert len(metadata.training.epoch_seconds["head"]) == 1
-  artifact.load_artifact(output)
+  # By default VGG16 runs at the TFRecords' size: no resize layer.
+  assert metadata.network_size == SIZE
+  loaded = artifact.load_artifact(output)
+  assert schemas.RESIZE_LAYER not in [l.name for l in loaded.model.layers]
 
 
 def _tiny_train(output, data_glob, *flags):
@@ -274,6 +281,7 @@ def test_same_seed_same_split(tmp_path, data_glob):
     (["--target_accuracy", "1.5"], "--target_accuracy"),
     (["--target_accuracy", "0.9", "--val_fraction", "0"], "--val_fraction"),
     (["--learning_rate", "0"], "--learning_rate"),
+    (["--network_size", "16"], "--network_size 16 is outside 32..4096"),
 ])
 def test_bad_flags_exit_2(tmp_path, data_glob, capsys, flags, message):
   argv = ["train", "--data", data_glob, "--output", str(tmp_path / "m"),
@@ -446,6 +454,15 @@ def test_abbreviated_flags_are_refused(tmp_path, data_glob, capsys):
     cli.main(["cv", "--data", data_glob, "--fold", "3", "--backbone", "tiny"])
   assert exit_info.value.code == 2
   assert "--fold" in capsys.readouterr().err
+
+
+def test_network_size_defaults_to_the_records_size():
+  vgg = config_lib.TrainConfig(data=("x",), output="x")
+  tiny = dataclasses.replace(vgg, backbone="tiny")
+  for config in (vgg, tiny):
+    assert config.network_size_for(224) == 224
+    assert dataclasses.replace(config, network_size=320).network_size_for(
+        224) == 320
 
 
 def test_version(capsys):

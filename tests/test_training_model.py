@@ -88,6 +88,55 @@ def test_sub_models_compose():
                              atol=1e-6)
 
 
+def test_network_size_resizes_inside_the_model():
+  keras.utils.set_random_seed(0)
+  model = model_lib.build_model(32, backbone="tiny", network_size=48)
+  names = [layer.name for layer in model.layers]
+  assert names[:4] == ["image", "vgg_preprocess", schemas.RESIZE_LAYER,
+                       "block1_conv1"]
+  assert tuple(model.inputs[0].shape) == (None, 32, 32, 3)  # the contract
+  assert model_lib.network_size(model) == 48
+  # The backbone runs at 48: block5_conv3 after one 2× pool is 24×24.
+  assert tuple(model.get_layer(schemas.GRADCAM_LAYER).output.shape[1:3]) == (
+      24, 24)
+  # The resize is neither backbone nor trainable, and the switch still works.
+  assert schemas.RESIZE_LAYER not in [
+      layer.name for layer in model_lib.backbone_layers(model)]
+  assert _trainable_layers(model) == HEAD
+  assert model_lib.frozen_prefix_end(model) == "features"
+  pixels = np.random.default_rng(2).integers(0, 256, (3, 32, 32, 3), np.uint8)
+  # Area interpolation of the preprocessed pixels (as preprocessing's
+  # INTER_AREA): enlarging 32 → 48, every output pixel is one input pixel
+  # or a blend of two neighbours, never smoothed wider.
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  preprocessed = model_lib.sub_model(model, None, "vgg_preprocess")(pixels)
+  resized = np.asarray(
+      model_lib.sub_model(model, None, schemas.RESIZE_LAYER)(pixels))
+  np.testing.assert_allclose(
+      resized, tf.image.resize(preprocessed, (48, 48), "area"), atol=1e-4)
+  # Output row 0 (input rows 0 .. 2/3) is input row 0; output row 1 (input
+  # 2/3 .. 4/3) blends rows 0 and 1 as 1/2 : 1/2; output row 2 is row 1.
+  rows = np.asarray(tf.image.resize(preprocessed, (48, 32), "area"))
+  np.testing.assert_allclose(rows[:, 0], np.asarray(preprocessed)[:, 0],
+                             atol=1e-4)
+  np.testing.assert_allclose(rows[:, 2], np.asarray(preprocessed)[:, 1],
+                             atol=1e-4)
+  # An upsampled uniform image stays uniform: nothing shifted or padded.
+  grey = np.full((1, 32, 32, 3), 77, np.uint8)
+  flat = np.asarray(model_lib.sub_model(model, None, schemas.RESIZE_LAYER)(grey))
+  np.testing.assert_allclose(flat, np.broadcast_to(flat[:, :1, :1], flat.shape),
+                             atol=1e-3)
+  probabilities = model.predict(pixels, verbose=0)
+  np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("network_size", [None, 32])
+def test_no_resize_layer_at_the_input_size(network_size):
+  model = model_lib.build_model(32, backbone="tiny", network_size=network_size)
+  assert schemas.RESIZE_LAYER not in [layer.name for layer in model.layers]
+  assert model_lib.network_size(model) == 32
+
+
 def test_backbone_weights_errors(tmp_path):
   with pytest.raises(model_lib.BackboneWeightsError, match="no such file"):
     model_lib.build_model(32, str(tmp_path / "missing.h5"))

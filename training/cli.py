@@ -22,6 +22,12 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                       help="Glob of *.tfrecord.gz files; repeatable.")
   parser.add_argument("--image_size", type=int, default=None,
                       help="Must match the TFRecords; default: their size.")
+  parser.add_argument(
+      "--network_size", type=int, default=None,
+      help="VGG16's input size: the model resizes the TFRecords' images to"
+           " it (area interpolation) before the backbone. Default: their"
+           " size, no resize. Training and scoring costs grow with its"
+           " square.")
   parser.add_argument("--backbone_weights", default=config_lib.IMAGENET,
                       help=_WEIGHTS_HELP)
   parser.add_argument("--backbone", choices=config_lib.BACKBONES,
@@ -135,6 +141,7 @@ def _recipe_config(args: argparse.Namespace, **fields
     raise ValueError("--augment contradicts --augment_views 0")
   return config_lib.TrainConfig(
       data=tuple(args.data), image_size=args.image_size,
+      network_size=args.network_size,
       backbone_weights=args.backbone_weights, backbone=args.backbone,
       epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
       patience=args.patience, label_smoothing=args.label_smoothing,

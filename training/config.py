@@ -39,6 +39,10 @@ class TrainConfig:
   data: Tuple[str, ...]
   output: str
   image_size: Optional[int] = None  # None: the TFRecords' size
+  # The backbone's input size (the model resizes to it); None: the
+  # TFRecords' size, no resize. Not the default: at the same training time
+  # 320 was no better on BUSI (training/README.md, "Network input size").
+  network_size: Optional[int] = None
   backbone_weights: str = IMAGENET
   backbone: str = VGG16
   epochs: int = DEFAULT_EPOCHS
@@ -73,6 +77,10 @@ class TrainConfig:
   @property
   def augment(self) -> bool:
     return self.augment_views > 0
+
+  def network_size_for(self, image_size: int) -> int:
+    """The backbone's input size for images of `image_size`."""
+    return self.network_size or image_size
 
   def validate(self, cross_validation: bool = False) -> None:
     """Raises ValueError naming the first bad flag.
@@ -118,6 +126,9 @@ class TrainConfig:
     if self.image_size is not None and not 32 <= self.image_size <= 4096:
       raise ValueError(f"--image_size {self.image_size} is outside 32..4096"
                        " (VGG16 needs at least 32)")
+    if self.network_size is not None and not 32 <= self.network_size <= 4096:
+      raise ValueError(f"--network_size {self.network_size} is outside"
+                       " 32..4096 (VGG16 needs at least 32)")
     for name in ("val_fraction", "test_fraction"):
       if not 0.0 <= getattr(self, name) < 1.0:
         raise ValueError(f"--{name} must be in [0, 1)")

@@ -341,9 +341,7 @@ def cross_validate(config: TrainConfig, folds: int) -> Dict:
   data, stats = data_lib.load_labelled(config.data, names, config.image_size)
   hashes = [split.dhash(image) for image in data.images]
   keras.utils.set_random_seed(config.seed)
-  model = model_lib.build_model(int(data.images.shape[1]),
-                                config.backbone_weights, len(names),
-                                config.backbone)
+  model = recipe.build_model(config, int(data.images.shape[1]))
   cache = all_views_cache(config, model, data)
   # Per-fold results are logged; hundreds of epoch lines would bury them.
   runner = recipe.Recipe(model, cache, data.labels, config, progress=0)

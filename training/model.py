@@ -26,7 +26,7 @@ from busi_core.layers import TemperatureScaling, VGGPreprocess
 # Layer names other code relies on are artifact fields, spelled in schemas.
 from schemas.artifact import (FEATURES_LAYER, INPUT_NAME, LOGITS_LAYER,
                               PREPROCESS_LAYER, PROBABILITIES_LAYER,
-                              TEMPERATURE_LAYER)
+                              RESIZE_LAYER, TEMPERATURE_LAYER)
 from training.config import BACKBONES, IMAGENET, NO_WEIGHTS, TINY, VGG16
 
 HEAD_UNITS = 256
@@ -119,7 +119,8 @@ def _tiny_base(image_size: int) -> keras.Model:
 
 
 def build_model(image_size: int, backbone_weights: str = NO_WEIGHTS,
-                num_classes: int = 3, backbone: str = VGG16) -> keras.Model:
+                num_classes: int = 3, backbone: str = VGG16,
+                network_size: Optional[int] = None) -> keras.Model:
   """The full classifier on raw uint8 RGB, base frozen (stage one).
 
   Args:
@@ -128,6 +129,9 @@ def build_model(image_size: int, backbone_weights: str = NO_WEIGHTS,
       the path of a Keras VGG16 notop .h5 (local or gs://).
     num_classes: outputs of the softmax.
     backbone: "vgg16", or "tiny" (a test stand-in; weights must be "none").
+    network_size: the backbone's input height and width: the preprocessed
+      image is resized to it inside the model (area interpolation; layer
+      RESIZE_LAYER). None or image_size: no resize.
 
   Returns:
     An uncompiled model [batch, image_size, image_size, 3] uint8 → [batch,
@@ -137,19 +141,29 @@ def build_model(image_size: int, backbone_weights: str = NO_WEIGHTS,
     BackboneWeightsError: the weights cannot be downloaded or read.
     ValueError: unknown backbone, or weights requested for "tiny".
   """
+  size = network_size or image_size
   if backbone == VGG16:
-    base = _vgg16_base(image_size, backbone_weights)
+    base = _vgg16_base(size, backbone_weights)
   elif backbone == TINY:
     if backbone_weights != NO_WEIGHTS:
       raise ValueError("the tiny test backbone has no pretrained weights;"
                        " pass backbone_weights='none'")
-    base = _tiny_base(image_size)
+    base = _tiny_base(size)
   else:
     raise ValueError(f"unknown backbone {backbone!r}; use one of {BACKBONES}")
 
   inputs = keras.Input((image_size, image_size, 3), dtype="uint8",
                        name=INPUT_NAME)
   x = VGGPreprocess(name=PREPROCESS_LAYER)(inputs)
+  if size != image_size:
+    # After the preprocessing, which computes in float32. Area
+    # interpolation, as preprocessing's INTER_AREA: enlarging, it repeats
+    # pixels and keeps the speckle sharp (bilinear smoothed it and lost
+    # most of the gain); shrinking, it averages. VGG16's filters then see
+    # the lesions at a larger scale (training/README.md, "Network input
+    # size").
+    x = keras.layers.Resizing(size, size, interpolation="area",
+                              name=RESIZE_LAYER)(x)
   # The base's layers are copied into this model's chain rather than nesting
   # the base as one layer: Grad-CAM and the fine-tune switch then reach
   # block5_conv3 by name, and sub_model can cut between any two layers. Fresh
@@ -171,10 +185,21 @@ def build_model(image_size: int, backbone_weights: str = NO_WEIGHTS,
   return model
 
 
+def network_size(model: keras.Model) -> int:
+  """The backbone's input size: the resize layer's, else the model input's."""
+  try:
+    return int(model.get_layer(RESIZE_LAYER).output.shape[1])
+  except ValueError:  # no such layer
+    return int(model.inputs[0].shape[1])
+
+
 def backbone_layers(model: keras.Model) -> List[keras.layers.Layer]:
-  """The conv base's layers: after the preprocessing, before the features."""
+  """The conv base's layers: after the preprocessing (and resize), before
+  the features."""
   names = [layer.name for layer in model.layers]
   start = names.index(PREPROCESS_LAYER) + 1
+  if RESIZE_LAYER in names:
+    start = names.index(RESIZE_LAYER) + 1
   stop = names.index(FEATURES_LAYER)
   return model.layers[start:stop]
 

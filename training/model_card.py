@@ -38,6 +38,17 @@ def _pct(value: Any) -> str:
     return NA
 
 
+def _input_row(metadata: ArtifactMetadata) -> str:
+  size = metadata.image_size
+  row = (f"raw uint8 RGB {size}×{size} (resized by"
+         " `busi_core.imaging.decode_and_resize`)")
+  network = metadata.network_size
+  if network and network != size:
+    row += (f"; the model resizes it to {network}×{network} (bilinear)"
+            " for the backbone")
+  return row
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> List[str]:
   def cell(value):
     return str(value).replace("|", "\\|").replace("\n", " ")
@@ -99,8 +110,7 @@ def _header(metadata: ArtifactMetadata) -> List[str]:
       ["model_version", metadata.model_version],
       ["created_at", metadata.created_at],
       ["classes (output order)", ", ".join(metadata.labels) or NA],
-      ["input", f"raw uint8 RGB {metadata.image_size}×{metadata.image_size}"
-                " (resized by `busi_core.imaging.decode_and_resize`)"],
+      ["input", _input_row(metadata)],
       ["backbone", metadata.backbone],
       ["backbone weights", weights_provenance(metadata.weights_source)],
       ["temperature", _num(metadata.temperature)],

@@ -36,6 +36,13 @@ MIRROR = 1  # view 1: the horizontal mirror image
 
 
 
+def build_model(config: TrainConfig, image_size: int) -> keras.Model:
+  """The model `config` trains, for images of `image_size`."""
+  return model_lib.build_model(image_size, config.backbone_weights,
+                               len(schemas.LABELS), config.backbone,
+                               config.network_size_for(image_size))
+
+
 def verbose() -> int:
   # Progress bars on a terminal, one line per epoch in logs.
   return 1 if sys.stdout.isatty() else 2

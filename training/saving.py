@@ -87,6 +87,7 @@ def _stamp(model: "keras.Model", model_path: str, labels: List[str],
       model_version=artifact.model_version(name, created, model_sha256),
       created_at=created.isoformat(),
       image_size=int(model.inputs[0].shape[1]),
+      network_size=model_lib.network_size(model),
       threshold=schemas.DEFAULT_THRESHOLD,
       format_version=schemas.ARTIFACT_FORMAT_VERSION,
       package_version=schemas.PACKAGE_VERSION)

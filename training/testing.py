@@ -73,7 +73,8 @@ def make_test_artifact(model_dir: str, image_size: int = 32,
                        backbone: str = "tiny", threshold: float = 0.9,
                        seed: int = 0, ood_images: Optional[np.ndarray] = None,
                        ood_pass_rate: float = schemas.DEFAULT_OOD_PASS_RATE,
-                       ood_transform: str = schemas.OOD_TRANSFORM_SQRT_L2
+                       ood_transform: str = schemas.OOD_TRANSFORM_SQRT_L2,
+                       network_size: Optional[int] = None
                       ) -> metadata_schema.ArtifactMetadata:
   """Builds and saves an untrained but valid artifact, in about a second.
 
@@ -94,6 +95,8 @@ def make_test_artifact(model_dir: str, image_size: int = 32,
       untrained model's features of the first 80 % of them, its threshold
       chosen on the rest for `ood_pass_rate`.
     ood_pass_rate, ood_transform: as `train`'s flags.
+    network_size: the backbone's input size (the model resizes to it);
+      None: image_size.
 
   Returns:
     The metadata written.
@@ -103,7 +106,7 @@ def make_test_artifact(model_dir: str, image_size: int = 32,
   keras.utils.set_random_seed(seed)
   labels = list(schemas.LABELS)
   model = model_lib.build_model(image_size, model_lib.NO_WEIGHTS, len(labels),
-                                backbone)
+                                backbone, network_size)
   empty = {name: [] for name in split.SPLITS}
   ood_block = None
   if ood_images is not None:

@@ -7,8 +7,7 @@ from typing import Dict, NamedTuple, Optional
 import keras
 import numpy as np
 
-import schemas
-from training import cv, data as data_lib, model as model_lib, recipe
+from training import cv, data as data_lib, recipe
 from training.config import TrainConfig
 from training.steps.split import Splits
 
@@ -38,9 +37,7 @@ def fit(config: TrainConfig, data: data_lib.LabelledData,
   Raises:
     model.BackboneWeightsError: the backbone weights cannot be had.
   """
-  model = model_lib.build_model(int(data.images.shape[1]),
-                                config.backbone_weights, len(schemas.LABELS),
-                                config.backbone)
+  model = recipe.build_model(config, int(data.images.shape[1]))
   report = None
   if config.cv_folds:
     # The folds need every view of every image; the final fit reuses them.
