@@ -98,3 +98,65 @@ def _check_temperature(temperature: float) -> None:
   if not value > 0 or value == float("inf"):
     raise ValueError(f"temperature must be a positive finite number, got"
                      f" {temperature!r}")
+
+
+def area_matrix(source: int, target: int):
+  """[target, source] float32 weights of area resampling along one axis.
+
+  Output pixel i covers the input interval [i·s, (i+1)·s), s = source /
+  target; each input pixel j weighs by its overlap with that interval,
+  divided by s. Enlarging, every output pixel is one input pixel or a blend
+  of two neighbours; shrinking, it is the mean of the pixels it covers
+  (what OpenCV's INTER_AREA and TensorFlow's "area" resize compute).
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  scale = source / target
+  weights = np.zeros((target, source), np.float64)
+  for i in range(target):
+    start, stop = i * scale, (i + 1) * scale
+    for j in range(int(np.floor(start)), min(source, int(np.ceil(stop)))):
+      weights[i, j] = max(0.0, min(stop, j + 1) - max(start, j)) / scale
+  return weights.astype(np.float32)
+
+
+@keras.saving.register_keras_serializable(package="busi")
+class AreaResize(keras.layers.Layer):
+  """Resizes [B, H, W, C] images to [B, size, size, C] by area resampling.
+
+  Written as two matrix products (`area_matrix` per axis) rather than
+  `keras.layers.Resizing(interpolation="area")`: TensorFlow's area kernel
+  has no XLA implementation (Keras compiles with XLA on GPUs by default)
+  and the JAX and PyTorch backends have no "area" mode at all.
+
+  Args:
+    size: output height and width.
+  """
+
+  def __init__(self, size: int, **kwargs):
+    super().__init__(**kwargs)
+    if int(size) < 1:
+      raise ValueError(f"size must be positive, got {size!r}")
+    self.size = int(size)
+    self._rows = self._cols = None
+
+  def build(self, input_shape):
+    height, width = int(input_shape[1]), int(input_shape[2])
+    self._rows = area_matrix(height, self.size)
+    self._cols = area_matrix(width, self.size)
+    super().build(input_shape)
+
+  def call(self, inputs):
+    x = ops.cast(inputs, "float32")
+    rows = ops.convert_to_tensor(self._rows)
+    cols = ops.convert_to_tensor(self._cols)
+    x = ops.einsum("ih,bhwc->biwc", rows, x)
+    x = ops.einsum("jw,biwc->bijc", cols, x)
+    return ops.cast(x, self.compute_dtype)
+
+  def compute_output_shape(self, input_shape):
+    return (input_shape[0], self.size, self.size, input_shape[3])
+
+  def get_config(self):
+    config = super().get_config()
+    config["size"] = self.size
+    return config

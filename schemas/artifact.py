@@ -59,7 +59,7 @@ GRADCAM_LAYER = "block5_conv3"
 # out-of-fold tooling look up.
 INPUT_NAME = "image"
 PREPROCESS_LAYER = "vgg_preprocess"
-# Bilinear resize of the preprocessed image to the backbone's input size
+# Area resize of the preprocessed image to the backbone's input size
 # (metadata "network_size"); absent when the two sizes are equal.
 RESIZE_LAYER = "network_resize"
 FEATURES_LAYER = "features"  # GlobalAveragePooling2D: the cached features

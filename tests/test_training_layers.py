@@ -71,3 +71,26 @@ def test_layers_survive_save_and_safe_load(tmp_path):
   pixels = np.random.default_rng(1).integers(0, 256, (2, 4, 4, 3), np.uint8)
   np.testing.assert_allclose(loaded.predict(pixels, verbose=0),
                              model.predict(pixels, verbose=0), rtol=1e-6)
+
+
+def test_area_resize_is_area_resampling():
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from busi_core.layers import AreaResize, area_matrix  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  x = rng.normal(0, 60, (2, 64, 64, 3)).astype(np.float32)
+  # Shrinking by 2: the mean of each 2×2 block, exactly.
+  blocks = x.reshape(2, 32, 2, 32, 2, 3).mean(axis=(2, 4))
+  np.testing.assert_allclose(np.asarray(AreaResize(32)(x)), blocks, atol=1e-4)
+  # Enlarging 2 → 3 pixels: the first, half-and-half, the second.
+  np.testing.assert_allclose(area_matrix(2, 3),
+                             [[1, 0], [0.5, 0.5], [0, 1]], atol=1e-6)
+  assert np.allclose(area_matrix(224, 320).sum(axis=1), 1.0, atol=1e-6)
+  # What TensorFlow's "area" resize gives, either way.
+  for size in (48, 96):
+    np.testing.assert_allclose(np.asarray(AreaResize(size)(x)),
+                               tf.image.resize(x, (size, size), "area"),
+                               atol=5e-3)
+  # Serialised with its size, under the package name.
+  layer = AreaResize(48, name="r")
+  again = keras.layers.deserialize(keras.layers.serialize(layer))
+  assert isinstance(again, AreaResize) and again.size == 48

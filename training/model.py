@@ -22,7 +22,7 @@ import numpy as np
 
 import schemas
 from busi_core import inference
-from busi_core.layers import TemperatureScaling, VGGPreprocess
+from busi_core.layers import AreaResize, TemperatureScaling, VGGPreprocess
 # Layer names other code relies on are artifact fields, spelled in schemas.
 from schemas.artifact import (FEATURES_LAYER, INPUT_NAME, LOGITS_LAYER,
                               PREPROCESS_LAYER, PROBABILITIES_LAYER,
@@ -162,8 +162,7 @@ def build_model(image_size: int, backbone_weights: str = NO_WEIGHTS,
     # most of the gain); shrinking, it averages. VGG16's filters then see
     # the lesions at a larger scale (training/README.md, "Network input
     # size").
-    x = keras.layers.Resizing(size, size, interpolation="area",
-                              name=RESIZE_LAYER)(x)
+    x = AreaResize(size, name=RESIZE_LAYER)(x)
   # The base's layers are copied into this model's chain rather than nesting
   # the base as one layer: Grad-CAM and the fine-tune switch then reach
   # block5_conv3 by name, and sub_model can cut between any two layers. Fresh

@@ -44,8 +44,8 @@ def _input_row(metadata: ArtifactMetadata) -> str:
          " `busi_core.imaging.decode_and_resize`)")
   network = metadata.network_size
   if network and network != size:
-    row += (f"; the model resizes it to {network}×{network} (bilinear)"
-            " for the backbone")
+    row += (f"; the model resizes it to {network}×{network} (area"
+            " interpolation) for the backbone")
   return row
 
 
