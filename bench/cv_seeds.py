@@ -61,9 +61,9 @@ def run(data: Sequence[str], seeds: int = 3, folds: int = 5,
   for seed in range(seeds):
     if seed:
       keras.utils.set_random_seed(1000 + seed)
-      other = model_lib.build_model(size, model_lib.NO_WEIGHTS, len(names),
-                                    config.backbone,
-                                    config.network_size_for(size))
+      other = recipe.build_model(
+          dataclasses.replace(config, backbone_weights=model_lib.NO_WEIGHTS),
+          size)
       for name in _HEAD:
         model.get_layer(name).set_weights(other.get_layer(name).get_weights())
     runner = recipe.Recipe(model, cache, loaded.labels, config, progress=0)

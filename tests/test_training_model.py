@@ -114,12 +114,13 @@ def test_network_size_resizes_inside_the_model():
       model_lib.sub_model(model, None, schemas.RESIZE_LAYER)(pixels))
   np.testing.assert_allclose(
       resized, tf.image.resize(preprocessed, (48, 48), "area"), atol=2e-3)
-  # Output row 0 (input rows 0 .. 2/3) is input row 0; output row 1 (input
-  # 2/3 .. 4/3) blends rows 0 and 1 as 1/2 : 1/2; output row 2 is row 1.
-  rows = np.asarray(tf.image.resize(preprocessed, (48, 32), "area"))
-  np.testing.assert_allclose(rows[:, 0], np.asarray(preprocessed)[:, 0],
-                             atol=1e-4)
-  np.testing.assert_allclose(rows[:, 2], np.asarray(preprocessed)[:, 1],
+  # Output row/column 0 (input 0 .. 2/3) is input pixel 0; output 1 (input
+  # 2/3 .. 4/3) blends pixels 0 and 1 as 1/2 : 1/2; output 2 is pixel 1.
+  source = np.asarray(preprocessed)
+  np.testing.assert_allclose(resized[:, 0, 0], source[:, 0, 0], atol=1e-4)
+  np.testing.assert_allclose(resized[:, 2, 2], source[:, 1, 1], atol=1e-4)
+  np.testing.assert_allclose(resized[:, 1, 0],
+                             (source[:, 0, 0] + source[:, 1, 0]) / 2,
                              atol=1e-4)
   # An upsampled uniform image stays uniform: nothing shifted or padded.
   grey = np.full((1, 32, 32, 3), 77, np.uint8)
