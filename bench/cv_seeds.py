@@ -13,7 +13,7 @@ Keep the data the same between settings: folds are dealt by image_id, and
 re-encoded images get new ids, hence other folds.
 
   python -m bench.cv_seeds --data GLOB [--seeds 3] [--augment_views 7]
-      [--network_size N] [--backbone_weights H5] [--folds 5] [--output J]
+      [--network_size N] [--malignant_weight W] [--backbone_weights H5] [--folds 5] [--output J]
 
 Prints a line per seed and the mean over seeds of each figure's fold mean;
 --output writes them as JSON.
@@ -100,11 +100,13 @@ def main(argv=None) -> int:
   parser.add_argument("--backbone_weights", default="imagenet")
   parser.add_argument("--augment_views", type=int, default=None)
   parser.add_argument("--network_size", type=int, default=None)
+  parser.add_argument("--malignant_weight", type=float, default=None)
   parser.add_argument("--output", default=None, help="JSON file to write")
   args = parser.parse_args(argv)
   flags = {"network_size": args.network_size}
-  if args.augment_views is not None:
-    flags["augment_views"] = args.augment_views
+  for name in ("augment_views", "malignant_weight"):
+    if getattr(args, name) is not None:
+      flags[name] = getattr(args, name)
   figures = run(args.data, args.seeds, args.folds, args.backbone_weights,
                 **flags)
   if args.output:

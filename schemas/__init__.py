@@ -79,6 +79,7 @@ from schemas.features import (
     FEATURE_WIDTH,
     FORMAT_VERSION,
     LABELS,
+    MALIGNANT,
     PACKAGE_VERSION,
     MANIFEST_FILE,
     RUN_LOCK_FILE,

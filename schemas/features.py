@@ -7,7 +7,8 @@ from typing import Dict
 FORMAT_VERSION = "2"  # 2: one-channel grey images (FEATURE_CHANNELS)
 
 # Class names in the order of the model's outputs for the standard model.
-LABELS = ("normal", "benign", "malignant")
+MALIGNANT = "malignant"  # the class a missed case costs most
+LABELS = ("normal", "benign", MALIGNANT)
 
 DEFAULT_IMAGE_SIZE = 224
 

@@ -280,6 +280,7 @@ class TrainingSettings(Record):
   fine_tune_epochs: Optional[int] = optional()
   patience: Optional[int] = optional()
   label_smoothing: Optional[float] = optional()
+  malignant_weight: Optional[float] = optional()  # x its balanced weight
   cv_folds: Optional[int] = optional()
   epochs_run: Optional[Mapping[str, int]] = optional()  # stage → epochs
   best_epoch: Optional[Mapping[str, Optional[int]]] = optional()

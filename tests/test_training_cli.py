@@ -47,7 +47,7 @@ def test_train_without_augmentation(tmp_path, data_glob, capsys):
                      # defaults choose one for 0.95 and keep no test split).
                      "--threshold", "0.9", "--test_fraction", "0.15",
                      # VGG16 runs at 40: the model enlarges the 32² input.
-                     "--network_size", "40"])
+                     "--network_size", "40", "--malignant_weight", "3"])
   assert status == 0
   assert "Skipped 1 unlabelled" in capsys.readouterr().out
   for name in (schemas.MODEL_FILE, schemas.LABELS_FILE, schemas.METADATA_FILE,
@@ -84,6 +84,14 @@ def test_train_without_augmentation(tmp_path, data_glob, capsys):
   assert settings["unlabelled_skipped"] == 1
   assert settings["duplicates_skipped"] == 1
   assert len(settings["history"]["loss"]) == 3
+  # Balanced weights from the training split, the malignant one tripled.
+  train_counts = metadata["class_counts"]["train"]
+  total = sum(train_counts.values())
+  assert settings["malignant_weight"] == 3
+  assert settings["class_weight"] == {
+      name: pytest.approx(total / (3 * count) * (3 if name == "malignant"
+                                                  else 1), rel=1e-5)
+      for name, count in train_counts.items()}
   counts = metadata["class_counts"]
   assert sum(sum(c.values()) for c in counts.values()) == 30
   assert metadata["test_metrics"]["count"] == sum(counts["test"].values())
@@ -147,7 +155,8 @@ def test_train_without_augmentation(tmp_path, data_glob, capsys):
                f"Accuracy **{report['accuracy']:.3f}**",
                metadata["data_fingerprint"]["overall"],
                metadata["package_version"], "Decision support",
-               "Burned-in annotations", "random"):
+               "Burned-in annotations", "random",
+               "| malignant class weight (x balanced) | 3.0 |"):
     assert text in card, text
   row = report["per_class"]["benign"]
   assert (f"| benign | {row['precision']:.3f} | {row['recall']:.3f} |"
@@ -282,6 +291,7 @@ def test_same_seed_same_split(tmp_path, data_glob):
     (["--target_accuracy", "0.9", "--val_fraction", "0"], "--val_fraction"),
     (["--learning_rate", "0"], "--learning_rate"),
     (["--network_size", "16"], "--network_size 16 is outside 32..4096"),
+    (["--malignant_weight", "0"], "--malignant_weight 0.0 must be in"),
 ])
 def test_bad_flags_exit_2(tmp_path, data_glob, capsys, flags, message):
   argv = ["train", "--data", data_glob, "--output", str(tmp_path / "m"),

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 
+import schemas
 from training import model as model_lib, recipe, testing
 from training.config import TrainConfig
 
@@ -84,3 +85,18 @@ def test_early_stopping_keeps_the_best_epoch(images):
 def test_class_weights_are_balanced():
   weights = recipe.balanced_class_weights(np.array([0, 0, 0, 1]), 3)
   assert weights == {0: pytest.approx(4 / 6), 1: pytest.approx(2.0), 2: 1.0}
+
+
+def test_malignant_weight_multiplies_the_malignant_class_only():
+  labels = np.array([0, 0, 1, 1, 1, 2])  # normal, benign, malignant
+  assert schemas.LABELS.index(schemas.MALIGNANT) == 2
+  balanced = recipe.balanced_class_weights(labels, 3)
+  assert balanced == {0: pytest.approx(1.0), 1: pytest.approx(2 / 3),
+                      2: pytest.approx(2.0)}
+  assert recipe.class_weights(labels, 3, 2.5) == {
+      0: pytest.approx(1.0), 1: pytest.approx(2 / 3), 2: pytest.approx(5.0)}
+  assert recipe.class_weights(labels, 3) == balanced
+  # A model without the three classes has no malignant output to weight.
+  assert recipe.class_weights(np.array([0, 1]), 2) == {0: 1.0, 1: 1.0}
+  with pytest.raises(ValueError, match="--malignant_weight needs"):
+    recipe.class_weights(np.array([0, 1]), 2, 2.0)

@@ -49,6 +49,11 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                       default=config_lib.DEFAULT_LABEL_SMOOTHING,
                       help="Share of each one-hot target spread over the"
                       " other classes (default %(default)g).")
+  parser.add_argument("--malignant_weight", type=float,
+                      default=config_lib.DEFAULT_MALIGNANT_WEIGHT,
+                      help="Multiplies the malignant class's balanced class"
+                      " weight: more malignant recall for less benign recall"
+                      " (default %(default)g; 1: plain balanced weights).")
   parser.add_argument("--learning_rate", type=float,
                       default=config_lib.LEARNING_RATE,
                       help="Adam learning rate of the head stage (default"
@@ -145,6 +150,7 @@ def _recipe_config(args: argparse.Namespace, **fields
       backbone_weights=args.backbone_weights, backbone=args.backbone,
       epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
       patience=args.patience, label_smoothing=args.label_smoothing,
+      malignant_weight=args.malignant_weight,
       val_fraction=args.val_fraction, test_fraction=args.test_fraction,
       seed=args.seed,
       threshold=(schemas.DEFAULT_THRESHOLD if args.threshold is None

@@ -77,7 +77,7 @@ def fold_metrics(labels: np.ndarray, probabilities: np.ndarray,
     probabilities: the model's (calibrated) probabilities [n, classes].
     threshold: the review threshold (confidence below it is flagged), or
       one per image (pooled folds, each with its own threshold).
-    label_names: class names in index order (must include "malignant").
+    label_names: class names in index order (must include schemas.MALIGNANT).
     fixed_threshold: also report what this threshold would flag
       ("fixed_*" fields), e.g. the 0.9 the chosen one replaces.
 
@@ -98,7 +98,7 @@ def fold_metrics(labels: np.ndarray, probabilities: np.ndarray,
   # confidence ≥ threshold exactly when confidence − threshold ≥ 0 (IEEE
   # subtraction keeps the sign), so one call serves per-image thresholds.
   flagging = calibration.flag_stats(confidence - thresholds, correct, 0.0)
-  malignant = names.index("malignant")
+  malignant = names.index(schemas.MALIGNANT)
   result = {
       "count": int(len(labels)),
       "macro_f1": report["macro"]["f1"],

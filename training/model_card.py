@@ -541,7 +541,8 @@ def _caveats_section(metadata: ArtifactMetadata) -> List[str]:
       " systems. Other populations, scanners, probes and presets are out of"
       " distribution.",
       "- **Class imbalance**: BUSI has about 437 benign, 210 malignant and 133"
-      " normal frames; training uses balanced class weights, but per-class"
+      " normal frames; training uses balanced class weights (the malignant"
+      " one multiplied by the malignant weight below), but per-class"
       " figures for the small classes rest on few test images (see the"
       " counts above).",
       "- **Frames, not patients**: BUSI has several frames per patient and"
@@ -582,6 +583,8 @@ def _training_section(metadata: ArtifactMetadata) -> List[str]:
           ["cross-validation folds run first", _or_na(training.cv_folds)],
           ["val / test fractions", f"{_or_na(training.val_fraction)} /"
                                    f" {_or_na(training.test_fraction)}"],
+          ["malignant class weight (x balanced)",
+           _or_na(training.malignant_weight)],
           ["class weights", _or_na(training.class_weight)],
           ["wall seconds", seconds.get("total", NA)]]
   return ["## Training", ""] + _table(["setting", "value"], rows) + [""]

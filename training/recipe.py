@@ -57,6 +57,20 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int
           for c in range(num_classes)}
 
 
+def class_weights(labels: np.ndarray, num_classes: int,
+                  malignant_weight: float = 1.0) -> Dict[int, float]:
+  """Balanced class weights, the malignant class's multiplied by
+  `malignant_weight` (for models whose outputs are schemas.LABELS)."""
+  weights = balanced_class_weights(labels, num_classes)
+  if num_classes == len(schemas.LABELS):
+    weights[schemas.LABELS.index(schemas.MALIGNANT)] *= malignant_weight
+  elif malignant_weight != 1.0:
+    raise ValueError(f"--malignant_weight needs the {len(schemas.LABELS)}"
+                     f" classes {schemas.LABELS}; this model has"
+                     f" {num_classes}")
+  return weights
+
+
 def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
   return np.eye(num_classes, dtype=np.float32)[labels]
 
@@ -209,7 +223,8 @@ class FitResult(NamedTuple):
   seconds: Dict[str, float]
   epoch_seconds: Dict[str, List[float]]
   fine_tune_start: Optional[int]  # epoch at which fine-tuning began
-  class_weight: Dict[int, float]  # balanced, from the training labels
+  # balanced, from the training labels, malignant x config.malignant_weight
+  class_weight: Dict[int, float]
 
 
 class Recipe:
@@ -272,7 +287,8 @@ class Recipe:
       val: indices of the validation images (may be empty: no early stop).
     """
     config = self.config
-    class_weight = balanced_class_weights(self.labels[train], self.num_classes)
+    class_weight = class_weights(self.labels[train], self.num_classes,
+                                 config.malignant_weight)
     result = FitResult({}, {}, {}, {}, {}, None, class_weight)
     self._stage("head", model_lib.FEATURES_LAYER, train, val, config.epochs,
                 config.learning_rate, class_weight, result)
