@@ -136,7 +136,7 @@ def wants_gradcam(row: Dict, mode: str) -> bool:
   if mode == "flagged":
     return bool(row[schemas.COLUMN_LOW_CONFIDENCE])
   if mode == "malignant":
-    return row["predicted_class"] == "malignant"
+    return row["predicted_class"] == schemas.MALIGNANT
   return False
 
 

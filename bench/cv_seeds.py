@@ -6,14 +6,15 @@ recipe changes. This runs the recipe on `cv`'s own folds and inner splits
 (`training.cv.run_folds`) once per seed on one shared conv cache: seed 0 is
 the head `cv` itself starts from (so its row equals `python -m training cv`
 with the same flags), seeds 1... re-draw the head's Dense weights only. The
-folds, views and dropout draws stay the same, so two settings compared with
+folds and views stay the same, so two settings compared with
 this (for instance two --network_size values) are paired fold by fold.
 
 Keep the data the same between settings: folds are dealt by image_id, and
 re-encoded images get new ids, hence other folds.
 
   python -m bench.cv_seeds --data GLOB [--seeds 3] [--augment_views 7]
-      [--network_size N] [--malignant_weight W] [--backbone_weights H5] [--folds 5] [--output J]
+      [--network_size N] [--malignant_weight W]
+      [--backbone_weights H5] [--folds 5] [--output J] [--backbone_weights H5] [--folds 5] [--output J]
 
 Prints a line per seed and the mean over seeds of each figure's fold mean;
 --output writes them as JSON.
@@ -29,7 +30,8 @@ import numpy as np
 
 import schemas
 
-FIGURES = ("macro_f1", "recall_malignant", "accuracy", "ece",
+FIGURES = ("macro_f1", "recall_malignant", "recall_benign", "recall_normal",
+           "accuracy", "ece",
            "auc_malignant", "flagged_share", "accuracy_unflagged")
 _HEAD = ("head_dense", schemas.LOGITS_LAYER)
 

@@ -26,7 +26,8 @@ from bench import common
 
 # The comparisons behind the defaults (training/README.md). These were run
 # before the malignant class weight existed, i.e. with plain balanced
-# weights (malignant_weight 1), which _BALANCED keeps them at.
+# weights (malignant_weight 1), which DEFAULT_VARIANTS keeps them at: their
+# "default" meant the default of then.
 _BALANCED_VARIANTS = {
     "seed recipe: originals, lr 1e-4, 30 epochs": {
         "augment_views": 0, "learning_rate": 1e-4, "epochs": 30,
@@ -46,7 +47,7 @@ _BALANCED_VARIANTS = {
 DEFAULT_VARIANTS = {
     **{name: {"malignant_weight": 1.0, **flags}
        for name, flags in _BALANCED_VARIANTS.items()},
-    "default: 6 random views, malignant weight 2": {},
+    "default: mirror and 6 random views, malignant weight 2": {},
 }
 
 _COLUMNS = ("macro_f1", "recall_malignant", "accuracy", "ece",

@@ -181,7 +181,7 @@ def connect(run_dir: str) -> Connection:
 
 # The class whose probability ranks studies; a model without it ranks them
 # by their images needing review instead (`Studies.ranked_by_malignant`).
-MALIGNANT = "malignant"
+MALIGNANT = schemas.MALIGNANT
 P_MALIGNANT = schemas.probability_column(MALIGNANT)
 # Columns the study queries read. A run written before one of them reads it
 # as a typed NULL: an old run then has no studies and no DICOM rows, and the

@@ -178,6 +178,12 @@ def test_train_with_augmentation(tmp_path, data_glob):
   assert status == 0
   metadata = artifact.read_artifact_info(output).metadata
   assert metadata.training.augment is True
+  # The default doubles the malignant class's balanced weight.
+  assert metadata.training.malignant_weight == 2.0
+  counts = metadata.class_counts["train"]
+  total = sum(counts.values())
+  assert metadata.training.class_weight[schemas.MALIGNANT] == pytest.approx(
+      2 * total / (3 * counts[schemas.MALIGNANT]), rel=1e-5)
   assert len(metadata.training.epoch_seconds["head"]) == 1
   # By default VGG16 runs at the TFRecords' size: no resize layer.
   assert metadata.network_size == SIZE
@@ -292,6 +298,8 @@ def test_same_seed_same_split(tmp_path, data_glob):
     (["--learning_rate", "0"], "--learning_rate"),
     (["--network_size", "16"], "--network_size 16 is outside 32..4096"),
     (["--malignant_weight", "0"], "--malignant_weight 0.0 must be in"),
+    (["--malignant_weight", "-1"], "--malignant_weight -1.0 must be in"),
+    (["--malignant_weight", "nan"], "--malignant_weight nan must be in"),
 ])
 def test_bad_flags_exit_2(tmp_path, data_glob, capsys, flags, message):
   argv = ["train", "--data", data_glob, "--output", str(tmp_path / "m"),

@@ -123,7 +123,8 @@ def test_cv_command_reports_every_fold(tmp_path, cv_data, capsys):
                      "--backbone", "tiny", "--backbone_weights", "none",
                      "--epochs", "15", "--learning_rate", "3e-3",
                      "--augment_views", "1", "--val_fraction", "0.25",
-                     "--target_accuracy", "0.8", "--output", output])
+                     "--target_accuracy", "0.8", "--malignant_weight", "1.5",
+                     "--output", output])
   assert status == 0
   printed = capsys.readouterr().out
   assert "macro_f1" in printed and "mean ± sd" in printed
@@ -169,6 +170,7 @@ def test_cv_command_reports_every_fold(tmp_path, cv_data, capsys):
       weights=weights))
   assert report["settings"]["augment_views"] == 1
   assert report["settings"]["target_accuracy"] == 0.8
+  assert report["settings"]["malignant_weight"] == 1.5
   assert report["summary"]["accuracy"]["mean"] > 0.5  # it learnt something
 
 

@@ -109,6 +109,17 @@ def test_card_warnings():
   assert "randomly initialised" in card
 
 
+def test_card_names_the_malignant_weight_of_older_artifacts():
+  # Trained before --malignant_weight existed: plain balanced weights.
+  older = {"epochs": 30, "class_weight": {"normal": 2.0, "benign": 0.5,
+                                          "malignant": 1.2}}
+  assert ("| malignant class weight (x balanced) | 1 (plain balanced"
+          " weights) |") in _render(_metadata(training=older))
+  newer = dict(older, malignant_weight=2.0)
+  assert "| malignant class weight (x balanced) | 2.0 |" in _render(
+      _metadata(training=newer))
+
+
 def test_card_survives_sparse_metadata():
   card = model_card.render(sparse_metadata(model_version="x", threshold=0.9))
   assert "# Model card: x" in card and "No test images" in card

@@ -584,10 +584,17 @@ def _training_section(metadata: ArtifactMetadata) -> List[str]:
           ["val / test fractions", f"{_or_na(training.val_fraction)} /"
                                    f" {_or_na(training.test_fraction)}"],
           ["malignant class weight (x balanced)",
-           _or_na(training.malignant_weight)],
+           _malignant_weight(training)],
           ["class weights", _or_na(training.class_weight)],
           ["wall seconds", seconds.get("total", NA)]]
   return ["## Training", ""] + _table(["setting", "value"], rows) + [""]
+
+
+def _malignant_weight(training) -> Any:
+  # Artifacts trained before the setting existed used plain balanced weights.
+  if training.malignant_weight is None and training.class_weight:
+    return "1 (plain balanced weights)"
+  return _or_na(training.malignant_weight)
 
 
 def _ood_count(name: str, counted: Optional[metadata_schema.OodCount]
