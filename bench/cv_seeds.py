@@ -14,7 +14,7 @@ re-encoded images get new ids, hence other folds.
 
   python -m bench.cv_seeds --data GLOB [--seeds 3] [--augment_views 7]
       [--network_size N] [--malignant_weight W]
-      [--backbone_weights H5] [--folds 5] [--output J] [--backbone_weights H5] [--folds 5] [--output J]
+      [--backbone_weights H5] [--folds 5] [--output J]
 
 Prints a line per seed and the mean over seeds of each figure's fold mean;
 --output writes them as JSON.
@@ -105,10 +105,10 @@ def main(argv=None) -> int:
   parser.add_argument("--malignant_weight", type=float, default=None)
   parser.add_argument("--output", default=None, help="JSON file to write")
   args = parser.parse_args(argv)
-  flags = {"network_size": args.network_size}
-  for name in ("augment_views", "malignant_weight"):
-    if getattr(args, name) is not None:
-      flags[name] = getattr(args, name)
+  # Flags left out keep TrainConfig's defaults.
+  flags = {name: getattr(args, name)
+           for name in ("augment_views", "network_size", "malignant_weight")
+           if getattr(args, name) is not None}
   figures = run(args.data, args.seeds, args.folds, args.backbone_weights,
                 **flags)
   if args.output:
