@@ -278,6 +278,8 @@ class TrainingSettings(Record):
   untrained_test_artifact: Optional[bool] = optional()  # testing.py's
   epochs: Optional[int] = optional()
   fine_tune_epochs: Optional[int] = optional()
+  # first base layer fine-tuned, with all after it; None: block5's first
+  fine_tune_from: Optional[str] = optional()
   patience: Optional[int] = optional()
   label_smoothing: Optional[float] = optional()
   malignant_weight: Optional[float] = optional()  # x its balanced weight

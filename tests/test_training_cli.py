@@ -42,6 +42,8 @@ def test_train_without_augmentation(tmp_path, data_glob, capsys):
   status = cli.main(["train", "--data", data_glob, "--output", output,
                      "--backbone_weights", "none", "--no_augment",
                      "--epochs", "2", "--fine_tune_epochs", "1",
+                     # block4_conv3 and block5 train in the fine-tune stage
+                     "--fine_tune_from", "block4_conv3",
                      "--batch_size", "8", "--seed", "1", "--name", "e2e",
                      # A fixed threshold and a test split, asked for (the
                      # defaults choose one for 0.95 and keep no test split).
@@ -80,6 +82,7 @@ def test_train_without_augmentation(tmp_path, data_glob, capsys):
   assert flagging["test"]["count"] == metadata["test_metrics"]["count"]
   settings = metadata["training"]
   assert settings["epochs"] == 2 and settings["fine_tune_epochs"] == 1
+  assert settings["fine_tune_from"] == "block4_conv3"
   assert settings["augment"] is False and settings["seed"] == 1
   assert settings["unlabelled_skipped"] == 1
   assert settings["duplicates_skipped"] == 1
@@ -156,7 +159,9 @@ def test_train_without_augmentation(tmp_path, data_glob, capsys):
                metadata["data_fingerprint"]["overall"],
                metadata["package_version"], "Decision support",
                "Burned-in annotations", "random",
-               "| malignant class weight (x balanced) | 3.0 |"):
+               "| malignant class weight (x balanced) | 3.0 |",
+               "| fine-tuned base layers | block4_conv3 and every base layer"
+               " after it |"):
     assert text in card, text
   row = report["per_class"]["benign"]
   assert (f"| benign | {row['precision']:.3f} | {row['recall']:.3f} |"
@@ -300,6 +305,9 @@ def test_same_seed_same_split(tmp_path, data_glob):
     (["--malignant_weight", "0"], "--malignant_weight 0.0 must be in"),
     (["--malignant_weight", "-1"], "--malignant_weight -1.0 must be in"),
     (["--malignant_weight", "nan"], "--malignant_weight nan must be in"),
+    (["--fine_tune_from", "block1_conv1"], "needs --fine_tune_epochs above 0"),
+    (["--fine_tune_epochs", "1", "--fine_tune_from", "block4_conv1"],
+     "--fine_tune_from 'block4_conv1' is not a layer with weights of the"),
 ])
 def test_bad_flags_exit_2(tmp_path, data_glob, capsys, flags, message):
   argv = ["train", "--data", data_glob, "--output", str(tmp_path / "m"),

@@ -45,6 +45,13 @@ def test_full_vgg16_structure_and_trainable_switch():
   assert model_lib.frozen_prefix_end(model) == "block4_pool"
   model_lib.freeze_backbone(model)
   assert _trainable_layers(model) == HEAD
+  assert model_lib.unfreeze_top_block(model, "block4_conv2") == [
+      "block4_conv2", "block4_conv3"] + unfrozen
+  assert model_lib.top_block_input(model, "block4_conv2") == "block4_conv1"
+  assert model_lib.top_block_input(model, "block1_conv1") == "vgg_preprocess"
+  assert model_lib.top_block_input(model) == "block4_pool"
+  model_lib.freeze_backbone(model)
+  assert _trainable_layers(model) == HEAD
 
 
 def test_tiny_backbone_has_the_same_contract():

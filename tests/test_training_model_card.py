@@ -120,6 +120,17 @@ def test_card_names_the_malignant_weight_of_older_artifacts():
       _metadata(training=newer))
 
 
+def test_card_names_the_fine_tuned_layers():
+  def row(**training):
+    card = _render(_metadata(training=dict({"epochs": 30}, **training)))
+    return card.split("| fine-tuned base layers | ")[1].split(" |")[0]
+  assert row(fine_tune_epochs=0) == "none (base frozen)"
+  # Fine-tuned before --fine_tune_from existed: block5, as it always was.
+  assert row(fine_tune_epochs=5) == "block5"
+  assert row(fine_tune_epochs=5, fine_tune_from="block1_conv1") == (
+      "block1_conv1 and every base layer after it")
+
+
 def test_card_survives_sparse_metadata():
   card = model_card.render(sparse_metadata(model_version="x", threshold=0.9))
   assert "# Model card: x" in card and "No test images" in card

@@ -100,3 +100,54 @@ def test_malignant_weight_multiplies_the_malignant_class_only():
   assert recipe.class_weights(np.array([0, 1]), 2) == {0: 1.0, 1: 1.0}
   with pytest.raises(ValueError, match="--malignant_weight needs"):
     recipe.class_weights(np.array([0, 1]), 2, 2.0)
+
+
+@pytest.mark.parametrize("first, trained, cached", [
+    (None, ("block5_conv3",), "block1_pool"),
+    ("block1_conv1", ("block1_conv1", "block5_conv3"), "vgg_preprocess"),
+])
+def test_fine_tune_trains_the_layers_from_fine_tune_from(images, first,
+                                                         trained, cached):
+  labels = np.repeat(np.arange(3), 8)
+  keras.utils.set_random_seed(0)
+  model = model_lib.build_model(SIZE, "none", 3, model_lib.TINY)
+  config = TrainConfig(data=("x",), output="x", backbone="tiny",
+                       backbone_weights="none", epochs=1, patience=0,
+                       fine_tune_epochs=2, fine_tune_from=first,
+                       fine_tune_learning_rate=0.05, augment_views=1)
+  train, val = np.arange(0, 24, 2), np.arange(1, 24, 2)
+  layers = recipe.cache_layers(config, model)
+  assert layers == [cached, model_lib.FEATURES_LAYER]
+  cache = recipe.ConvCache(model, images, {0: np.arange(24), 1: train}, 8, 0,
+                           layers)
+  before = {name: model.get_layer(name).get_weights()[0].copy()
+            for name in ("block1_conv1", "block5_conv3")}
+  fitted = recipe.Recipe(model, cache, labels, config, progress=0).fit(
+      train, val)
+  assert fitted.fine_tuned == trained
+  assert fitted.epochs_run == {"head": 1, "fine_tune": 2}
+  for name, weights in before.items():
+    changed = not np.array_equal(model.get_layer(name).get_weights()[0],
+                                 weights)
+    assert changed == (name in trained), name
+  # Through the cache of the fine-tuned layers' input, the trained model's
+  # logits are the full model's on the raw pixels.
+  runner = recipe.Recipe(model, cache, labels, config, progress=0)
+  full = model_lib.sub_model(model, None, model_lib.LOGITS_LAYER)
+  np.testing.assert_allclose(runner.logits(val),
+                             np.asarray(full(images[val])), rtol=1e-4,
+                             atol=1e-4)
+
+
+def test_fine_tune_from_must_name_a_base_layer_with_weights():
+  model = model_lib.build_model(SIZE, "none", 3, model_lib.TINY)
+  config = TrainConfig(data=("x",), output="x", backbone="tiny",
+                       fine_tune_epochs=1, fine_tune_from="block1_pool")
+  with pytest.raises(ValueError, match=r"--fine_tune_from 'block1_pool'.*"
+                     r"one of: block1_conv1, block5_conv3"):
+    recipe.cache_layers(config, model)
+  with pytest.raises(ValueError, match="'head_dense'"):
+    model_lib.unfreeze_top_block(model, "head_dense")
+  with pytest.raises(ValueError, match="needs --fine_tune_epochs"):
+    TrainConfig(data=("x",), output="x",
+                fine_tune_from="block1_conv1").validate()

@@ -39,7 +39,13 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--fine_tune_epochs", type=int,
                       default=config_lib.DEFAULT_FINE_TUNE_EPOCHS,
                       help="Then at most this many epochs with block5"
-                      " unfrozen (default %(default)d).")
+                      " (or --fine_tune_from's layers) unfrozen (default"
+                      " %(default)d).")
+  parser.add_argument("--fine_tune_from", default=None, metavar="LAYER",
+                      help="First base layer the fine-tune stage trains, with"
+                      " every base layer after it (default: block5_conv1);"
+                      " block1_conv1 trains the whole VGG16 base, for a"
+                      " GPU. Needs --fine_tune_epochs.")
   parser.add_argument("--patience", type=int,
                       default=config_lib.DEFAULT_PATIENCE,
                       help="Stop a stage after this many epochs without a"
@@ -149,6 +155,7 @@ def _recipe_config(args: argparse.Namespace, **fields
       network_size=args.network_size,
       backbone_weights=args.backbone_weights, backbone=args.backbone,
       epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
+      fine_tune_from=args.fine_tune_from,
       patience=args.patience, label_smoothing=args.label_smoothing,
       malignant_weight=args.malignant_weight,
       val_fraction=args.val_fraction, test_fraction=args.test_fraction,

@@ -52,6 +52,10 @@ class TrainConfig:
   backbone: str = VGG16
   epochs: int = DEFAULT_EPOCHS
   fine_tune_epochs: int = DEFAULT_FINE_TUNE_EPOCHS
+  # The first base layer the fine-tune stage trains (it and every base layer
+  # after it); None: block5's first. "block1_conv1" trains the whole base,
+  # a GPU's job (training/README.md, "Fine-tuning more of the base").
+  fine_tune_from: Optional[str] = None
   val_fraction: float = DEFAULT_VAL_FRACTION
   test_fraction: float = DEFAULT_TEST_FRACTION
   seed: int = 0
@@ -106,6 +110,10 @@ class TrainConfig:
       raise ValueError("--epochs must be at least 1")
     if self.fine_tune_epochs < 0:
       raise ValueError("--fine_tune_epochs must be 0 or more")
+    if self.fine_tune_from is not None and not self.fine_tune_epochs:
+      raise ValueError(f"--fine_tune_from {self.fine_tune_from} needs"
+                       " --fine_tune_epochs above 0 (no fine-tune stage"
+                       " runs without it)")
     if self.augment_views < 0:
       raise ValueError("--augment_views must be 0 or more")
     if self.cv_folds == 1 or self.cv_folds < 0:

@@ -209,23 +209,41 @@ def freeze_backbone(model: keras.Model) -> None:
     layer.trainable = False
 
 
-def unfreeze_top_block(model: keras.Model) -> List[str]:
-  """Stage two: block5's layers train too. Recompile after calling.
+def _fine_tune_start(model: keras.Model, first: Optional[str]) -> int:
+  """Position in `backbone_layers` of the first layer the fine-tune stage
+  trains: `first`, or block5's first layer when None."""
+  layers = backbone_layers(model)
+  if first is None:
+    for position, layer in enumerate(layers):
+      if layer.name.startswith(TOP_BLOCK_PREFIX):
+        return position
+    raise ValueError(f"model {model.name} has no {TOP_BLOCK_PREFIX}* layers")
+  convs = [layer.name for layer in layers if layer.weights]
+  for position, layer in enumerate(layers):
+    if layer.name == first and layer.weights:
+      return position
+  raise ValueError(f"--fine_tune_from {first!r} is not a layer with weights"
+                   f" of the {model.name} base; one of: {', '.join(convs)}")
+
+
+def unfreeze_top_block(model: keras.Model, first: Optional[str] = None
+                      ) -> List[str]:
+  """Stage two: block5's layers train too, or layer `first` and every base
+  layer after it. Recompile after calling.
 
   Returns:
     The names of the layers with weights made trainable.
 
   Raises:
-    ValueError: the model has no block5 layers.
+    ValueError: the model has no block5 layers, or no layer `first` with
+      weights in its base.
   """
+  layers = backbone_layers(model)
   names = []
-  for layer in backbone_layers(model):
-    if layer.name.startswith(TOP_BLOCK_PREFIX):
-      layer.trainable = True
-      if layer.weights:
-        names.append(layer.name)
-  if not names:
-    raise ValueError(f"model {model.name} has no {TOP_BLOCK_PREFIX}* layers")
+  for layer in layers[_fine_tune_start(model, first):]:
+    layer.trainable = True
+    if layer.weights:
+      names.append(layer.name)
   return names
 
 
@@ -248,7 +266,8 @@ def frozen_prefix_end(model: keras.Model) -> str:
   """Name of the last layer before the first one with trainable weights.
 
   Everything up to it is fixed while training, so its outputs can be computed
-  once and cached: "features" in stage one, "block4_pool" once block5 trains.
+  once and cached: "features" in stage one, "block4_pool" once block5 trains
+  (the layer before --fine_tune_from's).
   """
   previous = None
   for layer in model.layers:
@@ -306,14 +325,17 @@ def split_model(model: keras.Model, cut: str
   return sub_model(model, None, cut), sub_model(model, cut, None)
 
 
-def top_block_input(model: keras.Model) -> str:
-  """Name of the layer just before the first block5 layer (block4_pool)."""
-  previous = None
-  for layer in model.layers:
-    if layer.name.startswith(TOP_BLOCK_PREFIX):
-      return previous
-    previous = layer.name
-  raise ValueError(f"model {model.name} has no {TOP_BLOCK_PREFIX}* layers")
+def top_block_input(model: keras.Model, first: Optional[str] = None) -> str:
+  """Name of the layer just before the first one the fine-tune stage trains
+  (block4_pool for block5; the preprocessing for block1_conv1): its output
+  is what a fine-tuning run caches.
+
+  Raises:
+    ValueError: as `unfreeze_top_block`.
+  """
+  start = backbone_layers(model)[_fine_tune_start(model, first)]
+  names = [layer.name for layer in model.layers]
+  return names[names.index(start.name) - 1]
 
 
 def temperature_of(model: keras.Model) -> float:

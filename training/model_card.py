@@ -570,8 +570,8 @@ def _training_section(metadata: ArtifactMetadata) -> List[str]:
             (f", best {best[stage]} kept" if best.get(stage) else ""))
 
   rows = [["head epochs (base frozen)", epochs("head", training.epochs)],
-          ["fine-tune epochs (block5 unfrozen)",
-           epochs("fine_tune", training.fine_tune_epochs)],
+          ["fine-tune epochs", epochs("fine_tune", training.fine_tune_epochs)],
+          ["fine-tuned base layers", _fine_tuned(training)],
           ["early stopping patience", _or_na(training.patience)],
           ["label smoothing", _or_na(training.label_smoothing)],
           ["learning rates", f"{_or_na(training.learning_rate)} /"
@@ -588,6 +588,16 @@ def _training_section(metadata: ArtifactMetadata) -> List[str]:
           ["class weights", _or_na(training.class_weight)],
           ["wall seconds", seconds.get("total", NA)]]
   return ["## Training", ""] + _table(["setting", "value"], rows) + [""]
+
+
+def _fine_tuned(training) -> str:
+  """Which base layers trained: none, block5 (artifacts from before
+  --fine_tune_from recorded it), or the recorded first one and after."""
+  if not training.fine_tune_epochs:
+    return "none (base frozen)"
+  if training.fine_tune_from is None:
+    return "block5"
+  return f"{training.fine_tune_from} and every base layer after it"
 
 
 def _malignant_weight(training) -> Any:

@@ -20,7 +20,7 @@ flagged, by default).
 import logging
 import sys
 import time
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
@@ -189,9 +189,15 @@ class ConvCache:
 
 
 def cache_layers(config: TrainConfig, model: keras.Model) -> List[str]:
-  """What a run caches: features, plus block4_pool when block5 trains."""
+  """What a run caches: features, plus the input of the fine-tuned layers
+  (block4_pool for block5) when fine-tuning.
+
+  Raises:
+    ValueError: --fine_tune_from names no layer of the model's base.
+  """
   if config.fine_tune_epochs:
-    return [model_lib.top_block_input(model), model_lib.FEATURES_LAYER]
+    return [model_lib.top_block_input(model, config.fine_tune_from),
+            model_lib.FEATURES_LAYER]
   return [model_lib.FEATURES_LAYER]
 
 
@@ -225,6 +231,8 @@ class FitResult(NamedTuple):
   fine_tune_start: Optional[int]  # epoch at which fine-tuning began
   # balanced, from the training labels, malignant x config.malignant_weight
   class_weight: Dict[int, float]
+  # the base layers with weights the fine-tune stage trained (none: frozen)
+  fine_tuned: Tuple[str, ...] = ()
 
 
 class Recipe:
@@ -293,10 +301,14 @@ class Recipe:
     self._stage("head", model_lib.FEATURES_LAYER, train, val, config.epochs,
                 config.learning_rate, class_weight, result)
     if config.fine_tune_epochs:
-      result = result._replace(fine_tune_start=len(result.history["loss"]))
-      unfrozen = model_lib.unfreeze_top_block(self.model)
+      unfrozen = model_lib.unfreeze_top_block(self.model,
+                                              config.fine_tune_from)
+      result = result._replace(fine_tune_start=len(result.history["loss"]),
+                               fine_tuned=tuple(unfrozen))
       _LOG.info("Unfroze %s", ", ".join(unfrozen))
-      self._stage("fine_tune", model_lib.top_block_input(self.model), train,
+      self._stage("fine_tune",
+                  model_lib.top_block_input(self.model, config.fine_tune_from),
+                  train,
                   val, config.fine_tune_epochs, config.fine_tune_learning_rate,
                   class_weight, result)
     return result

@@ -94,6 +94,7 @@ def _training_settings(config: TrainConfig, read: Read, splits: Splits,
   return metadata_schema.TrainingSettings(
       epochs=config.epochs,
       fine_tune_epochs=config.fine_tune_epochs,
+      fine_tune_from=(result.fine_tuned[0] if result.fine_tuned else None),
       patience=config.patience,
       label_smoothing=config.label_smoothing,
       malignant_weight=config.malignant_weight,
