@@ -6,12 +6,14 @@ tests only keep `python -m bench` working.
 
 import io
 import json
+import os
 import zipfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import schemas
 from bench import __main__ as bench_main
 from bench import (codec_bench, non_us_archive, preprocess_bench, quality_bench,
                    scoring_bench, tfrecord_bench)
@@ -206,3 +208,64 @@ def test_recipe_search_keeps_its_documented_rows_at_balanced_weights():
   for name, flags in recipe_search.DEFAULT_VARIANTS.items():
     if name not in defaults:
       assert flags["malignant_weight"] == 1.0, name
+
+
+def _notop_h5(path):
+  """A file in the offline VGG16 notop layout (NAME/NAME_W_1:0, …_b_1:0);
+  tiny arrays: export copies them, it does not check shapes."""
+  import h5py  # pylint: disable=import-outside-toplevel
+  from bench import torch_finetune  # pylint: disable=import-outside-toplevel
+  with h5py.File(path, "w") as f:
+    for i, name in enumerate(torch_finetune.CONVS):
+      group = f.create_group(name)
+      group[f"{name}_W_1:0"] = np.full((1, 1, 1, 2), i, np.float32)
+      group[f"{name}_b_1:0"] = np.full((2,), -i, np.float32)
+  return str(path)
+
+
+def test_torch_finetune_exports_cv_folds_and_scores_with_cv_code(tmp_path):
+  from bench import torch_finetune  # pylint: disable=import-outside-toplevel
+  from training import cv, split, testing  # pylint: disable=import-outside-toplevel
+  records = testing.synthetic_records(6, 16)
+  glob = testing.write_tfrecords(str(tmp_path / "a.tfrecord.gz"), records)
+  out = str(tmp_path / "export")
+  summary = torch_finetune.export([glob], _notop_h5(tmp_path / "w.h5"), out,
+                                  folds=3)
+  assert summary["images"] == 18 and summary["folds"] == 3
+  data = np.load(os.path.join(out, torch_finetune.DATA_FILE))
+  weights = np.load(os.path.join(out, torch_finetune.WEIGHTS_FILE))
+  assert len(weights.files) == 26
+  assert weights["block5_conv3/W"].dtype == np.float16
+  assert float(weights["block5_conv3/b"][0]) == -12.0
+  role, labels = data["role"], data["labels"]
+  # Every image is tested in exactly one fold, in cv's own fold.
+  assert ((role == 2).sum(axis=0) == 1).all()
+  names = list(schemas.LABELS)
+  ids = sorted(r.image_id for r in records)
+  by_id = {r.image_id: r for r in records}
+  hashes = [split.dhash(by_id[i].pixels) for i in ids]
+  folds = cv.assign_folds(ids, [by_id[i].label for i in ids],
+                          split.duplicate_groups(ids, hashes), 3, 0)
+  np.testing.assert_array_equal(np.argmax(role == 2, axis=0), folds)
+  assert [names[i] for i in labels] == [by_id[i].label for i in ids]
+  assert (role == 1).any(axis=1).all()  # each fold has validation images
+
+  # Logits that are right for every image but one flipped: cv's figures,
+  # and "+flip" from the mirror logits.
+  results = {}
+  for k in range(3):
+    for part, code in (("val", 1), ("test", 2)):
+      indices = np.flatnonzero(role[k] == code)
+      logits = 4.0 * np.eye(3)[labels[indices]]
+      results[f"head/{k}/{part}"] = indices
+      results[f"head/{k}/{part}_logits"] = logits
+      results[f"head/{k}/{part}_mirror_logits"] = logits[:, ::-1].copy()
+  np.savez(str(tmp_path / "r.npz"), **results)
+  report = torch_finetune.score(out, str(tmp_path / "r.npz"))
+  assert set(report) == {"head", "head+flip"}
+  assert report["head"]["summary"]["macro_f1"]["mean"] == 1.0
+  assert report["head"]["macro_f1_per_fold"] == [1.0, 1.0, 1.0]
+  # Averaged with reversed logits, normal and malignant tie and benign wins.
+  assert report["head+flip"]["summary"]["recall_benign"]["mean"] == 1.0
+  assert report["head+flip"]["summary"]["macro_f1"]["mean"] < 1.0
+  assert "head+flip" in torch_finetune.format_table(report)
