@@ -43,6 +43,7 @@ from schemas.artifact import (
     SPLIT_FILE,
     THRESHOLD_FIXED,
     THRESHOLD_TARGET_ACCURACY,
+    VGG16_CONV_LAYERS,
 )
 from schemas.counters import (
     COUNTER_ALREADY_SCORED,

@@ -55,6 +55,12 @@ DEFAULT_THRESHOLD = 0.9
 
 # The layer Grad-CAM explains (the last conv layer of VGG16).
 GRADCAM_LAYER = "block5_conv3"
+# VGG16's conv layers in order: the layers --fine_tune_from may name
+# (metadata training.fine_tune_from records the first one fine-tuned).
+VGG16_CONV_LAYERS = tuple(
+    f"block{block}_conv{conv}"
+    for block, convs in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3))
+    for conv in range(1, convs + 1))
 # Layer names of the artifact's model that scoring, Grad-CAM and the
 # out-of-fold tooling look up.
 INPUT_NAME = "image"

@@ -250,8 +250,8 @@ def test_torch_finetune_exports_cv_folds_and_scores_with_cv_code(tmp_path):
   assert [names[i] for i in labels] == [by_id[i].label for i in ids]
   assert (role == 1).any(axis=1).all()  # each fold has validation images
 
-  # Logits that are right for every image but one flipped: cv's figures,
-  # and "+flip" from the mirror logits.
+  # Logits right for every image, their mirror images' reversed: cv's
+  # figures, and "+flip" from the averages.
   results = {}
   for k in range(3):
     for part, code in (("val", 1), ("test", 2)):
@@ -269,3 +269,30 @@ def test_torch_finetune_exports_cv_folds_and_scores_with_cv_code(tmp_path):
   assert report["head+flip"]["summary"]["recall_benign"]["mean"] == 1.0
   assert report["head+flip"]["summary"]["macro_f1"]["mean"] < 1.0
   assert "head+flip" in torch_finetune.format_table(report)
+
+
+def test_torch_finetune_run_needs_no_project_module_and_mirrors_the_recipe():
+  # `run` goes to GPU machines with numpy and PyTorch only: loading the file
+  # must not import TensorFlow, Keras or this project's packages.
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from bench import torch_finetune  # pylint: disable=import-outside-toplevel
+  from training import config as config_lib  # pylint: disable=import-outside-toplevel
+  script = (
+      "import importlib.util, sys\n"
+      f"spec = importlib.util.spec_from_file_location('t', {torch_finetune.__file__!r})\n"
+      "module = importlib.util.module_from_spec(spec)\n"
+      "spec.loader.exec_module(module)\n"
+      "print(sorted(m for m in sys.modules if m.split('.')[0] in"
+      " ('tensorflow', 'keras', 'training', 'schemas', 'beam_pipeline',"
+      " 'busi_core', 'apache_beam')))\n")
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                       text=True, check=True, cwd="/")
+  assert out.stdout.strip() == "[]", out.stdout
+  # Its constants are the default recipe's.
+  assert torch_finetune.VIEWS == 1 + config_lib.DEFAULT_AUGMENT_VIEWS
+  assert torch_finetune.MALIGNANT_WEIGHT == config_lib.DEFAULT_MALIGNANT_WEIGHT
+  assert torch_finetune.LABEL_SMOOTHING == config_lib.DEFAULT_LABEL_SMOOTHING
+  assert torch_finetune.HEAD_EPOCHS == config_lib.DEFAULT_EPOCHS
+  assert torch_finetune.HEAD_PATIENCE == config_lib.DEFAULT_PATIENCE
+  assert torch_finetune.CONVS == list(schemas.VGG16_CONV_LAYERS)

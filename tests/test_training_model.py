@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import schemas
-from training import model as model_lib
+from training import config as config_lib, model as model_lib
 
 HEAD = ["head_dense", "logits"]
 
@@ -39,17 +39,22 @@ def test_full_vgg16_structure_and_trainable_switch():
 
   assert _trainable_layers(model) == HEAD  # stage one: head only
   assert model_lib.frozen_prefix_end(model) == "features"
-  unfrozen = model_lib.unfreeze_top_block(model)
+  # What --fine_tune_from may name, checked before the model is built.
+  assert [layer.name for layer in model_lib.backbone_layers(model)
+          if layer.weights] == list(
+              config_lib.FINE_TUNABLE_LAYERS[config_lib.VGG16])
+  unfrozen = model_lib.unfreeze_fine_tuned(model)
   assert unfrozen == ["block5_conv1", "block5_conv2", "block5_conv3"]
   assert _trainable_layers(model) == sorted(unfrozen + HEAD)
   assert model_lib.frozen_prefix_end(model) == "block4_pool"
   model_lib.freeze_backbone(model)
   assert _trainable_layers(model) == HEAD
-  assert model_lib.unfreeze_top_block(model, "block4_conv2") == [
+  assert model_lib.unfreeze_fine_tuned(model, "block4_conv2") == [
       "block4_conv2", "block4_conv3"] + unfrozen
-  assert model_lib.top_block_input(model, "block4_conv2") == "block4_conv1"
-  assert model_lib.top_block_input(model, "block1_conv1") == "vgg_preprocess"
-  assert model_lib.top_block_input(model) == "block4_pool"
+  assert model_lib.fine_tune_input(model, "block4_conv2") == "block4_conv1"
+  assert model_lib.fine_tune_input(model, "block1_conv1") == (
+      schemas.PREPROCESS_LAYER)
+  assert model_lib.fine_tune_input(model) == "block4_pool"
   model_lib.freeze_backbone(model)
   assert _trainable_layers(model) == HEAD
 
@@ -59,7 +64,10 @@ def test_tiny_backbone_has_the_same_contract():
   assert model.inputs[0].dtype == "uint8"
   assert model.get_layer(schemas.GRADCAM_LAYER)
   assert _trainable_layers(model) == HEAD
-  assert model_lib.top_block_input(model) == "block1_pool"
+  assert model_lib.fine_tune_input(model) == "block1_pool"
+  assert [layer.name for layer in model_lib.backbone_layers(model)
+          if layer.weights] == list(
+              config_lib.FINE_TUNABLE_LAYERS[config_lib.TINY])
   pixels = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), np.uint8)
   probabilities = model.predict(pixels, verbose=0)
   np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)

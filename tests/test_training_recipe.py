@@ -36,7 +36,7 @@ def test_views_are_fixed_and_geometric(images):
 def test_cache_matches_the_model_and_refuses_missing_views(images):
   model = model_lib.build_model(SIZE, "none", 3, model_lib.TINY)
   indices = np.array([1, 5, 9, 20])
-  cut = model_lib.top_block_input(model)
+  cut = model_lib.fine_tune_input(model)
   cache = recipe.ConvCache(model, images, {0: np.arange(len(images)),
                                            1: indices}, 8, 0,
                            [cut, model_lib.FEATURES_LAYER])
@@ -104,7 +104,8 @@ def test_malignant_weight_multiplies_the_malignant_class_only():
 
 @pytest.mark.parametrize("first, trained, cached", [
     (None, ("block5_conv3",), "block1_pool"),
-    ("block1_conv1", ("block1_conv1", "block5_conv3"), "vgg_preprocess"),
+    ("block1_conv1", ("block1_conv1", "block5_conv3"),
+     schemas.PREPROCESS_LAYER),
 ])
 def test_fine_tune_trains_the_layers_from_fine_tune_from(images, first,
                                                          trained, cached):
@@ -139,15 +140,44 @@ def test_fine_tune_trains_the_layers_from_fine_tune_from(images, first,
                              atol=1e-4)
 
 
+def test_fine_tune_from_the_first_conv_caches_the_resized_pixels(images):
+  # With --network_size the layer before block1_conv1 is the resize layer:
+  # its outputs are cached, and logits through them are the full model's.
+  labels = np.repeat(np.arange(3), 8)
+  keras.utils.set_random_seed(0)
+  model = model_lib.build_model(SIZE, "none", 3, model_lib.TINY, 48)
+  config = TrainConfig(data=("x",), output="x", backbone="tiny",
+                       backbone_weights="none", epochs=1, patience=0,
+                       fine_tune_epochs=1, fine_tune_from="block1_conv1",
+                       augment_views=0, network_size=48)
+  layers = recipe.cache_layers(config, model)
+  assert layers == [schemas.RESIZE_LAYER, model_lib.FEATURES_LAYER]
+  cache = recipe.ConvCache(model, images, {0: np.arange(24)}, 8, 0, layers)
+  assert cache.get(schemas.RESIZE_LAYER, 0, [0]).shape == (1, 48, 48, 3)
+  runner = recipe.Recipe(model, cache, labels, config, progress=0)
+  runner.fit(np.arange(0, 24, 2), np.arange(1, 24, 2))
+  assert model_lib.frozen_prefix_end(model) == schemas.RESIZE_LAYER
+  full = model_lib.sub_model(model, None, model_lib.LOGITS_LAYER)
+  np.testing.assert_allclose(runner.logits(np.arange(6)),
+                             np.asarray(full(images[:6])), rtol=1e-4,
+                             atol=1e-4)
+
+
 def test_fine_tune_from_must_name_a_base_layer_with_weights():
   model = model_lib.build_model(SIZE, "none", 3, model_lib.TINY)
-  config = TrainConfig(data=("x",), output="x", backbone="tiny",
-                       fine_tune_epochs=1, fine_tune_from="block1_pool")
+  # Refused by the flags' check, before any data is read ...
   with pytest.raises(ValueError, match=r"--fine_tune_from 'block1_pool'.*"
                      r"one of: block1_conv1, block5_conv3"):
-    recipe.cache_layers(config, model)
-  with pytest.raises(ValueError, match="'head_dense'"):
-    model_lib.unfreeze_top_block(model, "head_dense")
+    TrainConfig(data=("x",), output="x", backbone="tiny", fine_tune_epochs=1,
+                fine_tune_from="block1_pool").validate()
   with pytest.raises(ValueError, match="needs --fine_tune_epochs"):
     TrainConfig(data=("x",), output="x",
                 fine_tune_from="block1_conv1").validate()
+  TrainConfig(data=("x",), output="x", fine_tune_epochs=1,
+              fine_tune_from="block3_conv2").validate()
+  # ... and by the model itself for a name its base lacks.
+  with pytest.raises(ValueError, match=r"--fine_tune_from 'block1_pool'.*"
+                     r"one of: block1_conv1, block5_conv3"):
+    model_lib.unfreeze_fine_tuned(model, "block1_pool")
+  with pytest.raises(ValueError, match="'head_dense'"):
+    model_lib.fine_tune_input(model, "head_dense")

@@ -13,6 +13,11 @@ import schemas
 VGG16 = "vgg16"
 TINY = "tiny"  # a 2-conv stand-in for tests, not a real classifier
 BACKBONES = (VGG16, TINY)
+# Each backbone's base layers with weights, in order: what --fine_tune_from
+# may name (checked before any data is read; a test checks the lists against
+# the built models).
+FINE_TUNABLE_LAYERS = {VGG16: schemas.VGG16_CONV_LAYERS,
+                       TINY: ("block1_conv1", schemas.GRADCAM_LAYER)}
 
 IMAGENET = "imagenet"
 NO_WEIGHTS = "none"
@@ -110,10 +115,16 @@ class TrainConfig:
       raise ValueError("--epochs must be at least 1")
     if self.fine_tune_epochs < 0:
       raise ValueError("--fine_tune_epochs must be 0 or more")
-    if self.fine_tune_from is not None and not self.fine_tune_epochs:
-      raise ValueError(f"--fine_tune_from {self.fine_tune_from} needs"
-                       " --fine_tune_epochs above 0 (no fine-tune stage"
-                       " runs without it)")
+    if self.fine_tune_from is not None:
+      if not self.fine_tune_epochs:
+        raise ValueError(f"--fine_tune_from {self.fine_tune_from} needs"
+                         " --fine_tune_epochs above 0 (no fine-tune stage"
+                         " runs without it)")
+      layers = FINE_TUNABLE_LAYERS.get(self.backbone, ())
+      if self.fine_tune_from not in layers:
+        raise ValueError(f"--fine_tune_from {self.fine_tune_from!r} is not a"
+                         f" layer with weights of the {self.backbone} base;"
+                         f" one of: {', '.join(layers)}")
     if self.augment_views < 0:
       raise ValueError("--augment_views must be 0 or more")
     if self.cv_folds == 1 or self.cv_folds < 0:

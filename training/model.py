@@ -226,7 +226,7 @@ def _fine_tune_start(model: keras.Model, first: Optional[str]) -> int:
                    f" of the {model.name} base; one of: {', '.join(convs)}")
 
 
-def unfreeze_top_block(model: keras.Model, first: Optional[str] = None
+def unfreeze_fine_tuned(model: keras.Model, first: Optional[str] = None
                       ) -> List[str]:
   """Stage two: block5's layers train too, or layer `first` and every base
   layer after it. Recompile after calling.
@@ -325,13 +325,13 @@ def split_model(model: keras.Model, cut: str
   return sub_model(model, None, cut), sub_model(model, cut, None)
 
 
-def top_block_input(model: keras.Model, first: Optional[str] = None) -> str:
+def fine_tune_input(model: keras.Model, first: Optional[str] = None) -> str:
   """Name of the layer just before the first one the fine-tune stage trains
   (block4_pool for block5; the preprocessing for block1_conv1): its output
   is what a fine-tuning run caches.
 
   Raises:
-    ValueError: as `unfreeze_top_block`.
+    ValueError: as `unfreeze_fine_tuned`.
   """
   start = backbone_layers(model)[_fine_tune_start(model, first)]
   names = [layer.name for layer in model.layers]

@@ -591,11 +591,12 @@ def _training_section(metadata: ArtifactMetadata) -> List[str]:
 
 
 def _fine_tuned(training) -> str:
-  """Which base layers trained: none, block5 (artifacts from before
-  --fine_tune_from recorded it), or the recorded first one and after."""
+  """Which base layers trained: none, block5 (the default; artifacts from
+  before --fine_tune_from record no layer), or the recorded first one and
+  every later one."""
   if not training.fine_tune_epochs:
     return "none (base frozen)"
-  if training.fine_tune_from is None:
+  if training.fine_tune_from in (None, "block5_conv1"):
     return "block5"
   return f"{training.fine_tune_from} and every base layer after it"
 

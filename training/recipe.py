@@ -105,9 +105,10 @@ class ConvCache:
   of `cv`).
 
   Only layers the training never changes may be cached: everything up to
-  block4_pool always, "features" only while block5 is frozen, which is
-  always true when a fold's model starts (weights reset to the pretrained
-  ones).
+  the input of the first fine-tuned layer (block4_pool for block5; the
+  preprocessed, or resized, pixels for --fine_tune_from block1_conv1)
+  always, "features" only while the base is frozen, which is always true
+  when a fold's model starts (weights reset to the pretrained ones).
   """
 
   def __init__(self, model: keras.Model, images: np.ndarray,
@@ -196,7 +197,7 @@ def cache_layers(config: TrainConfig, model: keras.Model) -> List[str]:
     ValueError: --fine_tune_from names no layer of the model's base.
   """
   if config.fine_tune_epochs:
-    return [model_lib.top_block_input(model, config.fine_tune_from),
+    return [model_lib.fine_tune_input(model, config.fine_tune_from),
             model_lib.FEATURES_LAYER]
   return [model_lib.FEATURES_LAYER]
 
@@ -288,7 +289,9 @@ class Recipe:
     result.epoch_seconds[stage] = [round(s, 3) for s in callbacks[0].seconds]
 
   def fit(self, train: np.ndarray, val: np.ndarray) -> FitResult:
-    """Head on the frozen base, then (if asked) block5 and head together.
+    """Head on the frozen base, then (if asked) the fine-tuned base layers
+    (block5, or --fine_tune_from's layer and every later one) and the head
+    together.
 
     Args:
       train: indices of the training images.
@@ -301,16 +304,15 @@ class Recipe:
     self._stage("head", model_lib.FEATURES_LAYER, train, val, config.epochs,
                 config.learning_rate, class_weight, result)
     if config.fine_tune_epochs:
-      unfrozen = model_lib.unfreeze_top_block(self.model,
-                                              config.fine_tune_from)
+      unfrozen = model_lib.unfreeze_fine_tuned(self.model,
+                                               config.fine_tune_from)
       result = result._replace(fine_tune_start=len(result.history["loss"]),
                                fine_tuned=tuple(unfrozen))
       _LOG.info("Unfroze %s", ", ".join(unfrozen))
       self._stage("fine_tune",
-                  model_lib.top_block_input(self.model, config.fine_tune_from),
-                  train,
-                  val, config.fine_tune_epochs, config.fine_tune_learning_rate,
-                  class_weight, result)
+                  model_lib.fine_tune_input(self.model, config.fine_tune_from),
+                  train, val, config.fine_tune_epochs,
+                  config.fine_tune_learning_rate, class_weight, result)
     return result
 
   def logits(self, indices: np.ndarray) -> np.ndarray:
