@@ -162,3 +162,27 @@ def test_card_shows_the_cross_validated_figures():
   without = _render(_metadata())
   assert "Not measured for this artifact" in without
   assert "single split of BUSI optimistic" in without
+
+
+def test_card_without_test_split_or_cv_claims_no_held_out_figures():
+  # `train --cv_folds 0` with the default (no) test split: nothing held out.
+  no_test = {"count": 0}
+  calibration = {"temperature": 1.1, "fitted": True, "fit_split": "val",
+                 "fit_count": 94, "count": 0}
+  card = _render(_metadata(test_metrics=no_test, calibration=calibration))
+  assert "No test images. This artifact has no held-out figures" in card
+  assert "no cross-validation: no held-out ECE" in card
+  assert "when they were measured (not for this artifact)" in card
+  assert '"Cross-validated figures" above' not in card
+  assert "cross-validated ECE above" not in card
+  assert "`cv.json`" not in card
+  # With cross-validation, the card points to it and lists cv.json.
+  cross_validation = {"folds": 5, "images": 30, "groups": 30,
+                      "summary": {"macro_f1": {"mean": 0.7, "sd": 0.1,
+                                               "n": 5}}}
+  card = _render(_metadata(test_metrics=no_test, calibration=calibration,
+                           cross_validation=cross_validation))
+  assert '"Cross-validated figures" above' in card
+  assert "cross-validated ECE above" in card
+  assert "`cv.json`" in card
+  assert "no held-out figures" not in card

@@ -191,10 +191,23 @@ def _data_section(metadata: ArtifactMetadata) -> List[str]:
   return lines
 
 
+def _cross_validated(metadata: ArtifactMetadata) -> bool:
+  return bool(metadata.cross_validation and metadata.cross_validation.summary)
+
+
+# Where neither a test split nor cross-validation measured the artifact.
+_NO_HELD_OUT = ("This artifact has no held-out figures (no test split, and"
+                " `--cv_folds 0`): run `python -m training cv` with the same"
+                " flags, or `python -m training evaluate` on labelled images"
+                " it has not seen, before trusting it.")
+
+
 def _metrics_section(metadata: ArtifactMetadata) -> List[str]:
   report = metadata.test_metrics
   lines = [f"## Metrics (test split, {report.count or 0} images)", ""]
   if not report.count:
+    if not _cross_validated(metadata):
+      return lines + ["No test images. " + _NO_HELD_OUT, ""]
     return lines + ["No test images: no test split (the default:"
                     " cross-validation measures the recipe, and the model"
                     " learns from the rest)."
@@ -327,6 +340,9 @@ def _calibration_section(metadata: ArtifactMetadata) -> List[str]:
               f" {cal.reason or 'no calibration recorded'}.", ""]
   split_name = cal.split or "test"
   if cal.count == 0:
+    if not _cross_validated(metadata):
+      return lines + ["No test split to measure the calibration on, and no"
+                      " cross-validation: no held-out ECE.", ""]
     return lines + [
         "No test split to measure the calibration on: the cross-validated"
         " ECE above is the held-out figure (each fold fitted its own"
@@ -387,7 +403,9 @@ def _threshold_section(metadata: ArtifactMetadata) -> List[str]:
               " tempted to trust. Validation chose the threshold (and"
               " stopped the training and fitted the temperature), so its"
               " figures are in-sample; the honest ones are the test split's"
-              " when there is one, and the cross-validated ones above."]
+              " when there is one, and the cross-validated ones above" +
+              ("." if _cross_validated(metadata) else
+               " when they were measured (not for this artifact).")]
   else:
     lines.append("No labelled validation or test images: no figures.")
   return lines + ["", _LOCAL_DATA_NOTE, ""]
@@ -660,7 +678,7 @@ def _ood_section(metadata: ArtifactMetadata) -> List[str]:
   return lines
 
 
-def _files_section() -> List[str]:
+def _files_section(metadata: ArtifactMetadata) -> List[str]:
   files = [(schemas.MODEL_FILE, "the model: raw uint8 pixels → calibrated"
             " probabilities"),
            (schemas.LABELS_FILE, "class names in output order"),
@@ -677,6 +695,8 @@ def _files_section() -> List[str]:
             " split"),
            (schemas.OOD_FILE, "the out-of-distribution detector (mean and"
             " precision matrix; numpy .npz, no pickle)")]
+  if not _cross_validated(metadata):  # `--cv_folds 0` writes no cv.json
+    files = [f for f in files if f[0] != artifact_schema.CV_REPORT_FILE]
   return (["## Files", ""] +
           _table(["file", "content"], [[f"`{n}`", d] for n, d in files]) +
           ["", "(An untrained test artifact has only the first three and this"
@@ -690,7 +710,7 @@ def render(metadata: ArtifactMetadata) -> str:
               _metrics_section(metadata) + _calibration_section(metadata) +
               _threshold_section(metadata) + _ood_section(metadata) +
               _recalibration_section(metadata) + _caveats_section(metadata) +
-              _training_section(metadata) + _files_section())
+              _training_section(metadata) + _files_section(metadata))
   return "\n".join(sections).rstrip() + "\n"
 
 
