@@ -103,13 +103,8 @@ def export(data: Sequence[str], backbone_weights: str, output: str,
                             folds, seed)
   role = np.zeros((folds, len(loaded.labels)), np.int8)
   for k in range(folds):
-    # The same inner split as cv's _fold.
-    rest, test = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
-    inner = split.split_indices(
-        [loaded.image_ids[i] for i in rest],
-        [names[i] for i in loaded.labels[rest]], [hashes[i] for i in rest],
-        config.val_fraction, 0.0, seed)
-    role[k, rest[inner.indices[split.VAL]]] = 1
+    _, val, test = cv.fold_split(k, config, loaded, hashes, fold_of)
+    role[k, val] = 1
     role[k, test] = 2
   os.makedirs(output, exist_ok=True)
   np.savez_compressed(os.path.join(output, DATA_FILE), images=loaded.images,
@@ -369,10 +364,13 @@ def score(directory: str, results_file: str,
   default schemas.DEFAULT_TARGET_ACCURACY) fitted on each fold's validation
   images as `cv` fits them."""
   import schemas  # pylint: disable=import-outside-toplevel
-  from training import calibration, cv  # pylint: disable=import-outside-toplevel
+  from training import calibration, cv, recipe  # pylint: disable=import-outside-toplevel
+  from training.config import TrainConfig  # pylint: disable=import-outside-toplevel
   names = list(schemas.LABELS)
-  if target_accuracy is None:
-    target_accuracy = schemas.DEFAULT_TARGET_ACCURACY
+  # The recipe's calibration and threshold settings (only these are read).
+  config = TrainConfig(data=(directory,), output="", target_accuracy=(
+      schemas.DEFAULT_TARGET_ACCURACY if target_accuracy is None
+      else target_accuracy))
   labels = np.load(os.path.join(directory, DATA_FILE))["labels"]
   results = np.load(results_file)
   variants = list(dict.fromkeys(key.split("/")[0] for key in results.files))
@@ -392,16 +390,15 @@ def score(directory: str, results_file: str,
           return value
         val, test = results[f"{name}/{k}/val"], results[f"{name}/{k}/test"]
         val_logits, test_logits = logits("val"), logits("test")
-        fit = calibration.fit_temperature(val_logits, labels[val])
-        temperature = 1.0 if fit.at_bound else fit.temperature
-        val_probabilities = calibration.softmax(val_logits, temperature)
-        threshold = calibration.choose_threshold(
-            val_probabilities.max(axis=1),
-            val_probabilities.argmax(axis=1) == labels[val],
-            target_accuracy).threshold
+        # As cv's _fold: temperature, then threshold, on validation.
+        fit = recipe.fit_calibration(config, val_logits, labels[val])
+        flagging = recipe.choose_flagging(
+            config, recipe.confidence(val_logits, labels[val],
+                                      fit.temperature),
+            recipe.confidence(test_logits, labels[test], fit.temperature))
         per_fold.append(cv.fold_metrics(
-            labels[test], calibration.softmax(test_logits, temperature),
-            threshold, names, schemas.DEFAULT_THRESHOLD))
+            labels[test], calibration.softmax(test_logits, fit.temperature),
+            flagging["threshold"], names, config.threshold))
       report[name + ("+flip" if flip else "")] = {
           "folds": len(folds), "summary": cv.summarise(per_fold),
           "macro_f1_per_fold": [round(f["macro_f1"], 4) for f in per_fold]}

@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -180,18 +180,27 @@ def write_report(report: Dict, output: str) -> str:
   return path
 
 
-def _fold(k: int, config: TrainConfig, runner: recipe.Recipe,
-          data: data_lib.LabelledData, hashes: Sequence[int],
-          fold_of: np.ndarray) -> Dict:
-  """Trains on the other folds as `train` would, and scores fold k."""
+def fold_split(k: int, config: TrainConfig, data: data_lib.LabelledData,
+               hashes: Sequence[int], fold_of: np.ndarray
+              ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Training, validation and test indices of fold k: the test fold is k,
+  and the other folds are split into training and validation as `train`
+  splits its data (duplicate-aware, --val_fraction, --seed)."""
   names = list(schemas.LABELS)
   rest = np.flatnonzero(fold_of != k)
   test = np.flatnonzero(fold_of == k)
   inner = split.split_indices(
       [data.image_ids[i] for i in rest], [names[i] for i in data.labels[rest]],
       [hashes[i] for i in rest], config.val_fraction, 0.0, config.seed)
-  train = rest[inner.indices[split.TRAIN]]
-  val = rest[inner.indices[split.VAL]]
+  return rest[inner.indices[split.TRAIN]], rest[inner.indices[split.VAL]], test
+
+
+def _fold(k: int, config: TrainConfig, runner: recipe.Recipe,
+          data: data_lib.LabelledData, hashes: Sequence[int],
+          fold_of: np.ndarray) -> Dict:
+  """Trains on the other folds as `train` would, and scores fold k."""
+  names = list(schemas.LABELS)
+  train, val, test = fold_split(k, config, data, hashes, fold_of)
   if config.target_accuracy is not None and not len(val):
     raise ValueError("cv: a fold left no validation images to choose the"
                      " threshold on; raise --val_fraction")

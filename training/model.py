@@ -227,7 +227,7 @@ def _fine_tune_start(model: keras.Model, first: Optional[str]) -> int:
 
 
 def unfreeze_fine_tuned(model: keras.Model, first: Optional[str] = None
-                      ) -> List[str]:
+                       ) -> List[str]:
   """Stage two: block5's layers train too, or layer `first` and every base
   layer after it. Recompile after calling.
 

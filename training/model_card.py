@@ -645,7 +645,7 @@ def _ood_section(metadata: ArtifactMetadata) -> List[str]:
         " `low_confidence` and the quality flags set `needs_review`. Retrain"
         " with this release to get one.", ""]
   held_out = None
-  if metadata.cross_validation and metadata.cross_validation.summary:
+  if _cross_validated(metadata):
     held_out = metadata.cross_validation.summary.get("ood_flagged_share")
   chosen_on = {
       "val+train_out_of_fold": "the validation images and the training"
