@@ -66,7 +66,7 @@ def test_early_stopping_keeps_the_best_epoch(images):
       model, images, {0: np.arange(24), 1: train}, 8, 0,
       recipe.cache_layers(config, model))
   runner = recipe.Recipe(model, cache, labels, config, progress=0)
-  fitted = runner.fit(train, val)
+  fitted = runner.fit(train, val, 0)
   run, best = fitted.epochs_run["head"], fitted.best_epoch["head"]
   losses = fitted.history["val_loss"]
   assert len(losses) == run <= 60 and best == int(np.argmin(losses)) + 1
@@ -80,6 +80,49 @@ def test_early_stopping_keeps_the_best_epoch(images):
                      head(cache.get(model_lib.FEATURES_LAYER, 0, val))))
   assert again == pytest.approx(min(losses), rel=1e-4, abs=1e-5)
   assert fitted.seconds["head"] > 0
+
+
+def test_a_fit_depends_on_its_seed_not_on_the_fits_before_it(images):
+  # cv fits every fold on one model, and train its final model after them:
+  # the dropout masks must come from the fit's seed, not from the state the
+  # Dropout layer's generator was left in (set_random_seed does not reset
+  # it, nor does set_weights).
+  labels = np.repeat(np.arange(3), 8)
+  keras.utils.set_random_seed(0)
+  model = model_lib.build_model(SIZE, "none", 3, model_lib.TINY)
+  config = TrainConfig(data=("x",), output="x", backbone="tiny",
+                       backbone_weights="none", epochs=3, patience=0,
+                       learning_rate=0.05, augment_views=1, batch_size=4)
+  train, val = np.arange(0, 24, 2), np.arange(1, 24, 2)
+  cache = recipe.ConvCache(model, images, {0: np.arange(24), 1: train}, 8, 0,
+                           recipe.cache_layers(config, model))
+  runner = recipe.Recipe(model, cache, labels, config, progress=0)
+  initial = model.get_weights()
+
+  def head_after_fit(seed):
+    model.set_weights(initial)
+    runner.fit(train, val, seed)
+    return model.get_layer(model_lib.LOGITS_LAYER).get_weights()[0]
+
+  first = head_after_fit(5)
+  other = head_after_fit(6)  # moves the dropout generator on
+  again = head_after_fit(5)
+  np.testing.assert_array_equal(again, first)
+  assert not np.array_equal(other, first)
+
+
+def test_reseed_sets_the_dropout_generator_from_the_seed_alone():
+  keras.utils.set_random_seed(0)
+  model = model_lib.build_model(SIZE, "none", 3, model_lib.TINY)
+  dropout = model.get_layer("head_dropout")
+  x = np.ones((2, model_lib.HEAD_UNITS), np.float32)
+  model_lib.reseed(model, 7)
+  masks = np.asarray(dropout(x, training=True))
+  dropout(x, training=True)
+  model_lib.reseed(model, 7)
+  np.testing.assert_array_equal(np.asarray(dropout(x, training=True)), masks)
+  model_lib.reseed(model, 8)
+  assert not np.array_equal(np.asarray(dropout(x, training=True)), masks)
 
 
 def test_class_weights_are_balanced():
@@ -124,7 +167,7 @@ def test_fine_tune_trains_the_layers_from_fine_tune_from(images, first,
   before = {name: model.get_layer(name).get_weights()[0].copy()
             for name in ("block1_conv1", "block5_conv3")}
   fitted = recipe.Recipe(model, cache, labels, config, progress=0).fit(
-      train, val)
+      train, val, 0)
   assert fitted.fine_tuned == trained
   assert fitted.epochs_run == {"head": 1, "fine_tune": 2}
   for name, weights in before.items():
@@ -155,7 +198,7 @@ def test_fine_tune_from_the_first_conv_caches_the_resized_pixels(images):
   cache = recipe.ConvCache(model, images, {0: np.arange(24)}, 8, 0, layers)
   assert cache.get(schemas.RESIZE_LAYER, 0, [0]).shape == (1, 48, 48, 3)
   runner = recipe.Recipe(model, cache, labels, config, progress=0)
-  runner.fit(np.arange(0, 24, 2), np.arange(1, 24, 2))
+  runner.fit(np.arange(0, 24, 2), np.arange(1, 24, 2), 0)
   assert model_lib.frozen_prefix_end(model) == schemas.RESIZE_LAYER
   full = model_lib.sub_model(model, None, model_lib.LOGITS_LAYER)
   np.testing.assert_allclose(runner.logits(np.arange(6)),

@@ -204,8 +204,7 @@ def _fold(k: int, config: TrainConfig, runner: recipe.Recipe,
   if config.target_accuracy is not None and not len(val):
     raise ValueError("cv: a fold left no validation images to choose the"
                      " threshold on; raise --val_fraction")
-  keras.utils.set_random_seed(config.seed + k)
-  fitted = runner.fit(train, val)
+  fitted = runner.fit(train, val, config.seed + k)
   val_logits, test_logits = runner.logits(val), runner.logits(test)
   labels = data.labels
   fit = recipe.fit_calibration(config, val_logits, labels[val])

@@ -247,6 +247,29 @@ def unfreeze_fine_tuned(model: keras.Model, first: Optional[str] = None
   return names
 
 
+def reseed(model: keras.Model, seed: int) -> None:
+  """Puts the random layers' generators (the head's Dropout) in a state that
+  depends on `seed` alone.
+
+  `keras.utils.set_random_seed` does not reach them: a Dropout layer draws
+  its masks from its own generator, created with the layer, whose state moves
+  on with every training step and is not among the weights that
+  `set_weights` puts back. Without this, a fit's dropout masks would depend
+  on every fit that ran before it on the same model (a cv fold on the folds
+  before it, `train`'s final model on its cross-validation).
+  """
+  layers, index = list(model.layers), 0
+  while layers:
+    layer = layers.pop(0)
+    layers.extend(getattr(layer, "layers", []))
+    for generator in vars(layer).values():
+      if isinstance(generator, keras.random.SeedGenerator):
+        start = np.random.SeedSequence([seed, index]).generate_state(1)[0]
+        generator.state.assign(
+            np.array([start, 0]).astype(generator.state.dtype))
+        index += 1
+
+
 def compile_model(model: keras.Model, learning_rate: float,
                   label_smoothing: float = 0.0) -> None:
   """Adam + categorical cross-entropy on the softmax output + accuracy.

@@ -288,7 +288,7 @@ class Recipe:
     result.seconds[stage] = time.perf_counter() - started
     result.epoch_seconds[stage] = [round(s, 3) for s in callbacks[0].seconds]
 
-  def fit(self, train: np.ndarray, val: np.ndarray) -> FitResult:
+  def fit(self, train: np.ndarray, val: np.ndarray, seed: int) -> FitResult:
     """Head on the frozen base, then (if asked) the fine-tuned base layers
     (block5, or --fine_tune_from's layer and every later one) and the head
     together.
@@ -296,8 +296,13 @@ class Recipe:
     Args:
       train: indices of the training images.
       val: indices of the validation images (may be empty: no early stop).
+      seed: the fit's draws (shuffling, dropout masks). The same seed on the
+        same weights gives the same fit, whatever ran before it in the
+        process.
     """
     config = self.config
+    keras.utils.set_random_seed(seed)
+    model_lib.reseed(self.model, seed)
     class_weight = class_weights(self.labels[train], self.num_classes,
                                  config.malignant_weight)
     result = FitResult({}, {}, {}, {}, {}, None, class_weight)

@@ -55,6 +55,6 @@ def fit(config: TrainConfig, data: data_lib.LabelledData,
                                               splits.test])
     cache = recipe.ConvCache(model, data.images, needed, config.batch_size,
                              config.seed, recipe.cache_layers(config, model))
-  keras.utils.set_random_seed(config.seed)
   runner = recipe.Recipe(model, cache, data.labels, config)
-  return Fitted(model, runner, runner.fit(splits.train, splits.val), report)
+  return Fitted(model, runner,
+                runner.fit(splits.train, splits.val, config.seed), report)
