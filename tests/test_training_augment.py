@@ -63,3 +63,20 @@ def test_parameters_within_ranges():
   cx = transforms[:, 0] * centre + transforms[:, 1] * centre + transforms[:, 2]
   assert np.abs(cx - centre).max() <= 0.1 * size + 1e-3
   assert transforms[:, 6:].max() == 0.0
+
+
+def test_augment_each_draws_from_each_images_own_seed():
+  images = _images(n=6)
+  seeds = tf.constant([[4, i] for i in range(6)], tf.int64)
+  together = augment.augment_each(images, seeds).numpy()
+  for i in (0, 3, 5):
+    alone = augment.augment_each(images[i:i + 1], seeds[i:i + 1]).numpy()
+    np.testing.assert_array_equal(alone[0], together[i])
+  # Each image its own draw: the same image under the six seeds is viewed
+  # six ways.
+  same = np.repeat(images[:1], 6, axis=0)
+  views = augment.augment_each(same, seeds).numpy()
+  assert len({v.tobytes() for v in views}) == 6
+  # Geometry only, as augment_batch.
+  flat = np.full((3, 24, 24, 3), 97, np.uint8)
+  assert np.all(augment.augment_each(flat, seeds[:3]).numpy() == 97)

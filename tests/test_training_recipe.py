@@ -33,6 +33,20 @@ def test_views_are_fixed_and_geometric(images):
   assert first.max() <= batch.max() and first.min() >= batch.min()
 
 
+def test_an_images_view_does_not_depend_on_its_batch(images):
+  # train without cv computes the views of its training images only, cv of
+  # every image: each image must get the same view either way.
+  everything = recipe.view_images(images, 2, 3, np.arange(len(images)))
+  some = np.array([17, 4, 9])
+  np.testing.assert_array_equal(
+      recipe.view_images(images[some], 2, 3, some), everything[some])
+  np.testing.assert_array_equal(
+      recipe.view_images(images[9:10], 2, 3, [9]), everything[9:10])
+  # The position is the draw: the same pixels elsewhere are viewed otherwise.
+  assert not np.array_equal(recipe.view_images(images[9:10], 2, 3, [10]),
+                            everything[9:10])
+
+
 def test_cache_matches_the_model_and_refuses_missing_views(images):
   model = model_lib.build_model(SIZE, "none", 3, model_lib.TINY)
   indices = np.array([1, 5, 9, 20])

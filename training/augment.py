@@ -113,3 +113,20 @@ def augment_batch(images: tf.Tensor, seed: tf.Tensor,
   shape = tf.shape(images)
   transforms = random_transforms(shape[0], shape[1], shape[2], seed, config)
   return apply_transforms(images, transforms)
+
+
+def augment_each(images: tf.Tensor, seeds: tf.Tensor,
+                 config: AugmentConfig = DEFAULT) -> tf.Tensor:
+  """One random geometric augmentation per image, each drawn from its own
+  seed: an image's augmentation does not depend on the batch it is in.
+
+  Args:
+    images: uint8 [batch, H, W, 3].
+    seeds: int64 [batch, 2], one stateless seed an image.
+    config: the parameter ranges.
+  """
+  shape = tf.shape(images)
+  transforms = tf.map_fn(
+      lambda seed: random_transforms(1, shape[1], shape[2], seed, config)[0],
+      tf.cast(seeds, tf.int64), fn_output_signature=tf.float32)
+  return apply_transforms(images, transforms)

@@ -76,17 +76,18 @@ def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def view_images(images: np.ndarray, view: int, seed: int,
-                offset: int = 0) -> np.ndarray:
+                positions: Optional[Sequence[int]] = None) -> np.ndarray:
   """View `view` of a batch of uint8 images.
 
   Args:
     images: uint8 [B, H, W, 3].
     view: ORIGINAL, MIRROR, or 2… for a random geometric augmentation.
-    seed: the run's seed; with `view` and `offset` it fixes the draw.
-    offset: position of the batch in its view's list of images, so batches
-      draw differently. The draws depend on the images computed and on
-      the batch size: `cv` and `train` (which computes every image for its
-      own cross-validation) draw the same views.
+    seed: the run's seed; with `view` and an image's position it fixes that
+      image's draw.
+    positions: the images' positions in the data set (default 0…B-1). An
+      image's view depends on the seed, the view and its position only, not
+      on the batch it is computed in: `cv`, `train` with and without its
+      cross-validation, and any batch size draw the same views.
   """
   if view == ORIGINAL:
     return images
@@ -94,9 +95,12 @@ def view_images(images: np.ndarray, view: int, seed: int,
     return np.ascontiguousarray(images[:, :, ::-1])
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from training import augment  # pylint: disable=import-outside-toplevel
-  return augment.augment_batch(
-      tf.constant(images),
-      tf.constant([seed * 1000 + view, offset], tf.int64)).numpy()
+  if positions is None:
+    positions = np.arange(len(images))
+  positions = np.asarray(positions, dtype=np.int64)
+  seeds = np.stack([np.full(len(positions), seed * 1000 + view, np.int64),
+                    positions], axis=1)
+  return augment.augment_each(tf.constant(images), tf.constant(seeds)).numpy()
 
 
 class ConvCache:
@@ -167,8 +171,8 @@ class ConvCache:
       parts = []
       chunk = 8 * self._batch_size
       for start in range(0, len(indices), chunk):
-        pixels = view_images(self._images[indices[start:start + chunk]], view,
-                             self._seed, start)
+        batch = indices[start:start + chunk]
+        pixels = view_images(self._images[batch], view, self._seed, batch)
         parts.append(model_lib.in_batches(sub, pixels, self._batch_size,
                                           traced=True))
       out = np.concatenate(parts) if parts else model_lib.in_batches(
