@@ -67,19 +67,26 @@ def test_cache_matches_the_model_and_refuses_missing_views(images):
   assert cache.seconds > 0
 
 
-@pytest.mark.slow
-def test_early_stopping_keeps_the_best_epoch(images):
+def _tiny_runner(images, **fields):
+  """A Recipe on the tiny backbone (seed 0) with one view besides the
+  originals: even images train, odd ones validate."""
   labels = np.repeat(np.arange(3), 8)
   keras.utils.set_random_seed(0)
   model = model_lib.build_model(SIZE, "none", 3, model_lib.TINY)
   config = TrainConfig(data=("x",), output="x", backbone="tiny",
-                       backbone_weights="none", epochs=60, patience=3,
-                       learning_rate=0.05, augment_views=1)
+                       backbone_weights="none", augment_views=1, **fields)
   train, val = np.arange(0, 24, 2), np.arange(1, 24, 2)
-  cache = recipe.ConvCache(
-      model, images, {0: np.arange(24), 1: train}, 8, 0,
-      recipe.cache_layers(config, model))
-  runner = recipe.Recipe(model, cache, labels, config, progress=0)
+  cache = recipe.ConvCache(model, images, {0: np.arange(24), 1: train}, 8, 0,
+                           recipe.cache_layers(config, model))
+  return recipe.Recipe(model, cache, labels, config, progress=0), train, val
+
+
+@pytest.mark.slow
+def test_early_stopping_keeps_the_best_epoch(images):
+  runner, train, val = _tiny_runner(images, epochs=60, patience=3,
+                                    learning_rate=0.05)
+  model, cache, labels, config = (runner.model, runner.cache, runner.labels,
+                                  runner.config)
   fitted = runner.fit(train, val, 0)
   run, best = fitted.epochs_run["head"], fitted.best_epoch["head"]
   losses = fitted.history["val_loss"]
@@ -101,16 +108,9 @@ def test_a_fit_depends_on_its_seed_not_on_the_fits_before_it(images):
   # the dropout masks must come from the fit's seed, not from the state the
   # Dropout layer's generator was left in (set_random_seed does not reset
   # it, nor does set_weights).
-  labels = np.repeat(np.arange(3), 8)
-  keras.utils.set_random_seed(0)
-  model = model_lib.build_model(SIZE, "none", 3, model_lib.TINY)
-  config = TrainConfig(data=("x",), output="x", backbone="tiny",
-                       backbone_weights="none", epochs=3, patience=0,
-                       learning_rate=0.05, augment_views=1, batch_size=4)
-  train, val = np.arange(0, 24, 2), np.arange(1, 24, 2)
-  cache = recipe.ConvCache(model, images, {0: np.arange(24), 1: train}, 8, 0,
-                           recipe.cache_layers(config, model))
-  runner = recipe.Recipe(model, cache, labels, config, progress=0)
+  runner, train, val = _tiny_runner(images, epochs=3, patience=0,
+                                    learning_rate=0.05, batch_size=4)
+  model = runner.model
   initial = model.get_weights()
 
   def head_after_fit(seed):
@@ -166,22 +166,15 @@ def test_malignant_weight_multiplies_the_malignant_class_only():
 ])
 def test_fine_tune_trains_the_layers_from_fine_tune_from(images, first,
                                                          trained, cached):
-  labels = np.repeat(np.arange(3), 8)
-  keras.utils.set_random_seed(0)
-  model = model_lib.build_model(SIZE, "none", 3, model_lib.TINY)
-  config = TrainConfig(data=("x",), output="x", backbone="tiny",
-                       backbone_weights="none", epochs=1, patience=0,
-                       fine_tune_epochs=2, fine_tune_from=first,
-                       fine_tune_learning_rate=0.05, augment_views=1)
-  train, val = np.arange(0, 24, 2), np.arange(1, 24, 2)
-  layers = recipe.cache_layers(config, model)
-  assert layers == [cached, model_lib.FEATURES_LAYER]
-  cache = recipe.ConvCache(model, images, {0: np.arange(24), 1: train}, 8, 0,
-                           layers)
+  runner, train, val = _tiny_runner(
+      images, epochs=1, patience=0, fine_tune_epochs=2, fine_tune_from=first,
+      fine_tune_learning_rate=0.05)
+  model = runner.model
+  assert recipe.cache_layers(runner.config, model) == [
+      cached, model_lib.FEATURES_LAYER]
   before = {name: model.get_layer(name).get_weights()[0].copy()
             for name in ("block1_conv1", "block5_conv3")}
-  fitted = recipe.Recipe(model, cache, labels, config, progress=0).fit(
-      train, val, 0)
+  fitted = runner.fit(train, val, 0)
   assert fitted.fine_tuned == trained
   assert fitted.epochs_run == {"head": 1, "fine_tune": 2}
   for name, weights in before.items():
@@ -190,7 +183,6 @@ def test_fine_tune_trains_the_layers_from_fine_tune_from(images, first,
     assert changed == (name in trained), name
   # Through the cache of the fine-tuned layers' input, the trained model's
   # logits are the full model's on the raw pixels.
-  runner = recipe.Recipe(model, cache, labels, config, progress=0)
   full = model_lib.sub_model(model, None, model_lib.LOGITS_LAYER)
   np.testing.assert_allclose(runner.logits(val),
                              np.asarray(full(images[val])), rtol=1e-4,
