@@ -126,7 +126,11 @@ def augment_each(images: tf.Tensor, seeds: tf.Tensor,
     config: the parameter ranges.
   """
   shape = tf.shape(images)
-  transforms = tf.map_fn(
-      lambda seed: random_transforms(1, shape[1], shape[2], seed, config)[0],
-      tf.cast(seeds, tf.int64), fn_output_signature=tf.float32)
+
+  @tf.autograph.experimental.do_not_convert  # plain TF ops: nothing to convert
+  def one(seed):
+    return random_transforms(1, shape[1], shape[2], seed, config)[0]
+
+  transforms = tf.map_fn(one, tf.cast(seeds, tf.int64),
+                         fn_output_signature=tf.float32)
   return apply_transforms(images, transforms)
