@@ -35,7 +35,8 @@ Where it differs from the Keras recipe, the head-only row differs too
 (0.04-0.06 lower macro-F1 on the dev set), so compare its rows with each
 other, not with `cv`'s:
 - weight initialisation, the random views (drawn per fold here, once for
-  every fold in `cv`) and the dropout draws;
+  every fold in `cv`; geometry only here, where `cv` now also degrades
+  every second random view, `--degrade`) and the dropout draws;
 - early stopping here watches the class-weighted validation loss; Keras
   weights only the training loss (`class_weight`), so its `val_loss` and
   hence its best epochs differ. Kept as it was when the README's figures

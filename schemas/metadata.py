@@ -291,6 +291,9 @@ class TrainingSettings(Record):
   test_fraction: Optional[float] = optional()
   augment: Optional[bool] = optional()
   augment_views: Optional[int] = optional()
+  # the views that had the scanner degradations (training.augment.degrade);
+  # () or absent: none
+  degraded_views: Optional[Tuple[int, ...]] = optional()
   calibrate: Optional[bool] = optional()
   synthetic_data: Optional[bool] = optional()
   batch_size: Optional[int] = optional()

@@ -80,3 +80,33 @@ def test_augment_each_draws_from_each_images_own_seed():
   # Geometry only, as augment_batch.
   flat = np.full((3, 24, 24, 3), 97, np.uint8)
   assert np.all(augment.augment_each(flat, seeds[:3]).numpy() == 97)
+
+
+def test_degrade_is_seeded_and_keeps_the_brightness():
+  image = _images(n=1, size=64)[0]
+  a = augment.degrade(image, np.random.default_rng([0, 3, 7]))
+  b = augment.degrade(image, np.random.default_rng([0, 3, 7]))
+  np.testing.assert_array_equal(a, b)
+  assert a.dtype == np.uint8 and a.shape == image.shape
+  # Each degradation on its own changes the pixels, never the mean level: a
+  # flat image stays flat under blur, resolution and JPEG, and speckle
+  # (gain of mean 1) leaves its mean where it was.
+  flat = np.full((64, 64, 3), 97, np.uint8)
+  only = augment.DegradeConfig(probability=1.0)
+  out = augment.degrade(flat, np.random.default_rng(1), only)
+  assert not np.array_equal(out, flat)
+  assert abs(float(out.mean()) - 97) < 2
+  # Speckle gains are the same in every channel: grey stays grey.
+  np.testing.assert_array_equal(out[..., 0], out[..., 1])
+  none = augment.DegradeConfig(probability=0.0)
+  np.testing.assert_array_equal(
+      augment.degrade(image, np.random.default_rng(1), none), image)
+
+
+def test_degrade_draws_each_degradation_half_the_time():
+  image = _images(n=1, size=32)[0]
+  changed = [not np.array_equal(
+      augment.degrade(image, np.random.default_rng(seed)), image)
+             for seed in range(64)]
+  # Untouched only when none of the four is drawn: 1 in 16.
+  assert 0 < changed.count(False) < 16

@@ -84,6 +84,7 @@ def test_train_without_augmentation(tmp_path, data_glob, capsys):
   assert settings["epochs"] == 2 and settings["fine_tune_epochs"] == 1
   assert settings["fine_tune_from"] == "block4_conv3"
   assert settings["augment"] is False and settings["seed"] == 1
+  assert settings["degraded_views"] == []  # no random views to degrade
   assert settings["unlabelled_skipped"] == 1
   assert settings["duplicates_skipped"] == 1
   assert len(settings["history"]["loss"]) == 3

@@ -124,7 +124,7 @@ def test_cv_command_reports_every_fold(tmp_path, cv_data, capsys):
                      "--epochs", "15", "--learning_rate", "3e-3",
                      "--augment_views", "1", "--val_fraction", "0.25",
                      "--target_accuracy", "0.8", "--malignant_weight", "1.5",
-                     "--output", output])
+                     "--no_degrade", "--output", output])
   assert status == 0
   printed = capsys.readouterr().out
   assert "macro_f1" in printed and "mean ± sd" in printed
@@ -169,6 +169,7 @@ def test_cv_command_reports_every_fold(tmp_path, cv_data, capsys):
       [f["test"]["ood_flagged_share"] for f in report["folds"]],
       weights=weights))
   assert report["settings"]["augment_views"] == 1
+  assert report["settings"]["degrade"] is False
   assert report["settings"]["target_accuracy"] == 0.8
   assert report["settings"]["malignant_weight"] == 1.5
   assert report["summary"]["accuracy"]["mean"] > 0.5  # it learnt something
@@ -213,7 +214,7 @@ def test_train_overwrite_without_cv_drops_the_old_report(tmp_path, cv_data,
   output = str(tmp_path / "model")
   base = ["train", "--data", cv_data[0], "--output", output, "--backbone",
           "tiny", "--backbone_weights", "none", "--epochs", "2",
-          "--augment_views", "2", "--val_fraction", "0.25"]
+          "--augment_views", "3", "--val_fraction", "0.25"]
   assert cli.main(base + ["--cv_folds", "2"]) == 0
   assert os.path.exists(os.path.join(output, schemas.CV_REPORT_FILE))
   with open(os.path.join(output, schemas.METADATA_FILE)) as f:
@@ -234,5 +235,10 @@ def test_train_overwrite_without_cv_drops_the_old_report(tmp_path, cv_data,
     assert without_cv[key] == with_cv[key], key
   assert (without_cv["training"]["history"]
           == with_cv["training"]["history"])
+  # Views 2 and 3 were drawn; 3 had the scanner degradations.
+  assert without_cv["training"]["degraded_views"] == [3]
+  card = open(os.path.join(output, schemas.MODEL_CARD_FILE)).read()
+  assert ("| scanner degradations (blur, resolution, speckle, JPEG) | on"
+          " views 3 |") in card
   assert cli.main(base + ["--no_augment", "--overwrite"]) == 2
   assert "--no_augment contradicts" in capsys.readouterr().err

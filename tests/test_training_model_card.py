@@ -131,6 +131,16 @@ def test_card_names_the_fine_tuned_layers():
       "block1_conv1 and every base layer after it")
 
 
+def test_card_names_the_degraded_views():
+  def row(**training):
+    card = _render(_metadata(training=dict({"epochs": 30}, **training)))
+    return card.split("| scanner degradations (blur, resolution, speckle,"
+                      " JPEG) | ")[1].split(" |")[0]
+  assert row(degraded_views=[3, 5, 7]) == "on views 3, 5, 7"
+  assert row(degraded_views=[]) == "none"
+  assert row() == "none"  # trained before the option existed
+
+
 def test_card_survives_sparse_metadata():
   card = model_card.render(sparse_metadata(model_version="x", threshold=0.9))
   assert "# Model card: x" in card and "No test images" in card

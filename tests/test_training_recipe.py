@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import schemas
-from training import model as model_lib, recipe, testing
+from training import augment, model as model_lib, recipe, testing
 from training.config import TrainConfig
 
 SIZE = 32
@@ -31,6 +31,24 @@ def test_views_are_fixed_and_geometric(images):
   assert not np.array_equal(first, recipe.view_images(batch, 2, seed=8))
   # A geometric change only: the grey levels stay in the image's range.
   assert first.max() <= batch.max() and first.min() >= batch.min()
+
+
+def test_every_second_random_view_is_degraded(images):
+  assert [v for v in range(9) if recipe.degraded_view(v)] == [3, 5, 7]
+  positions = np.arange(len(images))
+  for view in (2, 4):  # geometry only, degrade or not
+    np.testing.assert_array_equal(
+        recipe.view_images(images, view, 0, positions, degrade=True),
+        recipe.view_images(images, view, 0, positions))
+  geometric = recipe.view_images(images, 3, 0, positions)
+  degraded = recipe.view_images(images, 3, 0, positions, degrade=True)
+  assert not np.array_equal(degraded, geometric)
+  # The same geometry underneath, then each image's own degradation draw.
+  np.testing.assert_array_equal(
+      degraded[5], augment.degrade(geometric[5],
+                                   np.random.default_rng([0, 3, 5])))
+  np.testing.assert_array_equal(
+      recipe.view_images(images[5:6], 3, 0, [5], degrade=True), degraded[5:6])
 
 
 def test_an_images_view_does_not_depend_on_its_batch(images):

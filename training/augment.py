@@ -12,14 +12,24 @@ RandomRotation/RandomTranslation/RandomShear/RandomZoom would resample the
 image four times, and each resample blurs the speckle the model sees at
 scoring time unblurred. Augmentation is never part of the saved model.
 
+Scanner degradations (`degrade`) are added to some of the random views
+(`training.recipe.degraded_view`): blur, lower resolution, multiplicative
+speckle and JPEG compression, each with probability 0.5, drawn per image.
+They mimic what differs between scanners, presets and exports; none shifts
+the image's brightness (speckle has mean 1). What they bought on the dev
+set, under test-time shifts too: training/README.md, "Scanner
+degradations".
+
 Note: "shear 0.01" is ImageDataGenerator's `shear_range`, in degrees, so it
 moves a 224-pixel image by under 0.04 pixel; it is kept for fidelity to the
 recipe and costs nothing, being folded into the same matrix.
 """
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Tuple
 
+import cv2
+import numpy as np
 import tensorflow as tf
 
 
@@ -134,3 +144,53 @@ def augment_each(images: tf.Tensor, seeds: tf.Tensor,
   transforms = tf.map_fn(one, tf.cast(seeds, tf.int64),
                          fn_output_signature=tf.float32)
   return apply_transforms(images, transforms)
+
+
+class DegradeConfig(NamedTuple):
+  """Ranges of the scanner degradations; each is applied with `probability`,
+  independently, in this order."""
+  probability: float = 0.5
+  blur_sigma: Tuple[float, float] = (0.5, 1.5)  # Gaussian, pixels
+  resolution: Tuple[float, float] = (0.5, 0.9)  # scale down, then back up
+  # Gamma-distributed gain per pixel with mean 1 and shape k (sd 1/sqrt(k)).
+  speckle_shape: Tuple[float, float] = (4.0, 16.0)
+  jpeg_quality: Tuple[int, int] = (30, 80)  # upper bound exclusive
+
+
+DEGRADE = DegradeConfig()
+
+
+def degrade(image: np.ndarray, rng: np.random.Generator,
+            config: DegradeConfig = DEGRADE) -> np.ndarray:
+  """One random draw of the scanner degradations of a uint8 [H, W, C] image.
+
+  Blur (Gaussian sigma), resolution (area down-scale by a factor, bilinear
+  back up), speckle (per-pixel gamma gain of mean 1, the same for every
+  channel) and JPEG compression, each applied with `config.probability`.
+  The same generator state gives the same output.
+  """
+  out = image.astype(np.float32)
+  height, width = out.shape[:2]
+  if rng.random() < config.probability:
+    out = cv2.GaussianBlur(out, (0, 0), rng.uniform(*config.blur_sigma))
+  if rng.random() < config.probability:
+    factor = rng.uniform(*config.resolution)
+    small = cv2.resize(out, (max(8, int(width * factor)),
+                             max(8, int(height * factor))),
+                       interpolation=cv2.INTER_AREA)
+    out = cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
+  if out.ndim == 2:
+    out = out[..., None]
+  if rng.random() < config.probability:
+    shape = rng.uniform(*config.speckle_shape)
+    out = out * rng.gamma(shape, 1.0 / shape, size=(height, width))[..., None]
+  out = np.clip(np.round(out), 0, 255).astype(np.uint8).reshape(image.shape)
+  if rng.random() < config.probability:
+    quality = int(rng.integers(*config.jpeg_quality))
+    ok, encoded = cv2.imencode(".jpg", out,
+                               [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+      raise ValueError("JPEG encoding failed")
+    decoded = cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED)
+    out = decoded.reshape(image.shape)
+  return out

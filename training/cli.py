@@ -122,6 +122,15 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
   augment.add_argument(
       "--no_augment", dest="augment", action="store_false",
       help="No augmentation: the originals only (--augment_views 0).")
+  degrade = parser.add_mutually_exclusive_group()
+  degrade.add_argument(
+      "--degrade", dest="degrade", action="store_true", default=True,
+      help="Add scanner degradations (random blur, lower resolution,"
+      " speckle, JPEG; no brightness change) to every second random view:"
+      " views 3, 5, 7, ... (the default).")
+  degrade.add_argument(
+      "--no_degrade", dest="degrade", action="store_false",
+      help="Random views are geometry only.")
 
 
 _NONE = "none"
@@ -162,7 +171,7 @@ def _recipe_config(args: argparse.Namespace, **fields
       seed=args.seed,
       threshold=(schemas.DEFAULT_THRESHOLD if args.threshold is None
                  else args.threshold),
-      batch_size=args.batch_size, augment_views=views,
+      batch_size=args.batch_size, augment_views=views, degrade=args.degrade,
       learning_rate=args.learning_rate,
       fine_tune_learning_rate=args.fine_tune_learning_rate,
       calibrate=args.calibrate, target_accuracy=target,

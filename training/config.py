@@ -69,6 +69,9 @@ class TrainConfig:
   # Fixed views per training image besides the original (0: no
   # augmentation); their conv outputs are computed once.
   augment_views: int = DEFAULT_AUGMENT_VIEWS
+  # Scanner degradations (blur, resolution, speckle, JPEG) on every second
+  # random view (3, 5, 7, …): training/README.md, "Scanner degradations".
+  degrade: bool = True
   patience: int = DEFAULT_PATIENCE  # 0: no early stopping
   label_smoothing: float = DEFAULT_LABEL_SMOOTHING
   malignant_weight: float = DEFAULT_MALIGNANT_WEIGHT  # x balanced weight

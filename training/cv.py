@@ -324,7 +324,8 @@ def all_views_cache(config: TrainConfig, model, data: data_lib.LabelledData,
   return recipe.ConvCache(model, data.images,
                           {v: everything for v in recipe.views(config)},
                           config.batch_size, config.seed,
-                          layers or recipe.cache_layers(config, model))
+                          layers or recipe.cache_layers(config, model),
+                          config.degrade)
 
 
 def cross_validate(config: TrainConfig, folds: int) -> Dict:

@@ -598,6 +598,8 @@ def _training_section(metadata: ArtifactMetadata) -> List[str]:
           ["augmentation", _or_na(training.augment)],
           ["augmented views per training image",
            _or_na(training.augment_views)],
+          ["scanner degradations (blur, resolution, speckle, JPEG)",
+           _degraded(training)],
           ["cross-validation folds run first", _or_na(training.cv_folds)],
           ["val / test fractions", f"{_or_na(training.val_fraction)} /"
                                    f" {_or_na(training.test_fraction)}"],
@@ -606,6 +608,14 @@ def _training_section(metadata: ArtifactMetadata) -> List[str]:
           ["class weights", _or_na(training.class_weight)],
           ["wall seconds", seconds.get("total", NA)]]
   return ["## Training", ""] + _table(["setting", "value"], rows) + [""]
+
+
+def _degraded(training) -> str:
+  # Artifacts trained before the option had none.
+  views = training.degraded_views or ()
+  if not views:
+    return "none"
+  return "on views " + ", ".join(str(v) for v in views)
 
 
 def _fine_tuned(training) -> str:

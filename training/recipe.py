@@ -75,8 +75,16 @@ def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
   return np.eye(num_classes, dtype=np.float32)[labels]
 
 
+def degraded_view(view: int) -> bool:
+  """Whether view `view` gets the scanner degradations (when the recipe
+  degrades): every second random view, 3, 5, 7, …; so half the random
+  views are degraded and half are geometry only."""
+  return view > MIRROR and view % 2 == 1
+
+
 def view_images(images: np.ndarray, view: int, seed: int,
-                positions: Optional[Sequence[int]] = None) -> np.ndarray:
+                positions: Optional[Sequence[int]] = None,
+                degrade: bool = False) -> np.ndarray:
   """View `view` of a batch of uint8 images.
 
   Args:
@@ -88,6 +96,8 @@ def view_images(images: np.ndarray, view: int, seed: int,
       image's view depends on the seed, the view and its position only, not
       on the batch it is computed in: `cv`, `train` with and without its
       cross-validation, and any batch size draw the same views.
+    degrade: add the scanner degradations (`augment.degrade`) to the views
+      `degraded_view` names.
   """
   if view == ORIGINAL:
     return images
@@ -100,7 +110,12 @@ def view_images(images: np.ndarray, view: int, seed: int,
   positions = np.asarray(positions, dtype=np.int64)
   seeds = np.stack([np.full(len(positions), seed * 1000 + view, np.int64),
                     positions], axis=1)
-  return augment.augment_each(tf.constant(images), tf.constant(seeds)).numpy()
+  out = augment.augment_each(tf.constant(images), tf.constant(seeds)).numpy()
+  if degrade and degraded_view(view):
+    out = np.stack([
+        augment.degrade(image, np.random.default_rng([seed, view, int(p)]))
+        for image, p in zip(out, positions)])
+  return out
 
 
 class ConvCache:
@@ -117,7 +132,7 @@ class ConvCache:
 
   def __init__(self, model: keras.Model, images: np.ndarray,
                needed: Dict[int, np.ndarray], batch_size: int, seed: int,
-               layers: Sequence[str]):
+               layers: Sequence[str], degrade: bool = False):
     """
     Args:
       model: a `model.build_model` model (its frozen layers are used).
@@ -127,11 +142,14 @@ class ConvCache:
       seed: the run's seed (for the augmented views).
       layers: layers to cache, shallowest first; each deeper one is computed
         from the one before it (e.g. ["block4_pool", "features"]).
+      degrade: the recipe's --degrade (scanner degradations on the views
+        `degraded_view` names).
     """
     self._model = model
     self._images = images
     self._batch_size = batch_size
     self._seed = seed
+    self._degrade = degrade
     self._layers = list(layers)
     self._rows: Dict[int, np.ndarray] = {}
     for view, indices in needed.items():
@@ -172,7 +190,8 @@ class ConvCache:
       chunk = 8 * self._batch_size
       for start in range(0, len(indices), chunk):
         batch = indices[start:start + chunk]
-        pixels = view_images(self._images[batch], view, self._seed, batch)
+        pixels = view_images(self._images[batch], view, self._seed, batch,
+                             self._degrade)
         parts.append(model_lib.in_batches(sub, pixels, self._batch_size,
                                           traced=True))
       out = np.concatenate(parts) if parts else model_lib.in_batches(

@@ -54,7 +54,8 @@ def fit(config: TrainConfig, data: data_lib.LabelledData,
     needed[recipe.ORIGINAL] = np.concatenate([splits.train, splits.val,
                                               splits.test])
     cache = recipe.ConvCache(model, data.images, needed, config.batch_size,
-                             config.seed, recipe.cache_layers(config, model))
+                             config.seed, recipe.cache_layers(config, model),
+                             config.degrade)
   runner = recipe.Recipe(model, cache, data.labels, config)
   return Fitted(model, runner,
                 runner.fit(splits.train, splits.val, config.seed), report)

@@ -14,7 +14,7 @@ from schemas import artifact as artifact_schema
 from schemas import metadata as metadata_schema
 from schemas.metadata import ArtifactMetadata
 from training import cv, model as model_lib, ood_detector, plots, saving
-from training import split
+from training import recipe, split
 from training.config import TrainConfig
 from training.steps.data import Read
 from training.steps.fit import Fitted
@@ -106,6 +106,8 @@ def _training_settings(config: TrainConfig, read: Read, splits: Splits,
       test_fraction=config.test_fraction,
       augment=config.augment,
       augment_views=config.augment_views,
+      degraded_views=tuple(v for v in recipe.views(config)
+                           if config.degrade and recipe.degraded_view(v)),
       calibrate=config.calibrate,
       synthetic_data=config.synthetic_data,
       batch_size=config.batch_size,
