@@ -62,12 +62,7 @@ def run(data: Sequence[str], seeds: int = 3, folds: int = 5,
   rows: List[Dict[str, Optional[float]]] = []
   for seed in range(seeds):
     if seed:
-      keras.utils.set_random_seed(1000 + seed)
-      other = recipe.build_model(
-          dataclasses.replace(config, backbone_weights=model_lib.NO_WEIGHTS),
-          size)
-      for name in _HEAD:
-        model.get_layer(name).set_weights(other.get_layer(name).get_weights())
+      redraw_head(model, config, size, seed)
     runner = recipe.Recipe(model, cache, loaded.labels, config, progress=0)
     report = cv.run_folds(config, folds, runner, loaded, hashes)
     rows.append({k: report["summary"][k]["mean"] for k in FIGURES})
@@ -82,6 +77,18 @@ def run(data: Sequence[str], seeds: int = 3, folds: int = 5,
   return {"settings": settings, "folds": folds, "seeds": rows, "mean": mean,
           "conv_cache_s": round(cache.seconds, 2),
           "seconds": round(time.perf_counter() - started, 2)}
+
+
+def redraw_head(model, config, size: int, seed: int) -> None:
+  """Gives `model` the head's Dense weights of head-init seed `seed` (> 0;
+  seed 0 is the head `cv` builds)."""
+  import keras  # pylint: disable=import-outside-toplevel
+  from training import model as model_lib, recipe  # pylint: disable=import-outside-toplevel
+  keras.utils.set_random_seed(1000 + seed)
+  other = recipe.build_model(
+      dataclasses.replace(config, backbone_weights=model_lib.NO_WEIGHTS), size)
+  for name in _HEAD:
+    model.get_layer(name).set_weights(other.get_layer(name).get_weights())
 
 
 def _mean(values: Sequence[Optional[float]]) -> Optional[float]:

@@ -296,3 +296,48 @@ def test_torch_finetune_run_needs_no_project_module_and_mirrors_the_recipe():
   assert torch_finetune.HEAD_EPOCHS == config_lib.DEFAULT_EPOCHS
   assert torch_finetune.HEAD_PATIENCE == config_lib.DEFAULT_PATIENCE
   assert torch_finetune.CONVS == list(schemas.VGG16_CONV_LAYERS)
+
+
+def test_scanner_shifts_are_deterministic_and_change_the_image():
+  from bench import scanner_shift  # pylint: disable=import-outside-toplevel
+  image = testing.class_images(2, 1, 64, np.random.default_rng(3))[0]
+  for kind in scanner_shift.SHIFTS:
+    out = scanner_shift.shift(image, kind)
+    assert out.dtype == np.uint8 and out.shape == image.shape, kind
+    assert not np.array_equal(out, image), kind
+    np.testing.assert_array_equal(out, scanner_shift.shift(image, kind))
+  with pytest.raises(ValueError, match="unknown shift"):
+    scanner_shift.shift(image, "colour")
+
+
+@pytest.mark.slow
+def test_scanner_shift_scores_cvs_folds_of_both_recipes(tmp_path):
+  from bench import scanner_shift  # pylint: disable=import-outside-toplevel
+  from training import cv  # pylint: disable=import-outside-toplevel
+  from training.config import TrainConfig  # pylint: disable=import-outside-toplevel
+  testing.write_tfrecords(str(tmp_path / "part-00000-of-00001.tfrecord.gz"),
+                          testing.synthetic_records(per_class=6,
+                                                    image_size=32, seed=1))
+  data = [str(tmp_path / "*.tfrecord.gz")]
+  flags = {"augment_views": 3, "epochs": 3, "val_fraction": 0.4}
+  cache = str(tmp_path / "features.npz")
+  figures = scanner_shift.run(data, backbone="tiny", seeds=1, folds=2,
+                              cache=cache, **flags)
+  # The images as stored, head seed 0: cv's own figures for each recipe.
+  for name, degrade in scanner_shift.RECIPES.items():
+    report = cv.cross_validate(
+        TrainConfig(data=tuple(data), output="", backbone="tiny",
+                    backbone_weights="none", degrade=degrade, **flags), 2)
+    row = figures["recipes"][name][0]["as_stored"]
+    for figure in ("macro_f1", "auc_malignant", "ece"):
+      assert row[figure] == pytest.approx(
+          report["summary"][figure]["mean"], abs=1e-9), (name, figure)
+    assert set(figures["recipes"][name][0]) == set(scanner_shift.SETS)
+  # View 3 is the one degraded: the two recipes differ there only.
+  keys = set(np.load(cache))
+  assert {"view3_seed0", "view3_seed0_degraded", "shift_zoomout"} <= keys
+  # A rerun reads the features back instead of computing them.
+  again = scanner_shift.run(data, backbone="tiny", seeds=1, folds=2,
+                            cache=cache, **flags)
+  assert again["mean"] == figures["mean"]
+  assert "| degrade (default) |" in scanner_shift.format_table(again["mean"])

@@ -1,0 +1,246 @@
+"""The recipe under scanner-like shifts, with and without scanner degradations.
+
+Other hospitals' scanners, presets and exports differ from BUSI's in
+sharpness, resolution, speckle, compression, gain and depth. This scores
+`cv`'s folds (its own folds, inner splits, fit, temperature, threshold and
+`fold_metrics`) on each held-out fold as stored and under six
+deterministic test-time shifts of the same images:
+  blur     Gaussian, sigma 1.5 px
+  lowres   half resolution (area down, bilinear back up)
+  speckle  per-pixel gamma gain, mean 1, shape 6
+  jpeg     JPEG quality 30
+  gain     gamma 0.7 (brighter mid-tones; never trained on)
+  zoomout  0.75 scale about the centre, black border (deeper field of
+           view; never trained on)
+for two recipes that differ only in the training views: geometry only
+(`--no_degrade`) and the default (`--degrade`: views 3, 5, 7 also get
+`training.augment.degrade`). Each runs with several head initialisations
+(`bench.cv_seeds`' seeds) on the same views, so the two are paired.
+--view_seed draws the random views from another seed while keeping the
+folds (the folds follow --seed), to see how much one draw of the views
+moves the figures.
+
+The first three shifts resemble what `degrade` trains on, so gains there
+are expected; gain and zoomout are not trained on. None of these is
+another hospital: they show what the degradations buy against these
+shifts, not the figures on a real site (use `recalibrate` and `evaluate`
+on a labelled local sample for that).
+
+  python -m bench.scanner_shift --data GLOB --backbone_weights H5
+      [--seeds 3] [--folds 5] [--view_seed S] [--cache NPZ] [--output J]
+
+Features of every view and shift are computed once (one VGG16 pass per
+image each; 20 on 623 images take ~18 min on 2 cores) and kept in --cache,
+so a rerun trains heads only.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+import schemas
+
+SHIFTS = ("blur", "lowres", "speckle", "jpeg", "gain", "zoomout")
+SETS = ("as_stored",) + SHIFTS
+FIGURES = ("macro_f1", "auc_malignant", "recall_malignant", "ece",
+           "flagged_share", "accuracy_unflagged")
+RECIPES = {"geometry only": False, "degrade (default)": True}
+
+
+def shift(image: np.ndarray, kind: str) -> np.ndarray:
+  """One of SHIFTS applied to a uint8 [H, W, C] image (deterministic)."""
+  import cv2  # pylint: disable=import-outside-toplevel
+  height, width = image.shape[:2]
+  out = image.astype(np.float32)
+  if kind == "blur":
+    out = cv2.GaussianBlur(out, (0, 0), 1.5)
+  elif kind == "lowres":
+    small = cv2.resize(out, (width // 2, height // 2),
+                       interpolation=cv2.INTER_AREA)
+    out = cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
+  elif kind == "speckle":
+    rng = np.random.default_rng(int(image.sum()) % 2**32)
+    out = out * rng.gamma(6, 1 / 6, size=(height, width))[..., None]
+  elif kind == "jpeg":
+    _, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 30])
+    return cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED).reshape(image.shape)
+  elif kind == "gain":
+    out = 255.0 * (out / 255.0) ** 0.7
+  elif kind == "zoomout":
+    matrix = cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2), 0,
+                                     0.75)
+    out = cv2.warpAffine(out, matrix, (width, height),
+                         flags=cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+  else:
+    raise ValueError(f"unknown shift {kind!r}; one of {SHIFTS}")
+  return np.clip(np.round(out), 0, 255).astype(np.uint8).reshape(image.shape)
+
+
+def run(data: Sequence[str], backbone_weights: str = "none",
+        backbone: str = "vgg16", seeds: int = 3, folds: int = 5,
+        view_seed: int = 0, cache: str = "", **recipe_flags) -> Dict:
+  """Returns {"recipes": {name: [per seed {set: {figure: fold mean}}]},
+  "mean": {name: {set: {figure: mean over seeds}}}, ...}.
+
+  `recipe_flags`: other TrainConfig fields (epochs, augment_views, ...);
+  `degrade` is what the two recipes differ in.
+  """
+  import keras  # pylint: disable=import-outside-toplevel
+  from bench import cv_seeds  # pylint: disable=import-outside-toplevel
+  from training import calibration, cv, data as data_lib  # pylint: disable=import-outside-toplevel
+  from training import model as model_lib, recipe, split  # pylint: disable=import-outside-toplevel
+  from training.config import TrainConfig  # pylint: disable=import-outside-toplevel
+  started = time.perf_counter()
+  config = TrainConfig(data=tuple(data), output="",
+                       backbone_weights=backbone_weights, backbone=backbone,
+                       **recipe_flags)
+  config.validate(cross_validation=True)
+  names = list(schemas.LABELS)
+  loaded, _ = data_lib.load_labelled(config.data, names, config.image_size)
+  images, labels = loaded.images, loaded.labels
+  hashes = [split.dhash(image) for image in images]
+  size = int(images.shape[1])
+  keras.utils.set_random_seed(config.seed)  # as cv: the same initial head
+  model = recipe.build_model(config, size)
+  features = model_lib.sub_model(model, None, model_lib.FEATURES_LAYER)
+  positions = np.arange(len(labels))
+  table: Dict[str, np.ndarray] = (dict(np.load(cache))
+                                  if cache and os.path.exists(cache) else {})
+
+  def need(key, pixels):
+    if key not in table:
+      table[key] = model_lib.in_batches(features, pixels(), config.batch_size,
+                                        traced=True)
+      if cache:
+        np.savez(cache, **table)
+      print(f"features {key} ({time.perf_counter() - started:.0f} s)",
+            flush=True)
+    return table[key]
+
+  views = recipe.views(config)
+  by_recipe = {}
+  for name, degrade in RECIPES.items():
+    by_recipe[name] = {}
+    for view in views:
+      # View 0 is the images as stored; the seed only draws the others.
+      key = (f"view{view}"
+             + (f"_seed{view_seed}" if view > recipe.MIRROR else "")
+             + ("_degraded" if degrade and recipe.degraded_view(view) else ""))
+      by_recipe[name][view] = need(key, lambda v=view, d=degrade: (
+          recipe.view_images(images, v, view_seed, positions, degrade=d)))
+  for kind in SHIFTS:
+    need(f"shift_{kind}", lambda k=kind: np.stack([shift(i, k)
+                                                    for i in images]))
+
+  class _Features:
+    """The cache Recipe reads: one recipe's views."""
+
+    def __init__(self, by_view):
+      self.by_view = by_view
+
+    def get(self, layer, view, indices):
+      assert layer == model_lib.FEATURES_LAYER, layer
+      return self.by_view[view][np.asarray(indices, np.int64)]
+
+  fold_of = cv.assign_folds(loaded.image_ids, [names[i] for i in labels],
+                            split.duplicate_groups(loaded.image_ids, hashes),
+                            folds, config.seed)
+  head = model_lib.sub_model(model, model_lib.FEATURES_LAYER,
+                             model_lib.LOGITS_LAYER)
+  heads = []
+  for seed in range(seeds):
+    if seed:
+      cv_seeds.redraw_head(model, config, size, seed)
+    heads.append(model.get_weights())
+  results: Dict[str, List[Dict]] = {}
+  for name, by_view in by_recipe.items():
+    runner = recipe.Recipe(model, _Features(by_view), labels, config,
+                           progress=0)
+    results[name] = []
+    for weights in heads:
+      per_fold: Dict[str, List[Dict]] = {s: [] for s in SETS}
+      for k in range(folds):
+        model.set_weights(weights)
+        model_lib.freeze_backbone(model)
+        train, val, test = cv.fold_split(k, config, loaded, hashes, fold_of)
+        runner.fit(train, val, config.seed + k)
+        val_logits = model_lib.in_batches(head, table["view0"][val],
+                                          config.batch_size)
+        fit = recipe.fit_calibration(config, val_logits, labels[val])
+        val_confidence = recipe.confidence(val_logits, labels[val],
+                                           fit.temperature)
+        for test_set in SETS:
+          key = "view0" if test_set == "as_stored" else f"shift_{test_set}"
+          logits = model_lib.in_batches(head, table[key][test],
+                                        config.batch_size)
+          flagging = recipe.choose_flagging(
+              config, val_confidence,
+              recipe.confidence(logits, labels[test], fit.temperature))
+          per_fold[test_set].append(cv.fold_metrics(
+              labels[test], calibration.softmax(logits, fit.temperature),
+              flagging["threshold"], names))
+      results[name].append({s: {f: _mean([m[f] for m in per_fold[s]])
+                                for f in FIGURES} for s in SETS})
+      print(f"{name}, head seed {len(results[name]) - 1}: " + ", ".join(
+          f"{s} {_fmt(results[name][-1][s]['macro_f1'])}/"
+          f"{_fmt(results[name][-1][s]['auc_malignant'])}" for s in SETS),
+            flush=True)
+  mean = {name: {s: {f: _mean([row[s][f] for row in rows]) for f in FIGURES}
+                 for s in SETS} for name, rows in results.items()}
+  print(format_table(mean))
+  settings = dataclasses.asdict(config)
+  settings["data"] = list(config.data)
+  return {"settings": settings, "folds": folds, "seeds": seeds,
+          "view_seed": view_seed, "recipes": results, "mean": mean,
+          "seconds": round(time.perf_counter() - started, 1)}
+
+
+def format_table(mean: Dict) -> str:
+  """macro-F1 / AUC (malignant) per recipe and test set."""
+  lines = ["| recipe | " + " | ".join(SETS) + " |",
+           "|---|" + "---|" * len(SETS)]
+  for name, sets in mean.items():
+    lines.append(f"| {name} | " + " | ".join(
+        f"{_fmt(sets[s]['macro_f1'])} / {_fmt(sets[s]['auc_malignant'])}"
+        for s in SETS) + " |")
+  return "\n".join(lines)
+
+
+def _mean(values) -> float:
+  present = [v for v in values if v is not None]
+  return float(np.mean(present)) if present else None
+
+
+def _fmt(value) -> str:
+  return "n/a" if value is None else f"{value:.3f}"
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m bench.scanner_shift",
+                                   description=__doc__.split("\n")[0],
+                                   allow_abbrev=False)
+  parser.add_argument("--data", action="append", required=True)
+  parser.add_argument("--backbone_weights", default="imagenet")
+  parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--folds", type=int, default=5)
+  parser.add_argument("--view_seed", type=int, default=0)
+  parser.add_argument("--cache", default="",
+                      help="NPZ file keeping the features between runs")
+  parser.add_argument("--output", default=None, help="JSON file to write")
+  args = parser.parse_args(argv)
+  figures = run(args.data, args.backbone_weights, seeds=args.seeds,
+                folds=args.folds, view_seed=args.view_seed, cache=args.cache)
+  if args.output:
+    with open(args.output, "w", encoding="utf-8") as f:
+      json.dump(figures, f, indent=2)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
