@@ -8,8 +8,8 @@ the head `cv` itself starts from (so its row equals `python -m training cv`
 with the same flags), seeds 1... re-draw the head's Dense weights only. The
 folds and views stay the same, so two settings compared with
 this (for instance two --network_size values) are paired fold by fold.
-The draw of the random views moves the figures too, by about ±0.02
-macro-F1 (`bench.scanner_shift --view_seed`); this keeps it fixed.
+The draw of the random views moves the figures too (two draws differed
+by 0.02 macro-F1: `bench.scanner_shift --view_seed`); this keeps it fixed.
 
 Keep the data the same between settings: folds are dealt by image_id, and
 re-encoded images get new ids, hence other folds.

@@ -71,6 +71,11 @@ def run(patterns: List[str], backbone_weights: str, variants: Dict[str, Dict],
              for name, fields in variants.items()}
   for config in configs.values():
     config.validate(cross_validation=True)
+  if len({config.degrade for config in configs.values()}) > 1:
+    # One shared cache holds one set of views.
+    raise ValueError("recipe_search: every variant must have the same"
+                     " degrade setting (one cache serves them all); run"
+                     " --degrade and --no_degrade variants separately")
   started = time.perf_counter()
   data, _ = data_lib.load_labelled(patterns, schemas.LABELS)
   hashes = [split.dhash(image) for image in data.images]

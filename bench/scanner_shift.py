@@ -30,8 +30,9 @@ on a labelled local sample for that).
       [--seeds 3] [--folds 5] [--view_seed S] [--cache NPZ] [--output J]
 
 Features of every view and shift are computed once (one VGG16 pass per
-image each; 20 on 623 images take ~18 min on 2 cores) and kept in --cache,
-so a rerun trains heads only.
+image each; the 17 on 623 images take ~18 min on 2 cores) and kept in
+--cache with a stamp of the data, weights and views, so a rerun on the same
+ones trains heads only.
 """
 
 import argparse
@@ -110,15 +111,29 @@ def run(data: Sequence[str], backbone_weights: str = "none",
   model = recipe.build_model(config, size)
   features = model_lib.sub_model(model, None, model_lib.FEATURES_LAYER)
   positions = np.arange(len(labels))
-  table: Dict[str, np.ndarray] = (dict(np.load(cache))
-                                  if cache and os.path.exists(cache) else {})
+  if cache and not cache.endswith(".npz"):
+    cache += ".npz"  # what np.savez writes
+  # What the cached features were computed from: another data set, weights
+  # file or recipe must not reuse them.
+  stamp = json.dumps([split.fingerprint(loaded.image_ids),
+                      model_lib.weights_source(backbone_weights), backbone,
+                      config.image_size, config.augment_views])
+  table: Dict[str, np.ndarray] = {}
+  if cache and os.path.exists(cache):
+    table = dict(np.load(cache))
+    if str(table.pop("_stamp", "")) != stamp:
+      raise ValueError(f"{cache} holds features of other data, weights or"
+                       " views; pass another --cache or delete it")
+
+  def save():
+    if cache:
+      np.savez(cache, _stamp=np.array(stamp), **table)
 
   def need(key, pixels):
     if key not in table:
       table[key] = model_lib.in_batches(features, pixels(), config.batch_size,
                                         traced=True)
-      if cache:
-        np.savez(cache, **table)
+      save()
       print(f"features {key} ({time.perf_counter() - started:.0f} s)",
             flush=True)
     return table[key]

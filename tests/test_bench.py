@@ -320,7 +320,7 @@ def test_scanner_shift_scores_cvs_folds_of_both_recipes(tmp_path):
                                                     image_size=32, seed=1))
   data = [str(tmp_path / "*.tfrecord.gz")]
   flags = {"augment_views": 3, "epochs": 3, "val_fraction": 0.4}
-  cache = str(tmp_path / "features.npz")
+  cache = str(tmp_path / "features")
   figures = scanner_shift.run(data, backbone="tiny", seeds=1, folds=2,
                               cache=cache, **flags)
   # The images as stored, head seed 0: cv's own figures for each recipe.
@@ -334,10 +334,14 @@ def test_scanner_shift_scores_cvs_folds_of_both_recipes(tmp_path):
           report["summary"][figure]["mean"], abs=1e-9), (name, figure)
     assert set(figures["recipes"][name][0]) == set(scanner_shift.SETS)
   # View 3 is the one degraded: the two recipes differ there only.
-  keys = set(np.load(cache))
+  keys = set(np.load(cache + ".npz"))  # the suffix np.savez adds
   assert {"view3_seed0", "view3_seed0_degraded", "shift_zoomout"} <= keys
   # A rerun reads the features back instead of computing them.
   again = scanner_shift.run(data, backbone="tiny", seeds=1, folds=2,
                             cache=cache, **flags)
   assert again["mean"] == figures["mean"]
+  # Features of other views are not taken from it.
+  with pytest.raises(ValueError, match="other data, weights or views"):
+    scanner_shift.run(data, backbone="tiny", seeds=1, folds=2, cache=cache,
+                      **dict(flags, augment_views=1))
   assert "| degrade (default) |" in scanner_shift.format_table(again["mean"])

@@ -88,9 +88,9 @@ def test_degrade_is_seeded_and_keeps_the_brightness():
   b = augment.degrade(image, np.random.default_rng([0, 3, 7]))
   np.testing.assert_array_equal(a, b)
   assert a.dtype == np.uint8 and a.shape == image.shape
-  # Each degradation on its own changes the pixels, never the mean level: a
-  # flat image stays flat under blur, resolution and JPEG, and speckle
-  # (gain of mean 1) leaves its mean where it was.
+  # All four at once change the pixels, never the mean level: a flat image
+  # stays flat under blur, resolution and JPEG, and speckle (gain of mean 1)
+  # leaves its mean where it was.
   flat = np.full((64, 64, 3), 97, np.uint8)
   only = augment.DegradeConfig(probability=1.0)
   out = augment.degrade(flat, np.random.default_rng(1), only)
