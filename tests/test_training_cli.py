@@ -309,6 +309,10 @@ def test_same_seed_same_split(tmp_path, data_glob):
     (["--fine_tune_from", "block1_conv1"], "needs --fine_tune_epochs above 0"),
     (["--fine_tune_epochs", "1", "--fine_tune_from", "block4_conv1"],
      "--fine_tune_from 'block4_conv1' is not a layer with weights of the"),
+    (["--no_augment", "--degrade"],
+     "--degrade needs --augment_views 3 or more (views 3, 5, ... are the"
+     " degraded ones); got 0"),
+    (["--augment_views", "2", "--degrade"], "needs --augment_views 3"),
 ])
 def test_bad_flags_exit_2(tmp_path, data_glob, capsys, flags, message):
   argv = ["train", "--data", data_glob, "--output", str(tmp_path / "m"),
@@ -481,6 +485,13 @@ def test_abbreviated_flags_are_refused(tmp_path, data_glob, capsys):
     cli.main(["cv", "--data", data_glob, "--fold", "3", "--backbone", "tiny"])
   assert exit_info.value.code == 2
   assert "--fold" in capsys.readouterr().err
+
+
+def test_degrade_and_no_degrade_are_refused_together(data_glob, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["cv", "--data", data_glob, "--degrade", "--no_degrade"])
+  assert exit_info.value.code == 2
+  assert "not allowed with argument --degrade" in capsys.readouterr().err
 
 
 def test_network_size_defaults_to_the_records_size():

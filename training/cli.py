@@ -124,7 +124,7 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
       help="No augmentation: the originals only (--augment_views 0).")
   degrade = parser.add_mutually_exclusive_group()
   degrade.add_argument(
-      "--degrade", dest="degrade", action="store_true", default=True,
+      "--degrade", dest="degrade", action="store_true", default=None,
       help="Add scanner degradations (random blur, lower resolution,"
       " speckle, JPEG; no brightness change) to every second random view:"
       " views 3, 5, 7, ... (the default).")
@@ -159,6 +159,10 @@ def _recipe_config(args: argparse.Namespace, **fields
     views = config_lib.DEFAULT_AUGMENT_VIEWS
   elif args.augment and not views:
     raise ValueError("--augment contradicts --augment_views 0")
+  degrade = args.degrade is not False
+  if args.degrade and views < 3:
+    raise ValueError(f"--degrade needs --augment_views 3 or more (views 3,"
+                     f" 5, ... are the degraded ones); got {views}")
   return config_lib.TrainConfig(
       data=tuple(args.data), image_size=args.image_size,
       network_size=args.network_size,
@@ -171,7 +175,7 @@ def _recipe_config(args: argparse.Namespace, **fields
       seed=args.seed,
       threshold=(schemas.DEFAULT_THRESHOLD if args.threshold is None
                  else args.threshold),
-      batch_size=args.batch_size, augment_views=views, degrade=args.degrade,
+      batch_size=args.batch_size, augment_views=views, degrade=degrade,
       learning_rate=args.learning_rate,
       fine_tune_learning_rate=args.fine_tune_learning_rate,
       calibrate=args.calibrate, target_accuracy=target,
