@@ -13,16 +13,21 @@ def _images(n=4, size=32, seed=0):
                                               dtype=np.uint8)
 
 
+def _seeds(first, n):
+  """One stateless seed an image: [first, 0], [first, 1], ..."""
+  return tf.constant([[first, i] for i in range(n)], tf.int64)
+
+
 def test_identity_transform_keeps_pixels():
   images = _images()
-  out = augment.augment_batch(images, tf.constant([1, 2]), NONE).numpy()
+  out = augment.augment_each(images, _seeds(1, 4), NONE).numpy()
   np.testing.assert_array_equal(out, images)
 
 
 def test_flip_only_mirrors_exactly():
   images = _images(n=16)
   config = NONE._replace(horizontal_flip=True)
-  out = augment.augment_batch(images, tf.constant([5, 6]), config).numpy()
+  out = augment.augment_each(images, _seeds(5, 16), config).numpy()
   flipped = [np.array_equal(o, i[:, ::-1]) for o, i in zip(out, images)]
   kept = [np.array_equal(o, i) for o, i in zip(out, images)]
   assert all(f or k for f, k in zip(flipped, kept))
@@ -32,16 +37,16 @@ def test_flip_only_mirrors_exactly():
 def test_no_intensity_change():
   # Reflect fill and geometry only: a flat image stays exactly flat.
   flat = np.full((8, 24, 24, 3), 97, np.uint8)
-  out = augment.augment_batch(flat, tf.constant([3, 4])).numpy()
+  out = augment.augment_each(flat, _seeds(3, 8)).numpy()
   assert out.dtype == np.uint8 and out.shape == flat.shape
   assert np.all(out == 97)
 
 
 def test_seeded_and_varied():
   images = _images(n=8)
-  a = augment.augment_batch(images, tf.constant([1, 1])).numpy()
-  b = augment.augment_batch(images, tf.constant([1, 1])).numpy()
-  c = augment.augment_batch(images, tf.constant([1, 2])).numpy()
+  a = augment.augment_each(images, _seeds(1, 8)).numpy()
+  b = augment.augment_each(images, _seeds(1, 8)).numpy()
+  c = augment.augment_each(images, _seeds(2, 8)).numpy()
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
   assert not np.array_equal(a, images)
@@ -77,7 +82,7 @@ def test_augment_each_draws_from_each_images_own_seed():
   same = np.repeat(images[:1], 6, axis=0)
   views = augment.augment_each(same, seeds).numpy()
   assert len({v.tobytes() for v in views}) == 6
-  # Geometry only, as augment_batch.
+  # Geometry only.
   flat = np.full((3, 24, 24, 3), 97, np.uint8)
   assert np.all(augment.augment_each(flat, seeds[:3]).numpy() == 97)
 

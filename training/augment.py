@@ -111,20 +111,6 @@ def apply_transforms(images: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
   return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
 
 
-def augment_batch(images: tf.Tensor, seed: tf.Tensor,
-                  config: AugmentConfig = DEFAULT) -> tf.Tensor:
-  """One random geometric augmentation per image of a uint8 batch.
-
-  Args:
-    images: uint8 [batch, H, W, 3].
-    seed: stateless seed [2]; the same seed gives the same output.
-    config: the parameter ranges.
-  """
-  shape = tf.shape(images)
-  transforms = random_transforms(shape[0], shape[1], shape[2], seed, config)
-  return apply_transforms(images, transforms)
-
-
 def augment_each(images: tf.Tensor, seeds: tf.Tensor,
                  config: AugmentConfig = DEFAULT) -> tf.Tensor:
   """One random geometric augmentation per image, each drawn from its own
