@@ -56,6 +56,7 @@ RECIPES = {"geometry only": False, "degrade (default)": True}
 def shift(image: np.ndarray, kind: str) -> np.ndarray:
   """One of SHIFTS applied to a uint8 [H, W, C] image (deterministic)."""
   import cv2  # pylint: disable=import-outside-toplevel
+  from training import augment  # pylint: disable=import-outside-toplevel
   height, width = image.shape[:2]
   out = image.astype(np.float32)
   if kind == "blur":
@@ -68,8 +69,7 @@ def shift(image: np.ndarray, kind: str) -> np.ndarray:
     rng = np.random.default_rng(int(image.sum()) % 2**32)
     out = out * rng.gamma(6, 1 / 6, size=(height, width))[..., None]
   elif kind == "jpeg":
-    _, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 30])
-    return cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED).reshape(image.shape)
+    return augment.jpeg(image, 30)
   elif kind == "gain":
     out = 255.0 * (out / 255.0) ** 0.7
   elif kind == "zoomout":
@@ -110,14 +110,15 @@ def run(data: Sequence[str], backbone_weights: str = "none",
   keras.utils.set_random_seed(config.seed)  # as cv: the same initial head
   model = recipe.build_model(config, size)
   features = model_lib.sub_model(model, None, model_lib.FEATURES_LAYER)
-  positions = np.arange(len(labels))
+  keys = recipe.draw_keys(loaded.image_ids)
   if cache and not cache.endswith(".npz"):
     cache += ".npz"  # what np.savez writes
   # What the cached features were computed from: another data set, weights
   # file or recipe must not reuse them.
   stamp = json.dumps([split.fingerprint(loaded.image_ids),
                       model_lib.weights_source(backbone_weights), backbone,
-                      config.image_size, config.augment_views])
+                      config.image_size, config.augment_views,
+                      "views keyed by image_id, JPEG in RGB order"])
   table: Dict[str, np.ndarray] = {}
   if cache and os.path.exists(cache):
     table = dict(np.load(cache))
@@ -148,7 +149,7 @@ def run(data: Sequence[str], backbone_weights: str = "none",
              + (f"_seed{view_seed}" if view > recipe.MIRROR else "")
              + ("_degraded" if degrade and recipe.degraded_view(view) else ""))
       by_recipe[name][view] = need(key, lambda v=view, d=degrade: (
-          recipe.view_images(images, v, view_seed, positions, degrade=d)))
+          recipe.view_images(images, v, view_seed, keys, degrade=d)))
   for kind in SHIFTS:
     need(f"shift_{kind}", lambda k=kind: np.stack([shift(i, k)
                                                     for i in images]))

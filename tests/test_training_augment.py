@@ -115,3 +115,26 @@ def test_degrade_draws_each_degradation_half_the_time():
              for seed in range(64)]
   # Untouched only when none of the four is drawn: 1 in 16.
   assert 0 < changed.count(False) < 16
+
+
+def test_jpeg_compresses_rgb_as_rgb():
+  # OpenCV's codecs take BGR: fed RGB unconverted, the luma (which JPEG keeps
+  # best) would weigh blue as red. Pillow's encoder takes RGB; a red-only
+  # texture must come back as Pillow's does, not as the swapped encoding's.
+  import io  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  image = np.zeros((64, 64, 3), np.uint8)
+  image[..., 0] = rng.integers(0, 256, (64, 64))
+  image[..., 1] = 60
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="JPEG", quality=50)
+  pillow = np.asarray(Image.open(buffer).convert("RGB")).astype(float)
+  ours = augment.jpeg(image, 50)
+  assert ours.shape == image.shape and ours.dtype == np.uint8
+  swapped = augment.jpeg(image[..., ::-1].copy(), 50)[..., ::-1]
+  assert (np.abs(ours - pillow).mean()
+          < 0.5 * np.abs(swapped.astype(float) - pillow).mean())
+  grey = np.repeat(image[..., :1], 3, axis=2)
+  out = augment.jpeg(grey, 50)
+  np.testing.assert_array_equal(out[..., 0], out[..., 2])

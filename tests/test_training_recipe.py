@@ -60,9 +60,40 @@ def test_an_images_view_does_not_depend_on_its_batch(images):
       recipe.view_images(images[some], 2, 3, some), everything[some])
   np.testing.assert_array_equal(
       recipe.view_images(images[9:10], 2, 3, [9]), everything[9:10])
-  # The position is the draw: the same pixels elsewhere are viewed otherwise.
+  # The key is the draw: the same pixels under another key are viewed
+  # otherwise.
   assert not np.array_equal(recipe.view_images(images[9:10], 2, 3, [10]),
                             everything[9:10])
+
+
+def test_draw_keys_follow_the_image_not_its_position(images):
+  ids = [f"{i:064x}" for i in range(len(images))]
+  keys = recipe.draw_keys(ids)
+  assert keys.dtype == np.int64 and (keys >= 0).all()
+  assert len(set(keys.tolist())) == len(ids)
+  # An image added before the others (sorted first) re-draws nobody else.
+  grown = recipe.draw_keys(["0" * 63 + "g"] + ids)
+  np.testing.assert_array_equal(grown[1:], keys)
+  everything = recipe.view_images(images, 3, 0, keys, degrade=True)
+  np.testing.assert_array_equal(
+      recipe.view_images(images[2:], 3, 0, grown[3:], degrade=True),
+      everything[2:])
+
+
+def test_cache_draws_views_from_its_keys(images):
+  model = model_lib.build_model(SIZE, "none", 3, model_lib.TINY)
+  keys = recipe.draw_keys([f"image{i}" for i in range(len(images))])
+  cache = recipe.ConvCache(model, images, {2: np.arange(len(images))}, 8, 0,
+                           [model_lib.FEATURES_LAYER], keys=keys)
+  direct = model_lib.sub_model(model, None, model_lib.FEATURES_LAYER)
+  np.testing.assert_allclose(
+      cache.get(model_lib.FEATURES_LAYER, 2, [4, 7]),
+      np.asarray(direct(recipe.view_images(images[[4, 7]], 2, 0,
+                                           keys[[4, 7]]))),
+      rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="3 draw keys for 24 images"):
+    recipe.ConvCache(model, images, {0: np.arange(3)}, 8, 0,
+                     [model_lib.FEATURES_LAYER], keys=keys[:3])
 
 
 def test_cache_matches_the_model_and_refuses_missing_views(images):
@@ -71,7 +102,8 @@ def test_cache_matches_the_model_and_refuses_missing_views(images):
   cut = model_lib.fine_tune_input(model)
   cache = recipe.ConvCache(model, images, {0: np.arange(len(images)),
                                            1: indices}, 8, 0,
-                           [cut, model_lib.FEATURES_LAYER])
+                           [cut, model_lib.FEATURES_LAYER],
+                           keys=np.arange(len(images)))
   direct = model_lib.sub_model(model, None, model_lib.FEATURES_LAYER)
   mirrored = np.ascontiguousarray(images[indices][:, :, ::-1])
   np.testing.assert_allclose(
@@ -95,7 +127,8 @@ def _tiny_runner(images, **fields):
                        backbone_weights="none", augment_views=1, **fields)
   train, val = np.arange(0, 24, 2), np.arange(1, 24, 2)
   cache = recipe.ConvCache(model, images, {0: np.arange(24), 1: train}, 8, 0,
-                           recipe.cache_layers(config, model))
+                           recipe.cache_layers(config, model),
+                           keys=np.arange(24))
   return recipe.Recipe(model, cache, labels, config, progress=0), train, val
 
 
@@ -219,7 +252,8 @@ def test_fine_tune_from_the_first_conv_caches_the_resized_pixels(images):
                        augment_views=0, network_size=48)
   layers = recipe.cache_layers(config, model)
   assert layers == [schemas.RESIZE_LAYER, model_lib.FEATURES_LAYER]
-  cache = recipe.ConvCache(model, images, {0: np.arange(24)}, 8, 0, layers)
+  cache = recipe.ConvCache(model, images, {0: np.arange(24)}, 8, 0, layers,
+                           keys=np.arange(24))
   assert cache.get(schemas.RESIZE_LAYER, 0, [0]).shape == (1, 48, 48, 3)
   runner = recipe.Recipe(model, cache, labels, config, progress=0)
   runner.fit(np.arange(0, 24, 2), np.arange(1, 24, 2), 0)

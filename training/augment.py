@@ -172,11 +172,21 @@ def degrade(image: np.ndarray, rng: np.random.Generator,
     out = out * rng.gamma(shape, 1.0 / shape, size=(height, width))[..., None]
   out = np.clip(np.round(out), 0, 255).astype(np.uint8).reshape(image.shape)
   if rng.random() < config.probability:
-    quality = int(rng.integers(*config.jpeg_quality))
-    ok, encoded = cv2.imencode(".jpg", out,
-                               [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-      raise ValueError("JPEG encoding failed")
-    decoded = cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED)
-    out = decoded.reshape(image.shape)
+    out = jpeg(out, int(rng.integers(*config.jpeg_quality)))
   return out
+
+
+def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
+  """A uint8 [H, W, C] RGB (or grey) image after JPEG compression at
+  `quality` and decoding."""
+  colour = image.ndim == 3 and image.shape[2] == 3
+  # OpenCV's codecs take and give colour pixels in BGR order.
+  ok, encoded = cv2.imencode(
+      ".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if colour else image,
+      [cv2.IMWRITE_JPEG_QUALITY, quality])
+  if not ok:
+    raise ValueError("JPEG encoding failed")
+  decoded = cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED)
+  if colour:
+    decoded = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+  return decoded.reshape(image.shape)

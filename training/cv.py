@@ -325,7 +325,8 @@ def all_views_cache(config: TrainConfig, model, data: data_lib.LabelledData,
                           {v: everything for v in recipe.views(config)},
                           config.batch_size, config.seed,
                           layers or recipe.cache_layers(config, model),
-                          config.degrade)
+                          config.degrade,
+                          keys=recipe.draw_keys(data.image_ids))
 
 
 def cross_validate(config: TrainConfig, folds: int) -> Dict:

@@ -17,6 +17,7 @@ same validation split (the threshold for a target accuracy of the images not
 flagged, by default).
 """
 
+import hashlib
 import logging
 import sys
 import time
@@ -82,20 +83,33 @@ def degraded_view(view: int) -> bool:
   return view > MIRROR and view % 2 == 1
 
 
+def draw_keys(image_ids: Sequence[str]) -> np.ndarray:
+  """Each image's key for its random views: 63 bits of sha256(image_id).
+
+  Keyed by the image itself, an image keeps its views when images are added
+  to or removed from the data (a key by position would re-draw every image
+  sorted after the change).
+  """
+  return np.array([int.from_bytes(hashlib.sha256(i.encode()).digest()[:8],
+                                  "big") >> 1 for i in image_ids],
+                  dtype=np.int64)
+
+
 def view_images(images: np.ndarray, view: int, seed: int,
-                positions: Optional[Sequence[int]] = None,
+                keys: Optional[Sequence[int]] = None,
                 degrade: bool = False) -> np.ndarray:
   """View `view` of a batch of uint8 images.
 
   Args:
     images: uint8 [B, H, W, 3].
     view: ORIGINAL, MIRROR, or 2… for a random geometric augmentation.
-    seed: the run's seed; with `view` and an image's position it fixes that
+    seed: the run's seed; with `view` and an image's key it fixes that
       image's draw.
-    positions: the images' positions in the data set (default 0…B-1). An
-      image's view depends on the seed, the view and its position only, not
-      on the batch it is computed in: `cv`, `train` with and without its
-      cross-validation, and any batch size draw the same views.
+    keys: the images' `draw_keys` (default 0…B-1, for images without ids).
+      An image's view depends on the seed, the view and its key only, not on
+      the batch it is computed in nor on the other images in the data:
+      `cv`, `train` with and without its cross-validation, any batch size
+      and any data set holding the image draw the same views of it.
     degrade: add the scanner degradations (`augment.degrade`) to the views
       `degraded_view` names.
   """
@@ -105,16 +119,16 @@ def view_images(images: np.ndarray, view: int, seed: int,
     return np.ascontiguousarray(images[:, :, ::-1])
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from training import augment  # pylint: disable=import-outside-toplevel
-  if positions is None:
-    positions = np.arange(len(images))
-  positions = np.asarray(positions, dtype=np.int64)
-  seeds = np.stack([np.full(len(positions), seed * 1000 + view, np.int64),
-                    positions], axis=1)
+  if keys is None:
+    keys = np.arange(len(images))
+  keys = np.asarray(keys, dtype=np.int64)
+  seeds = np.stack([np.full(len(keys), seed * 1000 + view, np.int64),
+                    keys], axis=1)
   out = augment.augment_each(tf.constant(images), tf.constant(seeds)).numpy()
   if degrade and degraded_view(view):
     out = np.stack([
-        augment.degrade(image, np.random.default_rng([seed, view, int(p)]))
-        for image, p in zip(out, positions)])
+        augment.degrade(image, np.random.default_rng([seed, view, int(k)]))
+        for image, k in zip(out, keys)])
   return out
 
 
@@ -132,7 +146,8 @@ class ConvCache:
 
   def __init__(self, model: keras.Model, images: np.ndarray,
                needed: Dict[int, np.ndarray], batch_size: int, seed: int,
-               layers: Sequence[str], degrade: bool = False):
+               layers: Sequence[str], degrade: bool = False, *,
+               keys: np.ndarray):
     """
     Args:
       model: a `model.build_model` model (its frozen layers are used).
@@ -144,9 +159,13 @@ class ConvCache:
         from the one before it (e.g. ["block4_pool", "features"]).
       degrade: the recipe's --degrade (scanner degradations on the views
         `degraded_view` names).
+      keys: int64 [N], the images' `draw_keys` (their random views' draws).
     """
+    if len(keys) != len(images):
+      raise ValueError(f"{len(keys)} draw keys for {len(images)} images")
     self._model = model
     self._images = images
+    self._keys = np.asarray(keys, dtype=np.int64)
     self._batch_size = batch_size
     self._seed = seed
     self._degrade = degrade
@@ -190,8 +209,8 @@ class ConvCache:
       chunk = 8 * self._batch_size
       for start in range(0, len(indices), chunk):
         batch = indices[start:start + chunk]
-        pixels = view_images(self._images[batch], view, self._seed, batch,
-                             self._degrade)
+        pixels = view_images(self._images[batch], view, self._seed,
+                             self._keys[batch], self._degrade)
         parts.append(model_lib.in_batches(sub, pixels, self._batch_size,
                                           traced=True))
       out = np.concatenate(parts) if parts else model_lib.in_batches(

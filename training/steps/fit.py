@@ -55,7 +55,8 @@ def fit(config: TrainConfig, data: data_lib.LabelledData,
                                               splits.test])
     cache = recipe.ConvCache(model, data.images, needed, config.batch_size,
                              config.seed, recipe.cache_layers(config, model),
-                             config.degrade)
+                             config.degrade,
+                             keys=recipe.draw_keys(data.image_ids))
   runner = recipe.Recipe(model, cache, data.labels, config)
   return Fitted(model, runner,
                 runner.fit(splits.train, splits.val, config.seed), report)
