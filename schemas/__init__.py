@@ -43,6 +43,10 @@ from schemas.artifact import (
     SPLIT_FILE,
     THRESHOLD_FIXED,
     THRESHOLD_TARGET_ACCURACY,
+    THRESHOLD_RULE_EXPECTED,
+    THRESHOLD_RULE_OBSERVED,
+    THRESHOLD_RULES,
+    DEFAULT_THRESHOLD_RULE,
     VGG16_CONV_LAYERS,
 )
 from schemas.counters import (

@@ -110,6 +110,15 @@ RECALIBRATION_SPLIT_FILE = "recalibration_split.json"
 # --target_accuracy.
 THRESHOLD_FIXED = "fixed"
 THRESHOLD_TARGET_ACCURACY = "target_accuracy"
+# metadata "flagging" → "rule" (and recalibration "threshold" → "rule"): how
+# the accuracy of the images not flagged is estimated when the threshold is
+# chosen for a target: the mean calibrated confidence ("expected"), or the
+# validation images' own accuracy ("observed"; what artifacts without the
+# field used).
+THRESHOLD_RULE_EXPECTED = "expected"
+THRESHOLD_RULE_OBSERVED = "observed"
+THRESHOLD_RULES = (THRESHOLD_RULE_EXPECTED, THRESHOLD_RULE_OBSERVED)
+DEFAULT_THRESHOLD_RULE = THRESHOLD_RULE_EXPECTED
 # Target accuracy of the images not flagged that recalibrate chooses the
 # threshold for when no --threshold is given.
 DEFAULT_TARGET_ACCURACY = 0.95

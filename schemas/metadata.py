@@ -224,6 +224,9 @@ class Flagging(Record):
   source: Optional[str] = optional()  # THRESHOLD_FIXED / _TARGET_ACCURACY
   target_accuracy: Optional[float] = optional()
   target_reached: Optional[bool] = optional()  # None for a fixed threshold
+  # THRESHOLD_RULES, for a chosen threshold; absent: observed (older
+  # artifacts).
+  rule: Optional[str] = optional()
   threshold: Optional[float] = optional()
   val: Optional[FlagStats] = optional()
   test: Optional[FlagStats] = optional()
@@ -375,6 +378,7 @@ class RecalibratedThreshold(Record):
   source: Optional[str] = optional()
   target_accuracy: Optional[float] = optional()
   target_reached: Optional[bool] = optional()
+  rule: Optional[str] = optional()  # THRESHOLD_RULES; absent: observed
   fit: Optional[FlagStats] = optional()
 
 

@@ -107,7 +107,8 @@ CORRECT = [True, True, False, True, True, False, False]
     (1.0, 0.95),
 ])
 def test_choose_threshold_by_hand(target, expected):
-  choice = calibration.choose_threshold(CONFIDENCES, CORRECT, target)
+  choice = calibration.choose_threshold(CONFIDENCES, CORRECT, target,
+                                        "observed")
   assert choice.threshold == expected
   assert choice.reached
   assert choice.accuracy_confident >= target
@@ -116,15 +117,68 @@ def test_choose_threshold_by_hand(target, expected):
 def test_choose_threshold_falls_back_to_the_highest_when_unreachable():
   correct = [False] + CORRECT[1:]  # the most confident prediction is wrong
   # Kept accuracy: t=0.95: 0, t=0.9: 1/3, t=0.8: 2/4, t=0.7: 3/5, t=0.6: 3/6
-  choice = calibration.choose_threshold(CONFIDENCES, correct, 0.9)
+  choice = calibration.choose_threshold(CONFIDENCES, correct, 0.9,
+                                        "observed")
   assert choice.threshold == 0.95 and not choice.reached
   assert choice.accuracy_confident == 0.0
-  assert calibration.choose_threshold(CONFIDENCES, correct, 0.6
+  assert calibration.choose_threshold(CONFIDENCES, correct, 0.6, "observed"
                                      ).threshold == 0.7
+  # Expected accuracy cannot reach more than the top confidence.
+  choice = calibration.choose_threshold(CONFIDENCES, correct, 0.96)
+  assert choice.threshold == 0.95 and not choice.reached
   with pytest.raises(ValueError):
     calibration.choose_threshold([], [], 0.9)
   with pytest.raises(ValueError):
     calibration.choose_threshold(CONFIDENCES, CORRECT, 0.0)
+  with pytest.raises(ValueError, match="rule 'seen'"):
+    calibration.choose_threshold(CONFIDENCES, CORRECT, 0.9, "seen")
+
+
+# Mean confidence of the images kept (confidence ≥ t), by hand:
+#   t=0.95: 0.95  t=0.9: 2.75/3=0.9167  t=0.8: 3.55/4=0.8875
+#   t=0.7: 4.25/5=0.85  t=0.6: 4.85/6=0.8083  t=0.5: 5.35/7=0.7643
+@pytest.mark.parametrize("target,expected", [
+    (0.7, 0.5),
+    (0.8, 0.6),
+    (0.85, 0.7),    # exactly reached counts
+    (0.9, 0.9),     # the tie at 0.9 is kept whole
+    (0.95, 0.95),
+])
+def test_choose_threshold_expected_by_hand(target, expected):
+  # The labels do not matter to the expected rule: all wrong, same choice.
+  for correct in (CORRECT, [False] * len(CORRECT)):
+    choice = calibration.choose_threshold(CONFIDENCES, correct, target,
+                                          "expected")
+    assert choice.threshold == expected and choice.reached
+    kept = [c for c in CONFIDENCES if c >= expected]
+    assert choice.accuracy_confident == pytest.approx(np.mean(kept))
+
+
+def test_expected_rule_holds_its_target_where_the_observed_one_overreaches():
+  # Confidences that are calibrated by construction (each prediction right
+  # with probability = its confidence): on many small validation sets the
+  # observed rule picks the threshold where the noise flatters it, and its
+  # accuracy on fresh data falls short of the target; the expected rule
+  # holds it on average.
+  rng = np.random.default_rng(0)
+  target = 0.9
+
+  def draw(n):
+    confidence = rng.uniform(0.4, 1.0, n)
+    return confidence, rng.random(n) < confidence
+
+  fresh_confidence, fresh_correct = draw(200_000)
+  achieved = {"observed": [], "expected": []}
+  for _ in range(200):
+    confidence, correct = draw(100)
+    for rule in achieved:
+      threshold = calibration.choose_threshold(confidence, correct, target,
+                                               rule).threshold
+      achieved[rule].append(
+          fresh_correct[fresh_confidence >= threshold].mean())
+  assert np.mean(achieved["expected"]) == pytest.approx(target, abs=0.01)
+  assert np.mean(achieved["observed"]) < target - 0.01
+  assert np.std(achieved["expected"]) < np.std(achieved["observed"])
 
 
 def test_flag_stats_by_hand():

@@ -235,10 +235,12 @@ def test_target_accuracy_threshold_from_validation(tmp_path, data_glob,
   choice = calibration.choose_threshold(confidence, correct, 0.8)
   assert metadata.threshold == pytest.approx(choice.threshold, abs=1e-5)
   assert flagging.target_reached == choice.reached
+  assert flagging.rule == schemas.THRESHOLD_RULE_EXPECTED
   assert flagging.val.flagged == int(
       (confidence < metadata.threshold - 1e-5).sum())
   if choice.reached:
-    assert flagging.val.accuracy_confident >= 0.8
+    # The calibrated model expects 0.8 of the images it keeps.
+    assert confidence[confidence >= metadata.threshold - 1e-5].mean() >= 0.8
   card = open(os.path.join(output, schemas.MODEL_CARD_FILE)).read()
   assert "SYNTHETIC PHANTOMS" in card and "--target_accuracy 0.800" in card
 
@@ -492,6 +494,23 @@ def test_degrade_and_no_degrade_are_refused_together(data_glob, capsys):
     cli.main(["cv", "--data", data_glob, "--degrade", "--no_degrade"])
   assert exit_info.value.code == 2
   assert "not allowed with argument --degrade" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--threshold", "0.8"],
+                                   ["--target_accuracy", "none"]])
+def test_threshold_rule_with_a_fixed_threshold_is_refused(data_glob, capsys,
+                                                         flags):
+  assert cli.main(["cv", "--data", data_glob, "--backbone", "tiny",
+                   "--threshold_rule", "observed", *flags]) == 2
+  assert "--threshold_rule observed needs a threshold chosen" in (
+      capsys.readouterr().err)
+
+
+def test_threshold_rule_is_checked():
+  config = config_lib.TrainConfig(data=("x",), output="x")
+  assert config.threshold_rule == schemas.THRESHOLD_RULE_EXPECTED
+  with pytest.raises(ValueError, match="--threshold_rule 'seen'"):
+    dataclasses.replace(config, threshold_rule="seen").validate()
 
 
 def test_network_size_defaults_to_the_records_size():

@@ -37,7 +37,8 @@ class Site(NamedTuple):
   labels: np.ndarray
   parent_temperature: float
   best_temperature: float  # fitted directly on the whole sample
-  best_threshold: float  # chosen on the whole sample at best_temperature
+  # chosen on the whole sample at best_temperature, on observed accuracy
+  best_threshold: float
 
 
 def _sample_labels(logits: np.ndarray) -> np.ndarray:
@@ -75,9 +76,11 @@ def fixture_site(tmp_path_factory):
   best = calibration.fit_temperature(logits, labels)
   assert not best.at_bound
   probabilities = calibration.softmax(logits, best.temperature)
+  # Observed accuracy: this sample's confident half is always right, which
+  # its temperature-scaled confidences (at most ~0.75) cannot show.
   best_threshold = calibration.choose_threshold(
       probabilities.max(axis=1), probabilities.argmax(axis=1) == labels,
-      TARGET)
+      TARGET, schemas.THRESHOLD_RULE_OBSERVED)
   assert best_threshold.reached
 
   # The parent: the same weights, far too sharp for this site.
@@ -120,7 +123,7 @@ def _weights(model):
 def test_recalibrate_refits_temperature_and_threshold(site, tmp_path, capsys):
   parent_files = _files(site.parent)
   output = tmp_path / "recal"
-  assert _run(site, output) == 0
+  assert _run(site, output, "--threshold_rule", "observed") == 0
   out = capsys.readouterr().out
   assert "held-out images" in out and f"written to {output}" in out
   assert "1 unlabelled skipped" in out
@@ -144,6 +147,7 @@ def test_recalibrate_refits_temperature_and_threshold(site, tmp_path, capsys):
           abs(PARENT_THRESHOLD - site.best_threshold))
   assert metadata.threshold_source == schemas.THRESHOLD_TARGET_ACCURACY
   assert metadata.target_accuracy == TARGET
+  assert block.threshold.rule == schemas.THRESHOLD_RULE_OBSERVED
   assert block.threshold.target_reached is True
 
   # Every weight but the temperature is the parent's.
@@ -214,6 +218,32 @@ def test_recalibrate_refits_temperature_and_threshold(site, tmp_path, capsys):
                "python -m training recalibrate --model DIR"):
     assert text in card, text
   assert "In-sample" not in card
+
+
+def test_default_rule_holds_the_expected_accuracy(site, tmp_path):
+  # The default rule: the lowest threshold at which the fit part's mean
+  # calibrated confidence (the accuracy the model expects) reaches the
+  # target. Its confidences stay below ~0.75, so ask 0.7.
+  output = tmp_path / "recal"
+  assert _run(site, output, "--target_accuracy", "0.7") == 0
+  metadata = _metadata(output)
+  block = metadata.recalibration
+  assert block.threshold.rule == schemas.THRESHOLD_RULE_EXPECTED
+  assert block.threshold.target_reached is True
+  with open(output / schemas.RECALIBRATION_SPLIT_FILE) as f:
+    rows = [site.image_ids.index(i) for i in json.load(f)["fit"]]
+  probabilities = calibration.softmax(site.logits[rows], metadata.temperature)
+  confidence = probabilities.max(axis=1)
+  choice = calibration.choose_threshold(
+      confidence, probabilities.argmax(axis=1) == site.labels[rows], 0.7,
+      schemas.THRESHOLD_RULE_EXPECTED)
+  assert metadata.threshold == pytest.approx(choice.threshold, abs=1e-6)
+  assert confidence[confidence >= metadata.threshold - 1e-6].mean() >= 0.7
+  assert "the accuracy the calibrated model expects" in (
+      output / schemas.MODEL_CARD_FILE).read_text()
+  # A rule with a fixed threshold contradicts it.
+  assert _run(site, tmp_path / "fixed", "--threshold", "0.8",
+              "--threshold_rule", "observed") == 2
 
 
 def test_fixed_threshold_in_sample(site, tmp_path):

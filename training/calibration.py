@@ -14,13 +14,24 @@ ECE = Σ_b |b|/n · |accuracy(b) − mean confidence(b)|.
 `choose_threshold` picks the review threshold from data: the lowest
 validation confidence at which the accuracy on the images that would NOT be
 flagged (confidence ≥ threshold, as scoring flags confidence < threshold)
-reaches a target.
+reaches a target. Two rules estimate that accuracy (RULES):
+- "expected" (the default): the mean calibrated confidence of the images
+  kept, i.e. the accuracy the temperature-scaled model expects of them. It
+  is a smooth function of the threshold, so a small validation split gives
+  a stable threshold, and the accuracy it promises held out of fold on real
+  BUSI (training/README.md, "Which rule chooses the threshold").
+- "observed": the validation images' own accuracy. The first threshold at
+  which a noisy step function crosses the target is chosen where the noise
+  happens to favour it, so on ~100 validation images the accuracy it
+  promises is optimistic by several points out of fold.
 """
 
 import math
 from typing import Dict, NamedTuple, Optional, Sequence
 
 import numpy as np
+
+import schemas
 
 DEFAULT_BINS = 15
 # T is searched in [1/100, 100]. Wide enough for an under-trained head whose
@@ -207,20 +218,32 @@ def flag_stats(confidences: Sequence[float], correct: Sequence[bool],
   }
 
 
+RULE_EXPECTED = schemas.THRESHOLD_RULE_EXPECTED
+RULE_OBSERVED = schemas.THRESHOLD_RULE_OBSERVED
+RULES = schemas.THRESHOLD_RULES
+DEFAULT_RULE = schemas.DEFAULT_THRESHOLD_RULE
+
+
 class ThresholdChoice(NamedTuple):
   threshold: float
   reached: bool  # False: no candidate reached the target (fallback used)
-  accuracy_confident: float  # validation accuracy on non-flagged images
+  # The non-flagged images' accuracy as the rule estimates it: observed, or
+  # expected (their mean confidence).
+  accuracy_confident: float
 
 
 def choose_threshold(confidences: Sequence[float], correct: Sequence[bool],
-                     target: float) -> ThresholdChoice:
+                     target: float, rule: str = DEFAULT_RULE
+                    ) -> ThresholdChoice:
   """The lowest threshold whose non-flagged images reach `target` accuracy.
 
   Candidates are the distinct confidences, in increasing order; at candidate
-  t the non-flagged images are those with confidence ≥ t. Accuracy is not
-  monotone in t, so this is the first candidate that reaches the target,
-  not a bisection.
+  t the non-flagged images are those with confidence ≥ t, and their
+  accuracy is estimated by `rule` (see the module docstring): the mean of
+  their confidences ("expected"; `correct` is then only checked for its
+  shape) or the share of them that is right ("observed"). Observed accuracy
+  is not monotone in t, so this is the first candidate that reaches the
+  target, not a bisection.
 
   If no candidate reaches it (the most confident predictions are wrong), the
   fallback is the highest candidate, the most conservative of them: it flags
@@ -231,10 +254,13 @@ def choose_threshold(confidences: Sequence[float], correct: Sequence[bool],
     confidences: top probability of each validation prediction.
     correct: whether each prediction was right.
     target: accuracy in (0, 1] required on the non-flagged images.
+    rule: one of RULES.
 
   Raises:
-    ValueError: no examples, or target outside (0, 1].
+    ValueError: no examples, target outside (0, 1], or an unknown rule.
   """
+  if rule not in RULES:
+    raise ValueError(f"threshold rule {rule!r} is not one of {RULES}")
   confidences = np.asarray(confidences, dtype=np.float64).reshape(-1)
   correct = np.asarray(correct, dtype=bool).reshape(-1)
   if confidences.shape != correct.shape:
@@ -246,8 +272,9 @@ def choose_threshold(confidences: Sequence[float], correct: Sequence[bool],
     raise ValueError(f"target accuracy {target} is outside (0, 1]")
   order = np.argsort(-confidences, kind="stable")
   conf_desc, right_desc = confidences[order], correct[order]
-  # For each distinct value v (descending): right / total among conf ≥ v.
-  right_cum = np.cumsum(right_desc)
+  # For each distinct value v (descending): right (or expected right) /
+  # total among conf ≥ v.
+  right_cum = np.cumsum(conf_desc if rule == RULE_EXPECTED else right_desc)
   last_of_value = np.r_[conf_desc[1:] != conf_desc[:-1], True]
   values = conf_desc[last_of_value]
   kept = np.flatnonzero(last_of_value) + 1

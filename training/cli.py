@@ -87,10 +87,19 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--target_accuracy", type=_target, default=None,
                       help="Choose the threshold on validation: the lowest"
                       " calibrated confidence at which the accuracy of the"
-                      " images not flagged reaches this (default"
+                      " images not flagged reaches this, as"
+                      " --threshold_rule estimates it (default"
                       f" {schemas.DEFAULT_TARGET_ACCURACY:g} unless"
                       " --threshold is given; 'none' for the fixed"
                       " threshold).")
+  parser.add_argument("--threshold_rule", choices=schemas.THRESHOLD_RULES,
+                      default=None,
+                      help="How the accuracy of the images not flagged is"
+                      " estimated when the threshold is chosen for"
+                      " --target_accuracy: their mean calibrated confidence"
+                      " ('expected', the default: stable on a small"
+                      " validation split) or the validation images' own"
+                      " accuracy ('observed').")
   parser.add_argument("--no_calibrate", dest="calibrate",
                       action="store_false", default=True,
                       help="Keep temperature 1 (no temperature scaling on the"
@@ -140,6 +149,13 @@ def _target(value: str):
   return _NONE if value.lower() == _NONE else float(value)
 
 
+def _recalibration_rule(args: argparse.Namespace) -> str:
+  if args.threshold_rule is not None and args.threshold is not None:
+    raise ValueError(f"--threshold_rule {args.threshold_rule} chooses a"
+                     " threshold; --threshold fixes it")
+  return args.threshold_rule or schemas.DEFAULT_THRESHOLD_RULE
+
+
 def _recipe_config(args: argparse.Namespace, **fields
                   ) -> config_lib.TrainConfig:
   """The TrainConfig the recipe flags ask for (plus `fields`)."""
@@ -150,6 +166,10 @@ def _recipe_config(args: argparse.Namespace, **fields
               schemas.DEFAULT_TARGET_ACCURACY)
   elif target == _NONE:
     target = None
+  if args.threshold_rule is not None and target is None:
+    raise ValueError(f"--threshold_rule {args.threshold_rule} needs a"
+                     " threshold chosen for --target_accuracy; this one is"
+                     " fixed")
   views = args.augment_views
   if args.augment is False:
     if views:
@@ -179,6 +199,7 @@ def _recipe_config(args: argparse.Namespace, **fields
       learning_rate=args.learning_rate,
       fine_tune_learning_rate=args.fine_tune_learning_rate,
       calibrate=args.calibrate, target_accuracy=target,
+      threshold_rule=args.threshold_rule or schemas.DEFAULT_THRESHOLD_RULE,
       synthetic_data=args.synthetic_data, ood_pass_rate=args.ood_pass_rate,
       ood_transform=args.ood_transform, **fields)
 
@@ -289,11 +310,17 @@ def _parser() -> argparse.ArgumentParser:
   recal_threshold.add_argument(
       "--target_accuracy", type=float, default=None,
       help="Choose the threshold as the lowest confidence at which the"
-      " accuracy of the fit part's images not flagged reaches this (default"
+      " accuracy of the fit part's images not flagged reaches this, as"
+      " --threshold_rule estimates it (default"
       f" {schemas.DEFAULT_TARGET_ACCURACY:g}).")
   recal_threshold.add_argument(
       "--threshold", type=float, default=None,
       help="A fixed threshold instead of one chosen on the sample.")
+  recal.add_argument(
+      "--threshold_rule", choices=schemas.THRESHOLD_RULES, default=None,
+      help="How the chosen threshold estimates the accuracy of the images"
+      " not flagged: their mean calibrated confidence ('expected', the"
+      " default) or the fit part's own accuracy ('observed').")
   recal.add_argument("--holdout_fraction", type=float,
                      default=schemas.DEFAULT_HOLDOUT_FRACTION,
                      help="Share of the sample held out to report on"
@@ -375,6 +402,7 @@ def main(argv: Optional[List[str]] = None) -> int:
       metadata = recalibrate.recalibrate(recalibrate.RecalibrateConfig(
           model=args.model, data=tuple(args.data), output=args.output,
           target_accuracy=args.target_accuracy, threshold=args.threshold,
+          threshold_rule=_recalibration_rule(args),
           holdout_fraction=args.holdout_fraction, seed=args.seed,
           name=args.name, overwrite=args.overwrite,
           batch_size=args.batch_size))

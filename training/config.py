@@ -86,6 +86,9 @@ class TrainConfig:
   calibrate: bool = True  # fit the temperature on the validation split
   # None: the fixed --threshold.
   target_accuracy: Optional[float] = schemas.DEFAULT_TARGET_ACCURACY
+  # How the threshold chooser estimates the non-flagged images' accuracy
+  # (schemas.THRESHOLD_RULES).
+  threshold_rule: str = schemas.DEFAULT_THRESHOLD_RULE
   synthetic_data: bool = False  # phantoms: said in the model card
   # The out-of-distribution detector (busi_core.ood): features transform,
   # and the share of validation images its threshold lets pass (0: none).
@@ -143,6 +146,9 @@ class TrainConfig:
       raise ValueError("--batch_size must be at least 1")
     if not 0.0 <= self.threshold <= 1.0:
       raise ValueError(f"--threshold {self.threshold} is outside [0, 1]")
+    if self.threshold_rule not in schemas.THRESHOLD_RULES:
+      raise ValueError(f"--threshold_rule {self.threshold_rule!r} is not one"
+                       f" of {schemas.THRESHOLD_RULES}")
     if self.target_accuracy is not None:
       if not 0.0 < self.target_accuracy <= 1.0:
         raise ValueError(

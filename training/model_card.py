@@ -359,6 +359,15 @@ def _calibration_section(metadata: ArtifactMetadata) -> List[str]:
   return lines
 
 
+def _rule_phrase(rule: Optional[str], images: str) -> str:
+  """What a chosen threshold's rule holds to the target."""
+  if rule == schemas.THRESHOLD_RULE_EXPECTED:
+    return (f"accuracy the calibrated model expects of the {images} images"
+            " not flagged (their mean confidence; `--threshold_rule"
+            " expected`)")
+  return f"{images} accuracy on the images not flagged"
+
+
 def _threshold_section(metadata: ArtifactMetadata) -> List[str]:
   flagging = metadata.flagging or metadata_schema.Flagging()
   threshold = metadata.threshold
@@ -374,8 +383,9 @@ def _threshold_section(metadata: ArtifactMetadata) -> List[str]:
     target = metadata.target_accuracy
     lines.append(
         f"Source: `--target_accuracy {_num(target)}`: the lowest validation"
-        " confidence at which the validation accuracy on the images not"
-        f" flagged reaches {_pct(target)}, after calibration.")
+        " confidence at which the "
+        + _rule_phrase(flagging.rule, "validation")
+        + f" reaches {_pct(target)}, after calibration.")
     if flagging.target_reached is False:
       lines += ["", f"> **The target {_pct(target)} was not reached** on"
                 " validation at any threshold: the threshold fell back to the"
@@ -478,8 +488,9 @@ def _recalibration_section(metadata: ArtifactMetadata) -> List[str]:
                  f" {_num(temp.temperature, 4)}: {_or_na(temp.reason)} (the"
                  f" fit gave {_num(temp.fitted_value, 4)}).")
   if thr.source == schemas.THRESHOLD_TARGET_ACCURACY:
-    source = ("the lowest confidence at which the fit part's accuracy on the"
-              f" images not flagged reaches {_pct(thr.target_accuracy)}")
+    source = ("the lowest confidence at which the "
+              + _rule_phrase(thr.rule, "fit part's")
+              + f" reaches {_pct(thr.target_accuracy)}")
   else:
     source = "fixed (`--threshold`)"
   lines += [f"Threshold {_num(parent.threshold, 4)} →"

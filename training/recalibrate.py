@@ -67,6 +67,7 @@ class RecalibrateConfig:
   output: str  # the new artifact
   target_accuracy: Optional[float] = None  # None: DEFAULT_TARGET_ACCURACY
   threshold: Optional[float] = None  # a fixed threshold instead of a target
+  threshold_rule: str = schemas.DEFAULT_THRESHOLD_RULE  # for a target
   holdout_fraction: float = schemas.DEFAULT_HOLDOUT_FRACTION
   seed: int = 0  # decides the fit / held-out split
   name: Optional[str] = None  # model_version prefix; None: the parent's
@@ -97,6 +98,9 @@ class RecalibrateConfig:
       raise ValueError(f"--threshold {self.threshold} is outside [0, 1]")
     if self.target is not None and not 0.0 < self.target <= 1.0:
       raise ValueError(f"--target_accuracy {self.target} is outside (0, 1]")
+    if self.threshold_rule not in schemas.THRESHOLD_RULES:
+      raise ValueError(f"--threshold_rule {self.threshold_rule!r} is not one"
+                       f" of {schemas.THRESHOLD_RULES}")
     if not 0.0 <= self.holdout_fraction < 1.0:
       raise ValueError(f"--holdout_fraction {self.holdout_fraction} must be in"
                        " [0, 1): something must be left to fit on")
@@ -129,6 +133,7 @@ class ThresholdChoice(NamedTuple):
   source: str  # schemas.THRESHOLD_FIXED or THRESHOLD_TARGET_ACCURACY
   target_accuracy: Optional[float]
   target_reached: Optional[bool]  # None for a fixed threshold
+  rule: Optional[str] = None  # schemas.THRESHOLD_RULES; None when fixed
 
 
 def _same_directory(a: str, b: str) -> bool:
@@ -221,7 +226,8 @@ def _choose_threshold(config: RecalibrateConfig, confidence: np.ndarray,
   if target is None:
     return ThresholdChoice(float(config.threshold), schemas.THRESHOLD_FIXED,
                            None, None)
-  choice = calibration.choose_threshold(confidence, correct, target)
+  choice = calibration.choose_threshold(confidence, correct, target,
+                                        config.threshold_rule)
   if not choice.reached:
     message = (
         f"WARNING: no threshold reaches accuracy {target:g} on the fit part's"
@@ -231,7 +237,7 @@ def _choose_threshold(config: RecalibrateConfig, confidence: np.ndarray,
         " card says so.")
     _LOG.warning(message)
   return ThresholdChoice(choice.threshold, schemas.THRESHOLD_TARGET_ACCURACY,
-                         target, choice.reached)
+                         target, choice.reached, config.threshold_rule)
 
 
 def _figures(logits: np.ndarray, labels: np.ndarray, temperature: float,
@@ -304,6 +310,7 @@ def _recalibration_block(config: RecalibrateConfig, parent: artifact.Artifact,
           source=threshold.source,
           target_accuracy=threshold.target_accuracy,
           target_reached=threshold.target_reached,
+          rule=threshold.rule,
           fit=fit_stats),
       # Parent = its temperature and threshold; after = the new ones; both on
       # the held-out part (the fit part itself when in_sample).

@@ -446,10 +446,11 @@ def choose_flagging(config: TrainConfig, val, test) -> Dict:
            "target_reached": None}
   threshold = float(config.threshold)
   if config.target_accuracy is not None:
-    choice = calibration.choose_threshold(*val, config.target_accuracy)
+    choice = calibration.choose_threshold(*val, config.target_accuracy,
+                                          config.threshold_rule)
     threshold = choice.threshold
     block.update(source=schemas.THRESHOLD_TARGET_ACCURACY,
-                 target_reached=choice.reached)
+                 target_reached=choice.reached, rule=config.threshold_rule)
   block.update(threshold=threshold, val=stats(val, threshold),
                test=stats(test, threshold))
   block["fixed"] = {"threshold": float(config.threshold),
