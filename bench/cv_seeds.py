@@ -14,12 +14,20 @@ by 0.02 macro-F1: `bench.scanner_shift --view_seed`); this keeps it fixed.
 Keep the data the same between settings: folds are dealt by image_id, and
 re-encoded images get new ids, hence other folds.
 
+--threshold_rule, repeated, runs the folds once per rule on the same fits
+(each fit depends on its seed alone) and compares the review threshold's
+rules: how many images each flags, the accuracy on the rest, pooled over
+the folds' images too, and how many folds fall more than 0.02 short of the
+target.
+
   python -m bench.cv_seeds --data GLOB [--seeds 3] [--augment_views 7]
       [--network_size N] [--malignant_weight W]
+      [--threshold_rule expected --threshold_rule observed]
       [--backbone_weights H5] [--folds 5] [--output J]
 
-Prints a line per seed and the mean over seeds of each figure's fold mean;
---output writes them as JSON.
+Prints a line per seed (and rule) and the mean over seeds of each figure's
+fold mean; --output writes them as JSON ("seeds" and "mean": the first
+rule's; "by_rule": every rule's).
 """
 
 import argparse
@@ -36,13 +44,20 @@ FIGURES = ("macro_f1", "recall_malignant", "recall_benign", "recall_normal",
            "accuracy", "ece",
            "auc_malignant", "flagged_share", "accuracy_unflagged")
 _HEAD = ("head_dense", schemas.LOGITS_LAYER)
+# Per seed besides FIGURES: the flagging pooled over the folds' images, and
+# folds whose accuracy on the images not flagged misses the target by more
+# than SHORT.
+POOLED = ("pooled_flagged_share", "pooled_accuracy_unflagged", "short_folds")
+SHORT = 0.02
 
 
 def run(data: Sequence[str], seeds: int = 3, folds: int = 5,
         backbone_weights: str = "none", backbone: str = "vgg16",
-        **recipe_flags) -> Dict:
-  """Returns {"settings", "seeds": [per-seed fold means], "mean", "seconds"}.
+        threshold_rules: Sequence[str] = (), **recipe_flags) -> Dict:
+  """Returns {"settings", "seeds": [per-seed fold means], "mean", "by_rule",
+  "seconds"}.
 
+  `threshold_rules`: the rules to compare (default: the config's).
   `recipe_flags`: TrainConfig fields (augment_views, network_size, epochs,
   ...).
   """
@@ -61,24 +76,47 @@ def run(data: Sequence[str], seeds: int = 3, folds: int = 5,
   keras.utils.set_random_seed(config.seed)  # as cv: the same initial head
   model = recipe.build_model(config, size)
   cache = cv.all_views_cache(config, model, loaded)
-  rows: List[Dict[str, Optional[float]]] = []
+  rules = list(threshold_rules) or [config.threshold_rule]
+  by_rule: Dict[str, Dict] = {rule: {"seeds": []} for rule in rules}
   for seed in range(seeds):
     if seed:
       redraw_head(model, config, size, seed)
-    runner = recipe.Recipe(model, cache, loaded.labels, config, progress=0)
-    report = cv.run_folds(config, folds, runner, loaded, hashes)
-    rows.append({k: report["summary"][k]["mean"] for k in FIGURES})
-    print(f"seed {seed}: " + ", ".join(
-        f"{k} {_fmt(v)}" for k, v in rows[-1].items()), flush=True)
-  mean = {k: _mean([row[k] for row in rows]) for k in FIGURES}
-  print("mean over seeds: " + ", ".join(f"{k} {_fmt(v)}"
-                                        for k, v in mean.items()))
+    for rule in rules:
+      ruled = dataclasses.replace(config, threshold_rule=rule)
+      runner = recipe.Recipe(model, cache, loaded.labels, ruled, progress=0)
+      report = cv.run_folds(ruled, folds, runner, loaded, hashes)
+      row = {k: report["summary"][k]["mean"] for k in FIGURES}
+      row.update(_pooled(report, ruled.target_accuracy))
+      by_rule[rule]["seeds"].append(row)
+      print(f"seed {seed}" + (f", rule {rule}" if len(rules) > 1 else "")
+            + ": " + ", ".join(f"{k} {_fmt(v)}" for k, v in row.items()),
+            flush=True)
+  for rule, block in by_rule.items():
+    block["mean"] = {k: _mean([row[k] for row in block["seeds"]])
+                     for k in FIGURES + POOLED}
+    print("mean over seeds" + (f", rule {rule}" if len(rules) > 1 else "")
+          + ": " + ", ".join(f"{k} {_fmt(v)}"
+                             for k, v in block["mean"].items()))
   settings = dataclasses.asdict(config)
   settings["data"] = list(config.data)
   settings["network_size"] = model_lib.network_size(model)
-  return {"settings": settings, "folds": folds, "seeds": rows, "mean": mean,
+  first = by_rule[rules[0]]
+  return {"settings": settings, "folds": folds, "seeds": first["seeds"],
+          "mean": first["mean"], "by_rule": by_rule,
           "conv_cache_s": round(cache.seconds, 2),
           "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _pooled(report: Dict, target: Optional[float]) -> Dict:
+  """POOLED figures of one cv report."""
+  short = None
+  if target is not None:
+    short = sum(1 for fold in report["folds"]
+                if fold["test"]["accuracy_unflagged"] is not None
+                and fold["test"]["accuracy_unflagged"] < target - SHORT)
+  return {"pooled_flagged_share": report["pooled"]["flagged_share"],
+          "pooled_accuracy_unflagged": report["pooled"]["accuracy_unflagged"],
+          "short_folds": short}
 
 
 def redraw_head(model, config, size: int, seed: int) -> None:
@@ -112,6 +150,9 @@ def main(argv=None) -> int:
   parser.add_argument("--augment_views", type=int, default=None)
   parser.add_argument("--network_size", type=int, default=None)
   parser.add_argument("--malignant_weight", type=float, default=None)
+  parser.add_argument("--threshold_rule", action="append", default=[],
+                      choices=schemas.THRESHOLD_RULES,
+                      help="Repeat to compare rules on the same fits.")
   parser.add_argument("--output", default=None, help="JSON file to write")
   args = parser.parse_args(argv)
   # Flags left out keep TrainConfig's defaults.
@@ -119,7 +160,7 @@ def main(argv=None) -> int:
            for name in ("augment_views", "network_size", "malignant_weight")
            if getattr(args, name) is not None}
   figures = run(args.data, args.seeds, args.folds, args.backbone_weights,
-                **flags)
+                threshold_rules=args.threshold_rule, **flags)
   if args.output:
     with open(args.output, "w", encoding="utf-8") as f:
       json.dump(figures, f, indent=2)

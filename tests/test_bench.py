@@ -132,10 +132,32 @@ def test_cv_seeds_repeats_cv_with_other_heads(tmp_path):
   for name in cv_seeds.FIGURES:
     assert figures["seeds"][0][name] == pytest.approx(
         report["summary"][name]["mean"], abs=1e-9), name
+  assert figures["seeds"][0]["pooled_flagged_share"] == pytest.approx(
+      report["pooled"]["flagged_share"])
   # The other seed starts from another head, so it trains differently.
   assert figures["seeds"][1] != figures["seeds"][0]
   assert figures["mean"]["macro_f1"] == pytest.approx(
       np.mean([row["macro_f1"] for row in figures["seeds"]]))
+
+
+def test_cv_seeds_compares_threshold_rules_on_the_same_fits(tmp_path):
+  from bench import cv_seeds  # pylint: disable=import-outside-toplevel
+  testing.write_tfrecords(str(tmp_path / "part-00000-of-00001.tfrecord.gz"),
+                          testing.synthetic_records(per_class=6,
+                                                    image_size=32, seed=1))
+  figures = cv_seeds.run([str(tmp_path / "*.tfrecord.gz")], seeds=1, folds=2,
+                         backbone="tiny", augment_views=1, epochs=3,
+                         val_fraction=0.4, target_accuracy=0.7,
+                         threshold_rules=["observed", "expected"])
+  observed, expected = (figures["by_rule"][r]["seeds"][0]
+                        for r in ("observed", "expected"))
+  assert figures["seeds"][0] == observed  # the first rule's
+  # The same fits: every figure but the flagging is the same.
+  for name in ("macro_f1", "accuracy", "ece", "auc_malignant"):
+    assert observed[name] == expected[name], name
+  for row in (observed, expected):
+    assert 0 <= row["short_folds"] <= 2
+    assert 0.0 <= row["pooled_flagged_share"] <= 1.0
 
 
 def test_ood_bench_measures_both_ways():
