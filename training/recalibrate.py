@@ -230,9 +230,12 @@ def _choose_threshold(config: RecalibrateConfig, confidence: np.ndarray,
                                         config.threshold_rule)
   if not choice.reached:
     message = (
-        f"WARNING: no threshold reaches accuracy {target:g} on the fit part's"
-        " images it does not flag (its most confident predictions are"
-        " wrong). Falling back to its highest confidence,"
+        f"WARNING: no threshold reaches accuracy {target:g}"
+        f" ({config.threshold_rule}) on the fit part's images it does not"
+        " flag (" + ("no confidence is that high" if config.threshold_rule
+                     == schemas.THRESHOLD_RULE_EXPECTED else
+                     "its most confident predictions are wrong")
+        + "). Falling back to its highest confidence,"
         f" {choice.threshold:.4f}, which flags nearly everything; the model"
         " card says so.")
     _LOG.warning(message)

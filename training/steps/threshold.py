@@ -3,6 +3,7 @@
 
 import logging
 
+import schemas
 from schemas import metadata as metadata_schema
 from training import recipe
 from training.config import TrainConfig
@@ -19,10 +20,13 @@ def choose(config: TrainConfig, val: Scored, test: Scored,
   flagging = metadata_schema.Flagging.from_json(recipe.choose_flagging(
       config, val.confidence(temperature), test.confidence(temperature)))
   if flagging.target_reached is False:
+    why = ("no validation confidence is that high" if flagging.rule ==
+           schemas.THRESHOLD_RULE_EXPECTED else
+           "the most confident validation predictions are wrong")
     _LOG.warning(
-        "no threshold reaches validation accuracy %g on the images it does"
-        " not flag (the most confident validation predictions are wrong)."
-        " Falling back to the highest validation confidence, %.4f, which"
-        " flags nearly everything; the model card says so.",
-        config.target_accuracy, flagging.threshold)
+        "no threshold reaches accuracy %g (%s) on the validation images it"
+        " does not flag (%s). Falling back to the highest validation"
+        " confidence, %.4f, which flags nearly everything; the model card"
+        " says so.", config.target_accuracy, flagging.rule, why,
+        flagging.threshold)
   return flagging
