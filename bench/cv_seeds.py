@@ -88,6 +88,10 @@ def run(data: Sequence[str], seeds: int = 3, folds: int = 5,
       row = {k: report["summary"][k]["mean"] for k in FIGURES}
       row.update(_pooled(report, ruled.target_accuracy))
       by_rule[rule]["seeds"].append(row)
+      # What each fold's threshold was chosen by (observed where no
+      # temperature was fitted).
+      by_rule[rule].setdefault("fold_rules", []).append(
+          [fold["threshold_rule"] for fold in report["folds"]])
       print(f"seed {seed}" + (f", rule {rule}" if len(rules) > 1 else "")
             + ": " + ", ".join(f"{k} {_fmt(v)}" for k, v in row.items()),
             flush=True)

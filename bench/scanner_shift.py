@@ -197,7 +197,8 @@ def run(data: Sequence[str], backbone_weights: str = "none",
                                         config.batch_size)
           flagging = recipe.choose_flagging(
               config, val_confidence,
-              recipe.confidence(logits, labels[test], fit.temperature))
+              recipe.confidence(logits, labels[test], fit.temperature),
+              fit.block["fitted"])
           per_fold[test_set].append(cv.fold_metrics(
               labels[test], calibration.softmax(logits, fit.temperature),
               flagging["threshold"], names))

@@ -396,7 +396,8 @@ def score(directory: str, results_file: str,
         flagging = recipe.choose_flagging(
             config, recipe.confidence(val_logits, labels[val],
                                       fit.temperature),
-            recipe.confidence(test_logits, labels[test], fit.temperature))
+            recipe.confidence(test_logits, labels[test], fit.temperature),
+            fit.block["fitted"])
         per_fold.append(cv.fold_metrics(
             labels[test], calibration.softmax(test_logits, fit.temperature),
             flagging["threshold"], names, config.threshold))

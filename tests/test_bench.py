@@ -152,6 +152,8 @@ def test_cv_seeds_compares_threshold_rules_on_the_same_fits(tmp_path):
   observed, expected = (figures["by_rule"][r]["seeds"][0]
                         for r in ("observed", "expected"))
   assert figures["seeds"][0] == observed  # the first rule's
+  for rule in ("observed", "expected"):
+    assert figures["by_rule"][rule]["fold_rules"] == [[rule, rule]]
   # The same fits: every figure but the flagging is the same.
   for name in ("macro_f1", "accuracy", "ece", "auc_malignant"):
     assert observed[name] == expected[name], name

@@ -138,3 +138,7 @@ def test_jpeg_compresses_rgb_as_rgb():
   grey = np.repeat(image[..., :1], 3, axis=2)
   out = augment.jpeg(grey, 50)
   np.testing.assert_array_equal(out[..., 0], out[..., 2])
+  # One channel goes to the codec as it is, and comes back in its shape.
+  single = augment.jpeg(image[..., :1].copy(), 50)
+  assert single.shape == (64, 64, 1)
+  np.testing.assert_array_equal(single[..., 0], out[..., 0])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import schemas
-from training import calibration, cli, evaluate, split, testing
+from training import calibration, cli, evaluate, recipe, split, testing
 from busi_core import artifact
 from training import saving
 from training import config as config_lib, model as model_lib, train
@@ -504,6 +504,26 @@ def test_threshold_rule_with_a_fixed_threshold_is_refused(data_glob, capsys,
                    "--threshold_rule", "observed", *flags]) == 2
   assert "--threshold_rule observed needs a threshold chosen" in (
       capsys.readouterr().err)
+
+
+def test_expected_rule_needs_a_calibration(data_glob, capsys):
+  assert cli.main(["cv", "--data", data_glob, "--backbone", "tiny",
+                   "--no_calibrate", "--threshold_rule", "expected"]) == 2
+  assert "--no_calibrate leaves them uncalibrated" in (
+      capsys.readouterr().err)
+  # Left to its default, the rule falls back to observed accuracy where no
+  # temperature was fitted, and says so.
+  config = config_lib.TrainConfig(data=("x",), output="x", calibrate=False,
+                                  target_accuracy=0.9)
+  confidence = np.array([0.99, 0.98, 0.97, 0.6])
+  correct = np.array([True, False, True, True])
+  val = (confidence, correct)
+  uncalibrated = recipe.choose_flagging(config, val, val, calibrated=False)
+  assert uncalibrated["rule"] == schemas.THRESHOLD_RULE_OBSERVED
+  assert uncalibrated["threshold"] == 0.99  # the only one all right
+  calibrated = recipe.choose_flagging(config, val, val)
+  assert calibrated["rule"] == schemas.THRESHOLD_RULE_EXPECTED
+  assert calibrated["threshold"] == 0.97  # mean confidence 0.98
 
 
 def test_threshold_rule_is_checked():

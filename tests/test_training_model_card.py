@@ -97,6 +97,24 @@ def test_card_holds_the_key_numbers():
   assert "not reached" not in card and "SYNTHETIC" not in card
 
 
+def test_card_says_how_the_threshold_was_chosen():
+  # Older artifacts (no "rule") chose on observed accuracy.
+  for rule in (None, "observed"):
+    metadata = _metadata()
+    if rule:
+      metadata["flagging"]["rule"] = rule
+    card = _render(metadata)
+    assert ("the validation accuracy on the images not flagged reaches"
+            " 95.0 %") in card
+    assert "expects" not in card
+  metadata = _metadata()
+  metadata["flagging"]["rule"] = "expected"
+  card = _render(metadata)
+  assert ("the accuracy the calibrated model expects of the validation"
+          " images not flagged (their mean confidence; `--threshold_rule"
+          " expected`) reaches 95.0 %") in card
+
+
 def test_card_warnings():
   metadata = _metadata(weights_source="none",
                        training={"synthetic_data": True})

@@ -220,7 +220,7 @@ def test_recalibrate_refits_temperature_and_threshold(site, tmp_path, capsys):
   assert "In-sample" not in card
 
 
-def test_default_rule_holds_the_expected_accuracy(site, tmp_path):
+def test_default_rule_holds_the_expected_accuracy(site, tmp_path, capsys):
   # The default rule: the lowest threshold at which the fit part's mean
   # calibrated confidence (the accuracy the model expects) reaches the
   # target. Its confidences stay below ~0.75, so ask 0.7.
@@ -244,6 +244,8 @@ def test_default_rule_holds_the_expected_accuracy(site, tmp_path):
   # A rule with a fixed threshold contradicts it.
   assert _run(site, tmp_path / "fixed", "--threshold", "0.8",
               "--threshold_rule", "observed") == 2
+  assert "--threshold_rule observed chooses a threshold" in (
+      capsys.readouterr().err)
 
 
 def test_fixed_threshold_in_sample(site, tmp_path):

@@ -71,13 +71,31 @@ def test_draw_keys_follow_the_image_not_its_position(images):
   keys = recipe.draw_keys(ids)
   assert keys.dtype == np.int64 and (keys >= 0).all()
   assert len(set(keys.tolist())) == len(ids)
-  # An image added before the others (sorted first) re-draws nobody else.
-  grown = recipe.draw_keys(["0" * 63 + "g"] + ids)
-  np.testing.assert_array_equal(grown[1:], keys)
-  everything = recipe.view_images(images, 3, 0, keys, degrade=True)
-  np.testing.assert_array_equal(
-      recipe.view_images(images[2:], 3, 0, grown[3:], degrade=True),
-      everything[2:])
+  # A key is the image's own: the others' do not enter it.
+  np.testing.assert_array_equal(recipe.draw_keys(ids[5:9]), keys[5:9])
+
+
+def test_an_added_image_redraws_no_other_images_views(images):
+  # What cv and train cache: the views of the images of one data set and of
+  # the same data set with an image added before them all.
+  from training import cv, data as data_lib  # pylint: disable=import-outside-toplevel
+  config = TrainConfig(data=("x",), output="x", backbone="tiny",
+                       backbone_weights="none", augment_views=3)
+  model = model_lib.build_model(SIZE, "none", 3, model_lib.TINY)
+  labels = np.repeat(np.arange(3), 8)
+  ids = [f"{i + 1:064x}" for i in range(len(images))]
+  data = data_lib.LabelledData(images, labels, ids, ["s"] * len(ids))
+  extra = np.full_like(images[:1], 128)
+  grown = data_lib.LabelledData(np.concatenate([extra, images]),
+                                np.r_[0, labels], ["0" * 64] + ids,
+                                ["s"] * (len(ids) + 1))
+  layer = model_lib.FEATURES_LAYER
+  before = cv.all_views_cache(config, model, data, [layer])
+  after = cv.all_views_cache(config, model, grown, [layer])
+  for view in (2, 3):  # a geometric and a degraded random view
+    np.testing.assert_allclose(
+        after.get(layer, view, np.arange(1, len(ids) + 1)),
+        before.get(layer, view, np.arange(len(ids))), rtol=1e-5, atol=1e-5)
 
 
 def test_cache_draws_views_from_its_keys(images):

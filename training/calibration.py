@@ -18,8 +18,10 @@ reaches a target. Two rules estimate that accuracy (RULES):
 - "expected" (the default): the mean calibrated confidence of the images
   kept, i.e. the accuracy the temperature-scaled model expects of them. It
   is a smooth function of the threshold, so a small validation split gives
-  a stable threshold, and the accuracy it promises held out of fold on real
-  BUSI (training/README.md, "Which rule chooses the threshold").
+  a stable threshold, and out of fold on real BUSI it came closer to the
+  accuracy it promises than the observed rule (training/README.md, "Which
+  rule chooses the threshold"). It needs calibrated confidences: with no
+  fitted temperature `recipe.choose_flagging` uses "observed".
 - "observed": the validation images' own accuracy. The first threshold at
   which a noisy step function crosses the target is chosen where the noise
   happens to favour it, so on ~100 validation images the accuracy it
@@ -245,7 +247,8 @@ def choose_threshold(confidences: Sequence[float], correct: Sequence[bool],
   is not monotone in t, so this is the first candidate that reaches the
   target, not a bisection.
 
-  If no candidate reaches it (the most confident predictions are wrong), the
+  If no candidate reaches it (the most confident predictions are wrong, or,
+  for "expected", no confidence is that high), the
   fallback is the highest candidate, the most conservative of them: it flags
   every image but the most confident ones. `reached` is then False and the
   caller must say so.

@@ -170,6 +170,11 @@ def _recipe_config(args: argparse.Namespace, **fields
     raise ValueError(f"--threshold_rule {args.threshold_rule} needs a"
                      " threshold chosen for --target_accuracy; this one is"
                      " fixed")
+  if (args.threshold_rule == schemas.THRESHOLD_RULE_EXPECTED
+      and not args.calibrate):
+    raise ValueError("--threshold_rule expected reads calibrated"
+                     " confidences as the accuracy they predict;"
+                     " --no_calibrate leaves them uncalibrated")
   views = args.augment_views
   if args.augment is False:
     if views:

@@ -210,7 +210,8 @@ def _fold(k: int, config: TrainConfig, runner: recipe.Recipe,
   fit = recipe.fit_calibration(config, val_logits, labels[val])
   flagging = recipe.choose_flagging(
       config, recipe.confidence(val_logits, labels[val], fit.temperature),
-      recipe.confidence(test_logits, labels[test], fit.temperature))
+      recipe.confidence(test_logits, labels[test], fit.temperature),
+      fit.block["fitted"])
   probabilities = calibration.softmax(test_logits, fit.temperature)
   scores = fold_metrics(labels[test], probabilities, flagging["threshold"],
                         names, config.threshold)
@@ -232,6 +233,7 @@ def _fold(k: int, config: TrainConfig, runner: recipe.Recipe,
       "calibration_fitted": fit.block["fitted"],
       "threshold": flagging["threshold"],
       "target_reached": flagging["target_reached"],
+      "threshold_rule": flagging.get("rule"),
       "epochs_run": fitted.epochs_run,
       "best_epoch": fitted.best_epoch,
       "seconds": {k: round(v, 2) for k, v in fitted.seconds.items()},

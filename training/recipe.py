@@ -427,12 +427,17 @@ def fit_calibration(config: TrainConfig, val_logits: np.ndarray,
   return Calibration(block["temperature"], block)
 
 
-def choose_flagging(config: TrainConfig, val, test) -> Dict:
+def choose_flagging(config: TrainConfig, val, test,
+                    calibrated: bool = True) -> Dict:
   """The review threshold and what it (and the fixed one) flags.
 
   Args:
-    config: the flags (threshold, target_accuracy).
+    config: the flags (threshold, target_accuracy, threshold_rule).
     val, test: (confidences, correct) of the calibrated predictions.
+    calibrated: whether a temperature was fitted. The "expected" rule
+      takes the confidences for the accuracy they predict, which only a
+      fitted temperature justifies: without one the "observed" rule
+      chooses, and the block records it.
 
   Returns:
     The "flagging" metadata block.
@@ -446,11 +451,16 @@ def choose_flagging(config: TrainConfig, val, test) -> Dict:
            "target_reached": None}
   threshold = float(config.threshold)
   if config.target_accuracy is not None:
-    choice = calibration.choose_threshold(*val, config.target_accuracy,
-                                          config.threshold_rule)
+    rule = config.threshold_rule
+    if rule == schemas.THRESHOLD_RULE_EXPECTED and not calibrated:
+      _LOG.warning("No fitted temperature: the threshold is chosen on the"
+                   " validation images' observed accuracy, not on"
+                   " uncalibrated confidences")
+      rule = schemas.THRESHOLD_RULE_OBSERVED
+    choice = calibration.choose_threshold(*val, config.target_accuracy, rule)
     threshold = choice.threshold
     block.update(source=schemas.THRESHOLD_TARGET_ACCURACY,
-                 target_reached=choice.reached, rule=config.threshold_rule)
+                 target_reached=choice.reached, rule=rule)
   block.update(threshold=threshold, val=stats(val, threshold),
                test=stats(test, threshold))
   block["fixed"] = {"threshold": float(config.threshold),

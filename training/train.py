@@ -106,7 +106,8 @@ def train(config: TrainConfig) -> TrainResult:
   with clock.step("calibration"):
     val = measure.score_val(fitted.runner, read.data, splits)
     cal = calibrate.calibrate(fitted.model, config, val, test)
-    flagging = threshold.choose(config, val, test, cal.temperature)
+    flagging = threshold.choose(config, val, test, cal.temperature,
+                                bool(cal.fitted))
   with clock.step("ood"):
     detector = ood_detector.fit(
         config, fitted.runner, splits.train, splits.val, splits.test,

@@ -13,12 +13,14 @@ _LOG = logging.getLogger(__name__)
 
 
 def choose(config: TrainConfig, val: Scored, test: Scored,
-           temperature: float) -> metadata_schema.Flagging:
+           temperature: float, calibrated: bool) -> metadata_schema.Flagging:
   """The "flagging" block (`recipe.choose_flagging`) at the calibrated
-  `temperature`, with a warning when the target accuracy cannot be reached.
+  `temperature` (`calibrated`: whether it was fitted), with a warning when
+  the target accuracy cannot be reached.
   """
   flagging = metadata_schema.Flagging.from_json(recipe.choose_flagging(
-      config, val.confidence(temperature), test.confidence(temperature)))
+      config, val.confidence(temperature), test.confidence(temperature),
+      calibrated))
   if flagging.target_reached is False:
     why = ("no validation confidence is that high" if flagging.rule ==
            schemas.THRESHOLD_RULE_EXPECTED else
