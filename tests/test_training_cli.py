@@ -220,6 +220,8 @@ def test_target_accuracy_threshold_from_validation(tmp_path, data_glob,
                      "--synthetic_data", "--test_fraction", "0.2") == 0
   out = capsys.readouterr().out
   assert "Review threshold" in out and "Test ECE" in out
+  assert ("(target accuracy 0.8, expected by the calibrated model (mean"
+          " confidence)") in out
   metadata = artifact.read_artifact_info(output).metadata
   assert metadata.threshold_source == "target_accuracy"
   assert metadata.target_accuracy == 0.8

@@ -126,6 +126,7 @@ def test_recalibrate_refits_temperature_and_threshold(site, tmp_path, capsys):
   assert _run(site, output, "--threshold_rule", "observed") == 0
   out = capsys.readouterr().out
   assert "held-out images" in out and f"written to {output}" in out
+  assert f"(target accuracy {TARGET:g}, observed on the fit part)" in out
   assert "1 unlabelled skipped" in out
   assert _files(site.parent) == parent_files  # only read
 
@@ -226,6 +227,8 @@ def test_default_rule_holds_the_expected_accuracy(site, tmp_path, capsys):
   # target. Its confidences stay below ~0.75, so ask 0.7.
   output = tmp_path / "recal"
   assert _run(site, output, "--target_accuracy", "0.7") == 0
+  assert ("(target accuracy 0.7, expected by the calibrated model (mean"
+          " confidence))") in capsys.readouterr().out
   metadata = _metadata(output)
   block = metadata.recalibration
   assert block.threshold.rule == schemas.THRESHOLD_RULE_EXPECTED

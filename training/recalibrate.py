@@ -503,8 +503,11 @@ def format_summary(metadata: ArtifactMetadata, output: str) -> str:
          f" (kept: {temp.reason})"),
       f"Threshold {parent.threshold:.4f} → {thr.threshold:.4f} ("
       + ("fixed" if thr.source == schemas.THRESHOLD_FIXED else
-         f"target accuracy {thr.target_accuracy:g}"
-         + ("" if thr.target_reached else " NOT reached")) + ")",
+         f"target accuracy {thr.target_accuracy:g}, "
+         + ("expected by the calibrated model (mean confidence)"
+            if thr.rule == schemas.THRESHOLD_RULE_EXPECTED else
+            "observed on the fit part")
+         + ("" if thr.target_reached else ", NOT reached")) + ")",
       ("In-sample figures (--holdout_fraction 0: fitted and measured on the"
        f" same {check.count} images, optimistic):" if check.in_sample
        else f"On the {check.count} held-out images:"),

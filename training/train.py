@@ -152,6 +152,16 @@ def _format_flagging(name: str,
           f" {_num(stats.accuracy_flagged)} on the flagged")
 
 
+# How a chosen threshold estimated the accuracy it holds (None: artifacts
+# from before the rule was recorded, which used the observed one).
+_RULE_WORDS = {
+    schemas.THRESHOLD_RULE_EXPECTED:
+        "expected by the calibrated model (mean confidence)",
+    schemas.THRESHOLD_RULE_OBSERVED: "observed on validation",
+    None: "observed on validation",
+}
+
+
 def _calibration_lines(metadata: ArtifactMetadata) -> Iterator[str]:
   cal, flagging = metadata.calibration, metadata.flagging
   if cal.fitted:
@@ -165,8 +175,9 @@ def _calibration_lines(metadata: ArtifactMetadata) -> Iterator[str]:
            f" {_num(cal.ece_before)} before, {_num(cal.ece_after)} after")
   source = "fixed"
   if flagging.source == schemas.THRESHOLD_TARGET_ACCURACY:
-    source = f"target accuracy {flagging.target_accuracy:g}" + (
-        "" if flagging.target_reached else " NOT reached")
+    source = (f"target accuracy {flagging.target_accuracy:g}, "
+              + _RULE_WORDS.get(flagging.rule, _RULE_WORDS[None])
+              + ("" if flagging.target_reached else ", NOT reached"))
   yield f"Review threshold {flagging.threshold:.4f} ({source})"
   for name, stats in (("validation", flagging.val), ("test", flagging.test)):
     if stats:
