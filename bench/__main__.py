@@ -187,9 +187,7 @@ def main(argv=None) -> int:
       figures["quality"] = quality_bench.run(repeats=max(5, args.repeats))
   figures["environment"] = common.environment()  # as the runs left it
   figures["bench_wall_s"] = round(time.time() - started, 1)
-  os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-  with open(args.output, "w") as f:
-    json.dump(figures, f, indent=2)
+  common.write_json(args.output, figures)
   print(json.dumps(figures["environment"]))
   if "preprocess" in figures and "scoring" in figures:
     print(_table(figures))

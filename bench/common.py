@@ -1,5 +1,6 @@
 """Shared benchmark helpers: timing, environment description, test data."""
 
+import json
 import os
 import platform
 import statistics
@@ -9,6 +10,13 @@ import zipfile
 from typing import Callable, Dict, List
 
 import numpy as np
+
+
+def write_json(path: str, figures: Dict) -> None:
+  """A bench's figures as indented JSON at `path` (its folder made)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(figures, f, indent=2)
 
 
 def environment() -> Dict:

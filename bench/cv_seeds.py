@@ -32,13 +32,13 @@ rule's; "by_rule": every rule's).
 
 import argparse
 import dataclasses
-import json
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 import schemas
+from bench import common
 
 FIGURES = ("macro_f1", "recall_malignant", "recall_benign", "recall_normal",
            "accuracy", "ece",
@@ -61,23 +61,17 @@ def run(data: Sequence[str], seeds: int = 3, folds: int = 5,
   `recipe_flags`: TrainConfig fields (augment_views, network_size, epochs,
   ...).
   """
-  import keras  # pylint: disable=import-outside-toplevel
-  from training import cv, data as data_lib, model as model_lib, recipe, split  # pylint: disable=import-outside-toplevel
-  from training.config import TrainConfig  # pylint: disable=import-outside-toplevel
+  from training import cv, model as model_lib, recipe  # pylint: disable=import-outside-toplevel
   started = time.perf_counter()
-  config = TrainConfig(data=tuple(data), output="",
-                       backbone_weights=backbone_weights, backbone=backbone,
-                       **recipe_flags)
-  config.validate(cross_validation=True)
-  names = list(schemas.LABELS)
-  loaded, _ = data_lib.load_labelled(config.data, names, config.image_size)
-  hashes = [split.dhash(image) for image in loaded.images]
+  config, loaded, hashes, model = setup(data, backbone_weights, backbone,
+                                        recipe_flags)
   size = int(loaded.images.shape[1])
-  keras.utils.set_random_seed(config.seed)  # as cv: the same initial head
-  model = recipe.build_model(config, size)
   cache = cv.all_views_cache(config, model, loaded)
   rules = list(threshold_rules) or [config.threshold_rule]
-  by_rule: Dict[str, Dict] = {rule: {"seeds": []} for rule in rules}
+  # Per rule: a row per seed, and what each fold's threshold was chosen by
+  # (observed where no temperature was fitted).
+  by_rule: Dict[str, Dict] = {rule: {"seeds": [], "fold_rules": []}
+                              for rule in rules}
   for seed in range(seeds):
     if seed:
       redraw_head(model, config, size, seed)
@@ -88,9 +82,7 @@ def run(data: Sequence[str], seeds: int = 3, folds: int = 5,
       row = {k: report["summary"][k]["mean"] for k in FIGURES}
       row.update(_pooled(report, ruled.target_accuracy))
       by_rule[rule]["seeds"].append(row)
-      # What each fold's threshold was chosen by (observed where no
-      # temperature was fitted).
-      by_rule[rule].setdefault("fold_rules", []).append(
+      by_rule[rule]["fold_rules"].append(
           [fold["threshold_rule"] for fold in report["folds"]])
       print(f"seed {seed}" + (f", rule {rule}" if len(rules) > 1 else "")
             + ": " + ", ".join(f"{k} {_fmt(v)}" for k, v in row.items()),
@@ -109,6 +101,25 @@ def run(data: Sequence[str], seeds: int = 3, folds: int = 5,
           "mean": first["mean"], "by_rule": by_rule,
           "conv_cache_s": round(cache.seconds, 2),
           "seconds": round(time.perf_counter() - started, 2)}
+
+
+def setup(data: Sequence[str], backbone_weights: str, backbone: str,
+          recipe_flags: Dict) -> Tuple:
+  """What `cv` starts from: (config, labelled data, their dHashes, model
+  with cv's initial head)."""
+  import keras  # pylint: disable=import-outside-toplevel
+  from training import data as data_lib, recipe, split  # pylint: disable=import-outside-toplevel
+  from training.config import TrainConfig  # pylint: disable=import-outside-toplevel
+  config = TrainConfig(data=tuple(data), output="",
+                       backbone_weights=backbone_weights, backbone=backbone,
+                       **recipe_flags)
+  config.validate(cross_validation=True)
+  loaded, _ = data_lib.load_labelled(config.data, list(schemas.LABELS),
+                                     config.image_size)
+  hashes = [split.dhash(image) for image in loaded.images]
+  keras.utils.set_random_seed(config.seed)  # as cv: the same initial head
+  model = recipe.build_model(config, int(loaded.images.shape[1]))
+  return config, loaded, hashes, model
 
 
 def _pooled(report: Dict, target: Optional[float]) -> Dict:
@@ -166,8 +177,7 @@ def main(argv=None) -> int:
   figures = run(args.data, args.seeds, args.folds, args.backbone_weights,
                 threshold_rules=args.threshold_rule, **flags)
   if args.output:
-    with open(args.output, "w", encoding="utf-8") as f:
-      json.dump(figures, f, indent=2)
+    common.write_json(args.output, figures)
   return 0
 
 

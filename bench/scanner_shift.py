@@ -45,6 +45,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 import schemas
+from bench import common
 
 SHIFTS = ("blur", "lowres", "speckle", "jpeg", "gain", "zoomout")
 SETS = ("as_stored",) + SHIFTS
@@ -92,23 +93,15 @@ def run(data: Sequence[str], backbone_weights: str = "none",
   `recipe_flags`: other TrainConfig fields (epochs, augment_views, ...);
   `degrade` is what the two recipes differ in.
   """
-  import keras  # pylint: disable=import-outside-toplevel
   from bench import cv_seeds  # pylint: disable=import-outside-toplevel
-  from training import calibration, cv, data as data_lib  # pylint: disable=import-outside-toplevel
+  from training import calibration, cv  # pylint: disable=import-outside-toplevel
   from training import model as model_lib, recipe, split  # pylint: disable=import-outside-toplevel
-  from training.config import TrainConfig  # pylint: disable=import-outside-toplevel
   started = time.perf_counter()
-  config = TrainConfig(data=tuple(data), output="",
-                       backbone_weights=backbone_weights, backbone=backbone,
-                       **recipe_flags)
-  config.validate(cross_validation=True)
+  config, loaded, hashes, model = cv_seeds.setup(data, backbone_weights,
+                                                 backbone, recipe_flags)
   names = list(schemas.LABELS)
-  loaded, _ = data_lib.load_labelled(config.data, names, config.image_size)
   images, labels = loaded.images, loaded.labels
-  hashes = [split.dhash(image) for image in images]
   size = int(images.shape[1])
-  keras.utils.set_random_seed(config.seed)  # as cv: the same initial head
-  model = recipe.build_model(config, size)
   features = model_lib.sub_model(model, None, model_lib.FEATURES_LAYER)
   keys = recipe.draw_keys(loaded.image_ids)
   if cache and not cache.endswith(".npz"):
@@ -254,8 +247,7 @@ def main(argv=None) -> int:
   figures = run(args.data, args.backbone_weights, seeds=args.seeds,
                 folds=args.folds, view_seed=args.view_seed, cache=args.cache)
   if args.output:
-    with open(args.output, "w", encoding="utf-8") as f:
-      json.dump(figures, f, indent=2)
+    common.write_json(args.output, figures)
   return 0
 
 

@@ -20,6 +20,17 @@ from bench import (codec_bench, non_us_archive, preprocess_bench, quality_bench,
 from training import testing
 
 
+def _write_records(tmp_path, image_size: int) -> str:
+  """Six synthetic images of each class as one TFRecord file in tmp_path;
+  its glob."""
+  glob = str(tmp_path / "*.tfrecord.gz")
+  testing.write_tfrecords(str(tmp_path / "part-00000-of-00001.tfrecord.gz"),
+                          testing.synthetic_records(per_class=6,
+                                                    image_size=image_size,
+                                                    seed=1))
+  return glob
+
+
 @pytest.mark.parametrize("png_channels", [1, 3])
 @pytest.mark.slow
 def test_preprocess_bench_measures_both_sides(tmp_path, png_channels):
@@ -95,11 +106,8 @@ def test_precision_cost_compares_against_float32(tmp_path):
 @pytest.mark.slow
 def test_recipe_search_runs_each_variant_on_one_cache(tmp_path):
   from bench import recipe_search  # pylint: disable=import-outside-toplevel
-  testing.write_tfrecords(str(tmp_path / "part-00000-of-00001.tfrecord.gz"),
-                          testing.synthetic_records(per_class=6,
-                                                    image_size=16, seed=1))
   figures = recipe_search.run(
-      [str(tmp_path / "*.tfrecord.gz")], "none",
+      [_write_records(tmp_path, 16)], "none",
       {"plain": {"augment_views": 0, "epochs": 3, "val_fraction": 0.4},
        "views": {"augment_views": 1, "epochs": 3, "val_fraction": 0.4,
                  "fine_tune_epochs": 1}},
@@ -116,10 +124,7 @@ def test_cv_seeds_repeats_cv_with_other_heads(tmp_path):
   from bench import cv_seeds  # pylint: disable=import-outside-toplevel
   from training import cv  # pylint: disable=import-outside-toplevel
   from training.config import TrainConfig  # pylint: disable=import-outside-toplevel
-  testing.write_tfrecords(str(tmp_path / "part-00000-of-00001.tfrecord.gz"),
-                          testing.synthetic_records(per_class=6,
-                                                    image_size=32, seed=1))
-  data = [str(tmp_path / "*.tfrecord.gz")]
+  data = [_write_records(tmp_path, 32)]
   flags = {"augment_views": 1, "epochs": 3, "val_fraction": 0.4,
            "network_size": 48}
   figures = cv_seeds.run(data, seeds=2, folds=2, backbone="tiny", **flags)
@@ -142,10 +147,7 @@ def test_cv_seeds_repeats_cv_with_other_heads(tmp_path):
 
 def test_cv_seeds_compares_threshold_rules_on_the_same_fits(tmp_path):
   from bench import cv_seeds  # pylint: disable=import-outside-toplevel
-  testing.write_tfrecords(str(tmp_path / "part-00000-of-00001.tfrecord.gz"),
-                          testing.synthetic_records(per_class=6,
-                                                    image_size=32, seed=1))
-  figures = cv_seeds.run([str(tmp_path / "*.tfrecord.gz")], seeds=1, folds=2,
+  figures = cv_seeds.run([_write_records(tmp_path, 32)], seeds=1, folds=2,
                          backbone="tiny", augment_views=1, epochs=3,
                          val_fraction=0.4, target_accuracy=0.7,
                          threshold_rules=["observed", "expected"])
@@ -339,10 +341,7 @@ def test_scanner_shift_scores_cvs_folds_of_both_recipes(tmp_path):
   from bench import scanner_shift  # pylint: disable=import-outside-toplevel
   from training import cv  # pylint: disable=import-outside-toplevel
   from training.config import TrainConfig  # pylint: disable=import-outside-toplevel
-  testing.write_tfrecords(str(tmp_path / "part-00000-of-00001.tfrecord.gz"),
-                          testing.synthetic_records(per_class=6,
-                                                    image_size=32, seed=1))
-  data = [str(tmp_path / "*.tfrecord.gz")]
+  data = [_write_records(tmp_path, 32)]
   flags = {"augment_views": 3, "epochs": 3, "val_fraction": 0.4}
   cache = str(tmp_path / "features")
   figures = scanner_shift.run(data, backbone="tiny", seeds=1, folds=2,

@@ -14,7 +14,8 @@ ECE = Σ_b |b|/n · |accuracy(b) − mean confidence(b)|.
 `choose_threshold` picks the review threshold from data: the lowest
 validation confidence at which the accuracy on the images that would NOT be
 flagged (confidence ≥ threshold, as scoring flags confidence < threshold)
-reaches a target. Two rules estimate that accuracy (RULES):
+reaches a target. Two rules estimate that accuracy
+(schemas.THRESHOLD_RULES):
 - "expected" (the default): the mean calibrated confidence of the images
   kept, i.e. the accuracy the temperature-scaled model expects of them. It
   is a smooth function of the threshold, so a small validation split gives
@@ -220,12 +221,6 @@ def flag_stats(confidences: Sequence[float], correct: Sequence[bool],
   }
 
 
-RULE_EXPECTED = schemas.THRESHOLD_RULE_EXPECTED
-RULE_OBSERVED = schemas.THRESHOLD_RULE_OBSERVED
-RULES = schemas.THRESHOLD_RULES
-DEFAULT_RULE = schemas.DEFAULT_THRESHOLD_RULE
-
-
 class ThresholdChoice(NamedTuple):
   threshold: float
   reached: bool  # False: no candidate reached the target (fallback used)
@@ -234,8 +229,26 @@ class ThresholdChoice(NamedTuple):
   accuracy_confident: float
 
 
+def rule_words(rule: Optional[str], where: str) -> str:
+  """How a chosen threshold's `rule` estimated the accuracy it holds, for a
+  summary line (None: artifacts from before the rule was recorded, which
+  used the observed one); `where`: the images it was chosen on."""
+  if rule == schemas.THRESHOLD_RULE_EXPECTED:
+    return "expected by the calibrated model (mean confidence)"
+  return f"observed on {where}"
+
+
+def unreached_reason(rule: Optional[str], images: str) -> str:
+  """Why no threshold reached the target under `rule`, for a warning;
+  `images`: the images it was chosen on, as an adjective."""
+  if rule == schemas.THRESHOLD_RULE_EXPECTED:
+    return f"no {images} confidence is that high"
+  return f"the most confident {images} predictions are wrong"
+
+
 def choose_threshold(confidences: Sequence[float], correct: Sequence[bool],
-                     target: float, rule: str = DEFAULT_RULE
+                     target: float,
+                     rule: str = schemas.DEFAULT_THRESHOLD_RULE
                     ) -> ThresholdChoice:
   """The lowest threshold whose non-flagged images reach `target` accuracy.
 
@@ -257,13 +270,14 @@ def choose_threshold(confidences: Sequence[float], correct: Sequence[bool],
     confidences: top probability of each validation prediction.
     correct: whether each prediction was right.
     target: accuracy in (0, 1] required on the non-flagged images.
-    rule: one of RULES.
+    rule: one of schemas.THRESHOLD_RULES.
 
   Raises:
     ValueError: no examples, target outside (0, 1], or an unknown rule.
   """
-  if rule not in RULES:
-    raise ValueError(f"threshold rule {rule!r} is not one of {RULES}")
+  if rule not in schemas.THRESHOLD_RULES:
+    raise ValueError(f"threshold rule {rule!r} is not one of"
+                     f" {schemas.THRESHOLD_RULES}")
   confidences = np.asarray(confidences, dtype=np.float64).reshape(-1)
   correct = np.asarray(correct, dtype=bool).reshape(-1)
   if confidences.shape != correct.shape:
@@ -277,7 +291,8 @@ def choose_threshold(confidences: Sequence[float], correct: Sequence[bool],
   conf_desc, right_desc = confidences[order], correct[order]
   # For each distinct value v (descending): right (or expected right) /
   # total among conf ≥ v.
-  right_cum = np.cumsum(conf_desc if rule == RULE_EXPECTED else right_desc)
+  expected = rule == schemas.THRESHOLD_RULE_EXPECTED
+  right_cum = np.cumsum(conf_desc if expected else right_desc)
   last_of_value = np.r_[conf_desc[1:] != conf_desc[:-1], True]
   values = conf_desc[last_of_value]
   kept = np.flatnonzero(last_of_value) + 1

@@ -232,9 +232,8 @@ def _choose_threshold(config: RecalibrateConfig, confidence: np.ndarray,
     message = (
         f"WARNING: no threshold reaches accuracy {target:g}"
         f" ({config.threshold_rule}) on the fit part's images it does not"
-        " flag (" + ("no confidence is that high" if config.threshold_rule
-                     == schemas.THRESHOLD_RULE_EXPECTED else
-                     "its most confident predictions are wrong")
+        " flag ("
+        + calibration.unreached_reason(config.threshold_rule, "fit-part")
         + "). Falling back to its highest confidence,"
         f" {choice.threshold:.4f}, which flags nearly everything; the model"
         " card says so.")
@@ -504,9 +503,7 @@ def format_summary(metadata: ArtifactMetadata, output: str) -> str:
       f"Threshold {parent.threshold:.4f} → {thr.threshold:.4f} ("
       + ("fixed" if thr.source == schemas.THRESHOLD_FIXED else
          f"target accuracy {thr.target_accuracy:g}, "
-         + ("expected by the calibrated model (mean confidence)"
-            if thr.rule == schemas.THRESHOLD_RULE_EXPECTED else
-            "observed on the fit part")
+         + calibration.rule_words(thr.rule, "the fit part")
          + ("" if thr.target_reached else ", NOT reached")) + ")",
       ("In-sample figures (--holdout_fraction 0: fitted and measured on the"
        f" same {check.count} images, optimistic):" if check.in_sample

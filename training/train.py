@@ -32,7 +32,7 @@ import schemas
 from schemas import artifact as artifact_schema
 from schemas import metadata as metadata_schema
 from schemas.metadata import ArtifactMetadata
-from training import cv, data as data_lib, metrics, ood_detector
+from training import calibration, cv, data as data_lib, metrics, ood_detector
 from training import split as split_lib
 from training.config import TrainConfig
 from training.steps import calibrate, data, fit, measure, save, split
@@ -152,16 +152,6 @@ def _format_flagging(name: str,
           f" {_num(stats.accuracy_flagged)} on the flagged")
 
 
-# How a chosen threshold estimated the accuracy it holds (None: artifacts
-# from before the rule was recorded, which used the observed one).
-_RULE_WORDS = {
-    schemas.THRESHOLD_RULE_EXPECTED:
-        "expected by the calibrated model (mean confidence)",
-    schemas.THRESHOLD_RULE_OBSERVED: "observed on validation",
-    None: "observed on validation",
-}
-
-
 def _calibration_lines(metadata: ArtifactMetadata) -> Iterator[str]:
   cal, flagging = metadata.calibration, metadata.flagging
   if cal.fitted:
@@ -176,7 +166,7 @@ def _calibration_lines(metadata: ArtifactMetadata) -> Iterator[str]:
   source = "fixed"
   if flagging.source == schemas.THRESHOLD_TARGET_ACCURACY:
     source = (f"target accuracy {flagging.target_accuracy:g}, "
-              + _RULE_WORDS.get(flagging.rule, _RULE_WORDS[None])
+              + calibration.rule_words(flagging.rule, "validation")
               + ("" if flagging.target_reached else ", NOT reached"))
   yield f"Review threshold {flagging.threshold:.4f} ({source})"
   for name, stats in (("validation", flagging.val), ("test", flagging.test)):

@@ -3,9 +3,8 @@
 
 import logging
 
-import schemas
 from schemas import metadata as metadata_schema
-from training import recipe
+from training import calibration, recipe
 from training.config import TrainConfig
 from training.steps.measure import Scored
 
@@ -22,13 +21,11 @@ def choose(config: TrainConfig, val: Scored, test: Scored,
       config, val.confidence(temperature), test.confidence(temperature),
       calibrated))
   if flagging.target_reached is False:
-    why = ("no validation confidence is that high" if flagging.rule ==
-           schemas.THRESHOLD_RULE_EXPECTED else
-           "the most confident validation predictions are wrong")
     _LOG.warning(
         "no threshold reaches accuracy %g (%s) on the validation images it"
         " does not flag (%s). Falling back to the highest validation"
         " confidence, %.4f, which flags nearly everything; the model card"
-        " says so.", config.target_accuracy, flagging.rule, why,
+        " says so.", config.target_accuracy, flagging.rule,
+        calibration.unreached_reason(flagging.rule, "validation"),
         flagging.threshold)
   return flagging
