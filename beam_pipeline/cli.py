@@ -16,7 +16,9 @@ import sys
 import threading
 from typing import List, NoReturn, Optional
 
+import schemas
 from beam_pipeline import failures, output_lock, outputs
+from busi_core import flag_rates
 
 _LOG = logging.getLogger(__name__)
 
@@ -74,6 +76,8 @@ def format_summary(manifest: dict) -> str:
                f"{'holds' if invariant.get('holds') else 'BROKEN'}")
   for name, value in (manifest.get("incomplete_because") or {}).items():
     lines.append(f"  INCOMPLETE: {name} = {value} (see the errors table)")
+  for line in flag_rates.warnings(manifest.get(schemas.MANIFEST_FLAG_RATES)):
+    lines.append(f"  WARNING: {line}")
   lines.append(f"  outputs in {manifest.get('output')}")
   counters = manifest.get("counters")  # pipeline.COUNTERS, from `execute`
   if counters:

@@ -21,6 +21,7 @@ from apache_beam.io.filesystems import FileSystems
 
 import schemas
 from beam_pipeline import failures, output_lock
+from busi_core import flag_rates
 from busi_core.tfrecord_io import WriteGzipTFRecords
 
 _LOG = logging.getLogger(__name__)
@@ -340,6 +341,13 @@ def finish_manifest(base: Dict, counts: Dict[str, int],
   if scored and manifest["wall_time_s"] > 0:
     manifest["throughput_images_per_s"] = round(
         counts["predictions"] / manifest["wall_time_s"], 3)
+  if scored and schemas.MANIFEST_FLAG_RATES in base:
+    # The base holds the artifact's expected shares; the run's counts
+    # against them.
+    manifest[schemas.MANIFEST_FLAG_RATES] = flag_rates.check(
+        base[schemas.MANIFEST_FLAG_RATES], counts)
+    for line in flag_rates.warnings(manifest[schemas.MANIFEST_FLAG_RATES]):
+      _LOG.warning("%s", line)
   return manifest
 
 

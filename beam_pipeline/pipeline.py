@@ -60,6 +60,10 @@ def manifest_base(plan: Plan, image_size: int) -> Dict:
                  "ood_threshold": config.ood_threshold,
                  "labels": list(config.labels),
                  "batch_size": opts.batch_size})
+    if config.expected_flag_rates is not None:
+      # What the run's flagged shares are checked against; the finished
+      # manifest holds the check (outputs.finish_manifest).
+      base[schemas.MANIFEST_FLAG_RATES] = config.expected_flag_rates
   if plan.skip is not None:
     base["skip_scored"] = plan.skip.manifest_field()
   return base

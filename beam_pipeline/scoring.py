@@ -46,6 +46,9 @@ class ScoringConfig(NamedTuple):
   # Scores above it are out of distribution (the artifact's, or
   # --ood_threshold); None: the artifact has no OOD detector.
   ood_threshold: Optional[float] = None
+  # The artifact's held-out flagged shares (busi_core.flag_rates.expected),
+  # which the manifest's check compares the run's with; None: no check.
+  expected_flag_rates: Optional[Dict] = None
 
 
 def keyed_input(record: records.ImageRecord, image_size: int

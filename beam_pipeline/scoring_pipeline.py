@@ -14,7 +14,7 @@ from apache_beam.utils import shared
 
 import schemas
 from beam_pipeline import inputs, progress
-from busi_core import archives, artifact, gradcam
+from busi_core import archives, artifact, flag_rates, gradcam
 from beam_pipeline import options as opts_lib
 from beam_pipeline import scoring
 from busi_core import tfrecord_io
@@ -304,4 +304,8 @@ def load_config(opts, run_id: str, command: str) -> scoring.ScoringConfig:
       labels=tuple(info.labels), threshold=threshold,
       model_version=info.metadata.model_version, run_id=run_id,
       image_size=size, model_sha256=info.model_sha256,
-      ood_threshold=ood_threshold)
+      ood_threshold=ood_threshold,
+      expected_flag_rates=flag_rates.expected(
+          info.metadata, threshold_given=opts.threshold is not None,
+          ood_threshold_given=opts.ood_threshold is not None,
+          has_ood=info.ood is not None))

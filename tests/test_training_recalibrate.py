@@ -362,4 +362,5 @@ def test_every_card_says_how_to_check_and_recalibrate():
   assert ("python -m training evaluate --model DIR --data LOCAL_GLOB"
           " --output REPORT") in card
   assert "python -m training recalibrate --model DIR --data LOCAL_GLOB" in card
+  assert "manifest's `flag_rates`" in card  # scoring runs warn
   assert "Recalibration for a new site" not in card

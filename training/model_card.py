@@ -439,6 +439,10 @@ _LOCAL_DATA_NOTE = "\n".join([
     "",
     "    python -m training recalibrate --model DIR --data LOCAL_GLOB"
     " --output NEW_DIR",
+    "",
+    "Every scoring run compares the share of images it flags with the"
+    " held-out share this card reports, and warns when it is far higher"
+    " (the run manifest's `flag_rates`).",
 ])
 
 

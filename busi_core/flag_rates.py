@@ -1,0 +1,207 @@
+"""Does a scoring run flag far more images than the model's own held-out
+data said it would?
+
+A model's review threshold and its out-of-distribution threshold are
+chosen on data like its training data. On scans from another scanner or
+site, both can stop meaning what they meant: the threshold's accuracy no
+longer holds, and the share of images flagged climbs (issue 12 measured
+every scan of another hospital's four scanners flagged). One image cannot
+show that; a run can. At launch `expected` reads from the artifact the share
+of images each flag marked on its held-out data; when the run has finished,
+`check` compares the run's share with it. A share that is both well above
+the expected one (by at least `schemas.FLAG_RATE_MARGIN`) and too high to
+be chance (one-sided binomial p-value below `schemas.FLAG_RATE_ALPHA`) is
+raised: the manifest says so and the command prints a warning. A raised
+check is a prompt to check the model on labelled local data (`python -m
+training evaluate`) and to recalibrate it (`python -m training
+recalibrate`); a different case mix (a batch of only malignant scans, say)
+raises it too.
+
+Only the upper side is checked: a run that flags fewer images than expected
+may simply hold easier ones.
+"""
+
+import math
+from typing import Dict, List, Optional
+
+import numpy as np
+
+import schemas
+from schemas.metadata import ArtifactMetadata
+
+
+def _share(stats) -> Optional[Dict]:
+  """{"share", "images"} of a block with flagged_share and count."""
+  if stats is None or stats.flagged_share is None or not stats.count:
+    return None
+  return {"share": float(stats.flagged_share), "images": int(stats.count)}
+
+
+def _low_confidence(metadata: ArtifactMetadata) -> Dict:
+  """Where the artifact says how many images its own threshold flags on
+  held-out data: a recalibrated artifact's check on its site sample, else
+  the pooled cross-validation, else its test split, else its validation
+  split."""
+  recalibration = metadata.recalibration
+  check = recalibration.check if recalibration is not None else None
+  if check is not None and check.after is not None:
+    found = _share(check.after)
+    if found:
+      return {**found, "from": schemas.FLAG_RATE_FROM_RECALIBRATION}
+  if recalibration is not None:
+    found = (_share(recalibration.threshold.fit)
+             if recalibration.threshold is not None else None)
+    if found:
+      return {**found, "from": schemas.FLAG_RATE_FROM_RECALIBRATION}
+  # Each image scored by the fold model that did not see it, with its
+  # fold's threshold, chosen as the final model's was.
+  pooled = (metadata.cross_validation.pooled or {}
+            if metadata.cross_validation is not None else {})
+  if (recalibration is None and pooled.get("flagged_share") is not None
+      and pooled.get("count")):
+    return {"share": float(pooled["flagged_share"]),
+            "images": int(pooled["count"]),
+            "from": schemas.FLAG_RATE_FROM_CROSS_VALIDATION}
+  flagging = metadata.flagging
+  if flagging is not None and recalibration is None:
+    for split, stats in ((schemas.FLAG_RATE_FROM_TEST, flagging.test),
+                         (schemas.FLAG_RATE_FROM_VALIDATION, flagging.val)):
+      found = _share(stats)
+      if found:
+        return {**found, "from": split}
+  return {"share": None, "why": "the artifact records no held-out flagged"
+                                " share for its threshold"}
+
+
+def expected(metadata: ArtifactMetadata, threshold_given: bool,
+             ood_threshold_given: bool, has_ood: bool) -> Dict[str, Dict]:
+  """The manifest's expectation per flag, fixed at launch.
+
+  Args:
+    metadata: the artifact's metadata.
+    threshold_given: --threshold overrides the artifact's threshold (its
+      held-out share then says nothing about this run's).
+    ood_threshold_given: --ood_threshold likewise.
+    has_ood: the artifact has an OOD detector.
+
+  Returns:
+    {column: {"share": float or None, "from": ..., "images": ...} or
+    {"share": None, "why": ...}} for the low-confidence and
+    out-of-distribution columns.
+  """
+  out = {}
+  if threshold_given:
+    out[schemas.COLUMN_LOW_CONFIDENCE] = {
+        "share": None, "why": "--threshold replaces the artifact's threshold"}
+  else:
+    out[schemas.COLUMN_LOW_CONFIDENCE] = _low_confidence(metadata)
+  ood = metadata.ood
+  if not has_ood or ood is None:
+    out[schemas.COLUMN_OUT_OF_DISTRIBUTION] = {
+        "share": None, "why": "the artifact has no OOD detector"}
+  elif ood_threshold_given:
+    out[schemas.COLUMN_OUT_OF_DISTRIBUTION] = {
+        "share": None,
+        "why": "--ood_threshold replaces the artifact's OOD threshold"}
+  elif ood.target_pass_rate is None:
+    out[schemas.COLUMN_OUT_OF_DISTRIBUTION] = {
+        "share": None, "why": "the artifact records no OOD pass rate"}
+  else:
+    # The detector's threshold is set to pass this share of in-distribution
+    # images (training/ood_detector.py): its design rate, not a noisy count.
+    out[schemas.COLUMN_OUT_OF_DISTRIBUTION] = {
+        "share": round(1.0 - float(ood.target_pass_rate), 12),
+        "from": schemas.FLAG_RATE_FROM_OOD_PASS_RATE}
+  return out
+
+
+def binomial_upper_tail(k: int, n: int, p: float) -> float:
+  """P(X >= k) for X ~ Binomial(n, p), exactly (summed in log space)."""
+  if not 0 <= k <= n:
+    raise ValueError(f"k={k} is outside 0..{n}")
+  if k == 0:
+    return 1.0
+  if p <= 0.0:
+    return 0.0
+  if p >= 1.0:
+    return 1.0
+  terms = np.arange(k, n + 1, dtype=np.float64)
+  # log pmf(k), then pmf(j+1)/pmf(j) = (n-j)/(j+1) * p/(1-p).
+  first = (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+           + k * math.log(p) + (n - k) * math.log1p(-p))
+  steps = (np.log(n - terms[:-1]) - np.log(terms[:-1] + 1)
+           + math.log(p) - math.log1p(-p))
+  logs = first + np.concatenate([[0.0], np.cumsum(steps)])
+  top = logs.max()
+  return float(min(1.0, math.exp(top) * np.exp(logs - top).sum()))
+
+
+def check(expectations: Dict[str, Dict], counts: Dict[str, int]) -> Dict:
+  """The manifest's "flag_rates": per flag, the run's share against the
+  expected one, the p-value and whether the check is raised."""
+  images = int(counts.get("predictions", 0))
+  out = {}
+  for column, expectation in expectations.items():
+    entry = dict(expectation)
+    flagged = counts.get(column)
+    entry.update({"images_scored": images, "flagged": flagged})
+    share = expectation.get("share")
+    if share is None or flagged is None or not images:
+      entry.update({"observed": None if not images or flagged is None
+                               else flagged / images,
+                    "p_value": None, "raised": False})
+      if share is not None:
+        entry["why"] = "no images scored"
+      out[column] = entry
+      continue
+    observed = flagged / images
+    p_value = binomial_upper_tail(int(flagged), images, float(share))
+    entry.update({
+        "observed": observed, "p_value": p_value,
+        "raised": bool(observed - share >= schemas.FLAG_RATE_MARGIN
+                       and p_value < schemas.FLAG_RATE_ALPHA)})
+    out[column] = entry
+  return out
+
+
+_WHAT = {
+    schemas.COLUMN_LOW_CONFIDENCE: "low-confidence",
+    schemas.COLUMN_OUT_OF_DISTRIBUTION: "out of distribution",
+}
+_WHERE = {
+    schemas.FLAG_RATE_FROM_RECALIBRATION: "its recalibration sample",
+    schemas.FLAG_RATE_FROM_CROSS_VALIDATION: "its held-out cross-validation"
+                                             " folds",
+    schemas.FLAG_RATE_FROM_TEST: "its test split",
+    schemas.FLAG_RATE_FROM_VALIDATION: "its validation split",
+    schemas.FLAG_RATE_FROM_OOD_PASS_RATE: "images like its training data,"
+                                          " by the detector's design",
+}
+_ADVICE = {
+    schemas.COLUMN_LOW_CONFIDENCE:
+        "These images may come from another scanner, site or case mix, where"
+        " the model's confidence and threshold may not hold: check it on"
+        " labelled local images (python -m training evaluate) and"
+        " recalibrate it (python -m training recalibrate).",
+    schemas.COLUMN_OUT_OF_DISTRIBUTION:
+        "Look at them (the out_of_distribution column): images that are not"
+        " breast ultrasound, or scans from another scanner or site; for the"
+        " latter check the model on labelled local images (python -m"
+        " training evaluate) and recalibrate it (python -m training"
+        " recalibrate).",
+}
+
+
+def warnings(flag_rates: Optional[Dict]) -> List[str]:
+  """One sentence per raised check, for the run's summary and log."""
+  lines = []
+  for column, entry in (flag_rates or {}).items():
+    if not entry.get("raised"):
+      continue
+    where = _WHERE.get(entry.get("from"), "its own held-out data")
+    lines.append(
+        f"{entry['observed']:.0%} of the {entry['images_scored']} images"
+        f" scored are {_WHAT.get(column, column)}; the model flags"
+        f" {entry['share']:.0%} of {where} (one-sided binomial p ="
+        f" {entry['p_value']:.1g}). {_ADVICE.get(column, '')}".rstrip())
+  return lines

@@ -1,0 +1,231 @@
+"""The run-level check of flagged shares against the artifact's held-out
+ones (busi_core.flag_rates), by hand and through `run` with a real (tiny,
+untrained) artifact."""
+
+import json
+import math
+import os
+import zipfile
+
+import cv2
+import numpy as np
+import pytest
+
+import schemas
+from beam_pipeline import cli
+from busi_core import flag_rates, imaging
+from schemas import metadata as md
+from training import phantoms, testing
+
+SIZE = 32
+LOW, OOD = schemas.COLUMN_LOW_CONFIDENCE, schemas.COLUMN_OUT_OF_DISTRIBUTION
+
+
+def _exact_tail(k, n, p):
+  return sum(math.comb(n, j) * p**j * (1 - p)**(n - j)
+             for j in range(k, n + 1))
+
+
+@pytest.mark.parametrize("k,n,p", [(0, 5, 0.3), (3, 10, 0.2), (5, 5, 0.5),
+                                   (40, 50, 0.79), (1, 1, 0.01),
+                                   (120, 400, 0.25), (900, 1000, 0.79)])
+def test_binomial_tail_matches_the_sum(k, n, p):
+  assert flag_rates.binomial_upper_tail(k, n, p) == pytest.approx(
+      _exact_tail(k, n, p), rel=1e-9, abs=1e-300)
+
+
+def test_binomial_tail_edges():
+  assert flag_rates.binomial_upper_tail(1, 10, 0.0) == 0.0
+  assert flag_rates.binomial_upper_tail(10, 10, 1.0) == 1.0
+  with pytest.raises(ValueError):
+    flag_rates.binomial_upper_tail(11, 10, 0.5)
+
+
+@pytest.fixture(name="metadata", scope="module")
+def fixture_metadata(tmp_path_factory):
+  return testing.make_test_artifact(str(tmp_path_factory.mktemp("m")))
+
+
+def _stats(count, share):
+  return md.FlagStats(count=count, flagged=round(count * share),
+                      flagged_share=share)
+
+
+def test_expected_share_comes_from_the_best_held_out_source(metadata):
+  """Recalibration sample, else pooled cross-validation, else test, else
+  validation; nothing when none records a share."""
+  none = flag_rates.expected(metadata, False, False, False)
+  assert none[LOW]["share"] is None and "no held-out" in none[LOW]["why"]
+  assert "no OOD detector" in none[OOD]["why"]
+  flagging = md.Flagging(val=_stats(90, 0.6), test=_stats(100, 0.5))
+  only_val = metadata.replace(flagging=md.Flagging(val=_stats(90, 0.6)))
+  assert flag_rates.expected(only_val, False, False, False)[LOW] == {
+      "share": 0.6, "images": 90, "from": schemas.FLAG_RATE_FROM_VALIDATION}
+  with_test = metadata.replace(flagging=flagging)
+  assert flag_rates.expected(with_test, False, False, False)[LOW] == {
+      "share": 0.5, "images": 100, "from": schemas.FLAG_RATE_FROM_TEST}
+  with_cv = with_test.replace(cross_validation=md.CrossValidationSummary(
+      pooled={"count": 600, "flagged_share": 0.7}))
+  assert flag_rates.expected(with_cv, False, False, False)[LOW] == {
+      "share": 0.7, "images": 600,
+      "from": schemas.FLAG_RATE_FROM_CROSS_VALIDATION}
+  # A recalibrated artifact keeps its parent's blocks; only its site
+  # sample speaks for its new threshold.
+  fit_only = with_cv.replace(recalibration=md.Recalibration(
+      threshold=md.RecalibratedThreshold(fit=_stats(80, 0.3))))
+  assert flag_rates.expected(fit_only, False, False, False)[LOW] == {
+      "share": 0.3, "images": 80,
+      "from": schemas.FLAG_RATE_FROM_RECALIBRATION}
+  checked = with_cv.replace(recalibration=md.Recalibration(
+      threshold=md.RecalibratedThreshold(fit=_stats(80, 0.3)),
+      check=md.RecalibrationCheck(after=md.SiteFigures(
+          count=40, flagged=10, flagged_share=0.25))))
+  assert flag_rates.expected(checked, False, False, False)[LOW]["share"] == (
+      0.25)
+  bare = with_cv.replace(recalibration=md.Recalibration())
+  assert flag_rates.expected(bare, False, False, False)[LOW]["share"] is None
+  # --threshold makes every recorded share beside the point.
+  given = flag_rates.expected(with_cv, True, False, False)[LOW]
+  assert given["share"] is None and "--threshold" in given["why"]
+
+
+def test_expected_ood_share_is_the_design_rate(metadata):
+  ood = metadata.replace(ood=md.OodDetector(target_pass_rate=0.99))
+  assert flag_rates.expected(ood, False, False, True)[OOD] == {
+      "share": 0.01, "from": schemas.FLAG_RATE_FROM_OOD_PASS_RATE}
+  overridden = flag_rates.expected(ood, False, True, True)[OOD]
+  assert overridden["share"] is None and "--ood_threshold" in (
+      overridden["why"])
+
+
+def test_check_needs_both_the_margin_and_the_p_value():
+  expected = {LOW: {"share": 0.5, "from": "validation", "images": 100}}
+  def raised(flagged, images):
+    return flag_rates.check(expected, {"predictions": images,
+                                       LOW: flagged})[LOW]["raised"]
+  assert raised(700, 1000)  # +0.2, p ~ 1e-37
+  assert not raised(560, 1000)  # p = 1e-4 but only +0.06
+  assert not raised(5, 5)  # +0.5 but p = 0.03
+  assert raised(14, 14)  # p = 6e-5
+  entry = flag_rates.check(expected, {"predictions": 20, LOW: 20})[LOW]
+  assert entry["observed"] == 1.0 and entry["flagged"] == 20
+  assert entry["p_value"] == pytest.approx(0.5**20)
+  # Nothing scored, or no expectation: recorded, never raised.
+  assert not flag_rates.check(expected, {"predictions": 0,
+                                         LOW: 0})[LOW]["raised"]
+  nothing = flag_rates.check({LOW: {"share": None, "why": "x"}},
+                             {"predictions": 9, LOW: 9})[LOW]
+  assert not nothing["raised"] and nothing["observed"] == 1.0
+  assert flag_rates.warnings(flag_rates.check(expected, {
+      "predictions": 14, LOW: 14}))[0].startswith(
+          "100% of the 14 images scored are low-confidence; the model flags"
+          " 50% of its validation split")
+
+
+# --- Through the pipeline ---------------------------------------------------
+
+
+def _png(image: np.ndarray) -> bytes:
+  ok, data = cv2.imencode(".png", image)
+  assert ok
+  return data.tobytes()
+
+
+@pytest.fixture(name="model_dir", scope="module")
+def fixture_model_dir(tmp_path_factory):
+  """A tiny artifact with an OOD detector fitted on phantoms, and a
+  cross-validated low-confidence share of 20 % written into its metadata."""
+  path = str(tmp_path_factory.mktemp("flag_model"))
+  rng = np.random.default_rng(0)
+  images = np.stack([
+      imaging.decode_and_resize(_png(phantoms.render_phantom(
+          schemas.LABELS[i % 3], rng, 160)[0]), SIZE).pixels
+      for i in range(100)])
+  meta = testing.make_test_artifact(path, image_size=SIZE, ood_images=images)
+  meta = meta.replace(cross_validation=md.CrossValidationSummary(
+      pooled={"count": 600, "flagged_share": 0.2}))
+  with open(os.path.join(path, schemas.METADATA_FILE), "w",
+            encoding="utf-8") as f:
+    json.dump(meta.to_json(), f)
+  return path
+
+
+def _archive(path, phantom_count, noise_count):
+  rng = np.random.default_rng(3)
+  with zipfile.ZipFile(path, "w") as zf:
+    for i in range(phantom_count):
+      label = schemas.LABELS[i % 3]
+      zf.writestr(f"{label}/{label} ({i}).png", _png(
+          phantoms.render_phantom(label, rng, 160)[0]))
+    for i in range(noise_count):
+      zf.writestr(f"other/noise{i}.png", _png(
+          rng.integers(0, 256, (160, 160, 3), dtype=np.uint8)))
+  return path
+
+
+def test_run_raises_the_check_and_the_summary_warns(tmp_path, model_dir):
+  """Noise images: all low-confidence (an untrained model) where 20 % is
+  expected, and out of distribution where 1 % is: both raised, both in the
+  summary. The same run with both thresholds given checks neither."""
+  from beam_pipeline import pipeline  # pylint: disable=import-outside-toplevel
+  archive = _archive(str(tmp_path / "noise.zip"), 0, 12)
+  manifest = pipeline.run(["run", "--input", archive, "--model", model_dir,
+                           "--output", str(tmp_path / "out")])
+  rates = manifest[schemas.MANIFEST_FLAG_RATES]
+  counts = manifest["counts"]
+  assert counts["predictions"] == 12
+  assert rates[LOW]["flagged"] == counts[LOW] == 12
+  assert rates[LOW]["from"] == schemas.FLAG_RATE_FROM_CROSS_VALIDATION
+  assert rates[LOW]["raised"] and rates[LOW]["p_value"] == pytest.approx(
+      0.2**12)
+  assert rates[OOD]["flagged"] == counts[OOD] == 12
+  assert rates[OOD]["raised"] and rates[OOD]["share"] == pytest.approx(0.01)
+  with open(tmp_path / "out" / schemas.MANIFEST_FILE, encoding="utf-8") as f:
+    assert json.load(f)[schemas.MANIFEST_FLAG_RATES] == rates
+  summary = cli.format_summary(manifest)
+  warnings = [line for line in summary.splitlines() if "WARNING" in line]
+  assert len(warnings) == 2
+  assert "100% of the 12 images scored are low-confidence" in warnings[0]
+  assert "recalibrate" in warnings[0]
+  assert "out of distribution" in warnings[1]
+
+  given = pipeline.run(["run", "--input", archive, "--model", model_dir,
+                        "--output", str(tmp_path / "given"), "--threshold",
+                        "0.5", "--ood_threshold", "1e9"])
+  rates = given[schemas.MANIFEST_FLAG_RATES]
+  assert not rates[LOW]["raised"] and "--threshold" in rates[LOW]["why"]
+  assert not rates[OOD]["raised"] and "--ood_threshold" in rates[OOD]["why"]
+  assert "WARNING" not in cli.format_summary(given)
+
+
+def test_in_distribution_run_raises_nothing(tmp_path, model_dir):
+  """Phantoms like the detector's: at most one out of distribution, not
+  raised; and with the untrained model's low confidence expected (a 100 %
+  held-out share), that is not raised either."""
+  from beam_pipeline import pipeline  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(model_dir, schemas.METADATA_FILE),
+            encoding="utf-8") as f:
+    meta = md.ArtifactMetadata.from_json(json.load(f))
+  expected_all = str(tmp_path / "model")
+  import shutil  # pylint: disable=import-outside-toplevel
+  shutil.copytree(model_dir, expected_all)
+  with open(os.path.join(expected_all, schemas.METADATA_FILE), "w",
+            encoding="utf-8") as f:
+    json.dump(meta.replace(cross_validation=md.CrossValidationSummary(
+        pooled={"count": 600, "flagged_share": 1.0})).to_json(), f)
+  archive = _archive(str(tmp_path / "phantoms.zip"), 12, 0)
+  manifest = pipeline.run(["run", "--input", archive, "--model",
+                           expected_all, "--output", str(tmp_path / "out")])
+  rates = manifest[schemas.MANIFEST_FLAG_RATES]
+  assert manifest["counts"]["predictions"] == 12
+  assert rates[OOD]["flagged"] <= 1 and not rates[OOD]["raised"]
+  assert rates[LOW]["share"] == 1.0 and not rates[LOW]["raised"]
+  assert "WARNING" not in cli.format_summary(manifest)
+
+
+def test_preprocess_has_no_check(tmp_path):
+  from beam_pipeline import pipeline  # pylint: disable=import-outside-toplevel
+  archive = _archive(str(tmp_path / "a.zip"), 3, 0)
+  manifest = pipeline.run(["preprocess", "--input", archive, "--output",
+                           str(tmp_path / "out")])
+  assert schemas.MANIFEST_FLAG_RATES not in manifest
