@@ -305,7 +305,10 @@ def load_config(opts, run_id: str, command: str) -> scoring.ScoringConfig:
       model_version=info.metadata.model_version, run_id=run_id,
       image_size=size, model_sha256=info.model_sha256,
       ood_threshold=ood_threshold,
+      # A flag that repeats the artifact's own value changes nothing.
       expected_flag_rates=flag_rates.expected(
-          info.metadata, threshold_given=opts.threshold is not None,
-          ood_threshold_given=opts.ood_threshold is not None,
+          info.metadata,
+          threshold_given=threshold != float(info.metadata.threshold),
+          ood_threshold_given=(info.ood is not None
+                               and ood_threshold != info.ood.threshold),
           has_ood=info.ood is not None))

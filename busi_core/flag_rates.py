@@ -1,19 +1,24 @@
-"""Does a scoring run flag far more images than the model's own held-out
-data said it would?
+"""Does a scoring run flag far more images than the model's own data said
+it would?
 
 A model's review threshold and its out-of-distribution threshold are
 chosen on data like its training data. On scans from another scanner or
 site, both can stop meaning what they meant: the threshold's accuracy no
 longer holds, and the share of images flagged climbs (issue 12 measured
 every scan of another hospital's four scanners flagged). One image cannot
-show that; a run can. At launch `expected` reads from the artifact the share
-of images each flag marked on its held-out data; when the run has finished,
-`check` compares the run's share with it. A share that is both well above
-the expected one (by at least `schemas.FLAG_RATE_MARGIN`) and too high to
-be chance (one-sided binomial p-value below `schemas.FLAG_RATE_ALPHA`) is
-raised: the manifest says so and the command prints a warning. A raised
-check is a prompt to check the model on labelled local data (`python -m
-training evaluate`) and to recalibrate it (`python -m training
+show that; a run can.
+
+At launch `expected` reads from the artifact the share each flag should
+mark: for low confidence, the share its threshold flagged on held-out
+data; for out of distribution, the detector's design rate (1 − its pass
+rate). When the run has finished, `check` compares the run's share with
+it. The check is raised when the run's share is both well above the
+expected one (by at least `schemas.FLAG_RATE_MARGIN`) and too high to be
+chance: a one-sided p-value below `schemas.FLAG_RATE_ALPHA`, which allows
+for the held-out share having been measured on a finite number of images
+(`upper_tail`). The manifest then says so and the command prints a warning.
+A raised check is a prompt to check the model on labelled local data
+(`python -m training evaluate`) and to recalibrate it (`python -m training
 recalibrate`); a different case mix (a batch of only malignant scans, say)
 raises it too.
 
@@ -47,7 +52,9 @@ def _low_confidence(metadata: ArtifactMetadata) -> Dict:
   if check is not None and check.after is not None:
     found = _share(check.after)
     if found:
-      return {**found, "from": schemas.FLAG_RATE_FROM_RECALIBRATION}
+      # in_sample: --holdout_fraction 0 measured it on the fit part itself.
+      return {**found, "from": schemas.FLAG_RATE_FROM_RECALIBRATION,
+              "in_sample": bool(check.in_sample)}
   if recalibration is not None:
     found = (_share(recalibration.threshold.fit)
              if recalibration.threshold is not None else None)
@@ -115,25 +122,62 @@ def expected(metadata: ArtifactMetadata, threshold_given: bool,
   return out
 
 
-def binomial_upper_tail(k: int, n: int, p: float) -> float:
-  """P(X >= k) for X ~ Binomial(n, p), exactly (summed in log space)."""
+_CHUNK = 1 << 16
+
+
+def upper_tail(k: int, n: int, share: float,
+               held_out: Optional[int] = None) -> float:
+  """P(X >= k) of a run of n images whose flag has probability `share`.
+
+  With `held_out` = m, the share was itself measured on m images, so it is
+  uncertain: X is then beta-binomial, n draws at a probability with the
+  Jeffreys posterior Beta(share·m + ½, (1 − share)·m + ½) (the posterior
+  predictive p-value); without it, binomial(n, share). Summed exactly in log
+  space, term by term from k, stopping once the terms are negligible.
+  """
   if not 0 <= k <= n:
     raise ValueError(f"k={k} is outside 0..{n}")
   if k == 0:
     return 1.0
-  if p <= 0.0:
-    return 0.0
-  if p >= 1.0:
-    return 1.0
-  terms = np.arange(k, n + 1, dtype=np.float64)
-  # log pmf(k), then pmf(j+1)/pmf(j) = (n-j)/(j+1) * p/(1-p).
-  first = (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
-           + k * math.log(p) + (n - k) * math.log1p(-p))
-  steps = (np.log(n - terms[:-1]) - np.log(terms[:-1] + 1)
-           + math.log(p) - math.log1p(-p))
-  logs = first + np.concatenate([[0.0], np.cumsum(steps)])
-  top = logs.max()
-  return float(min(1.0, math.exp(top) * np.exp(logs - top).sum()))
+  if held_out:
+    a = share * held_out + 0.5
+    b = (1.0 - share) * held_out + 0.5
+    log_first = (math.lgamma(n + 1) - math.lgamma(k + 1)
+                 - math.lgamma(n - k + 1) + math.lgamma(k + a)
+                 + math.lgamma(n - k + b) - math.lgamma(n + a + b)
+                 - math.lgamma(a) - math.lgamma(b) + math.lgamma(a + b))
+    def log_ratios(j):  # log pmf(j+1) / pmf(j)
+      return (np.log(n - j) - np.log(j + 1) + np.log(j + a)
+              - np.log(n - j - 1 + b))
+  else:
+    if share <= 0.0:
+      return 0.0
+    if share >= 1.0:
+      return 1.0
+    log_first = (math.lgamma(n + 1) - math.lgamma(k + 1)
+                 - math.lgamma(n - k + 1) + k * math.log(share)
+                 + (n - k) * math.log1p(-share))
+    odds = math.log(share) - math.log1p(-share)
+    def log_ratios(j):
+      return np.log(n - j) - np.log(j + 1) + odds
+  top, total, log_term, j = log_first, 0.0, log_first, k
+  while True:
+    stop = min(n, j + _CHUNK)
+    logs = log_term + np.concatenate(
+        [[0.0], np.cumsum(log_ratios(np.arange(j, stop, dtype=np.float64)))])
+    peak = float(logs.max())
+    if peak > top:
+      total *= math.exp(top - peak)
+      top = peak
+    total += float(np.exp(logs - top).sum())
+    if stop == n or (logs[-1] < logs[-2] and logs[-1] < top - 50.0):
+      break
+    # The next chunk starts at term stop + 1 (term `stop` is in this one).
+    log_term = float(logs[-1] + log_ratios(np.float64(stop)))
+    j = stop + 1
+    if j > n:
+      break
+  return float(min(1.0, math.exp(top) * total))
 
 
 def check(expectations: Dict[str, Dict], counts: Dict[str, int]) -> Dict:
@@ -155,10 +199,12 @@ def check(expectations: Dict[str, Dict], counts: Dict[str, int]) -> Dict:
       out[column] = entry
       continue
     observed = flagged / images
-    p_value = binomial_upper_tail(int(flagged), images, float(share))
+    p_value = upper_tail(int(flagged), images, float(share),
+                         expectation.get("images"))
     entry.update({
         "observed": observed, "p_value": p_value,
-        "raised": bool(observed - share >= schemas.FLAG_RATE_MARGIN
+        # 0.3 - 0.2 is 0.0999...: ten points above is raised.
+        "raised": bool(observed - share >= schemas.FLAG_RATE_MARGIN - 1e-9
                        and p_value < schemas.FLAG_RATE_ALPHA)})
     out[column] = entry
   return out
@@ -192,6 +238,10 @@ _ADVICE = {
 }
 
 
+def _p(value: float) -> str:
+  return "< 1e-300" if value < 1e-300 else f"= {value:.1g}"
+
+
 def warnings(flag_rates: Optional[Dict]) -> List[str]:
   """One sentence per raised check, for the run's summary and log."""
   lines = []
@@ -202,6 +252,6 @@ def warnings(flag_rates: Optional[Dict]) -> List[str]:
     lines.append(
         f"{entry['observed']:.0%} of the {entry['images_scored']} images"
         f" scored are {_WHAT.get(column, column)}; the model flags"
-        f" {entry['share']:.0%} of {where} (one-sided binomial p ="
-        f" {entry['p_value']:.1g}). {_ADVICE.get(column, '')}".rstrip())
+        f" {entry['share']:.0%} of {where} (one-sided p"
+        f" {_p(entry['p_value'])}). {_ADVICE.get(column, '')}".rstrip())
   return lines

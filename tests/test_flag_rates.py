@@ -26,19 +26,47 @@ def _exact_tail(k, n, p):
              for j in range(k, n + 1))
 
 
+def _exact_beta_binomial_tail(k, n, p, m):
+  a, b = p * m + 0.5, (1 - p) * m + 0.5
+  def log_beta(x, y):
+    return math.lgamma(x) + math.lgamma(y) - math.lgamma(x + y)
+  return sum(math.exp(math.log(math.comb(n, j)) + log_beta(j + a, n - j + b)
+                      - log_beta(a, b)) for j in range(k, n + 1))
+
+
 @pytest.mark.parametrize("k,n,p", [(0, 5, 0.3), (3, 10, 0.2), (5, 5, 0.5),
                                    (40, 50, 0.79), (1, 1, 0.01),
                                    (120, 400, 0.25), (900, 1000, 0.79)])
 def test_binomial_tail_matches_the_sum(k, n, p):
-  assert flag_rates.binomial_upper_tail(k, n, p) == pytest.approx(
+  assert flag_rates.upper_tail(k, n, p) == pytest.approx(
       _exact_tail(k, n, p), rel=1e-9, abs=1e-300)
 
 
-def test_binomial_tail_edges():
-  assert flag_rates.binomial_upper_tail(1, 10, 0.0) == 0.0
-  assert flag_rates.binomial_upper_tail(10, 10, 1.0) == 1.0
+@pytest.mark.parametrize("k,n,p,m", [(3, 10, 0.2, 30), (195, 200, 0.79, 623),
+                                     (90, 300, 0.2, 94), (5, 5, 0.0, 40),
+                                     (900, 1000, 0.79, 27)])
+def test_held_out_size_gives_the_beta_binomial_tail(k, n, p, m):
+  assert flag_rates.upper_tail(k, n, p, m) == pytest.approx(
+      _exact_beta_binomial_tail(k, n, p, m), rel=1e-9)
+
+
+@pytest.mark.parametrize("k", [149_000, 150_500, 151_800, 300_000])
+def test_long_tails_summed_in_chunks(k):
+  """n spans several chunks: the same as one sum over every term."""
+  n, p = 300_000, 0.5
+  j = np.arange(k, n + 1, dtype=np.float64)
+  logs = np.array([math.lgamma(n + 1) - math.lgamma(x + 1)
+                   - math.lgamma(n - x + 1) for x in j]) + n * math.log(p)
+  whole = float(np.exp(logs - logs.max()).sum() * math.exp(logs.max()))
+  assert flag_rates.upper_tail(k, n, p) == pytest.approx(whole, rel=1e-9)
+
+
+def test_tail_edges():
+  assert flag_rates.upper_tail(1, 10, 0.0) == 0.0
+  assert flag_rates.upper_tail(10, 10, 1.0) == 1.0
+  assert flag_rates.upper_tail(0, 10, 0.3, 50) == 1.0
   with pytest.raises(ValueError):
-    flag_rates.binomial_upper_tail(11, 10, 0.5)
+    flag_rates.upper_tail(11, 10, 0.5)
 
 
 @pytest.fixture(name="metadata", scope="module")
@@ -80,8 +108,9 @@ def test_expected_share_comes_from_the_best_held_out_source(metadata):
       threshold=md.RecalibratedThreshold(fit=_stats(80, 0.3)),
       check=md.RecalibrationCheck(after=md.SiteFigures(
           count=40, flagged=10, flagged_share=0.25))))
-  assert flag_rates.expected(checked, False, False, False)[LOW]["share"] == (
-      0.25)
+  assert flag_rates.expected(checked, False, False, False)[LOW] == {
+      "share": 0.25, "images": 40, "in_sample": False,
+      "from": schemas.FLAG_RATE_FROM_RECALIBRATION}
   bare = with_cv.replace(recalibration=md.Recalibration())
   assert flag_rates.expected(bare, False, False, False)[LOW]["share"] is None
   # --threshold makes every recorded share beside the point.
@@ -99,27 +128,36 @@ def test_expected_ood_share_is_the_design_rate(metadata):
 
 
 def test_check_needs_both_the_margin_and_the_p_value():
-  expected = {LOW: {"share": 0.5, "from": "validation", "images": 100}}
-  def raised(flagged, images):
+  exact = {LOW: {"share": 0.5, "from": "validation"}}  # no held-out size
+  def raised(flagged, images, expected=exact):
     return flag_rates.check(expected, {"predictions": images,
                                        LOW: flagged})[LOW]["raised"]
   assert raised(700, 1000)  # +0.2, p ~ 1e-37
   assert not raised(560, 1000)  # p = 1e-4 but only +0.06
   assert not raised(5, 5)  # +0.5 but p = 0.03
   assert raised(14, 14)  # p = 6e-5
-  entry = flag_rates.check(expected, {"predictions": 20, LOW: 20})[LOW]
+  entry = flag_rates.check(exact, {"predictions": 20, LOW: 20})[LOW]
   assert entry["observed"] == 1.0 and entry["flagged"] == 20
   assert entry["p_value"] == pytest.approx(0.5**20)
+  # Exactly ten points above (0.3 - 0.2 is 0.0999... in floats), p 2.5e-5.
+  at_margin = {LOW: {"share": 0.2, "from": "validation"}}
+  assert raised(90, 300, at_margin) and not raised(89, 300, at_margin)
+  # The same run against a share measured on 94 images: p 0.03, as
+  # likely as not noise in the share itself.
+  measured = {LOW: {"share": 0.2, "from": "validation", "images": 94}}
+  entry = flag_rates.check(measured, {"predictions": 300, LOW: 90})[LOW]
+  assert entry["p_value"] == pytest.approx(0.0291, abs=1e-4)
+  assert not entry["raised"]
   # Nothing scored, or no expectation: recorded, never raised.
-  assert not flag_rates.check(expected, {"predictions": 0,
-                                         LOW: 0})[LOW]["raised"]
+  assert not flag_rates.check(exact, {"predictions": 0,
+                                      LOW: 0})[LOW]["raised"]
   nothing = flag_rates.check({LOW: {"share": None, "why": "x"}},
                              {"predictions": 9, LOW: 9})[LOW]
   assert not nothing["raised"] and nothing["observed"] == 1.0
-  assert flag_rates.warnings(flag_rates.check(expected, {
+  assert flag_rates.warnings(flag_rates.check(exact, {
       "predictions": 14, LOW: 14}))[0].startswith(
           "100% of the 14 images scored are low-confidence; the model flags"
-          " 50% of its validation split")
+          " 50% of its validation split (one-sided p = 6e-05).")
 
 
 # --- Through the pipeline ---------------------------------------------------
@@ -177,7 +215,7 @@ def test_run_raises_the_check_and_the_summary_warns(tmp_path, model_dir):
   assert rates[LOW]["flagged"] == counts[LOW] == 12
   assert rates[LOW]["from"] == schemas.FLAG_RATE_FROM_CROSS_VALIDATION
   assert rates[LOW]["raised"] and rates[LOW]["p_value"] == pytest.approx(
-      0.2**12)
+      _exact_beta_binomial_tail(12, 12, 0.2, 600), rel=1e-9)
   assert rates[OOD]["flagged"] == counts[OOD] == 12
   assert rates[OOD]["raised"] and rates[OOD]["share"] == pytest.approx(0.01)
   with open(tmp_path / "out" / schemas.MANIFEST_FILE, encoding="utf-8") as f:
@@ -196,6 +234,13 @@ def test_run_raises_the_check_and_the_summary_warns(tmp_path, model_dir):
   assert not rates[LOW]["raised"] and "--threshold" in rates[LOW]["why"]
   assert not rates[OOD]["raised"] and "--ood_threshold" in rates[OOD]["why"]
   assert "WARNING" not in cli.format_summary(given)
+  # Flags that repeat the artifact's own thresholds change nothing.
+  same = pipeline.run(["run", "--input", archive, "--model", model_dir,
+                       "--output", str(tmp_path / "same"), "--threshold",
+                       "0.9", "--ood_threshold",
+                       repr(manifest["ood_threshold"])])
+  assert same[schemas.MANIFEST_FLAG_RATES][LOW]["raised"]
+  assert same[schemas.MANIFEST_FLAG_RATES][OOD]["raised"]
 
 
 def test_in_distribution_run_raises_nothing(tmp_path, model_dir):

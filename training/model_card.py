@@ -440,9 +440,10 @@ _LOCAL_DATA_NOTE = "\n".join([
     "    python -m training recalibrate --model DIR --data LOCAL_GLOB"
     " --output NEW_DIR",
     "",
-    "Every scoring run compares the share of images it flags with the"
-    " held-out share this card reports, and warns when it is far higher"
-    " (the run manifest's `flag_rates`).",
+    "Every scoring run compares the share of images it flags low-confidence"
+    " with the held-out share this card reports (and the share out of"
+    " distribution with the detector's design rate), and warns when it is"
+    " far higher (the run manifest's `flag_rates`).",
 ])
 
 
