@@ -243,6 +243,32 @@ def test_run_raises_the_check_and_the_summary_warns(tmp_path, model_dir):
   assert same[schemas.MANIFEST_FLAG_RATES][OOD]["raised"]
 
 
+def test_score_checks_only_the_images_it_scored(tmp_path, model_dir):
+  """`score` of the TFRecords checks like `run`; with --skip_scored naming
+  the run that scored them all, nothing is scored and nothing raised."""
+  from beam_pipeline import pipeline  # pylint: disable=import-outside-toplevel
+  archive = _archive(str(tmp_path / "noise.zip"), 0, 12)
+  first = str(tmp_path / "first")
+  pipeline.run(["run", "--input", archive, "--model", model_dir,
+                "--output", first])
+  shards = f"{first}/{schemas.TFRECORD_DIR}/*.tfrecord.gz"
+  scored = pipeline.run(["score", "--input", shards, "--model", model_dir,
+                         "--output", str(tmp_path / "scored")])
+  rates = scored[schemas.MANIFEST_FLAG_RATES]
+  assert rates[LOW]["images_scored"] == 12 and rates[LOW]["raised"]
+  assert rates[OOD]["raised"]
+  skipped = pipeline.run(["score", "--input", shards, "--model", model_dir,
+                          "--output", str(tmp_path / "skipped"),
+                          "--skip_scored", first])
+  assert skipped["counts"]["predictions"] == 0
+  assert skipped["counts"][schemas.COUNT_ALREADY_SCORED] == 12
+  for entry in skipped[schemas.MANIFEST_FLAG_RATES].values():
+    assert entry["images_scored"] == 0 and entry["observed"] is None
+    assert entry["p_value"] is None and not entry["raised"]
+    assert entry["why"] == "no images scored"
+  assert "WARNING" not in cli.format_summary(skipped)
+
+
 def test_in_distribution_run_raises_nothing(tmp_path, model_dir):
   """Phantoms like the detector's: at most one out of distribution, not
   raised; and with the untrained model's low confidence expected (a 100 %
