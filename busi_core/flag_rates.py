@@ -238,6 +238,11 @@ _ADVICE = {
 }
 
 
+def source_words(source: Optional[str]) -> str:
+  """Where an expected share comes from, as the warnings say it."""
+  return _WHERE.get(source, "its own held-out data")
+
+
 def _p(value: float) -> str:
   return "< 1e-300" if value < 1e-300 else f"= {value:.1g}"
 
@@ -248,7 +253,7 @@ def warnings(flag_rates: Optional[Dict]) -> List[str]:
   for column, entry in (flag_rates or {}).items():
     if not entry.get("raised"):
       continue
-    where = _WHERE.get(entry.get("from"), "its own held-out data")
+    where = source_words(entry.get("from"))
     lines.append(
         f"{entry['observed']:.0%} of the {entry['images_scored']} images"
         f" scored are {_WHAT.get(column, column)}; the model flags"

@@ -26,7 +26,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 import schemas
-from busi_core import gcs
+from busi_core import flag_rates, gcs
 from reporting import run_files, sql, thumbnails
 
 REPORT_FILE = "index.html"
@@ -508,7 +508,25 @@ def _confidence_section(data: ReportData,
            f"{_e(thresholds)}, flagged for review.</p>")
   plot = (f'<div class="plot">{_img(figures["confidence"], "confidence")}'
           f"</div>")
-  return _section("confidence", "Confidence", share + plot)
+  return _section("confidence", "Confidence",
+                  share + _flag_rates_notes(data.manifest) + plot)
+
+
+def _flag_rates_notes(manifest: Optional[dict]) -> str:
+  """What the run's flagged shares were checked against
+  (busi_core.flag_rates), and a warning per raised check."""
+  rates = (manifest or {}).get(schemas.MANIFEST_FLAG_RATES) or {}
+  low = rates.get(schemas.COLUMN_LOW_CONFIDENCE) or {}
+  notes = []
+  if low.get("share") is not None:
+    counted = f" ({low['images']} images)" if low.get("images") else ""
+    notes.append(_note(
+        f"For comparison, the model flags {low['share']:.0%} of"
+        f" {flag_rates.source_words(low.get('from'))}{counted}."))
+  notes += [f'<p class="warning" id="flag-rate-warning-{i}">'
+            f"{_e(line)}</p>"
+            for i, line in enumerate(flag_rates.warnings(rates))]
+  return "".join(notes)
 
 
 def _review_table(review: sql.ReviewCounts) -> str:
@@ -739,6 +757,7 @@ td.key{white-space:nowrap}
 .cols>table.facts{flex:1 1 480px}
 .plot img{max-width:100%;height:auto}
 .note{color:#666;font-style:italic}
+.warning{color:#8a1c12;background:#fdecea;border-left:4px solid #c0392b;padding:.4em .6em}
 .big{font-size:17px}
 #low-confidence-share,#needs-review-share{font-size:26px;font-weight:700;
 color:#c8553d}

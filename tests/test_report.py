@@ -333,6 +333,38 @@ def test_manifest_and_parquet_disagreeing_is_shown(tmp_path):
   assert "manifest says 99 predictions, the Parquet holds 36 rows" in page
 
 
+def test_flag_rate_check_is_shown(tmp_path):
+  """The manifest's flag-rate check: the expected share beside the run's,
+  and a warning per raised check (none when nothing is raised)."""
+  from busi_core import flag_rates  # pylint: disable=import-outside-toplevel
+  run_dir = _write_run(tmp_path / "run")
+  path = os.path.join(run_dir, schemas.MANIFEST_FILE)
+  with open(path) as f:
+    manifest = json.load(f)
+  low, ood = schemas.COLUMN_LOW_CONFIDENCE, schemas.COLUMN_OUT_OF_DISTRIBUTION
+  def page_with(counts):
+    manifest[schemas.MANIFEST_FLAG_RATES] = flag_rates.check({
+        low: {"share": 0.3, "images": 600,
+              "from": schemas.FLAG_RATE_FROM_CROSS_VALIDATION},
+        ood: {"share": 0.01, "from": schemas.FLAG_RATE_FROM_OOD_PASS_RATE},
+    }, {"predictions": 36, **counts})
+    with open(path, "w") as f:
+      json.dump(manifest, f)
+    data = report.query_report_data(run_dir)
+    return report.render_html(data, report.figures_for(data))
+  calm = page_with({low: 11, ood: 0})
+  assert ("For comparison, the model flags 30% of its held-out"
+          " cross-validation folds (600 images).") in calm
+  assert 'class="warning"' not in calm
+  alarmed = page_with({low: 30, ood: 20})
+  warnings = re.findall(r'<p class="warning" id="flag-rate-warning-\d">'
+                        r"([^<]*)</p>", alarmed)
+  assert len(warnings) == 2
+  assert warnings[0].startswith("83% of the 36 images scored are"
+                                " low-confidence; the model flags 30%")
+  assert "out of distribution" in warnings[1]
+
+
 def test_figures_are_pngs():
   assert report.class_bar_png(
       [report.ClassCount("benign", 3, 0.7)]).startswith(PNG_MAGIC)
