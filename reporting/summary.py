@@ -7,6 +7,7 @@ from typing import List, Optional, Sequence
 import duckdb
 
 import schemas
+from busi_core import flag_rates
 from reporting import run_files, sql
 
 OOD_TOP = 10  # rows of the "Most out-of-distribution" table
@@ -157,7 +158,7 @@ def summary(output: str) -> str:
           f"{schemas.TFRECORD_DIR}/*{schemas.TFRECORD_SUFFIX}' --model"
           " MODEL_DIR --output DIR")
     try:
-      parts = _tables(sql.connect(files.local))
+      parts = _tables(sql.connect(files.local), files.manifest)
     except (duckdb.IOException, duckdb.InvalidInputException) as e:
       raise run_files.RunDirError(
           f"--output {output}: cannot read its Parquet"
@@ -171,7 +172,32 @@ def summary(output: str) -> str:
   return "\n\n".join(parts)
 
 
-def _tables(run: sql.Connection) -> List[str]:
+def _flag_rate_parts(manifest: Optional[dict]) -> List[str]:
+  """The manifest's flag-rate check (busi_core.flag_rates) as a table, and
+  its warnings; nothing for runs from before the check."""
+  rates = (manifest or {}).get(schemas.MANIFEST_FLAG_RATES)
+  if not rates:
+    return []
+  rows = [(column, entry.get("flagged"), entry.get("observed"),
+           entry.get("share") if entry.get("share") is not None
+           else f"n/a ({entry.get('why')})",
+           entry.get("from") or "", _significant(entry.get("p_value")),
+           "RAISED" if entry.get("raised") else "no")
+          for column, entry in rates.items()]
+  table = _table(
+      "Flag-rate check (against the model's own held-out share)",
+      ("flag", "flagged", "share", "expected", "from", "p_value", "raised"),
+      rows)
+  return [table] + [f"WARNING: {line}"
+                    for line in flag_rates.warnings(rates)]
+
+
+def _significant(value) -> str:
+  return "n/a" if value is None else f"{value:.2g}"
+
+
+def _tables(run: sql.Connection, manifest: Optional[dict] = None
+           ) -> List[str]:
   parts = []
   if run.has_predictions:
     rows = run.con.execute(sql.PER_CLASS).fetchall()
@@ -184,6 +210,7 @@ def _tables(run: sql.Connection) -> List[str]:
         ("images", "flagged", "flagged_share", "threshold"),
         [(images, flagged, _share(flagged, images),
           ", ".join(f"{t:g}" for t in thresholds or ()))]))
+    parts += _flag_rate_parts(manifest)
     parts += _review_parts(run)
     parts += _study_parts(run)
     parts.append(_table(

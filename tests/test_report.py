@@ -356,6 +356,10 @@ def test_flag_rate_check_is_shown(tmp_path):
   assert ("For comparison, the model flags 30% of its held-out"
           " cross-validation folds (600 images).") in calm
   assert 'class="warning"' not in calm
+  from reporting import summary  # pylint: disable=import-outside-toplevel
+  assert [r[-1] for r in _summary_table(summary.summary(run_dir),
+                                        "Flag-rate check")] == ["no", "no"]
+  assert "WARNING" not in summary.summary(run_dir)
   alarmed = page_with({low: 30, ood: 20})
   warnings = re.findall(r'<p class="warning" id="flag-rate-warning-\d">'
                         r"([^<]*)</p>", alarmed)
@@ -363,6 +367,16 @@ def test_flag_rate_check_is_shown(tmp_path):
   assert warnings[0].startswith("83% of the 36 images scored are"
                                 " low-confidence; the model flags 30%")
   assert "out of distribution" in warnings[1]
+  text = summary.summary(run_dir)
+  rows = {r[0]: r[1:] for r in _summary_table(text, "Flag-rate check")}
+  assert rows[low][:4] == ["30", "0.833", "0.3", "cross_validation"]
+  assert rows[low][-1] == rows[ood][-1] == "RAISED"
+  assert text.count("WARNING: ") == 2
+  # Runs from before the check: no table.
+  del manifest[schemas.MANIFEST_FLAG_RATES]
+  with open(path, "w") as f:
+    json.dump(manifest, f)
+  assert "Flag-rate check" not in summary.summary(run_dir)
 
 
 def test_figures_are_pngs():
