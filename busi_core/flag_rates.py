@@ -238,25 +238,64 @@ _ADVICE = {
 }
 
 
-def source_words(source: Optional[str]) -> str:
+def source_words(source) -> str:
   """Where an expected share comes from, as the warnings say it."""
-  return _WHERE.get(source, "its own held-out data")
+  return _WHERE.get(source, "its own data") if isinstance(
+      source, str) else "its own data"
 
 
-def _p(value: float) -> str:
-  return "< 1e-300" if value < 1e-300 else f"= {value:.1g}"
+def _number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def warnings(flag_rates: Optional[Dict]) -> List[str]:
+def entries(flag_rates) -> Dict[str, Dict]:
+  """The manifest's "flag_rates" entries that are well formed: readers
+  (summary, report) get a manifest a person may have edited, or one from a
+  partial run, and must not fail on it."""
+  if not isinstance(flag_rates, dict):
+    return {}
+  return {str(column): entry for column, entry in flag_rates.items()
+          if isinstance(entry, dict)}
+
+
+def is_raised(entry: Dict) -> bool:
+  """Raised, with the numbers a warning states."""
+  return bool(entry.get("raised") is True and all(
+      _number(entry.get(key))
+      for key in ("observed", "share", "p_value", "images_scored")))
+
+
+def percent(value) -> str:
+  """A share as a percentage: whole points, or two significant figures
+  below 10 % (a design rate of 0.04 % is not "0 %")."""
+  if not _number(value):
+    return "n/a"
+  if 0 < value < 0.1:
+    return f"{value * 100:.2g}%"
+  return f"{value:.0%}"
+
+
+def p_text(value) -> str:
+  """A p-value as the warnings and the summary print it."""
+  if not _number(value):
+    return "n/a"
+  return "< 1e-300" if value < 1e-300 else f"{value:.2g}"
+
+
+def warnings(flag_rates) -> List[str]:
   """One sentence per raised check, for the run's summary and log."""
   lines = []
-  for column, entry in (flag_rates or {}).items():
-    if not entry.get("raised"):
+  for column, entry in entries(flag_rates).items():
+    if not is_raised(entry):
       continue
     where = source_words(entry.get("from"))
+    if entry.get("in_sample"):
+      where += " (measured in sample)"
+    p_value = p_text(entry["p_value"])
     lines.append(
-        f"{entry['observed']:.0%} of the {entry['images_scored']} images"
-        f" scored are {_WHAT.get(column, column)}; the model flags"
-        f" {entry['share']:.0%} of {where} (one-sided p"
-        f" {_p(entry['p_value'])}). {_ADVICE.get(column, '')}".rstrip())
+        f"{percent(entry['observed'])} of the {entry['images_scored']}"
+        f" images scored are {_WHAT.get(column, column)}; the model flags"
+        f" {percent(entry['share'])} of {where} (one-sided p"
+        f" {p_value if p_value.startswith('<') else '= ' + p_value})."
+        f" {_ADVICE.get(column, '')}".rstrip())
   return lines

@@ -515,14 +515,20 @@ def _confidence_section(data: ReportData,
 def _flag_rates_notes(manifest: Optional[dict]) -> str:
   """What the run's flagged shares were checked against
   (busi_core.flag_rates), and a warning per raised check."""
-  rates = (manifest or {}).get(schemas.MANIFEST_FLAG_RATES) or {}
+  rates = flag_rates.entries((manifest or {}).get(
+      schemas.MANIFEST_FLAG_RATES))
   low = rates.get(schemas.COLUMN_LOW_CONFIDENCE) or {}
   notes = []
-  if low.get("share") is not None:
-    counted = f" ({low['images']} images)" if low.get("images") else ""
+  if isinstance(low.get("share"), (int, float)):
+    counted = (f" ({low['images']} images)"
+               if isinstance(low.get("images"), int) else "")
+    sample = " (measured in sample)" if low.get("in_sample") else ""
     notes.append(_note(
-        f"For comparison, the model flags {low['share']:.0%} of"
-        f" {flag_rates.source_words(low.get('from'))}{counted}."))
+        f"For comparison, the model flags {flag_rates.percent(low['share'])}"
+        f" of {flag_rates.source_words(low.get('from'))}{sample}{counted}."))
+  elif low:
+    notes.append(_note("The low-confidence share was not checked against"
+                       f" the model's: {low.get('why') or 'not recorded'}."))
   notes += [f'<p class="warning" id="flag-rate-warning-{i}">'
             f"{_e(line)}</p>"
             for i, line in enumerate(flag_rates.warnings(rates))]

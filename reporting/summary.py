@@ -175,25 +175,29 @@ def summary(output: str) -> str:
 def _flag_rate_parts(manifest: Optional[dict]) -> List[str]:
   """The manifest's flag-rate check (busi_core.flag_rates) as a table, and
   its warnings; nothing for runs from before the check."""
-  rates = (manifest or {}).get(schemas.MANIFEST_FLAG_RATES)
+  rates = flag_rates.entries((manifest or {}).get(
+      schemas.MANIFEST_FLAG_RATES))
   if not rates:
     return []
-  rows = [(column, entry.get("flagged"), entry.get("observed"),
-           entry.get("share") if entry.get("share") is not None
-           else f"n/a ({entry.get('why')})",
-           entry.get("from") or "", _significant(entry.get("p_value")),
-           "RAISED" if entry.get("raised") else "no")
-          for column, entry in rates.items()]
+  rows = []
+  for column, entry in rates.items():
+    source = entry.get("from") if isinstance(entry.get("from"), str) else ""
+    if source and entry.get("in_sample"):
+      source += " (in sample)"
+    expected = flag_rates.percent(entry.get("share"))
+    if entry.get("share") is None:
+      expected = f"n/a: {entry.get('why') or 'not recorded'}"
+    flagged = entry.get("flagged")
+    rows.append((column, "n/a" if flagged is None else flagged,
+                 flag_rates.percent(entry.get("observed")), expected,
+                 source or "n/a", flag_rates.p_text(entry.get("p_value")),
+                 "RAISED" if flag_rates.is_raised(entry) else "no"))
   table = _table(
-      "Flag-rate check (against the model's own held-out share)",
-      ("flag", "flagged", "share", "expected", "from", "p_value", "raised"),
-      rows)
+      "Flag-rate check (the run's flagged shares against the model's)",
+      ("flag", "flagged", "observed", "expected", "from", "p_value",
+       "raised"), rows)
   return [table] + [f"WARNING: {line}"
                     for line in flag_rates.warnings(rates)]
-
-
-def _significant(value) -> str:
-  return "n/a" if value is None else f"{value:.2g}"
 
 
 def _tables(run: sql.Connection, manifest: Optional[dict] = None

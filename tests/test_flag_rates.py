@@ -157,7 +157,25 @@ def test_check_needs_both_the_margin_and_the_p_value():
   assert flag_rates.warnings(flag_rates.check(exact, {
       "predictions": 14, LOW: 14}))[0].startswith(
           "100% of the 14 images scored are low-confidence; the model flags"
-          " 50% of its validation split (one-sided p = 6e-05).")
+          " 50% of its validation split (one-sided p = 6.1e-05).")
+
+
+def test_warnings_survive_edited_manifests():
+  """Readers get manifests a person may have edited: odd entries are
+  skipped, never a crash."""
+  for rates in (None, [], [1], {"x": 1},
+                {LOW: {"raised": True}},
+                {LOW: {"raised": True, "observed": "a", "share": 0.1,
+                       "p_value": 0.0, "images_scored": 3}},
+                {LOW: {"raised": "yes", "observed": 1.0, "share": 0.1,
+                       "p_value": 0.0, "images_scored": 3}}):
+    assert flag_rates.warnings(rates) == []
+  line, = flag_rates.warnings({LOW: {
+      "raised": True, "observed": 0.5, "share": 0.0004, "p_value": 0.0,
+      "images_scored": 10, "from": ["odd"], "in_sample": True}})
+  assert line.startswith("50% of the 10 images scored are low-confidence;"
+                         " the model flags 0.04% of its own data (measured"
+                         " in sample) (one-sided p < 1e-300).")
 
 
 # --- Through the pipeline ---------------------------------------------------
@@ -257,6 +275,18 @@ def test_score_checks_only_the_images_it_scored(tmp_path, model_dir):
   rates = scored[schemas.MANIFEST_FLAG_RATES]
   assert rates[LOW]["images_scored"] == 12 and rates[LOW]["raised"]
   assert rates[OOD]["raised"]
+  # Half of them scored before: only the other half is checked.
+  half = str(tmp_path / "half")
+  pipeline.run(["run", "--input", _archive(str(tmp_path / "six.zip"), 0, 6),
+                "--model", model_dir, "--output", half])
+  rest = pipeline.run(["score", "--input", shards, "--model", model_dir,
+                       "--output", str(tmp_path / "rest"),
+                       "--skip_scored", half])
+  assert rest["counts"][schemas.COUNT_ALREADY_SCORED] == 6
+  entry = rest[schemas.MANIFEST_FLAG_RATES][LOW]
+  assert (entry["images_scored"], entry["flagged"]) == (6, 6)
+  assert entry["p_value"] == pytest.approx(
+      _exact_beta_binomial_tail(6, 6, 0.2, 600), rel=1e-9)
   skipped = pipeline.run(["score", "--input", shards, "--model", model_dir,
                           "--output", str(tmp_path / "skipped"),
                           "--skip_scored", first])

@@ -369,14 +369,39 @@ def test_flag_rate_check_is_shown(tmp_path):
   assert "out of distribution" in warnings[1]
   text = summary.summary(run_dir)
   rows = {r[0]: r[1:] for r in _summary_table(text, "Flag-rate check")}
-  assert rows[low][:4] == ["30", "0.833", "0.3", "cross_validation"]
+  assert rows[low][:5] == ["30", "83%", "30%", "cross_validation", "2e-10"]
   assert rows[low][-1] == rows[ood][-1] == "RAISED"
   assert text.count("WARNING: ") == 2
-  # Runs from before the check: no table.
-  del manifest[schemas.MANIFEST_FLAG_RATES]
+  # A flag given on the command line: not checked, and said why.
+  manifest[schemas.MANIFEST_FLAG_RATES][low] = {
+      "share": None, "why": "--threshold replaces the artifact's threshold",
+      "flagged": 30, "observed": 30 / 36, "p_value": None, "raised": False}
+  # Text from the manifest is escaped (a hand-edited one included).
+  manifest[schemas.MANIFEST_FLAG_RATES]["<b>x</b>"] = dict(
+      manifest[schemas.MANIFEST_FLAG_RATES][ood])
   with open(path, "w") as f:
     json.dump(manifest, f)
-  assert "Flag-rate check" not in summary.summary(run_dir)
+  data = report.query_report_data(run_dir)
+  page = report.render_html(data, report.figures_for(data))
+  assert ("The low-confidence share was not checked against the model&#x27;s:"
+          " --threshold replaces the artifact&#x27;s threshold.") in page
+  assert "&lt;b&gt;x&lt;/b&gt;" in page and "<b>x</b>" not in page
+  rows = {r[0]: r[1:] for r in _summary_table(summary.summary(run_dir),
+                                              "Flag-rate check")}
+  assert rows[low][2:] == ["n/a: --threshold replaces the artifact's"
+                           " threshold", "n/a", "n/a", "no"]
+  # Runs from before the check, or with a mangled field: no table, no crash.
+  for value in (None, [1, 2], "x"):
+    if value is None:
+      del manifest[schemas.MANIFEST_FLAG_RATES]
+    else:
+      manifest[schemas.MANIFEST_FLAG_RATES] = value
+    with open(path, "w") as f:
+      json.dump(manifest, f)
+    assert "Flag-rate check" not in summary.summary(run_dir)
+    data = report.query_report_data(run_dir)
+    assert 'class="warning"' not in report.render_html(
+        data, report.figures_for(data))
 
 
 def test_figures_are_pngs():
