@@ -28,6 +28,7 @@ on a labelled local sample for that).
 
   python -m bench.scanner_shift --data GLOB --backbone_weights H5
       [--seeds 3] [--folds 5] [--view_seed S] [--cache NPZ] [--output J]
+      [--threshold_rule expected|observed]
 
 Features of every view and shift are computed once (one VGG16 pass per
 image each; the 17 on 623 images take ~18 min on 2 cores) and kept in
@@ -243,9 +244,14 @@ def main(argv=None) -> int:
   parser.add_argument("--cache", default="",
                       help="NPZ file keeping the features between runs")
   parser.add_argument("--output", default=None, help="JSON file to write")
+  parser.add_argument("--threshold_rule", choices=schemas.THRESHOLD_RULES,
+                      default=schemas.DEFAULT_THRESHOLD_RULE,
+                      help="how each fold's review threshold is chosen (as"
+                      " train's flag); the flagged figures depend on it")
   args = parser.parse_args(argv)
   figures = run(args.data, args.backbone_weights, seeds=args.seeds,
-                folds=args.folds, view_seed=args.view_seed, cache=args.cache)
+                folds=args.folds, view_seed=args.view_seed, cache=args.cache,
+                threshold_rule=args.threshold_rule)
   if args.output:
     common.write_json(args.output, figures)
   return 0

@@ -336,6 +336,21 @@ def test_scanner_shifts_are_deterministic_and_change_the_image():
     scanner_shift.shift(image, "colour")
 
 
+def test_scanner_shift_passes_the_threshold_rule(monkeypatch):
+  """--threshold_rule reaches the recipe (default: train's); a misspelt
+  rule is refused."""
+  from bench import scanner_shift  # pylint: disable=import-outside-toplevel
+  seen = []
+  monkeypatch.setattr(scanner_shift, "run",
+                      lambda *a, **flags: seen.append(flags) or {})
+  scanner_shift.main(["--data", "x"])
+  scanner_shift.main(["--data", "x", "--threshold_rule", "observed"])
+  assert [f["threshold_rule"] for f in seen] == [
+      schemas.DEFAULT_THRESHOLD_RULE, schemas.THRESHOLD_RULE_OBSERVED]
+  with pytest.raises(SystemExit):
+    scanner_shift.main(["--data", "x", "--threshold_rule", "observd"])
+
+
 @pytest.mark.slow
 def test_scanner_shift_scores_cvs_folds_of_both_recipes(tmp_path):
   from bench import scanner_shift  # pylint: disable=import-outside-toplevel
