@@ -42,42 +42,45 @@ def _share(stats) -> Optional[Dict]:
   return {"share": float(stats.flagged_share), "images": int(stats.count)}
 
 
+_NOT_RECORDED = {"share": None, "why": "the artifact records no held-out"
+                                     " flagged share for its threshold"}
+
+
 def _low_confidence(metadata: ArtifactMetadata) -> Dict:
   """Where the artifact says how many images its own threshold flags on
-  held-out data: a recalibrated artifact's check on its site sample, else
-  the pooled cross-validation, else its test split, else its validation
-  split."""
+  held-out data: a recalibrated artifact's site sample (its check, else its
+  fit part: the parent's blocks it keeps speak for the parent's threshold),
+  else the pooled cross-validation, else its test split, else its
+  validation split."""
   recalibration = metadata.recalibration
-  check = recalibration.check if recalibration is not None else None
-  if check is not None and check.after is not None:
-    found = _share(check.after)
+  if recalibration is not None:
+    check = recalibration.check
+    found = _share(check.after) if check is not None else None
     if found:
       # in_sample: --holdout_fraction 0 measured it on the fit part itself.
       return {**found, "from": schemas.FLAG_RATE_FROM_RECALIBRATION,
               "in_sample": bool(check.in_sample)}
-  if recalibration is not None:
     found = (_share(recalibration.threshold.fit)
              if recalibration.threshold is not None else None)
     if found:
       return {**found, "from": schemas.FLAG_RATE_FROM_RECALIBRATION}
+    return dict(_NOT_RECORDED)
   # Each image scored by the fold model that did not see it, with its
   # fold's threshold, chosen as the final model's was.
   pooled = (metadata.cross_validation.pooled or {}
             if metadata.cross_validation is not None else {})
-  if (recalibration is None and pooled.get("flagged_share") is not None
-      and pooled.get("count")):
+  if pooled.get("flagged_share") is not None and pooled.get("count"):
     return {"share": float(pooled["flagged_share"]),
             "images": int(pooled["count"]),
             "from": schemas.FLAG_RATE_FROM_CROSS_VALIDATION}
   flagging = metadata.flagging
-  if flagging is not None and recalibration is None:
+  if flagging is not None:
     for split, stats in ((schemas.FLAG_RATE_FROM_TEST, flagging.test),
                          (schemas.FLAG_RATE_FROM_VALIDATION, flagging.val)):
       found = _share(stats)
       if found:
         return {**found, "from": split}
-  return {"share": None, "why": "the artifact records no held-out flagged"
-                                " share for its threshold"}
+  return dict(_NOT_RECORDED)
 
 
 def expected(metadata: ArtifactMetadata, threshold_given: bool,
@@ -172,11 +175,10 @@ def upper_tail(k: int, n: int, share: float,
     total += float(np.exp(logs - top).sum())
     if stop == n or (logs[-1] < logs[-2] and logs[-1] < top - 50.0):
       break
-    # The next chunk starts at term stop + 1 (term `stop` is in this one).
+    # The next chunk starts at term stop + 1 (<= n: term `stop` is in this
+    # one, and stop < n).
     log_term = float(logs[-1] + log_ratios(np.float64(stop)))
     j = stop + 1
-    if j > n:
-      break
   return float(min(1.0, math.exp(top) * total))
 
 
@@ -238,13 +240,17 @@ _ADVICE = {
 }
 
 
-def source_words(source) -> str:
-  """Where an expected share comes from, as the warnings say it."""
-  return _WHERE.get(source, "its own data") if isinstance(
-      source, str) else "its own data"
+def expected_source(entry: Dict) -> str:
+  """Where an entry's expected share comes from, as the warnings and the
+  run report say it."""
+  source = entry.get("from")
+  words = (_WHERE.get(source, "its own data") if isinstance(source, str)
+           else "its own data")
+  return words + (" (measured in sample)" if entry.get("in_sample") else "")
 
 
-def _number(value) -> bool:
+def is_number(value) -> bool:
+  """A JSON number (not a boolean): what a hand-edited manifest may lack."""
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -261,14 +267,14 @@ def entries(flag_rates) -> Dict[str, Dict]:
 def is_raised(entry: Dict) -> bool:
   """Raised, with the numbers a warning states."""
   return bool(entry.get("raised") is True and all(
-      _number(entry.get(key))
+      is_number(entry.get(key))
       for key in ("observed", "share", "p_value", "images_scored")))
 
 
 def percent(value) -> str:
   """A share as a percentage: whole points, or two significant figures
   below 10 % (a design rate of 0.04 % is not "0 %")."""
-  if not _number(value):
+  if not is_number(value):
     return "n/a"
   if 0 < value < 0.1:
     return f"{value * 100:.2g}%"
@@ -277,7 +283,7 @@ def percent(value) -> str:
 
 def p_text(value) -> str:
   """A p-value as the warnings and the summary print it."""
-  if not _number(value):
+  if not is_number(value):
     return "n/a"
   return "< 1e-300" if value < 1e-300 else f"{value:.2g}"
 
@@ -288,9 +294,7 @@ def warnings(flag_rates) -> List[str]:
   for column, entry in entries(flag_rates).items():
     if not is_raised(entry):
       continue
-    where = source_words(entry.get("from"))
-    if entry.get("in_sample"):
-      where += " (measured in sample)"
+    where = expected_source(entry)
     p_value = p_text(entry["p_value"])
     lines.append(
         f"{percent(entry['observed'])} of the {entry['images_scored']}"

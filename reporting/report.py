@@ -519,13 +519,12 @@ def _flag_rates_notes(manifest: Optional[dict]) -> str:
       schemas.MANIFEST_FLAG_RATES))
   low = rates.get(schemas.COLUMN_LOW_CONFIDENCE) or {}
   notes = []
-  if isinstance(low.get("share"), (int, float)):
+  if flag_rates.is_number(low.get("share")):
     counted = (f" ({low['images']} images)"
                if isinstance(low.get("images"), int) else "")
-    sample = " (measured in sample)" if low.get("in_sample") else ""
     notes.append(_note(
         f"For comparison, the model flags {flag_rates.percent(low['share'])}"
-        f" of {flag_rates.source_words(low.get('from'))}{sample}{counted}."))
+        f" of {flag_rates.expected_source(low)}{counted}."))
   elif low:
     notes.append(_note("The low-confidence share was not checked against"
                        f" the model's: {low.get('why') or 'not recorded'}."))
