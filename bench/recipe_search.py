@@ -71,11 +71,12 @@ def run(patterns: List[str], backbone_weights: str, variants: Dict[str, Dict],
              for name, fields in variants.items()}
   for config in configs.values():
     config.validate(cross_validation=True)
-  if len({config.degrade for config in configs.values()}) > 1:
+  if len({(config.degrade, config.annotate)
+           for config in configs.values()}) > 1:
     # One shared cache holds one set of views.
     raise ValueError("recipe_search: every variant must have the same"
-                     " degrade setting (one cache serves them all); run"
-                     " --degrade and --no_degrade variants separately")
+                     " degrade and annotate settings (one cache serves them"
+                     " all); run variants that differ in them separately")
   started = time.perf_counter()
   data, _ = data_lib.load_labelled(patterns, schemas.LABELS)
   hashes = [split.dhash(image) for image in data.images]

@@ -1,9 +1,10 @@
-"""The recipe under scanner-like shifts, with and without scanner degradations.
+"""The recipe under scanner-like shifts, with and without scanner degradations
+and synthetic annotations.
 
 Other hospitals' scanners, presets and exports differ from BUSI's in
 sharpness, resolution, speckle, compression, gain and depth. This scores
 `cv`'s folds (its own folds, inner splits, fit, temperature, threshold and
-`fold_metrics`) on each held-out fold as stored and under six
+`fold_metrics`) on each held-out fold as stored and under seven
 deterministic test-time shifts of the same images:
   blur     Gaussian, sigma 1.5 px
   lowres   half resolution (area down, bilinear back up)
@@ -12,26 +13,32 @@ deterministic test-time shifts of the same images:
   gain     gamma 0.7 (brighter mid-tones; never trained on)
   zoomout  0.75 scale about the centre, black border (deeper field of
            view; never trained on)
-for two recipes that differ only in the training views: geometry only
-(`--no_degrade`) and the default (`--degrade`: views 3, 5, 7 also get
-`training.augment.degrade`). Each runs with several head initialisations
-(`bench.cv_seeds`' seeds) on the same views, so the two are paired.
+  annotate synthetic calipers, dotted lines and text drawn on every image
+           (`training.augment.annotate`): a model that reads "marked, so
+           a lesion" calls marked normal tissue a lesion
+for three recipes that differ only in the training views: geometry only
+(`--no_degrade`), the default (`--degrade`: views 3, 5, 7 also get
+`training.augment.degrade`) and the default with `--annotate` (about half
+of each random view also carries synthetic annotations). Each runs with
+several head initialisations (`bench.cv_seeds`' seeds) on the same views,
+so they are paired.
 --view_seed draws the random views from another seed while keeping the
 folds (the folds follow --seed), to see how much one draw of the views
 moves the figures.
 
 The first three shifts resemble what `degrade` trains on, so gains there
-are expected; gain and zoomout are not trained on. None of these is
+are expected; gain and zoomout are not trained on; annotate is what
+`--annotate` trains on. None of these is
 another hospital: they show what the degradations buy against these
 shifts, not the figures on a real site (use `recalibrate` and `evaluate`
 on a labelled local sample for that).
 
   python -m bench.scanner_shift --data GLOB --backbone_weights H5
       [--seeds 3] [--folds 5] [--view_seed S] [--cache NPZ] [--output J]
-      [--threshold_rule expected|observed]
+      [--threshold_rule expected|observed] [--recipes NAME ...]
 
 Features of every view and shift are computed once (one VGG16 pass per
-image each; the 17 on 623 images take ~18 min on 2 cores) and kept in
+image each; the 24 on 623 images take ~22 min on 2 cores) and kept in
 --cache with a stamp of the data, weights and views, so a rerun on the same
 ones trains heads only.
 """
@@ -48,11 +55,13 @@ import numpy as np
 import schemas
 from bench import common
 
-SHIFTS = ("blur", "lowres", "speckle", "jpeg", "gain", "zoomout")
+SHIFTS = ("blur", "lowres", "speckle", "jpeg", "gain", "zoomout", "annotate")
 SETS = ("as_stored",) + SHIFTS
-FIGURES = ("macro_f1", "auc_malignant", "recall_malignant", "ece",
-           "flagged_share", "accuracy_unflagged")
-RECIPES = {"geometry only": False, "degrade (default)": True}
+FIGURES = ("macro_f1", "auc_malignant", "recall_malignant", "recall_normal",
+           "ece", "flagged_share", "accuracy_unflagged")
+# name -> (degrade, annotate)
+RECIPES = {"geometry only": (False, False), "degrade (default)": (True, False),
+           "degrade + annotate": (True, True)}
 
 
 def shift(image: np.ndarray, kind: str) -> np.ndarray:
@@ -74,6 +83,9 @@ def shift(image: np.ndarray, kind: str) -> np.ndarray:
     return augment.jpeg(image, 30)
   elif kind == "gain":
     out = 255.0 * (out / 255.0) ** 0.7
+  elif kind == "annotate":
+    return augment.annotate(
+        image, np.random.default_rng(int(image.sum()) % 2**32))
   elif kind == "zoomout":
     matrix = cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2), 0,
                                      0.75)
@@ -87,16 +99,21 @@ def shift(image: np.ndarray, kind: str) -> np.ndarray:
 
 def run(data: Sequence[str], backbone_weights: str = "none",
         backbone: str = "vgg16", seeds: int = 3, folds: int = 5,
-        view_seed: int = 0, cache: str = "", **recipe_flags) -> Dict:
+        view_seed: int = 0, cache: str = "",
+        recipes: Sequence[str] = tuple(RECIPES), **recipe_flags) -> Dict:
   """Returns {"recipes": {name: [per seed {set: {figure: fold mean}}]},
   "mean": {name: {set: {figure: mean over seeds}}}, ...}.
 
   `recipe_flags`: other TrainConfig fields (epochs, augment_views, ...);
-  `degrade` is what the two recipes differ in.
+  `degrade` and `annotate` are what the recipes differ in.
+  `recipes`: which of RECIPES to run (their views alone are computed).
   """
   from bench import cv_seeds  # pylint: disable=import-outside-toplevel
   from training import calibration, cv  # pylint: disable=import-outside-toplevel
   from training import model as model_lib, recipe, split  # pylint: disable=import-outside-toplevel
+  unknown = sorted(set(recipes) - set(RECIPES))
+  if unknown or not recipes:
+    raise ValueError(f"recipes {unknown} not among {list(RECIPES)}")
   started = time.perf_counter()
   config, loaded, hashes, model = cv_seeds.setup(data, backbone_weights,
                                                  backbone, recipe_flags)
@@ -135,15 +152,19 @@ def run(data: Sequence[str], backbone_weights: str = "none",
 
   views = recipe.views(config)
   by_recipe = {}
-  for name, degrade in RECIPES.items():
+  for name in recipes:
+    degrade, annotate = RECIPES[name]
     by_recipe[name] = {}
     for view in views:
       # View 0 is the images as stored; the seed only draws the others.
+      random_view = view > recipe.MIRROR
       key = (f"view{view}"
-             + (f"_seed{view_seed}" if view > recipe.MIRROR else "")
+             + (f"_seed{view_seed}" if random_view else "")
+             + ("_annotated" if annotate and random_view else "")
              + ("_degraded" if degrade and recipe.degraded_view(view) else ""))
-      by_recipe[name][view] = need(key, lambda v=view, d=degrade: (
-          recipe.view_images(images, v, view_seed, keys, degrade=d)))
+      by_recipe[name][view] = need(key, lambda v=view, d=degrade, a=annotate: (
+          recipe.view_images(images, v, view_seed, keys, degrade=d,
+                             annotate=a)))
   for kind in SHIFTS:
     need(f"shift_{kind}", lambda k=kind: np.stack([shift(i, k)
                                                     for i in images]))
@@ -241,6 +262,9 @@ def main(argv=None) -> int:
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--folds", type=int, default=5)
   parser.add_argument("--view_seed", type=int, default=0)
+  parser.add_argument("--recipes", nargs="+", choices=list(RECIPES),
+                      default=list(RECIPES), metavar="RECIPE",
+                      help="which recipes to run, of: " + "; ".join(RECIPES))
   parser.add_argument("--cache", default="",
                       help="NPZ file keeping the features between runs")
   parser.add_argument("--output", default=None, help="JSON file to write")
@@ -251,7 +275,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   figures = run(args.data, args.backbone_weights, seeds=args.seeds,
                 folds=args.folds, view_seed=args.view_seed, cache=args.cache,
-                threshold_rule=args.threshold_rule)
+                recipes=args.recipes, threshold_rule=args.threshold_rule)
   if args.output:
     common.write_json(args.output, figures)
   return 0

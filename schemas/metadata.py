@@ -297,6 +297,10 @@ class TrainingSettings(Record):
   # the views that had the scanner degradations (training.augment.degrade);
   # () or absent: none
   degraded_views: Optional[Tuple[int, ...]] = optional()
+  # the random views that drew synthetic burned-in annotations
+  # (training.augment.annotate), each image's with probability
+  # training.augment.ANNOTATE.probability; () or absent: none
+  annotated_views: Optional[Tuple[int, ...]] = optional()
   calibrate: Optional[bool] = optional()
   synthetic_data: Optional[bool] = optional()
   batch_size: Optional[int] = optional()

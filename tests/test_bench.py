@@ -119,6 +119,19 @@ def test_recipe_search_runs_each_variant_on_one_cache(tmp_path):
   assert figures["variants"]["views"]["epochs_run"][0]["fine_tune"] == 1
 
 
+@pytest.mark.parametrize("field", ["degrade", "annotate"])
+def test_recipe_search_refuses_variants_with_other_views(tmp_path, field):
+  # One cache holds one set of views: a variant that draws others would be
+  # trained on the first's.
+  from bench import recipe_search  # pylint: disable=import-outside-toplevel
+  flags = {"augment_views": 3, "epochs": 1}
+  with pytest.raises(ValueError, match="same degrade and annotate settings"):
+    recipe_search.run([_write_records(tmp_path, 8)], "none",
+                      {"a": dict(flags, **{field: False}),
+                       "b": dict(flags, **{field: True})},
+                      folds=2, backbone="tiny")
+
+
 @pytest.mark.slow
 def test_cv_seeds_repeats_cv_with_other_heads(tmp_path):
   from bench import cv_seeds  # pylint: disable=import-outside-toplevel
@@ -362,10 +375,11 @@ def test_scanner_shift_scores_cvs_folds_of_both_recipes(tmp_path):
   figures = scanner_shift.run(data, backbone="tiny", seeds=1, folds=2,
                               cache=cache, **flags)
   # The images as stored, head seed 0: cv's own figures for each recipe.
-  for name, degrade in scanner_shift.RECIPES.items():
+  for name, (degrade, annotate) in scanner_shift.RECIPES.items():
     report = cv.cross_validate(
         TrainConfig(data=tuple(data), output="", backbone="tiny",
-                    backbone_weights="none", degrade=degrade, **flags), 2)
+                    backbone_weights="none", degrade=degrade,
+                    annotate=annotate, **flags), 2)
     row = figures["recipes"][name][0]["as_stored"]
     for figure in ("macro_f1", "auc_malignant", "ece"):
       assert row[figure] == pytest.approx(
@@ -373,7 +387,9 @@ def test_scanner_shift_scores_cvs_folds_of_both_recipes(tmp_path):
     assert set(figures["recipes"][name][0]) == set(scanner_shift.SETS)
   # View 3 is the one degraded: the two recipes differ there only.
   keys = set(np.load(cache + ".npz"))  # the suffix np.savez adds
-  assert {"view3_seed0", "view3_seed0_degraded", "shift_zoomout"} <= keys
+  assert {"view3_seed0", "view3_seed0_degraded", "shift_zoomout",
+          "view2_seed0_annotated", "view3_seed0_annotated_degraded",
+          "shift_annotate"} <= keys
   # A rerun reads the features back instead of computing them.
   again = scanner_shift.run(data, backbone="tiny", seeds=1, folds=2,
                             cache=cache, **flags)
@@ -383,3 +399,11 @@ def test_scanner_shift_scores_cvs_folds_of_both_recipes(tmp_path):
     scanner_shift.run(data, backbone="tiny", seeds=1, folds=2, cache=cache,
                       **dict(flags, augment_views=1))
   assert "| degrade (default) |" in scanner_shift.format_table(again["mean"])
+  # One recipe alone: its figures as in the full run, from the same cache.
+  one = scanner_shift.run(data, backbone="tiny", seeds=1, folds=2,
+                          cache=cache, recipes=["degrade + annotate"], **flags)
+  assert list(one["mean"]) == ["degrade + annotate"]
+  assert one["mean"]["degrade + annotate"] == figures["mean"][
+      "degrade + annotate"]
+  with pytest.raises(ValueError, match=r"recipes \['annotate'\] not among"):
+    scanner_shift.run(data, backbone="tiny", recipes=["annotate"], **flags)

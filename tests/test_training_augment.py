@@ -108,6 +108,42 @@ def test_degrade_is_seeded_and_keeps_the_brightness():
       augment.degrade(image, np.random.default_rng(1), none), image)
 
 
+def test_annotate_draws_thin_bright_marks_and_is_seeded():
+  dark = np.full((224, 224, 3), 40, np.uint8)
+  out = augment.annotate(dark, np.random.default_rng(3))
+  np.testing.assert_array_equal(out, augment.annotate(
+      dark, np.random.default_rng(3)))
+  assert out.dtype == np.uint8 and out.shape == dark.shape
+  changed = np.any(out != dark, axis=-1)
+  # Marks, not a wash: a few per cent of the pixels at most, only brighter
+  # (grey 170-255 blended over 40), and grey.
+  assert 0 < changed.mean() < 0.08
+  assert np.all(out >= dark)
+  np.testing.assert_array_equal(out[..., 0], out[..., 2])
+  assert out.max() >= 120  # at least one mark covers a pixel well
+  # Another draw puts other marks elsewhere.
+  other = augment.annotate(dark, np.random.default_rng(4))
+  assert not np.array_equal(other, out)
+  # Grey images ([H, W]) too.
+  grey = augment.annotate(dark[..., 0], np.random.default_rng(3))
+  np.testing.assert_array_equal(grey, out[..., 0])
+
+
+def test_annotate_draws_calipers_in_pairs():
+  # With no text and no lines, what is drawn is the caliper marks: 2 or 4
+  # separate blobs.
+  import cv2  # pylint: disable=import-outside-toplevel
+  config = augment.ANNOTATE._replace(text=0.0, dotted_line=0.0,
+                                     span=(0.4, 0.5))
+  counts = set()
+  for seed in range(12):
+    out = augment.annotate(np.zeros((224, 224), np.uint8),
+                           np.random.default_rng(seed), config)
+    found, _ = cv2.connectedComponents((out > 20).astype(np.uint8))
+    counts.add(found - 1)  # label 0 is the background
+  assert counts <= {2, 3, 4} and 2 in counts  # two pairs' marks may touch
+
+
 def test_degrade_draws_each_degradation_half_the_time():
   image = _images(n=1, size=32)[0]
   changed = [not np.array_equal(

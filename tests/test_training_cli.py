@@ -85,6 +85,7 @@ def test_train_without_augmentation(tmp_path, data_glob, capsys):
   assert settings["fine_tune_from"] == "block4_conv3"
   assert settings["augment"] is False and settings["seed"] == 1
   assert settings["degraded_views"] == []  # no random views to degrade
+  assert settings["annotated_views"] == []
   assert settings["unlabelled_skipped"] == 1
   assert settings["duplicates_skipped"] == 1
   assert len(settings["history"]["loss"]) == 3
@@ -317,6 +318,9 @@ def test_same_seed_same_split(tmp_path, data_glob):
      "--degrade needs --augment_views 3 or more (views 3, 5, ... are the"
      " degraded ones); got 0"),
     (["--augment_views", "2", "--degrade"], "needs --augment_views 3"),
+    (["--augment_views", "1", "--annotate"],
+     "--annotate needs --augment_views 2 or more (the random views 2, 3,"
+     " ... carry the marks); got 1"),
 ])
 def test_bad_flags_exit_2(tmp_path, data_glob, capsys, flags, message):
   argv = ["train", "--data", data_glob, "--output", str(tmp_path / "m"),
@@ -496,6 +500,13 @@ def test_degrade_and_no_degrade_are_refused_together(data_glob, capsys):
     cli.main(["cv", "--data", data_glob, "--degrade", "--no_degrade"])
   assert exit_info.value.code == 2
   assert "not allowed with argument --degrade" in capsys.readouterr().err
+
+
+def test_annotate_and_no_annotate_are_refused_together(data_glob, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["cv", "--data", data_glob, "--annotate", "--no_annotate"])
+  assert exit_info.value.code == 2
+  assert "not allowed with argument --annotate" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags", [["--threshold", "0.8"],

@@ -159,6 +159,17 @@ def test_card_names_the_degraded_views():
   assert row() == "none"  # trained before the option existed
 
 
+def test_card_names_the_annotated_views():
+  def row(**training):
+    card = _render(_metadata(training=dict({"epochs": 30}, **training)))
+    return card.split("| synthetic burned-in annotations (calipers, lines,"
+                      " text) | ")[1].split(" |")[0]
+  assert row(annotated_views=[2, 3, 4]) == (
+      "on about half the images' views 2, 3, 4")
+  assert row(annotated_views=[]) == "none"
+  assert row() == "none"  # trained before the option existed
+
+
 def test_card_survives_sparse_metadata():
   card = model_card.render(sparse_metadata(model_version="x", threshold=0.9))
   assert "# Model card: x" in card and "No test images" in card

@@ -51,6 +51,45 @@ def test_every_second_random_view_is_degraded(images):
       recipe.view_images(images[5:6], 3, 0, [5], degrade=True), degraded[5:6])
 
 
+def test_annotations_go_on_about_half_of_each_random_view(images):
+  positions = np.arange(len(images))
+  for view in (recipe.ORIGINAL, recipe.MIRROR):  # as stored, never marked
+    np.testing.assert_array_equal(
+        recipe.view_images(images, view, 0, positions, annotate=True),
+        recipe.view_images(images, view, 0, positions))
+  for view in (2, 3):
+    plain = recipe.view_images(images, view, 0, positions)
+    marked = recipe.view_images(images, view, 0, positions, annotate=True)
+    changed = [not np.array_equal(a, b) for a, b in zip(plain, marked)]
+    assert 4 <= sum(changed) <= 20, (view, sum(changed))  # of 24, p = 0.5
+    # The same geometry underneath, then each image's own draw.
+    first = changed.index(True)
+    np.testing.assert_array_equal(marked[first], augment.annotate(
+        plain[first], _annotate_rng(0, view, first)))
+  # Annotations come before the degradations, whose draws stay the
+  # recipe's: an image without marks is degraded exactly as without
+  # --annotate.
+  both = recipe.view_images(images, 3, 0, positions, degrade=True,
+                            annotate=True)
+  degraded = recipe.view_images(images, 3, 0, positions, degrade=True)
+  plain = recipe.view_images(images, 3, 0, positions)
+  for k in positions:
+    rng = np.random.default_rng([0, 3, int(k), 1])
+    if rng.random() < augment.ANNOTATE.probability:
+      np.testing.assert_array_equal(both[k], augment.degrade(
+          augment.annotate(plain[k], rng), np.random.default_rng([0, 3, k])))
+    else:
+      np.testing.assert_array_equal(both[k], degraded[k])
+
+
+def _annotate_rng(seed, view, key):
+  """The generator view_images draws an image's annotations from, after its
+  yes-or-no draw."""
+  rng = np.random.default_rng([seed, view, key, 1])
+  rng.random()
+  return rng
+
+
 def test_an_images_view_does_not_depend_on_its_batch(images):
   # train without cv computes the views of its training images only, cv of
   # every image: each image must get the same view either way.

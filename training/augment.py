@@ -190,3 +190,101 @@ def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
   if colour:
     decoded = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
   return decoded.reshape(image.shape)
+
+
+class AnnotateConfig(NamedTuple):
+  """Ranges of the synthetic burned-in annotations (`annotate`), in pixels
+  of the image they are drawn on (BUSI's frames are ~500-600 px wide, so a
+  224-pixel view shows their calipers at about these sizes)."""
+  # Measurements: a pair of caliper marks, "+" or "x", often joined by a
+  # dotted line; each image gets 1 or 2 pairs (the second at right angles
+  # more often than not, as a lesion's two axes are measured).
+  probability: float = 0.5  # of a random view carrying them (view_images)
+  pairs: Tuple[int, int] = (1, 3)  # upper bound exclusive
+  arm: Tuple[float, float] = (0.012, 0.025)  # mark arm, share of the width
+  span: Tuple[float, float] = (0.1, 0.5)  # distance of a pair, share
+  dotted_line: float = 0.6  # probability that a pair is joined
+  # Text: short strings of capitals, digits and punctuation (side, clock
+  # position, a measurement) at the frame's edges or over the tissue.
+  text: float = 0.5  # probability of text
+  text_scale: Tuple[float, float] = (0.0011, 0.0019)  # font scale per px
+  grey: Tuple[int, int] = (170, 256)  # the marks' grey level
+
+
+ANNOTATE = AnnotateConfig()
+_TEXT_CHARACTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .:/-"
+
+
+def annotate(image: np.ndarray, rng: np.random.Generator,
+             config: AnnotateConfig = ANNOTATE) -> np.ndarray:
+  """A uint8 [H, W, C] image with synthetic burned-in annotations drawn in.
+
+  BUSI's lesion frames often carry calipers, dotted measurement lines and
+  text, its normal frames seldom do, so a model can learn "marked, so a
+  lesion" from them, a cue another site's exports need not share. Drawn on
+  training views of every class, the marks stop telling the classes apart.
+  They are drawn at twice the size and area-resized, so their edges are as
+  soft as those of a frame resized by preprocessing, and blended in at a
+  random grey; nothing else in the image changes. The same generator state
+  gives the same output.
+  """
+  height, width = image.shape[:2]
+  scale = 2  # drawing resolution, for anti-aliased thin marks
+  canvas = np.zeros((height * scale, width * scale), np.uint8)
+
+  def point(margin):
+    return np.array([rng.uniform(margin, 1 - margin) * width * scale,
+                     rng.uniform(margin, 1 - margin) * height * scale])
+
+  first_angle = rng.uniform(0, np.pi)
+  for pair in range(int(rng.integers(*config.pairs))):
+    span = rng.uniform(*config.span) * width * scale
+    centre = point(0.15)
+    if pair == 0:
+      angle = first_angle
+    elif rng.random() < 0.7:  # the lesion's other axis
+      angle = first_angle + np.pi / 2
+    else:
+      angle = rng.uniform(0, np.pi)
+    offset = span / 2 * np.array([np.cos(angle), np.sin(angle)])
+    # Calipers mark something in the frame: keep both ends inside it.
+    inside = np.array([width, height]) * scale * np.array([[0.03], [0.97]])
+    ends = [np.clip(centre - offset, inside[0], inside[1]),
+            np.clip(centre + offset, inside[0], inside[1])]
+    arm = rng.uniform(*config.arm) * width * scale
+    thickness = int(rng.integers(1, 4))
+    cross = rng.random() < 0.5  # "x" marks, else "+"
+    for end in ends:
+      for direction in ((1, 1), (1, -1)) if cross else ((1, 0), (0, 1)):
+        step = arm * np.array(direction, np.float64)
+        cv2.line(canvas, _pixel(end - step), _pixel(end + step), 255,
+                 thickness, cv2.LINE_AA)
+    if rng.random() < config.dotted_line:
+      dots = max(2, int(span / (rng.uniform(3, 6) * scale)))
+      for t in np.linspace(0.08, 0.92, dots):
+        cv2.circle(canvas, _pixel(ends[0] + t * (ends[1] - ends[0])),
+                   max(1, thickness // 2), 255, -1, cv2.LINE_AA)
+  if rng.random() < config.text:
+    for _ in range(int(rng.integers(1, 3))):
+      length = int(rng.integers(2, 11))
+      text = "".join(rng.choice(list(_TEXT_CHARACTERS), length)).strip()
+      font_scale = rng.uniform(*config.text_scale) * width * scale
+      origin = point(0.05)
+      if rng.random() < 0.6:  # most text sits near the top or bottom edge
+        origin[1] = (rng.uniform(0.03, 0.12) if rng.random() < 0.5 else
+                     rng.uniform(0.9, 0.97)) * height * scale
+      origin[0] = min(origin[0], width * scale * 0.7)
+      cv2.putText(canvas, text or "R", _pixel(origin),
+                  cv2.FONT_HERSHEY_SIMPLEX, font_scale, 255,
+                  max(1, int(round(font_scale * 1.5))), cv2.LINE_AA)
+  alpha = cv2.resize(canvas, (width, height),
+                     interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+  if image.ndim == 3:
+    alpha = alpha[..., None]
+  grey = float(rng.integers(*config.grey))
+  out = image.astype(np.float32) * (1 - alpha) + grey * alpha
+  return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def _pixel(xy) -> Tuple[int, int]:
+  return int(round(float(xy[0]))), int(round(float(xy[1])))

@@ -140,6 +140,15 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
   degrade.add_argument(
       "--no_degrade", dest="degrade", action="store_false",
       help="Random views are geometry only.")
+  annotate = parser.add_mutually_exclusive_group()
+  annotate.add_argument(
+      "--annotate", dest="annotate", action="store_true", default=None,
+      help="Draw synthetic burned-in annotations (calipers, dotted"
+      " measurement lines, text) on about half the random views of every"
+      " class, so that marks stop telling lesions from normal tissue.")
+  annotate.add_argument(
+      "--no_annotate", dest="annotate", action="store_false",
+      help="No synthetic annotations on the views.")
 
 
 _NONE = "none"
@@ -188,6 +197,11 @@ def _recipe_config(args: argparse.Namespace, **fields
   if args.degrade and views < 3:
     raise ValueError(f"--degrade needs --augment_views 3 or more (views 3,"
                      f" 5, ... are the degraded ones); got {views}")
+  if args.annotate and views < 2:
+    raise ValueError(f"--annotate needs --augment_views 2 or more (the"
+                     f" random views 2, 3, ... carry the marks); got {views}")
+  annotate = (config_lib.TrainConfig.annotate if args.annotate is None
+              else args.annotate)
   return config_lib.TrainConfig(
       data=tuple(args.data), image_size=args.image_size,
       network_size=args.network_size,
@@ -201,6 +215,7 @@ def _recipe_config(args: argparse.Namespace, **fields
       threshold=(schemas.DEFAULT_THRESHOLD if args.threshold is None
                  else args.threshold),
       batch_size=args.batch_size, augment_views=views, degrade=degrade,
+      annotate=annotate,
       learning_rate=args.learning_rate,
       fine_tune_learning_rate=args.fine_tune_learning_rate,
       calibrate=args.calibrate, target_accuracy=target,

@@ -72,6 +72,10 @@ class TrainConfig:
   # Scanner degradations (blur, resolution, speckle, JPEG) on every second
   # random view (3, 5, 7, …): training/README.md, "Scanner degradations".
   degrade: bool = True
+  # Synthetic burned-in annotations (calipers, dotted lines, text) on half
+  # the random views of every class: training/README.md, "Burned-in
+  # annotations".
+  annotate: bool = False
   patience: int = DEFAULT_PATIENCE  # 0: no early stopping
   label_smoothing: float = DEFAULT_LABEL_SMOOTHING
   malignant_weight: float = DEFAULT_MALIGNANT_WEIGHT  # x balanced weight

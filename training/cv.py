@@ -328,7 +328,8 @@ def all_views_cache(config: TrainConfig, model, data: data_lib.LabelledData,
                           config.batch_size, config.seed,
                           layers or recipe.cache_layers(config, model),
                           config.degrade,
-                          keys=recipe.draw_keys(data.image_ids))
+                          keys=recipe.draw_keys(data.image_ids),
+                          annotate=config.annotate)
 
 
 def cross_validate(config: TrainConfig, folds: int) -> Dict:

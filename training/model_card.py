@@ -616,6 +616,8 @@ def _training_section(metadata: ArtifactMetadata) -> List[str]:
            _or_na(training.augment_views)],
           ["scanner degradations (blur, resolution, speckle, JPEG)",
            _degraded(training)],
+          ["synthetic burned-in annotations (calipers, lines, text)",
+           _annotated(training)],
           ["cross-validation folds run first", _or_na(training.cv_folds)],
           ["val / test fractions", f"{_or_na(training.val_fraction)} /"
                                    f" {_or_na(training.test_fraction)}"],
@@ -632,6 +634,15 @@ def _degraded(training) -> str:
   if not views:
     return "none"
   return "on views " + ", ".join(str(v) for v in views)
+
+
+def _annotated(training) -> str:
+  # Artifacts trained before the option had none.
+  views = training.annotated_views or ()
+  if not views:
+    return "none"
+  return ("on about half the images' views "
+          + ", ".join(str(v) for v in views))
 
 
 def _fine_tuned(training) -> str:

@@ -97,7 +97,7 @@ def draw_keys(image_ids: Sequence[str]) -> np.ndarray:
 
 def view_images(images: np.ndarray, view: int, seed: int,
                 keys: Optional[Sequence[int]] = None,
-                degrade: bool = False) -> np.ndarray:
+                degrade: bool = False, annotate: bool = False) -> np.ndarray:
   """View `view` of a batch of uint8 images.
 
   Args:
@@ -112,6 +112,10 @@ def view_images(images: np.ndarray, view: int, seed: int,
       and any data set holding the image draw the same views of it.
     degrade: add the scanner degradations (`augment.degrade`) to the views
       `degraded_view` names.
+    annotate: draw synthetic burned-in annotations (`augment.annotate`) on
+      each random view of an image with probability
+      `augment.ANNOTATE.probability`, before any degradation (an export
+      compresses the marks with the image).
   """
   if view == ORIGINAL:
     return images
@@ -125,6 +129,13 @@ def view_images(images: np.ndarray, view: int, seed: int,
   seeds = np.stack([np.full(len(keys), seed * 1000 + view, np.int64),
                     keys], axis=1)
   out = augment.augment_each(tf.constant(images), tf.constant(seeds)).numpy()
+  if annotate:
+    # Its own stream ([..., 1]): the degradations keep their draws.
+    rngs = [np.random.default_rng([seed, view, int(k), 1]) for k in keys]
+    out = np.stack([
+        augment.annotate(image, rng)
+        if rng.random() < augment.ANNOTATE.probability else image
+        for image, rng in zip(out, rngs)])
   if degrade and degraded_view(view):
     out = np.stack([
         augment.degrade(image, np.random.default_rng([seed, view, int(k)]))
@@ -147,7 +158,7 @@ class ConvCache:
   def __init__(self, model: keras.Model, images: np.ndarray,
                needed: Dict[int, np.ndarray], batch_size: int, seed: int,
                layers: Sequence[str], degrade: bool = False, *,
-               keys: np.ndarray):
+               keys: np.ndarray, annotate: bool = False):
     """
     Args:
       model: a `model.build_model` model (its frozen layers are used).
@@ -160,6 +171,8 @@ class ConvCache:
       degrade: the recipe's --degrade (scanner degradations on the views
         `degraded_view` names).
       keys: int64 [N], the images' `draw_keys` (their random views' draws).
+      annotate: the recipe's --annotate (synthetic burned-in annotations on
+        some random views).
     """
     if len(keys) != len(images):
       raise ValueError(f"{len(keys)} draw keys for {len(images)} images")
@@ -169,6 +182,7 @@ class ConvCache:
     self._batch_size = batch_size
     self._seed = seed
     self._degrade = degrade
+    self._annotate = annotate
     self._layers = list(layers)
     self._rows: Dict[int, np.ndarray] = {}
     for view, indices in needed.items():
@@ -210,7 +224,8 @@ class ConvCache:
       for start in range(0, len(indices), chunk):
         batch = indices[start:start + chunk]
         pixels = view_images(self._images[batch], view, self._seed,
-                             self._keys[batch], self._degrade)
+                             self._keys[batch], self._degrade,
+                             self._annotate)
         parts.append(model_lib.in_batches(sub, pixels, self._batch_size,
                                           traced=True))
       out = np.concatenate(parts) if parts else model_lib.in_batches(

@@ -56,7 +56,8 @@ def fit(config: TrainConfig, data: data_lib.LabelledData,
     cache = recipe.ConvCache(model, data.images, needed, config.batch_size,
                              config.seed, recipe.cache_layers(config, model),
                              config.degrade,
-                             keys=recipe.draw_keys(data.image_ids))
+                             keys=recipe.draw_keys(data.image_ids),
+                             annotate=config.annotate)
   runner = recipe.Recipe(model, cache, data.labels, config)
   return Fitted(model, runner,
                 runner.fit(splits.train, splits.val, config.seed), report)

@@ -108,6 +108,8 @@ def _training_settings(config: TrainConfig, read: Read, splits: Splits,
       augment_views=config.augment_views,
       degraded_views=tuple(v for v in recipe.views(config)
                            if config.degrade and recipe.degraded_view(v)),
+      annotated_views=tuple(v for v in recipe.views(config)
+                            if config.annotate and v > recipe.MIRROR),
       calibrate=config.calibrate,
       synthetic_data=config.synthetic_data,
       batch_size=config.batch_size,
