@@ -17,9 +17,10 @@ deterministic test-time shifts of the same images:
            (`training.augment.annotate`): a model that reads "marked, so
            a lesion" calls marked normal tissue a lesion
 for three recipes that differ only in the training views: geometry only
-(`--no_degrade`), the default (`--degrade`: views 3, 5, 7 also get
-`training.augment.degrade`) and the default with `--annotate` (about half
-of each random view also carries synthetic annotations). Each runs with
+(`--no_degrade --no_annotate`), degrade (`--no_annotate`: views 3, 5, 7
+also get `training.augment.degrade`) and the default (`--degrade
+--annotate`: about half of each random view also carries synthetic
+annotations). Each runs with
 several head initialisations (`bench.cv_seeds`' seeds) on the same views,
 so they are paired.
 --view_seed draws the random views from another seed while keeping the
@@ -60,8 +61,8 @@ SETS = ("as_stored",) + SHIFTS
 FIGURES = ("macro_f1", "auc_malignant", "recall_malignant", "recall_normal",
            "ece", "flagged_share", "accuracy_unflagged")
 # name -> (degrade, annotate)
-RECIPES = {"geometry only": (False, False), "degrade (default)": (True, False),
-           "degrade + annotate": (True, True)}
+RECIPES = {"geometry only": (False, False), "degrade": (True, False),
+           "degrade + annotate (default)": (True, True)}
 
 
 def shift(image: np.ndarray, kind: str) -> np.ndarray:

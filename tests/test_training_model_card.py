@@ -168,6 +168,10 @@ def test_card_names_the_annotated_views():
       "on about half the images' views 2, 3, 4")
   assert row(annotated_views=[]) == "none"
   assert row() == "none"  # trained before the option existed
+  # The burned-in annotation caveat says what the training did about them.
+  said = "This model was trained with synthetic calipers"
+  assert said in _render(_metadata(training={"annotated_views": [2, 3]}))
+  assert said not in _render(_metadata(training={"annotated_views": []}))
 
 
 def test_card_survives_sparse_metadata():

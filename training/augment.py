@@ -20,6 +20,12 @@ the image's brightness (speckle has mean 1). What they bought on the dev
 set, under test-time shifts too: training/README.md, "Scanner
 degradations".
 
+Synthetic burned-in annotations (`annotate`: caliper pairs, dotted
+measurement lines, text) go on about half of each random view of every
+class (`training.recipe.view_images`), so that BUSI's real marks, drawn
+on lesions, stop telling the classes apart: training/README.md, "Burned-in
+annotations".
+
 Note: "shear 0.01" is ImageDataGenerator's `shear_range`, in degrees, so it
 moves a 224-pixel image by under 0.04 pixel; it is kept for fidelity to the
 recipe and costs nothing, being folded into the same matrix.

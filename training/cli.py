@@ -145,7 +145,8 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
       "--annotate", dest="annotate", action="store_true", default=None,
       help="Draw synthetic burned-in annotations (calipers, dotted"
       " measurement lines, text) on about half the random views of every"
-      " class, so that marks stop telling lesions from normal tissue.")
+      " class, so that marks stop telling lesions from normal tissue (the"
+      " default).")
   annotate.add_argument(
       "--no_annotate", dest="annotate", action="store_false",
       help="No synthetic annotations on the views.")
@@ -200,8 +201,8 @@ def _recipe_config(args: argparse.Namespace, **fields
   if args.annotate and views < 2:
     raise ValueError(f"--annotate needs --augment_views 2 or more (the"
                      f" random views 2, 3, ... carry the marks); got {views}")
-  annotate = (config_lib.TrainConfig.annotate if args.annotate is None
-              else args.annotate)
+  # Default: on wherever there are random views to draw them on.
+  annotate = args.annotate is not False
   return config_lib.TrainConfig(
       data=tuple(args.data), image_size=args.image_size,
       network_size=args.network_size,

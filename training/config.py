@@ -75,7 +75,7 @@ class TrainConfig:
   # Synthetic burned-in annotations (calipers, dotted lines, text) on half
   # the random views of every class: training/README.md, "Burned-in
   # annotations".
-  annotate: bool = False
+  annotate: bool = True
   patience: int = DEFAULT_PATIENCE  # 0: no early stopping
   label_smoothing: float = DEFAULT_LABEL_SMOOTHING
   malignant_weight: float = DEFAULT_MALIGNANT_WEIGHT  # x balanced weight

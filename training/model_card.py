@@ -567,9 +567,14 @@ def _caveats_section(metadata: ArtifactMetadata) -> List[str]:
       "- **Burned-in annotations**: many frames carry calipers, measurement"
       " text, arrows, body markers and scanner overlays. Calipers and"
       " measurements are drawn on lesions, so they correlate with the label:"
-      " a model can learn those marks instead of the tissue. Check the"
-      " Grad-CAM overlays (`python -m training gradcam`), and expect worse"
-      " results on clean frames.",
+      " a model can learn those marks instead of the tissue."
+      + (" This model was trained with synthetic calipers, lines and text"
+         " on about half of its random views of every class, which on the"
+         " development set cut how much marks move its predictions"
+         " (training/README.md, \"Burned-in annotations\"), but not to"
+         " nothing." if training.annotated_views else "")
+      + " Check the Grad-CAM overlays (`python -m training gradcam`), and"
+      " expect worse results on clean frames.",
       "- **One centre, one vendor**: scans of about 600 women aged 25–75,"
       " acquired in 2018 at a single hospital in Cairo on GE LOGIQ E9"
       " systems. Other populations, scanners, probes and presets are out of"
