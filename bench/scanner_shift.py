@@ -1,5 +1,4 @@
-"""The recipe under scanner-like shifts, with and without scanner degradations
-and synthetic annotations.
+"""The recipe under scanner-like shifts, with or without degradations and marks.
 
 Other hospitals' scanners, presets and exports differ from BUSI's in
 sharpness, resolution, speckle, compression, gain and depth. This scores
@@ -111,10 +110,11 @@ def run(data: Sequence[str], backbone_weights: str = "none",
   """
   from bench import cv_seeds  # pylint: disable=import-outside-toplevel
   from training import calibration, cv  # pylint: disable=import-outside-toplevel
-  from training import model as model_lib, recipe, split  # pylint: disable=import-outside-toplevel
+  from training import augment, model as model_lib, recipe, split  # pylint: disable=import-outside-toplevel
   unknown = sorted(set(recipes) - set(RECIPES))
   if unknown or not recipes:
-    raise ValueError(f"recipes {unknown} not among {list(RECIPES)}")
+    raise ValueError(f"recipes {unknown or '(none)'} not among"
+                     f" {list(RECIPES)}: name one or more of them")
   started = time.perf_counter()
   config, loaded, hashes, model = cv_seeds.setup(data, backbone_weights,
                                                  backbone, recipe_flags)
@@ -130,7 +130,9 @@ def run(data: Sequence[str], backbone_weights: str = "none",
   stamp = json.dumps([split.fingerprint(loaded.image_ids),
                       model_lib.weights_source(backbone_weights), backbone,
                       config.image_size, config.augment_views,
-                      "views keyed by image_id, JPEG in RGB order"])
+                      "views keyed by image_id, JPEG in RGB order",
+                      # Cached views are stale once a draw's ranges change.
+                      repr(augment.DEGRADE), repr(augment.ANNOTATE)])
   table: Dict[str, np.ndarray] = {}
   if cache and os.path.exists(cache):
     table = dict(np.load(cache))
@@ -161,7 +163,8 @@ def run(data: Sequence[str], backbone_weights: str = "none",
       random_view = view > recipe.MIRROR
       key = (f"view{view}"
              + (f"_seed{view_seed}" if random_view else "")
-             + ("_annotated" if annotate and random_view else "")
+             + ("_annotated" if annotate and recipe.annotated_view(view)
+                else "")
              + ("_degraded" if degrade and recipe.degraded_view(view) else ""))
       by_recipe[name][view] = need(key, lambda v=view, d=degrade, a=annotate: (
           recipe.view_images(images, v, view_seed, keys, degrade=d,
@@ -229,6 +232,10 @@ def run(data: Sequence[str], backbone_weights: str = "none",
   print(format_table(mean))
   settings = dataclasses.asdict(config)
   settings["data"] = list(config.data)
+  # settings hold the config's own degrade/annotate; each recipe sets its.
+  settings["recipes"] = {name: {"degrade": RECIPES[name][0],
+                                "annotate": RECIPES[name][1]}
+                         for name in recipes}
   return {"settings": settings, "folds": folds, "seeds": seeds,
           "view_seed": view_seed, "recipes": results, "mean": mean,
           "seconds": round(time.perf_counter() - started, 1)}

@@ -36,7 +36,8 @@ Where it differs from the Keras recipe, the head-only row differs too
 other, not with `cv`'s:
 - weight initialisation, the random views (drawn per fold here, once for
   every fold in `cv`; geometry only here, where `cv` now also degrades
-  every second random view, `--degrade`) and the dropout draws;
+  every second random view, `--degrade`, and marks about half of each
+  random view, `--annotate`) and the dropout draws;
 - early stopping here watches the class-weighted validation loss; Keras
   weights only the training loss (`class_weight`), so its `val_loss` and
   hence its best epochs differ. Kept as it was when the README's figures

@@ -365,7 +365,7 @@ def test_scanner_shift_passes_the_threshold_rule(monkeypatch):
 
 
 @pytest.mark.slow
-def test_scanner_shift_scores_cvs_folds_of_both_recipes(tmp_path):
+def test_scanner_shift_scores_cvs_folds_of_each_recipe(tmp_path):
   from bench import scanner_shift  # pylint: disable=import-outside-toplevel
   from training import cv  # pylint: disable=import-outside-toplevel
   from training.config import TrainConfig  # pylint: disable=import-outside-toplevel
@@ -385,7 +385,8 @@ def test_scanner_shift_scores_cvs_folds_of_both_recipes(tmp_path):
       assert row[figure] == pytest.approx(
           report["summary"][figure]["mean"], abs=1e-9), (name, figure)
     assert set(figures["recipes"][name][0]) == set(scanner_shift.SETS)
-  # View 3 is the one degraded: the two recipes differ there only.
+  # View 3 is the one degraded, views 2 and 3 the annotated: each recipe
+  # has its own features there, and shares the rest.
   keys = set(np.load(cache + ".npz"))  # the suffix np.savez adds
   assert {"view3_seed0", "view3_seed0_degraded", "shift_zoomout",
           "view2_seed0_annotated", "view3_seed0_annotated_degraded",
@@ -403,6 +404,8 @@ def test_scanner_shift_scores_cvs_folds_of_both_recipes(tmp_path):
   one = scanner_shift.run(data, backbone="tiny", seeds=1, folds=2,
                           cache=cache, recipes=["degrade"], **flags)
   assert list(one["mean"]) == ["degrade"]
+  assert one["settings"]["recipes"] == {
+      "degrade": {"degrade": True, "annotate": False}}
   assert one["mean"]["degrade"] == figures["mean"]["degrade"]
   with pytest.raises(ValueError, match=r"recipes \['annotate'\] not among"):
     scanner_shift.run(data, backbone="tiny", recipes=["annotate"], **flags)

@@ -235,10 +235,14 @@ def test_train_overwrite_without_cv_drops_the_old_report(tmp_path, cv_data,
     assert without_cv[key] == with_cv[key], key
   assert (without_cv["training"]["history"]
           == with_cv["training"]["history"])
-  # Views 2 and 3 were drawn; 3 had the scanner degradations.
+  # Views 2 and 3 were drawn; 3 had the scanner degradations, both could
+  # carry synthetic annotations (the defaults).
   assert without_cv["training"]["degraded_views"] == [3]
+  assert without_cv["training"]["annotated_views"] == [2, 3]
   card = open(os.path.join(output, schemas.MODEL_CARD_FILE)).read()
   assert ("| scanner degradations (blur, resolution, speckle, JPEG) | on"
           " views 3 |") in card
+  assert ("| synthetic burned-in annotations (calipers, lines, text) | on"
+          " about half the images' views 2, 3 |") in card
   assert cli.main(base + ["--no_augment", "--overwrite"]) == 2
   assert "--no_augment contradicts" in capsys.readouterr().err

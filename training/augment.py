@@ -199,9 +199,9 @@ def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
 
 
 class AnnotateConfig(NamedTuple):
-  """Ranges of the synthetic burned-in annotations (`annotate`), in pixels
-  of the image they are drawn on (BUSI's frames are ~500-600 px wide, so a
-  224-pixel view shows their calipers at about these sizes)."""
+  """Ranges of the synthetic burned-in annotations (`annotate`), as shares
+  of the image's width (BUSI's frames are ~500-600 px wide, so a 224-pixel
+  view shows their calipers at about these sizes)."""
   # Measurements: a pair of caliper marks, "+" or "x", often joined by a
   # dotted line; each image gets 1 or 2 pairs (the second at right angles
   # more often than not, as a lesion's two axes are measured).

@@ -83,6 +83,13 @@ def degraded_view(view: int) -> bool:
   return view > MIRROR and view % 2 == 1
 
 
+def annotated_view(view: int) -> bool:
+  """Whether view `view` may carry synthetic annotations (when the recipe
+  annotates): every random view, each image's with probability
+  `augment.ANNOTATE.probability`; never the images as stored or mirrored."""
+  return view > MIRROR
+
+
 def draw_keys(image_ids: Sequence[str]) -> np.ndarray:
   """Each image's key for its random views: 63 bits of sha256(image_id).
 
@@ -129,7 +136,7 @@ def view_images(images: np.ndarray, view: int, seed: int,
   seeds = np.stack([np.full(len(keys), seed * 1000 + view, np.int64),
                     keys], axis=1)
   out = augment.augment_each(tf.constant(images), tf.constant(seeds)).numpy()
-  if annotate:
+  if annotate and annotated_view(view):
     # Its own stream ([..., 1]): the degradations keep their draws.
     rngs = [np.random.default_rng([seed, view, int(k), 1]) for k in keys]
     out = np.stack([

@@ -109,7 +109,7 @@ def _training_settings(config: TrainConfig, read: Read, splits: Splits,
       degraded_views=tuple(v for v in recipe.views(config)
                            if config.degrade and recipe.degraded_view(v)),
       annotated_views=tuple(v for v in recipe.views(config)
-                            if config.annotate and v > recipe.MIRROR),
+                            if config.annotate and recipe.annotated_view(v)),
       calibrate=config.calibrate,
       synthetic_data=config.synthetic_data,
       batch_size=config.batch_size,
