@@ -301,6 +301,8 @@ class TrainingSettings(Record):
   # (training.augment.annotate), each image's with probability
   # training.augment.ANNOTATE.probability; () or absent: none
   annotated_views: Optional[Tuple[int, ...]] = optional()
+  # the probability that one of those views of an image carries them
+  annotate_probability: Optional[float] = optional()
   calibrate: Optional[bool] = optional()
   synthetic_data: Optional[bool] = optional()
   batch_size: Optional[int] = optional()

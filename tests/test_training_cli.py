@@ -86,6 +86,7 @@ def test_train_without_augmentation(tmp_path, data_glob, capsys):
   assert settings["augment"] is False and settings["seed"] == 1
   assert settings["degraded_views"] == []  # no random views to degrade
   assert settings["annotated_views"] == []
+  assert settings["annotate_probability"] is None  # none drawn
   assert settings["unlabelled_skipped"] == 1
   assert settings["duplicates_skipped"] == 1
   assert len(settings["history"]["loss"]) == 3

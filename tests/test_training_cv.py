@@ -242,7 +242,8 @@ def test_train_overwrite_without_cv_drops_the_old_report(tmp_path, cv_data,
   card = open(os.path.join(output, schemas.MODEL_CARD_FILE)).read()
   assert ("| scanner degradations (blur, resolution, speckle, JPEG) | on"
           " views 3 |") in card
+  assert without_cv["training"]["annotate_probability"] == 0.5
   assert ("| synthetic burned-in annotations (calipers, lines, text) | on"
-          " about half the images' views 2, 3 |") in card
+          " views 2, 3, each image's with probability 0.5 |") in card
   assert cli.main(base + ["--no_augment", "--overwrite"]) == 2
   assert "--no_augment contradicts" in capsys.readouterr().err

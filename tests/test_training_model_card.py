@@ -164,8 +164,10 @@ def test_card_names_the_annotated_views():
     card = _render(_metadata(training=dict({"epochs": 30}, **training)))
     return card.split("| synthetic burned-in annotations (calipers, lines,"
                       " text) | ")[1].split(" |")[0]
-  assert row(annotated_views=[2, 3, 4]) == (
-      "on about half the images' views 2, 3, 4")
+  assert row(annotated_views=[2, 3, 4], annotate_probability=0.5) == (
+      "on views 2, 3, 4, each image's with probability 0.5")
+  # Recorded before the probability was: the default of then.
+  assert row(annotated_views=[2, 3]) == "on views 2, 3, about half the images'"
   assert row(annotated_views=[]) == "none"
   assert row() == "none"  # trained before the option existed
   # The burned-in annotation caveat says what the training did about them.

@@ -569,7 +569,7 @@ def _caveats_section(metadata: ArtifactMetadata) -> List[str]:
       " measurements are drawn on lesions, so they correlate with the label:"
       " a model can learn those marks instead of the tissue."
       + (" This model was trained with synthetic calipers, lines and text"
-         " on about half of its random views of every class, which on the"
+         " on its random views of every class, which on the"
          " development set cut how much marks move its predictions"
          " (training/README.md, \"Burned-in annotations\"), but not to"
          " nothing." if training.annotated_views else "")
@@ -646,8 +646,10 @@ def _annotated(training) -> str:
   views = training.annotated_views or ()
   if not views:
     return "none"
-  return ("on about half the images' views "
-          + ", ".join(str(v) for v in views))
+  share = training.annotate_probability
+  return ("on views " + ", ".join(str(v) for v in views)
+          + (f", each image's with probability {share:g}" if share is not None
+             else ", about half the images'"))
 
 
 def _fine_tuned(training) -> str:

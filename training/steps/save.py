@@ -14,7 +14,7 @@ from schemas import artifact as artifact_schema
 from schemas import metadata as metadata_schema
 from schemas.metadata import ArtifactMetadata
 from training import cv, model as model_lib, ood_detector, plots, saving
-from training import recipe, split
+from training import augment, recipe, split
 from training.config import TrainConfig
 from training.steps.data import Read
 from training.steps.fit import Fitted
@@ -91,6 +91,8 @@ def _training_settings(config: TrainConfig, read: Read, splits: Splits,
                       ) -> metadata_schema.TrainingSettings:
   labels = list(schemas.LABELS)
   stats, result = read.stats, fitted.result
+  annotated = tuple(v for v in recipe.views(config)
+                    if config.annotate and recipe.annotated_view(v))
   return metadata_schema.TrainingSettings(
       epochs=config.epochs,
       fine_tune_epochs=config.fine_tune_epochs,
@@ -108,8 +110,8 @@ def _training_settings(config: TrainConfig, read: Read, splits: Splits,
       augment_views=config.augment_views,
       degraded_views=tuple(v for v in recipe.views(config)
                            if config.degrade and recipe.degraded_view(v)),
-      annotated_views=tuple(v for v in recipe.views(config)
-                            if config.annotate and recipe.annotated_view(v)),
+      annotated_views=annotated,
+      annotate_probability=augment.ANNOTATE.probability if annotated else None,
       calibrate=config.calibrate,
       synthetic_data=config.synthetic_data,
       batch_size=config.batch_size,
