@@ -242,6 +242,8 @@ def annotate(image: np.ndarray, rng: np.random.Generator,
     return np.array([rng.uniform(margin, 1 - margin) * width * scale,
                      rng.uniform(margin, 1 - margin) * height * scale])
 
+  # Calipers mark something in the frame: both ends stay inside it.
+  inside = np.array([width, height]) * scale * np.array([[0.03], [0.97]])
   first_angle = rng.uniform(0, np.pi)
   for pair in range(int(rng.integers(*config.pairs))):
     span = rng.uniform(*config.span) * width * scale
@@ -253,8 +255,6 @@ def annotate(image: np.ndarray, rng: np.random.Generator,
     else:
       angle = rng.uniform(0, np.pi)
     offset = span / 2 * np.array([np.cos(angle), np.sin(angle)])
-    # Calipers mark something in the frame: keep both ends inside it.
-    inside = np.array([width, height]) * scale * np.array([[0.03], [0.97]])
     ends = [np.clip(centre - offset, inside[0], inside[1]),
             np.clip(centre + offset, inside[0], inside[1])]
     arm = rng.uniform(*config.arm) * width * scale

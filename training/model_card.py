@@ -633,23 +633,23 @@ def _training_section(metadata: ArtifactMetadata) -> List[str]:
   return ["## Training", ""] + _table(["setting", "value"], rows) + [""]
 
 
+def _on_views(views) -> str:
+  """"on views 3, 5, 7", or "none" (artifacts trained before an option
+  record none)."""
+  return "on views " + ", ".join(str(v) for v in views) if views else "none"
+
+
 def _degraded(training) -> str:
-  # Artifacts trained before the option had none.
-  views = training.degraded_views or ()
-  if not views:
-    return "none"
-  return "on views " + ", ".join(str(v) for v in views)
+  return _on_views(training.degraded_views)
 
 
 def _annotated(training) -> str:
-  # Artifacts trained before the option had none.
-  views = training.annotated_views or ()
-  if not views:
-    return "none"
+  phrase = _on_views(training.annotated_views)
+  if not training.annotated_views:
+    return phrase
   share = training.annotate_probability
-  return ("on views " + ", ".join(str(v) for v in views)
-          + (f", each image's with probability {share:g}" if share is not None
-             else ", about half the images'"))
+  return phrase + (f", each image's with probability {share:g}"
+                   if share is not None else ", about half the images'")
 
 
 def _fine_tuned(training) -> str:
