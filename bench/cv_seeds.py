@@ -39,6 +39,7 @@ import numpy as np
 
 import schemas
 from bench import common
+from training import config as config_lib
 
 FIGURES = ("macro_f1", "recall_malignant", "recall_benign", "recall_normal",
            "accuracy", "ece",
@@ -114,6 +115,7 @@ def setup(data: Sequence[str], backbone_weights: str, backbone: str,
                        backbone_weights=backbone_weights, backbone=backbone,
                        **recipe_flags)
   config.validate(cross_validation=True)
+  config = recipe.with_resolved_precision(config)
   loaded, _ = data_lib.load_labelled(config.data, list(schemas.LABELS),
                                      config.image_size)
   hashes = [split.dhash(image) for image in loaded.images]
@@ -165,6 +167,9 @@ def main(argv=None) -> int:
   parser.add_argument("--augment_views", type=int, default=None)
   parser.add_argument("--network_size", type=int, default=None)
   parser.add_argument("--malignant_weight", type=float, default=None)
+  parser.add_argument("--fine_tune_epochs", type=int, default=None)
+  parser.add_argument("--training_precision", dest="precision", default=None,
+                      choices=config_lib.PRECISIONS)
   parser.add_argument("--threshold_rule", action="append", default=[],
                       choices=schemas.THRESHOLD_RULES,
                       help="Repeat to compare rules on the same fits.")
@@ -172,7 +177,8 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   # Flags left out keep TrainConfig's defaults.
   flags = {name: getattr(args, name)
-           for name in ("augment_views", "network_size", "malignant_weight")
+           for name in ("augment_views", "network_size", "malignant_weight",
+                        "fine_tune_epochs", "precision")
            if getattr(args, name) is not None}
   figures = run(args.data, args.seeds, args.folds, args.backbone_weights,
                 threshold_rules=args.threshold_rule, **flags)

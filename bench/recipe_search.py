@@ -69,14 +69,16 @@ def run(patterns: List[str], backbone_weights: str, variants: Dict[str, Dict],
                                backbone=backbone, seed=seed,
                                batch_size=batch_size, **fields)
              for name, fields in variants.items()}
-  for config in configs.values():
+  for name, config in configs.items():
     config.validate(cross_validation=True)
-  if len({(config.degrade, config.annotate)
+    configs[name] = recipe.with_resolved_precision(config)
+  if len({(config.degrade, config.annotate, config.precision)
            for config in configs.values()}) > 1:
-    # One shared cache holds one set of views.
+    # One shared cache holds one set of views, computed one way.
     raise ValueError("recipe_search: every variant must have the same"
-                     " degrade and annotate settings (one cache serves them"
-                     " all); run variants that differ in them separately")
+                     " degrade, annotate and training_precision settings"
+                     " (one cache serves them all); run variants that differ"
+                     " in them separately")
   started = time.perf_counter()
   data, _ = data_lib.load_labelled(patterns, schemas.LABELS)
   hashes = [split.dhash(image) for image in data.images]

@@ -10,6 +10,26 @@ JAX or PyTorch Keras backend.
 _FLOAT32_LAYERS = ("InputLayer", "VGGPreprocess", "TemperatureScaling",
                    "Softmax")
 _POLICIES = {"bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+# CPU flags (Linux /proc/cpuinfo) of instructions that compute in bfloat16:
+# AMX tiles (Intel Sapphire Rapids and later) and AVX512-BF16 (Cooper Lake,
+# AMD Zen 4). Without them oneDNN emulates bfloat16, slower than float32.
+CPU_BFLOAT16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_bfloat16_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple:
+  """The CPU_BFLOAT16_FLAGS this machine's CPU reports, in that order; empty
+  where it reports none or there is no /proc/cpuinfo (not Linux)."""
+  try:
+    with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+      text = f.read()
+  except OSError:
+    return ()
+  flags = set()
+  for line in text.splitlines():
+    key, _, value = line.partition(":")
+    if key.strip() == "flags":
+      flags.update(value.split())
+  return tuple(flag for flag in CPU_BFLOAT16_FLAGS if flag in flags)
 
 
 def with_precision(model, precision: str):

@@ -308,6 +308,9 @@ class TrainingSettings(Record):
   batch_size: Optional[int] = optional()
   learning_rate: Optional[float] = optional()
   fine_tune_learning_rate: Optional[float] = optional()
+  # arithmetic of the frozen-base pass and the fine-tune stage (float32 or
+  # bfloat16: Keras mixed precision); the saved weights are float32 always
+  precision: Optional[str] = optional()
   class_weight: Optional[Mapping[str, float]] = optional()
   data: Optional[Tuple[str, ...]] = optional()  # the --data globs
   examples_read: Optional[int] = optional()

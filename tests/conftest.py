@@ -69,3 +69,13 @@ def model_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("model"))
   training_testing.make_test_artifact(path, image_size=16)
   return path
+
+
+@pytest.fixture(autouse=True)
+def float32_training(monkeypatch):
+  """--training_precision auto resolves to float32 in tests whatever the
+  CPU, so that their figures do not depend on the machine's bfloat16
+  instructions; tests of bfloat16 ask for it, and tests of "auto" patch the
+  CPU flags themselves."""
+  from busi_core import precision
+  monkeypatch.setattr(precision, "cpu_bfloat16_flags", lambda *args: ())

@@ -119,16 +119,20 @@ def test_recipe_search_runs_each_variant_on_one_cache(tmp_path):
   assert figures["variants"]["views"]["epochs_run"][0]["fine_tune"] == 1
 
 
-@pytest.mark.parametrize("field", ["degrade", "annotate"])
-def test_recipe_search_refuses_variants_with_other_views(tmp_path, field):
-  # One cache holds one set of views: a variant that draws others would be
-  # trained on the first's.
+@pytest.mark.parametrize("field,values", [
+    ("degrade", (False, True)), ("annotate", (False, True)),
+    ("precision", ("float32", "bfloat16"))])
+def test_recipe_search_refuses_variants_with_other_views(tmp_path, field,
+                                                         values):
+  # One cache holds one set of views, computed one way: a variant that draws
+  # or computes others would be trained on the first's.
   from bench import recipe_search  # pylint: disable=import-outside-toplevel
   flags = {"augment_views": 3, "epochs": 1}
-  with pytest.raises(ValueError, match="same degrade and annotate settings"):
+  with pytest.raises(ValueError, match="same degrade, annotate and"
+                     " training_precision"):
     recipe_search.run([_write_records(tmp_path, 8)], "none",
-                      {"a": dict(flags, **{field: False}),
-                       "b": dict(flags, **{field: True})},
+                      {"a": dict(flags, **{field: values[0]}),
+                       "b": dict(flags, **{field: values[1]})},
                       folds=2, backbone="tiny")
 
 

@@ -109,6 +109,15 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                       " says so.")
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument(
+      "--training_precision", choices=config_lib.PRECISIONS,
+      default=config_lib.AUTO,
+      help="Arithmetic of the frozen-base pass and the fine-tune stage:"
+      " bfloat16 (Keras mixed precision: float32 weights, bfloat16"
+      " products; ~7x faster for VGG16 on CPUs with AMX) or float32. The"
+      " artifact is float32 either way. Default auto: bfloat16 where the"
+      " CPU has AMX-BF16 or AVX512-BF16 instructions or the GPU has"
+      " bfloat16 tensor cores, else float32.")
+  parser.add_argument(
       "--ood_pass_rate", type=float, default=schemas.DEFAULT_OOD_PASS_RATE,
       help="Out-of-distribution detector: its threshold lets this share of"
       " the validation images pass (default %(default)g; 0: no detector).")
@@ -222,7 +231,8 @@ def _recipe_config(args: argparse.Namespace, **fields
       calibrate=args.calibrate, target_accuracy=target,
       threshold_rule=args.threshold_rule or schemas.DEFAULT_THRESHOLD_RULE,
       synthetic_data=args.synthetic_data, ood_pass_rate=args.ood_pass_rate,
-      ood_transform=args.ood_transform, **fields)
+      ood_transform=args.ood_transform, precision=args.training_precision,
+      **fields)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -40,6 +40,13 @@ DEFAULT_LABEL_SMOOTHING = 0.1
 # macro-F1 and AUC (training/README.md, "Malignant class weight").
 DEFAULT_MALIGNANT_WEIGHT = 2.0
 DEFAULT_NAME = "busi-vgg16"
+# Arithmetic of training's frozen-base pass and fine-tune stage (the weights
+# and the artifact stay float32): "auto" is bfloat16 where the hardware has
+# bfloat16 instructions (training.model.resolve_precision), else float32.
+AUTO = "auto"
+FLOAT32 = "float32"
+BFLOAT16 = "bfloat16"
+PRECISIONS = (AUTO, FLOAT32, BFLOAT16)
 DEFAULT_OOD_TRANSFORM = schemas.OOD_TRANSFORM_SQRT_L2
 
 
@@ -98,6 +105,8 @@ class TrainConfig:
   # and the share of validation images its threshold lets pass (0: none).
   ood_transform: str = DEFAULT_OOD_TRANSFORM
   ood_pass_rate: float = schemas.DEFAULT_OOD_PASS_RATE
+  # PRECISIONS; train and cv resolve "auto" before they start.
+  precision: str = AUTO
 
   @property
   def augment(self) -> bool:
@@ -135,6 +144,9 @@ class TrainConfig:
         raise ValueError(f"--fine_tune_from {self.fine_tune_from!r} is not a"
                          f" layer with weights of the {self.backbone} base;"
                          f" one of: {', '.join(layers)}")
+    if self.precision not in PRECISIONS:
+      raise ValueError(f"--training_precision {self.precision!r}: one of"
+                       f" {', '.join(PRECISIONS)}")
     if self.augment_views < 0:
       raise ValueError("--augment_views must be 0 or more")
     if self.cv_folds == 1 or self.cv_folds < 0:

@@ -329,7 +329,8 @@ def all_views_cache(config: TrainConfig, model, data: data_lib.LabelledData,
                           layers or recipe.cache_layers(config, model),
                           config.degrade,
                           keys=recipe.draw_keys(data.image_ids),
-                          annotate=config.annotate)
+                          annotate=config.annotate,
+                          precision=config.precision)
 
 
 def cross_validate(config: TrainConfig, folds: int) -> Dict:
@@ -349,6 +350,7 @@ def cross_validate(config: TrainConfig, folds: int) -> Dict:
     ValueError: bad flags or data.
   """
   config.validate(cross_validation=True)
+  config = recipe.with_resolved_precision(config)
   started = time.perf_counter()
   names = list(schemas.LABELS)
   data, stats = data_lib.load_labelled(config.data, names, config.image_size)

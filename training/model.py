@@ -27,7 +27,9 @@ from busi_core.layers import AreaResize, TemperatureScaling, VGGPreprocess
 from schemas.artifact import (FEATURES_LAYER, INPUT_NAME, LOGITS_LAYER,
                               PREPROCESS_LAYER, PROBABILITIES_LAYER,
                               RESIZE_LAYER, TEMPERATURE_LAYER)
-from training.config import BACKBONES, IMAGENET, NO_WEIGHTS, TINY, VGG16
+from busi_core import precision as precision_lib
+from training.config import (AUTO, BACKBONES, BFLOAT16, FLOAT32, IMAGENET,
+                             NO_WEIGHTS, TINY, VGG16)
 
 HEAD_UNITS = 256
 DROPOUT_RATE = 0.5
@@ -116,6 +118,67 @@ def _tiny_base(image_size: int) -> keras.Model:
                           name=schemas.GRADCAM_LAYER)(x)
   x = keras.layers.MaxPooling2D(2, name="block5_pool")(x)
   return keras.Model(inputs, x, name="tiny_test_backbone")
+
+
+def _gpu_bfloat16() -> Optional[str]:
+  """Name of a visible GPU with bfloat16 tensor cores (compute capability
+  8.0 or more), or None."""
+  if keras.backend.backend() != "tensorflow":
+    return None
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  for gpu in tf.config.list_physical_devices("GPU"):
+    details = tf.config.experimental.get_device_details(gpu)
+    if tuple(details.get("compute_capability") or (0, 0)) >= (8, 0):
+      return details.get("device_name") or gpu.name
+  return None
+
+
+def resolve_precision(requested: str) -> Tuple[str, str]:
+  """--training_precision made concrete: (float32 or bfloat16, why).
+
+  "auto" is bfloat16 where the hardware computes in it: a GPU with bfloat16
+  tensor cores, or a CPU with AMX-BF16 or AVX512-BF16 (there VGG16's
+  frozen pass ran 7x and its block5 fine-tune ~4x faster than float32 on 2
+  cores; training/README.md, "bfloat16 arithmetic"); elsewhere float32,
+  because emulated bfloat16 is slower than float32.
+  """
+  if requested != AUTO:
+    return requested, "asked for"
+  gpu = _gpu_bfloat16()
+  if gpu:
+    return BFLOAT16, f"auto: GPU {gpu} has bfloat16 tensor cores"
+  flags = precision_lib.cpu_bfloat16_flags()
+  if flags:
+    return BFLOAT16, f"auto: the CPU has {', '.join(flags)}"
+  return FLOAT32, "auto: no bfloat16 instructions on this CPU or GPU"
+
+
+def reduced_precision_copy(model: keras.Model, precision: str
+                          ) -> keras.Model:
+  """`model` (or a `sub_model`) computing in `precision` (float32: itself).
+
+  The copy has its own float32 weights, equal to the model's, and its random
+  layers continue from the model's generator states (dropout draws still
+  depend on the seed alone); train it, then `model.set_weights(copy
+  .get_weights())` to bring the result back.
+  """
+  if precision == FLOAT32:
+    return model
+  copy = precision_lib.with_precision(model, precision)
+  for source, target in zip(_seed_generators(model), _seed_generators(copy)):
+    target.state.assign(source.state.value)
+  return copy
+
+
+def _seed_generators(model: keras.Model) -> List[keras.random.SeedGenerator]:
+  """The random layers' generators, in layer order (nested models too)."""
+  found, layers = [], list(model.layers)
+  while layers:
+    layer = layers.pop(0)
+    layers.extend(getattr(layer, "layers", []))
+    found.extend(value for value in vars(layer).values()
+                 if isinstance(value, keras.random.SeedGenerator))
+  return found
 
 
 def build_model(image_size: int, backbone_weights: str = NO_WEIGHTS,
@@ -258,16 +321,9 @@ def reseed(model: keras.Model, seed: int) -> None:
   on every fit that ran before it on the same model (a cv fold on the folds
   before it, `train`'s final model on its cross-validation).
   """
-  layers, index = list(model.layers), 0
-  while layers:
-    layer = layers.pop(0)
-    layers.extend(getattr(layer, "layers", []))
-    for generator in vars(layer).values():
-      if isinstance(generator, keras.random.SeedGenerator):
-        start = np.random.SeedSequence([seed, index]).generate_state(1)[0]
-        generator.state.assign(
-            np.array([start, 0]).astype(generator.state.dtype))
-        index += 1
+  for index, generator in enumerate(_seed_generators(model)):
+    start = np.random.SeedSequence([seed, index]).generate_state(1)[0]
+    generator.state.assign(np.array([start, 0]).astype(generator.state.dtype))
 
 
 def compile_model(model: keras.Model, learning_rate: float,
@@ -429,5 +485,6 @@ def in_batches(model: keras.Model, inputs: np.ndarray, batch_size: int,
           lambda x: model(x, training=False))
   return np.concatenate(
       [np.zeros((0,) + tuple(model.outputs[0].shape[1:]), np.float32)] +
-      [np.asarray(call(inputs[i:i + batch_size]))
+      [np.asarray(call(inputs[i:i + batch_size])).astype(np.float32,
+                                                          copy=False)
        for i in range(0, len(inputs), batch_size)])

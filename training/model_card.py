@@ -616,6 +616,7 @@ def _training_section(metadata: ArtifactMetadata) -> List[str]:
           ["learning rates", f"{_or_na(training.learning_rate)} /"
                              f" {_or_na(training.fine_tune_learning_rate)}"],
           ["batch size", _or_na(training.batch_size)],
+          ["training arithmetic", _precision(training)],
           ["augmentation", _or_na(training.augment)],
           ["augmented views per training image",
            _or_na(training.augment_views)],
@@ -631,6 +632,16 @@ def _training_section(metadata: ArtifactMetadata) -> List[str]:
           ["class weights", _or_na(training.class_weight)],
           ["wall seconds", seconds.get("total", NA)]]
   return ["## Training", ""] + _table(["setting", "value"], rows) + [""]
+
+
+def _precision(training) -> str:
+  """What --training_precision computed in; artifacts from before the flag
+  record none and were float32."""
+  if training.precision in (None, "float32"):
+    return "float32"
+  return (f"{training.precision} for the random views' frozen-base pass and"
+          " the fine-tune stage (float32 weights; the original view, and"
+          " this artifact, in float32)")
 
 
 def _on_views(views) -> str:

@@ -17,6 +17,7 @@ same validation split (the threshold for a target accuracy of the images not
 flagged, by default).
 """
 
+import dataclasses
 import hashlib
 import logging
 import sys
@@ -28,7 +29,7 @@ import numpy as np
 
 import schemas
 from training import calibration, model as model_lib
-from training.config import TrainConfig
+from training.config import FLOAT32, TrainConfig
 
 _LOG = logging.getLogger(__name__)
 
@@ -165,7 +166,8 @@ class ConvCache:
   def __init__(self, model: keras.Model, images: np.ndarray,
                needed: Dict[int, np.ndarray], batch_size: int, seed: int,
                layers: Sequence[str], degrade: bool = False, *,
-               keys: np.ndarray, annotate: bool = False):
+               keys: np.ndarray, annotate: bool = False,
+               precision: str = FLOAT32):
     """
     Args:
       model: a `model.build_model` model (its frozen layers are used).
@@ -180,6 +182,10 @@ class ConvCache:
       keys: int64 [N], the images' `draw_keys` (their random views' draws).
       annotate: the recipe's --annotate (synthetic burned-in annotations on
         some random views).
+      precision: arithmetic of the cached layers for the views other than
+        the original (`config.PRECISIONS`; "auto" resolved here). The
+        original view is computed in float32, as scoring computes it; the
+        cached values are float32 either way.
     """
     if len(keys) != len(images):
       raise ValueError(f"{len(keys)} draw keys for {len(images)} images")
@@ -191,6 +197,7 @@ class ConvCache:
     self._degrade = degrade
     self._annotate = annotate
     self._layers = list(layers)
+    self.precision = model_lib.resolve_precision(precision)[0]
     self._rows: Dict[int, np.ndarray] = {}
     for view, indices in needed.items():
       rows = np.full(len(images), -1, dtype=np.int64)
@@ -198,15 +205,18 @@ class ConvCache:
       self._rows[view] = rows
     self._needed = {v: np.asarray(i, dtype=np.int64) for v, i in needed.items()}
     self._values: Dict[tuple, np.ndarray] = {}
-    self._models: Dict[str, keras.Model] = {}  # one traced function a layer
+    # one traced function a layer and precision
+    self._models: Dict[Tuple[str, str], keras.Model] = {}
     self.seconds = 0.0
 
-  def _sub_model(self, layer: str) -> keras.Model:
-    if layer not in self._models:
+  def _sub_model(self, layer: str, precision: str) -> keras.Model:
+    if (layer, precision) not in self._models:
       position = self._layers.index(layer)
-      self._models[layer] = model_lib.sub_model(
-          self._model, self._layers[position - 1] if position else None, layer)
-    return self._models[layer]
+      self._models[layer, precision] = model_lib.reduced_precision_copy(
+          model_lib.sub_model(self._model,
+                              self._layers[position - 1] if position else None,
+                              layer), precision)
+    return self._models[layer, precision]
 
   def _compute(self, layer: str, view: int) -> np.ndarray:
     # Only outputs of layers no training touches may be cached: a stage
@@ -220,7 +230,10 @@ class ConvCache:
     position = self._layers.index(layer)
     indices = self._needed[view]
     started = time.perf_counter()
-    sub = self._sub_model(layer)
+    # The original view is what validation, calibration, the threshold, the
+    # OOD detector and cv's figures read: computed as scoring computes it.
+    sub = self._sub_model(layer, FLOAT32 if view == ORIGINAL
+                          else self.precision)
     if position:
       before = self._layers[position - 1]
       out = model_lib.in_batches(sub, self.get(before, view, indices),
@@ -251,6 +264,14 @@ class ConvCache:
     if (rows < 0).any():
       raise ValueError(f"view {view} was not computed for some images")
     return self._values[key][rows]
+
+
+def with_resolved_precision(config: TrainConfig) -> TrainConfig:
+  """`config` with --training_precision "auto" made concrete (logged)."""
+  precision, why = model_lib.resolve_precision(config.precision)
+  _LOG.info("Training arithmetic: %s (%s); the weights and the artifact stay"
+            " float32", precision, why)
+  return dataclasses.replace(config, precision=precision)
 
 
 def cache_layers(config: TrainConfig, model: keras.Model) -> List[str]:
@@ -300,6 +321,9 @@ class FitResult(NamedTuple):
   fine_tuned: Tuple[str, ...] = ()
 
 
+FINE_TUNE = "fine_tune"  # the second stage's name
+
+
 class Recipe:
   """The two stages on one model and one cache."""
 
@@ -332,16 +356,25 @@ class Recipe:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=config.patience,
             restore_best_weights=True))
-    model_lib.compile_model(target, learning_rate, config.label_smoothing)
-    trainable = sum(int(np.prod(w.shape)) for w in target.trainable_weights)
+    # The head alone is a few Dense layers on pooled features: float32. A
+    # fine-tune stage trains conv layers, in the run's precision, on a copy
+    # whose float32 weights come back into the model afterwards.
+    precision = (model_lib.resolve_precision(config.precision)[0]
+                 if stage == FINE_TUNE else FLOAT32)
+    trained = model_lib.reduced_precision_copy(target, precision)
+    model_lib.compile_model(trained, learning_rate, config.label_smoothing)
+    trainable = sum(int(np.prod(w.shape)) for w in trained.trainable_weights)
     _LOG.info("Stage %s: up to %d epochs, lr %g, %d trainable parameters,"
-              " %d training rows (%d views) on cached %s outputs", stage,
-              epochs, learning_rate, trainable, len(x), len(stage_views), cut)
+              " %d training rows (%d views) on cached %s outputs, %s", stage,
+              epochs, learning_rate, trainable, len(x), len(stage_views), cut,
+              precision)
     started = time.perf_counter()
-    fitted = target.fit(x, y, epochs=epochs, batch_size=config.batch_size,
+    fitted = trained.fit(x, y, epochs=epochs, batch_size=config.batch_size,
                         shuffle=True, validation_data=validation,
                         class_weight=class_weight, callbacks=callbacks,
                         verbose=self.progress)
+    if trained is not target:
+      target.set_weights(trained.get_weights())
     for key, values in fitted.history.items():
       result.history.setdefault(key, []).extend(float(v) for v in values)
     run = len(fitted.history["loss"])
@@ -378,7 +411,7 @@ class Recipe:
       result = result._replace(fine_tune_start=len(result.history["loss"]),
                                fine_tuned=tuple(unfrozen))
       _LOG.info("Unfroze %s", ", ".join(unfrozen))
-      self._stage("fine_tune",
+      self._stage(FINE_TUNE,
                   model_lib.fine_tune_input(self.model, config.fine_tune_from),
                   train, val, config.fine_tune_epochs,
                   config.fine_tune_learning_rate, class_weight, result)

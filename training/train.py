@@ -33,7 +33,7 @@ from schemas import artifact as artifact_schema
 from schemas import metadata as metadata_schema
 from schemas.metadata import ArtifactMetadata
 from training import calibration, cv, data as data_lib, metrics, ood_detector
-from training import split as split_lib
+from training import recipe, split as split_lib
 from training.config import TrainConfig
 from training.steps import calibrate, data, fit, measure, save, split
 from training.steps import threshold, verify
@@ -88,6 +88,7 @@ def train(config: TrainConfig) -> TrainResult:
     model.BackboneWeightsError: the backbone weights cannot be had.
   """
   config.validate()
+  config = recipe.with_resolved_precision(config)
   save.check_output(config)
   clock = _Clock()
   keras.utils.set_random_seed(config.seed)

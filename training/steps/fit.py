@@ -57,7 +57,8 @@ def fit(config: TrainConfig, data: data_lib.LabelledData,
                              config.seed, recipe.cache_layers(config, model),
                              config.degrade,
                              keys=recipe.draw_keys(data.image_ids),
-                             annotate=config.annotate)
+                             annotate=config.annotate,
+                             precision=config.precision)
   runner = recipe.Recipe(model, cache, data.labels, config)
   return Fitted(model, runner,
                 runner.fit(splits.train, splits.val, config.seed), report)
