@@ -16,6 +16,8 @@ _VERSION = re.search(
 REQUIRED = [
     "tensorflow>=2.21,<2.22",
     "keras>=3.15,<3.16",
+    # bfloat16 numpy arrays of training's cache (a Keras/TF dependency too).
+    "ml_dtypes>=0.7,<0.8",
     "apache-beam[gcp]>=2.77,<2.78",
     # Beam's TF model handler imports tensorflow_hub; Beam's own extra pins a
     # version that breaks on TF >= 2.16.

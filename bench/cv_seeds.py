@@ -115,7 +115,7 @@ def setup(data: Sequence[str], backbone_weights: str, backbone: str,
                        backbone_weights=backbone_weights, backbone=backbone,
                        **recipe_flags)
   config.validate(cross_validation=True)
-  config = recipe.with_resolved_precision(config)
+  config = recipe.resolved(config)
   loaded, _ = data_lib.load_labelled(config.data, list(schemas.LABELS),
                                      config.image_size)
   hashes = [split.dhash(image) for image in loaded.images]

@@ -71,7 +71,7 @@ def run(patterns: List[str], backbone_weights: str, variants: Dict[str, Dict],
              for name, fields in variants.items()}
   for name, config in configs.items():
     config.validate(cross_validation=True)
-    configs[name] = recipe.with_resolved_precision(config)
+    configs[name] = recipe.resolved(config)
   if len({(config.degrade, config.annotate, config.precision)
            for config in configs.values()}) > 1:
     # One shared cache holds one set of views, computed one way.

@@ -196,12 +196,21 @@ def test_conv_cache_bench_measures_both_ways():
   from bench import conv_cache_bench  # pylint: disable=import-outside-toplevel
   figures = conv_cache_bench.run(count=6, batch_size=4, repeats=1,
                                  image_size=16, backbone="tiny",
-                                 project_images=10, network_size=24)
+                                 project_images=10, network_size=24,
+                                 fine_tune_rows=8)
   assert figures["network_size"] == 24
-  assert set(figures["images_per_s"]) == {"predict", "traced_call"}
+  assert set(figures["images_per_s"]) == {"predict", "traced_call",
+                                          "traced_call_bfloat16"}
   assert all(v > 0 for v in figures["images_per_s"].values())
-  # Both ways compute the same features (a short last batch included).
+  # Both float32 ways compute the same features (a short last batch
+  # included); bfloat16 close to them, not the same.
   assert figures["max_abs_difference"] < 1e-5
+  assert 0 < figures["bfloat16_max_relative_difference"] < 0.05
+  assert figures["auto_precision"] == "float32"  # conftest: no bf16 flags
+  fine_tune = figures["fine_tune"]
+  assert fine_tune["rows"] == 8 and fine_tune["layers"] == ["block5_conv3"]
+  assert set(fine_tune["rows_per_s"]) == {"float32", "bfloat16"}
+  assert all(v > 0 for v in fine_tune["rows_per_s"].values())
   projected = figures["projected_conv_pass_s"]
   assert projected["traced_call"] == pytest.approx(
       10 * figures["default_views"] / figures["images_per_s"]["traced_call"],

@@ -5,6 +5,7 @@ import json
 import os
 
 import keras
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -79,11 +80,25 @@ def test_bfloat16_cache_computes_the_random_views_in_bfloat16(images):
     for view in (1, 2):
       exact = caches["float32"].get(layer, view, every)
       reduced = caches["bfloat16"].get(layer, view, every)
-      assert reduced.dtype == np.float32 and reduced.shape == exact.shape
+      # Kept as computed: bfloat16, half the memory.
+      assert exact.dtype == np.float32 and reduced.dtype == ml_dtypes.bfloat16
+      assert reduced.shape == exact.shape
+      reduced = reduced.astype(np.float32)
       # bfloat16 keeps 8 significant bits: close, not equal.
       assert not np.array_equal(reduced, exact)
       np.testing.assert_allclose(reduced, exact, rtol=0.05,
                                  atol=0.02 * np.abs(exact).max())
+  # What a stage trains on: the views one after the other, in its dtype.
+  cache, some = caches["bfloat16"], np.array([5, 1, 17])
+  for dtype in (np.float32, ml_dtypes.bfloat16):
+    stacked = cache.stack(layers[0], [0, 2], some, dtype)
+    assert stacked.dtype == dtype and len(stacked) == 6
+    np.testing.assert_array_equal(
+        stacked, np.concatenate([cache.get(layers[0], 0, some).astype(dtype),
+                                 cache.get(layers[0], 2, some).astype(dtype)]))
+  with pytest.raises(ValueError, match="view 2 was not computed"):
+    recipe.ConvCache(model, images, {0: every, 2: some}, 8, 0, layers,
+                     keys=every).stack(layers[0], [0, 2], [4], np.float32)
   # The model itself is untouched: float32 layers.
   assert all(layer.dtype_policy.name == "float32" for layer in model.layers)
 
@@ -164,3 +179,41 @@ def test_train_in_bfloat16_saves_a_float32_artifact_that_checks(tmp_path):
     assert "| training arithmetic | bfloat16 for the random views'" in f.read()
   loaded = keras.saving.load_model(os.path.join(output, schemas.MODEL_FILE))
   assert {layer.dtype_policy.name for layer in loaded.layers} == {"float32"}
+
+
+@pytest.mark.parametrize("flags,asked,expected", [
+    # AMX: bfloat16, and block5 fine-tuned by default.
+    (("amx_bf16", "avx512_bf16"), {}, ("bfloat16", 5)),
+    # AVX512-BF16 alone: bfloat16, but too slow a fine-tune for the budget.
+    (("avx512_bf16",), {}, ("bfloat16", 0)),
+    ((), {}, ("float32", 0)),
+    # float32 asked for on an AMX machine: no automatic fine-tune either.
+    (("amx_bf16",), {"precision": "float32"}, ("float32", 0)),
+    # Asked-for epochs are kept whatever the machine.
+    ((), {"fine_tune_epochs": 2}, ("float32", 2)),
+    (("amx_bf16",), {"fine_tune_epochs": 0}, ("bfloat16", 0)),
+])
+def test_auto_fine_tunes_only_where_bfloat16_is_fast(monkeypatch, flags, asked,
+                                                     expected):
+  monkeypatch.setattr(model_lib, "_gpu_bfloat16", lambda: None)
+  monkeypatch.setattr(precision_lib, "cpu_bfloat16_flags",
+                      lambda *args: flags)
+  config = recipe.resolved(TrainConfig(data=("x",), output="x", **asked))
+  assert (config.precision, config.fine_tune_epochs) == expected
+
+
+def test_fine_tune_epochs_flag_takes_auto_or_a_number(capsys):
+  base = ["cv", "--data", "x"]
+  parser = cli._parser()  # pylint: disable=protected-access
+  assert parser.parse_args(base).fine_tune_epochs is None
+  assert parser.parse_args(base + ["--fine_tune_epochs", "AUTO"]
+                          ).fine_tune_epochs is None
+  assert parser.parse_args(base + ["--fine_tune_epochs", "3"]
+                          ).fine_tune_epochs == 3
+  with pytest.raises(SystemExit):
+    parser.parse_args(base + ["--fine_tune_epochs", "five"])
+  assert "'five': a whole number of epochs, or auto" in capsys.readouterr().err
+  # --fine_tune_from needs epochs asked for: auto may run none.
+  with pytest.raises(ValueError, match="auto may run none"):
+    TrainConfig(data=("x",), output="x",
+                fine_tune_from="block5_conv3").validate()

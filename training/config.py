@@ -27,7 +27,11 @@ NO_WEIGHTS = "none"
 LEARNING_RATE = 1e-3
 FINE_TUNE_LEARNING_RATE = 1e-5
 DEFAULT_EPOCHS = 300  # the most the head stage runs; it stops early
-DEFAULT_FINE_TUNE_EPOCHS = 0
+# None: "auto", resolved by `training.recipe.resolved`: AUTO_FINE_TUNE_EPOCHS
+# where bfloat16 runs on AMX or a GPU (block5 fine-tuned within train's
+# 20-minute budget on 2 cores), else 0 (float32 would take about an hour).
+DEFAULT_FINE_TUNE_EPOCHS: Optional[int] = None
+AUTO_FINE_TUNE_EPOCHS = 5
 DEFAULT_PATIENCE = 20  # epochs without a better validation loss
 DEFAULT_AUGMENT_VIEWS = 7  # the mirror image + 6 random geometric views
 DEFAULT_VAL_FRACTION = 0.15
@@ -63,7 +67,7 @@ class TrainConfig:
   backbone_weights: str = IMAGENET
   backbone: str = VGG16
   epochs: int = DEFAULT_EPOCHS
-  fine_tune_epochs: int = DEFAULT_FINE_TUNE_EPOCHS
+  fine_tune_epochs: Optional[int] = DEFAULT_FINE_TUNE_EPOCHS  # None: auto
   # The first base layer the fine-tune stage trains (it and every base layer
   # after it); None: block5's first. "block1_conv1" trains the whole base,
   # a GPU's job (training/README.md, "Fine-tuning more of the base").
@@ -132,13 +136,13 @@ class TrainConfig:
                        " --test_fraction at 0")
     if self.epochs < 1:
       raise ValueError("--epochs must be at least 1")
-    if self.fine_tune_epochs < 0:
+    if self.fine_tune_epochs is not None and self.fine_tune_epochs < 0:
       raise ValueError("--fine_tune_epochs must be 0 or more")
     if self.fine_tune_from is not None:
       if not self.fine_tune_epochs:
         raise ValueError(f"--fine_tune_from {self.fine_tune_from} needs"
                          " --fine_tune_epochs above 0 (no fine-tune stage"
-                         " runs without it)")
+                         " runs without it; auto may run none)")
       layers = FINE_TUNABLE_LAYERS.get(self.backbone, ())
       if self.fine_tune_from not in layers:
         raise ValueError(f"--fine_tune_from {self.fine_tune_from!r} is not a"

@@ -350,7 +350,7 @@ def cross_validate(config: TrainConfig, folds: int) -> Dict:
     ValueError: bad flags or data.
   """
   config.validate(cross_validation=True)
-  config = recipe.with_resolved_precision(config)
+  config = recipe.resolved(config)
   started = time.perf_counter()
   names = list(schemas.LABELS)
   data, stats = data_lib.load_labelled(config.data, names, config.image_size)

@@ -25,11 +25,13 @@ import time
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import keras
+import ml_dtypes
 import numpy as np
 
 import schemas
 from training import calibration, model as model_lib
-from training.config import FLOAT32, TrainConfig
+from training.config import (AUTO_FINE_TUNE_EPOCHS, BFLOAT16, FLOAT32,
+                             TrainConfig)
 
 _LOG = logging.getLogger(__name__)
 
@@ -232,12 +234,15 @@ class ConvCache:
     started = time.perf_counter()
     # The original view is what validation, calibration, the threshold, the
     # OOD detector and cv's figures read: computed as scoring computes it.
-    sub = self._sub_model(layer, FLOAT32 if view == ORIGINAL
-                          else self.precision)
+    precision = FLOAT32 if view == ORIGINAL else self.precision
+    sub = self._sub_model(layer, precision)
+    # bfloat16 outputs are kept as they come: half the memory, and exactly
+    # what a bfloat16 stage reads (a float32 one converts them exactly).
+    dtype = numpy_dtype(precision)
     if position:
       before = self._layers[position - 1]
       out = model_lib.in_batches(sub, self.get(before, view, indices),
-                                 self._batch_size, traced=True)
+                                 self._batch_size, traced=True, dtype=dtype)
     else:
       parts = []
       chunk = 8 * self._batch_size
@@ -247,31 +252,76 @@ class ConvCache:
                              self._keys[batch], self._degrade,
                              self._annotate)
         parts.append(model_lib.in_batches(sub, pixels, self._batch_size,
-                                          traced=True))
+                                          traced=True, dtype=dtype))
       out = np.concatenate(parts) if parts else model_lib.in_batches(
-          sub, self._images[:0], self._batch_size, traced=True)
+          sub, self._images[:0], self._batch_size, traced=True, dtype=dtype)
       _LOG.info("Computed %s of %d images, view %d, in %.1f s", layer,
                 len(indices), view, time.perf_counter() - started)
     self.seconds += time.perf_counter() - started
     return out
 
-  def get(self, layer: str, view: int, indices: Sequence[int]) -> np.ndarray:
-    """`layer`'s output of view `view` of the images `indices`."""
+  def _where(self, layer: str, view: int, indices: Sequence[int]
+            ) -> Tuple[np.ndarray, np.ndarray]:
+    """(all of `layer`'s cached outputs of `view`, the rows of `indices`)."""
     key = (layer, view)
     if key not in self._values:
       self._values[key] = self._compute(layer, view)
     rows = self._rows[view][np.asarray(indices, dtype=np.int64)]
     if (rows < 0).any():
       raise ValueError(f"view {view} was not computed for some images")
-    return self._values[key][rows]
+    return self._values[key], rows
+
+  def get(self, layer: str, view: int, indices: Sequence[int]) -> np.ndarray:
+    """`layer`'s output of view `view` of the images `indices` (float32, or
+    bfloat16 for a view computed in bfloat16)."""
+    values, rows = self._where(layer, view, indices)
+    return values[rows]
+
+  def stack(self, layer: str, views: Sequence[int], indices: Sequence[int],
+            dtype) -> np.ndarray:
+    """`layer`'s outputs of `views` of the images `indices`, one view after
+    the other, as one array of `dtype`: what a stage trains on, copied
+    once (block4_pool rows of 8 views are gigabytes)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    parts = [self._where(layer, view, indices) for view in views]
+    shape = parts[0][0].shape[1:] if parts else ()
+    out = np.empty((len(views) * len(indices),) + tuple(shape), dtype)
+    for i, (values, rows) in enumerate(parts):
+      block = out[i * len(indices):(i + 1) * len(indices)]
+      if values.dtype == out.dtype:
+        np.take(values, rows, axis=0, out=block)
+      else:
+        block[...] = values[rows]
+    return out
 
 
-def with_resolved_precision(config: TrainConfig) -> TrainConfig:
-  """`config` with --training_precision "auto" made concrete (logged)."""
+def numpy_dtype(precision: str):
+  """The numpy dtype of `precision`'s values (ml_dtypes' for bfloat16)."""
+  return ml_dtypes.bfloat16 if precision == BFLOAT16 else np.float32
+
+
+def resolved(config: TrainConfig) -> TrainConfig:
+  """`config` with its "auto" settings made concrete (and logged):
+  --training_precision, and --fine_tune_epochs, which fine-tunes block5
+  only where bfloat16 runs on AMX or a GPU: there it fits `train`'s budget
+  (~18 minutes on 2 cores for 623 images) and gained 0.056 cross-validated
+  macro-F1 on BUSI; in float32 it would take about an hour
+  (training/README.md, "bfloat16 arithmetic")."""
   precision, why = model_lib.resolve_precision(config.precision)
   _LOG.info("Training arithmetic: %s (%s); the weights and the artifact stay"
             " float32", precision, why)
-  return dataclasses.replace(config, precision=precision)
+  fine_tune = config.fine_tune_epochs
+  if fine_tune is None:
+    fast = precision == BFLOAT16 and model_lib.fast_bfloat16()
+    fine_tune = AUTO_FINE_TUNE_EPOCHS if fast else 0
+    _LOG.info(
+        "Fine-tune epochs: %d (auto: %s)", fine_tune,
+        f"block5 in bfloat16 on {fast}" if fast else
+        "no bfloat16 on AMX or a GPU here, and block5 in float32 takes"
+        " about an hour on 2 cores; --fine_tune_epochs"
+        f" {AUTO_FINE_TUNE_EPOCHS} fine-tunes anyway")
+  return dataclasses.replace(config, precision=precision,
+                             fine_tune_epochs=fine_tune)
 
 
 def cache_layers(config: TrainConfig, model: keras.Model) -> List[str]:
@@ -344,7 +394,12 @@ class Recipe:
     config = self.config
     target = model_lib.sub_model(self.model, cut, None)
     stage_views = views(config)
-    x = np.concatenate([self.cache.get(cut, v, train) for v in stage_views])
+    # The head alone is a few Dense layers on pooled features: float32. A
+    # fine-tune stage trains conv layers, in the run's precision, on a copy
+    # whose float32 weights come back into the model afterwards.
+    precision = (model_lib.resolve_precision(config.precision)[0]
+                 if stage == FINE_TUNE else FLOAT32)
+    x = self.cache.stack(cut, stage_views, train, numpy_dtype(precision))
     y = one_hot(np.tile(self.labels[train], len(stage_views)),
                 self.num_classes)
     validation = None
@@ -356,11 +411,6 @@ class Recipe:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=config.patience,
             restore_best_weights=True))
-    # The head alone is a few Dense layers on pooled features: float32. A
-    # fine-tune stage trains conv layers, in the run's precision, on a copy
-    # whose float32 weights come back into the model afterwards.
-    precision = (model_lib.resolve_precision(config.precision)[0]
-                 if stage == FINE_TUNE else FLOAT32)
     trained = model_lib.reduced_precision_copy(target, precision)
     model_lib.compile_model(trained, learning_rate, config.label_smoothing)
     trainable = sum(int(np.prod(w.shape)) for w in trained.trainable_weights)

@@ -88,7 +88,7 @@ def train(config: TrainConfig) -> TrainResult:
     model.BackboneWeightsError: the backbone weights cannot be had.
   """
   config.validate()
-  config = recipe.with_resolved_precision(config)
+  config = recipe.resolved(config)
   save.check_output(config)
   clock = _Clock()
   keras.utils.set_random_seed(config.seed)
