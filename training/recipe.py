@@ -399,7 +399,10 @@ class Recipe:
     # whose float32 weights come back into the model afterwards.
     precision = (model_lib.resolve_precision(config.precision)[0]
                  if stage == FINE_TUNE else FLOAT32)
-    x = self.cache.stack(cut, stage_views, train, numpy_dtype(precision))
+    # float32 rows either way: a bfloat16 copy's first layer rounds them as
+    # it would round its own input, and Keras feeds float32 arrays faster
+    # than bfloat16 ones (~30 % slower fine-tune epochs measured).
+    x = self.cache.stack(cut, stage_views, train, np.float32)
     y = one_hot(np.tile(self.labels[train], len(stage_views)),
                 self.num_classes)
     validation = None
