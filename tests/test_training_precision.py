@@ -21,9 +21,7 @@ SIZE = 32
 
 @pytest.fixture(name="images", scope="module")
 def fixture_images():
-  rng = np.random.default_rng(0)
-  return np.concatenate([testing.class_images(i, 8, SIZE, rng)
-                         for i in range(3)])
+  return testing.every_class_images(8, SIZE)
 
 
 @pytest.mark.parametrize("flags,expected", [

@@ -13,9 +13,7 @@ SIZE = 32
 
 @pytest.fixture(name="images", scope="module")
 def fixture_images():
-  rng = np.random.default_rng(0)
-  return np.concatenate([testing.class_images(i, 8, SIZE, rng)
-                         for i in range(3)])
+  return testing.every_class_images(8, SIZE)
 
 
 def test_views_are_fixed_and_geometric(images):

@@ -57,6 +57,14 @@ def class_images(label_index: int, count: int, image_size: int,
   return np.clip(images, 0, 255).astype(np.uint8)
 
 
+def every_class_images(per_class: int, image_size: int,
+                       seed: int = 0) -> np.ndarray:
+  """`class_images` of each class in label order, `per_class` each."""
+  rng = np.random.default_rng(seed)
+  return np.concatenate([class_images(index, per_class, image_size, rng)
+                         for index in range(len(schemas.LABELS))])
+
+
 def synthetic_records(per_class: int, image_size: int, seed: int = 0,
                       labels: Sequence[str] = schemas.LABELS
                      ) -> List[records_lib.ImageRecord]:
