@@ -183,6 +183,10 @@ def run(data: Sequence[str], backbone_weights: str = "none",
       assert layer == model_lib.FEATURES_LAYER, layer
       return self.by_view[view][np.asarray(indices, np.int64)]
 
+    def stack(self, layer, views, indices, dtype):
+      return np.concatenate([self.get(layer, view, indices)
+                             for view in views]).astype(dtype, copy=False)
+
   fold_of = cv.assign_folds(loaded.image_ids, [names[i] for i in labels],
                             split.duplicate_groups(loaded.image_ids, hashes),
                             folds, config.seed)
