@@ -44,10 +44,14 @@ _BALANCED_VARIANTS = {
     "mirror view + block5 fine-tuned (5 epochs)": {
         "augment_views": 1, "fine_tune_epochs": 5},
 }
+# Every row as it ran then: float32, no fine-tune stage unless the row asks
+# (today's "auto" would fine-tune block5 in bfloat16 on a CPU with AMX).
+_THEN = {"fine_tune_epochs": 0, "precision": "float32"}
 DEFAULT_VARIANTS = {
-    **{name: {"malignant_weight": 1.0, **flags}
+    **{name: {**_THEN, "malignant_weight": 1.0, **flags}
        for name, flags in _BALANCED_VARIANTS.items()},
-    "default: mirror and 6 random views, malignant weight 2": {},
+    "head-only default of 2026-12-04: mirror and 6 random views, malignant"
+    " weight 2": dict(_THEN),
 }
 
 _COLUMNS = ("macro_f1", "recall_malignant", "accuracy", "ece",

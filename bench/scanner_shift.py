@@ -115,6 +115,11 @@ def run(data: Sequence[str], backbone_weights: str = "none",
   if unknown or not recipes:
     raise ValueError(f"recipes {unknown or '(none)'} not among"
                      f" {list(RECIPES)}: name one or more of them")
+  if recipe_flags.get("fine_tune_epochs"):
+    raise ValueError("scanner_shift trains heads on cached features only;"
+                     " it cannot fine-tune (fine_tune_epochs must be 0)")
+  # Not auto: on a CPU with AMX that would ask for a fine-tune stage.
+  recipe_flags = dict(recipe_flags, fine_tune_epochs=0)
   started = time.perf_counter()
   config, loaded, hashes, model = cv_seeds.setup(data, backbone_weights,
                                                  backbone, recipe_flags)

@@ -73,9 +73,11 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def float32_training(monkeypatch):
-  """--training_precision auto resolves to float32 in tests whatever the
-  CPU, so that their figures do not depend on the machine's bfloat16
+  """--training_precision auto resolves to float32 (and --fine_tune_epochs
+  auto to 0) in tests whatever the CPU or GPU, so that their figures do not depend on the machine's bfloat16
   instructions; tests of bfloat16 ask for it, and tests of "auto" patch the
   CPU flags themselves."""
   from busi_core import precision
+  from training import model
   monkeypatch.setattr(precision, "cpu_bfloat16_flags", lambda *args: ())
+  monkeypatch.setattr(model, "_gpu_bfloat16", lambda: None)

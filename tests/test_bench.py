@@ -255,11 +255,16 @@ def test_recipe_search_keeps_its_documented_rows_at_balanced_weights():
   from training import config as config_lib  # pylint: disable=import-outside-toplevel
   defaults = [name for name, flags in recipe_search.DEFAULT_VARIANTS.items()
               if "malignant_weight" not in flags]
-  assert defaults == ["default: mirror and 6 random views, malignant weight 2"]
+  assert defaults == ["head-only default of 2026-12-04: mirror and 6 random"
+                      " views, malignant weight 2"]
   assert config_lib.DEFAULT_MALIGNANT_WEIGHT == 2.0
   for name, flags in recipe_search.DEFAULT_VARIANTS.items():
     if name not in defaults:
       assert flags["malignant_weight"] == 1.0, name
+    # As they ran: float32, and no fine-tune stage unless the row is about
+    # one (today's auto would fine-tune on a CPU with AMX).
+    assert flags["precision"] == "float32", name
+    assert flags["fine_tune_epochs"] == (5 if "block5" in name else 0), name
 
 
 def _notop_h5(path):

@@ -159,6 +159,20 @@ def test_card_names_the_degraded_views():
   assert row() == "none"  # trained before the option existed
 
 
+def test_card_says_what_trained_in_bfloat16():
+  def row(**training):
+    card = _render(_metadata(training=dict({"epochs": 30}, **training)))
+    return card.split("| training arithmetic | ")[1].split(" |")[0]
+  assert row() == "float32"  # trained before the option existed
+  assert row(precision="float32", fine_tune_epochs=5) == "float32"
+  assert row(precision="bfloat16", fine_tune_epochs=5) == (
+      "bfloat16 for the augmented views' frozen-base pass and the fine-tune"
+      " stage (float32 weights; the original view, the head stage and this"
+      " artifact in float32)")
+  # AVX512-BF16 without AMX: bfloat16, but auto ran no fine-tune stage.
+  assert "fine-tune" not in row(precision="bfloat16", fine_tune_epochs=0)
+
+
 def test_card_names_the_annotated_views():
   def row(**training):
     card = _render(_metadata(training=dict({"epochs": 30}, **training)))

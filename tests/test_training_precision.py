@@ -174,7 +174,8 @@ def test_train_in_bfloat16_saves_a_float32_artifact_that_checks(tmp_path):
   with open(os.path.join(output, schemas.CV_REPORT_FILE)) as f:
     assert json.load(f)["settings"]["precision"] == "bfloat16"
   with open(os.path.join(output, schemas.MODEL_CARD_FILE)) as f:
-    assert "| training arithmetic | bfloat16 for the random views'" in f.read()
+    assert ("| training arithmetic | bfloat16 for the augmented views'"
+            " frozen-base pass and the fine-tune stage (") in f.read()
   loaded = keras.saving.load_model(os.path.join(output, schemas.MODEL_FILE))
   assert {layer.dtype_policy.name for layer in loaded.layers} == {"float32"}
 

@@ -639,9 +639,10 @@ def _precision(training) -> str:
   record none and were float32."""
   if training.precision in (None, "float32"):
     return "float32"
-  return (f"{training.precision} for the random views' frozen-base pass and"
-          " the fine-tune stage (float32 weights; the original view, and"
-          " this artifact, in float32)")
+  stages = ("the augmented views' frozen-base pass" +
+            (" and the fine-tune stage" if training.fine_tune_epochs else ""))
+  return (f"{training.precision} for {stages} (float32 weights; the"
+          " original view, the head stage and this artifact in float32)")
 
 
 def _on_views(views) -> str:
