@@ -116,7 +116,7 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
       default=config_lib.AUTO,
       help="Arithmetic of the frozen-base pass and the fine-tune stage:"
       " bfloat16 (Keras mixed precision: float32 weights, bfloat16"
-      " products; ~7x faster for VGG16 on CPUs with AMX) or float32. The"
+      " products; ~6x faster for VGG16 on CPUs with AMX) or float32. The"
       " artifact is float32 either way. Default auto: bfloat16 where the"
       " CPU has AMX-BF16 or AVX512-BF16 instructions or the GPU has"
       " bfloat16 tensor cores, else float32.")

@@ -136,7 +136,7 @@ def _gpu_bfloat16() -> Optional[str]:
 def fast_bfloat16() -> Optional[str]:
   """What computes bfloat16 fast enough to fine-tune block5 within train's
   budget: a bfloat16 GPU's name, "amx_bf16", or None (AVX512-BF16 alone
-  doubles VGG16's speed, not the ~7x that AMX gave)."""
+  doubled VGG16's speed for scoring, not the ~6x that AMX gave)."""
   gpu = _gpu_bfloat16()
   if gpu:
     return f"GPU {gpu}"
@@ -148,9 +148,9 @@ def resolve_precision(requested: str) -> Tuple[str, str]:
   """--training_precision made concrete: (float32 or bfloat16, why).
 
   "auto" is bfloat16 where the hardware computes in it: a GPU with bfloat16
-  tensor cores, or a CPU with AMX-BF16 or AVX512-BF16 (there VGG16's
-  frozen pass ran 7x and its block5 fine-tune ~4x faster than float32 on 2
-  cores; training/README.md, "bfloat16 arithmetic"); elsewhere float32,
+  tensor cores, or a CPU with AMX-BF16 or AVX512-BF16 (with AMX, VGG16's
+  frozen pass ran 6x and its block5 fine-tune step ~3x faster than float32
+  on 2 cores; training/README.md, "bfloat16 arithmetic"); elsewhere float32,
   because emulated bfloat16 is slower than float32.
   """
   if requested != AUTO:
