@@ -388,6 +388,9 @@ class Recipe:
     self.cache = cache
     self.labels = labels
     self.config = config
+    # The fine-tune stage's arithmetic, resolved once (train and cv pass it
+    # resolved already; "auto" reads the CPU flags and lists the GPUs).
+    self.precision = model_lib.resolve_precision(config.precision)[0]
     self.num_classes = int(model.outputs[0].shape[-1])
 
   def _stage(self, stage: str, cut: str, train: np.ndarray, val: np.ndarray,
@@ -398,8 +401,7 @@ class Recipe:
     # The head alone is a few Dense layers on pooled features: float32. A
     # fine-tune stage trains conv layers, in the run's precision, on a copy
     # whose float32 weights come back into the model afterwards.
-    precision = (model_lib.resolve_precision(config.precision)[0]
-                 if stage == FINE_TUNE else FLOAT32)
+    precision = self.precision if stage == FINE_TUNE else FLOAT32
     # float32 rows either way: a bfloat16 copy's first layer rounds them as
     # it would round its own input, and Keras feeds float32 arrays faster
     # than bfloat16 ones (~30 % slower fine-tune epochs measured).
