@@ -48,7 +48,8 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                       help="First base layer the fine-tune stage trains, with"
                       " every base layer after it (default: block5_conv1);"
                       " block1_conv1 trains the whole VGG16 base, for a"
-                      " GPU. Needs --fine_tune_epochs.")
+                      " GPU or a CPU with AMX (3 epochs: 17 minutes on 2"
+                      " cores with --cv_folds 0). Needs --fine_tune_epochs.")
   parser.add_argument("--patience", type=int,
                       default=config_lib.DEFAULT_PATIENCE,
                       help="Stop a stage after this many epochs without a"
