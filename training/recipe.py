@@ -305,7 +305,7 @@ def resolved(config: TrainConfig) -> TrainConfig:
   """`config` with its "auto" settings made concrete (and logged):
   --training_precision, and --fine_tune_epochs, which fine-tunes block5
   only where bfloat16 runs on AMX or a GPU: there it fits `train`'s budget
-  (19.6 minutes on 2 cores with AMX for 623 images) and gained 0.053
+  (17.6–19.6 minutes on 2 cores with AMX for 623 images) and gained 0.053
   cross-validated macro-F1 on BUSI; in float32 it would take about an hour
   (training/README.md, "bfloat16 arithmetic")."""
   precision, why = model_lib.resolve_precision(config.precision)
