@@ -16,11 +16,16 @@ SPLIT_DHASH_KEY = "dhash"
 RELIABILITY_DIAGRAM_FILE = "reliability_diagram.png"
 
 # Written by `python -m training cv` into its --output directory, and by
-# `train` into the artifact (its own cross-validation, unless --cv_folds 0).
+# `train` into the artifact (its own cross-validation, or the --cv_report it
+# was given; none with --cv_folds 0).
 CV_REPORT_FILE = "cv.json"
 # metadata.json block: the recipe's cross-validated figures on the training
-# data (null with --cv_folds 0): folds, images, settings, pooled, summary.
+# data (null without): folds, images, settings, pooled, summary, and its
+# "source": run by `train` itself, or an earlier `cv` run's report of the
+# same settings and data (`train --cv_report`).
 METADATA_CROSS_VALIDATION = "cross_validation"
+CV_SOURCE_TRAIN = "train"
+CV_SOURCE_REPORT = "cv_report"
 
 # The out-of-distribution detector, fitted by training on the "features"
 # layer of its training images (busi_core.ood) and described by

@@ -353,6 +353,8 @@ class CrossValidationSummary(Record):
   pooled_confusion_matrix: JSON = optional()
   summary: Optional[Mapping[str, FigureSummary]] = optional()  # figure →
   per_fold: Optional[Tuple[FoldSummary, ...]] = optional()
+  # CV_SOURCE_TRAIN (absent in older artifacts) or CV_SOURCE_REPORT
+  source: Optional[str] = optional()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

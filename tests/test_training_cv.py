@@ -247,3 +247,112 @@ def test_train_overwrite_without_cv_drops_the_old_report(tmp_path, cv_data,
           " views 2, 3, each image's with probability 0.5 |") in card
   assert cli.main(base + ["--no_augment", "--overwrite"]) == 2
   assert "--no_augment contradicts" in capsys.readouterr().err
+
+
+def _report_for(config, data):
+  """A minimal report of `config`'s recipe on `data`, as cv writes one."""
+  return {"settings": cv.recipe_settings(config),
+          "data_fingerprint": split.fingerprint(data.image_ids),
+          "images": len(data.image_ids), "folds_count": 2, "folds": [],
+          "pooled": {}, "summary": {}}
+
+
+def test_cv_report_must_match_the_recipe_and_the_images(tmp_path, cv_data):
+  from training import data as data_lib, recipe  # pylint: disable=import-outside-toplevel
+  from training.config import TrainConfig  # pylint: disable=import-outside-toplevel
+  data, _ = data_lib.load_labelled([cv_data[0]])
+  path = str(tmp_path / "cv.json")
+  config = recipe.resolved(TrainConfig(
+      data=(cv_data[0],), output="m", backbone="tiny",
+      backbone_weights="none", cv_report=path))
+  report = _report_for(config, data)
+  # The same images under other globs are the same data.
+  report["settings"]["data"] = ["elsewhere/*.tfrecord.gz"]
+
+  def check(written, config=config):
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(written if isinstance(written, str) else json.dumps(written))
+    return cv.matching_report(path, config, data)
+
+  assert check(report) == report
+  heavier = recipe.resolved(TrainConfig(
+      data=(cv_data[0],), output="m", backbone="tiny",
+      backbone_weights="none", cv_report=path, malignant_weight=3.0,
+      augment_views=2))
+  with pytest.raises(ValueError) as raised:
+    check(report, heavier)
+  # Every difference is named, with both values.
+  assert "augment_views: 7 in the report, 2 here" in str(raised.value)
+  assert "malignant_weight: 2.0 in the report, 3.0 here" in str(raised.value)
+  with pytest.raises(ValueError, match=r"data: 39 images \(fingerprint"):
+    check({**report, "data_fingerprint": "0" * 64})
+  # A report from before a setting existed does not match it either.
+  older = {**report, "settings": dict(report["settings"])}
+  del older["settings"]["annotate"]
+  with pytest.raises(ValueError, match=r"annotate: '\(not set\)' in the"
+                     " report, True here"):
+    check(older)
+  with pytest.raises(ValueError, match="is not a `python -m training cv`"
+                     " report \\(no settings, data_fingerprint"):
+    check({"macro_f1": 0.9})
+  with pytest.raises(ValueError, match="is not a `python -m training cv`"):
+    check("[1, 2]")
+  with pytest.raises(ValueError, match="cannot read it"):
+    check("{not json")
+  with pytest.raises(ValueError, match="cannot read it"):
+    cv.matching_report(str(tmp_path / "missing.json"), config, data)
+
+
+def test_cv_report_and_cv_folds_together_are_refused(cv_data, capsys):
+  assert cli.main(["train", "--data", cv_data[0], "--output", "m",
+                   "--backbone", "tiny", "--backbone_weights", "none",
+                   "--cv_report", "cv.json", "--cv_folds", "2"]) == 2
+  assert "leave out --cv_folds 2" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    cli.main(["train", "--data", cv_data[0], "--output", "m",
+              "--cv_folds", "two"])
+  assert "'two': a number of folds, or auto" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_takes_the_figures_of_a_matching_cv_report(tmp_path, cv_data,
+                                                         capsys):
+  recipe_flags = ["--data", cv_data[0], "--backbone", "tiny",
+                  "--backbone_weights", "none", "--epochs", "2",
+                  "--augment_views", "1", "--val_fraction", "0.25"]
+  measured = str(tmp_path / "cv")
+  assert cli.main(["cv", "--folds", "2", "--output", measured]
+                  + recipe_flags) == 0
+  with open(os.path.join(measured, schemas.CV_REPORT_FILE)) as f:
+    report = json.load(f)
+  output = str(tmp_path / "model")
+  capsys.readouterr()
+  assert cli.main(["train", "--output", output, "--cv_report",
+                   os.path.join(measured, schemas.CV_REPORT_FILE)]
+                  + recipe_flags) == 0
+  printed = capsys.readouterr().out
+  assert "nothing held out" not in printed
+  assert "Cross-validated figures of " in printed
+  with open(os.path.join(output, schemas.METADATA_FILE)) as f:
+    metadata = json.load(f)
+  block = metadata["cross_validation"]
+  assert block == {**json.loads(json.dumps(cv.card_summary(report))),
+                   "source": schemas.CV_SOURCE_REPORT}
+  # train ran no folds of its own.
+  assert metadata["training"]["cv_folds"] == 0
+  assert "cross_validation" not in metadata["training"]["seconds"]
+  with open(os.path.join(output, schemas.CV_REPORT_FILE)) as f:
+    assert json.load(f) == report
+  with open(os.path.join(output, schemas.MODEL_CARD_FILE)) as f:
+    card = f.read()
+  assert "passed to `train` with `--cv_report`" in card
+  assert "| cross-validation folds run first | 0 (the figures above: an" \
+         " earlier `cv` run of 2 folds, `--cv_report`) |" in card
+  # Another recipe's report is refused before anything is trained.
+  assert cli.main(["train", "--output", str(tmp_path / "other"),
+                   "--cv_report", os.path.join(measured,
+                                               schemas.CV_REPORT_FILE),
+                   "--malignant_weight", "3"] + recipe_flags) == 2
+  assert ("malignant_weight: 2.0 in the report, 3.0 here"
+          in capsys.readouterr().err)
+  assert not os.path.exists(str(tmp_path / "other"))

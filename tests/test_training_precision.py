@@ -1,6 +1,7 @@
 """--training_precision: bfloat16 for the frozen-base pass and the fine-tune
 stage, float32 weights and artifact."""
 
+import dataclasses
 import json
 import os
 
@@ -180,25 +181,57 @@ def test_train_in_bfloat16_saves_a_float32_artifact_that_checks(tmp_path):
   assert {layer.dtype_policy.name for layer in loaded.layers} == {"float32"}
 
 
+WHOLE = "block1_conv1"
+
+
 @pytest.mark.parametrize("flags,asked,expected", [
-    # AMX: bfloat16, and block5 fine-tuned by default.
-    (("amx_bf16", "avx512_bf16"), {}, ("bfloat16", 5)),
+    # AMX: bfloat16, the whole base fine-tuned at 3e-5, and no folds in train
+    # (five more whole-base fine-tunes would take an hour).
+    (("amx_bf16", "avx512_bf16"), {}, ("bfloat16", 3, WHOLE, 3e-5, 0)),
     # AVX512-BF16 alone: bfloat16, but too slow a fine-tune for the budget.
-    (("avx512_bf16",), {}, ("bfloat16", 0)),
-    ((), {}, ("float32", 0)),
+    (("avx512_bf16",), {}, ("bfloat16", 0, None, 1e-5, 5)),
+    ((), {}, ("float32", 0, None, 1e-5, 5)),
     # float32 asked for on an AMX machine: no automatic fine-tune either.
-    (("amx_bf16",), {"precision": "float32"}, ("float32", 0)),
-    # Asked-for epochs are kept whatever the machine.
-    ((), {"fine_tune_epochs": 2}, ("float32", 2)),
-    (("amx_bf16",), {"fine_tune_epochs": 0}, ("bfloat16", 0)),
+    (("amx_bf16",), {"precision": "float32"}, ("float32", 0, None, 1e-5, 5)),
+    # Asked-for epochs are kept whatever the machine; off AMX they train
+    # block5 (None: its first layer), at 1e-5.
+    ((), {"fine_tune_epochs": 2}, ("float32", 2, None, 1e-5, 5)),
+    (("amx_bf16",), {"fine_tune_epochs": 0}, ("bfloat16", 0, None, 1e-5, 5)),
+    (("amx_bf16",), {"fine_tune_epochs": 5}, ("bfloat16", 5, WHOLE, 3e-5, 0)),
+    # Asked-for layers and rates are kept; the rate's auto follows the layer.
+    (("amx_bf16",), {"fine_tune_epochs": 5, "fine_tune_from": "block5_conv1"},
+     ("bfloat16", 5, "block5_conv1", 1e-5, 5)),
+    ((), {"fine_tune_epochs": 3, "fine_tune_from": WHOLE},
+     ("float32", 3, WHOLE, 3e-5, 0)),
+    (("amx_bf16",), {"fine_tune_learning_rate": 2e-5},
+     ("bfloat16", 3, WHOLE, 2e-5, 0)),
+    # Asked-for folds are kept; a cv report stands in for them.
+    (("amx_bf16",), {"cv_folds": 5}, ("bfloat16", 3, WHOLE, 3e-5, 5)),
+    ((), {"cv_report": "cv.json"}, ("float32", 0, None, 1e-5, 0)),
 ])
-def test_auto_fine_tunes_only_where_bfloat16_is_fast(monkeypatch, flags, asked,
-                                                     expected):
+def test_auto_fine_tunes_the_whole_base_only_where_bfloat16_is_fast(
+    monkeypatch, flags, asked, expected):
   monkeypatch.setattr(model_lib, "_gpu_bfloat16", lambda: None)
   monkeypatch.setattr(precision_lib, "cpu_bfloat16_flags",
                       lambda *args: flags)
-  config = recipe.resolved(TrainConfig(data=("x",), output="x", **asked))
-  assert (config.precision, config.fine_tune_epochs) == expected
+  config = recipe.train_resolved(TrainConfig(data=("x",), output="x",
+                                             **asked))
+  assert (config.precision, config.fine_tune_epochs, config.fine_tune_from,
+          config.fine_tune_learning_rate, config.cv_folds) == expected
+  # Resolving is done once and for all: a resolved config stays as it is.
+  assert recipe.train_resolved(config) == config
+  # cv resolves the recipe alone: no folds of train's to decide.
+  assert recipe.resolved(TrainConfig(data=("x",), output="x", **asked)
+                        ) == dataclasses.replace(config,
+                                                 cv_folds=asked.get("cv_folds"))
+
+
+def test_on_a_gpu_train_still_cross_validates_the_whole_base(monkeypatch):
+  monkeypatch.setattr(model_lib, "_gpu_bfloat16", lambda: "NVIDIA H100")
+  config = recipe.train_resolved(TrainConfig(data=("x",), output="x"))
+  assert (config.precision, config.fine_tune_epochs, config.fine_tune_from,
+          config.fine_tune_learning_rate, config.cv_folds) == (
+              "bfloat16", 3, WHOLE, 3e-5, 5)
 
 
 def test_fine_tune_epochs_flag_takes_auto_or_a_number(capsys):

@@ -38,18 +38,17 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                       " (default %(default)d; stops early, see --patience).")
   parser.add_argument("--fine_tune_epochs", type=_epochs_or_auto,
                       default=config_lib.DEFAULT_FINE_TUNE_EPOCHS,
-                      help="Then at most this many epochs with block5"
-                      " (or --fine_tune_from's layers) unfrozen. Default"
-                      f" auto: {config_lib.AUTO_FINE_TUNE_EPOCHS} where"
+                      help="Then at most this many epochs with base layers"
+                      " unfrozen (see --fine_tune_from). Default auto:"
+                      f" {config_lib.AUTO_FINE_TUNE_EPOCHS} where"
                       " --training_precision is bfloat16 on a CPU with AMX or"
-                      " on a GPU (block5 then fits train's 20 minutes on 2"
-                      " cores), else 0 (float32 takes about an hour).")
+                      " on a GPU (the whole base then fits train's 20 minutes"
+                      " on 2 cores), else 0 (float32 takes hours).")
   parser.add_argument("--fine_tune_from", default=None, metavar="LAYER",
                       help="First base layer the fine-tune stage trains, with"
-                      " every base layer after it (default: block5_conv1);"
-                      " block1_conv1 trains the whole VGG16 base, for a"
-                      " GPU or a CPU with AMX (3 epochs: 17 minutes on 2"
-                      " cores with --cv_folds 0). Needs --fine_tune_epochs.")
+                      " every base layer after it. Default auto: block1_conv1"
+                      " (the whole base) where bfloat16 is fast (AMX or a"
+                      " GPU), else block5_conv1. Needs --fine_tune_epochs.")
   parser.add_argument("--patience", type=int,
                       default=config_lib.DEFAULT_PATIENCE,
                       help="Stop a stage after this many epochs without a"
@@ -68,10 +67,13 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                       default=config_lib.LEARNING_RATE,
                       help="Adam learning rate of the head stage (default"
                       " %(default)g).")
-  parser.add_argument("--fine_tune_learning_rate", type=float,
-                      default=config_lib.FINE_TUNE_LEARNING_RATE,
-                      help="Adam learning rate of the fine-tune stage (default"
-                      " %(default)g).")
+  parser.add_argument("--fine_tune_learning_rate",
+                      type=_or_auto(float, "a number"), default=None,
+                      help="Adam learning rate of the fine-tune stage. Default"
+                      " auto:"
+                      f" {config_lib.WHOLE_BASE_LEARNING_RATE:g} when it"
+                      " trains the whole base, else"
+                      f" {config_lib.FINE_TUNE_LEARNING_RATE:g}.")
   parser.add_argument("--val_fraction", type=float,
                       default=config_lib.DEFAULT_VAL_FRACTION,
                       help="Share held out to stop early, calibrate and"
@@ -168,15 +170,20 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
 _NONE = "none"
 
 
-def _epochs_or_auto(value: str) -> Optional[int]:
-  """--fine_tune_epochs: "auto" (None) or a whole number."""
-  if value.lower() == config_lib.AUTO:
-    return None
-  try:
-    return int(value)
-  except ValueError:
-    raise argparse.ArgumentTypeError(
-        f"{value!r}: a whole number of epochs, or auto") from None
+def _or_auto(convert, words: str):
+  """A flag's type: "auto" (None), or `convert(value)`, else `words`."""
+  def parse(value: str):
+    if value.lower() == config_lib.AUTO:
+      return None
+    try:
+      return convert(value)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{value!r}: {words}, or auto"
+                                       ) from None
+  return parse
+
+
+_epochs_or_auto = _or_auto(int, "a whole number of epochs")
 
 
 def _target(value: str):
@@ -267,18 +274,27 @@ def _parser() -> argparse.ArgumentParser:
   train = commands.add_parser(
       "train", allow_abbrev=False,
       help="TFRecords → model artifact directory.",
-      description="Trains VGG16 (frozen base + head, optional block5"
+      description="Trains VGG16 (frozen base + head, optional base"
       " fine-tuning) on the labelled examples of the TFRecords written by"
       " `python -m beam_pipeline preprocess` and writes the artifact that"
       " scoring loads.")
   train.add_argument("--output", required=True,
                      help="Artifact directory to write (local or gs://).")
   _add_recipe_flags(train)
-  train.add_argument("--cv_folds", type=int, default=config_lib.DEFAULT_FOLDS,
+  train.add_argument("--cv_folds", type=_or_auto(int, "a number of folds"),
+                     default=None,
                      help="First cross-validate the recipe on the data with"
                      " this many grouped folds, sharing the conv outputs, so"
-                     " the model card has out-of-fold figures (default"
-                     " %(default)d; 0: skip).")
+                     " the model card has out-of-fold figures (0: skip)."
+                     f" Default auto: {config_lib.DEFAULT_FOLDS}, but 0 where"
+                     " the whole base is fine-tuned without a GPU (five more"
+                     " such fine-tunes: about an hour on 2 cores; see"
+                     " --cv_report).")
+  train.add_argument("--cv_report", default=None, metavar="CV_JSON",
+                     help="cv.json of an earlier `python -m training cv` run"
+                     " with the same flags on the same images (checked):"
+                     " the model card carries its cross-validated figures and"
+                     " train runs no folds of its own.")
   train.add_argument("--name", default=config_lib.DEFAULT_NAME,
                      help="Prefix of the model_version.")
   train.add_argument("--overwrite", action="store_true",
@@ -406,7 +422,8 @@ def main(argv: Optional[List[str]] = None) -> int:
       from training import train  # pylint: disable=import-outside-toplevel
       config = _recipe_config(args, output=args.output, name=args.name,
                               overwrite=args.overwrite,
-                              cv_folds=args.cv_folds)
+                              cv_folds=args.cv_folds,
+                              cv_report=args.cv_report)
       config.validate()
       for line in train.flag_warnings(config):
         print(line)

@@ -25,13 +25,20 @@ NO_WEIGHTS = "none"
 # The recipe's defaults, chosen by cross-validation on real BUSI images
 # (training/README.md, "How the defaults were chosen").
 LEARNING_RATE = 1e-3
-FINE_TUNE_LEARNING_RATE = 1e-5
 DEFAULT_EPOCHS = 300  # the most the head stage runs; it stops early
-# None: "auto", resolved by `training.recipe.resolved`: AUTO_FINE_TUNE_EPOCHS
-# where bfloat16 runs on AMX or a GPU (block5 fine-tuned within train's
-# 20-minute budget on 2 cores), else 0 (float32 would take about an hour).
+# The fine-tune stage's settings are "auto" (None) by default, made concrete
+# by `training.recipe.resolved`. Where bfloat16 runs fast (AMX or a GPU) the
+# stage trains the whole base (its first layer on) for at most
+# AUTO_FINE_TUNE_EPOCHS at WHOLE_BASE_LEARNING_RATE: 17 minutes for `train`
+# on 2 cores with AMX, the best recipe measured on BUSI and the one that held
+# up best under scanner-like shifts (training/README.md, "The whole base by
+# default where bfloat16 is fast"). Elsewhere no fine-tune runs unless asked
+# for (float32 would take hours), and an asked-for one trains block5 at
+# FINE_TUNE_LEARNING_RATE.
 DEFAULT_FINE_TUNE_EPOCHS: Optional[int] = None
-AUTO_FINE_TUNE_EPOCHS = 5
+AUTO_FINE_TUNE_EPOCHS = 3
+FINE_TUNE_LEARNING_RATE = 1e-5  # block5 (or any part of the base)
+WHOLE_BASE_LEARNING_RATE = 3e-5
 DEFAULT_PATIENCE = 20  # epochs without a better validation loss
 DEFAULT_AUGMENT_VIEWS = 7  # the mirror image + 6 random geometric views
 DEFAULT_VAL_FRACTION = 0.15
@@ -69,8 +76,8 @@ class TrainConfig:
   epochs: int = DEFAULT_EPOCHS
   fine_tune_epochs: Optional[int] = DEFAULT_FINE_TUNE_EPOCHS  # None: auto
   # The first base layer the fine-tune stage trains (it and every base layer
-  # after it); None: block5's first. "block1_conv1" trains the whole base,
-  # a GPU's job (training/README.md, "Fine-tuning more of the base").
+  # after it); None: auto (the whole base where bfloat16 is fast, else
+  # block5's first layer).
   fine_tune_from: Optional[str] = None
   val_fraction: float = DEFAULT_VAL_FRACTION
   test_fraction: float = DEFAULT_TEST_FRACTION
@@ -92,11 +99,20 @@ class TrainConfig:
   malignant_weight: float = DEFAULT_MALIGNANT_WEIGHT  # x balanced weight
   # `train` cross-validates the recipe on its data first (0: not), so the
   # artifact carries out-of-fold figures: the conv outputs are shared, so
-  # this costs k head fits (and k fine-tunes when fine-tuning).
-  cv_folds: int = DEFAULT_FOLDS
+  # this costs k head fits (and k fine-tunes when fine-tuning). None: auto,
+  # DEFAULT_FOLDS unless the whole base is fine-tuned without a GPU (five
+  # more whole-base fine-tunes: about an hour on 2 cores) or cv_report
+  # brings the figures.
+  cv_folds: Optional[int] = None
+  # An earlier `python -m training cv` report (cv.json) of the same settings
+  # and data: the artifact carries its figures instead of cross-validating
+  # again.
+  cv_report: Optional[str] = None
   name: str = DEFAULT_NAME
   learning_rate: float = LEARNING_RATE
-  fine_tune_learning_rate: float = FINE_TUNE_LEARNING_RATE
+  # None: auto, WHOLE_BASE_LEARNING_RATE when the whole base is fine-tuned,
+  # else FINE_TUNE_LEARNING_RATE.
+  fine_tune_learning_rate: Optional[float] = None
   overwrite: bool = False
   calibrate: bool = True  # fit the temperature on the validation split
   # None: the fixed --threshold.
@@ -111,6 +127,16 @@ class TrainConfig:
   ood_pass_rate: float = schemas.DEFAULT_OOD_PASS_RATE
   # PRECISIONS; train and cv resolve "auto" before they start.
   precision: str = AUTO
+
+  @property
+  def fine_tune_rate(self) -> float:
+    """--fine_tune_learning_rate, or its auto value: WHOLE_BASE_LEARNING_RATE
+    when --fine_tune_from is the base's first layer, else
+    FINE_TUNE_LEARNING_RATE."""
+    if self.fine_tune_learning_rate is not None:
+      return self.fine_tune_learning_rate
+    whole = self.fine_tune_from == FINE_TUNABLE_LAYERS[self.backbone][0]
+    return WHOLE_BASE_LEARNING_RATE if whole else FINE_TUNE_LEARNING_RATE
 
   @property
   def augment(self) -> bool:
@@ -153,8 +179,16 @@ class TrainConfig:
                        f" {', '.join(PRECISIONS)}")
     if self.augment_views < 0:
       raise ValueError("--augment_views must be 0 or more")
-    if self.cv_folds == 1 or self.cv_folds < 0:
+    if self.cv_folds is not None and (self.cv_folds == 1
+                                      or self.cv_folds < 0):
       raise ValueError("--cv_folds must be 0 (none) or at least 2")
+    if self.cv_report is not None:
+      if cross_validation:
+        raise ValueError("--cv_report is train's: cv writes a report")
+      if self.cv_folds is not None:
+        raise ValueError(f"--cv_report takes the cross-validated figures from"
+                         f" {self.cv_report}; leave out --cv_folds"
+                         f" {self.cv_folds}")
     if not 0.0 <= self.label_smoothing < 1.0:
       raise ValueError("--label_smoothing must be in [0, 1)")
     if not 0.0 < self.malignant_weight <= 100.0:
@@ -178,7 +212,7 @@ class TrainConfig:
                          " validation split: --val_fraction must be above 0")
     for name in ("learning_rate", "fine_tune_learning_rate"):
       value = getattr(self, name)
-      if not 0.0 < value <= 1.0:
+      if value is not None and not 0.0 < value <= 1.0:
         raise ValueError(f"--{name} {value} must be in (0, 1]")
     if self.image_size is not None and not 32 <= self.image_size <= 4096:
       raise ValueError(f"--image_size {self.image_size} is outside 32..4096"

@@ -8,7 +8,7 @@ of whole near-duplicate groups (`split.duplicate_groups`), so an image and
 its near-copies never sit on both sides of a fold.
 
 The conv base's outputs do not depend on the fold (the base is frozen, or,
-when block5 is fine-tuned, everything before it is), so they are computed
+when it is fine-tuned from a layer, everything before it is), so they are computed
 once for every image and view and shared by the folds: k folds cost one
 pass of VGG16 plus k head fits.
 """
@@ -169,6 +169,66 @@ def format_table(report: Dict) -> str:
   return "\n".join(lines)
 
 
+# TrainConfig fields a report's "settings" leave out: where a run writes, and
+# what `train` does around the recipe. "data" is kept (the globs as given)
+# but not compared: the data fingerprint says whether the images are the same.
+_NOT_RECIPE = ("output", "overwrite", "name", "cv_folds", "cv_report")
+_REPORT_KEYS = ("settings", "data_fingerprint", "folds_count", "folds",
+                "pooled", "summary")
+
+
+def recipe_settings(config: TrainConfig) -> Dict:
+  """The settings a report records: the resolved recipe and the globs."""
+  settings = dataclasses.asdict(config)
+  for name in _NOT_RECIPE:
+    settings.pop(name, None)
+  settings["data"] = list(config.data)
+  return settings
+
+
+def matching_report(path: str, config: TrainConfig,
+                    data: data_lib.LabelledData) -> Dict:
+  """The `cv` report at `path` (local or gs://), checked to measure the run
+  of `config` (resolved) on `data`: every recipe setting equal and the same
+  images (data fingerprint; the globs may differ).
+
+  Raises:
+    ValueError: unreadable, not a cv report, or another recipe or data
+      (the message lists every difference).
+  """
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
+  try:
+    with FileSystems.open(path) as f:
+      report = json.loads(f.read().decode("utf-8"))
+  except (OSError, ValueError) as e:  # Beam's IOError, bad JSON or UTF-8
+    raise ValueError(f"--cv_report {path}: cannot read it ({e})") from e
+  missing = ([k for k in _REPORT_KEYS if k not in report]
+             if isinstance(report, dict) else list(_REPORT_KEYS))
+  if missing:
+    raise ValueError(f"--cv_report {path} is not a `python -m training cv`"
+                     f" report (no {', '.join(missing)})")
+  ours, theirs = recipe_settings(config), report["settings"]
+  absent = "(not set)"
+  differences = [
+      f"{name}: {theirs.get(name, absent)!r} in the report,"
+      f" {ours.get(name, absent)!r} here"
+      for name in sorted(set(ours) | set(theirs))
+      if name != "data" and theirs.get(name, absent) != ours.get(name, absent)]
+  fingerprint = split.fingerprint(data.image_ids)
+  if report["data_fingerprint"] != fingerprint:
+    differences.append(
+        f"data: {report.get('images')} images (fingerprint"
+        f" {report['data_fingerprint'][:12]}…) in the report,"
+        f" {len(data.image_ids)} ({fingerprint[:12]}…) here")
+  if differences:
+    raise ValueError(
+        f"--cv_report {path} measured another recipe or other data, so its"
+        " figures would not describe this model: " + "; ".join(differences)
+        + ". Run `python -m training cv` with this run's flags, or pass"
+        " them here.")
+  return report
+
+
 def write_report(report: Dict, output: str) -> str:
   """Writes the report as JSON to OUTPUT/cv.json (local or gs://)."""
   from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
@@ -293,12 +353,7 @@ def run_folds(config: TrainConfig, folds: int, runner: recipe.Recipe,
   pooled["ood_flagged_share"] = (
       None if any(f is None for f in ood_flags) else
       float(np.mean(np.concatenate(ood_flags))))
-  settings = dataclasses.asdict(config)
-  settings.pop("output", None)
-  settings.pop("overwrite", None)
-  settings.pop("name", None)
-  settings.pop("cv_folds", None)
-  settings["data"] = list(config.data)
+  settings = recipe_settings(config)
   return {
       "folds_count": folds,
       "images": int(len(data.labels)),

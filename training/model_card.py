@@ -197,9 +197,10 @@ def _cross_validated(metadata: ArtifactMetadata) -> bool:
 
 # Where neither a test split nor cross-validation measured the artifact.
 _NO_HELD_OUT = ("This artifact has no held-out figures (no test split, and"
-                " `--cv_folds 0`): run `python -m training cv` with the same"
-                " flags, or `python -m training evaluate` on labelled images"
-                " it has not seen, before trusting it.")
+                " no cross-validation): run `python -m training cv` with the"
+                " same flags (and `train --cv_report` its cv.json), or"
+                " `python -m training evaluate` on labelled images it has not"
+                " seen, before trusting it.")
 
 
 def _metrics_section(metadata: ArtifactMetadata) -> List[str]:
@@ -259,9 +260,12 @@ def _cv_section(metadata: ArtifactMetadata) -> List[str]:
            ""]
   if not report:
     return lines + [
-        "Not measured for this artifact (`--cv_folds 0`). Run `python -m"
-        " training cv --data GLOB` with the same flags to know how the"
-        " recipe does on images it has not seen.", ""]
+        "Not measured for this artifact (`--cv_folds 0`, or auto where"
+        " the whole base is fine-tuned on a CPU: five more such fine-tunes"
+        " would take about an hour). Run `python -m training cv --data"
+        " GLOB` with the same flags to know how the recipe does on images"
+        " it has not seen; `train --cv_report CV_JSON` then puts its"
+        " figures on the card of a model trained with those flags.", ""]
   pooled = report.pooled or {}
   fixed = pooled.get("fixed_threshold")
   if metadata.recalibration:
@@ -269,6 +273,11 @@ def _cv_section(metadata: ArtifactMetadata) -> List[str]:
               " model's recipe on its training data, with the temperatures"
               " and thresholds fitted there, not this artifact's on the"
               " site.", ""]
+  if report.source == schemas.CV_SOURCE_REPORT:
+    lines += ["These figures come from an earlier `python -m training cv`"
+              " run with the same settings on the same images (data"
+              " fingerprint checked), passed to `train` with `--cv_report`;"
+              " `train` did not run the folds again.", ""]
   lines += [
       f"The recipe that made this model was first run"
       f" {_or_na(report.folds)} times on the same"
@@ -624,7 +633,7 @@ def _training_section(metadata: ArtifactMetadata) -> List[str]:
            _degraded(training)],
           ["synthetic burned-in annotations (calipers, lines, text)",
            _annotated(training)],
-          ["cross-validation folds run first", _or_na(training.cv_folds)],
+          ["cross-validation folds run first", _cv_folds(metadata)],
           ["val / test fractions", f"{_or_na(training.val_fraction)} /"
                                    f" {_or_na(training.test_fraction)}"],
           ["malignant class weight (x balanced)",
@@ -632,6 +641,17 @@ def _training_section(metadata: ArtifactMetadata) -> List[str]:
           ["class weights", _or_na(training.class_weight)],
           ["wall seconds", seconds.get("total", NA)]]
   return ["## Training", ""] + _table(["setting", "value"], rows) + [""]
+
+
+def _cv_folds(metadata: ArtifactMetadata) -> str:
+  """How many folds `train` ran, and where figures it did not run came
+  from."""
+  folds = _or_na(_training(metadata).cv_folds)
+  report = metadata.cross_validation
+  if report and report.source == schemas.CV_SOURCE_REPORT:
+    return (f"{folds} (the figures above: an earlier `cv` run of"
+            f" {_or_na(report.folds)} folds, `--cv_report`)")
+  return folds
 
 
 def _precision(training) -> str:
@@ -665,9 +685,9 @@ def _annotated(training) -> str:
 
 
 def _fine_tuned(training) -> str:
-  """Which base layers trained: none, block5 (the default; artifacts from
-  before --fine_tune_from record no layer), or the recorded first one and
-  every later one."""
+  """Which base layers trained: none, block5 (artifacts from before
+  --fine_tune_from record no layer), or the recorded first one and every
+  later one."""
   if not training.fine_tune_epochs:
     return "none (base frozen)"
   if training.fine_tune_from in (None, "block5_conv1"):

@@ -5,9 +5,10 @@ Augmentation is made affordable by computing it once: every training image
 contributes its original pixels and `augment_views` fixed views (view 1 is
 its mirror image, views 2… random rotation / shift / zoom / flip from
 `training.augment`, drawn once from the seed). The frozen part of VGG16 runs
-over each view once; the head (and, when fine-tuning, block5) then trains on
-those cached outputs for as many epochs as it needs, at a few milliseconds a
-step instead of a VGG16 pass per image per epoch. Validation and test images
+over each view once; the head (and, when fine-tuning, the base from
+--fine_tune_from on) then trains on those cached outputs for as many epochs
+as it needs, at a few milliseconds a step (for the head) instead of a VGG16
+pass per image per epoch. Validation and test images
 are always the originals: what scoring sees.
 
 Both stages stop early on the validation loss (`patience` epochs without
@@ -29,9 +30,9 @@ import ml_dtypes
 import numpy as np
 
 import schemas
-from training import calibration, model as model_lib
-from training.config import (AUTO_FINE_TUNE_EPOCHS, BFLOAT16, FLOAT32,
-                             TrainConfig)
+from training import calibration, config as config_lib, model as model_lib
+from training.config import (AUTO_FINE_TUNE_EPOCHS, BFLOAT16,
+                             DEFAULT_FOLDS, FLOAT32, TrainConfig)
 
 _LOG = logging.getLogger(__name__)
 
@@ -302,27 +303,66 @@ def numpy_dtype(precision: str):
 
 
 def resolved(config: TrainConfig) -> TrainConfig:
-  """`config` with its "auto" settings made concrete (and logged):
-  --training_precision, and --fine_tune_epochs, which fine-tunes block5
-  only where bfloat16 runs on AMX or a GPU: there it fits `train`'s budget
-  (17.6–19.6 minutes on 2 cores with AMX for 623 images) and gained 0.053
-  cross-validated macro-F1 on BUSI; in float32 it would take about an hour
-  (training/README.md, "bfloat16 arithmetic")."""
+  """`config` with its "auto" recipe settings made concrete (and logged):
+  --training_precision, and the fine-tune stage (--fine_tune_epochs,
+  --fine_tune_from, --fine_tune_learning_rate), which trains the whole base
+  for at most 3 epochs at 3e-5 where bfloat16 runs on AMX or a GPU (17
+  minutes for `train` on 2 cores with AMX; on BUSI the best recipe measured
+  and the most robust to scanner-like shifts), and otherwise runs only when
+  asked for, on block5 at 1e-5 (training/README.md, "The whole base by
+  default where bfloat16 is fast")."""
   precision, why = model_lib.resolve_precision(config.precision)
   _LOG.info("Training arithmetic: %s (%s); the weights and the artifact stay"
             " float32", precision, why)
-  fine_tune = config.fine_tune_epochs
-  if fine_tune is None:
-    fast = precision == BFLOAT16 and model_lib.fast_bfloat16()
-    fine_tune = AUTO_FINE_TUNE_EPOCHS if fast else 0
+  fast = precision == BFLOAT16 and model_lib.fast_bfloat16()
+  epochs = config.fine_tune_epochs
+  if epochs is None:
+    epochs = AUTO_FINE_TUNE_EPOCHS if fast else 0
     _LOG.info(
-        "Fine-tune epochs: %d (auto: %s)", fine_tune,
-        f"block5 in bfloat16 on {fast}" if fast else
-        "no bfloat16 on AMX or a GPU here, and block5 in float32 takes"
-        " about an hour on 2 cores; --fine_tune_epochs"
-        f" {AUTO_FINE_TUNE_EPOCHS} fine-tunes anyway")
+        "Fine-tune epochs: %d (auto: %s)", epochs,
+        f"bfloat16 on {fast}" if fast else
+        "no bfloat16 on AMX or a GPU here, and a fine-tune in float32 takes"
+        f" hours on 2 cores; --fine_tune_epochs {AUTO_FINE_TUNE_EPOCHS}"
+        " fine-tunes anyway")
+  first = config.fine_tune_from
+  if epochs and first is None and fast:
+    first = _whole_base(config)  # else None: block5's first layer
+  rate = dataclasses.replace(config, fine_tune_from=first).fine_tune_rate
+  if epochs:
+    _LOG.info("Fine-tune stage: %s and every base layer after it, Adam %g",
+              first or "block5's first layer", rate)
   return dataclasses.replace(config, precision=precision,
-                             fine_tune_epochs=fine_tune)
+                             fine_tune_epochs=epochs, fine_tune_from=first,
+                             fine_tune_learning_rate=rate)
+
+
+def _whole_base(config: TrainConfig) -> str:
+  """The first layer of `config`'s base: fine-tuning from it trains it all."""
+  return config_lib.FINE_TUNABLE_LAYERS[config.backbone][0]
+
+
+def train_resolved(config: TrainConfig) -> TrainConfig:
+  """`resolved`, and `train`'s --cv_folds made concrete: 5, but 0 where the
+  whole base is fine-tuned without a GPU (five more such fine-tunes take
+  about an hour on 2 cores) or --cv_report brings the figures."""
+  config = resolved(config)
+  folds = config.cv_folds
+  if folds is None:
+    device = model_lib.fast_bfloat16() or ""
+    if config.cv_report:
+      folds = 0
+      _LOG.info("Cross-validation: the figures of %s", config.cv_report)
+    elif (config.fine_tune_epochs and not device.startswith("GPU")
+          and config.fine_tune_from == _whole_base(config)):
+      folds = 0
+      _LOG.warning(
+          "No cross-validation in this run (auto): five more whole-base"
+          " fine-tunes would take about an hour here. For cross-validated"
+          " figures on the model card, run `python -m training cv` with the"
+          " same flags first and pass its cv.json with --cv_report.")
+    else:
+      folds = DEFAULT_FOLDS
+  return dataclasses.replace(config, cv_folds=folds)
 
 
 def cache_layers(config: TrainConfig, model: keras.Model) -> List[str]:
@@ -470,7 +510,7 @@ class Recipe:
       self._stage(FINE_TUNE,
                   model_lib.fine_tune_input(self.model, config.fine_tune_from),
                   train, val, config.fine_tune_epochs,
-                  config.fine_tune_learning_rate, class_weight, result)
+                  config.fine_tune_rate, class_weight, result)
     return result
 
   def logits(self, indices: np.ndarray) -> np.ndarray:

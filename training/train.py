@@ -5,8 +5,9 @@ The recipe itself (views, cached conv outputs, the stages with early
 stopping, temperature and threshold) lives in `training.recipe`, shared with
 `cv`, which measures it. Stage one trains the head on the frozen base's
 cached "features" of every view of the training images; the optional
-fine-tune stage unfreezes block5 and trains on cached block4_pool outputs.
-The head and block5 are the full model's own layer objects
+fine-tune stage unfreezes the base from --fine_tune_from on (the whole base
+where bfloat16 is fast, else block5) and trains on that layer's cached
+input. The head and the base's layers are the full model's own layer objects
 (`model.sub_model`), so the full model is assembled by construction.
 
 The temperature of the model's TemperatureScaling layer is fitted on the
@@ -48,8 +49,9 @@ class TrainResult(NamedTuple):
   """What a training run wrote, and what the CLI reports of it."""
   metadata: ArtifactMetadata  # as written to metadata.json
   read: data_lib.ReadStats
-  cv_report: Optional[Dict]  # training.cv's report; None with --cv_folds 0
+  cv_report: Optional[Dict]  # training.cv's report (or --cv_report's)
   output: str
+  cv_report_path: Optional[str] = None  # --cv_report
 
 
 class _Clock:
@@ -88,17 +90,20 @@ def train(config: TrainConfig) -> TrainResult:
     model.BackboneWeightsError: the backbone weights cannot be had.
   """
   config.validate()
-  config = recipe.resolved(config)
+  config = recipe.train_resolved(config)
   save.check_output(config)
   clock = _Clock()
   keras.utils.set_random_seed(config.seed)
   with clock.step("read"):
     read = data.read(config)
     splits = split.split(config, read.data)
+    # Checked before anything is built or written.
+    measured = (cv.matching_report(config.cv_report, config, read.data)
+                if config.cv_report else None)
     if config.overwrite:
       save.remove_stale(config)
   work = save.work_dir(config.output)
-  fitted = fit.fit(config, read.data, splits)
+  fitted = fit.fit(config, read.data, splits, measured)
   clock.add(fitted.seconds())
   with clock.step("test"):
     test = measure.score_test(fitted.model, read.data, splits,
@@ -121,14 +126,15 @@ def train(config: TrainConfig) -> TrainResult:
                 test if len(test.indices) else val, cal.temperature,
                 config.batch_size, detector)
   save.publish(work, config.output)
-  return TrainResult(metadata, read.stats, fitted.cv_report, config.output)
+  return TrainResult(metadata, read.stats, fitted.cv_report, config.output,
+                     config.cv_report)
 
 
 def flag_warnings(config: TrainConfig) -> List[str]:
   """What the flags alone say about the run, for the CLI to print before it
   starts (train itself does not log these)."""
   lines = []
-  if not config.cv_folds and not config.test_fraction:
+  if config.cv_folds == 0 and not config.test_fraction:
     lines.append("WARNING: --cv_folds 0 and no test split: nothing held out"
                  " will measure this model. Run `python -m training cv` with"
                  " the same flags, or keep --cv_folds.")
@@ -189,6 +195,9 @@ def format_summary(result: TrainResult) -> str:
     lines.append(f"Skipped {result.read.unlabelled} unlabelled examples"
                  " (label \"\").")
   if result.cv_report:
+    if result.cv_report_path:
+      lines.append(f"Cross-validated figures of {result.cv_report_path}"
+                   " (same recipe and data; not rerun):")
     lines.append(cv.format_table(result.cv_report))
   if metadata.test_metrics.count:
     lines.append(f"Test metrics ({metadata.test_metrics.count} images):")

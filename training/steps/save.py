@@ -38,7 +38,8 @@ def remove_stale(config: TrainConfig) -> None:
   """With --overwrite, the old artifact stops being one before anything is
   written (metadata.json goes first), and its cv.json goes too when this
   run writes none."""
-  names = [schemas.METADATA_FILE] + ([] if config.cv_folds else
+  writes_cv = config.cv_folds or config.cv_report
+  names = [schemas.METADATA_FILE] + ([] if writes_cv else
                                      [schemas.CV_REPORT_FILE])
   stale = [FileSystems.join(config.output.rstrip("/"), name) for name in names]
   stale = [uri for uri in stale if FileSystems.exists(uri)]
@@ -58,7 +59,8 @@ def work_dir(output: str) -> str:
 def write_companions(work: str, config: TrainConfig, read: Read,
                      splits: Splits, test_report: Dict, fitted: Fitted,
                      cal: metadata_schema.Calibration) -> None:
-  """The plots, split.json and (with --cv_folds) cv.json beside the model."""
+  """The plots, split.json and (with --cv_folds or --cv_report) cv.json
+  beside the model."""
   labels = list(schemas.LABELS)
   plots.plot_confusion_matrix(
       test_report["confusion_matrix"], labels,
@@ -116,7 +118,7 @@ def _training_settings(config: TrainConfig, read: Read, splits: Splits,
       synthetic_data=config.synthetic_data,
       batch_size=config.batch_size,
       learning_rate=config.learning_rate,
-      fine_tune_learning_rate=config.fine_tune_learning_rate,
+      fine_tune_learning_rate=config.fine_tune_rate,
       precision=config.precision,
       class_weight={labels[c]: round(w, 6)
                     for c, w in result.class_weight.items()},
@@ -167,7 +169,8 @@ def save(work: str, config: TrainConfig, read: Read, splits: Splits,
       training=_training_settings(config, read, splits, fitted, seconds),
       cross_validation=(None if fitted.cv_report is None else
                         metadata_schema.CrossValidationSummary.from_json(
-                            cv.card_summary(fitted.cv_report))),
+                            {**cv.card_summary(fitted.cv_report),
+                             "source": fitted.cv_source})),
       ood=None if detector is None else detector.block)
 
 
