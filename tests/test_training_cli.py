@@ -272,6 +272,7 @@ def test_flag_warnings_printed_not_logged(tmp_path, data_glob, capsys,
   assert out.startswith("WARNING: --cv_folds 0 and no test split")
   assert "nothing held out" not in caplog.text
   assert "Review threshold" in out and f"written to {output}" in out
+  assert "No held-out figures measured this model" in out
 
 
 @pytest.mark.slow
@@ -281,7 +282,8 @@ def test_no_cv_with_a_test_split(tmp_path, data_glob, capsys):
   output = str(tmp_path / "m")
   assert _tiny_train(output, data_glob, "--cv_folds", "0", "--test_fraction",
                      "0.2", "--epochs", "1") == 0
-  assert "Test ECE" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "Test ECE" in out and "No held-out figures" not in out
   metadata = artifact.read_artifact_info(output).metadata
   assert metadata.test_metrics.count > 0
   assert metadata.ood is not None

@@ -234,6 +234,36 @@ def test_on_a_gpu_train_still_cross_validates_the_whole_base(monkeypatch):
               "bfloat16", 3, WHOLE, 3e-5, 5)
 
 
+@pytest.mark.slow
+def test_default_train_on_amx_fine_tunes_the_whole_base_without_folds(
+    tmp_path, monkeypatch, caplog):
+  monkeypatch.setattr(precision_lib, "cpu_bfloat16_flags",
+                      lambda *args: ("amx_bf16", "avx512_bf16"))
+  root = tmp_path / "records"
+  root.mkdir()
+  testing.write_tfrecords(
+      str(root / "part-00000-of-00001.tfrecord.gz"),
+      testing.synthetic_records(per_class=8, image_size=SIZE, seed=0))
+  output = str(tmp_path / "model")
+  # Only what a test must pin: the tiny backbone, few epochs and views.
+  assert cli.main(["train", "--data", str(root / "*.tfrecord.gz"),
+                   "--output", output, "--backbone", "tiny",
+                   "--backbone_weights", "none", "--epochs", "2",
+                   "--augment_views", "1", "--batch_size", "8"]) == 0
+  assert "No cross-validation in this run (auto)" in caplog.text
+  with open(os.path.join(output, schemas.METADATA_FILE)) as f:
+    metadata = json.load(f)
+  training = metadata["training"]
+  assert (training["precision"], training["fine_tune_epochs"],
+          training["fine_tune_from"], training["fine_tune_learning_rate"],
+          training["cv_folds"]) == ("bfloat16", 3, "block1_conv1", 3e-5, 0)
+  assert training["epochs_run"]["fine_tune"] >= 1
+  assert metadata["cross_validation"] is None
+  assert not os.path.exists(os.path.join(output, schemas.CV_REPORT_FILE))
+  with open(os.path.join(output, schemas.MODEL_CARD_FILE)) as f:
+    assert "auto where the whole base is fine-tuned on a CPU" in f.read()
+
+
 def test_fine_tune_epochs_flag_takes_auto_or_a_number(capsys):
   base = ["cv", "--data", "x"]
   parser = cli._parser()  # pylint: disable=protected-access

@@ -202,6 +202,12 @@ def format_summary(result: TrainResult) -> str:
   if metadata.test_metrics.count:
     lines.append(f"Test metrics ({metadata.test_metrics.count} images):")
     lines.append(metrics.format_report(metadata.test_metrics.to_json()))
+  if not result.cv_report and not metadata.test_metrics.count:
+    lines.append("No held-out figures measured this model (no"
+                 " cross-validation, no test split): run `python -m training"
+                 " cv` with the same flags and pass its cv.json to train with"
+                 " --cv_report, or evaluate it on labelled images it has not"
+                 " seen.")
   lines += _calibration_lines(metadata)
   lines.append(f"Model {metadata.model_version} written to {result.output}"
                f" in {metadata.training.seconds['total']:.1f} s")
