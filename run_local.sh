@@ -104,7 +104,7 @@ if [ -z "$DATA" ]; then
   # A test split instead of the default cross-validation keeps the demo at
   # about a minute (five more 300-epoch head fits would triple it). No
   # fine-tune stage, so that the demo is the same on every CPU (auto
-  # fine-tunes block5 only where bfloat16 runs on AMX).
+  # fine-tunes the whole base where bfloat16 runs on AMX).
   EXTRA_TRAIN=(--learning_rate 1e-3 --target_accuracy 0.9 --synthetic_data
                --test_fraction 0.15 --cv_folds 0 --fine_tune_epochs 0)
   step "Generating demo archives (BUSI layout, masks beside images)"
@@ -119,7 +119,9 @@ else
     SCORE="$DATA"
     echo "note: scoring the training archive itself (pass --score for held-out" \
          "data); its accuracy is not a test figure — the recipe's" \
-         "cross-validated figures are in $OUT/model/MODEL_CARD.md and cv.json" >&2
+         "cross-validated figures are in $OUT/model/MODEL_CARD.md and cv.json" \
+         "(where train fine-tunes the whole base on a CPU it runs none: run" \
+         "python -m training cv, then train with --cv_report)" >&2
   fi
 fi
 

@@ -45,7 +45,8 @@ _BALANCED_VARIANTS = {
         "augment_views": 1, "fine_tune_epochs": 5},
 }
 # Every row as it ran then: float32, no fine-tune stage unless the row asks
-# (today's "auto" would fine-tune block5 in bfloat16 on a CPU with AMX).
+# (today's "auto" would fine-tune the whole base in bfloat16 on a CPU with
+# AMX).
 _THEN = {"fine_tune_epochs": 0, "precision": "float32"}
 DEFAULT_VARIANTS = {
     **{name: {**_THEN, "malignant_weight": 1.0, **flags}

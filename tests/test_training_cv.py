@@ -1,5 +1,6 @@
 """`python -m training cv`: folds, per-fold figures, the report."""
 
+import dataclasses
 import json
 import os
 
@@ -253,8 +254,12 @@ def _report_for(config, data):
   """A minimal report of `config`'s recipe on `data`, as cv writes one."""
   return {"settings": cv.recipe_settings(config),
           "data_fingerprint": split.fingerprint(data.image_ids),
-          "images": len(data.image_ids), "folds_count": 2, "folds": [],
-          "pooled": {}, "summary": {}}
+          "class_counts": {name: int((data.labels == i).sum())
+                           for i, name in enumerate(schemas.LABELS)},
+          "image_size": SIZE, "images": len(data.image_ids), "groups": 30,
+          "folds_count": 2, "folds": [],
+          "pooled": {"confusion_matrix": [[1, 0, 0], [0, 1, 0], [0, 0, 1]]},
+          "summary": {}}
 
 
 def test_cv_report_must_match_the_recipe_and_the_images(tmp_path, cv_data):
@@ -286,6 +291,32 @@ def test_cv_report_must_match_the_recipe_and_the_images(tmp_path, cv_data):
   assert "malignant_weight: 2.0 in the report, 3.0 here" in str(raised.value)
   with pytest.raises(ValueError, match=r"data: 39 images \(fingerprint"):
     check({**report, "data_fingerprint": "0" * 64})
+  with pytest.raises(ValueError, match="class counts: "):
+    check({**report, "class_counts": {"normal": 1}})
+  with pytest.raises(ValueError, match=f"image size: 64 in the report, {SIZE}"
+                     " here"):
+    check({**report, "image_size": 64})
+  # What does not change the recipe's figures is not compared: train's test
+  # share (the folds hold none out), and a fine-tune's layer and rate
+  # without a fine-tune; no layer and block5's first are the same.
+  block5 = dataclasses.replace(config, fine_tune_epochs=2,
+                               fine_tune_from="block5_conv3")
+  for in_report, here in (
+      ({"test_fraction": 0.0}, dataclasses.replace(config, test_fraction=0.2)),
+      ({"fine_tune_learning_rate": 0.5}, config),  # no fine-tune here
+      ({"fine_tune_epochs": 2, "fine_tune_from": None}, block5),
+      ({"fine_tune_epochs": 2, "fine_tune_from": "block5_conv3"}, block5)):
+    changed = {**report, "settings": {**report["settings"], **in_report}}
+    assert check(changed, here) == changed
+  with pytest.raises(ValueError, match="fine_tune_from: 'block1_conv1' in"
+                     " the report, 'block5_conv3' here"):
+    check({**report, "settings": {**report["settings"], "fine_tune_epochs": 2,
+                                  "fine_tune_from": "block1_conv1"}},
+          dataclasses.replace(config, fine_tune_epochs=2))
+  # A report that lacks what the artifact keeps is refused before training.
+  with pytest.raises(ValueError, match="is not a complete `python -m"
+                     " training cv` report"):
+    check({**report, "folds": [{"fold": 0}]})
   # A report from before a setting existed does not match it either.
   older = {**report, "settings": dict(report["settings"])}
   del older["settings"]["annotate"]

@@ -287,9 +287,9 @@ def _parser() -> argparse.ArgumentParser:
                      " this many grouped folds, sharing the conv outputs, so"
                      " the model card has out-of-fold figures (0: skip)."
                      f" Default auto: {config_lib.DEFAULT_FOLDS}, but 0 where"
-                     " the whole base is fine-tuned without a GPU (five more"
-                     " such fine-tunes: about an hour on 2 cores; see"
-                     " --cv_report).")
+                     " the whole base is fine-tuned without a bfloat16 GPU"
+                     " (five more such fine-tunes: about an hour on 2 cores;"
+                     " see --cv_report).")
   train.add_argument("--cv_report", default=None, metavar="CV_JSON",
                      help="cv.json of an earlier `python -m training cv` run"
                      " with the same flags on the same images (checked):"

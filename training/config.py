@@ -100,9 +100,9 @@ class TrainConfig:
   # `train` cross-validates the recipe on its data first (0: not), so the
   # artifact carries out-of-fold figures: the conv outputs are shared, so
   # this costs k head fits (and k fine-tunes when fine-tuning). None: auto,
-  # DEFAULT_FOLDS unless the whole base is fine-tuned without a GPU (five
-  # more whole-base fine-tunes: about an hour on 2 cores) or cv_report
-  # brings the figures.
+  # DEFAULT_FOLDS unless the whole base is fine-tuned without a bfloat16
+  # GPU (five more whole-base fine-tunes: about an hour on 2 cores) or
+  # cv_report brings the figures.
   cv_folds: Optional[int] = None
   # An earlier `python -m training cv` report (cv.json) of the same settings
   # and data: the artifact carries its figures instead of cross-validating

@@ -26,10 +26,11 @@ import numpy as np
 import keras
 
 import schemas
+from schemas import metadata as metadata_schema
 from training import ood_detector
 from training import calibration, data as data_lib, metrics
 from training import model as model_lib, recipe, split
-from training.config import TrainConfig
+from training.config import FINE_TUNABLE_LAYERS, TrainConfig
 
 _LOG = logging.getLogger(__name__)
 
@@ -170,11 +171,14 @@ def format_table(report: Dict) -> str:
 
 
 # TrainConfig fields a report's "settings" leave out: where a run writes, and
-# what `train` does around the recipe. "data" is kept (the globs as given)
-# but not compared: the data fingerprint says whether the images are the same.
+# what `train` does around the recipe.
 _NOT_RECIPE = ("output", "overwrite", "name", "cv_folds", "cv_report")
-_REPORT_KEYS = ("settings", "data_fingerprint", "folds_count", "folds",
-                "pooled", "summary")
+# Recorded but not compared by `matching_report`: the globs (the data
+# fingerprint, class counts and image size say whether the images are the
+# same) and train's test share (the folds never hold out a test split).
+_NOT_COMPARED = ("data", "test_fraction")
+_REPORT_KEYS = ("settings", "data_fingerprint", "class_counts",
+                "folds_count", "folds", "pooled", "summary")
 
 
 def recipe_settings(config: TrainConfig) -> Dict:
@@ -186,15 +190,25 @@ def recipe_settings(config: TrainConfig) -> Dict:
   return settings
 
 
-def matching_report(path: str, config: TrainConfig,
-                    data: data_lib.LabelledData) -> Dict:
-  """The `cv` report at `path` (local or gs://), checked to measure the run
-  of `config` (resolved) on `data`: every recipe setting equal and the same
-  images (data fingerprint; the globs may differ).
+def _compared(settings: Dict) -> Dict:
+  """`settings` as `matching_report` compares them: without a fine-tune the
+  stage's layer and rate mean nothing, and no layer means block5's first."""
+  settings = {k: v for k, v in settings.items() if k not in _NOT_COMPARED}
+  if not settings.get("fine_tune_epochs"):
+    settings.pop("fine_tune_from", None)
+    settings.pop("fine_tune_learning_rate", None)
+  elif settings.get("fine_tune_from") is None:
+    layers = FINE_TUNABLE_LAYERS.get(settings.get("backbone"), ())
+    settings["fine_tune_from"] = next(
+        (name for name in layers if name.startswith("block5")), None)
+  return settings
+
+
+def _read_report(path: str) -> Dict:
+  """The JSON at `path`, checked to be a whole `cv` report.
 
   Raises:
-    ValueError: unreadable, not a cv report, or another recipe or data
-      (the message lists every difference).
+    ValueError: unreadable, or not a complete cv report.
   """
   from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
   try:
@@ -207,19 +221,55 @@ def matching_report(path: str, config: TrainConfig,
   if missing:
     raise ValueError(f"--cv_report {path} is not a `python -m training cv`"
                      f" report (no {', '.join(missing)})")
-  ours, theirs = recipe_settings(config), report["settings"]
+  try:
+    # What the artifact will keep of it, typed now rather than at saving.
+    metadata_schema.CrossValidationSummary.from_json(card_summary(report))
+    if not (isinstance(report["settings"], dict)
+            and isinstance(report["data_fingerprint"], str)
+            and isinstance(report["class_counts"], dict)):
+      raise TypeError("settings, data_fingerprint or class_counts")
+  except (KeyError, TypeError, ValueError, AttributeError) as e:
+    raise ValueError(f"--cv_report {path} is not a complete `python -m"
+                     f" training cv` report ({type(e).__name__}: {e})"
+                     ) from e
+  return report
+
+
+def matching_report(path: str, config: TrainConfig,
+                    data: data_lib.LabelledData) -> Dict:
+  """The `cv` report at `path` (local or gs://), checked to measure the run
+  of `config` (resolved) on `data`: every recipe setting equal, and the same
+  images (data fingerprint), labels (class counts) and image size; the globs
+  may differ.
+
+  Raises:
+    ValueError: unreadable, not a cv report, or another recipe or data
+      (the message lists every difference).
+  """
+  report = _read_report(path)
+  ours, theirs = (_compared(recipe_settings(config)),
+                  _compared(report["settings"]))
   absent = "(not set)"
   differences = [
       f"{name}: {theirs.get(name, absent)!r} in the report,"
       f" {ours.get(name, absent)!r} here"
       for name in sorted(set(ours) | set(theirs))
-      if name != "data" and theirs.get(name, absent) != ours.get(name, absent)]
+      if theirs.get(name, absent) != ours.get(name, absent)]
   fingerprint = split.fingerprint(data.image_ids)
   if report["data_fingerprint"] != fingerprint:
     differences.append(
         f"data: {report.get('images')} images (fingerprint"
         f" {report['data_fingerprint'][:12]}…) in the report,"
         f" {len(data.image_ids)} ({fingerprint[:12]}…) here")
+  counts = _class_counts(data)
+  if report["class_counts"] != counts:
+    differences.append(f"class counts: {report['class_counts']} in the"
+                       f" report, {counts} here")
+  size = int(data.images.shape[1])
+  # Reports from before the field have none; their size cannot be checked.
+  if report.get("image_size", size) != size:
+    differences.append(f"image size: {report['image_size']} in the report,"
+                       f" {size} here")
   if differences:
     raise ValueError(
         f"--cv_report {path} measured another recipe or other data, so its"
@@ -227,6 +277,11 @@ def matching_report(path: str, config: TrainConfig,
         + ". Run `python -m training cv` with this run's flags, or pass"
         " them here.")
   return report
+
+
+def _class_counts(data: data_lib.LabelledData) -> Dict[str, int]:
+  return {name: int((data.labels == i).sum())
+          for i, name in enumerate(schemas.LABELS)}
 
 
 def write_report(report: Dict, output: str) -> str:
@@ -358,8 +413,8 @@ def run_folds(config: TrainConfig, folds: int, runner: recipe.Recipe,
       "folds_count": folds,
       "images": int(len(data.labels)),
       "groups": int(len(set(group_of))),
-      "class_counts": {name: int((data.labels == i).sum())
-                       for i, name in enumerate(names)},
+      "class_counts": _class_counts(data),
+      "image_size": int(data.images.shape[1]),
       "data_fingerprint": split.fingerprint(data.image_ids),
       "settings": settings,
       "folds": results,

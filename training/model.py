@@ -134,9 +134,9 @@ def _gpu_bfloat16() -> Optional[str]:
 
 
 def fast_bfloat16() -> Optional[str]:
-  """What computes bfloat16 fast enough to fine-tune block5 within train's
-  budget: a bfloat16 GPU's name, "amx_bf16", or None (AVX512-BF16 alone
-  doubled VGG16's speed for scoring, not the ~6x that AMX gave)."""
+  """What computes bfloat16 fast enough to fine-tune the whole base within
+  train's budget: a bfloat16 GPU's name, "amx_bf16", or None (AVX512-BF16
+  alone doubled VGG16's speed for scoring, not the ~6x that AMX gave)."""
   gpu = _gpu_bfloat16()
   if gpu:
     return f"GPU {gpu}"

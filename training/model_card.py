@@ -764,7 +764,8 @@ def _files_section(metadata: ArtifactMetadata) -> List[str]:
            (artifact_schema.RELIABILITY_DIAGRAM_FILE,
             "calibration before / after, test split (empty without one)"),
            (artifact_schema.CV_REPORT_FILE, "the cross-validation of the"
-            " recipe run before training (per fold, pooled, mean ± sd)"),
+            " recipe run before training, or the `--cv_report` given (per"
+            " fold, pooled, mean ± sd)"),
            (artifact_schema.TRAINING_CURVES_FILE, "loss and accuracy per"
             " epoch"),
            (artifact_schema.SPLIT_FILE, "image_ids and dHashes of each"

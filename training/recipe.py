@@ -343,8 +343,9 @@ def _whole_base(config: TrainConfig) -> str:
 
 def train_resolved(config: TrainConfig) -> TrainConfig:
   """`resolved`, and `train`'s --cv_folds made concrete: 5, but 0 where the
-  whole base is fine-tuned without a GPU (five more such fine-tunes take
-  about an hour on 2 cores) or --cv_report brings the figures."""
+  whole base is fine-tuned without a bfloat16 GPU (compute capability 8.0
+  or more; five more such fine-tunes take about an hour on 2 cores) or
+  --cv_report brings the figures."""
   config = resolved(config)
   folds = config.cv_folds
   if folds is None:
