@@ -153,17 +153,24 @@ def test_float32_fine_tune_differs_from_bfloat16(images):
   np.testing.assert_allclose(a, b, atol=0.05 * np.abs(a).max())
 
 
-def test_train_in_bfloat16_saves_a_float32_artifact_that_checks(tmp_path):
+@pytest.fixture(name="records_glob")
+def fixture_records_glob(tmp_path):
+  """8 synthetic images a class in one TFRecord file; its glob."""
   root = tmp_path / "records"
   root.mkdir()
   testing.write_tfrecords(
       str(root / "part-00000-of-00001.tfrecord.gz"),
       testing.synthetic_records(per_class=8, image_size=SIZE, seed=0))
+  return str(root / "*.tfrecord.gz")
+
+
+def test_train_in_bfloat16_saves_a_float32_artifact_that_checks(
+    tmp_path, records_glob):
   output = str(tmp_path / "model")
   # train's last step reloads the artifact as scoring does and refuses it
   # unless it reproduces the calibrated validation predictions and OOD
   # scores: those must come from float32 arithmetic, not the bfloat16 cache.
-  assert cli.main(["train", "--data", str(root / "*.tfrecord.gz"),
+  assert cli.main(["train", "--data", records_glob,
                    "--output", output, "--backbone", "tiny",
                    "--backbone_weights", "none", "--epochs", "3",
                    "--fine_tune_epochs", "1", "--augment_views", "3",
@@ -236,17 +243,12 @@ def test_on_a_gpu_train_still_cross_validates_the_whole_base(monkeypatch):
 
 @pytest.mark.slow
 def test_default_train_on_amx_fine_tunes_the_whole_base_without_folds(
-    tmp_path, monkeypatch, caplog):
+    tmp_path, records_glob, monkeypatch, caplog):
   monkeypatch.setattr(precision_lib, "cpu_bfloat16_flags",
                       lambda *args: ("amx_bf16", "avx512_bf16"))
-  root = tmp_path / "records"
-  root.mkdir()
-  testing.write_tfrecords(
-      str(root / "part-00000-of-00001.tfrecord.gz"),
-      testing.synthetic_records(per_class=8, image_size=SIZE, seed=0))
   output = str(tmp_path / "model")
   # Only what a test must pin: the tiny backbone, few epochs and views.
-  assert cli.main(["train", "--data", str(root / "*.tfrecord.gz"),
+  assert cli.main(["train", "--data", records_glob,
                    "--output", output, "--backbone", "tiny",
                    "--backbone_weights", "none", "--epochs", "2",
                    "--augment_views", "1", "--batch_size", "8"]) == 0
