@@ -8,9 +8,9 @@ of whole near-duplicate groups (`split.duplicate_groups`), so an image and
 its near-copies never sit on both sides of a fold.
 
 The conv base's outputs do not depend on the fold (the base is frozen, or,
-when it is fine-tuned from a layer, everything before it is), so they are computed
-once for every image and view and shared by the folds: k folds cost one
-pass of VGG16 plus k head fits.
+when it is fine-tuned from a layer, everything before that layer is), so
+they are computed once for every image and view and shared by the folds: k
+folds cost one pass of VGG16 plus k head fits (and k fine-tunes).
 """
 
 import dataclasses
