@@ -200,7 +200,8 @@ def _compared(settings: Dict) -> Dict:
   elif settings.get("fine_tune_from") is None:
     layers = FINE_TUNABLE_LAYERS.get(settings.get("backbone"), ())
     settings["fine_tune_from"] = next(
-        (name for name in layers if name.startswith("block5")), None)
+        (name for name in layers
+         if name.startswith(model_lib.TOP_BLOCK_PREFIX)), None)
   return settings
 
 

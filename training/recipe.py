@@ -311,10 +311,17 @@ def resolved(config: TrainConfig) -> TrainConfig:
   and the most robust to scanner-like shifts), and otherwise runs only when
   asked for, on block5 at 1e-5 (training/README.md, "The whole base by
   default where bfloat16 is fast")."""
+  return _resolved(config)[0]
+
+
+def _resolved(config: TrainConfig) -> Tuple[TrainConfig, str]:
+  """`resolved`, and what computes bfloat16 fast here whatever the
+  precision (`model.fast_bfloat16`; "" for nothing), asked once."""
   precision, why = model_lib.resolve_precision(config.precision)
   _LOG.info("Training arithmetic: %s (%s); the weights and the artifact stay"
             " float32", precision, why)
-  fast = precision == BFLOAT16 and model_lib.fast_bfloat16()
+  device = model_lib.fast_bfloat16() or ""
+  fast = device if precision == BFLOAT16 else ""
   epochs = config.fine_tune_epochs
   if epochs is None:
     epochs = AUTO_FINE_TUNE_EPOCHS if fast else 0
@@ -333,7 +340,7 @@ def resolved(config: TrainConfig) -> TrainConfig:
               first or "block5's first layer", rate)
   return dataclasses.replace(config, precision=precision,
                              fine_tune_epochs=epochs, fine_tune_from=first,
-                             fine_tune_learning_rate=rate)
+                             fine_tune_learning_rate=rate), device
 
 
 def _whole_base(config: TrainConfig) -> str:
@@ -346,10 +353,9 @@ def train_resolved(config: TrainConfig) -> TrainConfig:
   whole base is fine-tuned without a bfloat16 GPU (compute capability 8.0
   or more; five more such fine-tunes take about an hour on 2 cores) or
   --cv_report brings the figures."""
-  config = resolved(config)
+  config, device = _resolved(config)
   folds = config.cv_folds
   if folds is None:
-    device = model_lib.fast_bfloat16() or ""
     if config.cv_report:
       folds = 0
       _LOG.info("Cross-validation: the figures of %s", config.cv_report)
