@@ -32,7 +32,7 @@ EXIT_INCOMPLETE = 5  # finished, but inputs promised more than could be read
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT)
 
 VERBOSE_FLAG = "--verbose"
-_PIPELINE_COMMANDS = ("preprocess", "score", "run")
+_PIPELINE_COMMANDS = schemas.COMMANDS
 _REPORTING_COMMANDS = ("summary", "report", "compare")
 INTERRUPTED = ("interrupted: the run was stopped before it finished; rerun the"
                " same command; the unfinished output is removed on rerun")
@@ -43,9 +43,9 @@ _OWN_LOGGERS = ("beam_pipeline", "training", "schemas")
 
 def exit_status(manifest: dict) -> int:
   """The exit status a finished run's manifest calls for."""
-  if not manifest["invariant"]["holds"]:
+  if not manifest[schemas.MANIFEST_INVARIANT][schemas.INVARIANT_HOLDS]:
     return EXIT_INVARIANT
-  if not manifest.get("complete", True):
+  if not manifest.get(schemas.MANIFEST_COMPLETE, True):
     return EXIT_INCOMPLETE
   return EXIT_OK
 
@@ -60,25 +60,28 @@ def _aligned(pairs, indent: str, least: int) -> list:
 
 def format_summary(manifest: dict) -> str:
   """The end-of-run summary a person reads."""
-  counts = manifest.get("counts", {})
-  lines = [f"Run {manifest.get('run_id')} ({manifest.get('command')})"
-           f" finished in {manifest.get('wall_time_s')} s"]
+  counts = manifest.get(schemas.MANIFEST_COUNTS, {})
+  lines = [f"Run {manifest.get(schemas.MANIFEST_RUN_ID)}"
+           f" ({manifest.get(schemas.MANIFEST_COMMAND)})"
+           f" finished in {manifest.get(schemas.MANIFEST_WALL_TIME_S)} s"]
   lines += _aligned(counts.items(), "  ", 22)
-  per_class = manifest.get("predicted_classes")
+  per_class = manifest.get(schemas.MANIFEST_PREDICTED_CLASSES)
   if per_class:
     lines.append("  predicted classes:")
     lines += _aligned(per_class.items(), "    ", 20)
-  if "throughput_images_per_s" in manifest:
-    lines += _aligned([("throughput", f"{manifest['throughput_images_per_s']}"
-                                      " images/s")], "  ", 22)
-  invariant = manifest.get("invariant", {})
-  lines.append(f"  {invariant.get('rule')}: "
-               f"{'holds' if invariant.get('holds') else 'BROKEN'}")
-  for name, value in (manifest.get("incomplete_because") or {}).items():
+  if schemas.MANIFEST_THROUGHPUT in manifest:
+    throughput = manifest[schemas.MANIFEST_THROUGHPUT]
+    lines += _aligned([("throughput", f"{throughput} images/s")], "  ", 22)
+  invariant = manifest.get(schemas.MANIFEST_INVARIANT, {})
+  holds = invariant.get(schemas.INVARIANT_HOLDS)
+  lines.append(f"  {invariant.get(schemas.INVARIANT_RULE)}: "
+               f"{'holds' if holds else 'BROKEN'}")
+  lost = manifest.get(schemas.MANIFEST_INCOMPLETE_BECAUSE) or {}
+  for name, value in lost.items():
     lines.append(f"  INCOMPLETE: {name} = {value} (see the errors table)")
   for line in flag_rates.warnings(manifest.get(schemas.MANIFEST_FLAG_RATES)):
     lines.append(f"  WARNING: {line}")
-  lines.append(f"  outputs in {manifest.get('output')}")
+  lines.append(f"  outputs in {manifest.get(schemas.MANIFEST_OUTPUT)}")
   counters = manifest.get("counters")  # pipeline.COUNTERS, from `execute`
   if counters:
     lines.append("  Beam counters (committed):")
@@ -220,9 +223,10 @@ def _run_pipeline(argv: List[str]) -> int:
       print(f"error: {e}", file=sys.stderr)
       return EXIT_USAGE
     raise
-  if "invariant" not in manifest:
+  if schemas.MANIFEST_INVARIANT not in manifest:
     # No manifest was written (a Dataflow --dry_run, a job left running).
-    print(f"Run {manifest.get('run_id')} ({manifest.get('command')}):"
+    print(f"Run {manifest.get(schemas.MANIFEST_RUN_ID)}"
+          f" ({manifest.get(schemas.MANIFEST_COMMAND)}):"
           f" {manifest.get('state')}; no manifest was written")
     return EXIT_OK
   print(format_summary(manifest))

@@ -18,10 +18,10 @@ from apache_beam.options.pipeline_options import (DebugOptions,
 import schemas
 from busi_core import archives, imaging, pseudonyms, quality
 
-PREPROCESS = "preprocess"
-SCORE = "score"
-RUN = "run"
-COMMANDS = (PREPROCESS, SCORE, RUN)
+PREPROCESS = schemas.COMMAND_PREPROCESS
+SCORE = schemas.COMMAND_SCORE
+RUN = schemas.COMMAND_RUN
+COMMANDS = schemas.COMMANDS
 
 # The project flags each command takes (Beam's own flags pass through).
 _READ_FLAGS = ("input", "output", "overwrite", "lock_stale_after_s")

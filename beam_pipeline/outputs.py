@@ -305,11 +305,13 @@ def finish_manifest(base: Dict, counts: Dict[str, int],
                     started: float) -> Dict:
   """The manifest: fixed fields, counts, the invariant check and timings."""
   manifest = dict(base)
-  manifest["counts"] = dict(counts)
-  scored = "predictions" in counts
-  outcomes = counts["predictions"] if scored else counts["images_written"]
-  accounted = outcomes + counts["masks_skipped"] + counts["errors"]
-  terms = ["predictions" if scored else "images_written"]
+  manifest[schemas.MANIFEST_COUNTS] = dict(counts)
+  scored = schemas.COUNT_PREDICTIONS in counts
+  outcome = (schemas.COUNT_PREDICTIONS if scored
+             else schemas.COUNT_IMAGES_WRITTEN)
+  accounted = (counts[outcome] + counts[schemas.COUNT_MASKS_SKIPPED]
+               + counts[schemas.COUNT_ERRORS])
+  terms = [outcome]
   # --skip_scored: images left out of scoring are outcomes too; the rule
   # names them only in runs that count them.
   if schemas.COUNT_ALREADY_SCORED in counts:
@@ -318,29 +320,35 @@ def finish_manifest(base: Dict, counts: Dict[str, int],
   # A multi-frame DICOM is one member read and one outcome per frame: its
   # frames beyond the first are added to the members side (and named in the
   # rule when there are any).
-  seen = counts["members_seen"] + counts.get("extra_frames", 0)
-  manifest["invariant"] = {
-      "rule": "members_seen{} = {} + masks_skipped + errors".format(
-          " + extra_frames" if counts.get("extra_frames") else "",
-          " + ".join(terms)),
-      "holds": accounted == seen,
+  seen = counts[schemas.COUNT_MEMBERS_SEEN]
+  members = [schemas.COUNT_MEMBERS_SEEN]
+  if counts.get(schemas.COUNT_EXTRA_FRAMES):
+    seen += counts[schemas.COUNT_EXTRA_FRAMES]
+    members.append(schemas.COUNT_EXTRA_FRAMES)
+  terms += [schemas.COUNT_MASKS_SKIPPED, schemas.COUNT_ERRORS]
+  holds = accounted == seen
+  manifest[schemas.MANIFEST_INVARIANT] = {
+      schemas.INVARIANT_RULE: "{} = {}".format(" + ".join(members),
+                                               " + ".join(terms)),
+      schemas.INVARIANT_HOLDS: holds,
   }
-  if not manifest["invariant"]["holds"]:
+  if not holds:
     _LOG.error("Manifest invariant broken: %s seen, %s accounted for",
-               counts["members_seen"], accounted)
+               counts[schemas.COUNT_MEMBERS_SEEN], accounted)
   # The invariant counts what was read; these count what the inputs promised
   # and the run could not read at all (a shard broken mid-way, an input gone
   # since launch). Either makes the output incomplete, however well the rest
   # adds up.
   lost = {name: counts[name] for name in schemas.LOSS_COUNTS
           if counts.get(name)}
-  manifest["complete"] = manifest["invariant"]["holds"] and not lost
-  manifest["incomplete_because"] = lost
-  manifest["finished_at"] = utc_now_iso()
-  manifest["wall_time_s"] = round(time.time() - started, 3)
-  if scored and manifest["wall_time_s"] > 0:
-    manifest["throughput_images_per_s"] = round(
-        counts["predictions"] / manifest["wall_time_s"], 3)
+  manifest[schemas.MANIFEST_COMPLETE] = holds and not lost
+  manifest[schemas.MANIFEST_INCOMPLETE_BECAUSE] = lost
+  manifest[schemas.MANIFEST_FINISHED_AT] = utc_now_iso()
+  wall_time_s = round(time.time() - started, 3)
+  manifest[schemas.MANIFEST_WALL_TIME_S] = wall_time_s
+  if scored and wall_time_s > 0:
+    manifest[schemas.MANIFEST_THROUGHPUT] = round(
+        counts[schemas.COUNT_PREDICTIONS] / wall_time_s, 3)
   if scored and schemas.MANIFEST_FLAG_RATES in base:
     # The base holds the artifact's expected shares; the run's counts
     # against them.
@@ -361,7 +369,7 @@ def _write_manifest(unused_element, output: str, base: Dict, started: float,
   manifest = finish_manifest(merged, counts, started)
   write_json(join(output, schemas.MANIFEST_FILE), manifest)
   # The run is complete: the next may use the directory.
-  output_lock.release(output, base["run_id"])
+  output_lock.release(output, base[schemas.MANIFEST_RUN_ID])
   return manifest
 
 

@@ -42,30 +42,32 @@ def manifest_base(plan: Plan, image_size: int) -> Dict:
   """The manifest's fixed fields, known before the run."""
   opts = plan.options
   base = {
-      "run_id": plan.run_id,
-      "command": plan.command,
-      "inputs": [archives.display_uri(pattern) for pattern in opts.input],
-      "inputs_matched": len(plan.paths),
-      "output": opts.output,
-      "image_size": image_size,
-      "format_version": schemas.FORMAT_VERSION,
-      "package_version": schemas.PACKAGE_VERSION,
-      "started_at": outputs.utc_now_iso(),
+      schemas.MANIFEST_RUN_ID: plan.run_id,
+      schemas.MANIFEST_COMMAND: plan.command,
+      schemas.MANIFEST_INPUTS: [archives.display_uri(pattern)
+                                for pattern in opts.input],
+      schemas.MANIFEST_INPUTS_MATCHED: len(plan.paths),
+      schemas.MANIFEST_OUTPUT: opts.output,
+      schemas.MANIFEST_IMAGE_SIZE: image_size,
+      schemas.MANIFEST_FORMAT_VERSION: schemas.FORMAT_VERSION,
+      schemas.MANIFEST_PACKAGE_VERSION: schemas.PACKAGE_VERSION,
+      schemas.MANIFEST_STARTED_AT: outputs.utc_now_iso(),
   }
   if plan.scoring is not None:
     config = plan.scoring
-    base.update({"model": opts.model, "model_version": config.model_version,
-                 "threshold": config.threshold,
+    base.update({schemas.MANIFEST_MODEL: opts.model,
+                 schemas.MANIFEST_MODEL_VERSION: config.model_version,
+                 schemas.MANIFEST_THRESHOLD: config.threshold,
                  # null: the model has no OOD detector (columns null too)
-                 "ood_threshold": config.ood_threshold,
-                 "labels": list(config.labels),
-                 "batch_size": opts.batch_size})
+                 schemas.MANIFEST_OOD_THRESHOLD: config.ood_threshold,
+                 schemas.MANIFEST_LABELS: list(config.labels),
+                 schemas.MANIFEST_BATCH_SIZE: opts.batch_size})
     if config.expected_flag_rates is not None:
       # What the run's flagged shares are checked against; the finished
       # manifest holds the check (outputs.finish_manifest).
       base[schemas.MANIFEST_FLAG_RATES] = config.expected_flag_rates
   if plan.skip is not None:
-    base["skip_scored"] = plan.skip.manifest_field()
+    base[schemas.MANIFEST_SKIP_SCORED] = plan.skip.manifest_field()
   return base
 
 
@@ -83,13 +85,12 @@ def _read_archives(p: beam.Pipeline, plan: Plan, image_size: int,
   written["tfrecords"] = read["examples"] | "WriteExamples" >> (
       outputs.WriteExamples(opts.output, opts.max_records_per_shard))
   counts.update({
-      "members_seen": read["members_seen"],
-      "images_written": outputs.count(read["examples"], "CountImages"),
-      "masks_skipped": outputs.count(read["masks"], "CountMasks"),
-      # Frames of multi-frame DICOMs beyond each file's first, and frames
-      # left unread by --max_frames_per_file.
-      "extra_frames": read["extra_frames"],
-      "frames_skipped": read["frames_skipped"],
+      schemas.COUNT_MEMBERS_SEEN: read["members_seen"],
+      schemas.COUNT_IMAGES_WRITTEN: outputs.count(read["examples"],
+                                                  "CountImages"),
+      schemas.COUNT_MASKS_SKIPPED: outputs.count(read["masks"], "CountMasks"),
+      schemas.COUNT_EXTRA_FRAMES: read["extra_frames"],
+      schemas.COUNT_FRAMES_SKIPPED: read["frames_skipped"],
       schemas.COUNT_INPUTS_VANISHED: inputs.count_vanished(read["errors"]),
   })
   return read
@@ -100,11 +101,11 @@ def _read_shards(p: beam.Pipeline, plan: Plan, counts: Dict):
   read = p | "ReadTFRecords" >> scoring_pipeline.ReadTFRecords(
       plan.paths, plan.run_id)
   counts.update({
-      "members_seen": read["members_seen"],
+      schemas.COUNT_MEMBERS_SEEN: read["members_seen"],
       schemas.COUNT_SHARDS_UNREAD: read["shards_unread"],
       schemas.COUNT_INPUTS_VANISHED: inputs.count_vanished(read["errors"]),
-      "masks_skipped": outputs.count(p | "NoMasks" >> beam.Create([]),
-                                     "CountMasks"),
+      schemas.COUNT_MASKS_SKIPPED: outputs.count(
+          p | "NoMasks" >> beam.Create([]), "CountMasks"),
   })
   return read
 
@@ -120,24 +121,25 @@ def _score(images, plan: Plan, counts: Dict, written: Dict, extra: Dict):
   written["predictions"] = rows | "WritePredictions" >> outputs.WriteTable(
       opts.output, schemas.PREDICTIONS_DIR,
       schemas.predictions_schema(config.labels))
-  counts["predictions"] = outputs.count(rows, "CountPredictions")
+  counts[schemas.COUNT_PREDICTIONS] = outputs.count(rows, "CountPredictions")
   for name, label, predicate in (
-      ("low_confidence", "LowConfidence", scoring.is_low_confidence),
-      ("out_of_distribution", "OutOfDistribution",
+      (schemas.COUNT_LOW_CONFIDENCE, "LowConfidence",
+       scoring.is_low_confidence),
+      (schemas.COUNT_OUT_OF_DISTRIBUTION, "OutOfDistribution",
        scoring.is_out_of_distribution),
-      ("needs_review", "NeedsReview", scoring.needs_review)):
+      (schemas.COUNT_NEEDS_REVIEW, "NeedsReview", scoring.needs_review)):
     counts[name] = outputs.count(rows | label >> beam.Filter(predicate),
                                  f"Count{label}")
-  extra["quality_flags"] = (
+  extra[schemas.MANIFEST_QUALITY_FLAGS] = (
       rows
       | "QualityFlags" >> beam.FlatMap(scoring.quality_flag_names)
       | "CountPerFlag" >> beam.combiners.Count.PerElement()
       | "FlagDict" >> beam.combiners.ToDict())
   # In the errors table (stage "gradcam") but outside the invariant: those
   # images have their prediction row.
-  counts["gradcam_failures"] = outputs.count(scored["gradcam_errors"],
-                                             "CountGradCamFailures")
-  extra["predicted_classes"] = (
+  counts[schemas.COUNT_GRADCAM_FAILURES] = outputs.count(
+      scored["gradcam_errors"], "CountGradCamFailures")
+  extra[schemas.MANIFEST_PREDICTED_CLASSES] = (
       rows
       | "PredictedClass" >> beam.Map(scoring.predicted_class)
       | "CountPerClass" >> beam.combiners.Count.PerElement()
@@ -178,7 +180,7 @@ def build(p: beam.Pipeline, plan: Plan) -> None:
         beam.Flatten())
   written["errors"] = error_table | "WriteErrors" >> outputs.WriteTable(
       plan.options.output, schemas.ERRORS_DIR, schemas.errors_schema())
-  counts["errors"] = outputs.count(errors, "CountErrors")
+  counts[schemas.COUNT_ERRORS] = outputs.count(errors, "CountErrors")
   p | "Manifest" >> outputs.WriteManifest(
       plan.options.output, manifest_base(plan, image_size), plan.started,
       counts, written, extra=extra)
@@ -331,7 +333,8 @@ def execute(job: Job, progress_to: Optional[TextIO] = None,
   if not FileSystems.exists(manifest_uri):
     if PipelineState.is_terminal(result.state):
       output_lock.release(job.options.output, job.run_id)
-    return {"run_id": job.run_id, "command": job.command,
+    return {schemas.MANIFEST_RUN_ID: job.run_id,
+            schemas.MANIFEST_COMMAND: job.command,
             "state": str(result.state)}
   _LOG.info("Run %s finished", job.run_id)
   manifest = outputs.read_json(manifest_uri)

@@ -54,8 +54,8 @@ class ScoredRuns(NamedTuple):
 
   def manifest_field(self) -> dict:
     """The manifest's record of what was skipped against."""
-    return {"globs": list(self.globs),
-            "runs": [run._asdict() for run in self.runs]}
+    return {schemas.SKIP_SCORED_GLOBS: list(self.globs),
+            schemas.SKIP_SCORED_RUNS: [run._asdict() for run in self.runs]}
 
 
 class NoScoredRuns(ValueError):
@@ -122,10 +122,11 @@ def _check(pattern: str, run_dir: str, manifest_uri: Optional[str],
   if not files:
     raise NoScoredRuns(
         f"{where} holds no predictions (a"
-        f" {manifest.get('command', 'preprocess')} run); pass a glob of"
+        f" {manifest.get(schemas.MANIFEST_COMMAND, 'preprocess')} run);"
+        " pass a glob of"
         " earlier score or run --output directories")
-  return ScoredRun(run_dir, manifest.get("run_id"),
-                   manifest.get("model_version"))
+  return ScoredRun(run_dir, manifest.get(schemas.MANIFEST_RUN_ID),
+                   manifest.get(schemas.MANIFEST_MODEL_VERSION))
 
 
 def find_runs(globs: Iterable[str], output: str,

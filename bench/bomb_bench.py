@@ -24,13 +24,14 @@ from bench import common
 
 _CHILD = r"""
 import json, resource, sys, time
+import schemas
 from beam_pipeline import pipeline
 t = time.perf_counter()
 manifest = pipeline.run(sys.argv[1:])
 print(json.dumps({"wall_s": time.perf_counter() - t,
                   "peak_rss_mb": resource.getrusage(
                       resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "counts": manifest["counts"]}))
+                  "counts": manifest[schemas.MANIFEST_COUNTS]}))
 """
 
 

@@ -21,6 +21,7 @@ from typing import Dict, List
 
 import duckdb
 
+import schemas
 from bench import dicom_archive
 from bench import dicom_writer
 from busi_core import pseudonyms
@@ -79,10 +80,10 @@ def main(argv=None) -> int:
   preds = con.execute(
       "SELECT source, frame, predicted_class, p_malignant, study_key,"
       " region_cropped FROM read_parquet(?)",
-      [os.path.join(args.run, "predictions", "*.parquet")]).fetchall()
+      [os.path.join(args.run, schemas.PREDICTIONS_DIR, "*.parquet")]).fetchall()
   errors = con.execute(
       "SELECT source, error_type FROM read_parquet(?)",
-      [os.path.join(args.run, "errors", "*.parquet")]).fetchall()
+      [os.path.join(args.run, schemas.ERRORS_DIR, "*.parquet")]).fetchall()
 
   # 1. Fates.
   fates = collections.defaultdict(list)

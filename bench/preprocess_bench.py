@@ -31,6 +31,7 @@ from typing import Dict
 import cv2
 import numpy as np
 
+import schemas
 from bench import common
 
 
@@ -75,7 +76,8 @@ def run(workdir: str, count: int = 600, image_size: int = 224,
       manifest = pipeline.run([
           "preprocess", "--input", path, "--output", out, "--image_size",
           str(image_size), "--direct_num_workers", "1"])
-      assert manifest["counts"]["images_written"] == expected, manifest
+      counts = manifest[schemas.MANIFEST_COUNTS]
+      assert counts[schemas.COUNT_IMAGES_WRITTEN] == expected, manifest
     return go
 
   stage(small, small_count)()  # warm-up: imports, TensorFlow start-up

@@ -27,6 +27,7 @@ from bench import common
 
 _CHILD = r"""
 import json, resource, sys, time
+import schemas
 from beam_pipeline import pipeline
 t = time.perf_counter()
 manifest = pipeline.run(sys.argv[1:])
@@ -35,7 +36,8 @@ own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 print(json.dumps({"wall_s": wall, "peak_rss_mb": max(own, children) / 1024,
                   "launcher_rss_mb": own / 1024,
-                  "images": manifest["counts"]["images_written"]}))
+                  "images": manifest[schemas.MANIFEST_COUNTS][
+                      schemas.COUNT_IMAGES_WRITTEN]}))
 """
 
 

@@ -158,7 +158,8 @@ def run(workdir: str, count: int = 160, batch_size: int = 32,
       t = time.perf_counter()
       manifest = _score(paths, name, model_dir, out, batch_size)
       runs.append({"wall_s": time.perf_counter() - t, "cpu_s": 0.0})
-      assert manifest["counts"]["errors"] == 0, manifest
+      counts = manifest[schemas.MANIFEST_COUNTS]
+      assert counts[schemas.COUNT_ERRORS] == 0, manifest
   quarter = quarter_count(count, batch_size)
   steady = (count - quarter) / (common.median(full, "wall_s") -
                                 common.median(part, "wall_s"))

@@ -39,11 +39,13 @@ def _share(stats) -> Optional[Dict]:
   """{"share", "images"} of a block with flagged_share and count."""
   if stats is None or stats.flagged_share is None or not stats.count:
     return None
-  return {"share": float(stats.flagged_share), "images": int(stats.count)}
+  return {schemas.FLAG_RATE_SHARE: float(stats.flagged_share),
+          schemas.FLAG_RATE_IMAGES: int(stats.count)}
 
 
-_NOT_RECORDED = {"share": None, "why": "the artifact records no held-out"
-                                     " flagged share for its threshold"}
+_NOT_RECORDED = {schemas.FLAG_RATE_SHARE: None,
+                 schemas.FLAG_RATE_WHY: "the artifact records no held-out"
+                                        " flagged share for its threshold"}
 
 
 def _low_confidence(metadata: ArtifactMetadata) -> Dict:
@@ -58,28 +60,30 @@ def _low_confidence(metadata: ArtifactMetadata) -> Dict:
     found = _share(check.after) if check is not None else None
     if found:
       # in_sample: --holdout_fraction 0 measured it on the fit part itself.
-      return {**found, "from": schemas.FLAG_RATE_FROM_RECALIBRATION,
-              "in_sample": bool(check.in_sample)}
+      return {**found,
+              schemas.FLAG_RATE_FROM: schemas.FLAG_RATE_FROM_RECALIBRATION,
+              schemas.FLAG_RATE_IN_SAMPLE: bool(check.in_sample)}
     found = (_share(recalibration.threshold.fit)
              if recalibration.threshold is not None else None)
     if found:
-      return {**found, "from": schemas.FLAG_RATE_FROM_RECALIBRATION}
+      return {**found,
+              schemas.FLAG_RATE_FROM: schemas.FLAG_RATE_FROM_RECALIBRATION}
     return dict(_NOT_RECORDED)
   # Each image scored by the fold model that did not see it, with its
   # fold's threshold, chosen as the final model's was.
   pooled = (metadata.cross_validation.pooled or {}
             if metadata.cross_validation is not None else {})
   if pooled.get("flagged_share") is not None and pooled.get("count"):
-    return {"share": float(pooled["flagged_share"]),
-            "images": int(pooled["count"]),
-            "from": schemas.FLAG_RATE_FROM_CROSS_VALIDATION}
+    return {schemas.FLAG_RATE_SHARE: float(pooled["flagged_share"]),
+            schemas.FLAG_RATE_IMAGES: int(pooled["count"]),
+            schemas.FLAG_RATE_FROM: schemas.FLAG_RATE_FROM_CROSS_VALIDATION}
   flagging = metadata.flagging
   if flagging is not None:
     for split, stats in ((schemas.FLAG_RATE_FROM_TEST, flagging.test),
                          (schemas.FLAG_RATE_FROM_VALIDATION, flagging.val)):
       found = _share(stats)
       if found:
-        return {**found, "from": split}
+        return {**found, schemas.FLAG_RATE_FROM: split}
   return dict(_NOT_RECORDED)
 
 
@@ -102,26 +106,30 @@ def expected(metadata: ArtifactMetadata, threshold_given: bool,
   out = {}
   if threshold_given:
     out[schemas.COLUMN_LOW_CONFIDENCE] = {
-        "share": None, "why": "--threshold replaces the artifact's threshold"}
+        schemas.FLAG_RATE_SHARE: None,
+        schemas.FLAG_RATE_WHY: "--threshold replaces the artifact's threshold"}
   else:
     out[schemas.COLUMN_LOW_CONFIDENCE] = _low_confidence(metadata)
   ood = metadata.ood
   if not has_ood or ood is None:
     out[schemas.COLUMN_OUT_OF_DISTRIBUTION] = {
-        "share": None, "why": "the artifact has no OOD detector"}
+        schemas.FLAG_RATE_SHARE: None,
+        schemas.FLAG_RATE_WHY: "the artifact has no OOD detector"}
   elif ood_threshold_given:
     out[schemas.COLUMN_OUT_OF_DISTRIBUTION] = {
-        "share": None,
-        "why": "--ood_threshold replaces the artifact's OOD threshold"}
+        schemas.FLAG_RATE_SHARE: None,
+        schemas.FLAG_RATE_WHY:
+            "--ood_threshold replaces the artifact's OOD threshold"}
   elif ood.target_pass_rate is None:
     out[schemas.COLUMN_OUT_OF_DISTRIBUTION] = {
-        "share": None, "why": "the artifact records no OOD pass rate"}
+        schemas.FLAG_RATE_SHARE: None,
+        schemas.FLAG_RATE_WHY: "the artifact records no OOD pass rate"}
   else:
     # The detector's threshold is set to pass this share of in-distribution
     # images (training/ood_detector.py): its design rate, not a noisy count.
     out[schemas.COLUMN_OUT_OF_DISTRIBUTION] = {
-        "share": round(1.0 - float(ood.target_pass_rate), 12),
-        "from": schemas.FLAG_RATE_FROM_OOD_PASS_RATE}
+        schemas.FLAG_RATE_SHARE: round(1.0 - float(ood.target_pass_rate), 12),
+        schemas.FLAG_RATE_FROM: schemas.FLAG_RATE_FROM_OOD_PASS_RATE}
   return out
 
 
@@ -185,29 +193,33 @@ def upper_tail(k: int, n: int, share: float,
 def check(expectations: Dict[str, Dict], counts: Dict[str, int]) -> Dict:
   """The manifest's "flag_rates": per flag, the run's share against the
   expected one, the p-value and whether the check is raised."""
-  images = int(counts.get("predictions", 0))
+  images = int(counts.get(schemas.COUNT_PREDICTIONS, 0))
   out = {}
   for column, expectation in expectations.items():
     entry = dict(expectation)
     flagged = counts.get(column)
-    entry.update({"images_scored": images, "flagged": flagged})
-    share = expectation.get("share")
+    entry.update({schemas.FLAG_RATE_IMAGES_SCORED: images,
+                  schemas.FLAG_RATE_FLAGGED: flagged})
+    share = expectation.get(schemas.FLAG_RATE_SHARE)
     if share is None or flagged is None or not images:
-      entry.update({"observed": None if not images or flagged is None
-                               else flagged / images,
-                    "p_value": None, "raised": False})
+      entry.update({
+          schemas.FLAG_RATE_OBSERVED: (None if not images or flagged is None
+                                       else flagged / images),
+          schemas.FLAG_RATE_P_VALUE: None, schemas.FLAG_RATE_RAISED: False})
       if share is not None:
-        entry["why"] = "no images scored"
+        entry[schemas.FLAG_RATE_WHY] = "no images scored"
       out[column] = entry
       continue
     observed = flagged / images
     p_value = upper_tail(int(flagged), images, float(share),
-                         expectation.get("images"))
+                         expectation.get(schemas.FLAG_RATE_IMAGES))
     entry.update({
-        "observed": observed, "p_value": p_value,
+        schemas.FLAG_RATE_OBSERVED: observed,
+        schemas.FLAG_RATE_P_VALUE: p_value,
         # 0.3 - 0.2 is 0.0999...: ten points above is raised.
-        "raised": bool(observed - share >= schemas.FLAG_RATE_MARGIN - 1e-9
-                       and p_value < schemas.FLAG_RATE_ALPHA)})
+        schemas.FLAG_RATE_RAISED: bool(
+            observed - share >= schemas.FLAG_RATE_MARGIN - 1e-9
+            and p_value < schemas.FLAG_RATE_ALPHA)})
     out[column] = entry
   return out
 
@@ -243,10 +255,11 @@ _ADVICE = {
 def expected_source(entry: Dict) -> str:
   """Where an entry's expected share comes from, as the warnings and the
   run report say it."""
-  source = entry.get("from")
+  source = entry.get(schemas.FLAG_RATE_FROM)
   words = (_WHERE.get(source, "its own data") if isinstance(source, str)
            else "its own data")
-  return words + (" (measured in sample)" if entry.get("in_sample") else "")
+  in_sample = entry.get(schemas.FLAG_RATE_IN_SAMPLE)
+  return words + (" (measured in sample)" if in_sample else "")
 
 
 def is_number(value) -> bool:
@@ -266,9 +279,10 @@ def entries(flag_rates) -> Dict[str, Dict]:
 
 def is_raised(entry: Dict) -> bool:
   """Raised, with the numbers a warning states."""
-  return bool(entry.get("raised") is True and all(
+  return bool(entry.get(schemas.FLAG_RATE_RAISED) is True and all(
       is_number(entry.get(key))
-      for key in ("observed", "share", "p_value", "images_scored")))
+      for key in (schemas.FLAG_RATE_OBSERVED, schemas.FLAG_RATE_SHARE,
+                  schemas.FLAG_RATE_P_VALUE, schemas.FLAG_RATE_IMAGES_SCORED)))
 
 
 def percent(value) -> str:
@@ -295,11 +309,12 @@ def warnings(flag_rates) -> List[str]:
     if not is_raised(entry):
       continue
     where = expected_source(entry)
-    p_value = p_text(entry["p_value"])
+    p_value = p_text(entry[schemas.FLAG_RATE_P_VALUE])
     lines.append(
-        f"{percent(entry['observed'])} of the {entry['images_scored']}"
+        f"{percent(entry[schemas.FLAG_RATE_OBSERVED])} of the"
+        f" {entry[schemas.FLAG_RATE_IMAGES_SCORED]}"
         f" images scored are {_WHAT.get(column, column)}; the model flags"
-        f" {percent(entry['share'])} of {where} (one-sided p"
+        f" {percent(entry[schemas.FLAG_RATE_SHARE])} of {where} (one-sided p"
         f" {p_value if p_value.startswith('<') else '= ' + p_value})."
         f" {_ADVICE.get(column, '')}".rstrip())
   return lines

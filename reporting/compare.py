@@ -180,8 +180,8 @@ def _connect(old_local: str, new_local: str):
 def _run_info(con, view: str, files: run_files.RunFiles) -> RunInfo:
   (images,) = con.execute(f"SELECT count(*) FROM {view}").fetchone()
   manifest = files.manifest or {}
-  return RunInfo(files.run_dir, manifest.get("run_id"),
-                 manifest.get("model_version"), images)
+  return RunInfo(files.run_dir, manifest.get(schemas.MANIFEST_RUN_ID),
+                 manifest.get(schemas.MANIFEST_MODEL_VERSION), images)
 
 
 def _overlap(con) -> Overlap:
@@ -238,7 +238,7 @@ def _classes(files: Sequence[run_files.RunFiles],
   """The models' labels in their order, then any other class seen."""
   order = []
   for f in files:
-    for label in (f.manifest or {}).get("labels") or ():
+    for label in (f.manifest or {}).get(schemas.MANIFEST_LABELS) or ():
       if label not in order:
         order.append(label)
   return tuple(order + sorted(set(seen) - set(order)))

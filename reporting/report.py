@@ -218,7 +218,8 @@ def query_report_data(run_dir: str,
   if run.has_errors:
     errors = tuple(ErrorCount(*r) for r in rows(sql.ERRORS_BY_TYPE))
 
-  model_labels = (manifest or {}).get("labels") or schemas.LABELS
+  model_labels = ((manifest or {}).get(schemas.MANIFEST_LABELS)
+                  or schemas.LABELS)
   labels = _class_order(
       model_labels, [k[0] for k in confusion] + [k[1] for k in confusion])
   confident, low = by_flag[False], by_flag[True]
@@ -448,35 +449,37 @@ def _run_section(data: ReportData) -> str:
         f"No {schemas.MANIFEST_FILE} in {data.run_dir}: the run did not"
         " finish, so the counts below may be partial."))
   facts = [
-      ("run id", m.get("run_id")),
-      ("command", m.get("command")),
-      ("model version", m.get("model_version")),
-      ("threshold", m.get("threshold")),
-      ("image size", m.get("image_size")),
-      ("inputs", ", ".join(map(str, m.get("inputs") or []))),
-      ("started", m.get("started_at")),
-      ("finished", m.get("finished_at")),
-      ("wall time (s)", m.get("wall_time_s")),
-      ("throughput (images/s)", m.get("throughput_images_per_s")),
+      ("run id", m.get(schemas.MANIFEST_RUN_ID)),
+      ("command", m.get(schemas.MANIFEST_COMMAND)),
+      ("model version", m.get(schemas.MANIFEST_MODEL_VERSION)),
+      ("threshold", m.get(schemas.MANIFEST_THRESHOLD)),
+      ("image size", m.get(schemas.MANIFEST_IMAGE_SIZE)),
+      ("inputs", ", ".join(map(str, m.get(schemas.MANIFEST_INPUTS) or []))),
+      ("started", m.get(schemas.MANIFEST_STARTED_AT)),
+      ("finished", m.get(schemas.MANIFEST_FINISHED_AT)),
+      ("wall time (s)", m.get(schemas.MANIFEST_WALL_TIME_S)),
+      ("throughput (images/s)", m.get(schemas.MANIFEST_THROUGHPUT)),
   ]
   facts_html = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>"
                        for k, v in facts if v not in (None, ""))
-  counts = m.get("counts") or {}
+  counts = m.get(schemas.MANIFEST_COUNTS) or {}
   counts_table = _table("counts", ["count", "value"],
                         sorted(counts.items()), numeric=(1,))
-  invariant = m.get("invariant") or {}
-  holds = invariant.get("holds")
+  invariant = m.get(schemas.MANIFEST_INVARIANT) or {}
+  holds = invariant.get(schemas.INVARIANT_HOLDS)
   badge = ('<span class="badge ok">holds</span>' if holds
            else '<span class="badge bad">BROKEN</span>')
   check = ""
   # The manifest counts what the pipeline meant to write; the Parquet is what
   # is on disk. Different numbers mean lost or extra files.
-  if "predictions" in counts and counts["predictions"] != data.total:
-    check = _note(f"manifest says {counts['predictions']} predictions, the"
+  predictions = counts.get(schemas.COUNT_PREDICTIONS)
+  if predictions is not None and predictions != data.total:
+    check = _note(f"manifest says {predictions} predictions, the"
                   f" Parquet holds {data.total} rows.")
   body = (f'<div class="cols"><table id="facts" class="facts">{facts_html}'
           f"</table>{counts_table}</div>"
-          f'<p class="invariant">{_e(invariant.get("rule", "invariant"))}: '
+          f'<p class="invariant">'
+          f'{_e(invariant.get(schemas.INVARIANT_RULE, "invariant"))}: '
           f"{badge}</p>{check}")
   return _section("run", "Run", body)
 
@@ -519,15 +522,17 @@ def _flag_rates_notes(manifest: Optional[dict]) -> str:
       schemas.MANIFEST_FLAG_RATES))
   low = rates.get(schemas.COLUMN_LOW_CONFIDENCE) or {}
   notes = []
-  if flag_rates.is_number(low.get("share")):
-    counted = (f" ({low['images']} images)"
-               if isinstance(low.get("images"), int) else "")
+  share = low.get(schemas.FLAG_RATE_SHARE)
+  if flag_rates.is_number(share):
+    images = low.get(schemas.FLAG_RATE_IMAGES)
+    counted = f" ({images} images)" if isinstance(images, int) else ""
     notes.append(_note(
-        f"For comparison, the model flags {flag_rates.percent(low['share'])}"
+        f"For comparison, the model flags {flag_rates.percent(share)}"
         f" of {flag_rates.expected_source(low)}{counted}."))
   elif low:
     notes.append(_note("The low-confidence share was not checked against"
-                       f" the model's: {low.get('why') or 'not recorded'}."))
+                       f" the model's:"
+                       f" {low.get(schemas.FLAG_RATE_WHY) or 'not recorded'}."))
   notes += [f'<p class="warning" id="flag-rate-warning-{i}">'
             f"{_e(line)}</p>"
             for i, line in enumerate(flag_rates.warnings(rates))]
@@ -553,7 +558,7 @@ def _review_table(review: sql.ReviewCounts) -> str:
 
 def _review_notes(data: ReportData) -> str:
   notes = data.review.notes()
-  ood_threshold = (data.manifest or {}).get("ood_threshold")
+  ood_threshold = (data.manifest or {}).get(schemas.MANIFEST_OOD_THRESHOLD)
   if data.review.ood_scored and ood_threshold is not None:
     notes.insert(0, f"Out of distribution: ood_score above"
                     f" {ood_threshold:g}.")
@@ -804,8 +809,8 @@ def render_html(data: ReportData, figures: Mapping[str, bytes],
   Returns:
     A self-contained HTML document; every value from the data is escaped.
   """
-  run_id = (data.manifest or {}).get("run_id") or os.path.basename(
-      os.path.normpath(data.run_dir))
+  run_id = ((data.manifest or {}).get(schemas.MANIFEST_RUN_ID)
+            or os.path.basename(os.path.normpath(data.run_dir)))
   sections = [
       _run_section(data),
       _classes_section(data, figures),
@@ -823,7 +828,7 @@ def render_html(data: ReportData, figures: Mapping[str, bytes],
     sections.append(_gallery_section(data, gallery))
     nav.append(("gallery", "Grad-CAM"))
   nav_html = "".join(f'<a href="#{i}">{_e(t)}</a>' for i, t in nav)
-  model = (data.manifest or {}).get("model_version")
+  model = (data.manifest or {}).get(schemas.MANIFEST_MODEL_VERSION)
   subtitle = f"{data.run_dir}" + (f" · model {model}" if model else "")
   return (
       "<!DOCTYPE html>\n"

@@ -22,7 +22,6 @@ import schemas
 from busi_core import gcs
 
 _PARQUET_DIRS = (schemas.PREDICTIONS_DIR, schemas.ERRORS_DIR)
-_PREPROCESS = "preprocess"  # the manifest's command of a preprocess run
 
 
 class RunDirError(ValueError):
@@ -50,7 +49,8 @@ class RunFiles(NamedTuple):
 
   @property
   def is_preprocess_run(self) -> bool:
-    return (self.manifest or {}).get("command") == _PREPROCESS
+    command = (self.manifest or {}).get(schemas.MANIFEST_COMMAND)
+    return command == schemas.COMMAND_PREPROCESS
 
   def incomplete_note(self) -> Optional[str]:
     """One line saying the run is incomplete, or None when it finished."""

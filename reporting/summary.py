@@ -181,16 +181,20 @@ def _flag_rate_parts(manifest: Optional[dict]) -> List[str]:
     return []
   rows = []
   for column, entry in rates.items():
-    source = entry.get("from") if isinstance(entry.get("from"), str) else ""
-    if source and entry.get("in_sample"):
+    source = entry.get(schemas.FLAG_RATE_FROM)
+    source = source if isinstance(source, str) else ""
+    if source and entry.get(schemas.FLAG_RATE_IN_SAMPLE):
       source += " (in sample)"
-    expected = flag_rates.percent(entry.get("share"))
-    if entry.get("share") is None:
-      expected = f"n/a: {entry.get('why') or 'not recorded'}"
-    flagged = entry.get("flagged")
+    share = entry.get(schemas.FLAG_RATE_SHARE)
+    expected = flag_rates.percent(share)
+    if share is None:
+      why = entry.get(schemas.FLAG_RATE_WHY) or "not recorded"
+      expected = f"n/a: {why}"
+    flagged = entry.get(schemas.FLAG_RATE_FLAGGED)
     rows.append((column, "n/a" if flagged is None else flagged,
-                 flag_rates.percent(entry.get("observed")), expected,
-                 source or "n/a", flag_rates.p_text(entry.get("p_value")),
+                 flag_rates.percent(entry.get(schemas.FLAG_RATE_OBSERVED)),
+                 expected, source or "n/a",
+                 flag_rates.p_text(entry.get(schemas.FLAG_RATE_P_VALUE)),
                  "RAISED" if flag_rates.is_raised(entry) else "no"))
   table = _table(
       "Flag-rate check (the run's flagged shares against the model's)",

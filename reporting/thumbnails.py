@@ -62,8 +62,8 @@ def tfrecord_files(run_dir: str, manifest: Optional[dict]) -> TFRecordFiles:
                      "*" + schemas.TFRECORD_SUFFIX)
   patterns = [own]
   # A `run` manifest's inputs are archives, not TFRecords.
-  if (manifest or {}).get("command") == "score":
-    patterns += [str(p) for p in manifest.get("inputs") or ()]
+  if (manifest or {}).get(schemas.MANIFEST_COMMAND) == schemas.COMMAND_SCORE:
+    patterns += [str(p) for p in manifest.get(schemas.MANIFEST_INPUTS) or ()]
   uris: List[str] = []
   for i, pattern in enumerate(patterns):
     try:

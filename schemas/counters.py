@@ -1,7 +1,7 @@
 """Names of the pipeline's Beam counters: one namespace, each name spelled here.
 
 They are shown at the end of a local run and in the Dataflow UI while a job
-runs; the manifest's counts (`schemas.features`) are the audited figures.
+runs; the manifest's counts (`schemas.manifest`) are the audited figures.
 """
 
 from schemas.quality import QUALITY_FLAGS

@@ -46,34 +46,10 @@ TFRECORD_SUFFIX = ".tfrecord.gz"
 ERRORS_DIR = "errors"
 PREDICTIONS_DIR = "predictions"
 GRADCAM_DIR = "gradcam"
-MANIFEST_FILE = "manifest.json"
+MANIFEST_FILE = "manifest.json"  # its fields: schemas.manifest
 # Held by the run writing the directory, from before it deletes or writes
 # anything there until its manifest is written (beam_pipeline.output_lock).
 RUN_LOCK_FILE = ".busi-run.lock"
-
-# Manifest counts of what the inputs promised but the run could not read
-# (beyond the error rows it wrote): any of them non-zero makes the run
-# incomplete (manifest "complete": false, exit status 5).
-COUNT_SHARDS_UNREAD = "shards_unread"  # TFRecord shards broken before their end
-COUNT_INPUTS_VANISHED = "inputs_vanished"  # matched at launch, gone when read
-LOSS_COUNTS = (COUNT_SHARDS_UNREAD, COUNT_INPUTS_VANISHED)
-# Incremental scoring (--skip_scored): images left out because earlier runs
-# hold their prediction by the same model version. A member outcome of its
-# own: in the manifest's invariant when the run counts it.
-COUNT_ALREADY_SCORED = "already_scored"
-# The manifest's check of a scoring run's flagged shares against the
-# artifact's held-out ones (busi_core.flag_rates): raised when the run's
-# share exceeds the expected one by FLAG_RATE_MARGIN or more and a one-sided
-# binomial test gives p < FLAG_RATE_ALPHA.
-MANIFEST_FLAG_RATES = "flag_rates"
-FLAG_RATE_MARGIN = 0.10
-FLAG_RATE_ALPHA = 1e-3
-# Where the expected share comes from.
-FLAG_RATE_FROM_RECALIBRATION = "recalibration"
-FLAG_RATE_FROM_CROSS_VALIDATION = "cross_validation"
-FLAG_RATE_FROM_TEST = "test"
-FLAG_RATE_FROM_VALIDATION = "validation"
-FLAG_RATE_FROM_OOD_PASS_RATE = "ood_pass_rate"
 
 
 def feature_spec() -> Dict[str, object]:

@@ -2,6 +2,7 @@
 
 import glob
 import hashlib
+import json
 import os
 from typing import Dict, List
 
@@ -9,6 +10,7 @@ import duckdb
 from apache_beam.testing.test_pipeline import TestPipeline
 
 import schemas
+import schemas.manifest
 from busi_core import tfrecord_io
 from schemas import records
 
@@ -45,3 +47,28 @@ def read_errors(output_dir: str) -> List[Dict]:
 
 def pixel_digest(record: records.ImageRecord) -> str:
   return hashlib.sha256(record.pixels.tobytes()).hexdigest()
+
+
+def _spelled(prefix: str) -> set:
+  return {value for name, value in vars(schemas.manifest).items()
+          if name.startswith(prefix) and isinstance(value, str)}
+
+
+def assert_manifest_spelled_in_schemas(output_dir: str) -> Dict:
+  """The manifest on disk, checked: every field, count and flag-rate
+  sub-field it holds is one that `schemas.manifest` spells."""
+  with open(os.path.join(output_dir, schemas.MANIFEST_FILE)) as f:
+    manifest = json.load(f)
+  unknown = set(manifest) - _spelled("MANIFEST_")
+  assert not unknown, f"manifest fields not in schemas.manifest: {unknown}"
+  unknown = set(manifest[schemas.MANIFEST_COUNTS]) - _spelled("COUNT_")
+  assert not unknown, f"counts not in schemas.manifest: {unknown}"
+  assert set(manifest[schemas.MANIFEST_INVARIANT]) == {
+      schemas.INVARIANT_RULE, schemas.INVARIANT_HOLDS}
+  if schemas.MANIFEST_SKIP_SCORED in manifest:
+    assert set(manifest[schemas.MANIFEST_SKIP_SCORED]) == {
+        schemas.SKIP_SCORED_GLOBS, schemas.SKIP_SCORED_RUNS}
+  for entry in manifest.get(schemas.MANIFEST_FLAG_RATES, {}).values():
+    unknown = set(entry) - _spelled("FLAG_RATE_")
+    assert not unknown, f"flag-rate fields not in schemas.manifest: {unknown}"
+  return manifest

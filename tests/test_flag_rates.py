@@ -15,6 +15,7 @@ import schemas
 from beam_pipeline import cli
 from busi_core import flag_rates, imaging
 from schemas import metadata as md
+from tests.pipeline_helpers import assert_manifest_spelled_in_schemas
 from training import phantoms, testing
 
 SIZE = 32
@@ -236,8 +237,8 @@ def test_run_raises_the_check_and_the_summary_warns(tmp_path, model_dir):
       _exact_beta_binomial_tail(12, 12, 0.2, 600), rel=1e-9)
   assert rates[OOD]["flagged"] == counts[OOD] == 12
   assert rates[OOD]["raised"] and rates[OOD]["share"] == pytest.approx(0.01)
-  with open(tmp_path / "out" / schemas.MANIFEST_FILE, encoding="utf-8") as f:
-    assert json.load(f)[schemas.MANIFEST_FLAG_RATES] == rates
+  on_disk = assert_manifest_spelled_in_schemas(str(tmp_path / "out"))
+  assert on_disk[schemas.MANIFEST_FLAG_RATES] == rates
   summary = cli.format_summary(manifest)
   warnings = [line for line in summary.splitlines() if "WARNING" in line]
   assert len(warnings) == 2

@@ -16,7 +16,8 @@ from schemas import records as records_lib
 from beam_pipeline import options as opts_lib
 from beam_pipeline.preprocess import PreprocessLimits, ReadImages
 from tests import archive_factory as af
-from tests.pipeline_helpers import (pixel_digest, read_errors, read_records,
+from tests.pipeline_helpers import (assert_manifest_spelled_in_schemas,
+                                    pixel_digest, read_errors, read_records,
                                     make_test_pipeline)
 
 SIZE = 24
@@ -116,7 +117,7 @@ def test_busi_zip_end_to_end(tmp_path):
                     "frames_skipped": 0}
   assert manifest["invariant"]["holds"] is True
   assert read_errors(out) == []
-  on_disk = json.load(open(os.path.join(out, schemas.MANIFEST_FILE)))
+  on_disk = assert_manifest_spelled_in_schemas(out)
   assert on_disk["run_id"] == manifest["run_id"]
   assert on_disk["image_size"] == SIZE
   assert on_disk["format_version"] == schemas.FORMAT_VERSION

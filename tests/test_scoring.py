@@ -13,7 +13,8 @@ from busi_core import imaging
 from busi_core.inference import ModelOutput
 from schemas import records
 from tests import archive_factory as af
-from tests.pipeline_helpers import read_errors, read_records, sql
+from tests.pipeline_helpers import (assert_manifest_spelled_in_schemas,
+                                    read_errors, read_records, sql)
 from training import testing as training_testing
 
 SIZE = 32
@@ -156,6 +157,7 @@ def test_score_tfrecords(tmp_path, model_dir, fake_model):
   assert manifest["invariant"]["holds"]
   assert manifest["model_version"] == table.column("model_version")[0].as_py()
   assert sum(manifest["predicted_classes"].values()) == 12
+  assert_manifest_spelled_in_schemas(out)
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import schemas
 from beam_pipeline import cli, pipeline, skip_scored
 from busi_core import imaging
 from tests import archive_factory as af
-from tests.pipeline_helpers import sql
+from tests.pipeline_helpers import assert_manifest_spelled_in_schemas, sql
 from training import testing as training_testing
 
 SHAPE = (20, 24)
@@ -83,6 +83,7 @@ def test_rerun_over_grown_archive_scores_only_new_images(
   assert run["run_dir"] == first
   assert run["model_version"] == manifest["model_version"]
   assert manifest["skip_scored"]["globs"] == [first]
+  assert_manifest_spelled_in_schemas(out)
 
 
 @pytest.mark.slow
