@@ -364,3 +364,22 @@ def test_every_card_says_how_to_check_and_recalibrate():
   assert "python -m training recalibrate --model DIR --data LOCAL_GLOB" in card
   assert "manifest's `flag_rates`" in card  # scoring runs warn
   assert "Recalibration for a new site" not in card
+
+
+@pytest.mark.parametrize("rule", ["observd", "", "EXPECTED"])
+def test_train_and_recalibrate_refuse_a_threshold_rule_alike(rule):
+  from training import recalibrate  # pylint: disable=import-outside-toplevel
+  from training.config import TrainConfig  # pylint: disable=import-outside-toplevel
+  message = (f"--threshold_rule {rule!r} is not one of"
+             f" {schemas.THRESHOLD_RULES}")
+  for config in (TrainConfig(data=("x",), output="x", threshold_rule=rule),
+                 recalibrate.RecalibrateConfig(model="m", data=("x",),
+                                               output="x",
+                                               threshold_rule=rule)):
+    with pytest.raises(ValueError) as raised:
+      config.validate()
+    assert str(raised.value) == message
+  for rule in schemas.THRESHOLD_RULES:
+    TrainConfig(data=("x",), output="x", threshold_rule=rule).validate()
+    recalibrate.RecalibrateConfig(model="m", data=("x",), output="x",
+                                  threshold_rule=rule).validate()

@@ -226,12 +226,16 @@ def _recipe_config(args: argparse.Namespace, **fields
   elif args.augment and not views:
     raise ValueError("--augment contradicts --augment_views 0")
   degrade = args.degrade is not False
-  if args.degrade and views < 3:
-    raise ValueError(f"--degrade needs --augment_views 3 or more (views 3,"
-                     f" 5, ... are the degraded ones); got {views}")
-  if args.annotate and views < 2:
-    raise ValueError(f"--annotate needs --augment_views 2 or more (the"
-                     f" random views 2, 3, ... carry the marks); got {views}")
+  first = config_lib.FIRST_DEGRADED_VIEW
+  if args.degrade and views < first:
+    raise ValueError(f"--degrade needs --augment_views {first} or more"
+                     f" (views {first}, {first + 2}, ... are the degraded"
+                     f" ones); got {views}")
+  first = config_lib.FIRST_RANDOM_VIEW
+  if args.annotate and views < first:
+    raise ValueError(f"--annotate needs --augment_views {first} or more (the"
+                     f" random views {first}, {first + 1}, ... carry the"
+                     f" marks); got {views}")
   # Default: on wherever there are random views to draw them on.
   annotate = args.annotate is not False
   return config_lib.TrainConfig(

@@ -41,6 +41,14 @@ FINE_TUNE_LEARNING_RATE = 1e-5  # block5 (or any part of the base)
 WHOLE_BASE_LEARNING_RATE = 3e-5
 DEFAULT_PATIENCE = 20  # epochs without a better validation loss
 DEFAULT_AUGMENT_VIEWS = 7  # the mirror image + 6 random geometric views
+# The views of each training image (training.recipe): as stored, its mirror,
+# then random geometric views. With --degrade every second random view (3, 5,
+# …) also gets scanner degradations; with --annotate any random view may
+# carry synthetic marks. --augment_views N trains on views 1…N besides 0.
+ORIGINAL_VIEW = 0  # the pixels as stored (and as scoring sees them)
+MIRROR_VIEW = 1  # the horizontal mirror image
+FIRST_RANDOM_VIEW = 2
+FIRST_DEGRADED_VIEW = FIRST_RANDOM_VIEW + 1
 DEFAULT_VAL_FRACTION = 0.15
 DEFAULT_TEST_FRACTION = 0.0  # `cv` measures the recipe; train on the rest
 DEFAULT_FOLDS = 5
@@ -59,6 +67,17 @@ FLOAT32 = "float32"
 BFLOAT16 = "bfloat16"
 PRECISIONS = (AUTO, FLOAT32, BFLOAT16)
 DEFAULT_OOD_TRANSFORM = schemas.OOD_TRANSFORM_SQRT_L2
+
+
+def check_threshold_rule(rule: str) -> None:
+  """--threshold_rule, as `train`, `cv` and `recalibrate` take it.
+
+  Raises:
+    ValueError: not one of schemas.THRESHOLD_RULES.
+  """
+  if rule not in schemas.THRESHOLD_RULES:
+    raise ValueError(f"--threshold_rule {rule!r} is not one of"
+                     f" {schemas.THRESHOLD_RULES}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,9 +219,7 @@ class TrainConfig:
       raise ValueError("--batch_size must be at least 1")
     if not 0.0 <= self.threshold <= 1.0:
       raise ValueError(f"--threshold {self.threshold} is outside [0, 1]")
-    if self.threshold_rule not in schemas.THRESHOLD_RULES:
-      raise ValueError(f"--threshold_rule {self.threshold_rule!r} is not one"
-                       f" of {schemas.THRESHOLD_RULES}")
+    check_threshold_rule(self.threshold_rule)
     if self.target_accuracy is not None:
       if not 0.0 < self.target_accuracy <= 1.0:
         raise ValueError(

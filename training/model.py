@@ -11,6 +11,7 @@ that share the same layer objects.
 """
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -120,9 +121,12 @@ def _tiny_base(image_size: int) -> keras.Model:
   return keras.Model(inputs, x, name="tiny_test_backbone")
 
 
+@functools.lru_cache(maxsize=None)
 def _gpu_bfloat16() -> Optional[str]:
   """Name of a visible GPU with bfloat16 tensor cores (compute capability
-  8.0 or more), or None."""
+  8.0 or more), or None. Asked of TensorFlow once a process: its physical
+  devices are fixed once it has started, and `resolve_precision` and
+  `fast_bfloat16` both need the answer."""
   if keras.backend.backend() != "tensorflow":
     return None
   import tensorflow as tf  # pylint: disable=import-outside-toplevel

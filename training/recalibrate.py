@@ -34,7 +34,7 @@ import schemas
 from schemas import artifact as artifact_schema
 from schemas import metadata as metadata_schema
 from schemas.metadata import ArtifactMetadata
-from training import calibration, data as data_lib
+from training import calibration, config as config_lib, data as data_lib
 from busi_core import artifact
 from training import saving
 from training import model as model_lib, recipe, split
@@ -98,9 +98,7 @@ class RecalibrateConfig:
       raise ValueError(f"--threshold {self.threshold} is outside [0, 1]")
     if self.target is not None and not 0.0 < self.target <= 1.0:
       raise ValueError(f"--target_accuracy {self.target} is outside (0, 1]")
-    if self.threshold_rule not in schemas.THRESHOLD_RULES:
-      raise ValueError(f"--threshold_rule {self.threshold_rule!r} is not one"
-                       f" of {schemas.THRESHOLD_RULES}")
+    config_lib.check_threshold_rule(self.threshold_rule)
     if not 0.0 <= self.holdout_fraction < 1.0:
       raise ValueError(f"--holdout_fraction {self.holdout_fraction} must be in"
                        " [0, 1): something must be left to fit on")

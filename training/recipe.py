@@ -36,8 +36,8 @@ from training.config import (AUTO_FINE_TUNE_EPOCHS, BFLOAT16,
 
 _LOG = logging.getLogger(__name__)
 
-ORIGINAL = 0  # view 0: the pixels as stored (and as scoring sees them)
-MIRROR = 1  # view 1: the horizontal mirror image
+ORIGINAL = config_lib.ORIGINAL_VIEW
+MIRROR = config_lib.MIRROR_VIEW
 
 
 
@@ -84,14 +84,15 @@ def degraded_view(view: int) -> bool:
   """Whether view `view` gets the scanner degradations (when the recipe
   degrades): every second random view, 3, 5, 7, …; so half the random
   views are degraded and half are geometry only."""
-  return view > MIRROR and view % 2 == 1
+  return (view >= config_lib.FIRST_DEGRADED_VIEW
+          and (view - config_lib.FIRST_DEGRADED_VIEW) % 2 == 0)
 
 
 def annotated_view(view: int) -> bool:
   """Whether view `view` may carry synthetic annotations (when the recipe
   annotates): every random view, each image's with probability
   `augment.ANNOTATE.probability`; never the images as stored or mirrored."""
-  return view > MIRROR
+  return view >= config_lib.FIRST_RANDOM_VIEW
 
 
 def draw_keys(image_ids: Sequence[str]) -> np.ndarray:
