@@ -120,10 +120,10 @@ def _check(pattern: str, run_dir: str, manifest_uri: Optional[str],
         " running); rerun it, or leave it out of the glob")
   manifest = _read_manifest(manifest_uri)
   if not files:
+    command = manifest.get(schemas.MANIFEST_COMMAND,
+                           schemas.COMMAND_PREPROCESS)
     raise NoScoredRuns(
-        f"{where} holds no predictions (a"
-        f" {manifest.get(schemas.MANIFEST_COMMAND, 'preprocess')} run);"
-        " pass a glob of"
+        f"{where} holds no predictions (a {command} run); pass a glob of"
         " earlier score or run --output directories")
   return ScoredRun(run_dir, manifest.get(schemas.MANIFEST_RUN_ID),
                    manifest.get(schemas.MANIFEST_MODEL_VERSION))

@@ -144,10 +144,11 @@ def _check_run(files: run_files.RunFiles, flag: str) -> None:
         f"{where} is not a finished run (no {schemas.MANIFEST_FILE}: it"
         " crashed, was stopped or is still running); compare finished runs")
   if files.is_preprocess_run or not files.has_predictions:
+    command = files.manifest.get(schemas.MANIFEST_COMMAND,
+                                 schemas.COMMAND_PREPROCESS)
     raise run_files.RunDirError(
-        f"{where} holds no predictions (a"
-        f" {files.manifest.get('command', 'preprocess')} run); pass the"
-        " --output of a score or run")
+        f"{where} holds no predictions (a {command} run); pass the --output"
+        " of a score or run")
 
 
 @contextlib.contextmanager

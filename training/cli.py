@@ -151,7 +151,9 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
       "--degrade", dest="degrade", action="store_true", default=None,
       help="Add scanner degradations (random blur, lower resolution,"
       " speckle, JPEG; no brightness change) to every second random view:"
-      " views 3, 5, 7, ... (the default).")
+      f" views {config_lib.FIRST_DEGRADED_VIEW},"
+      f" {config_lib.FIRST_DEGRADED_VIEW + 2},"
+      f" {config_lib.FIRST_DEGRADED_VIEW + 4}, ... (the default).")
   degrade.add_argument(
       "--no_degrade", dest="degrade", action="store_false",
       help="Random views are geometry only.")
