@@ -77,11 +77,12 @@ def run(patterns: List[str], backbone_weights: str, variants: Dict[str, Dict],
   for name, config in configs.items():
     config.validate(cross_validation=True)
     configs[name] = recipe.resolved(config)
-  if len({(config.degrade, config.annotate, config.precision)
+  if len({(config.degrade, config.annotate, config.depth, config.precision)
            for config in configs.values()}) > 1:
     # One shared cache holds one set of views, computed one way.
     raise ValueError("recipe_search: every variant must have the same"
-                     " degrade, annotate and training_precision settings"
+                     " degrade, annotate, depth and training_precision"
+                     " settings"
                      " (one cache serves them all); run variants that differ"
                      " in them separately")
   started = time.perf_counter()

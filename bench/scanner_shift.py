@@ -11,15 +11,17 @@ deterministic test-time shifts of the same images:
   jpeg     JPEG quality 30
   gain     gamma 0.7 (brighter mid-tones; never trained on)
   zoomout  0.75 scale about the centre, black border (deeper field of
-           view; never trained on)
+           view; `--depth` trains on a like shift, anchored at the top)
   annotate synthetic calipers, dotted lines and text drawn on every image
            (`training.augment.annotate`): a model that reads "marked, so
            a lesion" calls marked normal tissue a lesion
-for three recipes that differ only in the training views: geometry only
-(`--no_degrade --no_annotate`), degrade (`--no_annotate`: views 3, 5, 7
-also get `training.augment.degrade`) and the default (`--degrade
---annotate`: about half of each random view also carries synthetic
-annotations). Each runs with
+for four recipes that differ only in the training views: geometry only
+(`--no_degrade --no_annotate --no_depth`), degrade (`--no_annotate
+--no_depth`: views 3, 5, 7 also get `training.augment.degrade`), degrade +
+annotate (`--no_depth`: about half of each random view also carries
+synthetic annotations) and the default (`--degrade --annotate --depth`:
+each random view of an image is also, with probability 0.3, framed as a
+deeper depth setting shows it, `training.augment.deepen`). Each runs with
 several head initialisations (`bench.cv_seeds`' seeds) on the same views,
 so they are paired.
 --view_seed draws the random views from another seed while keeping the
@@ -27,8 +29,9 @@ folds (the folds follow --seed), to see how much one draw of the views
 moves the figures.
 
 The first three shifts resemble what `degrade` trains on, so gains there
-are expected; gain and zoomout are not trained on; annotate is what
-`--annotate` trains on. None of these is
+are expected; gain is not trained on; zoomout resembles what `--depth`
+trains on (which hangs the smaller image from the top edge, not the
+centre); annotate is what `--annotate` trains on. None of these is
 another hospital: they show what the degradations buy against these
 shifts, not the figures on a real site (use `recalibrate` and `evaluate`
 on a labelled local sample for that).
@@ -59,9 +62,11 @@ SHIFTS = ("blur", "lowres", "speckle", "jpeg", "gain", "zoomout", "annotate")
 SETS = ("as_stored",) + SHIFTS
 FIGURES = ("macro_f1", "auc_malignant", "recall_malignant", "recall_normal",
            "ece", "flagged_share", "accuracy_unflagged")
-# name -> (degrade, annotate)
-RECIPES = {"geometry only": (False, False), "degrade": (True, False),
-           "degrade + annotate (default)": (True, True)}
+# name -> (degrade, annotate, depth)
+RECIPES = {"geometry only": (False, False, False),
+           "degrade": (True, False, False),
+           "degrade + annotate": (True, True, False),
+           "degrade + annotate + depth (default)": (True, True, True)}
 
 
 def shift(image: np.ndarray, kind: str) -> np.ndarray:
@@ -137,7 +142,8 @@ def run(data: Sequence[str], backbone_weights: str = "none",
                       config.image_size, config.augment_views,
                       "views keyed by image_id, JPEG in RGB order",
                       # Cached views are stale once a draw's ranges change.
-                      repr(augment.DEGRADE), repr(augment.ANNOTATE)])
+                      repr(augment.DEGRADE), repr(augment.ANNOTATE),
+                      repr(augment.DEPTH)])
   table: Dict[str, np.ndarray] = {}
   if cache and os.path.exists(cache):
     table = dict(np.load(cache))
@@ -161,7 +167,7 @@ def run(data: Sequence[str], backbone_weights: str = "none",
   views = recipe.views(config)
   by_recipe = {}
   for name in recipes:
-    degrade, annotate = RECIPES[name]
+    degrade, annotate, depth = RECIPES[name]
     by_recipe[name] = {}
     for view in views:
       # View 0 is the images as stored; the seed only draws the others.
@@ -170,10 +176,12 @@ def run(data: Sequence[str], backbone_weights: str = "none",
              + (f"_seed{view_seed}" if random_view else "")
              + ("_annotated" if annotate and recipe.annotated_view(view)
                 else "")
-             + ("_degraded" if degrade and recipe.degraded_view(view) else ""))
-      by_recipe[name][view] = need(key, lambda v=view, d=degrade, a=annotate: (
-          recipe.view_images(images, v, view_seed, keys, degrade=d,
-                             annotate=a)))
+             + ("_degraded" if degrade and recipe.degraded_view(view) else "")
+             + ("_deep" if depth and random_view else ""))
+      by_recipe[name][view] = need(
+          key, lambda v=view, d=degrade, a=annotate, e=depth: (
+              recipe.view_images(images, v, view_seed, keys, degrade=d,
+                                 annotate=a, depth=e)))
   for kind in SHIFTS:
     need(f"shift_{kind}", lambda k=kind: np.stack([shift(i, k)
                                                     for i in images]))
@@ -242,8 +250,8 @@ def run(data: Sequence[str], backbone_weights: str = "none",
   settings = dataclasses.asdict(config)
   settings["data"] = list(config.data)
   # settings hold the config's own degrade/annotate; each recipe sets its.
-  settings["recipes"] = {name: {"degrade": RECIPES[name][0],
-                                "annotate": RECIPES[name][1]}
+  settings["recipes"] = {name: dict(zip(("degrade", "annotate", "depth"),
+                                         RECIPES[name]))
                          for name in recipes}
   return {"settings": settings, "folds": folds, "seeds": seeds,
           "view_seed": view_seed, "recipes": results, "mean": mean,

@@ -303,6 +303,13 @@ class TrainingSettings(Record):
   annotated_views: Optional[Tuple[int, ...]] = optional()
   # the probability that one of those views of an image carries them
   annotate_probability: Optional[float] = optional()
+  # the random views that were, each image's with probability
+  # depth_probability, framed as a deeper depth setting shows them
+  # (training.augment.deepen: scaled by a factor in depth_scale from the top
+  # edge, on black); () or absent: none
+  deepened_views: Optional[Tuple[int, ...]] = optional()
+  depth_probability: Optional[float] = optional()
+  depth_scale: Optional[Tuple[float, float]] = optional()
   calibrate: Optional[bool] = optional()
   synthetic_data: Optional[bool] = optional()
   batch_size: Optional[int] = optional()

@@ -121,14 +121,14 @@ def test_recipe_search_runs_each_variant_on_one_cache(tmp_path):
 
 @pytest.mark.parametrize("field,values", [
     ("degrade", (False, True)), ("annotate", (False, True)),
-    ("precision", ("float32", "bfloat16"))])
+    ("depth", (False, True)), ("precision", ("float32", "bfloat16"))])
 def test_recipe_search_refuses_variants_with_other_views(tmp_path, field,
                                                          values):
   # One cache holds one set of views, computed one way: a variant that draws
   # or computes others would be trained on the first's.
   from bench import recipe_search  # pylint: disable=import-outside-toplevel
   flags = {"augment_views": 3, "epochs": 1}
-  with pytest.raises(ValueError, match="same degrade, annotate and"
+  with pytest.raises(ValueError, match="same degrade, annotate, depth and"
                      " training_precision"):
     recipe_search.run([_write_records(tmp_path, 8)], "none",
                       {"a": dict(flags, **{field: values[0]}),
@@ -393,11 +393,11 @@ def test_scanner_shift_scores_cvs_folds_of_each_recipe(tmp_path):
   figures = scanner_shift.run(data, backbone="tiny", seeds=1, folds=2,
                               cache=cache, **flags)
   # The images as stored, head seed 0: cv's own figures for each recipe.
-  for name, (degrade, annotate) in scanner_shift.RECIPES.items():
+  for name, (degrade, annotate, depth) in scanner_shift.RECIPES.items():
     report = cv.cross_validate(
         TrainConfig(data=tuple(data), output="", backbone="tiny",
                     backbone_weights="none", degrade=degrade,
-                    annotate=annotate, **flags), 2)
+                    annotate=annotate, depth=depth, **flags), 2)
     row = figures["recipes"][name][0]["as_stored"]
     for figure in ("macro_f1", "auc_malignant", "ece"):
       assert row[figure] == pytest.approx(
@@ -408,7 +408,7 @@ def test_scanner_shift_scores_cvs_folds_of_each_recipe(tmp_path):
   keys = set(np.load(cache + ".npz"))  # the suffix np.savez adds
   assert {"view3_seed0", "view3_seed0_degraded", "shift_zoomout",
           "view2_seed0_annotated", "view3_seed0_annotated_degraded",
-          "shift_annotate"} <= keys
+          "view3_seed0_annotated_degraded_deep", "shift_annotate"} <= keys
   # A rerun reads the features back instead of computing them.
   again = scanner_shift.run(data, backbone="tiny", seeds=1, folds=2,
                             cache=cache, **flags)
@@ -417,13 +417,14 @@ def test_scanner_shift_scores_cvs_folds_of_each_recipe(tmp_path):
   with pytest.raises(ValueError, match="other data, weights or views"):
     scanner_shift.run(data, backbone="tiny", seeds=1, folds=2, cache=cache,
                       **dict(flags, augment_views=1))
-  assert "| degrade + annotate (default) |" in scanner_shift.format_table(again["mean"])
+  assert ("| degrade + annotate + depth (default) |"
+          in scanner_shift.format_table(again["mean"]))
   # One recipe alone: its figures as in the full run, from the same cache.
   one = scanner_shift.run(data, backbone="tiny", seeds=1, folds=2,
                           cache=cache, recipes=["degrade"], **flags)
   assert list(one["mean"]) == ["degrade"]
   assert one["settings"]["recipes"] == {
-      "degrade": {"degrade": True, "annotate": False}}
+      "degrade": {"degrade": True, "annotate": False, "depth": False}}
   assert one["mean"]["degrade"] == figures["mean"]["degrade"]
   with pytest.raises(ValueError, match=r"recipes \['annotate'\] not among"):
     scanner_shift.run(data, backbone="tiny", recipes=["annotate"], **flags)

@@ -178,3 +178,27 @@ def test_jpeg_compresses_rgb_as_rgb():
   single = augment.jpeg(image[..., :1].copy(), 50)
   assert single.shape == (64, 64, 1)
   np.testing.assert_array_equal(single[..., 0], out[..., 0])
+
+
+def test_deepen_hangs_a_smaller_image_from_the_top_on_black():
+  image = np.full((100, 80, 3), 150, np.uint8)
+  for seed in range(20):
+    out = augment.deepen(image, np.random.default_rng(seed))
+    assert out.dtype == np.uint8 and out.shape == image.shape
+    rows = np.flatnonzero(out.any(axis=(1, 2)))
+    cols = np.flatnonzero(out.any(axis=(0, 2)))
+    # The top edge stays at the top (the transducer face), centred across.
+    assert rows[0] == 0 and rows[-1] < 99
+    assert abs(cols[0] - (79 - cols[-1])) <= 1
+    height, width = rows[-1] + 1, cols[-1] - cols[0] + 1
+    low, high = augment.DEPTH.scale
+    assert 100 * low - 1 <= height <= 100 * high + 1
+    assert abs(height / 100 - width / 80) < 0.03  # one factor, both axes
+    # The tissue keeps its grey level; outside it, black.
+    assert np.all(out[:height, cols[0]:cols[-1] + 1] == 150)
+    assert not out[height:].any()
+  a = augment.deepen(image, np.random.default_rng([0, 2, 5, 2]))
+  np.testing.assert_array_equal(
+      a, augment.deepen(image, np.random.default_rng([0, 2, 5, 2])))
+  grey = np.full((100, 80), 150, np.uint8)
+  assert augment.deepen(grey, np.random.default_rng(0)).shape == grey.shape

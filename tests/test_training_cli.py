@@ -324,6 +324,9 @@ def test_same_seed_same_split(tmp_path, data_glob):
     (["--augment_views", "1", "--annotate"],
      "--annotate needs --augment_views 2 or more (the random views 2, 3,"
      " ... carry the marks); got 1"),
+    (["--no_augment", "--depth"],
+     "--depth needs --augment_views 2 or more (the random views 2, 3, ..."
+     " are the ones deepened); got 0"),
 ])
 def test_bad_flags_exit_2(tmp_path, data_glob, capsys, flags, message):
   argv = ["train", "--data", data_glob, "--output", str(tmp_path / "m"),
@@ -563,3 +566,18 @@ def test_version(capsys):
     cli.main(["--version"])
   assert exit_info.value.code == 0
   assert schemas.PACKAGE_VERSION in capsys.readouterr().out
+
+
+def test_depth_is_on_by_default_and_off_with_no_depth():
+  parser = cli._parser()  # pylint: disable=protected-access
+  base = ["cv", "--data", "x", "--backbone", "tiny"]
+
+  def config(*flags):
+    return cli._recipe_config(parser.parse_args(base + list(flags)),  # pylint: disable=protected-access
+                              output="x")
+
+  assert config().depth is True
+  assert config("--depth").depth is True
+  assert config("--no_depth").depth is False
+  # Nothing to deepen without random views; not an error unless asked for.
+  assert config("--augment_views", "1").augment_views == 1

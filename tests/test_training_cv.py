@@ -323,6 +323,13 @@ def test_cv_report_must_match_the_recipe_and_the_images(tmp_path, cv_data):
   with pytest.raises(ValueError, match=r"annotate: '\(not set\)' in the"
                      " report, True here"):
     check(older)
+  # Except --depth: reports from before it trained without it.
+  older = {**report, "settings": dict(report["settings"])}
+  del older["settings"]["depth"]
+  assert check(older, dataclasses.replace(config, depth=False)) == older
+  with pytest.raises(ValueError, match=r"depth: False in the report, True"
+                     " here"):
+    check(older)
   with pytest.raises(ValueError, match="is not a `python -m training cv`"
                      " report \\(no settings, data_fingerprint"):
     check({"macro_f1": 0.9})

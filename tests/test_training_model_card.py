@@ -245,3 +245,18 @@ def test_card_without_test_split_or_cv_claims_no_held_out_figures():
   assert "cross-validated ECE above" in card
   assert "`cv.json`" in card
   assert "no held-out figures" not in card
+
+
+def test_card_names_the_deepened_views():
+  def row(**training):
+    card = _render(_metadata(training=dict({"epochs": 30}, **training)))
+    return card.split("| deeper depth settings (smaller, from the top, on"
+                      " black) | ")[1].split(" |")[0]
+  assert row(deepened_views=[2, 3], depth_probability=0.3,
+             depth_scale=[0.7, 0.95]) == (
+      "on views 2, 3, each image's with probability 0.3, scaled by 0.7–0.95")
+  assert row(deepened_views=[]) == "none"
+  assert row() == "none"  # trained before the option existed
+  said = "trained with some views framed as a deeper depth setting"
+  assert said in _render(_metadata(training={"deepened_views": [2, 3]}))
+  assert said not in _render(_metadata(training={"deepened_views": []}))

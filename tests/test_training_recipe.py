@@ -337,3 +337,42 @@ def test_fine_tune_from_must_name_a_base_layer_with_weights():
     model_lib.unfreeze_fine_tuned(model, "block1_pool")
   with pytest.raises(ValueError, match="'head_dense'"):
     model_lib.fine_tune_input(model, "head_dense")
+
+
+def test_depth_deepens_some_random_views_from_a_stream_of_its_own(images):
+  positions = np.arange(len(images))
+  for view in (recipe.ORIGINAL, recipe.MIRROR):
+    np.testing.assert_array_equal(
+        recipe.view_images(images, view, 0, positions, depth=True),
+        recipe.view_images(images, view, 0, positions))
+  for view in (2, 3):
+    plain = recipe.view_images(images, view, 0, positions, degrade=True,
+                               annotate=True)
+    deep = recipe.view_images(images, view, 0, positions, degrade=True,
+                              annotate=True, depth=True)
+    geometric = recipe.view_images(images, view, 0, positions)
+    chosen = []
+    for k in positions:
+      rng = np.random.default_rng([0, view, int(k), 2])
+      if rng.random() < augment.DEPTH.probability:
+        chosen.append(k)
+        # Deepened after the geometry, before the marks and degradations,
+        # whose draws stay their own.
+        assert not np.array_equal(deep[k], plain[k])
+        np.testing.assert_array_equal(
+            deep[k], _after_geometry(augment.deepen(geometric[k], rng),
+                                     view, int(k)))
+      else:
+        np.testing.assert_array_equal(deep[k], plain[k])
+    assert 1 <= len(chosen) <= 16, (view, chosen)  # of 24, p = 0.3
+
+
+def _after_geometry(image, view, key):
+  """What view_images does to one image after its geometric draw, with
+  annotate and degrade on."""
+  rng = np.random.default_rng([0, view, key, 1])
+  if rng.random() < augment.ANNOTATE.probability:
+    image = augment.annotate(image, rng)
+  if recipe.degraded_view(view):
+    image = augment.degrade(image, np.random.default_rng([0, view, key]))
+  return image

@@ -38,6 +38,8 @@ import cv2
 import numpy as np
 import tensorflow as tf
 
+from training import config as config_lib
+
 
 class AugmentConfig(NamedTuple):
   rotation_degrees: float = 15.0
@@ -179,6 +181,33 @@ def degrade(image: np.ndarray, rng: np.random.Generator,
   out = np.clip(np.round(out), 0, 255).astype(np.uint8).reshape(image.shape)
   if rng.random() < config.probability:
     out = jpeg(out, int(rng.integers(*config.jpeg_quality)))
+  return out
+
+
+class DepthConfig(NamedTuple):
+  """A deeper depth setting (`deepen`): the same tissue shown smaller,
+  hanging from the transducer face at the top, black around it."""
+  probability: float = config_lib.DEPTH_PROBABILITY  # per view and image
+  scale: Tuple[float, float] = config_lib.DEPTH_SCALE
+
+
+DEPTH = DepthConfig()
+
+
+def deepen(image: np.ndarray, rng: np.random.Generator,
+           config: DepthConfig = DEPTH) -> np.ndarray:
+  """A uint8 [H, W, C] image as a deeper depth setting would frame it:
+  scaled by a factor drawn from `config.scale` (area resize), its top edge
+  kept at the top (where the transducer is), centred across, on black. What
+  lies below the scan's own depth is unknown, so it stays black."""
+  height, width = image.shape[:2]
+  factor = rng.uniform(*config.scale)
+  new_w, new_h = max(1, round(width * factor)), max(1, round(height * factor))
+  small = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
+  out = np.zeros_like(image)
+  left = (width - new_w) // 2
+  out[:new_h, left:left + new_w] = small.reshape(
+      (new_h, new_w) + image.shape[2:])
   return out
 
 

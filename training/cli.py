@@ -167,6 +167,16 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
   annotate.add_argument(
       "--no_annotate", dest="annotate", action="store_false",
       help="No synthetic annotations on the views.")
+  depth = parser.add_mutually_exclusive_group()
+  depth.add_argument(
+      "--depth", dest="depth", action="store_true", default=None,
+      help="Show each random view of an image, with probability"
+      f" {config_lib.DEPTH_PROBABILITY:g}, as a deeper depth setting would:"
+      f" scaled by {config_lib.DEPTH_SCALE[0]:g}-{config_lib.DEPTH_SCALE[1]:g}"
+      " from the top edge, on black (the default).")
+  depth.add_argument(
+      "--no_depth", dest="depth", action="store_false",
+      help="No depth changes on the views.")
 
 
 _NONE = "none"
@@ -238,8 +248,14 @@ def _recipe_config(args: argparse.Namespace, **fields
     raise ValueError(f"--annotate needs --augment_views {first} or more (the"
                      f" random views {first}, {first + 1}, ... carry the"
                      f" marks); got {views}")
+  first = config_lib.FIRST_RANDOM_VIEW
+  if args.depth and views < first:
+    raise ValueError(f"--depth needs --augment_views {first} or more (the"
+                     f" random views {first}, {first + 1}, ... are the ones"
+                     f" deepened); got {views}")
   # Default: on wherever there are random views to draw them on.
   annotate = args.annotate is not False
+  depth = args.depth is not False
   return config_lib.TrainConfig(
       data=tuple(args.data), image_size=args.image_size,
       network_size=args.network_size,
@@ -253,7 +269,7 @@ def _recipe_config(args: argparse.Namespace, **fields
       threshold=(schemas.DEFAULT_THRESHOLD if args.threshold is None
                  else args.threshold),
       batch_size=args.batch_size, augment_views=views, degrade=degrade,
-      annotate=annotate,
+      annotate=annotate, depth=depth,
       learning_rate=args.learning_rate,
       fine_tune_learning_rate=args.fine_tune_learning_rate,
       calibrate=args.calibrate, target_accuracy=target,

@@ -49,6 +49,10 @@ ORIGINAL_VIEW = 0  # the pixels as stored (and as scoring sees them)
 MIRROR_VIEW = 1  # the horizontal mirror image
 FIRST_RANDOM_VIEW = 2
 FIRST_DEGRADED_VIEW = FIRST_RANDOM_VIEW + 1
+# --depth (training.augment.deepen): each random view of an image, with this
+# probability, scaled by a factor in this range from the top edge, on black.
+DEPTH_PROBABILITY = 0.3
+DEPTH_SCALE = (0.7, 0.95)
 DEFAULT_VAL_FRACTION = 0.15
 DEFAULT_TEST_FRACTION = 0.0  # `cv` measures the recipe; train on the rest
 DEFAULT_FOLDS = 5
@@ -113,6 +117,9 @@ class TrainConfig:
   # the random views of every class: training/README.md, "Burned-in
   # annotations".
   annotate: bool = True
+  # Some random views framed as a deeper depth setting would show them
+  # (smaller, from the top, on black): training/README.md, "Depth".
+  depth: bool = True
   patience: int = DEFAULT_PATIENCE  # 0: no early stopping
   label_smoothing: float = DEFAULT_LABEL_SMOOTHING
   malignant_weight: float = DEFAULT_MALIGNANT_WEIGHT  # x balanced weight

@@ -194,6 +194,8 @@ def _compared(settings: Dict) -> Dict:
   """`settings` as `matching_report` compares them: without a fine-tune the
   stage's layer and rate mean nothing, and no layer means block5's first."""
   settings = {k: v for k, v in settings.items() if k not in _NOT_COMPARED}
+  # Reports from before --depth trained without it.
+  settings.setdefault("depth", False)
   if not settings.get("fine_tune_epochs"):
     settings.pop("fine_tune_from", None)
     settings.pop("fine_tune_learning_rate", None)
@@ -440,7 +442,7 @@ def all_views_cache(config: TrainConfig, model, data: data_lib.LabelledData,
                           layers or recipe.cache_layers(config, model),
                           config.degrade,
                           keys=recipe.draw_keys(data.image_ids),
-                          annotate=config.annotate,
+                          annotate=config.annotate, depth=config.depth,
                           precision=config.precision)
 
 

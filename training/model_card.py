@@ -587,7 +587,13 @@ def _caveats_section(metadata: ArtifactMetadata) -> List[str]:
       "- **One centre, one vendor**: scans of about 600 women aged 25–75,"
       " acquired in 2018 at a single hospital in Cairo on GE LOGIQ E9"
       " systems. Other populations, scanners, probes and presets are out of"
-      " distribution.",
+      " distribution."
+      + (" This model was trained with some views framed as a deeper depth"
+         " setting shows them, which on the development set kept a zoom-out"
+         " with a black border from breaking it (training/README.md,"
+         " \"Depth\"); another site's depth, probe and preset still need"
+         " a check on local data (`python -m training evaluate`, then"
+         " `recalibrate`)." if training.deepened_views else ""),
       "- **Class imbalance**: BUSI has about 437 benign, 210 malignant and 133"
       " normal frames; training uses balanced class weights (the malignant"
       " one multiplied by the malignant weight below), but per-class"
@@ -633,6 +639,8 @@ def _training_section(metadata: ArtifactMetadata) -> List[str]:
            _degraded(training)],
           ["synthetic burned-in annotations (calipers, lines, text)",
            _annotated(training)],
+          ["deeper depth settings (smaller, from the top, on black)",
+           _deepened(training)],
           ["cross-validation folds run first", _cv_folds(metadata)],
           ["val / test fractions", f"{_or_na(training.val_fraction)} /"
                                    f" {_or_na(training.test_fraction)}"],
@@ -682,6 +690,17 @@ def _annotated(training) -> str:
   share = training.annotate_probability
   return phrase + (f", each image's with probability {share:g}"
                    if share is not None else ", about half the images'")
+
+
+def _deepened(training) -> str:
+  phrase = _on_views(training.deepened_views)
+  if not training.deepened_views:
+    return phrase
+  share, scale = training.depth_probability, training.depth_scale
+  return (phrase
+          + (f", each image's with probability {share:g}"
+             if share is not None else "")
+          + (f", scaled by {scale[0]:g}–{scale[1]:g}" if scale else ""))
 
 
 def _fine_tuned(training) -> str:

@@ -95,6 +95,13 @@ def annotated_view(view: int) -> bool:
   return view >= config_lib.FIRST_RANDOM_VIEW
 
 
+def deepened_view(view: int) -> bool:
+  """Whether view `view` may be framed as a deeper depth setting (when the
+  recipe deepens): every random view, each image's with probability
+  `augment.DEPTH.probability`; never the images as stored or mirrored."""
+  return view >= config_lib.FIRST_RANDOM_VIEW
+
+
 def draw_keys(image_ids: Sequence[str]) -> np.ndarray:
   """Each image's key for its random views: 63 bits of sha256(image_id).
 
@@ -109,7 +116,8 @@ def draw_keys(image_ids: Sequence[str]) -> np.ndarray:
 
 def view_images(images: np.ndarray, view: int, seed: int,
                 keys: Optional[Sequence[int]] = None,
-                degrade: bool = False, annotate: bool = False) -> np.ndarray:
+                degrade: bool = False, annotate: bool = False,
+                depth: bool = False) -> np.ndarray:
   """View `view` of a batch of uint8 images.
 
   Args:
@@ -128,6 +136,9 @@ def view_images(images: np.ndarray, view: int, seed: int,
       each random view of an image with probability
       `augment.ANNOTATE.probability`, before any degradation (an export
       compresses the marks with the image).
+    depth: show each random view of an image with probability
+      `augment.DEPTH.probability` as a deeper depth setting would
+      (`augment.deepen`), before any annotation.
   """
   if view == ORIGINAL:
     return images
@@ -141,6 +152,13 @@ def view_images(images: np.ndarray, view: int, seed: int,
   seeds = np.stack([np.full(len(keys), seed * 1000 + view, np.int64),
                     keys], axis=1)
   out = augment.augment_each(tf.constant(images), tf.constant(seeds)).numpy()
+  if depth and deepened_view(view):
+    # Its own stream ([..., 2]): the other draws keep theirs.
+    rngs = [np.random.default_rng([seed, view, int(k), 2]) for k in keys]
+    out = np.stack([
+        augment.deepen(image, rng)
+        if rng.random() < augment.DEPTH.probability else image
+        for image, rng in zip(out, rngs)])
   if annotate and annotated_view(view):
     # Its own stream ([..., 1]): the degradations keep their draws.
     rngs = [np.random.default_rng([seed, view, int(k), 1]) for k in keys]
@@ -171,7 +189,7 @@ class ConvCache:
                needed: Dict[int, np.ndarray], batch_size: int, seed: int,
                layers: Sequence[str], degrade: bool = False, *,
                keys: np.ndarray, annotate: bool = False,
-               precision: str = FLOAT32):
+               depth: bool = False, precision: str = FLOAT32):
     """
     Args:
       model: a `model.build_model` model (its frozen layers are used).
@@ -186,6 +204,8 @@ class ConvCache:
       keys: int64 [N], the images' `draw_keys` (their random views' draws).
       annotate: the recipe's --annotate (synthetic burned-in annotations on
         some random views).
+      depth: the recipe's --depth (some random views as a deeper depth
+        setting shows them).
       precision: arithmetic of the cached layers for the views other than
         the original (`config.PRECISIONS`; "auto" resolved here). The
         original view is computed in float32, as scoring computes it, and
@@ -201,6 +221,7 @@ class ConvCache:
     self._seed = seed
     self._degrade = degrade
     self._annotate = annotate
+    self._depth = depth
     self._layers = list(layers)
     self.precision = model_lib.resolve_precision(precision)[0]
     self._rows: Dict[int, np.ndarray] = {}
@@ -253,7 +274,7 @@ class ConvCache:
         batch = indices[start:start + chunk]
         pixels = view_images(self._images[batch], view, self._seed,
                              self._keys[batch], self._degrade,
-                             self._annotate)
+                             self._annotate, self._depth)
         parts.append(model_lib.in_batches(sub, pixels, self._batch_size,
                                           traced=True, dtype=dtype))
       out = np.concatenate(parts) if parts else model_lib.in_batches(

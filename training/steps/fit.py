@@ -66,7 +66,7 @@ def fit(config: TrainConfig, data: data_lib.LabelledData,
                              config.seed, recipe.cache_layers(config, model),
                              config.degrade,
                              keys=recipe.draw_keys(data.image_ids),
-                             annotate=config.annotate,
+                             annotate=config.annotate, depth=config.depth,
                              precision=config.precision)
   runner = recipe.Recipe(model, cache, data.labels, config)
   return Fitted(model, runner,

@@ -95,6 +95,8 @@ def _training_settings(config: TrainConfig, read: Read, splits: Splits,
   stats, result = read.stats, fitted.result
   annotated = tuple(v for v in recipe.views(config)
                     if config.annotate and recipe.annotated_view(v))
+  deepened = tuple(v for v in recipe.views(config)
+                   if config.depth and recipe.deepened_view(v))
   return metadata_schema.TrainingSettings(
       epochs=config.epochs,
       fine_tune_epochs=config.fine_tune_epochs,
@@ -114,6 +116,9 @@ def _training_settings(config: TrainConfig, read: Read, splits: Splits,
                            if config.degrade and recipe.degraded_view(v)),
       annotated_views=annotated,
       annotate_probability=augment.ANNOTATE.probability if annotated else None,
+      deepened_views=deepened,
+      depth_probability=augment.DEPTH.probability if deepened else None,
+      depth_scale=tuple(augment.DEPTH.scale) if deepened else None,
       calibrate=config.calibrate,
       synthetic_data=config.synthetic_data,
       batch_size=config.batch_size,
