@@ -153,24 +153,32 @@ def view_images(images: np.ndarray, view: int, seed: int,
                     keys], axis=1)
   out = augment.augment_each(tf.constant(images), tf.constant(seeds)).numpy()
   if depth and deepened_view(view):
-    # Its own stream ([..., 2]): the other draws keep theirs.
-    rngs = [np.random.default_rng([seed, view, int(k), 2]) for k in keys]
-    out = np.stack([
-        augment.deepen(image, rng)
-        if rng.random() < augment.DEPTH.probability else image
-        for image, rng in zip(out, rngs)])
+    out = _some(out, augment.deepen, augment.DEPTH.probability,
+                [[seed, view, int(k), _DEPTH_STREAM] for k in keys])
   if annotate and annotated_view(view):
-    # Its own stream ([..., 1]): the degradations keep their draws.
-    rngs = [np.random.default_rng([seed, view, int(k), 1]) for k in keys]
-    out = np.stack([
-        augment.annotate(image, rng)
-        if rng.random() < augment.ANNOTATE.probability else image
-        for image, rng in zip(out, rngs)])
+    out = _some(out, augment.annotate, augment.ANNOTATE.probability,
+                [[seed, view, int(k), _ANNOTATE_STREAM] for k in keys])
   if degrade and degraded_view(view):
     out = np.stack([
         augment.degrade(image, np.random.default_rng([seed, view, int(k)]))
         for image, k in zip(out, keys)])
   return out
+
+
+# Draw streams of their own (the last entry of an image's generator seed),
+# so that each augmentation keeps its draws whatever the others do; the
+# degradations' stream has no such entry.
+_ANNOTATE_STREAM = 1
+_DEPTH_STREAM = 2
+
+
+def _some(images: np.ndarray, draw, probability: float,
+          seeds: Sequence[Sequence[int]]) -> np.ndarray:
+  """`draw(image, rng)` on each image with `probability`, from a generator
+  seeded by that image's entry of `seeds`."""
+  rngs = [np.random.default_rng(s) for s in seeds]
+  return np.stack([draw(image, rng) if rng.random() < probability else image
+                   for image, rng in zip(images, rngs)])
 
 
 class ConvCache:
