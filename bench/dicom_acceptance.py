@@ -80,7 +80,8 @@ def main(argv=None) -> int:
   preds = con.execute(
       "SELECT source, frame, predicted_class, p_malignant, study_key,"
       " region_cropped FROM read_parquet(?)",
-      [os.path.join(args.run, schemas.PREDICTIONS_DIR, "*.parquet")]).fetchall()
+      [os.path.join(args.run, schemas.PREDICTIONS_DIR, "*.parquet")]
+  ).fetchall()
   errors = con.execute(
       "SELECT source, error_type FROM read_parquet(?)",
       [os.path.join(args.run, schemas.ERRORS_DIR, "*.parquet")]).fetchall()

@@ -177,7 +177,7 @@ def run(data: Sequence[str], backbone_weights: str = "none",
              + ("_annotated" if annotate and recipe.annotated_view(view)
                 else "")
              + ("_degraded" if degrade and recipe.degraded_view(view) else "")
-             + ("_deep" if depth and random_view else ""))
+             + ("_deep" if depth and recipe.deepened_view(view) else ""))
       by_recipe[name][view] = need(
           key, lambda v=view, d=degrade, a=annotate, e=depth: (
               recipe.view_images(images, v, view_seed, keys, degrade=d,

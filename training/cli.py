@@ -237,23 +237,20 @@ def _recipe_config(args: argparse.Namespace, **fields
     views = config_lib.DEFAULT_AUGMENT_VIEWS
   elif args.augment and not views:
     raise ValueError("--augment contradicts --augment_views 0")
-  degrade = args.degrade is not False
-  first = config_lib.FIRST_DEGRADED_VIEW
-  if args.degrade and views < first:
-    raise ValueError(f"--degrade needs --augment_views {first} or more"
-                     f" (views {first}, {first + 2}, ... are the degraded"
-                     f" ones); got {views}")
-  first = config_lib.FIRST_RANDOM_VIEW
-  if args.annotate and views < first:
-    raise ValueError(f"--annotate needs --augment_views {first} or more (the"
-                     f" random views {first}, {first + 1}, ... carry the"
-                     f" marks); got {views}")
-  first = config_lib.FIRST_RANDOM_VIEW
-  if args.depth and views < first:
-    raise ValueError(f"--depth needs --augment_views {first} or more (the"
-                     f" random views {first}, {first + 1}, ... are the ones"
-                     f" deepened); got {views}")
+  # Asked for explicitly, each needs the views it works on.
+  for flag, asked, first, step, which, what in (
+      ("--degrade", args.degrade, config_lib.FIRST_DEGRADED_VIEW, 2, "views",
+       "are the degraded ones"),
+      ("--annotate", args.annotate, config_lib.FIRST_RANDOM_VIEW, 1,
+       "the random views", "carry the marks"),
+      ("--depth", args.depth, config_lib.FIRST_RANDOM_VIEW, 1,
+       "the random views", "are the ones deepened")):
+    if asked and views < first:
+      raise ValueError(f"{flag} needs --augment_views {first} or more"
+                       f" ({which} {first}, {first + step}, ... {what});"
+                       f" got {views}")
   # Default: on wherever there are random views to draw them on.
+  degrade = args.degrade is not False
   annotate = args.annotate is not False
   depth = args.depth is not False
   return config_lib.TrainConfig(
