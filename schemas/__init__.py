@@ -7,6 +7,7 @@ the project re-declares them.
 
 from schemas.artifact import (
     ARTIFACT_FORMAT_VERSION,
+    CV_PREDICTIONS_FILE,
     CV_REPORT_FILE,
     GRADCAM_LAYER,
     FEATURES_LAYER,
@@ -183,6 +184,7 @@ from schemas.quality import (
     QUALITY_FLAGS,
 )
 from schemas.tables import (
+    COLUMN_FOLD,
     COLUMN_FRAME,
     COLUMN_LOW_CONFIDENCE,
     COLUMN_NEEDS_REVIEW,
@@ -192,6 +194,8 @@ from schemas.tables import (
     COLUMN_REGION_CROPPED,
     COLUMN_SERIES_KEY,
     COLUMN_STUDY_KEY,
+    COLUMN_TEMPERATURE,
+    cv_predictions_schema,
     error_columns,
     Stage,
     errors_schema,

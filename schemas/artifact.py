@@ -19,6 +19,10 @@ RELIABILITY_DIAGRAM_FILE = "reliability_diagram.png"
 # `train` into the artifact (its own cross-validation, or the --cv_report it
 # was given; none with --cv_folds 0).
 CV_REPORT_FILE = "cv.json"
+# Beside it: every image scored by the fold model that never saw it
+# (schemas.tables.cv_predictions_schema), for SQL and for choosing a review
+# threshold on all the data instead of one validation split.
+CV_PREDICTIONS_FILE = "cv_predictions.parquet"
 # metadata.json block: the recipe's cross-validated figures on the training
 # data (null without): folds, images, settings, pooled, summary, and its
 # "source": run by `train` itself, or an earlier `cv` run's report of the

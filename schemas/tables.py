@@ -46,6 +46,9 @@ COLUMN_FRAME = "frame"  # 1-based frame of a multi-frame DICOM
 COLUMN_STUDY_KEY = "study_key"  # keyed hash of StudyInstanceUID
 COLUMN_SERIES_KEY = "series_key"  # keyed hash of SeriesInstanceUID
 COLUMN_REGION_CROPPED = "region_cropped"  # cropped to the US B-mode region
+# Columns the out-of-fold predictions (cv_predictions_schema) add.
+COLUMN_FOLD = "fold"
+COLUMN_TEMPERATURE = "temperature"
 
 
 def error_columns():
@@ -99,4 +102,27 @@ def predictions_schema(labels: Sequence[str]) -> pa.Schema:
       pa.field(COLUMN_SERIES_KEY, pa.string(), nullable=True),
       pa.field(COLUMN_REGION_CROPPED, pa.bool_(), nullable=True),
   ]
+  return pa.schema(fields)
+
+
+def cv_predictions_schema(labels: Sequence[str]) -> pa.Schema:
+  """Schema of `cv`'s out-of-fold predictions (CV_PREDICTIONS_FILE).
+
+  One row per image: the fold it was held out in, its label, and what the
+  model trained on the other folds made of it, calibrated with that fold's
+  temperature and flagged at that fold's threshold. The names the scoring
+  table shares with it mean the same. `out_of_distribution` is null when
+  the recipe fits no OOD detector.
+  """
+  scored = predictions_schema(labels)
+  fields = [scored.field("image_id"),
+            pa.field(COLUMN_FOLD, pa.int64(), nullable=False),
+            pa.field("label", pa.string(), nullable=False),
+            scored.field("predicted_class")]
+  fields += [scored.field(probability_column(label)) for label in labels]
+  fields += [scored.field("confidence"),
+             pa.field(COLUMN_TEMPERATURE, pa.float64(), nullable=False),
+             scored.field("threshold"),
+             scored.field(COLUMN_LOW_CONFIDENCE),
+             scored.field(COLUMN_OUT_OF_DISTRIBUTION)]
   return pa.schema(fields)

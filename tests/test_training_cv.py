@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 import schemas
@@ -174,6 +175,41 @@ def test_cv_command_reports_every_fold(tmp_path, cv_data, capsys):
   assert report["settings"]["target_accuracy"] == 0.8
   assert report["settings"]["malignant_weight"] == 1.5
   assert report["summary"]["accuracy"]["mean"] > 0.5  # it learnt something
+  _check_predictions(output, report)
+
+
+def _check_predictions(output, report):
+  """cv_predictions.parquet holds every image once, as its fold scored it:
+  the pooled figures follow from its rows (read with SQL, as users will)."""
+  import duckdb  # pylint: disable=import-outside-toplevel
+  path = os.path.join(output, schemas.CV_PREDICTIONS_FILE)
+  table = pq.read_table(path)
+  assert table.schema.equals(schemas.cv_predictions_schema(schemas.LABELS))
+  rows = table.to_pylist()
+  assert len(rows) == report["images"]
+  folds = {f["fold"]: f for f in report["folds"]}
+  for row in rows:
+    fold = folds[row["fold"]]
+    assert row["image_id"] in fold["test_image_ids"]
+    assert row["temperature"] == fold["temperature"]
+    assert row["threshold"] == fold["threshold"]
+    probabilities = [row[schemas.probability_column(n)]
+                     for n in schemas.LABELS]
+    assert sum(probabilities) == pytest.approx(1.0)
+    assert row["confidence"] == max(probabilities)
+    assert row["predicted_class"] == schemas.LABELS[
+        int(np.argmax(probabilities))]
+    assert row["low_confidence"] == (row["confidence"] < row["threshold"])
+    assert row["out_of_distribution"] is not None
+  pooled = report["pooled"]
+  accuracy, flagged, unflagged = duckdb.sql(
+      f"SELECT avg((label = predicted_class)::INT), avg(low_confidence::INT),"
+      f" avg((label = predicted_class)::INT) FILTER (WHERE NOT low_confidence)"
+      f" FROM read_parquet('{path}')").fetchall()[0]
+  assert accuracy == pytest.approx(pooled["accuracy"])
+  assert flagged == pytest.approx(pooled["flagged_share"])
+  if pooled["accuracy_unflagged"] is not None:
+    assert unflagged == pytest.approx(pooled["accuracy_unflagged"])
 
 
 def test_cv_refuses_bad_flags(cv_data, capsys):
@@ -218,6 +254,7 @@ def test_train_overwrite_without_cv_drops_the_old_report(tmp_path, cv_data,
           "--augment_views", "3", "--val_fraction", "0.25"]
   assert cli.main(base + ["--cv_folds", "2"]) == 0
   assert os.path.exists(os.path.join(output, schemas.CV_REPORT_FILE))
+  assert os.path.exists(os.path.join(output, schemas.CV_PREDICTIONS_FILE))
   with open(os.path.join(output, schemas.METADATA_FILE)) as f:
     with_cv = json.load(f)
   assert with_cv["cross_validation"]["folds"] == 2
@@ -225,6 +262,7 @@ def test_train_overwrite_without_cv_drops_the_old_report(tmp_path, cv_data,
   assert cli.main(base + ["--cv_folds", "0", "--overwrite"]) == 0
   assert "nothing held out" in capsys.readouterr().out
   assert not os.path.exists(os.path.join(output, schemas.CV_REPORT_FILE))
+  assert not os.path.exists(os.path.join(output, schemas.CV_PREDICTIONS_FILE))
   with open(os.path.join(output, schemas.METADATA_FILE)) as f:
     without_cv = json.load(f)
   assert without_cv["cross_validation"] is None

@@ -22,6 +22,7 @@ import time
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
+import pyarrow as pa
 
 import keras
 
@@ -287,14 +288,69 @@ def _class_counts(data: data_lib.LabelledData) -> Dict[str, int]:
           for i, name in enumerate(schemas.LABELS)}
 
 
+# The report's in-memory key for its out-of-fold predictions (a pyarrow
+# Table of schemas.cv_predictions_schema): written beside cv.json as Parquet,
+# not into it.
+PREDICTIONS = "_predictions"
+
+
+def predictions_table(data: data_lib.LabelledData, order: np.ndarray,
+                      fold_of: np.ndarray, probabilities: np.ndarray,
+                      temperatures: np.ndarray, thresholds: np.ndarray,
+                      ood_flags: Optional[np.ndarray]) -> pa.Table:
+  """Every image as its fold's model scored it (rows in `order`).
+
+  Args:
+    data: the labelled images.
+    order: image indices, one row each.
+    fold_of: each image's fold.
+    probabilities: calibrated probabilities [rows, classes].
+    temperatures, thresholds: the scoring fold's, one per row.
+    ood_flags: the fold's OOD detector's flags, or None without one.
+  """
+  names = list(schemas.LABELS)
+  predicted = probabilities.argmax(axis=1)
+  confidence = probabilities.max(axis=1)
+  columns = {
+      "image_id": [data.image_ids[i] for i in order],
+      schemas.COLUMN_FOLD: fold_of[order].astype(np.int64),
+      "label": [names[i] for i in data.labels[order]],
+      "predicted_class": [names[i] for i in predicted],
+  }
+  for i, name in enumerate(names):
+    columns[schemas.probability_column(name)] = probabilities[:, i]
+  columns.update({
+      "confidence": confidence,
+      schemas.COLUMN_TEMPERATURE: np.asarray(temperatures, np.float64),
+      "threshold": np.asarray(thresholds, np.float64),
+      schemas.COLUMN_LOW_CONFIDENCE: confidence < thresholds,
+      schemas.COLUMN_OUT_OF_DISTRIBUTION: (
+          pa.nulls(len(order), pa.bool_()) if ood_flags is None else
+          np.asarray(ood_flags, bool)),
+  })
+  return pa.table(columns, schema=schemas.cv_predictions_schema(names))
+
+
 def write_report(report: Dict, output: str) -> str:
-  """Writes the report as JSON to OUTPUT/cv.json (local or gs://)."""
+  """Writes the report as JSON to OUTPUT/cv.json (local or gs://), and its
+  out-of-fold predictions, when it holds them, to cv_predictions.parquet
+  beside it."""
   from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   if "://" not in output:
     os.makedirs(output, exist_ok=True)
   path = FileSystems.join(output.rstrip("/"), schemas.CV_REPORT_FILE)
+  written = {k: v for k, v in report.items() if k != PREDICTIONS}
   with FileSystems.create(path) as f:
-    f.write(json.dumps(report, indent=2).encode("utf-8"))
+    f.write(json.dumps(written, indent=2).encode("utf-8"))
+  predictions = FileSystems.join(output.rstrip("/"),
+                                 schemas.CV_PREDICTIONS_FILE)
+  if report.get(PREDICTIONS) is not None:
+    with FileSystems.create(predictions) as f:
+      pq.write_table(report[PREDICTIONS], f)
+  elif FileSystems.exists(predictions):
+    # Another run's predictions must not sit beside this report.
+    FileSystems.delete([predictions])
   return path
 
 
@@ -408,9 +464,12 @@ def run_folds(config: TrainConfig, folds: int, runner: recipe.Recipe,
   pooled = fold_metrics(data.labels[order], pooled_probabilities, thresholds,
                         names, config.threshold)
   ood_flags = [r.pop("_ood_flags") for r in results]
-  pooled["ood_flagged_share"] = (
-      None if any(f is None for f in ood_flags) else
-      float(np.mean(np.concatenate(ood_flags))))
+  pooled_ood = (None if any(f is None for f in ood_flags) else
+                np.concatenate(ood_flags))
+  pooled["ood_flagged_share"] = (None if pooled_ood is None else
+                                 float(np.mean(pooled_ood)))
+  temperatures = np.concatenate([np.full(r["counts"]["test"],
+                                         r["temperature"]) for r in results])
   settings = recipe_settings(config)
   return {
       "folds_count": folds,
@@ -425,6 +484,9 @@ def run_folds(config: TrainConfig, folds: int, runner: recipe.Recipe,
       "summary": summarise([r["test"] for r in results]),
       "seconds": {"folds": round(time.perf_counter() - started, 2)},
       "package_version": schemas.PACKAGE_VERSION,
+      PREDICTIONS: predictions_table(data, order, fold_of,
+                                     pooled_probabilities, temperatures,
+                                     thresholds, pooled_ood),
   }
 
 
