@@ -419,9 +419,31 @@ def test_train_takes_the_figures_of_a_matching_cv_report(tmp_path, cv_data,
   assert "cross_validation" not in metadata["training"]["seconds"]
   with open(os.path.join(output, schemas.CV_REPORT_FILE)) as f:
     assert json.load(f) == report
+  # Its out-of-fold predictions travel with it into the artifact.
+  predictions = pq.read_table(os.path.join(measured,
+                                           schemas.CV_PREDICTIONS_FILE))
+  assert pq.read_table(os.path.join(
+      output, schemas.CV_PREDICTIONS_FILE)).equals(predictions)
   with open(os.path.join(output, schemas.MODEL_CARD_FILE)) as f:
     card = f.read()
   assert "passed to `train` with `--cv_report`" in card
+  # Predictions that are not the report's are refused, not carried along.
+  pq.write_table(predictions.slice(1),
+                 os.path.join(measured, schemas.CV_PREDICTIONS_FILE))
+  assert cli.main(["train", "--output", str(tmp_path / "stale"),
+                   "--cv_report", os.path.join(measured,
+                                               schemas.CV_REPORT_FILE)]
+                  + recipe_flags) == 2
+  assert "does not hold the report's images" in capsys.readouterr().err
+  pq.write_table(predictions.drop_columns(["temperature"]),
+                 os.path.join(measured, schemas.CV_PREDICTIONS_FILE))
+  assert cli.main(["train", "--output", str(tmp_path / "stale"),
+                   "--cv_report", os.path.join(measured,
+                                               schemas.CV_REPORT_FILE)]
+                  + recipe_flags) == 2
+  assert "has the columns" in capsys.readouterr().err
+  pq.write_table(predictions,
+                 os.path.join(measured, schemas.CV_PREDICTIONS_FILE))
   assert "| cross-validation folds run first | 0 (the figures above: an" \
          " earlier `cv` run of 2 folds, `--cv_report`) |" in card
   # Another recipe's report is refused before anything is trained.

@@ -236,7 +236,44 @@ def _read_report(path: str) -> Dict:
     raise ValueError(f"--cv_report {path} is not a complete `python -m"
                      f" training cv` report ({type(e).__name__}: {e})"
                      ) from e
+  predictions = _read_predictions(path, report)
+  if predictions is not None:
+    report[PREDICTIONS] = predictions
   return report
+
+
+def _read_predictions(path: str, report: Dict) -> Optional[pa.Table]:
+  """The out-of-fold predictions beside the report at `path`, checked to be
+  the report's (every image once, in the fold that held it out); None when
+  there are none (reports from before them).
+
+  Raises:
+    ValueError: unreadable, or not this report's.
+  """
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  beside = FileSystems.join(FileSystems.split(path)[0] or ".",
+                            schemas.CV_PREDICTIONS_FILE)
+  if not FileSystems.exists(beside):
+    return None
+  try:
+    with FileSystems.open(beside) as f:
+      table = pq.read_table(pa.BufferReader(f.read()))
+  except (OSError, pa.ArrowException) as e:
+    raise ValueError(f"--cv_report {path}: cannot read {beside} ({e})") from e
+  expected = schemas.cv_predictions_schema(schemas.LABELS)
+  if not table.schema.equals(expected):
+    raise ValueError(f"--cv_report {path}: {beside} has the columns"
+                     f" {table.schema.names}, not {expected.names}")
+  held_out = {(i, f["fold"]) for f in report["folds"]
+              for i in f["test_image_ids"]}
+  rows = set(zip(table.column("image_id").to_pylist(),
+                 table.column(schemas.COLUMN_FOLD).to_pylist()))
+  if len(rows) != table.num_rows or rows != held_out:
+    raise ValueError(f"--cv_report {path}: {beside} does not hold the"
+                     " report's images, each once in the fold that held it"
+                     " out; it belongs to another run")
+  return table
 
 
 def matching_report(path: str, config: TrainConfig,
