@@ -70,14 +70,20 @@ def _low_confidence(metadata: ArtifactMetadata) -> Dict:
               schemas.FLAG_RATE_FROM: schemas.FLAG_RATE_FROM_RECALIBRATION}
     return dict(_NOT_RECORDED)
   # Each image scored by the fold model that did not see it, with its
-  # fold's threshold, chosen as the final model's was.
-  pooled = (metadata.cross_validation.pooled or {}
-            if metadata.cross_validation is not None else {})
+  # fold's threshold, chosen as the final model's was: on the other folds'
+  # out-of-fold predictions (train --threshold_on cv), else on the fold's
+  # validation split.
+  flagging = metadata.flagging
+  if (flagging is not None and flagging.out_of_fold
+      and flagging.chosen_on == schemas.THRESHOLD_ON_CV):
+    pooled = flagging.out_of_fold["pooled"]
+  else:
+    pooled = (metadata.cross_validation.pooled or {}
+              if metadata.cross_validation is not None else {})
   if pooled.get("flagged_share") is not None and pooled.get("count"):
     return {schemas.FLAG_RATE_SHARE: float(pooled["flagged_share"]),
             schemas.FLAG_RATE_IMAGES: int(pooled["count"]),
             schemas.FLAG_RATE_FROM: schemas.FLAG_RATE_FROM_CROSS_VALIDATION}
-  flagging = metadata.flagging
   if flagging is not None:
     for split, stats in ((schemas.FLAG_RATE_FROM_TEST, flagging.test),
                          (schemas.FLAG_RATE_FROM_VALIDATION, flagging.val)):

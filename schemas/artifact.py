@@ -128,6 +128,13 @@ THRESHOLD_RULE_EXPECTED = "expected"
 THRESHOLD_RULE_OBSERVED = "observed"
 THRESHOLD_RULES = (THRESHOLD_RULE_EXPECTED, THRESHOLD_RULE_OBSERVED)
 DEFAULT_THRESHOLD_RULE = THRESHOLD_RULE_EXPECTED
+# metadata "flagging" → "chosen_on": the images a --target_accuracy threshold
+# was chosen on: the validation split, or the out-of-fold predictions of the
+# cross-validation the artifact carries (`train --threshold_on`; absent:
+# validation, what artifacts without the field used).
+THRESHOLD_ON_VALIDATION = "validation"
+THRESHOLD_ON_CV = "cv"
+THRESHOLD_ON = (THRESHOLD_ON_VALIDATION, THRESHOLD_ON_CV)
 # Target accuracy of the images not flagged that recalibrate chooses the
 # threshold for when no --threshold is given.
 DEFAULT_TARGET_ACCURACY = 0.95

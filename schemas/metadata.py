@@ -231,6 +231,13 @@ class Flagging(Record):
   val: Optional[FlagStats] = optional()
   test: Optional[FlagStats] = optional()
   fixed: Optional[FixedFlagging] = optional()
+  # For a chosen threshold: THRESHOLD_ON (absent: validation) and how many
+  # images it was chosen on.
+  chosen_on: Optional[str] = optional()
+  chosen_count: Optional[int] = optional()
+  # Chosen on cv's out-of-fold predictions: `training.cv.out_of_fold_flagging`
+  # (the threshold, and each fold at a threshold the other folds chose).
+  out_of_fold: JSON = optional()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -98,6 +98,14 @@ def test_expected_share_comes_from_the_best_held_out_source(metadata):
   assert flag_rates.expected(with_cv, False, False, False)[LOW] == {
       "share": 0.7, "images": 600,
       "from": schemas.FLAG_RATE_FROM_CROSS_VALIDATION}
+  # A threshold chosen on the out-of-fold predictions: each fold at the
+  # threshold the other folds chose, not at its validation threshold.
+  on_cv = with_cv.replace(flagging=md.Flagging(
+      val=_stats(90, 0.6), chosen_on=schemas.THRESHOLD_ON_CV,
+      out_of_fold={"pooled": {"count": 600, "flagged_share": 0.55}}))
+  assert flag_rates.expected(on_cv, False, False, False)[LOW] == {
+      "share": 0.55, "images": 600,
+      "from": schemas.FLAG_RATE_FROM_CROSS_VALIDATION}
   # A recalibrated artifact keeps its parent's blocks; only its site
   # sample speaks for its new threshold.
   fit_only = with_cv.replace(recalibration=md.Recalibration(

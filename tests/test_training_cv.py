@@ -201,6 +201,24 @@ def _check_predictions(output, report):
         int(np.argmax(probabilities))]
     assert row["low_confidence"] == (row["confidence"] < row["threshold"])
     assert row["out_of_distribution"] is not None
+  # The threshold train would choose on them, and each fold at the one
+  # the other folds chose.
+  flagging = report[cv.OUT_OF_FOLD_FLAGGING]
+  confidence = table.column("confidence").to_numpy()
+  correct = np.asarray([r["label"] == r["predicted_class"] for r in rows])
+  fold_of = table.column("fold").to_numpy()
+  assert flagging["count"] == len(rows)
+  assert flagging["threshold"] == calibration.choose_threshold(
+      confidence, correct, flagging["target_accuracy"],
+      flagging["rule"]).threshold
+  for fold in flagging["folds"]:
+    held = fold_of == fold["fold"]
+    assert fold["threshold"] == calibration.choose_threshold(
+        confidence[~held], correct[~held], flagging["target_accuracy"],
+        flagging["rule"]).threshold
+    assert fold["count"] == held.sum()
+  assert flagging["pooled"]["flagged"] == sum(f["flagged"]
+                                              for f in flagging["folds"])
   pooled = report["pooled"]
   accuracy, flagged, unflagged = duckdb.sql(
       f"SELECT avg((label = predicted_class)::INT), avg(low_confidence::INT),"
@@ -210,6 +228,25 @@ def _check_predictions(output, report):
   assert flagged == pytest.approx(pooled["flagged_share"])
   if pooled["accuracy_unflagged"] is not None:
     assert unflagged == pytest.approx(pooled["accuracy_unflagged"])
+
+
+def test_out_of_fold_flagging_by_hand():
+  """Fold 0's threshold is chosen on folds 1 and 2 alone, and so on."""
+  confidence = np.array([0.9, 0.8, 0.6, 0.95, 0.7, 0.5, 0.85, 0.75, 0.55])
+  correct = np.array([1, 1, 0, 1, 0, 0, 1, 1, 0], bool)
+  fold_of = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
+  block = cv.out_of_fold_flagging(confidence, correct, fold_of, 1.0,
+                                  schemas.THRESHOLD_RULE_OBSERVED)
+  # All rows: every prediction at 0.75 or above is right, 0.7 is wrong.
+  assert block["threshold"] == 0.75 and block["target_reached"]
+  # Without fold 0: 0.75 still; without fold 1: 0.75; without fold 2
+  # (0.85, 0.75 gone): 0.8.
+  assert [f["threshold"] for f in block["folds"]] == [0.75, 0.75, 0.8]
+  assert [f["flagged"] for f in block["folds"]] == [1, 2, 2]
+  assert block["pooled"]["flagged"] == 5 and block["pooled"]["count"] == 9
+  assert block["pooled"]["accuracy_confident"] == 1.0
+  assert block["summary"]["flagged_share"]["mean"] == pytest.approx(5 / 9)
+  assert block["summary"]["flagged_share"]["n"] == 3
 
 
 def test_cv_refuses_bad_flags(cv_data, capsys):
@@ -258,6 +295,22 @@ def test_train_overwrite_without_cv_drops_the_old_report(tmp_path, cv_data,
   with open(os.path.join(output, schemas.METADATA_FILE)) as f:
     with_cv = json.load(f)
   assert with_cv["cross_validation"]["folds"] == 2
+  # The threshold is chosen on the folds' out-of-fold predictions (auto).
+  with open(os.path.join(output, schemas.CV_REPORT_FILE)) as f:
+    chosen = json.load(f)[cv.OUT_OF_FOLD_FLAGGING]
+  flagging = with_cv["flagging"]
+  assert flagging["chosen_on"] == schemas.THRESHOLD_ON_CV
+  assert flagging["chosen_count"] == with_cv["cross_validation"]["images"]
+  assert flagging["threshold"] == chosen["threshold"] == with_cv["threshold"]
+  assert flagging["out_of_fold"] == chosen
+  with open(os.path.join(output, schemas.MODEL_CARD_FILE)) as f:
+    assert "out-of-fold predictions of the cross-validation above" \
+        " (`--threshold_on cv`)" in f.read()
+  assert "chosen on the " in capsys.readouterr().out
+  assert cli.main(base + ["--cv_folds", "0", "--threshold_on", "cv",
+                          "--overwrite"]) == 2
+  assert "--threshold_on cv needs out-of-fold predictions" in \
+      capsys.readouterr().err
   capsys.readouterr()
   assert cli.main(base + ["--cv_folds", "0", "--overwrite"]) == 0
   assert "nothing held out" in capsys.readouterr().out
@@ -269,9 +322,11 @@ def test_train_overwrite_without_cv_drops_the_old_report(tmp_path, cv_data,
   # The final model is the same with or without the folds before it: each
   # fit draws from its own seed (dropout included), and each image's views
   # from its own position (cv computes them for every image, train without
-  # it for the training images only).
-  for key in ("temperature", "threshold"):
-    assert without_cv[key] == with_cv[key], key
+  # it for the training images only). Only the threshold differs: with
+  # folds it was chosen on their predictions, without on validation.
+  assert without_cv["temperature"] == with_cv["temperature"]
+  assert without_cv["flagging"]["chosen_on"] == \
+      schemas.THRESHOLD_ON_VALIDATION
   assert (without_cv["training"]["history"]
           == with_cv["training"]["history"])
   # Views 2 and 3 were drawn; 3 had the scanner degradations, both could
@@ -419,6 +474,8 @@ def test_train_takes_the_figures_of_a_matching_cv_report(tmp_path, cv_data,
   assert "cross_validation" not in metadata["training"]["seconds"]
   with open(os.path.join(output, schemas.CV_REPORT_FILE)) as f:
     assert json.load(f) == report
+  assert metadata["flagging"]["chosen_on"] == schemas.THRESHOLD_ON_CV
+  assert metadata["threshold"] == report[cv.OUT_OF_FOLD_FLAGGING]["threshold"]
   # Its out-of-fold predictions travel with it into the artifact.
   predictions = pq.read_table(os.path.join(measured,
                                            schemas.CV_PREDICTIONS_FILE))
@@ -442,6 +499,22 @@ def test_train_takes_the_figures_of_a_matching_cv_report(tmp_path, cv_data,
                                                schemas.CV_REPORT_FILE)]
                   + recipe_flags) == 2
   assert "has the columns" in capsys.readouterr().err
+  # Without predictions (a report from before them), auto chooses on
+  # validation and --threshold_on cv is refused before any fit.
+  os.remove(os.path.join(measured, schemas.CV_PREDICTIONS_FILE))
+  assert cli.main(["train", "--output", str(tmp_path / "old"),
+                   "--cv_report", os.path.join(measured,
+                                               schemas.CV_REPORT_FILE),
+                   "--threshold_on", "cv"] + recipe_flags) == 2
+  assert "this run has none" in capsys.readouterr().err
+  assert not os.path.exists(str(tmp_path / "old"))
+  assert cli.main(["train", "--output", str(tmp_path / "old"),
+                   "--cv_report", os.path.join(measured,
+                                               schemas.CV_REPORT_FILE)]
+                  + recipe_flags) == 0
+  with open(os.path.join(str(tmp_path / "old"), schemas.METADATA_FILE)) as f:
+    assert json.load(f)["flagging"]["chosen_on"] == \
+        schemas.THRESHOLD_ON_VALIDATION
   pq.write_table(predictions,
                  os.path.join(measured, schemas.CV_PREDICTIONS_FILE))
   assert "| cross-validation folds run first | 0 (the figures above: an" \

@@ -133,13 +133,102 @@ def summarise(per_fold: Sequence[Dict]) -> Dict[str, Dict]:
   Folds where a figure is undefined (None) are left out of its mean; "n"
   says how many folds it is over.
   """
-  summary = {}
-  for name in SCALARS:
-    values = [f[name] for f in per_fold if f.get(name) is not None]
-    mean = float(np.mean(values)) if values else None
-    sd = float(np.std(values, ddof=1)) if len(values) > 1 else None
-    summary[name] = {"mean": mean, "sd": sd, "n": len(values)}
-  return summary
+  return {name: _mean_sd([f[name] for f in per_fold
+                          if f.get(name) is not None]) for name in SCALARS}
+
+
+def _mean_sd(values: Sequence[float]) -> Dict:
+  return {"mean": float(np.mean(values)) if values else None,
+          "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+          "n": len(values)}
+
+
+def out_of_fold_flagging(confidence: np.ndarray, correct: np.ndarray,
+                         fold_of: np.ndarray, target: float,
+                         rule: str) -> Dict:
+  """The review threshold chosen on out-of-fold predictions, and whether
+  such a threshold holds on images it was not chosen on.
+
+  `train` can choose its threshold on every image's out-of-fold prediction
+  (hundreds of images) instead of its validation split (tens): the
+  "threshold" here. To measure that route without fooling itself, each fold
+  also gets a threshold chosen on the other folds' rows alone and is scored
+  at it ("folds", "pooled", "summary").
+
+  Args:
+    confidence: calibrated top probability of each out-of-fold prediction.
+    correct: whether each was right.
+    fold_of: the fold each row was held out in.
+    target: --target_accuracy.
+    rule: a schemas.THRESHOLD_RULES name.
+
+  Returns:
+    JSON-ready: "rule", "target_accuracy", "count", "threshold" and
+    "target_reached" (chosen on every row); "folds" (per fold, the threshold
+    the other folds chose and `calibration.flag_stats` of the fold at it);
+    "pooled" (flag_stats of every row at its fold's nested threshold) and
+    "summary" (mean ± sd over folds of flagged_share and
+    accuracy_confident).
+  """
+  confidence = np.asarray(confidence, np.float64)
+  correct = np.asarray(correct, bool)
+  fold_of = np.asarray(fold_of)
+  chosen = calibration.choose_threshold(confidence, correct, target, rule)
+  nested = np.empty_like(confidence)
+  folds = []
+  for k in sorted(set(fold_of.tolist())):
+    held = fold_of == k
+    choice = calibration.choose_threshold(confidence[~held], correct[~held],
+                                          target, rule)
+    nested[held] = choice.threshold
+    folds.append({"fold": int(k), "target_reached": choice.reached,
+                  **calibration.flag_stats(confidence[held], correct[held],
+                                           choice.threshold)})
+  pooled = calibration.flag_stats(confidence - nested, correct, 0.0)
+  pooled["threshold"] = None
+  summary = {name: _mean_sd([f[name] for f in folds if f[name] is not None])
+             for name in ("flagged_share", "accuracy_confident")}
+  return {"rule": rule, "target_accuracy": float(target),
+          "count": int(confidence.size), "threshold": chosen.threshold,
+          "target_reached": chosen.reached, "folds": folds, "pooled": pooled,
+          "summary": summary}
+
+
+# The report's block of `out_of_fold_flagging` (absent from reports from
+# before it, and null without --target_accuracy).
+OUT_OF_FOLD_FLAGGING = "out_of_fold_flagging"
+
+
+def predictions_flagging(table: pa.Table, config: TrainConfig,
+                         calibrated: bool) -> Optional[Dict]:
+  """`out_of_fold_flagging` of a cv_predictions table at `config`'s
+  --target_accuracy and --threshold_rule (None without a target).
+
+  `calibrated`: whether every fold fitted its temperature; the "expected"
+  rule needs that, and "observed" chooses without it (as
+  `recipe.choose_flagging` does on validation).
+  """
+  if config.target_accuracy is None:
+    return None
+  rule = (config.threshold_rule if calibrated else
+          schemas.THRESHOLD_RULE_OBSERVED)
+  labels = np.asarray(table.column("label").to_pylist())
+  predicted = np.asarray(table.column("predicted_class").to_pylist())
+  return out_of_fold_flagging(
+      table.column("confidence").to_numpy(), labels == predicted,
+      table.column(schemas.COLUMN_FOLD).to_numpy(), config.target_accuracy,
+      rule)
+
+
+def report_flagging(report: Optional[Dict], config: TrainConfig
+                   ) -> Optional[Dict]:
+  """`predictions_flagging` of a report's out-of-fold predictions; None
+  when it holds none (reports from before them) or there is no target."""
+  if not report or report.get(PREDICTIONS) is None:
+    return None
+  return predictions_flagging(
+      report[PREDICTIONS], config,
+      all(f.get("calibration_fitted", True) for f in report["folds"]))
 
 
 def _cell(value: Optional[float]) -> str:
@@ -168,12 +257,31 @@ def format_table(report: Dict) -> str:
       s = report["summary"][name]
       row += f"{_cell(s['mean']) + ' ± ' + _cell(s['sd']):>16}"
     lines.append(row)
+  flagging = report.get(OUT_OF_FOLD_FLAGGING)
+  if flagging:
+    summary = flagging["summary"]
+    lines += [
+        "",
+        f"Threshold chosen on all {flagging['count']} out-of-fold"
+        f" predictions ({flagging['rule']} rule, target"
+        f" {flagging['target_accuracy']:g}): {flagging['threshold']:.4f}"
+        + ("" if flagging["target_reached"] else " (target not reached)")
+        + ".",
+        "Chosen on the other folds and applied to each: flagged"
+        f" {_cell(summary['flagged_share']['mean'])} ±"
+        f" {_cell(summary['flagged_share']['sd'])}, accuracy not flagged"
+        f" {_cell(summary['accuracy_confident']['mean'])} ±"
+        f" {_cell(summary['accuracy_confident']['sd'])} (pooled"
+        f" {_cell(flagging['pooled']['flagged_share'])} flagged,"
+        f" {_cell(flagging['pooled']['accuracy_confident'])} right).",
+    ]
   return "\n".join(lines)
 
 
 # TrainConfig fields a report's "settings" leave out: where a run writes, and
 # what `train` does around the recipe.
-_NOT_RECIPE = ("output", "overwrite", "name", "cv_folds", "cv_report")
+_NOT_RECIPE = ("output", "overwrite", "name", "cv_folds", "cv_report",
+               "threshold_on")
 # Recorded but not compared by `matching_report`: the globs (the data
 # fingerprint, class counts and image size say whether the images are the
 # same) and train's test share (the folds never hold out a test split).
@@ -508,6 +616,8 @@ def run_folds(config: TrainConfig, folds: int, runner: recipe.Recipe,
   temperatures = np.concatenate([np.full(r["counts"]["test"],
                                          r["temperature"]) for r in results])
   settings = recipe_settings(config)
+  predictions = predictions_table(data, order, fold_of, pooled_probabilities,
+                                  temperatures, thresholds, pooled_ood)
   return {
       "folds_count": folds,
       "images": int(len(data.labels)),
@@ -521,9 +631,9 @@ def run_folds(config: TrainConfig, folds: int, runner: recipe.Recipe,
       "summary": summarise([r["test"] for r in results]),
       "seconds": {"folds": round(time.perf_counter() - started, 2)},
       "package_version": schemas.PACKAGE_VERSION,
-      PREDICTIONS: predictions_table(data, order, fold_of,
-                                     pooled_probabilities, temperatures,
-                                     thresholds, pooled_ood),
+      OUT_OF_FOLD_FLAGGING: predictions_flagging(
+          predictions, config, all(r["calibration_fitted"] for r in results)),
+      PREDICTIONS: predictions,
   }
 
 

@@ -8,7 +8,7 @@ shown as "n/a".
 """
 
 import math
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import schemas
 from schemas import artifact as artifact_schema
@@ -390,16 +390,20 @@ def _threshold_section(metadata: ArtifactMetadata) -> List[str]:
                  " at its threshold then, on its own splits.")
   elif source == schemas.THRESHOLD_TARGET_ACCURACY:
     target = metadata.target_accuracy
+    on_cv = flagging.chosen_on == schemas.THRESHOLD_ON_CV
+    where = "out-of-fold" if on_cv else "validation"
     lines.append(
-        f"Source: `--target_accuracy {_num(target)}`: the lowest validation"
+        f"Source: `--target_accuracy {_num(target)}`: the lowest {where}"
         " confidence at which the "
-        + _rule_phrase(flagging.rule, "validation")
+        + _rule_phrase(flagging.rule, where)
         + f" reaches {_pct(target)}, after calibration.")
+    if on_cv:
+      lines += ["", *_out_of_fold_lines(flagging.out_of_fold)]
     if flagging.target_reached is False:
       lines += ["", f"> **The target {_pct(target)} was not reached** on"
-                " validation at any threshold: the threshold fell back to the"
-                " highest validation confidence, which flags nearly every"
-                " image. The model is not fit for this target."]
+                f" {where} images at any threshold: the threshold fell back"
+                f" to the highest {where} confidence, which flags nearly"
+                " every image. The model is not fit for this target."]
   else:
     lines.append("Source: fixed (`--threshold`).")
   lines.append("")
@@ -418,9 +422,12 @@ def _threshold_section(metadata: ArtifactMetadata) -> List[str]:
     lines += _table(["threshold", "split", "images", "flagged",
                      "accuracy, not flagged", "accuracy, flagged",
                      "accuracy, all"], rows)
+    chose = ("Validation stopped the training and fitted the temperature"
+             if flagging.chosen_on == schemas.THRESHOLD_ON_CV else
+             "Validation chose the threshold (and stopped the training and"
+             " fitted the temperature)")
     lines += ["", "The images not flagged are the ones a reader might be"
-              " tempted to trust. Validation chose the threshold (and"
-              " stopped the training and fitted the temperature), so its"
+              f" tempted to trust. {chose}, so its"
               " figures are in-sample; the honest ones are the test split's"
               " when there is one, and the cross-validated ones above" +
               ("." if _cross_validated(metadata) else
@@ -430,11 +437,35 @@ def _threshold_section(metadata: ArtifactMetadata) -> List[str]:
   return lines + ["", _LOCAL_DATA_NOTE, ""]
 
 
+def _out_of_fold_lines(block: Dict) -> List[str]:
+  """What a threshold chosen on cv's out-of-fold predictions rests on, and
+  how the same choice held on folds it was not made on."""
+  summary, pooled = block["summary"], block["pooled"]
+  flagged, right = summary["flagged_share"], summary["accuracy_confident"]
+  return [
+      f"It was chosen on the {block['count']} out-of-fold predictions of"
+      " the cross-validation above (`--threshold_on cv`): every training"
+      " image, scored by the fold model that never saw it and calibrated by"
+      " that fold's temperature, rather than the validation split alone."
+      " The final model, trained on more images, is taken to be calibrated"
+      " like its fold models.",
+      "",
+      "Chosen the same way on all folds but one and applied to that one,"
+      f" it flagged {_pct(flagged['mean'])} ± {_pct(flagged['sd'])} of each"
+      f" fold, with {_num(right['mean'])} ± {_num(right['sd'])} accuracy on"
+      f" the rest (pooled over the {_or_na(pooled['count'])} images:"
+      f" {_pct(pooled['flagged_share'])} flagged,"
+      f" {_num(pooled['accuracy_confident'])} right on the rest). These are"
+      " the threshold's held-out figures; the split rows below are"
+      " in-sample for validation."]
+
+
 # Said on every card: a threshold chosen on one data set says little about
 # another site's images, and the two commands that find out and fix it.
 _LOCAL_DATA_NOTE = "\n".join([
     "**The threshold's accuracy holds only for data like the images it was"
-    " chosen on** (the validation split; for a recalibrated artifact, the"
+    " chosen on** (the validation split or the cross-validation's"
+    " out-of-fold predictions; for a recalibrated artifact, the"
     " site sample's fit part). Before relying on it at another site or"
     " scanner, check it on labelled local images (`metrics.json` →"
     " `flagging`, `ece`):",

@@ -399,6 +399,12 @@ def train_resolved(config: TrainConfig) -> TrainConfig:
           " same flags first and pass its cv.json with --cv_report.")
     else:
       folds = DEFAULT_FOLDS
+    if (folds == 0 and not config.cv_report
+        and config.threshold_on == schemas.THRESHOLD_ON_CV):
+      raise ValueError(
+          "--threshold_on cv needs out-of-fold predictions, and auto ran no"
+          " cross-validation here: pass --cv_folds N, or --cv_report with an"
+          " earlier `python -m training cv` run's cv.json")
   return dataclasses.replace(config, cv_folds=folds)
 
 
@@ -617,7 +623,8 @@ def fit_calibration(config: TrainConfig, val_logits: np.ndarray,
 
 
 def choose_flagging(config: TrainConfig, val, test,
-                    calibrated: bool = True) -> Dict:
+                    calibrated: bool = True,
+                    out_of_fold: Optional[Dict] = None) -> Dict:
   """The review threshold and what it (and the fixed one) flags.
 
   Args:
@@ -627,6 +634,9 @@ def choose_flagging(config: TrainConfig, val, test,
       takes the confidences for the accuracy they predict, which only a
       fitted temperature justifies: without one the "observed" rule
       chooses, and the block records it.
+    out_of_fold: for --target_accuracy, a threshold chosen on cv's
+      out-of-fold predictions instead of on `val`
+      (`cv.out_of_fold_flagging`); the block keeps it.
 
   Returns:
     The "flagging" metadata block.
@@ -639,7 +649,13 @@ def choose_flagging(config: TrainConfig, val, test,
            "target_accuracy": config.target_accuracy,
            "target_reached": None}
   threshold = float(config.threshold)
-  if config.target_accuracy is not None:
+  if config.target_accuracy is not None and out_of_fold is not None:
+    threshold = out_of_fold["threshold"]
+    block.update(source=schemas.THRESHOLD_TARGET_ACCURACY,
+                 target_reached=out_of_fold["target_reached"],
+                 rule=out_of_fold["rule"], chosen_on=schemas.THRESHOLD_ON_CV,
+                 chosen_count=out_of_fold["count"], out_of_fold=out_of_fold)
+  elif config.target_accuracy is not None:
     rule = config.threshold_rule
     if rule == schemas.THRESHOLD_RULE_EXPECTED and not calibrated:
       _LOG.warning("No fitted temperature: the threshold is chosen on the"
@@ -649,7 +665,9 @@ def choose_flagging(config: TrainConfig, val, test,
     choice = calibration.choose_threshold(*val, config.target_accuracy, rule)
     threshold = choice.threshold
     block.update(source=schemas.THRESHOLD_TARGET_ACCURACY,
-                 target_reached=choice.reached, rule=rule)
+                 target_reached=choice.reached, rule=rule,
+                 chosen_on=schemas.THRESHOLD_ON_VALIDATION,
+                 chosen_count=int(len(val[0])))
   block.update(threshold=threshold, val=stats(val, threshold),
                test=stats(test, threshold))
   block["fixed"] = {"threshold": float(config.threshold),

@@ -100,6 +100,9 @@ def train(config: TrainConfig) -> TrainResult:
     # Checked before anything is built or written.
     measured = (cv.matching_report(config.cv_report, config, read.data)
                 if config.cv_report else None)
+    if measured:
+      # --threshold_on cv needs its predictions: checked before any fit.
+      threshold.out_of_fold(config, measured)
     if config.overwrite:
       save.remove_stale(config)
   work = save.work_dir(config.output)
@@ -112,8 +115,9 @@ def train(config: TrainConfig) -> TrainResult:
   with clock.step("calibration"):
     val = measure.score_val(fitted.runner, read.data, splits)
     cal = calibrate.calibrate(fitted.model, config, val, test)
-    flagging = threshold.choose(config, val, test, cal.temperature,
-                                bool(cal.fitted))
+    flagging = threshold.choose(
+        config, val, test, cal.temperature, bool(cal.fitted),
+        threshold.out_of_fold(config, fitted.cv_report))
   with clock.step("ood"):
     detector = ood_detector.fit(
         config, fitted.runner, splits.train, splits.val, splits.test,
@@ -171,11 +175,20 @@ def _calibration_lines(metadata: ArtifactMetadata) -> Iterator[str]:
     yield (f"Test ECE ({cal.bins} bins, {cal.count} images):"
            f" {_num(cal.ece_before)} before, {_num(cal.ece_after)} after")
   source = "fixed"
+  on_cv = flagging.chosen_on == schemas.THRESHOLD_ON_CV
   if flagging.source == schemas.THRESHOLD_TARGET_ACCURACY:
+    where = (f"the {flagging.chosen_count} out-of-fold predictions" if on_cv
+             else "validation")
     source = (f"target accuracy {flagging.target_accuracy:g}, "
-              + calibration.rule_words(flagging.rule, "validation")
+              + calibration.rule_words(flagging.rule, where)
+              + (f", chosen on {where}" if on_cv else "")
               + ("" if flagging.target_reached else ", NOT reached"))
   yield f"Review threshold {flagging.threshold:.4f} ({source})"
+  if on_cv:
+    nested = metadata_schema.FlagStats.from_json(
+        flagging.out_of_fold["pooled"])
+    yield ("  each fold at the threshold its other folds chose: "
+           + _format_flagging("out-of-fold", nested))
   for name, stats in (("validation", flagging.val), ("test", flagging.test)):
     if stats:
       yield "  " + _format_flagging(name, stats)
