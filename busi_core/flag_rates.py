@@ -76,7 +76,8 @@ def _low_confidence(metadata: ArtifactMetadata) -> Dict:
   flagging = metadata.flagging
   if (flagging is not None and flagging.out_of_fold
       and flagging.chosen_on == schemas.THRESHOLD_ON_CV):
-    pooled = flagging.out_of_fold["pooled"]
+    stats = flagging.out_of_fold.pooled
+    pooled = {"flagged_share": stats.flagged_share, "count": stats.count}
   else:
     pooled = (metadata.cross_validation.pooled or {}
               if metadata.cross_validation is not None else {})

@@ -7,6 +7,7 @@ the project re-declares them.
 
 from schemas.artifact import (
     ARTIFACT_FORMAT_VERSION,
+    CV_OUT_OF_FOLD_FLAGGING,
     CV_PREDICTIONS_FILE,
     CV_REPORT_FILE,
     GRADCAM_LAYER,

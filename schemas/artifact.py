@@ -23,6 +23,9 @@ CV_REPORT_FILE = "cv.json"
 # (schemas.tables.cv_predictions_schema), for SQL and for choosing a review
 # threshold on all the data instead of one validation split.
 CV_PREDICTIONS_FILE = "cv_predictions.parquet"
+# cv.json block: a threshold chosen on those predictions, and each fold at
+# one chosen on the others (schemas.metadata.OutOfFoldFlagging).
+CV_OUT_OF_FOLD_FLAGGING = "out_of_fold_flagging"
 # metadata.json block: the recipe's cross-validated figures on the training
 # data (null without): folds, images, settings, pooled, summary, and its
 # "source": run by `train` itself, or an earlier `cv` run's report of the

@@ -235,9 +235,8 @@ class Flagging(Record):
   # images it was chosen on.
   chosen_on: Optional[str] = optional()
   chosen_count: Optional[int] = optional()
-  # Chosen on cv's out-of-fold predictions: `training.cv.out_of_fold_flagging`
-  # (the threshold, and each fold at a threshold the other folds chose).
-  out_of_fold: JSON = optional()
+  # Chosen on cv's out-of-fold predictions: how, and how it held.
+  out_of_fold: Optional["OutOfFoldFlagging"] = optional()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -343,6 +342,31 @@ class FigureSummary(Record):
   mean: Optional[float] = optional()
   sd: Optional[float] = optional()
   n: Optional[int] = optional()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OutOfFoldFold(FlagStats):
+  """One fold at the threshold the other folds' predictions chose."""
+  fold: Optional[int] = optional()
+  target_reached: Optional[bool] = optional()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OutOfFoldFlagging(Record):
+  """A review threshold chosen on cv's out-of-fold predictions
+  (`training.cv.out_of_fold_flagging`; cv.json's CV_OUT_OF_FOLD_FLAGGING,
+  and "flagging" → "out_of_fold" of an artifact whose threshold it is)."""
+  rule: Optional[str] = optional()  # THRESHOLD_RULES
+  target_accuracy: Optional[float] = optional()
+  count: Optional[int] = optional()  # predictions it was chosen on
+  threshold: Optional[float] = optional()
+  target_reached: Optional[bool] = optional()
+  # Each fold at the threshold chosen the same way on the others; pooled,
+  # every row at its fold's (threshold null); mean ± sd over folds of
+  # flagged_share and accuracy_confident.
+  folds: Optional[Tuple[OutOfFoldFold, ...]] = optional()
+  pooled: Optional[FlagStats] = optional()
+  summary: Optional[Mapping[str, FigureSummary]] = optional()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

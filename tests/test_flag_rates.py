@@ -102,7 +102,7 @@ def test_expected_share_comes_from_the_best_held_out_source(metadata):
   # threshold the other folds chose, not at its validation threshold.
   on_cv = with_cv.replace(flagging=md.Flagging(
       val=_stats(90, 0.6), chosen_on=schemas.THRESHOLD_ON_CV,
-      out_of_fold={"pooled": {"count": 600, "flagged_share": 0.55}}))
+      out_of_fold=md.OutOfFoldFlagging(pooled=_stats(600, 0.55))))
   assert flag_rates.expected(on_cv, False, False, False)[LOW] == {
       "share": 0.55, "images": 600,
       "from": schemas.FLAG_RATE_FROM_CROSS_VALIDATION}

@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -203,7 +204,7 @@ def _check_predictions(output, report):
     assert row["out_of_distribution"] is not None
   # The threshold train would choose on them, and each fold at the one
   # the other folds chose.
-  flagging = report[cv.OUT_OF_FOLD_FLAGGING]
+  flagging = report[schemas.CV_OUT_OF_FOLD_FLAGGING]
   confidence = table.column("confidence").to_numpy()
   correct = np.asarray([r["label"] == r["predicted_class"] for r in rows])
   fold_of = table.column("fold").to_numpy()
@@ -297,7 +298,7 @@ def test_train_overwrite_without_cv_drops_the_old_report(tmp_path, cv_data,
   assert with_cv["cross_validation"]["folds"] == 2
   # The threshold is chosen on the folds' out-of-fold predictions (auto).
   with open(os.path.join(output, schemas.CV_REPORT_FILE)) as f:
-    chosen = json.load(f)[cv.OUT_OF_FOLD_FLAGGING]
+    chosen = json.load(f)[schemas.CV_OUT_OF_FOLD_FLAGGING]
   flagging = with_cv["flagging"]
   assert flagging["chosen_on"] == schemas.THRESHOLD_ON_CV
   assert flagging["chosen_count"] == with_cv["cross_validation"]["images"]
@@ -475,7 +476,7 @@ def test_train_takes_the_figures_of_a_matching_cv_report(tmp_path, cv_data,
   with open(os.path.join(output, schemas.CV_REPORT_FILE)) as f:
     assert json.load(f) == report
   assert metadata["flagging"]["chosen_on"] == schemas.THRESHOLD_ON_CV
-  assert metadata["threshold"] == report[cv.OUT_OF_FOLD_FLAGGING]["threshold"]
+  assert metadata["threshold"] == report[schemas.CV_OUT_OF_FOLD_FLAGGING]["threshold"]
   # Its out-of-fold predictions travel with it into the artifact.
   predictions = pq.read_table(os.path.join(measured,
                                            schemas.CV_PREDICTIONS_FILE))
@@ -485,20 +486,25 @@ def test_train_takes_the_figures_of_a_matching_cv_report(tmp_path, cv_data,
     card = f.read()
   assert "passed to `train` with `--cv_report`" in card
   # Predictions that are not the report's are refused, not carried along.
-  pq.write_table(predictions.slice(1),
-                 os.path.join(measured, schemas.CV_PREDICTIONS_FILE))
-  assert cli.main(["train", "--output", str(tmp_path / "stale"),
-                   "--cv_report", os.path.join(measured,
-                                               schemas.CV_REPORT_FILE)]
-                  + recipe_flags) == 2
-  assert "does not hold the report's images" in capsys.readouterr().err
-  pq.write_table(predictions.drop_columns(["temperature"]),
-                 os.path.join(measured, schemas.CV_PREDICTIONS_FILE))
-  assert cli.main(["train", "--output", str(tmp_path / "stale"),
-                   "--cv_report", os.path.join(measured,
-                                               schemas.CV_REPORT_FILE)]
-                  + recipe_flags) == 2
-  assert "has the columns" in capsys.readouterr().err
+  for stale, message in ((predictions.slice(1),
+                          "does not hold the report's images"),
+                         (predictions.drop_columns(["temperature"]),
+                          "has the columns"),
+                         # Same folds, another recipe's fits.
+                         (predictions.set_column(
+                             predictions.schema.get_field_index(
+                                 schemas.COLUMN_TEMPERATURE),
+                             predictions.schema.field(
+                                 schemas.COLUMN_TEMPERATURE),
+                             pa.array(predictions.column(
+                                 schemas.COLUMN_TEMPERATURE).to_numpy() * 2)),
+                          "at that fold's temperature")):
+    pq.write_table(stale, os.path.join(measured, schemas.CV_PREDICTIONS_FILE))
+    assert cli.main(["train", "--output", str(tmp_path / "stale"),
+                     "--cv_report", os.path.join(measured,
+                                                 schemas.CV_REPORT_FILE)]
+                    + recipe_flags) == 2
+    assert message in capsys.readouterr().err
   # Without predictions (a report from before them), auto chooses on
   # validation and --threshold_on cv is refused before any fit.
   os.remove(os.path.join(measured, schemas.CV_PREDICTIONS_FILE))
@@ -527,3 +533,30 @@ def test_train_takes_the_figures_of_a_matching_cv_report(tmp_path, cv_data,
   assert ("malignant_weight: 2.0 in the report, 3.0 here"
           in capsys.readouterr().err)
   assert not os.path.exists(str(tmp_path / "other"))
+
+
+@pytest.mark.slow
+def test_the_test_split_never_helps_choose_the_threshold(tmp_path, cv_data):
+  """train's folds score every image, the test split's too; those rows are
+  left out when the threshold is chosen on the out-of-fold predictions."""
+  output = str(tmp_path / "model")
+  assert cli.main(["train", "--data", cv_data[0], "--output", output,
+                   "--backbone", "tiny", "--backbone_weights", "none",
+                   "--epochs", "2", "--augment_views", "1",
+                   "--val_fraction", "0.25", "--test_fraction", "0.25",
+                   "--cv_folds", "2", "--threshold_rule", "observed"]) == 0
+  with open(os.path.join(output, schemas.METADATA_FILE)) as f:
+    metadata = json.load(f)
+  with open(os.path.join(output, schemas.SPLIT_FILE)) as f:
+    test_ids = set(json.load(f)["test"])
+  assert test_ids
+  table = pq.read_table(os.path.join(output, schemas.CV_PREDICTIONS_FILE))
+  assert table.num_rows == metadata["cross_validation"]["images"]
+  flagging = metadata["flagging"]
+  assert flagging["chosen_on"] == schemas.THRESHOLD_ON_CV
+  assert flagging["chosen_count"] == table.num_rows - len(test_ids)
+  kept = [r for r in table.to_pylist() if r["image_id"] not in test_ids]
+  assert flagging["threshold"] == calibration.choose_threshold(
+      [r["confidence"] for r in kept],
+      [r["label"] == r["predicted_class"] for r in kept],
+      flagging["target_accuracy"], schemas.THRESHOLD_RULE_OBSERVED).threshold

@@ -275,12 +275,14 @@ def test_existing_output_needs_overwrite(site, tmp_path, capsys):
   testing.make_test_artifact(str(output), image_size=SIZE)
   # A companion of that other artifact that the parent does not have.
   (output / schemas.artifact.TRAINING_CURVES_FILE).write_bytes(b"old")
+  (output / schemas.CV_PREDICTIONS_FILE).write_bytes(b"old")
   assert _run(site, output) == 2
   assert "--overwrite" in capsys.readouterr().err
   assert _metadata(output).training.untrained_test_artifact
   assert _run(site, output, "--overwrite") == 0
   assert _metadata(output).parent_model_version
   assert not (output / schemas.artifact.TRAINING_CURVES_FILE).exists()
+  assert not (output / schemas.CV_PREDICTIONS_FILE).exists()
 
 
 def test_output_must_not_be_the_parent(site, tmp_path, capsys):

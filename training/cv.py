@@ -23,6 +23,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 import keras
 
@@ -163,12 +164,10 @@ def out_of_fold_flagging(confidence: np.ndarray, correct: np.ndarray,
     rule: a schemas.THRESHOLD_RULES name.
 
   Returns:
-    JSON-ready: "rule", "target_accuracy", "count", "threshold" and
-    "target_reached" (chosen on every row); "folds" (per fold, the threshold
-    the other folds chose and `calibration.flag_stats` of the fold at it);
-    "pooled" (flag_stats of every row at its fold's nested threshold) and
-    "summary" (mean ± sd over folds of flagged_share and
-    accuracy_confident).
+    JSON-ready `schemas.metadata.OutOfFoldFlagging`: the threshold chosen
+    on every row; per fold, the threshold the other folds chose and
+    `calibration.flag_stats` of the fold at it; pooled, every row at its
+    fold's; mean ± sd over folds of flagged_share and accuracy_confident.
   """
   confidence = np.asarray(confidence, np.float64)
   correct = np.asarray(correct, bool)
@@ -181,22 +180,20 @@ def out_of_fold_flagging(confidence: np.ndarray, correct: np.ndarray,
     choice = calibration.choose_threshold(confidence[~held], correct[~held],
                                           target, rule)
     nested[held] = choice.threshold
-    folds.append({"fold": int(k), "target_reached": choice.reached,
-                  **calibration.flag_stats(confidence[held], correct[held],
-                                           choice.threshold)})
-  pooled = calibration.flag_stats(confidence - nested, correct, 0.0)
-  pooled["threshold"] = None
-  summary = {name: _mean_sd([f[name] for f in folds if f[name] is not None])
+    folds.append(metadata_schema.OutOfFoldFold(
+        fold=int(k), target_reached=choice.reached,
+        **calibration.flag_stats(confidence[held], correct[held],
+                                 choice.threshold)))
+  pooled = metadata_schema.FlagStats(
+      **{**calibration.flag_stats(confidence - nested, correct, 0.0),
+         "threshold": None})
+  summary = {name: metadata_schema.FigureSummary(**_mean_sd(
+      [getattr(f, name) for f in folds if getattr(f, name) is not None]))
              for name in ("flagged_share", "accuracy_confident")}
-  return {"rule": rule, "target_accuracy": float(target),
-          "count": int(confidence.size), "threshold": chosen.threshold,
-          "target_reached": chosen.reached, "folds": folds, "pooled": pooled,
-          "summary": summary}
-
-
-# The report's block of `out_of_fold_flagging` (absent from reports from
-# before it, and null without --target_accuracy).
-OUT_OF_FOLD_FLAGGING = "out_of_fold_flagging"
+  return metadata_schema.OutOfFoldFlagging(
+      rule=rule, target_accuracy=float(target), count=int(confidence.size),
+      threshold=chosen.threshold, target_reached=chosen.reached,
+      folds=tuple(folds), pooled=pooled, summary=summary).to_json()
 
 
 def predictions_flagging(table: pa.Table, config: TrainConfig,
@@ -220,14 +217,21 @@ def predictions_flagging(table: pa.Table, config: TrainConfig,
       rule)
 
 
-def report_flagging(report: Optional[Dict], config: TrainConfig
-                   ) -> Optional[Dict]:
-  """`predictions_flagging` of a report's out-of-fold predictions; None
-  when it holds none (reports from before them) or there is no target."""
+def report_flagging(report: Optional[Dict], config: TrainConfig,
+                    excluded: Sequence[str] = ()) -> Optional[Dict]:
+  """`predictions_flagging` of a report's out-of-fold predictions, without
+  the rows of the `excluded` image_ids (a test split, which must not help
+  choose); None when it holds none (reports from before them) or there is
+  no target."""
   if not report or report.get(PREDICTIONS) is None:
     return None
+  table = report[PREDICTIONS]
+  if len(excluded):
+    table = table.filter(pc.invert(pc.is_in(
+        table.column("image_id"), value_set=pa.array(list(excluded),
+                                                      pa.string()))))
   return predictions_flagging(
-      report[PREDICTIONS], config,
+      table, config,
       all(f.get("calibration_fitted", True) for f in report["folds"]))
 
 
@@ -257,23 +261,22 @@ def format_table(report: Dict) -> str:
       s = report["summary"][name]
       row += f"{_cell(s['mean']) + ' ± ' + _cell(s['sd']):>16}"
     lines.append(row)
-  flagging = report.get(OUT_OF_FOLD_FLAGGING)
-  if flagging:
-    summary = flagging["summary"]
+  if report.get(schemas.CV_OUT_OF_FOLD_FLAGGING):
+    flagging = metadata_schema.OutOfFoldFlagging.from_json(
+        report[schemas.CV_OUT_OF_FOLD_FLAGGING])
+    flagged = flagging.summary["flagged_share"]
+    right = flagging.summary["accuracy_confident"]
     lines += [
         "",
-        f"Threshold chosen on all {flagging['count']} out-of-fold"
-        f" predictions ({flagging['rule']} rule, target"
-        f" {flagging['target_accuracy']:g}): {flagging['threshold']:.4f}"
-        + ("" if flagging["target_reached"] else " (target not reached)")
-        + ".",
+        f"Threshold chosen on all {flagging.count} out-of-fold predictions"
+        f" ({flagging.rule} rule, target {flagging.target_accuracy:g}):"
+        f" {flagging.threshold:.4f}"
+        + ("" if flagging.target_reached else " (target not reached)") + ".",
         "Chosen on the other folds and applied to each: flagged"
-        f" {_cell(summary['flagged_share']['mean'])} ±"
-        f" {_cell(summary['flagged_share']['sd'])}, accuracy not flagged"
-        f" {_cell(summary['accuracy_confident']['mean'])} ±"
-        f" {_cell(summary['accuracy_confident']['sd'])} (pooled"
-        f" {_cell(flagging['pooled']['flagged_share'])} flagged,"
-        f" {_cell(flagging['pooled']['accuracy_confident'])} right).",
+        f" {_cell(flagged.mean)} ± {_cell(flagged.sd)}, accuracy not flagged"
+        f" {_cell(right.mean)} ± {_cell(right.sd)} (pooled"
+        f" {_cell(flagging.pooled.flagged_share)} flagged,"
+        f" {_cell(flagging.pooled.accuracy_confident)} right).",
     ]
   return "\n".join(lines)
 
@@ -377,10 +380,19 @@ def _read_predictions(path: str, report: Dict) -> Optional[pa.Table]:
               for i in f["test_image_ids"]}
   rows = set(zip(table.column("image_id").to_pylist(),
                  table.column(schemas.COLUMN_FOLD).to_pylist()))
-  if len(rows) != table.num_rows or rows != held_out:
+  # The same folds come of the same data and seed, so each fold's
+  # temperature and threshold tell this run's rows from another recipe's.
+  fitted = {(f["fold"], f["temperature"], f["threshold"])
+            for f in report["folds"]}
+  rows_fitted = set(zip(table.column(schemas.COLUMN_FOLD).to_pylist(),
+                        table.column(schemas.COLUMN_TEMPERATURE).to_pylist(),
+                        table.column("threshold").to_pylist()))
+  if (len(rows) != table.num_rows or rows != held_out
+      or not rows_fitted <= fitted):
     raise ValueError(f"--cv_report {path}: {beside} does not hold the"
                      " report's images, each once in the fold that held it"
-                     " out; it belongs to another run")
+                     " out at that fold's temperature and threshold; it"
+                     " belongs to another run")
   return table
 
 
@@ -631,7 +643,7 @@ def run_folds(config: TrainConfig, folds: int, runner: recipe.Recipe,
       "summary": summarise([r["test"] for r in results]),
       "seconds": {"folds": round(time.perf_counter() - started, 2)},
       "package_version": schemas.PACKAGE_VERSION,
-      OUT_OF_FOLD_FLAGGING: predictions_flagging(
+      schemas.CV_OUT_OF_FOLD_FLAGGING: predictions_flagging(
           predictions, config, all(r["calibration_fitted"] for r in results)),
       PREDICTIONS: predictions,
   }

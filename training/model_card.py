@@ -8,7 +8,7 @@ shown as "n/a".
 """
 
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import schemas
 from schemas import artifact as artifact_schema
@@ -309,11 +309,19 @@ def _cv_section(metadata: ArtifactMetadata) -> List[str]:
                  mean_sd, cell(name, pooled.get(name))])
   lines += _table(["figure", "mean ± sd over folds",
                    f"pooled ({pooled.get('count', NA)} images)"], rows)
+  flagging = metadata.flagging or metadata_schema.Flagging()
+  on_cv = (flagging.chosen_on == schemas.THRESHOLD_ON_CV
+           and not metadata.recalibration)
   lines += ["", "Each fold used its own chosen threshold (per fold:"
             + ", ".join(f" {_num(f.threshold, 3)}"
                         for f in report.per_fold or ())
+            + (", each chosen on the fold's validation split; this model's"
+               " was chosen on the out-of-fold predictions instead, and"
+               " Review threshold gives that route's held-out figures"
+               if on_cv else "")
             + "). Pooled: every image scored by the fold model that did not"
-            " see it. Full report: `cv.json`.", ""]
+            " see it. Full report: `cv.json`; every image's out-of-fold"
+            f" prediction: `{artifact_schema.CV_PREDICTIONS_FILE}`.", ""]
   return lines
 
 
@@ -397,7 +405,7 @@ def _threshold_section(metadata: ArtifactMetadata) -> List[str]:
         " confidence at which the "
         + _rule_phrase(flagging.rule, where)
         + f" reaches {_pct(target)}, after calibration.")
-    if on_cv:
+    if on_cv and flagging.out_of_fold:
       lines += ["", *_out_of_fold_lines(flagging.out_of_fold)]
     if flagging.target_reached is False:
       lines += ["", f"> **The target {_pct(target)} was not reached** on"
@@ -437,13 +445,17 @@ def _threshold_section(metadata: ArtifactMetadata) -> List[str]:
   return lines + ["", _LOCAL_DATA_NOTE, ""]
 
 
-def _out_of_fold_lines(block: Dict) -> List[str]:
+def _out_of_fold_lines(block: metadata_schema.OutOfFoldFlagging
+                      ) -> List[str]:
   """What a threshold chosen on cv's out-of-fold predictions rests on, and
   how the same choice held on folds it was not made on."""
-  summary, pooled = block["summary"], block["pooled"]
-  flagged, right = summary["flagged_share"], summary["accuracy_confident"]
+  pooled = block.pooled or metadata_schema.FlagStats()
+  summary = block.summary or {}
+  flagged = summary.get("flagged_share") or metadata_schema.FigureSummary()
+  right = (summary.get("accuracy_confident")
+           or metadata_schema.FigureSummary())
   return [
-      f"It was chosen on the {block['count']} out-of-fold predictions of"
+      f"It was chosen on the {_or_na(block.count)} out-of-fold predictions of"
       " the cross-validation above (`--threshold_on cv`): every training"
       " image, scored by the fold model that never saw it and calibrated by"
       " that fold's temperature, rather than the validation split alone."
@@ -451,11 +463,11 @@ def _out_of_fold_lines(block: Dict) -> List[str]:
       " like its fold models.",
       "",
       "Chosen the same way on all folds but one and applied to that one,"
-      f" it flagged {_pct(flagged['mean'])} ± {_pct(flagged['sd'])} of each"
-      f" fold, with {_num(right['mean'])} ± {_num(right['sd'])} accuracy on"
-      f" the rest (pooled over the {_or_na(pooled['count'])} images:"
-      f" {_pct(pooled['flagged_share'])} flagged,"
-      f" {_num(pooled['accuracy_confident'])} right on the rest). These are"
+      f" it flagged {_pct(flagged.mean)} ± {_pct(flagged.sd)} of each"
+      f" fold, with {_num(right.mean)} ± {_num(right.sd)} accuracy on"
+      f" the rest (pooled over the {_or_na(pooled.count)} images:"
+      f" {_pct(pooled.flagged_share)} flagged,"
+      f" {_num(pooled.accuracy_confident)} right on the rest). These are"
       " the threshold's held-out figures; the split rows below are"
       " in-sample for validation."]
 
@@ -816,6 +828,9 @@ def _files_section(metadata: ArtifactMetadata) -> List[str]:
            (artifact_schema.CV_REPORT_FILE, "the cross-validation of the"
             " recipe run before training, or the `--cv_report` given (per"
             " fold, pooled, mean ± sd)"),
+           (artifact_schema.CV_PREDICTIONS_FILE, "each image's out-of-fold"
+            " prediction from that cross-validation (Parquet; absent for"
+            " reports from before it)"),
            (artifact_schema.TRAINING_CURVES_FILE, "loss and accuracy per"
             " epoch"),
            (artifact_schema.SPLIT_FILE, "image_ids and dHashes of each"
@@ -823,7 +838,8 @@ def _files_section(metadata: ArtifactMetadata) -> List[str]:
            (schemas.OOD_FILE, "the out-of-distribution detector (mean and"
             " precision matrix; numpy .npz, no pickle)")]
   if not _cross_validated(metadata):  # `--cv_folds 0` writes no cv.json
-    files = [f for f in files if f[0] != artifact_schema.CV_REPORT_FILE]
+    files = [f for f in files if f[0] not in (
+        artifact_schema.CV_REPORT_FILE, artifact_schema.CV_PREDICTIONS_FILE)]
   return (["## Files", ""] +
           _table(["file", "content"], [[f"`{n}`", d] for n, d in files]) +
           ["", "(An untrained test artifact has only the first three and this"

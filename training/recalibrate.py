@@ -54,6 +54,7 @@ _COMPANION_FILES = (artifact_schema.CONFUSION_MATRIX_FILE,
                     artifact_schema.SPLIT_FILE,
                     artifact_schema.RELIABILITY_DIAGRAM_FILE,
                     artifact_schema.CV_REPORT_FILE,
+                    artifact_schema.CV_PREDICTIONS_FILE,
                     # The weights are the parent's, so are the features: its
                     # OOD detector (inherited in the metadata) still holds.
                     schemas.OOD_FILE)

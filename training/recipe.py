@@ -30,6 +30,7 @@ import ml_dtypes
 import numpy as np
 
 import schemas
+from schemas import metadata as metadata_schema
 from training import calibration, config as config_lib, model as model_lib
 from training.config import (AUTO_FINE_TUNE_EPOCHS, BFLOAT16,
                              DEFAULT_FOLDS, FLOAT32, TrainConfig)
@@ -650,11 +651,12 @@ def choose_flagging(config: TrainConfig, val, test,
            "target_reached": None}
   threshold = float(config.threshold)
   if config.target_accuracy is not None and out_of_fold is not None:
-    threshold = out_of_fold["threshold"]
+    chosen = metadata_schema.OutOfFoldFlagging.from_json(out_of_fold)
+    threshold = chosen.threshold
     block.update(source=schemas.THRESHOLD_TARGET_ACCURACY,
-                 target_reached=out_of_fold["target_reached"],
-                 rule=out_of_fold["rule"], chosen_on=schemas.THRESHOLD_ON_CV,
-                 chosen_count=out_of_fold["count"], out_of_fold=out_of_fold)
+                 target_reached=chosen.target_reached, rule=chosen.rule,
+                 chosen_on=schemas.THRESHOLD_ON_CV, chosen_count=chosen.count,
+                 out_of_fold=out_of_fold)
   elif config.target_accuracy is not None:
     rule = config.threshold_rule
     if rule == schemas.THRESHOLD_RULE_EXPECTED and not calibrated:

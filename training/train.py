@@ -117,7 +117,9 @@ def train(config: TrainConfig) -> TrainResult:
     cal = calibrate.calibrate(fitted.model, config, val, test)
     flagging = threshold.choose(
         config, val, test, cal.temperature, bool(cal.fitted),
-        threshold.out_of_fold(config, fitted.cv_report))
+        threshold.out_of_fold(
+            config, fitted.cv_report,
+            [read.data.image_ids[i] for i in splits.test], bool(cal.fitted)))
   with clock.step("ood"):
     detector = ood_detector.fit(
         config, fitted.runner, splits.train, splits.val, splits.test,
@@ -181,14 +183,13 @@ def _calibration_lines(metadata: ArtifactMetadata) -> Iterator[str]:
              else "validation")
     source = (f"target accuracy {flagging.target_accuracy:g}, "
               + calibration.rule_words(flagging.rule, where)
-              + (f", chosen on {where}" if on_cv else "")
+              + (f", chosen on {where}" if on_cv and flagging.rule ==
+                 schemas.THRESHOLD_RULE_EXPECTED else "")
               + ("" if flagging.target_reached else ", NOT reached"))
   yield f"Review threshold {flagging.threshold:.4f} ({source})"
   if on_cv:
-    nested = metadata_schema.FlagStats.from_json(
-        flagging.out_of_fold["pooled"])
     yield ("  each fold at the threshold its other folds chose: "
-           + _format_flagging("out-of-fold", nested))
+           + _format_flagging("out-of-fold", flagging.out_of_fold.pooled))
   for name, stats in (("validation", flagging.val), ("test", flagging.test)):
     if stats:
       yield "  " + _format_flagging(name, stats)

@@ -2,7 +2,7 @@
 validation, or on cv's out-of-fold predictions), and what it flags."""
 
 import logging
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import schemas
 from schemas import metadata as metadata_schema
@@ -13,11 +13,20 @@ from training.steps.measure import Scored
 _LOG = logging.getLogger(__name__)
 
 
-def out_of_fold(config: TrainConfig, report: Optional[Dict]
-               ) -> Optional[Dict]:
+def out_of_fold(config: TrainConfig, report: Optional[Dict],
+                test_ids: Sequence[str] = (),
+                calibrated: bool = True) -> Optional[Dict]:
   """The threshold chosen on `report`'s out-of-fold predictions
   (`cv.out_of_fold_flagging`) when --threshold_on asks for it (auto: when
   the report holds them); None to choose on validation.
+
+  Args:
+    config: the flags.
+    report: the run's cv report (its own, or --cv_report's).
+    test_ids: the test split's image_ids: their rows do not choose.
+    calibrated: whether the final model's temperature was fitted. The
+      out-of-fold confidences are calibrated by their folds, so they say
+      nothing of an uncalibrated model's: validation chooses then.
 
   Raises:
     ValueError: --threshold_on cv and no out-of-fold predictions.
@@ -25,13 +34,18 @@ def out_of_fold(config: TrainConfig, report: Optional[Dict]
   if (config.target_accuracy is None
       or config.threshold_on == schemas.THRESHOLD_ON_VALIDATION):
     return None
-  chosen = cv.report_flagging(report, config)
+  chosen = cv.report_flagging(report, config, test_ids)
   if chosen is None and config.threshold_on == schemas.THRESHOLD_ON_CV:
     raise ValueError(
         "--threshold_on cv chooses the threshold on cross-validation's"
         f" out-of-fold predictions ({schemas.CV_PREDICTIONS_FILE} beside"
         " cv.json), and this run has none: run cv again with this version,"
         " or pass --threshold_on validation")
+  if chosen is not None and not calibrated:
+    _LOG.warning("The final model's temperature was not fitted, so the"
+                 " folds' calibrated out-of-fold confidences do not describe"
+                 " its own: the threshold is chosen on validation instead")
+    return None
   return chosen
 
 
