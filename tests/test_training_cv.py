@@ -290,13 +290,13 @@ def test_train_overwrite_without_cv_drops_the_old_report(tmp_path, cv_data,
   base = ["train", "--data", cv_data[0], "--output", output, "--backbone",
           "tiny", "--backbone_weights", "none", "--epochs", "2",
           "--augment_views", "3", "--val_fraction", "0.25"]
-  assert cli.main(base + ["--cv_folds", "2"]) == 0
+  assert cli.main(base + ["--cv_folds", "2", "--threshold_on", "cv"]) == 0
   assert os.path.exists(os.path.join(output, schemas.CV_REPORT_FILE))
   assert os.path.exists(os.path.join(output, schemas.CV_PREDICTIONS_FILE))
   with open(os.path.join(output, schemas.METADATA_FILE)) as f:
     with_cv = json.load(f)
   assert with_cv["cross_validation"]["folds"] == 2
-  # The threshold is chosen on the folds' out-of-fold predictions (auto).
+  # The threshold is chosen on the folds' out-of-fold predictions.
   with open(os.path.join(output, schemas.CV_REPORT_FILE)) as f:
     chosen = json.load(f)[schemas.CV_OUT_OF_FOLD_FLAGGING]
   flagging = with_cv["flagging"]
@@ -312,6 +312,12 @@ def test_train_overwrite_without_cv_drops_the_old_report(tmp_path, cv_data,
                           "--overwrite"]) == 2
   assert "--threshold_on cv needs out-of-fold predictions" in \
       capsys.readouterr().err
+  assert cli.main(base + ["--threshold_on", "cv", "--no_calibrate"]) == 2
+  assert "--no_calibrate leaves" in capsys.readouterr().err
+  assert cli.main(base + ["--threshold_on", "cv", "--threshold", "0.9"]) == 2
+  assert "this one is fixed" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    cli.main(base + ["--threshold_on", "auto"])
   capsys.readouterr()
   assert cli.main(base + ["--cv_folds", "0", "--overwrite"]) == 0
   assert "nothing held out" in capsys.readouterr().out
@@ -475,8 +481,17 @@ def test_train_takes_the_figures_of_a_matching_cv_report(tmp_path, cv_data,
   assert "cross_validation" not in metadata["training"]["seconds"]
   with open(os.path.join(output, schemas.CV_REPORT_FILE)) as f:
     assert json.load(f) == report
-  assert metadata["flagging"]["chosen_on"] == schemas.THRESHOLD_ON_CV
-  assert metadata["threshold"] == report[schemas.CV_OUT_OF_FOLD_FLAGGING]["threshold"]
+  # By default the threshold is chosen on validation; --threshold_on cv
+  # takes the one the report's out-of-fold predictions give.
+  assert metadata["flagging"]["chosen_on"] == schemas.THRESHOLD_ON_VALIDATION
+  on_cv = str(tmp_path / "on_cv")
+  assert cli.main(["train", "--output", on_cv, "--cv_report",
+                   os.path.join(measured, schemas.CV_REPORT_FILE),
+                   "--threshold_on", "cv"] + recipe_flags) == 0
+  with open(os.path.join(on_cv, schemas.METADATA_FILE)) as f:
+    flagging = json.load(f)["flagging"]
+  assert flagging["chosen_on"] == schemas.THRESHOLD_ON_CV
+  assert flagging["out_of_fold"] == report[schemas.CV_OUT_OF_FOLD_FLAGGING]
   # Its out-of-fold predictions travel with it into the artifact.
   predictions = pq.read_table(os.path.join(measured,
                                            schemas.CV_PREDICTIONS_FILE))
@@ -505,8 +520,8 @@ def test_train_takes_the_figures_of_a_matching_cv_report(tmp_path, cv_data,
                                                  schemas.CV_REPORT_FILE)]
                     + recipe_flags) == 2
     assert message in capsys.readouterr().err
-  # Without predictions (a report from before them), auto chooses on
-  # validation and --threshold_on cv is refused before any fit.
+  # Without predictions (a report from before them), --threshold_on cv
+  # is refused before any fit; the default still trains.
   os.remove(os.path.join(measured, schemas.CV_PREDICTIONS_FILE))
   assert cli.main(["train", "--output", str(tmp_path / "old"),
                    "--cv_report", os.path.join(measured,
@@ -544,7 +559,8 @@ def test_the_test_split_never_helps_choose_the_threshold(tmp_path, cv_data):
                    "--backbone", "tiny", "--backbone_weights", "none",
                    "--epochs", "2", "--augment_views", "1",
                    "--val_fraction", "0.25", "--test_fraction", "0.25",
-                   "--cv_folds", "2", "--threshold_rule", "observed"]) == 0
+                   "--cv_folds", "2", "--threshold_rule", "observed",
+                   "--threshold_on", "cv"]) == 0
   with open(os.path.join(output, schemas.METADATA_FILE)) as f:
     metadata = json.load(f)
   with open(os.path.join(output, schemas.SPLIT_FILE)) as f:

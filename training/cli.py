@@ -314,15 +314,14 @@ def _parser() -> argparse.ArgumentParser:
                      " with the same flags on the same images (checked):"
                      " the model card carries its cross-validated figures and"
                      " train runs no folds of its own.")
-  train.add_argument("--threshold_on",
-                     choices=(config_lib.AUTO,) + schemas.THRESHOLD_ON,
-                     default=config_lib.AUTO,
+  train.add_argument("--threshold_on", choices=schemas.THRESHOLD_ON,
+                     default=schemas.THRESHOLD_ON_VALIDATION,
                      help="What --target_accuracy's threshold is chosen on:"
-                     " the validation split, or the out-of-fold predictions"
-                     " of the cross-validation (--cv_folds, or --cv_report"
-                     " with its cv_predictions.parquet): every image, not"
-                     " the validation share. Default auto: cv when this run"
-                     " has them, else validation.")
+                     " the validation split (default), or the out-of-fold"
+                     " predictions of the cross-validation (cv: needs"
+                     " --cv_folds, or --cv_report with its"
+                     " cv_predictions.parquet): every image, not the"
+                     " validation share.")
   train.add_argument("--name", default=config_lib.DEFAULT_NAME,
                      help="Prefix of the model_version.")
   train.add_argument("--overwrite", action="store_true",
@@ -452,9 +451,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                               overwrite=args.overwrite,
                               cv_folds=args.cv_folds,
                               cv_report=args.cv_report,
-                              threshold_on=(None if args.threshold_on ==
-                                            config_lib.AUTO else
-                                            args.threshold_on))
+                              threshold_on=args.threshold_on)
       config.validate()
       for line in train.flag_warnings(config):
         print(line)

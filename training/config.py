@@ -134,10 +134,10 @@ class TrainConfig:
   # and data: the artifact carries its figures instead of cross-validating
   # again.
   cv_report: Optional[str] = None
-  # What a --target_accuracy threshold is chosen on (schemas.THRESHOLD_ON);
-  # None: auto, the out-of-fold predictions when the run has them (cv_folds
-  # or cv_report), else validation.
-  threshold_on: Optional[str] = None
+  # What a --target_accuracy threshold is chosen on (schemas.THRESHOLD_ON):
+  # the validation split, or the out-of-fold predictions of the run's
+  # cross-validation (cv_folds or cv_report).
+  threshold_on: str = schemas.THRESHOLD_ON_VALIDATION
   name: str = DEFAULT_NAME
   learning_rate: float = LEARNING_RATE
   # None: auto, WHOLE_BASE_LEARNING_RATE when the whole base is fine-tuned,
@@ -231,10 +231,10 @@ class TrainConfig:
     if not 0.0 <= self.threshold <= 1.0:
       raise ValueError(f"--threshold {self.threshold} is outside [0, 1]")
     check_threshold_rule(self.threshold_rule)
-    if self.threshold_on is not None:
-      if self.threshold_on not in schemas.THRESHOLD_ON:
-        raise ValueError(f"--threshold_on {self.threshold_on!r}: one of"
-                         f" {', '.join(schemas.THRESHOLD_ON)}")
+    if self.threshold_on not in schemas.THRESHOLD_ON:
+      raise ValueError(f"--threshold_on {self.threshold_on!r}: one of"
+                       f" {', '.join(schemas.THRESHOLD_ON)}")
+    if self.threshold_on == schemas.THRESHOLD_ON_CV:
       if cross_validation:
         raise ValueError("--threshold_on is train's: cv chooses each fold's"
                          " threshold on its validation split")
@@ -242,10 +242,13 @@ class TrainConfig:
         raise ValueError(f"--threshold_on {self.threshold_on} chooses a"
                          " threshold for --target_accuracy; this one is"
                          " fixed")
-      if (self.threshold_on == schemas.THRESHOLD_ON_CV
-          and self.cv_folds == 0 and not self.cv_report):
+      if self.cv_folds == 0 and not self.cv_report:
         raise ValueError("--threshold_on cv needs out-of-fold predictions:"
                          " --cv_folds N or --cv_report, not --cv_folds 0")
+      if not self.calibrate:
+        raise ValueError("--threshold_on cv takes the folds' calibrated"
+                         " confidences for the final model's, which"
+                         " --no_calibrate leaves uncalibrated")
     if self.target_accuracy is not None:
       if not 0.0 < self.target_accuracy <= 1.0:
         raise ValueError(

@@ -17,8 +17,8 @@ def out_of_fold(config: TrainConfig, report: Optional[Dict],
                 test_ids: Sequence[str] = (),
                 calibrated: bool = True) -> Optional[Dict]:
   """The threshold chosen on `report`'s out-of-fold predictions
-  (`cv.out_of_fold_flagging`) when --threshold_on asks for it (auto: when
-  the report holds them); None to choose on validation.
+  (`cv.out_of_fold_flagging`) when --threshold_on cv asks for it; None to
+  choose on validation.
 
   Args:
     config: the flags.
@@ -35,16 +35,18 @@ def out_of_fold(config: TrainConfig, report: Optional[Dict],
       or config.threshold_on == schemas.THRESHOLD_ON_VALIDATION):
     return None
   chosen = cv.report_flagging(report, config, test_ids)
-  if chosen is None and config.threshold_on == schemas.THRESHOLD_ON_CV:
+  if chosen is None:
     raise ValueError(
         "--threshold_on cv chooses the threshold on cross-validation's"
         f" out-of-fold predictions ({schemas.CV_PREDICTIONS_FILE} beside"
         " cv.json), and this run has none: run cv again with this version,"
         " or pass --threshold_on validation")
-  if chosen is not None and not calibrated:
-    _LOG.warning("The final model's temperature was not fitted, so the"
-                 " folds' calibrated out-of-fold confidences do not describe"
-                 " its own: the threshold is chosen on validation instead")
+  if not calibrated:
+    _LOG.warning("The final model's temperature was not fitted (its fit"
+                 " hit the search bound), so the folds' calibrated"
+                 " out-of-fold confidences do not describe its own: the"
+                 " threshold is chosen on validation instead, and the model"
+                 " card says so")
     return None
   return chosen
 
