@@ -312,9 +312,8 @@ def _cv_section(metadata: ArtifactMetadata) -> List[str]:
   flagging = metadata.flagging or metadata_schema.Flagging()
   on_cv = (flagging.chosen_on == schemas.THRESHOLD_ON_CV
            and not metadata.recalibration)
-  lines += ["", "Each fold used its own chosen threshold (per fold:"
-            + ", ".join(f" {_num(f.threshold, 3)}"
-                        for f in report.per_fold or ())
+  lines += ["", "Each fold used its own chosen threshold (per fold: "
+            + ", ".join(_num(f.threshold, 3) for f in report.per_fold or ())
             + (", each chosen on the fold's validation split; this model's"
                " was chosen on the out-of-fold predictions instead, and"
                " Review threshold gives that route's held-out figures"
@@ -468,8 +467,8 @@ def _out_of_fold_lines(block: metadata_schema.OutOfFoldFlagging
       f" the rest (pooled over the {_or_na(pooled.count)} images:"
       f" {_pct(pooled.flagged_share)} flagged,"
       f" {_num(pooled.accuracy_confident)} right on the rest). These are"
-      " the threshold's held-out figures; the split rows below are"
-      " in-sample for validation."]
+      " the threshold's held-out figures. The validation rows below did"
+      " not choose it, but they fitted the temperature."]
 
 
 # Said on every card: a threshold chosen on one data set says little about
