@@ -187,7 +187,7 @@ def _calibration_lines(metadata: ArtifactMetadata) -> Iterator[str]:
                  schemas.THRESHOLD_RULE_EXPECTED else "")
               + ("" if flagging.target_reached else ", NOT reached"))
   yield f"Review threshold {flagging.threshold:.4f} ({source})"
-  if on_cv:
+  if on_cv and flagging.out_of_fold and flagging.out_of_fold.pooled:
     yield ("  each fold at the threshold its other folds chose: "
            + _format_flagging("out-of-fold", flagging.out_of_fold.pooled))
   for name, stats in (("validation", flagging.val), ("test", flagging.test)):
