@@ -201,14 +201,12 @@ def predictions_flagging(table: pa.Table, config: TrainConfig,
   """`out_of_fold_flagging` of a cv_predictions table at `config`'s
   --target_accuracy and --threshold_rule (None without a target).
 
-  `calibrated`: whether every fold fitted its temperature; the "expected"
-  rule needs that, and "observed" chooses without it (as
-  `recipe.choose_flagging` does on validation).
+  `calibrated`: whether every fold fitted its temperature
+  (`recipe.threshold_rule`, as on validation).
   """
   if config.target_accuracy is None:
     return None
-  rule = (config.threshold_rule if calibrated else
-          schemas.THRESHOLD_RULE_OBSERVED)
+  rule = recipe.threshold_rule(config, calibrated)
   labels = np.asarray(table.column("label").to_pylist())
   predicted = np.asarray(table.column("predicted_class").to_pylist())
   return out_of_fold_flagging(

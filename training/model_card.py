@@ -388,6 +388,7 @@ def _threshold_section(metadata: ArtifactMetadata) -> List[str]:
   flagging = metadata.flagging or metadata_schema.Flagging()
   threshold = metadata.threshold
   source = _threshold_source(metadata)
+  on_cv = flagging.chosen_on == schemas.THRESHOLD_ON_CV
   lines = ["## Review threshold", "",
            f"Scoring flags an image for review when its top probability is"
            f" below **{_num(threshold, 4)}**."]
@@ -397,7 +398,6 @@ def _threshold_section(metadata: ArtifactMetadata) -> List[str]:
                  " at its threshold then, on its own splits.")
   elif source == schemas.THRESHOLD_TARGET_ACCURACY:
     target = metadata.target_accuracy
-    on_cv = flagging.chosen_on == schemas.THRESHOLD_ON_CV
     where = "out-of-fold" if on_cv else "validation"
     lines.append(
         f"Source: `--target_accuracy {_num(target)}`: the lowest {where}"
@@ -430,7 +430,7 @@ def _threshold_section(metadata: ArtifactMetadata) -> List[str]:
                      "accuracy, not flagged", "accuracy, flagged",
                      "accuracy, all"], rows)
     chose = ("Validation stopped the training and fitted the temperature"
-             if flagging.chosen_on == schemas.THRESHOLD_ON_CV else
+             if on_cv else
              "Validation chose the threshold (and stopped the training and"
              " fitted the temperature)")
     lines += ["", "The images not flagged are the ones a reader might be"

@@ -623,6 +623,17 @@ def fit_calibration(config: TrainConfig, val_logits: np.ndarray,
   return Calibration(block["temperature"], block)
 
 
+def threshold_rule(config: TrainConfig, calibrated: bool) -> str:
+  """The rule a --target_accuracy threshold is chosen by: --threshold_rule,
+  but "observed" where the confidences are not calibrated ("expected" reads
+  them as the accuracy they predict, which only a fitted temperature
+  justifies)."""
+  if config.threshold_rule == schemas.THRESHOLD_RULE_EXPECTED and (
+      not calibrated):
+    return schemas.THRESHOLD_RULE_OBSERVED
+  return config.threshold_rule
+
+
 def choose_flagging(config: TrainConfig, val, test,
                     calibrated: bool = True,
                     out_of_fold: Optional[Dict] = None) -> Dict:
@@ -658,12 +669,11 @@ def choose_flagging(config: TrainConfig, val, test,
                  chosen_on=schemas.THRESHOLD_ON_CV, chosen_count=chosen.count,
                  out_of_fold=out_of_fold)
   elif config.target_accuracy is not None:
-    rule = config.threshold_rule
-    if rule == schemas.THRESHOLD_RULE_EXPECTED and not calibrated:
+    rule = threshold_rule(config, calibrated)
+    if rule != config.threshold_rule:
       _LOG.warning("No fitted temperature: the threshold is chosen on the"
                    " validation images' observed accuracy, not on"
                    " uncalibrated confidences")
-      rule = schemas.THRESHOLD_RULE_OBSERVED
     choice = calibration.choose_threshold(*val, config.target_accuracy, rule)
     threshold = choice.threshold
     block.update(source=schemas.THRESHOLD_TARGET_ACCURACY,
