@@ -44,6 +44,16 @@ Features of every view and shift are computed once (one VGG16 pass per
 image each; the 24 on 623 images take ~22 min on 2 cores) and kept in
 --cache with a stamp of the data, weights and views, so a rerun on the same
 ones trains heads only.
+
+  python -m bench.scanner_shift --full_recipe --data GLOB
+      --backbone_weights H5 [--folds 5] [--output J] [--recipes NAME ...]
+
+runs the recipe as `cv` runs it instead, fine-tune stage included (auto:
+the whole base where bfloat16 is fast), with cv's one head initialisation
+and draw of the views, and scores each fold's fitted model on its held-out
+images under the shifts, from their pixels as scoring does. Its "as_stored"
+figures are `cv`'s own. No cache: the base changes with every fold (about
+80 min for the default on 623 images, 2 cores with AMX).
 """
 
 import argparse
@@ -63,10 +73,11 @@ SETS = ("as_stored",) + SHIFTS
 FIGURES = ("macro_f1", "auc_malignant", "recall_malignant", "recall_normal",
            "ece", "flagged_share", "accuracy_unflagged")
 # name -> (degrade, annotate, depth)
+DEFAULT_RECIPE = "degrade + annotate + depth (default)"
 RECIPES = {"geometry only": (False, False, False),
            "degrade": (True, False, False),
            "degrade + annotate": (True, True, False),
-           "degrade + annotate + depth (default)": (True, True, True)}
+           DEFAULT_RECIPE: (True, True, True)}
 
 
 def shift(image: np.ndarray, kind: str) -> np.ndarray:
@@ -258,6 +269,95 @@ def run(data: Sequence[str], backbone_weights: str = "none",
           "seconds": round(time.perf_counter() - started, 1)}
 
 
+def run_full(data: Sequence[str], backbone_weights: str = "none",
+             backbone: str = "vgg16", folds: int = 5,
+             recipes: Sequence[str] = (DEFAULT_RECIPE,),
+             **recipe_flags) -> Dict:
+  """`cv` itself, its fine-tune stage included, once per recipe; each
+  fold's fitted model also scores its held-out images under SHIFTS.
+
+  The heads-only `run` cannot measure a recipe that fine-tunes the base:
+  the base's features then change with every fold. This runs the recipe as
+  `cv` does (auto settings resolved as `cv` resolves them: on a CPU with AMX
+  the whole base), with one head initialisation and one draw of the views,
+  and passes each shifted image through the fold's whole model from its
+  pixels, as scoring does (float32), at the fold's temperature and
+  threshold (chosen on its validation images as stored).
+
+  Returns the same layout as `run` with one seed; "as_stored" is `cv`'s
+  own summary. Raises RuntimeError where the whole model disagrees with
+  `cv`'s cached route on the images as stored (the shifted figures would
+  not be comparable).
+  """
+  from bench import cv_seeds  # pylint: disable=import-outside-toplevel
+  from training import calibration, cv  # pylint: disable=import-outside-toplevel
+  from training import model as model_lib, recipe  # pylint: disable=import-outside-toplevel
+  unknown = sorted(set(recipes) - set(RECIPES))
+  if unknown or not recipes:
+    raise ValueError(f"recipes {unknown or '(none)'} not among"
+                     f" {list(RECIPES)}: name one or more of them")
+  started = time.perf_counter()
+  names = list(schemas.LABELS)
+  results: Dict[str, List[Dict]] = {}
+  reports = {}
+  for name in recipes:
+    degrade, annotate, depth = RECIPES[name]
+    flags = dict(recipe_flags, degrade=degrade, annotate=annotate,
+                 depth=depth)
+    config, loaded, hashes, model = cv_seeds.setup(data, backbone_weights,
+                                                   backbone, flags)
+    labels = loaded.labels
+    shifted = {kind: np.stack([shift(i, kind) for i in loaded.images])
+               for kind in SHIFTS}
+    per_fold: Dict[str, List[Dict]] = {s: [] for s in SHIFTS}
+    agreement = []
+
+    def score(k, result, config=config, loaded=loaded, labels=labels,
+              model=model, shifted=shifted, per_fold=per_fold,
+              agreement=agreement, name=name):
+      test = result["test_indices"]
+      temperature, threshold = result["temperature"], result["threshold"]
+      # The route every shifted image takes, on the images as stored,
+      # against cv's own probabilities (through its conv cache).
+      as_stored = calibration.softmax(model_lib.predict_logits(
+          model, loaded.images[test], config.batch_size), temperature)
+      agreement.append(float(np.max(np.abs(
+          as_stored - result["probabilities"]))))
+      if agreement[-1] > 1e-3:
+        raise RuntimeError(
+            f"{name}, fold {k}: the whole model's probabilities differ from"
+            f" cv's by {agreement[-1]:.2g} on the images as stored")
+      for kind in SHIFTS:
+        logits = model_lib.predict_logits(model, shifted[kind][test],
+                                          config.batch_size)
+        per_fold[kind].append(cv.fold_metrics(
+            labels[test], calibration.softmax(logits, temperature),
+            threshold, names))
+      print(f"{name}, fold {k} ({time.perf_counter() - started:.0f} s): "
+            + ", ".join(f"{s} {_fmt(per_fold[s][-1]['macro_f1'])}"
+                        for s in SHIFTS), flush=True)
+
+    cache = cv.all_views_cache(config, model, loaded)
+    runner = recipe.Recipe(model, cache, labels, config, progress=0)
+    report = cv.run_folds(config, folds, runner, loaded, hashes,
+                          after_fold=score)
+    report.pop(cv.PREDICTIONS)
+    row = {"as_stored": {f: report["summary"][f]["mean"] for f in FIGURES}}
+    row.update({s: {f: _mean([m[f] for m in per_fold[s]]) for f in FIGURES}
+                for s in SHIFTS})
+    results[name] = [row]
+    reports[name] = {"settings": report["settings"],
+                     "fold_seconds": [fold["seconds"]
+                                      for fold in report["folds"]],
+                     "max_probability_difference": max(agreement)}
+    del cache, runner, model, shifted
+  mean = {name: rows[0] for name, rows in results.items()}
+  print(format_table(mean))
+  return {"full_recipe": True, "folds": folds, "seeds": 1, "view_seed": 0,
+          "recipes": results, "mean": mean, "cv": reports,
+          "seconds": round(time.perf_counter() - started, 1)}
+
+
 def format_table(mean: Dict) -> str:
   """macro-F1 / AUC (malignant) per recipe and test set."""
   lines = ["| recipe | " + " | ".join(SETS) + " |",
@@ -284,23 +384,46 @@ def main(argv=None) -> int:
                                    allow_abbrev=False)
   parser.add_argument("--data", action="append", required=True)
   parser.add_argument("--backbone_weights", default="imagenet")
-  parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--full_recipe", action="store_true",
+                      help="run cv's whole recipe, its fine-tune stage"
+                      " included, once per recipe (one head seed, one draw)"
+                      " and score each fold's model under the shifts;"
+                      " default recipe: the default only")
+  parser.add_argument("--seeds", type=int, default=None,
+                      help="head initialisations (heads only; default 3)")
   parser.add_argument("--folds", type=int, default=5)
-  parser.add_argument("--view_seed", type=int, default=0)
+  parser.add_argument("--view_seed", type=int, default=None,
+                      help="seed of the random views (heads only; default"
+                      " 0)")
   parser.add_argument("--recipes", nargs="+", choices=list(RECIPES),
-                      default=list(RECIPES), metavar="RECIPE",
-                      help="which recipes to run, of: " + "; ".join(RECIPES))
-  parser.add_argument("--cache", default="",
-                      help="NPZ file keeping the features between runs")
+                      default=None, metavar="RECIPE",
+                      help="which recipes to run, of: " + "; ".join(RECIPES)
+                      + " (default: all; with --full_recipe the default)")
+  parser.add_argument("--cache", default=None,
+                      help="NPZ file keeping the features between runs"
+                      " (heads only)")
   parser.add_argument("--output", default=None, help="JSON file to write")
   parser.add_argument("--threshold_rule", choices=schemas.THRESHOLD_RULES,
                       default=schemas.DEFAULT_THRESHOLD_RULE,
                       help="how each fold's review threshold is chosen (as"
                       " train's flag); the flagged figures depend on it")
   args = parser.parse_args(argv)
-  figures = run(args.data, args.backbone_weights, seeds=args.seeds,
-                folds=args.folds, view_seed=args.view_seed, cache=args.cache,
-                recipes=args.recipes, threshold_rule=args.threshold_rule)
+  if args.full_recipe:
+    heads_only = [f"--{name}" for name in ("seeds", "view_seed", "cache")
+                  if getattr(args, name) is not None]
+    if heads_only:
+      parser.error(f"{', '.join(heads_only)}: heads only; --full_recipe runs"
+                   " one head seed on one draw of the views, uncached")
+    figures = run_full(args.data, args.backbone_weights, folds=args.folds,
+                       recipes=args.recipes or [DEFAULT_RECIPE],
+                       threshold_rule=args.threshold_rule)
+  else:
+    figures = run(args.data, args.backbone_weights,
+                  seeds=3 if args.seeds is None else args.seeds,
+                  folds=args.folds,
+                  view_seed=args.view_seed or 0, cache=args.cache or "",
+                  recipes=args.recipes or list(RECIPES),
+                  threshold_rule=args.threshold_rule)
   if args.output:
     common.write_json(args.output, figures)
   return 0

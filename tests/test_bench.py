@@ -367,6 +367,57 @@ def test_scanner_shifts_are_deterministic_and_change_the_image():
     scanner_shift.shift(image, "colour")
 
 
+@pytest.mark.slow
+def test_scanner_shift_full_recipe_scores_cvs_fine_tuned_folds(tmp_path):
+  """--full_recipe runs cv itself, fine-tune stage included: as stored it
+  gives cv's own figures, and each fold's fine-tuned model (not the frozen
+  base's features) scores the shifted images."""
+  from bench import scanner_shift  # pylint: disable=import-outside-toplevel
+  from training import cv  # pylint: disable=import-outside-toplevel
+  from training.config import TrainConfig  # pylint: disable=import-outside-toplevel
+  data = [_write_records(tmp_path, 32)]
+  flags = {"augment_views": 3, "epochs": 2, "val_fraction": 0.4,
+           "fine_tune_epochs": 1, "fine_tune_from": "block1_conv1",
+           "fine_tune_learning_rate": 1e-2}
+  name = scanner_shift.DEFAULT_RECIPE
+  figures = scanner_shift.run_full(data, backbone="tiny", folds=2, **flags)
+  assert list(figures["mean"]) == [name]
+  report = cv.cross_validate(
+      TrainConfig(data=tuple(data), output="", backbone="tiny",
+                  backbone_weights="none", **flags), 2)
+  row = figures["mean"][name]
+  assert set(row) == set(scanner_shift.SETS)
+  for figure in scanner_shift.FIGURES:
+    assert row["as_stored"][figure] == pytest.approx(
+        report["summary"][figure]["mean"], abs=1e-9), figure
+  assert figures["cv"][name]["max_probability_difference"] < 1e-4
+  # The fine-tune stage ran in every fold (its seconds are recorded).
+  assert all("fine_tune" in "".join(seconds)
+             for seconds in figures["cv"][name]["fold_seconds"]), figures
+  # The shifted sets are scored: figures differ from the images as stored
+  # for at least one shift (the same numbers everywhere would mean the
+  # shifted images never reached the model).
+  assert any(row[s]["macro_f1"] != row["as_stored"]["macro_f1"]
+             or row[s]["ece"] != row["as_stored"]["ece"]
+             for s in scanner_shift.SHIFTS)
+  with pytest.raises(ValueError, match=r"recipes \['annotate'\] not among"):
+    scanner_shift.run_full(data, backbone="tiny", recipes=["annotate"],
+                           **flags)
+
+
+def test_scanner_shift_full_recipe_refuses_heads_only_flags(monkeypatch):
+  from bench import scanner_shift  # pylint: disable=import-outside-toplevel
+  seen = []
+  monkeypatch.setattr(scanner_shift, "run_full",
+                      lambda *a, **flags: seen.append(flags) or {})
+  scanner_shift.main(["--data", "x", "--full_recipe"])
+  assert seen[0]["recipes"] == [scanner_shift.DEFAULT_RECIPE]
+  for flag in (["--seeds", "2"], ["--view_seed", "1"], ["--cache", "c"]):
+    with pytest.raises(SystemExit):
+      scanner_shift.main(["--data", "x", "--full_recipe"] + flag)
+  assert len(seen) == 1
+
+
 def test_scanner_shift_passes_the_threshold_rule(monkeypatch):
   """--threshold_rule reaches the recipe (default: train's); a misspelt
   rule is refused."""

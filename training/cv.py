@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import time
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -576,7 +576,9 @@ def _fold(k: int, config: TrainConfig, runner: recipe.Recipe,
 
 
 def run_folds(config: TrainConfig, folds: int, runner: recipe.Recipe,
-              data: data_lib.LabelledData, hashes: Sequence[int]) -> Dict:
+              data: data_lib.LabelledData, hashes: Sequence[int],
+              after_fold: Optional[Callable[[int, Dict], None]] = None
+             ) -> Dict:
   """Cross-validates the recipe on `data` with a model and cache in hand.
 
   The model's weights are put back as they were afterwards, so `train`
@@ -588,6 +590,12 @@ def run_folds(config: TrainConfig, folds: int, runner: recipe.Recipe,
     runner: a Recipe whose cache holds every view of every image.
     data: the labelled images the cache was built on.
     hashes: their dHashes.
+    after_fold: called as after_fold(k, result) once fold k is scored,
+      while `runner.model` still holds that fold's fitted weights (a
+      benchmark scoring more images with each fold's model);
+      result["temperature"] and ["threshold"] are the fold's,
+      result["test_indices"] its held-out images' indices into `data` and
+      result["probabilities"] their calibrated probabilities.
 
   Returns:
     The report; see `cross_validate`.
@@ -607,6 +615,9 @@ def run_folds(config: TrainConfig, folds: int, runner: recipe.Recipe,
     model.set_weights(initial)
     model_lib.freeze_backbone(model)
     results.append(_fold(k, config, runner, data, hashes, fold_of))
+    if after_fold is not None:
+      after_fold(k, dict(results[-1], test_indices=results[-1]["_test"],
+                         probabilities=results[-1]["_probabilities"]))
     _LOG.info("cv fold %d: %s", k, {n: results[-1]["test"][n]
                                     for n in ("macro_f1", "accuracy")})
   model.set_weights(initial)
