@@ -52,8 +52,8 @@ runs the recipe as `cv` runs it instead, fine-tune stage included (auto:
 the whole base where bfloat16 is fast), with cv's one head initialisation
 and draw of the views, and scores each fold's fitted model on its held-out
 images under the shifts, from their pixels as scoring does. Its "as_stored"
-figures are `cv`'s own. No cache: the base changes with every fold (about
-80 min for the default on 623 images, 2 cores with AMX).
+figures are `cv`'s own. No cache: the base changes with every fold (69 min
+for the default on 623 images, 2 cores with AMX).
 """
 
 import argparse
@@ -284,8 +284,9 @@ def run_full(data: Sequence[str], backbone_weights: str = "none",
   pixels, as scoring does (float32), at the fold's temperature and
   threshold (chosen on its validation images as stored).
 
-  Returns the same layout as `run` with one seed; "as_stored" is `cv`'s
-  own summary. Raises RuntimeError where the whole model disagrees with
+  Returns `run`'s "recipes" and "mean" with one seed ("as_stored" is `cv`'s
+  own summary), and under "cv" each recipe's resolved settings, fold
+  seconds and the largest difference between the two routes. Raises RuntimeError where the whole model disagrees with
   `cv`'s cached route on the images as stored (the shifted figures would
   not be comparable).
   """
@@ -353,7 +354,7 @@ def run_full(data: Sequence[str], backbone_weights: str = "none",
     del cache, runner, model, shifted
   mean = {name: rows[0] for name, rows in results.items()}
   print(format_table(mean))
-  return {"full_recipe": True, "folds": folds, "seeds": 1, "view_seed": 0,
+  return {"full_recipe": True, "folds": folds, "seeds": 1,
           "recipes": results, "mean": mean, "cv": reports,
           "seconds": round(time.perf_counter() - started, 1)}
 
@@ -387,8 +388,8 @@ def main(argv=None) -> int:
   parser.add_argument("--full_recipe", action="store_true",
                       help="run cv's whole recipe, its fine-tune stage"
                       " included, once per recipe (one head seed, one draw)"
-                      " and score each fold's model under the shifts;"
-                      " default recipe: the default only")
+                      " and score each fold's model under the shifts"
+                      " (--recipes then defaults to the default recipe)")
   parser.add_argument("--seeds", type=int, default=None,
                       help="head initialisations (heads only; default 3)")
   parser.add_argument("--folds", type=int, default=5)
