@@ -461,6 +461,13 @@ def read_zip_range(zip_range: ZipRange, limits: Limits,
     infos = zf.infolist()
     for index in range(start, stop):
       info = infos[index]
+      if not info.filename:
+        # zipfile's is_dir() indexes the name: a nameless entry (a damaged
+        # central directory) would raise there.
+        yield Member(f"{display_uri(uri)}!/#{index}", f"#{index}", "error",
+                     error=MemberError("BadMember",
+                                       "member has an empty name"))
+        continue
       source = member_source(uri, info.filename)
       kind = _classify(info.filename, info.is_dir())
       if masks_only:

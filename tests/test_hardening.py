@@ -421,3 +421,27 @@ def test_special_files_matched_by_a_glob_are_error_rows_not_hangs(tmp_path):
   assert errors["pipe.png"]["error_type"] == "NotARegularFile"
   assert "FIFO" in errors["pipe.png"]["message"]
   assert len(read_records(out)) == 3  # the zip's images still made it
+
+
+def test_zip_member_with_an_empty_name_is_an_error_record(tmp_path):
+  """A damaged central directory can name a member ""; zipfile's is_dir()
+  then raises IndexError. The member becomes an error record instead
+  (found by the fuzz test above)."""
+  import io  # pylint: disable=import-outside-toplevel
+  import struct  # pylint: disable=import-outside-toplevel
+  import zipfile  # pylint: disable=import-outside-toplevel
+  buffer = io.BytesIO()
+  with zipfile.ZipFile(buffer, "w") as zf:
+    zf.writestr("a", b"x")
+  data = bytearray(buffer.getvalue())
+  central = data.index(b"PK\x01\x02")
+  # Name length 0 and extra length 1: the name's byte is read as an extra.
+  struct.pack_into("<HH", data, central + 28, 0, 1)
+  path = tmp_path / "nameless.zip"
+  path.write_bytes(bytes(data))
+  assert archives.count_zip_members(str(path)) == 1
+  members = list(archives.read_zip_range(
+      archives.ZipRange(str(path), 0, 1), archives.Limits()))
+  assert [(m.kind, m.error.kind) for m in members] == [("error",
+                                                        "BadMember")]
+  assert "empty name" in str(members[0].error)
