@@ -113,6 +113,13 @@ def shift(image: np.ndarray, kind: str) -> np.ndarray:
   return np.clip(np.round(out), 0, 255).astype(np.uint8).reshape(image.shape)
 
 
+def _check_recipes(recipes: Sequence[str]) -> None:
+  unknown = sorted(set(recipes) - set(RECIPES))
+  if unknown or not recipes:
+    raise ValueError(f"recipes {unknown or '(none)'} not among"
+                     f" {list(RECIPES)}: name one or more of them")
+
+
 def run(data: Sequence[str], backbone_weights: str = "none",
         backbone: str = "vgg16", seeds: int = 3, folds: int = 5,
         view_seed: int = 0, cache: str = "",
@@ -127,10 +134,7 @@ def run(data: Sequence[str], backbone_weights: str = "none",
   from bench import cv_seeds  # pylint: disable=import-outside-toplevel
   from training import calibration, cv  # pylint: disable=import-outside-toplevel
   from training import augment, model as model_lib, recipe, split  # pylint: disable=import-outside-toplevel
-  unknown = sorted(set(recipes) - set(RECIPES))
-  if unknown or not recipes:
-    raise ValueError(f"recipes {unknown or '(none)'} not among"
-                     f" {list(RECIPES)}: name one or more of them")
+  _check_recipes(recipes)
   if recipe_flags.get("fine_tune_epochs"):
     raise ValueError("scanner_shift trains heads on cached features only;"
                      " it cannot fine-tune (fine_tune_epochs must be 0)")
@@ -293,10 +297,7 @@ def run_full(data: Sequence[str], backbone_weights: str = "none",
   from bench import cv_seeds  # pylint: disable=import-outside-toplevel
   from training import calibration, cv  # pylint: disable=import-outside-toplevel
   from training import model as model_lib, recipe  # pylint: disable=import-outside-toplevel
-  unknown = sorted(set(recipes) - set(RECIPES))
-  if unknown or not recipes:
-    raise ValueError(f"recipes {unknown or '(none)'} not among"
-                     f" {list(RECIPES)}: name one or more of them")
+  _check_recipes(recipes)
   started = time.perf_counter()
   names = list(schemas.LABELS)
   results: Dict[str, List[Dict]] = {}

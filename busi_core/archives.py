@@ -454,8 +454,7 @@ def read_zip_range(zip_range: ZipRange, limits: Limits,
   except Exception as e:  # pylint: disable=broad-except
     error = MemberError("BadArchive", f"cannot reopen zip: {e}")
     for index in range(start, stop):
-      yield Member(f"{display_uri(uri)}!/#{index}", f"#{index}", "error",
-                   error=error)
+      yield _unnamed_error(uri, index, error)
     return
   try:
     infos = zf.infolist()
@@ -464,9 +463,8 @@ def read_zip_range(zip_range: ZipRange, limits: Limits,
       if not info.filename:
         # zipfile's is_dir() indexes the name: a nameless entry (a damaged
         # central directory) would raise there.
-        yield Member(f"{display_uri(uri)}!/#{index}", f"#{index}", "error",
-                     error=MemberError("BadMember",
-                                       "member has an empty name"))
+        yield _unnamed_error(uri, index, MemberError(
+            "BadMember", "member has an empty name"))
         continue
       source = member_source(uri, info.filename)
       kind = _classify(info.filename, info.is_dir())
@@ -492,6 +490,12 @@ def read_zip_range(zip_range: ZipRange, limits: Limits,
   finally:
     if own:
       cache.close()
+
+
+def _unnamed_error(uri: str, index: int, error: MemberError) -> Member:
+  """The error record of a zip member known by its index alone."""
+  return Member(f"{display_uri(uri)}!/#{index}", f"#{index}", "error",
+                error=error)
 
 
 def read_tar(uri: str, limits: Limits, *,
