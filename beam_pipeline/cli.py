@@ -82,7 +82,7 @@ def format_summary(manifest: dict) -> str:
   for line in flag_rates.warnings(manifest.get(schemas.MANIFEST_FLAG_RATES)):
     lines.append(f"  WARNING: {line}")
   lines.append(f"  outputs in {manifest.get(schemas.MANIFEST_OUTPUT)}")
-  counters = manifest.get("counters")  # pipeline.COUNTERS, from `execute`
+  counters = manifest.get(schemas.EXECUTE_COUNTERS)
   if counters:
     lines.append("  Beam counters (committed):")
     lines += _aligned(counters.items(), "    ", 20)
@@ -227,7 +227,7 @@ def _run_pipeline(argv: List[str]) -> int:
     # No manifest was written (a Dataflow --dry_run, a job left running).
     print(f"Run {manifest.get(schemas.MANIFEST_RUN_ID)}"
           f" ({manifest.get(schemas.MANIFEST_COMMAND)}):"
-          f" {manifest.get('state')}; no manifest was written")
+          f" {manifest.get(schemas.EXECUTE_STATE)}; no manifest was written")
     return EXIT_OK
   print(format_summary(manifest))
   _LOG.debug(json.dumps(manifest))

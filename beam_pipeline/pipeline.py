@@ -272,11 +272,6 @@ def _claim_and_build(p: beam.Pipeline, plan: Plan,
     output_lock.release(opts.output, plan.run_id)
 
 
-# Key of `execute`'s answer holding the job's committed Beam counters; not a
-# field of manifest.json (the job writes that before they are committed).
-COUNTERS = "counters"
-
-
 def _progress(job: Job, stream: Optional[TextIO],
               every_s: Optional[float]):
   """The progress line's reporter where one can be shown, else a no-op.
@@ -314,7 +309,7 @@ def execute(job: Job, progress_to: Optional[TextIO] = None,
 
   Returns:
     The manifest of the run, with the job's committed Beam counters under
-    COUNTERS, or, for a run that wrote none (e.g. a Dataflow `--dry_run`),
+    schemas.EXECUTE_COUNTERS, or, for a run that wrote none (e.g. a Dataflow `--dry_run`),
     its id and state.
   """
   result = None
@@ -335,11 +330,11 @@ def execute(job: Job, progress_to: Optional[TextIO] = None,
       output_lock.release(job.options.output, job.run_id)
     return {schemas.MANIFEST_RUN_ID: job.run_id,
             schemas.MANIFEST_COMMAND: job.command,
-            "state": str(result.state)}
+            schemas.EXECUTE_STATE: str(result.state)}
   _LOG.info("Run %s finished", job.run_id)
   manifest = outputs.read_json(manifest_uri)
   try:
-    manifest[COUNTERS] = progress.committed_counters(result)
+    manifest[schemas.EXECUTE_COUNTERS] = progress.committed_counters(result)
   except Exception:  # pylint: disable=broad-except
     # A finished run stands on its manifest; the counters only add to the
     # summary (a runner's metrics service can fail or lack them).

@@ -61,7 +61,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -253,8 +253,7 @@ def run(data: Sequence[str], backbone_weights: str = "none",
           per_fold[test_set].append(cv.fold_metrics(
               labels[test], calibration.softmax(logits, fit.temperature),
               flagging["threshold"], names))
-      results[name].append({s: {f: _mean([m[f] for m in per_fold[s]])
-                                for f in FIGURES} for s in SETS})
+      results[name].append(_fold_means(per_fold))
       print(f"{name}, head seed {len(results[name]) - 1}: " + ", ".join(
           f"{s} {_fmt(results[name][-1][s]['macro_f1'])}/"
           f"{_fmt(results[name][-1][s]['auc_malignant'])}" for s in SETS),
@@ -290,74 +289,76 @@ def run_full(data: Sequence[str], backbone_weights: str = "none",
 
   Returns `run`'s "recipes" and "mean" with one seed ("as_stored" is `cv`'s
   own summary), and under "cv" each recipe's resolved settings, fold
-  seconds and the largest difference between the two routes. Raises RuntimeError where the whole model disagrees with
-  `cv`'s cached route on the images as stored (the shifted figures would
-  not be comparable).
+  seconds and the largest difference between the two routes. Raises
+  RuntimeError where the whole model disagrees with `cv`'s cached route on
+  the images as stored (the shifted figures would not be comparable).
   """
-  from bench import cv_seeds  # pylint: disable=import-outside-toplevel
-  from training import calibration, cv  # pylint: disable=import-outside-toplevel
-  from training import model as model_lib, recipe  # pylint: disable=import-outside-toplevel
   _check_recipes(recipes)
   started = time.perf_counter()
-  names = list(schemas.LABELS)
   results: Dict[str, List[Dict]] = {}
   reports = {}
   for name in recipes:
-    degrade, annotate, depth = RECIPES[name]
-    flags = dict(recipe_flags, degrade=degrade, annotate=annotate,
-                 depth=depth)
-    config, loaded, hashes, model = cv_seeds.setup(data, backbone_weights,
-                                                   backbone, flags)
-    labels = loaded.labels
-    shifted = {kind: np.stack([shift(i, kind) for i in loaded.images])
-               for kind in SHIFTS}
-    per_fold: Dict[str, List[Dict]] = {s: [] for s in SHIFTS}
-    agreement = []
-
-    def score(k, result, config=config, loaded=loaded, labels=labels,
-              model=model, shifted=shifted, per_fold=per_fold,
-              agreement=agreement, name=name):
-      test = result["test_indices"]
-      temperature, threshold = result["temperature"], result["threshold"]
-      # The route every shifted image takes, on the images as stored,
-      # against cv's own probabilities (through its conv cache).
-      as_stored = calibration.softmax(model_lib.predict_logits(
-          model, loaded.images[test], config.batch_size), temperature)
-      agreement.append(float(np.max(np.abs(
-          as_stored - result["probabilities"]))))
-      if agreement[-1] > 1e-3:
-        raise RuntimeError(
-            f"{name}, fold {k}: the whole model's probabilities differ from"
-            f" cv's by {agreement[-1]:.2g} on the images as stored")
-      for kind in SHIFTS:
-        logits = model_lib.predict_logits(model, shifted[kind][test],
-                                          config.batch_size)
-        per_fold[kind].append(cv.fold_metrics(
-            labels[test], calibration.softmax(logits, temperature),
-            threshold, names))
-      print(f"{name}, fold {k} ({time.perf_counter() - started:.0f} s): "
-            + ", ".join(f"{s} {_fmt(per_fold[s][-1]['macro_f1'])}"
-                        for s in SHIFTS), flush=True)
-
-    cache = cv.all_views_cache(config, model, loaded)
-    runner = recipe.Recipe(model, cache, labels, config, progress=0)
-    report = cv.run_folds(config, folds, runner, loaded, hashes,
-                          after_fold=score)
-    report.pop(cv.PREDICTIONS)
-    row = {"as_stored": {f: report["summary"][f]["mean"] for f in FIGURES}}
-    row.update({s: {f: _mean([m[f] for m in per_fold[s]]) for f in FIGURES}
-                for s in SHIFTS})
+    row, reports[name] = _full_recipe(name, data, backbone_weights,
+                                      backbone, folds, recipe_flags, started)
     results[name] = [row]
-    reports[name] = {"settings": report["settings"],
-                     "fold_seconds": [fold["seconds"]
-                                      for fold in report["folds"]],
-                     "max_probability_difference": max(agreement)}
-    del cache, runner, model, shifted
   mean = {name: rows[0] for name, rows in results.items()}
   print(format_table(mean))
   return {"full_recipe": True, "folds": folds, "seeds": 1,
           "recipes": results, "mean": mean, "cv": reports,
           "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _full_recipe(name: str, data: Sequence[str], backbone_weights: str,
+                 backbone: str, folds: int, recipe_flags: Dict,
+                 started: float) -> Tuple[Dict, Dict]:
+  """One recipe of `run_full`: its row (test set -> figure -> fold mean)
+  and its "cv" entry."""
+  from bench import cv_seeds  # pylint: disable=import-outside-toplevel
+  from training import calibration, cv  # pylint: disable=import-outside-toplevel
+  from training import model as model_lib, recipe  # pylint: disable=import-outside-toplevel
+  degrade, annotate, depth = RECIPES[name]
+  flags = dict(recipe_flags, degrade=degrade, annotate=annotate, depth=depth)
+  config, loaded, hashes, model = cv_seeds.setup(data, backbone_weights,
+                                                 backbone, flags)
+  names = list(schemas.LABELS)
+  labels = loaded.labels
+  shifted = {kind: np.stack([shift(i, kind) for i in loaded.images])
+             for kind in SHIFTS}
+  per_fold: Dict[str, List[Dict]] = {s: [] for s in SHIFTS}
+  agreement = []
+
+  def score(k, result):
+    test = result["test_indices"]
+    temperature, threshold = result["temperature"], result["threshold"]
+    # The route every shifted image takes, on the images as stored,
+    # against cv's own probabilities (through its conv cache).
+    as_stored = calibration.softmax(model_lib.predict_logits(
+        model, loaded.images[test], config.batch_size), temperature)
+    agreement.append(float(np.max(np.abs(
+        as_stored - result["probabilities"]))))
+    if agreement[-1] > 1e-3:
+      raise RuntimeError(
+          f"{name}, fold {k}: the whole model's probabilities differ from"
+          f" cv's by {agreement[-1]:.2g} on the images as stored")
+    for kind in SHIFTS:
+      logits = model_lib.predict_logits(model, shifted[kind][test],
+                                        config.batch_size)
+      per_fold[kind].append(cv.fold_metrics(
+          labels[test], calibration.softmax(logits, temperature),
+          threshold, names))
+    print(f"{name}, fold {k} ({time.perf_counter() - started:.0f} s): "
+          + ", ".join(f"{s} {_fmt(per_fold[s][-1]['macro_f1'])}"
+                      for s in SHIFTS), flush=True)
+
+  cache = cv.all_views_cache(config, model, loaded)
+  runner = recipe.Recipe(model, cache, labels, config, progress=0)
+  report = cv.run_folds(config, folds, runner, loaded, hashes,
+                        after_fold=score)
+  row = {"as_stored": {f: report["summary"][f]["mean"] for f in FIGURES}}
+  row.update(_fold_means(per_fold))
+  return row, {"settings": report["settings"],
+               "fold_seconds": [fold["seconds"] for fold in report["folds"]],
+               "max_probability_difference": max(agreement)}
 
 
 def format_table(mean: Dict) -> str:
@@ -369,6 +370,13 @@ def format_table(mean: Dict) -> str:
         f"{_fmt(sets[s]['macro_f1'])} / {_fmt(sets[s]['auc_malignant'])}"
         for s in SETS) + " |")
   return "\n".join(lines)
+
+
+def _fold_means(per_fold: Dict[str, List[Dict]]) -> Dict[str, Dict]:
+  """test set -> figure -> its mean over the folds (None where no fold has
+  it)."""
+  return {s: {f: _mean([m[f] for m in metrics]) for f in FIGURES}
+          for s, metrics in per_fold.items()}
 
 
 def _mean(values) -> float:

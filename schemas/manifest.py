@@ -50,6 +50,12 @@ MANIFEST_THROUGHPUT = "throughput_images_per_s"  # scoring runs
 # Scoring runs: images per predicted class, and per quality flag.
 MANIFEST_PREDICTED_CLASSES = "predicted_classes"
 MANIFEST_QUALITY_FLAGS = "quality_flags"
+# Keys `pipeline.execute` adds to the manifest it answers with; not fields
+# of manifest.json (the job writes that before its counters are committed):
+# the job's committed Beam counters, and for a run that wrote no manifest
+# (e.g. a Dataflow --dry_run) the runner's state.
+EXECUTE_COUNTERS = "counters"
+EXECUTE_STATE = "state"
 
 # Counts ("counts"). A member's outcomes, checked by the invariant:
 #   members_seen [+ extra_frames] = images_written | predictions

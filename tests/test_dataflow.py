@@ -20,7 +20,7 @@ from apache_beam.portability.api import beam_runner_api_pb2
 import beam_pipeline
 import schemas
 import training
-from beam_pipeline import options as opts_lib, pipeline
+from beam_pipeline import cli, options as opts_lib, pipeline
 from tests import archive_factory as af
 from tests.conftest import BUCKET
 from training import testing as training_testing
@@ -199,3 +199,20 @@ def test_gpu_hint_and_worker_accelerator_are_exclusive(bucket_inputs):
     _dry_run(["--inference_accelerator", ACCELERATOR,
               "--dataflow_service_options",
               f"worker_accelerator={WORKER_ACCELERATOR}"])
+
+
+def test_dry_run_from_the_command_line_says_no_manifest_was_written(
+    bucket_inputs, capsys):
+  argv = ["run", "--input", f"gs://{BUCKET}/df/in/*.zip", "--model",
+          f"gs://{BUCKET}/df/model", "--output", f"gs://{BUCKET}/df/dry",
+          "--runner", "DataflowRunner", "--dry_run=True", "--project",
+          "busi-test-project", "--region", "us-central1", "--temp_location",
+          f"gs://{BUCKET}/df/tmp"]
+  assert cli.main(argv) == cli.EXIT_OK
+  line = capsys.readouterr().out.strip().splitlines()[-1]
+  assert line.startswith("Run ") and "(run):" in line, line
+  assert line.endswith("; no manifest was written"), line
+  # The state is the runner's, not a missing key.
+  assert ": None;" not in line, line
+  # The dry run released its output: the same command runs again.
+  assert cli.main(argv) == cli.EXIT_OK

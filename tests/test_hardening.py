@@ -1,12 +1,16 @@
 """Broken and hostile inputs, crashes and reruns: nothing lost, nothing unsafe."""
 
 import glob
+import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
+import tarfile
 import time
+import zipfile
 
 import keras
 import numpy as np
@@ -319,8 +323,6 @@ def test_unsafe_or_broken_artifacts_fail_before_reading(tmp_path, model_dir):
 
 
 def test_tar_names_that_are_not_utf8_or_huge(tmp_path):
-  import io
-  import tarfile
   png = af.png(np.full((6, 6), 9, np.uint8))
   path = tmp_path / "odd.tar"
   with tarfile.open(path, "w", format=tarfile.GNU_FORMAT,
@@ -427,9 +429,6 @@ def test_zip_member_with_an_empty_name_is_an_error_record(tmp_path):
   """A damaged central directory can name a member ""; zipfile's is_dir()
   then raises IndexError. The member becomes an error record instead
   (found by the fuzz test above)."""
-  import io  # pylint: disable=import-outside-toplevel
-  import struct  # pylint: disable=import-outside-toplevel
-  import zipfile  # pylint: disable=import-outside-toplevel
   buffer = io.BytesIO()
   with zipfile.ZipFile(buffer, "w") as zf:
     zf.writestr("a", b"x")

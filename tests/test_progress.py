@@ -126,7 +126,7 @@ def test_run_commits_counters_of_every_row(tmp_path, model_dir, fake_model):
   out = str(tmp_path / "out")
   manifest = pipeline.run(["run", "--input", archive, "--model", model_dir,
                            "--output", out, "--threshold", "0.99"])
-  counters, counts = manifest[pipeline.COUNTERS], manifest["counts"]
+  counters, counts = manifest[schemas.EXECUTE_COUNTERS], manifest["counts"]
   assert counts["predictions"] == 9
   for name in ("predictions", "low_confidence", "out_of_distribution",
                "needs_review", "members_seen", "masks_skipped"):
@@ -163,7 +163,7 @@ def test_progress_line_during_a_run(tmp_path, model_dir, fake_model):
   # Quiet without a stream (how tests and non-local runs execute).
   quiet = pipeline.create(["run", "--input", archive, "--model", model_dir,
                            "--output", str(tmp_path / "quiet")])
-  assert pipeline.COUNTERS in pipeline.execute(quiet)
+  assert schemas.EXECUTE_COUNTERS in pipeline.execute(quiet)
 
 
 def _producer(p: beam.Pipeline, full_label: str) -> str:
@@ -203,7 +203,7 @@ def test_summary_values_share_one_column_however_long_a_name():
   manifest = {"run_id": "r", "command": "run", "wall_time_s": 1.0,
               "counts": {"predictions": 2, "errors": 0},
               "invariant": {"rule": "r", "holds": True}, "output": "o",
-              pipeline.COUNTERS: {"predictions": 2,
+              schemas.EXECUTE_COUNTERS: {"predictions": 2,
                                   "quality_burned_in_annotation": 1,
                                   "errors_decode": 0}}
   summary = cli.format_summary(manifest)
