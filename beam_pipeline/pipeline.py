@@ -309,8 +309,8 @@ def execute(job: Job, progress_to: Optional[TextIO] = None,
 
   Returns:
     The manifest of the run, with the job's committed Beam counters under
-    schemas.EXECUTE_COUNTERS, or, for a run that wrote none (e.g. a Dataflow `--dry_run`),
-    its id and state.
+    schemas.EXECUTE_COUNTERS, or, for a run that wrote none (e.g. a
+    Dataflow `--dry_run`), its id, command and state (EXECUTE_STATE).
   """
   result = None
   try:
