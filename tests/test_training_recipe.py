@@ -209,6 +209,26 @@ def test_early_stopping_keeps_the_best_epoch(images):
   assert fitted.seconds["head"] > 0
 
 
+def test_a_stage_whose_best_epoch_is_its_last_says_so(images, caplog):
+  runner, train, val = _tiny_runner(images, epochs=2, patience=5,
+                                    learning_rate=1e-3)
+  with caplog.at_level("INFO", logger=recipe.__name__):
+    fitted = runner.fit(train, val, 0)
+  losses = fitted.history["val_loss"]
+  assert fitted.best_epoch["head"] == fitted.epochs_run["head"] == 2, losses
+  assert ("Stage head: the validation loss was still falling at the last of"
+          " its 2 epochs; more (--epochs)") in caplog.text
+  # A stage that stopped before its last epoch, or kept an earlier one,
+  # does not.
+  caplog.clear()
+  runner, train, val = _tiny_runner(images, epochs=60, patience=2,
+                                    learning_rate=0.05)
+  with caplog.at_level("INFO", logger=recipe.__name__):
+    fitted = runner.fit(train, val, 0)
+  assert fitted.best_epoch["head"] < fitted.epochs_run["head"]
+  assert "still falling" not in caplog.text
+
+
 def test_a_fit_depends_on_its_seed_not_on_the_fits_before_it(images):
   # cv fits every fold on one model, and train its final model after them:
   # the dropout masks must come from the fit's seed, not from the state the

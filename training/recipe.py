@@ -522,6 +522,13 @@ class Recipe:
     losses = fitted.history.get("val_loss")
     result.best_epoch[stage] = (int(np.argmin(losses)) + 1
                                 if losses and config.patience else None)
+    if result.best_epoch[stage] == run == epochs:
+      # Not a failure (the fit keeps the best epoch), but the stage may have
+      # been stopped by its budget before its validation loss stopped falling.
+      _LOG.info("Stage %s: the validation loss was still falling at the last"
+                " of its %d epochs; more (%s) may lower it further", stage,
+                epochs, "--fine_tune_epochs" if stage == FINE_TUNE
+                else "--epochs")
     result.seconds[stage] = time.perf_counter() - started
     result.epoch_seconds[stage] = [round(s, 3) for s in callbacks[0].seconds]
 
