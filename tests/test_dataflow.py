@@ -61,13 +61,17 @@ def _dry_run(extra):
   return _dry_run_job(extra).pipeline.runner.proto_pipeline
 
 
-def _dry_run_job(extra):
-  argv = ["run", "--input", f"gs://{BUCKET}/df/in/*.zip", "--model",
-          f"gs://{BUCKET}/df/model", "--output", f"gs://{BUCKET}/df/out",
+def _dry_run_argv(output):
+  """`run` of the bucket's inputs as a Dataflow --dry_run into df/OUTPUT."""
+  return ["run", "--input", f"gs://{BUCKET}/df/in/*.zip", "--model",
+          f"gs://{BUCKET}/df/model", "--output", f"gs://{BUCKET}/df/{output}",
           "--runner", "DataflowRunner", "--dry_run=True", "--project",
           "busi-test-project", "--region", "us-central1", "--temp_location",
-          f"gs://{BUCKET}/df/tmp", "--overwrite"] + extra
-  job = pipeline.create(argv)
+          f"gs://{BUCKET}/df/tmp"]
+
+
+def _dry_run_job(extra):
+  job = pipeline.create(_dry_run_argv("out") + ["--overwrite"] + extra)
   job.pipeline.run().wait_until_finish()
   return job
 
@@ -203,11 +207,7 @@ def test_gpu_hint_and_worker_accelerator_are_exclusive(bucket_inputs):
 
 def test_dry_run_from_the_command_line_says_no_manifest_was_written(
     bucket_inputs, capsys):
-  argv = ["run", "--input", f"gs://{BUCKET}/df/in/*.zip", "--model",
-          f"gs://{BUCKET}/df/model", "--output", f"gs://{BUCKET}/df/dry",
-          "--runner", "DataflowRunner", "--dry_run=True", "--project",
-          "busi-test-project", "--region", "us-central1", "--temp_location",
-          f"gs://{BUCKET}/df/tmp"]
+  argv = _dry_run_argv("dry")
   assert cli.main(argv) == cli.EXIT_OK
   line = capsys.readouterr().out.strip().splitlines()[-1]
   assert line.startswith("Run ") and "(run):" in line, line
