@@ -251,6 +251,75 @@ def test_a_fit_depends_on_its_seed_not_on_the_fits_before_it(images):
   assert not np.array_equal(other, first)
 
 
+def test_a_fine_tune_depends_on_its_seed_alone(images):
+  # The fine-tune stage's rows come in StageRows' order, drawn from the
+  # fit's seed: the same seed fine-tunes the same weights.
+  runner, train, val = _tiny_runner(images, epochs=2, patience=0,
+                                    learning_rate=0.05, batch_size=4,
+                                    fine_tune_epochs=2,
+                                    fine_tune_learning_rate=0.01)
+  model = runner.model
+  initial = model.get_weights()
+
+  def conv_after_fit(seed):
+    model.set_weights(initial)
+    runner.fit(train, val, seed)
+    return model.get_layer(schemas.GRADCAM_LAYER).get_weights()[0]
+
+  first = conv_after_fit(5)
+  assert not np.array_equal(first, initial[[
+      v.path for v in model.weights].index(
+          model.get_layer(schemas.GRADCAM_LAYER).kernel.path)])
+  other = conv_after_fit(6)
+  np.testing.assert_array_equal(conv_after_fit(5), first)
+  assert not np.array_equal(other, first)
+
+
+def test_stage_rows_bring_every_row_once_an_epoch_in_a_seeded_order(images):
+  model = model_lib.build_model(SIZE, "none", 3, model_lib.TINY)
+  layer = model_lib.fine_tune_input(model)
+  train = np.array([3, 0, 7, 5, 11])
+  cache = recipe.ConvCache(model, images, {0: np.arange(24), 1: train,
+                                           2: train}, 8, 0, [layer],
+                           keys=np.arange(24), precision="bfloat16")
+  targets = recipe.one_hot(np.array([0, 1, 2, 2, 1]), 3)
+  views = [0, 1, 2]
+  # The rows a stage trained on before, all at once: view after view.
+  stacked = cache.stack(layer, views, train, np.float32)
+  stacked_targets = np.tile(targets, (3, 1))
+
+  def epoch(rows):
+    batches = [rows[i] for i in range(len(rows))]
+    assert [len(x) for x, _ in batches] == [4, 4, 4, 3]
+    assert all(x.dtype == np.float32 for x, _ in batches)
+    return (np.concatenate([x for x, _ in batches]),
+            np.concatenate([y for _, y in batches]))
+
+  rows = recipe.StageRows(cache, layer, views, train, targets, 4, seed=3)
+  assert len(rows) == 4
+  with pytest.raises(IndexError):
+    rows[4]  # pylint: disable=pointless-statement
+  x, y = epoch(rows)
+  order = rows.order
+  # Every row once, in the epoch's order, its target beside it (the
+  # bfloat16 views converted exactly).
+  np.testing.assert_array_equal(np.sort(order), np.arange(15))
+  np.testing.assert_array_equal(x, stacked[order])
+  np.testing.assert_array_equal(y, stacked_targets[order])
+  assert not np.array_equal(order, np.arange(15))
+  # A new order the next epoch; the same orders from the same seed.
+  rows.on_epoch_end()
+  x2, _ = epoch(rows)
+  assert not np.array_equal(rows.order, order)
+  np.testing.assert_array_equal(x2, stacked[rows.order])
+  again = recipe.StageRows(cache, layer, views, train, targets, 4, seed=3)
+  np.testing.assert_array_equal(again.order, order)
+  assert not np.array_equal(
+      recipe.StageRows(cache, layer, views, train, targets, 4, 4).order, order)
+  with pytest.raises(ValueError, match="2 targets for 5 images"):
+    recipe.StageRows(cache, layer, views, train, targets[:2], 4, 3)
+
+
 def test_reseed_sets_the_dropout_generator_from_the_seed_alone():
   keras.utils.set_random_seed(0)
   model = model_lib.build_model(SIZE, "none", 3, model_lib.TINY)

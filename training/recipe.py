@@ -310,13 +310,22 @@ class ConvCache:
     values, rows = self._where(layer, view, indices)
     return values[rows]
 
+  def sources(self, layer: str, views: Sequence[int], indices: Sequence[int]
+              ) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """For each of `views`: (all of `layer`'s cached outputs of that view,
+    the rows of the images `indices` in them), computing what is missing.
+    Nothing is copied."""
+    indices = np.asarray(indices, dtype=np.int64)
+    return [self._where(layer, view, indices) for view in views]
+
   def stack(self, layer: str, views: Sequence[int], indices: Sequence[int],
             dtype) -> np.ndarray:
     """`layer`'s outputs of `views` of the images `indices`, one view after
-    the other, as one array of `dtype`: what a stage trains on, copied
-    once (block4_pool rows of 8 views are gigabytes)."""
+    the other, as one array of `dtype`: what the head stage trains on
+    (pooled features, small); a fine-tune stage's rows are gigabytes and
+    come a batch at a time (`StageRows`)."""
     indices = np.asarray(indices, dtype=np.int64)
-    parts = [self._where(layer, view, indices) for view in views]
+    parts = self.sources(layer, views, indices)
     shape = parts[0][0].shape[1:] if parts else ()
     out = np.empty((len(views) * len(indices),) + tuple(shape), dtype)
     for i, (values, rows) in enumerate(parts):
@@ -326,6 +335,71 @@ class ConvCache:
       else:
         block[...] = values[rows]
     return out
+
+
+class StageRows(keras.utils.PyDataset):
+  """A stage's training rows (every view of every training image) for
+  `fit`, gathered from the cache one batch at a time, in float32: no copy
+  of them all. A fine-tune stage's rows are the fine-tuned layers' input
+  (pixels of 8 views for the whole base: 4.8 MB an image in float32), so a
+  stack of them, and Keras' own copy of it, grew with the data set by
+  gigabytes (`ConvCache.stack` is for the head's pooled features).
+
+  Every row comes once an epoch, in an order drawn from the stage's seed and
+  the epoch (a new one each epoch, as `fit(shuffle=True)` would draw it);
+  the last batch may be short. Pass `shuffle=False` to `fit`: the order is
+  this class's.
+  """
+
+  def __init__(self, cache: ConvCache, layer: str, views: Sequence[int],
+               indices: Sequence[int], targets: np.ndarray, batch_size: int,
+               seed: int):
+    """
+    Args:
+      cache: where the rows are (computed there if missing).
+      layer: the cached layer the stage trains on.
+      views: the views every image contributes, in order.
+      indices: the training images.
+      targets: [len(indices), classes] one-hot labels of those images.
+      batch_size: rows a batch.
+      seed: the stage's seed (the order of epoch e is drawn from [seed, e]).
+    """
+    super().__init__()
+    if len(targets) != len(indices):
+      raise ValueError(f"{len(targets)} targets for {len(indices)} images")
+    self._sources = cache.sources(layer, views, indices)
+    self._targets = np.asarray(targets, np.float32)
+    self._images = len(indices)
+    self._batch_size = batch_size
+    self._seed = seed
+    self._epoch = 0
+    self.order = self._order()
+
+  def _order(self) -> np.ndarray:
+    # Row r is view r // images of training image r % images.
+    return np.random.default_rng([self._seed, self._epoch]).permutation(
+        len(self._sources) * self._images)
+
+  def __len__(self) -> int:
+    return -(-len(self.order) // self._batch_size)
+
+  def __getitem__(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
+    if not 0 <= index < len(self):
+      raise IndexError(f"batch {index} of {len(self)}")
+    chosen = self.order[index * self._batch_size:
+                        (index + 1) * self._batch_size]
+    part, image = np.divmod(chosen, self._images)
+    values = self._sources[0][0]
+    x = np.empty((len(chosen),) + values.shape[1:], np.float32)
+    for p, (values, rows) in enumerate(self._sources):
+      here = part == p
+      if here.any():
+        x[here] = values[rows[image[here]]]
+    return x, self._targets[image]
+
+  def on_epoch_end(self) -> None:
+    self._epoch += 1
+    self.order = self._order()
 
 
 def numpy_dtype(precision: str):
@@ -478,7 +552,8 @@ class Recipe:
     self.num_classes = int(model.outputs[0].shape[-1])
 
   def _stage(self, stage: str, cut: str, train: np.ndarray, val: np.ndarray,
-             epochs: int, learning_rate: float, class_weight, result) -> None:
+             epochs: int, learning_rate: float, class_weight, result,
+             seed: int) -> None:
     config = self.config
     target = model_lib.sub_model(self.model, cut, None)
     stage_views = views(config)
@@ -489,9 +564,16 @@ class Recipe:
     # float32 rows either way: a bfloat16 copy's first layer rounds them as
     # it would round its own input, and Keras feeds float32 arrays faster
     # than bfloat16 ones (~30 % slower fine-tune epochs measured).
-    x = self.cache.stack(cut, stage_views, train, np.float32)
-    y = one_hot(np.tile(self.labels[train], len(stage_views)),
-                self.num_classes)
+    targets = one_hot(self.labels[train], self.num_classes)
+    if stage == FINE_TUNE:
+      # Gigabytes of rows: a batch at a time, in the stage's own order.
+      x, y = StageRows(self.cache, cut, stage_views, train, targets,
+                       config.batch_size, seed), None
+      rows = len(x.order)
+    else:
+      x = self.cache.stack(cut, stage_views, train, np.float32)
+      y = np.tile(targets, (len(stage_views), 1))
+      rows = len(x)
     validation = None
     callbacks: List[keras.callbacks.Callback] = [_EpochTimer()]
     if len(val):
@@ -506,11 +588,12 @@ class Recipe:
     trainable = sum(int(np.prod(w.shape)) for w in trained.trainable_weights)
     _LOG.info("Stage %s: up to %d epochs, lr %g, %d trainable parameters,"
               " %d training rows (%d views) on cached %s outputs, %s", stage,
-              epochs, learning_rate, trainable, len(x), len(stage_views), cut,
+              epochs, learning_rate, trainable, rows, len(stage_views), cut,
               precision)
     started = time.perf_counter()
-    fitted = trained.fit(x, y, epochs=epochs, batch_size=config.batch_size,
-                        shuffle=True, validation_data=validation,
+    fitted = trained.fit(x, y, epochs=epochs,
+                        batch_size=None if y is None else config.batch_size,
+                        shuffle=y is not None, validation_data=validation,
                         class_weight=class_weight, callbacks=callbacks,
                         verbose=self.progress)
     if trained is not target:
@@ -551,7 +634,7 @@ class Recipe:
                                  config.malignant_weight)
     result = FitResult({}, {}, {}, {}, {}, None, class_weight)
     self._stage("head", model_lib.FEATURES_LAYER, train, val, config.epochs,
-                config.learning_rate, class_weight, result)
+                config.learning_rate, class_weight, result, seed)
     if config.fine_tune_epochs:
       unfrozen = model_lib.unfreeze_fine_tuned(self.model,
                                                config.fine_tune_from)
@@ -561,7 +644,7 @@ class Recipe:
       self._stage(FINE_TUNE,
                   model_lib.fine_tune_input(self.model, config.fine_tune_from),
                   train, val, config.fine_tune_epochs,
-                  config.fine_tune_rate, class_weight, result)
+                  config.fine_tune_rate, class_weight, result, seed)
     return result
 
   def logits(self, indices: np.ndarray) -> np.ndarray:
