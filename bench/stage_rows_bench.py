@@ -18,7 +18,8 @@ Without --backbone_weights the VGG16 has random weights (the same
 computation, so the same speed and memory).
 
   python -m bench.stage_rows_bench [--images 160] [--views 8] [--epochs 2]
-      [--repeats 1] [--fine_tune_from block1_conv1] [--output JSON]
+      [--repeats 1] [--fine_tune_from LAYER (default: the whole base)]
+      [--backbone vgg16] [--image_size 224] [--output JSON]
 """
 
 import argparse
@@ -29,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -43,19 +44,23 @@ def _peak_mb() -> float:
 
 
 def child(mode: str, images: int, views: int, epochs: int,
-          fine_tune_from: str, batch_size: int = 32, seed: int = 0) -> Dict:
+          fine_tune_from: Optional[str] = None, backbone: str = "vgg16",
+          image_size: int = 224, batch_size: int = 32, seed: int = 0
+          ) -> Dict:
   """One mode in this process: the figures (see the module docstring)."""
   import cv2  # pylint: disable=import-outside-toplevel
   import keras  # pylint: disable=import-outside-toplevel
-  from training import model as model_lib, recipe  # pylint: disable=import-outside-toplevel
+  from training import config as config_lib, model as model_lib, recipe  # pylint: disable=import-outside-toplevel
   if mode not in MODES:
     raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
+  fine_tune_from = (fine_tune_from
+                    or config_lib.FINE_TUNABLE_LAYERS[backbone][0])
   rng = np.random.default_rng(seed)
-  pixels = np.stack([cv2.cvtColor(common.ultrasound_like(rng, 224),
+  pixels = np.stack([cv2.cvtColor(common.ultrasound_like(rng, image_size),
                                   cv2.COLOR_GRAY2RGB) for _ in range(images)])
   labels = rng.integers(0, 3, images)
   keras.utils.set_random_seed(seed)
-  model = model_lib.build_model(224)
+  model = model_lib.build_model(image_size, backbone=backbone)
   precision = model_lib.resolve_precision("auto")[0]
   model_lib.unfreeze_fine_tuned(model, fine_tune_from)
   cut = model_lib.fine_tune_input(model, fine_tune_from)
@@ -91,26 +96,32 @@ def child(mode: str, images: int, views: int, epochs: int,
                 epochs=epochs, shuffle=False, class_weight=class_weight,
                 callbacks=[Timer()], verbose=0)
   return {"mode": mode, "precision": precision, "rows": images * views,
+          "fine_tune_from": fine_tune_from,
           "cache_rss_mb": round(cache_mb), "peak_rss_mb": round(_peak_mb()),
           "epoch_s": [round(s, 1) for s in seconds]}
 
 
 def run(images: int = 160, views: int = 8, epochs: int = 2, repeats: int = 1,
-        fine_tune_from: str = "block1_conv1") -> Dict:
+        fine_tune_from: Optional[str] = None, backbone: str = "vgg16",
+        image_size: int = 224) -> Dict:
   """Each mode `repeats` times, alternating, one process each."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   runs: Dict[str, List[Dict]] = {mode: [] for mode in MODES}
   for _ in range(repeats):
     for mode in MODES:
-      out = subprocess.run(
-          [sys.executable, "-m", "bench.stage_rows_bench", "--child", mode,
-           "--images", str(images), "--views", str(views), "--epochs",
-           str(epochs), "--fine_tune_from", fine_tune_from],
-          env=env, check=True, capture_output=True, text=True).stdout
+      argv = [sys.executable, "-m", "bench.stage_rows_bench", "--child", mode,
+              "--images", str(images), "--views", str(views), "--epochs",
+              str(epochs), "--backbone", backbone, "--image_size",
+              str(image_size)]
+      if fine_tune_from:
+        argv += ["--fine_tune_from", fine_tune_from]
+      out = subprocess.run(argv, env=env, check=True, capture_output=True,
+                           text=True).stdout
       runs[mode].append(json.loads(out.strip().splitlines()[-1]))
   figures = {"environment": common.environment(), "images": images,
-             "views": views, "epochs": epochs,
-             "fine_tune_from": fine_tune_from, "runs": runs}
+             "views": views, "epochs": epochs, "backbone": backbone,
+             "fine_tune_from": runs[MODES[0]][0]["fine_tune_from"],
+             "runs": runs}
   for mode, done in runs.items():
     later = [s for r in done for s in r["epoch_s"][1:]]
     figures[mode] = {
@@ -131,16 +142,20 @@ def main(argv=None) -> None:
   parser.add_argument("--views", type=int, default=8)
   parser.add_argument("--epochs", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=1)
-  parser.add_argument("--fine_tune_from", default="block1_conv1")
+  parser.add_argument("--fine_tune_from",
+                      help="first trained layer (default: the whole base)")
+  parser.add_argument("--backbone", default="vgg16")
+  parser.add_argument("--image_size", type=int, default=224)
   parser.add_argument("--output", help="also write the figures here (JSON)")
   parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.child:
     print(json.dumps(child(args.child, args.images, args.views, args.epochs,
-                           args.fine_tune_from)))
+                           args.fine_tune_from, args.backbone,
+                           args.image_size)))
     return
   figures = run(args.images, args.views, args.epochs, args.repeats,
-                args.fine_tune_from)
+                args.fine_tune_from, args.backbone, args.image_size)
   print(f"{figures['images']} images x {figures['views']} views, fine-tune"
         f" from {figures['fine_tune_from']}:")
   print(f"{'mode':<10} {'cache MB':>9} {'peak MB':>9} {'epoch s':>8}")

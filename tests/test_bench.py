@@ -217,6 +217,22 @@ def test_conv_cache_bench_measures_both_ways():
       rel=0.01, abs=0.006)
 
 
+@pytest.mark.slow
+def test_stage_rows_bench_runs_both_ways_in_processes_of_their_own():
+  from bench import stage_rows_bench  # pylint: disable=import-outside-toplevel
+  figures = stage_rows_bench.run(images=6, views=3, epochs=2,
+                                 backbone="tiny", image_size=16)
+  assert figures["fine_tune_from"] == "block1_conv1"  # the whole tiny base
+  for mode in stage_rows_bench.MODES:
+    (one,) = figures["runs"][mode]
+    assert one["mode"] == mode and one["rows"] == 18
+    assert len(one["epoch_s"]) == 2 and all(s >= 0 for s in one["epoch_s"])
+    assert one["peak_rss_mb"] >= one["cache_rss_mb"] > 0
+    assert figures[mode]["epoch_s"] == one["epoch_s"][1]
+  assert figures["peak_saved_mb"] == (figures["stacked"]["peak_rss_mb"]
+                                      - figures["streamed"]["peak_rss_mb"])
+
+
 def test_non_us_archive_without_extra_packages(tmp_path, monkeypatch):
   # As if scikit-image, scikit-learn and pydicom were not installed, whatever
   # this environment holds.
