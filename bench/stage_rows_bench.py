@@ -29,7 +29,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -76,29 +75,21 @@ def child(mode: str, images: int, views: int, epochs: int,
   model_lib.compile_model(trained, 3e-5)
   targets = recipe.one_hot(labels, 3)
   class_weight = recipe.balanced_class_weights(labels, 3)
-  seconds: List[float] = []
-
-  class Timer(keras.callbacks.Callback):
-    def on_epoch_begin(self, epoch, logs=None):
-      self.started = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-      seconds.append(time.perf_counter() - self.started)
-
+  timer = recipe.EpochTimer()
   if mode == "stacked":
     trained.fit(cache.stack(cut, stage_views, every, np.float32),
                 np.tile(targets, (views, 1)), epochs=epochs,
                 batch_size=batch_size, shuffle=True,
-                class_weight=class_weight, callbacks=[Timer()], verbose=0)
+                class_weight=class_weight, callbacks=[timer], verbose=0)
   else:
     trained.fit(recipe.StageRows(cache, cut, stage_views, every, targets,
                                  batch_size, seed),
                 epochs=epochs, shuffle=False, class_weight=class_weight,
-                callbacks=[Timer()], verbose=0)
+                callbacks=[timer], verbose=0)
   return {"mode": mode, "precision": precision, "rows": images * views,
           "fine_tune_from": fine_tune_from,
           "cache_rss_mb": round(cache_mb), "peak_rss_mb": round(_peak_mb()),
-          "epoch_s": [round(s, 1) for s in seconds]}
+          "epoch_s": [round(s, 1) for s in timer.seconds]}
 
 
 def run(images: int = 160, views: int = 8, epochs: int = 2, repeats: int = 1,

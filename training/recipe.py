@@ -500,7 +500,7 @@ def views(config: TrainConfig) -> List[int]:
   return list(range(1 + config.augment_views))
 
 
-class _EpochTimer(keras.callbacks.Callback):
+class EpochTimer(keras.callbacks.Callback):
   """Collects wall seconds per epoch."""
 
   def __init__(self):
@@ -576,7 +576,7 @@ class Recipe:
               "batch_size": config.batch_size, "shuffle": True}
       rows = len(x)
     validation = None
-    callbacks: List[keras.callbacks.Callback] = [_EpochTimer()]
+    callbacks: List[keras.callbacks.Callback] = [EpochTimer()]
     if len(val):
       validation = (self.cache.get(cut, ORIGINAL, val),
                     one_hot(self.labels[val], self.num_classes))
