@@ -138,6 +138,13 @@ DEFAULT_THRESHOLD_RULE = THRESHOLD_RULE_EXPECTED
 THRESHOLD_ON_VALIDATION = "validation"
 THRESHOLD_ON_CV = "cv"
 THRESHOLD_ON = (THRESHOLD_ON_VALIDATION, THRESHOLD_ON_CV)
+# metadata "training" → "fine_tune_schedule": how the fine-tune stage's rate
+# moves over its steps: held at --fine_tune_learning_rate ("constant"; what
+# artifacts without the field used), or decayed from it to 0 along a cosine
+# over the stage's epochs ("cosine").
+FINE_TUNE_SCHEDULE_CONSTANT = "constant"
+FINE_TUNE_SCHEDULE_COSINE = "cosine"
+FINE_TUNE_SCHEDULES = (FINE_TUNE_SCHEDULE_CONSTANT, FINE_TUNE_SCHEDULE_COSINE)
 # Target accuracy of the images not flagged that recalibrate chooses the
 # threshold for when no --threshold is given.
 DEFAULT_TARGET_ACCURACY = 0.95

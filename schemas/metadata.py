@@ -321,6 +321,8 @@ class TrainingSettings(Record):
   batch_size: Optional[int] = optional()
   learning_rate: Optional[float] = optional()
   fine_tune_learning_rate: Optional[float] = optional()
+  # FINE_TUNE_SCHEDULES; absent: constant (older artifacts)
+  fine_tune_schedule: Optional[str] = optional()
   # arithmetic of the frozen-base pass and the fine-tune stage (float32 or
   # bfloat16: Keras mixed precision); the saved weights are float32 always
   precision: Optional[str] = optional()

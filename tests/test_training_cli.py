@@ -83,6 +83,7 @@ def test_train_without_augmentation(tmp_path, data_glob, capsys):
   settings = metadata["training"]
   assert settings["epochs"] == 2 and settings["fine_tune_epochs"] == 1
   assert settings["fine_tune_from"] == "block4_conv3"
+  assert settings["fine_tune_schedule"] == "constant"
   assert settings["augment"] is False and settings["seed"] == 1
   assert settings["degraded_views"] == []  # no random views to degrade
   assert settings["annotated_views"] == []
@@ -499,6 +500,18 @@ def test_abbreviated_flags_are_refused(tmp_path, data_glob, capsys):
     cli.main(["cv", "--data", data_glob, "--fold", "3", "--backbone", "tiny"])
   assert exit_info.value.code == 2
   assert "--fold" in capsys.readouterr().err
+
+
+def test_an_unknown_fine_tune_schedule_is_refused(data_glob, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["cv", "--data", data_glob, "--fine_tune_schedule", "linear"])
+  assert exit_info.value.code == 2
+  assert ("argument --fine_tune_schedule: invalid choice: 'linear'"
+          in capsys.readouterr().err)
+  with pytest.raises(ValueError, match="--fine_tune_schedule 'linear': one"
+                     " of constant, cosine"):
+    config_lib.TrainConfig(data=("x",), output="x",
+                           fine_tune_schedule="linear").validate()
 
 
 def test_degrade_and_no_degrade_are_refused_together(data_glob, capsys):

@@ -404,6 +404,7 @@ def test_cv_report_must_match_the_recipe_and_the_images(tmp_path, cv_data):
   for in_report, here in (
       ({"test_fraction": 0.0}, dataclasses.replace(config, test_fraction=0.2)),
       ({"fine_tune_learning_rate": 0.5}, config),  # no fine-tune here
+      ({"fine_tune_schedule": "cosine"}, config),
       ({"fine_tune_epochs": 2, "fine_tune_from": None}, block5),
       ({"fine_tune_epochs": 2, "fine_tune_from": "block5_conv3"}, block5)):
     changed = {**report, "settings": {**report["settings"], **in_report}}
@@ -430,6 +431,14 @@ def test_cv_report_must_match_the_recipe_and_the_images(tmp_path, cv_data):
   with pytest.raises(ValueError, match=r"depth: False in the report, True"
                      " here"):
     check(older)
+  # And the fine-tune's schedule: before it, the rate was held.
+  tuned = dataclasses.replace(config, fine_tune_epochs=2)
+  older = {**report, "settings": {**report["settings"], "fine_tune_epochs": 2}}
+  del older["settings"]["fine_tune_schedule"]
+  assert check(older, tuned) == older
+  with pytest.raises(ValueError, match="fine_tune_schedule: 'constant' in the"
+                     " report, 'cosine' here"):
+    check(older, dataclasses.replace(tuned, fine_tune_schedule="cosine"))
   with pytest.raises(ValueError, match="is not a `python -m training cv`"
                      " report \\(no settings, data_fingerprint"):
     check({"macro_f1": 0.9})

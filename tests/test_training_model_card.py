@@ -138,6 +138,17 @@ def test_card_names_the_malignant_weight_of_older_artifacts():
       _metadata(training=newer))
 
 
+def test_card_says_how_the_fine_tune_rate_moved():
+  settings = {"learning_rate": 0.001, "fine_tune_learning_rate": 3e-05}
+  # Held, or trained before the field existed: the rates alone.
+  for training in (settings, dict(settings, fine_tune_schedule="constant")):
+    assert "| learning rates | 0.001 / 3e-05 |" in _render(
+        _metadata(training=training))
+  assert ("| learning rates | 0.001 / 3e-05 (cosine decay to 0 over the"
+          " fine-tune) |") in _render(_metadata(
+              training=dict(settings, fine_tune_schedule="cosine")))
+
+
 def test_card_names_the_fine_tuned_layers():
   def row(**training):
     card = _render(_metadata(training=dict({"epochs": 30}, **training)))

@@ -259,6 +259,41 @@ def test_a_fit_depends_on_its_seed_not_on_the_fits_before_it(images, fields,
   assert not np.array_equal(other, first)
 
 
+def test_a_cosine_fine_tune_rate_falls_to_zero_over_the_stage(images,
+                                                               monkeypatch):
+  rates = []
+  real = model_lib.compile_model
+
+  def compile_model(model, learning_rate, label_smoothing=0.0):
+    rates.append(learning_rate)
+    real(model, learning_rate, label_smoothing)
+
+  monkeypatch.setattr(model_lib, "compile_model", compile_model)
+  fields = dict(epochs=2, patience=0, learning_rate=0.05, batch_size=4,
+                fine_tune_epochs=3, fine_tune_learning_rate=0.01)
+  kernels = {}
+  for schedule in schemas.FINE_TUNE_SCHEDULES:
+    runner, train, val = _tiny_runner(images, fine_tune_schedule=schedule,
+                                      **fields)
+    rates.clear()
+    fitted = runner.fit(train, val, 0)
+    assert fitted.epochs_run == {"head": 2, recipe.FINE_TUNE: 3}
+    head, fine_tune = rates
+    assert head == 0.05  # the head's rate is held whatever the schedule
+    kernels[schedule] = runner.model.get_layer(
+        schemas.GRADCAM_LAYER).get_weights()[0]
+  assert fine_tune != 0.01
+  # 12 training images x 2 views, 4 rows a batch: 6 steps an epoch, 18 in
+  # the stage's 3 epochs; from the rate given down to 0 along a cosine.
+  assert fine_tune.decay_steps == 18
+  for step, expected in ((0, 0.01), (9, 0.005), (18, 0.0), (30, 0.0)):
+    assert float(fine_tune(step)) == pytest.approx(expected, abs=1e-9)
+  # The same seed, rows and dropout draws: only the rate differs.
+  assert not np.array_equal(kernels["cosine"], kernels["constant"])
+  constant = TrainConfig(data=("x",), output="x")
+  assert recipe.fine_tune_rate(constant, 0.01, 18) == 0.01
+
+
 def test_stage_rows_bring_every_row_once_an_epoch_in_a_seeded_order(images):
   model = model_lib.build_model(SIZE, "none", 3, model_lib.TINY)
   layer = model_lib.fine_tune_input(model)

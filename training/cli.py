@@ -74,6 +74,13 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                       f" {config_lib.WHOLE_BASE_LEARNING_RATE:g} when it"
                       " trains the whole base, else"
                       f" {config_lib.FINE_TUNE_LEARNING_RATE:g}.")
+  parser.add_argument("--fine_tune_schedule",
+                      choices=schemas.FINE_TUNE_SCHEDULES,
+                      default=schemas.FINE_TUNE_SCHEDULE_CONSTANT,
+                      help="The fine-tune stage's rate over its steps:"
+                      " constant, or cosine (from --fine_tune_learning_rate"
+                      " down to 0 over --fine_tune_epochs; default"
+                      " %(default)s).")
   parser.add_argument("--val_fraction", type=float,
                       default=config_lib.DEFAULT_VAL_FRACTION,
                       help="Share held out to stop early, calibrate and"
@@ -269,6 +276,7 @@ def _recipe_config(args: argparse.Namespace, **fields
       annotate=annotate, depth=depth,
       learning_rate=args.learning_rate,
       fine_tune_learning_rate=args.fine_tune_learning_rate,
+      fine_tune_schedule=args.fine_tune_schedule,
       calibrate=args.calibrate, target_accuracy=target,
       threshold_rule=args.threshold_rule or schemas.DEFAULT_THRESHOLD_RULE,
       synthetic_data=args.synthetic_data, ood_pass_rate=args.ood_pass_rate,

@@ -143,6 +143,9 @@ class TrainConfig:
   # None: auto, WHOLE_BASE_LEARNING_RATE when the whole base is fine-tuned,
   # else FINE_TUNE_LEARNING_RATE.
   fine_tune_learning_rate: Optional[float] = None
+  # How the fine-tune stage's rate moves over its steps
+  # (schemas.FINE_TUNE_SCHEDULES): held, or decayed to 0 along a cosine.
+  fine_tune_schedule: str = schemas.FINE_TUNE_SCHEDULE_CONSTANT
   overwrite: bool = False
   calibrate: bool = True  # fit the temperature on the validation split
   # None: the fixed --threshold.
@@ -256,6 +259,9 @@ class TrainConfig:
       if self.val_fraction <= 0.0:
         raise ValueError("--target_accuracy chooses the threshold on the"
                          " validation split: --val_fraction must be above 0")
+    if self.fine_tune_schedule not in schemas.FINE_TUNE_SCHEDULES:
+      raise ValueError(f"--fine_tune_schedule {self.fine_tune_schedule!r}:"
+                       f" one of {', '.join(schemas.FINE_TUNE_SCHEDULES)}")
     for name in ("learning_rate", "fine_tune_learning_rate"):
       value = getattr(self, name)
       if value is not None and not 0.0 < value <= 1.0:

@@ -306,9 +306,12 @@ def _compared(settings: Dict) -> Dict:
   settings = {k: v for k, v in settings.items() if k not in _NOT_COMPARED}
   # Reports from before --depth trained without it.
   settings.setdefault("depth", False)
+  # ... and with a constant fine-tune rate.
+  settings.setdefault("fine_tune_schedule", schemas.FINE_TUNE_SCHEDULE_CONSTANT)
   if not settings.get("fine_tune_epochs"):
     settings.pop("fine_tune_from", None)
     settings.pop("fine_tune_learning_rate", None)
+    settings.pop("fine_tune_schedule", None)
   elif settings.get("fine_tune_from") is None:
     layers = FINE_TUNABLE_LAYERS.get(settings.get("backbone"), ())
     settings["fine_tune_from"] = next(

@@ -341,9 +341,11 @@ def reseed(model: keras.Model, seed: int) -> None:
     generator.state.assign(np.array([start, 0]).astype(generator.state.dtype))
 
 
-def compile_model(model: keras.Model, learning_rate: float,
+def compile_model(model: keras.Model, learning_rate,
                   label_smoothing: float = 0.0) -> None:
   """Adam + categorical cross-entropy on the softmax output + accuracy.
+
+  `learning_rate`: a number, or a keras.optimizers.schedules schedule.
 
   `label_smoothing` moves that share of each target onto the other classes
   evenly: the head is not pushed towards ever larger logits on the few

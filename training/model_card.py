@@ -90,6 +90,14 @@ def _or_na(value: Any) -> Any:
   return NA if value is None else value
 
 
+def _schedule(training: metadata_schema.TrainingSettings) -> str:
+  """How the fine-tune's rate moved, after it in the card: nothing when
+  held (or not recorded, as before the field)."""
+  if training.fine_tune_schedule == schemas.FINE_TUNE_SCHEDULE_COSINE:
+    return " (cosine decay to 0 over the fine-tune)"
+  return ""
+
+
 def _training(metadata: ArtifactMetadata) -> metadata_schema.TrainingSettings:
   return metadata.training or metadata_schema.TrainingSettings()
 
@@ -671,7 +679,8 @@ def _training_section(metadata: ArtifactMetadata) -> List[str]:
           ["early stopping patience", _or_na(training.patience)],
           ["label smoothing", _or_na(training.label_smoothing)],
           ["learning rates", f"{_or_na(training.learning_rate)} /"
-                             f" {_or_na(training.fine_tune_learning_rate)}"],
+                             f" {_or_na(training.fine_tune_learning_rate)}"
+                             + _schedule(training)],
           ["batch size", _or_na(training.batch_size)],
           ["training arithmetic", _precision(training)],
           ["augmentation", _or_na(training.augment)],

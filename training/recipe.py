@@ -500,6 +500,17 @@ def views(config: TrainConfig) -> List[int]:
   return list(range(1 + config.augment_views))
 
 
+def fine_tune_rate(config: TrainConfig, learning_rate: float, steps: int):
+  """The fine-tune stage's Adam rate under --fine_tune_schedule: the number
+  itself (constant), or a cosine from it down to 0 over the stage's `steps`
+  (every epoch it may run, so a stage stopped early never reaches 0)."""
+  if config.fine_tune_schedule == schemas.FINE_TUNE_SCHEDULE_CONSTANT:
+    return learning_rate
+  return keras.optimizers.schedules.CosineDecay(learning_rate,
+                                                decay_steps=max(steps, 1),
+                                                alpha=0.0)
+
+
 class EpochTimer(keras.callbacks.Callback):
   """Collects wall seconds per epoch."""
 
@@ -570,11 +581,13 @@ class Recipe:
                            config.batch_size, seed)
       feed = {"x": streamed, "shuffle": False}
       rows = len(streamed.order)
+      rate = fine_tune_rate(config, learning_rate, epochs * len(streamed))
     else:
       x = self.cache.stack(cut, stage_views, train, np.float32)
       feed = {"x": x, "y": np.tile(targets, (len(stage_views), 1)),
               "batch_size": config.batch_size, "shuffle": True}
       rows = len(x)
+      rate = learning_rate
     validation = None
     callbacks: List[keras.callbacks.Callback] = [EpochTimer()]
     if len(val):
@@ -585,12 +598,13 @@ class Recipe:
             monitor="val_loss", patience=config.patience,
             restore_best_weights=True))
     trained = model_lib.reduced_precision_copy(target, precision)
-    model_lib.compile_model(trained, learning_rate, config.label_smoothing)
+    model_lib.compile_model(trained, rate, config.label_smoothing)
     trainable = sum(int(np.prod(w.shape)) for w in trained.trainable_weights)
-    _LOG.info("Stage %s: up to %d epochs, lr %g, %d trainable parameters,"
+    _LOG.info("Stage %s: up to %d epochs, lr %g%s, %d trainable parameters,"
               " %d training rows (%d views) on cached %s outputs, %s", stage,
-              epochs, learning_rate, trainable, rows, len(stage_views), cut,
-              precision)
+              epochs, learning_rate,
+              "" if rate is learning_rate else f" ({config.fine_tune_schedule})",
+              trainable, rows, len(stage_views), cut, precision)
     started = time.perf_counter()
     fitted = trained.fit(**feed, epochs=epochs, validation_data=validation,
                          class_weight=class_weight, callbacks=callbacks,

@@ -126,6 +126,7 @@ def _training_settings(config: TrainConfig, read: Read, splits: Splits,
       batch_size=config.batch_size,
       learning_rate=config.learning_rate,
       fine_tune_learning_rate=config.fine_tune_rate,
+      fine_tune_schedule=config.fine_tune_schedule,
       precision=config.precision,
       class_weight={labels[c]: round(w, 6)
                     for c, w in result.class_weight.items()},
