@@ -427,6 +427,63 @@ def test_fine_tune_from_the_first_conv_caches_the_resized_pixels(images):
                              atol=1e-4)
 
 
+@pytest.mark.parametrize("network_size, layer", [
+    (None, schemas.PREPROCESS_LAYER), (48, schemas.RESIZE_LAYER)])
+def test_a_layer_of_the_pixels_is_kept_as_pixels_and_read_as_before(
+    images, network_size, layer):
+  # The whole base's rows (the preprocessed, or resized, pixels of every
+  # view) are kept as the views' uint8 pixels and computed when read: the
+  # same values as computing the layer once and keeping it, a quarter (a
+  # half, for bfloat16 views) of the memory.
+  import ml_dtypes  # pylint: disable=import-outside-toplevel
+  model = model_lib.build_model(SIZE, "none", 3, model_lib.TINY, network_size)
+  layers = [model_lib.fine_tune_input(model, "block1_conv1"),
+            model_lib.FEATURES_LAYER]
+  assert layers[0] == layer
+  every, some = np.arange(24), np.array([9, 2, 17, 4])
+  cache = recipe.ConvCache(model, images, {0: every, 1: every, 3: some}, 8, 0,
+                           layers, keys=every, degrade=True, annotate=True,
+                           depth=True, precision="bfloat16")
+  size = network_size or SIZE
+  for view, indices, dtype in ((0, every, np.float32),
+                               (1, every, ml_dtypes.bfloat16),
+                               (3, some, ml_dtypes.bfloat16)):
+    kept, rows = cache.sources(layer, [view], indices)[0]
+    assert kept.dtype == np.uint8 and kept.shape == (len(indices), SIZE,
+                                                     SIZE, 3)
+    pixels = recipe.view_images(images[indices], view, 0, every[indices],
+                                degrade=True, annotate=True, depth=True)
+    np.testing.assert_array_equal(kept[rows], pixels)
+    # What the layer computed once gave (original: float32, as scoring).
+    precision = "float32" if view == 0 else "bfloat16"
+    once = model_lib.in_batches(
+        model_lib.reduced_precision_copy(
+            model_lib.sub_model(model, None, layer), precision),
+        pixels, 8, dtype=dtype)
+    got = cache.get(layer, view, indices)
+    assert got.dtype == dtype and got.shape == (len(indices), size, size, 3)
+    np.testing.assert_array_equal(got, once)
+    # The features below it are computed from those values.
+    np.testing.assert_array_equal(
+        cache.get(model_lib.FEATURES_LAYER, view, indices),
+        model_lib.in_batches(model_lib.reduced_precision_copy(
+            model_lib.sub_model(model, layer, model_lib.FEATURES_LAYER),
+            precision), once, 8, dtype=dtype))
+  # A stage's rows, a batch at a time or stacked: the layer's values.
+  targets = recipe.one_hot(np.array([0, 1, 2, 1]), 3)
+  rows = recipe.StageRows(cache, layer, [0, 1, 3], some, targets, 5, seed=1)
+  x = np.concatenate([rows[i][0] for i in range(len(rows))])
+  stacked = cache.stack(layer, [0, 1, 3], some, np.float32)
+  np.testing.assert_array_equal(x, stacked[rows.order])
+  np.testing.assert_array_equal(
+      stacked[4:8], cache.get(layer, 1, some).astype(np.float32))
+  # A layer with weights before it is kept as computed.
+  deeper = recipe.ConvCache(model, images, {0: every}, 8, 0,
+                            [model_lib.fine_tune_input(model)], keys=every)
+  kept, _ = deeper.sources(model_lib.fine_tune_input(model), [0], every)[0]
+  assert kept.dtype == np.float32
+
+
 def test_fine_tune_from_must_name_a_base_layer_with_weights():
   model = model_lib.build_model(SIZE, "none", 3, model_lib.TINY)
   # Refused by the flags' check, before any data is read ...

@@ -192,6 +192,12 @@ class ConvCache:
   preprocessed, or resized, pixels for --fine_tune_from block1_conv1)
   always, "features" only while the base is frozen, which is always true
   when a fold's model starts (weights reset to the pretrained ones).
+
+  A layer computed from the pixels by layers without weights (the
+  preprocessing, and the resize) is kept as the views' uint8 pixels and
+  computed again, by the same sub-model, whenever it is read: 1 byte a value
+  instead of 2 or 4, the same values read (the whole-base fine-tune's rows:
+  1.2 MB an image for 8 views at 224², against 2.7).
   """
 
   def __init__(self, model: keras.Model, images: np.ndarray,
@@ -219,7 +225,8 @@ class ConvCache:
         the original (`config.PRECISIONS`; "auto" resolved here). The
         original view is computed in float32, as scoring computes it, and
         kept float32; the others are kept in the dtype they were computed
-        in (ml_dtypes.bfloat16 for bfloat16: half the memory).
+        in (ml_dtypes.bfloat16 for bfloat16: half the memory), except a
+        layer of the pixels, kept as uint8 pixels and read in that dtype.
     """
     if len(keys) != len(images):
       raise ValueError(f"{len(keys)} draw keys for {len(images)} images")
@@ -239,7 +246,13 @@ class ConvCache:
       rows[np.asarray(indices, dtype=np.int64)] = np.arange(len(indices))
       self._rows[view] = rows
     self._needed = {v: np.asarray(i, dtype=np.int64) for v, i in needed.items()}
+    # (layer, view) → what is kept of it: its values, or the view's uint8
+    # pixels for a layer in self._from_pixels.
     self._values: Dict[tuple, np.ndarray] = {}
+    names = [l.name for l in model.layers]
+    first = names.index(self._layers[0]) if self._layers else 0
+    self._from_pixels = ({self._layers[0]} if self._layers and not any(
+        l.weights for l in model.layers[:first + 1]) else set())
     # one traced function a layer and precision
     self._models: Dict[Tuple[str, str], keras.Model] = {}
     self.seconds = 0.0
@@ -253,6 +266,11 @@ class ConvCache:
                               layer), precision)
     return self._models[layer, precision]
 
+  def _precision(self, view: int) -> str:
+    # The original view is what validation, calibration, the threshold, the
+    # OOD detector and cv's figures read: computed as scoring computes it.
+    return FLOAT32 if view == ORIGINAL else self.precision
+
   def _compute(self, layer: str, view: int) -> np.ndarray:
     # Only outputs of layers no training touches may be cached: a stage
     # asking for a layer after a trainable one would get stale values.
@@ -265,9 +283,7 @@ class ConvCache:
     position = self._layers.index(layer)
     indices = self._needed[view]
     started = time.perf_counter()
-    # The original view is what validation, calibration, the threshold, the
-    # OOD detector and cv's figures read: computed as scoring computes it.
-    precision = FLOAT32 if view == ORIGINAL else self.precision
+    precision = self._precision(view)
     sub = self._sub_model(layer, precision)
     # bfloat16 outputs are kept as they come: half the memory, and exactly
     # what a bfloat16 stage reads (a float32 one converts them exactly).
@@ -277,25 +293,30 @@ class ConvCache:
       out = model_lib.in_batches(sub, self.get(before, view, indices),
                                  self._batch_size, traced=True, dtype=dtype)
     else:
-      parts = []
+      # A layer kept as pixels keeps the view's uint8 pixels (`values`
+      # computes the layer from them when read).
+      pixels_only = layer in self._from_pixels
+      parts = [self._images[:0] if pixels_only else model_lib.in_batches(
+          sub, self._images[:0], self._batch_size, traced=True, dtype=dtype)]
       chunk = 8 * self._batch_size
       for start in range(0, len(indices), chunk):
         batch = indices[start:start + chunk]
         pixels = view_images(self._images[batch], view, self._seed,
                              self._keys[batch], self._degrade,
                              self._annotate, self._depth)
-        parts.append(model_lib.in_batches(sub, pixels, self._batch_size,
-                                          traced=True, dtype=dtype))
-      out = np.concatenate(parts) if parts else model_lib.in_batches(
-          sub, self._images[:0], self._batch_size, traced=True, dtype=dtype)
-      _LOG.info("Computed %s of %d images, view %d, in %.1f s", layer,
-                len(indices), view, time.perf_counter() - started)
+        parts.append(pixels if pixels_only else model_lib.in_batches(
+            sub, pixels, self._batch_size, traced=True, dtype=dtype))
+      out = np.concatenate(parts)
+      _LOG.info("Computed %s of %d images, view %d, in %.1f s",
+                "the pixels" if pixels_only else layer, len(indices), view,
+                time.perf_counter() - started)
     self.seconds += time.perf_counter() - started
     return out
 
   def _where(self, layer: str, view: int, indices: Sequence[int]
             ) -> Tuple[np.ndarray, np.ndarray]:
-    """(all of `layer`'s cached outputs of `view`, the rows of `indices`)."""
+    """(all the cache keeps of `layer`'s outputs of `view`, the rows of
+    `indices` in it)."""
     key = (layer, view)
     if key not in self._values:
       self._values[key] = self._compute(layer, view)
@@ -304,17 +325,34 @@ class ConvCache:
       raise ValueError(f"view {view} was not computed for some images")
     return self._values[key], rows
 
+  def values(self, layer: str, view: int, kept: np.ndarray) -> np.ndarray:
+    """`layer`'s output of view `view` from rows of what the cache keeps of
+    it (`sources`): those rows themselves, or, for a layer kept as pixels,
+    the layer computed from them as it was cached before (same sub-model,
+    same precision: the same values)."""
+    if layer not in self._from_pixels:
+      return kept
+    precision = self._precision(view)
+    return model_lib.in_batches(self._sub_model(layer, precision), kept,
+                                self._batch_size, traced=True,
+                                dtype=numpy_dtype(precision))
+
+  def shape(self, layer: str) -> Tuple[int, ...]:
+    """The shape of one image's output of `layer`."""
+    return tuple(self._model.get_layer(layer).output.shape[1:])
+
   def get(self, layer: str, view: int, indices: Sequence[int]) -> np.ndarray:
     """`layer`'s output of view `view` of the images `indices` (float32, or
     bfloat16 for a view computed in bfloat16)."""
-    values, rows = self._where(layer, view, indices)
-    return values[rows]
+    kept, rows = self._where(layer, view, indices)
+    return self.values(layer, view, kept[rows])
 
   def sources(self, layer: str, views: Sequence[int], indices: Sequence[int]
               ) -> List[Tuple[np.ndarray, np.ndarray]]:
-    """For each of `views`: (all of `layer`'s cached outputs of that view,
-    the rows of the images `indices` in them), computing what is missing.
-    Nothing is copied."""
+    """For each of `views`: (all the cache keeps of `layer`'s outputs of
+    that view, the rows of the images `indices` in it), computing what is
+    missing. Nothing is copied; `values` turns rows of it into the
+    layer's values."""
     indices = np.asarray(indices, dtype=np.int64)
     return [self._where(layer, view, indices) for view in views]
 
@@ -326,14 +364,13 @@ class ConvCache:
     come a batch at a time (`StageRows`)."""
     indices = np.asarray(indices, dtype=np.int64)
     parts = self.sources(layer, views, indices)
-    shape = parts[0][0].shape[1:] if parts else ()
-    out = np.empty((len(views) * len(indices),) + tuple(shape), dtype)
-    for i, (values, rows) in enumerate(parts):
+    out = np.empty((len(views) * len(indices),) + self.shape(layer), dtype)
+    for i, (view, (kept, rows)) in enumerate(zip(views, parts)):
       block = out[i * len(indices):(i + 1) * len(indices)]
-      if values.dtype == out.dtype:
-        np.take(values, rows, axis=0, out=block)
+      if layer not in self._from_pixels and kept.dtype == out.dtype:
+        np.take(kept, rows, axis=0, out=block)
       else:
-        block[...] = values[rows]
+        block[...] = self.values(layer, view, kept[rows])
     return out
 
 
@@ -341,7 +378,8 @@ class StageRows(keras.utils.PyDataset):
   """A stage's training rows (every view of every training image) for
   `fit`, gathered from the cache one batch at a time, in float32: no copy
   of them all. A fine-tune stage's rows are the fine-tuned layers' input
-  (pixels of 8 views for the whole base: 4.8 MB an image in float32), so a
+  (preprocessed pixels of 8 views for the whole base, computed per batch
+  from the cache's uint8 pixels: 4.8 MB an image in float32), so a
   stack of them, and Keras' own copy of it, grew with the data set by
   gigabytes (`ConvCache.stack` is for the head's pooled features).
 
@@ -367,6 +405,7 @@ class StageRows(keras.utils.PyDataset):
     super().__init__()
     if len(targets) != len(indices):
       raise ValueError(f"{len(targets)} targets for {len(indices)} images")
+    self._cache, self._layer, self._views = cache, layer, list(views)
     self._sources = cache.sources(layer, views, indices)
     self._targets = np.asarray(targets, np.float32)
     self._images = len(indices)
@@ -389,11 +428,12 @@ class StageRows(keras.utils.PyDataset):
     chosen = self.order[index * self._batch_size:
                         (index + 1) * self._batch_size]
     part, image = np.divmod(chosen, self._images)
-    x = np.empty((len(chosen),) + self._sources[0][0].shape[1:], np.float32)
-    for p, (values, rows) in enumerate(self._sources):
+    x = np.empty((len(chosen),) + self._cache.shape(self._layer), np.float32)
+    for p, (kept, rows) in enumerate(self._sources):
       here = part == p
       if here.any():
-        x[here] = values[rows[image[here]]]
+        x[here] = self._cache.values(self._layer, self._views[p],
+                                     kept[rows[image[here]]])
     return x, self._targets[image]
 
   def on_epoch_end(self) -> None:
