@@ -253,8 +253,12 @@ def test_target_accuracy_threshold_from_validation(tmp_path, data_glob,
 @pytest.mark.slow
 def test_no_calibrate_keeps_temperature_one(tmp_path, data_glob):
   output = str(tmp_path / "m")
-  assert _tiny_train(output, data_glob, "--no_calibrate") == 0
+  # (With no fine-tune stage, a schedule is asked for and not recorded.)
+  assert _tiny_train(output, data_glob, "--no_calibrate",
+                     "--fine_tune_epochs", "0",
+                     "--fine_tune_schedule", "cosine") == 0
   metadata = artifact.read_artifact_info(output).metadata
+  assert metadata.training.fine_tune_schedule is None
   cal = metadata.calibration
   assert metadata.temperature == 1.0 and not cal.fitted
   assert cal.reason == "--no_calibrate"

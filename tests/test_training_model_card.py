@@ -144,8 +144,8 @@ def test_card_says_how_the_fine_tune_rate_moved():
   for training in (settings, dict(settings, fine_tune_schedule="constant")):
     assert "| learning rates | 0.001 / 3e-05 |" in _render(
         _metadata(training=training))
-  assert ("| learning rates | 0.001 / 3e-05 (cosine decay to 0 over the"
-          " fine-tune) |") in _render(_metadata(
+  assert ("| learning rates | 0.001 / 3e-05 (cosine decay towards 0 over the"
+          " fine-tune's epochs) |") in _render(_metadata(
               training=dict(settings, fine_tune_schedule="cosine")))
 
 

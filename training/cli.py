@@ -78,9 +78,10 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                       choices=schemas.FINE_TUNE_SCHEDULES,
                       default=schemas.FINE_TUNE_SCHEDULE_CONSTANT,
                       help="The fine-tune stage's rate over its steps:"
-                      " constant, or cosine (from --fine_tune_learning_rate"
-                      " down to 0 over --fine_tune_epochs; default"
-                      " %(default)s).")
+                      f" {schemas.FINE_TUNE_SCHEDULE_CONSTANT} (held), or"
+                      f" {schemas.FINE_TUNE_SCHEDULE_COSINE} (from"
+                      " --fine_tune_learning_rate down to 0 over"
+                      " --fine_tune_epochs; default %(default)s).")
   parser.add_argument("--val_fraction", type=float,
                       default=config_lib.DEFAULT_VAL_FRACTION,
                       help="Share held out to stop early, calibrate and"

@@ -94,7 +94,7 @@ def _schedule(training: metadata_schema.TrainingSettings) -> str:
   """How the fine-tune's rate moved, after it in the card: nothing when
   held (or not recorded, as before the field)."""
   if training.fine_tune_schedule == schemas.FINE_TUNE_SCHEDULE_COSINE:
-    return " (cosine decay to 0 over the fine-tune)"
+    return " (cosine decay towards 0 over the fine-tune's epochs)"
   return ""
 
 

@@ -406,7 +406,7 @@ class StageRows(keras.utils.PyDataset):
     if len(targets) != len(indices):
       raise ValueError(f"{len(targets)} targets for {len(indices)} images")
     self._cache, self._layer, self._views = cache, layer, list(views)
-    self._sources = cache.sources(layer, views, indices)
+    self._sources = cache.sources(layer, self._views, indices)
     self._targets = np.asarray(targets, np.float32)
     self._images = len(indices)
     self._batch_size = batch_size

@@ -126,7 +126,9 @@ def _training_settings(config: TrainConfig, read: Read, splits: Splits,
       batch_size=config.batch_size,
       learning_rate=config.learning_rate,
       fine_tune_learning_rate=config.fine_tune_rate,
-      fine_tune_schedule=config.fine_tune_schedule,
+      # None where no fine-tune stage ran (--fine_tune_epochs 0 or auto 0).
+      fine_tune_schedule=(config.fine_tune_schedule if result.fine_tuned
+                          else None),
       precision=config.precision,
       class_weight={labels[c]: round(w, 6)
                     for c, w in result.class_weight.items()},
