@@ -271,17 +271,19 @@ def test_a_cosine_fine_tune_rate_falls_to_zero_over_the_stage(images,
   monkeypatch.setattr(model_lib, "compile_model", compile_model)
   fields = dict(epochs=2, patience=0, learning_rate=0.05, batch_size=4,
                 fine_tune_epochs=3, fine_tune_learning_rate=0.01)
-  kernels = {}
+  kernels, fine_tune_rates = {}, {}
   for schedule in schemas.FINE_TUNE_SCHEDULES:
     runner, train, val = _tiny_runner(images, fine_tune_schedule=schedule,
                                       **fields)
     rates.clear()
     fitted = runner.fit(train, val, 0)
     assert fitted.epochs_run == {"head": 2, recipe.FINE_TUNE: 3}
-    head, fine_tune = rates
+    head, fine_tune_rates[schedule] = rates
     assert head == 0.05  # the head's rate is held whatever the schedule
     kernels[schedule] = runner.model.get_layer(
         schemas.GRADCAM_LAYER).get_weights()[0]
+  assert fine_tune_rates["constant"] == 0.01
+  fine_tune = fine_tune_rates["cosine"]
   assert fine_tune != 0.01
   # 12 training images x 2 views, 4 rows a batch: 6 steps an epoch, 18 in
   # the stage's 3 epochs; from the rate given down to 0 along a cosine.

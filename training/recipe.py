@@ -247,12 +247,15 @@ class ConvCache:
       self._rows[view] = rows
     self._needed = {v: np.asarray(i, dtype=np.int64) for v, i in needed.items()}
     # (layer, view) → what is kept of it: its values, or the view's uint8
-    # pixels for a layer in self._from_pixels.
+    # pixels for self._pixels_layer.
     self._values: Dict[tuple, np.ndarray] = {}
-    names = [l.name for l in model.layers]
-    first = names.index(self._layers[0]) if self._layers else 0
-    self._from_pixels = ({self._layers[0]} if self._layers and not any(
-        l.weights for l in model.layers[:first + 1]) else set())
+    # The first cached layer, when only layers without weights lie between
+    # it and the pixels (the preprocessing, the resize); else None.
+    self._pixels_layer: Optional[str] = None
+    if self._layers:
+      first = [l.name for l in model.layers].index(self._layers[0])
+      if not any(l.weights for l in model.layers[:first + 1]):
+        self._pixels_layer = self._layers[0]
     # one traced function a layer and precision
     self._models: Dict[Tuple[str, str], keras.Model] = {}
     self.seconds = 0.0
@@ -295,7 +298,7 @@ class ConvCache:
     else:
       # A layer kept as pixels keeps the view's uint8 pixels (`values`
       # computes the layer from them when read).
-      pixels_only = layer in self._from_pixels
+      pixels_only = layer == self._pixels_layer
       parts = [self._images[:0] if pixels_only else model_lib.in_batches(
           sub, self._images[:0], self._batch_size, traced=True, dtype=dtype)]
       chunk = 8 * self._batch_size
@@ -330,7 +333,7 @@ class ConvCache:
     it (`sources`): those rows themselves, or, for a layer kept as pixels,
     the layer computed from them as it was cached before (same sub-model,
     same precision: the same values)."""
-    if layer not in self._from_pixels:
+    if layer != self._pixels_layer:
       return kept
     precision = self._precision(view)
     return model_lib.in_batches(self._sub_model(layer, precision), kept,
@@ -367,7 +370,7 @@ class ConvCache:
     out = np.empty((len(views) * len(indices),) + self.shape(layer), dtype)
     for i, (view, (kept, rows)) in enumerate(zip(views, parts)):
       block = out[i * len(indices):(i + 1) * len(indices)]
-      if layer not in self._from_pixels and kept.dtype == out.dtype:
+      if layer != self._pixels_layer and kept.dtype == out.dtype:
         np.take(kept, rows, axis=0, out=block)
       else:
         block[...] = self.values(layer, view, kept[rows])
