@@ -12,7 +12,8 @@ _FLOAT32_LAYERS = ("InputLayer", "VGGPreprocess", "TemperatureScaling",
 _POLICIES = {"bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 # CPU flags (Linux /proc/cpuinfo) of instructions that compute in bfloat16:
 # AMX tiles (Intel Sapphire Rapids and later) and AVX512-BF16 (Cooper Lake,
-# AMD Zen 4). Without them oneDNN emulates bfloat16, slower than float32.
+# AMD Zen 4), the faster first. Without them oneDNN emulates bfloat16, slower
+# than float32.
 CPU_BFLOAT16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 

@@ -55,6 +55,20 @@ def test_auto_is_bfloat16_only_with_bfloat16_instructions(monkeypatch):
   assert model_lib.resolve_precision("auto")[0] == "bfloat16"
 
 
+@pytest.mark.parametrize("gpu,flags,expected", [
+    (None, ("amx_bf16", "avx512_bf16"), "amx_bf16"),
+    (None, ("avx512_bf16",), "avx512_bf16"),
+    (None, (), None),
+    ("NVIDIA H100", ("amx_bf16", "avx512_bf16"), "GPU NVIDIA H100"),
+])
+def test_the_fastest_bfloat16_hardware_is_named(monkeypatch, gpu, flags,
+                                                expected):
+  monkeypatch.setattr(model_lib, "_gpu_bfloat16", lambda: gpu)
+  monkeypatch.setattr(precision_lib, "cpu_bfloat16_flags",
+                      lambda *args: flags)
+  assert model_lib.bfloat16_device() == expected
+
+
 def test_the_flag_is_checked():
   with pytest.raises(SystemExit):
     cli.main(["train", "--data", "x", "--output", "y",
@@ -195,19 +209,30 @@ WHOLE = "block1_conv1"
     # AMX: bfloat16, the whole base fine-tuned at 3e-5, and no folds in train
     # (five more whole-base fine-tunes would take an hour).
     (("amx_bf16", "avx512_bf16"), {}, ("bfloat16", 3, WHOLE, 3e-5, 0)),
-    # AVX512-BF16 alone: bfloat16, but too slow a fine-tune for the budget.
-    (("avx512_bf16",), {}, ("bfloat16", 0, None, 1e-5, 5)),
+    # AVX512-BF16 alone: bfloat16, block5 at most 5 epochs at 1e-5 (the whole
+    # base would take hours), and no folds in train (five more: ~35 min).
+    (("avx512_bf16",), {}, ("bfloat16", 5, None, 1e-5, 0)),
+    (("avx512_bf16",), {"fine_tune_epochs": 2}, ("bfloat16", 2, None, 1e-5, 0)),
+    (("avx512_bf16",), {"fine_tune_epochs": 0}, ("bfloat16", 0, None, 1e-5, 5)),
+    (("avx512_bf16",), {"precision": "float32"},
+     ("float32", 0, None, 1e-5, 5)),
     ((), {}, ("float32", 0, None, 1e-5, 5)),
     # float32 asked for on an AMX machine: no automatic fine-tune either.
     (("amx_bf16",), {"precision": "float32"}, ("float32", 0, None, 1e-5, 5)),
     # Asked-for epochs are kept whatever the machine; off AMX they train
-    # block5 (None: its first layer), at 1e-5.
-    ((), {"fine_tune_epochs": 2}, ("float32", 2, None, 1e-5, 5)),
+    # block5 (None: its first layer), at 1e-5, and in float32 too slowly for
+    # train's folds.
+    ((), {"fine_tune_epochs": 2}, ("float32", 2, None, 1e-5, 0)),
+    ((), {"fine_tune_epochs": 2, "cv_folds": 3}, ("float32", 2, None, 1e-5, 3)),
     (("amx_bf16",), {"fine_tune_epochs": 0}, ("bfloat16", 0, None, 1e-5, 5)),
     (("amx_bf16",), {"fine_tune_epochs": 5}, ("bfloat16", 5, WHOLE, 3e-5, 0)),
     # Asked-for layers and rates are kept; the rate's auto follows the layer.
     (("amx_bf16",), {"fine_tune_epochs": 5, "fine_tune_from": "block5_conv1"},
      ("bfloat16", 5, "block5_conv1", 1e-5, 5)),
+    # ... block5 in float32 on AMX is as slow as anywhere without bfloat16.
+    (("amx_bf16",), {"fine_tune_epochs": 5, "fine_tune_from": "block5_conv1",
+                     "precision": "float32"},
+     ("float32", 5, "block5_conv1", 1e-5, 0)),
     ((), {"fine_tune_epochs": 3, "fine_tune_from": WHOLE},
      ("float32", 3, WHOLE, 3e-5, 0)),
     (("amx_bf16",), {"fine_tune_learning_rate": 2e-5},
@@ -216,7 +241,7 @@ WHOLE = "block1_conv1"
     (("amx_bf16",), {"cv_folds": 5}, ("bfloat16", 3, WHOLE, 3e-5, 5)),
     ((), {"cv_report": "cv.json"}, ("float32", 0, None, 1e-5, 0)),
 ])
-def test_auto_fine_tunes_the_whole_base_only_where_bfloat16_is_fast(
+def test_auto_fine_tune_follows_how_fast_bfloat16_runs(
     monkeypatch, flags, asked, expected):
   monkeypatch.setattr(model_lib, "_gpu_bfloat16", lambda: None)
   monkeypatch.setattr(precision_lib, "cpu_bfloat16_flags",
@@ -263,7 +288,7 @@ def test_default_train_on_amx_fine_tunes_the_whole_base_without_folds(
   assert metadata["cross_validation"] is None
   assert not os.path.exists(os.path.join(output, schemas.CV_REPORT_FILE))
   with open(os.path.join(output, schemas.MODEL_CARD_FILE)) as f:
-    assert "auto where the whole base is fine-tuned on a CPU" in f.read()
+    assert "or auto where five more fine-tunes like this one would not fit" in f.read()
 
 
 def test_fine_tune_epochs_flag_takes_auto_or_a_number(capsys):

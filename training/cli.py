@@ -43,12 +43,14 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                       f" {config_lib.AUTO_FINE_TUNE_EPOCHS} where"
                       " --training_precision is bfloat16 on a CPU with AMX or"
                       " on a GPU (the whole base then fits train's 20 minutes"
-                      " on 2 cores), else 0 (float32 takes hours).")
+                      f" on 2 cores), {config_lib.AUTO_BLOCK5_FINE_TUNE_EPOCHS}"
+                      " (block5) where it is bfloat16 on AVX512-BF16 alone,"
+                      " else 0 (float32 does not fit).")
   parser.add_argument("--fine_tune_from", default=None, metavar="LAYER",
                       help="First base layer the fine-tune stage trains, with"
                       " every base layer after it. Default auto: block1_conv1"
-                      " (the whole base) where bfloat16 is fast (AMX or a"
-                      " GPU), else block5_conv1. Needs --fine_tune_epochs.")
+                      " (the whole base) where bfloat16 runs on AMX or a GPU,"
+                      " else block5_conv1. Needs --fine_tune_epochs.")
   parser.add_argument("--patience", type=int,
                       default=config_lib.DEFAULT_PATIENCE,
                       help="Stop a stage after this many epochs without a"
@@ -315,9 +317,9 @@ def _parser() -> argparse.ArgumentParser:
                      " this many grouped folds, sharing the conv outputs, so"
                      " the model card has out-of-fold figures (0: skip)."
                      f" Default auto: {config_lib.DEFAULT_FOLDS}, but 0 where"
-                     " the whole base is fine-tuned without a bfloat16 GPU"
-                     " (five more such fine-tunes: about an hour on 2 cores;"
-                     " see --cv_report).")
+                     " five more fine-tunes would not fit train's 20 minutes"
+                     " on 2 cores: any fine-tune except on a bfloat16 GPU or"
+                     " block5 in bfloat16 on AMX (see --cv_report).")
   train.add_argument("--cv_report", default=None, metavar="CV_JSON",
                      help="cv.json of an earlier `python -m training cv` run"
                      " with the same flags on the same images (checked):"

@@ -32,11 +32,15 @@ DEFAULT_EPOCHS = 300  # the most the head stage runs; it stops early
 # AUTO_FINE_TUNE_EPOCHS at WHOLE_BASE_LEARNING_RATE: 17 minutes for `train`
 # on 2 cores with AMX, the best recipe measured on BUSI and the one that held
 # up best under scanner-like shifts (training/README.md, "The whole base by
-# default where bfloat16 is fast"). Elsewhere no fine-tune runs unless asked
-# for (float32 would take hours), and an asked-for one trains block5 at
-# FINE_TUNE_LEARNING_RATE.
+# default where bfloat16 is fast"). Where bfloat16 runs on AVX512-BF16 alone
+# (no AMX: about a third of its speed) the stage trains block5 for at most
+# AUTO_BLOCK5_FINE_TUNE_EPOCHS at FINE_TUNE_LEARNING_RATE instead ("Block5 by
+# default with AVX512-BF16 alone"). Without bfloat16 no fine-tune runs unless
+# asked for (float32 does not fit train's 20 minutes), and an asked-for one
+# trains block5 at FINE_TUNE_LEARNING_RATE.
 DEFAULT_FINE_TUNE_EPOCHS: Optional[int] = None
-AUTO_FINE_TUNE_EPOCHS = 3
+AUTO_FINE_TUNE_EPOCHS = 3  # the whole base
+AUTO_BLOCK5_FINE_TUNE_EPOCHS = 5
 FINE_TUNE_LEARNING_RATE = 1e-5  # block5 (or any part of the base)
 WHOLE_BASE_LEARNING_RATE = 3e-5
 DEFAULT_PATIENCE = 20  # epochs without a better validation loss
@@ -126,9 +130,9 @@ class TrainConfig:
   # `train` cross-validates the recipe on its data first (0: not), so the
   # artifact carries out-of-fold figures: the conv outputs are shared, so
   # this costs k head fits (and k fine-tunes when fine-tuning). None: auto,
-  # DEFAULT_FOLDS unless the whole base is fine-tuned without a bfloat16
-  # GPU (five more whole-base fine-tunes: about an hour on 2 cores) or
-  # cv_report brings the figures.
+  # DEFAULT_FOLDS unless cv_report brings the figures or a fine-tune runs
+  # that five more of would not fit train's budget: anything but a bfloat16
+  # GPU or block5 in bfloat16 on AMX (`training.recipe.train_resolved`).
   cv_folds: Optional[int] = None
   # An earlier `python -m training cv` report (cv.json) of the same settings
   # and data: the artifact carries its figures instead of cross-validating

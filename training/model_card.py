@@ -269,8 +269,9 @@ def _cv_section(metadata: ArtifactMetadata) -> List[str]:
   if not report:
     return lines + [
         "Not measured for this artifact (`--cv_folds 0`, or auto where"
-        " the whole base is fine-tuned on a CPU: five more such fine-tunes"
-        " would take about an hour). Run `python -m training cv --data"
+        " five more fine-tunes like this one would not fit train's 20"
+        " minutes: the whole base on a CPU, or block5 without AMX or a"
+        " bfloat16 GPU). Run `python -m training cv --data"
         " GLOB` with the same flags to know how the recipe does on images"
         " it has not seen; `train --cv_report CV_JSON` then puts its"
         " figures on the card of a model trained with those flags.", ""]

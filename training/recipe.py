@@ -32,7 +32,8 @@ import numpy as np
 import schemas
 from schemas import metadata as metadata_schema
 from training import calibration, config as config_lib, model as model_lib
-from training.config import (AUTO_FINE_TUNE_EPOCHS, BFLOAT16,
+from training.config import (AUTO_BLOCK5_FINE_TUNE_EPOCHS,
+                             AUTO_FINE_TUNE_EPOCHS, BFLOAT16,
                              DEFAULT_FOLDS, FLOAT32, TrainConfig)
 
 _LOG = logging.getLogger(__name__)
@@ -455,31 +456,40 @@ def resolved(config: TrainConfig) -> TrainConfig:
   --fine_tune_from, --fine_tune_learning_rate), which trains the whole base
   for at most 3 epochs at 3e-5 where bfloat16 runs on AMX or a GPU (17
   minutes for `train` on 2 cores with AMX; on BUSI the best recipe measured
-  and the most robust to scanner-like shifts), and otherwise runs only when
-  asked for, on block5 at 1e-5 (training/README.md, "The whole base by
-  default where bfloat16 is fast")."""
+  and the most robust to scanner-like shifts), block5 for at most 5 epochs
+  at 1e-5 where bfloat16 runs on AVX512-BF16 alone (the whole base would
+  take hours there), and elsewhere only when asked for, on block5 at 1e-5
+  (training/README.md, "The whole base by default where bfloat16 is fast"
+  and "Block5 by default with AVX512-BF16 alone")."""
   return _resolved(config)[0]
 
 
 def _resolved(config: TrainConfig) -> Tuple[TrainConfig, str]:
-  """`resolved`, and what computes bfloat16 fast here whatever the
-  precision (`model.fast_bfloat16`; "" for nothing), asked once."""
+  """`resolved`, and what computes bfloat16 here whatever the precision
+  (`model.bfloat16_device`; "" for nothing), asked once."""
   precision, why = model_lib.resolve_precision(config.precision)
   _LOG.info("Training arithmetic: %s (%s); the weights and the artifact stay"
             " float32", precision, why)
-  device = model_lib.fast_bfloat16() or ""
+  device = model_lib.bfloat16_device() or ""
   fast = device if precision == BFLOAT16 else ""
+  # The whole base fits train's budget where bfloat16 runs on AMX or a GPU;
+  # with AVX512-BF16 alone (about a third of AMX's speed), block5 does.
+  whole = fast.startswith("GPU") or fast == model_lib.AMX_BFLOAT16
   epochs = config.fine_tune_epochs
   if epochs is None:
-    epochs = AUTO_FINE_TUNE_EPOCHS if fast else 0
+    epochs = (AUTO_FINE_TUNE_EPOCHS if whole else
+              AUTO_BLOCK5_FINE_TUNE_EPOCHS if fast else 0)
     _LOG.info(
         "Fine-tune epochs: %d (auto: %s)", epochs,
-        f"bfloat16 on {fast}" if fast else
-        "no bfloat16 on AMX or a GPU here, and a fine-tune in float32 takes"
-        f" hours on 2 cores; --fine_tune_epochs {AUTO_FINE_TUNE_EPOCHS}"
-        " fine-tunes anyway")
+        f"bfloat16 on {fast}" + ("" if whole else
+                                 ", block5 only: the whole base would take"
+                                 " hours without AMX or a GPU")
+        if fast else
+        "no bfloat16 instructions here, and a fine-tune in float32 does not"
+        " fit train's 20 minutes on 2 cores; --fine_tune_epochs"
+        f" {AUTO_BLOCK5_FINE_TUNE_EPOCHS} fine-tunes block5 anyway")
   first = config.fine_tune_from
-  if epochs and first is None and fast:
+  if epochs and first is None and whole:
     first = _whole_base(config)  # else None: block5's first layer
   rate = dataclasses.replace(config, fine_tune_from=first).fine_tune_rate
   if epochs:
@@ -496,24 +506,29 @@ def _whole_base(config: TrainConfig) -> str:
 
 
 def train_resolved(config: TrainConfig) -> TrainConfig:
-  """`resolved`, and `train`'s --cv_folds made concrete: 5, but 0 where the
-  whole base is fine-tuned without a bfloat16 GPU (compute capability 8.0
-  or more; five more such fine-tunes take about an hour on 2 cores) or
-  --cv_report brings the figures."""
+  """`resolved`, and `train`'s --cv_folds made concrete: 5, but 0 where
+  --cv_report brings the figures, or where a fine-tune runs that five more
+  of would not fit train's budget on 2 cores: anything but a bfloat16 GPU
+  (compute capability 8.0 or more) or block5 in bfloat16 on AMX (the whole
+  base on AMX: about an hour more; block5 with AVX512-BF16 alone: about 35
+  minutes)."""
   config, device = _resolved(config)
   folds = config.cv_folds
   if folds is None:
+    quick = device.startswith("GPU") or (
+        device == model_lib.AMX_BFLOAT16 and config.precision == BFLOAT16
+        and config.fine_tune_from != _whole_base(config))
     if config.cv_report:
       folds = 0
       _LOG.info("Cross-validation: the figures of %s", config.cv_report)
-    elif (config.fine_tune_epochs and not device.startswith("GPU")
-          and config.fine_tune_from == _whole_base(config)):
+    elif config.fine_tune_epochs and not quick:
       folds = 0
       _LOG.warning(
-          "No cross-validation in this run (auto): five more whole-base"
-          " fine-tunes would take about an hour here. For cross-validated"
-          " figures on the model card, run `python -m training cv` with the"
-          " same flags first and pass its cv.json with --cv_report.")
+          "No cross-validation in this run (auto): five more fine-tunes like"
+          " this one would not fit train's 20 minutes here. For"
+          " cross-validated figures on the model card, run `python -m"
+          " training cv` with the same flags first and pass its cv.json with"
+          " --cv_report.")
     else:
       folds = DEFAULT_FOLDS
     if (folds == 0 and not config.cv_report
