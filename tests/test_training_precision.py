@@ -210,7 +210,8 @@ WHOLE = "block1_conv1"
     # (five more whole-base fine-tunes would take an hour).
     (("amx_bf16", "avx512_bf16"), {}, ("bfloat16", 3, WHOLE, 3e-5, 0)),
     # AVX512-BF16 alone: bfloat16, block5 at most 5 epochs at 1e-5 (the whole
-    # base would take hours), and no folds in train (five more: ~35 min).
+    # base would take over an hour), and no folds in train (five more: ~35
+    # minutes).
     (("avx512_bf16",), {}, ("bfloat16", 5, None, 1e-5, 0)),
     (("avx512_bf16",), {"fine_tune_epochs": 2}, ("bfloat16", 2, None, 1e-5, 0)),
     (("avx512_bf16",), {"fine_tune_epochs": 0}, ("bfloat16", 0, None, 1e-5, 5)),
@@ -288,7 +289,8 @@ def test_default_train_on_amx_fine_tunes_the_whole_base_without_folds(
   assert metadata["cross_validation"] is None
   assert not os.path.exists(os.path.join(output, schemas.CV_REPORT_FILE))
   with open(os.path.join(output, schemas.MODEL_CARD_FILE)) as f:
-    assert "or auto where five more fine-tunes like this one would not fit" in f.read()
+    assert ("or auto where five more fine-tunes like this one would not"
+            " fit") in f.read()
 
 
 def test_fine_tune_epochs_flag_takes_auto_or_a_number(capsys):

@@ -138,12 +138,11 @@ def _gpu_bfloat16() -> Optional[str]:
 
 
 AMX_BFLOAT16 = "amx_bf16"
-AVX512_BFLOAT16 = "avx512_bf16"
 
 
 def bfloat16_device() -> Optional[str]:
   """What computes bfloat16 here, the fastest kind first: a bfloat16 GPU
-  ("GPU <its name>"), AMX_BFLOAT16, AVX512_BFLOAT16 (a CPU with AVX512-BF16
+  ("GPU <its name>"), AMX_BFLOAT16, "avx512_bf16" (a CPU with AVX512-BF16
   and no AMX), or None. On 2 cores VGG16's frozen pass ran about 6x faster
   in bfloat16 than in float32 with AMX and 2x with AVX512-BF16 alone, which
   decides what fine-tune fits train's budget (`training.recipe.resolved`)."""

@@ -458,9 +458,9 @@ def resolved(config: TrainConfig) -> TrainConfig:
   minutes for `train` on 2 cores with AMX; on BUSI the best recipe measured
   and the most robust to scanner-like shifts), block5 for at most 5 epochs
   at 1e-5 where bfloat16 runs on AVX512-BF16 alone (the whole base would
-  take hours there), and elsewhere only when asked for, on block5 at 1e-5
-  (training/README.md, "The whole base by default where bfloat16 is fast"
-  and "Block5 by default with AVX512-BF16 alone")."""
+  take over an hour there), and elsewhere only when asked for, on block5
+  at 1e-5 (training/README.md, "The whole base by default where bfloat16
+  is fast" and "Block5 by default with AVX512-BF16 alone")."""
   return _resolved(config)[0]
 
 
@@ -483,7 +483,7 @@ def _resolved(config: TrainConfig) -> Tuple[TrainConfig, str]:
         "Fine-tune epochs: %d (auto: %s)", epochs,
         f"bfloat16 on {fast}" + ("" if whole else
                                  ", block5 only: the whole base would take"
-                                 " hours without AMX or a GPU")
+                                 " over an hour without AMX or a GPU")
         if fast else
         "no bfloat16 instructions here, and a fine-tune in float32 does not"
         " fit train's 20 minutes on 2 cores; --fine_tune_epochs"
