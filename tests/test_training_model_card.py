@@ -180,7 +180,7 @@ def test_card_says_what_trained_in_bfloat16():
       "bfloat16 for the augmented views' frozen-base pass and the fine-tune"
       " stage (float32 weights; the original view, the head stage and this"
       " artifact in float32)")
-  # AVX512-BF16 without AMX: bfloat16, but auto ran no fine-tune stage.
+  # bfloat16 without a fine-tune stage (--fine_tune_epochs 0).
   assert "fine-tune" not in row(precision="bfloat16", fine_tune_epochs=0)
 
 

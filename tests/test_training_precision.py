@@ -210,7 +210,7 @@ WHOLE = "block1_conv1"
     # (five more whole-base fine-tunes would take an hour).
     (("amx_bf16", "avx512_bf16"), {}, ("bfloat16", 3, WHOLE, 3e-5, 0)),
     # AVX512-BF16 alone: bfloat16, block5 at most 5 epochs at 1e-5 (the whole
-    # base would take over an hour), and no folds in train (five more: ~35
+    # base would take over an hour), and no folds in train (five more: ~40
     # minutes).
     (("avx512_bf16",), {}, ("bfloat16", 5, None, 1e-5, 0)),
     (("avx512_bf16",), {"fine_tune_epochs": 2}, ("bfloat16", 2, None, 1e-5, 0)),

@@ -510,7 +510,7 @@ def train_resolved(config: TrainConfig) -> TrainConfig:
   --cv_report brings the figures, or where a fine-tune runs that five more
   of would not fit train's budget on 2 cores: anything but a bfloat16 GPU
   (compute capability 8.0 or more) or block5 in bfloat16 on AMX (the whole
-  base on AMX: about an hour more; block5 with AVX512-BF16 alone: about 35
+  base on AMX: about an hour more; block5 with AVX512-BF16 alone: about 40
   minutes)."""
   config, device = _resolved(config)
   folds = config.cv_folds
