@@ -14,7 +14,8 @@ _POLICIES = {"bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 # AMX tiles (Intel Sapphire Rapids and later) and AVX512-BF16 (Cooper Lake,
 # AMD Zen 4), the faster first. Without them oneDNN emulates bfloat16, slower
 # than float32.
-CPU_BFLOAT16_FLAGS = ("amx_bf16", "avx512_bf16")
+AMX_BFLOAT16 = "amx_bf16"
+CPU_BFLOAT16_FLAGS = (AMX_BFLOAT16, "avx512_bf16")
 
 
 def cpu_bfloat16_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple:

@@ -137,7 +137,7 @@ def _gpu_bfloat16() -> Optional[str]:
   return None
 
 
-AMX_BFLOAT16 = "amx_bf16"
+AMX_BFLOAT16 = precision_lib.AMX_BFLOAT16
 
 
 def bfloat16_device() -> Optional[str]:
