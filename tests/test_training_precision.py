@@ -232,7 +232,7 @@ WHOLE = "block1_conv1"
      ("bfloat16", 5, "block5_conv1", 1e-5, 5)),
     (("amx_bf16",), {"fine_tune_epochs": 5, "fine_tune_from": "block5_conv3"},
      ("bfloat16", 5, "block5_conv3", 1e-5, 5)),
-    # ... but from an earlier block it costs nearly the whole base's time.
+    # ... but from an earlier block it costs 40-90 % of the whole base's.
     (("amx_bf16",), {"fine_tune_epochs": 3, "fine_tune_from": "block2_conv1"},
      ("bfloat16", 3, "block2_conv1", 1e-5, 0)),
     # ... block5 in float32 on AMX is as slow as anywhere without bfloat16.
