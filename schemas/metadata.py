@@ -291,6 +291,9 @@ class TrainingSettings(Record):
   fine_tune_from: Optional[str] = optional()
   patience: Optional[int] = optional()
   label_smoothing: Optional[float] = optional()
+  # momentum of the weights' moving average each stage kept (0: none);
+  # absent: none (older artifacts)
+  ema_momentum: Optional[float] = optional()
   malignant_weight: Optional[float] = optional()  # x its balanced weight
   cv_folds: Optional[int] = optional()
   epochs_run: Optional[Mapping[str, int]] = optional()  # stage → epochs

@@ -439,6 +439,13 @@ def test_cv_report_must_match_the_recipe_and_the_images(tmp_path, cv_data):
   with pytest.raises(ValueError, match="fine_tune_schedule: 'constant' in the"
                      " report, 'cosine' here"):
     check(older, dataclasses.replace(tuned, fine_tune_schedule="cosine"))
+  # And weight averaging: before it, none.
+  older = {**report, "settings": dict(report["settings"])}
+  del older["settings"]["ema_momentum"]
+  assert check(older) == older
+  with pytest.raises(ValueError, match="ema_momentum: 0.0 in the report, 0.99"
+                     " here"):
+    check(older, dataclasses.replace(config, ema_momentum=0.99))
   with pytest.raises(ValueError, match="is not a `python -m training cv`"
                      " report \\(no settings, data_fingerprint"):
     check({"macro_f1": 0.9})

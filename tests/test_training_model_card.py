@@ -149,6 +149,16 @@ def test_card_says_how_the_fine_tune_rate_moved():
               training=dict(settings, fine_tune_schedule="cosine")))
 
 
+def test_card_says_whether_the_weights_were_averaged():
+  # Off, or trained before the field existed.
+  for training in ({}, {"ema_momentum": 0.0}):
+    assert "| weight averaging (EMA momentum) | off |" in _render(
+        _metadata(training=training))
+  assert ("| weight averaging (EMA momentum) | 0.99 (every stage keeps its"
+          " averaged weights) |") in _render(_metadata(
+              training={"ema_momentum": 0.99}))
+
+
 def test_card_names_the_fine_tuned_layers():
   def row(**training):
     card = _render(_metadata(training=dict({"epochs": 30}, **training)))

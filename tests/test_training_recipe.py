@@ -264,9 +264,10 @@ def test_a_cosine_fine_tune_rate_falls_to_zero_over_the_stage(images,
   rates = []
   real = model_lib.compile_model
 
-  def compile_model(model, learning_rate, label_smoothing=0.0):
+  def compile_model(model, learning_rate, label_smoothing=0.0,
+                    ema_momentum=0.0):
     rates.append(learning_rate)
-    real(model, learning_rate, label_smoothing)
+    real(model, learning_rate, label_smoothing, ema_momentum)
 
   monkeypatch.setattr(model_lib, "compile_model", compile_model)
   fields = dict(epochs=2, patience=0, learning_rate=0.05, batch_size=4,
@@ -294,6 +295,74 @@ def test_a_cosine_fine_tune_rate_falls_to_zero_over_the_stage(images,
   assert not np.array_equal(kernels["cosine"], kernels["constant"])
   constant = TrainConfig(data=("x",), output="x")
   assert recipe.fine_tune_rate(constant, 0.01, 18) == 0.01
+
+
+class _StepWeights(keras.callbacks.Callback):
+  """The trained weights after every step (before any epoch-end swap)."""
+
+  def __init__(self):
+    super().__init__()
+    self.steps, self.epoch_ends = [], []
+
+  def on_train_batch_end(self, batch, logs=None):
+    self.steps.append([np.array(w) for w in self.model.trainable_weights])
+
+  def on_epoch_end(self, epoch, logs=None):
+    self.epoch_ends.append(len(self.steps))
+
+
+@pytest.mark.parametrize("patience", [3, 0])
+def test_weight_averaging_validates_stops_on_and_keeps_the_average(
+    images, monkeypatch, patience):
+  momentum = 0.8
+  recorders = []
+  real = recipe.stage_callbacks
+
+  def stage_callbacks(config, validated):
+    recorders.append(_StepWeights())
+    return real(config, validated) + [recorders[-1]]
+
+  monkeypatch.setattr(recipe, "stage_callbacks", stage_callbacks)
+  runner, train, val = _tiny_runner(images, epochs=40, patience=patience,
+                                    learning_rate=0.05, batch_size=4,
+                                    ema_momentum=momentum)
+  fitted = runner.fit(train, val, 0)
+  steps = recorders[0].steps
+  # The moving average by hand: the first step's weights, then
+  # momentum * average + (1 - momentum) * weights after each step.
+  averages, average = [], None
+  for weights in steps:
+    average = (weights if average is None else
+               [momentum * a + (1 - momentum) * w
+                for a, w in zip(average, weights)])
+    averages.append(average)
+  losses = fitted.history["val_loss"]
+  best = fitted.best_epoch["head"] if patience else fitted.epochs_run["head"]
+  if patience:
+    assert best == int(np.argmin(losses)) + 1
+  expected = averages[recorders[0].epoch_ends[best - 1] - 1]
+  head = model_lib.sub_model(runner.model, model_lib.FEATURES_LAYER, None)
+  for kept, average, raw in zip(head.trainable_weights, expected,
+                                steps[recorders[0].epoch_ends[best - 1] - 1]):
+    np.testing.assert_allclose(np.array(kept), average, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(np.array(kept), raw, rtol=1e-4, atol=1e-6)
+  # The validation loss of that epoch was the averaged weights' own.
+  loss = keras.losses.CategoricalCrossentropy(
+      label_smoothing=runner.config.label_smoothing)
+  again = float(loss(recipe.one_hot(runner.labels[val], 3),
+                     head(runner.cache.get(model_lib.FEATURES_LAYER, 0, val))))
+  assert again == pytest.approx(losses[best - 1], rel=1e-4, abs=1e-5)
+
+
+def test_no_weight_averaging_by_default_and_none_outside_0_to_1():
+  config = TrainConfig(data=("x",), output="x")
+  assert config.ema_momentum == 0.0
+  assert not any(isinstance(c, keras.callbacks.SwapEMAWeights)
+                 for c in recipe.stage_callbacks(config, validated=True))
+  for momentum in (1.0, -0.1):
+    with pytest.raises(ValueError, match="--ema_momentum"):
+      TrainConfig(data=("x",), output="x",
+                  ema_momentum=momentum).validate()
 
 
 def test_stage_rows_bring_every_row_once_an_epoch_in_a_seeded_order(images):

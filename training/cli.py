@@ -60,6 +60,13 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                       default=config_lib.DEFAULT_LABEL_SMOOTHING,
                       help="Share of each one-hot target spread over the"
                       " other classes (default %(default)g).")
+  parser.add_argument("--ema_momentum", type=float,
+                      default=config_lib.DEFAULT_EMA_MOMENTUM,
+                      help="Keep an exponential moving average of each"
+                      " stage's weights over its steps (Adam's use_ema) and"
+                      " validate, stop early on and keep those averaged"
+                      " weights; e.g. 0.99 averages over about 100 steps"
+                      " (default %(default)g: off).")
   parser.add_argument("--malignant_weight", type=float,
                       default=config_lib.DEFAULT_MALIGNANT_WEIGHT,
                       help="Multiplies the malignant class's balanced class"
@@ -270,6 +277,7 @@ def _recipe_config(args: argparse.Namespace, **fields
       epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
       fine_tune_from=args.fine_tune_from,
       patience=args.patience, label_smoothing=args.label_smoothing,
+      ema_momentum=args.ema_momentum,
       malignant_weight=args.malignant_weight,
       val_fraction=args.val_fraction, test_fraction=args.test_fraction,
       seed=args.seed,

@@ -61,6 +61,9 @@ DEFAULT_VAL_FRACTION = 0.15
 DEFAULT_TEST_FRACTION = 0.0  # `cv` measures the recipe; train on the rest
 DEFAULT_FOLDS = 5
 DEFAULT_LABEL_SMOOTHING = 0.1
+# Momentum of the exponential moving average of the weights every stage
+# keeps (Keras' Adam use_ema); 0: none, the fitted weights themselves.
+DEFAULT_EMA_MOMENTUM = 0.0
 # The malignant class's balanced weight is multiplied by this: a missed
 # cancer costs more than a benign lesion sent for review. On BUSI x2 buys
 # about +0.04 malignant recall for about -0.04 benign recall at the same
@@ -126,6 +129,9 @@ class TrainConfig:
   depth: bool = True
   patience: int = DEFAULT_PATIENCE  # 0: no early stopping
   label_smoothing: float = DEFAULT_LABEL_SMOOTHING
+  # Each stage validates, stops early on and keeps the moving average of its
+  # weights over its steps instead of the weights themselves (0: off).
+  ema_momentum: float = DEFAULT_EMA_MOMENTUM
   malignant_weight: float = DEFAULT_MALIGNANT_WEIGHT  # x balanced weight
   # `train` cross-validates the recipe on its data first (0: not), so the
   # artifact carries out-of-fold figures: the conv outputs are shared, so
@@ -228,6 +234,9 @@ class TrainConfig:
                          f" {self.cv_folds}")
     if not 0.0 <= self.label_smoothing < 1.0:
       raise ValueError("--label_smoothing must be in [0, 1)")
+    if not 0.0 <= self.ema_momentum < 1.0:
+      raise ValueError(f"--ema_momentum {self.ema_momentum} must be in [0, 1)"
+                       " (0: no weight averaging)")
     if not 0.0 < self.malignant_weight <= 100.0:
       raise ValueError(f"--malignant_weight {self.malignant_weight} must be"
                        " in (0, 100]")

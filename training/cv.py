@@ -308,6 +308,8 @@ def _compared(settings: Dict) -> Dict:
   settings.setdefault("depth", False)
   # ... and with a constant fine-tune rate.
   settings.setdefault("fine_tune_schedule", schemas.FINE_TUNE_SCHEDULE_CONSTANT)
+  # ... and without weight averaging.
+  settings.setdefault("ema_momentum", 0.0)
   if not settings.get("fine_tune_epochs"):
     settings.pop("fine_tune_from", None)
     settings.pop("fine_tune_learning_rate", None)

@@ -347,17 +347,24 @@ def reseed(model: keras.Model, seed: int) -> None:
 
 
 def compile_model(model: keras.Model, learning_rate,
-                  label_smoothing: float = 0.0) -> None:
+                  label_smoothing: float = 0.0,
+                  ema_momentum: float = 0.0) -> None:
   """Adam + categorical cross-entropy on the softmax output + accuracy.
 
   `learning_rate`: a number, or a keras.optimizers.schedules schedule.
+
+  `ema_momentum` above 0 makes Adam keep an exponential moving average of
+  the weights (`use_ema`), which `fit` writes into them at its end; pair it
+  with `keras.callbacks.SwapEMAWeights` to validate on the average.
 
   `label_smoothing` moves that share of each target onto the other classes
   evenly: the head is not pushed towards ever larger logits on the few
   hundred training images it can separate.
   """
   model.compile(
-      optimizer=keras.optimizers.Adam(learning_rate),
+      optimizer=keras.optimizers.Adam(learning_rate,
+                                      use_ema=ema_momentum > 0,
+                                      ema_momentum=ema_momentum or 0.99),
       loss=keras.losses.CategoricalCrossentropy(
           label_smoothing=label_smoothing),
       metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])

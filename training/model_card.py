@@ -98,6 +98,14 @@ def _schedule(training: metadata_schema.TrainingSettings) -> str:
   return ""
 
 
+def _ema(training: metadata_schema.TrainingSettings) -> str:
+  """The weight averaging row: off where none ran (or not recorded, as
+  before the field)."""
+  if not training.ema_momentum:
+    return "off"
+  return f"{training.ema_momentum:g} (every stage keeps its averaged weights)"
+
+
 def _training(metadata: ArtifactMetadata) -> metadata_schema.TrainingSettings:
   return metadata.training or metadata_schema.TrainingSettings()
 
@@ -679,6 +687,7 @@ def _training_section(metadata: ArtifactMetadata) -> List[str]:
           ["fine-tuned base layers", _fine_tuned(training)],
           ["early stopping patience", _or_na(training.patience)],
           ["label smoothing", _or_na(training.label_smoothing)],
+          ["weight averaging (EMA momentum)", _ema(training)],
           ["learning rates", f"{_or_na(training.learning_rate)} /"
                              f" {_or_na(training.fine_tune_learning_rate)}"
                              + _schedule(training)],

@@ -588,6 +588,25 @@ class EpochTimer(keras.callbacks.Callback):
     self.seconds.append(time.perf_counter() - self._start)
 
 
+def stage_callbacks(config: TrainConfig, validated: bool
+                    ) -> List[keras.callbacks.Callback]:
+  """A stage's fit callbacks: its EpochTimer first; with --ema_momentum,
+  the swap of the averaged weights; with validation and --patience, early
+  stopping that restores the best epoch's weights."""
+  callbacks: List[keras.callbacks.Callback] = [EpochTimer()]
+  if config.ema_momentum:
+    # Before EarlyStopping: the averaged weights are in the model when the
+    # validation loss is computed and when EarlyStopping keeps the best
+    # epoch's weights; fit ends with them where it restores no best epoch
+    # (Adam's use_ema writes them in).
+    callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+  if validated and config.patience:
+    callbacks.append(keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=config.patience,
+        restore_best_weights=True))
+  return callbacks
+
+
 class FitResult(NamedTuple):
   """What the stages did: losses per epoch, best epochs and times."""
   history: Dict[str, List[float]]
@@ -651,21 +670,20 @@ class Recipe:
       rows = len(x)
       rate = learning_rate
     validation = None
-    callbacks: List[keras.callbacks.Callback] = [EpochTimer()]
     if len(val):
       validation = (self.cache.get(cut, ORIGINAL, val),
                     one_hot(self.labels[val], self.num_classes))
-      if config.patience:
-        callbacks.append(keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=config.patience,
-            restore_best_weights=True))
+    callbacks = stage_callbacks(config, validated=validation is not None)
     trained = model_lib.reduced_precision_copy(target, precision)
-    model_lib.compile_model(trained, rate, config.label_smoothing)
+    model_lib.compile_model(trained, rate, config.label_smoothing,
+                            config.ema_momentum)
     trainable = sum(int(np.prod(w.shape)) for w in trained.trainable_weights)
-    _LOG.info("Stage %s: up to %d epochs, lr %g%s, %d trainable parameters,"
-              " %d training rows (%d views) on cached %s outputs, %s", stage,
-              epochs, learning_rate,
+    _LOG.info("Stage %s: up to %d epochs, lr %g%s%s, %d trainable"
+              " parameters, %d training rows (%d views) on cached %s outputs,"
+              " %s", stage, epochs, learning_rate,
               "" if rate is learning_rate else f" ({config.fine_tune_schedule})",
+              f", weights averaged (EMA {config.ema_momentum:g})"
+              if config.ema_momentum else "",
               trainable, rows, len(stage_views), cut, precision)
     started = time.perf_counter()
     fitted = trained.fit(**feed, epochs=epochs, validation_data=validation,
