@@ -311,6 +311,18 @@ class _StepWeights(keras.callbacks.Callback):
     self.epoch_ends.append(len(self.steps))
 
 
+def _averages(steps, momentum):
+  """Keras' moving average by hand: the first step's weights, then
+  momentum * average + (1 - momentum) * weights after each step."""
+  averages, average = [], None
+  for weights in steps:
+    average = (weights if average is None else
+               [momentum * a + (1 - momentum) * w
+                for a, w in zip(average, weights)])
+    averages.append(average)
+  return averages
+
+
 @pytest.mark.parametrize("patience", [3, 0])
 def test_weight_averaging_validates_stops_on_and_keeps_the_average(
     images, monkeypatch, patience):
@@ -327,23 +339,21 @@ def test_weight_averaging_validates_stops_on_and_keeps_the_average(
                                     learning_rate=0.05, batch_size=4,
                                     ema_momentum=momentum)
   fitted = runner.fit(train, val, 0)
-  steps = recorders[0].steps
-  # The moving average by hand: the first step's weights, then
-  # momentum * average + (1 - momentum) * weights after each step.
-  averages, average = [], None
-  for weights in steps:
-    average = (weights if average is None else
-               [momentum * a + (1 - momentum) * w
-                for a, w in zip(average, weights)])
-    averages.append(average)
+  run = fitted.epochs_run["head"]
   losses = fitted.history["val_loss"]
-  best = fitted.best_epoch["head"] if patience else fitted.epochs_run["head"]
   if patience:
-    assert best == int(np.argmin(losses)) + 1
-  expected = averages[recorders[0].epoch_ends[best - 1] - 1]
+    # Stopped early: fit wrote the last epoch's raw weights, and the best
+    # epoch's average must have replaced them.
+    assert run < 40
+    best = fitted.best_epoch["head"]
+  else:
+    assert run == 40
+    best = run
+  steps, ends = recorders[0].steps, recorders[0].epoch_ends
+  expected = _averages(steps, momentum)[ends[best - 1] - 1]
   head = model_lib.sub_model(runner.model, model_lib.FEATURES_LAYER, None)
   for kept, average, raw in zip(head.trainable_weights, expected,
-                                steps[recorders[0].epoch_ends[best - 1] - 1]):
+                                steps[ends[best - 1] - 1]):
     np.testing.assert_allclose(np.array(kept), average, rtol=1e-4, atol=1e-6)
     assert not np.allclose(np.array(kept), raw, rtol=1e-4, atol=1e-6)
   # The validation loss of that epoch was the averaged weights' own.
@@ -352,6 +362,37 @@ def test_weight_averaging_validates_stops_on_and_keeps_the_average(
   again = float(loss(recipe.one_hot(runner.labels[val], 3),
                      head(runner.cache.get(model_lib.FEATURES_LAYER, 0, val))))
   assert again == pytest.approx(losses[best - 1], rel=1e-4, abs=1e-5)
+
+
+def test_a_bfloat16_fine_tune_keeps_its_average_in_the_model(images,
+                                                             monkeypatch):
+  # The fine-tune stage trains a bfloat16 copy and copies its weights back:
+  # the average must come back, not the copy's raw weights.
+  momentum = 0.8
+  recorders = []
+  real = recipe.stage_callbacks
+
+  def stage_callbacks(config, validated):
+    recorders.append(_StepWeights())
+    return real(config, validated) + [recorders[-1]]
+
+  monkeypatch.setattr(recipe, "stage_callbacks", stage_callbacks)
+  runner, train, val = _tiny_runner(images, epochs=2, patience=0,
+                                    learning_rate=0.05, batch_size=4,
+                                    fine_tune_epochs=3,
+                                    fine_tune_learning_rate=0.01,
+                                    precision="bfloat16",
+                                    ema_momentum=momentum)
+  fitted = runner.fit(train, val, 0)
+  assert fitted.epochs_run == {"head": 2, recipe.FINE_TUNE: 3}
+  steps = recorders[1].steps
+  expected = _averages(steps, momentum)[-1]
+  cut = model_lib.fine_tune_input(runner.model, None)
+  trained = model_lib.sub_model(runner.model, cut, None).trainable_weights
+  assert len(trained) == len(expected)
+  for kept, average, raw in zip(trained, expected, steps[-1]):
+    np.testing.assert_allclose(np.array(kept), average, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(np.array(kept), raw, rtol=1e-4, atol=1e-6)
 
 
 def test_no_weight_averaging_by_default_and_none_outside_0_to_1():

@@ -597,8 +597,11 @@ def stage_callbacks(config: TrainConfig, validated: bool
   if config.ema_momentum:
     # Before EarlyStopping: the averaged weights are in the model when the
     # validation loss is computed and when EarlyStopping keeps the best
-    # epoch's weights; fit ends with them where it restores no best epoch
-    # (Adam's use_ema writes them in).
+    # epoch's weights. A fit that runs every epoch ends with the average
+    # (Adam's use_ema writes it in); one stopped early ends with the last
+    # epoch's raw weights until EarlyStopping restores its best average, so
+    # nothing else may stop a stage. (The history's training loss is the
+    # raw weights', its val_loss the average's.)
     callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
   if validated and config.patience:
     callbacks.append(keras.callbacks.EarlyStopping(
