@@ -323,10 +323,9 @@ def _averages(steps, momentum):
   return averages
 
 
-@pytest.mark.parametrize("patience", [3, 0])
-def test_weight_averaging_validates_stops_on_and_keeps_the_average(
-    images, monkeypatch, patience):
-  momentum = 0.8
+@pytest.fixture(name="recorders")
+def fixture_recorders(monkeypatch):
+  """Every stage's _StepWeights, in the order the stages ran."""
   recorders = []
   real = recipe.stage_callbacks
 
@@ -335,6 +334,13 @@ def test_weight_averaging_validates_stops_on_and_keeps_the_average(
     return real(config, validated) + [recorders[-1]]
 
   monkeypatch.setattr(recipe, "stage_callbacks", stage_callbacks)
+  return recorders
+
+
+@pytest.mark.parametrize("patience", [3, 0])
+def test_weight_averaging_validates_stops_on_and_keeps_the_average(
+    images, recorders, patience):
+  momentum = 0.8
   runner, train, val = _tiny_runner(images, epochs=40, patience=patience,
                                     learning_rate=0.05, batch_size=4,
                                     ema_momentum=momentum)
@@ -365,18 +371,10 @@ def test_weight_averaging_validates_stops_on_and_keeps_the_average(
 
 
 def test_a_bfloat16_fine_tune_keeps_its_average_in_the_model(images,
-                                                             monkeypatch):
+                                                             recorders):
   # The fine-tune stage trains a bfloat16 copy and copies its weights back:
   # the average must come back, not the copy's raw weights.
   momentum = 0.8
-  recorders = []
-  real = recipe.stage_callbacks
-
-  def stage_callbacks(config, validated):
-    recorders.append(_StepWeights())
-    return real(config, validated) + [recorders[-1]]
-
-  monkeypatch.setattr(recipe, "stage_callbacks", stage_callbacks)
   runner, train, val = _tiny_runner(images, epochs=2, patience=0,
                                     learning_rate=0.05, batch_size=4,
                                     fine_tune_epochs=3,
