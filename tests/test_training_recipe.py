@@ -323,6 +323,15 @@ def _averages(steps, momentum):
   return averages
 
 
+def _assert_kept_the_average(kept, averages, raws):
+  """Each kept weight is its average, not the raw weight of that step."""
+  assert len(kept) == len(averages) == len(raws)
+  for weight, average, raw in zip(kept, averages, raws):
+    np.testing.assert_allclose(np.array(weight), average, rtol=1e-4,
+                               atol=1e-6)
+    assert not np.allclose(np.array(weight), raw, rtol=1e-4, atol=1e-6)
+
+
 @pytest.fixture(name="recorders")
 def fixture_recorders(monkeypatch):
   """Every stage's _StepWeights, in the order the stages ran."""
@@ -355,13 +364,11 @@ def test_weight_averaging_validates_stops_on_and_keeps_the_average(
   else:
     assert run == 40
     best = run
-  steps, ends = recorders[0].steps, recorders[0].epoch_ends
-  expected = _averages(steps, momentum)[ends[best - 1] - 1]
+  steps = recorders[0].steps
+  step = recorders[0].epoch_ends[best - 1] - 1  # the kept epoch's last
   head = model_lib.sub_model(runner.model, model_lib.FEATURES_LAYER, None)
-  for kept, average, raw in zip(head.trainable_weights, expected,
-                                steps[ends[best - 1] - 1]):
-    np.testing.assert_allclose(np.array(kept), average, rtol=1e-4, atol=1e-6)
-    assert not np.allclose(np.array(kept), raw, rtol=1e-4, atol=1e-6)
+  _assert_kept_the_average(head.trainable_weights,
+                           _averages(steps, momentum)[step], steps[step])
   # The validation loss of that epoch was the averaged weights' own.
   loss = keras.losses.CategoricalCrossentropy(
       label_smoothing=runner.config.label_smoothing)
@@ -384,13 +391,10 @@ def test_a_bfloat16_fine_tune_keeps_its_average_in_the_model(images,
   fitted = runner.fit(train, val, 0)
   assert fitted.epochs_run == {"head": 2, recipe.FINE_TUNE: 3}
   steps = recorders[1].steps
-  expected = _averages(steps, momentum)[-1]
   cut = model_lib.fine_tune_input(runner.model, None)
-  trained = model_lib.sub_model(runner.model, cut, None).trainable_weights
-  assert len(trained) == len(expected)
-  for kept, average, raw in zip(trained, expected, steps[-1]):
-    np.testing.assert_allclose(np.array(kept), average, rtol=1e-4, atol=1e-6)
-    assert not np.allclose(np.array(kept), raw, rtol=1e-4, atol=1e-6)
+  _assert_kept_the_average(
+      model_lib.sub_model(runner.model, cut, None).trainable_weights,
+      _averages(steps, momentum)[-1], steps[-1])
 
 
 def test_no_weight_averaging_by_default_and_none_outside_0_to_1():

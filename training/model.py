@@ -364,7 +364,7 @@ def compile_model(model: keras.Model, learning_rate,
   model.compile(
       optimizer=keras.optimizers.Adam(learning_rate,
                                       use_ema=ema_momentum > 0,
-                                      ema_momentum=ema_momentum or 0.99),
+                                      ema_momentum=ema_momentum),
       loss=keras.losses.CategoricalCrossentropy(
           label_smoothing=label_smoothing),
       metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
