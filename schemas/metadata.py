@@ -294,6 +294,9 @@ class TrainingSettings(Record):
   # momentum of the weights' moving average each stage kept (0: none);
   # absent: none (older artifacts)
   ema_momentum: Optional[float] = optional()
+  # the fine-tune stage's (--fine_tune_ema_momentum, resolved); None where no
+  # fine-tune ran; absent with a fine-tune: as ema_momentum (older artifacts)
+  fine_tune_ema_momentum: Optional[float] = optional()
   malignant_weight: Optional[float] = optional()  # x its balanced weight
   cv_folds: Optional[int] = optional()
   epochs_run: Optional[Mapping[str, int]] = optional()  # stage → epochs

@@ -162,6 +162,23 @@ def test_cv_seeds_repeats_cv_with_other_heads(tmp_path):
       np.mean([row["macro_f1"] for row in figures["seeds"]]))
 
 
+def test_cv_seeds_passes_the_recipe_flags_given_and_no_others(monkeypatch):
+  from bench import cv_seeds  # pylint: disable=import-outside-toplevel
+  calls = []
+  monkeypatch.setattr(cv_seeds, "run",
+                      lambda *args, **kwargs: calls.append(kwargs) or {})
+  assert cv_seeds.main(["--data", "x", "--fine_tune_epochs", "5",
+                        "--fine_tune_schedule", "cosine", "--ema_momentum",
+                        "0.99", "--fine_tune_ema_momentum", "0"]) == 0
+  assert calls[-1] == {"threshold_rules": [], "fine_tune_epochs": 5,
+                       "fine_tune_schedule": "cosine", "ema_momentum": 0.99,
+                       "fine_tune_ema_momentum": 0.0}
+  assert cv_seeds.main(["--data", "x"]) == 0
+  assert calls[-1] == {"threshold_rules": []}  # TrainConfig's defaults
+  with pytest.raises(SystemExit):
+    cv_seeds.main(["--data", "x", "--fine_tune_schedule", "linear"])
+
+
 def test_cv_seeds_compares_threshold_rules_on_the_same_fits(tmp_path):
   from bench import cv_seeds  # pylint: disable=import-outside-toplevel
   figures = cv_seeds.run([_write_records(tmp_path, 32)], seeds=1, folds=2,

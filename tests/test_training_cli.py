@@ -85,6 +85,7 @@ def test_train_without_augmentation(tmp_path, data_glob, capsys):
   assert settings["fine_tune_from"] == "block4_conv3"
   assert settings["fine_tune_schedule"] == "constant"
   assert settings["ema_momentum"] == 0.0
+  assert settings["fine_tune_ema_momentum"] == 0.0  # auto: as the head's
   assert settings["augment"] is False and settings["seed"] == 1
   assert settings["degraded_views"] == []  # no random views to degrade
   assert settings["annotated_views"] == []
@@ -323,6 +324,8 @@ def test_same_seed_same_split(tmp_path, data_glob):
     (["--ema_momentum", "1"],
      "--ema_momentum 1.0 must be in [0, 1) (0: no weight averaging)"),
     (["--ema_momentum", "nan"], "--ema_momentum nan must be in [0, 1)"),
+    (["--fine_tune_ema_momentum", "1"],
+     "--fine_tune_ema_momentum 1.0 must be in [0, 1)"),
     (["--fine_tune_from", "block1_conv1"], "needs --fine_tune_epochs above 0"),
     (["--fine_tune_epochs", "1", "--fine_tune_from", "block4_conv1"],
      "--fine_tune_from 'block4_conv1' is not a layer with weights of the"),

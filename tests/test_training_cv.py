@@ -446,6 +446,20 @@ def test_cv_report_must_match_the_recipe_and_the_images(tmp_path, cv_data):
   with pytest.raises(ValueError, match="ema_momentum: 0.0 in the report, 0.99"
                      " here"):
     check(older, dataclasses.replace(config, ema_momentum=0.99))
+  # The fine-tune's own averaging: before it, the head stage's, and without
+  # a fine-tune it means nothing.
+  averaged = dataclasses.replace(tuned, ema_momentum=0.99,
+                                 fine_tune_ema_momentum=0.99)
+  older = {**report, "settings": {**report["settings"], "fine_tune_epochs": 2,
+                                  "ema_momentum": 0.99}}
+  del older["settings"]["fine_tune_ema_momentum"]
+  assert check(older, averaged) == older
+  with pytest.raises(ValueError, match="fine_tune_ema_momentum: 0.99 in the"
+                     " report, 0.0 here"):
+    check(older, dataclasses.replace(averaged, fine_tune_ema_momentum=0.0))
+  unused = {**report, "settings": {**report["settings"],
+                                   "fine_tune_ema_momentum": 0.5}}
+  assert check(unused) == unused  # no fine-tune in either
   with pytest.raises(ValueError, match="is not a `python -m training cv`"
                      " report \\(no settings, data_fingerprint"):
     check({"macro_f1": 0.9})

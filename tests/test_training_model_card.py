@@ -157,6 +157,15 @@ def test_card_says_whether_the_weights_were_averaged():
   assert ("| weight averaging (EMA momentum) | 0.99 (every stage keeps its"
           " averaged weights) |") in _render(_metadata(
               training={"ema_momentum": 0.99}))
+  for both in ({"fine_tune_ema_momentum": 0.99}, {}):  # {}: older artifacts
+    assert "| 0.99 (every stage keeps its averaged weights) |" in _render(
+        _metadata(training={"ema_momentum": 0.99, **both}))
+  assert ("| weight averaging (EMA momentum) | head stage 0.99, fine-tune"
+          " stage off |") in _render(_metadata(training={
+              "ema_momentum": 0.99, "fine_tune_ema_momentum": 0.0}))
+  assert ("| weight averaging (EMA momentum) | head stage off, fine-tune"
+          " stage 0.9 |") in _render(_metadata(training={
+              "ema_momentum": 0.0, "fine_tune_ema_momentum": 0.9}))
 
 
 def test_card_names_the_fine_tuned_layers():

@@ -305,10 +305,18 @@ class _StepWeights(keras.callbacks.Callback):
     self.steps, self.epoch_ends = [], []
 
   def on_train_batch_end(self, batch, logs=None):
-    self.steps.append([np.array(w) for w in self.model.trainable_weights])
+    self.steps.append(self._weights())
 
   def on_epoch_end(self, epoch, logs=None):
     self.epoch_ends.append(len(self.steps))
+
+  def on_train_end(self, logs=None):
+    # After fit wrote in the average, if any (and after the callbacks
+    # before this one: early stopping's restore).
+    self.kept = self._weights()
+
+  def _weights(self):
+    return [np.array(w) for w in self.model.trainable_weights]
 
 
 def _averages(steps, momentum):
@@ -338,9 +346,9 @@ def fixture_recorders(monkeypatch):
   recorders = []
   real = recipe.stage_callbacks
 
-  def stage_callbacks(config, validated):
+  def stage_callbacks(config, validated, ema_momentum):
     recorders.append(_StepWeights())
-    return real(config, validated) + [recorders[-1]]
+    return real(config, validated, ema_momentum) + [recorders[-1]]
 
   monkeypatch.setattr(recipe, "stage_callbacks", stage_callbacks)
   return recorders
@@ -397,15 +405,61 @@ def test_a_bfloat16_fine_tune_keeps_its_average_in_the_model(images,
       _averages(steps, momentum)[-1], steps[-1])
 
 
+@pytest.mark.parametrize("head,fine_tune", [(0.8, 0.0), (0.0, 0.8)])
+def test_each_stage_averages_with_its_own_momentum(images, recorders, head,
+                                                   fine_tune):
+  runner, train, val = _tiny_runner(images, epochs=2, patience=0,
+                                    learning_rate=0.05, batch_size=4,
+                                    fine_tune_epochs=3,
+                                    fine_tune_learning_rate=0.01,
+                                    ema_momentum=head,
+                                    fine_tune_ema_momentum=fine_tune)
+  fitted = runner.fit(train, val, 0)
+  assert fitted.epochs_run == {"head": 2, recipe.FINE_TUNE: 3}
+  for recorder, momentum in zip(recorders, (head, fine_tune)):
+    if momentum:
+      _assert_kept_the_average(recorder.kept,
+                               _averages(recorder.steps, momentum)[-1],
+                               recorder.steps[-1])
+    else:  # the stage's raw weights after its last step
+      assert len(recorder.kept) == len(recorder.steps[-1])
+      for kept, raw in zip(recorder.kept, recorder.steps[-1]):
+        np.testing.assert_array_equal(kept, raw)
+  # What the fine-tune kept is the model's.
+  cut = model_lib.fine_tune_input(runner.model, None)
+  for weight, kept in zip(
+      model_lib.sub_model(runner.model, cut, None).trainable_weights,
+      recorders[1].kept):
+    np.testing.assert_array_equal(np.array(weight), kept)
+
+
 def test_no_weight_averaging_by_default_and_none_outside_0_to_1():
   config = TrainConfig(data=("x",), output="x")
-  assert config.ema_momentum == 0.0
+  assert config.ema_momentum == 0.0 and config.fine_tune_ema == 0.0
   assert not any(isinstance(c, keras.callbacks.SwapEMAWeights)
-                 for c in recipe.stage_callbacks(config, validated=True))
-  for momentum in (1.0, -0.1):
-    with pytest.raises(ValueError, match="--ema_momentum"):
-      TrainConfig(data=("x",), output="x",
-                  ema_momentum=momentum).validate()
+                 for c in recipe.stage_callbacks(config, validated=True,
+                                                 ema_momentum=0.0))
+  for name in ("ema_momentum", "fine_tune_ema_momentum"):
+    for momentum in (1.0, -0.1, float("nan")):
+      with pytest.raises(ValueError, match=f"--{name} "):
+        TrainConfig(data=("x",), output="x", **{name: momentum}).validate()
+
+
+def test_the_fine_tune_averages_as_the_head_stage_unless_told():
+  def momenta(**fields):
+    config = TrainConfig(data=("x",), output="x", **fields)
+    return (recipe.stage_momentum(config, "head"),
+            recipe.stage_momentum(config, recipe.FINE_TUNE))
+
+  assert momenta() == (0.0, 0.0)
+  assert momenta(ema_momentum=0.99) == (0.99, 0.99)
+  assert momenta(ema_momentum=0.99, fine_tune_ema_momentum=0.0) == (0.99, 0.0)
+  assert momenta(fine_tune_ema_momentum=0.9) == (0.0, 0.9)
+  # Resolved, the auto is written down (reports and artifacts record it).
+  resolved = recipe.resolved(TrainConfig(
+      data=("x",), output="x", ema_momentum=0.99, fine_tune_epochs=1,
+      precision="float32"))
+  assert resolved.fine_tune_ema_momentum == 0.99
 
 
 def test_stage_rows_bring_every_row_once_an_epoch_in_a_seeded_order(images):

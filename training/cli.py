@@ -67,6 +67,11 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                       " validate, stop early on and keep those averaged"
                       " weights; e.g. 0.99 averages over about 100 steps"
                       " (default %(default)g: off).")
+  parser.add_argument("--fine_tune_ema_momentum",
+                      type=_or_auto(float, "a number"), default=None,
+                      help="--ema_momentum for the fine-tune stage alone;"
+                      " 0 averages the head stage only. Default auto: as"
+                      " --ema_momentum.")
   parser.add_argument("--malignant_weight", type=float,
                       default=config_lib.DEFAULT_MALIGNANT_WEIGHT,
                       help="Multiplies the malignant class's balanced class"
@@ -278,6 +283,7 @@ def _recipe_config(args: argparse.Namespace, **fields
       fine_tune_from=args.fine_tune_from,
       patience=args.patience, label_smoothing=args.label_smoothing,
       ema_momentum=args.ema_momentum,
+      fine_tune_ema_momentum=args.fine_tune_ema_momentum,
       malignant_weight=args.malignant_weight,
       val_fraction=args.val_fraction, test_fraction=args.test_fraction,
       seed=args.seed,

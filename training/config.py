@@ -132,6 +132,9 @@ class TrainConfig:
   # Each stage validates, stops early on and keeps the moving average of its
   # weights over its steps instead of the weights themselves (0: off).
   ema_momentum: float = DEFAULT_EMA_MOMENTUM
+  # The fine-tune stage's own momentum; None: auto, as ema_momentum (0: the
+  # fine-tune keeps its raw weights while the head stage still averages).
+  fine_tune_ema_momentum: Optional[float] = None
   malignant_weight: float = DEFAULT_MALIGNANT_WEIGHT  # x balanced weight
   # `train` cross-validates the recipe on its data first (0: not), so the
   # artifact carries out-of-fold figures: the conv outputs are shared, so
@@ -180,6 +183,13 @@ class TrainConfig:
       return self.fine_tune_learning_rate
     whole = self.fine_tune_from == FINE_TUNABLE_LAYERS[self.backbone][0]
     return WHOLE_BASE_LEARNING_RATE if whole else FINE_TUNE_LEARNING_RATE
+
+  @property
+  def fine_tune_ema(self) -> float:
+    """--fine_tune_ema_momentum, or its auto value: --ema_momentum."""
+    if self.fine_tune_ema_momentum is not None:
+      return self.fine_tune_ema_momentum
+    return self.ema_momentum
 
   @property
   def augment(self) -> bool:
@@ -234,9 +244,11 @@ class TrainConfig:
                          f" {self.cv_folds}")
     if not 0.0 <= self.label_smoothing < 1.0:
       raise ValueError("--label_smoothing must be in [0, 1)")
-    if not 0.0 <= self.ema_momentum < 1.0:
-      raise ValueError(f"--ema_momentum {self.ema_momentum} must be in [0, 1)"
-                       " (0: no weight averaging)")
+    for name in ("ema_momentum", "fine_tune_ema_momentum"):
+      value = getattr(self, name)
+      if value is not None and not 0.0 <= value < 1.0:
+        raise ValueError(f"--{name} {value} must be in [0, 1)"
+                         " (0: no weight averaging)")
     if not 0.0 < self.malignant_weight <= 100.0:
       raise ValueError(f"--malignant_weight {self.malignant_weight} must be"
                        " in (0, 100]")

@@ -310,7 +310,11 @@ def _compared(settings: Dict) -> Dict:
   settings.setdefault("fine_tune_schedule", schemas.FINE_TUNE_SCHEDULE_CONSTANT)
   # ... and without weight averaging.
   settings.setdefault("ema_momentum", 0.0)
+  # ... and with the fine-tune averaging as the head stage did.
+  if settings.get("fine_tune_ema_momentum") is None:
+    settings["fine_tune_ema_momentum"] = settings["ema_momentum"]
   if not settings.get("fine_tune_epochs"):
+    settings.pop("fine_tune_ema_momentum")
     settings.pop("fine_tune_from", None)
     settings.pop("fine_tune_learning_rate", None)
     settings.pop("fine_tune_schedule", None)

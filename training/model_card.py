@@ -100,10 +100,15 @@ def _schedule(training: metadata_schema.TrainingSettings) -> str:
 
 def _ema(training: metadata_schema.TrainingSettings) -> str:
   """The weight averaging row: off where none ran (or not recorded, as
-  before the field)."""
-  if not training.ema_momentum:
-    return "off"
-  return f"{training.ema_momentum:g} (every stage keeps its averaged weights)"
+  before the field); each stage's where they differ."""
+  head = training.ema_momentum or 0.0
+  fine_tune = training.fine_tune_ema_momentum
+  if fine_tune is None or fine_tune == head:
+    if not head:
+      return "off"
+    return f"{head:g} (every stage keeps its averaged weights)"
+  return (f"head stage {f'{head:g}' if head else 'off'}, fine-tune stage"
+          f" {f'{fine_tune:g}' if fine_tune else 'off'}")
 
 
 def _training(metadata: ArtifactMetadata) -> metadata_schema.TrainingSettings:

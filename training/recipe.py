@@ -497,7 +497,9 @@ def _resolved(config: TrainConfig) -> Tuple[TrainConfig, str]:
               first or "block5's first layer", rate)
   return dataclasses.replace(config, precision=precision,
                              fine_tune_epochs=epochs, fine_tune_from=first,
-                             fine_tune_learning_rate=rate), device
+                             fine_tune_learning_rate=rate,
+                             fine_tune_ema_momentum=config.fine_tune_ema
+                             ), device
 
 
 def _whole_base(config: TrainConfig) -> str:
@@ -588,13 +590,19 @@ class EpochTimer(keras.callbacks.Callback):
     self.seconds.append(time.perf_counter() - self._start)
 
 
-def stage_callbacks(config: TrainConfig, validated: bool
-                    ) -> List[keras.callbacks.Callback]:
-  """A stage's fit callbacks: its EpochTimer first; with --ema_momentum,
-  the swap of the averaged weights; with validation and --patience, early
-  stopping that restores the best epoch's weights."""
+def stage_momentum(config: TrainConfig, stage: str) -> float:
+  """The momentum of `stage`'s weight averaging (0: none): --ema_momentum
+  for the head, --fine_tune_ema_momentum (auto: the same) for FINE_TUNE."""
+  return config.fine_tune_ema if stage == FINE_TUNE else config.ema_momentum
+
+
+def stage_callbacks(config: TrainConfig, validated: bool,
+                    ema_momentum: float) -> List[keras.callbacks.Callback]:
+  """A stage's fit callbacks: its EpochTimer first; with `ema_momentum`
+  (`stage_momentum`), the swap of the averaged weights; with validation and
+  --patience, early stopping that restores the best epoch's weights."""
   callbacks: List[keras.callbacks.Callback] = [EpochTimer()]
-  if config.ema_momentum:
+  if ema_momentum:
     # Before EarlyStopping: the averaged weights are in the model when the
     # validation loss is computed and when EarlyStopping keeps the best
     # epoch's weights. A fit that runs every epoch ends with the average
@@ -676,17 +684,17 @@ class Recipe:
     if len(val):
       validation = (self.cache.get(cut, ORIGINAL, val),
                     one_hot(self.labels[val], self.num_classes))
-    callbacks = stage_callbacks(config, validated=validation is not None)
+    momentum = stage_momentum(config, stage)
+    callbacks = stage_callbacks(config, validated=validation is not None,
+                                ema_momentum=momentum)
     trained = model_lib.reduced_precision_copy(target, precision)
-    model_lib.compile_model(trained, rate, config.label_smoothing,
-                            config.ema_momentum)
+    model_lib.compile_model(trained, rate, config.label_smoothing, momentum)
     trainable = sum(int(np.prod(w.shape)) for w in trained.trainable_weights)
     _LOG.info("Stage %s: up to %d epochs, lr %g%s%s, %d trainable"
               " parameters, %d training rows (%d views) on cached %s outputs,"
               " %s", stage, epochs, learning_rate,
               "" if rate is learning_rate else f" ({config.fine_tune_schedule})",
-              f", weights averaged (EMA {config.ema_momentum:g})"
-              if config.ema_momentum else "",
+              f", weights averaged (EMA {momentum:g})" if momentum else "",
               trainable, rows, len(stage_views), cut, precision)
     started = time.perf_counter()
     fitted = trained.fit(**feed, epochs=epochs, validation_data=validation,

@@ -106,6 +106,8 @@ def _training_settings(config: TrainConfig, read: Read, splits: Splits,
       patience=config.patience,
       label_smoothing=config.label_smoothing,
       ema_momentum=config.ema_momentum,
+      fine_tune_ema_momentum=(config.fine_tune_ema if result.fine_tuned
+                              else None),
       malignant_weight=config.malignant_weight,
       cv_folds=config.cv_folds,
       epochs_run=result.epochs_run,
