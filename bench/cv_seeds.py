@@ -22,6 +22,7 @@ target.
 
   python -m bench.cv_seeds --data GLOB [--seeds 3] [--augment_views 7]
       [--network_size N] [--malignant_weight W] [--fine_tune_epochs E]
+      [--fine_tune_from LAYER] [--fine_tune_learning_rate LR]
       [--fine_tune_schedule S] [--ema_momentum M] [--fine_tune_ema_momentum M]
       [--threshold_rule expected --threshold_rule observed]
       [--backbone_weights H5] [--folds 5] [--output J]
@@ -169,6 +170,8 @@ def main(argv=None) -> int:
   parser.add_argument("--network_size", type=int, default=None)
   parser.add_argument("--malignant_weight", type=float, default=None)
   parser.add_argument("--fine_tune_epochs", type=int, default=None)
+  parser.add_argument("--fine_tune_from", default=None)
+  parser.add_argument("--fine_tune_learning_rate", type=float, default=None)
   parser.add_argument("--fine_tune_schedule", default=None,
                       choices=schemas.FINE_TUNE_SCHEDULES)
   parser.add_argument("--ema_momentum", type=float, default=None)
@@ -183,7 +186,8 @@ def main(argv=None) -> int:
   # Flags left out keep TrainConfig's defaults.
   flags = {name: getattr(args, name)
            for name in ("augment_views", "network_size", "malignant_weight",
-                        "fine_tune_epochs", "fine_tune_schedule",
+                        "fine_tune_epochs", "fine_tune_from",
+                        "fine_tune_learning_rate", "fine_tune_schedule",
                         "ema_momentum", "fine_tune_ema_momentum", "precision")
            if getattr(args, name) is not None}
   figures = run(args.data, args.seeds, args.folds, args.backbone_weights,

@@ -291,7 +291,8 @@ class TrainingSettings(Record):
   fine_tune_from: Optional[str] = optional()
   patience: Optional[int] = optional()
   label_smoothing: Optional[float] = optional()
-  # momentum of the weights' moving average each stage kept (0: none);
+  # momentum of the weights' moving average the head stage kept, and the
+  # fine-tune unless fine_tune_ema_momentum says otherwise (0: none);
   # absent: none (older artifacts)
   ema_momentum: Optional[float] = optional()
   # the fine-tune stage's (--fine_tune_ema_momentum, resolved); None where no

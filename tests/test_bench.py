@@ -168,9 +168,13 @@ def test_cv_seeds_passes_the_recipe_flags_given_and_no_others(monkeypatch):
   monkeypatch.setattr(cv_seeds, "run",
                       lambda *args, **kwargs: calls.append(kwargs) or {})
   assert cv_seeds.main(["--data", "x", "--fine_tune_epochs", "5",
+                        "--fine_tune_from", "block4_conv1",
+                        "--fine_tune_learning_rate", "3e-5",
                         "--fine_tune_schedule", "cosine", "--ema_momentum",
                         "0.99", "--fine_tune_ema_momentum", "0"]) == 0
   assert calls[-1] == {"threshold_rules": [], "fine_tune_epochs": 5,
+                       "fine_tune_from": "block4_conv1",
+                       "fine_tune_learning_rate": 3e-5,
                        "fine_tune_schedule": "cosine", "ema_momentum": 0.99,
                        "fine_tune_ema_momentum": 0.0}
   assert cv_seeds.main(["--data", "x"]) == 0

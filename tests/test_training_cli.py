@@ -309,6 +309,16 @@ def test_same_seed_same_split(tmp_path, data_glob):
   assert fingerprints[0] == fingerprints[1]
 
 
+@pytest.mark.parametrize("value,expected", [("auto", None), ("AUTO", None),
+                                            ("0", 0.0), ("0.9", 0.9)])
+def test_fine_tune_ema_momentum_is_a_number_or_auto(value, expected):
+  args = cli._parser().parse_args(["cv", "--data", "x", "--ema_momentum",  # pylint: disable=protected-access
+                                   "0.99", "--fine_tune_ema_momentum", value])
+  config = cli._recipe_config(args, output="x")  # pylint: disable=protected-access
+  assert config.fine_tune_ema_momentum == expected
+  assert config.fine_tune_ema == (0.99 if expected is None else expected)
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--data", "/nonexistent/*.tfrecord.gz"], "matches no file"),
     (["--image_size", "64"], "--image_size 64"),
@@ -325,7 +335,8 @@ def test_same_seed_same_split(tmp_path, data_glob):
      "--ema_momentum 1.0 must be in [0, 1) (0: no weight averaging)"),
     (["--ema_momentum", "nan"], "--ema_momentum nan must be in [0, 1)"),
     (["--fine_tune_ema_momentum", "1"],
-     "--fine_tune_ema_momentum 1.0 must be in [0, 1)"),
+     "--fine_tune_ema_momentum 1.0 must be in [0, 1) (0: none in the"
+     " fine-tune)"),
     (["--fine_tune_from", "block1_conv1"], "needs --fine_tune_epochs above 0"),
     (["--fine_tune_epochs", "1", "--fine_tune_from", "block4_conv1"],
      "--fine_tune_from 'block4_conv1' is not a layer with weights of the"),

@@ -244,11 +244,11 @@ class TrainConfig:
                          f" {self.cv_folds}")
     if not 0.0 <= self.label_smoothing < 1.0:
       raise ValueError("--label_smoothing must be in [0, 1)")
-    for name in ("ema_momentum", "fine_tune_ema_momentum"):
+    for name, off in (("ema_momentum", "no weight averaging"),
+                      ("fine_tune_ema_momentum", "none in the fine-tune")):
       value = getattr(self, name)
       if value is not None and not 0.0 <= value < 1.0:
-        raise ValueError(f"--{name} {value} must be in [0, 1)"
-                         " (0: no weight averaging)")
+        raise ValueError(f"--{name} {value} must be in [0, 1) (0: {off})")
     if not 0.0 < self.malignant_weight <= 100.0:
       raise ValueError(f"--malignant_weight {self.malignant_weight} must be"
                        " in (0, 100]")
