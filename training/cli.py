@@ -66,7 +66,8 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                       " stage's weights over its steps (Adam's use_ema) and"
                       " validate, stop early on and keep those averaged"
                       " weights; e.g. 0.99 averages over about 100 steps"
-                      " (default %(default)g: off).")
+                      " (default %(default)g: off). The fine-tune stage"
+                      " takes --fine_tune_ema_momentum where given.")
   parser.add_argument("--fine_tune_ema_momentum",
                       type=_or_auto(float, "a number"), default=None,
                       help="--ema_momentum for the fine-tune stage alone;"

@@ -129,7 +129,8 @@ class TrainConfig:
   depth: bool = True
   patience: int = DEFAULT_PATIENCE  # 0: no early stopping
   label_smoothing: float = DEFAULT_LABEL_SMOOTHING
-  # Each stage validates, stops early on and keeps the moving average of its
+  # The head stage (and the fine-tune, unless fine_tune_ema_momentum says
+  # otherwise) validates, stops early on and keeps the moving average of its
   # weights over its steps instead of the weights themselves (0: off).
   ema_momentum: float = DEFAULT_EMA_MOMENTUM
   # The fine-tune stage's own momentum; None: auto, as ema_momentum (0: the
