@@ -154,12 +154,11 @@ def test_card_says_whether_the_weights_were_averaged():
   for training in ({}, {"ema_momentum": 0.0}):
     assert "| weight averaging (EMA momentum) | off |" in _render(
         _metadata(training=training))
-  assert ("| weight averaging (EMA momentum) | 0.99 (every stage keeps its"
-          " averaged weights) |") in _render(_metadata(
-              training={"ema_momentum": 0.99}))
-  for both in ({"fine_tune_ema_momentum": 0.99}, {}):  # {}: older artifacts
-    assert "| 0.99 (every stage keeps its averaged weights) |" in _render(
-        _metadata(training={"ema_momentum": 0.99, **both}))
+  # The same in both stages, or trained before the fine-tune had its own.
+  for both in ({"fine_tune_ema_momentum": 0.99}, {}):
+    assert ("| weight averaging (EMA momentum) | 0.99 (every stage keeps its"
+            " averaged weights) |") in _render(_metadata(
+                training={"ema_momentum": 0.99, **both}))
   assert ("| weight averaging (EMA momentum) | head stage 0.99, fine-tune"
           " stage off |") in _render(_metadata(training={
               "ema_momentum": 0.99, "fine_tune_ema_momentum": 0.0}))
