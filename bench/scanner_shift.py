@@ -3,7 +3,7 @@
 Other hospitals' scanners, presets and exports differ from BUSI's in
 sharpness, resolution, speckle, compression, gain and depth. This scores
 `cv`'s folds (its own folds, inner splits, fit, temperature, threshold and
-`fold_metrics`) on each held-out fold as stored and under seven
+`fold_metrics`) on each held-out fold as stored and under eight
 deterministic test-time shifts of the same images:
   blur     Gaussian, sigma 1.5 px
   lowres   half resolution (area down, bilinear back up)
@@ -12,6 +12,10 @@ deterministic test-time shifts of the same images:
   gain     gamma 0.7 (brighter mid-tones; never trained on)
   zoomout  0.75 scale about the centre, black border (deeper field of
            view; `--depth` trains on a like shift, anchored at the top)
+  zoomin   1.3 scale from the top edge's centre, cropped to the frame (a
+           shallower field of view, or an export cropped tighter: the top
+           77 % of the field, its middle 77 % across, fills the frame;
+           nothing trains on it beyond the views' ±10 % zoom)
   annotate synthetic calipers, dotted lines and text drawn on every image
            (`training.augment.annotate`): a model that reads "marked, so
            a lesion" calls marked normal tissue a lesion
@@ -37,16 +41,17 @@ shifts, not the figures on a real site (use `recalibrate` and `evaluate`
 on a labelled local sample for that).
 
   python -m bench.scanner_shift --data GLOB --backbone_weights H5
-      [--seeds 3] [--folds 5] [--view_seed S] [--cache NPZ] [--output J]
-      [--threshold_rule expected|observed] [--recipes NAME ...]
+      [--seeds 3] [--folds 5] [--seed S] [--view_seed S] [--cache NPZ]
+      [--output J] [--threshold_rule expected|observed] [--recipes NAME ...]
 
 Features of every view and shift are computed once (one VGG16 pass per
-image each; the 24 on 623 images take ~22 min on 2 cores) and kept in
+image each; 25 on 623 images, ~23 min on 2 cores with AMX) and kept in
 --cache with a stamp of the data, weights and views, so a rerun on the same
 ones trains heads only.
 
   python -m bench.scanner_shift --full_recipe --data GLOB
-      --backbone_weights H5 [--folds 5] [--output J] [--recipes NAME ...]
+      --backbone_weights H5 [--folds 5] [--seed S] [--output J]
+      [--recipes NAME ...]
 
 runs the recipe as `cv` runs it instead, fine-tune stage included (auto:
 the whole base where bfloat16 is fast), with cv's one head initialisation
@@ -68,8 +73,10 @@ import numpy as np
 import schemas
 from bench import common
 
-SHIFTS = ("blur", "lowres", "speckle", "jpeg", "gain", "zoomout", "annotate")
+SHIFTS = ("blur", "lowres", "speckle", "jpeg", "gain", "zoomout", "zoomin",
+          "annotate")
 SETS = ("as_stored",) + SHIFTS
+ZOOMIN = 1.3  # the zoomin shift's scale
 FIGURES = ("macro_f1", "auc_malignant", "recall_malignant", "recall_normal",
            "ece", "flagged_share", "accuracy_unflagged")
 # name -> (degrade, annotate, depth)
@@ -108,6 +115,13 @@ def shift(image: np.ndarray, kind: str) -> np.ndarray:
     out = cv2.warpAffine(out, matrix, (width, height),
                          flags=cv2.INTER_LINEAR,
                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+  elif kind == "zoomin":
+    # Input -> output: x' = cx + 1.3 (x - cx), y' = 1.3 y (the top row stays).
+    centre = (width - 1) / 2
+    matrix = np.float32([[ZOOMIN, 0, centre * (1 - ZOOMIN)], [0, ZOOMIN, 0]])
+    out = cv2.warpAffine(out, matrix, (width, height),
+                         flags=cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_REFLECT)
   else:
     raise ValueError(f"unknown shift {kind!r}; one of {SHIFTS}")
   return np.clip(np.round(out), 0, 255).astype(np.uint8).reshape(image.shape)
@@ -413,6 +427,10 @@ def main(argv=None) -> int:
                       help="NPZ file keeping the features between runs"
                       " (heads only)")
   parser.add_argument("--output", default=None, help="JSON file to write")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="cv's --seed: the folds, inner splits and head"
+                      " initialisation (heads only: the random views follow"
+                      " --view_seed; with --full_recipe they follow this)")
   parser.add_argument("--threshold_rule", choices=schemas.THRESHOLD_RULES,
                       default=schemas.DEFAULT_THRESHOLD_RULE,
                       help="how each fold's review threshold is chosen (as"
@@ -426,14 +444,14 @@ def main(argv=None) -> int:
                    " one head seed on one draw of the views, uncached")
     figures = run_full(args.data, args.backbone_weights, folds=args.folds,
                        recipes=args.recipes or [DEFAULT_RECIPE],
-                       threshold_rule=args.threshold_rule)
+                       seed=args.seed, threshold_rule=args.threshold_rule)
   else:
     figures = run(args.data, args.backbone_weights,
                   seeds=3 if args.seeds is None else args.seeds,
                   folds=args.folds,
                   view_seed=args.view_seed or 0, cache=args.cache or "",
                   recipes=args.recipes or list(RECIPES),
-                  threshold_rule=args.threshold_rule)
+                  seed=args.seed, threshold_rule=args.threshold_rule)
   if args.output:
     common.write_json(args.output, figures)
   return 0

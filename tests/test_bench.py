@@ -404,6 +404,22 @@ def test_scanner_shifts_are_deterministic_and_change_the_image():
     scanner_shift.shift(image, "colour")
 
 
+def test_scanner_shift_zoomin_magnifies_from_the_top_edge():
+  from bench import scanner_shift  # pylint: disable=import-outside-toplevel
+  # A bright square in a 100-pixel frame: rows 20-39, columns 30-49.
+  image = np.zeros((100, 100, 3), np.uint8)
+  image[20:40, 30:50] = 255
+  rows, columns = np.nonzero(scanner_shift.shift(image, "zoomin")[..., 0]
+                             > 127)
+  # Rows scale from the top edge (y' = 1.3 y), columns from the centre
+  # (x' = 49.5 + 1.3 (x - 49.5)): the square grows and moves down and out.
+  scale, centre = scanner_shift.ZOOMIN, 49.5
+  assert rows.min() == pytest.approx(20 * scale, abs=1)
+  assert rows.max() == pytest.approx(39 * scale, abs=1)
+  assert columns.min() == pytest.approx(centre + scale * (30 - centre), abs=1)
+  assert columns.max() == pytest.approx(centre + scale * (49 - centre), abs=1)
+
+
 @pytest.mark.slow
 def test_scanner_shift_full_recipe_scores_cvs_fine_tuned_folds(tmp_path):
   """--full_recipe runs cv itself, fine-tune stage included: as stored it
@@ -449,10 +465,13 @@ def test_scanner_shift_full_recipe_refuses_heads_only_flags(monkeypatch):
                       lambda *a, **flags: seen.append(flags) or {})
   scanner_shift.main(["--data", "x", "--full_recipe"])
   assert seen[0]["recipes"] == [scanner_shift.DEFAULT_RECIPE]
+  assert seen[0]["seed"] == 0
+  scanner_shift.main(["--data", "x", "--full_recipe", "--seed", "1"])
+  assert seen[1]["seed"] == 1  # cv's --seed: another draw
   for flag in (["--seeds", "2"], ["--view_seed", "1"], ["--cache", "c"]):
     with pytest.raises(SystemExit):
       scanner_shift.main(["--data", "x", "--full_recipe"] + flag)
-  assert len(seen) == 1
+  assert len(seen) == 2
 
 
 def test_scanner_shift_passes_the_threshold_rule(monkeypatch):
@@ -466,6 +485,9 @@ def test_scanner_shift_passes_the_threshold_rule(monkeypatch):
   scanner_shift.main(["--data", "x", "--threshold_rule", "observed"])
   assert [f["threshold_rule"] for f in seen] == [
       schemas.DEFAULT_THRESHOLD_RULE, schemas.THRESHOLD_RULE_OBSERVED]
+  assert [f["seed"] for f in seen] == [0, 0]
+  scanner_shift.main(["--data", "x", "--seed", "2"])
+  assert seen[-1]["seed"] == 2
   with pytest.raises(SystemExit):
     scanner_shift.main(["--data", "x", "--threshold_rule", "observd"])
 
