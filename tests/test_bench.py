@@ -418,6 +418,26 @@ def test_scanner_shift_zoomin_magnifies_from_the_top_edge():
   assert rows.max() == pytest.approx(39 * scale, abs=1)
   assert columns.min() == pytest.approx(centre + scale * (30 - centre), abs=1)
   assert columns.max() == pytest.approx(centre + scale * (49 - centre), abs=1)
+  # Every output pixel comes from inside the frame: no border is drawn in.
+  grey = np.full((100, 80, 3), 90, np.uint8)
+  np.testing.assert_array_equal(scanner_shift.shift(grey, "zoomin"), grey)
+
+
+def test_scanner_shift_seed_reaches_the_recipe(monkeypatch):
+  """--seed is cv's seed in both modes: it reaches the TrainConfig."""
+  from bench import cv_seeds, scanner_shift  # pylint: disable=import-outside-toplevel
+  seen = []
+
+  def setup(data, backbone_weights, backbone, recipe_flags):
+    seen.append(recipe_flags["seed"])
+    raise RuntimeError("stop here")
+
+  monkeypatch.setattr(cv_seeds, "setup", setup)
+  for argv in (["--seed", "3"], ["--seed", "4", "--full_recipe"]):
+    with pytest.raises(RuntimeError, match="stop here"):
+      scanner_shift.main(["--data", "x", "--backbone_weights", "none"]
+                         + argv)
+  assert seen == [3, 4]
 
 
 @pytest.mark.slow
@@ -527,6 +547,11 @@ def test_scanner_shift_scores_cvs_folds_of_each_recipe(tmp_path):
   with pytest.raises(ValueError, match="other data, weights or views"):
     scanner_shift.run(data, backbone="tiny", seeds=1, folds=2, cache=cache,
                       **dict(flags, augment_views=1))
+  # Nor those of another seed's backbone: without a weights file the
+  # backbone is drawn from the seed.
+  with pytest.raises(ValueError, match="other data, weights or views"):
+    scanner_shift.run(data, backbone="tiny", seeds=1, folds=2, cache=cache,
+                      **dict(flags, seed=1))
   assert ("| degrade + annotate + depth (default) |"
           in scanner_shift.format_table(again["mean"]))
   # One recipe alone: its figures as in the full run, from the same cache.
