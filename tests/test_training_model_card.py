@@ -289,3 +289,8 @@ def test_card_names_the_deepened_views():
   said = "trained with some views framed as a deeper depth setting"
   assert said in _render(_metadata(training={"deepened_views": [2, 3]}))
   assert said not in _render(_metadata(training={"deepened_views": []}))
+  # What a framing unlike BUSI's costs, measured on the development set.
+  larger = "A shallower setting or a tighter crop, which shows the tissue"
+  assert larger in _render(_metadata(training={"deepened_views": [2, 3]}))
+  assert "malignant recall first" in _render(
+      _metadata(training={"deepened_views": [2, 3]}))

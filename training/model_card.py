@@ -655,9 +655,16 @@ def _caveats_section(metadata: ArtifactMetadata) -> List[str]:
       + (" This model was trained with some views framed as a deeper depth"
          " setting shows them, which on the development set kept a zoom-out"
          " with a black border from breaking it (training/README.md,"
-         " \"Depth\"); another site's depth, probe and preset still need"
-         " a check on local data (`python -m training evaluate`, then"
-         " `recalibrate`)." if training.deepened_views else ""),
+         " \"Depth\"). A shallower setting or a tighter crop, which shows"
+         " the tissue larger, was not trained on: on the development set a"
+         " 1.3× zoom-in cut the recipe's malignant recall by 0.11–0.16 (the"
+         " heads alone, and block5 fine-tuned) while macro-F1 fell by"
+         " 0.01–0.03 (training/README.md, \"The other direction: a"
+         " shallower field\")."
+         " Another site's depth, probe and preset still need a check on"
+         " local data, malignant recall first (`python -m training"
+         " evaluate`, then `recalibrate`)." if training.deepened_views
+         else ""),
       "- **Class imbalance**: BUSI has about 437 benign, 210 malignant and 133"
       " normal frames; training uses balanced class weights (the malignant"
       " one multiplied by the malignant weight below), but per-class"
