@@ -656,15 +656,15 @@ def _caveats_section(metadata: ArtifactMetadata) -> List[str]:
          " setting shows them, which on the development set kept a zoom-out"
          " with a black border from breaking it (training/README.md,"
          " \"Depth\"). A shallower setting or a tighter crop, which shows"
-         " the tissue larger, was not trained on: on the development set a"
-         " 1.3× zoom-in cut the recipe's malignant recall by 0.11–0.16 (the"
-         " heads alone, and block5 fine-tuned) while macro-F1 fell by"
-         " 0.01–0.03 (training/README.md, \"The other direction: a"
-         " shallower field\")."
-         " Another site's depth, probe and preset still need a check on"
-         " local data, malignant recall first (`python -m training"
-         " evaluate`, then `recalibrate`)." if training.deepened_views
-         else ""),
+         " the tissue larger, is trained on only as far as the random views'"
+         " ±10 % zoom: on the development set a 1.3× zoom-in cut the"
+         " default recipe's malignant recall by 0.16 with the heads alone"
+         " and 0.11 with block5 fine-tuned, while macro-F1 fell by 0.03 and"
+         " 0.01 (training/README.md, \"The other direction: a shallower"
+         " field\")." if training.deepened_views else "")
+      + " Another site's depth, probe and preset need a check on local"
+      " data, malignant recall first (`python -m training evaluate`, then"
+      " `recalibrate`).",
       "- **Class imbalance**: BUSI has about 437 benign, 210 malignant and 133"
       " normal frames; training uses balanced class weights (the malignant"
       " one multiplied by the malignant weight below), but per-class"
