@@ -298,3 +298,18 @@ def test_card_names_the_deepened_views():
   for card in (deepened, plain):
     assert "depth, probe and preset need a check on local data, malignant" \
         " recall first" in " ".join(card.split())
+
+
+def test_card_says_what_marks_cost_block5():
+  """Block5 alone fine-tuned lost more normal recall under synthetic marks
+  than the whole base: its cards say so, no other card does."""
+  said = "With block5 alone fine-tuned, as here, synthetic marks"
+
+  def card(**training):
+    return _render(_metadata(training=dict(
+        {"epochs": 30, "annotated_views": [2, 3]}, **training)))
+  assert said in card(fine_tune_epochs=5, fine_tune_from="block5_conv1")
+  assert said in card(fine_tune_epochs=5)  # before --fine_tune_from
+  assert said not in card(fine_tune_epochs=3, fine_tune_from="block1_conv1")
+  assert said not in card(fine_tune_epochs=0)
+  assert said not in card(fine_tune_epochs=5, annotated_views=[])

@@ -646,6 +646,13 @@ def _caveats_section(metadata: ArtifactMetadata) -> List[str]:
          " development set cut how much marks move its predictions"
          " (training/README.md, \"Burned-in annotations\"), but not to"
          " nothing." if training.annotated_views else "")
+      + (" With block5 alone fine-tuned, as here, synthetic marks on the"
+         " development set still cost normal recall on both draws measured"
+         " (0.08 and 0.10: marked normal tissue called a lesion), against"
+         " 0.01 for the whole base fine-tuned (one draw; training/README.md,"
+         " \"The second draw, with the zoom-in\"): check marked normal"
+         " frames on local data." if training.annotated_views
+         and _block5_only(training) else "")
       + " Check the Grad-CAM overlays (`python -m training gradcam`), and"
       " expect worse results on clean frames.",
       "- **One centre, one vendor**: scans of about 600 women aged 25–75,"
@@ -782,9 +789,16 @@ def _fine_tuned(training) -> str:
   later one."""
   if not training.fine_tune_epochs:
     return "none (base frozen)"
-  if training.fine_tune_from in (None, "block5_conv1"):
+  if _block5_only(training):
     return "block5"
   return f"{training.fine_tune_from} and every base layer after it"
+
+
+def _block5_only(training) -> bool:
+  """Whether the fine-tune stage trained block5 and nothing below it
+  (artifacts from before --fine_tune_from record no layer)."""
+  return bool(training.fine_tune_epochs) and training.fine_tune_from in (
+      None, "block5_conv1")
 
 
 def _malignant_weight(training) -> Any:
