@@ -311,5 +311,7 @@ def test_card_says_what_marks_cost_block5():
   assert said in card(fine_tune_epochs=5, fine_tune_from="block5_conv1")
   assert said in card(fine_tune_epochs=5)  # before --fine_tune_from
   assert said not in card(fine_tune_epochs=3, fine_tune_from="block1_conv1")
+  # Part of block5 is not what was measured.
+  assert said not in card(fine_tune_epochs=5, fine_tune_from="block5_conv3")
   assert said not in card(fine_tune_epochs=0)
   assert said not in card(fine_tune_epochs=5, annotated_views=[])

@@ -646,12 +646,13 @@ def _caveats_section(metadata: ArtifactMetadata) -> List[str]:
          " development set cut how much marks move its predictions"
          " (training/README.md, \"Burned-in annotations\"), but not to"
          " nothing." if training.annotated_views else "")
-      + (" With block5 alone fine-tuned, as here, synthetic marks on the"
-         " development set still cost normal recall on both draws measured"
-         " (0.08 and 0.10: marked normal tissue called a lesion), against"
-         " 0.01 for the whole base fine-tuned (one draw; training/README.md,"
-         " \"The second draw, with the zoom-in\"): check marked normal"
-         " frames on local data." if training.annotated_views
+      + (" With block5 alone fine-tuned, as here, synthetic marks still cut"
+         " normal recall by 0.08 and 0.10 on the two draws measured (marked"
+         " normal tissue was called a lesion more often), against 0.01 for"
+         " the whole base fine-tuned (one draw, on another CPU;"
+         " training/README.md, \"The second draw, with the zoom-in\"):"
+         " check marked normal frames on local data."
+         if training.annotated_views
          and _block5_only(training) else "")
       + " Check the Grad-CAM overlays (`python -m training gradcam`), and"
       " expect worse results on clean frames.",
@@ -795,8 +796,9 @@ def _fine_tuned(training) -> str:
 
 
 def _block5_only(training) -> bool:
-  """Whether the fine-tune stage trained block5 and nothing below it
-  (artifacts from before --fine_tune_from record no layer)."""
+  """Whether the fine-tune stage trained all of block5 (from block5_conv1;
+  artifacts from before --fine_tune_from record no layer) and nothing
+  below it."""
   return bool(training.fine_tune_epochs) and training.fine_tune_from in (
       None, "block5_conv1")
 
