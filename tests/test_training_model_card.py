@@ -286,13 +286,13 @@ def test_card_names_the_deepened_views():
       "on views 2, 3, each image's with probability 0.3, scaled by 0.7–0.95")
   assert row(deepened_views=[]) == "none"
   assert row() == "none"  # trained before the option existed
-  said = "trained with some views framed as a deeper depth setting"
-  assert said in _render(_metadata(training={"deepened_views": [2, 3]}))
-  assert said not in _render(_metadata(training={"deepened_views": []}))
-  # What a framing unlike BUSI's cost the default recipe on the development
-  # set (measured with --depth only); every card asks for the local check.
   deepened = _render(_metadata(training={"deepened_views": [2, 3]}))
   plain = _render(_metadata(training={"deepened_views": []}))
+  said = "trained with some views framed as a deeper depth setting"
+  assert said in deepened
+  assert said not in plain
+  # What a framing unlike BUSI's cost the default recipe on the development
+  # set (measured with --depth only); every card asks for the local check.
   larger = "A shallower setting or a tighter crop, which shows the tissue"
   assert larger in deepened and larger not in plain
   for card in (deepened, plain):
