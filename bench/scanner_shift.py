@@ -61,6 +61,13 @@ and draw of the views, and scores each fold's fitted model on its held-out
 images under the shifts, from their pixels as scoring does. Its "as_stored"
 figures are `cv`'s own. No cache: the base changes with every fold (69 min
 for the default on 623 images, 2 cores with AMX).
+
+Either way, each recipe and test set gets the fold means of macro-F1, the
+malignant AUC, the three recalls, ECE and the flagging, and the folds'
+confusion matrices summed (over the head seeds too in "mean"): where a
+shift's misses go, e.g. whether the malignant images it costs are called
+benign or normal. The tables printed at the end show macro-F1 / AUC, then
+the recalls and the missed malignant images' classes.
 """
 
 import argparse
@@ -79,8 +86,12 @@ SHIFTS = ("blur", "lowres", "speckle", "jpeg", "gain", "zoomout", "zoomin",
           "annotate")
 SETS = ("as_stored",) + SHIFTS
 ZOOMIN = 1.3  # the zoomin shift's scale
-FIGURES = ("macro_f1", "auc_malignant", "recall_malignant", "recall_normal",
-           "ece", "flagged_share", "accuracy_unflagged")
+FIGURES = ("macro_f1", "auc_malignant", "recall_malignant", "recall_benign",
+           "recall_normal", "ece", "flagged_share", "accuracy_unflagged")
+# Each set's row also has this: the folds' confusion matrices summed (rows
+# true, columns predicted, in schemas.LABELS order), so it says where a
+# shift's misses go; in "mean", summed over the head seeds too.
+CONFUSION = "confusion_matrix"
 # name -> (degrade, annotate, depth)
 DEFAULT_RECIPE = "degrade + annotate + depth (default)"
 RECIPES = {"geometry only": (False, False, False),
@@ -282,9 +293,13 @@ def run(data: Sequence[str], backbone_weights: str = "none",
           f"{s} {_fmt(results[name][-1][s]['macro_f1'])}/"
           f"{_fmt(results[name][-1][s]['auc_malignant'])}" for s in SETS),
             flush=True)
-  mean = {name: {s: {f: _mean([row[s][f] for row in rows]) for f in FIGURES}
+  mean = {name: {s: dict({f: _mean([row[s][f] for row in rows])
+                          for f in FIGURES},
+                         **{CONFUSION: _summed([row[s][CONFUSION]
+                                                for row in rows])})
                  for s in SETS} for name, rows in results.items()}
   print(format_table(mean))
+  print(format_recalls(mean))
   settings = dataclasses.asdict(config)
   settings["data"] = list(config.data)
   # settings hold the config's own degrade/annotate; each recipe sets its.
@@ -327,6 +342,7 @@ def run_full(data: Sequence[str], backbone_weights: str = "none",
     results[name] = [row]
   mean = {name: rows[0] for name, rows in results.items()}
   print(format_table(mean))
+  print(format_recalls(mean))
   return {"full_recipe": True, "folds": folds, "seeds": 1,
           "recipes": results, "mean": mean, "cv": reports,
           "seconds": round(time.perf_counter() - started, 1)}
@@ -379,6 +395,7 @@ def _full_recipe(name: str, data: Sequence[str], backbone_weights: str,
   report = cv.run_folds(config, folds, runner, loaded, hashes,
                         after_fold=score)
   row = {"as_stored": {f: report["summary"][f]["mean"] for f in FIGURES}}
+  row["as_stored"][CONFUSION] = report["pooled"][CONFUSION]
   row.update(_fold_means(per_fold))
   return row, {"settings": report["settings"],
                "fold_seconds": [fold["seconds"] for fold in report["folds"]],
@@ -396,11 +413,37 @@ def format_table(mean: Dict) -> str:
   return "\n".join(lines)
 
 
+def format_recalls(mean: Dict) -> str:
+  """Per recipe and test set: the recalls (fold means), malignant first,
+  and where the missed malignant images went (pooled counts)."""
+  others = [n for n in schemas.LABELS if n != schemas.MALIGNANT]
+  malignant = schemas.LABELS.index(schemas.MALIGNANT)
+  lines = [f"| recipe: recall {' / '.join([schemas.MALIGNANT] + others)};"
+           f" missed {schemas.MALIGNANT} → {' / '.join(others)} | "
+           + " | ".join(SETS) + " |",
+           "|---|" + "---|" * len(SETS)]
+  for name, sets in mean.items():
+    cells = []
+    for s in SETS:
+      missed = sets[s][CONFUSION][malignant]
+      cells.append(
+          " / ".join(_fmt(sets[s][f"recall_{n}"])
+                     for n in [schemas.MALIGNANT] + others) + "; "
+          + " / ".join(str(missed[schemas.LABELS.index(n)]) for n in others))
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def _fold_means(per_fold: Dict[str, List[Dict]]) -> Dict[str, Dict]:
   """test set -> figure -> its mean over the folds (None where no fold has
-  it)."""
-  return {s: {f: _mean([m[f] for m in metrics]) for f in FIGURES}
+  it), and CONFUSION -> the folds' confusion matrices summed."""
+  return {s: dict({f: _mean([m[f] for m in metrics]) for f in FIGURES},
+                  **{CONFUSION: _summed([m[CONFUSION] for m in metrics])})
           for s, metrics in per_fold.items()}
+
+
+def _summed(matrices) -> List[List[int]]:
+  return np.sum(np.asarray(matrices, np.int64), axis=0).tolist()
 
 
 def _mean(values) -> float:

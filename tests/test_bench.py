@@ -440,6 +440,31 @@ def test_scanner_shift_seed_reaches_the_recipe(monkeypatch):
   assert seen == [3, 4]
 
 
+def _check_confusions(row, data):
+  """Each set's summed confusion matrix holds every image once, in
+  its true class's row; the recalls (fold means) are kept for every class,
+  and the recalls table reports the matrices."""
+  from bench import scanner_shift  # pylint: disable=import-outside-toplevel
+  from training import data as data_lib  # pylint: disable=import-outside-toplevel
+  labels = data_lib.load_labelled(data, list(schemas.LABELS))[0].labels
+  counts = np.bincount(labels, minlength=len(schemas.LABELS))
+  for s in scanner_shift.SETS:
+    matrix = np.asarray(row[s][scanner_shift.CONFUSION])
+    assert matrix.shape == (len(schemas.LABELS),) * 2, s
+    np.testing.assert_array_equal(matrix.sum(axis=1), counts, err_msg=s)
+    for figure in ("recall_malignant", "recall_benign", "recall_normal"):
+      assert 0.0 <= row[s][figure] <= 1.0, (s, figure)
+  # The table names the columns, and gives each set its missed malignant
+  # images by the class they went to, in the order it names.
+  header, _, line = scanner_shift.format_recalls({"r": row}).splitlines()
+  assert "recall malignant / normal / benign;" in header
+  assert "missed malignant → normal / benign" in header
+  missed = row["zoomout"][scanner_shift.CONFUSION][
+      schemas.LABELS.index(schemas.MALIGNANT)]
+  cell = line.split(" | ")[1 + scanner_shift.SETS.index("zoomout")]
+  assert cell.endswith(f"; {missed[0]} / {missed[1]}"), cell
+
+
 @pytest.mark.slow
 def test_scanner_shift_full_recipe_scores_cvs_fine_tuned_folds(tmp_path):
   """--full_recipe runs cv itself, fine-tune stage included: as stored it
@@ -463,6 +488,9 @@ def test_scanner_shift_full_recipe_scores_cvs_fine_tuned_folds(tmp_path):
   for figure in scanner_shift.FIGURES:
     assert row["as_stored"][figure] == pytest.approx(
         report["summary"][figure]["mean"], abs=1e-9), figure
+  assert (row["as_stored"][scanner_shift.CONFUSION]
+          == report["pooled"]["confusion_matrix"])
+  _check_confusions(row, data)
   assert figures["cv"][name]["max_probability_difference"] < 1e-4
   # The fine-tune stage ran in every fold (its seconds are recorded).
   assert all("fine_tune" in "".join(seconds)
@@ -533,6 +561,9 @@ def test_scanner_shift_scores_cvs_folds_of_each_recipe(tmp_path):
       assert row[figure] == pytest.approx(
           report["summary"][figure]["mean"], abs=1e-9), (name, figure)
     assert set(figures["recipes"][name][0]) == set(scanner_shift.SETS)
+    assert (row[scanner_shift.CONFUSION]
+            == report["pooled"]["confusion_matrix"]), name
+    _check_confusions(figures["mean"][name], data)
   # View 3 is the one degraded, views 2 and 3 the annotated: each recipe
   # has its own features there, and shares the rest.
   keys = set(np.load(cache + ".npz"))  # the suffix np.savez adds
