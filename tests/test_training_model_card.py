@@ -295,6 +295,10 @@ def test_card_names_the_deepened_views():
   # set (measured with --depth only); every card asks for the local check.
   larger = "A shallower setting or a tighter crop, which shows the tissue"
   assert larger in deepened and larger not in plain
+  # Where those misses went, measured with the same recipe.
+  benign = "most of the malignant images missed were called benign"
+  assert benign in " ".join(deepened.split())
+  assert benign not in " ".join(plain.split())
   for card in (deepened, plain):
     assert "depth, probe and preset need a check on local data, malignant" \
         " recall first" in " ".join(card.split())

@@ -667,9 +667,14 @@ def _caveats_section(metadata: ArtifactMetadata) -> List[str]:
          " the tissue larger, is trained on only as far as the random views'"
          " ±10 % zoom: on the development set a 1.3× zoom-in cut the"
          " default recipe's malignant recall by 0.16 with the heads alone"
-         " and 0.11 with block5 fine-tuned, while macro-F1 fell by 0.03 and"
-         " 0.01 (training/README.md, \"The other direction: a shallower"
-         " field\")." if training.deepened_views else "")
+         " and 0.10–0.11 with block5 fine-tuned (two draws), while macro-F1"
+         " fell by 0.03 and 0.01–0.03 (training/README.md, \"The other"
+         " direction: a shallower field\"). Under either zoom most of the"
+         " malignant images missed were called benign, not normal (block5,"
+         " one draw: 49 of 60 zoomed in, 45 of 51 zoomed out; 36 of 43 as"
+         " stored), the costlier miss: a lesion called benign"
+         " (training/README.md, \"Where the misses go\")."
+         if training.deepened_views else "")
       + " Another site's depth, probe and preset need a check on local"
       " data, malignant recall first (`python -m training evaluate`, then"
       " `recalibrate`).",
