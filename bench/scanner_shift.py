@@ -293,11 +293,7 @@ def run(data: Sequence[str], backbone_weights: str = "none",
           f"{s} {_fmt(results[name][-1][s]['macro_f1'])}/"
           f"{_fmt(results[name][-1][s]['auc_malignant'])}" for s in SETS),
             flush=True)
-  mean = {name: {s: dict({f: _mean([row[s][f] for row in rows])
-                          for f in FIGURES},
-                         **{CONFUSION: _summed([row[s][CONFUSION]
-                                                for row in rows])})
-                 for s in SETS} for name, rows in results.items()}
+  mean = {name: seed_means(rows) for name, rows in results.items()}
   print(format_table(mean))
   print(format_recalls(mean))
   settings = dataclasses.asdict(config)
@@ -432,6 +428,13 @@ def format_recalls(mean: Dict) -> str:
           + " / ".join(str(missed[schemas.LABELS.index(n)]) for n in others))
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def seed_means(rows: Sequence[Dict]) -> Dict[str, Dict]:
+  """One recipe's head seeds (each `_fold_means`' row) in one row: each
+  figure's mean over the seeds (None where no seed has it), and the
+  confusion matrices summed."""
+  return {s: _fold_means({s: [row[s] for row in rows]})[s] for s in SETS}
 
 
 def _fold_means(per_fold: Dict[str, List[Dict]]) -> Dict[str, Dict]:

@@ -465,6 +465,26 @@ def _check_confusions(row, data):
   assert cell.endswith(f"; {missed[0]} / {missed[1]}"), cell
 
 
+def test_scanner_shift_seed_means_average_figures_and_sum_confusions():
+  """Over head seeds each figure is averaged (None where a seed has none)
+  and the confusion matrices are summed: every image once a seed."""
+  from bench import scanner_shift  # pylint: disable=import-outside-toplevel
+
+  def row(value, diagonal, auc=0.8):
+    figures = dict.fromkeys(scanner_shift.FIGURES, value)
+    figures["auc_malignant"] = auc
+    figures[scanner_shift.CONFUSION] = (np.eye(3, dtype=int) * diagonal
+                                        + 1).tolist()
+    return {s: figures for s in scanner_shift.SETS}
+  mean = scanner_shift.seed_means([row(0.5, 2), row(0.7, 4, auc=None)])
+  assert set(mean) == set(scanner_shift.SETS)
+  for s in scanner_shift.SETS:
+    assert mean[s]["recall_benign"] == pytest.approx(0.6)
+    assert mean[s]["auc_malignant"] == pytest.approx(0.8)
+    assert mean[s][scanner_shift.CONFUSION] == [[8, 2, 2], [2, 8, 2],
+                                                [2, 2, 8]]
+
+
 @pytest.mark.slow
 def test_scanner_shift_full_recipe_scores_cvs_fine_tuned_folds(tmp_path):
   """--full_recipe runs cv itself, fine-tune stage included: as stored it
@@ -557,7 +577,7 @@ def test_scanner_shift_scores_cvs_folds_of_each_recipe(tmp_path):
                     backbone_weights="none", degrade=degrade,
                     annotate=annotate, depth=depth, **flags), 2)
     row = figures["recipes"][name][0]["as_stored"]
-    for figure in ("macro_f1", "auc_malignant", "ece"):
+    for figure in ("macro_f1", "auc_malignant", "recall_benign", "ece"):
       assert row[figure] == pytest.approx(
           report["summary"][figure]["mean"], abs=1e-9), (name, figure)
     assert set(figures["recipes"][name][0]) == set(scanner_shift.SETS)
