@@ -413,8 +413,9 @@ def format_recalls(mean: Dict) -> str:
   """Per recipe and test set: the recalls (fold means), malignant first,
   and where the missed malignant images went (pooled counts)."""
   others = [n for n in schemas.LABELS if n != schemas.MALIGNANT]
+  order = [schemas.MALIGNANT] + others
   malignant = schemas.LABELS.index(schemas.MALIGNANT)
-  lines = [f"| recipe: recall {' / '.join([schemas.MALIGNANT] + others)};"
+  lines = [f"| recipe: recall {' / '.join(order)};"
            f" missed {schemas.MALIGNANT} → {' / '.join(others)} | "
            + " | ".join(SETS) + " |",
            "|---|" + "---|" * len(SETS)]
@@ -423,8 +424,7 @@ def format_recalls(mean: Dict) -> str:
     for s in SETS:
       missed = sets[s][CONFUSION][malignant]
       cells.append(
-          " / ".join(_fmt(sets[s][f"recall_{n}"])
-                     for n in [schemas.MALIGNANT] + others) + "; "
+          " / ".join(_fmt(sets[s][f"recall_{n}"]) for n in order) + "; "
           + " / ".join(str(missed[schemas.LABELS.index(n)]) for n in others))
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
@@ -434,14 +434,14 @@ def seed_means(rows: Sequence[Dict]) -> Dict[str, Dict]:
   """One recipe's head seeds (each `_fold_means`' row) in one row: each
   figure's mean over the seeds (None where no seed has it), and the
   confusion matrices summed."""
-  return {s: _fold_means({s: [row[s] for row in rows]})[s] for s in SETS}
+  return _fold_means({s: [row[s] for row in rows] for s in SETS})
 
 
 def _fold_means(per_fold: Dict[str, List[Dict]]) -> Dict[str, Dict]:
   """test set -> figure -> its mean over the folds (None where no fold has
   it), and CONFUSION -> the folds' confusion matrices summed."""
-  return {s: dict({f: _mean([m[f] for m in metrics]) for f in FIGURES},
-                  **{CONFUSION: _summed([m[CONFUSION] for m in metrics])})
+  return {s: {**{f: _mean([m[f] for m in metrics]) for f in FIGURES},
+              CONFUSION: _summed([m[CONFUSION] for m in metrics])}
           for s, metrics in per_fold.items()}
 
 
