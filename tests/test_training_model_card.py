@@ -295,6 +295,10 @@ def test_card_names_the_deepened_views():
   # set (measured with --depth only); every card asks for the local check.
   larger = "A shallower setting or a tighter crop, which shows the tissue"
   assert larger in deepened and larger not in plain
+  # Magnified views were tried against it and did not answer it.
+  tried = "training on views magnified 1.1–1.4× won back 0.016 of it"
+  assert tried in " ".join(deepened.split())
+  assert tried not in " ".join(plain.split())
   # Where those misses went, measured with the same recipe.
   benign = "most malignant images missed under either zoom were called benign"
   assert benign in " ".join(deepened.split())
