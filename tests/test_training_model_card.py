@@ -296,7 +296,8 @@ def test_card_names_the_deepened_views():
   larger = "A shallower setting or a tighter crop, which shows the tissue"
   assert larger in deepened and larger not in plain
   # Magnified views were tried against it and did not answer it.
-  tried = "training on views magnified 1.1–1.4× won back 0.016 of it"
+  tried = "training on views magnified 1.1–1.4× raised zoomed-in malignant" \
+      " recall by only 0.016"
   assert tried in " ".join(deepened.split())
   assert tried not in " ".join(plain.split())
   # Where those misses went, measured with the same recipe.
