@@ -411,8 +411,10 @@ def format_table(mean: Dict) -> str:
 
 def format_recalls(mean: Dict) -> str:
   """Per recipe and test set: the recalls (fold means), malignant first,
-  and where the missed malignant images went (pooled counts)."""
-  others = [n for n in schemas.LABELS if n != schemas.MALIGNANT]
+  and where the missed malignant images went (pooled counts). The other
+  classes come from the nearest to malignant down (schemas.LABELS runs
+  from normal up), as training/README.md's tables give them."""
+  others = [n for n in reversed(schemas.LABELS) if n != schemas.MALIGNANT]
   order = [schemas.MALIGNANT] + others
   malignant = schemas.LABELS.index(schemas.MALIGNANT)
   lines = [f"| recipe: recall {' / '.join(order)};"

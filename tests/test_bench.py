@@ -457,12 +457,17 @@ def _check_confusions(row, data):
   # The table names the columns, and gives each set its missed malignant
   # images by the class they went to, in the order it names.
   header, _, line = scanner_shift.format_recalls({"r": row}).splitlines()
-  assert "recall malignant / normal / benign;" in header
-  assert "missed malignant → normal / benign" in header
+  assert "recall malignant / benign / normal;" in header
+  assert "missed malignant → benign / normal" in header
   missed = row["zoomout"][scanner_shift.CONFUSION][
       schemas.LABELS.index(schemas.MALIGNANT)]
+  to_benign = missed[schemas.LABELS.index("benign")]
+  to_normal = missed[schemas.LABELS.index("normal")]
   cell = line.split(" | ")[1 + scanner_shift.SETS.index("zoomout")]
-  assert cell.endswith(f"; {missed[0]} / {missed[1]}"), cell
+  assert cell.endswith(f"; {to_benign} / {to_normal}"), cell
+  recalls = cell.split(";")[0].split(" / ")
+  assert recalls == [f"{row['zoomout'][f'recall_{n}']:.3f}"
+                     for n in ("malignant", "benign", "normal")], cell
 
 
 def test_scanner_shift_seed_means_average_figures_and_sum_confusions():
