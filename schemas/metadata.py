@@ -402,6 +402,9 @@ class CrossValidationSummary(Record):
   per_fold: Optional[Tuple[FoldSummary, ...]] = optional()
   # CV_SOURCE_TRAIN (absent in older artifacts) or CV_SOURCE_REPORT
   source: Optional[str] = optional()
+  # The folds' Grad-CAM against lesion masks, pooled (`cv --masks`; a
+  # schemas.evaluation.LesionLocalisation as JSON); absent without masks.
+  lesion_localisation: Optional[Mapping[str, JSON]] = optional()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -262,6 +262,122 @@ def test_cv_refuses_bad_flags(cv_data, capsys):
     cli.main(base + ["--bogus", "3"])
 
 
+@pytest.fixture(name="masked_data", scope="module")
+def fixture_masked_data(tmp_path_factory):
+  """Phantom frames in BUSI's layout, preprocessed, and their masks in an
+  archive of their own that lacks one benign image's mask."""
+  import zipfile  # pylint: disable=import-outside-toplevel
+  from beam_pipeline import pipeline  # pylint: disable=import-outside-toplevel
+  from tests import archive_factory as af  # pylint: disable=import-outside-toplevel
+  from training import phantoms  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("cv_masks")
+  busi = str(root / "busi.zip")
+  phantoms.write_phantom_archive(
+      busi, {label: 6 for label in schemas.LABELS}, size=96, seed=2)
+  missing = f"{phantoms.ROOT}/benign/benign (1)_mask.png"
+  with zipfile.ZipFile(busi) as zf:
+    masks = [af.Entry(name, zf.read(name), "mask") for name in zf.namelist()
+             if "_mask" in name and name != missing]
+  masks_zip = str(root / "masks.zip")
+  af.write_zip(masks_zip, masks)
+  out = str(root / "pre")
+  pipeline.run(["preprocess", "--input", busi, "--output", out,
+                "--image_size", str(SIZE)])
+  return (os.path.join(out, schemas.TFRECORD_DIR,
+                       "*" + schemas.TFRECORD_SUFFIX), masks_zip)
+
+
+@pytest.mark.slow
+def test_cv_masks_checks_each_fold_by_its_own_model(tmp_path, masked_data,
+                                                    monkeypatch, capsys):
+  from schemas import evaluation as evaluation_schema  # pylint: disable=import-outside-toplevel
+  from training import lesion_masks, lesions  # pylint: disable=import-outside-toplevel
+  data_glob, masks_zip = masked_data
+  # Each fold's block, recomputed here while the fold's model is in hand:
+  # on the images the report says the fold held out.
+  expected = {}
+  run_folds = cv.run_folds
+  read = lesion_masks.read_mask_archives([masks_zip])
+
+  def spy(config, folds, runner, data, hashes, after_fold=None):
+    def hook(k, result):
+      held = np.asarray([i for i, image_id in enumerate(data.image_ids)
+                         if image_id in set(result["test_image_ids"])])
+      probabilities = calibration.softmax(
+          runner.logits(held), result["temperature"])
+      expected[k] = lesions.localise(
+          runner.model, data.images[held], [data.sources[i] for i in held],
+          data.labels[held], probabilities.argmax(axis=1),
+          list(schemas.LABELS), read, config.batch_size)
+      after_fold(k, result)
+    return run_folds(config, folds, runner, data, hashes, after_fold=hook)
+
+  monkeypatch.setattr(cv, "run_folds", spy)
+  output = str(tmp_path / "cv")
+  flags = ["--data", data_glob, "--backbone", "tiny", "--backbone_weights",
+           "none", "--epochs", "8", "--augment_views", "1", "--no_degrade",
+           "--val_fraction", "0.25"]
+  assert cli.main(["cv", "--folds", "3", "--masks", masks_zip,
+                   "--output", output] + flags) == 0
+  printed = capsys.readouterr().out
+  assert "Out of fold (each fold's images by its own model)" in printed
+  assert "Pointing game per fold:" in printed
+  with open(os.path.join(output, schemas.CV_REPORT_FILE)) as f:
+    report = json.load(f)
+  key = evaluation_schema.LESION_LOCALISATION
+  blocks = [evaluation_schema.LesionLocalisation.from_json(fold[key])
+            for fold in report["folds"]]
+  assert len(expected) == 3
+  for fold, block in zip(report["folds"], blocks):
+    assert block == expected[fold["fold"]]
+    assert 0 < block.overall.images < 12  # its own lesion images only
+  pooled = evaluation_schema.LesionLocalisation.from_json(report[key])
+  assert pooled == lesions.pool(blocks)
+  # 12 lesion images in all; benign (1) lost its mask, so 11 are scored.
+  assert (pooled.overall.images, pooled.overall.paired,
+          pooled.overall.unpaired) == (12, 11, 1)
+  assert pooled.per_class["benign"].unpaired == 1
+  assert pooled.mask_archives == [masks_zip] and pooled.masks_read == 17
+  assert report["seconds"]["lesion_localisation"] > 0
+  # The figures of the folds are the ones cv gives without --masks.
+  without = str(tmp_path / "plain")
+  monkeypatch.setattr(cv, "run_folds", run_folds)
+  assert cli.main(["cv", "--folds", "3", "--output", without] + flags) == 0
+  with open(os.path.join(without, schemas.CV_REPORT_FILE)) as f:
+    plain = json.load(f)
+  assert key not in plain and all(key not in f for f in plain["folds"])
+  assert plain["pooled"] == report["pooled"]
+  # train --cv_report puts the pooled block on the metadata and the card.
+  model = str(tmp_path / "model")
+  assert cli.main(["train", "--output", model, "--cv_report",
+                   os.path.join(output, schemas.CV_REPORT_FILE)] + flags) == 0
+  with open(os.path.join(model, schemas.METADATA_FILE)) as f:
+    assert json.load(f)["cross_validation"][key] == report[key]
+  with open(os.path.join(model, schemas.MODEL_CARD_FILE)) as f:
+    card = " ".join(f.read().split())
+  overall = pooled.overall
+  assert (f"Where the fold models looked (`cv --masks`): Grad-CAM"
+          f" ({schemas.GRADCAM_LAYER}) of each held-out benign and malignant"
+          f" image's true class against its lesion masks, 11 of 12 images"
+          f" paired: pointing game {overall.pointing_hit_rate:.3f}, IoU"
+          f" {overall.mean_iou:.3f}; benign") in card
+  # Without --masks, the card says nothing of where the folds looked.
+  plain_model = str(tmp_path / "plain_model")
+  assert cli.main(["train", "--output", plain_model, "--cv_report",
+                   os.path.join(without, schemas.CV_REPORT_FILE)] + flags) == 0
+  with open(os.path.join(plain_model, schemas.MODEL_CARD_FILE)) as f:
+    assert "cv --masks" not in f.read()
+
+
+def test_cv_refuses_unreadable_masks_before_training(cv_data, tmp_path,
+                                                     capsys):
+  assert cli.main(["cv", "--data", cv_data[0], "--backbone", "tiny",
+                   "--backbone_weights", "none", "--masks",
+                   str(tmp_path / "nowhere" / "*.zip")]) == 2
+  err = capsys.readouterr().err
+  assert "nowhere" in err
+
+
 @pytest.mark.slow
 def test_run_folds_leaves_the_model_as_it_found_it(cv_data):
   from training import data as data_lib, model as model_lib, recipe  # pylint: disable=import-outside-toplevel

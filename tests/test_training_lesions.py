@@ -70,6 +70,62 @@ def test_score_counts_every_image():
   assert empty.mean_iou is None
 
 
+def _block(per_class, predicted, **shared):
+  """A localisation block of hand-made (hits, ious, unpaired, bad) groups."""
+  scores = {label: lesions.score(*group) for label, group in per_class.items()}
+  every = [group for group in per_class.values()]
+  overall = lesions.score([h for g in every for h in g[0]],
+                          [i for g in every for i in g[1]],
+                          sum(g[2] for g in every), sum(g[3] for g in every))
+  fields = dict(explained=evaluation_schema.EXPLAIN_TRUE_CLASS,
+                layer=schemas.GRADCAM_LAYER, heatmap_threshold=0.5,
+                mask_threshold=127, mask_archives=["busi.zip"], masks_read=9,
+                mask_read_errors=1)
+  fields.update(shared)
+  return evaluation_schema.LesionLocalisation(
+      overall=overall, per_class=scores,
+      predicted_class=lesions.score(*predicted), **fields)
+
+
+def test_pool_is_one_score_over_every_folds_images():
+  # Fold 0: benign hits 1 of 2, malignant 1 of 1; fold 1: benign none paired
+  # (one unpaired), malignant 0 of 3 (one unusable mask).
+  fold0 = _block({"benign": ([True, False], [0.4, 0.0], 0, 0),
+                  "malignant": ([True], [0.8], 0, 0)},
+                 ([True, False, False], [0.4, 0.0, 0.1], 0, 0))
+  fold1 = _block({"benign": ([], [], 1, 0),
+                  "malignant": ([False, False, False], [0.1, 0.2, 0.0], 0, 1)},
+                 ([False, True, False], [0.1, 0.3, 0.0], 1, 1))
+  pooled = lesions.pool([fold0, fold1])
+  # What one score over the six paired images says: 2 hits of 6.
+  assert pooled.overall == evaluation_schema.LocalisationScore(
+      images=8, paired=6, unpaired=1, bad_mask=1,
+      pointing_hit_rate=pytest.approx(2 / 6), mean_iou=pytest.approx(1.5 / 6))
+  assert pooled.per_class["benign"] == lesions.score([True, False],
+                                                     [0.4, 0.0], 1, 0)
+  assert pooled.per_class["malignant"].pointing_hit_rate == pytest.approx(
+      1 / 4)
+  assert pooled.per_class["malignant"].mean_iou == pytest.approx(1.1 / 4)
+  assert pooled.per_class["malignant"].bad_mask == 1
+  assert pooled.predicted_class.pointing_hit_rate == pytest.approx(2 / 6)
+  assert pooled.predicted_class.mean_iou == pytest.approx(0.9 / 6)
+  assert pooled.masks_read == 9 and pooled.mask_archives == ["busi.zip"]
+  # A fold with no paired image adds counts only; pooling one is itself.
+  empty = _block({"benign": ([], [], 2, 0)}, ([], [], 2, 0))
+  assert lesions.pool([empty]).overall.pointing_hit_rate is None
+  assert lesions.pool([fold0, empty]).overall == (
+      evaluation_schema.LocalisationScore(
+          images=5, paired=3, unpaired=2, bad_mask=0,
+          pointing_hit_rate=pytest.approx(2 / 3),
+          mean_iou=pytest.approx(0.4)))
+  assert lesions.pool([fold0]) == fold0
+  with pytest.raises(ValueError, match="mask_archives"):
+    lesions.pool([fold0, _block({"benign": ([], [], 1, 0)}, ([], [], 1, 0),
+                                mask_archives=["other.zip"])])
+  with pytest.raises(ValueError, match="no localisation"):
+    lesions.pool([])
+
+
 # --- pairing, union, resizing --------------------------------------------------
 
 def test_image_key_is_the_member_path_less_extension():

@@ -366,6 +366,13 @@ def _parser() -> argparse.ArgumentParser:
   cross.add_argument("--output", default=None,
                      help="Directory for cv.json (local or gs://); default:"
                      " print only.")
+  cross.add_argument(
+      "--masks", action="append", default=[],
+      help="Glob of BUSI archives (zip, tar, tar.gz) holding the lesion masks"
+      " (x_mask.png, x_mask_1.png beside x.png); repeatable. Checks each"
+      " fold's model against the masks of the images it did not train on:"
+      " the Grad-CAM pointing game and IoU, as `evaluate --masks`, out of"
+      " fold.")
   _add_recipe_flags(cross)
 
   evaluate = commands.add_parser(
@@ -485,7 +492,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif args.command == "cv":
       from training import cv  # pylint: disable=import-outside-toplevel
       report = cv.cross_validate(_recipe_config(args, output=args.output or ""),
-                                 args.folds)
+                                 args.folds, args.masks)
       print(cv.format_table(report))
       if args.output:
         print(f"Report written to {cv.write_report(report, args.output)}")

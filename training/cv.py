@@ -28,9 +28,11 @@ import pyarrow.compute as pc
 import keras
 
 import schemas
+from schemas import evaluation as evaluation_schema
 from schemas import metadata as metadata_schema
 from training import ood_detector
-from training import calibration, data as data_lib, metrics
+from training import calibration, data as data_lib, lesion_masks, lesions
+from training import metrics
 from training import model as model_lib, recipe, split
 from training.config import FINE_TUNABLE_LAYERS, TrainConfig
 
@@ -275,6 +277,19 @@ def format_table(report: Dict) -> str:
         f" {_cell(right.mean)} ± {_cell(right.sd)} (pooled"
         f" {_cell(flagging.pooled.flagged_share)} flagged,"
         f" {_cell(flagging.pooled.accuracy_confident)} right).",
+    ]
+  if report.get(evaluation_schema.LESION_LOCALISATION):
+    key = evaluation_schema.LESION_LOCALISATION
+    hits = [evaluation_schema.LesionLocalisation.from_json(f[key])
+            .overall.pointing_hit_rate for f in folds]
+    spread = _mean_sd([h for h in hits if h is not None])
+    lines += [
+        "",
+        "Out of fold (each fold's images by its own model): "
+        + lesions.format_localisation(
+            evaluation_schema.LesionLocalisation.from_json(report[key])),
+        "Pointing game per fold: " + " ".join(_cell(h) for h in hits)
+        + f" (mean {_cell(spread['mean'])} ± {_cell(spread['sd'])}).",
     ]
   return "\n".join(lines)
 
@@ -685,26 +700,35 @@ def all_views_cache(config: TrainConfig, model, data: data_lib.LabelledData,
                           precision=config.precision)
 
 
-def cross_validate(config: TrainConfig, folds: int) -> Dict:
+def cross_validate(config: TrainConfig, folds: int,
+                   masks: Sequence[str] = ()) -> Dict:
   """Runs the recipe on k grouped, stratified folds.
 
   Args:
     config: the recipe's flags, as `train` takes them (output unused).
     folds: number of folds.
+    masks: globs of BUSI archives holding the lesion masks (`evaluate
+      --masks`); when given, each fold's model is also checked against the
+      masks of its held-out benign/malignant images (`lesions.localise`:
+      Grad-CAM's pointing game and IoU), out of fold as every other figure.
 
   Returns:
     The report: per fold (counts, temperature, threshold, epochs, the test
     fold's figures and image_ids), "pooled" (every image scored by the model
     that did not see its fold, each with its fold's threshold), "summary"
-    (mean ± sd over folds of each of SCALARS), and the settings.
+    (mean ± sd over folds of each of SCALARS), and the settings. With
+    `masks`, each fold and the report get a `lesion_localisation` block
+    (the report's pools the folds': `lesions.pool`).
 
   Raises:
-    ValueError: bad flags or data.
+    ValueError: bad flags or data, or a --masks archive cannot be read.
   """
   config.validate(cross_validation=True)
   config = recipe.resolved(config)
   started = time.perf_counter()
   names = list(schemas.LABELS)
+  # Before the conv pass, so that a bad --masks fails at once.
+  mask_sets = lesion_masks.read_mask_archives(masks) if masks else None
   data, stats = data_lib.load_labelled(config.data, names, config.image_size)
   hashes = [split.dhash(image) for image in data.images]
   keras.utils.set_random_seed(config.seed)
@@ -712,21 +736,47 @@ def cross_validate(config: TrainConfig, folds: int) -> Dict:
   cache = all_views_cache(config, model, data)
   # Per-fold results are logged; hundreds of epoch lines would bury them.
   runner = recipe.Recipe(model, cache, data.labels, config, progress=0)
-  report = run_folds(config, folds, runner, data, hashes)
+  localised = {}
+  localising = 0.0
+
+  def localise(k: int, result: Dict) -> None:
+    # runner.model holds fold k's weights here: its held-out images only.
+    nonlocal localising
+    begun = time.perf_counter()
+    test = result["test_indices"]
+    localised[k] = lesions.localise(
+        runner.model, data.images[test], [data.sources[i] for i in test],
+        data.labels[test], result["probabilities"].argmax(axis=1), names,
+        mask_sets, config.batch_size)
+    _LOG.info("cv fold %d: %s", k, lesions.format_localisation(localised[k]))
+    localising += time.perf_counter() - begun
+
+  report = run_folds(config, folds, runner, data, hashes,
+                     after_fold=None if mask_sets is None else localise)
+  if localised:
+    key = evaluation_schema.LESION_LOCALISATION
+    for fold in report["folds"]:
+      fold[key] = localised[fold["fold"]].to_json()
+    report[key] = lesions.pool([localised[k] for k in sorted(localised)]
+                               ).to_json()
   report.update(examples_read=stats.examples,
                 unlabelled_skipped=stats.unlabelled,
                 duplicates_skipped=stats.duplicates,
                 conflicting_labels_skipped=stats.conflicting)
   report["seconds"].update(conv_cache=round(cache.seconds, 2),
                            total=round(time.perf_counter() - started, 2))
+  if localised:
+    # Part of "folds": the Grad-CAM passes.
+    report["seconds"]["lesion_localisation"] = round(localising, 2)
   return report
 
 
 def card_summary(report: Optional[Dict]) -> Optional[Dict]:
-  """The part of a cv report that metadata.json keeps (no image ids)."""
+  """The part of a cv report that metadata.json keeps (no image ids; the
+  pooled lesion localisation with --masks, not the folds')."""
   if not report:
     return None
-  return {
+  summary = {
       "folds": report["folds_count"],
       "images": report["images"],
       "groups": report["groups"],
@@ -743,3 +793,7 @@ def card_summary(report: Optional[Dict]) -> Optional[Dict]:
                              if k != "confusion_matrix"}}
                    for f in report["folds"]],
   }
+  if report.get(evaluation_schema.LESION_LOCALISATION):
+    summary[evaluation_schema.LESION_LOCALISATION] = report[
+        evaluation_schema.LESION_LOCALISATION]
+  return summary

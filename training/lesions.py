@@ -294,6 +294,55 @@ def localise(model, images: np.ndarray, sources: Sequence[str],
       masks_read=masks.read, mask_read_errors=masks.errors)
 
 
+def _pool_scores(scores: Sequence[LocalisationScore]) -> LocalisationScore:
+  """Scores of disjoint image groups as one: counts summed, each rate the
+  mean over every paired image (the groups' rates weighted by their paired
+  counts)."""
+  paired = sum(s.paired for s in scores)
+
+  def mean(field: str) -> Optional[float]:
+    if not paired:
+      return None
+    return float(sum(getattr(s, field) * s.paired for s in scores
+                     if s.paired) / paired)
+
+  return LocalisationScore(
+      images=sum(s.images for s in scores), paired=paired,
+      unpaired=sum(s.unpaired for s in scores),
+      bad_mask=sum(s.bad_mask for s in scores),
+      pointing_hit_rate=mean("pointing_hit_rate"), mean_iou=mean("mean_iou"))
+
+
+def pool(blocks: Sequence[LesionLocalisation]) -> LesionLocalisation:
+  """`localise` blocks of disjoint image sets (`cv`'s held-out folds, each
+  scored by its own model) as one: what one call over all the images would
+  report, were a single model's heatmaps theirs.
+
+  Raises:
+    ValueError: no blocks, or blocks scored another way (layer, thresholds,
+      what is explained) or against other masks.
+  """
+  if not blocks:
+    raise ValueError("no localisation blocks to pool")
+  first = blocks[0]
+  shared = ("explained", "layer", "heatmap_threshold", "mask_threshold",
+            "mask_archives", "masks_read", "mask_read_errors")
+  for block in blocks[1:]:
+    differing = [name for name in shared
+                 if getattr(block, name) != getattr(first, name)]
+    if differing:
+      raise ValueError("localisation blocks scored differently cannot be"
+                       f" pooled ({', '.join(differing)} differ)")
+  labels = list(dict.fromkeys(label for block in blocks
+                              for label in block.per_class))
+  return first._replace(
+      overall=_pool_scores([b.overall for b in blocks]),
+      per_class={label: _pool_scores([b.per_class[label] for b in blocks
+                                      if label in b.per_class])
+                 for label in labels},
+      predicted_class=_pool_scores([b.predicted_class for b in blocks]))
+
+
 def _rates(s: LocalisationScore) -> str:
   if not s.paired:
     return "n/a"

@@ -12,6 +12,7 @@ from typing import Any, List, Optional, Sequence
 
 import schemas
 from schemas import artifact as artifact_schema
+from schemas import evaluation as evaluation_schema
 from schemas import metadata as metadata_schema
 from schemas.metadata import ArtifactMetadata
 
@@ -274,6 +275,26 @@ _CV_ROWS = (
 _SHARES = ("flagged_share", "fixed_flagged_share", "ood_flagged_share")
 
 
+def _cv_localisation(block) -> List[str]:
+  """Where the fold models looked, from `cv --masks` (a LesionLocalisation)."""
+  o = block.overall
+
+  def rates(s):
+    return (f"pointing game {_num(s.pointing_hit_rate)}, IoU"
+            f" {_num(s.mean_iou)}")
+
+  classes = "; ".join(f"{label} {rates(s)} ({s.paired} images)"
+                      for label, s in block.per_class.items())
+  return [
+      f"Where the fold models looked (`cv --masks`): Grad-CAM"
+      f" ({block.layer}) of each held-out benign and malignant image's true"
+      f" class against its lesion masks, {o.paired} of {o.images} images"
+      f" paired: {rates(o)}; {classes}. The pointing game counts an image"
+      " when the heatmap's peak lies in the lesion; IoU is that of the"
+      f" heatmap above {_num(block.heatmap_threshold, 1)} of its peak with"
+      " the lesion. Out of fold, as the figures above.", ""]
+
+
 def _cv_section(metadata: ArtifactMetadata) -> List[str]:
   """The recipe's cross-validated figures on the training data."""
   report = metadata.cross_validation
@@ -343,6 +364,9 @@ def _cv_section(metadata: ArtifactMetadata) -> List[str]:
             + "). Pooled: every image scored by the fold model that did not"
             " see it. Full report: `cv.json`; every image's out-of-fold"
             f" prediction: `{artifact_schema.CV_PREDICTIONS_FILE}`.", ""]
+  if report.lesion_localisation:
+    lines += _cv_localisation(evaluation_schema.LesionLocalisation.from_json(
+        report.lesion_localisation))
   return lines
 
 
