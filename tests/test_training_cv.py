@@ -292,6 +292,7 @@ def test_cv_masks_checks_each_fold_by_its_own_model(tmp_path, masked_data,
                                                     monkeypatch, capsys):
   from schemas import evaluation as evaluation_schema  # pylint: disable=import-outside-toplevel
   from training import lesion_masks, lesions  # pylint: disable=import-outside-toplevel
+  from training import model as model_lib  # pylint: disable=import-outside-toplevel
   data_glob, masks_zip = masked_data
   # Each fold's block, recomputed here while the fold's model is in hand:
   # on the images the report says the fold held out.
@@ -305,8 +306,12 @@ def test_cv_masks_checks_each_fold_by_its_own_model(tmp_path, masked_data,
                          if image_id in set(result["test_image_ids"])])
       probabilities = calibration.softmax(
           runner.logits(held), result["temperature"])
+      # A model of its own with the fold's weights: no traced function of
+      # the one cv reuses can stand in for them.
+      fold_model = model_lib.build_model(SIZE, "none", 3, model_lib.TINY)
+      fold_model.set_weights(runner.model.get_weights())
       expected[k] = lesions.localise(
-          runner.model, data.images[held], [data.sources[i] for i in held],
+          fold_model, data.images[held], [data.sources[i] for i in held],
           data.labels[held], probabilities.argmax(axis=1),
           list(schemas.LABELS), read, config.batch_size)
       after_fold(k, result)
@@ -370,7 +375,11 @@ def test_cv_masks_checks_each_fold_by_its_own_model(tmp_path, masked_data,
 
 
 def test_cv_refuses_unreadable_masks_before_training(cv_data, tmp_path,
-                                                     capsys):
+                                                     monkeypatch, capsys):
+  def no_reading(*args, **kwargs):
+    raise AssertionError("the images were read before the masks")
+
+  monkeypatch.setattr(cv.data_lib, "load_labelled", no_reading)
   assert cli.main(["cv", "--data", cv_data[0], "--backbone", "tiny",
                    "--backbone_weights", "none", "--masks",
                    str(tmp_path / "nowhere" / "*.zip")]) == 2
@@ -534,6 +543,9 @@ def test_cv_report_must_match_the_recipe_and_the_images(tmp_path, cv_data):
   with pytest.raises(ValueError, match="is not a complete `python -m"
                      " training cv` report"):
     check({**report, "folds": [{"fold": 0}]})
+  with pytest.raises(ValueError, match="is not a complete `python -m"
+                     " training cv` report"):
+    check({**report, "lesion_localisation": {"overall": {"images": 3}}})
   # A report from before a setting existed does not match it either.
   older = {**report, "settings": dict(report["settings"])}
   del older["settings"]["annotate"]

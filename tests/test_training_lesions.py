@@ -89,26 +89,27 @@ def _block(per_class, predicted, **shared):
 
 def test_pool_is_one_score_over_every_folds_images():
   # Fold 0: benign hits 1 of 2, malignant 1 of 1; fold 1: benign none paired
-  # (one unpaired), malignant 0 of 3 (one unusable mask).
+  # (one unpaired), malignant 0 of 4 (one unusable mask). Folds of 3 and 4
+  # paired images: a plain mean of their rates would be wrong.
   fold0 = _block({"benign": ([True, False], [0.4, 0.0], 0, 0),
                   "malignant": ([True], [0.8], 0, 0)},
                  ([True, False, False], [0.4, 0.0, 0.1], 0, 0))
   fold1 = _block({"benign": ([], [], 1, 0),
-                  "malignant": ([False, False, False], [0.1, 0.2, 0.0], 0, 1)},
-                 ([False, True, False], [0.1, 0.3, 0.0], 1, 1))
+                  "malignant": ([False] * 4, [0.1, 0.2, 0.0, 0.1], 0, 1)},
+                 ([False, True, False, False], [0.1, 0.3, 0.0, 0.0], 1, 1))
   pooled = lesions.pool([fold0, fold1])
-  # What one score over the six paired images says: 2 hits of 6.
+  # What one score over the seven paired images says: 2 hits of 7.
   assert pooled.overall == evaluation_schema.LocalisationScore(
-      images=8, paired=6, unpaired=1, bad_mask=1,
-      pointing_hit_rate=pytest.approx(2 / 6), mean_iou=pytest.approx(1.5 / 6))
+      images=9, paired=7, unpaired=1, bad_mask=1,
+      pointing_hit_rate=pytest.approx(2 / 7), mean_iou=pytest.approx(1.6 / 7))
   assert pooled.per_class["benign"] == lesions.score([True, False],
                                                      [0.4, 0.0], 1, 0)
   assert pooled.per_class["malignant"].pointing_hit_rate == pytest.approx(
-      1 / 4)
-  assert pooled.per_class["malignant"].mean_iou == pytest.approx(1.1 / 4)
+      1 / 5)
+  assert pooled.per_class["malignant"].mean_iou == pytest.approx(1.2 / 5)
   assert pooled.per_class["malignant"].bad_mask == 1
-  assert pooled.predicted_class.pointing_hit_rate == pytest.approx(2 / 6)
-  assert pooled.predicted_class.mean_iou == pytest.approx(0.9 / 6)
+  assert pooled.predicted_class.pointing_hit_rate == pytest.approx(2 / 7)
+  assert pooled.predicted_class.mean_iou == pytest.approx(0.9 / 7)
   assert pooled.masks_read == 9 and pooled.mask_archives == ["busi.zip"]
   # A fold with no paired image adds counts only; pooling one is itself.
   empty = _block({"benign": ([], [], 2, 0)}, ([], [], 2, 0))

@@ -361,6 +361,10 @@ def _read_report(path: str) -> Dict:
   try:
     # What the artifact will keep of it, typed now rather than at saving.
     metadata_schema.CrossValidationSummary.from_json(card_summary(report))
+    # ... and the card's reading of the --masks block.
+    if report.get(evaluation_schema.LESION_LOCALISATION):
+      evaluation_schema.LesionLocalisation.from_json(
+          report[evaluation_schema.LESION_LOCALISATION])
     if not (isinstance(report["settings"], dict)
             and isinstance(report["data_fingerprint"], str)
             and isinstance(report["class_counts"], dict)):
