@@ -195,6 +195,8 @@ from schemas.quality import (
 from schemas.tables import (
     COLUMN_FOLD,
     COLUMN_FRAME,
+    COLUMN_LESION_IOU,
+    COLUMN_LESION_POINTING_HIT,
     COLUMN_LOW_CONFIDENCE,
     COLUMN_NEEDS_REVIEW,
     COLUMN_OOD_SCORE,

@@ -49,6 +49,11 @@ COLUMN_REGION_CROPPED = "region_cropped"  # cropped to the US B-mode region
 # Columns the out-of-fold predictions (cv_predictions_schema) add.
 COLUMN_FOLD = "fold"
 COLUMN_TEMPERATURE = "temperature"
+# ... and with `cv --masks`: Grad-CAM of the true class against the image's
+# lesion masks (schemas.evaluation), null for normal images and for those
+# without a usable mask.
+COLUMN_LESION_POINTING_HIT = "lesion_pointing_hit"  # peak in the lesion
+COLUMN_LESION_IOU = "lesion_iou"  # of {heatmap >= 0.5 of its peak}, lesion
 
 
 def error_columns():
@@ -105,14 +110,16 @@ def predictions_schema(labels: Sequence[str]) -> pa.Schema:
   return pa.schema(fields)
 
 
-def cv_predictions_schema(labels: Sequence[str]) -> pa.Schema:
+def cv_predictions_schema(labels: Sequence[str],
+                          localised: bool = False) -> pa.Schema:
   """Schema of `cv`'s out-of-fold predictions (CV_PREDICTIONS_FILE).
 
   One row per image: the fold it was held out in, its label, and what the
   model trained on the other folds made of it, calibrated with that fold's
   temperature and flagged at that fold's threshold. The names the scoring
   table shares with it mean the same. `out_of_distribution` is null when
-  the recipe fits no OOD detector.
+  the recipe fits no OOD detector. `localised` (`cv --masks`): the two
+  lesion columns follow.
   """
   scored = predictions_schema(labels)
   fields = [scored.field("image_id"),
@@ -125,4 +132,7 @@ def cv_predictions_schema(labels: Sequence[str]) -> pa.Schema:
              scored.field("threshold"),
              scored.field(COLUMN_LOW_CONFIDENCE),
              scored.field(COLUMN_OUT_OF_DISTRIBUTION)]
+  if localised:
+    fields += [pa.field(COLUMN_LESION_POINTING_HIT, pa.bool_()),
+               pa.field(COLUMN_LESION_IOU, pa.float64())]
   return pa.schema(fields)

@@ -344,6 +344,24 @@ def test_cv_masks_checks_each_fold_by_its_own_model(tmp_path, masked_data,
   assert pooled.per_class["benign"].unpaired == 1
   assert pooled.mask_archives == [masks_zip] and pooled.masks_read == 17
   assert report["seconds"]["lesion_localisation"] > 0
+  # Each image's hit and IoU in the predictions: SQL over them gives the
+  # pooled and per-fold figures; normal and unpaired images are null.
+  import duckdb  # pylint: disable=import-outside-toplevel
+  path = os.path.join(output, schemas.CV_PREDICTIONS_FILE)
+  assert pq.read_table(path).schema.equals(
+      schemas.cv_predictions_schema(schemas.LABELS, localised=True))
+  rows = duckdb.sql(
+      f"SELECT fold, count(lesion_pointing_hit), avg(lesion_pointing_hit::INT),"
+      f" avg(lesion_iou), count(*) FILTER (WHERE label = 'normal' AND"
+      f" lesion_iou IS NOT NULL) FROM read_parquet('{path}')"
+      f" GROUP BY fold ORDER BY fold").fetchall()
+  for (fold, paired, hit_rate, mean_iou, normal), block in zip(rows, blocks):
+    assert paired == block.overall.paired and normal == 0
+    assert hit_rate == pytest.approx(block.overall.pointing_hit_rate)
+    assert mean_iou == pytest.approx(block.overall.mean_iou)
+  assert duckdb.sql(
+      f"SELECT count(*) FROM read_parquet('{path}') WHERE label = 'benign'"
+      f" AND lesion_iou IS NULL").fetchall() == [(1,)]  # its mask left out
   # The figures of the folds are the ones cv gives without --masks.
   without = str(tmp_path / "plain")
   monkeypatch.setattr(cv, "run_folds", run_folds)
@@ -352,6 +370,7 @@ def test_cv_masks_checks_each_fold_by_its_own_model(tmp_path, masked_data,
     plain = json.load(f)
   assert key not in plain and all(key not in f for f in plain["folds"])
   assert plain["pooled"] == report["pooled"]
+  _check_predictions(without, plain)  # no lesion columns
   # train --cv_report puts the pooled block on the metadata and the card.
   model = str(tmp_path / "model")
   assert cli.main(["train", "--output", model, "--cv_report",

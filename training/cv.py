@@ -398,7 +398,9 @@ def _read_predictions(path: str, report: Dict) -> Optional[pa.Table]:
       table = pq.read_table(pa.BufferReader(f.read()))
   except (OSError, pa.ArrowException) as e:
     raise ValueError(f"--cv_report {path}: cannot read {beside} ({e})") from e
-  expected = schemas.cv_predictions_schema(schemas.LABELS)
+  expected = schemas.cv_predictions_schema(
+      schemas.LABELS,
+      localised=bool(report.get(evaluation_schema.LESION_LOCALISATION)))
   if not table.schema.equals(expected):
     raise ValueError(f"--cv_report {path}: {beside} has the columns"
                      f" {table.schema.names}, not {expected.names}")
@@ -512,6 +514,21 @@ def predictions_table(data: data_lib.LabelledData, order: np.ndarray,
           np.asarray(ood_flags, bool)),
   })
   return pa.table(columns, schema=schemas.cv_predictions_schema(names))
+
+
+def with_lesion_columns(table: pa.Table,
+                        scored: Dict[str, Tuple[bool, float]]) -> pa.Table:
+  """The predictions with `cv --masks`'s per-image columns: each image's
+  pointing-game hit and IoU by image_id, null where it was not scored."""
+  ids = table.column("image_id").to_pylist()
+  hits = pa.array([scored[i][0] if i in scored else None for i in ids],
+                  pa.bool_())
+  ious = pa.array([scored[i][1] if i in scored else None for i in ids],
+                  pa.float64())
+  table = table.append_column(schemas.COLUMN_LESION_POINTING_HIT, hits)
+  table = table.append_column(schemas.COLUMN_LESION_IOU, ious)
+  return table.cast(schemas.cv_predictions_schema(schemas.LABELS,
+                                                  localised=True))
 
 
 def write_report(report: Dict, output: str) -> str:
@@ -741,6 +758,7 @@ def cross_validate(config: TrainConfig, folds: int,
   # Per-fold results are logged; hundreds of epoch lines would bury them.
   runner = recipe.Recipe(model, cache, data.labels, config, progress=0)
   localised = {}
+  scored: Dict[str, Tuple[bool, float]] = {}  # image_id → hit, IoU
   localising = 0.0
 
   def localise(k: int, result: Dict) -> None:
@@ -748,10 +766,12 @@ def cross_validate(config: TrainConfig, folds: int,
     nonlocal localising
     begun = time.perf_counter()
     test = result["test_indices"]
-    localised[k] = lesions.localise(
+    localised[k], each = lesions.localise_each(
         runner.model, data.images[test], [data.sources[i] for i in test],
         data.labels[test], result["probabilities"].argmax(axis=1), names,
         mask_sets, config.batch_size)
+    for row, hit, overlap in zip(each.rows, each.hits, each.ious):
+      scored[data.image_ids[test[row]]] = (hit, overlap)
     _LOG.info("cv fold %d: %s", k, lesions.format_localisation(localised[k]))
     localising += time.perf_counter() - begun
 
@@ -763,6 +783,7 @@ def cross_validate(config: TrainConfig, folds: int,
       fold[key] = localised[fold["fold"]].to_json()
     report[key] = lesions.pool([localised[k] for k in sorted(localised)]
                                ).to_json()
+    report[PREDICTIONS] = with_lesion_columns(report[PREDICTIONS], scored)
   report.update(examples_read=stats.examples,
                 unlabelled_skipped=stats.unlabelled,
                 duplicates_skipped=stats.duplicates,

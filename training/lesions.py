@@ -221,10 +221,28 @@ def _find_lesions(sources: Sequence[str], labels: np.ndarray,
   return found
 
 
+class ImageScores(NamedTuple):
+  """Per image of a `localise_each` call: rows are indices into its images;
+  the others (normal, no usable mask) were not scored."""
+  rows: List[int]
+  hits: List[bool]  # the true class's heatmap peak lies in the lesion
+  ious: List[float]  # of {heatmap >= HEATMAP_THRESHOLD} with the lesion
+
+
 def localise(model, images: np.ndarray, sources: Sequence[str],
              labels: np.ndarray, predicted: np.ndarray,
              label_names: Sequence[str], masks: MaskSets,
              batch_size: int = 32) -> LesionLocalisation:
+  """The block of `localise_each`, without the per-image scores."""
+  return localise_each(model, images, sources, labels, predicted,
+                       label_names, masks, batch_size)[0]
+
+
+def localise_each(model, images: np.ndarray, sources: Sequence[str],
+                  labels: np.ndarray, predicted: np.ndarray,
+                  label_names: Sequence[str], masks: MaskSets,
+                  batch_size: int = 32
+                 ) -> Tuple[LesionLocalisation, ImageScores]:
   """Grad-CAM of the evaluated lesion images, scored against their masks.
 
   The heatmaps explain each image's true class: the question is whether the
@@ -245,7 +263,8 @@ def localise(model, images: np.ndarray, sources: Sequence[str],
     batch_size: images per Grad-CAM call.
 
   Returns:
-    The `lesion_localisation` block of metrics.json.
+    The `lesion_localisation` block of metrics.json, and each scored
+    image's pointing-game hit and IoU (true class).
   """
   lesion_classes = [i for i, name in enumerate(label_names)
                     if name in evaluation_schema.LESION_LABELS]
@@ -285,13 +304,14 @@ def localise(model, images: np.ndarray, sources: Sequence[str],
         " without one, %d unusable): do the --masks archives hold the member"
         " paths the --data sources name (%s)?", unpaired, bad,
         sources[0] if len(sources) else "none")
-  return LesionLocalisation(
+  block = LesionLocalisation(
       overall=score(hits, ious, unpaired, bad), per_class=per_class,
       predicted_class=score(hits_predicted, ious_predicted, unpaired, bad),
       explained=evaluation_schema.EXPLAIN_TRUE_CLASS,
       layer=schemas.GRADCAM_LAYER, heatmap_threshold=HEATMAP_THRESHOLD,
       mask_threshold=MASK_THRESHOLD, mask_archives=list(masks.archives),
       masks_read=masks.read, mask_read_errors=masks.errors)
+  return block, ImageScores(list(found.indices), hits, ious)
 
 
 def _pool_scores(scores: Sequence[LocalisationScore]) -> LocalisationScore:
