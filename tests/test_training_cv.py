@@ -296,7 +296,7 @@ def test_cv_masks_checks_each_fold_by_its_own_model(tmp_path, masked_data,
   data_glob, masks_zip = masked_data
   # Each fold's block, recomputed here while the fold's model is in hand:
   # on the images the report says the fold held out.
-  expected = {}
+  expected, per_image = {}, {}
   run_folds = cv.run_folds
   read = lesion_masks.read_mask_archives([masks_zip])
 
@@ -310,10 +310,12 @@ def test_cv_masks_checks_each_fold_by_its_own_model(tmp_path, masked_data,
       # the one cv reuses can stand in for them.
       fold_model = model_lib.build_model(SIZE, "none", 3, model_lib.TINY)
       fold_model.set_weights(runner.model.get_weights())
-      expected[k] = lesions.localise(
+      expected[k], each = lesions.localise_each(
           fold_model, data.images[held], [data.sources[i] for i in held],
           data.labels[held], probabilities.argmax(axis=1),
           list(schemas.LABELS), read, config.batch_size)
+      for row, hit, overlap in zip(each.rows, each.hits, each.ious):
+        per_image[data.image_ids[held[row]]] = (hit, overlap)
       after_fold(k, result)
     return run_folds(config, folds, runner, data, hashes, after_fold=hook)
 
@@ -362,6 +364,32 @@ def test_cv_masks_checks_each_fold_by_its_own_model(tmp_path, masked_data,
   assert duckdb.sql(
       f"SELECT count(*) FROM read_parquet('{path}') WHERE label = 'benign'"
       f" AND lesion_iou IS NULL").fetchall() == [(1,)]  # its mask left out
+  # Each image's own, as its fold's model gave them.
+  stored = {r["image_id"]: (r["lesion_pointing_hit"], r["lesion_iou"])
+            for r in pq.read_table(path).to_pylist()
+            if r["lesion_iou"] is not None}
+  assert sorted(stored) == sorted(per_image) and len(stored) == 11
+  for image_id, (hit, overlap) in per_image.items():
+    assert stored[image_id][0] == hit
+    assert stored[image_id][1] == pytest.approx(overlap)
+  # A masked report from before the columns still serves train
+  # --cv_report; columns without the block (or a stray one) do not.
+  older = str(tmp_path / "older")
+  os.makedirs(older)
+  with open(os.path.join(older, schemas.CV_REPORT_FILE), "w") as f:
+    json.dump(report, f)
+  pq.write_table(pq.read_table(path).drop_columns(
+      [schemas.COLUMN_LESION_POINTING_HIT, schemas.COLUMN_LESION_IOU]),
+                 os.path.join(older, schemas.CV_PREDICTIONS_FILE))
+  assert cv._read_report(os.path.join(older, schemas.CV_REPORT_FILE))[  # pylint: disable=protected-access
+      cv.PREDICTIONS].num_rows == 18
+  stray = {k: v for k, v in report.items() if k != key}
+  with open(os.path.join(older, schemas.CV_REPORT_FILE), "w") as f:
+    json.dump(stray, f)
+  pq.write_table(pq.read_table(path),
+                 os.path.join(older, schemas.CV_PREDICTIONS_FILE))
+  with pytest.raises(ValueError, match="has the columns"):
+    cv._read_report(os.path.join(older, schemas.CV_REPORT_FILE))  # pylint: disable=protected-access
   # The figures of the folds are the ones cv gives without --masks.
   without = str(tmp_path / "plain")
   monkeypatch.setattr(cv, "run_folds", run_folds)

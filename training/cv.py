@@ -398,9 +398,13 @@ def _read_predictions(path: str, report: Dict) -> Optional[pa.Table]:
       table = pq.read_table(pa.BufferReader(f.read()))
   except (OSError, pa.ArrowException) as e:
     raise ValueError(f"--cv_report {path}: cannot read {beside} ({e})") from e
-  expected = schemas.cv_predictions_schema(
-      schemas.LABELS,
-      localised=bool(report.get(evaluation_schema.LESION_LOCALISATION)))
+  expected = schemas.cv_predictions_schema(schemas.LABELS)
+  if report.get(evaluation_schema.LESION_LOCALISATION):
+    # With --masks, each image's lesion scores follow; reports of the
+    # release before them have the block without the columns.
+    localised = schemas.cv_predictions_schema(schemas.LABELS, localised=True)
+    if table.schema.equals(localised):
+      expected = localised
   if not table.schema.equals(expected):
     raise ValueError(f"--cv_report {path}: {beside} has the columns"
                      f" {table.schema.names}, not {expected.names}")
