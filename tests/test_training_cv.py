@@ -302,8 +302,9 @@ def test_cv_masks_checks_each_fold_by_its_own_model(tmp_path, masked_data,
 
   def spy(config, folds, runner, data, hashes, after_fold=None):
     def hook(k, result):
+      ids = set(result["test_image_ids"])
       held = np.asarray([i for i, image_id in enumerate(data.image_ids)
-                         if image_id in set(result["test_image_ids"])])
+                         if image_id in ids])
       probabilities = calibration.softmax(
           runner.logits(held), result["temperature"])
       # A model of its own with the fold's weights: no traced function of

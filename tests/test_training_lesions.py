@@ -73,7 +73,7 @@ def test_score_counts_every_image():
 def _block(per_class, predicted, **shared):
   """A localisation block of hand-made (hits, ious, unpaired, bad) groups."""
   scores = {label: lesions.score(*group) for label, group in per_class.items()}
-  every = [group for group in per_class.values()]
+  every = list(per_class.values())
   overall = lesions.score([h for g in every for h in g[0]],
                           [i for g in every for i in g[1]],
                           sum(g[2] for g in every), sum(g[3] for g in every))

@@ -302,6 +302,11 @@ def _recipe_config(args: argparse.Namespace, **fields
       **fields)
 
 
+# The --masks flag of `evaluate` and `cv`: what it reads.
+_MASKS_HELP = ("Glob of BUSI archives (zip, tar, tar.gz) holding the lesion"
+               " masks (x_mask.png, x_mask_1.png beside x.png); repeatable.")
+
+
 def _parser() -> argparse.ArgumentParser:
   # No abbreviations: `--fold 3` for `--folds` would pass silently, and a
   # later flag starting the same way would change what it means.
@@ -368,11 +373,9 @@ def _parser() -> argparse.ArgumentParser:
                      " print only.")
   cross.add_argument(
       "--masks", action="append", default=[],
-      help="Glob of BUSI archives (zip, tar, tar.gz) holding the lesion masks"
-      " (x_mask.png, x_mask_1.png beside x.png); repeatable. Checks each"
-      " fold's model against the masks of the images it did not train on:"
-      " the Grad-CAM pointing game and IoU, as `evaluate --masks`, out of"
-      " fold.")
+      help=_MASKS_HELP + " Checks each fold's model against the masks of the"
+      " images it did not train on: the Grad-CAM pointing game and IoU, as"
+      " `evaluate --masks`, out of fold.")
   _add_recipe_flags(cross)
 
   evaluate = commands.add_parser(
@@ -388,9 +391,8 @@ def _parser() -> argparse.ArgumentParser:
   evaluate.add_argument("--batch_size", type=int, default=32)
   evaluate.add_argument(
       "--masks", action="append", default=[],
-      help="Glob of BUSI archives (zip, tar, tar.gz) holding the lesion masks"
-      " (x_mask.png, x_mask_1.png beside x.png); repeatable. Adds the"
-      " Grad-CAM pointing game and IoU against them to metrics.json.")
+      help=_MASKS_HELP + " Adds the Grad-CAM pointing game and IoU against"
+      " them to metrics.json.")
   evaluate.add_argument(
       "--ood", action="append", default=[],
       help="Glob of *.tfrecord.gz of images that are NOT breast ultrasound"

@@ -788,15 +788,14 @@ def cross_validate(config: TrainConfig, folds: int,
     report[key] = lesions.pool([localised[k] for k in sorted(localised)]
                                ).to_json()
     report[PREDICTIONS] = with_lesion_columns(report[PREDICTIONS], scored)
+    # Part of "folds": the Grad-CAM passes.
+    report["seconds"]["lesion_localisation"] = round(localising, 2)
   report.update(examples_read=stats.examples,
                 unlabelled_skipped=stats.unlabelled,
                 duplicates_skipped=stats.duplicates,
                 conflicting_labels_skipped=stats.conflicting)
   report["seconds"].update(conv_cache=round(cache.seconds, 2),
                            total=round(time.perf_counter() - started, 2))
-  if localised:
-    # Part of "folds": the Grad-CAM passes.
-    report["seconds"]["lesion_localisation"] = round(localising, 2)
   return report
 
 
