@@ -11,6 +11,10 @@ from typing import Any, Dict, List, NamedTuple, Optional
 # no lesion (BUSI ships blank masks for them) and are not localised.
 LESION_LABELS = ("benign", "malignant")
 
+# Beside metrics.json: every evaluated image, as the artifact scored it
+# (schemas.tables.evaluation_predictions_schema), for SQL.
+PREDICTIONS_FILE = "evaluation_predictions.parquet"
+
 # metrics.json key of the LesionLocalisation block (with --masks only).
 LESION_LOCALISATION = "lesion_localisation"
 

@@ -54,6 +54,13 @@ COLUMN_TEMPERATURE = "temperature"
 # without a usable mask.
 COLUMN_LESION_POINTING_HIT = "lesion_pointing_hit"  # peak in the lesion
 COLUMN_LESION_IOU = "lesion_iou"  # of {heatmap >= 0.5 of its peak}, lesion
+# Columns the evaluation predictions (evaluation_predictions_schema) add: was
+# the image in the artifact's training or validation split (the same
+# image_id), or else a near-duplicate of one there (dHash within
+# training.split.DEFAULT_MAX_DISTANCE bits)? Null where the artifact does not
+# say (no split.json, or one written before dHashes were kept).
+COLUMN_SEEN_IN_TRAINING = "seen_in_training"
+COLUMN_NEAR_DUPLICATE_OF_TRAINING = "near_duplicate_of_training"
 
 
 def error_columns():
@@ -133,6 +140,37 @@ def cv_predictions_schema(labels: Sequence[str],
              scored.field(COLUMN_LOW_CONFIDENCE),
              scored.field(COLUMN_OUT_OF_DISTRIBUTION)]
   if localised:
-    fields += [pa.field(COLUMN_LESION_POINTING_HIT, pa.bool_()),
-               pa.field(COLUMN_LESION_IOU, pa.float64())]
+    fields += _lesion_fields()
+  return pa.schema(fields)
+
+
+def _lesion_fields() -> List[pa.Field]:
+  return [pa.field(COLUMN_LESION_POINTING_HIT, pa.bool_()),
+          pa.field(COLUMN_LESION_IOU, pa.float64())]
+
+
+def evaluation_predictions_schema(labels: Sequence[str],
+                                  localised: bool = False) -> pa.Schema:
+  """Schema of `evaluate`'s per-image predictions (schemas.evaluation
+  PREDICTIONS_FILE, beside metrics.json).
+
+  One row per evaluated image: its label and what the artifact made of it,
+  exactly as scoring would (calibrated probabilities, the artifact's
+  threshold and OOD detector), and whether the artifact was fitted on it.
+  The names the scoring table shares with it mean the same.
+  `out_of_distribution` and `ood_score` are null when the artifact has no OOD
+  detector. `localised` (`evaluate --masks`): the two lesion columns follow.
+  """
+  scored = predictions_schema(labels)
+  fields = [scored.field("image_id"), scored.field("source"),
+            pa.field("label", pa.string(), nullable=False),
+            scored.field("predicted_class")]
+  fields += [scored.field(probability_column(label)) for label in labels]
+  fields += [scored.field(name) for name in (
+      "confidence", "threshold", COLUMN_LOW_CONFIDENCE, COLUMN_OOD_SCORE,
+      COLUMN_OUT_OF_DISTRIBUTION, "model_version")]
+  fields += [pa.field(COLUMN_SEEN_IN_TRAINING, pa.bool_()),
+             pa.field(COLUMN_NEAR_DUPLICATE_OF_TRAINING, pa.bool_())]
+  if localised:
+    fields += _lesion_fields()
   return pa.schema(fields)

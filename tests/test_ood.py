@@ -262,6 +262,25 @@ def test_evaluate_reports_flagged_and_caught(tmp_path, ood_model_dir, capsys):
   with open(os.path.join(report_dir, evaluate.REPORT_FILE)) as f:
     report = json.load(f)
   assert report["ood"]["count"] == 12 and report["ood"]["flagged"] <= 2
+  # Each image's score and flag, as scoring gives them.
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  from schemas import evaluation as evaluation_schema  # pylint: disable=import-outside-toplevel
+  rows = pq.read_table(os.path.join(report_dir,
+                                    evaluation_schema.PREDICTIONS_FILE)
+                      ).to_pylist()
+  loaded = artifact.load_artifact(ood_model_dir)
+  expected = inference.predict(
+      inference.scoring_model(loaded.model, loaded.ood),
+      np.stack([r.pixels for r in labelled]))
+  by_id = {r["image_id"]: r for r in rows}
+  for record, output in zip(labelled, expected):
+    row = by_id[record.image_id]
+    assert row[schemas.COLUMN_OOD_SCORE] == pytest.approx(output.ood_score,
+                                                          rel=1e-5)
+    assert row[schemas.COLUMN_OUT_OF_DISTRIBUTION] == (
+        row[schemas.COLUMN_OOD_SCORE] > loaded.ood.threshold)
+  assert sum(r[schemas.COLUMN_OUT_OF_DISTRIBUTION] for r in rows) == report[
+      "ood"]["flagged"]
   archive = report["ood_archive"]
   assert (archive["count"], archive["caught"]) == (len(others), len(others))
   assert archive["missed"] == []

@@ -142,6 +142,17 @@ def test_train_without_augmentation(tmp_path, data_glob, capsys):
   assert evaluated["count"] == 3
   assert evaluated["seen_in_training"] == 1
   assert evaluated["near_duplicates_of_training"] == 1
+  # ... and which: each image's row says.
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  from schemas import evaluation as evaluation_schema  # pylint: disable=import-outside-toplevel
+  rows = pq.read_table(os.path.join(
+      str(tmp_path / "eval_report"), evaluation_schema.PREDICTIONS_FILE)
+                      ).to_pylist()
+  assert sorted((r["image_id"], r[schemas.COLUMN_SEEN_IN_TRAINING],
+                 r[schemas.COLUMN_NEAR_DUPLICATE_OF_TRAINING]) for r in rows
+               ) == sorted([(copy.image_id, True, False),
+                            (near.image_id, False, True),
+                            (unseen.image_id, False, False)])
 
   loaded = artifact.load_artifact(output)
   assert loaded.labels == list(schemas.LABELS)
@@ -446,6 +457,43 @@ def test_evaluate_matches_hand_computation(tmp_path, capsys):
   assert report["seen_in_training"] is None
   assert report["model_version"] == artifact.read_artifact_info(
       model_dir).metadata.model_version
+
+  # Beside it, every image as the artifact scored it, for SQL.
+  import duckdb  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  from schemas import evaluation as evaluation_schema  # pylint: disable=import-outside-toplevel
+  path = os.path.join(report_dir, evaluation_schema.PREDICTIONS_FILE)
+  table = pq.read_table(path)
+  assert table.schema == schemas.evaluation_predictions_schema(schemas.LABELS)
+  names = {"blue": "normal", "green": "benign", "red": "malignant"}
+  rows = table.to_pylist()
+  by_id = {r["image_id"]: r for r in rows}
+  assert len(by_id) == 10  # the unlabelled image is not evaluated
+  for record, (label, colour) in zip(records, cases):
+    row = by_id[record.image_id]
+    assert (row["source"], row["label"], row["predicted_class"]) == (
+        record.source, label, names[colour])
+  for row in rows:
+    probabilities = [row[schemas.probability_column(l)]
+                     for l in schemas.LABELS]
+    assert row["confidence"] == max(probabilities)
+    assert row["predicted_class"] == schemas.LABELS[
+        int(np.argmax(probabilities))]
+    assert row[schemas.COLUMN_LOW_CONFIDENCE] == (row["confidence"] < 0.9)
+    assert row["threshold"] == 0.9
+    assert row["model_version"] == report["model_version"]
+    # No detector, no split.json: the artifact cannot say.
+    for column in (schemas.COLUMN_OOD_SCORE,
+                   schemas.COLUMN_OUT_OF_DISTRIBUTION,
+                   schemas.COLUMN_SEEN_IN_TRAINING,
+                   schemas.COLUMN_NEAR_DUPLICATE_OF_TRAINING):
+      assert row[column] is None
+  # The report's confusion matrix, from the table in DuckDB.
+  counts = dict(((t, p), n) for t, p, n in duckdb.sql(
+      f"SELECT label, predicted_class, count(*) FROM read_parquet('{path}')"
+      " GROUP BY ALL").fetchall())
+  assert [[counts.get((t, p), 0) for p in schemas.LABELS]
+          for t in schemas.LABELS] == report["confusion_matrix"]
 
 
 @pytest.fixture(name="test_artifact", scope="module")

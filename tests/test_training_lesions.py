@@ -5,6 +5,7 @@ import os
 
 import cv2
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 import schemas
@@ -353,6 +354,16 @@ def test_evaluate_masks_end_to_end(tmp_path, capsys):
       block = json.load(f)[evaluation_schema.LESION_LOCALISATION]
     return evaluation_schema.LesionLocalisation.from_json(block)
 
+  def each(name):
+    """image member → (pointing hit, IoU) in the report's predictions."""
+    table = pq.read_table(os.path.join(str(tmp_path / name),
+                                       evaluation_schema.PREDICTIONS_FILE))
+    assert table.schema == schemas.evaluation_predictions_schema(
+        schemas.LABELS, localised=True)
+    return {row["source"].split("!/")[1]: (
+        row[schemas.COLUMN_LESION_POINTING_HIT],
+        row[schemas.COLUMN_LESION_IOU]) for row in table.to_pylist()}
+
   # Masks on the lesions, from a tar.gz copy at another path.
   on = run(copy, "on")
   line = capsys.readouterr().out
@@ -375,9 +386,29 @@ def test_evaluate_masks_end_to_end(tmp_path, capsys):
   assert ("Lesion localisation (Grad-CAM of the true class vs masks): 2 of 4"
           " benign/malignant images paired (1 without a mask, 1 unusable)"
           in line)
+  # Each image's own: the two paired ones scored, the rest null.
+  scores = each("on")
+  b, m = f"{ROOT}/benign/benign", f"{ROOT}/malignant/malignant"
+  assert scores[f"{b} (1).png"][0] and scores[f"{m} (1).png"][0]
+  assert np.mean([scores[f"{b} (1).png"][1], scores[f"{m} (1).png"][1]]
+                 ) == pytest.approx(on.overall.mean_iou)
+  assert scores[f"{m} (1).png"][1] == pytest.approx(malignant.mean_iou)
+  for unscored in (f"{b} (2).png", f"{b} (3).png",
+                   f"{ROOT}/normal/normal (1).png"):
+    assert scores[unscored] == (None, None)
 
   # The same frames, the masks put where there is no lesion.
   off = run(moved, "off")
   assert off.overall.paired == 2
   assert off.overall.pointing_hit_rate == 0.0
   assert off.overall.mean_iou < 0.05
+  assert [hit for hit, _ in each("off").values() if hit is not None] == [
+      False, False]
+
+  # Without --masks the predictions carry no lesion columns.
+  assert cli.main(["evaluate", "--model", model_dir, "--data", data,
+                   "--output", str(tmp_path / "plain")]) == 0
+  assert pq.read_table(os.path.join(
+      str(tmp_path / "plain"), evaluation_schema.PREDICTIONS_FILE)
+                      ).schema == schemas.evaluation_predictions_schema(
+                          schemas.LABELS)

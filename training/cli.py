@@ -386,13 +386,14 @@ def _parser() -> argparse.ArgumentParser:
   evaluate.add_argument("--data", action="append", required=True,
                         help="Glob of *.tfrecord.gz files; repeatable.")
   evaluate.add_argument("--output", required=True,
-                        help="Report directory: metrics.json and"
-                        " confusion_matrix.png.")
+                        help="Report directory: metrics.json,"
+                        " confusion_matrix.png and"
+                        " evaluation_predictions.parquet (one row per image).")
   evaluate.add_argument("--batch_size", type=int, default=32)
   evaluate.add_argument(
       "--masks", action="append", default=[],
       help=_MASKS_HELP + " Adds the Grad-CAM pointing game and IoU against"
-      " them to metrics.json.")
+      " them to metrics.json, and each image's to the predictions.")
   evaluate.add_argument(
       "--ood", action="append", default=[],
       help="Glob of *.tfrecord.gz of images that are NOT breast ultrasound"

@@ -520,21 +520,6 @@ def predictions_table(data: data_lib.LabelledData, order: np.ndarray,
   return pa.table(columns, schema=schemas.cv_predictions_schema(names))
 
 
-def with_lesion_columns(table: pa.Table,
-                        scored: Dict[str, Tuple[bool, float]]) -> pa.Table:
-  """The predictions with `cv --masks`'s per-image columns: each image's
-  pointing-game hit and IoU by image_id, null where it was not scored."""
-  ids = table.column("image_id").to_pylist()
-  hits = pa.array([scored[i][0] if i in scored else None for i in ids],
-                  pa.bool_())
-  ious = pa.array([scored[i][1] if i in scored else None for i in ids],
-                  pa.float64())
-  table = table.append_column(schemas.COLUMN_LESION_POINTING_HIT, hits)
-  table = table.append_column(schemas.COLUMN_LESION_IOU, ious)
-  return table.cast(schemas.cv_predictions_schema(schemas.LABELS,
-                                                  localised=True))
-
-
 def write_report(report: Dict, output: str) -> str:
   """Writes the report as JSON to OUTPUT/cv.json (local or gs://), and its
   out-of-fold predictions, when it holds them, to cv_predictions.parquet
@@ -734,7 +719,7 @@ def cross_validate(config: TrainConfig, folds: int,
     folds: number of folds.
     masks: globs of BUSI archives holding the lesion masks (`evaluate
       --masks`); when given, each fold's model is also checked against the
-      masks of its held-out benign/malignant images (`lesions.localise`:
+      masks of its held-out benign/malignant images (`lesions.localise_each`:
       Grad-CAM's pointing game and IoU), out of fold as every other figure.
 
   Returns:
@@ -787,7 +772,9 @@ def cross_validate(config: TrainConfig, folds: int,
       fold[key] = localised[fold["fold"]].to_json()
     report[key] = lesions.pool([localised[k] for k in sorted(localised)]
                                ).to_json()
-    report[PREDICTIONS] = with_lesion_columns(report[PREDICTIONS], scored)
+    report[PREDICTIONS] = lesions.with_columns(
+        report[PREDICTIONS], scored,
+        schemas.cv_predictions_schema(schemas.LABELS, localised=True))
     # Part of "folds": the Grad-CAM passes.
     report["seconds"]["lesion_localisation"] = round(localising, 2)
   report.update(examples_read=stats.examples,

@@ -7,6 +7,8 @@ import os
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 import schemas
@@ -47,21 +49,64 @@ def _fitted_on(model_dir: str) -> Optional[_Fitted]:
   return _Fitted(ids, hashes)
 
 
-def _seen_counts(fitted: Optional[_Fitted], image_ids: Sequence[str],
-                 images) -> Tuple[Optional[int], Optional[int]]:
-  """(exact copies, other near-duplicates) of training/validation images.
+def _seen(fitted: Optional[_Fitted], image_ids: Sequence[str], images
+         ) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+  """Per image: (an exact copy of a training/validation image, else a
+  near-duplicate of one), as bool arrays.
 
   None where the artifact does not say (no split.json, or one written
   before dHashes were stored).
   """
   if fitted is None:
     return None, None
-  exact = [i in fitted.ids for i in image_ids]
+  exact = np.array([i in fitted.ids for i in image_ids], bool)
   if fitted.hashes is None:
-    return int(sum(exact)), None
-  near = split.near_any([split.dhash(image) for image in images],
-                        fitted.hashes)
-  return int(sum(exact)), int(sum(n and not e for n, e in zip(near, exact)))
+    return exact, None
+  near = np.array(split.near_any([split.dhash(image) for image in images],
+                                 fitted.hashes), bool)
+  return exact, near & ~exact
+
+
+def _count(flags: Optional[np.ndarray]) -> Optional[int]:
+  return None if flags is None else int(flags.sum())
+
+
+def _predictions_table(data: data_lib.LabelledData, labels: Sequence[str],
+                       probabilities: np.ndarray, threshold: float,
+                       ood_scores: Optional[np.ndarray],
+                       ood_flags: Optional[np.ndarray], model_version: str,
+                       seen: Optional[np.ndarray],
+                       near: Optional[np.ndarray]) -> pa.Table:
+  """Every evaluated image as the artifact scored it
+  (schemas.evaluation_predictions_schema, without the lesion columns)."""
+  count = len(data.image_ids)
+
+  def nullable(values, kind):
+    return pa.nulls(count, kind) if values is None else values
+
+  predicted = probabilities.argmax(axis=1)
+  confidence = probabilities.max(axis=1).astype(np.float64)
+  columns = {
+      "image_id": list(data.image_ids),
+      "source": list(data.sources),
+      "label": [labels[i] for i in data.labels],
+      "predicted_class": [labels[i] for i in predicted],
+  }
+  for i, name in enumerate(labels):
+    columns[schemas.probability_column(name)] = probabilities[:, i].astype(
+        np.float64)
+  columns.update({
+      "confidence": confidence,
+      "threshold": np.full(count, threshold, np.float64),
+      schemas.COLUMN_LOW_CONFIDENCE: confidence < threshold,
+      schemas.COLUMN_OOD_SCORE: nullable(ood_scores, pa.float64()),
+      schemas.COLUMN_OUT_OF_DISTRIBUTION: nullable(ood_flags, pa.bool_()),
+      "model_version": [model_version] * count,
+      schemas.COLUMN_SEEN_IN_TRAINING: nullable(seen, pa.bool_()),
+      schemas.COLUMN_NEAR_DUPLICATE_OF_TRAINING: nullable(near, pa.bool_()),
+  })
+  return pa.table(columns,
+                  schema=schemas.evaluation_predictions_schema(labels))
 
 
 def _score(model: inference.ScoringModel, images: np.ndarray,
@@ -80,14 +125,13 @@ def _score(model: inference.ScoringModel, images: np.ndarray,
 
 
 def _ood_block(model: inference.ScoringModel,
-               scores: Optional[np.ndarray]) -> Optional[Dict]:
+               flagged: Optional[np.ndarray]) -> Optional[Dict]:
   """What the detector flags of these (in-distribution) images."""
-  if scores is None:
+  if flagged is None:
     return None
-  flagged = ood.flagged(model.ood, scores)
-  return {"threshold": model.ood.threshold, "count": int(len(scores)),
+  return {"threshold": model.ood.threshold, "count": int(len(flagged)),
           "flagged": int(flagged.sum()),
-          "flagged_share": float(flagged.mean()) if len(scores) else None}
+          "flagged_share": float(flagged.mean()) if len(flagged) else None}
 
 
 def evaluate_ood_archive(model: inference.ScoringModel,
@@ -128,12 +172,14 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
   Args:
     model_dir: the artifact (local or gs://).
     patterns: globs of gzip TFRecords; unlabelled examples are skipped.
-    output: report directory (local or gs://); gets metrics.json and
-      confusion_matrix.png.
+    output: report directory (local or gs://); gets metrics.json,
+      confusion_matrix.png and evaluation_predictions.parquet (each image as
+      the artifact scored it: schemas.evaluation_predictions_schema).
     batch_size: images per model call.
     masks: globs of BUSI archives holding the lesion masks; when given, the
-      report gets a `lesion_localisation` block (`lesions.localise`): Grad-CAM
-      of the benign/malignant images checked against their masks.
+      report gets a `lesion_localisation` block (`lesions.localise_each`):
+      Grad-CAM of the benign/malignant images checked against their masks;
+      and the predictions each image's pointing-game hit and IoU.
     ood_patterns: globs of TFRecords of images that are not breast
       ultrasound: the report's "ood_archive" block says how many the
       artifact's OOD detector catches (`evaluate_ood_archive`).
@@ -168,11 +214,16 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
   predicted = probabilities.argmax(axis=1)
   report = metrics.classification_report(data.labels, predicted, labels)
   threshold = float(loaded.metadata.threshold)
-  confidence = probabilities.max(axis=1)
+  # float64, as scoring compares it with the threshold.
+  confidence = probabilities.max(axis=1).astype(np.float64)
   correct = predicted == data.labels
   reliability = calibration.reliability(confidence, correct)
-  seen, near = _seen_counts(_fitted_on(model_dir), data.image_ids,
-                            data.images)
+  seen, near = _seen(_fitted_on(model_dir), data.image_ids, data.images)
+  ood_flags = (None if ood_scores is None else
+               ood.flagged(scoring_model.ood, ood_scores))
+  table = _predictions_table(data, labels, probabilities, threshold,
+                             ood_scores, ood_flags,
+                             loaded.metadata.model_version, seen, near)
   report.update({
       "model_dir": model_dir,
       "model_version": loaded.metadata.model_version,
@@ -193,29 +244,38 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
       # Images the model was trained or validated on: the same bytes, and
       # other near-duplicates (dHash within split.DEFAULT_MAX_DISTANCE bits:
       # the same frame re-encoded, resized or slightly changed).
-      "seen_in_training": seen,
-      "near_duplicates_of_training": near,
-      "ood": _ood_block(scoring_model, ood_scores),
+      "seen_in_training": _count(seen),
+      "near_duplicates_of_training": _count(near),
+      "ood": _ood_block(scoring_model, ood_flags),
       "evaluated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"),
       "package_version": schemas.PACKAGE_VERSION,
   })
   if mask_sets is not None:
-    report[evaluation_schema.LESION_LOCALISATION] = lesions.localise(
+    block, each = lesions.localise_each(
         loaded.model, data.images, data.sources, data.labels, predicted,
-        labels, mask_sets, batch_size).to_json()
+        labels, mask_sets, batch_size)
+    report[evaluation_schema.LESION_LOCALISATION] = block.to_json()
+    table = lesions.with_columns(
+        table, {data.image_ids[row]: (hit, overlap) for row, hit, overlap
+                in zip(each.rows, each.hits, each.ious)},
+        schemas.evaluation_predictions_schema(labels, localised=True))
   if ood_patterns:
     report["ood_archive"] = evaluate_ood_archive(scoring_model, ood_patterns,
                                                  batch_size)
-  if seen or near:
+  if report["seen_in_training"] or report["near_duplicates_of_training"]:
     _LOG.warning("%d of the %d images were in the model's training or"
                  " validation split and %d more are near-duplicates of images"
-                 " there: these metrics are optimistic", seen or 0,
-                 report["count"], near or 0)
+                 " there: these metrics are optimistic",
+                 report["seen_in_training"] or 0, report["count"],
+                 report["near_duplicates_of_training"] or 0)
   if "://" not in output:
     os.makedirs(output, exist_ok=True)
   with FileSystems.create(_join(output, REPORT_FILE)) as f:
     f.write(json.dumps(report, indent=2).encode("utf-8"))
+  with FileSystems.create(_join(output, evaluation_schema.PREDICTIONS_FILE)
+                          ) as f:
+    pq.write_table(table, f)
   plots.plot_confusion_matrix(
       report["confusion_matrix"], labels, _join(output, CONFUSION_MATRIX_FILE),
       f"{report['model_version']} ({report['count']} images)")

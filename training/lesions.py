@@ -12,7 +12,7 @@ The masks of one image are one lesion set: each is decoded and resized with
 stretch to image_size², INTER_AREA), their union taken, and a pixel counted
 as lesion when over MASK_THRESHOLD.
 
-Per paired image, with Grad-CAM of the image's true class (see `localise`):
+Per paired image, with Grad-CAM of the image's true class (see `localise_each`):
 the pointing game (is the heatmap's peak in the lesion?) and the IoU of
 {heatmap >= HEATMAP_THRESHOLD} with the lesion. Masks serve this check only;
 training and scoring never read them.
@@ -24,6 +24,7 @@ from typing import (Dict, Iterable, List, NamedTuple, Optional, Sequence,
                     Set, Tuple)
 
 import numpy as np
+import pyarrow as pa
 
 import schemas
 from schemas import evaluation as evaluation_schema
@@ -229,13 +230,19 @@ class ImageScores(NamedTuple):
   ious: List[float]  # of {heatmap >= HEATMAP_THRESHOLD} with the lesion
 
 
-def localise(model, images: np.ndarray, sources: Sequence[str],
-             labels: np.ndarray, predicted: np.ndarray,
-             label_names: Sequence[str], masks: MaskSets,
-             batch_size: int = 32) -> LesionLocalisation:
-  """The block of `localise_each`, without the per-image scores."""
-  return localise_each(model, images, sources, labels, predicted,
-                       label_names, masks, batch_size)[0]
+def with_columns(table: pa.Table, scored: Dict[str, Tuple[bool, float]],
+                 schema: pa.Schema) -> pa.Table:
+  """A predictions table (cv's or evaluate's) with the per-image lesion
+  columns: each image's pointing-game hit and IoU by image_id, null where it
+  was not scored; cast to `schema`, the table's localised schema."""
+  ids = table.column("image_id").to_pylist()
+  hits = pa.array([scored[i][0] if i in scored else None for i in ids],
+                  pa.bool_())
+  ious = pa.array([scored[i][1] if i in scored else None for i in ids],
+                  pa.float64())
+  table = table.append_column(schemas.COLUMN_LESION_POINTING_HIT, hits)
+  table = table.append_column(schemas.COLUMN_LESION_IOU, ious)
+  return table.cast(schema)
 
 
 def localise_each(model, images: np.ndarray, sources: Sequence[str],
@@ -334,7 +341,7 @@ def _pool_scores(scores: Sequence[LocalisationScore]) -> LocalisationScore:
 
 
 def pool(blocks: Sequence[LesionLocalisation]) -> LesionLocalisation:
-  """`localise` blocks of disjoint image sets (`cv`'s held-out folds, each
+  """`localise_each` blocks of disjoint image sets (`cv`'s held-out folds, each
   scored by its own model) as one: what one call over all the images would
   report, were a single model's heatmaps theirs.
 
