@@ -54,12 +54,13 @@ COLUMN_TEMPERATURE = "temperature"
 # without a usable mask.
 COLUMN_LESION_POINTING_HIT = "lesion_pointing_hit"  # peak in the lesion
 COLUMN_LESION_IOU = "lesion_iou"  # of {heatmap >= 0.5 of its peak}, lesion
-# Columns the evaluation predictions (evaluation_predictions_schema) add: was
-# the image in the artifact's training or validation split (the same
-# image_id), or else a near-duplicate of one there (dHash within
-# training.split.DEFAULT_MAX_DISTANCE bits)? Null where the artifact does not
-# say (no split.json, or one written before dHashes were kept).
+# Columns the evaluation predictions (evaluation_predictions_schema) add.
+# The image is in the artifact's training or validation split (the same
+# image_id); null when the artifact has no split.json.
 COLUMN_SEEN_IN_TRAINING = "seen_in_training"
+# Not itself there, but a near-duplicate of an image there (dHash within
+# training.split.DEFAULT_MAX_DISTANCE bits; false for the images above);
+# null also when the split.json predates the dHashes.
 COLUMN_NEAR_DUPLICATE_OF_TRAINING = "near_duplicate_of_training"
 
 

@@ -496,6 +496,41 @@ def test_evaluate_matches_hand_computation(tmp_path, capsys):
           for t in schemas.LABELS] == report["confusion_matrix"]
 
 
+def test_evaluation_rows_mean_what_scoring_rows_mean():
+  """Each column evaluate's table shares with the scoring table holds what
+  scoring writes for the same model output, at the threshold's edge too."""
+  from beam_pipeline import scoring  # pylint: disable=import-outside-toplevel
+  from busi_core import inference  # pylint: disable=import-outside-toplevel
+  from training import data as data_lib  # pylint: disable=import-outside-toplevel
+  labels = list(schemas.LABELS)
+  # float32(0.9) is just under 0.9: scoring, comparing Python floats, calls
+  # it low-confidence; a float32 comparison would not.
+  probabilities = np.array([[0.9, 0.05, 0.05], [0.1, 0.2, 0.7],
+                            [0.02, 0.96, 0.02], [0.3, 0.3, 0.4]], np.float32)
+  ood_scores = np.array([1.0, 60.0, 47.0, 3.5])
+  ids = [c * 64 for c in "abcd"]
+  truth = np.array([0, 2, 1, 0])
+  data = data_lib.LabelledData(
+      np.zeros((4, 4, 4, 3), np.uint8), truth, ids,
+      [f"x.zip!/{labels[t]}/{i[:6]}.png" for t, i in zip(truth, ids)])
+  config = scoring.ScoringConfig(tuple(labels), 0.9, "v1", "run", 4,
+                                 ood_threshold=47.0)
+  table = evaluate._predictions_table(  # pylint: disable=protected-access
+      data, labels, probabilities, config.threshold, ood_scores,
+      ood_scores > config.ood_threshold, config.model_version, None, None)
+  scored = schemas.prediction_columns(labels)
+  shared = [name for name in table.column_names if name in scored]
+  assert len(shared) == 13  # all but seen / near-duplicate
+  for i, row in enumerate(table.to_pylist()):
+    expected = scoring.prediction_row(
+        scoring.RowKey(ids[i], data.sources[i], labels[truth[i]]),
+        inference.ModelOutput(probabilities[i], float(ood_scores[i])), config)
+    assert {name: row[name] for name in shared} == {
+        name: expected[name] for name in shared}
+  assert table.column(schemas.COLUMN_LOW_CONFIDENCE).to_pylist() == [
+      True, True, False, True]
+
+
 @pytest.fixture(name="test_artifact", scope="module")
 def fixture_test_artifact(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("gradcam") / "model")

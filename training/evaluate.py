@@ -71,6 +71,13 @@ def _count(flags: Optional[np.ndarray]) -> Optional[int]:
   return None if flags is None else int(flags.sum())
 
 
+def _confidence(probabilities: np.ndarray) -> np.ndarray:
+  """Each image's top probability, in float64: scoring compares it with the
+  threshold as a Python float (numpy would compare a float32 array in
+  float32, so a probability of float32(0.9) would not be under 0.9)."""
+  return probabilities.max(axis=1).astype(np.float64)
+
+
 def _predictions_table(data: data_lib.LabelledData, labels: Sequence[str],
                        probabilities: np.ndarray, threshold: float,
                        ood_scores: Optional[np.ndarray],
@@ -85,7 +92,7 @@ def _predictions_table(data: data_lib.LabelledData, labels: Sequence[str],
     return pa.nulls(count, kind) if values is None else values
 
   predicted = probabilities.argmax(axis=1)
-  confidence = probabilities.max(axis=1).astype(np.float64)
+  confidence = _confidence(probabilities)
   columns = {
       "image_id": list(data.image_ids),
       "source": list(data.sources),
@@ -214,8 +221,7 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
   predicted = probabilities.argmax(axis=1)
   report = metrics.classification_report(data.labels, predicted, labels)
   threshold = float(loaded.metadata.threshold)
-  # float64, as scoring compares it with the threshold.
-  confidence = probabilities.max(axis=1).astype(np.float64)
+  confidence = _confidence(probabilities)
   correct = predicted == data.labels
   reliability = calibration.reliability(confidence, correct)
   seen, near = _seen(_fitted_on(model_dir), data.image_ids, data.images)
@@ -271,11 +277,12 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
                  report["near_duplicates_of_training"] or 0)
   if "://" not in output:
     os.makedirs(output, exist_ok=True)
-  with FileSystems.create(_join(output, REPORT_FILE)) as f:
-    f.write(json.dumps(report, indent=2).encode("utf-8"))
+  # The rows first: a report must not stand beside another run's rows.
   with FileSystems.create(_join(output, evaluation_schema.PREDICTIONS_FILE)
                           ) as f:
     pq.write_table(table, f)
+  with FileSystems.create(_join(output, REPORT_FILE)) as f:
+    f.write(json.dumps(report, indent=2).encode("utf-8"))
   plots.plot_confusion_matrix(
       report["confusion_matrix"], labels, _join(output, CONFUSION_MATRIX_FILE),
       f"{report['model_version']} ({report['count']} images)")
