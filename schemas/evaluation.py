@@ -1,4 +1,5 @@
-"""Fields of the report `python -m training evaluate` writes (metrics.json).
+"""Fields of the report `python -m training evaluate` writes (metrics.json),
+and the name of the per-image table beside it.
 
 Only the blocks that code other than the writer reads are spelled here; the
 lesion-localisation block (`--masks`) is a typed record, so its fields have

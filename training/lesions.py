@@ -12,10 +12,10 @@ The masks of one image are one lesion set: each is decoded and resized with
 stretch to image_size², INTER_AREA), their union taken, and a pixel counted
 as lesion when over MASK_THRESHOLD.
 
-Per paired image, with Grad-CAM of the image's true class (see `localise_each`):
-the pointing game (is the heatmap's peak in the lesion?) and the IoU of
-{heatmap >= HEATMAP_THRESHOLD} with the lesion. Masks serve this check only;
-training and scoring never read them.
+Per paired image, with Grad-CAM of the image's true class (see
+`localise_each`): the pointing game (is the heatmap's peak in the lesion?)
+and the IoU of {heatmap >= HEATMAP_THRESHOLD} with the lesion. Masks serve
+this check only; training and scoring never read them.
 """
 
 import logging
