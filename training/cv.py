@@ -759,8 +759,7 @@ def cross_validate(config: TrainConfig, folds: int,
         runner.model, data.images[test], [data.sources[i] for i in test],
         data.labels[test], result["probabilities"].argmax(axis=1), names,
         mask_sets, config.batch_size)
-    for row, hit, overlap in zip(each.rows, each.hits, each.ious):
-      scored[data.image_ids[test[row]]] = (hit, overlap)
+    scored.update(each.by_image([data.image_ids[i] for i in test]))
     _LOG.info("cv fold %d: %s", k, lesions.format_localisation(localised[k]))
     localising += time.perf_counter() - begun
 

@@ -263,8 +263,7 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
         labels, mask_sets, batch_size)
     report[evaluation_schema.LESION_LOCALISATION] = block.to_json()
     table = lesions.with_columns(
-        table, {data.image_ids[row]: (hit, overlap) for row, hit, overlap
-                in zip(each.rows, each.hits, each.ious)},
+        table, each.by_image(data.image_ids),
         schemas.evaluation_predictions_schema(labels, localised=True))
   if ood_patterns:
     report["ood_archive"] = evaluate_ood_archive(scoring_model, ood_patterns,

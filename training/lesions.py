@@ -229,6 +229,13 @@ class ImageScores(NamedTuple):
   hits: List[bool]  # the true class's heatmap peak lies in the lesion
   ious: List[float]  # of {heatmap >= HEATMAP_THRESHOLD} with the lesion
 
+  def by_image(self, image_ids: Sequence[str]
+              ) -> Dict[str, Tuple[bool, float]]:
+    """image_id → (hit, IoU) of each scored image; `image_ids` are those of
+    the images `localise_each` was given, in its order."""
+    return {image_ids[row]: (hit, overlap)
+            for row, hit, overlap in zip(self.rows, self.hits, self.ious)}
+
 
 def with_columns(table: pa.Table, scored: Dict[str, Tuple[bool, float]],
                  schema: pa.Schema) -> pa.Table:
