@@ -195,6 +195,7 @@ from schemas.quality import (
 from schemas.tables import (
     COLUMN_FOLD,
     COLUMN_FRAME,
+    COLUMN_IN_RECALIBRATION_FIT,
     COLUMN_LESION_IOU,
     COLUMN_LESION_POINTING_HIT,
     COLUMN_LOW_CONFIDENCE,

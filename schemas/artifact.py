@@ -117,6 +117,11 @@ METADATA_RECALIBRATION = "recalibration"
 # {"fit": [image_id, ...], "holdout": [...], SPLIT_DHASH_KEY: {"fit": [16 hex
 #  digits, ...], ...}}: how recalibrate split its site sample.
 RECALIBRATION_SPLIT_FILE = "recalibration_split.json"
+# Its parts (also the keys of the "recalibration" block's data_fingerprint and
+# class_counts): the temperature was fitted and the threshold chosen on the
+# fit part; the parent and the new calibration are compared on the held-out.
+RECALIBRATION_FIT = "fit"
+RECALIBRATION_HOLDOUT = "holdout"
 
 # metadata "threshold_source": a fixed --threshold, or chosen for
 # --target_accuracy.

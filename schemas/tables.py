@@ -62,6 +62,12 @@ COLUMN_SEEN_IN_TRAINING = "seen_in_training"
 # training.split.DEFAULT_MAX_DISTANCE bits; false for the images above);
 # null also when the split.json predates the dHashes.
 COLUMN_NEAR_DUPLICATE_OF_TRAINING = "near_duplicate_of_training"
+# The image, or a near-duplicate of it, is in the part of a site sample that
+# `recalibrate` fitted this artifact's temperature and chose its threshold on
+# (its recalibration_split.json): calibration and flagging figures on it are
+# in-sample. False for every image when the artifact was never recalibrated;
+# null when it was but that file is missing or is not its own.
+COLUMN_IN_RECALIBRATION_FIT = "in_recalibration_fit"
 
 
 def error_columns():
@@ -157,7 +163,8 @@ def evaluation_predictions_schema(labels: Sequence[str],
 
   One row per evaluated image: its label and what the artifact made of it,
   exactly as scoring would (calibrated probabilities, the artifact's
-  threshold and OOD detector), and whether the artifact was fitted on it.
+  threshold and OOD detector), and whether the artifact (or its
+  recalibration) was fitted on it.
   The names the scoring table shares with it mean the same.
   `out_of_distribution` and `ood_score` are null when the artifact has no OOD
   detector. `localised` (`evaluate --masks`): the two lesion columns follow.
@@ -171,7 +178,8 @@ def evaluation_predictions_schema(labels: Sequence[str],
       "confidence", "threshold", COLUMN_LOW_CONFIDENCE, COLUMN_OOD_SCORE,
       COLUMN_OUT_OF_DISTRIBUTION, "model_version")]
   fields += [pa.field(COLUMN_SEEN_IN_TRAINING, pa.bool_()),
-             pa.field(COLUMN_NEAR_DUPLICATE_OF_TRAINING, pa.bool_())]
+             pa.field(COLUMN_NEAR_DUPLICATE_OF_TRAINING, pa.bool_()),
+             pa.field(COLUMN_IN_RECALIBRATION_FIT, pa.bool_())]
   if localised:
     fields += _lesion_fields()
   return pa.schema(fields)

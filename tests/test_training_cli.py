@@ -390,9 +390,16 @@ def test_existing_artifact_needs_overwrite(tmp_path, data_glob, capsys):
   testing.make_test_artifact(output)
   argv = ["train", "--data", data_glob, "--output", output, "--backbone",
           "tiny", "--backbone_weights", "none", "--no_augment", "--epochs", "1"]
+  # As if it had been recalibrated: its sample split describes a calibration
+  # the new model will not have.
+  stale = os.path.join(output, schemas.RECALIBRATION_SPLIT_FILE)
+  with open(stale, "w") as f:
+    json.dump({"fit": ["a"]}, f)
   assert cli.main(argv) == 2
   assert "--overwrite" in capsys.readouterr().err
+  assert os.path.exists(stale)
   assert cli.main(argv + ["--overwrite"]) == 0
+  assert not os.path.exists(stale)
 
 
 def _colour_model(size):
@@ -488,6 +495,9 @@ def test_evaluate_matches_hand_computation(tmp_path, capsys):
                    schemas.COLUMN_SEEN_IN_TRAINING,
                    schemas.COLUMN_NEAR_DUPLICATE_OF_TRAINING):
       assert row[column] is None
+    # Never recalibrated: no image was in a recalibration sample.
+    assert row[schemas.COLUMN_IN_RECALIBRATION_FIT] is False
+  assert report[schemas.COLUMN_IN_RECALIBRATION_FIT] == 0
   # The report's confusion matrix, from the table in DuckDB.
   counts = dict(((t, p), n) for t, p, n in duckdb.sql(
       f"SELECT label, predicted_class, count(*) FROM read_parquet('{path}')"
@@ -517,10 +527,11 @@ def test_evaluation_rows_mean_what_scoring_rows_mean():
                                  ood_threshold=47.0)
   table = evaluate._predictions_table(  # pylint: disable=protected-access
       data, labels, probabilities, config.threshold, ood_scores,
-      ood_scores > config.ood_threshold, config.model_version, None, None)
+      ood_scores > config.ood_threshold, config.model_version, None, None,
+      None)
   scored = schemas.prediction_columns(labels)
   shared = [name for name in table.column_names if name in scored]
-  assert len(shared) == 13  # all but seen / near-duplicate
+  assert len(shared) == 13  # all but the three "fitted on it" columns
   for i, row in enumerate(table.to_pylist()):
     expected = scoring.prediction_row(
         scoring.RowKey(ids[i], data.sources[i], labels[truth[i]]),

@@ -10,6 +10,7 @@ threshold in the middle fit it.
 import hashlib
 import json
 import os
+import shutil
 from typing import NamedTuple
 
 import numpy as np
@@ -216,7 +217,8 @@ def test_recalibrate_refits_temperature_and_threshold(site, tmp_path, capsys):
                "recalibrated (after)", f"| ECE (15 bins) | {old.ece:.3f} |"
                f" {now.ece:.3f} |", f"{metadata.threshold:.4f}",
                block.data_fingerprint["overall"],
-               "python -m training recalibrate --model DIR"):
+               "python -m training recalibrate --model DIR",
+               f"`{schemas.COLUMN_IN_RECALIBRATION_FIT}` column"):
     assert text in card, text
   assert "In-sample" not in card
 
@@ -268,6 +270,83 @@ def test_fixed_threshold_in_sample(site, tmp_path):
                                                rel=1e-4)
   card = (output / schemas.MODEL_CARD_FILE).read_text()
   assert "**In-sample figures**" in card and "fixed (`--threshold`)" in card
+
+
+def _evaluate(model_dir, data, output):
+  """`evaluate`'s report and its rows' in_recalibration_fit by image_id."""
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  from schemas import evaluation as evaluation_schema  # pylint: disable=import-outside-toplevel
+  assert cli.main(["evaluate", "--model", str(model_dir), "--data", data,
+                   "--output", str(output)]) == 0
+  with open(output / "metrics.json") as f:
+    report = json.load(f)
+  rows = pq.read_table(str(output / evaluation_schema.PREDICTIONS_FILE)
+                      ).to_pylist()
+  return report, {r["image_id"]: r[schemas.COLUMN_IN_RECALIBRATION_FIT]
+                  for r in rows}
+
+
+def test_evaluate_marks_the_sample_the_calibration_was_fitted_on(
+    site, tmp_path, capsys, caplog):
+  output = tmp_path / "recal"
+  assert _run(site, output) == 0
+  with open(output / schemas.RECALIBRATION_SPLIT_FILE) as f:
+    parts = json.load(f)
+  fit, holdout = set(parts["fit"]), set(parts["holdout"])
+  assert fit and holdout
+  capsys.readouterr()
+
+  # The whole sample: the fit part is marked, the held-out part is not.
+  report, marked = _evaluate(output, site.data, tmp_path / "all")
+  assert marked == {i: i in fit for i in site.image_ids}
+  assert report[schemas.COLUMN_IN_RECALIBRATION_FIT] == len(fit)
+  assert (f"In-sample calibration: {len(fit)} of these images"
+          in capsys.readouterr().out)
+
+  # A near-duplicate of a fitted image (one pixel changed: another
+  # image_id, the same dHash) is marked too; a held-out image is not.
+  from training import data as data_lib  # pylint: disable=import-outside-toplevel
+  records = {r.image_id: r for r in data_lib.read_records(
+      data_lib.list_files([site.data]))}
+  copy = records[sorted(fit)[0]]
+  changed = copy.pixels.copy()
+  changed[0, 0] ^= 1
+  near = testing.make_record(changed, copy.label)
+  held = records[sorted(holdout)[0]]
+  data = testing.write_tfrecords(
+      str(tmp_path / "near" / "part.tfrecord.gz"), [near, held])
+  report, marked = _evaluate(output, data, tmp_path / "near_report")
+  assert marked == {near.image_id: True, held.image_id: False}
+  assert report[schemas.COLUMN_IN_RECALIBRATION_FIT] == 1
+  capsys.readouterr()
+
+  # Never recalibrated: nothing is marked, whatever file lies beside it.
+  report, marked = _evaluate(site.parent, site.data, tmp_path / "parent")
+  assert set(marked.values()) == {False}
+  assert report[schemas.COLUMN_IN_RECALIBRATION_FIT] == 0
+  assert "In-sample calibration" not in capsys.readouterr().out
+  stray = tmp_path / "stray"
+  shutil.copytree(site.parent, stray)
+  shutil.copy(output / schemas.RECALIBRATION_SPLIT_FILE, stray)
+  report, marked = _evaluate(stray, site.data, tmp_path / "stray_report")
+  assert set(marked.values()) == {False}
+
+  # Recalibrated, but its file is gone or is not its own: unknown (null),
+  # and the log says why.
+  for damage, why in (("missing", "is missing"),
+                      ("other", "does not match the metadata's fingerprint")):
+    broken = tmp_path / damage
+    shutil.copytree(output, broken)
+    split_file = broken / schemas.RECALIBRATION_SPLIT_FILE
+    if damage == "missing":
+      split_file.unlink()
+    else:
+      split_file.write_text(json.dumps({**parts, "fit": parts["fit"][1:]}))
+    caplog.clear()
+    report, marked = _evaluate(broken, site.data, tmp_path / f"{damage}_r")
+    assert set(marked.values()) == {None}, damage
+    assert report[schemas.COLUMN_IN_RECALIBRATION_FIT] is None
+    assert why in caplog.text, damage
 
 
 def test_existing_output_needs_overwrite(site, tmp_path, capsys):

@@ -517,6 +517,12 @@ def main(argv: Optional[List[str]] = None) -> int:
               " in the model's training or validation split, and"
               f" {report['near_duplicates_of_training'] or 0} more are"
               " near-duplicates of images there.")
+      recalibration_fit = report[schemas.COLUMN_IN_RECALIBRATION_FIT]
+      if recalibration_fit:
+        print(f"In-sample calibration: {recalibration_fit} of these images"
+              " (or near-duplicates of them) are in the sample recalibrate"
+              " fitted the temperature and threshold on: ECE and flagging"
+              " on them are optimistic.")
       for line in evaluate.ood_lines(report):
         print(line)
       if evaluation_schema.LESION_LOCALISATION in report:

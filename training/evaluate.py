@@ -23,6 +23,9 @@ _LOG = logging.getLogger(__name__)
 REPORT_FILE = "metrics.json"
 CONFUSION_MATRIX_FILE = artifact_schema.CONFUSION_MATRIX_FILE
 SPLIT_FILE = artifact_schema.SPLIT_FILE  # written by train; flags seen images
+# Written by recalibrate: flags the images its calibration was fitted on.
+RECALIBRATION_SPLIT_FILE = artifact_schema.RECALIBRATION_SPLIT_FILE
+_RECALIBRATION_FIT = artifact_schema.RECALIBRATION_FIT
 
 
 def _join(directory: str, name: str) -> str:
@@ -49,10 +52,54 @@ def _fitted_on(model_dir: str) -> Optional[_Fitted]:
   return _Fitted(ids, hashes)
 
 
-def _seen(fitted: Optional[_Fitted], image_ids: Sequence[str], images
+def _recalibrated_on(model_dir: str, metadata) -> Tuple[Optional[_Fitted],
+                                                       Optional[str]]:
+  """The part of a site sample `recalibrate` fitted the artifact's temperature
+  and threshold on, from its recalibration_split.json.
+
+  Returns:
+    (the fit part, None); (an empty one, None) for an artifact that was never
+    recalibrated (a recalibration_split.json beside it is another artifact's
+    and is ignored); (None, why) when the artifact was recalibrated but its
+    file is missing or does not match the metadata's fingerprint of the fit
+    part.
+  """
+  block = metadata.recalibration
+  if block is None:
+    return _Fitted(set(), []), None
+  uri = _join(model_dir, RECALIBRATION_SPLIT_FILE)
+  if not FileSystems.exists(uri):
+    return None, f"{RECALIBRATION_SPLIT_FILE} is missing"
+  with FileSystems.open(uri) as f:
+    parts = json.loads(f.read().decode("utf-8"))
+  ids = list(parts.get(_RECALIBRATION_FIT, []))
+  expected = (block.data_fingerprint or {}).get(_RECALIBRATION_FIT)
+  if expected is None or split.fingerprint(ids) != expected:
+    return None, (f"{RECALIBRATION_SPLIT_FILE} does not match the"
+                  " metadata's fingerprint of the fit part")
+  stored = parts.get(artifact_schema.SPLIT_DHASH_KEY, {})
+  hashes = None if _RECALIBRATION_FIT not in stored else [
+      int(h, 16) for h in stored[_RECALIBRATION_FIT]]
+  return _Fitted(set(ids), hashes), None
+
+
+def _in_fit(fitted: Optional[_Fitted], image_ids: Sequence[str],
+            hashes: Sequence[int]) -> Optional[np.ndarray]:
+  """Per image: is it, or a near-duplicate of it, in `fitted`? (None:
+  unknown.) Near-duplicates where the file stored dHashes."""
+  if fitted is None:
+    return None
+  found = np.array([i in fitted.ids for i in image_ids], bool)
+  if fitted.hashes:
+    found |= np.asarray(split.near_any(hashes, fitted.hashes), bool)
+  return found
+
+
+def _seen(fitted: Optional[_Fitted], image_ids: Sequence[str],
+          hashes: Sequence[int]
          ) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
   """Per image: (an exact copy of a training/validation image, else a
-  near-duplicate of one), as bool arrays.
+  near-duplicate of one), as bool arrays; `hashes` are the images' dHashes.
 
   None where the artifact does not say (no split.json, or one written
   before dHashes were stored).
@@ -62,8 +109,7 @@ def _seen(fitted: Optional[_Fitted], image_ids: Sequence[str], images
   exact = np.array([i in fitted.ids for i in image_ids], bool)
   if fitted.hashes is None:
     return exact, None
-  near = np.array(split.near_any([split.dhash(image) for image in images],
-                                 fitted.hashes), bool)
+  near = np.array(split.near_any(hashes, fitted.hashes), bool)
   return exact, near & ~exact
 
 
@@ -83,7 +129,8 @@ def _predictions_table(data: data_lib.LabelledData, labels: Sequence[str],
                        ood_scores: Optional[np.ndarray],
                        ood_flags: Optional[np.ndarray], model_version: str,
                        seen: Optional[np.ndarray],
-                       near: Optional[np.ndarray]) -> pa.Table:
+                       near: Optional[np.ndarray],
+                       recalibration_fit: Optional[np.ndarray]) -> pa.Table:
   """Every evaluated image as the artifact scored it
   (schemas.evaluation_predictions_schema, without the lesion columns)."""
   count = len(data.image_ids)
@@ -111,6 +158,8 @@ def _predictions_table(data: data_lib.LabelledData, labels: Sequence[str],
       "model_version": [model_version] * count,
       schemas.COLUMN_SEEN_IN_TRAINING: nullable(seen, pa.bool_()),
       schemas.COLUMN_NEAR_DUPLICATE_OF_TRAINING: nullable(near, pa.bool_()),
+      schemas.COLUMN_IN_RECALIBRATION_FIT: nullable(recalibration_fit,
+                                                    pa.bool_()),
   })
   return pa.table(columns,
                   schema=schemas.evaluation_predictions_schema(labels))
@@ -224,12 +273,20 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
   confidence = _confidence(probabilities)
   correct = predicted == data.labels
   reliability = calibration.reliability(confidence, correct)
-  seen, near = _seen(_fitted_on(model_dir), data.image_ids, data.images)
+  hashes = [split.dhash(image) for image in data.images]
+  seen, near = _seen(_fitted_on(model_dir), data.image_ids, hashes)
+  recalibrated_on, unknown_why = _recalibrated_on(model_dir, loaded.metadata)
+  if unknown_why:
+    _LOG.warning("%s was recalibrated, but %s: which of these images its"
+                 " calibration was fitted on is unknown", model_dir,
+                 unknown_why)
+  recalibration_fit = _in_fit(recalibrated_on, data.image_ids, hashes)
   ood_flags = (None if ood_scores is None else
                ood.flagged(scoring_model.ood, ood_scores))
   table = _predictions_table(data, labels, probabilities, threshold,
                              ood_scores, ood_flags,
-                             loaded.metadata.model_version, seen, near)
+                             loaded.metadata.model_version, seen, near,
+                             recalibration_fit)
   report.update({
       "model_dir": model_dir,
       "model_version": loaded.metadata.model_version,
@@ -252,6 +309,10 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
       # the same frame re-encoded, resized or slightly changed).
       "seen_in_training": _count(seen),
       "near_duplicates_of_training": _count(near),
+      # Images (or near-duplicates of images) the temperature was fitted and
+      # the threshold chosen on by `recalibrate`: ECE and flagging on them
+      # are in-sample. 0 for an artifact never recalibrated.
+      schemas.COLUMN_IN_RECALIBRATION_FIT: _count(recalibration_fit),
       "ood": _ood_block(scoring_model, ood_flags),
       "evaluated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"),
@@ -274,6 +335,12 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
                  " there: these metrics are optimistic",
                  report["seen_in_training"] or 0, report["count"],
                  report["near_duplicates_of_training"] or 0)
+  if report[schemas.COLUMN_IN_RECALIBRATION_FIT]:
+    _LOG.warning("%d of the %d images (or near-duplicates of them) are in the"
+                 " sample `recalibrate` fitted this artifact's temperature"
+                 " and threshold on: its ECE and flagging figures are"
+                 " in-sample", report[schemas.COLUMN_IN_RECALIBRATION_FIT],
+                 report["count"])
   if "://" not in output:
     os.makedirs(output, exist_ok=True)
   # The rows first: a report must not stand beside another run's rows.

@@ -572,7 +572,11 @@ def _recalibration_section(metadata: ArtifactMetadata) -> List[str]:
       f" {_or_na(block.holdout_fraction)}`, seed {_or_na(block.seed)};"
       " near-duplicates kept in one part,"
       f" {_or_na(block.near_duplicates_grouped)} images in such groups;"
-      f" the parts' image_ids in `{schemas.RECALIBRATION_SPLIT_FILE}`).",
+      f" the parts' image_ids in `{schemas.RECALIBRATION_SPLIT_FILE}`;"
+      " `python -m training evaluate` marks the fit part's images, and"
+      " near-duplicates of them, in its"
+      f" `{schemas.COLUMN_IN_RECALIBRATION_FIT}` column and count: calibration"
+      " figures over them are in-sample).",
       ""]
   labels = list(metadata.labels)
   rows = [[name] + [part.get(l, 0) for l in labels]

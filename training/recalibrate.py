@@ -42,8 +42,8 @@ from busi_core.layers import TemperatureScaling
 
 _LOG = logging.getLogger(__name__)
 
-FIT = "fit"
-HOLDOUT = "holdout"
+FIT = artifact_schema.RECALIBRATION_FIT
+HOLDOUT = artifact_schema.RECALIBRATION_HOLDOUT
 
 # The parent's companion files: they describe its training and its own test
 # split, which the shared weights still match (no argmax changes), so the new

@@ -36,12 +36,15 @@ def check_output(config: TrainConfig) -> None:
 
 def remove_stale(config: TrainConfig) -> None:
   """With --overwrite, the old artifact stops being one before anything is
-  written (metadata.json goes first), its cv_predictions.parquet too, and
-  its cv.json when this run writes none."""
+  written (metadata.json goes first), its cv_predictions.parquet and
+  recalibration_split.json too, and its cv.json when this run writes
+  none."""
   writes_cv = config.cv_folds or config.cv_report
   # The predictions go whatever this run writes: a --cv_report from
-  # before them brings none.
-  names = [schemas.METADATA_FILE, schemas.CV_PREDICTIONS_FILE] + (
+  # before them brings none. A recalibrated artifact's sample split would
+  # describe a calibration the new model does not have.
+  names = [schemas.METADATA_FILE, schemas.CV_PREDICTIONS_FILE,
+           schemas.RECALIBRATION_SPLIT_FILE] + (
       [] if writes_cv else [schemas.CV_REPORT_FILE])
   stale = [FileSystems.join(config.output.rstrip("/"), name) for name in names]
   stale = [uri for uri in stale if FileSystems.exists(uri)]
