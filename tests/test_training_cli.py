@@ -402,6 +402,27 @@ def test_existing_artifact_needs_overwrite(tmp_path, data_glob, capsys):
   assert not os.path.exists(stale)
 
 
+@pytest.mark.parametrize("cv_folds", [0, 5])
+def test_overwrite_removes_what_would_describe_another_model(tmp_path,
+                                                            cv_folds):
+  """`train --overwrite`'s first step: the old artifact's files that the new
+  run may not rewrite go (without training anything)."""
+  from training.steps import save  # pylint: disable=import-outside-toplevel
+  output = tmp_path / "m"
+  output.mkdir()
+  stale = (schemas.METADATA_FILE, schemas.CV_PREDICTIONS_FILE,
+           schemas.RECALIBRATION_SPLIT_FILE, schemas.CV_REPORT_FILE)
+  kept = (schemas.MODEL_FILE, schemas.SPLIT_FILE)
+  for name in stale + kept:
+    (output / name).write_text("old")
+  save.remove_stale(config_lib.TrainConfig(
+      data=("x",), output=str(output), overwrite=True, cv_folds=cv_folds))
+  # cv.json stays only for a run that writes its own.
+  gone = stale if not cv_folds else stale[:-1]
+  assert sorted(os.listdir(output)) == sorted(
+      set(stale + kept) - set(gone))
+
+
 def _colour_model(size):
   """A real artifact model whose prediction is the image's dominant colour.
 

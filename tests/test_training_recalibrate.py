@@ -297,11 +297,14 @@ def test_evaluate_marks_the_sample_the_calibration_was_fitted_on(
   capsys.readouterr()
 
   # The whole sample: the fit part is marked, the held-out part is not.
+  caplog.clear()
   report, marked = _evaluate(output, site.data, tmp_path / "all")
   assert marked == {i: i in fit for i in site.image_ids}
   assert report[schemas.COLUMN_IN_RECALIBRATION_FIT] == len(fit)
   assert (f"In-sample calibration: {len(fit)} of these images"
           in capsys.readouterr().out)
+  assert (f"{len(fit)} of the {IMAGES} images (or near-duplicates of them)"
+          " are in the sample `recalibrate` fitted") in caplog.text
 
   # A near-duplicate of a fitted image (one pixel changed: another
   # image_id, the same dHash) is marked too; a held-out image is not.
@@ -331,22 +334,36 @@ def test_evaluate_marks_the_sample_the_calibration_was_fitted_on(
   report, marked = _evaluate(stray, site.data, tmp_path / "stray_report")
   assert set(marked.values()) == {False}
 
-  # Recalibrated, but its file is gone or is not its own: unknown (null),
-  # and the log says why.
-  for damage, why in (("missing", "is missing"),
-                      ("other", "does not match the metadata's fingerprint")):
+  # Recalibrated, but its file is gone, unreadable or not its own: unknown
+  # (null), and the log says why.
+  fingerprint = "does not match the metadata's fingerprint"
+  unreadable = "cannot be read as recalibrate writes it"
+  no_hashes = {k: v for k, v in parts.items() if k != schemas.SPLIT_DHASH_KEY}
+  for damage, text, why in (
+      ("missing", None, "is missing"),
+      ("corrupt", "{", unreadable),
+      ("no_dhashes", json.dumps(no_hashes), unreadable),
+      ("other", json.dumps({**parts, "fit": parts["fit"][1:]}), fingerprint),
+      ("unrecorded", json.dumps(parts), fingerprint)):
     broken = tmp_path / damage
     shutil.copytree(output, broken)
     split_file = broken / schemas.RECALIBRATION_SPLIT_FILE
-    if damage == "missing":
+    if text is None:
       split_file.unlink()
     else:
-      split_file.write_text(json.dumps({**parts, "fit": parts["fit"][1:]}))
+      split_file.write_text(text)
+    if damage == "unrecorded":  # the metadata keeps no fit fingerprint
+      metadata_file = broken / schemas.METADATA_FILE
+      metadata = json.loads(metadata_file.read_text())
+      del metadata["recalibration"]["data_fingerprint"]["fit"]
+      metadata_file.write_text(json.dumps(metadata))
     caplog.clear()
     report, marked = _evaluate(broken, site.data, tmp_path / f"{damage}_r")
     assert set(marked.values()) == {None}, damage
     assert report[schemas.COLUMN_IN_RECALIBRATION_FIT] is None
     assert why in caplog.text, damage
+    assert "which of these images its calibration was fitted on is unknown" \
+        in capsys.readouterr().out, damage
 
 
 def test_existing_output_needs_overwrite(site, tmp_path, capsys):

@@ -523,6 +523,10 @@ def main(argv: Optional[List[str]] = None) -> int:
               " (or near-duplicates of them) are in the sample recalibrate"
               " fitted the temperature and threshold on: ECE and flagging"
               " on them are optimistic.")
+      elif recalibration_fit is None:
+        print("Recalibrated, but which of these images its calibration was"
+              " fitted on is unknown (the warning above says why): ECE and"
+              " flagging may be in-sample.")
       for line in evaluate.ood_lines(report):
         print(line)
       if evaluation_schema.LESION_LOCALISATION in report:

@@ -33,7 +33,8 @@ def _join(directory: str, name: str) -> str:
 
 
 class _Fitted(NamedTuple):
-  """What the model was fitted on (train + val): ids, and dHashes if known."""
+  """Images a model or its calibration was fitted on (split.json's train +
+  val, or recalibration_split.json's fit part): ids, and dHashes if known."""
   ids: set
   hashes: Optional[List[int]]
 
@@ -61,8 +62,9 @@ def _recalibrated_on(model_dir: str, metadata) -> Tuple[Optional[_Fitted],
     (the fit part, None); (an empty one, None) for an artifact that was never
     recalibrated (a recalibration_split.json beside it is another artifact's
     and is ignored); (None, why) when the artifact was recalibrated but its
-    file is missing or does not match the metadata's fingerprint of the fit
-    part.
+    file is missing, unreadable, lacks the fit part's dHashes, or does not
+    match the metadata's fingerprint of the fit part: not the file
+    `recalibrate` wrote for it.
   """
   block = metadata.recalibration
   if block is None:
@@ -70,23 +72,27 @@ def _recalibrated_on(model_dir: str, metadata) -> Tuple[Optional[_Fitted],
   uri = _join(model_dir, RECALIBRATION_SPLIT_FILE)
   if not FileSystems.exists(uri):
     return None, f"{RECALIBRATION_SPLIT_FILE} is missing"
-  with FileSystems.open(uri) as f:
-    parts = json.loads(f.read().decode("utf-8"))
-  ids = list(parts.get(_RECALIBRATION_FIT, []))
+  try:
+    with FileSystems.open(uri) as f:
+      parts = json.loads(f.read().decode("utf-8"))
+    ids = list(parts[_RECALIBRATION_FIT])
+    hashes = [int(h, 16) for h in
+              parts[artifact_schema.SPLIT_DHASH_KEY][_RECALIBRATION_FIT]]
+  except (ValueError, KeyError, TypeError) as e:
+    return None, (f"{RECALIBRATION_SPLIT_FILE} cannot be read as"
+                  f" recalibrate writes it ({type(e).__name__}: {e})")
   expected = (block.data_fingerprint or {}).get(_RECALIBRATION_FIT)
-  if expected is None or split.fingerprint(ids) != expected:
+  if (expected is None or split.fingerprint(ids) != expected or
+      len(hashes) != len(ids)):
     return None, (f"{RECALIBRATION_SPLIT_FILE} does not match the"
                   " metadata's fingerprint of the fit part")
-  stored = parts.get(artifact_schema.SPLIT_DHASH_KEY, {})
-  hashes = None if _RECALIBRATION_FIT not in stored else [
-      int(h, 16) for h in stored[_RECALIBRATION_FIT]]
   return _Fitted(set(ids), hashes), None
 
 
 def _in_fit(fitted: Optional[_Fitted], image_ids: Sequence[str],
             hashes: Sequence[int]) -> Optional[np.ndarray]:
   """Per image: is it, or a near-duplicate of it, in `fitted`? (None:
-  unknown.) Near-duplicates where the file stored dHashes."""
+  unknown.)"""
   if fitted is None:
     return None
   found = np.array([i in fitted.ids for i in image_ids], bool)
@@ -246,6 +252,9 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
     (`calibration.flag_stats`), plus provenance: model_version, data
     fingerprint, skip counts, and how many of the images the model was
     trained or validated on, as exact copies or near-duplicates, when known;
+    how many are (or are near-duplicates of) images a recalibration fitted
+    its temperature and threshold on ("in_recalibration_fit": 0 when the
+    artifact was never recalibrated, null when that is unknown);
     "ood": what the OOD detector flags of these images (null without a
     detector), and "ood_archive" with --ood.
 
