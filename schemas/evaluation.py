@@ -16,6 +16,15 @@ LESION_LABELS = ("benign", "malignant")
 # (schemas.tables.evaluation_predictions_schema), for SQL.
 PREDICTIONS_FILE = "evaluation_predictions.parquet"
 
+# metrics.json key of the figures over the images the artifact was not
+# fitted on (no image, nor a near-duplicate of one, in its training or
+# validation split or its recalibration's fit part): null when it was fitted
+# on none of them (the report's own figures are those), else "count",
+# "excluded", "status_unknown" (whether some of those facts were unknown and
+# counted as not fitted on) and, when count > 0, the classification report's
+# fields, "ece" and "flagging".
+NOT_FITTED_ON = "not_fitted_on"
+
 # metrics.json key of the LesionLocalisation block (with --masks only).
 LESION_LOCALISATION = "lesion_localisation"
 

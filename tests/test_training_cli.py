@@ -137,11 +137,18 @@ def test_train_without_augmentation(tmp_path, data_glob, capsys):
       str(tmp_path / "eval" / "part.tfrecord.gz"), [copy, near, unseen])
   assert cli.main(["evaluate", "--model", output, "--data", eval_data,
                    "--output", str(tmp_path / "eval_report")]) == 0
-  assert "Optimistic: 1 of these images" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "Optimistic: 1 of these images" in out
   evaluated = _load_json(str(tmp_path / "eval_report"), evaluate.REPORT_FILE)
   assert evaluated["count"] == 3
   assert evaluated["seen_in_training"] == 1
   assert evaluated["near_duplicates_of_training"] == 1
+  # The figures over the one image it was not fitted on.
+  rest = evaluated["not_fitted_on"]
+  assert (rest["count"], rest["excluded"], rest["status_unknown"]) == (
+      1, 2, False)
+  assert rest["per_class"][unseen.label]["support"] == 1
+  assert "Not fitted on: 1 of the 3 images" in out
   # ... and which: each image's row says.
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   from schemas import evaluation as evaluation_schema  # pylint: disable=import-outside-toplevel
@@ -483,6 +490,7 @@ def test_evaluate_matches_hand_computation(tmp_path, capsys):
   assert report["macro"]["f1"] == pytest.approx((3 / 4 + 4 / 3) / 3)
   assert report["low_confidence"] == 0
   assert report["seen_in_training"] is None
+  assert report["not_fitted_on"] is None  # nothing known to exclude
   assert report["model_version"] == artifact.read_artifact_info(
       model_dir).metadata.model_version
 

@@ -305,6 +305,18 @@ def test_evaluate_marks_the_sample_the_calibration_was_fitted_on(
           in capsys.readouterr().out)
   assert (f"{len(fit)} of the {IMAGES} images (or near-duplicates of them)"
           " are in the sample `recalibrate` fitted") in caplog.text
+  # The figures over the rest are the held-out check recalibrate made: the
+  # same images, temperature and threshold.
+  rest = report["not_fitted_on"]
+  after = _metadata(output).recalibration.check.after
+  assert (rest["count"], rest["excluded"]) == (len(holdout), len(fit))
+  # The parent's split.json has no dHashes: near-duplicates of its training
+  # images are unknown, and counted as not fitted on.
+  assert rest["status_unknown"] is True
+  assert rest["accuracy"] == pytest.approx(after.accuracy)
+  assert rest["ece"] == pytest.approx(after.ece, abs=1e-5)
+  for key in ("count", "flagged", "accuracy_confident", "accuracy_flagged"):
+    assert rest["flagging"][key] == pytest.approx(getattr(after, key)), key
 
   # A near-duplicate of a fitted image (one pixel changed: another
   # image_id, the same dHash) is marked too; a held-out image is not.

@@ -527,6 +527,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("Recalibrated, but which of these images its calibration was"
               " fitted on is unknown (the warning above says why): ECE and"
               " flagging may be in-sample.")
+      for line in evaluate.not_fitted_on_lines(report):
+        print(line)
       for line in evaluate.ood_lines(report):
         print(line)
       if evaluation_schema.LESION_LOCALISATION in report:

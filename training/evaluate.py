@@ -119,6 +119,31 @@ def _seen(fitted: Optional[_Fitted], image_ids: Sequence[str],
   return exact, near & ~exact
 
 
+def _not_fitted_on(flags: Sequence[Optional[np.ndarray]],
+                   truth: np.ndarray, predicted: np.ndarray,
+                   confidence: np.ndarray, threshold: float,
+                   labels: Sequence[str]) -> Optional[Dict]:
+  """The report's figures over the images none of `flags` marks (a flag
+  that is None, unknown, marks none): schemas.evaluation NOT_FITTED_ON."""
+  fitted = np.zeros(len(truth), bool)
+  for marked in flags:
+    if marked is not None:
+      fitted |= marked
+  if not fitted.any():
+    return None
+  keep = ~fitted
+  block = {"count": int(keep.sum()), "excluded": int(fitted.sum()),
+           "status_unknown": any(marked is None for marked in flags)}
+  if keep.any():
+    correct = predicted[keep] == truth[keep]
+    block.update(metrics.classification_report(truth[keep], predicted[keep],
+                                                labels))
+    block["ece"] = calibration.reliability(confidence[keep], correct)["ece"]
+    block["flagging"] = calibration.flag_stats(confidence[keep], correct,
+                                               threshold)
+  return block
+
+
 def _count(flags: Optional[np.ndarray]) -> Optional[int]:
   return None if flags is None else int(flags.sum())
 
@@ -254,7 +279,8 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
     trained or validated on, as exact copies or near-duplicates, when known;
     how many are (or are near-duplicates of) images a recalibration fitted
     its temperature and threshold on ("in_recalibration_fit": 0 when the
-    artifact was never recalibrated, null when that is unknown);
+    artifact was never recalibrated, null when that is unknown), and the
+    figures over the rest ("not_fitted_on", null when nothing was excluded);
     "ood": what the OOD detector flags of these images (null without a
     detector), and "ood_archive" with --ood.
 
@@ -322,6 +348,9 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
       # the threshold chosen on by `recalibrate`: ECE and flagging on them
       # are in-sample. 0 for an artifact never recalibrated.
       schemas.COLUMN_IN_RECALIBRATION_FIT: _count(recalibration_fit),
+      evaluation_schema.NOT_FITTED_ON: _not_fitted_on(
+          (seen, near, recalibration_fit), data.labels, predicted, confidence,
+          threshold, labels),
       "ood": _ood_block(scoring_model, ood_flags),
       "evaluated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"),
@@ -362,6 +391,32 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
       report["confusion_matrix"], labels, _join(output, CONFUSION_MATRIX_FILE),
       f"{report['model_version']} ({report['count']} images)")
   return report
+
+
+def not_fitted_on_lines(report: Dict) -> List[str]:
+  """The figures over the images the artifact was not fitted on, for a
+  terminal (nothing when it was fitted on none of them)."""
+  block = report.get(evaluation_schema.NOT_FITTED_ON)
+  if block is None:
+    return []
+  head = (f"Not fitted on: {block['count']} of the"
+          f" {block['count'] + block['excluded']} images (neither they nor"
+          " near-duplicates were in its training or validation split or its"
+          " recalibration's fit part")
+  head += ("; where the artifact could not tell, counted as not fitted on)"
+           if block["status_unknown"] else ")")
+  if not block["count"]:
+    return [head + ": no figures."]
+  flagging = block["flagging"]
+  rest = flagging["accuracy_confident"]
+  return [head + ":",
+          f"  accuracy {block['accuracy']:.3f}, macro-F1"
+          f" {block['macro']['f1']:.3f}, malignant recall "
+          + (f"{block['per_class'][schemas.MALIGNANT]['recall']:.3f}"
+             if schemas.MALIGNANT in block["per_class"] else "n/a")
+          + f", ECE {block['ece']:.3f}; threshold flags"
+          f" {flagging['flagged']} of {flagging['count']}, accuracy "
+          + ("n/a" if rest is None else f"{rest:.3f}") + " on the rest"]
 
 
 def ood_lines(report: Dict) -> List[str]:
