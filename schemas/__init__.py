@@ -95,6 +95,7 @@ from schemas.features import (
     FEATURE_WIDTH,
     FORMAT_VERSION,
     LABELS,
+    BENIGN,
     MALIGNANT,
     PACKAGE_VERSION,
     MANIFEST_FILE,

@@ -8,9 +8,11 @@ one spelling for the writer (training/lesions.py), the CLI and the tests.
 
 from typing import Any, Dict, List, NamedTuple, Optional
 
+from schemas.features import BENIGN, MALIGNANT
+
 # The classes whose BUSI images come with a lesion mask; normal frames have
 # no lesion (BUSI ships blank masks for them) and are not localised.
-LESION_LABELS = ("benign", "malignant")
+LESION_LABELS = (BENIGN, MALIGNANT)
 
 # Beside metrics.json: every evaluated image, as the artifact scored it
 # (schemas.tables.evaluation_predictions_schema), for SQL.

@@ -8,7 +8,8 @@ FORMAT_VERSION = "2"  # 2: one-channel grey images (FEATURE_CHANNELS)
 
 # Class names in the order of the model's outputs for the standard model.
 MALIGNANT = "malignant"  # the class a missed case costs most
-LABELS = ("normal", "benign", MALIGNANT)
+BENIGN = "benign"  # a lesion too: what malignant must be told apart from
+LABELS = ("normal", BENIGN, MALIGNANT)
 
 DEFAULT_IMAGE_SIZE = 224
 

@@ -471,7 +471,8 @@ def test_evaluate_matches_hand_computation(tmp_path, capsys):
   report_dir = str(tmp_path / "report")
   assert cli.main(["evaluate", "--model", model_dir, "--data", data,
                    "--output", report_dir]) == 0
-  assert "accuracy 0.700 on 10 images" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "accuracy 0.700 on 10 images" in out
 
   report = _load_json(report_dir, evaluate.REPORT_FILE)
   assert os.path.getsize(os.path.join(report_dir,
@@ -527,6 +528,21 @@ def test_evaluate_matches_hand_computation(tmp_path, capsys):
     # Never recalibrated: no image was in a recalibration sample.
     assert row[schemas.COLUMN_IN_RECALIBRATION_FIT] is False
   assert report[schemas.COLUMN_IN_RECALIBRATION_FIT] == 0
+  # The AUCs of p_malignant, by counting pairs (ties count one half).
+  def pairs_auc(positive, negative):
+    wins = [1.0 if p > n else 0.5 if p == n else 0.0
+            for p in positive for n in negative]
+    return sum(wins) / len(wins)
+  p_mal = {l: [r["p_malignant"] for r in rows if r["label"] == l]
+           for l in schemas.LABELS}
+  assert report["auc_malignant"] == pytest.approx(pairs_auc(
+      p_mal["malignant"], p_mal["normal"] + p_mal["benign"]))
+  assert report["auc_malignant_vs_benign"] == pytest.approx(pairs_auc(
+      p_mal["malignant"], p_mal["benign"]))
+  assert report["auc_malignant"] != report["auc_malignant_vs_benign"]
+  assert (f"AUC of p_malignant: {report['auc_malignant']:.3f} against the"
+          f" rest, {report['auc_malignant_vs_benign']:.3f} against benign"
+          " images alone") in out
   # The report's confusion matrix, from the table in DuckDB.
   counts = dict(((t, p), n) for t, p, n in duckdb.sql(
       f"SELECT label, predicted_class, count(*) FROM read_parquet('{path}')"

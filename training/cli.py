@@ -512,6 +512,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             + ("n/a" if flagging["accuracy_confident"] is None else
                f"{flagging['accuracy_confident']:.3f}")
             + " on the rest")
+      print(evaluate.auc_line(report))
       if report["seen_in_training"] or report["near_duplicates_of_training"]:
         print(f"Optimistic: {report['seen_in_training']} of these images were"
               " in the model's training or validation split, and"

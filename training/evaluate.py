@@ -119,12 +119,44 @@ def _seen(fitted: Optional[_Fitted], image_ids: Sequence[str],
   return exact, near & ~exact
 
 
+def _figures(truth: np.ndarray, probabilities: np.ndarray, threshold: float,
+             labels: Sequence[str]) -> Dict:
+  """What the artifact's outputs score on these images: the
+  `metrics.classification_report` fields, "ece" and "reliability" (15 bins),
+  "flagging" at `threshold` (`calibration.flag_stats`), and the AUC of
+  p_malignant against the rest ("auc_malignant", as `cv` reports it) and
+  against benign images alone ("auc_malignant_vs_benign": normal images
+  left out, the question a site with benign/malignant scans asks); an AUC
+  is null where either side has no image."""
+  predicted = probabilities.argmax(axis=1)
+  confidence = _confidence(probabilities)
+  correct = predicted == truth
+  report = metrics.classification_report(truth, predicted, labels)
+  reliability = calibration.reliability(confidence, correct)
+  report.update({"ece": reliability["ece"], "reliability": reliability,
+                 "flagging": calibration.flag_stats(confidence, correct,
+                                                    threshold)})
+  names = list(labels)
+  malignant = (names.index(schemas.MALIGNANT) if schemas.MALIGNANT in names
+               else None)
+  benign = names.index(schemas.BENIGN) if schemas.BENIGN in names else None
+  report["auc_malignant"] = report["auc_malignant_vs_benign"] = None
+  if malignant is not None:
+    scores = probabilities[:, malignant].astype(np.float64)
+    report["auc_malignant"] = metrics.roc_auc(scores, truth == malignant)
+    if benign is not None:
+      lesion = (truth == malignant) | (truth == benign)
+      report["auc_malignant_vs_benign"] = metrics.roc_auc(
+          scores[lesion], truth[lesion] == malignant)
+  return report
+
+
 def _not_fitted_on(flags: Sequence[Optional[np.ndarray]],
-                   truth: np.ndarray, predicted: np.ndarray,
-                   confidence: np.ndarray, threshold: float,
-                   labels: Sequence[str]) -> Optional[Dict]:
-  """The report's figures over the images none of `flags` marks (a flag
-  that is None, unknown, marks none): schemas.evaluation NOT_FITTED_ON."""
+                   truth: np.ndarray, probabilities: np.ndarray,
+                   threshold: float, labels: Sequence[str]
+                  ) -> Optional[Dict]:
+  """`_figures` over the images none of `flags` marks (a flag that is None,
+  unknown, marks none): schemas.evaluation NOT_FITTED_ON."""
   fitted = np.zeros(len(truth), bool)
   for marked in flags:
     if marked is not None:
@@ -135,12 +167,8 @@ def _not_fitted_on(flags: Sequence[Optional[np.ndarray]],
   block = {"count": int(keep.sum()), "excluded": int(fitted.sum()),
            "status_unknown": any(marked is None for marked in flags)}
   if keep.any():
-    correct = predicted[keep] == truth[keep]
-    block.update(metrics.classification_report(truth[keep], predicted[keep],
-                                                labels))
-    block["ece"] = calibration.reliability(confidence[keep], correct)["ece"]
-    block["flagging"] = calibration.flag_stats(confidence[keep], correct,
-                                               threshold)
+    block.update(_figures(truth[keep], probabilities[keep], threshold,
+                          labels))
   return block
 
 
@@ -303,11 +331,9 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
             loaded.metadata.model_version, stats.used, stats.unlabelled)
   probabilities, ood_scores = _score(scoring_model, data.images, batch_size)
   predicted = probabilities.argmax(axis=1)
-  report = metrics.classification_report(data.labels, predicted, labels)
   threshold = float(loaded.metadata.threshold)
+  report = _figures(data.labels, probabilities, threshold, labels)
   confidence = _confidence(probabilities)
-  correct = predicted == data.labels
-  reliability = calibration.reliability(confidence, correct)
   hashes = [split.dhash(image) for image in data.images]
   seen, near = _seen(_fitted_on(model_dir), data.image_ids, hashes)
   recalibrated_on, unknown_why = _recalibrated_on(model_dir, loaded.metadata)
@@ -329,9 +355,6 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
       "low_confidence": int((confidence < threshold).sum()),
       # With the artifact's (calibrated) probabilities, as scoring sees them.
       "temperature": float(loaded.metadata.temperature),
-      "ece": reliability["ece"],
-      "reliability": reliability,
-      "flagging": calibration.flag_stats(confidence, correct, threshold),
       "data": list(patterns),
       "data_fingerprint": split.fingerprint(data.image_ids),
       "examples_read": stats.examples,
@@ -349,7 +372,7 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
       # are in-sample. 0 for an artifact never recalibrated.
       schemas.COLUMN_IN_RECALIBRATION_FIT: _count(recalibration_fit),
       evaluation_schema.NOT_FITTED_ON: _not_fitted_on(
-          (seen, near, recalibration_fit), data.labels, predicted, confidence,
+          (seen, near, recalibration_fit), data.labels, probabilities,
           threshold, labels),
       "ood": _ood_block(scoring_model, ood_flags),
       "evaluated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
@@ -416,7 +439,17 @@ def not_fitted_on_lines(report: Dict) -> List[str]:
              if schemas.MALIGNANT in block["per_class"] else "n/a")
           + f", ECE {block['ece']:.3f}; threshold flags"
           f" {flagging['flagged']} of {flagging['count']}, accuracy "
-          + ("n/a" if rest is None else f"{rest:.3f}") + " on the rest"]
+          + ("n/a" if rest is None else f"{rest:.3f}") + " on the rest",
+          "  " + auc_line(block)]
+
+
+def auc_line(figures: Dict) -> str:
+  """The two AUCs of p_malignant in `_figures`' output, for a terminal."""
+  def auc(value):
+    return "n/a" if value is None else f"{value:.3f}"
+  return (f"AUC of p_malignant: {auc(figures['auc_malignant'])} against the"
+          f" rest, {auc(figures['auc_malignant_vs_benign'])} against benign"
+          " images alone")
 
 
 def ood_lines(report: Dict) -> List[str]:
