@@ -23,8 +23,9 @@ PREDICTIONS_FILE = "evaluation_predictions.parquet"
 # validation split or its recalibration's fit part): null when it was fitted
 # on none of them (the report's own figures are those), else "count",
 # "excluded", "status_unknown" (whether some of those facts were unknown and
-# counted as not fitted on) and, when count > 0, the classification report's
-# fields, "ece" and "flagging".
+# counted as not fitted on) and, when count > 0, the report's own figures
+# over them: the classification report's fields, "ece", "reliability",
+# "flagging", "auc_malignant" and "auc_malignant_vs_benign".
 NOT_FITTED_ON = "not_fitted_on"
 
 # metrics.json key of the LesionLocalisation block (with --masks only).

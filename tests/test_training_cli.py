@@ -492,6 +492,8 @@ def test_evaluate_matches_hand_computation(tmp_path, capsys):
   assert report["low_confidence"] == 0
   assert report["seen_in_training"] is None
   assert report["not_fitted_on"] is None  # nothing known to exclude
+  reliability = report["reliability"]
+  assert sum(reliability["count"]) == reliability["n"] == 10
   assert report["model_version"] == artifact.read_artifact_info(
       model_dir).metadata.model_version
 
@@ -585,6 +587,10 @@ def test_evaluation_rows_mean_what_scoring_rows_mean():
         name: expected[name] for name in shared}
   assert table.column(schemas.COLUMN_LOW_CONFIDENCE).to_pylist() == [
       True, True, False, True]
+  # The report's figures flag the same images.
+  figures = evaluate._figures(  # pylint: disable=protected-access
+      truth, probabilities, config.threshold, labels)
+  assert figures["flagging"]["flagged"] == 3
 
 
 @pytest.fixture(name="test_artifact", scope="module")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import schemas
-from training import calibration, cli, model_card
+from training import calibration, cli, evaluate, model_card
 from busi_core import artifact
 from training import saving
 from training import model as model_lib, split, testing
@@ -272,8 +272,9 @@ def test_fixed_threshold_in_sample(site, tmp_path):
   assert "**In-sample figures**" in card and "fixed (`--threshold`)" in card
 
 
-def _evaluate(model_dir, data, output):
-  """`evaluate`'s report and its rows' in_recalibration_fit by image_id."""
+def _evaluate(model_dir, data, output, rows_out=None):
+  """`evaluate`'s report and its rows' in_recalibration_fit by image_id
+  (and every row appended to `rows_out`)."""
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   from schemas import evaluation as evaluation_schema  # pylint: disable=import-outside-toplevel
   assert cli.main(["evaluate", "--model", str(model_dir), "--data", data,
@@ -282,6 +283,8 @@ def _evaluate(model_dir, data, output):
     report = json.load(f)
   rows = pq.read_table(str(output / evaluation_schema.PREDICTIONS_FILE)
                       ).to_pylist()
+  if rows_out is not None:
+    rows_out.extend(rows)
   return report, {r["image_id"]: r[schemas.COLUMN_IN_RECALIBRATION_FIT]
                   for r in rows}
 
@@ -289,7 +292,8 @@ def _evaluate(model_dir, data, output):
 def test_evaluate_marks_the_sample_the_calibration_was_fitted_on(
     site, tmp_path, capsys, caplog):
   output = tmp_path / "recal"
-  assert _run(site, output) == 0
+  # The observed rule: a threshold that flags some held-out images, not all.
+  assert _run(site, output, "--threshold_rule", "observed") == 0
   with open(output / schemas.RECALIBRATION_SPLIT_FILE) as f:
     parts = json.load(f)
   fit, holdout = set(parts["fit"]), set(parts["holdout"])
@@ -298,11 +302,13 @@ def test_evaluate_marks_the_sample_the_calibration_was_fitted_on(
 
   # The whole sample: the fit part is marked, the held-out part is not.
   caplog.clear()
-  report, marked = _evaluate(output, site.data, tmp_path / "all")
+  rows = []
+  report, marked = _evaluate(output, site.data, tmp_path / "all", rows)
   assert marked == {i: i in fit for i in site.image_ids}
   assert report[schemas.COLUMN_IN_RECALIBRATION_FIT] == len(fit)
+  out = capsys.readouterr().out
   assert (f"In-sample calibration: {len(fit)} of these images"
-          in capsys.readouterr().out)
+          in out)
   assert (f"{len(fit)} of the {IMAGES} images (or near-duplicates of them)"
           " are in the sample `recalibrate` fitted") in caplog.text
   # The figures over the rest are the held-out check recalibrate made: the
@@ -313,10 +319,27 @@ def test_evaluate_marks_the_sample_the_calibration_was_fitted_on(
   # The parent's split.json has no dHashes: near-duplicates of its training
   # images are unknown, and counted as not fitted on.
   assert rest["status_unknown"] is True
+  assert "counted as not fitted on)" in out
   assert rest["accuracy"] == pytest.approx(after.accuracy)
   assert rest["ece"] == pytest.approx(after.ece, abs=1e-5)
+  assert 0 < after.flagged < after.count
+  assert rest["flagging"]["threshold"] == pytest.approx(after.threshold)
   for key in ("count", "flagged", "accuracy_confident", "accuracy_flagged"):
     assert rest["flagging"][key] == pytest.approx(getattr(after, key)), key
+  # Its AUCs are the held-out rows' own, by counting pairs.
+  held = [r for r in rows if not r[schemas.COLUMN_IN_RECALIBRATION_FIT]]
+  def pairs_auc(positive, negative):
+    wins = [1.0 if p > n else 0.5 if p == n else 0.0
+            for p in positive for n in negative]
+    return sum(wins) / len(wins)
+  p_mal = {l: [r["p_malignant"] for r in held if r["label"] == l]
+           for l in schemas.LABELS}
+  assert rest["auc_malignant"] == pytest.approx(pairs_auc(
+      p_mal["malignant"], p_mal["normal"] + p_mal["benign"]))
+  assert rest["auc_malignant_vs_benign"] == pytest.approx(pairs_auc(
+      p_mal["malignant"], p_mal["benign"]))
+  assert rest["auc_malignant"] != report["auc_malignant"]
+  assert evaluate.auc_line(rest) in out
 
   # A near-duplicate of a fitted image (one pixel changed: another
   # image_id, the same dHash) is marked too; a held-out image is not.

@@ -309,6 +309,8 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
     its temperature and threshold on ("in_recalibration_fit": 0 when the
     artifact was never recalibrated, null when that is unknown), and the
     figures over the rest ("not_fitted_on", null when nothing was excluded);
+    the AUCs of p_malignant against the rest and against benign images
+    ("auc_malignant", "auc_malignant_vs_benign");
     "ood": what the OOD detector flags of these images (null without a
     detector), and "ood_archive" with --ood.
 
@@ -422,25 +424,26 @@ def not_fitted_on_lines(report: Dict) -> List[str]:
   block = report.get(evaluation_schema.NOT_FITTED_ON)
   if block is None:
     return []
-  head = (f"Not fitted on: {block['count']} of the"
-          f" {block['count'] + block['excluded']} images (neither they nor"
-          " near-duplicates were in its training or validation split or its"
-          " recalibration's fit part")
-  head += ("; where the artifact could not tell, counted as not fitted on)"
-           if block["status_unknown"] else ")")
+  lines = [f"Not fitted on: {block['count']} of the"
+           f" {block['count'] + block['excluded']} images (neither they nor"
+           " near-duplicates of them were in",
+           "  its training or validation split or its recalibration's fit"
+           " part" + ("; where the artifact could not tell, counted as not"
+                      " fitted on)" if block["status_unknown"] else ")")
+           + (":" if block["count"] else ": no figures.")]
   if not block["count"]:
-    return [head + ": no figures."]
+    return lines
   flagging = block["flagging"]
   rest = flagging["accuracy_confident"]
-  return [head + ":",
-          f"  accuracy {block['accuracy']:.3f}, macro-F1"
-          f" {block['macro']['f1']:.3f}, malignant recall "
-          + (f"{block['per_class'][schemas.MALIGNANT]['recall']:.3f}"
-             if schemas.MALIGNANT in block["per_class"] else "n/a")
-          + f", ECE {block['ece']:.3f}; threshold flags"
-          f" {flagging['flagged']} of {flagging['count']}, accuracy "
-          + ("n/a" if rest is None else f"{rest:.3f}") + " on the rest",
-          "  " + auc_line(block)]
+  malignant = block["per_class"].get(schemas.MALIGNANT)
+  return lines + [
+      f"  accuracy {block['accuracy']:.3f}, macro-F1"
+      f" {block['macro']['f1']:.3f}, malignant recall "
+      + (f"{malignant['recall']:.3f}" if malignant and malignant["support"]
+         else "n/a") + f", ECE {block['ece']:.3f};",
+      f"  threshold flags {flagging['flagged']} of {flagging['count']},"
+      " accuracy " + ("n/a" if rest is None else f"{rest:.3f}")
+      + " on the rest; " + auc_line(block)]
 
 
 def auc_line(figures: Dict) -> str:
