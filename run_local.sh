@@ -100,13 +100,17 @@ if [ -z "$DATA" ]; then
   AUGMENT="${AUGMENT:---no_augment}"
   # Random VGG16 weights give small, correlated features: a higher learning
   # rate and more (cheap, cached-feature) epochs let the head learn them.
+  # Their validation loss stalls for tens of epochs early on, so train's
+  # patience of 20 would stop a head that still predicts one class: patience
+  # is the whole budget (every epoch runs, the best is kept).
   # The threshold is chosen for 90 % validation accuracy on confident images.
   # A test split instead of the default cross-validation keeps the demo at
   # about a minute (five more 300-epoch head fits would triple it). No
   # fine-tune stage, so that the demo is the same on every CPU (auto
   # fine-tunes the whole base where bfloat16 runs on AMX).
-  EXTRA_TRAIN=(--learning_rate 1e-3 --target_accuracy 0.9 --synthetic_data
-               --test_fraction 0.15 --cv_folds 0 --fine_tune_epochs 0)
+  EXTRA_TRAIN=(--learning_rate 1e-3 --patience "$EPOCHS" --target_accuracy 0.9
+               --synthetic_data --test_fraction 0.15 --cv_folds 0
+               --fine_tune_epochs 0)
   step "Generating demo archives (BUSI layout, masks beside images)"
   python -m training phantoms --output "$OUT/demo_train.zip" --per_class 60 --seed 1
   python -m training phantoms --output "$OUT/demo_new_scans.zip" --per_class 20 --seed 2

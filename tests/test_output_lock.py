@@ -347,3 +347,28 @@ def test_run_local_help():
   assert done.returncode == 0 and done.stderr == ""
   assert done.stdout.startswith("The main job in one command")
   assert "set -euo" not in done.stdout and "Options:" in done.stdout
+
+
+@pytest.mark.slow
+def test_run_local_demo_learns(tmp_path):
+  """`./run_local.sh` end to end, as a new user first runs it: its demo model
+  must have learned the phantoms (it once stopped early while predicting a
+  single class: 1 in 3 right, and nothing said so)."""
+  import duckdb  # pylint: disable=import-outside-toplevel
+  output = tmp_path / "demo"
+  done = subprocess.run(["bash", "run_local.sh", "--output", str(output),
+                         "--gradcam", "none"], cwd=REPO,
+                        capture_output=True, text=True, timeout=600,
+                        check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  with open(output / "model" / schemas.METADATA_FILE) as f:
+    metadata = json.load(f)
+  assert metadata["training"]["epochs_run"]["head"] == 300
+  assert metadata["test_metrics"]["accuracy"] >= 0.6
+  rows = duckdb.sql(
+      "SELECT count(*), avg(CAST(label = predicted_class AS DOUBLE)),"
+      " count(DISTINCT predicted_class)"
+      f" FROM read_parquet('{output}/scored/predictions/*.parquet')"
+  ).fetchall()[0]
+  assert rows[0] == 60  # the held-out archive's 20 phantoms a class
+  assert rows[1] >= 0.6 and rows[2] == 3, rows
