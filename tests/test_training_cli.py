@@ -530,17 +530,8 @@ def test_evaluate_matches_hand_computation(tmp_path, capsys):
     # Never recalibrated: no image was in a recalibration sample.
     assert row[schemas.COLUMN_IN_RECALIBRATION_FIT] is False
   assert report[schemas.COLUMN_IN_RECALIBRATION_FIT] == 0
-  # The AUCs of p_malignant, by counting pairs (ties count one half).
-  def pairs_auc(positive, negative):
-    wins = [1.0 if p > n else 0.5 if p == n else 0.0
-            for p in positive for n in negative]
-    return sum(wins) / len(wins)
-  p_mal = {l: [r["p_malignant"] for r in rows if r["label"] == l]
-           for l in schemas.LABELS}
-  assert report["auc_malignant"] == pytest.approx(pairs_auc(
-      p_mal["malignant"], p_mal["normal"] + p_mal["benign"]))
-  assert report["auc_malignant_vs_benign"] == pytest.approx(pairs_auc(
-      p_mal["malignant"], p_mal["benign"]))
+  # The AUCs of p_malignant, by counting pairs.
+  assert_aucs_of_rows(report, rows)
   assert report["auc_malignant"] != report["auc_malignant_vs_benign"]
   assert (f"AUC of p_malignant: {report['auc_malignant']:.3f} against the"
           f" rest, {report['auc_malignant_vs_benign']:.3f} against benign"
@@ -551,6 +542,22 @@ def test_evaluate_matches_hand_computation(tmp_path, capsys):
       " GROUP BY ALL").fetchall())
   assert [[counts.get((t, p), 0) for p in schemas.LABELS]
           for t in schemas.LABELS] == report["confusion_matrix"]
+
+
+def assert_aucs_of_rows(figures, rows):
+  """`figures`' two AUCs of p_malignant are those of evaluation `rows`
+  (dicts), counted pair by pair (ties one half): a check independent of
+  `metrics.roc_auc`."""
+  def pairs_auc(positive, negative):
+    wins = [1.0 if p > n else 0.5 if p == n else 0.0
+            for p in positive for n in negative]
+    return sum(wins) / len(wins)
+  p_mal = {l: [r["p_malignant"] for r in rows if r["label"] == l]
+           for l in schemas.LABELS}
+  assert figures["auc_malignant"] == pytest.approx(pairs_auc(
+      p_mal["malignant"], p_mal["normal"] + p_mal["benign"]))
+  assert figures["auc_malignant_vs_benign"] == pytest.approx(pairs_auc(
+      p_mal["malignant"], p_mal["benign"]))
 
 
 def test_evaluation_rows_mean_what_scoring_rows_mean():

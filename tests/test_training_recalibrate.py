@@ -22,6 +22,7 @@ from busi_core import artifact
 from training import saving
 from training import model as model_lib, split, testing
 from busi_core.layers import TemperatureScaling
+from tests.test_training_cli import assert_aucs_of_rows
 from tests.test_training_model_card import sparse_metadata
 
 SIZE = 32
@@ -327,17 +328,8 @@ def test_evaluate_marks_the_sample_the_calibration_was_fitted_on(
   for key in ("count", "flagged", "accuracy_confident", "accuracy_flagged"):
     assert rest["flagging"][key] == pytest.approx(getattr(after, key)), key
   # Its AUCs are the held-out rows' own, by counting pairs.
-  held = [r for r in rows if not r[schemas.COLUMN_IN_RECALIBRATION_FIT]]
-  def pairs_auc(positive, negative):
-    wins = [1.0 if p > n else 0.5 if p == n else 0.0
-            for p in positive for n in negative]
-    return sum(wins) / len(wins)
-  p_mal = {l: [r["p_malignant"] for r in held if r["label"] == l]
-           for l in schemas.LABELS}
-  assert rest["auc_malignant"] == pytest.approx(pairs_auc(
-      p_mal["malignant"], p_mal["normal"] + p_mal["benign"]))
-  assert rest["auc_malignant_vs_benign"] == pytest.approx(pairs_auc(
-      p_mal["malignant"], p_mal["benign"]))
+  assert_aucs_of_rows(rest, [
+      r for r in rows if not r[schemas.COLUMN_IN_RECALIBRATION_FIT]])
   assert rest["auc_malignant"] != report["auc_malignant"]
   assert evaluate.auc_line(rest) in out
 
