@@ -227,6 +227,45 @@ def _tiny_train(output, data_glob, *flags):
                    "--val_fraction", "0.3", *flags])
 
 
+def test_one_class_warning():
+  from training.steps import measure  # pylint: disable=import-outside-toplevel
+  def scored(predicted, truth):
+    logits = np.eye(3, dtype=np.float32)[predicted]
+    return measure.Scored(np.arange(len(truth)), logits, np.array(truth))
+  warning = measure.one_class_warning("validation", scored([2, 2, 2],
+                                                           [0, 1, 2]))
+  assert warning.startswith("the model predicts malignant for all 3"
+                            " validation images, which hold 3 classes")
+  assert "--patience" in warning
+  assert measure.one_class_warning("test", scored([0, 0], [0, 1])) and (
+      "which hold 2 classes" in measure.one_class_warning(
+          "test", scored([0, 0], [0, 1])))
+  for predicted, truth in (([2, 1, 2], [0, 1, 2]),  # two classes predicted
+                           ([1, 1], [1, 1]),  # one class to predict
+                           ([], [])):  # no test split
+    assert measure.one_class_warning("test", scored(predicted, truth)) is None
+
+
+@pytest.mark.slow
+def test_train_warns_of_a_one_class_model(tmp_path, data_glob, monkeypatch,
+                                          caplog):
+  """The wiring: train logs the warning when its validation predictions
+  are one class (faked here: a real head that stalls so is not
+  deterministic across CPUs)."""
+  from training.steps import measure  # pylint: disable=import-outside-toplevel
+  real = measure.score_val
+  def one_class(runner, data, splits):
+    scored = real(runner, data, splits)
+    logits = np.tile(np.float32([0, 0, 1]), (len(scored.labels), 1))
+    return measure.Scored(scored.indices, logits, scored.labels)
+  monkeypatch.setattr(measure, "score_val", one_class)
+  # A test split: train checks the saved model on it (the real logits).
+  assert _tiny_train(str(tmp_path / "m"), data_glob, "--test_fraction",
+                     "0.2") == 0
+  assert "the model predicts malignant for all" in caplog.text
+  assert "validation images" in caplog.text
+
+
 def _split_images(output, name):
   """The pixels and labels of one split of the data_glob fixture."""
   ids = _load_json(output, train.SPLIT_FILE)[name]

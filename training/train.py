@@ -114,6 +114,7 @@ def train(config: TrainConfig) -> TrainResult:
     test_report = measure.classification(test)
   with clock.step("calibration"):
     val = measure.score_val(fitted.runner, read.data, splits)
+    measure.warn_one_class(val, test)
     cal = calibrate.calibrate(fitted.model, config, val, test)
     flagging = threshold.choose(
         config, val, test, cal.temperature, bool(cal.fitted),

@@ -1,7 +1,8 @@
 """Step: the logits the calibration, threshold and report are made from, and
 the test split's metrics."""
 
-from typing import Dict, NamedTuple
+import logging
+from typing import Dict, NamedTuple, Optional
 
 import keras
 import numpy as np
@@ -9,6 +10,8 @@ import numpy as np
 import schemas
 from training import data as data_lib, metrics, model as model_lib, recipe
 from training.steps.split import Splits
+
+_LOG = logging.getLogger(__name__)
 
 
 class Scored(NamedTuple):
@@ -43,3 +46,27 @@ def classification(scored: Scored) -> Dict:
   changes no argmax)."""
   return metrics.classification_report(
       scored.labels, scored.logits.argmax(axis=1), list(schemas.LABELS))
+
+
+def one_class_warning(name: str, scored: Scored) -> Optional[str]:
+  """What to tell the user when every image of a split is predicted as one
+  class though the split holds several: the model has not learned to tell
+  them apart (a head stopped before it left its first plateau does this,
+  and its figures alone do not say why). None otherwise."""
+  predicted = np.unique(scored.logits.argmax(axis=1))
+  classes = np.unique(scored.labels)
+  if len(predicted) != 1 or len(classes) < 2:
+    return None
+  return (f"the model predicts {schemas.LABELS[int(predicted[0])]} for all"
+          f" {len(scored.labels)} {name} images, which hold {len(classes)}"
+          " classes: it has not learned to tell them apart. Do not use this"
+          " artifact: train longer (--epochs, --patience) or from"
+          " pretrained --backbone_weights.")
+
+
+def warn_one_class(val: Scored, test: Scored) -> None:
+  """Logs `one_class_warning` for the validation and test splits."""
+  for name, scored in (("validation", val), ("test", test)):
+    warning = one_class_warning(name, scored)
+    if warning:
+      _LOG.warning(warning)
