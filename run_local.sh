@@ -27,7 +27,8 @@ Options:
   --backbone_weights W       imagenet | none | PATH to Keras VGG16 notop .h5
                              (default: none for the demo, imagenet otherwise)
   --image_size N             default 64 for the demo, 224 otherwise
-  --epochs N                 default 300 for the demo, train's default otherwise
+  --epochs N                 default 300 for the demo (its patience too),
+                             train's default otherwise
   --output DIR               default demo_output
   --augment | --no_augment   fixed augmented views (train's default on real
                              data) or none (the demo's default)

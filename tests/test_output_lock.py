@@ -353,22 +353,39 @@ def test_run_local_help():
 def test_run_local_demo_learns(tmp_path):
   """`./run_local.sh` end to end, as a new user first runs it: its demo model
   must have learned the phantoms (it once stopped early while predicting a
-  single class: 1 in 3 right, and nothing said so)."""
+  single class: 1 in 3 right, and nothing said so). The floors sit well
+  under what it measures (0.70-0.85 on its test split over train seeds, 0.73
+  on the held-out archive) and well over one class's 0.33."""
+  import glob  # pylint: disable=import-outside-toplevel
+  import signal  # pylint: disable=import-outside-toplevel
   import duckdb  # pylint: disable=import-outside-toplevel
+  venv = os.environ.get("BUSI_VENV", os.path.join(REPO, ".venv"))
+  if not glob.glob(os.path.join(venv, ".busi-installed-*")):
+    pytest.skip("run_local.sh would install its venv first (run_tests.sh"
+                " installs it)")
   output = tmp_path / "demo"
-  done = subprocess.run(["bash", "run_local.sh", "--output", str(output),
-                         "--gradcam", "none"], cwd=REPO,
-                        capture_output=True, text=True, timeout=600,
-                        check=False)
-  assert done.returncode == 0, done.stderr[-3000:]
+  process = subprocess.Popen(  # pylint: disable=consider-using-with
+      ["bash", "run_local.sh", "--output", str(output), "--gradcam", "none"],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      start_new_session=True)
+  try:
+    _, stderr = process.communicate(timeout=600)
+  except subprocess.TimeoutExpired:
+    os.killpg(process.pid, signal.SIGKILL)  # training too, not only bash
+    process.communicate()
+    raise
+  assert process.returncode == 0, stderr[-3000:]
+  assert "has not learned to tell them apart" not in stderr
   with open(output / "model" / schemas.METADATA_FILE) as f:
     metadata = json.load(f)
   assert metadata["training"]["epochs_run"]["head"] == 300
-  assert metadata["test_metrics"]["accuracy"] >= 0.6
+  test = metadata["test_metrics"]
+  assert test["accuracy"] >= 0.5
+  assert all(row[i] for i, row in enumerate(test["confusion_matrix"]))
   rows = duckdb.sql(
       "SELECT count(*), avg(CAST(label = predicted_class AS DOUBLE)),"
       " count(DISTINCT predicted_class)"
       f" FROM read_parquet('{output}/scored/predictions/*.parquet')"
   ).fetchall()[0]
   assert rows[0] == 60  # the held-out archive's 20 phantoms a class
-  assert rows[1] >= 0.6 and rows[2] == 3, rows
+  assert rows[1] >= 0.5 and rows[2] == 3, rows

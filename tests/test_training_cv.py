@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import schemas
-from training import calibration, cli, cv, metrics, split, testing
+from training import calibration, cli, cv, metrics, recipe, split, testing
 
 SIZE = 32
 
@@ -782,3 +782,24 @@ def test_the_test_split_never_helps_choose_the_threshold(tmp_path, cv_data):
       [r["confidence"] for r in kept],
       [r["label"] == r["predicted_class"] for r in kept],
       flagging["target_accuracy"], schemas.THRESHOLD_RULE_OBSERVED).threshold
+
+
+@pytest.mark.slow
+def test_cv_warns_of_a_fold_that_predicts_one_class(tmp_path, cv_data,
+                                                    monkeypatch, caplog):
+  """The wiring: each fold's validation and held-out predictions are
+  checked (faked to one class here: a head that stalls so is not
+  deterministic across CPUs)."""
+  def one_class(self, indices):  # pylint: disable=unused-argument
+    return np.tile(np.float32([0, 0, 1]), (len(indices), 1))
+  monkeypatch.setattr(recipe.Recipe, "logits", one_class)
+  data_glob, _, _ = cv_data
+  assert cli.main(["cv", "--data", data_glob, "--folds", "2", "--backbone",
+                   "tiny", "--backbone_weights", "none", "--epochs", "2",
+                   "--augment_views", "1", "--no_degrade",
+                   "--output", str(tmp_path / "cv")]) == 0
+  for fold in (0, 1):
+    for part in ("validation", "held-out"):
+      assert ("the model predicts malignant for all" in caplog.text and
+              f"fold {fold} {part} images, which hold 3 classes" in
+              caplog.text), (fold, part)

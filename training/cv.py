@@ -575,6 +575,14 @@ def _fold(k: int, config: TrainConfig, runner: recipe.Recipe,
       config, recipe.confidence(val_logits, labels[val], fit.temperature),
       recipe.confidence(test_logits, labels[test], fit.temperature),
       fit.block["fitted"])
+  for part, logits, indices in (("validation", val_logits, val),
+                                 ("held-out", test_logits, test)):
+    found = metrics.one_class(f"fold {k} {part}", logits.argmax(axis=1),
+                              labels[indices], names)
+    if found:
+      _LOG.warning("%s Its figures measure a model that predicts nothing"
+                   " (more --epochs or --patience, or pretrained"
+                   " --backbone_weights).", found)
   probabilities = calibration.softmax(test_logits, fit.temperature)
   scores = fold_metrics(labels[test], probabilities, flagging["threshold"],
                         names, config.threshold)

@@ -97,6 +97,26 @@ def classification_report(y_true: Sequence[int], y_pred: Sequence[int],
   }
 
 
+def one_class(name: str, y_pred: Sequence[int], y_true: Sequence[int],
+              labels: Sequence[str]) -> Optional[str]:
+  """When every image of a set is predicted as one class though the set
+  holds several, a sentence that says so (the model has not learned to
+  tell them apart: a head stopped on its first plateau does this, and its
+  figures alone do not say why); None otherwise (an empty set too).
+
+  Args:
+    name: what the set is, e.g. "validation".
+    y_pred, y_true: predicted and true class indices into `labels`.
+  """
+  predicted = np.unique(np.asarray(y_pred))
+  classes = np.unique(np.asarray(y_true))
+  if len(predicted) != 1 or len(classes) < 2:
+    return None
+  return (f"the model predicts {labels[int(predicted[0])]} for all"
+          f" {len(y_true)} {name} images, which hold {len(classes)} classes:"
+          " it has not learned to tell them apart.")
+
+
 def format_report(report: Dict) -> str:
   """The report as a small table a person reads in a terminal."""
   lines = [f"{'class':<12}{'precision':>10}{'recall':>8}{'f1':>8}"

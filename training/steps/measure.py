@@ -49,19 +49,13 @@ def classification(scored: Scored) -> Dict:
 
 
 def one_class_warning(name: str, scored: Scored) -> Optional[str]:
-  """What to tell the user when every image of a split is predicted as one
-  class though the split holds several: the model has not learned to tell
-  them apart (a head stopped before it left its first plateau does this,
-  and its figures alone do not say why). None otherwise."""
-  predicted = np.unique(scored.logits.argmax(axis=1))
-  classes = np.unique(scored.labels)
-  if len(predicted) != 1 or len(classes) < 2:
-    return None
-  return (f"the model predicts {schemas.LABELS[int(predicted[0])]} for all"
-          f" {len(scored.labels)} {name} images, which hold {len(classes)}"
-          " classes: it has not learned to tell them apart. Do not use this"
-          " artifact: train longer (--epochs, --patience) or from"
-          " pretrained --backbone_weights.")
+  """`metrics.one_class` of a split, worded for the artifact train writes;
+  None when the predictions hold more than one class."""
+  found = metrics.one_class(name, scored.logits.argmax(axis=1),
+                            scored.labels, schemas.LABELS)
+  return found and (f"{found} Do not use this artifact: train longer"
+                    " (--epochs, --patience) or from pretrained"
+                    " --backbone_weights.")
 
 
 def warn_one_class(val: Scored, test: Scored) -> None:
