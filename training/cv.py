@@ -580,7 +580,7 @@ def _fold(k: int, config: TrainConfig, runner: recipe.Recipe,
     found = metrics.one_class(f"fold {k} {part}", logits.argmax(axis=1),
                               labels[indices], names)
     if found:
-      _LOG.warning("%s Its figures measure a model that predicts nothing"
+      _LOG.warning("%s Its figures measure a model that predicts one class"
                    " (more --epochs or --patience, or pretrained"
                    " --backbone_weights).", found)
   probabilities = calibration.softmax(test_logits, fit.temperature)
