@@ -92,13 +92,9 @@ def _recalibrated_on(model_dir: str, metadata) -> Tuple[Optional[_Fitted],
 def _in_fit(fitted: Optional[_Fitted], image_ids: Sequence[str],
             hashes: Sequence[int]) -> Optional[np.ndarray]:
   """Per image: is it, or a near-duplicate of it, in `fitted`? (None:
-  unknown.)"""
-  if fitted is None:
-    return None
-  found = np.array([i in fitted.ids for i in image_ids], bool)
-  if fitted.hashes:
-    found |= np.asarray(split.near_any(hashes, fitted.hashes), bool)
-  return found
+  unknown.) `_seen`'s two flags as one."""
+  exact, near = _seen(fitted, image_ids, hashes)
+  return exact if near is None else exact | near
 
 
 def _seen(fitted: Optional[_Fitted], image_ids: Sequence[str],
