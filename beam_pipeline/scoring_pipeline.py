@@ -285,6 +285,9 @@ def load_config(opts, run_id: str, command: str) -> scoring.ScoringConfig:
   message instead of failing every batch on the workers.
   """
   info = artifact.load_artifact(opts.model)
+  for warning in info.metadata.warnings or ():
+    _LOG.warning("The model %s was written with a warning from its"
+                 " training: %s", info.metadata.model_version, warning)
   size = info.metadata.image_size
   if command == opts_lib.RUN and opts.image_size not in (None, size):
     raise ValueError(

@@ -556,6 +556,11 @@ class ArtifactMetadata(Record):
   # The backbone's input size: the model resizes its image_size² input to
   # network_size² (layer RESIZE_LAYER). Absent: image_size.
   network_size: Optional[int] = optional()
+  # What train found wrong with the model it wrote (today: every validation
+  # or test image predicted as one class); the model card, train's summary
+  # and every scoring run repeat them. Empty: none found; absent: written
+  # before the check existed.
+  warnings: Optional[Tuple[str, ...]] = optional()
 
   @property
   def is_test_artifact(self) -> bool:

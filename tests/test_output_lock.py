@@ -379,6 +379,7 @@ def test_run_local_demo_learns(tmp_path):
   with open(output / "model" / schemas.METADATA_FILE) as f:
     metadata = json.load(f)
   assert metadata["training"]["epochs_run"]["head"] == 300
+  assert metadata["warnings"] == []  # train found nothing wrong with it
   test = metadata["test_metrics"]
   assert test["accuracy"] >= 0.5
   assert all(row[i] for i, row in enumerate(test["confusion_matrix"]))

@@ -199,3 +199,32 @@ def test_bad_model_dir_fails_before_reading(tmp_path):
     pipeline.run(["run", "--input", archive, "--model", str(tmp_path),
                   "--output", str(tmp_path / "out")])
   assert not os.path.exists(tmp_path / "out" / schemas.MANIFEST_FILE)
+
+
+def test_a_run_repeats_the_warnings_its_model_was_trained_with(
+    tmp_path, model_dir, caplog):
+  """A model train wrote with a warning (e.g. one class predicted for
+  every validation image) says so at every scoring launch."""
+  import json  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  import types  # pylint: disable=import-outside-toplevel
+  from beam_pipeline import scoring_pipeline  # pylint: disable=import-outside-toplevel
+  opts = types.SimpleNamespace(image_size=None, threshold=None,
+                               ood_threshold=None)
+  warned = str(tmp_path / "warned")
+  shutil.copytree(model_dir, warned)
+  path = os.path.join(warned, schemas.METADATA_FILE)
+  with open(path, encoding="utf-8") as f:
+    metadata = json.load(f)
+  warning = "the model predicts malignant for all 9 validation images"
+  # No "warnings" (written before the check), none found, one found.
+  for warnings in (None, [], [warning]):
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(metadata if warnings is None else
+                {**metadata, "warnings": warnings}, f)
+    caplog.clear()
+    opts.model = warned
+    scoring_pipeline.load_config(opts, "run-1", "score")
+    said = (f"The model {metadata['model_version']} was written with a"
+            f" warning from its training: {warning}") in caplog.text
+    assert said == bool(warnings)

@@ -248,7 +248,7 @@ def test_one_class_warning():
 
 @pytest.mark.slow
 def test_train_warns_of_a_one_class_model(tmp_path, data_glob, monkeypatch,
-                                          caplog):
+                                          caplog, capsys):
   """The wiring: train logs the warning when its validation predictions
   are one class (faked here: a real head that stalls so is not
   deterministic across CPUs)."""
@@ -260,10 +260,23 @@ def test_train_warns_of_a_one_class_model(tmp_path, data_glob, monkeypatch,
     return measure.Scored(scored.indices, logits, scored.labels)
   monkeypatch.setattr(measure, "score_val", one_class)
   # A test split: train checks the saved model on it (the real logits).
-  assert _tiny_train(str(tmp_path / "m"), data_glob, "--test_fraction",
-                     "0.2") == 0
+  output = str(tmp_path / "m")
+  assert _tiny_train(output, data_glob, "--test_fraction", "0.2") == 0
   assert "the model predicts malignant for all" in caplog.text
   assert "validation images" in caplog.text
+  # Kept with the artifact: its metadata, its card, train's last lines.
+  # (The test split's real predictions may be one class too.)
+  warnings = artifact.read_artifact_info(output).metadata.warnings
+  assert warnings[0].startswith("the model predicts malignant for all")
+  assert "validation images" in warnings[0] and len(warnings) <= 2
+  with open(os.path.join(output, schemas.MODEL_CARD_FILE),
+            encoding="utf-8") as f:
+    card = f.read()
+  out = capsys.readouterr().out.rstrip()
+  for warning in warnings:
+    assert warning in caplog.text
+    assert f"**WARNING (from training):** {warning}" in card
+  assert out.endswith("\n".join(f"WARNING: {w}" for w in warnings))
 
 
 def _split_images(output, name):

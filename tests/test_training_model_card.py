@@ -127,6 +127,16 @@ def test_card_warnings():
   assert "randomly initialised" in card
 
 
+def test_card_repeats_the_warnings_of_training():
+  warning = "the model predicts malignant for all 27 validation images"
+  card = _render(_metadata(warnings=[warning]))
+  assert f"> **WARNING (from training):** {warning}" in card
+  # Before the first table: a reader sees it first.
+  assert card.index(warning) < card.index("| model_version |")
+  for metadata in (_metadata(warnings=[]), _metadata()):
+    assert "WARNING (from training)" not in _render(metadata)
+
+
 def test_card_names_the_malignant_weight_of_older_artifacts():
   # Trained before --malignant_weight existed: plain balanced weights.
   older = {"epochs": 30, "class_weight": {"normal": 2.0, "benign": 0.5,

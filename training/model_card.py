@@ -128,6 +128,8 @@ def _header(metadata: ArtifactMetadata) -> List[str]:
               " (`python -m training phantoms` or similar). It demonstrates"
               " the software only and says nothing about real ultrasound.",
               ""]
+  for warning in metadata.warnings or ():
+    lines += [f"> **WARNING (from training):** {warning}", ""]
   lines += _table(["field", "value"], [
       ["model_version", metadata.model_version],
       ["created_at", metadata.created_at],

@@ -114,7 +114,7 @@ def train(config: TrainConfig) -> TrainResult:
     test_report = measure.classification(test)
   with clock.step("calibration"):
     val = measure.score_val(fitted.runner, read.data, splits)
-    measure.warn_one_class(val, test)
+    warnings = measure.warn_one_class(val, test)
     cal = calibrate.calibrate(fitted.model, config, val, test)
     flagging = threshold.choose(
         config, val, test, cal.temperature, bool(cal.fitted),
@@ -127,7 +127,7 @@ def train(config: TrainConfig) -> TrainResult:
         split_lib.duplicate_groups(read.data.image_ids, splits.hashes))
   save.write_companions(work, config, read, splits, test_report, fitted, cal)
   metadata = save.save(work, config, read, splits, fitted, test_report, cal,
-                       flagging, detector, clock.stop())
+                       flagging, detector, clock.stop(), warnings)
   # Checked on validation images when there is no test split.
   verify.verify(work, fitted.model, read.data,
                 test if len(test.indices) else val, cal.temperature,
@@ -226,4 +226,5 @@ def format_summary(result: TrainResult) -> str:
   lines += _calibration_lines(metadata)
   lines.append(f"Model {metadata.model_version} written to {result.output}"
                f" in {metadata.training.seconds['total']:.1f} s")
+  lines += [f"WARNING: {w}" for w in metadata.warnings or ()]
   return "\n".join(lines)

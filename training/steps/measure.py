@@ -2,7 +2,7 @@
 the test split's metrics."""
 
 import logging
-from typing import Dict, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import keras
 import numpy as np
@@ -58,9 +58,13 @@ def one_class_warning(name: str, scored: Scored) -> Optional[str]:
                     " --backbone_weights.")
 
 
-def warn_one_class(val: Scored, test: Scored) -> None:
-  """Logs `one_class_warning` for the validation and test splits."""
+def warn_one_class(val: Scored, test: Scored) -> List[str]:
+  """Logs `one_class_warning` for the validation and test splits; returns
+  what it logged, for the artifact's metadata."""
+  found = []
   for name, scored in (("validation", val), ("test", test)):
     warning = one_class_warning(name, scored)
     if warning:
       _LOG.warning(warning)
+      found.append(warning)
+  return found

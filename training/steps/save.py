@@ -5,7 +5,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -153,9 +153,11 @@ def save(work: str, config: TrainConfig, read: Read, splits: Splits,
          fitted: Fitted, test_report: Dict, cal: metadata_schema.Calibration,
          flagging: metadata_schema.Flagging,
          detector: Optional[ood_detector.Detector],
-         seconds: Dict[str, float]) -> ArtifactMetadata:
+         seconds: Dict[str, float],
+         warnings: Sequence[str]) -> ArtifactMetadata:
   """Writes the artifact (model, labels, OOD detector, card, metadata) into
-  `work`.
+  `work`; `warnings` are what the run found wrong with the model
+  (`measure.warn_one_class`), kept in its metadata.
 
   Returns:
     The metadata written.
@@ -187,7 +189,8 @@ def save(work: str, config: TrainConfig, read: Read, splits: Splits,
                         metadata_schema.CrossValidationSummary.from_json(
                             {**cv.card_summary(fitted.cv_report),
                              "source": fitted.cv_source})),
-      ood=None if detector is None else detector.block)
+      ood=None if detector is None else detector.block,
+      warnings=tuple(warnings))
 
 
 def publish(work: str, output: str) -> None:
