@@ -85,6 +85,8 @@ def _time_model(model_dir: str, batch_size: int, batches: int,
   print(f"Model {metadata.model_version} ({metadata.image_size}x"
         f"{metadata.image_size}, {precision}) loaded in {loaded_s:.1f} s",
         file=out)
+  for warning in metadata.warnings or ():
+    print(f"WARNING from its training: {warning}", file=out)
   size = metadata.image_size
   rng = np.random.default_rng(0)
   batch = list(rng.integers(0, 256, size=(batch_size, size, size, 3),

@@ -557,9 +557,11 @@ class ArtifactMetadata(Record):
   # network_size² (layer RESIZE_LAYER). Absent: image_size.
   network_size: Optional[int] = optional()
   # What train found wrong with the model it wrote (today: every validation
-  # or test image predicted as one class); the model card, train's summary
-  # and every scoring run repeat them. Empty: none found; absent: written
-  # before the check existed.
+  # or test image predicted as one class); the model card, train's and
+  # recalibrate's summaries, doctor and every scoring launch repeat them.
+  # Empty: train's checks found nothing (they need validation or test
+  # images); absent: not written by train's checks (artifacts trained before
+  # them, test artifacts, and what is recalibrated from either).
   warnings: Optional[Tuple[str, ...]] = optional()
 
   @property

@@ -46,6 +46,24 @@ def test_doctor_prints_build_devices_and_throughput(tiny_model):
   assert "/physical_device:CPU:0" in out
   assert "(16x16, float32) loaded in" in out
   assert "2 batches of 4:" in out and out.rstrip().endswith("images/s")
+  assert "WARNING" not in out  # a test artifact has none
+
+
+def test_doctor_repeats_the_warnings_of_training(tiny_model, tmp_path):
+  import json  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  warned = str(tmp_path / "warned")
+  shutil.copytree(tiny_model, warned)
+  path = os.path.join(warned, schemas.METADATA_FILE)
+  with open(path, encoding="utf-8") as f:
+    metadata = json.load(f)
+  warning = "the model predicts normal for all 5 validation images"
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump({**metadata, "warnings": [warning]}, f)
+  status, out, err = _doctor("--model", warned, "--batch_size", "2",
+                             "--batches", "1")
+  assert status == doctor.EXIT_OK, err
+  assert f"\nWARNING from its training: {warning}\n" in out
 
 
 def test_doctor_fails_in_one_line_without_the_model_or_the_gpu(tmp_path):

@@ -29,6 +29,9 @@ SIZE = 32
 IMAGES = 90
 TARGET = 0.95  # the default --target_accuracy
 PARENT_THRESHOLD = 0.9
+# What the parent's training found (train's one-class check): the same
+# weights, so the recalibrated artifact keeps it.
+PARENT_WARNING = "the model predicts benign for all 9 test images"
 
 
 class Site(NamedTuple):
@@ -93,7 +96,7 @@ def fixture_site(tmp_path_factory):
       "model_version", "created_at", schemas.METADATA_MODEL_SHA256,
       "temperature")}
   fields.update(name="parent", threshold=PARENT_THRESHOLD,
-                temperature=parent_temperature)
+                temperature=parent_temperature, warnings=(PARENT_WARNING,))
   saving.save_artifact(loaded.model, parent, loaded.labels, **fields)
   with open(os.path.join(parent, schemas.SPLIT_FILE), "w") as f:
     json.dump({"train": ["a"], "val": [], "test": []}, f)
@@ -179,6 +182,10 @@ def test_recalibrate_refits_temperature_and_threshold(site, tmp_path, capsys):
   assert metadata.weights_source == parent.metadata.weights_source
   assert metadata.backbone == parent.metadata.backbone
   assert metadata.training == parent.metadata.training
+  assert metadata.warnings == parent.metadata.warnings == (PARENT_WARNING,)
+  with open(output / schemas.MODEL_CARD_FILE) as f:
+    assert f"**WARNING (from training):** {PARENT_WARNING}" in f.read()
+  assert out.rstrip().endswith(f"WARNING: {PARENT_WARNING}")
   assert os.path.exists(output / schemas.SPLIT_FILE)  # the parent's
   with open(output / schemas.RECALIBRATION_SPLIT_FILE) as f:
     sample_split = json.load(f)

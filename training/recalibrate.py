@@ -517,4 +517,6 @@ def format_summary(metadata: ArtifactMetadata, output: str) -> str:
       ("accuracy, all", before.accuracy, after.accuracy)):
     lines.append(f"  {name:<24}{_num(old):>10}{_num(new):>10}")
   lines.append(f"Model {metadata.model_version} written to {output}")
+  # The parent's training warnings hold for the same weights.
+  lines += [f"WARNING: {w}" for w in metadata.warnings or ()]
   return "\n".join(lines)
