@@ -18,7 +18,7 @@ from typing import List, NoReturn, Optional
 
 import schemas
 from beam_pipeline import failures, output_lock, outputs
-from busi_core import flag_rates
+from busi_core import artifact, flag_rates
 
 _LOG = logging.getLogger(__name__)
 
@@ -80,6 +80,10 @@ def format_summary(manifest: dict) -> str:
   for name, value in lost.items():
     lines.append(f"  INCOMPLETE: {name} = {value} (see the errors table)")
   for line in flag_rates.warnings(manifest.get(schemas.MANIFEST_FLAG_RATES)):
+    lines.append(f"  WARNING: {line}")
+  for line in artifact.training_warning_lines(
+      manifest.get(schemas.MANIFEST_MODEL_VERSION),
+      manifest.get(schemas.MANIFEST_MODEL_WARNINGS)):
     lines.append(f"  WARNING: {line}")
   lines.append(f"  outputs in {manifest.get(schemas.MANIFEST_OUTPUT)}")
   counters = manifest.get(schemas.EXECUTE_COUNTERS)

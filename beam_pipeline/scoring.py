@@ -49,6 +49,8 @@ class ScoringConfig(NamedTuple):
   # The artifact's held-out flagged shares (busi_core.flag_rates.expected),
   # which the manifest's check compares the run's with; None: no check.
   expected_flag_rates: Optional[Dict] = None
+  # The artifact's metadata `warnings` (what train found wrong with it).
+  model_warnings: Tuple[str, ...] = ()
 
 
 def keyed_input(record: records.ImageRecord, image_size: int

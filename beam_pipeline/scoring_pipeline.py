@@ -285,9 +285,9 @@ def load_config(opts, run_id: str, command: str) -> scoring.ScoringConfig:
   message instead of failing every batch on the workers.
   """
   info = artifact.load_artifact(opts.model)
-  for warning in info.metadata.warnings or ():
-    _LOG.warning("The model %s was written with a warning from its"
-                 " training: %s", info.metadata.model_version, warning)
+  for line in artifact.training_warning_lines(info.metadata.model_version,
+                                             info.metadata.warnings):
+    _LOG.warning(line)
   size = info.metadata.image_size
   if command == opts_lib.RUN and opts.image_size not in (None, size):
     raise ValueError(
@@ -314,4 +314,5 @@ def load_config(opts, run_id: str, command: str) -> scoring.ScoringConfig:
           threshold_given=threshold != float(info.metadata.threshold),
           ood_threshold_given=(info.ood is not None
                                and ood_threshold != info.ood.threshold),
-          has_ood=info.ood is not None))
+          has_ood=info.ood is not None),
+      model_warnings=tuple(info.metadata.warnings or ()))

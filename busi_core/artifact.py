@@ -359,6 +359,18 @@ def model_version(name: str, created: datetime.datetime,
   return f"{name}-{created:%Y%m%dT%H%M%SZ}-{model_bytes_sha256[:8]}"
 
 
+def training_warning_lines(model_version: Any, warnings: Any) -> List[str]:
+  """Each training warning of an artifact (its metadata's `warnings`, or a
+  run manifest's MANIFEST_MODEL_WARNINGS) as the sentence scoring, its
+  summary and its report say; nothing for a value that is not a list of
+  strings (a run from before the field)."""
+  if not isinstance(warnings, (list, tuple)):
+    return []
+  return [f"The model {model_version} was written with a warning from its"
+          f" training: {warning}" for warning in warnings
+          if isinstance(warning, str)]
+
+
 def sha256_file(path: str) -> str:
   digest = hashlib.sha256()
   with open(path, "rb") as f:

@@ -26,7 +26,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 import schemas
-from busi_core import flag_rates, gcs
+from busi_core import artifact, flag_rates, gcs
 from reporting import run_files, sql, thumbnails
 
 REPORT_FILE = "index.html"
@@ -476,8 +476,13 @@ def _run_section(data: ReportData) -> str:
   if predictions is not None and predictions != data.total:
     check = _note(f"manifest says {predictions} predictions, the"
                   f" Parquet holds {data.total} rows.")
-  body = (f'<div class="cols"><table id="facts" class="facts">{facts_html}'
-          f"</table>{counts_table}</div>"
+  warnings = "".join(
+      f'<p class="warning" id="model-warning-{i}">{_e(line)}</p>'
+      for i, line in enumerate(artifact.training_warning_lines(
+          m.get(schemas.MANIFEST_MODEL_VERSION),
+          m.get(schemas.MANIFEST_MODEL_WARNINGS))))
+  body = (f'{warnings}<div class="cols"><table id="facts" class="facts">'
+          f"{facts_html}</table>{counts_table}</div>"
           f'<p class="invariant">'
           f'{_e(invariant.get(schemas.INVARIANT_RULE, "invariant"))}: '
           f"{badge}</p>{check}")

@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence
 import duckdb
 
 import schemas
-from busi_core import flag_rates
+from busi_core import artifact, flag_rates
 from reporting import run_files, sql
 
 OOD_TOP = 10  # rows of the "Most out-of-distribution" table
@@ -142,8 +142,8 @@ def summary(output: str) -> str:
       manifest are copied to a temporary directory first).
 
   Returns:
-    The tables; the first line says so when the run is incomplete (no
-    manifest).
+    The tables, after the warnings train wrote into the run's model; the
+    first line says so when the run is incomplete (no manifest).
 
   Raises:
     run_files.RunDirError: no run there, a preprocess run (no predictions
@@ -165,11 +165,21 @@ def summary(output: str) -> str:
           f" ({str(e).splitlines()[0]}); the files are damaged or not a"
           " run's") from e
     note = files.incomplete_note()
+    warnings = _model_warning_parts(files.manifest)
   if note:
     parts.insert(0, note)
     if len(parts) == 1:
       parts.append("(no predictions or errors written yet)")
-  return "\n\n".join(parts)
+  return "\n\n".join(warnings + parts)
+
+
+def _model_warning_parts(manifest: Optional[dict]) -> List[str]:
+  """The warnings train wrote into the run's model, first: every figure
+  below comes from that model."""
+  manifest = manifest or {}
+  return [f"WARNING: {line}" for line in artifact.training_warning_lines(
+      manifest.get(schemas.MANIFEST_MODEL_VERSION),
+      manifest.get(schemas.MANIFEST_MODEL_WARNINGS))]
 
 
 def _flag_rate_parts(manifest: Optional[dict]) -> List[str]:

@@ -404,6 +404,32 @@ def test_flag_rate_check_is_shown(tmp_path):
         data, report.figures_for(data))
 
 
+def test_the_models_training_warnings_come_first(tmp_path):
+  """A run whose model train wrote with a warning (e.g. one class for
+  every validation image): the report's Run section and the summary open
+  with it; none for a model without, nor for a run from before the field."""
+  from reporting import summary  # pylint: disable=import-outside-toplevel
+  run_dir = _write_run(tmp_path / "run")
+  def page():
+    data = report.query_report_data(run_dir)
+    return report.render_html(data, report.figures_for(data))
+  for warnings in (None, []):
+    if warnings is not None:
+      _set_manifest(run_dir, **{schemas.MANIFEST_MODEL_WARNINGS: warnings})
+    assert "model-warning" not in page()
+    assert "WARNING" not in summary.summary(run_dir)
+  warning = "the model predicts <malignant> for all 27 validation images"
+  _set_manifest(run_dir, **{schemas.MANIFEST_MODEL_WARNINGS: [warning, 7]})
+  with open(os.path.join(run_dir, schemas.MANIFEST_FILE)) as f:
+    version = json.load(f)[schemas.MANIFEST_MODEL_VERSION]
+  sentence = (f"The model {version} was written with a warning from its"
+              f" training: {warning}")
+  shown = re.findall(r'<section id="run"><h2>Run</h2><p class="warning"'
+                     r' id="model-warning-(\d)">([^<]*)</p><div', page())
+  assert shown == [("0", html.escape(sentence))]  # escaped; not a string: skipped
+  assert summary.summary(run_dir).startswith(f"WARNING: {sentence}\n\n")
+
+
 def test_figures_are_pngs():
   assert report.class_bar_png(
       [report.ClassCount("benign", 3, 0.7)]).startswith(PNG_MAGIC)

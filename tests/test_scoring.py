@@ -156,6 +156,7 @@ def test_score_tfrecords(tmp_path, model_dir, fake_model):
   assert manifest["counts"]["members_seen"] == 13
   assert manifest["invariant"]["holds"]
   assert manifest["model_version"] == table.column("model_version")[0].as_py()
+  assert manifest[schemas.MANIFEST_MODEL_WARNINGS] == []
   assert sum(manifest["predicted_classes"].values()) == 12
   assert_manifest_spelled_in_schemas(out)
 
@@ -202,29 +203,32 @@ def test_bad_model_dir_fails_before_reading(tmp_path):
 
 
 def test_a_run_repeats_the_warnings_its_model_was_trained_with(
-    tmp_path, model_dir, caplog):
+    tmp_path, model_dir, fake_model, caplog):
   """A model train wrote with a warning (e.g. one class predicted for
-  every validation image) says so at every scoring launch."""
+  every validation image) says so at launch, in the manifest and in the
+  end-of-run summary; a model without one, or from before the field, not."""
   import json  # pylint: disable=import-outside-toplevel
   import shutil  # pylint: disable=import-outside-toplevel
-  import types  # pylint: disable=import-outside-toplevel
-  from beam_pipeline import scoring_pipeline  # pylint: disable=import-outside-toplevel
-  opts = types.SimpleNamespace(image_size=None, threshold=None,
-                               ood_threshold=None)
+  from beam_pipeline import cli  # pylint: disable=import-outside-toplevel
   warned = str(tmp_path / "warned")
   shutil.copytree(model_dir, warned)
   path = os.path.join(warned, schemas.METADATA_FILE)
   with open(path, encoding="utf-8") as f:
     metadata = json.load(f)
+  archive = str(tmp_path / "busi.zip")
+  _busi_zip(archive, n_per_class=1)
   warning = "the model predicts malignant for all 9 validation images"
+  sentence = (f"The model {metadata['model_version']} was written with a"
+              f" warning from its training: {warning}")
   # No "warnings" (written before the check), none found, one found.
-  for warnings in (None, [], [warning]):
+  for n, warnings in enumerate((None, [], [warning])):
     with open(path, "w", encoding="utf-8") as f:
       json.dump(metadata if warnings is None else
                 {**metadata, "warnings": warnings}, f)
     caplog.clear()
-    opts.model = warned
-    scoring_pipeline.load_config(opts, "run-1", "score")
-    said = (f"The model {metadata['model_version']} was written with a"
-            f" warning from its training: {warning}") in caplog.text
-    assert said == bool(warnings)
+    manifest = pipeline.run(["run", "--input", archive, "--model", warned,
+                             "--output", str(tmp_path / f"out{n}")])
+    assert manifest[schemas.MANIFEST_MODEL_WARNINGS] == (warnings or [])
+    assert (sentence in caplog.text) == bool(warnings)
+    assert (f"  WARNING: {sentence}\n" in cli.format_summary(manifest)
+           ) == bool(warnings)
