@@ -62,7 +62,10 @@ def manifest_base(plan: Plan, image_size: int) -> Dict:
                  schemas.MANIFEST_OOD_THRESHOLD: config.ood_threshold,
                  schemas.MANIFEST_LABELS: list(config.labels),
                  schemas.MANIFEST_BATCH_SIZE: opts.batch_size,
-                 schemas.MANIFEST_MODEL_WARNINGS: list(config.model_warnings)})
+                 # null: the artifact predates train's checks
+                 schemas.MANIFEST_MODEL_WARNINGS: (
+                     None if config.model_warnings is None else
+                     list(config.model_warnings))})
     if config.expected_flag_rates is not None:
       # What the run's flagged shares are checked against; the finished
       # manifest holds the check (outputs.finish_manifest).

@@ -49,8 +49,9 @@ class ScoringConfig(NamedTuple):
   # The artifact's held-out flagged shares (busi_core.flag_rates.expected),
   # which the manifest's check compares the run's with; None: no check.
   expected_flag_rates: Optional[Dict] = None
-  # The artifact's metadata `warnings` (what train found wrong with it).
-  model_warnings: Tuple[str, ...] = ()
+  # The artifact's metadata `warnings` (what train found wrong with it);
+  # None: the artifact predates train's checks.
+  model_warnings: Optional[Tuple[str, ...]] = None
 
 
 def keyed_input(record: records.ImageRecord, image_size: int

@@ -315,4 +315,5 @@ def load_config(opts, run_id: str, command: str) -> scoring.ScoringConfig:
           ood_threshold_given=(info.ood is not None
                                and ood_threshold != info.ood.threshold),
           has_ood=info.ood is not None),
-      model_warnings=tuple(info.metadata.warnings or ()))
+      model_warnings=(None if info.metadata.warnings is None else
+                      tuple(info.metadata.warnings)))

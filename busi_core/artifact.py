@@ -362,13 +362,16 @@ def model_version(name: str, created: datetime.datetime,
 def training_warning_lines(model_version: Any, warnings: Any) -> List[str]:
   """Each training warning of an artifact (its metadata's `warnings`, or a
   run manifest's MANIFEST_MODEL_WARNINGS) as the sentence scoring, its
-  summary and its report say; nothing for a value that is not a list of
-  strings (a run from before the field)."""
+  summary and report, doctor and recalibrate say ("the training of its
+  weights": a recalibrated artifact's are its parent's); nothing for a value
+  that is not a list (null: the artifact predates train's checks), and
+  nothing for an item that is not a string (a hand-edited manifest)."""
   if not isinstance(warnings, (list, tuple)):
     return []
-  return [f"The model {model_version} was written with a warning from its"
-          f" training: {warning}" for warning in warnings
-          if isinstance(warning, str)]
+  model = (f"The model {model_version}" if isinstance(model_version, str)
+           and model_version else "The model")
+  return [f"{model} carries a warning from the training of its weights:"
+          f" {warning}" for warning in warnings if isinstance(warning, str)]
 
 
 def sha256_file(path: str) -> str:

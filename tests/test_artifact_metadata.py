@@ -157,3 +157,15 @@ def test_schema_names_match_the_records():
     assert constant in names, constant
   with pytest.raises(metadata_schema.MetadataError, match="lacks created_at"):
     ArtifactMetadata.from_json({"model_version": "x"})
+
+
+def test_training_warning_lines():
+  from busi_core import artifact  # pylint: disable=import-outside-toplevel
+  said = "carries a warning from the training of its weights: one class"
+  assert artifact.training_warning_lines("m-1", ["one class"]) == [
+      f"The model m-1 {said}"]
+  # A hand-edited manifest: no version, items that are not sentences.
+  assert artifact.training_warning_lines(None, ("one class", 7, None)) == [
+      f"The model {said}"]
+  for warnings in (None, [], "one class", {"a": "b"}):
+    assert artifact.training_warning_lines("m-1", warnings) == []

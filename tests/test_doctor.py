@@ -63,8 +63,8 @@ def test_doctor_repeats_the_warnings_of_training(tiny_model, tmp_path):
   status, out, err = _doctor("--model", warned, "--batch_size", "2",
                              "--batches", "1")
   assert status == doctor.EXIT_OK, err
-  assert (f"\nWARNING: The model {metadata['model_version']} was written"
-          f" with a warning from its training: {warning}\n") in out
+  assert (f"\nWARNING: The model {metadata['model_version']} carries a"
+          f" warning from the training of its weights: {warning}\n") in out
 
 
 def test_doctor_fails_in_one_line_without_the_model_or_the_gpu(tmp_path):

@@ -413,8 +413,10 @@ def test_the_models_training_warnings_come_first(tmp_path):
   def page():
     data = report.query_report_data(run_dir)
     return report.render_html(data, report.figures_for(data))
-  for warnings in (None, []):
-    if warnings is not None:
+  # Absent (a run from before the field), null (a model from before train's
+  # checks), none found, and a hand-edited string (not split into letters).
+  for warnings in ("absent", None, [], "one class"):
+    if warnings != "absent":
       _set_manifest(run_dir, **{schemas.MANIFEST_MODEL_WARNINGS: warnings})
     assert "model-warning" not in page()
     assert "WARNING" not in summary.summary(run_dir)
@@ -422,8 +424,8 @@ def test_the_models_training_warnings_come_first(tmp_path):
   _set_manifest(run_dir, **{schemas.MANIFEST_MODEL_WARNINGS: [warning, 7]})
   with open(os.path.join(run_dir, schemas.MANIFEST_FILE)) as f:
     version = json.load(f)[schemas.MANIFEST_MODEL_VERSION]
-  sentence = (f"The model {version} was written with a warning from its"
-              f" training: {warning}")
+  sentence = (f"The model {version} carries a warning from the training of"
+              f" its weights: {warning}")
   shown = re.findall(r'<section id="run"><h2>Run</h2><p class="warning"'
                      r' id="model-warning-(\d)">([^<]*)</p><div', page())
   assert shown == [("0", html.escape(sentence))]  # escaped; not a string: skipped

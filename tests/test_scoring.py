@@ -156,7 +156,8 @@ def test_score_tfrecords(tmp_path, model_dir, fake_model):
   assert manifest["counts"]["members_seen"] == 13
   assert manifest["invariant"]["holds"]
   assert manifest["model_version"] == table.column("model_version")[0].as_py()
-  assert manifest[schemas.MANIFEST_MODEL_WARNINGS] == []
+  # A test artifact was never through train's checks.
+  assert manifest[schemas.MANIFEST_MODEL_WARNINGS] is None
   assert sum(manifest["predicted_classes"].values()) == 12
   assert_manifest_spelled_in_schemas(out)
 
@@ -218,8 +219,8 @@ def test_a_run_repeats_the_warnings_its_model_was_trained_with(
   archive = str(tmp_path / "busi.zip")
   _busi_zip(archive, n_per_class=1)
   warning = "the model predicts malignant for all 9 validation images"
-  sentence = (f"The model {metadata['model_version']} was written with a"
-              f" warning from its training: {warning}")
+  sentence = (f"The model {metadata['model_version']} carries a warning"
+              f" from the training of its weights: {warning}")
   # No "warnings" (written before the check), none found, one found.
   for n, warnings in enumerate((None, [], [warning])):
     with open(path, "w", encoding="utf-8") as f:
@@ -228,7 +229,8 @@ def test_a_run_repeats_the_warnings_its_model_was_trained_with(
     caplog.clear()
     manifest = pipeline.run(["run", "--input", archive, "--model", warned,
                              "--output", str(tmp_path / f"out{n}")])
-    assert manifest[schemas.MANIFEST_MODEL_WARNINGS] == (warnings or [])
+    # null: the model predates train's checks, so none were run.
+    assert manifest[schemas.MANIFEST_MODEL_WARNINGS] == warnings
     assert (sentence in caplog.text) == bool(warnings)
     assert (f"  WARNING: {sentence}\n" in cli.format_summary(manifest)
            ) == bool(warnings)

@@ -185,7 +185,9 @@ def test_recalibrate_refits_temperature_and_threshold(site, tmp_path, capsys):
   assert metadata.warnings == parent.metadata.warnings == (PARENT_WARNING,)
   with open(output / schemas.MODEL_CARD_FILE) as f:
     assert f"**WARNING (from training):** {PARENT_WARNING}" in f.read()
-  assert out.rstrip().endswith(f"WARNING: {PARENT_WARNING}")
+  assert out.rstrip().endswith(
+      f"\nWARNING: The model {metadata.model_version} carries a warning from"
+      f" the training of its weights: {PARENT_WARNING}")
   assert os.path.exists(output / schemas.SPLIT_FILE)  # the parent's
   with open(output / schemas.RECALIBRATION_SPLIT_FILE) as f:
     sample_split = json.load(f)

@@ -518,5 +518,6 @@ def format_summary(metadata: ArtifactMetadata, output: str) -> str:
     lines.append(f"  {name:<24}{_num(old):>10}{_num(new):>10}")
   lines.append(f"Model {metadata.model_version} written to {output}")
   # The parent's training warnings hold for the same weights.
-  lines += [f"WARNING: {w}" for w in metadata.warnings or ()]
+  lines += [f"WARNING: {line}" for line in artifact.training_warning_lines(
+      metadata.model_version, metadata.warnings)]
   return "\n".join(lines)
