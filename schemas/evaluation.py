@@ -28,6 +28,12 @@ PREDICTIONS_FILE = "evaluation_predictions.parquet"
 # "flagging", "auc_malignant" and "auc_malignant_vs_benign".
 NOT_FITTED_ON = "not_fitted_on"
 
+# metrics.json key of what evaluate warns of, as sentences ([] when nothing):
+# the artifact's training warnings (its metadata's `warnings`), and one when
+# the artifact predicts one class for every evaluated image though they hold
+# several.
+WARNINGS = "warnings"
+
 # metrics.json key of the LesionLocalisation block (with --masks only).
 LESION_LOCALISATION = "lesion_localisation"
 

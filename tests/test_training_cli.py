@@ -596,6 +596,55 @@ def test_evaluate_matches_hand_computation(tmp_path, capsys):
           for t in schemas.LABELS] == report["confusion_matrix"]
 
 
+def test_evaluate_warns_of_a_one_class_model(tmp_path, capsys, caplog):
+  """evaluate repeats the artifact's training warnings, and warns when it
+  predicts one class for every evaluated image though they hold several
+  (the colour model calls every red image malignant)."""
+  size = 8
+  rng = np.random.default_rng(0)
+  def data(name, labels):
+    records = []
+    for label in labels:
+      pixels = np.zeros((size, size, 3), np.uint8) + np.uint8([255, 0, 0])
+      pixels[0, 0] = rng.integers(0, 40, 3)  # distinct image_ids
+      records.append(testing.make_record(pixels, label))
+    return testing.write_tfrecords(str(tmp_path / name / "p.tfrecord.gz"),
+                                   records)
+  trained = "the model predicts malignant for all 9 validation images"
+  for name, warnings in (("plain", ()), ("warned", (trained,))):
+    saving.save_artifact(_colour_model(size), str(tmp_path / name),
+                         schemas.LABELS, backbone="colour",
+                         weights_source="none", data_fingerprint={},
+                         class_counts={}, test_metrics={}, threshold=0.9,
+                         warnings=warnings)
+  mixed = data("mixed", ["normal", "benign", "malignant"])
+  malignant = data("malignant", ["malignant"] * 3)
+  from schemas import evaluation as evaluation_schema  # pylint: disable=import-outside-toplevel
+  runs = iter(range(10))
+  def run(model, data_glob):
+    report_dir = str(tmp_path / f"report{next(runs)}")
+    assert cli.main(["evaluate", "--model", str(tmp_path / model), "--data",
+                     data_glob, "--output", report_dir]) == 0
+    return (_load_json(report_dir, evaluate.REPORT_FILE)[
+        evaluation_schema.WARNINGS], capsys.readouterr().out)
+  # One class to predict, predicted: nothing to say.
+  found, out = run("plain", malignant)
+  assert found == [] and "WARNING" not in out
+  found, out = run("plain", mixed)
+  assert len(found) == 1 and found[0].startswith(
+      "the model predicts malignant for all 3 evaluated images, which hold 3"
+      " classes")
+  assert "recalibrating will not fix that" in found[0]
+  assert f"WARNING: {found[0]}\nReport written to" in out
+  assert found[0] in caplog.text
+  found, out = run("warned", malignant)
+  version = artifact.read_artifact_info(
+      str(tmp_path / "warned")).metadata.model_version
+  assert found == [f"The model {version} carries a warning from the training"
+                   f" of its weights: {trained}"]
+  assert f"WARNING: {found[0]}\n" in out
+
+
 def assert_aucs_of_rows(figures, rows):
   """`figures`' two AUCs of p_malignant are those of evaluation `rows`
   (dicts), counted pair by pair (ties one half): a check independent of

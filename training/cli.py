@@ -536,6 +536,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(lesions.format_localisation(
             evaluation_schema.LesionLocalisation.from_json(
                 report[evaluation_schema.LESION_LOCALISATION])))
+      for warning in report[evaluation_schema.WARNINGS]:
+        print(f"WARNING: {warning}")
       print(f"Report written to {args.output}")
     elif args.command == "recalibrate":
       from training import recalibrate  # pylint: disable=import-outside-toplevel

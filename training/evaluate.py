@@ -388,6 +388,10 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
   if ood_patterns:
     report["ood_archive"] = evaluate_ood_archive(scoring_model, ood_patterns,
                                                  batch_size)
+  report[evaluation_schema.WARNINGS] = _warnings(loaded.metadata, predicted,
+                                                 data.labels, labels)
+  for warning in report[evaluation_schema.WARNINGS]:
+    _LOG.warning(warning)
   if report["seen_in_training"] or report["near_duplicates_of_training"]:
     _LOG.warning("%d of the %d images were in the model's training or"
                  " validation split and %d more are near-duplicates of images"
@@ -412,6 +416,21 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
       report["confusion_matrix"], labels, _join(output, CONFUSION_MATRIX_FILE),
       f"{report['model_version']} ({report['count']} images)")
   return report
+
+
+def _warnings(metadata, predicted: np.ndarray, truth: np.ndarray,
+              labels: Sequence[str]) -> List[str]:
+  """The artifact's training warnings, and whether it predicts one class
+  for every evaluated image (`metrics.one_class`)."""
+  found = artifact.training_warning_lines(metadata.model_version,
+                                          metadata.warnings)
+  one_class = metrics.one_class("evaluated", predicted, truth, labels)
+  if one_class:
+    found.append(f"{one_class} Its figures here are those of a constant"
+                 " answer; where it tells its own validation images apart,"
+                 " these differ from them (scanner, preset, preprocessing),"
+                 " and recalibrating will not fix that.")
+  return found
 
 
 def not_fitted_on_lines(report: Dict) -> List[str]:
