@@ -611,12 +611,15 @@ def test_evaluate_warns_of_a_one_class_model(tmp_path, capsys, caplog):
     return testing.write_tfrecords(str(tmp_path / name / "p.tfrecord.gz"),
                                    records)
   trained = "the model predicts malignant for all 9 validation images"
-  for name, warnings in (("plain", ()), ("warned", (trained,))):
+  # Train's checks found nothing, found this, never ran (no field).
+  for name, warnings in (("plain", {"warnings": ()}),
+                         ("warned", {"warnings": (trained,)}),
+                         ("older", {})):
     saving.save_artifact(_colour_model(size), str(tmp_path / name),
                          schemas.LABELS, backbone="colour",
                          weights_source="none", data_fingerprint={},
                          class_counts={}, test_metrics={}, threshold=0.9,
-                         warnings=warnings)
+                         **warnings)
   mixed = data("mixed", ["normal", "benign", "malignant"])
   malignant = data("malignant", ["malignant"] * 3)
   from schemas import evaluation as evaluation_schema  # pylint: disable=import-outside-toplevel
@@ -632,17 +635,27 @@ def test_evaluate_warns_of_a_one_class_model(tmp_path, capsys, caplog):
   assert found == [] and "WARNING" not in out
   found, out = run("plain", mixed)
   assert len(found) == 1 and found[0].startswith(
-      "the model predicts malignant for all 3 evaluated images, which hold 3"
-      " classes")
-  assert "recalibrating will not fix that" in found[0]
+      "The model predicts malignant for all 3 evaluated images, which hold 3"
+      " classes: on these images it tells nothing apart")
+  assert "`recalibrate` cannot fix that" in found[0]
+  # Its own validation images were told apart (train's checks said so).
+  assert "It told its own validation images apart" in found[0]
   assert f"WARNING: {found[0]}\nReport written to" in out
   assert found[0] in caplog.text
+  found, _ = run("older", mixed)  # unknown: not claimed
+  assert len(found) == 1 and "It told" not in found[0]
   found, out = run("warned", malignant)
   version = artifact.read_artifact_info(
       str(tmp_path / "warned")).metadata.model_version
-  assert found == [f"The model {version} carries a warning from the training"
-                   f" of its weights: {trained}"]
+  carries = (f"The model {version} carries a warning from the training of"
+             f" its weights: {trained}")
+  assert found == [carries]
   assert f"WARNING: {found[0]}\n" in out
+  # Both: the training's first; its validation was one class, so no claim.
+  found, _ = run("warned", mixed)
+  assert found[0] == carries and len(found) == 2
+  assert found[1].startswith("The model predicts malignant for all 3")
+  assert "It told" not in found[1]
 
 
 def assert_aucs_of_rows(figures, rows):

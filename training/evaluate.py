@@ -308,7 +308,10 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
     the AUCs of p_malignant against the rest and against benign images
     ("auc_malignant", "auc_malignant_vs_benign");
     "ood": what the OOD detector flags of these images (null without a
-    detector), and "ood_archive" with --ood.
+    detector), and "ood_archive" with --ood; "warnings"
+    (schemas.evaluation.WARNINGS): the artifact's training warnings, and
+    one when it predicts one class for every image though they hold
+    several.
 
   Raises:
     artifact.ArtifactError: the artifact is invalid.
@@ -424,12 +427,19 @@ def _warnings(metadata, predicted: np.ndarray, truth: np.ndarray,
   for every evaluated image (`metrics.one_class`)."""
   found = artifact.training_warning_lines(metadata.model_version,
                                           metadata.warnings)
-  one_class = metrics.one_class("evaluated", predicted, truth, labels)
+  one_class = metrics.one_class(
+      "evaluated", predicted, truth, labels,
+      "on these images it tells nothing apart, and its figures here are"
+      " those of a constant answer")
   if one_class:
-    found.append(f"{one_class} Its figures here are those of a constant"
-                 " answer; where it tells its own validation images apart,"
-                 " these differ from them (scanner, preset, preprocessing),"
-                 " and recalibrating will not fix that.")
+    if metadata.warnings == ():  # train's checks ran and found nothing
+      one_class += (" It told its own validation images apart, so these"
+                    " probably differ from them (scanner, preset,"
+                    " preprocessing).")
+    found.append(one_class[0].upper() + one_class[1:]
+                 + " `recalibrate` cannot fix that: it refits only the"
+                 " temperature and the threshold, which change no predicted"
+                 " class; retrain, or fine-tune on images like these.")
   return found
 
 

@@ -98,15 +98,19 @@ def classification_report(y_true: Sequence[int], y_pred: Sequence[int],
 
 
 def one_class(name: str, y_pred: Sequence[int], y_true: Sequence[int],
-              labels: Sequence[str]) -> Optional[str]:
+              labels: Sequence[str],
+              meaning: str = "it has not learned to tell them apart"
+              ) -> Optional[str]:
   """When every image of a set is predicted as one class though the set
-  holds several, a sentence that says so (the model has not learned to
-  tell them apart: a head stopped on its first plateau does this, and its
-  figures alone do not say why); None otherwise (an empty set too).
+  holds several, a sentence that says so (on its training's own splits the
+  model has not learned to tell them apart: a head stopped on its first
+  plateau does this, and its figures alone do not say why); None otherwise
+  (an empty set too).
 
   Args:
     name: what the set is, e.g. "validation".
     y_pred, y_true: predicted and true class indices into `labels`.
+    meaning: what it means for this set, after the colon.
   """
   predicted = np.unique(np.asarray(y_pred))
   classes = np.unique(np.asarray(y_true))
@@ -114,7 +118,7 @@ def one_class(name: str, y_pred: Sequence[int], y_true: Sequence[int],
     return None
   return (f"the model predicts {labels[int(predicted[0])]} for all"
           f" {len(y_true)} {name} images, which hold {len(classes)} classes:"
-          " it has not learned to tell them apart.")
+          f" {meaning}.")
 
 
 def format_report(report: Dict) -> str:

@@ -527,7 +527,7 @@ _LOCAL_DATA_NOTE = "\n".join([
     " out-of-fold predictions; for a recalibrated artifact, the"
     " site sample's fit part). Before relying on it at another site or"
     " scanner, check it on labelled local images (`metrics.json` →"
-    " `flagging`, `ece`):",
+    " `flagging`, `ece`, `warnings`):",
     "",
     "    python -m training evaluate --model DIR --data LOCAL_GLOB"
     " --output REPORT",
