@@ -23,7 +23,7 @@ import duckdb
 from apache_beam.io.filesystems import FileSystems
 
 import schemas
-from busi_core import gcs
+from busi_core import artifact, gcs
 from reporting import report, run_files, sql, summary
 
 JSON_FILE = "comparison.json"
@@ -46,6 +46,9 @@ class RunInfo:
   run_id: Optional[str]
   model_version: Optional[str]
   images: int  # distinct image_ids with a prediction
+  # The run's model's training warnings, as sentences
+  # (busi_core.artifact.training_warning_lines of its manifest).
+  model_warnings: Tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,8 +184,10 @@ def _connect(old_local: str, new_local: str):
 def _run_info(con, view: str, files: run_files.RunFiles) -> RunInfo:
   (images,) = con.execute(f"SELECT count(*) FROM {view}").fetchone()
   manifest = files.manifest or {}
+  version = manifest.get(schemas.MANIFEST_MODEL_VERSION)
   return RunInfo(files.run_dir, manifest.get(schemas.MANIFEST_RUN_ID),
-                 manifest.get(schemas.MANIFEST_MODEL_VERSION), images)
+                 version, images, tuple(artifact.training_warning_lines(
+                     version, manifest.get(schemas.MANIFEST_MODEL_WARNINGS))))
 
 
 def _overlap(con) -> Overlap:
@@ -332,10 +337,17 @@ def _run_rows(c: Comparison) -> List[tuple]:
           for side, r in ((_OLD, c.old), (_NEW, c.new))]
 
 
+def _warnings(c: Comparison) -> List[str]:
+  """Each run's model's training warnings, naming the run."""
+  return [f"WARNING ({side} run): {line}"
+          for side, r in ((_OLD, c.old), (_NEW, c.new))
+          for line in r.model_warnings]
+
+
 def format_text(c: Comparison) -> str:
   """The comparison as the text tables `compare` prints."""
   header, rows = _flip_matrix(c)
-  parts = [
+  parts = _warnings(c) + [
       summary.text_table("Runs", ("run", "run_id", "model_version",
                                   "images", "dir"), _run_rows(c)),
       summary.text_table("Images", ("both", "only_old", "only_new"),
@@ -375,10 +387,11 @@ def render_html(c: Comparison) -> str:
       f'height:10px;width:{round(300 * b.images / biggest)}px"></div></td>'
       "</tr>" for b in k.histogram if b.images)
   sections = [
-      section("runs", "Runs", table("runs", ("run", "run id",
-                                             "model version", "images",
-                                             "directory"), _run_rows(c),
-                                    numeric=(3,))),
+      section("runs", "Runs", "".join(
+          f'<p class="warning" id="model-warning-{i}">{e(line)}</p>'
+          for i, line in enumerate(_warnings(c))) + table(
+              "runs", ("run", "run id", "model version", "images",
+                       "directory"), _run_rows(c), numeric=(3,))),
       section("images", "Images", table(
           "overlap", ("in both", "only old", "only new"),
           [dataclasses.astuple(c.overlap)], numeric=(0, 1, 2))),

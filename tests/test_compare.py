@@ -125,6 +125,45 @@ def test_compare_command_prints_and_writes_json_and_html(runs, tmp_path,
   assert 'id="flip-matrix"' in page and "m1 → m2" in page
 
 
+def test_compare_names_a_run_whose_model_carries_warnings(runs, tmp_path,
+                                                          capsys):
+  """A model train warned about (e.g. one class for every validation
+  image), in either run: the text, the JSON and the page open with it."""
+  old, new = runs
+  warning = "the model predicts <benign> for all 9 validation images"
+  path = os.path.join(new, schemas.MANIFEST_FILE)
+  with open(path, encoding="utf-8") as f:
+    manifest = json.load(f)
+  for warnings in (None, []):  # a model from before the checks, none found
+    manifest[schemas.MANIFEST_MODEL_WARNINGS] = warnings
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(manifest, f)
+    c = compare.compare(old, new)
+    assert c.old.model_warnings == c.new.model_warnings == ()
+    assert "WARNING" not in compare.format_text(c)
+    assert "model-warning" not in compare.render_html(c)
+  manifest[schemas.MANIFEST_MODEL_WARNINGS] = [warning]
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(manifest, f)
+  out = str(tmp_path / "cmp")
+  assert cli.main(["compare", "--old", old, "--new", new,
+                   "--output", out]) == cli.EXIT_OK
+  sentence = ("The model m2 carries a warning from the training of its"
+              f" weights: {warning}")
+  assert capsys.readouterr().out.startswith(
+      f"WARNING (new run): {sentence}\n")
+  with open(os.path.join(out, compare.JSON_FILE), encoding="utf-8") as f:
+    data = json.load(f)
+  assert data["new"]["model_warnings"] == [sentence]
+  assert data["old"]["model_warnings"] == []
+  with open(os.path.join(out, compare.HTML_FILE), encoding="utf-8") as f:
+    page = f.read()
+  assert ('<section id="runs"><h2>Runs</h2><p class="warning"'
+          ' id="model-warning-0">WARNING (new run): The model m2 carries a'
+          " warning from the training of its weights: the model predicts"
+          " &lt;benign&gt; for all 9 validation images</p><table") in page
+
+
 def test_old_runs_without_review_columns_say_so(tmp_path):
   old = _write_run(str(tmp_path / "old"), OLD, "m1")
   path = os.path.join(old, schemas.PREDICTIONS_DIR, "part-00000.parquet")
