@@ -362,10 +362,11 @@ def model_version(name: str, created: datetime.datetime,
 def training_warning_lines(model_version: Any, warnings: Any) -> List[str]:
   """Each training warning of an artifact (its metadata's `warnings`, or a
   run manifest's MANIFEST_MODEL_WARNINGS) as the sentence scoring, its
-  summary and report, doctor and recalibrate say ("the training of its
-  weights": a recalibrated artifact's are its parent's); nothing for a value
-  that is not a list (null: the artifact predates train's checks), and
-  nothing for an item that is not a string (a hand-edited manifest)."""
+  summary, report and compare, doctor, evaluate and recalibrate say ("the
+  training of its weights": a recalibrated artifact's are its parent's);
+  nothing for a value that is not a list (null: the artifact predates
+  train's checks), and nothing for an item that is not a string (a
+  hand-edited manifest)."""
   if not isinstance(warnings, (list, tuple)):
     return []
   model = (f"The model {model_version}" if isinstance(model_version, str)

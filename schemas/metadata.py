@@ -558,8 +558,8 @@ class ArtifactMetadata(Record):
   network_size: Optional[int] = optional()
   # What train found wrong with the model it wrote (today: every validation
   # or test image predicted as one class); the model card, train's and
-  # recalibrate's summaries, doctor and every scoring run (its log,
-  # manifest, summary and report) repeat them.
+  # recalibrate's summaries, evaluate, doctor and every scoring run (its
+  # log, manifest, summary, report, and compare) repeat them.
   # Empty: train's checks found nothing (they need validation or test
   # images); absent: not written by train's checks (artifacts trained before
   # them, test artifacts, and what is recalibrated from either).

@@ -433,9 +433,9 @@ def _warnings(metadata, predicted: np.ndarray, truth: np.ndarray,
       " those of a constant answer")
   if one_class:
     if metadata.warnings == ():  # train's checks ran and found nothing
-      one_class += (" It told its own validation images apart, so these"
-                    " probably differ from them (scanner, preset,"
-                    " preprocessing).")
+      one_class += (" It told its training's validation (or test) images"
+                    " apart, so these probably differ from them (scanner,"
+                    " preset, preprocessing).")
     found.append(one_class[0].upper() + one_class[1:]
                  + " `recalibrate` cannot fix that: it refits only the"
                  " temperature and the threshold, which change no predicted"
