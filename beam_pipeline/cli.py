@@ -81,9 +81,7 @@ def format_summary(manifest: dict) -> str:
     lines.append(f"  INCOMPLETE: {name} = {value} (see the errors table)")
   for line in flag_rates.warnings(manifest.get(schemas.MANIFEST_FLAG_RATES)):
     lines.append(f"  WARNING: {line}")
-  for line in artifact.training_warning_lines(
-      manifest.get(schemas.MANIFEST_MODEL_VERSION),
-      manifest.get(schemas.MANIFEST_MODEL_WARNINGS)):
+  for line in artifact.run_warning_lines(manifest):
     lines.append(f"  WARNING: {line}")
   lines.append(f"  outputs in {manifest.get(schemas.MANIFEST_OUTPUT)}")
   counters = manifest.get(schemas.EXECUTE_COUNTERS)

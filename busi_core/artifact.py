@@ -375,6 +375,14 @@ def training_warning_lines(model_version: Any, warnings: Any) -> List[str]:
           f" {warning}" for warning in warnings if isinstance(warning, str)]
 
 
+def run_warning_lines(manifest: Optional[dict]) -> List[str]:
+  """`training_warning_lines` of a scoring run's manifest (its model's
+  version and MANIFEST_MODEL_WARNINGS); nothing without a manifest."""
+  manifest = manifest or {}
+  return training_warning_lines(manifest.get(schemas.MANIFEST_MODEL_VERSION),
+                                manifest.get(schemas.MANIFEST_MODEL_WARNINGS))
+
+
 def sha256_file(path: str) -> str:
   digest = hashlib.sha256()
   with open(path, "rb") as f:

@@ -47,7 +47,7 @@ class RunInfo:
   model_version: Optional[str]
   images: int  # distinct image_ids with a prediction
   # The run's model's training warnings, as sentences
-  # (busi_core.artifact.training_warning_lines of its manifest).
+  # (busi_core.artifact.run_warning_lines of its manifest).
   model_warnings: Tuple[str, ...] = ()
 
 
@@ -184,10 +184,9 @@ def _connect(old_local: str, new_local: str):
 def _run_info(con, view: str, files: run_files.RunFiles) -> RunInfo:
   (images,) = con.execute(f"SELECT count(*) FROM {view}").fetchone()
   manifest = files.manifest or {}
-  version = manifest.get(schemas.MANIFEST_MODEL_VERSION)
   return RunInfo(files.run_dir, manifest.get(schemas.MANIFEST_RUN_ID),
-                 version, images, tuple(artifact.training_warning_lines(
-                     version, manifest.get(schemas.MANIFEST_MODEL_WARNINGS))))
+                 manifest.get(schemas.MANIFEST_MODEL_VERSION), images,
+                 tuple(artifact.run_warning_lines(manifest)))
 
 
 def _overlap(con) -> Overlap:

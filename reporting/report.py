@@ -478,9 +478,7 @@ def _run_section(data: ReportData) -> str:
                   f" Parquet holds {data.total} rows.")
   warnings = "".join(
       f'<p class="warning" id="model-warning-{i}">{_e(line)}</p>'
-      for i, line in enumerate(artifact.training_warning_lines(
-          m.get(schemas.MANIFEST_MODEL_VERSION),
-          m.get(schemas.MANIFEST_MODEL_WARNINGS))))
+      for i, line in enumerate(artifact.run_warning_lines(m)))
   body = (f'{warnings}<div class="cols"><table id="facts" class="facts">'
           f"{facts_html}</table>{counts_table}</div>"
           f'<p class="invariant">'

@@ -176,10 +176,8 @@ def summary(output: str) -> str:
 def _model_warning_parts(manifest: Optional[dict]) -> List[str]:
   """The warnings train wrote into the run's model, first: every figure
   below comes from that model."""
-  manifest = manifest or {}
-  return [f"WARNING: {line}" for line in artifact.training_warning_lines(
-      manifest.get(schemas.MANIFEST_MODEL_VERSION),
-      manifest.get(schemas.MANIFEST_MODEL_WARNINGS))]
+  return [f"WARNING: {line}"
+          for line in artifact.run_warning_lines(manifest)]
 
 
 def _flag_rate_parts(manifest: Optional[dict]) -> List[str]:
