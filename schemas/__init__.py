@@ -10,6 +10,7 @@ from schemas.artifact import (
     CV_OUT_OF_FOLD_FLAGGING,
     CV_PREDICTIONS_FILE,
     CV_REPORT_FILE,
+    CV_WARNINGS,
     GRADCAM_LAYER,
     FEATURES_LAYER,
     INPUT_NAME,

@@ -26,6 +26,12 @@ CV_PREDICTIONS_FILE = "cv_predictions.parquet"
 # cv.json block: a threshold chosen on those predictions, and each fold at
 # one chosen on the others (schemas.metadata.OutOfFoldFlagging).
 CV_OUT_OF_FOLD_FLAGGING = "out_of_fold_flagging"
+# cv.json list (each fold's too), and the "cross_validation" block's: what
+# cv found wrong with its fold models, as sentences (today: a fold model
+# that predicts one class for every validation or held-out image of its
+# fold, whose figures then measure a constant answer). Empty: the checks
+# ran and found nothing; absent: reports written before them.
+CV_WARNINGS = "warnings"
 # metadata.json block: the recipe's cross-validated figures on the training
 # data (null without): folds, images, settings, pooled, summary, and its
 # "source": run by `train` itself, or an earlier `cv` run's report of the

@@ -405,6 +405,9 @@ class CrossValidationSummary(Record):
   # The folds' Grad-CAM against lesion masks, pooled (`cv --masks`; a
   # schemas.evaluation.LesionLocalisation as JSON); absent without masks.
   lesion_localisation: Optional[Mapping[str, JSON]] = optional()
+  # CV_WARNINGS: what cv found wrong with its fold models (the model card
+  # shows them above the figures); absent: a report written before them.
+  warnings: Optional[Tuple[str, ...]] = optional()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -176,6 +176,10 @@ def test_cv_command_reports_every_fold(tmp_path, cv_data, capsys):
   assert report["settings"]["target_accuracy"] == 0.8
   assert report["settings"]["malignant_weight"] == 1.5
   assert report["summary"]["accuracy"]["mean"] > 0.5  # it learnt something
+  # Each fold's one-class checks ran; the report's list is all of theirs.
+  assert report[schemas.CV_WARNINGS] == [
+      w for fold in report["folds"] for w in fold[schemas.CV_WARNINGS]]
+  assert ("WARNING:" in printed) == bool(report[schemas.CV_WARNINGS])
   _check_predictions(output, report)
 
 
@@ -786,7 +790,8 @@ def test_the_test_split_never_helps_choose_the_threshold(tmp_path, cv_data):
 
 @pytest.mark.slow
 def test_cv_warns_of_a_fold_that_predicts_one_class(tmp_path, cv_data,
-                                                    monkeypatch, caplog):
+                                                    monkeypatch, caplog,
+                                                    capsys):
   """The wiring: each fold's validation and held-out predictions are
   checked (faked to one class here: a head that stalls so is not
   deterministic across CPUs)."""
@@ -798,8 +803,28 @@ def test_cv_warns_of_a_fold_that_predicts_one_class(tmp_path, cv_data,
                    "tiny", "--backbone_weights", "none", "--epochs", "2",
                    "--augment_views", "1", "--no_degrade",
                    "--output", str(tmp_path / "cv")]) == 0
+  printed = capsys.readouterr().out
+  with open(tmp_path / "cv" / schemas.CV_REPORT_FILE) as f:
+    report = json.load(f)
   for fold in (0, 1):
-    for part in ("validation", "held-out"):
-      assert ("the model predicts malignant for all" in caplog.text and
-              f"fold {fold} {part} images, which hold 3 classes" in
-              caplog.text), (fold, part)
+    warnings = report["folds"][fold][schemas.CV_WARNINGS]
+    assert len(warnings) == 2
+    for part, warning, consequence in zip(
+        ("validation", "held-out"), warnings,
+        ("temperature and threshold were fitted on a constant answer",
+         "the pooled ones in part, measure a constant answer")):
+      assert warning.startswith(
+          f"Fold {fold}: the model predicts malignant for all"), warning
+      assert f"fold {fold} {part} images, which hold 3 classes" in warning
+      assert consequence in warning
+      assert warning in caplog.text
+      assert f"WARNING: {warning}" in printed
+  assert report[schemas.CV_WARNINGS] == (report["folds"][0][schemas.CV_WARNINGS]
+                                         + report["folds"][1][
+                                             schemas.CV_WARNINGS])
+  # The card's block keeps them; a report written before them has none.
+  assert cv.card_summary(report)[schemas.CV_WARNINGS] == report[
+      schemas.CV_WARNINGS]
+  older = {k: v for k, v in report.items() if k != schemas.CV_WARNINGS}
+  assert schemas.CV_WARNINGS not in cv.card_summary(older)
+  assert "WARNING" not in cv.format_table(older)

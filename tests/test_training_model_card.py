@@ -137,6 +137,22 @@ def test_card_repeats_the_warnings_of_training():
     assert "WARNING (from training)" not in _render(metadata)
 
 
+def test_card_repeats_the_warnings_of_cross_validation():
+  """The cv block's warnings sit above the cross-validated figures they
+  are about; none with [] or a block written before them."""
+  warning = ("Fold 2: the model predicts malignant for all 25 fold 2"
+             " held-out images, which hold 3 classes")
+  block = {"folds": 5, "images": 623, "groups": 600,
+           "summary": {"macro_f1": {"mean": 0.5, "sd": 0.1, "n": 5}}}
+  card = _render(_metadata(cross_validation=dict(block, warnings=[warning])))
+  assert f"> **WARNING (from cross-validation):** {warning}" in card
+  section = card.index("## Cross-validated figures")
+  assert section < card.index(warning) < card.index("| macro F1 |")
+  for cross_validation in (dict(block, warnings=[]), block):
+    assert "WARNING (from cross-validation)" not in _render(
+        _metadata(cross_validation=cross_validation))
+
+
 def test_card_names_the_malignant_weight_of_older_artifacts():
   # Trained before --malignant_weight existed: plain balanced weights.
   older = {"epochs": 30, "class_weight": {"normal": 2.0, "benign": 0.5,

@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import time
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -291,6 +291,9 @@ def format_table(report: Dict) -> str:
         "Pointing game per fold: " + " ".join(_cell(h) for h in hits)
         + f" (mean {_cell(spread['mean'])} ± {_cell(spread['sd'])}).",
     ]
+  warnings = report.get(schemas.CV_WARNINGS) or ()
+  if warnings:
+    lines += [""] + [f"WARNING: {w}" for w in warnings]
   return "\n".join(lines)
 
 
@@ -558,6 +561,30 @@ def fold_split(k: int, config: TrainConfig, data: data_lib.LabelledData,
   return rest[inner.indices[split.TRAIN]], rest[inner.indices[split.VAL]], test
 
 
+def fold_warnings(k: int, val_labels: np.ndarray, val_logits: np.ndarray,
+                  test_labels: np.ndarray, test_logits: np.ndarray
+                 ) -> List[str]:
+  """Fold k's model, when it predicts one class for every validation or
+  every held-out image of its fold (`metrics.one_class`): a sentence for
+  each, logged, for cv.json's CV_WARNINGS."""
+  found = []
+  for part, logits, truth, consequence in (
+      ("validation", val_logits, val_labels,
+       "its temperature and threshold were fitted on a constant answer"),
+      ("held-out", test_logits, test_labels,
+       "its figures, and the pooled ones in part, measure a constant"
+       " answer")):
+    one_class = metrics.one_class(
+        f"fold {k} {part}", logits.argmax(axis=1), truth, schemas.LABELS,
+        "it has not learned to tell them apart")
+    if one_class:
+      found.append(f"Fold {k}: {one_class} So {consequence}; give the recipe"
+                   " more --epochs or --patience, or pretrained"
+                   " --backbone_weights.")
+      _LOG.warning("%s", found[-1])
+  return found
+
+
 def _fold(k: int, config: TrainConfig, runner: recipe.Recipe,
           data: data_lib.LabelledData, hashes: Sequence[int],
           fold_of: np.ndarray) -> Dict:
@@ -575,14 +602,8 @@ def _fold(k: int, config: TrainConfig, runner: recipe.Recipe,
       config, recipe.confidence(val_logits, labels[val], fit.temperature),
       recipe.confidence(test_logits, labels[test], fit.temperature),
       fit.block["fitted"])
-  for part, logits, indices in (("validation", val_logits, val),
-                                 ("held-out", test_logits, test)):
-    found = metrics.one_class(f"fold {k} {part}", logits.argmax(axis=1),
-                              labels[indices], names)
-    if found:
-      _LOG.warning("%s Its figures measure a model that predicts one class"
-                   " (more --epochs or --patience, or pretrained"
-                   " --backbone_weights).", found)
+  warnings = fold_warnings(k, labels[val], val_logits, labels[test],
+                           test_logits)
   probabilities = calibration.softmax(test_logits, fit.temperature)
   scores = fold_metrics(labels[test], probabilities, flagging["threshold"],
                         names, config.threshold)
@@ -611,6 +632,7 @@ def _fold(k: int, config: TrainConfig, runner: recipe.Recipe,
       "val": flagging["val"],
       "test": scores,
       "test_image_ids": [data.image_ids[i] for i in test],
+      schemas.CV_WARNINGS: warnings,
       "_probabilities": probabilities,
       "_test": test,
       "_ood_flags": ood_flags,
@@ -692,6 +714,8 @@ def run_folds(config: TrainConfig, folds: int, runner: recipe.Recipe,
       "folds": results,
       "pooled": pooled,
       "summary": summarise([r["test"] for r in results]),
+      schemas.CV_WARNINGS: [w for r in results
+                            for w in r[schemas.CV_WARNINGS]],
       "seconds": {"folds": round(time.perf_counter() - started, 2)},
       "package_version": schemas.PACKAGE_VERSION,
       schemas.CV_OUT_OF_FOLD_FLAGGING: predictions_flagging(
@@ -818,4 +842,6 @@ def card_summary(report: Optional[Dict]) -> Optional[Dict]:
   if report.get(evaluation_schema.LESION_LOCALISATION):
     summary[evaluation_schema.LESION_LOCALISATION] = report[
         evaluation_schema.LESION_LOCALISATION]
+  if report.get(schemas.CV_WARNINGS) is not None:
+    summary[schemas.CV_WARNINGS] = report[schemas.CV_WARNINGS]
   return summary

@@ -313,6 +313,8 @@ def _cv_section(metadata: ArtifactMetadata) -> List[str]:
         " figures on the card of a model trained with those flags.", ""]
   pooled = report.pooled or {}
   fixed = pooled.get("fixed_threshold")
+  for warning in report.warnings or ():
+    lines += [f"> **WARNING (from cross-validation):** {warning}", ""]
   if metadata.recalibration:
     lines += ["> Recalibrated for a new site: these figures are the original"
               " model's recipe on its training data, with the temperatures"
