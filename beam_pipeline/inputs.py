@@ -23,6 +23,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from busi_core import archives
 from busi_core.errors import MemberError
+import schemas
 
 BROKEN_LINK = "BrokenLink"
 NOT_A_REGULAR_FILE = "NotARegularFile"
@@ -158,7 +159,7 @@ def unreadable(path: str) -> Optional[MemberError]:
 
 
 def _is_vanished(error_row) -> bool:
-  return error_row["error_type"] == archives.VANISHED
+  return error_row[schemas.COLUMN_ERROR_TYPE] == archives.VANISHED
 
 
 def count_vanished(errors: beam.PCollection) -> beam.PCollection:

@@ -142,7 +142,7 @@ def wants_gradcam(row: Dict, mode: str) -> bool:
   if mode == "flagged":
     return bool(row[schemas.COLUMN_LOW_CONFIDENCE])
   if mode == "malignant":
-    return row["predicted_class"] == schemas.MALIGNANT
+    return row[schemas.COLUMN_PREDICTED_CLASS] == schemas.MALIGNANT
   return False
 
 
@@ -178,4 +178,4 @@ def quality_flag_names(row: Dict) -> List[str]:
 
 
 def predicted_class(row: Dict) -> str:
-  return row["predicted_class"]
+  return row[schemas.COLUMN_PREDICTED_CLASS]

@@ -29,7 +29,7 @@ from schemas import records
 _LOG = logging.getLogger(__name__)
 
 ALREADY_SCORED = "already_scored"  # the tagged output of `_split`
-_COLUMNS = ("image_id", "model_version")
+_COLUMNS = (schemas.COLUMN_IMAGE_ID, schemas.COLUMN_MODEL_VERSION)
 _FLAG = "--skip_scored"
 
 
@@ -182,7 +182,7 @@ def find_runs(globs: Iterable[str], output: str,
 
 def of_version(row: dict, model_version: str) -> bool:
   """A predictions row of `model_version`."""
-  return row["model_version"] == model_version
+  return row[schemas.COLUMN_MODEL_VERSION] == model_version
 
 
 def _split(record: records.ImageRecord, scored: frozenset):
@@ -215,7 +215,7 @@ class SkipScored(beam.PTransform):
         | "ScoredFiles" >> beam.Create(self._files)
         | "ReadScored" >> beam.io.ReadAllFromParquet(columns=list(_COLUMNS))
         | "SameModelVersion" >> beam.Filter(of_version, self._model_version)
-        | "ScoredIds" >> beam.Map(operator.itemgetter("image_id"))
+        | "ScoredIds" >> beam.Map(operator.itemgetter(schemas.COLUMN_IMAGE_ID))
         | "ScoredIdSet" >> beam.CombineGlobally(_IdSet()))
     split = images | "LeaveOutScored" >> beam.FlatMap(
         _split, beam.pvalue.AsSingleton(scored)).with_outputs(

@@ -201,7 +201,7 @@ def query_report_data(run_dir: str,
     for low, n, correct in rows(sql.ACCURACY_BY_FLAG):
       by_flag[bool(low)] = (n, int(correct))
     # Runs written before Grad-CAM existed have no such column.
-    if "gradcam_uri" in run.columns:
+    if schemas.COLUMN_GRADCAM_URI in run.columns:
       gradcam_total = rows(sql.GRADCAM_COUNT)[0][0]
       gallery = [GalleryItem(*r) for r in con.execute(
           sql.GALLERY, [gallery_size]).fetchall()]

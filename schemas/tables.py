@@ -20,18 +20,18 @@ class Stage(str, enum.Enum):
   GRADCAM = "gradcam"
 
 
-def errors_schema() -> pa.Schema:
-  """Schema of `DIR/errors/*.parquet`."""
-  return pa.schema([
-      pa.field("source", pa.string(), nullable=False),
-      pa.field("stage", pa.string(), nullable=False),
-      pa.field("error_type", pa.string(), nullable=False),
-      pa.field("message", pa.string(), nullable=False),
-      pa.field("run_id", pa.string(), nullable=False),
-  ])
-
-
-# Columns of the predictions table that code reads by name.
+# Columns of the predictions table that code reads or writes by name (the
+# errors table shares source and run_id).
+COLUMN_IMAGE_ID = "image_id"  # sha256 hex of the member's bytes
+COLUMN_SOURCE = "source"  # the archive member's URI (errors: what failed)
+COLUMN_LABEL = "label"  # the class its path names; null when none
+COLUMN_PREDICTED_CLASS = "predicted_class"
+COLUMN_CONFIDENCE = "confidence"  # the top class's calibrated probability
+COLUMN_THRESHOLD = "threshold"  # below it: low_confidence
+COLUMN_MODEL_VERSION = "model_version"
+COLUMN_RUN_ID = "run_id"
+COLUMN_SCORED_AT = "scored_at"
+COLUMN_GRADCAM_URI = "gradcam_uri"
 COLUMN_LOW_CONFIDENCE = "low_confidence"
 COLUMN_OOD_SCORE = "ood_score"  # null: the model has no OOD detector
 COLUMN_OUT_OF_DISTRIBUTION = "out_of_distribution"  # null: as ood_score
@@ -68,6 +68,21 @@ COLUMN_NEAR_DUPLICATE_OF_TRAINING = "near_duplicate_of_training"
 # in-sample. False for every image when the artifact was never recalibrated;
 # null when it was but that file is missing or is not its own.
 COLUMN_IN_RECALIBRATION_FIT = "in_recalibration_fit"
+# The errors table's own columns (it shares source and run_id).
+COLUMN_STAGE = "stage"  # a Stage
+COLUMN_ERROR_TYPE = "error_type"
+COLUMN_MESSAGE = "message"
+
+
+def errors_schema() -> pa.Schema:
+  """Schema of `DIR/errors/*.parquet`."""
+  return pa.schema([
+      pa.field(COLUMN_SOURCE, pa.string(), nullable=False),
+      pa.field(COLUMN_STAGE, pa.string(), nullable=False),
+      pa.field(COLUMN_ERROR_TYPE, pa.string(), nullable=False),
+      pa.field(COLUMN_MESSAGE, pa.string(), nullable=False),
+      pa.field(COLUMN_RUN_ID, pa.string(), nullable=False),
+  ])
 
 
 def error_columns():
@@ -95,23 +110,23 @@ def predictions_schema(labels: Sequence[str]) -> pa.Schema:
     The Arrow schema, columns in the documented order.
   """
   fields = [
-      pa.field("image_id", pa.string(), nullable=False),
-      pa.field("source", pa.string(), nullable=False),
-      pa.field("label", pa.string(), nullable=True),
-      pa.field("predicted_class", pa.string(), nullable=False),
+      pa.field(COLUMN_IMAGE_ID, pa.string(), nullable=False),
+      pa.field(COLUMN_SOURCE, pa.string(), nullable=False),
+      pa.field(COLUMN_LABEL, pa.string(), nullable=True),
+      pa.field(COLUMN_PREDICTED_CLASS, pa.string(), nullable=False),
   ]
   fields += [
       pa.field(probability_column(label), pa.float64(), nullable=False)
       for label in labels
   ]
   fields += [
-      pa.field("confidence", pa.float64(), nullable=False),
+      pa.field(COLUMN_CONFIDENCE, pa.float64(), nullable=False),
       pa.field(COLUMN_LOW_CONFIDENCE, pa.bool_(), nullable=False),
-      pa.field("threshold", pa.float64(), nullable=False),
-      pa.field("model_version", pa.string(), nullable=False),
-      pa.field("run_id", pa.string(), nullable=False),
-      pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
-      pa.field("gradcam_uri", pa.string(), nullable=True),
+      pa.field(COLUMN_THRESHOLD, pa.float64(), nullable=False),
+      pa.field(COLUMN_MODEL_VERSION, pa.string(), nullable=False),
+      pa.field(COLUMN_RUN_ID, pa.string(), nullable=False),
+      pa.field(COLUMN_SCORED_AT, pa.timestamp("us", tz="UTC"), nullable=False),
+      pa.field(COLUMN_GRADCAM_URI, pa.string(), nullable=True),
       pa.field(COLUMN_OOD_SCORE, pa.float64(), nullable=True),
       pa.field(COLUMN_OUT_OF_DISTRIBUTION, pa.bool_(), nullable=True),
       pa.field(COLUMN_QUALITY_FLAGS, pa.string(), nullable=True),
@@ -136,14 +151,14 @@ def cv_predictions_schema(labels: Sequence[str],
   lesion columns follow.
   """
   scored = predictions_schema(labels)
-  fields = [scored.field("image_id"),
+  fields = [scored.field(COLUMN_IMAGE_ID),
             pa.field(COLUMN_FOLD, pa.int64(), nullable=False),
-            pa.field("label", pa.string(), nullable=False),
-            scored.field("predicted_class")]
+            pa.field(COLUMN_LABEL, pa.string(), nullable=False),
+            scored.field(COLUMN_PREDICTED_CLASS)]
   fields += [scored.field(probability_column(label)) for label in labels]
-  fields += [scored.field("confidence"),
+  fields += [scored.field(COLUMN_CONFIDENCE),
              pa.field(COLUMN_TEMPERATURE, pa.float64(), nullable=False),
-             scored.field("threshold"),
+             scored.field(COLUMN_THRESHOLD),
              scored.field(COLUMN_LOW_CONFIDENCE),
              scored.field(COLUMN_OUT_OF_DISTRIBUTION)]
   if localised:
@@ -170,13 +185,13 @@ def evaluation_predictions_schema(labels: Sequence[str],
   detector. `localised` (`evaluate --masks`): the two lesion columns follow.
   """
   scored = predictions_schema(labels)
-  fields = [scored.field("image_id"), scored.field("source"),
-            pa.field("label", pa.string(), nullable=False),
-            scored.field("predicted_class")]
+  fields = [scored.field(COLUMN_IMAGE_ID), scored.field(COLUMN_SOURCE),
+            pa.field(COLUMN_LABEL, pa.string(), nullable=False),
+            scored.field(COLUMN_PREDICTED_CLASS)]
   fields += [scored.field(probability_column(label)) for label in labels]
   fields += [scored.field(name) for name in (
-      "confidence", "threshold", COLUMN_LOW_CONFIDENCE, COLUMN_OOD_SCORE,
-      COLUMN_OUT_OF_DISTRIBUTION, "model_version")]
+      COLUMN_CONFIDENCE, COLUMN_THRESHOLD, COLUMN_LOW_CONFIDENCE,
+      COLUMN_OOD_SCORE, COLUMN_OUT_OF_DISTRIBUTION, COLUMN_MODEL_VERSION)]
   fields += [pa.field(COLUMN_SEEN_IN_TRAINING, pa.bool_()),
              pa.field(COLUMN_NEAR_DUPLICATE_OF_TRAINING, pa.bool_()),
              pa.field(COLUMN_IN_RECALIBRATION_FIT, pa.bool_())]

@@ -209,10 +209,10 @@ def predictions_flagging(table: pa.Table, config: TrainConfig,
   if config.target_accuracy is None:
     return None
   rule = recipe.threshold_rule(config, calibrated)
-  labels = np.asarray(table.column("label").to_pylist())
-  predicted = np.asarray(table.column("predicted_class").to_pylist())
+  labels = np.asarray(table.column(schemas.COLUMN_LABEL).to_pylist())
+  predicted = np.asarray(table.column(schemas.COLUMN_PREDICTED_CLASS).to_pylist())
   return out_of_fold_flagging(
-      table.column("confidence").to_numpy(), labels == predicted,
+      table.column(schemas.COLUMN_CONFIDENCE).to_numpy(), labels == predicted,
       table.column(schemas.COLUMN_FOLD).to_numpy(), config.target_accuracy,
       rule)
 
@@ -228,7 +228,7 @@ def report_flagging(report: Optional[Dict], config: TrainConfig,
   table = report[PREDICTIONS]
   if len(excluded):
     table = table.filter(pc.invert(pc.is_in(
-        table.column("image_id"), value_set=pa.array(list(excluded),
+        table.column(schemas.COLUMN_IMAGE_ID), value_set=pa.array(list(excluded),
                                                       pa.string()))))
   return predictions_flagging(
       table, config,
@@ -413,7 +413,7 @@ def _read_predictions(path: str, report: Dict) -> Optional[pa.Table]:
                      f" {table.schema.names}, not {expected.names}")
   held_out = {(i, f["fold"]) for f in report["folds"]
               for i in f["test_image_ids"]}
-  rows = set(zip(table.column("image_id").to_pylist(),
+  rows = set(zip(table.column(schemas.COLUMN_IMAGE_ID).to_pylist(),
                  table.column(schemas.COLUMN_FOLD).to_pylist()))
   # The same folds come of the same data and seed, so each fold's
   # temperature and threshold tell this run's rows from another recipe's.
@@ -421,7 +421,7 @@ def _read_predictions(path: str, report: Dict) -> Optional[pa.Table]:
             for f in report["folds"]}
   rows_fitted = set(zip(table.column(schemas.COLUMN_FOLD).to_pylist(),
                         table.column(schemas.COLUMN_TEMPERATURE).to_pylist(),
-                        table.column("threshold").to_pylist()))
+                        table.column(schemas.COLUMN_THRESHOLD).to_pylist()))
   if (len(rows) != table.num_rows or rows != held_out
       or not rows_fitted <= fitted):
     raise ValueError(f"--cv_report {path}: {beside} does not hold the"
@@ -504,17 +504,17 @@ def predictions_table(data: data_lib.LabelledData, order: np.ndarray,
   predicted = probabilities.argmax(axis=1)
   confidence = probabilities.max(axis=1)
   columns = {
-      "image_id": [data.image_ids[i] for i in order],
+      schemas.COLUMN_IMAGE_ID: [data.image_ids[i] for i in order],
       schemas.COLUMN_FOLD: fold_of[order].astype(np.int64),
-      "label": [names[i] for i in data.labels[order]],
-      "predicted_class": [names[i] for i in predicted],
+      schemas.COLUMN_LABEL: [names[i] for i in data.labels[order]],
+      schemas.COLUMN_PREDICTED_CLASS: [names[i] for i in predicted],
   }
   for i, name in enumerate(names):
     columns[schemas.probability_column(name)] = probabilities[:, i]
   columns.update({
-      "confidence": confidence,
+      schemas.COLUMN_CONFIDENCE: confidence,
       schemas.COLUMN_TEMPERATURE: np.asarray(temperatures, np.float64),
-      "threshold": np.asarray(thresholds, np.float64),
+      schemas.COLUMN_THRESHOLD: np.asarray(thresholds, np.float64),
       schemas.COLUMN_LOW_CONFIDENCE: confidence < thresholds,
       schemas.COLUMN_OUT_OF_DISTRIBUTION: (
           pa.nulls(len(order), pa.bool_()) if ood_flags is None else

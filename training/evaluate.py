@@ -196,21 +196,21 @@ def _predictions_table(data: data_lib.LabelledData, labels: Sequence[str],
   predicted = probabilities.argmax(axis=1)
   confidence = _confidence(probabilities)
   columns = {
-      "image_id": list(data.image_ids),
-      "source": list(data.sources),
-      "label": [labels[i] for i in data.labels],
-      "predicted_class": [labels[i] for i in predicted],
+      schemas.COLUMN_IMAGE_ID: list(data.image_ids),
+      schemas.COLUMN_SOURCE: list(data.sources),
+      schemas.COLUMN_LABEL: [labels[i] for i in data.labels],
+      schemas.COLUMN_PREDICTED_CLASS: [labels[i] for i in predicted],
   }
   for i, name in enumerate(labels):
     columns[schemas.probability_column(name)] = probabilities[:, i].astype(
         np.float64)
   columns.update({
-      "confidence": confidence,
-      "threshold": np.full(count, threshold, np.float64),
+      schemas.COLUMN_CONFIDENCE: confidence,
+      schemas.COLUMN_THRESHOLD: np.full(count, threshold, np.float64),
       schemas.COLUMN_LOW_CONFIDENCE: confidence < threshold,
       schemas.COLUMN_OOD_SCORE: nullable(ood_scores, pa.float64()),
       schemas.COLUMN_OUT_OF_DISTRIBUTION: nullable(ood_flags, pa.bool_()),
-      "model_version": [model_version] * count,
+      schemas.COLUMN_MODEL_VERSION: [model_version] * count,
       schemas.COLUMN_SEEN_IN_TRAINING: nullable(seen, pa.bool_()),
       schemas.COLUMN_NEAR_DUPLICATE_OF_TRAINING: nullable(near, pa.bool_()),
       schemas.COLUMN_IN_RECALIBRATION_FIT: nullable(recalibration_fit,

@@ -242,7 +242,7 @@ def with_columns(table: pa.Table, scored: Dict[str, Tuple[bool, float]],
   """A predictions table (cv's or evaluate's) with the per-image lesion
   columns: each image's pointing-game hit and IoU by image_id, null where it
   was not scored; cast to `schema`, the table's localised schema."""
-  ids = table.column("image_id").to_pylist()
+  ids = table.column(schemas.COLUMN_IMAGE_ID).to_pylist()
   hits = pa.array([scored[i][0] if i in scored else None for i in ids],
                   pa.bool_())
   ious = pa.array([scored[i][1] if i in scored else None for i in ids],
