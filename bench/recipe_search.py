@@ -23,6 +23,7 @@ import time
 from typing import Dict, List, Optional
 
 from bench import common
+import schemas
 
 # The comparisons behind the defaults (training/README.md). These were run
 # before the malignant class weight existed, i.e. with plain balanced
@@ -107,9 +108,14 @@ def run(patterns: List[str], backbone_weights: str, variants: Dict[str, Dict],
         "pooled": {k: v for k, v in report["pooled"].items()
                    if k != "confusion_matrix"},
         "epochs_run": [f["epochs_run"] for f in report["folds"]],
+        # A fold model that predicted one class (cv's checks): its row's
+        # figures are partly those of a constant answer.
+        "warnings": report[schemas.CV_WARNINGS],
         "seconds": round(time.perf_counter() - variant_started, 1),
     }
     print(format_row(name, rows[name]), flush=True)
+    for warning in rows[name]["warnings"]:
+      print(f"  WARNING: {warning}", flush=True)
   return {"images": int(len(data.labels)), "folds": folds,
           "backbone_weights": backbone_weights,
           "conv_cache_seconds": round(cache.seconds, 1),

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import schemas
+from schemas import metadata as metadata_schema
 from training import calibration, cli, cv, metrics, recipe, split, testing
 
 SIZE = 32
@@ -598,6 +599,13 @@ def test_cv_report_must_match_the_recipe_and_the_images(tmp_path, cv_data):
   with pytest.raises(ValueError, match="is not a complete `python -m"
                      " training cv` report"):
     check({**report, "lesion_localisation": {"overall": {"images": 3}}})
+  for malformed in ("one sentence", [1]):
+    with pytest.raises(ValueError, match="is not a complete `python -m"
+                       " training cv` report.*warnings"):
+      check({**report, schemas.CV_WARNINGS: malformed})
+  # A report written before the warnings (or with none) is taken.
+  for warnings in (None, [], ["Fold 0: ..."]):
+    assert check({**report, schemas.CV_WARNINGS: warnings})
   # A report from before a setting existed does not match it either.
   older = {**report, "settings": dict(report["settings"])}
   del older["settings"]["annotate"]
@@ -788,6 +796,54 @@ def test_the_test_split_never_helps_choose_the_threshold(tmp_path, cv_data):
       flagging["target_accuracy"], schemas.THRESHOLD_RULE_OBSERVED).threshold
 
 
+def test_fold_warnings_say_what_a_one_class_fold_model_spoilt(tmp_path):
+  """What each sentence says follows from what the fold set on its
+  validation images; the report's list reaches the table, the artifact's
+  cross_validation block (a field of that name) and `--cv_report`'s
+  checks."""
+  mixed, constant = np.int64([0, 1, 2, 2]), np.tile(
+      np.float32([0, 0, 1]), (4, 1))
+  varied = np.float32(np.eye(3)[[0, 1, 2, 2]])
+  assert cv.fold_warnings(0, mixed, varied, mixed, varied, True, True) == []
+  # One class predicted, but only one class there: nothing to tell apart.
+  assert cv.fold_warnings(0, np.int64([2, 2]), constant[:2], mixed, varied,
+                          True, True) == []
+  val, = cv.fold_warnings(3, mixed, constant, mixed, varied, True, True)
+  assert val.startswith("Fold 3: the model predicts malignant for all 4"
+                        " validation images, which hold 3 classes")
+  assert ("Its temperature and review threshold were therefore set on a"
+          " constant answer." in val)
+  val, = cv.fold_warnings(3, mixed, constant, mixed, varied, False, True)
+  assert "Its review threshold was therefore set on a constant answer." in val
+  val, = cv.fold_warnings(3, mixed, constant, mixed, varied, True, False)
+  assert "Its temperature was therefore set on a constant answer." in val
+  val, = cv.fold_warnings(3, mixed, constant, mixed, varied, False, False)
+  assert "Its validation figures therefore describe a constant answer." in val
+  held_out, = cv.fold_warnings(1, mixed, varied, mixed, constant, True, True)
+  assert "for all 4 held-out images" in held_out
+  assert "(`train --threshold_on cv`)" in held_out
+
+  # A report: the table prints them, the card's block keeps them.
+  report = {"folds": [], "pooled": {"count": 4, "confusion_matrix": []},
+            "folds_count": 0,
+            "summary": {name: {"mean": None, "sd": None, "n": 0}
+                        for name in cv.SCALARS},
+            "images": 0, "groups": 0, "data_fingerprint": "f",
+            schemas.CV_WARNINGS: [val, held_out]}
+  table = cv.format_table(report)
+  assert table.endswith(f"\nWARNING: {val}\nWARNING: {held_out}")
+  block = metadata_schema.CrossValidationSummary.from_json(
+      cv.card_summary(report))
+  assert block.warnings == (val, held_out)
+  for absent in ({}, {schemas.CV_WARNINGS: None}):
+    older = dict(report, **absent)
+    if not absent:
+      del older[schemas.CV_WARNINGS]
+    assert "WARNING" not in cv.format_table(older)
+    assert metadata_schema.CrossValidationSummary.from_json(
+        cv.card_summary(older)).warnings is None
+
+
 @pytest.mark.slow
 def test_cv_warns_of_a_fold_that_predicts_one_class(tmp_path, cv_data,
                                                     monkeypatch, caplog,
@@ -809,13 +865,16 @@ def test_cv_warns_of_a_fold_that_predicts_one_class(tmp_path, cv_data,
   for fold in (0, 1):
     warnings = report["folds"][fold][schemas.CV_WARNINGS]
     assert len(warnings) == 2
+    # The faked logits make no temperature worth fitting (it is kept at
+    # 1.0); the threshold is chosen for the default --target_accuracy.
+    assert not report["folds"][fold]["calibration_fitted"]
     for part, warning, consequence in zip(
         ("validation", "held-out"), warnings,
-        ("temperature and threshold were fitted on a constant answer",
-         "the pooled ones in part, measure a constant answer")):
+        ("Its review threshold was therefore set on a constant answer.",
+         "Its figures therefore measure a constant answer")):
       assert warning.startswith(
           f"Fold {fold}: the model predicts malignant for all"), warning
-      assert f"fold {fold} {part} images, which hold 3 classes" in warning
+      assert f" {part} images, which hold 3 classes" in warning
       assert consequence in warning
       assert warning in caplog.text
       assert f"WARNING: {warning}" in printed

@@ -562,23 +562,36 @@ def fold_split(k: int, config: TrainConfig, data: data_lib.LabelledData,
 
 
 def fold_warnings(k: int, val_labels: np.ndarray, val_logits: np.ndarray,
-                  test_labels: np.ndarray, test_logits: np.ndarray
+                  test_labels: np.ndarray, test_logits: np.ndarray,
+                  temperature_fitted: bool, threshold_chosen: bool
                  ) -> List[str]:
   """Fold k's model, when it predicts one class for every validation or
   every held-out image of its fold (`metrics.one_class`): a sentence for
-  each, logged, for cv.json's CV_WARNINGS."""
+  each, logged, for cv.json's CV_WARNINGS.
+
+  Args:
+    temperature_fitted, threshold_chosen: whether the fold fitted its
+      temperature and chose its threshold on its validation images (what
+      the validation sentence says was fitted on a constant answer).
+  """
+  fitted = [what for what, done in (("temperature", temperature_fitted),
+                                    ("review threshold", threshold_chosen))
+            if done]
   found = []
   for part, logits, truth, consequence in (
       ("validation", val_logits, val_labels,
-       "its temperature and threshold were fitted on a constant answer"),
+       f"Its {' and '.join(fitted)} {'were' if len(fitted) > 1 else 'was'}"
+       " therefore set on a constant answer." if fitted else
+       "Its validation figures therefore describe a constant answer."),
       ("held-out", test_logits, test_labels,
-       "its figures, and the pooled ones in part, measure a constant"
-       " answer")):
+       "Its figures therefore measure a constant answer, as, in part, do"
+       " the pooled figures and any threshold chosen on the out-of-fold"
+       " predictions (`train --threshold_on cv`).")):
     one_class = metrics.one_class(
-        f"fold {k} {part}", logits.argmax(axis=1), truth, schemas.LABELS,
+        part, logits.argmax(axis=1), truth, schemas.LABELS,
         "it has not learned to tell them apart")
     if one_class:
-      found.append(f"Fold {k}: {one_class} So {consequence}; give the recipe"
+      found.append(f"Fold {k}: {one_class} {consequence} Give the recipe"
                    " more --epochs or --patience, or pretrained"
                    " --backbone_weights.")
       _LOG.warning("%s", found[-1])
@@ -602,8 +615,10 @@ def _fold(k: int, config: TrainConfig, runner: recipe.Recipe,
       config, recipe.confidence(val_logits, labels[val], fit.temperature),
       recipe.confidence(test_logits, labels[test], fit.temperature),
       fit.block["fitted"])
-  warnings = fold_warnings(k, labels[val], val_logits, labels[test],
-                           test_logits)
+  warnings = fold_warnings(
+      k, labels[val], val_logits, labels[test], test_logits,
+      fit.block["fitted"],
+      flagging["source"] == schemas.THRESHOLD_TARGET_ACCURACY)
   probabilities = calibration.softmax(test_logits, fit.temperature)
   scores = fold_metrics(labels[test], probabilities, flagging["threshold"],
                         names, config.threshold)
