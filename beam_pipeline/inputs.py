@@ -21,9 +21,9 @@ import apache_beam as beam
 from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 
+import schemas
 from busi_core import archives
 from busi_core.errors import MemberError
-import schemas
 
 BROKEN_LINK = "BrokenLink"
 NOT_A_REGULAR_FILE = "NotARegularFile"

@@ -154,25 +154,27 @@ class ExplainBatch(beam.DoFn):
     rows = [row for row, _ in batch]
     try:
       images = np.stack([pixels for _, pixels in batch])
-      classes = [self._labels.index(row[schemas.COLUMN_PREDICTED_CLASS]) for row in rows]
+      classes = [self._labels.index(row[schemas.COLUMN_PREDICTED_CLASS])
+                 for row in rows]
       maps = gradcam.heatmaps(self._model, images, classes)
     except Exception as e:  # pylint: disable=broad-except
       for row in rows:
         yield beam.pvalue.TaggedOutput(ERRORS, error_row(
-            row[schemas.COLUMN_SOURCE], schemas.Stage.GRADCAM, type(e).__name__, str(e),
-            self._run_id))
+            row[schemas.COLUMN_SOURCE], schemas.Stage.GRADCAM,
+            type(e).__name__, str(e), self._run_id))
         yield row
       return
     for row, image, heat in zip(rows, images, maps):
-      uri = scoring.gradcam_uri(self._output, row[schemas.COLUMN_IMAGE_ID], row[schemas.COLUMN_SOURCE])
+      uri = scoring.gradcam_uri(self._output, row[schemas.COLUMN_IMAGE_ID],
+                                row[schemas.COLUMN_SOURCE])
       try:
         with FileSystems.create(uri) as f:
           f.write(gradcam.overlay_png(image, heat))
-        row = dict(row, gradcam_uri=uri)
+        row = {**row, schemas.COLUMN_GRADCAM_URI: uri}
       except Exception as e:  # pylint: disable=broad-except
         yield beam.pvalue.TaggedOutput(ERRORS, error_row(
-            row[schemas.COLUMN_SOURCE], schemas.Stage.GRADCAM, type(e).__name__, str(e),
-            self._run_id))
+            row[schemas.COLUMN_SOURCE], schemas.Stage.GRADCAM,
+            type(e).__name__, str(e), self._run_id))
       yield row
 
 

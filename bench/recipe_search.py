@@ -22,8 +22,8 @@ import os
 import time
 from typing import Dict, List, Optional
 
-from bench import common
 import schemas
+from bench import common
 
 # The comparisons behind the defaults (training/README.md). These were run
 # before the malignant class weight existed, i.e. with plain balanced

@@ -36,7 +36,11 @@ DEFAULT_EXAMPLES = 20
 FLAGS = (schemas.COLUMN_LOW_CONFIDENCE, schemas.COLUMN_NEEDS_REVIEW,
          schemas.COLUMN_OUT_OF_DISTRIBUTION)
 _OLD, _NEW = "old", "new"  # the views of the two runs' predictions
-_JOINED = f"{_OLD} o JOIN {_NEW} n ON o.image_id = n.image_id"
+# The predictions' columns the queries read, as schemas spells them.
+_ID, _SOURCE = schemas.COLUMN_IMAGE_ID, schemas.COLUMN_SOURCE
+_PREDICTED, _CONFIDENCE = (schemas.COLUMN_PREDICTED_CLASS,
+                           schemas.COLUMN_CONFIDENCE)
+_JOINED = f"{_OLD} o JOIN {_NEW} n ON o.{_ID} = n.{_ID}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +181,7 @@ def _connect(old_local: str, new_local: str):
     columns.append(frozenset(rel.columns))
     con.execute(
         f"CREATE VIEW {view} AS SELECT * FROM {view}_rows QUALIFY"
-        " row_number() OVER (PARTITION BY image_id ORDER BY source) = 1")
+        f" row_number() OVER (PARTITION BY {_ID} ORDER BY {_SOURCE}) = 1")
   return con, columns[0], columns[1]
 
 
@@ -191,14 +195,14 @@ def _run_info(con, view: str, files: run_files.RunFiles) -> RunInfo:
 
 def _overlap(con) -> Overlap:
   return Overlap(*con.execute(
-      "SELECT count(*) FILTER (WHERE o.image_id IS NOT NULL AND"
-      " n.image_id IS NOT NULL), count(*) FILTER (WHERE n.image_id IS NULL),"
-      f" count(*) FILTER (WHERE o.image_id IS NULL) FROM {_OLD} o FULL OUTER"
-      f" JOIN {_NEW} n ON o.image_id = n.image_id").fetchone())
+      f"SELECT count(*) FILTER (WHERE o.{_ID} IS NOT NULL AND"
+      f" n.{_ID} IS NOT NULL), count(*) FILTER (WHERE n.{_ID} IS NULL),"
+      f" count(*) FILTER (WHERE o.{_ID} IS NULL) FROM {_OLD} o FULL OUTER"
+      f" JOIN {_NEW} n ON o.{_ID} = n.{_ID}").fetchone())
 
 
 def _confidence(con) -> ConfidenceChange:
-  delta = f"(SELECT n.confidence - o.confidence AS d FROM {_JOINED})"
+  delta = f"(SELECT n.{_CONFIDENCE} - o.{_CONFIDENCE} AS d FROM {_JOINED})"
   row = con.execute(
       "SELECT count(*), avg(d), avg(abs(d)), min(d),"
       " quantile_cont(d, [0.05, 0.25, 0.5, 0.75, 0.95]), max(d),"
@@ -254,13 +258,14 @@ def query(old: run_files.RunFiles, new: run_files.RunFiles,
   """Runs the comparison's queries over two checked, local runs."""
   con, old_columns, new_columns = _connect(old.local, new.local)
   flips = tuple(Flip(*row) for row in con.execute(
-      "SELECT o.predicted_class, n.predicted_class, count(*) FROM"
+      f"SELECT o.{_PREDICTED}, n.{_PREDICTED}, count(*) FROM"
       f" {_JOINED} GROUP BY ALL ORDER BY 1, 2").fetchall())
   shown = tuple(Example(*row) for row in con.execute(
-      "SELECT o.image_id, n.source, o.predicted_class, n.predicted_class,"
-      f" o.confidence, n.confidence FROM {_JOINED}"
-      " WHERE o.predicted_class <> n.predicted_class"
-      " ORDER BY abs(n.confidence - o.confidence) DESC, n.source LIMIT ?",
+      f"SELECT o.{_ID}, n.{_SOURCE}, o.{_PREDICTED}, n.{_PREDICTED},"
+      f" o.{_CONFIDENCE}, n.{_CONFIDENCE} FROM {_JOINED}"
+      f" WHERE o.{_PREDICTED} <> n.{_PREDICTED}"
+      f" ORDER BY abs(n.{_CONFIDENCE} - o.{_CONFIDENCE}) DESC, n.{_SOURCE}"
+      " LIMIT ?",
       [examples]).fetchall())
   return Comparison(
       old=_run_info(con, _OLD, old), new=_run_info(con, _NEW, new),

@@ -19,38 +19,52 @@ from busi_core import pseudonyms
 PREDICTIONS_VIEW = "preds"
 ERRORS_VIEW = "errors"
 
+# The predictions' and errors' columns, as schemas spells them.
+_ID, _SOURCE, _LABEL = (schemas.COLUMN_IMAGE_ID, schemas.COLUMN_SOURCE,
+                        schemas.COLUMN_LABEL)
+_PREDICTED, _CONFIDENCE = (schemas.COLUMN_PREDICTED_CLASS,
+                           schemas.COLUMN_CONFIDENCE)
+_LOW, _THRESHOLD = schemas.COLUMN_LOW_CONFIDENCE, schemas.COLUMN_THRESHOLD
+_GRADCAM = schemas.COLUMN_GRADCAM_URI
+_STAGE, _ERROR_TYPE, _MESSAGE = (schemas.COLUMN_STAGE,
+                                 schemas.COLUMN_ERROR_TYPE,
+                                 schemas.COLUMN_MESSAGE)
+
 PER_CLASS = (
-    "SELECT predicted_class, count(*) AS images,"
-    " avg(confidence) AS mean_confidence"
-    " FROM preds GROUP BY predicted_class ORDER BY images DESC,"
-    " predicted_class")
+    f"SELECT {_PREDICTED}, count(*) AS images,"
+    f" avg({_CONFIDENCE}) AS mean_confidence"
+    f" FROM preds GROUP BY {_PREDICTED} ORDER BY images DESC,"
+    f" {_PREDICTED}")
 FLAGGED = (
     "SELECT count(*) AS images,"
-    " count(*) FILTER (WHERE low_confidence) AS flagged,"
-    " list(DISTINCT threshold ORDER BY threshold) AS thresholds FROM preds")
+    f" count(*) FILTER (WHERE {_LOW}) AS flagged,"
+    f" list(DISTINCT {_THRESHOLD} ORDER BY {_THRESHOLD}) AS thresholds"
+    " FROM preds")
 # Correct predictions among labelled images, confident and flagged apart.
 ACCURACY_BY_FLAG = (
-    "SELECT low_confidence, count(*) AS labelled,"
-    " sum((predicted_class = label)::INT) AS correct"
-    " FROM preds WHERE label IS NOT NULL GROUP BY low_confidence"
-    " ORDER BY low_confidence")
+    f"SELECT {_LOW}, count(*) AS labelled,"
+    f" sum(({_PREDICTED} = {_LABEL})::INT) AS correct"
+    f" FROM preds WHERE {_LABEL} IS NOT NULL GROUP BY {_LOW}"
+    f" ORDER BY {_LOW}")
 RECALL_BY_CLASS = (
-    "SELECT label, count(*) AS images,"
-    " avg((predicted_class = label)::INT) AS recall"
-    " FROM preds WHERE label IS NOT NULL GROUP BY label ORDER BY label")
+    f"SELECT {_LABEL}, count(*) AS images,"
+    f" avg(({_PREDICTED} = {_LABEL})::INT) AS recall"
+    f" FROM preds WHERE {_LABEL} IS NOT NULL GROUP BY {_LABEL}"
+    f" ORDER BY {_LABEL}")
 CONFUSION = (
-    "SELECT label, predicted_class, count(*) AS images FROM preds"
-    " WHERE label IS NOT NULL GROUP BY ALL")
+    f"SELECT {_LABEL}, {_PREDICTED}, count(*) AS images FROM preds"
+    f" WHERE {_LABEL} IS NOT NULL GROUP BY ALL")
 ERRORS_BY_TYPE = (
-    "SELECT stage, error_type, count(*) AS members,"
-    " any_value(message) AS example FROM errors GROUP BY stage, error_type"
-    " ORDER BY members DESC, stage, error_type")
-GRADCAM_COUNT = "SELECT count(gradcam_uri) FROM preds"
+    f"SELECT {_STAGE}, {_ERROR_TYPE}, count(*) AS members,"
+    f" any_value({_MESSAGE}) AS example FROM errors"
+    f" GROUP BY {_STAGE}, {_ERROR_TYPE}"
+    f" ORDER BY members DESC, {_STAGE}, {_ERROR_TYPE}")
+GRADCAM_COUNT = f"SELECT count({_GRADCAM}) FROM preds"
 # Flagged and least confident first: the overlays a reviewer needs.
 GALLERY = (
-    "SELECT source, predicted_class, confidence, low_confidence, label,"
-    " gradcam_uri FROM preds WHERE gradcam_uri IS NOT NULL"
-    " ORDER BY low_confidence DESC, confidence, source LIMIT ?")
+    f"SELECT {_SOURCE}, {_PREDICTED}, {_CONFIDENCE}, {_LOW}, {_LABEL},"
+    f" {_GRADCAM} FROM preds WHERE {_GRADCAM} IS NOT NULL"
+    f" ORDER BY {_LOW} DESC, {_CONFIDENCE}, {_SOURCE} LIMIT ?")
 
 # Columns the review queries need; runs written before them have none.
 REVIEW_COLUMNS = (schemas.COLUMN_OOD_SCORE, schemas.COLUMN_OUT_OF_DISTRIBUTION,
@@ -78,10 +92,10 @@ QUALITY_FLAG_COUNTS = (
     " ORDER BY images DESC, flag")
 # Most out of distribution first: the images least like the training set.
 OOD_MEMBERS = (
-    "SELECT source, image_id, predicted_class, confidence,"
+    f"SELECT {_SOURCE}, {_ID}, {_PREDICTED}, {_CONFIDENCE},"
     f" {schemas.COLUMN_OOD_SCORE} FROM preds"
     f" WHERE {schemas.COLUMN_OUT_OF_DISTRIBUTION}"
-    f" ORDER BY {schemas.COLUMN_OOD_SCORE} DESC, source LIMIT ?")
+    f" ORDER BY {schemas.COLUMN_OOD_SCORE} DESC, {_SOURCE} LIMIT ?")
 
 
 class ReviewCounts(NamedTuple):
@@ -132,7 +146,7 @@ class OodMember(NamedTuple):
 def confidence_histogram(bins: int) -> str:
   """Counts per confidence bin, binned in SQL: a run of millions of rows
   sends `bins` numbers, not every row."""
-  return (f"SELECT least(floor(confidence * {bins})::INT, {bins - 1})"
+  return (f"SELECT least(floor({_CONFIDENCE} * {bins})::INT, {bins - 1})"
           " AS bin, count(*) FROM preds GROUP BY bin")
 
 
@@ -242,7 +256,7 @@ def studies_sql(columns: FrozenSet[str]) -> str:
       f" count(*) FILTER (WHERE {c[schemas.COLUMN_NEEDS_REVIEW]})"
       " AS review_images,"
       f" max({p}) AS max_p_malignant,"
-      f" first(predicted_class ORDER BY {p} DESC NULLS LAST, image_id)"
+      f" first({_PREDICTED} ORDER BY {p} DESC NULLS LAST, {_ID})"
       " AS class_at_max"
       f" FROM preds WHERE {key} IS NOT NULL GROUP BY {key}"
       " ORDER BY max_p_malignant DESC NULLS LAST, review_images DESC,"

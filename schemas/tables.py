@@ -24,7 +24,7 @@ class Stage(str, enum.Enum):
 # errors table shares source and run_id).
 COLUMN_IMAGE_ID = "image_id"  # sha256 hex of the member's bytes
 COLUMN_SOURCE = "source"  # the archive member's URI (errors: what failed)
-COLUMN_LABEL = "label"  # the class its path names; null when none
+COLUMN_LABEL = "label"  # the class its path names (scoring: null if none)
 COLUMN_PREDICTED_CLASS = "predicted_class"
 COLUMN_CONFIDENCE = "confidence"  # the top class's calibrated probability
 COLUMN_THRESHOLD = "threshold"  # below it: low_confidence

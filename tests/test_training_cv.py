@@ -808,11 +808,14 @@ def test_fold_warnings_say_what_a_one_class_fold_model_spoilt(tmp_path):
   # One class predicted, but only one class there: nothing to tell apart.
   assert cv.fold_warnings(0, np.int64([2, 2]), constant[:2], mixed, varied,
                           True, True) == []
+  advice = (" Give the recipe more --epochs or --patience, or pretrained"
+            " --backbone_weights.")
   val, = cv.fold_warnings(3, mixed, constant, mixed, varied, True, True)
-  assert val.startswith("Fold 3: the model predicts malignant for all 4"
-                        " validation images, which hold 3 classes")
-  assert ("Its temperature and review threshold were therefore set on a"
-          " constant answer." in val)
+  assert val == ("Fold 3: the model predicts malignant for all 4 validation"
+                 " images, which hold 3 classes: it has not learned to tell"
+                 " them apart. Its temperature and review threshold were"
+                 " therefore set on a constant answer." + advice)
+  both = val
   val, = cv.fold_warnings(3, mixed, constant, mixed, varied, False, True)
   assert "Its review threshold was therefore set on a constant answer." in val
   val, = cv.fold_warnings(3, mixed, constant, mixed, varied, True, False)
@@ -820,8 +823,15 @@ def test_fold_warnings_say_what_a_one_class_fold_model_spoilt(tmp_path):
   val, = cv.fold_warnings(3, mixed, constant, mixed, varied, False, False)
   assert "Its validation figures therefore describe a constant answer." in val
   held_out, = cv.fold_warnings(1, mixed, varied, mixed, constant, True, True)
-  assert "for all 4 held-out images" in held_out
-  assert "(`train --threshold_on cv`)" in held_out
+  assert held_out == (
+      "Fold 1: the model predicts malignant for all 4 held-out images, which"
+      " hold 3 classes: it has not learned to tell them apart. Its held-out"
+      " figures therefore measure a constant answer, and so, in part, do the"
+      " pooled figures; a threshold chosen on the out-of-fold predictions"
+      " (`train --threshold_on cv`) is in part set on one." + advice)
+  assert cv.fold_warnings(2, mixed, constant, mixed, constant, True,
+                          True) == [
+      both.replace("Fold 3", "Fold 2"), held_out.replace("Fold 1", "Fold 2")]
 
   # A report: the table prints them, the card's block keeps them.
   report = {"folds": [], "pooled": {"count": 4, "confusion_matrix": []},
@@ -871,7 +881,7 @@ def test_cv_warns_of_a_fold_that_predicts_one_class(tmp_path, cv_data,
     for part, warning, consequence in zip(
         ("validation", "held-out"), warnings,
         ("Its review threshold was therefore set on a constant answer.",
-         "Its figures therefore measure a constant answer")):
+         "Its held-out figures therefore measure a constant answer")):
       assert warning.startswith(
           f"Fold {fold}: the model predicts malignant for all"), warning
       assert f" {part} images, which hold 3 classes" in warning

@@ -210,7 +210,8 @@ def predictions_flagging(table: pa.Table, config: TrainConfig,
     return None
   rule = recipe.threshold_rule(config, calibrated)
   labels = np.asarray(table.column(schemas.COLUMN_LABEL).to_pylist())
-  predicted = np.asarray(table.column(schemas.COLUMN_PREDICTED_CLASS).to_pylist())
+  predicted = np.asarray(
+      table.column(schemas.COLUMN_PREDICTED_CLASS).to_pylist())
   return out_of_fold_flagging(
       table.column(schemas.COLUMN_CONFIDENCE).to_numpy(), labels == predicted,
       table.column(schemas.COLUMN_FOLD).to_numpy(), config.target_accuracy,
@@ -228,8 +229,8 @@ def report_flagging(report: Optional[Dict], config: TrainConfig,
   table = report[PREDICTIONS]
   if len(excluded):
     table = table.filter(pc.invert(pc.is_in(
-        table.column(schemas.COLUMN_IMAGE_ID), value_set=pa.array(list(excluded),
-                                                      pa.string()))))
+        table.column(schemas.COLUMN_IMAGE_ID),
+        value_set=pa.array(list(excluded), pa.string()))))
   return predictions_flagging(
       table, config,
       all(f.get("calibration_fitted", True) for f in report["folds"]))
@@ -572,7 +573,7 @@ def fold_warnings(k: int, val_labels: np.ndarray, val_logits: np.ndarray,
   Args:
     temperature_fitted, threshold_chosen: whether the fold fitted its
       temperature and chose its threshold on its validation images (what
-      the validation sentence says was fitted on a constant answer).
+      the validation sentence says was set on a constant answer).
   """
   fitted = [what for what, done in (("temperature", temperature_fitted),
                                     ("review threshold", threshold_chosen))
@@ -584,9 +585,10 @@ def fold_warnings(k: int, val_labels: np.ndarray, val_logits: np.ndarray,
        " therefore set on a constant answer." if fitted else
        "Its validation figures therefore describe a constant answer."),
       ("held-out", test_logits, test_labels,
-       "Its figures therefore measure a constant answer, as, in part, do"
-       " the pooled figures and any threshold chosen on the out-of-fold"
-       " predictions (`train --threshold_on cv`).")):
+       "Its held-out figures therefore measure a constant answer, and so,"
+       " in part, do the pooled figures; a threshold chosen on the"
+       " out-of-fold predictions (`train --threshold_on cv`) is in part set"
+       " on one.")):
     one_class = metrics.one_class(
         part, logits.argmax(axis=1), truth, schemas.LABELS,
         "it has not learned to tell them apart")
@@ -618,7 +620,7 @@ def _fold(k: int, config: TrainConfig, runner: recipe.Recipe,
   warnings = fold_warnings(
       k, labels[val], val_logits, labels[test], test_logits,
       fit.block["fitted"],
-      flagging["source"] == schemas.THRESHOLD_TARGET_ACCURACY)
+      flagging.get("chosen_on") == schemas.THRESHOLD_ON_VALIDATION)
   probabilities = calibration.softmax(test_logits, fit.temperature)
   scores = fold_metrics(labels[test], probabilities, flagging["threshold"],
                         names, config.threshold)
