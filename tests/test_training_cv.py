@@ -826,9 +826,10 @@ def test_fold_warnings_say_what_a_one_class_fold_model_spoilt(tmp_path):
   assert held_out == (
       "Fold 1: the model predicts malignant for all 4 held-out images, which"
       " hold 3 classes: it has not learned to tell them apart. Its held-out"
-      " figures therefore measure a constant answer, and so, in part, do the"
-      " pooled figures; a threshold chosen on the out-of-fold predictions"
-      " (`train --threshold_on cv`) is in part set on one." + advice)
+      " figures therefore measure a constant answer, as do the pooled"
+      " figures over its images, and a threshold chosen on the out-of-fold"
+      " predictions (`train --threshold_on cv`) is partly set on them."
+      + advice)
   assert cv.fold_warnings(2, mixed, constant, mixed, constant, True,
                           True) == [
       both.replace("Fold 3", "Fold 2"), held_out.replace("Fold 1", "Fold 2")]

@@ -585,10 +585,10 @@ def fold_warnings(k: int, val_labels: np.ndarray, val_logits: np.ndarray,
        " therefore set on a constant answer." if fitted else
        "Its validation figures therefore describe a constant answer."),
       ("held-out", test_logits, test_labels,
-       "Its held-out figures therefore measure a constant answer, and so,"
-       " in part, do the pooled figures; a threshold chosen on the"
-       " out-of-fold predictions (`train --threshold_on cv`) is in part set"
-       " on one.")):
+       "Its held-out figures therefore measure a constant answer, as do"
+       " the pooled figures over its images, and a threshold chosen on the"
+       " out-of-fold predictions (`train --threshold_on cv`) is partly set"
+       " on them.")):
     one_class = metrics.one_class(
         part, logits.argmax(axis=1), truth, schemas.LABELS,
         "it has not learned to tell them apart")
