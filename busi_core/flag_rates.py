@@ -52,8 +52,8 @@ def _low_confidence(metadata: ArtifactMetadata) -> Dict:
   """Where the artifact says how many images its own threshold flags on
   held-out data: a recalibrated artifact's site sample (its check, else its
   fit part: the parent's blocks it keeps speak for the parent's threshold),
-  else the pooled cross-validation, else its test split, else its
-  validation split."""
+  else the pooled cross-validation (unless a fold model predicted one
+  class), else its test split, else its validation split."""
   recalibration = metadata.recalibration
   if recalibration is not None:
     check = recalibration.check
@@ -72,15 +72,19 @@ def _low_confidence(metadata: ArtifactMetadata) -> Dict:
   # Each image scored by the fold model that did not see it, with its
   # fold's threshold, chosen as the final model's was: on the other folds'
   # out-of-fold predictions (train --threshold_on cv), else on the fold's
-  # validation split.
+  # validation split. Not where a fold model predicted one class (the
+  # block's warnings): that share is partly a constant answer's, and the
+  # final model's own splits speak for it better.
   flagging = metadata.flagging
-  if (flagging is not None and flagging.out_of_fold
-      and flagging.chosen_on == schemas.THRESHOLD_ON_CV):
+  cross_validation = metadata.cross_validation
+  if cross_validation is None or cross_validation.warnings:
+    pooled = {}
+  elif (flagging is not None and flagging.out_of_fold
+        and flagging.chosen_on == schemas.THRESHOLD_ON_CV):
     stats = flagging.out_of_fold.pooled
     pooled = {"flagged_share": stats.flagged_share, "count": stats.count}
   else:
-    pooled = (metadata.cross_validation.pooled or {}
-              if metadata.cross_validation is not None else {})
+    pooled = cross_validation.pooled or {}
   if pooled.get("flagged_share") is not None and pooled.get("count"):
     return {schemas.FLAG_RATE_SHARE: float(pooled["flagged_share"]),
             schemas.FLAG_RATE_IMAGES: int(pooled["count"]),

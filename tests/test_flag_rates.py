@@ -106,6 +106,19 @@ def test_expected_share_comes_from_the_best_held_out_source(metadata):
   assert flag_rates.expected(on_cv, False, False, False)[LOW] == {
       "share": 0.55, "images": 600,
       "from": schemas.FLAG_RATE_FROM_CROSS_VALIDATION}
+  # A fold model that predicted one class: the cross-validated share is
+  # partly a constant answer's; the final model's test split speaks.
+  for cv_block in (with_cv, on_cv):
+    warned = cv_block.replace(
+        cross_validation=cv_block.cross_validation.replace(
+            warnings=("Fold 0: the model predicts malignant for all ...",)))
+    assert flag_rates.expected(warned, False, False, False)[LOW]["from"] == (
+        schemas.FLAG_RATE_FROM_TEST if cv_block is with_cv else
+        schemas.FLAG_RATE_FROM_VALIDATION)
+    none_found = cv_block.replace(
+        cross_validation=cv_block.cross_validation.replace(warnings=()))
+    assert flag_rates.expected(none_found, False, False, False)[LOW][
+        "from"] == schemas.FLAG_RATE_FROM_CROSS_VALIDATION
   # A recalibrated artifact keeps its parent's blocks; only its site
   # sample speaks for its new threshold.
   fit_only = with_cv.replace(recalibration=md.Recalibration(
