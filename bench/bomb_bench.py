@@ -20,6 +20,7 @@ from typing import Dict, List
 
 import numpy as np
 
+import schemas
 from bench import common
 
 _CHILD = r"""
@@ -67,8 +68,9 @@ def _preprocess(archive: str, out: str, extra: List[str]) -> Dict:
   result = json.loads(done.stdout.strip().splitlines()[-1])
   import duckdb  # pylint: disable=import-outside-toplevel
   rows = duckdb.connect().execute(
-      f"SELECT error_type, message FROM read_parquet('{out}/errors/*.parquet')"
-      " WHERE source LIKE '%bomb.png'").fetchall()
+      f"SELECT {schemas.COLUMN_ERROR_TYPE}, {schemas.COLUMN_MESSAGE}"
+      f" FROM read_parquet('{out}/{schemas.ERRORS_DIR}/*.parquet')"
+      f" WHERE {schemas.COLUMN_SOURCE} LIKE '%bomb.png'").fetchall()
   result["bomb_error"] = rows[0][0] if rows else None
   result["bomb_message"] = rows[0][1] if rows else None
   result["peak_rss_mb"] = round(result["peak_rss_mb"], 1)

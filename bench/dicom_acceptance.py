@@ -26,6 +26,8 @@ from bench import dicom_archive
 from bench import dicom_writer
 from busi_core import pseudonyms
 
+_P_MALIGNANT = schemas.probability_column(schemas.MALIGNANT)
+
 
 def _member(source: str) -> str:
   return source.split("!/", 1)[1].split("#frame=")[0] if "!/" in source else (
@@ -78,12 +80,15 @@ def main(argv=None) -> int:
     sidecar = json.load(f)
   con = duckdb.connect()
   preds = con.execute(
-      "SELECT source, frame, predicted_class, p_malignant, study_key,"
-      " region_cropped FROM read_parquet(?)",
+      f"SELECT {schemas.COLUMN_SOURCE}, {schemas.COLUMN_FRAME},"
+      f" {schemas.COLUMN_PREDICTED_CLASS}, {_P_MALIGNANT},"
+      f" {schemas.COLUMN_STUDY_KEY}, {schemas.COLUMN_REGION_CROPPED}"
+      " FROM read_parquet(?)",
       [os.path.join(args.run, schemas.PREDICTIONS_DIR, "*.parquet")]
   ).fetchall()
   errors = con.execute(
-      "SELECT source, error_type FROM read_parquet(?)",
+      f"SELECT {schemas.COLUMN_SOURCE}, {schemas.COLUMN_ERROR_TYPE}"
+      " FROM read_parquet(?)",
       [os.path.join(args.run, schemas.ERRORS_DIR, "*.parquet")]).fetchall()
 
   # 1. Fates.
@@ -110,7 +115,8 @@ def main(argv=None) -> int:
   # 2. Agreement with the PNG originals.
   png = {_member(s): (c, p)
          for s, c, p in con.execute(
-             "SELECT source, predicted_class, p_malignant FROM"
+             f"SELECT {schemas.COLUMN_SOURCE},"
+             f" {schemas.COLUMN_PREDICTED_CLASS}, {_P_MALIGNANT} FROM"
              " read_parquet(?)", [args.png_predictions]).fetchall()}
   by_kind = collections.defaultdict(lambda: [0, 0, 0.0, 0.0])
   for source, _, cls, p_mal, _, _ in preds:
