@@ -108,8 +108,8 @@ def run(patterns: List[str], backbone_weights: str, variants: Dict[str, Dict],
         "pooled": {k: v for k, v in report["pooled"].items()
                    if k != "confusion_matrix"},
         "epochs_run": [f["epochs_run"] for f in report["folds"]],
-        # A fold model that predicted one class (cv's checks): its row's
-        # figures are partly those of a constant answer.
+        # A fold model that predicted one class, or never predicted one it
+        # should (cv's checks): its row's figures are partly such a model's.
         "warnings": report[schemas.CV_WARNINGS],
         "seconds": round(time.perf_counter() - variant_started, 1),
     }

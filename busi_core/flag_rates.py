@@ -52,8 +52,8 @@ def _low_confidence(metadata: ArtifactMetadata) -> Dict:
   """Where the artifact says how many images its own threshold flags on
   held-out data: a recalibrated artifact's site sample (its check, else its
   fit part: the parent's blocks it keeps speak for the parent's threshold),
-  else the pooled cross-validation (unless a fold model predicted one
-  class), else its test split, else its validation split."""
+  else the pooled cross-validation (unless its warnings name a fold
+  model), else its test split, else its validation split."""
   recalibration = metadata.recalibration
   if recalibration is not None:
     check = recalibration.check
@@ -72,9 +72,10 @@ def _low_confidence(metadata: ArtifactMetadata) -> Dict:
   # Each image scored by the fold model that did not see it, with its
   # fold's threshold, chosen as the final model's was: on the other folds'
   # out-of-fold predictions (train --threshold_on cv), else on the fold's
-  # validation split. Not where a fold model predicted one class (the
-  # block's warnings): that share is partly a constant answer's, and the
-  # final model's own splits speak for it better.
+  # validation split. Not where the block's warnings say a fold model
+  # predicted one class, or never predicted one it should: that share is
+  # partly such a model's, and the final model's own splits speak for it
+  # better.
   flagging = metadata.flagging
   cross_validation = metadata.cross_validation
   if cross_validation is None or cross_validation.warnings:

@@ -29,7 +29,8 @@ CV_OUT_OF_FOLD_FLAGGING = "out_of_fold_flagging"
 # cv.json list (each fold's too), and the "cross_validation" block's: what
 # cv found wrong with its fold models, as sentences (today: a fold model
 # that predicts one class for every validation or held-out image of its
-# fold, whose figures then measure a constant answer). Empty: the checks
+# fold, whose figures then measure a constant answer, else one that never
+# predicts a class those images hold at least five of). Empty: the checks
 # ran and found nothing; absent: reports written before them.
 CV_WARNINGS = "warnings"
 # metadata.json block: the recipe's cross-validated figures on the training

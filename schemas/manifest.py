@@ -31,7 +31,8 @@ MANIFEST_OOD_THRESHOLD = "ood_threshold"  # null: the model has no detector
 MANIFEST_LABELS = "labels"
 MANIFEST_BATCH_SIZE = "batch_size"
 # The artifact's metadata `warnings` (what train found wrong with the model,
-# e.g. one class predicted for every validation image): [] when train's
+# e.g. one class predicted for every validation image, or a class never
+# predicted): [] when train's
 # checks found none, null when the artifact predates them; absent in runs
 # from before the field.
 MANIFEST_MODEL_WARNINGS = "model_warnings"

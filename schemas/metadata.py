@@ -560,7 +560,8 @@ class ArtifactMetadata(Record):
   # network_size² (layer RESIZE_LAYER). Absent: image_size.
   network_size: Optional[int] = optional()
   # What train found wrong with the model it wrote (today: every validation
-  # or test image predicted as one class); the model card, train's and
+  # or test image predicted as one class, else a class that split holds at
+  # least five of never predicted there); the model card, train's and
   # recalibrate's summaries, evaluate, doctor and every scoring run (its
   # log, manifest, summary, report, and compare) repeat them.
   # Empty: train's checks found nothing (they need validation or test

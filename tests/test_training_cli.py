@@ -227,23 +227,34 @@ def _tiny_train(output, data_glob, *flags):
                    "--val_fraction", "0.3", *flags])
 
 
-def test_one_class_warning():
+def test_split_warnings():
+  """One class predicted for a whole split, else each class it holds at
+  least five of and never predicts; the artifact's advice follows."""
   from training.steps import measure  # pylint: disable=import-outside-toplevel
   def scored(predicted, truth):
     logits = np.eye(3, dtype=np.float32)[predicted]
     return measure.Scored(np.arange(len(truth)), logits, np.array(truth))
-  warning = measure.one_class_warning("validation", scored([2, 2, 2],
-                                                           [0, 1, 2]))
+  warning, = measure.split_warnings("validation", scored([2, 2, 2],
+                                                         [0, 1, 2]))
   assert warning.startswith("the model predicts malignant for all 3"
                             " validation images, which hold 3 classes")
-  assert "--patience" in warning
-  assert measure.one_class_warning("test", scored([0, 0], [0, 1])) and (
-      "which hold 2 classes" in measure.one_class_warning(
-          "test", scored([0, 0], [0, 1])))
+  assert warning.endswith("Do not use this artifact: train longer (--epochs,"
+                          " --patience) or from pretrained"
+                          " --backbone_weights.")
+  warning, = measure.split_warnings("test", scored([0, 0], [0, 1]))
+  assert "which hold 2 classes" in warning
+  # Benign and malignant predicted, never normal, of which there are 5.
+  truth = [0] * 5 + [1] * 3 + [2] * 3
+  never, = measure.split_warnings("test", scored([1, 2] * 5 + [1], truth))
+  assert never.startswith("the model never predicts normal for the 11 test"
+                          " images, though 5 of them are normal: it has not"
+                          " learned to recognise that class. Do not use")
   for predicted, truth in (([2, 1, 2], [0, 1, 2]),  # two classes predicted
                            ([1, 1], [1, 1]),  # one class to predict
-                           ([], [])):  # no test split
-    assert measure.one_class_warning("test", scored(predicted, truth)) is None
+                           ([], []),  # no test split
+                           # normal never predicted, but only 4 of them
+                           ([1, 2] * 5 + [1], [0] * 4 + [1] * 4 + [2] * 3)):
+    assert measure.split_warnings("test", scored(predicted, truth)) == []
 
 
 @pytest.mark.slow
@@ -602,10 +613,10 @@ def test_evaluate_warns_of_a_one_class_model(tmp_path, capsys, caplog):
   (the colour model calls every red image malignant)."""
   size = 8
   rng = np.random.default_rng(0)
-  def data(name, labels):
+  def data(name, labels, colours=None):
     records = []
-    for label in labels:
-      pixels = np.zeros((size, size, 3), np.uint8) + np.uint8([255, 0, 0])
+    for label, colour in zip(labels, colours or [(255, 0, 0)] * len(labels)):
+      pixels = np.zeros((size, size, 3), np.uint8) + np.uint8(colour)
       pixels[0, 0] = rng.integers(0, 40, 3)  # distinct image_ids
       records.append(testing.make_record(pixels, label))
     return testing.write_tfrecords(str(tmp_path / name / "p.tfrecord.gz"),
@@ -657,6 +668,19 @@ def test_evaluate_warns_of_a_one_class_model(tmp_path, capsys, caplog):
   assert found[0] == carries and len(found) == 2
   assert found[1].startswith("The model predicts malignant for all 3")
   assert "It told" not in found[1]
+  # Two classes predicted (green is benign), never normal, of which there
+  # are five: a class it does not recognise on these images.
+  red, green = (255, 0, 0), (0, 255, 0)
+  no_normal = data("no_normal", ["normal"] * 5 + ["benign"] * 2
+                   + ["malignant"] * 2, [red] * 5 + [green] * 2 + [red] * 2)
+  found, out = run("plain", no_normal)
+  assert found == [
+      "The model never predicts normal for the 9 evaluated images, though 5"
+      " of them are normal: on these images it does not recognise that"
+      " class. `recalibrate` cannot fix that: it refits only the temperature"
+      " and the threshold, which change no predicted class; retrain, or"
+      " fine-tune on images like these."]
+  assert f"WARNING: {found[0]}\nReport written to" in out
 
 
 def assert_aucs_of_rows(figures, rows):

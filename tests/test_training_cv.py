@@ -822,6 +822,14 @@ def test_fold_warnings_say_what_a_one_class_fold_model_spoilt(tmp_path):
   assert "Its temperature was therefore set on a constant answer." in val
   val, = cv.fold_warnings(3, mixed, constant, mixed, varied, False, False)
   assert "Its validation figures therefore describe a constant answer." in val
+  # Benign never predicted, though 5 of the held-out images are benign.
+  truth = np.int64([0, 2] + [1] * 5)
+  never, = cv.fold_warnings(4, mixed, varied, truth,
+                            np.float32(np.eye(3)[[0, 2, 0, 2, 0, 2, 0]]),
+                            True, True)
+  assert never == ("Fold 4: the model never predicts benign for the 7"
+                   " held-out images, though 5 of them are benign: it has"
+                   " not learned to recognise that class." + advice)
   held_out, = cv.fold_warnings(1, mixed, varied, mixed, constant, True, True)
   assert held_out == (
       "Fold 1: the model predicts malignant for all 4 held-out images, which"

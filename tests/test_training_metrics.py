@@ -69,3 +69,23 @@ def test_format_report_mentions_every_class():
   for label in LABELS:
     assert label in text
   assert "accuracy 0.600" in text
+
+
+def test_never_predicted_names_each_class_it_never_predicts():
+  labels = ["a", "b", "c", "d"]
+  truth = [0] * 5 + [1] * 5 + [2] * 6 + [3] * 2
+  # Only a and d predicted: b (5) and c (6) never; d never needed.
+  predicted = [0, 3] * 9
+  assert metrics.never_predicted("held-out", predicted, truth, labels) == [
+      "the model never predicts b for the 18 held-out images, though 5 of"
+      " them are b: it has not learned to recognise that class.",
+      "the model never predicts c for the 18 held-out images, though 6 of"
+      " them are c: it has not learned to recognise that class."]
+  # Fewer than NEVER_PREDICTED_MIN_SUPPORT of a class: no finding.
+  assert metrics.NEVER_PREDICTED_MIN_SUPPORT == 5
+  assert metrics.never_predicted("x", [0, 3] * 4, [0, 0, 1, 1, 1, 1, 3, 3],
+                                 labels) == []
+  # One class for everything is one_class's finding, not this one's.
+  assert metrics.never_predicted("x", [0] * 10, [0] * 5 + [1] * 5,
+                                 labels) == []
+  assert metrics.never_predicted("x", [], [], labels) == []

@@ -567,8 +567,9 @@ def fold_warnings(k: int, val_labels: np.ndarray, val_logits: np.ndarray,
                   temperature_fitted: bool, threshold_chosen: bool
                  ) -> List[str]:
   """Fold k's model, when it predicts one class for every validation or
-  every held-out image of its fold (`metrics.one_class`): a sentence for
-  each, logged, for cv.json's CV_WARNINGS.
+  every held-out image of its fold (`metrics.one_class`), else when it never
+  predicts a class there that it should (`metrics.never_predicted`): a
+  sentence for each, logged, for cv.json's CV_WARNINGS.
 
   Args:
     temperature_fitted, threshold_chosen: whether the fold fitted its
@@ -589,13 +590,15 @@ def fold_warnings(k: int, val_labels: np.ndarray, val_logits: np.ndarray,
        " the pooled figures over its images, and a threshold chosen on the"
        " out-of-fold predictions (`train --threshold_on cv`) is partly set"
        " on them.")):
-    one_class = metrics.one_class(
-        part, logits.argmax(axis=1), truth, schemas.LABELS,
-        "it has not learned to tell them apart")
-    if one_class:
-      found.append(f"Fold {k}: {one_class} {consequence} Give the recipe"
-                   " more --epochs or --patience, or pretrained"
-                   " --backbone_weights.")
+    predicted = logits.argmax(axis=1)
+    one_class = metrics.one_class(part, predicted, truth, schemas.LABELS,
+                                  "it has not learned to tell them apart")
+    sentences = ([f"{one_class} {consequence}"] if one_class else
+                 metrics.never_predicted(part, predicted, truth,
+                                         schemas.LABELS))
+    for sentence in sentences:
+      found.append(f"Fold {k}: {sentence} Give the recipe more --epochs or"
+                   " --patience, or pretrained --backbone_weights.")
       _LOG.warning("%s", found[-1])
   return found
 

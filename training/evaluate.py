@@ -311,7 +311,8 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
     detector), and "ood_archive" with --ood; "warnings"
     (schemas.evaluation.WARNINGS): the artifact's training warnings, and
     one when it predicts one class for every image though they hold
-    several.
+    several, else one for each class they hold at least
+    `metrics.NEVER_PREDICTED_MIN_SUPPORT` of that it never predicts.
 
   Raises:
     artifact.ArtifactError: the artifact is invalid.
@@ -424,7 +425,8 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
 def _warnings(metadata, predicted: np.ndarray, truth: np.ndarray,
               labels: Sequence[str]) -> List[str]:
   """The artifact's training warnings, and whether it predicts one class
-  for every evaluated image (`metrics.one_class`)."""
+  for every evaluated image (`metrics.one_class`), else a class it should
+  and never does (`metrics.never_predicted`)."""
   found = artifact.training_warning_lines(metadata.model_version,
                                           metadata.warnings)
   one_class = metrics.one_class(
@@ -436,10 +438,15 @@ def _warnings(metadata, predicted: np.ndarray, truth: np.ndarray,
       one_class += (" It told its training's validation (or test) images"
                     " apart, so these probably differ from them (scanner,"
                     " preset, preprocessing).")
-    found.append(one_class[0].upper() + one_class[1:]
-                 + " `recalibrate` cannot fix that: it refits only the"
-                 " temperature and the threshold, which change no predicted"
-                 " class; retrain, or fine-tune on images like these.")
+    sentences = [one_class]
+  else:
+    sentences = metrics.never_predicted(
+        "evaluated", predicted, truth, labels,
+        "on these images it does not recognise that class")
+  found += [s[0].upper() + s[1:] + " `recalibrate` cannot fix that: it"
+            " refits only the temperature and the threshold, which change no"
+            " predicted class; retrain, or fine-tune on images like these."
+            for s in sentences]
   return found
 
 

@@ -48,23 +48,26 @@ def classification(scored: Scored) -> Dict:
       scored.labels, scored.logits.argmax(axis=1), list(schemas.LABELS))
 
 
-def one_class_warning(name: str, scored: Scored) -> Optional[str]:
-  """`metrics.one_class` of a split, worded for the artifact train writes;
-  None when the predictions hold more than one class."""
-  found = metrics.one_class(name, scored.logits.argmax(axis=1),
-                            scored.labels, schemas.LABELS)
-  return found and (f"{found} Do not use this artifact: train longer"
-                    " (--epochs, --patience) or from pretrained"
-                    " --backbone_weights.")
+def split_warnings(name: str, scored: Scored) -> List[str]:
+  """What is wrong with the predictions of a split, worded for the artifact
+  train writes: one class predicted for all of it (`metrics.one_class`),
+  else each class it holds enough of and never predicts
+  (`metrics.never_predicted`); [] when neither."""
+  predicted = scored.logits.argmax(axis=1)
+  found = metrics.one_class(name, predicted, scored.labels, schemas.LABELS)
+  found = [found] if found else metrics.never_predicted(
+      name, predicted, scored.labels, schemas.LABELS)
+  return [f"{w} Do not use this artifact: train longer (--epochs,"
+          " --patience) or from pretrained --backbone_weights."
+          for w in found]
 
 
-def warn_one_class(val: Scored, test: Scored) -> List[str]:
-  """Logs `one_class_warning` for the validation and test splits; returns
-  what it logged, for the artifact's metadata."""
+def warn_collapsed(val: Scored, test: Scored) -> List[str]:
+  """Logs `split_warnings` of the validation and test splits; returns what
+  it logged, for the artifact's metadata."""
   found = []
   for name, scored in (("validation", val), ("test", test)):
-    warning = one_class_warning(name, scored)
-    if warning:
+    for warning in split_warnings(name, scored):
       _LOG.warning(warning)
       found.append(warning)
   return found

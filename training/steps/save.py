@@ -157,7 +157,7 @@ def save(work: str, config: TrainConfig, read: Read, splits: Splits,
          warnings: Sequence[str]) -> ArtifactMetadata:
   """Writes the artifact (model, labels, OOD detector, card, metadata) into
   `work`; `warnings` are what the run found wrong with the model
-  (`measure.warn_one_class`), kept in its metadata.
+  (`measure.warn_collapsed`), kept in its metadata.
 
   Returns:
     The metadata written.
