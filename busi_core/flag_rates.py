@@ -52,8 +52,8 @@ def _low_confidence(metadata: ArtifactMetadata) -> Dict:
   """Where the artifact says how many images its own threshold flags on
   held-out data: a recalibrated artifact's site sample (its check, else its
   fit part: the parent's blocks it keeps speak for the parent's threshold),
-  else the pooled cross-validation (unless its warnings name a fold
-  model), else its test split, else its validation split."""
+  else the pooled cross-validation (unless cv warned of a fold model),
+  else its test split, else its validation split."""
   recalibration = metadata.recalibration
   if recalibration is not None:
     check = recalibration.check

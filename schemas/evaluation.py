@@ -31,8 +31,8 @@ NOT_FITTED_ON = "not_fitted_on"
 # metrics.json key of what evaluate warns of, as sentences ([] when nothing):
 # the artifact's training warnings (its metadata's `warnings`), and one when
 # the artifact predicts one class for every evaluated image though they hold
-# several, else one for each class they hold at least five of (training.
-# metrics.NEVER_PREDICTED_MIN_SUPPORT) that it never predicts.
+# several, else one for each class they hold at least five of
+# (training.metrics.NEVER_PREDICTED_MIN_SUPPORT) that it never predicts.
 WARNINGS = "warnings"
 
 # metrics.json key of the LesionLocalisation block (with --masks only).

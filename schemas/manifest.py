@@ -32,9 +32,8 @@ MANIFEST_LABELS = "labels"
 MANIFEST_BATCH_SIZE = "batch_size"
 # The artifact's metadata `warnings` (what train found wrong with the model,
 # e.g. one class predicted for every validation image, or a class never
-# predicted): [] when train's
-# checks found none, null when the artifact predates them; absent in runs
-# from before the field.
+# predicted): [] when train's checks found none, null when the artifact
+# predates them; absent in runs from before the field.
 MANIFEST_MODEL_WARNINGS = "model_warnings"
 # --skip_scored: what the run skipped against (globs and runs).
 MANIFEST_SKIP_SCORED = "skip_scored"

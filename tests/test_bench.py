@@ -116,7 +116,7 @@ def test_recipe_search_runs_each_variant_on_one_cache(tmp_path):
   for row in figures["variants"].values():
     assert row["summary"]["macro_f1"]["n"] == 2
     assert row["pooled"]["count"] == 18
-    assert isinstance(row["warnings"], list)  # cv's one-class findings
+    assert isinstance(row["warnings"], list)  # cv's per-fold findings
   assert figures["variants"]["views"]["epochs_run"][0]["fine_tune"] == 1
 
 

@@ -246,9 +246,11 @@ def test_split_warnings():
   # Benign and malignant predicted, never normal, of which there are 5.
   truth = [0] * 5 + [1] * 3 + [2] * 3
   never, = measure.split_warnings("test", scored([1, 2] * 5 + [1], truth))
-  assert never.startswith("the model never predicts normal for the 11 test"
-                          " images, though 5 of them are normal: it has not"
-                          " learned to recognise that class. Do not use")
+  assert never == ("the model never predicts normal for the 11 test"
+                   " images, though 5 of them are normal: it has not learned"
+                   " to recognise that class. Do not use this artifact: train"
+                   " longer (--epochs, --patience), from pretrained"
+                   " --backbone_weights, or with more images of that class.")
   for predicted, truth in (([2, 1, 2], [0, 1, 2]),  # two classes predicted
                            ([1, 1], [1, 1]),  # one class to predict
                            ([], []),  # no test split
@@ -607,10 +609,11 @@ def test_evaluate_matches_hand_computation(tmp_path, capsys):
           for t in schemas.LABELS] == report["confusion_matrix"]
 
 
-def test_evaluate_warns_of_a_one_class_model(tmp_path, capsys, caplog):
+def test_evaluate_warns_of_a_collapsed_model(tmp_path, capsys, caplog):
   """evaluate repeats the artifact's training warnings, and warns when it
   predicts one class for every evaluated image though they hold several
-  (the colour model calls every red image malignant)."""
+  (the colour model calls every red image malignant), else of each class
+  it never predicts though they hold five or more of it."""
   size = 8
   rng = np.random.default_rng(0)
   def data(name, labels, colours=None):
@@ -634,7 +637,7 @@ def test_evaluate_warns_of_a_one_class_model(tmp_path, capsys, caplog):
   mixed = data("mixed", ["normal", "benign", "malignant"])
   malignant = data("malignant", ["malignant"] * 3)
   from schemas import evaluation as evaluation_schema  # pylint: disable=import-outside-toplevel
-  runs = iter(range(10))
+  runs = iter(range(20))
   def run(model, data_glob):
     report_dir = str(tmp_path / f"report{next(runs)}")
     assert cli.main(["evaluate", "--model", str(tmp_path / model), "--data",
@@ -681,6 +684,12 @@ def test_evaluate_warns_of_a_one_class_model(tmp_path, capsys, caplog):
       " and the threshold, which change no predicted class; retrain, or"
       " fine-tune on images like these."]
   assert f"WARNING: {found[0]}\nReport written to" in out
+  # A sample of one class, all called another: no one_class finding (one
+  # class to tell apart), but that class is never recognised.
+  found, _ = run("plain", data("all_normal", ["normal"] * 5))
+  assert len(found) == 1 and found[0].startswith(
+      "The model never predicts normal for the 5 evaluated images, though"
+      " all 5 are normal: on these images it does not recognise that class.")
 
 
 def assert_aucs_of_rows(figures, rows):

@@ -89,3 +89,9 @@ def test_never_predicted_names_each_class_it_never_predicts():
   assert metrics.never_predicted("x", [0] * 10, [0] * 5 + [1] * 5,
                                  labels) == []
   assert metrics.never_predicted("x", [], [], labels) == []
+  # A set of one class, all called another: one_class has nothing to say
+  # (nothing to tell apart), so this says it.
+  assert metrics.never_predicted("x", [1] * 10, [2] * 10, labels) == [
+      "the model never predicts c for the 10 x images, though all 10 are c:"
+      " it has not learned to recognise that class."]
+  assert metrics.never_predicted("x", [2] * 10, [2] * 10, labels) == []

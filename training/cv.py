@@ -598,7 +598,8 @@ def fold_warnings(k: int, val_labels: np.ndarray, val_logits: np.ndarray,
                                          schemas.LABELS))
     for sentence in sentences:
       found.append(f"Fold {k}: {sentence} Give the recipe more --epochs or"
-                   " --patience, or pretrained --backbone_weights.")
+                   " --patience, or pretrained --backbone_weights"
+                   + ("." if one_class else ", or add images of that class."))
       _LOG.warning("%s", found[-1])
   return found
 

@@ -122,8 +122,9 @@ def one_class(name: str, y_pred: Sequence[int], y_true: Sequence[int],
 
 
 # A class with at least this many images in a set, which the model never
-# predicts there, is a finding (`never_predicted`): at a recall of even 0.5,
-# missing five in a row happens 3 % of the time.
+# predicts there (so its recall is 0), is a finding (`never_predicted`): a
+# model that finds even half of a class's images misses all five 3 % of the
+# time.
 NEVER_PREDICTED_MIN_SUPPORT = 5
 
 
@@ -133,8 +134,9 @@ def never_predicted(name: str, y_pred: Sequence[int], y_true: Sequence[int],
                                    " class") -> List[str]:
   """A sentence for each class that the set holds at least
   NEVER_PREDICTED_MIN_SUPPORT images of and the model never predicts there
-  (its recall is 0: the figures show that, not why). None when the model
-  predicts one class for the whole set: `one_class` says that.
+  (its recall is 0: the figures show that, not why). [] for an empty set,
+  and when the model predicts one class for a set that holds several:
+  `one_class` says that.
 
   Args:
     name: what the set is, e.g. "validation".
@@ -143,15 +145,18 @@ def never_predicted(name: str, y_pred: Sequence[int], y_true: Sequence[int],
   """
   y_pred, y_true = np.asarray(y_pred), np.asarray(y_true)
   predicted = set(np.unique(y_pred).tolist())
-  if len(predicted) < 2:
+  if not y_pred.size or (len(predicted) == 1
+                         and len(np.unique(y_true)) > 1):
     return []
   found = []
   for index, label in enumerate(labels):
     support = int(np.sum(y_true == index))
     if support >= NEVER_PREDICTED_MIN_SUPPORT and index not in predicted:
+      share = (f"all {support} are" if support == len(y_true) else
+               f"{support} of them are")
       found.append(f"the model never predicts {label} for the"
-                   f" {len(y_true)} {name} images, though {support} of them"
-                   f" are {label}: {meaning}.")
+                   f" {len(y_true)} {name} images, though {share} {label}:"
+                   f" {meaning}.")
   return found
 
 

@@ -2,7 +2,7 @@
 the test split's metrics."""
 
 import logging
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple
 
 import keras
 import numpy as np
@@ -54,12 +54,16 @@ def split_warnings(name: str, scored: Scored) -> List[str]:
   else each class it holds enough of and never predicts
   (`metrics.never_predicted`); [] when neither."""
   predicted = scored.logits.argmax(axis=1)
-  found = metrics.one_class(name, predicted, scored.labels, schemas.LABELS)
-  found = [found] if found else metrics.never_predicted(
-      name, predicted, scored.labels, schemas.LABELS)
+  one_class = metrics.one_class(name, predicted, scored.labels,
+                                schemas.LABELS)
+  if one_class:
+    return [f"{one_class} Do not use this artifact: train longer (--epochs,"
+            " --patience) or from pretrained --backbone_weights."]
   return [f"{w} Do not use this artifact: train longer (--epochs,"
-          " --patience) or from pretrained --backbone_weights."
-          for w in found]
+          " --patience), from pretrained --backbone_weights, or with more"
+          " images of that class."
+          for w in metrics.never_predicted(name, predicted, scored.labels,
+                                           schemas.LABELS)]
 
 
 def warn_collapsed(val: Scored, test: Scored) -> List[str]:
