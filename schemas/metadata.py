@@ -493,6 +493,12 @@ class Recalibration(Record):
   temperature: Optional[RecalibratedTemperature] = optional()
   threshold: Optional[RecalibratedThreshold] = optional()
   check: Optional[RecalibrationCheck] = optional()
+  # What the site sample showed that recalibration cannot fix
+  # (`training.evaluate.site_warnings`: one class predicted for all of it,
+  # else a class it holds at least five of never predicted), as sentences;
+  # the summary and the model card repeat them. Empty: nothing; absent:
+  # recalibrated before the check.
+  warnings: Optional[Tuple[str, ...]] = optional()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -153,6 +153,7 @@ def test_recalibrate_refits_temperature_and_threshold(site, tmp_path, capsys):
           abs(PARENT_THRESHOLD - site.best_threshold))
   assert metadata.threshold_source == schemas.THRESHOLD_TARGET_ACCURACY
   assert metadata.target_accuracy == TARGET
+
   assert block.threshold.rule == schemas.THRESHOLD_RULE_OBSERVED
   assert block.threshold.target_reached is True
 
@@ -231,6 +232,36 @@ def test_recalibrate_refits_temperature_and_threshold(site, tmp_path, capsys):
                f"`{schemas.COLUMN_IN_RECALIBRATION_FIT}` column"):
     assert text in card, text
   assert "In-sample" not in card
+
+
+def test_recalibrate_keeps_what_the_site_sample_shows(site, tmp_path,
+                                                     capsys, caplog):
+  """The site's untrained parent calls every sample image malignant: no
+  temperature or threshold fixes that, and recalibrate says so (logged,
+  printed, kept in the block, on the card); `evaluate.site_warnings` is
+  tested on its own in test_training_cli."""
+  assert set(site.logits.argmax(axis=1)) == {2}
+  assert len(set(site.labels)) == 3
+  output = tmp_path / "recal"
+  assert _run(site, output) == 0
+  metadata = _metadata(output)
+  block = metadata.recalibration
+  # Every sample image, fit and held-out part, with the sample's labels.
+  assert block.warnings == tuple(evaluate.site_warnings(
+      "site sample", site.logits.argmax(axis=1), site.labels,
+      schemas.LABELS, False))
+  warning, = block.warnings
+  assert warning.startswith(
+      f"The model predicts malignant for all {IMAGES} site sample images,"
+      " which hold 3 classes: on these images it tells nothing apart")
+  # Its parent's training warning is not "found nothing": no claim that
+  # its own validation images were told apart.
+  assert "It told" not in warning
+  assert "`recalibrate` cannot fix that" in warning
+  assert warning in caplog.text
+  assert f"WARNING: {warning}" in capsys.readouterr().out
+  assert (f"> **WARNING (from recalibration, on the site sample):**"
+          f" {warning}") in model_card.render(metadata)
 
 
 def test_default_rule_holds_the_expected_accuracy(site, tmp_path, capsys):

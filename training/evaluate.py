@@ -427,27 +427,44 @@ def _warnings(metadata, predicted: np.ndarray, truth: np.ndarray,
   """The artifact's training warnings, and whether it predicts one class
   for every evaluated image (`metrics.one_class`), else a class it should
   and never does (`metrics.never_predicted`)."""
-  found = artifact.training_warning_lines(metadata.model_version,
-                                          metadata.warnings)
+  return (artifact.training_warning_lines(metadata.model_version,
+                                         metadata.warnings)
+          + site_warnings("evaluated", predicted, truth, labels,
+                          metadata.warnings == ()))
+
+
+def site_warnings(name: str, predicted: np.ndarray, truth: np.ndarray,
+                  labels: Sequence[str], told_apart: bool) -> List[str]:
+  """Whether a model predicts one class for every image of a labelled
+  sample that holds several (`metrics.one_class`), else which classes it
+  should and never predicts (`metrics.never_predicted`): sentences for
+  `evaluate` and `recalibrate`, each saying why recalibration cannot fix
+  it.
+
+  Args:
+    name: what the images are, e.g. "evaluated".
+    told_apart: train's checks ran on the artifact and found nothing (its
+      metadata's `warnings` is empty): the one-class sentence then says
+      these images probably differ from its own.
+  """
   one_class = metrics.one_class(
-      "evaluated", predicted, truth, labels,
+      name, predicted, truth, labels,
       "on these images it tells nothing apart, and its figures here are"
       " those of a constant answer")
   if one_class:
-    if metadata.warnings == ():  # train's checks ran and found nothing
+    if told_apart:
       one_class += (" It told its training's validation (or test) images"
                     " apart, so these probably differ from them (scanner,"
                     " preset, preprocessing).")
     sentences = [one_class]
   else:
     sentences = metrics.never_predicted(
-        "evaluated", predicted, truth, labels,
+        name, predicted, truth, labels,
         "on these images it does not recognise that class")
-  found += [s[0].upper() + s[1:] + " `recalibrate` cannot fix that: it"
-            " refits only the temperature and the threshold, which change no"
-            " predicted class; retrain, or fine-tune on images like these."
-            for s in sentences]
-  return found
+  return [s[0].upper() + s[1:] + " `recalibrate` cannot fix that: it"
+          " refits only the temperature and the threshold, which change no"
+          " predicted class; retrain, or fine-tune on images like these."
+          for s in sentences]
 
 
 def not_fitted_on_lines(report: Dict) -> List[str]:

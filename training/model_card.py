@@ -130,6 +130,10 @@ def _header(metadata: ArtifactMetadata) -> List[str]:
               ""]
   for warning in metadata.warnings or ():
     lines += [f"> **WARNING (from training):** {warning}", ""]
+  recalibration = metadata.recalibration
+  for warning in (recalibration.warnings if recalibration else None) or ():
+    lines += [f"> **WARNING (from recalibration, on the site sample):**"
+              f" {warning}", ""]
   lines += _table(["field", "value"], [
       ["model_version", metadata.model_version],
       ["created_at", metadata.created_at],

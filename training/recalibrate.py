@@ -36,7 +36,7 @@ from schemas import metadata as metadata_schema
 from schemas.metadata import ArtifactMetadata
 from training import calibration, config as config_lib, data as data_lib
 from busi_core import artifact
-from training import saving
+from training import evaluate, saving
 from training import model as model_lib, recipe, split
 from busi_core.layers import TemperatureScaling
 
@@ -266,7 +266,8 @@ def _recalibration_block(config: RecalibrateConfig, parent: artifact.Artifact,
                          threshold: ThresholdChoice,
                          fit_stats: metadata_schema.FlagStats,
                          before: metadata_schema.SiteFigures,
-                         after: metadata_schema.SiteFigures
+                         after: metadata_schema.SiteFigures,
+                         warnings: Sequence[str]
                         ) -> metadata_schema.Recalibration:
   """The "recalibration" metadata block."""
   labels = parent.labels
@@ -319,7 +320,8 @@ def _recalibration_block(config: RecalibrateConfig, parent: artifact.Artifact,
           part=FIT if parts.in_sample else HOLDOUT,
           in_sample=parts.in_sample,
           count=len(parts.holdout.labels),
-          before=before, after=after))
+          before=before, after=after),
+      warnings=tuple(warnings))
 
 
 def _metadata(config: RecalibrateConfig, parent: artifact.Artifact,
@@ -437,10 +439,20 @@ def recalibrate(config: RecalibrateConfig) -> ArtifactMetadata:
                     parent_threshold)
   after = _figures(holdout_logits, parts.holdout.labels,
                    temperature.temperature, threshold.threshold)
+  # What no temperature or threshold can fix: the sample's predicted
+  # classes (the same with any temperature).
+  whole = ((fit_logits, parts.fit.labels) if parts.in_sample else
+           (np.concatenate([fit_logits, holdout_logits]),
+            np.concatenate([parts.fit.labels, parts.holdout.labels])))
+  warnings = evaluate.site_warnings(
+      "site sample", whole[0].argmax(axis=1), whole[1], labels,
+      parent.metadata.warnings == ())
+  for warning in warnings:
+    _LOG.warning("%s", warning)
   block = _recalibration_block(
       config, parent, stats, parts, temperature, threshold,
       metadata_schema.FlagStats(**calibration.flag_stats(
-          *fit_confidence, threshold.threshold)), before, after)
+          *fit_confidence, threshold.threshold)), before, after, warnings)
 
   weights = _layer_weights(model)
   model_lib.set_temperature(model, temperature.temperature)
@@ -517,6 +529,7 @@ def format_summary(metadata: ArtifactMetadata, output: str) -> str:
       ("accuracy, all", before.accuracy, after.accuracy)):
     lines.append(f"  {name:<24}{_num(old):>10}{_num(new):>10}")
   lines.append(f"Model {metadata.model_version} written to {output}")
+  lines += [f"WARNING: {line}" for line in block.warnings or ()]
   # The parent's training warnings hold for the same weights.
   lines += [f"WARNING: {line}" for line in artifact.training_warning_lines(
       metadata.model_version, metadata.warnings)]
