@@ -238,8 +238,9 @@ def test_recalibrate_keeps_what_the_site_sample_shows(site, tmp_path,
                                                      capsys, caplog):
   """The site's untrained parent calls every sample image malignant: no
   temperature or threshold fixes that, and recalibrate says so (logged,
-  printed, kept in the block, on the card); `evaluate.site_warnings` is
-  tested on its own in test_training_cli."""
+  printed, kept in the block, on the card); the never-predicted and
+  nothing-found cases of `evaluate.site_warnings` are tested through
+  `evaluate` in test_training_cli."""
   assert set(site.logits.argmax(axis=1)) == {2}
   assert len(set(site.labels)) == 3
   output = tmp_path / "recal"
@@ -247,17 +248,16 @@ def test_recalibrate_keeps_what_the_site_sample_shows(site, tmp_path,
   metadata = _metadata(output)
   block = metadata.recalibration
   # Every sample image, fit and held-out part, with the sample's labels.
-  assert block.warnings == tuple(evaluate.site_warnings(
-      "site sample", site.logits.argmax(axis=1), site.labels,
-      schemas.LABELS, False))
   warning, = block.warnings
-  assert warning.startswith(
+  assert warning == (
       f"The model predicts malignant for all {IMAGES} site sample images,"
-      " which hold 3 classes: on these images it tells nothing apart")
-  # Its parent's training warning is not "found nothing": no claim that
-  # its own validation images were told apart.
-  assert "It told" not in warning
-  assert "`recalibrate` cannot fix that" in warning
+      " which hold 3 classes: on these images it tells nothing apart, and"
+      " its figures on them are those of a constant answer. This"
+      " recalibration cannot fix that: it refitted only the temperature and"
+      " the threshold, which change no predicted class; retrain, or"
+      " fine-tune on images like these.")
+  # (Its parent's training warning is not "found nothing": no claim that
+  # its own validation images were told apart.)
   assert warning in caplog.text
   assert f"WARNING: {warning}" in capsys.readouterr().out
   assert (f"> **WARNING (from recalibration, on the site sample):**"
@@ -306,6 +306,9 @@ def test_fixed_threshold_in_sample(site, tmp_path):
   assert metadata.model_version.startswith("site-b-")
   assert block.check.in_sample and block.check.count == IMAGES
   assert block.temperature.fit_count == IMAGES
+  # The site check counts each sample image once (fit part = held-out).
+  warning, = block.warnings
+  assert f"for all {IMAGES} site sample images" in warning
   # Fitted on all of it: exactly the temperature fitted on the sample.
   assert metadata.temperature == pytest.approx(site.best_temperature,
                                                rel=1e-4)

@@ -433,8 +433,17 @@ def _warnings(metadata, predicted: np.ndarray, truth: np.ndarray,
                           metadata.warnings == ()))
 
 
+# What site_warnings' sentences end with, in evaluate's words.
+CANNOT_RECALIBRATE = (
+    "`recalibrate` cannot fix that: it refits only the temperature and the"
+    " threshold, which change no predicted class; retrain, or fine-tune on"
+    " images like these.")
+
+
 def site_warnings(name: str, predicted: np.ndarray, truth: np.ndarray,
-                  labels: Sequence[str], told_apart: bool) -> List[str]:
+                  labels: Sequence[str], told_apart: bool,
+                  figures: str = "here",
+                  tail: str = CANNOT_RECALIBRATE) -> List[str]:
   """Whether a model predicts one class for every image of a labelled
   sample that holds several (`metrics.one_class`), else which classes it
   should and never predicts (`metrics.never_predicted`): sentences for
@@ -446,11 +455,14 @@ def site_warnings(name: str, predicted: np.ndarray, truth: np.ndarray,
     told_apart: train's checks ran on the artifact and found nothing (its
       metadata's `warnings` is empty): the one-class sentence then says
       these images probably differ from its own.
+    figures: where the figures the one-class sentence speaks of are
+      ("its figures here are those of a constant answer").
+    tail: the sentence each ends with: why recalibration cannot fix it.
   """
   one_class = metrics.one_class(
       name, predicted, truth, labels,
-      "on these images it tells nothing apart, and its figures here are"
-      " those of a constant answer")
+      f"on these images it tells nothing apart, and its figures {figures}"
+      " are those of a constant answer")
   if one_class:
     if told_apart:
       one_class += (" It told its training's validation (or test) images"
@@ -461,10 +473,7 @@ def site_warnings(name: str, predicted: np.ndarray, truth: np.ndarray,
     sentences = metrics.never_predicted(
         name, predicted, truth, labels,
         "on these images it does not recognise that class")
-  return [s[0].upper() + s[1:] + " `recalibrate` cannot fix that: it"
-          " refits only the temperature and the threshold, which change no"
-          " predicted class; retrain, or fine-tune on images like these."
-          for s in sentences]
+  return [f"{s[0].upper()}{s[1:]} {tail}" for s in sentences]
 
 
 def not_fitted_on_lines(report: Dict) -> List[str]:

@@ -441,12 +441,15 @@ def recalibrate(config: RecalibrateConfig) -> ArtifactMetadata:
                    temperature.temperature, threshold.threshold)
   # What no temperature or threshold can fix: the sample's predicted
   # classes (the same with any temperature).
-  whole = ((fit_logits, parts.fit.labels) if parts.in_sample else
-           (np.concatenate([fit_logits, holdout_logits]),
-            np.concatenate([parts.fit.labels, parts.holdout.labels])))
+  logits, truth = ((fit_logits, parts.fit.labels) if parts.in_sample else
+                   (np.concatenate([fit_logits, holdout_logits]),
+                    np.concatenate([parts.fit.labels, parts.holdout.labels])))
   warnings = evaluate.site_warnings(
-      "site sample", whole[0].argmax(axis=1), whole[1], labels,
-      parent.metadata.warnings == ())
+      "site sample", logits.argmax(axis=1), truth, labels,
+      parent.metadata.warnings == (), figures="on them",
+      tail="This recalibration cannot fix that: it refitted only the"
+      " temperature and the threshold, which change no predicted class;"
+      " retrain, or fine-tune on images like these.")
   for warning in warnings:
     _LOG.warning("%s", warning)
   block = _recalibration_block(
