@@ -391,9 +391,8 @@ def render_html(c: Comparison) -> str:
       f'height:10px;width:{round(300 * b.images / biggest)}px"></div></td>'
       "</tr>" for b in k.histogram if b.images)
   sections = [
-      section("runs", "Runs", "".join(
-          f'<p class="warning" id="model-warning-{i}">{e(line)}</p>'
-          for i, line in enumerate(_warnings(c))) + table(
+      section("runs", "Runs", report.html_warnings(
+          "model-warning", _warnings(c)) + table(
               "runs", ("run", "run id", "model version", "images",
                        "directory"), _run_rows(c), numeric=(3,))),
       section("images", "Images", table(

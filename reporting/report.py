@@ -437,6 +437,12 @@ def _note(text: str) -> str:
   return f'<p class="note">{_e(text)}</p>'
 
 
+def _warnings(id_prefix: str, lines: Sequence[str]) -> str:
+  """One warning paragraph per line, ids `{id_prefix}-0`, `-1`, ..."""
+  return "".join(f'<p class="warning" id="{id_prefix}-{i}">{_e(line)}</p>'
+                 for i, line in enumerate(lines))
+
+
 def _section(section_id: str, title: str, body: str) -> str:
   return (f'<section id="{_e(section_id)}"><h2>{_e(title)}</h2>'
           f"{body}</section>")
@@ -476,9 +482,7 @@ def _run_section(data: ReportData) -> str:
   if predictions is not None and predictions != data.total:
     check = _note(f"manifest says {predictions} predictions, the"
                   f" Parquet holds {data.total} rows.")
-  warnings = "".join(
-      f'<p class="warning" id="model-warning-{i}">{_e(line)}</p>'
-      for i, line in enumerate(artifact.run_warning_lines(m)))
+  warnings = _warnings("model-warning", artifact.run_warning_lines(m))
   body = (f'{warnings}<div class="cols"><table id="facts" class="facts">'
           f"{facts_html}</table>{counts_table}</div>"
           f'<p class="invariant">'
@@ -536,9 +540,7 @@ def _flag_rates_notes(manifest: Optional[dict]) -> str:
     notes.append(_note("The low-confidence share was not checked against"
                        f" the model's:"
                        f" {low.get(schemas.FLAG_RATE_WHY) or 'not recorded'}."))
-  notes += [f'<p class="warning" id="flag-rate-warning-{i}">'
-            f"{_e(line)}</p>"
-            for i, line in enumerate(flag_rates.warnings(rates))]
+  notes.append(_warnings("flag-rate-warning", flag_rates.warnings(rates)))
   return "".join(notes)
 
 
@@ -795,6 +797,7 @@ CSS = _CSS
 escape = _e
 html_table = _table
 html_section = _section
+html_warnings = _warnings
 
 
 def render_html(data: ReportData, figures: Mapping[str, bytes],

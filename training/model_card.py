@@ -128,12 +128,10 @@ def _header(metadata: ArtifactMetadata) -> List[str]:
               " (`python -m training phantoms` or similar). It demonstrates"
               " the software only and says nothing about real ultrasound.",
               ""]
-  for warning in metadata.warnings or ():
-    lines += [f"> **WARNING (from training):** {warning}", ""]
+  lines += _banners("training", metadata.warnings)
   recalibration = metadata.recalibration
-  for warning in (recalibration.warnings if recalibration else None) or ():
-    lines += [f"> **WARNING (from recalibration, on the site sample):**"
-              f" {warning}", ""]
+  lines += _banners("recalibration, on the site sample",
+                    recalibration.warnings if recalibration else None)
   lines += _table(["field", "value"], [
       ["model_version", metadata.model_version],
       ["created_at", metadata.created_at],
@@ -301,6 +299,14 @@ def _cv_localisation(block) -> List[str]:
       " the lesion. Out of fold, as the figures above.", ""]
 
 
+def _banners(source: str, warnings: Optional[Sequence[str]]) -> List[str]:
+  """A quoted, bold WARNING line per warning, naming where it came from."""
+  lines = []
+  for warning in warnings or ():
+    lines += [f"> **WARNING (from {source}):** {warning}", ""]
+  return lines
+
+
 def _cv_section(metadata: ArtifactMetadata) -> List[str]:
   """The recipe's cross-validated figures on the training data."""
   report = metadata.cross_validation
@@ -317,8 +323,7 @@ def _cv_section(metadata: ArtifactMetadata) -> List[str]:
         " figures on the card of a model trained with those flags.", ""]
   pooled = report.pooled or {}
   fixed = pooled.get("fixed_threshold")
-  for warning in report.warnings or ():
-    lines += [f"> **WARNING (from cross-validation):** {warning}", ""]
+  lines += _banners("cross-validation", report.warnings)
   if metadata.recalibration:
     lines += ["> Recalibrated for a new site: these figures are the original"
               " model's recipe on its training data, with the temperatures"
