@@ -85,8 +85,7 @@ def _time_model(model_dir: str, batch_size: int, batches: int,
   print(f"Model {metadata.model_version} ({metadata.image_size}x"
         f"{metadata.image_size}, {precision}) loaded in {loaded_s:.1f} s",
         file=out)
-  for line in artifact.training_warning_lines(metadata.model_version,
-                                             metadata.warnings):
+  for line in artifact.model_warning_lines(metadata):
     print(f"WARNING: {line}", file=out)
   size = metadata.image_size
   rng = np.random.default_rng(0)

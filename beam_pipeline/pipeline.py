@@ -63,9 +63,11 @@ def manifest_base(plan: Plan, image_size: int) -> Dict:
                  schemas.MANIFEST_LABELS: list(config.labels),
                  schemas.MANIFEST_BATCH_SIZE: opts.batch_size,
                  # null: the artifact predates train's checks
-                 schemas.MANIFEST_MODEL_WARNINGS: (
-                     None if config.model_warnings is None else
-                     list(config.model_warnings))})
+                 schemas.MANIFEST_MODEL_WARNINGS: _listed(
+                     config.model_warnings),
+                 # null: not recalibrated, or before recalibrate's check
+                 schemas.MANIFEST_MODEL_RECALIBRATION_WARNINGS: _listed(
+                     config.model_recalibration_warnings)})
     if config.expected_flag_rates is not None:
       # What the run's flagged shares are checked against; the finished
       # manifest holds the check (outputs.finish_manifest).
@@ -73,6 +75,11 @@ def manifest_base(plan: Plan, image_size: int) -> Dict:
   if plan.skip is not None:
     base[schemas.MANIFEST_SKIP_SCORED] = plan.skip.manifest_field()
   return base
+
+
+def _listed(warnings: Optional[Sequence[str]]) -> Optional[List[str]]:
+  """A model's warnings for the manifest: null where none were checked."""
+  return None if warnings is None else list(warnings)
 
 
 def _read_archives(p: beam.Pipeline, plan: Plan, image_size: int,

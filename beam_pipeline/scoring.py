@@ -52,6 +52,9 @@ class ScoringConfig(NamedTuple):
   # The artifact's metadata `warnings` (what train found wrong with it);
   # None: the artifact predates train's checks.
   model_warnings: Optional[Tuple[str, ...]] = None
+  # Its metadata `recalibration` → `warnings` (what recalibrate found on the
+  # site sample); None: not recalibrated, or recalibrated before the check.
+  model_recalibration_warnings: Optional[Tuple[str, ...]] = None
 
 
 def keyed_input(record: records.ImageRecord, image_size: int

@@ -287,8 +287,7 @@ def load_config(opts, run_id: str, command: str) -> scoring.ScoringConfig:
   message instead of failing every batch on the workers.
   """
   info = artifact.load_artifact(opts.model)
-  for line in artifact.training_warning_lines(info.metadata.model_version,
-                                             info.metadata.warnings):
+  for line in artifact.model_warning_lines(info.metadata):
     _LOG.warning(line)
   size = info.metadata.image_size
   if command == opts_lib.RUN and opts.image_size not in (None, size):
@@ -305,6 +304,7 @@ def load_config(opts, run_id: str, command: str) -> scoring.ScoringConfig:
     raise ValueError(
         f"--ood_threshold was given but {opts.model} has no OOD detector"
         f" ({schemas.OOD_FILE}); retrain it with this version to get one")
+  recalibration = info.metadata.recalibration
   return scoring.ScoringConfig(
       labels=tuple(info.labels), threshold=threshold,
       model_version=info.metadata.model_version, run_id=run_id,
@@ -317,5 +317,6 @@ def load_config(opts, run_id: str, command: str) -> scoring.ScoringConfig:
           ood_threshold_given=(info.ood is not None
                                and ood_threshold != info.ood.threshold),
           has_ood=info.ood is not None),
-      model_warnings=(None if info.metadata.warnings is None else
-                      tuple(info.metadata.warnings)))
+      model_warnings=info.metadata.warnings,
+      model_recalibration_warnings=(recalibration.warnings
+                                    if recalibration else None))

@@ -367,20 +367,49 @@ def training_warning_lines(model_version: Any, warnings: Any) -> List[str]:
   nothing for a value that is not a list (null: the artifact predates
   train's checks), and nothing for an item that is not a string (a
   hand-edited manifest)."""
+  return _carried(model_version, "the training of its weights", warnings)
+
+
+def recalibration_warning_lines(model_version: Any,
+                                warnings: Any) -> List[str]:
+  """Each warning `recalibrate` found on the site sample of an artifact
+  (its metadata's `recalibration` → `warnings`, or a run manifest's
+  MANIFEST_MODEL_RECALIBRATION_WARNINGS), as `training_warning_lines`
+  words the training ones."""
+  return _carried(model_version, "its recalibration, on the site sample",
+                  warnings)
+
+
+def _carried(model_version: Any, source: str, warnings: Any) -> List[str]:
   if not isinstance(warnings, (list, tuple)):
     return []
   model = (f"The model {model_version}" if isinstance(model_version, str)
            and model_version else "The model")
-  return [f"{model} carries a warning from the training of its weights:"
-          f" {warning}" for warning in warnings if isinstance(warning, str)]
+  return [f"{model} carries a warning from {source}: {warning}"
+          for warning in warnings if isinstance(warning, str)]
+
+
+def model_warning_lines(metadata: ArtifactMetadata) -> List[str]:
+  """Every warning an artifact carries, as scoring, doctor and evaluate
+  repeat them: its training's (`training_warning_lines`), then its
+  recalibration's (`recalibration_warning_lines`)."""
+  recalibration = metadata.recalibration
+  return (training_warning_lines(metadata.model_version, metadata.warnings)
+          + recalibration_warning_lines(
+              metadata.model_version,
+              recalibration.warnings if recalibration else None))
 
 
 def run_warning_lines(manifest: Optional[dict]) -> List[str]:
-  """`training_warning_lines` of a scoring run's manifest (its model's
-  version and MANIFEST_MODEL_WARNINGS); nothing without a manifest."""
+  """`model_warning_lines` of a scoring run's manifest (its model's
+  version, MANIFEST_MODEL_WARNINGS and
+  MANIFEST_MODEL_RECALIBRATION_WARNINGS); nothing without a manifest."""
   manifest = manifest or {}
-  return training_warning_lines(manifest.get(schemas.MANIFEST_MODEL_VERSION),
-                                manifest.get(schemas.MANIFEST_MODEL_WARNINGS))
+  version = manifest.get(schemas.MANIFEST_MODEL_VERSION)
+  recalibration = manifest.get(schemas.MANIFEST_MODEL_RECALIBRATION_WARNINGS)
+  return (training_warning_lines(version,
+                                 manifest.get(schemas.MANIFEST_MODEL_WARNINGS))
+          + recalibration_warning_lines(version, recalibration))
 
 
 def sha256_file(path: str) -> str:

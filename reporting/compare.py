@@ -50,7 +50,7 @@ class RunInfo:
   run_id: Optional[str]
   model_version: Optional[str]
   images: int  # distinct image_ids with a prediction
-  # The run's model's training warnings, as sentences
+  # The run's model's training and recalibration warnings, as sentences
   # (busi_core.artifact.run_warning_lines of its manifest).
   model_warnings: Tuple[str, ...] = ()
 
@@ -342,7 +342,8 @@ def _run_rows(c: Comparison) -> List[tuple]:
 
 
 def _warnings(c: Comparison) -> List[str]:
-  """Each run's model's training warnings, naming the run."""
+  """Each run's model's training and recalibration warnings, naming the
+  run."""
   return [f"WARNING ({side} run): {line}"
           for side, r in ((_OLD, c.old), (_NEW, c.new))
           for line in r.model_warnings]

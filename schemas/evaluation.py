@@ -29,7 +29,8 @@ PREDICTIONS_FILE = "evaluation_predictions.parquet"
 NOT_FITTED_ON = "not_fitted_on"
 
 # metrics.json key of what evaluate warns of, as sentences ([] when nothing):
-# the artifact's training warnings (its metadata's `warnings`), and one when
+# the artifact's training and recalibration warnings (its metadata's
+# `warnings`, `recalibration` → `warnings`), and one when
 # the artifact predicts one class for every evaluated image though they hold
 # several, else one for each class they hold at least five of
 # (training.metrics.NEVER_PREDICTED_MIN_SUPPORT) that it never predicts.

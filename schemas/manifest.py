@@ -35,6 +35,11 @@ MANIFEST_BATCH_SIZE = "batch_size"
 # predicted): [] when train's checks found none, null when the artifact
 # predates them; absent in runs from before the field.
 MANIFEST_MODEL_WARNINGS = "model_warnings"
+# The artifact's metadata `recalibration` → `warnings` (what `recalibrate`
+# found on the site sample that no temperature or threshold can fix): []
+# when its check found none, null when the artifact is not recalibrated or
+# was recalibrated before the check; absent in runs from before the field.
+MANIFEST_MODEL_RECALIBRATION_WARNINGS = "model_recalibration_warnings"
 # --skip_scored: what the run skipped against (globs and runs).
 MANIFEST_SKIP_SCORED = "skip_scored"
 SKIP_SCORED_GLOBS = "globs"

@@ -169,3 +169,14 @@ def test_training_warning_lines():
       f"The model {said}"]
   for warnings in (None, [], "one class", {"a": "b"}):
     assert artifact.training_warning_lines("m-1", warnings) == []
+  # A run manifest: the training's, then the recalibration's; a run from
+  # before the recalibration field, or of a model never recalibrated, has
+  # only the former.
+  manifest = {schemas.MANIFEST_MODEL_VERSION: "m-1",
+              schemas.MANIFEST_MODEL_WARNINGS: ["one class"]}
+  assert artifact.run_warning_lines(manifest) == [f"The model m-1 {said}"]
+  manifest[schemas.MANIFEST_MODEL_RECALIBRATION_WARNINGS] = ["No normal."]
+  assert artifact.run_warning_lines(manifest) == [
+      f"The model m-1 {said}", "The model m-1 carries a warning from its"
+      " recalibration, on the site sample: No normal."]
+  assert artifact.run_warning_lines(None) == []

@@ -316,6 +316,49 @@ def test_fixed_threshold_in_sample(site, tmp_path):
   assert "**In-sample figures**" in card and "fixed (`--threshold`)" in card
 
 
+def test_what_recalibrate_found_travels_with_the_artifact(site, tmp_path,
+                                                          caplog):
+  """A scoring run, `evaluate` and `doctor` of the recalibrated artifact
+  repeat its site sample's warning after its training's, as they repeat
+  the training's: logged at launch, in the manifest
+  (MANIFEST_MODEL_RECALIBRATION_WARNINGS) and its end-of-run summary; a
+  run of the parent records null (not recalibrated)."""
+  import io  # pylint: disable=import-outside-toplevel
+  from beam_pipeline import cli as beam_cli, doctor, pipeline  # pylint: disable=import-outside-toplevel
+  output = tmp_path / "recal"
+  assert _run(site, output) == 0
+  metadata = _metadata(output)
+  warning, = metadata.recalibration.warnings
+  version = metadata.model_version
+  said = [f"The model {version} carries a warning from the training of its"
+          f" weights: {PARENT_WARNING}",
+          f"The model {version} carries a warning from its recalibration, on"
+          f" the site sample: {warning}"]
+  assert artifact.model_warning_lines(metadata) == said
+
+  caplog.clear()
+  manifest = pipeline.run(["score", "--input", site.data, "--model",
+                           str(output), "--output", str(tmp_path / "run")])
+  assert manifest[schemas.MANIFEST_MODEL_WARNINGS] == [PARENT_WARNING]
+  assert manifest[schemas.MANIFEST_MODEL_RECALIBRATION_WARNINGS] == [warning]
+  assert all(line in caplog.text for line in said)
+  summary = beam_cli.format_summary(manifest)
+  assert "".join(f"  WARNING: {line}\n" for line in said) in summary
+  parent_run = pipeline.run(["score", "--input", site.data, "--model",
+                             site.parent, "--output", str(tmp_path / "p")])
+  assert parent_run[schemas.MANIFEST_MODEL_RECALIBRATION_WARNINGS] is None
+  assert artifact.run_warning_lines(parent_run) == [
+      f"The model {_metadata(site.parent).model_version} carries a warning from the training"
+      f" of its weights: {PARENT_WARNING}"]
+
+  report, _ = _evaluate(output, site.data, tmp_path / "evaluated")
+  assert report["warnings"][:2] == said
+  out = io.StringIO()
+  assert doctor.main(["--model", str(output), "--batch_size", "2"],
+                     out=out) == 0
+  assert "".join(f"WARNING: {line}\n" for line in said) in out.getvalue()
+
+
 def _evaluate(model_dir, data, output, rows_out=None):
   """`evaluate`'s report and its rows' in_recalibration_fit by image_id
   (and every row appended to `rows_out`)."""

@@ -309,8 +309,8 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
     ("auc_malignant", "auc_malignant_vs_benign");
     "ood": what the OOD detector flags of these images (null without a
     detector), and "ood_archive" with --ood; "warnings"
-    (schemas.evaluation.WARNINGS): the artifact's training warnings, and
-    one when it predicts one class for every image though they hold
+    (schemas.evaluation.WARNINGS): the artifact's training and
+    recalibration warnings, and one when it predicts one class for every image though they hold
     several, else one for each class they hold at least
     `metrics.NEVER_PREDICTED_MIN_SUPPORT` of that it never predicts.
 
@@ -424,11 +424,10 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
 
 def _warnings(metadata, predicted: np.ndarray, truth: np.ndarray,
               labels: Sequence[str]) -> List[str]:
-  """The artifact's training warnings, and whether it predicts one class
-  for every evaluated image (`metrics.one_class`), else a class it should
-  and never does (`metrics.never_predicted`)."""
-  return (artifact.training_warning_lines(metadata.model_version,
-                                         metadata.warnings)
+  """The artifact's training and recalibration warnings, and whether it
+  predicts one class for every evaluated image (`metrics.one_class`), else a
+  class it should and never does (`metrics.never_predicted`)."""
+  return (artifact.model_warning_lines(metadata)
           + site_warnings("evaluated", predicted, truth, labels,
                           metadata.warnings == ()))
 
