@@ -174,8 +174,8 @@ def summary(output: str) -> str:
 
 
 def _model_warning_parts(manifest: Optional[dict]) -> List[str]:
-  """The warnings train wrote into the run's model, first: every figure
-  below comes from that model."""
+  """The warnings train and recalibrate wrote into the run's model, first:
+  every figure below comes from that model."""
   return [f"WARNING: {line}"
           for line in artifact.run_warning_lines(manifest)]
 
