@@ -241,6 +241,7 @@ def _archive(path, phantom_count, noise_count):
   return path
 
 
+@pytest.mark.slow
 def test_run_raises_the_check_and_the_summary_warns(tmp_path, model_dir):
   """Noise images: all low-confidence (an untrained model) where 20 % is
   expected, and out of distribution where 1 % is: both raised, both in the
@@ -283,6 +284,7 @@ def test_run_raises_the_check_and_the_summary_warns(tmp_path, model_dir):
   assert same[schemas.MANIFEST_FLAG_RATES][OOD]["raised"]
 
 
+@pytest.mark.slow
 def test_score_checks_only_the_images_it_scored(tmp_path, model_dir):
   """`score` of the TFRecords checks like `run`; with --skip_scored naming
   the run that scored them all, nothing is scored and nothing raised."""

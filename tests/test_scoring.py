@@ -203,6 +203,7 @@ def test_bad_model_dir_fails_before_reading(tmp_path):
   assert not os.path.exists(tmp_path / "out" / schemas.MANIFEST_FILE)
 
 
+@pytest.mark.slow
 def test_a_run_repeats_the_warnings_its_model_was_trained_with(
     tmp_path, model_dir, fake_model, caplog):
   """A model train wrote with a warning (e.g. one class predicted for
