@@ -496,8 +496,9 @@ class Recalibration(Record):
   # What the site sample showed that recalibration cannot fix
   # (`training.evaluate.site_warnings`: one class predicted for all of it,
   # else a class it holds at least five of never predicted), as sentences;
-  # the summary and the model card repeat them. Empty: nothing; absent:
-  # recalibrated before the check.
+  # recalibrate's summary, the model card, evaluate, doctor and every
+  # scoring run (its log, manifest, summary, report and compare) repeat
+  # them. Empty: nothing; absent: recalibrated before the check.
   warnings: Optional[Tuple[str, ...]] = optional()
 
 

@@ -13,7 +13,7 @@ import pytest
 
 import schemas
 from beam_pipeline import cli
-from busi_core import flag_rates, imaging
+from busi_core import artifact, flag_rates, imaging
 from schemas import metadata as md
 from tests.pipeline_helpers import assert_manifest_spelled_in_schemas
 from training import phantoms, testing
@@ -241,11 +241,10 @@ def _archive(path, phantom_count, noise_count):
   return path
 
 
-@pytest.mark.slow
 def test_run_raises_the_check_and_the_summary_warns(tmp_path, model_dir):
   """Noise images: all low-confidence (an untrained model) where 20 % is
   expected, and out of distribution where 1 % is: both raised, both in the
-  summary. The same run with both thresholds given checks neither."""
+  summary."""
   from beam_pipeline import pipeline  # pylint: disable=import-outside-toplevel
   archive = _archive(str(tmp_path / "noise.zip"), 0, 12)
   manifest = pipeline.run(["run", "--input", archive, "--model", model_dir,
@@ -268,6 +267,14 @@ def test_run_raises_the_check_and_the_summary_warns(tmp_path, model_dir):
   assert "recalibrate" in warnings[0]
   assert "out of distribution" in warnings[1]
 
+
+@pytest.mark.slow
+def test_given_thresholds_are_not_checked_unless_they_are_the_models(
+    tmp_path, model_dir):
+  """The noise run above with both thresholds given checks neither; with
+  flags that repeat the artifact's own thresholds, both are raised."""
+  from beam_pipeline import pipeline  # pylint: disable=import-outside-toplevel
+  archive = _archive(str(tmp_path / "noise.zip"), 0, 12)
   given = pipeline.run(["run", "--input", archive, "--model", model_dir,
                         "--output", str(tmp_path / "given"), "--threshold",
                         "0.5", "--ood_threshold", "1e9"])
@@ -276,10 +283,11 @@ def test_run_raises_the_check_and_the_summary_warns(tmp_path, model_dir):
   assert not rates[OOD]["raised"] and "--ood_threshold" in rates[OOD]["why"]
   assert "WARNING" not in cli.format_summary(given)
   # Flags that repeat the artifact's own thresholds change nothing.
+  own = artifact.read_artifact_info(model_dir).metadata
   same = pipeline.run(["run", "--input", archive, "--model", model_dir,
                        "--output", str(tmp_path / "same"), "--threshold",
-                       "0.9", "--ood_threshold",
-                       repr(manifest["ood_threshold"])])
+                       repr(own.threshold), "--ood_threshold",
+                       repr(own.ood.threshold)])
   assert same[schemas.MANIFEST_FLAG_RATES][LOW]["raised"]
   assert same[schemas.MANIFEST_FLAG_RATES][OOD]["raised"]
 

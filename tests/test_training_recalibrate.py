@@ -8,6 +8,7 @@ threshold in the middle fit it.
 """
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -323,7 +324,6 @@ def test_what_recalibrate_found_travels_with_the_artifact(site, tmp_path,
   the training's: logged at launch, in the manifest
   (MANIFEST_MODEL_RECALIBRATION_WARNINGS) and its end-of-run summary; a
   run of the parent records null (not recalibrated)."""
-  import io  # pylint: disable=import-outside-toplevel
   from beam_pipeline import cli as beam_cli, doctor, pipeline  # pylint: disable=import-outside-toplevel
   output = tmp_path / "recal"
   assert _run(site, output) == 0
@@ -347,9 +347,10 @@ def test_what_recalibrate_found_travels_with_the_artifact(site, tmp_path,
   parent_run = pipeline.run(["score", "--input", site.data, "--model",
                              site.parent, "--output", str(tmp_path / "p")])
   assert parent_run[schemas.MANIFEST_MODEL_RECALIBRATION_WARNINGS] is None
+  parent_version = _metadata(site.parent).model_version
   assert artifact.run_warning_lines(parent_run) == [
-      f"The model {_metadata(site.parent).model_version} carries a warning from the training"
-      f" of its weights: {PARENT_WARNING}"]
+      f"The model {parent_version} carries a warning from the training of"
+      f" its weights: {PARENT_WARNING}"]
 
   report, _ = _evaluate(output, site.data, tmp_path / "evaluated")
   assert report["warnings"][:2] == said

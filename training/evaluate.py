@@ -310,9 +310,9 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
     "ood": what the OOD detector flags of these images (null without a
     detector), and "ood_archive" with --ood; "warnings"
     (schemas.evaluation.WARNINGS): the artifact's training and
-    recalibration warnings, and one when it predicts one class for every image though they hold
-    several, else one for each class they hold at least
-    `metrics.NEVER_PREDICTED_MIN_SUPPORT` of that it never predicts.
+    recalibration warnings, and one when it predicts one class for every
+    image though they hold several, else one for each class they hold at
+    least `metrics.NEVER_PREDICTED_MIN_SUPPORT` of that it never predicts.
 
   Raises:
     artifact.ArtifactError: the artifact is invalid.
