@@ -680,10 +680,14 @@ def test_evaluate_warns_of_a_collapsed_model(tmp_path, capsys, caplog):
   assert found == [
       "The model never predicts normal for the 9 evaluated images, though 5"
       " of them are normal: on these images it does not recognise that"
-      " class. `recalibrate` cannot fix that: it refits only the temperature"
-      " and the threshold, which change no predicted class; retrain, or"
-      " fine-tune on images like these."]
+      " class. Its training's checks found no class it never predicted on"
+      " its validation (or test) images, so these probably differ from them"
+      " (scanner, preset, preprocessing). `recalibrate` cannot fix that: it"
+      " refits only the temperature and the threshold, which change no"
+      " predicted class; retrain, or fine-tune on images like these."]
   assert f"WARNING: {found[0]}\nReport written to" in out
+  found, _ = run("older", no_normal)  # unknown: not claimed
+  assert len(found) == 1 and "training's checks" not in found[0]
   # A sample of one class, all called another: no one_class finding (one
   # class to tell apart), but that class is never recognised.
   found, _ = run("plain", data("all_normal", ["normal"] * 5))

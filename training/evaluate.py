@@ -452,8 +452,8 @@ def site_warnings(name: str, predicted: np.ndarray, truth: np.ndarray,
   Args:
     name: what the images are, e.g. "evaluated".
     told_apart: train's checks ran on the artifact and found nothing (its
-      metadata's `warnings` is empty): the one-class sentence then says
-      these images probably differ from its own.
+      metadata's `warnings` is empty): each sentence then says these
+      images probably differ from its own.
     figures: where the figures the one-class sentence speaks of are
       ("its figures here are those of a constant answer").
     tail: the sentence each ends with: why recalibration cannot fix it.
@@ -472,6 +472,11 @@ def site_warnings(name: str, predicted: np.ndarray, truth: np.ndarray,
     sentences = metrics.never_predicted(
         name, predicted, truth, labels,
         "on these images it does not recognise that class")
+    if told_apart:
+      sentences = [f"{s} Its training's checks found no class it never"
+                   " predicted on its validation (or test) images, so these"
+                   " probably differ from them (scanner, preset,"
+                   " preprocessing)." for s in sentences]
   return [f"{s[0].upper()}{s[1:]} {tail}" for s in sentences]
 
 
