@@ -304,7 +304,6 @@ def load_config(opts, run_id: str, command: str) -> scoring.ScoringConfig:
     raise ValueError(
         f"--ood_threshold was given but {opts.model} has no OOD detector"
         f" ({schemas.OOD_FILE}); retrain it with this version to get one")
-  recalibration = info.metadata.recalibration
   return scoring.ScoringConfig(
       labels=tuple(info.labels), threshold=threshold,
       model_version=info.metadata.model_version, run_id=run_id,
@@ -318,5 +317,4 @@ def load_config(opts, run_id: str, command: str) -> scoring.ScoringConfig:
                                and ood_threshold != info.ood.threshold),
           has_ood=info.ood is not None),
       model_warnings=info.metadata.warnings,
-      model_recalibration_warnings=(recalibration.warnings
-                                    if recalibration else None))
+      model_recalibration_warnings=info.metadata.recalibration_warnings)

@@ -393,11 +393,9 @@ def model_warning_lines(metadata: ArtifactMetadata) -> List[str]:
   """Every warning an artifact carries, as scoring, doctor and evaluate
   repeat them: its training's (`training_warning_lines`), then its
   recalibration's (`recalibration_warning_lines`)."""
-  recalibration = metadata.recalibration
   return (training_warning_lines(metadata.model_version, metadata.warnings)
-          + recalibration_warning_lines(
-              metadata.model_version,
-              recalibration.warnings if recalibration else None))
+          + recalibration_warning_lines(metadata.model_version,
+                                        metadata.recalibration_warnings))
 
 
 def run_warning_lines(manifest: Optional[dict]) -> List[str]:

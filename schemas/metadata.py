@@ -586,6 +586,13 @@ class ArtifactMetadata(Record):
     """Trained on synthetic phantoms (--synthetic_data)."""
     return bool(self.training and self.training.synthetic_data)
 
+  @property
+  def recalibration_warnings(self) -> Optional[Tuple[str, ...]]:
+    """What recalibrate found on the site sample (`recalibration` →
+    `warnings`); None when not recalibrated, or recalibrated before the
+    check."""
+    return self.recalibration.warnings if self.recalibration else None
+
 
 def required_fields() -> Tuple[str, ...]:
   """The ArtifactMetadata fields every metadata.json must have."""

@@ -129,9 +129,8 @@ def _header(metadata: ArtifactMetadata) -> List[str]:
               " the software only and says nothing about real ultrasound.",
               ""]
   lines += _banners("training", metadata.warnings)
-  recalibration = metadata.recalibration
   lines += _banners("recalibration, on the site sample",
-                    recalibration.warnings if recalibration else None)
+                    metadata.recalibration_warnings)
   lines += _table(["field", "value"], [
       ["model_version", metadata.model_version],
       ["created_at", metadata.created_at],
