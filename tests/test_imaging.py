@@ -1,5 +1,7 @@
 """Unit tests of the per-element image functions (no runner)."""
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -77,6 +79,22 @@ def test_decode_errors(data, kind):
   with pytest.raises(MemberError) as err:
     imaging.decode_and_resize(data, 8)
   assert err.value.kind == kind
+
+
+def test_a_broken_header_reads_the_same_on_every_run():
+  # Pillow names the file object it was given, address and all
+  # ("cannot identify image file <_io.BytesIO object at 0x7f...>"); an
+  # error row must not differ between two runs over the same bytes.
+  data = b"\x89PNG\r\n\x1a\nxx"
+  messages = set()
+  for _ in range(2):
+    with pytest.raises(MemberError) as err:
+      imaging.decode_and_resize(data, 8)
+    messages.add(str(err.value))
+  (message,) = messages
+  assert message == ("unreadable png header: UnidentifiedImageError:"
+                     " cannot identify image file")
+  assert pickle.loads(pickle.dumps(err.value)).args == err.value.args
 
 
 def test_pixel_limit_checked_before_decoding():
