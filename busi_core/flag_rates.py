@@ -48,12 +48,18 @@ _NOT_RECORDED = {schemas.FLAG_RATE_SHARE: None,
                                         " flagged share for its threshold"}
 
 
+_CV_WARNED = ("its warnings name a fold model that predicted one class, or"
+              " never predicted one it should: its pooled share is partly"
+              " such a model's")
+
+
 def _low_confidence(metadata: ArtifactMetadata) -> Dict:
   """Where the artifact says how many images its own threshold flags on
   held-out data: a recalibrated artifact's site sample (its check, else its
   fit part: the parent's blocks it keeps speak for the parent's threshold),
   else the pooled cross-validation (unless cv warned of a fold model),
-  else its test split, else its validation split."""
+  else its test split, else its validation split. A source passed over
+  though it recorded a share is named, with why."""
   recalibration = metadata.recalibration
   if recalibration is not None:
     check = recalibration.check
@@ -75,10 +81,10 @@ def _low_confidence(metadata: ArtifactMetadata) -> Dict:
   # validation split. Not where the block's warnings say a fold model
   # predicted one class, or never predicted one it should: that share is
   # partly such a model's, and the final model's own splits speak for it
-  # better.
+  # better. The entry then says so (passed_over).
   flagging = metadata.flagging
   cross_validation = metadata.cross_validation
-  if cross_validation is None or cross_validation.warnings:
+  if cross_validation is None:
     pooled = {}
   elif (flagging is not None and flagging.out_of_fold
         and flagging.chosen_on == schemas.THRESHOLD_ON_CV):
@@ -86,16 +92,26 @@ def _low_confidence(metadata: ArtifactMetadata) -> Dict:
     pooled = {"flagged_share": stats.flagged_share, "count": stats.count}
   else:
     pooled = cross_validation.pooled or {}
+  passed_over = {}
   if pooled.get("flagged_share") is not None and pooled.get("count"):
-    return {schemas.FLAG_RATE_SHARE: float(pooled["flagged_share"]),
-            schemas.FLAG_RATE_IMAGES: int(pooled["count"]),
-            schemas.FLAG_RATE_FROM: schemas.FLAG_RATE_FROM_CROSS_VALIDATION}
+    if not cross_validation.warnings:
+      return {schemas.FLAG_RATE_SHARE: float(pooled["flagged_share"]),
+              schemas.FLAG_RATE_IMAGES: int(pooled["count"]),
+              schemas.FLAG_RATE_FROM: schemas.FLAG_RATE_FROM_CROSS_VALIDATION}
+    passed_over = {schemas.FLAG_RATE_PASSED_OVER: {
+        schemas.FLAG_RATE_FROM_CROSS_VALIDATION: _CV_WARNED}}
   if flagging is not None:
     for split, stats in ((schemas.FLAG_RATE_FROM_TEST, flagging.test),
                          (schemas.FLAG_RATE_FROM_VALIDATION, flagging.val)):
       found = _share(stats)
       if found:
-        return {**found, schemas.FLAG_RATE_FROM: split}
+        return {**found, schemas.FLAG_RATE_FROM: split, **passed_over}
+  if passed_over:
+    return {schemas.FLAG_RATE_SHARE: None,
+            schemas.FLAG_RATE_WHY: "the artifact records no held-out flagged"
+                                   " share for its threshold but its"
+                                   " cross-validation's, passed over",
+            **passed_over}
   return dict(_NOT_RECORDED)
 
 
@@ -264,14 +280,32 @@ _ADVICE = {
 }
 
 
+_PASSED_OVER = {
+    schemas.FLAG_RATE_FROM_CROSS_VALIDATION:
+        "not its held-out cross-validation folds: cv warned of a fold model"
+        " there",
+}
+
+
+def passed_over(entry: Dict) -> List[str]:
+  """The sources an entry passed over though they recorded a share (by
+  their `from` names); [] for none, or for an entry a person edited."""
+  found = entry.get(schemas.FLAG_RATE_PASSED_OVER)
+  return ([str(source) for source in found] if isinstance(found, dict)
+          else [])
+
+
 def expected_source(entry: Dict) -> str:
   """Where an entry's expected share comes from, as the warnings and the
   run report say it."""
   source = entry.get(schemas.FLAG_RATE_FROM)
   words = (_WHERE.get(source, "its own data") if isinstance(source, str)
            else "its own data")
-  in_sample = entry.get(schemas.FLAG_RATE_IN_SAMPLE)
-  return words + (" (measured in sample)" if in_sample else "")
+  notes = (["measured in sample"] if entry.get(schemas.FLAG_RATE_IN_SAMPLE)
+           else [])
+  notes += [_PASSED_OVER.get(other, f"not {other}")
+            for other in passed_over(entry)]
+  return words + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def is_number(value) -> bool:

@@ -193,6 +193,9 @@ def _flag_rate_parts(manifest: Optional[dict]) -> List[str]:
     source = source if isinstance(source, str) else ""
     if source and entry.get(schemas.FLAG_RATE_IN_SAMPLE):
       source += " (in sample)"
+    if source:
+      source += "".join(f" (not {other})"
+                        for other in flag_rates.passed_over(entry))
     share = entry.get(schemas.FLAG_RATE_SHARE)
     expected = flag_rates.percent(share)
     if share is None:

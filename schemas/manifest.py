@@ -104,13 +104,15 @@ MANIFEST_FLAG_RATES = "flag_rates"
 FLAG_RATE_MARGIN = 0.10
 FLAG_RATE_ALPHA = 1e-3
 # An entry's fields. Fixed at launch: the expected share (null when there is
-# none, with why), where it comes from, how many images measured it, and
-# whether it was measured on the images it was fitted on.
+# none, with why), where it comes from, how many images measured it, whether
+# it was measured on the images it was fitted on, and a source that recorded
+# a share but was passed over ({source: why}; absent when none was).
 FLAG_RATE_SHARE = "share"
 FLAG_RATE_WHY = "why"
 FLAG_RATE_FROM = "from"
 FLAG_RATE_IMAGES = "images"
 FLAG_RATE_IN_SAMPLE = "in_sample"
+FLAG_RATE_PASSED_OVER = "passed_over"
 # Added when the run finishes: the run's images and flagged ones, its share,
 # the p-value and the verdict.
 FLAG_RATE_IMAGES_SCORED = "images_scored"

@@ -108,15 +108,31 @@ def test_expected_share_comes_from_the_best_held_out_source(metadata):
       "from": schemas.FLAG_RATE_FROM_CROSS_VALIDATION}
   # A fold model that predicted one class: the cross-validated share is
   # partly a constant answer's; the final model's test split speaks.
+  # The entry names the source it passed over, and why.
   for cv_block in (with_cv, on_cv):
     warned = cv_block.replace(
         cross_validation=cv_block.cross_validation.replace(
             warnings=("Fold 0: the model predicts malignant for all ...",)))
-    assert flag_rates.expected(warned, False, False, False)[LOW]["from"] == (
+    entry = flag_rates.expected(warned, False, False, False)[LOW]
+    assert entry["from"] == (
         schemas.FLAG_RATE_FROM_TEST if cv_block is with_cv else
         schemas.FLAG_RATE_FROM_VALIDATION)
+    assert list(entry["passed_over"]) == ["cross_validation"]
+    assert "fold model that predicted one class" in (
+        entry["passed_over"]["cross_validation"])
+    assert flag_rates.expected_source(entry).endswith(
+        " split (not its held-out cross-validation folds: cv warned of a fold"
+        " model there)")
+    # With no split of its own recorded either: nothing to check against,
+    # and the entry does not say the artifact recorded no share at all.
+    alone = flag_rates.expected(warned.replace(flagging=None),
+                                False, False, False)[LOW]
+    assert alone["share"] is None and "passed over" in alone["why"]
+    assert list(alone["passed_over"]) == ["cross_validation"]
     none_found = cv_block.replace(
         cross_validation=cv_block.cross_validation.replace(warnings=()))
+    assert "passed_over" not in flag_rates.expected(
+        none_found, False, False, False)[LOW]
     assert flag_rates.expected(none_found, False, False, False)[LOW][
         "from"] == schemas.FLAG_RATE_FROM_CROSS_VALIDATION
   # A recalibrated artifact keeps its parent's blocks; only its site
@@ -198,6 +214,8 @@ def test_warnings_survive_edited_manifests():
   assert line.startswith("50% of the 10 images scored are low-confidence;"
                          " the model flags 0.04% of its own data (measured"
                          " in sample) (one-sided p < 1e-300).")
+  for odd in ("x", ["cross_validation"], None):
+    assert flag_rates.passed_over({"passed_over": odd}) == []
 
 
 # --- Through the pipeline ---------------------------------------------------

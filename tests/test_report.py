@@ -372,6 +372,23 @@ def test_flag_rate_check_is_shown(tmp_path):
   assert rows[low][:5] == ["30", "83%", "30%", "cross_validation", "2e-10"]
   assert rows[low][-1] == rows[ood][-1] == "RAISED"
   assert text.count("WARNING: ") == 2
+  # A source passed over (cv warned of a fold model): the table, the
+  # warning and the report's comparison name it.
+  manifest[schemas.MANIFEST_FLAG_RATES][low].update({
+      "from": schemas.FLAG_RATE_FROM_TEST, "images": 100,
+      "passed_over": {schemas.FLAG_RATE_FROM_CROSS_VALIDATION: "warned"}})
+  with open(path, "w") as f:
+    json.dump(manifest, f)
+  text = summary.summary(run_dir)
+  rows = {r[0]: r[1:] for r in _summary_table(text, "Flag-rate check")}
+  assert rows[low][3] == "test (not cross_validation)"
+  assert ("the model flags 30% of its test split (not its held-out"
+          " cross-validation folds: cv warned of a fold model there)") in text
+  data = report.query_report_data(run_dir)
+  assert ("For comparison, the model flags 30% of its test split (not its"
+          " held-out cross-validation folds: cv warned of a fold model"
+          " there) (100 images).") in report.render_html(
+              data, report.figures_for(data))
   # A flag given on the command line: not checked, and said why.
   manifest[schemas.MANIFEST_FLAG_RATES][low] = {
       "share": None, "why": "--threshold replaces the artifact's threshold",
