@@ -360,6 +360,53 @@ def test_what_recalibrate_found_travels_with_the_artifact(site, tmp_path,
   assert "".join(f"WARNING: {line}\n" for line in said) in out.getvalue()
 
 
+def test_recalibrating_a_recalibrated_artifact_replaces_its_block(
+    site, tmp_path):
+  """A second site's recalibration of a recalibrated artifact: its block,
+  warnings included, is the second site's alone (the first site's
+  one-class warning does not follow the artifact to site B, whose sample
+  the model predicts every class of), and its parent is the first
+  recalibration; the training's warning stays."""
+  first = tmp_path / "site-a"
+  assert _run(site, first, "--name", "site-a") == 0
+  first_metadata = _metadata(first)
+  assert len(first_metadata.recalibration.warnings) == 1
+  # Site B: labelled with what the model predicts, so no class it holds
+  # goes unpredicted and nothing is found.
+  loaded = artifact.load_artifact(str(first))
+  rng = np.random.default_rng(7)
+  images = (rng.integers(0, 256, (30, SIZE, SIZE, 3)) *
+            rng.uniform(0.05, 1.0, (30, 1, 1, 1))).astype(np.uint8)
+  predicted = model_lib.predict_logits(loaded.model, images).argmax(axis=1)
+  data = testing.write_tfrecords(
+      str(tmp_path / "b" / "part-00000-of-00001.tfrecord.gz"),
+      [testing.make_record(pixels, schemas.LABELS[label])
+       for pixels, label in zip(images, predicted)])
+  second = tmp_path / "site-b"
+  assert cli.main(["recalibrate", "--model", str(first), "--data", data,
+                   "--output", str(second), "--name", "site-b",
+                   "--holdout_fraction", "0"]) == 0
+  metadata = _metadata(second)
+  block = metadata.recalibration
+  assert block.warnings == ()
+  assert block.images == 30 and block.data == (data,)
+  assert block.parent.model_version == first_metadata.model_version
+  assert metadata.parent_model_version == first_metadata.model_version
+  assert metadata.model_version.startswith("site-b-")
+  assert metadata.warnings == (PARENT_WARNING,)
+  assert artifact.model_warning_lines(metadata) == [
+      f"The model {metadata.model_version} carries a warning from the"
+      f" training of its weights: {PARENT_WARNING}"]
+  assert "from recalibration" not in model_card.render(metadata)
+  # Its recalibration_split.json is site B's, not site A's.
+  with open(second / schemas.RECALIBRATION_SPLIT_FILE) as f:
+    parts = json.load(f)
+  ids = {i for part in parts.values() if isinstance(part, list)
+         for i in part}
+  assert ids and ids <= {testing.make_record(p, "").image_id
+                         for p in images}
+
+
 def _evaluate(model_dir, data, output, rows_out=None):
   """`evaluate`'s report and its rows' in_recalibration_fit by image_id
   (and every row appended to `rows_out`)."""
