@@ -89,7 +89,8 @@ def _low_confidence(metadata: ArtifactMetadata) -> Dict:
   elif (flagging is not None and flagging.out_of_fold
         and flagging.chosen_on == schemas.THRESHOLD_ON_CV):
     stats = flagging.out_of_fold.pooled
-    pooled = {"flagged_share": stats.flagged_share, "count": stats.count}
+    pooled = ({} if stats is None else
+              {"flagged_share": stats.flagged_share, "count": stats.count})
   else:
     pooled = cross_validation.pooled or {}
   passed_over = {}
@@ -108,9 +109,10 @@ def _low_confidence(metadata: ArtifactMetadata) -> Dict:
         return {**found, schemas.FLAG_RATE_FROM: split, **passed_over}
   if passed_over:
     return {schemas.FLAG_RATE_SHARE: None,
-            schemas.FLAG_RATE_WHY: "the artifact records no held-out flagged"
-                                   " share for its threshold but its"
-                                   " cross-validation's, passed over",
+            schemas.FLAG_RATE_WHY: "the artifact's only held-out flagged"
+                                   " share for its threshold, its"
+                                   " cross-validation's, was passed over: "
+                                   + _CV_WARNED,
             **passed_over}
   return dict(_NOT_RECORDED)
 
@@ -127,9 +129,11 @@ def expected(metadata: ArtifactMetadata, threshold_given: bool,
     has_ood: the artifact has an OOD detector.
 
   Returns:
-    {column: {"share": float or None, "from": ..., "images": ...} or
-    {"share": None, "why": ...}} for the low-confidence and
-    out-of-distribution columns.
+    {column: {"share": float, "from": ..., "images": ..., and for a
+    recalibration sample "in_sample"} or {"share": None, "why": ...}} for
+    the low-confidence and out-of-distribution columns; either may add
+    "passed_over" ({source: why}: a source that recorded a share and was
+    not used).
   """
   out = {}
   if threshold_given:
@@ -289,7 +293,9 @@ _PASSED_OVER = {
 
 def passed_over(entry: Dict) -> List[str]:
   """The sources an entry passed over though they recorded a share (by
-  their `from` names); [] for none, or for an entry a person edited."""
+  their `from` names); [] for none, or for an entry a person edited. The
+  manifest keeps each one's why for programs; people read `_PASSED_OVER`'s
+  shorter words."""
   found = entry.get(schemas.FLAG_RATE_PASSED_OVER)
   return ([str(source) for source in found] if isinstance(found, dict)
           else [])

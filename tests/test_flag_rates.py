@@ -128,13 +128,26 @@ def test_expected_share_comes_from_the_best_held_out_source(metadata):
     alone = flag_rates.expected(warned.replace(flagging=None),
                                 False, False, False)[LOW]
     assert alone["share"] is None and "passed over" in alone["why"]
+    assert "fold model that predicted one class" in alone["why"]
     assert list(alone["passed_over"]) == ["cross_validation"]
-    none_found = cv_block.replace(
-        cross_validation=cv_block.cross_validation.replace(warnings=()))
-    assert "passed_over" not in flag_rates.expected(
-        none_found, False, False, False)[LOW]
-    assert flag_rates.expected(none_found, False, False, False)[LOW][
-        "from"] == schemas.FLAG_RATE_FROM_CROSS_VALIDATION
+    # Checks that found nothing, or an artifact from before the checks.
+    for nothing in ((), None):
+      none_found = cv_block.replace(
+          cross_validation=cv_block.cross_validation.replace(
+              warnings=nothing))
+      assert "passed_over" not in flag_rates.expected(
+          none_found, False, False, False)[LOW]
+      assert flag_rates.expected(none_found, False, False, False)[LOW][
+          "from"] == schemas.FLAG_RATE_FROM_CROSS_VALIDATION
+  # A warned cross-validation that recorded no share passes nothing over.
+  for no_share in (
+      warned.replace(flagging=warned.flagging.replace(
+          out_of_fold=md.OutOfFoldFlagging())),
+      with_test.replace(cross_validation=md.CrossValidationSummary(
+          warnings=("Fold 0: ...",)))):
+    entry = flag_rates.expected(no_share, False, False, False)[LOW]
+    assert "passed_over" not in entry and entry["from"] in (
+        schemas.FLAG_RATE_FROM_TEST, schemas.FLAG_RATE_FROM_VALIDATION)
   # A recalibrated artifact keeps its parent's blocks; only its site
   # sample speaks for its new threshold.
   fit_only = with_cv.replace(recalibration=md.Recalibration(

@@ -95,6 +95,9 @@ def test_a_broken_header_reads_the_same_on_every_run():
   assert message == ("unreadable png header: UnidentifiedImageError:"
                      " cannot identify image file")
   assert pickle.loads(pickle.dumps(err.value)).args == err.value.args
+  # Only the repr goes: the words around it stay.
+  assert str(MemberError("CorruptImage", "read <a.B object at 0xfe1>: tail")
+             ) == "read: tail"
 
 
 def test_pixel_limit_checked_before_decoding():

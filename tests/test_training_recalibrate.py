@@ -365,8 +365,8 @@ def test_recalibrating_a_recalibrated_artifact_replaces_its_block(
   """A second site's recalibration of a recalibrated artifact: its block,
   warnings included, is the second site's alone (the first site's
   one-class warning does not follow the artifact to site B, whose sample
-  the model predicts every class of), and its parent is the first
-  recalibration; the training's warning stays."""
+  is labelled with the model's own predictions), and its parent is the
+  first recalibration; the training's warning stays."""
   first = tmp_path / "site-a"
   assert _run(site, first, "--name", "site-a") == 0
   first_metadata = _metadata(first)
