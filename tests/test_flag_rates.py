@@ -139,7 +139,9 @@ def test_expected_share_comes_from_the_best_held_out_source(metadata):
           none_found, False, False, False)[LOW]
       assert flag_rates.expected(none_found, False, False, False)[LOW][
           "from"] == schemas.FLAG_RATE_FROM_CROSS_VALIDATION
-  # A warned cross-validation that recorded no share passes nothing over.
+  # A warned cross-validation that recorded no share passes nothing over:
+  # the threshold chosen on cv (the loop's last `warned`) without its
+  # pooled out-of-fold figures, and a block without pooled figures.
   for no_share in (
       warned.replace(flagging=warned.flagging.replace(
           out_of_fold=md.OutOfFoldFlagging())),
