@@ -389,13 +389,20 @@ def _carried(model_version: Any, source: str, warnings: Any) -> List[str]:
           for warning in warnings if isinstance(warning, str)]
 
 
+def _warning_lines(model_version: Any, training: Any,
+                   recalibration: Any) -> List[str]:
+  """Every warning a model carries: its training's
+  (`training_warning_lines`), then its recalibration's
+  (`recalibration_warning_lines`)."""
+  return (training_warning_lines(model_version, training)
+          + recalibration_warning_lines(model_version, recalibration))
+
+
 def model_warning_lines(metadata: ArtifactMetadata) -> List[str]:
   """Every warning an artifact carries, as scoring, doctor and evaluate
-  repeat them: its training's (`training_warning_lines`), then its
-  recalibration's (`recalibration_warning_lines`)."""
-  return (training_warning_lines(metadata.model_version, metadata.warnings)
-          + recalibration_warning_lines(metadata.model_version,
-                                        metadata.recalibration_warnings))
+  repeat them (`_warning_lines`)."""
+  return _warning_lines(metadata.model_version, metadata.warnings,
+                        metadata.recalibration_warnings)
 
 
 def run_warning_lines(manifest: Optional[dict]) -> List[str]:
@@ -403,11 +410,10 @@ def run_warning_lines(manifest: Optional[dict]) -> List[str]:
   version, MANIFEST_MODEL_WARNINGS and
   MANIFEST_MODEL_RECALIBRATION_WARNINGS); nothing without a manifest."""
   manifest = manifest or {}
-  version = manifest.get(schemas.MANIFEST_MODEL_VERSION)
-  recalibration = manifest.get(schemas.MANIFEST_MODEL_RECALIBRATION_WARNINGS)
-  return (training_warning_lines(version,
-                                 manifest.get(schemas.MANIFEST_MODEL_WARNINGS))
-          + recalibration_warning_lines(version, recalibration))
+  return _warning_lines(
+      manifest.get(schemas.MANIFEST_MODEL_VERSION),
+      manifest.get(schemas.MANIFEST_MODEL_WARNINGS),
+      manifest.get(schemas.MANIFEST_MODEL_RECALIBRATION_WARNINGS))
 
 
 def sha256_file(path: str) -> str:
