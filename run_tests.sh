@@ -4,12 +4,33 @@
 #   ./run_tests.sh --all   everything (what .ci/run calls)
 # Other arguments go to pytest: ./run_tests.sh -k preprocess,
 # ./run_tests.sh tests/test_scoring.py, ./run_tests.sh -m slow (the slow set).
+# The tests run in one pytest-xdist worker process per CPU this process may
+# use, at most 4; BUSI_TEST_WORKERS=N sets the count (0: in this process, as
+# do -n, -p, --pdb and --trace given here).
 set -euo pipefail
 cd "$(dirname "$0")"
 marker=(-m "not slow")
 args=()
+own_workers=1
 for arg in "$@"; do
-  if [ "$arg" = "--all" ]; then marker=(); else args+=("$arg"); fi
+  case "$arg" in
+    --all) marker=() ;;
+    -n|-n[0-9]*|--numprocesses|--numprocesses=*|-p|-pno:*|--pdb|--trace)
+      own_workers=0; args+=("$arg") ;;
+    *) args+=("$arg") ;;
+  esac
 done
 source scripts/ensure_env.sh
-exec python -m pytest -q "${marker[@]}" "${args[@]}"
+workers=()
+if [ "$own_workers" = 1 ]; then
+  count="${BUSI_TEST_WORKERS:-$(python -c \
+    'import os; print(min(len(os.sched_getaffinity(0)), 4))')}"
+  if ! [[ "$count" =~ ^[0-9]+$ ]]; then
+    echo "run_tests.sh: BUSI_TEST_WORKERS must be a whole number, not" \
+      "'$count'" >&2
+    exit 2
+  fi
+  # One CPU gains nothing from a second process.
+  if [ "$count" -ge 2 ]; then workers=(-n "$count"); fi
+fi
+exec python -m pytest -q "${marker[@]}" "${workers[@]}" "${args[@]}"

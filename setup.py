@@ -50,6 +50,8 @@ REQUIRED = [
 EXTRAS = {
     "test": [
         "pytest>=8",
+        # ./run_tests.sh spreads the tests over the CPUs (-n).
+        "pytest-xdist>=3.5,<4",
         "hypothesis>=6",
         "gcp-storage-emulator>=2024.8.3",
         # The import contract (.importlinter), run by the tests.
