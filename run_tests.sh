@@ -5,8 +5,9 @@
 # Other arguments go to pytest: ./run_tests.sh -k preprocess,
 # ./run_tests.sh tests/test_scoring.py, ./run_tests.sh -m slow (the slow set).
 # The tests run in one pytest-xdist worker process per CPU this process may
-# use, at most 4; BUSI_TEST_WORKERS=N sets the count (0: in this process, as
-# do -n, -p, --pdb and --trace given here).
+# use, at most 4. BUSI_TEST_WORKERS=N sets the count (0 or 1: all in one
+# process); -n given here sets it instead, and -p, --pdb or --trace given here
+# without -n run them in one process.
 set -euo pipefail
 cd "$(dirname "$0")"
 marker=(-m "not slow")
