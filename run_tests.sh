@@ -6,29 +6,33 @@
 # ./run_tests.sh tests/test_scoring.py, ./run_tests.sh -m slow (the slow set).
 # The tests run in one pytest-xdist worker process per CPU this process may
 # use, at most 4. BUSI_TEST_WORKERS=N sets the count (0 or 1: all in one
-# process); -n given here sets it instead, and -p, --pdb or --trace given here
-# without -n run them in one process.
+# process); -n given here sets it instead, and -p, --pdb, --trace, -s or
+# --capture given here without -n run them in one process (xdist refuses
+# --pdb and -p no:xdist, and a worker's print() never reaches the terminal).
 set -euo pipefail
 cd "$(dirname "$0")"
 marker=(-m "not slow")
 args=()
 own_workers=1
 for arg in "$@"; do
-  case "$arg" in
-    --all) marker=() ;;
-    -n|-n[0-9]*|--numprocesses|--numprocesses=*|-p|-pno:*|--pdb|--trace)
-      own_workers=0; args+=("$arg") ;;
-    *) args+=("$arg") ;;
-  esac
+  if [ "$arg" = "--all" ]; then marker=(); continue; fi
+  # -s also inside a cluster of flags without values (-vs, -sx).
+  if [[ "$arg" =~ ^(-n.*|--numprocesses(=.*)?|-p.*|--pdb|--trace|--capture.*)$ ||
+        "$arg" =~ ^-[vqxl]*s[vqxls]*$ ]]; then
+    own_workers=0
+  fi
+  args+=("$arg")
 done
 source scripts/ensure_env.sh
 workers=()
 if [ "$own_workers" = 1 ]; then
   count="${BUSI_TEST_WORKERS:-$(python -c \
-    'import os; print(min(len(os.sched_getaffinity(0)), 4))')}"
-  if ! [[ "$count" =~ ^[0-9]+$ ]]; then
-    echo "run_tests.sh: BUSI_TEST_WORKERS must be a whole number, not" \
-      "'$count'" >&2
+    'import os
+usable = getattr(os, "sched_getaffinity", None)
+print(min(len(usable(0)) if usable else os.cpu_count() or 1, 4))')}"
+  if ! [[ "$count" =~ ^[0-9]{1,3}$ ]]; then
+    echo "run_tests.sh: BUSI_TEST_WORKERS must be a whole number up to 999," \
+      "not '$count'" >&2
     exit 2
   fi
   # One CPU gains nothing from a second process.
