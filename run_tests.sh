@@ -5,8 +5,9 @@
 # Other arguments go to pytest: ./run_tests.sh -k preprocess,
 # ./run_tests.sh tests/test_scoring.py, ./run_tests.sh -m slow (the slow set).
 # The tests run in one pytest-xdist worker process per CPU this process may
-# use, at most 4. BUSI_TEST_WORKERS=N sets the count (0 or 1: all in one
-# process); -n given here sets it instead, and -p, --pdb, --trace, -s or
+# use, within a container's CPU quota and at most 4 (scripts/test_workers.py).
+# BUSI_TEST_WORKERS=N sets the count (0 or 1: all in one process); -n given
+# here sets it instead, and -p, --pdb, --trace, -s or
 # --capture given here without -n run them in one process (xdist refuses
 # --pdb and -p no:xdist, and a worker's print() never reaches the terminal).
 set -euo pipefail
@@ -26,10 +27,7 @@ done
 source scripts/ensure_env.sh
 workers=()
 if [ "$own_workers" = 1 ]; then
-  count="${BUSI_TEST_WORKERS:-$(python -c \
-    'import os
-usable = getattr(os, "sched_getaffinity", None)
-print(min(len(usable(0)) if usable else os.cpu_count() or 1, 4))')}"
+  count="${BUSI_TEST_WORKERS:-$(python scripts/test_workers.py)}"
   if ! [[ "$count" =~ ^[0-9]{1,3}$ ]]; then
     echo "run_tests.sh: BUSI_TEST_WORKERS must be a whole number up to 999," \
       "not '$count'" >&2
