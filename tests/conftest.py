@@ -1,5 +1,6 @@
 """Shared pytest set-up: no network, no Google credentials, small data."""
 
+import glob
 import logging
 import os
 import socket
@@ -15,6 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 BUCKET = "busi-test"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _free_port() -> int:
@@ -43,6 +45,18 @@ def gcs_client():
       os.environ.pop("STORAGE_EMULATOR_HOST", None)
     else:
       os.environ["STORAGE_EMULATOR_HOST"] = previous
+
+
+@pytest.fixture
+def installed_venv():
+  """The venv run_tests.sh and run_local.sh use (scripts/ensure_env.sh);
+  skips a test that runs either script where it is not installed yet, since
+  the script would first spend minutes installing it."""
+  venv = os.environ.get("BUSI_VENV", os.path.join(REPO, ".venv"))
+  if not glob.glob(os.path.join(venv, ".busi-installed-*")):
+    pytest.skip("the script would install its venv first (run_tests.sh"
+                " installs it)")
+  return venv
 
 
 @pytest.fixture

@@ -350,19 +350,15 @@ def test_run_local_help():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("installed_venv")
 def test_run_local_demo_learns(tmp_path):
   """`./run_local.sh` end to end, as a new user first runs it: its demo model
   must have learned the phantoms (it once stopped early while predicting a
   single class: 1 in 3 right, and nothing said so). The floors sit well
   under what it measures (0.70-0.85 on its test split over train seeds, 0.73
   on the held-out archive) and well over one class's 0.33."""
-  import glob  # pylint: disable=import-outside-toplevel
   import signal  # pylint: disable=import-outside-toplevel
   import duckdb  # pylint: disable=import-outside-toplevel
-  venv = os.environ.get("BUSI_VENV", os.path.join(REPO, ".venv"))
-  if not glob.glob(os.path.join(venv, ".busi-installed-*")):
-    pytest.skip("run_local.sh would install its venv first (run_tests.sh"
-                " installs it)")
   output = tmp_path / "demo"
   process = subprocess.Popen(  # pylint: disable=consider-using-with
       ["bash", "run_local.sh", "--output", str(output), "--gradcam", "none"],

@@ -1,6 +1,5 @@
 """./run_tests.sh: how many worker processes it runs the tests in."""
 
-import glob
 import importlib.util
 import os
 import subprocess
@@ -57,10 +56,8 @@ def test_the_default_count_is_the_usable_cpus_within_the_quota_at_most_4(
 
 
 def _run(*args, workers=None):
-  """run_tests.sh on one test; slow, as it starts pytest again."""
-  venv = os.environ.get("BUSI_VENV", os.path.join(REPO, ".venv"))
-  if not glob.glob(os.path.join(venv, ".busi-installed-*")):
-    pytest.skip("run_tests.sh would install its venv first")
+  """run_tests.sh on one test (its venv installed: `installed_venv`); slow,
+  as it starts pytest again."""
   env = dict(os.environ)
   for name in ("BUSI_TEST_WORKERS", "PYTEST_ADDOPTS"):
     env.pop(name, None)
@@ -72,6 +69,7 @@ def _run(*args, workers=None):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("installed_venv")
 @pytest.mark.parametrize("workers, args, expected", [
     ("2", (), 2),
     ("0", (), 0),
@@ -102,6 +100,7 @@ def test_worker_count(workers, args, expected):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("installed_venv")
 @pytest.mark.parametrize("workers", ["two", "-1", "2.5", "1000"])
 def test_a_worker_count_that_is_not_a_whole_number_is_refused(workers):
   result = _run(ONE_TEST, workers=workers)
