@@ -5,7 +5,8 @@
 # Other arguments go to pytest: ./run_tests.sh -k preprocess,
 # ./run_tests.sh tests/test_scoring.py, ./run_tests.sh -m slow (the slow set).
 # The tests run in one pytest-xdist worker process per CPU this process may
-# use, within a container's CPU quota and at most 4 (scripts/test_workers.py).
+# use, within its cgroup's CPU quota and memory (3 GiB a worker), at most 4
+# (scripts/test_workers.py).
 # BUSI_TEST_WORKERS=N sets the count (0 or 1: all in one process); -n given
 # here sets it instead, and -p, --pdb, --trace, -s or
 # --capture given here without -n run them in one process (xdist refuses
