@@ -1,6 +1,6 @@
 """Shared pytest set-up: no network, no Google credentials, small data."""
 
-import glob
+import hashlib
 import logging
 import os
 import socket
@@ -50,12 +50,20 @@ def gcs_client():
 @pytest.fixture
 def installed_venv():
   """The venv run_tests.sh and run_local.sh use (scripts/ensure_env.sh);
-  skips a test that runs either script where it is not installed yet, since
-  the script would first spend minutes installing it."""
+  skips a test that runs either script where that venv is missing or was
+  installed from another setup.py or constraints.txt, since the script would
+  first spend minutes installing it. The stamp is ensure_env.sh's: the first
+  16 hex digits of the sha256 of setup.py then constraints.txt."""
   venv = os.environ.get("BUSI_VENV", os.path.join(REPO, ".venv"))
-  if not glob.glob(os.path.join(venv, ".busi-installed-*")):
-    pytest.skip("the script would install its venv first (run_tests.sh"
-                " installs it)")
+  digest = hashlib.sha256()
+  for name in ("setup.py", "constraints.txt"):
+    with open(os.path.join(REPO, name), "rb") as f:
+      digest.update(f.read())
+  stamp = os.path.join(venv, ".busi-installed-" + digest.hexdigest()[:16])
+  if not os.path.exists(stamp):
+    pytest.skip("the script would install its venv first: none, or one from"
+                " another setup.py or constraints.txt (run_tests.sh installs"
+                " it)")
   return venv
 
 
