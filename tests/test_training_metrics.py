@@ -95,3 +95,21 @@ def test_never_predicted_names_each_class_it_never_predicts():
       "the model never predicts c for the 10 x images, though all 10 are c:"
       " it has not learned to recognise that class."]
   assert metrics.never_predicted("x", [2] * 10, [2] * 10, labels) == []
+
+
+def test_prediction_findings_is_one_class_else_never_predicted():
+  labels = ["a", "b", "c"]
+  truth = [0] * 5 + [1] * 5
+  assert metrics.prediction_findings("x", [0] * 10, truth, labels,
+                                     "ONE", "NEVER") == (
+                                         True, [metrics.one_class(
+                                             "x", [0] * 10, truth, labels,
+                                             "ONE")])
+  assert metrics.prediction_findings("x", [0] * 10, truth, labels,
+                                     "ONE")[1][0].endswith(": ONE.")
+  found = metrics.prediction_findings("x", [0, 2] * 5, truth, labels,
+                                      "ONE", "NEVER")
+  assert found == (False, metrics.never_predicted("x", [0, 2] * 5, truth,
+                                                  labels, "NEVER"))
+  assert found[1] and found[1][0].endswith(": NEVER.")
+  assert metrics.prediction_findings("x", truth, truth, labels) == (False, [])

@@ -590,12 +590,10 @@ def fold_warnings(k: int, val_labels: np.ndarray, val_logits: np.ndarray,
        " the pooled figures over its images, and a threshold chosen on the"
        " out-of-fold predictions (`train --threshold_on cv`) is partly set"
        " on them.")):
-    predicted = logits.argmax(axis=1)
-    one_class = metrics.one_class(part, predicted, truth, schemas.LABELS,
-                                  "it has not learned to tell them apart")
-    sentences = ([f"{one_class} {consequence}"] if one_class else
-                 metrics.never_predicted(part, predicted, truth,
-                                         schemas.LABELS))
+    one_class, sentences = metrics.prediction_findings(
+        part, logits.argmax(axis=1), truth, schemas.LABELS)
+    if one_class:
+      sentences = [f"{sentences[0]} {consequence}"]
     for sentence in sentences:
       found.append(f"Fold {k}: {sentence} Give the recipe more --epochs or"
                    " --patience, or pretrained --backbone_weights"

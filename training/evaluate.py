@@ -458,25 +458,17 @@ def site_warnings(name: str, predicted: np.ndarray, truth: np.ndarray,
       ("its figures here are those of a constant answer").
     tail: the sentence each ends with: why recalibration cannot fix it.
   """
-  one_class = metrics.one_class(
+  one_class, sentences = metrics.prediction_findings(
       name, predicted, truth, labels,
       f"on these images it tells nothing apart, and its figures {figures}"
-      " are those of a constant answer")
-  if one_class:
-    if told_apart:
-      one_class += (" It told its training's validation (or test) images"
-                    " apart, so these probably differ from them (scanner,"
-                    " preset, preprocessing).")
-    sentences = [one_class]
-  else:
-    sentences = metrics.never_predicted(
-        name, predicted, truth, labels,
-        "on these images it does not recognise that class")
-    if told_apart:
-      sentences = [f"{s} Its training's checks found no class it never"
-                   " predicted on its validation (or test) images, so these"
-                   " probably differ from them (scanner, preset,"
-                   " preprocessing)." for s in sentences]
+      " are those of a constant answer",
+      "on these images it does not recognise that class")
+  if told_apart:
+    checks = ("It told its training's validation (or test) images apart"
+              if one_class else "Its training's checks found no class it"
+              " never predicted on its validation (or test) images")
+    sentences = [f"{s} {checks}, so these probably differ from them"
+                 " (scanner, preset, preprocessing)." for s in sentences]
   return [f"{s[0].upper()}{s[1:]} {tail}" for s in sentences]
 
 

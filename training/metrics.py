@@ -6,7 +6,7 @@ ones; a precision, recall or F1 whose denominator is zero is 0.0 (as sklearn's
 classes, including those with no support.
 """
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -158,6 +158,24 @@ def never_predicted(name: str, y_pred: Sequence[int], y_true: Sequence[int],
                    f" {len(y_true)} {name} images, though {share} {label}:"
                    f" {meaning}.")
   return found
+
+
+def prediction_findings(name: str, y_pred: Sequence[int],
+                        y_true: Sequence[int], labels: Sequence[str],
+                        one_class_meaning: str = ("it has not learned to tell"
+                                                  " them apart"),
+                        never_meaning: str = ("it has not learned to"
+                                              " recognise that class")
+                        ) -> Tuple[bool, List[str]]:
+  """What is wrong with a set's predictions, for a warning: `one_class`'s
+  sentence when the model predicts one class for a set that holds several,
+  else `never_predicted`'s (one per class it never predicts), each ending
+  with its meaning. Returns (whether it was one class, the sentences); each
+  caller adds its own advice."""
+  sentence = one_class(name, y_pred, y_true, labels, one_class_meaning)
+  if sentence:
+    return True, [sentence]
+  return False, never_predicted(name, y_pred, y_true, labels, never_meaning)
 
 
 def format_report(report: Dict) -> str:

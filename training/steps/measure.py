@@ -53,17 +53,13 @@ def split_warnings(name: str, scored: Scored) -> List[str]:
   train writes: one class predicted for all of it (`metrics.one_class`),
   else each class it holds enough of and never predicts
   (`metrics.never_predicted`); [] when neither."""
-  predicted = scored.logits.argmax(axis=1)
-  one_class = metrics.one_class(name, predicted, scored.labels,
-                                schemas.LABELS)
-  if one_class:
-    return [f"{one_class} Do not use this artifact: train longer (--epochs,"
-            " --patience) or from pretrained --backbone_weights."]
+  one_class, found = metrics.prediction_findings(
+      name, scored.logits.argmax(axis=1), scored.labels, schemas.LABELS)
+  advice = (" or from pretrained --backbone_weights." if one_class else
+            ", from pretrained --backbone_weights, or with more images of"
+            " that class.")
   return [f"{w} Do not use this artifact: train longer (--epochs,"
-          " --patience), from pretrained --backbone_weights, or with more"
-          " images of that class."
-          for w in metrics.never_predicted(name, predicted, scored.labels,
-                                           schemas.LABELS)]
+          f" --patience){advice}" for w in found]
 
 
 def warn_collapsed(val: Scored, test: Scored) -> List[str]:
