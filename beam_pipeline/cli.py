@@ -7,6 +7,7 @@ messages and the tracebacks.
 """
 
 import argparse
+import difflib
 import io
 import json
 import logging
@@ -18,7 +19,7 @@ from typing import List, NoReturn, Optional
 
 import schemas
 from beam_pipeline import failures, output_lock, outputs
-from busi_core import artifact, flag_rates
+from busi_core import artifact, flag_rates, output_dirs
 
 _LOG = logging.getLogger(__name__)
 
@@ -141,6 +142,17 @@ def print_help(command: Optional[str] = None) -> None:
   parser.print_help()
 
 
+def unknown_command(word: str) -> str:
+  """One line for a first argument that is no command: the closest command,
+  and every command (pipeline, reporting and doctor alike)."""
+  close = difflib.get_close_matches(word, list(_COMMANDS), n=1)
+  what = (f"no command before {word}" if word.startswith("-") else
+          f"unknown command {word!r}" +
+          (f" (did you mean {close[0]}?)" if close else ""))
+  return (f"{what}; the first argument is one of {', '.join(_COMMANDS)}"
+          " (python -m beam_pipeline --help)")
+
+
 def version() -> str:
   import schemas  # pylint: disable=import-outside-toplevel
   return (f"busi-scoring {schemas.PACKAGE_VERSION} (TFRecord format"
@@ -238,14 +250,14 @@ def _run_pipeline(argv: List[str]) -> int:
 
 def _run_reporting(command: str, argv: List[str]) -> int:
   """`summary`, `report` or `compare`; one line and status 2 where there is
-  no run to read."""
+  no run to read, or --output is a file."""
   # pylint: disable=import-outside-toplevel
   from reporting import compare, report, run_files, summary
   try:
     return {"summary": summary, "report": report,
             "compare": compare}[command].main(argv)
-  except run_files.RunDirError as e:
-    _LOG.debug("No run to read", exc_info=True)
+  except (run_files.RunDirError, output_dirs.OutputIsAFile) as e:
+    _LOG.debug("No run to read, or nowhere to write", exc_info=True)
     print(f"error: {e}", file=sys.stderr)
     return EXIT_USAGE
 
@@ -263,6 +275,9 @@ def main(argv: List[str]) -> int:
       a in ("-h", "--help") for a in argv[1:]):
     print_help(argv[0])
     return EXIT_OK
+  if argv[0] not in _COMMANDS:
+    print(f"error: {unknown_command(argv[0])}", file=sys.stderr)
+    return EXIT_USAGE
   try:
     if argv[0] in _REPORTING_COMMANDS:
       return _run_reporting(argv[0], argv[1:])

@@ -267,15 +267,23 @@ def refuse_unknown_flags(flags: Sequence[str]) -> None:
   Beam only logs a warning for an unknown flag and runs with the defaults; a
   misspelt `--threshhold 0.5` or `--inference_accelerator` must stop the run
   instead (on a hospital's outputs, a silent default is a wrong result).
-  Abbreviations are refused too, as Beam's own parser does.
+  Abbreviations are refused too, as Beam's own parser does. A value its
+  flag cannot take (`--image_size abc`, `--gradcam some`) is refused here
+  too, in one line: Beam's parser would print its whole usage first.
 
   Raises:
-    ValueError: naming each unknown flag, with the closest known spelling.
+    ValueError: naming each unknown flag, with the closest known spelling,
+      or the flag whose value is refused and why.
   """
-  parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
+  parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False,
+                                   exit_on_error=False)
   for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
     cls._add_argparse_args(parser)  # pylint: disable=protected-access
-  _, unknown = parser.parse_known_args(list(flags))
+  try:
+    _, unknown = parser.parse_known_args(list(flags))
+  except argparse.ArgumentError as e:
+    # "argument --image_size: invalid int value: 'abc'"
+    raise ValueError(str(e)) from e
   if not unknown:
     return
   known = [s for action in parser._actions for s in action.option_strings]  # pylint: disable=protected-access

@@ -21,7 +21,7 @@ from apache_beam.io.filesystems import FileSystems
 
 import schemas
 from beam_pipeline import failures, output_lock
-from busi_core import flag_rates
+from busi_core import flag_rates, output_dirs
 from busi_core.tfrecord_io import WriteGzipTFRecords
 
 _LOG = logging.getLogger(__name__)
@@ -106,20 +106,8 @@ def check_is_directory(output: str) -> None:
   Raises:
     OutputDirInUse: naming the file and what to pass instead.
   """
-  if "://" in output:
-    return  # object stores have no folders: any prefix can hold a run
-  path = os.path.abspath(output)
-  while not os.path.lexists(path):
-    parent = os.path.dirname(path)
-    if parent == path:
-      return
-    path = parent
-  if not os.path.isdir(path):
-    what = "is a file" if path == os.path.abspath(output) else (
-        f"lies under the file {path}")
-    raise OutputDirInUse(
-        f"--output {output} {what}, not a directory; pass a directory (new,"
-        " or holding an earlier run)")
+  output_dirs.check_is_directory(output, OutputDirInUse,
+                                 "new, or holding an earlier run")
 
 
 # A write-then-delete probe in the output, made before anything is deleted.

@@ -23,7 +23,7 @@ import duckdb
 from apache_beam.io.filesystems import FileSystems
 
 import schemas
-from busi_core import artifact, gcs
+from busi_core import artifact, gcs, output_dirs
 from reporting import report, run_files, sql, summary
 
 JSON_FILE = "comparison.json"
@@ -465,6 +465,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parser.parse_args(argv)
   if args.examples < 0:
     parser.error("--examples must be >= 0")
+  output_dirs.check_is_directory(args.output)  # before the run is read
   gcs.configure_for_emulator()
   comparison = compare(args.old, args.new, args.examples)
   print(format_text(comparison))

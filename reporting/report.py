@@ -26,7 +26,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 import schemas
-from busi_core import artifact, flag_rates, gcs
+from busi_core import artifact, flag_rates, gcs, output_dirs
 from reporting import run_files, sql, thumbnails
 
 REPORT_FILE = "index.html"
@@ -904,6 +904,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.error("--gallery_size must be >= 0")
   if args.ood_thumbnails < 0:
     parser.error("--ood_thumbnails must be >= 0")
+  output_dirs.check_is_directory(args.output)  # before the run is read
   gcs.configure_for_emulator()
   page = build_report(args.predictions, args.gallery_size,
                       args.ood_thumbnails)

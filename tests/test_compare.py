@@ -196,3 +196,16 @@ def test_missing_and_half_written_runs_are_one_line_exit_2(runs, tmp_path,
   with pytest.raises(run_files.RunDirError, match="no manifest"):
     compare.compare(half, runs[1])
   assert not os.path.exists(tmp_path / "cmp")
+
+
+def test_report_and_compare_refuse_an_output_that_is_a_file(tmp_path, capsys):
+  """Before any run is read (these runs do not exist): one line, status 2."""
+  afile = tmp_path / "p.zip"
+  afile.write_bytes(b"PK")
+  nothing = str(tmp_path / "none")
+  for argv in (["report", "--predictions", nothing],
+               ["compare", "--old", nothing, "--new", nothing]):
+    assert cli.main(argv + ["--output", str(afile)]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err == (
+        f"error: --output {afile} is a file, not a directory; pass a"
+        " directory (it is created if missing)\n")

@@ -289,7 +289,7 @@ def test_evaluate_reports_flagged_and_caught(tmp_path, ood_model_dir, capsys):
   plain = str(tmp_path / "plain")
   testing.make_test_artifact(plain, image_size=SIZE)
   assert cli.main(["evaluate", "--model", plain, "--data", data, "--ood",
-                   other, "--output", report_dir]) == 2
+                   other, "--output", str(tmp_path / "plain_report")]) == 2
   assert "has no out-of-distribution detector" in capsys.readouterr().err
 
 

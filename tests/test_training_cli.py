@@ -456,6 +456,58 @@ def test_offline_imagenet_exits_with_advice(tmp_path, data_glob, capsys,
   assert "--backbone_weights PATH" in err and "none" in err
 
 
+def test_an_output_that_is_a_file_is_refused_before_any_work(tmp_path,
+                                                             capsys):
+  """train, cv, evaluate and recalibrate: one line and status 2 before the
+  data are read (the glob here matches nothing, which would be the error
+  otherwise) or a fold is trained."""
+  afile = tmp_path / "p.zip"
+  afile.write_bytes(b"PK")
+  nothing = str(tmp_path / "none" / "*.tfrecord.gz")
+  model = str(tmp_path / "model")
+  tiny = ["--backbone", "tiny", "--backbone_weights", "none"]
+  for output, what in ((str(afile), "is a file"),
+                       (str(afile / "sub"), f"lies under the file {afile}")):
+    for argv in (["train", "--data", nothing, *tiny],
+                 ["cv", "--data", nothing, *tiny],
+                 ["evaluate", "--model", model, "--data", nothing],
+                 ["recalibrate", "--model", model, "--data", nothing]):
+      assert cli.main(argv + ["--output", output]) == 2, argv
+      err = capsys.readouterr().err
+      assert err == (f"error: --output {output} {what}, not a directory;"
+                     " pass a directory (it is created if missing)\n"), argv
+
+
+def test_evaluate_and_cv_reports_keep_out_of_artifacts_and_old_reports(
+    tmp_path, capsys):
+  """A report directory: not a model artifact (evaluate's
+  confusion_matrix.png, cv's cv.json would replace the artifact's own), and
+  an earlier report is replaced only with --overwrite; all checked before
+  any work (the data glob matches nothing)."""
+  model = str(tmp_path / "model")
+  testing.make_test_artifact(model, image_size=SIZE)
+  nothing = str(tmp_path / "none" / "*.tfrecord.gz")
+  evaluate = ["evaluate", "--model", model, "--data", nothing]
+  cross = ["cv", "--data", nothing, "--backbone", "tiny",
+           "--backbone_weights", "none"]
+  for argv in (evaluate, cross):
+    assert cli.main(argv + ["--output", model]) == 2
+    assert "holds a model artifact" in capsys.readouterr().err
+  reports = tmp_path / "reports"
+  reports.mkdir()
+  (reports / "metrics.json").write_text("{}")
+  (reports / schemas.CV_REPORT_FILE).write_text("{}")
+  for argv, name in ((evaluate, "evaluate"), (cross, "cv")):
+    assert cli.main(argv + ["--output", str(reports)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {reports} already holds a {name} report"
+        f" ({'metrics.json' if name == 'evaluate' else 'cv.json'}). Choose a"
+        " new --output, or pass --overwrite to replace it.\n")
+    # With --overwrite the checks pass: the empty glob is the error now.
+    assert cli.main(argv + ["--output", str(reports), "--overwrite"]) == 2
+    assert "matches no file" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_existing_artifact_needs_overwrite(tmp_path, data_glob, capsys):
   output = str(tmp_path / "m")
@@ -801,6 +853,66 @@ def test_gradcam_command_writes_the_overlay(tmp_path, test_artifact, capsys):
   bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
   assert cli.main(["gradcam", "--model", test_artifact, "--image", str(bad),
                    "--output", output]) == 2
+
+
+def test_gradcam_explains_a_dicom_as_preprocess_decodes_it(tmp_path,
+                                                           test_artifact,
+                                                           capsys):
+  """pydicom's own test files: a single-frame CT and a two-frame RLE colour
+  file (its first frame), through the frame decoder `preprocess` uses; an
+  object without pixels gets one line."""
+  from pydicom.data import get_testdata_file  # pylint: disable=import-outside-toplevel
+  from busi_core import dicom, imaging  # pylint: disable=import-outside-toplevel
+  model = artifact.load_artifact(test_artifact).model
+  output = str(tmp_path / "cam.png")
+  for name, frames in (("CT_small.dcm", None), ("SC_rgb_rle_2frame.dcm", 2)):
+    path = get_testdata_file(name)
+    assert cli.main(["gradcam", "--model", test_artifact, "--image", path,
+                     "--output", output]) == 0, name
+    out = capsys.readouterr().out
+    with open(path, "rb") as f:
+      data = f.read()
+    frame = next(dicom.iter_frames(data, dicom.read_header(data, 10**8)))
+    pixels = imaging.resize_pixels(frame.pixels, SIZE).pixels[None]
+    probabilities = model.predict(pixels, verbose=0)[0]
+    for label, p in zip(schemas.LABELS, probabilities):
+      assert f"{label:<9}  {p:.4f}" in out, name
+    assert (f"frame 1 of {frames} (a multi-frame DICOM" in out) == bool(
+        frames), name
+    assert os.path.getsize(output) > 0
+  assert cli.main(["gradcam", "--model", test_artifact, "--image",
+                   get_testdata_file("rtplan.dcm"), "--output", output]) == 2
+  assert capsys.readouterr().err == (
+      "error: DICOM object without pixel data (a RT Plan Storage)\n")
+
+
+def test_gradcam_refuses_directories_and_archives_in_one_line(
+    tmp_path, test_artifact, capsys):
+  image = str(tmp_path / "scan.png")
+  import cv2  # pylint: disable=import-outside-toplevel
+  cv2.imwrite(image, np.zeros((40, 40), np.uint8))
+  folder = str(tmp_path / "folder")
+  os.mkdir(folder)
+  output = str(tmp_path / "cam.png")
+  archive = str(tmp_path / "scans.zip")
+  import zipfile  # pylint: disable=import-outside-toplevel
+  with zipfile.ZipFile(archive, "w") as z:
+    z.write(image, "benign/scan.png")
+  for image_arg, output_arg, message in (
+      (folder, output,
+       f"error: --image {folder} is a directory; pass the image file to"
+       " explain\n"),
+      (image, folder,
+       f"error: --output {folder} is a directory; pass the PNG file to"
+       " write\n"),
+      (archive, output,
+       f"error: --image {archive} is a zip archive, not an image: gradcam"
+       " explains one image file. Extract one, or score the archive with"
+       " `python -m beam_pipeline run --gradcam all`\n")):
+    assert cli.main(["gradcam", "--model", test_artifact, "--image",
+                     image_arg, "--output", output_arg]) == 2
+    assert capsys.readouterr().err == message
+  assert not os.path.exists(output)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import sys
 from typing import List, Optional
 
 import schemas
+from busi_core import output_dirs
 from schemas import evaluation as evaluation_schema
 from training import config as config_lib
 
@@ -371,6 +372,8 @@ def _parser() -> argparse.ArgumentParser:
   cross.add_argument("--output", default=None,
                      help="Directory for cv.json (local or gs://); default:"
                      " print only.")
+  cross.add_argument("--overwrite", action="store_true",
+                     help="Replace a cv report already in --output.")
   cross.add_argument(
       "--masks", action="append", default=[],
       help=_MASKS_HELP + " Checks each fold's model against the masks of the"
@@ -399,6 +402,8 @@ def _parser() -> argparse.ArgumentParser:
       help="Glob of *.tfrecord.gz of images that are NOT breast ultrasound"
       " (other modalities, photographs, documents; labels not needed);"
       " repeatable. Adds how many the OOD detector catches to metrics.json.")
+  evaluate.add_argument("--overwrite", action="store_true",
+                        help="Replace a report already in --output.")
 
   explain = commands.add_parser(
       "gradcam", allow_abbrev=False,
@@ -494,6 +499,9 @@ def main(argv: Optional[List[str]] = None) -> int:
       print(train.format_summary(train.train(config)))
     elif args.command == "cv":
       from training import cv  # pylint: disable=import-outside-toplevel
+      if args.output:
+        output_dirs.check_report_dir(args.output, schemas.CV_REPORT_FILE,
+                                     args.overwrite, "cv")
       report = cv.cross_validate(_recipe_config(args, output=args.output or ""),
                                  args.folds, args.masks)
       print(cv.format_table(report))
@@ -501,6 +509,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"Report written to {cv.write_report(report, args.output)}")
     elif args.command == "evaluate":
       from training import evaluate, lesions, metrics  # pylint: disable=import-outside-toplevel
+      output_dirs.check_report_dir(args.output, evaluate.REPORT_FILE,
+                                   args.overwrite, "evaluate")
       report = evaluate.evaluate(args.model, args.data, args.output,
                                  args.batch_size, args.masks, args.ood)
       print(metrics.format_report(report))

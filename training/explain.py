@@ -5,12 +5,13 @@ at the artifact's image_size, i.e. exactly as the pipeline preprocesses it,
 and the heatmap comes from `busi_core.gradcam` as in scoring's `--gradcam`.
 """
 
+import os
 from typing import List, NamedTuple, Optional
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from busi_core import imaging
+from busi_core import dicom, imaging
 from busi_core import artifact, gradcam
 from busi_core.errors import MemberError
 
@@ -25,6 +26,42 @@ class Explanation(NamedTuple):
   explained: str  # the class the heatmap is for
   threshold: float
   flagged: bool  # confidence < threshold, as scoring flags it
+  # A multi-frame DICOM: how many frames it has (the first is explained,
+  # as `preprocess --dicom_max_frames 1` would keep it); else None.
+  frames: Optional[int] = None
+
+
+def _pixels(image: str, data: bytes, size: int):
+  """The file's pixels as preprocessing makes them, [1, size, size, 3]: a
+  DICOM's first frame (cropped to its ultrasound region, as `preprocess`
+  does), else the decoded image; and the DICOM's frame count (None for
+  other files).
+
+  Raises:
+    ValueError: the bytes do not decode (MemberError); an archive; a DICOM
+      that cannot be read, named by its exception's type only (its text may
+      quote the header).
+  """
+  if dicom.is_dicom(data):
+    try:
+      header = dicom.read_header(data, imaging.DEFAULT_MAX_PIXELS)
+      frame = next(dicom.iter_frames(data, header, 1))
+    except MemberError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"--image {image}: unreadable DICOM"
+                       f" ({type(e).__name__})") from None
+    return (imaging.resize_pixels(frame.pixels, size).pixels[None],
+            header.frames)
+  try:
+    return imaging.decode_and_resize(data, size).pixels[None], None
+  except MemberError as e:
+    if e.kind != "NestedArchive":
+      raise
+    raise ValueError(
+        f"--image {image} is a {imaging.sniff_archive(data)} archive, not an"
+        " image: gradcam explains one image file. Extract one, or score the"
+        " archive with `python -m beam_pipeline run --gradcam all`") from e
 
 
 def explain_file(model_dir: str, image: str, output: str,
@@ -42,6 +79,11 @@ def explain_file(model_dir: str, image: str, output: str,
     ValueError: unknown class, missing file, or bytes that do not decode
       (MemberError).
   """
+  for flag, path in (("--image", image), ("--output", output)):
+    if "://" not in path and os.path.isdir(path):
+      raise ValueError(f"{flag} {path} is a directory; pass "
+                       + ("the image file to explain" if flag == "--image"
+                          else "the PNG file to write"))
   loaded = artifact.load_artifact(model_dir)
   labels = loaded.labels
   if class_name is not None and class_name not in labels:
@@ -51,7 +93,7 @@ def explain_file(model_dir: str, image: str, output: str,
   with FileSystems.open(image) as f:
     data = f.read()
   size = loaded.metadata.image_size
-  pixels = imaging.decode_and_resize(data, size).pixels[None]
+  pixels, frames = _pixels(image, data, size)
   probabilities = np.asarray(loaded.model(pixels, training=False))[0]
   predicted = labels[int(probabilities.argmax())]
   explained = class_name or predicted
@@ -64,13 +106,17 @@ def explain_file(model_dir: str, image: str, output: str,
       model_version=loaded.metadata.model_version, labels=labels,
       probabilities=[float(p) for p in probabilities], predicted=predicted,
       explained=explained, threshold=threshold,
-      flagged=bool(probabilities.max() < threshold))
+      flagged=bool(probabilities.max() < threshold),
+      frames=frames if frames and frames > 1 else None)
 
 
 def format_result(result: Explanation) -> str:
   """What the command prints."""
   lines = [f"model {result.model_version}", f"image {result.image}",
            f"predicted class: {result.predicted}", "probabilities:"]
+  if result.frames:
+    lines.insert(2, f"frame 1 of {result.frames} (a multi-frame DICOM: the"
+                 " first frame is explained)")
   width = max(len(label) for label in result.labels)
   for label, p in zip(result.labels, result.probabilities):
     lines.append(f"  {label:<{width}}  {p:.4f}")

@@ -35,7 +35,7 @@ from schemas import artifact as artifact_schema
 from schemas import metadata as metadata_schema
 from schemas.metadata import ArtifactMetadata
 from training import calibration, config as config_lib, data as data_lib
-from busi_core import artifact
+from busi_core import artifact, output_dirs
 from training import evaluate, saving
 from training import model as model_lib, recipe, split
 from busi_core.layers import TemperatureScaling
@@ -142,7 +142,9 @@ def _same_directory(a: str, b: str) -> bool:
 
 
 def _check_paths(config: RecalibrateConfig) -> None:
-  """Refuses to write over the parent, or over an artifact unasked."""
+  """Refuses to write over the parent, into a file, or over an artifact
+  unasked."""
+  output_dirs.check_is_directory(config.output)
   if _same_directory(config.model, config.output):
     raise ValueError(
         f"--output {config.output} is the --model directory: recalibrate"

@@ -19,14 +19,18 @@ from training.config import TrainConfig
 from training.steps.data import Read
 from training.steps.fit import Fitted
 from training.steps.split import Splits
+from busi_core import output_dirs
 
 
 def check_output(config: TrainConfig) -> None:
-  """Refuses to replace an artifact unless --overwrite says so.
+  """Refuses a local --output that is a file, and to replace an artifact
+  unless --overwrite says so.
 
   Raises:
-    ValueError: --output holds an artifact and --overwrite is not given.
+    ValueError: --output is a file, or holds an artifact and --overwrite is
+      not given.
   """
+  output_dirs.check_is_directory(config.output)
   existing = FileSystems.join(config.output.rstrip("/"), schemas.METADATA_FILE)
   if FileSystems.exists(existing) and not config.overwrite:
     raise ValueError(
