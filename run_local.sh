@@ -26,7 +26,7 @@ Options:
                              held-out scans)
   --backbone_weights W       imagenet | none | PATH to Keras VGG16 notop .h5
                              (default: none for the demo, imagenet otherwise)
-  --image_size N             default 64 for the demo, 224 otherwise
+  --image_size N             32..4096; default 64 for the demo, 224 otherwise
   --epochs N                 default 300 for the demo (its patience too),
                              train's default otherwise
   --output DIR               default demo_output
@@ -87,6 +87,18 @@ fi
 if [ -e "$OUT" ] && [ ! -d "$OUT" ]; then
   die "--output $OUT is a file, not a directory; pass a directory"
 fi
+# As preprocess (8..4096) and VGG16 (at least 32) would refuse it, but
+# before set-up and the demo archives; 10# reads "064" as 64, not octal.
+if [ -n "$IMAGE_SIZE" ] && { [ "${#IMAGE_SIZE}" -gt 9 ] ||
+    [ "$((10#$IMAGE_SIZE))" -lt 32 ] || [ "$((10#$IMAGE_SIZE))" -gt 4096 ]; }
+then
+  die "--image_size $IMAGE_SIZE is outside 32..4096 (VGG16 takes at least 32)"
+fi
+[ -z "$IMAGE_SIZE" ] || IMAGE_SIZE="$((10#$IMAGE_SIZE))"
+case "$WEIGHTS" in
+  ''|imagenet|none|gs://*) ;;
+  *) [ -f "$WEIGHTS" ] || die "--backbone_weights $WEIGHTS: no such file;"        "pass imagenet, none or the path of a Keras VGG16 notop .h5" ;;
+esac
 
 source scripts/ensure_env.sh
 mkdir -p "$OUT"

@@ -92,6 +92,42 @@ def format_summary(manifest: dict) -> str:
   return "\n".join(lines)
 
 
+# The error types the end-of-run summary shows, and an example's length.
+ERROR_TYPES_SHOWN = 3
+ERROR_EXAMPLE_CHARS = 240
+
+
+def error_lines(manifest: dict) -> List[str]:
+  """A local run with errors: its commonest error types, each with how many
+  members and one message (the errors table's own query, as `summary`
+  shows every type), so that the console says why without a query. []
+  without errors, for gs:// output, or when the table cannot be read."""
+  output = manifest.get(schemas.MANIFEST_OUTPUT) or ""
+  if not manifest.get(schemas.MANIFEST_COUNTS, {}).get(
+      schemas.COUNT_ERRORS) or "://" in output:
+    return []
+  from reporting import sql  # pylint: disable=import-outside-toplevel
+  try:
+    run = sql.connect(output)
+    rows = (run.con.execute(sql.ERRORS_BY_TYPE).fetchall()
+            if run.has_errors else [])
+  except Exception:  # pylint: disable=broad-except
+    _LOG.debug("The errors table was not read", exc_info=True)
+    return []
+  if not rows:
+    return []
+  which = ("all" if len(rows) <= ERROR_TYPES_SHOWN else
+           f"the {ERROR_TYPES_SHOWN} commonest of {len(rows)}")
+  lines = [f"  errors by type ({which}; `python -m beam_pipeline summary"
+           f" --output {output}` lists each):"]
+  for stage, error_type, members, example in rows[:ERROR_TYPES_SHOWN]:
+    text = " ".join(str(example or "").split())
+    if len(text) > ERROR_EXAMPLE_CHARS:
+      text = text[:ERROR_EXAMPLE_CHARS - 3] + "..."
+    lines.append(f"    {stage} {error_type}: {members}, e.g. {text}")
+  return lines
+
+
 USAGE = "python -m beam_pipeline [--version] COMMAND [flags] [Beam flags]"
 _COMMANDS = {
     "preprocess": "archives / images → DIR/tfrecords, DIR/errors, "
@@ -244,6 +280,8 @@ def _run_pipeline(argv: List[str]) -> int:
           f" {manifest.get(schemas.EXECUTE_STATE)}; no manifest was written")
     return EXIT_OK
   print(format_summary(manifest))
+  for line in error_lines(manifest):
+    print(line)
   _LOG.debug(json.dumps(manifest))
   return exit_status(manifest)
 

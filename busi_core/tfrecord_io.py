@@ -481,8 +481,27 @@ def _skipped(window: _Window, index: int, start: int,
   where = ("to the end of the file" if resume is None else
            f"(reading resumed at offset {resume})")
   return Damage(index, BAD_REGION, (
+      (_not_tfrecords(window.take(0, min(window.end, 512)))
+       if start == 0 and window.holds(0) else "") +
       f"{span} bytes from offset {start} are not intact records {where}:"
       " an unknown number of records lost"), True)
+
+
+def _not_tfrecords(head: bytes) -> str:
+  """What a file that is no TFRecord from its first byte is instead, when
+  its leading bytes say (an archive, an image, a DICOM: `preprocess`'s
+  inputs, passed where its outputs go), as a leading sentence; else ""."""
+  from busi_core import dicom, imaging  # pylint: disable=import-outside-toplevel
+  what = imaging.sniff_archive(head)
+  what = (f"a {what} archive" if what else
+          "a DICOM file" if dicom.is_dicom(head) else
+          f"a {imaging.sniff_format(head).upper()} image"
+          if imaging.sniff_format(head) else None)
+  if what is None:
+    return ""
+  return (f"the file is {what}, not TFRecords: preprocess it first"
+          " (`python -m beam_pipeline preprocess`, or `run` to preprocess and"
+          " score in one job) and pass its DIR/tfrecords/*.tfrecord.gz; ")
 
 
 def _stopped(window: _Window, index: int, at: int) -> Damage:

@@ -33,6 +33,10 @@ def text_table(title: str, columns: Sequence[str], rows) -> str:
 
 
 def _cell(value) -> str:
+  """A float to 3 places, no value (a share of nothing, a SQL NULL) as
+  "n/a", as the tables that say why do."""
+  if value is None:
+    return "n/a"
   return f"{value:.3f}".rstrip("0").rstrip(".") if isinstance(
       value, float) else str(value)
 

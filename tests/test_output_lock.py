@@ -330,6 +330,15 @@ def test_the_lock_on_cloud_storage(gcs_client):
      " archive (or glob)"),
     (["--output", "README.md"],
      "--output README.md is a file, not a directory; pass a directory"),
+    (["--image_size", "16"],
+     "--image_size 16 is outside 32..4096 (VGG16 takes at least 32)"),
+    (["--image_size", "0016"],  # not octal 14, and still too small
+     "--image_size 0016 is outside 32..4096 (VGG16 takes at least 32)"),
+    (["--image_size", "5000"],
+     "--image_size 5000 is outside 32..4096 (VGG16 takes at least 32)"),
+    (["--backbone_weights", "/nonexistent/vgg16.h5"],
+     "--backbone_weights /nonexistent/vgg16.h5: no such file; pass imagenet,"
+     " none or the path of a Keras VGG16 notop .h5"),
 ])
 def test_run_local_argument_checks(args, message):
   done = subprocess.run(["bash", "run_local.sh"] + args, cwd=REPO,

@@ -359,3 +359,44 @@ def test_unknown_commands_and_bad_flag_values_get_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(message) and len(err.splitlines()) == 1, err
     assert not os.path.exists(out)
+
+
+def test_the_end_of_run_summary_says_why_members_failed(tmp_path, capsys):
+  """The console names the commonest error types with an example each, so
+  `zip -r`'s folder entries explain themselves without a query."""
+  from beam_pipeline import cli
+  path, _ = _busi_zip(tmp_path, n_per_class=1, directories=True)
+  out = str(tmp_path / "out")
+  assert cli.main(["preprocess", "--input", path, "--output", out,
+                   "--image_size", str(SIZE)]) == cli.EXIT_OK
+  printed = capsys.readouterr().out
+  directories = len(read_errors(out))
+  assert directories >= 1
+  assert (f"  errors by type (all; `python -m beam_pipeline summary --output"
+          f" {out}` lists each):\n    extract Directory: {directories}, e.g."
+          " directory entry, not an image\n") in printed
+  # More types than shown: the commonest three, long examples cut.
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  many = tmp_path / "many"
+  (many / schemas.ERRORS_DIR).mkdir(parents=True)
+  kinds = ["A"] * 4 + ["B"] * 3 + ["C"] * 2 + ["D"]
+  pq.write_table(pa.table({
+      schemas.COLUMN_STAGE: ["decode"] * len(kinds),
+      schemas.COLUMN_ERROR_TYPE: kinds,
+      schemas.COLUMN_MESSAGE: ["x " * 200] * len(kinds)}),
+                 many / schemas.ERRORS_DIR / "part-0.parquet")
+  lines = cli.error_lines({schemas.MANIFEST_OUTPUT: str(many),
+                           schemas.MANIFEST_COUNTS: {schemas.COUNT_ERRORS: 10}})
+  assert lines[0].startswith("  errors by type (the 3 commonest of 4;")
+  assert [l.split(",")[0] for l in lines[1:]] == [
+      "    decode A: 4", "    decode B: 3", "    decode C: 2"]
+  assert all(l.endswith("x...") for l in lines[1:])
+  assert len(lines[1].split("e.g. ")[1]) == cli.ERROR_EXAMPLE_CHARS
+  # Nothing to say: no errors, or output in an object store.
+  assert cli.error_lines({schemas.MANIFEST_OUTPUT: str(many),
+                          schemas.MANIFEST_COUNTS: {schemas.COUNT_ERRORS: 0}
+                          }) == []
+  assert cli.error_lines({schemas.MANIFEST_OUTPUT: "gs://b/run",
+                          schemas.MANIFEST_COUNTS: {schemas.COUNT_ERRORS: 3}
+                          }) == []

@@ -868,3 +868,13 @@ def test_summary_and_report_read_the_same_sql(tmp_path, capsys):
   # A run without an errors table is still summarised.
   assert "Errors by stage" not in summary.summary(
       _write_run(tmp_path / "clean", with_errors=False))
+
+
+def test_a_text_table_shows_no_value_as_n_a():
+  """A share of nothing (an empty run) reads as the tables that say why
+  do, not as Python's None."""
+  from reporting import summary  # pylint: disable=import-outside-toplevel
+  table = summary.text_table("Shares", ("reason", "images", "share"),
+                             [("needs_review", 0, None), ("x", 3, 0.25)])
+  assert table.splitlines()[3:] == ["needs_review  0       n/a  ",
+                                    "x             3       0.25 "]

@@ -163,6 +163,43 @@ def test_damaged_region_of_unknown_size_is_skipped():
   assert list(records.values()) == EXAMPLES[:10] + EXAMPLES[13:]
 
 
+@pytest.mark.parametrize("what, name", [
+    ("a zip archive", "scans.zip"), ("a tar archive", "scans.tar.gz"),
+    ("a PNG image", "scan.png"), ("a DICOM file", "scan.dcm")])
+def test_an_input_of_preprocess_says_what_it_is(tmp_path, what, name):
+  """An archive, an image or a DICOM passed where TFRecords go: the damage
+  starts by saying what the file is and what to run first."""
+  import cv2  # pylint: disable=import-outside-toplevel
+  import tarfile  # pylint: disable=import-outside-toplevel
+  from pydicom.data import get_testdata_file  # pylint: disable=import-outside-toplevel
+  png = cv2.imencode(".png", np.zeros((20, 20), np.uint8))[1].tobytes()
+  if name.endswith(".zip"):
+    af.write_zip(str(tmp_path / name), af.busi_entries(1))
+    data = (tmp_path / name).read_bytes()
+  elif name.endswith(".tar.gz"):
+    with tarfile.open(tmp_path / name, "w:gz") as tar:
+      (tmp_path / "a.png").write_bytes(png)
+      tar.add(tmp_path / "a.png", "benign/a.png")
+    data = (tmp_path / name).read_bytes()
+  elif name.endswith(".png"):
+    data = png
+  else:
+    with open(get_testdata_file("CT_small.dcm"), "rb") as f:
+      data = f.read()
+  records, damages = _read(data, name)
+  assert not records
+  assert [(d.index, d.error_type) for d in damages] == [
+      (0, tfrecord_io.BAD_REGION)]
+  assert damages[0].message.startswith(
+      f"the file is {what}, not TFRecords: preprocess it first"
+      " (`python -m beam_pipeline preprocess`, or `run` to preprocess and"
+      " score in one job) and pass its DIR/tfrecords/*.tfrecord.gz; "), (
+          damages[0].message)
+  # Damage elsewhere, or bytes that are nothing known, say only what was lost.
+  _, damages = _read(b"not a record at all" * 10)
+  assert damages[0].message.startswith("190 bytes from offset 0")
+
+
 def test_absurd_length_is_corruption_not_an_allocation():
   length = (1 << 40).to_bytes(8, "little")
   header = length + tfrecord_io._CRC.pack(tfrecord_io.masked_crc32c(length))  # pylint: disable=protected-access

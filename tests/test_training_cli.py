@@ -937,7 +937,32 @@ def test_abbreviated_flags_are_refused(tmp_path, data_glob, capsys):
   with pytest.raises(SystemExit) as exit_info:
     cli.main(["cv", "--data", data_glob, "--fold", "3", "--backbone", "tiny"])
   assert exit_info.value.code == 2
-  assert "--fold" in capsys.readouterr().err
+  assert capsys.readouterr().err.endswith(
+      "python -m training cv: error: unknown flag --fold (did you mean"
+      " --folds?)\n")
+
+
+@pytest.mark.parametrize("argv, message", [
+    # Before the missing --output argparse would report instead.
+    (["evaluate", "--model", "m", "--data", "d", "--ouptut", "o"],
+     "python -m training evaluate: error: unknown flag --ouptut (did you"
+     " mean --output?)"),
+    # The command's own usage, not the top level's.
+    (["train", "--data", "d", "--output", "o", "--cv_fold=0"],
+     "python -m training train: error: unknown flag --cv_fold (did you mean"
+     " --cv_folds?)"),
+    (["recalibrate", "--model", "m", "--data", "d", "--output", "o",
+      "--bogus"], "python -m training recalibrate: error: unknown flag"
+     " --bogus"),
+])
+def test_a_misspelt_flag_names_the_closest_the_command_takes(capsys, argv,
+                                                              message):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(argv)
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.endswith(message + "\n"), err
+  assert err.startswith(f"usage: python -m training {argv[0]}")
 
 
 def test_an_unknown_fine_tune_schedule_is_refused(data_glob, capsys):

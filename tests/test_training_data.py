@@ -53,3 +53,21 @@ def test_a_damaged_file_is_refused_by_name(files):
     f.write(data[:len(data) // 2])  # cut short
   with pytest.raises(ValueError, match="a.tfrecord.gz.*BadTFRecordFile"):
     list(data_lib.read_records(files))
+
+
+def test_a_size_mismatch_names_what_asked_for_the_size(files, tmp_path):
+  """--image_size (train, cv) or the model's own size (evaluate,
+  recalibrate), each with what to run."""
+  pattern = [str(tmp_path / "*.tfrecord.gz")]
+  with pytest.raises(ValueError) as flag:
+    data_lib.load_labelled(pattern, image_size=16)
+  assert str(flag.value) == (
+      "--image_size 16 but the TFRecords hold 8x8 images; rerun `python -m"
+      " beam_pipeline preprocess --image_size 16` or leave --image_size out")
+  with pytest.raises(ValueError) as model:
+    data_lib.load_labelled(pattern, image_size=16, model_size=True)
+  assert str(model.value) == (
+      "the model takes 16x16 images but the TFRecords hold 8x8; preprocess"
+      " the images again with `python -m beam_pipeline preprocess"
+      " --image_size 16`")
+  del files

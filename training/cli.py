@@ -2,6 +2,7 @@
 cv, evaluate, recalibrate, gradcam, phantoms."""
 
 import argparse
+import difflib
 import sys
 from typing import List, Optional
 
@@ -478,13 +479,38 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _refuse_unknown_flags(parser: argparse.ArgumentParser,
+                          argv: List[str]) -> None:
+  """A flag the command does not take ends the run first, naming the
+  closest it does take: argparse would report a missing required flag
+  before it (`--ouptut` for `--output`), or the top-level usage after."""
+  if not argv or argv[0].startswith("-"):
+    return
+  commands = next(a for a in parser._actions  # pylint: disable=protected-access
+                  if isinstance(a, argparse._SubParsersAction))  # pylint: disable=protected-access
+  command = commands.choices.get(argv[0])
+  if command is None:
+    return
+  known = [s for a in command._actions for s in a.option_strings]  # pylint: disable=protected-access
+  for arg in argv[1:]:
+    name = arg.split("=", 1)[0]
+    if name.startswith("--") and name != "--" and name not in known:
+      close = difflib.get_close_matches(name, known, n=1)
+      command.error(f"unknown flag {name}"
+                    + (f" (did you mean {close[0]}?)" if close else ""))
+    if arg == "--":
+      return
+
+
 def main(argv: Optional[List[str]] = None) -> int:
   """Runs one command; returns the process exit status.
 
   0 on success, 2 for bad flags, data, weights or artifacts (with a message
   on stderr saying what to pass instead).
   """
-  args = _parser().parse_args(argv)
+  parser = _parser()
+  _refuse_unknown_flags(parser, sys.argv[1:] if argv is None else argv)
+  args = parser.parse_args(argv)
   try:
     if args.command == "train":
       from training import train  # pylint: disable=import-outside-toplevel

@@ -87,7 +87,8 @@ def read_records(files: Sequence[str]) -> Iterator[records.ImageRecord]:
 
 def load_labelled(patterns: Sequence[str],
                   labels: Sequence[str] = schemas.LABELS,
-                  image_size: Optional[int] = None
+                  image_size: Optional[int] = None,
+                  model_size: bool = False
                  ) -> Tuple[LabelledData, ReadStats]:
   """Reads the labelled examples of the TFRecords matched by `patterns`.
 
@@ -96,6 +97,8 @@ def load_labelled(patterns: Sequence[str],
     labels: class names; an example's label becomes its index here.
     image_size: the size every image must have; None accepts the size of the
       first labelled image (all must still agree).
+    model_size: `image_size` is a trained model's (evaluate, recalibrate),
+      not an --image_size flag: a mismatch is worded so.
 
   Returns:
     The data (sorted by image_id) and the read counts.
@@ -130,6 +133,11 @@ def load_labelled(patterns: Sequence[str],
   (height, width), = sizes
   if height != width:
     raise ValueError(f"images are {height}x{width}; the model needs squares")
+  if image_size is not None and height != image_size and model_size:
+    raise ValueError(
+        f"the model takes {image_size}x{image_size} images but the TFRecords"
+        f" hold {height}x{width}; preprocess the images again with"
+        f" `python -m beam_pipeline preprocess --image_size {image_size}`")
   if image_size is not None and height != image_size:
     raise ValueError(
         f"--image_size {image_size} but the TFRecords hold {height}x{width}"

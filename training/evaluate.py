@@ -326,7 +326,8 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
   scoring_model = inference.scoring_model(loaded.model, loaded.ood)
   labels = loaded.labels
   size = loaded.metadata.image_size
-  data, stats = data_lib.load_labelled(patterns, labels, size)
+  data, stats = data_lib.load_labelled(patterns, labels, size,
+                                       model_size=True)
   # Before the model runs, so that a bad --masks fails at once.
   mask_sets = lesion_masks.read_mask_archives(masks) if masks else None
   _LOG.info("Evaluating %s on %d labelled images (%d unlabelled skipped)",

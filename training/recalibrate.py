@@ -418,7 +418,8 @@ def recalibrate(config: RecalibrateConfig) -> ArtifactMetadata:
   parent = artifact.load_artifact(config.model)
   labels = parent.labels
   sample, stats = data_lib.load_labelled(config.data, labels,
-                                         parent.metadata.image_size)
+                                         parent.metadata.image_size,
+                                         model_size=True)
   parts = _split_sample(sample, labels, config.holdout_fraction, config.seed)
   _LOG.info("Site sample: %d images, %d to fit on, %d held out", stats.used,
             len(parts.fit.labels),
