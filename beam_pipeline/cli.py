@@ -196,16 +196,26 @@ def version() -> str:
           f" {schemas.ARTIFACT_FORMAT_VERSION})")
 
 
+_BEAM_RESOURCE_WARNING = "Resource module is not available for current platform"
+
+
 class _ConsoleFilter(logging.Filter):
   """Our messages from INFO, other libraries' from WARNING.
 
   Beam's runner logs a failed step at ERROR with its traceback before
   raising it; the launcher reports that failure itself, in one line.
+  RunInference's "Resource module is not available" warning is dropped:
+  Beam 2.77 sets `resource` to None whenever its optional PyTorch model
+  manager fails to import (apache_beam/ml/inference/base.py), so it warns
+  on every Linux worker without torch, where `resource` is there; the only
+  loss is its memory metric.
   """
 
   def filter(self, record: logging.LogRecord) -> bool:
     if record.name.split(".")[0] in _OWN_LOGGERS:
       return True
+    if str(record.msg).startswith(_BEAM_RESOURCE_WARNING):
+      return False
     if record.name.startswith("apache_beam.runners"):
       return logging.WARNING <= record.levelno < logging.ERROR
     return record.levelno >= logging.WARNING

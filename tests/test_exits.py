@@ -9,6 +9,7 @@ root), monkeypatched writes for a full disk without root, and a real
 import contextlib
 import errno
 import glob
+import logging
 import os
 import signal
 import subprocess
@@ -368,3 +369,21 @@ def test_io_causes_are_found_however_beam_wraps_them():
   assert failures.interrupted(RuntimeError(
       "KeyboardInterrupt [while running 'Decode']"))
   assert not failures.interrupted(RuntimeError("ValueError: x"))
+
+
+def test_the_console_keeps_warnings_but_not_beams_false_resource_one():
+  """Our INFO and other libraries' warnings reach the console; Beam 2.77's
+  "Resource module is not available" (logged on every Linux worker without
+  torch) does not."""
+  from beam_pipeline import cli  # pylint: disable=import-outside-toplevel
+  console = cli._ConsoleFilter()  # pylint: disable=protected-access
+
+  def record(name, level, msg):
+    return logging.LogRecord(name, level, __file__, 1, msg, None, None)
+
+  assert console.filter(record("beam_pipeline.pipeline", logging.INFO, "x"))
+  assert console.filter(record("root", logging.WARNING, "disk is slow"))
+  assert not console.filter(record("root", logging.INFO, "chatty"))
+  assert not console.filter(record(
+      "root", logging.WARNING, "Resource module is not available for current"
+      " platform, memory usage cannot be fetched."))
