@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -118,8 +119,11 @@ def error_lines(manifest: dict) -> List[str]:
     return []
   which = ("all" if len(rows) <= ERROR_TYPES_SHOWN else
            f"the {ERROR_TYPES_SHOWN} commonest of {len(rows)}")
-  lines = [f"  errors by type ({which}; `python -m beam_pipeline summary"
-           f" --output {output}` lists each):"]
+  # `summary` reads scored runs only; a preprocess run has its table.
+  where = (f"`python -m beam_pipeline summary --output {shlex.quote(output)}`"
+           if manifest.get(schemas.MANIFEST_COMMAND) != schemas.COMMAND_PREPROCESS
+           else f"the errors table, {sql.errors_glob(output)},")
+  lines = [f"  errors by type ({which}; {where} lists each):"]
   for stage, error_type, members, example in rows[:ERROR_TYPES_SHOWN]:
     text = " ".join(str(example or "").split())
     if len(text) > ERROR_EXAMPLE_CHARS:

@@ -462,8 +462,11 @@ def _next_frame(window: _Window, start: int,
 
 
 def _skipped(window: _Window, index: int, start: int,
-             resume: Optional[int], max_record_bytes: int) -> Damage:
-  """The Damage for the bytes from `start` to `resume` (None: to the end)."""
+             resume: Optional[int], max_record_bytes: int,
+             head: bytes = b"") -> Damage:
+  """The Damage for the bytes from `start` to `resume` (None: to the end);
+  `head`: the stream's first bytes when the damage starts there (the scan
+  may have dropped them from the window since)."""
   stop = window.end if resume is None else resume
   span = stop - start
   if resume is None and window.broken:
@@ -481,16 +484,22 @@ def _skipped(window: _Window, index: int, start: int,
   where = ("to the end of the file" if resume is None else
            f"(reading resumed at offset {resume})")
   return Damage(index, BAD_REGION, (
-      (_not_tfrecords(window.take(0, min(window.end, 512)))
-       if start == 0 and window.holds(0) else "") +
+      _not_tfrecords(head) +
       f"{span} bytes from offset {start} are not intact records {where}:"
       " an unknown number of records lost"), True)
+
+
+# Enough leading bytes to tell an archive, an image or a DICOM ("DICM" at 128,
+# "ustar" at 257).
+_SNIFF_BYTES = 512
 
 
 def _not_tfrecords(head: bytes) -> str:
   """What a file that is no TFRecord from its first byte is instead, when
   its leading bytes say (an archive, an image, a DICOM: `preprocess`'s
   inputs, passed where its outputs go), as a leading sentence; else ""."""
+  if not head:
+    return ""
   from busi_core import dicom, imaging  # pylint: disable=import-outside-toplevel
   what = imaging.sniff_archive(head)
   what = (f"a {what} archive" if what else
@@ -528,8 +537,12 @@ def _frames(window: _Window,
     length = _frame_length(window.take(at, at + _HEADER_BYTES),
                            max_record_bytes)
     if length is None:
+      head = b""
+      if at == 0:  # what the file is, before the scan moves past it
+        window.ensure(_SNIFF_BYTES)
+        head = window.take(0, min(window.end, _SNIFF_BYTES))
       resume = _next_frame(window, at, max_record_bytes)
-      yield _skipped(window, index, at, resume, max_record_bytes)
+      yield _skipped(window, index, at, resume, max_record_bytes, head)
       index += 1
       if resume is None:
         return

@@ -5,8 +5,8 @@ no more than its cgroup's CPU quota allows (a container's `--cpus`: each
 worker loads TensorFlow, so workers beyond the quota only compete for it),
 no more than the memory it may still use holds at WORKER_BYTES a worker
 (the least of /proc/meminfo's MemAvailable and, at each level of its cgroup,
-the limit less the usage: a container's `--memory`), at most MOST, at least
-one.
+the limit less the usage net of inactive file cache: a container's
+`--memory`), at most MOST, at least one.
 
 cgroup v2 (`cpu.max`, `memory.max`, `memory.current`) and v1
 (`cpu.cfs_quota_us` / `cpu.cfs_period_us`, `memory.limit_in_bytes`,
@@ -97,24 +97,41 @@ def quota_cpus(directory):
     return None
 
 
+def _stat(directory, key):
+  """A `memory.stat` field in bytes, or 0."""
+  for line in (_read(os.path.join(directory, "memory.stat")) or "").splitlines():
+    name, _, value = line.partition(" ")
+    if name == key:
+      try:
+        return int(value)
+      except ValueError:
+        return 0
+  return 0
+
+
 def memory_left(directory):
   """Bytes a cgroup directory's limit leaves (limit less usage), or None
   where it has no limit or none can be read (v2 `memory.max`, v1
-  `memory.limit_in_bytes`)."""
+  `memory.limit_in_bytes`). Usage counts page cache, which a long-lived
+  container fills up to its limit; the inactive file cache (memory.stat's
+  `inactive_file`, v1 `total_inactive_file`) is reclaimed when needed, so
+  it counts as free, as `docker stats` and the kubelet count it."""
   text = _read(os.path.join(directory, "memory.max"))
   if text is not None:
     if text.strip() == "max":
       return None
     limit = _number(os.path.join(directory, "memory.max"))
     used = _number(os.path.join(directory, "memory.current"))
+    cache = _stat(directory, "inactive_file")
   else:
     limit = _number(os.path.join(directory, "memory.limit_in_bytes"))
     used = _number(os.path.join(directory, "memory.usage_in_bytes"))
+    cache = _stat(directory, "total_inactive_file")
     if limit is not None and limit >= V1_UNLIMITED:
       return None
   if limit is None:
     return None
-  return max(0, limit - (used or 0))
+  return max(0, limit - max(0, (used or 0) - cache))
 
 
 def mem_available(meminfo=MEMINFO):

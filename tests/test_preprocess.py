@@ -372,13 +372,14 @@ def test_the_end_of_run_summary_says_why_members_failed(tmp_path, capsys):
   printed = capsys.readouterr().out
   directories = len(read_errors(out))
   assert directories >= 1
-  assert (f"  errors by type (all; `python -m beam_pipeline summary --output"
-          f" {out}` lists each):\n    extract Directory: {directories}, e.g."
+  # `summary` refuses a preprocess run: the pointer is its errors table.
+  assert (f"  errors by type (all; the errors table, {out}/errors/*.parquet,"
+          f" lists each):\n    extract Directory: {directories}, e.g."
           " directory entry, not an image\n") in printed
   # More types than shown: the commonest three, long examples cut.
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-  many = tmp_path / "many"
+  many = tmp_path / "many runs"  # a space: the command quotes it
   (many / schemas.ERRORS_DIR).mkdir(parents=True)
   kinds = ["A"] * 4 + ["B"] * 3 + ["C"] * 2 + ["D"]
   pq.write_table(pa.table({
@@ -387,8 +388,11 @@ def test_the_end_of_run_summary_says_why_members_failed(tmp_path, capsys):
       schemas.COLUMN_MESSAGE: ["x " * 200] * len(kinds)}),
                  many / schemas.ERRORS_DIR / "part-0.parquet")
   lines = cli.error_lines({schemas.MANIFEST_OUTPUT: str(many),
+                           schemas.MANIFEST_COMMAND: schemas.COMMAND_SCORE,
                            schemas.MANIFEST_COUNTS: {schemas.COUNT_ERRORS: 10}})
-  assert lines[0].startswith("  errors by type (the 3 commonest of 4;")
+  assert lines[0] == (
+      "  errors by type (the 3 commonest of 4; `python -m beam_pipeline"
+      f" summary --output '{many}'` lists each):")
   assert [l.split(",")[0] for l in lines[1:]] == [
       "    decode A: 4", "    decode B: 3", "    decode C: 2"]
   assert all(l.endswith("x...") for l in lines[1:])

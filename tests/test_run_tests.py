@@ -61,6 +61,14 @@ GiB = 2**30
       "memory.usage_in_bytes": "5\n"}, None),
     ({"memory.limit_in_bytes": f"{4 * GiB}\n",
       "memory.usage_in_bytes": f"{GiB}\n"}, 3 * GiB),
+    # Inactive file cache is reclaimable: it counts as free.
+    ({"memory.max": f"{8 * GiB}\n", "memory.current": f"{7 * GiB}\n",
+      "memory.stat": f"anon {GiB}\ninactive_file {5 * GiB}\n"
+                     f"active_file {GiB}\n"}, 6 * GiB),
+    ({"memory.limit_in_bytes": f"{8 * GiB}\n",
+      "memory.usage_in_bytes": f"{8 * GiB}\n",
+      "memory.stat": f"inactive_file {GiB}\ntotal_inactive_file"
+                     f" {6 * GiB}\n"}, 6 * GiB),
     ({}, None),
 ])
 def test_a_cgroup_memory_limit_leaves_its_limit_less_its_usage(tmp_path, files,

@@ -172,7 +172,8 @@ def test_an_input_of_preprocess_says_what_it_is(tmp_path, what, name):
   import cv2  # pylint: disable=import-outside-toplevel
   import tarfile  # pylint: disable=import-outside-toplevel
   from pydicom.data import get_testdata_file  # pylint: disable=import-outside-toplevel
-  png = cv2.imencode(".png", np.zeros((20, 20), np.uint8))[1].tobytes()
+  noise = np.random.default_rng(0).integers(0, 256, (80, 80), np.uint8)
+  png = cv2.imencode(".png", noise)[1].tobytes()
   if name.endswith(".zip"):
     af.write_zip(str(tmp_path / name), af.busi_entries(1))
     data = (tmp_path / name).read_bytes()
@@ -195,6 +196,15 @@ def test_an_input_of_preprocess_says_what_it_is(tmp_path, what, name):
       " (`python -m beam_pipeline preprocess`, or `run` to preprocess and"
       " score in one job) and pass its DIR/tfrecords/*.tfrecord.gz; "), (
           damages[0].message)
+  # A file far longer than a record may be (the whole BUSI zip is ~195 MB,
+  # a record at most 64 MiB): the scan drops the head before the damage is
+  # written, and the sentence must still be there.
+  assert len(data) > 4 * 1024
+  damages = [i for i in tfrecord_io.read_records(io.BytesIO(data), name,
+                                                  max_record_bytes=1024)
+             if isinstance(i, tfrecord_io.Damage)]
+  assert len(damages) == 1 and damages[0].message.startswith(
+      f"the file is {what}, not TFRecords"), damages
   # Damage elsewhere, or bytes that are nothing known, say only what was lost.
   _, damages = _read(b"not a record at all" * 10)
   assert damages[0].message.startswith("190 bytes from offset 0")

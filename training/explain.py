@@ -27,7 +27,7 @@ class Explanation(NamedTuple):
   threshold: float
   flagged: bool  # confidence < threshold, as scoring flags it
   # A multi-frame DICOM: how many frames it has (the first is explained,
-  # as `preprocess --dicom_max_frames 1` would keep it); else None.
+  # as `preprocess --max_frames_per_file 1` would keep it); else None.
   frames: Optional[int] = None
 
 
