@@ -120,9 +120,11 @@ def error_lines(manifest: dict) -> List[str]:
   which = ("all" if len(rows) <= ERROR_TYPES_SHOWN else
            f"the {ERROR_TYPES_SHOWN} commonest of {len(rows)}")
   # `summary` reads scored runs only; a preprocess run has its table.
-  where = (f"`python -m beam_pipeline summary --output {shlex.quote(output)}`"
-           if manifest.get(schemas.MANIFEST_COMMAND) != schemas.COMMAND_PREPROCESS
-           else f"the errors table, {sql.errors_glob(output)},")
+  preprocess = (manifest.get(schemas.MANIFEST_COMMAND) ==
+                schemas.COMMAND_PREPROCESS)
+  where = (f"the errors table, {sql.errors_glob(output)}," if preprocess else
+           "`python -m beam_pipeline summary --output"
+           f" {shlex.quote(output)}`")
   lines = [f"  errors by type ({which}; {where} lists each):"]
   for stage, error_type, members, example in rows[:ERROR_TYPES_SHOWN]:
     text = " ".join(str(example or "").split())
@@ -200,7 +202,8 @@ def version() -> str:
           f" {schemas.ARTIFACT_FORMAT_VERSION})")
 
 
-_BEAM_RESOURCE_WARNING = "Resource module is not available for current platform"
+_BEAM_RESOURCE_WARNING = (
+    "Resource module is not available for current platform")
 
 
 class _ConsoleFilter(logging.Filter):

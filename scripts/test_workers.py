@@ -99,7 +99,8 @@ def quota_cpus(directory):
 
 def _stat(directory, key):
   """A `memory.stat` field in bytes, or 0."""
-  for line in (_read(os.path.join(directory, "memory.stat")) or "").splitlines():
+  text = _read(os.path.join(directory, "memory.stat")) or ""
+  for line in text.splitlines():
     name, _, value = line.partition(" ")
     if name == key:
       try:
