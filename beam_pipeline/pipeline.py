@@ -245,6 +245,8 @@ def create(argv: Optional[List[str]] = None,
   if command != opts_lib.PREPROCESS:
     # The artifact is checked before the output is touched or a file read.
     config = scoring_pipeline.load_config(opts, run_id, command)
+    if command == opts_lib.SCORE:
+      scoring_pipeline.check_image_size(paths, config.image_size)
   skip = None
   if opts.skip_scored:
     skip = skip_scored.find_runs(opts.skip_scored, opts.output,

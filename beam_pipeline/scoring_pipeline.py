@@ -3,11 +3,13 @@
 (ScoreImages, with Grad-CAM overlays); `pipeline.build` composes them."""
 
 import datetime
+import io
 import logging
 from typing import Dict, Optional
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.utils import shared
@@ -277,6 +279,45 @@ class ScoreImages(beam.PTransform):
       gradcam_errors = explained[ERRORS]
     errors = tuple(error_parts) | "ScoringErrors" >> beam.Flatten()
     return {"rows": rows, "errors": errors, "gradcam_errors": gradcam_errors}
+
+
+# How much of the first input `check_image_size` reads: a 224² record is
+# about 150 KB before gzip.
+SIZE_CHECK_BYTES = 1 << 20
+
+
+def check_image_size(paths, image_size: int) -> Optional[str]:
+  """`score`: the first record of the first input against the model's image
+  size, at launch; a warning (logged, and returned) when it differs: the
+  run would make each such image a WrongImageShape row, and a long run
+  should not find that out at its end. Not a refusal: inputs of several
+  sizes are allowed, each image of the wrong one an error row. Reads at
+  most SIZE_CHECK_BYTES; a file whose first record is not whole there
+  (damaged, not TFRecords, a record that large) is left to the run, which
+  reports it."""
+  if not paths:
+    return None
+  try:
+    with FileSystems.open(paths[0], compression_type=(
+        CompressionTypes.UNCOMPRESSED)) as f:
+      head = f.read(SIZE_CHECK_BYTES)
+    first = next(tfrecord_io.read_records(io.BytesIO(head), paths[0]), None)
+    if not isinstance(first, tfrecord_io.Record):
+      return
+    height, width = scoring.parse_for_scoring(first.payload).pixels.shape[:2]
+  except Exception:  # pylint: disable=broad-except
+    _LOG.debug("The image size was not checked at launch", exc_info=True)
+    return None  # the run reads the file itself and reports what is wrong
+  if (height, width) == (image_size, image_size):
+    return None
+  warning = (
+      f"--input {archives.display_uri(paths[0])} begins with a"
+      f" {height}x{width} image but the model takes {image_size}x{image_size}:"
+      " every image of another size will be a WrongImageShape error row;"
+      f" preprocess them again with --image_size {image_size}, or score the"
+      " archives with `run`, which preprocesses at the model's size")
+  _LOG.warning("%s", warning)
+  return warning
 
 
 def load_config(opts, run_id: str, command: str) -> scoring.ScoringConfig:

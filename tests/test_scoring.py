@@ -235,3 +235,31 @@ def test_a_run_repeats_the_warnings_its_model_was_trained_with(
     assert (sentence in caplog.text) == bool(warnings)
     assert (f"  WARNING: {sentence}\n" in cli.format_summary(manifest)
            ) == bool(warnings)
+
+
+def test_score_warns_at_launch_when_the_first_image_is_another_size(
+    tmp_path, caplog):
+  """The first record of the first input against the model's size: a
+  warning before the run (not a refusal: inputs of several sizes score,
+  the odd images as WrongImageShape rows); nothing when it matches or the
+  file is no TFRecord (the run reports that itself)."""
+  from beam_pipeline import scoring_pipeline  # pylint: disable=import-outside-toplevel
+  small = str(tmp_path / "small.tfrecord.gz")
+  training_testing.write_tfrecords(small, training_testing.synthetic_records(
+      per_class=1, image_size=16, seed=0))
+  right = str(tmp_path / "right.tfrecord.gz")
+  training_testing.write_tfrecords(right, training_testing.synthetic_records(
+      per_class=1, image_size=32, seed=0))
+  with caplog.at_level("WARNING"):
+    warning = scoring_pipeline.check_image_size([small, right], 32)
+  assert warning == (
+      f"--input {small} begins with a 16x16 image but the model takes 32x32:"
+      " every image of another size will be a WrongImageShape error row;"
+      " preprocess them again with --image_size 32, or score the archives"
+      " with `run`, which preprocesses at the model's size")
+  assert warning in caplog.text
+  assert scoring_pipeline.check_image_size([right, small], 32) is None
+  archive = str(tmp_path / "a.zip")
+  af.write_zip(archive, af.busi_entries(1))
+  assert scoring_pipeline.check_image_size([archive], 32) is None
+  assert scoring_pipeline.check_image_size([], 32) is None
