@@ -303,7 +303,7 @@ def check_image_size(paths, image_size: int) -> Optional[str]:
       head = f.read(SIZE_CHECK_BYTES)
     first = next(tfrecord_io.read_records(io.BytesIO(head), paths[0]), None)
     if not isinstance(first, tfrecord_io.Record):
-      return
+      return None
     height, width = scoring.parse_for_scoring(first.payload).pixels.shape[:2]
   except Exception:  # pylint: disable=broad-except
     _LOG.debug("The image size was not checked at launch", exc_info=True)

@@ -36,6 +36,28 @@ def check_is_directory(output: str, error=OutputIsAFile,
                 f" directory ({wanted})")
 
 
+def _holds_artifact(output: str) -> bool:
+  """Whether `output` holds a model artifact (its metadata.json)."""
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
+  import schemas  # pylint: disable=import-outside-toplevel
+  return FileSystems.exists(FileSystems.join(output.rstrip("/") or output,
+                                             schemas.METADATA_FILE))
+
+
+def check_artifact_dir(output: str, overwrite: bool) -> None:
+  """Where `train` or `recalibrate` writes an artifact: not a file, and not
+  over an artifact unless --overwrite says so.
+
+  Raises:
+    ValueError: saying what to pass instead.
+  """
+  check_is_directory(output)
+  if _holds_artifact(output) and not overwrite:
+    raise ValueError(
+        f"{output} already holds a model artifact. Choose a new"
+        " --output, or pass --overwrite to replace it.")
+
+
 def check_report_dir(output: str, report_file: str, overwrite: bool,
                      command: str) -> None:
   """Where `evaluate` or `cv` writes its report: not a file, not a model
@@ -53,16 +75,14 @@ def check_report_dir(output: str, report_file: str, overwrite: bool,
     ValueError: saying what to pass instead.
   """
   from apache_beam.io.filesystems import FileSystems  # pylint: disable=import-outside-toplevel
-  import schemas  # pylint: disable=import-outside-toplevel
   check_is_directory(output)
-  directory = output.rstrip("/") or output
-  if FileSystems.exists(FileSystems.join(directory, schemas.METADATA_FILE)):
+  if _holds_artifact(output):
     raise ValueError(
         f"--output {output} holds a model artifact: {command} writes its"
         " report into a directory of its own, and would replace the"
         " artifact's files. Choose another --output.")
-  if FileSystems.exists(FileSystems.join(directory, report_file)) and (
-      not overwrite):
+  if FileSystems.exists(FileSystems.join(output.rstrip("/") or output,
+                                         report_file)) and not overwrite:
     raise ValueError(
         f"{output} already holds a {command} report ({report_file}). Choose"
         " a new --output, or pass --overwrite to replace it.")

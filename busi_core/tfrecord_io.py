@@ -501,12 +501,14 @@ def _not_tfrecords(head: bytes) -> str:
   if not head:
     return ""
   from busi_core import dicom, imaging  # pylint: disable=import-outside-toplevel
-  what = imaging.sniff_archive(head)
-  what = (f"a {what} archive" if what else
-          "a DICOM file" if dicom.is_dicom(head) else
-          f"a {imaging.sniff_format(head).upper()} image"
-          if imaging.sniff_format(head) else None)
-  if what is None:
+  archive, image = imaging.sniff_archive(head), imaging.sniff_format(head)
+  if archive:
+    what = f"a {archive} archive"
+  elif dicom.is_dicom(head):
+    what = "a DICOM file"
+  elif image:
+    what = f"a {image.upper()} image"
+  else:
     return ""
   return (f"the file is {what}, not TFRecords: preprocess it first"
           " (`python -m beam_pipeline preprocess`, or `run` to preprocess and"

@@ -133,13 +133,12 @@ def load_labelled(patterns: Sequence[str],
   (height, width), = sizes
   if height != width:
     raise ValueError(f"images are {height}x{width}; the model needs squares")
-  if image_size is not None and height != image_size and model_size:
+  if image_size is not None and height != image_size:
     raise ValueError(
         f"the model takes {image_size}x{image_size} images but the TFRecords"
         f" hold {height}x{width}; preprocess the images again with"
-        f" `python -m beam_pipeline preprocess --image_size {image_size}`")
-  if image_size is not None and height != image_size:
-    raise ValueError(
+        f" `python -m beam_pipeline preprocess --image_size {image_size}`"
+        if model_size else
         f"--image_size {image_size} but the TFRecords hold {height}x{width}"
         f" images; rerun `python -m beam_pipeline preprocess --image_size"
         f" {image_size}` or leave --image_size out")

@@ -97,10 +97,15 @@ def classification_report(y_true: Sequence[int], y_pred: Sequence[int],
   }
 
 
+# What `one_class` and `never_predicted` say such a finding means, unless
+# told otherwise: on a model's own splits it has not learned.
+ONE_CLASS_MEANING = "it has not learned to tell them apart"
+NEVER_PREDICTED_MEANING = "it has not learned to recognise that class"
+
+
 def one_class(name: str, y_pred: Sequence[int], y_true: Sequence[int],
               labels: Sequence[str],
-              meaning: str = "it has not learned to tell them apart"
-              ) -> Optional[str]:
+              meaning: str = ONE_CLASS_MEANING) -> Optional[str]:
   """When every image of a set is predicted as one class though the set
   holds several, a sentence that says so (on its training's own splits the
   model has not learned to tell them apart: a head stopped on its first
@@ -130,8 +135,7 @@ NEVER_PREDICTED_MIN_SUPPORT = 5
 
 def never_predicted(name: str, y_pred: Sequence[int], y_true: Sequence[int],
                     labels: Sequence[str],
-                    meaning: str = "it has not learned to recognise that"
-                                   " class") -> List[str]:
+                    meaning: str = NEVER_PREDICTED_MEANING) -> List[str]:
   """A sentence for each class that the set holds at least
   NEVER_PREDICTED_MIN_SUPPORT images of and the model never predicts there
   (its recall is 0: the figures show that, not why). [] for an empty set,
@@ -162,10 +166,8 @@ def never_predicted(name: str, y_pred: Sequence[int], y_true: Sequence[int],
 
 def prediction_findings(name: str, y_pred: Sequence[int],
                         y_true: Sequence[int], labels: Sequence[str],
-                        one_class_meaning: str = ("it has not learned to tell"
-                                                  " them apart"),
-                        never_meaning: str = ("it has not learned to"
-                                              " recognise that class")
+                        one_class_meaning: str = ONE_CLASS_MEANING,
+                        never_meaning: str = NEVER_PREDICTED_MEANING
                         ) -> Tuple[bool, List[str]]:
   """What is wrong with a set's predictions, for a warning: `one_class`'s
   sentence when the model predicts one class for a set that holds several,

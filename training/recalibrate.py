@@ -149,11 +149,7 @@ def _check_paths(config: RecalibrateConfig) -> None:
     raise ValueError(
         f"--output {config.output} is the --model directory: recalibrate"
         " never modifies the parent artifact. Choose a new --output.")
-  existing = FileSystems.join(config.output.rstrip("/"), schemas.METADATA_FILE)
-  if FileSystems.exists(existing) and not config.overwrite:
-    raise ValueError(
-        f"{config.output} already holds a model artifact. Choose a new"
-        " --output, or pass --overwrite to replace it.")
+  output_dirs.check_artifact_dir(config.output, config.overwrite)
 
 
 def _split_sample(sample: data_lib.LabelledData, labels: Sequence[str],

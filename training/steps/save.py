@@ -30,12 +30,7 @@ def check_output(config: TrainConfig) -> None:
     ValueError: --output is a file, or holds an artifact and --overwrite is
       not given.
   """
-  output_dirs.check_is_directory(config.output)
-  existing = FileSystems.join(config.output.rstrip("/"), schemas.METADATA_FILE)
-  if FileSystems.exists(existing) and not config.overwrite:
-    raise ValueError(
-        f"{config.output} already holds a model artifact. Choose a new"
-        " --output, or pass --overwrite to replace it.")
+  output_dirs.check_artifact_dir(config.output, config.overwrite)
 
 
 def remove_stale(config: TrainConfig) -> None:
