@@ -1001,6 +1001,17 @@ def test_threshold_rule_with_a_fixed_threshold_is_refused(data_glob, capsys,
       capsys.readouterr().err)
 
 
+def test_the_tiny_backbone_with_pretrained_weights_is_refused_first(
+    tmp_path, data_glob, capsys):
+  # Before any data is read, and worded as the flags the user passes.
+  assert cli.main(["train", "--data", data_glob, "--output",
+                   str(tmp_path / "out"), "--backbone", "tiny"]) == 2
+  assert capsys.readouterr().err.endswith(
+      "error: --backbone tiny has no pretrained weights (--backbone_weights"
+      " imagenet); pass --backbone_weights none\n")
+  assert not (tmp_path / "out").exists()
+
+
 def test_expected_rule_needs_a_calibration(data_glob, capsys):
   assert cli.main(["cv", "--data", data_glob, "--backbone", "tiny",
                    "--no_calibrate", "--threshold_rule", "expected"]) == 2

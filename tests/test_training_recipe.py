@@ -172,7 +172,7 @@ def test_cache_matches_the_model_and_refuses_missing_views(images):
   assert cache.seconds > 0
 
 
-def _tiny_runner(images, **fields):
+def _tiny_runner(images, progress=0, **fields):
   """A Recipe on the tiny backbone (seed 0) with one view besides the
   originals: even images train, odd ones validate."""
   labels = np.repeat(np.arange(3), 8)
@@ -184,7 +184,45 @@ def _tiny_runner(images, **fields):
   cache = recipe.ConvCache(model, images, {0: np.arange(24), 1: train}, 8, 0,
                            recipe.cache_layers(config, model),
                            keys=np.arange(24))
-  return recipe.Recipe(model, cache, labels, config, progress=0), train, val
+  return (recipe.Recipe(model, cache, labels, config, progress=progress),
+          train, val)
+
+
+def test_epoch_log_logs_the_first_and_last_epochs_and_one_line_a_period(
+    caplog):
+  now = [0.0]
+  log = recipe.EpochLog("head", 35, every=10.0, clock=lambda: now[0])
+  log.on_train_begin()
+  with caplog.at_level("INFO", logger=recipe.__name__):
+    for epoch in range(35):
+      now[0] += 1.0  # a second an epoch
+      log.on_epoch_end(epoch, {"loss": 2.0 - epoch / 100,
+                               "val_loss": 1.0 + abs(epoch - 20) / 100})
+  lines = [r.getMessage() for r in caplog.records]
+  assert [line.split(",")[0] for line in lines] == [
+      f"Stage head: epoch {n}/35" for n in (1, 11, 21, 31, 35)]
+  assert lines[0] == ("Stage head: epoch 1/35, loss 2.0000, val_loss 1.2000"
+                      " (best val_loss 1.2000, epoch 1); 1.00 s an epoch")
+  assert lines[-1] == ("Stage head: epoch 35/35, loss 1.6600, val_loss"
+                       " 1.1400 (best val_loss 1.0000, epoch 21); 1.00 s an"
+                       " epoch")
+
+
+def test_a_stage_logs_a_few_lines_not_one_an_epoch(images, caplog, capsys):
+  runner, train, val = _tiny_runner(images, progress=None, epochs=40,
+                                    patience=40, learning_rate=1e-3)
+  with caplog.at_level("INFO", logger=recipe.__name__):
+    fitted = runner.fit(train, val, 0)
+  assert "Epoch" not in capsys.readouterr().out  # no Keras lines
+  lines = [r.getMessage() for r in caplog.records]
+  epochs = [line for line in lines if line.startswith("Stage head: epoch")]
+  assert epochs[0].startswith("Stage head: epoch 1/40, loss ")
+  assert epochs[-1].startswith("Stage head: epoch 40/40, loss ")
+  assert len(epochs) < 10
+  best = fitted.best_epoch["head"]
+  assert lines[-1].startswith(
+      f"Stage head: 40 of 40 epochs run, the weights of epoch {best} kept"
+      f" (the lowest val_loss, {min(fitted.history['val_loss']):.4f}) in ")
 
 
 @pytest.mark.slow

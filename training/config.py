@@ -311,5 +311,9 @@ class TrainConfig:
                        " [0, 1] (0: no out-of-distribution detector)")
     if self.backbone not in BACKBONES:
       raise ValueError(f"--backbone must be one of {BACKBONES}")
+    if self.backbone != VGG16 and self.backbone_weights != NO_WEIGHTS:
+      raise ValueError(f"--backbone {self.backbone} has no pretrained weights"
+                       f" (--backbone_weights {self.backbone_weights});"
+                       f" pass --backbone_weights {NO_WEIGHTS}")
     if not self.name or "/" in self.name:
       raise ValueError("--name must be non-empty and contain no '/'")

@@ -50,11 +50,6 @@ def build_model(config: TrainConfig, image_size: int) -> keras.Model:
                                config.network_size_for(image_size))
 
 
-def verbose() -> int:
-  # Progress bars on a terminal, one line per epoch in logs.
-  return 1 if sys.stdout.isatty() else 2
-
-
 def balanced_class_weights(labels: np.ndarray, num_classes: int
                           ) -> Dict[int, float]:
   """n / (classes present × n_c), as sklearn's "balanced"; 1.0 if n_c is 0."""
@@ -590,6 +585,44 @@ class EpochTimer(keras.callbacks.Callback):
     self.seconds.append(time.perf_counter() - self._start)
 
 
+class EpochLog(keras.callbacks.Callback):
+  """A stage's progress as log lines: its first epoch, then at most one line
+  every `every` seconds, and its last, in place of Keras' line an epoch (a
+  head stage runs hundreds of epochs of well under a second each)."""
+
+  def __init__(self, stage: str, epochs: int, every: float = 10.0,
+               clock=time.monotonic):
+    super().__init__()
+    self.stage, self.epochs, self.every, self.clock = stage, epochs, every, clock
+    self.best: Optional[Tuple[float, int]] = None  # (val_loss, 1-based epoch)
+    self._logged = 0  # the last epoch logged, 1-based
+    self._since = 0.0
+
+  def on_train_begin(self, logs=None):
+    self._since = self.clock()
+
+  def on_epoch_end(self, epoch, logs=None):
+    logs = logs or {}
+    if "val_loss" in logs and (self.best is None
+                               or logs["val_loss"] < self.best[0]):
+      self.best = (float(logs["val_loss"]), epoch + 1)
+    now = self.clock()
+    if epoch == 0 or epoch + 1 == self.epochs or now - self._since >= (
+        self.every):
+      self._line(epoch + 1, logs, now)
+
+  def _line(self, epoch: int, logs, now: float) -> None:
+    figures = ", ".join(f"{key} {float(logs[key]):.4f}"
+                        for key in ("loss", "accuracy", "val_loss",
+                                    "val_accuracy") if key in logs)
+    best = (f" (best val_loss {self.best[0]:.4f}, epoch {self.best[1]})"
+            if self.best else "")
+    rate = (now - self._since) / (epoch - self._logged)
+    _LOG.info("Stage %s: epoch %d/%d, %s%s; %.2f s an epoch", self.stage,
+              epoch, self.epochs, figures, best, rate)
+    self._logged, self._since = epoch, now
+
+
 def stage_momentum(config: TrainConfig, stage: str) -> float:
   """The momentum of `stage`'s weight averaging (0: none): --ema_momentum
   for the head, --fine_tune_ema_momentum (auto: the same) for FINE_TUNE."""
@@ -641,9 +674,10 @@ class Recipe:
   def __init__(self, model: keras.Model, cache: ConvCache,
                labels: np.ndarray, config: TrainConfig,
                progress: Optional[int] = None):
-    """`progress`: Keras fit verbosity (default: bars on a terminal, a line
-    an epoch otherwise)."""
-    self.progress = verbose() if progress is None else progress
+    """`progress`: Keras fit verbosity; by default each stage logs its
+    progress (`EpochLog`) and its end, and a fine-tune stage on a terminal
+    shows Keras' bars too (its epochs take minutes)."""
+    self.progress = progress
     self.model = model
     self.cache = cache
     self.labels = labels
@@ -696,10 +730,15 @@ class Recipe:
               "" if rate is learning_rate else f" ({config.fine_tune_schedule})",
               f", weights averaged (EMA {momentum:g})" if momentum else "",
               trainable, rows, len(stage_views), cut, precision)
+    shown = self.progress
+    if shown is None:
+      shown = int(stage == FINE_TUNE and sys.stdout.isatty())
+      if not shown:
+        callbacks.append(EpochLog(stage, epochs))
     started = time.perf_counter()
     fitted = trained.fit(**feed, epochs=epochs, validation_data=validation,
                          class_weight=class_weight, callbacks=callbacks,
-                         verbose=self.progress)
+                         verbose=shown)
     if trained is not target:
       target.set_weights(trained.get_weights())
     for key, values in fitted.history.items():
@@ -717,6 +756,12 @@ class Recipe:
                 epochs, "--fine_tune_epochs" if stage == FINE_TUNE
                 else "--epochs")
     result.seconds[stage] = time.perf_counter() - started
+    if self.progress is None:
+      best = result.best_epoch[stage]
+      _LOG.info("Stage %s: %d of %d epochs run%s in %.1f s", stage, run,
+                epochs, "" if best is None else
+                f", the weights of epoch {best} kept (the lowest val_loss,"
+                f" {losses[best - 1]:.4f})", result.seconds[stage])
     result.epoch_seconds[stage] = [round(s, 3) for s in callbacks[0].seconds]
 
   def fit(self, train: np.ndarray, val: np.ndarray, seed: int) -> FitResult:
