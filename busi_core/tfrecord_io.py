@@ -462,11 +462,8 @@ def _next_frame(window: _Window, start: int,
 
 
 def _skipped(window: _Window, index: int, start: int,
-             resume: Optional[int], max_record_bytes: int,
-             head: bytes = b"") -> Damage:
-  """The Damage for the bytes from `start` to `resume` (None: to the end);
-  `head`: the stream's first bytes when the damage starts there (the scan
-  may have dropped them from the window since)."""
+             resume: Optional[int], max_record_bytes: int) -> Damage:
+  """The Damage for the bytes from `start` to `resume` (None: to the end)."""
   stop = window.end if resume is None else resume
   span = stop - start
   if resume is None and window.broken:
@@ -484,7 +481,6 @@ def _skipped(window: _Window, index: int, start: int,
   where = ("to the end of the file" if resume is None else
            f"(reading resumed at offset {resume})")
   return Damage(index, BAD_REGION, (
-      _not_tfrecords(head) +
       f"{span} bytes from offset {start} are not intact records {where}:"
       " an unknown number of records lost"), True)
 
@@ -539,12 +535,17 @@ def _frames(window: _Window,
     length = _frame_length(window.take(at, at + _HEADER_BYTES),
                            max_record_bytes)
     if length is None:
-      head = b""
-      if at == 0:  # what the file is, before the scan moves past it
+      if at == 0:
+        # A file that opens as an archive, an image or a DICOM is that, not
+        # damaged TFRecords: say so without scanning it for records.
         window.ensure(_SNIFF_BYTES)
-        head = window.take(0, min(window.end, _SNIFF_BYTES))
+        known = _not_tfrecords(window.take(0, min(window.end, _SNIFF_BYTES)))
+        if known:
+          yield Damage(index, BAD_REGION, known + "nothing in it was read",
+                       True)
+          return
       resume = _next_frame(window, at, max_record_bytes)
-      yield _skipped(window, index, at, resume, max_record_bytes, head)
+      yield _skipped(window, index, at, resume, max_record_bytes)
       index += 1
       if resume is None:
         return
