@@ -105,9 +105,37 @@ def _lead(data: bytes) -> str:
   report or export in a hospital archive may start with a patient's name.
   """
   head = data[:8]
-  if all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+  if _is_text(head):
     return f"starts with {len(head)} bytes of text"
   return f"starts with bytes {head.hex(' ')}"
+
+
+# Byte-order marks: UTF-8, UTF-16 LE (and UTF-32 LE), UTF-16 BE, UTF-32 BE.
+_TEXT_BOMS = (b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
+
+
+def _is_text(head: bytes) -> bool:
+  """Whether the leading bytes read as text: with a byte-order mark, as
+  UTF-8 (accents, a character cut at the end), or as UTF-16 without a mark
+  (ASCII letters with every other byte zero)."""
+  if head.startswith(_TEXT_BOMS):
+    return True
+  even, odd = head[0::2], head[1::2]
+  for zeros, letters in ((even, odd), (odd, even)):
+    if (len(head) >= 4 and not any(zeros) and letters.isascii() and
+        _printable(letters.decode("ascii"))):
+      return True
+  try:
+    text = head.decode("utf-8")
+  except UnicodeDecodeError as e:
+    if e.reason != "unexpected end of data":
+      return False
+    text = head[:e.start].decode("utf-8")
+  return _printable(text)
+
+
+def _printable(text: str) -> bool:
+  return all(c.isprintable() or c in "\t\r\n" for c in text)
 
 
 def check_header(data: bytes, max_pixels: int) -> Tuple[str, int, int]:

@@ -81,6 +81,35 @@ def test_decode_errors(data, kind):
   assert err.value.kind == kind
 
 
+@pytest.mark.parametrize("data", [
+    b"DOE^JANE MRN123456",
+    "\ufeffDOE^JANE MRN123456".encode(),  # UTF-8 with a byte-order mark
+    "MÜLLER^HANS".encode(),  # UTF-8, accented
+    "ÉÉÉÉÉ".encode(),  # UTF-8, a character cut at the 8th byte
+    "DOE^JANE".encode("utf-16"),  # with its byte-order mark
+    "DOE^JANE".encode("utf-16-le"), "DOE^JANE".encode("utf-16-be"),
+    "DOE^JANE".encode("utf-32"),
+])
+def test_text_is_never_quoted_in_an_error(data):
+  # A stray report in a hospital archive may open with a patient's name: the
+  # message says it is text, not its bytes (in hex or otherwise).
+  with pytest.raises(MemberError) as err:
+    imaging.decode_and_resize(data, 8)
+  assert str(err.value).endswith(
+      f"(starts with {min(len(data), 8)} bytes of text)"), str(err.value)
+
+
+@pytest.mark.parametrize("data, lead", [
+    (b"\xfd7zXZ\x00\x00\x04", "fd 37 7a 58 5a 00 00 04"),  # xz
+    (b"\x01\x00\x02\x00\x03\x00\xff\x00", "01 00 02 00 03 00 ff 00"),
+    (b"ab\xe4cdefg", "61 62 e4 63 64 65 66 67"),  # not UTF-8
+])
+def test_a_binary_signature_is_shown_in_hex(data, lead):
+  with pytest.raises(MemberError) as err:
+    imaging.decode_and_resize(data, 8)
+  assert str(err.value).endswith(f"(starts with bytes {lead})")
+
+
 def test_a_broken_header_reads_the_same_on_every_run():
   # Pillow names the file object it was given, address and all
   # ("cannot identify image file <_io.BytesIO object at 0x7f...>"); an
