@@ -305,6 +305,27 @@ def _require(value, flag: str, command: str) -> None:
     raise ValueError(f"{command}: {flag} is required")
 
 
+def _check_dataflow_paths(options: PipelineOptions, opts: BusiOptions
+                          ) -> None:
+  """Dataflow's workers see gs:// paths only: a local --input, --output or
+  --model is refused before the job is built (else the workers fail, or
+  write where nobody looks, after the VMs have started)."""
+  runner = str(options.view_as(StandardOptions).runner or "")
+  if "Dataflow" not in runner.split(".")[-1]:
+    return
+  named = [("--input", value) for value in opts.input or ()]
+  named += [(flag, value) for flag, value in (("--output", opts.output),
+                                              ("--model", opts.model))
+            if value]
+  local = [f"{flag} {value}" for flag, value in named
+           if not value.startswith("gs://")]
+  if local:
+    raise ValueError(
+        f"{'; '.join(local)}: Dataflow's workers cannot see this machine's"
+        " files; pass gs:// paths (copy the archives and the model artifact"
+        " to a bucket first, e.g. `gcloud storage cp -r`)")
+
+
 def validate(command: str, options: PipelineOptions) -> BusiOptions:
   """Checks the flags a command needs; returns the BusiOptions view.
 
@@ -326,6 +347,7 @@ def validate(command: str, options: PipelineOptions) -> BusiOptions:
         " valid UTF-8 text; choose an output name that is") from e
   if command in (SCORE, RUN):
     _require(opts.model, "--model", command)
+  _check_dataflow_paths(options, opts)
   if command == PREPROCESS and opts.image_size is None:
     opts.image_size = schemas.DEFAULT_IMAGE_SIZE
   if opts.image_size is not None and not 8 <= opts.image_size <= 4096:

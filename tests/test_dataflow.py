@@ -205,6 +205,20 @@ def test_gpu_hint_and_worker_accelerator_are_exclusive(bucket_inputs):
               f"worker_accelerator={WORKER_ACCELERATOR}"])
 
 
+@pytest.mark.parametrize("flag", ["--input", "--model", "--output"])
+def test_a_local_path_is_refused_for_dataflow(tmp_path, capsys, flag):
+  # Its workers cannot see the launcher's files: refused in one line before
+  # anything is built or created, even in a dry run.
+  argv = _dry_run_argv("out")
+  local = str(tmp_path / "local")
+  argv[argv.index(flag) + 1] = local
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert (f"{flag} {local}: Dataflow's workers cannot see this machine's"
+          " files; pass gs:// paths") in err, err
+  assert not os.path.exists(local)
+
+
 def test_dry_run_from_the_command_line_says_no_manifest_was_written(
     bucket_inputs, capsys):
   argv = _dry_run_argv("dry")
