@@ -263,6 +263,17 @@ def _io_failure_line(cause: failures.IoCause, output: str) -> str:
           " output is removed on rerun")
 
 
+def _gcs_refused(exc: BaseException) -> Optional[int]:
+  """One line and a status for a missing (2) or forbidden (4) bucket met
+  before any work; None for anything else."""
+  refusal = failures.gcs_refusal(exc)
+  if refusal is None:
+    return None
+  _LOG.debug("Cloud Storage refused", exc_info=True)
+  print(f"error: {refusal[1]}", file=sys.stderr)
+  return EXIT_USAGE if refusal[0] == failures.HTTP_NOT_FOUND else EXIT_IO
+
+
 def _run_pipeline(argv: List[str]) -> int:
   """Creates and runs the job; one line and a status for known failures."""
   from beam_pipeline import pipeline  # pylint: disable=import-outside-toplevel
@@ -274,6 +285,11 @@ def _run_pipeline(argv: List[str]) -> int:
   except (ValueError, outputs.OutputDirInUse) as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_USAGE
+  except Exception as e:  # pylint: disable=broad-except
+    status = _gcs_refused(e)
+    if status is None:
+      raise
+    return status
   try:
     manifest = pipeline.execute(job, progress_to=_console())
   except Exception as e:  # pylint: disable=broad-except
@@ -315,6 +331,11 @@ def _run_reporting(command: str, argv: List[str]) -> int:
     _LOG.debug("No run to read, or nowhere to write", exc_info=True)
     print(f"error: {e}", file=sys.stderr)
     return EXIT_USAGE
+  except Exception as e:  # pylint: disable=broad-except
+    status = _gcs_refused(e)
+    if status is None:
+      raise
+    return status
 
 
 def main(argv: List[str]) -> int:

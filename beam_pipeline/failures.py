@@ -10,7 +10,7 @@ command line can say what happened and what to do in one line.
 
 import errno
 import re
-from typing import Iterator, NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 
 class IoCause(NamedTuple):
@@ -106,4 +106,25 @@ def io_cause(exc: BaseException) -> Optional[IoCause]:
     for code, (reason, _) in _CAUSES.items():
       if reason in text:
         return _cause(code)
+  return None
+
+
+HTTP_NOT_FOUND = 404
+# The bucket in a Cloud Storage JSON API URL (…/b/BUCKET/o…).
+_GCS_BUCKET = re.compile(r"/b/([a-z0-9][a-z0-9._-]*)")
+
+
+def gcs_refusal(exc: BaseException) -> Optional[Tuple[int, str]]:
+  """The HTTP status and a one-line account of a Cloud Storage 404 or 403
+  behind `exc` (a missing bucket, a forbidden one), or None."""
+  for code, what, advice in (
+      (HTTP_NOT_FOUND, "not found (404)",
+       "check the bucket's name and that it exists"),
+      (_HTTP_FORBIDDEN, "access denied (403)",
+       "grant this account access to the bucket or choose another")):
+    for e in _chain(exc):
+      if getattr(e, "code", None) == code:
+        bucket = _GCS_BUCKET.search(str(e))
+        where = f"bucket {bucket.group(1)}" if bucket else "a gs:// path"
+        return code, f"Cloud Storage: {where}: {what}; {advice}"
   return None

@@ -342,6 +342,26 @@ def test_leftovers_on_cloud_storage_are_removed(gcs_client):
 
 # --- recognising the causes ---
 
+def test_a_missing_or_forbidden_bucket_is_named_with_its_status():
+  from apache_beam.io.filesystem import BeamIOError
+  from google.api_core import exceptions
+  # As Beam wraps a failed match of gs://no-such/in/*.zip: twice over.
+  missing = exceptions.NotFound(
+      "GET http://127.0.0.1:1/storage/v1/b/no-such/o?prefix=in%2F: gone")
+  listed = BeamIOError("List operation failed", {"gs://no-such/in/": missing})
+  matched = BeamIOError("Match operation failed",
+                        {"gs://no-such/in/*.zip": listed})
+  assert failures.gcs_refusal(matched) == (
+      404, "Cloud Storage: bucket no-such: not found (404); check the"
+      " bucket's name and that it exists")
+  forbidden = exceptions.Forbidden(
+      "POST https://storage.googleapis.com/upload/storage/v1/b/theirs/o: no")
+  assert failures.gcs_refusal(forbidden) == (
+      403, "Cloud Storage: bucket theirs: access denied (403); grant this"
+      " account access to the bucket or choose another")
+  assert failures.gcs_refusal(RuntimeError("404")) is None
+
+
 def test_io_causes_are_found_however_beam_wraps_them():
   from apache_beam.io.filesystem import BeamIOError
   # What Beam raises for a worker's full disk: the text, chained.

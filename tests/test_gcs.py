@@ -137,3 +137,25 @@ def test_objects_deleted_after_launch_are_vanished_rows(tmp_path, gcs_client):
   assert manifest["counts"]["inputs_vanished"] == 2
   assert manifest["invariant"]["holds"] and not manifest["complete"]
   assert manifest["counts"]["images_written"] == 6
+
+
+@pytest.mark.parametrize("command, flags", [
+    ("preprocess", ["--input", "LOCAL", "--output", "gs://no-such-bucket/o"]),
+    ("preprocess", ["--input", "gs://no-such-bucket/in/*.zip", "--output",
+                    "OUT"]),
+    ("summary", ["--output", "gs://no-such-bucket/run"])])
+def test_a_missing_bucket_is_one_line_and_status_2(tmp_path, gcs_client,
+                                                    capsys, command, flags):
+  from beam_pipeline import cli  # pylint: disable=import-outside-toplevel
+  archive = str(tmp_path / "a.zip")
+  af.write_zip(archive, _entries(0))
+  flags = [{"LOCAL": archive, "OUT": str(tmp_path / "out")}.get(f, f)
+           for f in flags]
+  assert cli.main([command, *flags]) == cli.EXIT_USAGE
+  err = capsys.readouterr().err
+  assert err.endswith("error: Cloud Storage: bucket no-such-bucket: not found"
+                      " (404); check the bucket's name and that it exists\n"
+                      ), err
+  assert "Traceback" not in err
+  assert not os.path.exists(tmp_path / "out")
+
