@@ -87,14 +87,24 @@ def sniff_format(data: bytes) -> Optional[str]:
   return None
 
 
+# Compressed files and archives the pipeline does not open, by signature.
+_OTHER_ARCHIVES = ((b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
+                   (b"7z\xbc\xaf\x27\x1c", "7z"), (b"Rar!\x1a\x07", "rar"),
+                   (b"\x28\xb5\x2f\xfd", "zstd"))
+
+
 def sniff_archive(data: bytes) -> Optional[str]:
-  """"zip", "gzip" or "tar" when the bytes are an archive, else None."""
+  """"zip", "gzip", "tar" (or "bzip2", "xz", "7z", "rar", "zstd", which
+  only get an error) when the bytes are an archive, else None."""
   if data[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
     return "zip"
   if data[:2] == b"\x1f\x8b":
     return "gzip"
   if data[257:262] == b"ustar":
     return "tar"
+  for magic, name in _OTHER_ARCHIVES:
+    if data.startswith(magic):
+      return name
   return None
 
 
@@ -158,8 +168,10 @@ def check_header(data: bytes, max_pixels: int) -> Tuple[str, int, int]:
   if nested:
     raise MemberError(
         "NestedArchive",
-        f"a {nested} archive inside an archive; only one level is read:"
-        " extract it and pass it as its own --input")
+        f"a {nested} file, not an image: zip, tar and tar.gz (.tgz) files"
+        " given as --input are opened, not archives inside them nor other"
+        " compressed files; extract it (a zip or tar can be its own"
+        " --input)")
   if fmt is None:
     raise MemberError(
         "NotAnImage",

@@ -109,8 +109,10 @@ def test_readme_gpu_commands_follow_the_recipe():
       assert "machine_type:g2-standard-" in hint, command
     else:
       assert flags["--machine_type"].startswith("g2-standard-"), command
-    # The README's own command passes the checks (placeholders filled in).
-    filled = [re.sub(r"\$\{?(\w+)\}?", "x", a) for a in command[3:]]
+    # The README's own command passes the checks (placeholders filled in;
+    # $BUCKET is a gs:// bucket, as Dataflow needs).
+    filled = [re.sub(r"\$\{?(\w+)\}?", lambda m: "gs://b" if m.group(1) ==
+                     "BUCKET" else "x", a) for a in command[3:]]
     assert opts_lib.validate(opts_lib.RUN, PipelineOptions(
         filled)).model_copies == 1
 

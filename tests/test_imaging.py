@@ -100,7 +100,7 @@ def test_text_is_never_quoted_in_an_error(data):
 
 
 @pytest.mark.parametrize("data, lead", [
-    (b"\xfd7zXZ\x00\x00\x04", "fd 37 7a 58 5a 00 00 04"),  # xz
+    (b"\x00asm\x01\x00\x00\x00", "00 61 73 6d 01 00 00 00"),  # wasm
     (b"\x01\x00\x02\x00\x03\x00\xff\x00", "01 00 02 00 03 00 ff 00"),
     (b"ab\xe4cdefg", "61 62 e4 63 64 65 66 67"),  # not UTF-8
 ])
@@ -108,6 +108,23 @@ def test_a_binary_signature_is_shown_in_hex(data, lead):
   with pytest.raises(MemberError) as err:
     imaging.decode_and_resize(data, 8)
   assert str(err.value).endswith(f"(starts with bytes {lead})")
+
+
+@pytest.mark.parametrize("data, name", [
+    (b"PK\x03\x04" + bytes(30), "zip"), (b"\x1f\x8b\x08" + bytes(30), "gzip"),
+    (b"BZh91AY&SY" + bytes(30), "bzip2"),
+    (b"\xfd7zXZ\x00\x00\x04" + bytes(30), "xz"),
+    (b"7z\xbc\xaf\x27\x1c\x00\x04" + bytes(30), "7z")])
+def test_an_archive_or_compressed_file_says_so_wherever_it_is(data, name):
+  # Inside an archive, or given itself as --input (x.dcm.gz, scans.tar.xz):
+  # the message fits both.
+  with pytest.raises(MemberError) as err:
+    imaging.decode_and_resize(data, 8)
+  assert err.value.kind == "NestedArchive"
+  assert str(err.value).startswith(
+      f"a {name} file, not an image: zip, tar and tar.gz (.tgz) files given"
+      " as --input are opened, not archives inside them nor other compressed"
+      " files; extract it")
 
 
 def test_a_broken_header_reads_the_same_on_every_run():
