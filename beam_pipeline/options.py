@@ -7,11 +7,13 @@ any pipeline is built, with messages that say what to pass instead.
 
 import argparse
 import difflib
+import os
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 from apache_beam.options.pipeline_options import (DebugOptions,
                                                   GoogleCloudOptions,
                                                   PipelineOptions,
+                                                  SetupOptions,
                                                   StandardOptions,
                                                   WorkerOptions)
 
@@ -309,7 +311,8 @@ def _check_dataflow_paths(options: PipelineOptions, opts: BusiOptions
                           ) -> None:
   """Dataflow's workers see gs:// paths only: a local --input, --output or
   --model is refused before the job is built (else the workers fail, or
-  write where nobody looks, after the VMs have started)."""
+  write where nobody looks, after the VMs have started); so is a
+  --setup_file that does not exist (Beam's traceback otherwise)."""
   runner = str(options.view_as(StandardOptions).runner or "")
   if "Dataflow" not in runner.split(".")[-1]:
     return
@@ -319,6 +322,10 @@ def _check_dataflow_paths(options: PipelineOptions, opts: BusiOptions
             if value]
   local = [f"{flag} {value}" for flag, value in named
            if not value.startswith("gs://")]
+  setup_file = options.view_as(SetupOptions).setup_file
+  if setup_file and not os.path.isfile(setup_file):
+    raise ValueError(f"--setup_file {setup_file}: no such file (pass the"
+                     " project's setup.py, e.g. --setup_file ./setup.py)")
   if local:
     raise ValueError(
         f"{'; '.join(local)}: Dataflow's workers cannot see this machine's"

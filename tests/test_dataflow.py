@@ -219,6 +219,14 @@ def test_a_local_path_is_refused_for_dataflow(tmp_path, capsys, flag):
   assert not os.path.exists(local)
 
 
+def test_a_missing_setup_file_is_refused_for_dataflow(tmp_path, capsys):
+  missing = str(tmp_path / "setup.pyy")
+  assert cli.main(_dry_run_argv("out") + ["--setup_file", missing]) == 2
+  assert capsys.readouterr().err.endswith(
+      f"error: --setup_file {missing}: no such file (pass the project's"
+      " setup.py, e.g. --setup_file ./setup.py)\n")
+
+
 def test_dry_run_from_the_command_line_says_no_manifest_was_written(
     bucket_inputs, capsys):
   argv = _dry_run_argv("dry")
