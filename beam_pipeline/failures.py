@@ -116,15 +116,20 @@ _GCS_BUCKET = re.compile(r"/b/([a-z0-9][a-z0-9._-]*)")
 
 def gcs_refusal(exc: BaseException) -> Optional[Tuple[int, str]]:
   """The HTTP status and a one-line account of a Cloud Storage 404 or 403
-  behind `exc` (a missing bucket, a forbidden one), or None."""
+  behind `exc` (a missing bucket, a forbidden one), or None: only Google API
+  errors of a request to a bucket count."""
+  from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
   for code, what, advice in (
       (HTTP_NOT_FOUND, "not found (404)",
        "check the bucket's name and that it exists"),
       (_HTTP_FORBIDDEN, "access denied (403)",
        "grant this account access to the bucket or choose another")):
     for e in _chain(exc):
-      if getattr(e, "code", None) == code:
-        bucket = _GCS_BUCKET.search(str(e))
-        where = f"bucket {bucket.group(1)}" if bucket else "a gs:// path"
+      bucket = _GCS_BUCKET.search(str(e))
+      if (isinstance(e, exceptions.GoogleAPICallError) and e.code == code
+          and bucket):
+        where = f"bucket {bucket.group(1)}"
+        if code == HTTP_NOT_FOUND and "No such object" in str(e):
+          where, advice = f"an object in {where}", "check the path"
         return code, f"Cloud Storage: {where}: {what}; {advice}"
   return None

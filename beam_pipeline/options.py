@@ -309,14 +309,16 @@ def _require(value, flag: str, command: str) -> None:
 
 def _check_dataflow_paths(options: PipelineOptions, opts: BusiOptions
                           ) -> None:
-  """Dataflow's workers see gs:// paths only: a local --input, --output or
-  --model is refused before the job is built (else the workers fail, or
+  """Dataflow's workers see gs:// paths only: a local --input, --output,
+  --model or --skip_scored is refused before the job is built (else the workers fail, or
   write where nobody looks, after the VMs have started); so is a
   --setup_file that does not exist (Beam's traceback otherwise)."""
   runner = str(options.view_as(StandardOptions).runner or "")
-  if "Dataflow" not in runner.split(".")[-1]:
+  # Beam reads the runner's name in any case (`--runner dataflow`).
+  if "dataflow" not in runner.split(".")[-1].lower():
     return
   named = [("--input", value) for value in opts.input or ()]
+  named += [("--skip_scored", value) for value in opts.skip_scored or ()]
   named += [(flag, value) for flag, value in (("--output", opts.output),
                                               ("--model", opts.model))
             if value]

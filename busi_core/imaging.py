@@ -88,7 +88,7 @@ def sniff_format(data: bytes) -> Optional[str]:
 
 
 # Compressed files and archives the pipeline does not open, by signature.
-_OTHER_ARCHIVES = ((b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
+_OTHER_ARCHIVES = ((b"\xfd7zXZ\x00", "xz"),
                    (b"7z\xbc\xaf\x27\x1c", "7z"), (b"Rar!\x1a\x07", "rar"),
                    (b"\x28\xb5\x2f\xfd", "zstd"))
 
@@ -105,47 +105,63 @@ def sniff_archive(data: bytes) -> Optional[str]:
   for magic, name in _OTHER_ARCHIVES:
     if data.startswith(magic):
       return name
+  if data[:3] == b"BZh" and data[3:10] in (  # its block size, a block
+      b"%d1AY&SY" % level for level in range(1, 10)):
+    return "bzip2"
   return None
+
+
+# What only preprocess reads (each can be an --input of preprocess or run).
+PREPROCESS_ARCHIVES = ("zip", "gzip", "tar")
 
 
 def _lead(data: bytes) -> str:
   """What the first bytes look like, for an error message.
 
-  A binary signature is shown in hex; text is not quoted, since a stray
-  report or export in a hospital archive may start with a patient's name.
+  A binary signature is shown in hex; anything that may be text is not
+  quoted, in any encoding, since a stray report or export in a hospital
+  archive may start with a patient's name.
   """
   head = data[:8]
-  if _is_text(head):
+  if _may_be_text(head):
     return f"starts with {len(head)} bytes of text"
   return f"starts with bytes {head.hex(' ')}"
 
 
 # Byte-order marks: UTF-8, UTF-16 LE (and UTF-32 LE), UTF-16 BE, UTF-32 BE.
 _TEXT_BOMS = (b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
+# Control bytes that no 8-bit text encoding uses for text (tab, line feed,
+# form feed, carriage return and escape, which ISO-2022 uses, are left out):
+# every common binary signature has one in its first 8 bytes.
+_BINARY_BYTES = frozenset([*range(0x00, 0x09), *range(0x0e, 0x1b),
+                           *range(0x1c, 0x20), 0x7f])
 
 
-def _is_text(head: bytes) -> bool:
-  """Whether the leading bytes read as text: with a byte-order mark, as
-  UTF-8 (accents, a character cut at the end), or as UTF-16 without a mark
-  (ASCII letters with every other byte zero)."""
-  if head.startswith(_TEXT_BOMS):
+def _may_be_text(head: bytes) -> bool:
+  """Whether the leading bytes may be text: a byte-order mark; no control
+  byte that text never holds (ASCII, UTF-8, Latin-1, Shift-JIS, ISO-2022,
+  ...); or UTF-16 (one script) or UTF-32 without a mark, printable."""
+  if head.startswith(_TEXT_BOMS) or not _BINARY_BYTES.intersection(head):
     return True
-  even, odd = head[0::2], head[1::2]
-  for zeros, letters in ((even, odd), (odd, even)):
-    if (len(head) >= 4 and not any(zeros) and letters.isascii() and
-        _printable(letters.decode("ascii"))):
+  for encoding, width in (("utf-16-le", 2), ("utf-16-be", 2),
+                          ("utf-32-le", 4), ("utf-32-be", 4)):
+    whole = head[:len(head) - len(head) % width]
+    if len(whole) < 2 * width:
+      continue
+    # UTF-16 text in one script keeps one high byte (00 for Latin-1, 04 for
+    # Cyrillic); UTF-32 decodes only below U+110000: either way, binary
+    # signatures fail.
+    high = whole[1::2] if encoding == "utf-16-le" else whole[0::2]
+    if width == 2 and len(set(high)) > 1:
+      continue
+    try:
+      text = whole.decode(encoding)
+    except UnicodeDecodeError:
+      continue
+    if all(c.isprintable() or c in "\t\r\n" for c in text):
       return True
-  try:
-    text = head.decode("utf-8")
-  except UnicodeDecodeError as e:
-    if e.reason != "unexpected end of data":
-      return False
-    text = head[:e.start].decode("utf-8")
-  return _printable(text)
+  return False
 
-
-def _printable(text: str) -> bool:
-  return all(c.isprintable() or c in "\t\r\n" for c in text)
 
 
 def check_header(data: bytes, max_pixels: int) -> Tuple[str, int, int]:

@@ -498,11 +498,15 @@ def _not_tfrecords(head: bytes) -> str:
     return ""
   from busi_core import dicom, imaging  # pylint: disable=import-outside-toplevel
   archive, image = imaging.sniff_archive(head), imaging.sniff_format(head)
+  if archive and archive not in imaging.PREPROCESS_ARCHIVES:
+    return (f"the file is {archive}-compressed, not TFRecords: they are read"
+            " plain or gzip; decompress it (an archive inside: extract it and"
+            " preprocess what it holds); ")
   if archive:
     what = f"a {archive} archive"
   elif dicom.is_dicom(head):
     what = "a DICOM file"
-  elif image:
+  elif image and image != "bmp":  # "BM" could open a damaged record too
     what = f"a {image.upper()} image"
   else:
     return ""

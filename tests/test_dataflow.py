@@ -205,11 +205,15 @@ def test_gpu_hint_and_worker_accelerator_are_exclusive(bucket_inputs):
               f"worker_accelerator={WORKER_ACCELERATOR}"])
 
 
-@pytest.mark.parametrize("flag", ["--input", "--model", "--output"])
-def test_a_local_path_is_refused_for_dataflow(tmp_path, capsys, flag):
+@pytest.mark.parametrize("flag, runner", [
+    ("--input", "DataflowRunner"), ("--model", "DataflowRunner"),
+    ("--output", "dataflow"), ("--skip_scored", "dataflowrunner")])
+def test_a_local_path_is_refused_for_dataflow(tmp_path, capsys, flag, runner):
   # Its workers cannot see the launcher's files: refused in one line before
-  # anything is built or created, even in a dry run.
-  argv = _dry_run_argv("out")
+  # anything is built or created, even in a dry run, however the runner is
+  # spelt (Beam reads its name in any case).
+  argv = _dry_run_argv("out") + ["--skip_scored", f"gs://{BUCKET}/df/old"]
+  argv[argv.index("--runner") + 1] = runner
   local = str(tmp_path / "local")
   argv[argv.index(flag) + 1] = local
   assert cli.main(argv) == 2

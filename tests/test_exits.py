@@ -360,6 +360,16 @@ def test_a_missing_or_forbidden_bucket_is_named_with_its_status():
       403, "Cloud Storage: bucket theirs: access denied (403); grant this"
       " account access to the bucket or choose another")
   assert failures.gcs_refusal(RuntimeError("404")) is None
+  # Another service's 404, or one that names no bucket, is not claimed.
+  import urllib.error  # pylint: disable=import-outside-toplevel
+  assert failures.gcs_refusal(urllib.error.HTTPError(
+      "http://h/b/x/o", 404, "Not Found", {}, None)) is None
+  assert failures.gcs_refusal(exceptions.NotFound("no bucket named")) is None
+  assert failures.gcs_refusal(exceptions.NotFound(
+      "GET https://storage.googleapis.com/storage/v1/b/mine/o/x.zip: No such"
+      " object: mine/x.zip")) == (
+          404, "Cloud Storage: an object in bucket mine: not found (404);"
+          " check the path")
 
 
 def test_io_causes_are_found_however_beam_wraps_them():

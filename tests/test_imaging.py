@@ -85,10 +85,15 @@ def test_decode_errors(data, kind):
     b"DOE^JANE MRN123456",
     "\ufeffDOE^JANE MRN123456".encode(),  # UTF-8 with a byte-order mark
     "MÜLLER^HANS".encode(),  # UTF-8, accented
-    "ÉÉÉÉÉ".encode(),  # UTF-8, a character cut at the 8th byte
+    "AÉÉÉÉ".encode(),  # UTF-8, a character cut at the 8th byte
+    "DOE\u00a0JANE".encode(),  # a no-break space, as word processors write
+    "MÜLLER^HANS".encode("latin-1"), "MÜLLER^HANS".encode("cp1252"),
+    b"abcd\xe4fgh", b"\x0cpage two",  # Latin-1; a form feed first
     "DOE^JANE".encode("utf-16"),  # with its byte-order mark
     "DOE^JANE".encode("utf-16-le"), "DOE^JANE".encode("utf-16-be"),
-    "DOE^JANE".encode("utf-32"),
+    "MÜLLER".encode("utf-16-le"), "ИВАНОВ".encode("utf-16-le"),  # no mark
+    "DOE^JANE".encode("utf-32"), "MÜLLER".encode("utf-32-le"),
+    "山田^太郎".encode("shift_jis"), "山田^太郎".encode("iso-2022-jp"),
 ])
 def test_text_is_never_quoted_in_an_error(data):
   # A stray report in a hospital archive may open with a patient's name: the
@@ -102,7 +107,8 @@ def test_text_is_never_quoted_in_an_error(data):
 @pytest.mark.parametrize("data, lead", [
     (b"\x00asm\x01\x00\x00\x00", "00 61 73 6d 01 00 00 00"),  # wasm
     (b"\x01\x00\x02\x00\x03\x00\xff\x00", "01 00 02 00 03 00 ff 00"),
-    (b"ab\xe4cdefg", "61 62 e4 63 64 65 66 67"),  # not UTF-8
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "d0 cf 11 e0 a1 b1 1a e1"),  # OLE2
+    (b"\x7fELF\x02\x01\x01\x00", "7f 45 4c 46 02 01 01 00"),
 ])
 def test_a_binary_signature_is_shown_in_hex(data, lead):
   with pytest.raises(MemberError) as err:

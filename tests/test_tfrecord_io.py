@@ -209,6 +209,24 @@ def test_an_input_of_preprocess_says_what_it_is(tmp_path, what, name):
   assert damages[0].message.startswith("190 bytes from offset 0")
 
 
+def test_compressed_tfrecords_are_told_to_decompress_and_bm_is_scanned():
+  import lzma  # pylint: disable=import-outside-toplevel
+  plain = io.BytesIO()
+  tfrecord_io.write_records(plain, EXAMPLES[:3], gzip=False)
+  records, damages = _read(lzma.compress(plain.getvalue()), "a.tfrecord.xz")
+  assert not records and damages[0].message.startswith(
+      "the file is xz-compressed, not TFRecords: they are read plain or gzip;"
+      " decompress it"), damages[0].message
+  # "BM" (a BMP's two-byte signature) may open a damaged record as well: it
+  # is read as one, and the intact records after it are kept.
+  data = plain.getvalue()
+  records, damages = _read(b"BM" + data[2:], "a.tfrecord")
+  assert len(records) == 2 and damages[0].message.startswith(
+      "record 0 ("), damages[0].message
+  assert damages[0].message.endswith("length field corrupt (CRC32C"
+                                     " mismatch); skipped")
+
+
 def test_absurd_length_is_corruption_not_an_allocation():
   length = (1 << 40).to_bytes(8, "little")
   header = length + tfrecord_io._CRC.pack(tfrecord_io.masked_crc32c(length))  # pylint: disable=protected-access

@@ -208,6 +208,24 @@ def test_epoch_log_logs_the_first_and_last_epochs_and_one_line_a_period(
                        " epoch")
 
 
+def test_epoch_log_logs_the_last_epoch_of_a_stage_stopped_early(caplog):
+  now = [0.0]
+  log = recipe.EpochLog("head", 300, every=10.0, clock=lambda: now[0])
+  log.on_train_begin()
+  with caplog.at_level("INFO", logger=recipe.__name__):
+    for epoch in range(57):
+      now[0] += 0.1
+      log.on_epoch_end(epoch, {"loss": 1.0, "val_loss": 1.0})
+    log.on_train_end()
+  assert [r.getMessage().split(",")[0] for r in caplog.records] == [
+      "Stage head: epoch 1/300", "Stage head: epoch 57/300"]
+  # A stage whose last epoch was logged already does not log it twice.
+  caplog.clear()
+  with caplog.at_level("INFO", logger=recipe.__name__):
+    log.on_train_end()
+  assert not caplog.records
+
+
 def test_a_stage_logs_a_few_lines_not_one_an_epoch(images, caplog, capsys):
   runner, train, val = _tiny_runner(images, progress=None, epochs=40,
                                     patience=40, learning_rate=1e-3)

@@ -58,8 +58,13 @@ def _pixels(image: str, data: bytes, size: int):
   except MemberError as e:
     if e.kind != "NestedArchive":
       raise
+    archive = imaging.sniff_archive(data)
+    if archive not in imaging.PREPROCESS_ARCHIVES:
+      raise ValueError(
+          f"--image {image} is {archive}-compressed, not an image: gradcam"
+          " explains one image file; decompress it") from e
     raise ValueError(
-        f"--image {image} is a {imaging.sniff_archive(data)} archive, not an"
+        f"--image {image} is a {archive} archive, not an"
         " image: gradcam explains one image file. Extract one, or score the"
         " archive with `python -m beam_pipeline run --gradcam all`") from e
 

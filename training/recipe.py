@@ -596,6 +596,7 @@ class EpochLog(keras.callbacks.Callback):
     self.stage, self.epochs, self.every, self.clock = stage, epochs, every, clock
     self.best: Optional[Tuple[float, int]] = None  # (val_loss, 1-based epoch)
     self._logged = 0  # the last epoch logged, 1-based
+    self._last: Optional[Tuple[int, dict]] = None  # the last epoch and logs
     self._since = 0.0
 
   def on_train_begin(self, logs=None):
@@ -607,9 +608,15 @@ class EpochLog(keras.callbacks.Callback):
                                or logs["val_loss"] < self.best[0]):
       self.best = (float(logs["val_loss"]), epoch + 1)
     now = self.clock()
+    self._last = (epoch + 1, dict(logs))
     if epoch == 0 or epoch + 1 == self.epochs or now - self._since >= (
         self.every):
       self._line(epoch + 1, logs, now)
+
+  def on_train_end(self, logs=None):
+    # A stage stopped early: its last epoch too.
+    if self._last and self._last[0] > self._logged:
+      self._line(*self._last, self.clock())
 
   def _line(self, epoch: int, logs, now: float) -> None:
     figures = ", ".join(f"{key} {float(logs[key]):.4f}"
