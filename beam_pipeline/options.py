@@ -310,9 +310,9 @@ def _require(value, flag: str, command: str) -> None:
 def _check_dataflow_paths(options: PipelineOptions, opts: BusiOptions
                           ) -> None:
   """Dataflow's workers see gs:// paths only: a local --input, --output,
-  --model or --skip_scored is refused before the job is built (else the workers fail, or
-  write where nobody looks, after the VMs have started); so is a
-  --setup_file that does not exist (Beam's traceback otherwise)."""
+  --model or --skip_scored is refused before the job is built (else the
+  workers fail, or write where nobody looks, after the VMs have started); so
+  is a --setup_file that does not exist (Beam's traceback otherwise)."""
   runner = str(options.view_as(StandardOptions).runner or "")
   # Beam reads the runner's name in any case (`--runner dataflow`).
   if "dataflow" not in runner.split(".")[-1].lower():

@@ -111,7 +111,8 @@ def sniff_archive(data: bytes) -> Optional[str]:
   return None
 
 
-# What only preprocess reads (each can be an --input of preprocess or run).
+# The archives preprocess and run open as --input (a gzip one: tar.gz); the
+# other kinds `sniff_archive` names only get an error.
 PREPROCESS_ARCHIVES = ("zip", "gzip", "tar")
 
 
@@ -161,7 +162,6 @@ def _may_be_text(head: bytes) -> bool:
     if all(c.isprintable() or c in "\t\r\n" for c in text):
       return True
   return False
-
 
 
 def check_header(data: bytes, max_pixels: int) -> Tuple[str, int, int]:

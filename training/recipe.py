@@ -682,8 +682,8 @@ class Recipe:
                labels: np.ndarray, config: TrainConfig,
                progress: Optional[int] = None):
     """`progress`: Keras fit verbosity; by default each stage logs its
-    progress (`EpochLog`) and its end, and a fine-tune stage on a terminal
-    shows Keras' bars too (its epochs take minutes)."""
+    progress (`EpochLog`; a fine-tune stage on a terminal shows Keras' bars
+    instead, its epochs taking minutes) and then its end."""
     self.progress = progress
     self.model = model
     self.cache = cache
