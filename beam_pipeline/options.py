@@ -317,6 +317,10 @@ def _check_dataflow_paths(options: PipelineOptions, opts: BusiOptions
   # Beam reads the runner's name in any case (`--runner dataflow`).
   if "dataflow" not in runner.split(".")[-1].lower():
     return
+  setup_file = options.view_as(SetupOptions).setup_file
+  if setup_file and not os.path.isfile(setup_file):
+    raise ValueError(f"--setup_file {setup_file}: no such file (pass the"
+                     " project's setup.py, e.g. --setup_file ./setup.py)")
   named = [("--input", value) for value in opts.input or ()]
   named += [("--skip_scored", value) for value in opts.skip_scored or ()]
   named += [(flag, value) for flag, value in (("--output", opts.output),
@@ -324,10 +328,6 @@ def _check_dataflow_paths(options: PipelineOptions, opts: BusiOptions
             if value]
   local = [f"{flag} {value}" for flag, value in named
            if not value.startswith("gs://")]
-  setup_file = options.view_as(SetupOptions).setup_file
-  if setup_file and not os.path.isfile(setup_file):
-    raise ValueError(f"--setup_file {setup_file}: no such file (pass the"
-                     " project's setup.py, e.g. --setup_file ./setup.py)")
   if local:
     raise ValueError(
         f"{'; '.join(local)}: Dataflow's workers cannot see this machine's"

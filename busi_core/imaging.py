@@ -152,9 +152,10 @@ def _may_be_text(head: bytes) -> bool:
     # UTF-16 text in one script keeps one high byte (00 for Latin-1, 04 for
     # Cyrillic); UTF-32 decodes only below U+110000: either way, binary
     # signatures fail.
-    high = whole[1::2] if encoding == "utf-16-le" else whole[0::2]
-    if width == 2 and len(set(high)) > 1:
-      continue
+    if width == 2:
+      high = whole[1::2] if encoding.endswith("le") else whole[0::2]
+      if len(set(high)) > 1:
+        continue
     try:
       text = whole.decode(encoding)
     except UnicodeDecodeError:
