@@ -302,6 +302,23 @@ def refuse_unknown_flags(flags: Sequence[str]) -> None:
   raise ValueError("; ".join(problems))
 
 
+# Runner names as `runner_name` gives them.
+_DATAFLOW_RUNNERS = ("dataflowrunner", "testdataflowrunner")
+_DIRECT_RUNNERS = ("directrunner", "switchingdirectrunner")
+_LOCAL_RUNNERS = _DIRECT_RUNNERS + (
+    "fnapirunner", "bundlebaseddirectrunner", "testdirectrunner")
+
+
+def runner_name(options: PipelineOptions) -> str:
+  """The runner's class name in lower case, read as Beam reads `--runner`:
+  in any case, with or without its 'Runner' suffix, or as a dotted path
+  (`direct`, `directrunner` and `DirectRunner` are all 'directrunner');
+  'directrunner' when none is given."""
+  runner = str(options.view_as(StandardOptions).runner or "DirectRunner")
+  name = runner.split(".")[-1].lower()
+  return name if name.endswith("runner") else name + "runner"
+
+
 def _require(value, flag: str, command: str) -> None:
   if value in (None, [], ""):
     raise ValueError(f"{command}: {flag} is required")
@@ -313,9 +330,7 @@ def _check_dataflow_paths(options: PipelineOptions, opts: BusiOptions
   --model or --skip_scored is refused before the job is built (else the
   workers fail, or write where nobody looks, after the VMs have started); so
   is a --setup_file that does not exist (Beam's traceback otherwise)."""
-  runner = str(options.view_as(StandardOptions).runner or "")
-  # Beam reads the runner's name in any case (`--runner dataflow`).
-  if "dataflow" not in runner.split(".")[-1].lower():
+  if runner_name(options) not in _DATAFLOW_RUNNERS:
     return
   setup_file = options.view_as(SetupOptions).setup_file
   if setup_file and not os.path.isfile(setup_file):
@@ -534,10 +549,7 @@ def quality_thresholds(opts: BusiOptions) -> quality.QualityThresholds:
 
 
 def is_local_runner(options: PipelineOptions) -> bool:
-  runner = options.view_as(StandardOptions).runner
-  return runner is None or str(runner).split(".")[-1] in (
-      "DirectRunner", "FnApiRunner", "SwitchingDirectRunner",
-      "BundleBasedDirectRunner", "TestDirectRunner")
+  return runner_name(options) in _LOCAL_RUNNERS
 
 
 def in_process_runner(options: PipelineOptions) -> Optional[str]:
@@ -548,10 +560,9 @@ def in_process_runner(options: PipelineOptions) -> Optional[str]:
   the DirectRunner falls back to, and honours --direct_num_workers and
   --direct_running_mode.
   """
-  runner = options.view_as(StandardOptions).runner
-  if runner is None or str(runner) in ("DirectRunner", "SwitchingDirectRunner"):
+  if runner_name(options) in _DIRECT_RUNNERS:
     return "FnApiRunner"
-  return runner
+  return options.view_as(StandardOptions).runner
 
 
 def split_command(argv: Optional[List[str]]) -> tuple:

@@ -10,6 +10,7 @@ import time
 
 import apache_beam as beam
 import pytest
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 import schemas
 from beam_pipeline import cli, pipeline, progress
@@ -164,6 +165,25 @@ def test_progress_line_during_a_run(tmp_path, model_dir, fake_model):
   quiet = pipeline.create(["run", "--input", archive, "--model", model_dir,
                            "--output", str(tmp_path / "quiet")])
   assert schemas.EXECUTE_COUNTERS in pipeline.execute(quiet)
+
+
+@pytest.mark.parametrize("runner", [
+    "direct", "directrunner", "DIRECT", "SwitchingDirectRunner",
+    "apache_beam.runners.direct.direct_runner.DirectRunner"])
+def test_every_spelling_of_the_direct_runner_runs_in_process(tmp_path,
+                                                             runner):
+  # Beam reads --runner in any case, with or without 'Runner': each of these
+  # is its DirectRunner, so each runs in-process (no Prism download) and
+  # shows the progress line, as a run without --runner does.
+  archive = _zip(str(tmp_path / "busi.zip"))
+  job = pipeline.create(["preprocess", "--input", archive, "--output",
+                         str(tmp_path / "out"), "--image_size", "32",
+                         "--runner", runner])
+  assert isinstance(job.pipeline.runner, FnApiRunner)
+  stream = io.StringIO()
+  manifest = pipeline.execute(job, progress_to=stream, progress_every_s=0.02)
+  assert manifest["invariant"]["holds"]
+  assert stream.getvalue().splitlines()[-1].startswith("preprocessed ")
 
 
 def _producer(p: beam.Pipeline, full_label: str) -> str:
