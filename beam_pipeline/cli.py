@@ -7,7 +7,6 @@ messages and the tracebacks.
 """
 
 import argparse
-import difflib
 import io
 import json
 import logging
@@ -20,7 +19,7 @@ from typing import List, NoReturn, Optional
 
 import schemas
 from beam_pipeline import failures, output_lock, outputs
-from busi_core import artifact, flag_rates, output_dirs
+from busi_core import artifact, flag_rates, output_dirs, spelling
 
 _LOG = logging.getLogger(__name__)
 
@@ -187,10 +186,9 @@ def print_help(command: Optional[str] = None) -> None:
 def unknown_command(word: str) -> str:
   """One line for a first argument that is no command: the closest command,
   and every command (pipeline, reporting and doctor alike)."""
-  close = difflib.get_close_matches(word, list(_COMMANDS), n=1)
   what = (f"no command before {word}" if word.startswith("-") else
           f"unknown command {word!r}" +
-          (f" (did you mean {close[0]}?)" if close else ""))
+          spelling.did_you_mean(word, _COMMANDS))
   return (f"{what}; the first argument is one of {', '.join(_COMMANDS)}"
           " (python -m beam_pipeline --help)")
 

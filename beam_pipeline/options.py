@@ -6,7 +6,6 @@ any pipeline is built, with messages that say what to pass instead.
 """
 
 import argparse
-import difflib
 import os
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
@@ -18,7 +17,7 @@ from apache_beam.options.pipeline_options import (DebugOptions,
                                                   WorkerOptions)
 
 import schemas
-from busi_core import archives, imaging, pseudonyms, quality
+from busi_core import archives, imaging, pseudonyms, quality, spelling
 
 PREPROCESS = schemas.COMMAND_PREPROCESS
 SCORE = schemas.COMMAND_SCORE
@@ -296,9 +295,8 @@ def refuse_unknown_flags(flags: Sequence[str]) -> None:
         problems.append(f"unexpected argument {arg!r}")
       continue
     name = arg.split("=", 1)[0]
-    close = difflib.get_close_matches(name, known, n=1)
     problems.append(f"unknown flag {name}" +
-                    (f" (did you mean {close[0]}?)" if close else ""))
+                    spelling.did_you_mean(name, known))
   raise ValueError("; ".join(problems))
 
 

@@ -2,12 +2,11 @@
 cv, evaluate, recalibrate, gradcam, phantoms."""
 
 import argparse
-import difflib
 import sys
 from typing import List, Optional
 
 import schemas
-from busi_core import output_dirs
+from busi_core import output_dirs, spelling
 from schemas import evaluation as evaluation_schema
 from training import config as config_lib
 
@@ -495,9 +494,8 @@ def _refuse_unknown_flags(parser: argparse.ArgumentParser,
   for arg in argv[1:]:
     name = arg.split("=", 1)[0]
     if name.startswith("--") and name != "--" and name not in known:
-      close = difflib.get_close_matches(name, known, n=1)
       command.error(f"unknown flag {name}"
-                    + (f" (did you mean {close[0]}?)" if close else ""))
+                    + spelling.did_you_mean(name, known))
     if arg == "--":
       return
 
