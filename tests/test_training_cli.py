@@ -838,7 +838,7 @@ def test_gradcam_command_writes_the_overlay(tmp_path, test_artifact, capsys):
 
   other = next(l for l in schemas.LABELS if l != predicted)
   assert cli.main(["gradcam", "--model", test_artifact, "--image", image,
-                   "--output", output, "--class", other]) == 0
+                   "--output", output, "--class", other, "--overwrite"]) == 0
   assert f"Grad-CAM for class {other}" in capsys.readouterr().out
   expected = gradcam.overlay_png(
       pixels[0], gradcam.heatmaps(model, pixels,
@@ -847,12 +847,12 @@ def test_gradcam_command_writes_the_overlay(tmp_path, test_artifact, capsys):
     assert f.read() == expected
 
   assert cli.main(["gradcam", "--model", test_artifact, "--image", image,
-                   "--output", output, "--class", "cyst"]) == 2
+                   "--output", output, "--class", "cyst", "--overwrite"]) == 2
   assert "--class 'cyst'" in capsys.readouterr().err
   bad = tmp_path / "bad.png"
   bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
   assert cli.main(["gradcam", "--model", test_artifact, "--image", str(bad),
-                   "--output", output]) == 2
+                   "--output", output, "--overwrite"]) == 2
 
 
 def test_gradcam_explains_a_dicom_as_preprocess_decodes_it(tmp_path,
@@ -868,7 +868,7 @@ def test_gradcam_explains_a_dicom_as_preprocess_decodes_it(tmp_path,
   for name, frames in (("CT_small.dcm", None), ("SC_rgb_rle_2frame.dcm", 2)):
     path = get_testdata_file(name)
     assert cli.main(["gradcam", "--model", test_artifact, "--image", path,
-                     "--output", output]) == 0, name
+                     "--output", output, "--overwrite"]) == 0, name
     out = capsys.readouterr().out
     with open(path, "rb") as f:
       data = f.read()
@@ -881,7 +881,8 @@ def test_gradcam_explains_a_dicom_as_preprocess_decodes_it(tmp_path,
         frames), name
     assert os.path.getsize(output) > 0
   assert cli.main(["gradcam", "--model", test_artifact, "--image",
-                   get_testdata_file("rtplan.dcm"), "--output", output]) == 2
+                   get_testdata_file("rtplan.dcm"), "--output", output,
+                   "--overwrite"]) == 2
   assert capsys.readouterr().err == (
       "error: DICOM object without pixel data (a RT Plan Storage)\n")
 
@@ -913,6 +914,55 @@ def test_gradcam_refuses_directories_and_archives_in_one_line(
                      image_arg, "--output", output_arg]) == 2
     assert capsys.readouterr().err == message
   assert not os.path.exists(output)
+
+
+def test_gradcam_never_replaces_the_scan_the_artifact_or_a_file_unasked(
+    tmp_path, test_artifact, capsys):
+  import cv2  # pylint: disable=import-outside-toplevel
+  image = str(tmp_path / "scan.png")
+  cv2.imwrite(image, np.full((40, 40), 90, np.uint8))
+  with open(image, "rb") as f:
+    scan = f.read()
+  artifact_files = {name: os.path.getsize(os.path.join(test_artifact, name))
+                    for name in os.listdir(test_artifact)}
+  earlier = tmp_path / "earlier.png"
+  earlier.write_bytes(b"an earlier overlay")
+  inside = os.path.join(test_artifact, "model.keras")
+  for output, overwrite, message in (
+      (image, True,
+       f"error: --output {image} is the --image itself: the overlay would"
+       " replace the scan; choose another file\n"),
+      # The same file by another name.
+      (str(tmp_path / "." / "scan.png"), True,
+       f"error: --output {tmp_path / '.' / 'scan.png'} is the --image"
+       " itself: the overlay would replace the scan; choose another file\n"),
+      (inside.replace("model.keras", "cam.png"), True,
+       f"error: --output {os.path.join(test_artifact, 'cam.png')} lies"
+       f" inside the model artifact {test_artifact}; write the overlay"
+       " outside it\n"),
+      (str(earlier), False,
+       f"error: --output {earlier} already exists; choose a new file, or"
+       " pass --overwrite to replace it\n"),
+      (inside, True,
+       f"error: --output {inside}: the overlay is a PNG; name the file to"
+       " write *.png\n"),
+      (str(tmp_path / "cam.jpg"), False,
+       f"error: --output {tmp_path / 'cam.jpg'}: the overlay is a PNG; name"
+       " the file to write *.png\n")):
+    argv = ["gradcam", "--model", test_artifact, "--image", image,
+            "--output", output] + (["--overwrite"] if overwrite else [])
+    assert cli.main(argv) == 2, output
+    assert capsys.readouterr().err == message
+  with open(image, "rb") as f:
+    assert f.read() == scan
+  assert {name: os.path.getsize(os.path.join(test_artifact, name))
+          for name in os.listdir(test_artifact)} == artifact_files
+  assert earlier.read_bytes() == b"an earlier overlay"
+  assert not (tmp_path / "cam.jpg").exists()
+  # --overwrite replaces an earlier overlay.
+  assert cli.main(["gradcam", "--model", test_artifact, "--image", image,
+                   "--output", str(earlier), "--overwrite"]) == 0
+  assert earlier.read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.slow

@@ -416,9 +416,12 @@ def _parser() -> argparse.ArgumentParser:
   explain.add_argument("--image", required=True,
                        help="Image file (PNG, JPEG, ...; local or gs://).")
   explain.add_argument("--output", required=True,
-                       help="PNG to write (local or gs://).")
+                       help="PNG to write (local or gs://): a *.png name,"
+                       " not the --image nor inside the --model artifact.")
   explain.add_argument("--class", dest="class_name", default=None,
                        help="Class to explain; default: the predicted one.")
+  explain.add_argument("--overwrite", action="store_true",
+                       help="Replace an existing --output file.")
 
   recal = commands.add_parser(
       "recalibrate", allow_abbrev=False,
@@ -586,7 +589,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif args.command == "gradcam":
       from training import explain  # pylint: disable=import-outside-toplevel
       result = explain.explain_file(args.model, args.image, args.output,
-                                    args.class_name)
+                                    args.class_name, args.overwrite)
       print(explain.format_result(result))
     else:
       from training import phantoms  # pylint: disable=import-outside-toplevel

@@ -69,8 +69,37 @@ def _pixels(image: str, data: bytes, size: int):
         " archive with `python -m beam_pipeline run --gradcam all`") from e
 
 
+def _same_or_inside(path: str, folder: str) -> bool:
+  """Whether `path` is `folder` or lies inside it (local paths resolved,
+  URIs compared as text)."""
+  if "://" in path or "://" in folder:
+    folder = folder.rstrip("/")
+    return path.rstrip("/") == folder or path.startswith(folder + "/")
+  path, folder = os.path.realpath(path), os.path.realpath(folder)
+  return os.path.commonpath([path, folder]) == folder
+
+
+def _check_output(model_dir: str, image: str, output: str,
+                  overwrite: bool) -> None:
+  """The overlay never replaces the scan, a file of the artifact, or any
+  file unless --overwrite says so; and it is named as what it is, a PNG."""
+  if not output.lower().endswith(".png"):
+    raise ValueError(f"--output {output}: the overlay is a PNG; name the"
+                     " file to write *.png")
+  if _same_or_inside(output, image):
+    raise ValueError(f"--output {output} is the --image itself: the overlay"
+                     " would replace the scan; choose another file")
+  if _same_or_inside(output, model_dir):
+    raise ValueError(f"--output {output} lies inside the model artifact"
+                     f" {model_dir}; write the overlay outside it")
+  if not overwrite and FileSystems.exists(output):
+    raise ValueError(f"--output {output} already exists; choose a new file,"
+                     " or pass --overwrite to replace it")
+
+
 def explain_file(model_dir: str, image: str, output: str,
-                 class_name: Optional[str] = None) -> Explanation:
+                 class_name: Optional[str] = None,
+                 overwrite: bool = False) -> Explanation:
   """Writes the Grad-CAM overlay of `image` and returns the prediction.
 
   Args:
@@ -78,17 +107,20 @@ def explain_file(model_dir: str, image: str, output: str,
     image: the image file (local or gs://).
     output: the PNG to write (local or gs://), at the model's image_size.
     class_name: the class to explain; None for the predicted one.
+    overwrite: replace an existing `output` (never the image itself nor a
+      file inside the artifact).
 
   Raises:
     artifact.ArtifactError: the artifact is invalid.
-    ValueError: unknown class, missing file, or bytes that do not decode
-      (MemberError).
+    ValueError: unknown class, missing file, bytes that do not decode
+      (MemberError), or an `output` that would replace a file it must not.
   """
   for flag, path in (("--image", image), ("--output", output)):
     if "://" not in path and os.path.isdir(path):
       raise ValueError(f"{flag} {path} is a directory; pass "
                        + ("the image file to explain" if flag == "--image"
                           else "the PNG file to write"))
+  _check_output(model_dir, image, output, overwrite)
   loaded = artifact.load_artifact(model_dir)
   labels = loaded.labels
   if class_name is not None and class_name not in labels:
