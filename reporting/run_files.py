@@ -66,16 +66,27 @@ def _no_run(run_dir: str, flag: str, why: str) -> RunDirError:
                      " preprocess, score or run")
 
 
+# What makes a directory a run's, finished or not: its manifest, its
+# Parquet, or the lock of a run still starting (nothing written yet).
+_HOLDS_NO_RUN = (f"holds no run (no {schemas.MANIFEST_FILE}, no Parquet under"
+                 f" {schemas.PREDICTIONS_DIR}/ or {schemas.ERRORS_DIR}/, and"
+                 " no run in progress)")
+
+
+def _run_files(base: str) -> list:
+  return ([FileSystems.join(base, sub, "*.parquet") for sub in _PARQUET_DIRS]
+          + [FileSystems.join(base, name) for name in (schemas.MANIFEST_FILE,
+                                                       schemas.RUN_LOCK_FILE)])
+
+
 def _copy_from_storage(run_dir: str, flag: str, local: str) -> None:
-  """Copies the run's Parquet and manifest under `local`, same layout."""
+  """Copies the run's Parquet and manifest (and lock) under `local`, same
+  layout."""
   base = run_dir.rstrip("/")
-  wanted = [FileSystems.join(base, sub, "*.parquet") for sub in _PARQUET_DIRS]
-  wanted.append(FileSystems.join(base, schemas.MANIFEST_FILE))
-  found = [m.path for result in FileSystems.match(wanted)
+  found = [m.path for result in FileSystems.match(_run_files(base))
            for m in result.metadata_list]
   if not found:
-    raise _no_run(run_dir, flag, "holds no run (no manifest.json, and no"
-                  " Parquet under predictions/ or errors/)")
+    raise _no_run(run_dir, flag, _HOLDS_NO_RUN)
   for path in found:
     relative = path[len(base):].lstrip("/")
     target = os.path.join(local, *relative.split("/"))
@@ -107,14 +118,17 @@ def opened(run_dir: str, flag: str = "--output") -> Iterator[RunFiles]:
     after the block.
 
   Raises:
-    RunDirError: no such directory, a file, or (gs://) nothing of a run
-      under the prefix.
+    RunDirError: no such directory, a file, or nothing of a run there (no
+      manifest, Parquet or lock of a run in progress).
   """
   if "://" not in run_dir:
     if not os.path.exists(run_dir):
       raise _no_run(run_dir, flag, "does not exist")
     if not os.path.isdir(run_dir):
       raise _no_run(run_dir, flag, "is a file, not a run's output directory")
+    if not any(glob.glob(pattern)
+               for pattern in _run_files(glob.escape(run_dir))):
+      raise _no_run(run_dir, flag, _HOLDS_NO_RUN)
     yield RunFiles(run_dir, run_dir, load_manifest(run_dir))
     return
   gcs.configure_for_emulator()

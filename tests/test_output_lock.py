@@ -231,10 +231,35 @@ def test_summary_of_a_half_written_run_says_so_first(tmp_path, capsys):
                    " (the run crashed, was stopped, or is still running);"
                    " what it has written so far:")
   assert rest.rstrip("\n") == complete
+  # A run that has only just claimed its output.
+  starting = tmp_path / "starting"
+  starting.mkdir()
+  (starting / schemas.RUN_LOCK_FILE).write_text("{}")
+  assert summary.summary(str(starting)).splitlines()[-1] == (
+      "(no predictions or errors written yet)")
+
+
+@pytest.mark.parametrize("command", ["summary", "report"])
+def test_a_folder_that_holds_no_run_is_refused(tmp_path, capsys, command):
+  # An empty folder, or a model artifact given by mistake, is no crashed
+  # run: one line and status 2, as on gs://.
   empty = tmp_path / "empty"
   empty.mkdir()
-  assert summary.summary(str(empty)).splitlines()[-1] == (
-      "(no predictions or errors written yet)")
+  artifact_dir = tmp_path / "model"
+  artifact_dir.mkdir()
+  (artifact_dir / schemas.METADATA_FILE).write_text("{}")
+  flag = "--output" if command == "summary" else "--predictions"
+  for folder in (empty, artifact_dir):
+    argv = [command, flag, str(folder)]
+    if command == "report":
+      argv += ["--output", str(tmp_path / "report")]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    line = assert_one_line(capsys.readouterr().err, "error:")
+    assert line == (f"error: {flag} {folder} holds no run (no manifest.json,"
+                    " no Parquet under predictions/ or errors/, and no run"
+                    " in progress); pass the --output of a preprocess, score"
+                    " or run")
+  assert not (tmp_path / "report").exists()
 
 
 def test_summary_of_damaged_parquet_is_one_line(tmp_path, capsys):
@@ -285,8 +310,9 @@ def test_summary_and_report_of_a_run_on_cloud_storage(tmp_path, gcs_client,
       cli.EXIT_USAGE)
   line = assert_one_line(capsys.readouterr().err, "error:")
   assert line == (f"error: --output gs://{BUCKET}/sum/none holds no run (no"
-                  " manifest.json, and no Parquet under predictions/ or"
-                  " errors/); pass the --output of a preprocess, score or run")
+                  " manifest.json, no Parquet under predictions/ or errors/,"
+                  " and no run in progress); pass the --output of a"
+                  " preprocess, score or run")
 
 
 @pytest.mark.slow

@@ -314,8 +314,10 @@ def test_empty_run_without_errors_still_renders(tmp_path, capsys):
 
 
 def test_run_without_manifest_or_predictions_dir(tmp_path, capsys):
+  # A run that has claimed its output and written nothing yet.
   run_dir = tmp_path / "half"
   run_dir.mkdir()
+  (run_dir / schemas.RUN_LOCK_FILE).write_text("{}")
   page = _make_report(run_dir, tmp_path / "report", capsys)
   assert "did not finish" in page and "No predictions in this run." in page
 
