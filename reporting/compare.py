@@ -156,6 +156,12 @@ def _check_run(files: run_files.RunFiles, flag: str) -> None:
     raise run_files.RunDirError(
         f"{where} holds no predictions (a {command} run); pass the --output"
         " of a score or run")
+  counts = files.manifest.get(schemas.MANIFEST_COUNTS) or {}
+  if counts.get(schemas.COUNT_PREDICTIONS) == 0:
+    raise run_files.RunDirError(
+        f"{where} holds no predictions: 0 images were scored (see its"
+        " summary for why: errors, or every image skipped by"
+        " --skip_scored); compare runs that scored images")
 
 
 @contextlib.contextmanager
@@ -228,15 +234,17 @@ def _flag(con, flag: str, old_columns, new_columns) -> FlagChange:
     return FlagChange(flag, False, note=(
         f"not recorded: the {' and '.join(missing)} run's predictions"
         " predate the column"))
-  row = con.execute(
-      f"SELECT count(*) FILTER (WHERE o.{flag} IS NOT NULL AND n.{flag} IS"
-      f" NOT NULL), count(*) FILTER (WHERE o.{flag}),"
+  pairs, *row = con.execute(
+      f"SELECT count(*), count(*) FILTER (WHERE o.{flag} IS NOT NULL AND"
+      f" n.{flag} IS NOT NULL), count(*) FILTER (WHERE o.{flag}),"
       f" count(*) FILTER (WHERE n.{flag}),"
       f" count(*) FILTER (WHERE NOT o.{flag} AND n.{flag}),"
       f" count(*) FILTER (WHERE o.{flag} AND NOT n.{flag}) FROM {_JOINED}"
   ).fetchone()
   note = None
-  if flag == schemas.COLUMN_OUT_OF_DISTRIBUTION and not row[0]:
+  # Null on images both runs scored: a model without an OOD detector (with
+  # no image in common there is nothing to compare, and nothing to explain).
+  if flag == schemas.COLUMN_OUT_OF_DISTRIBUTION and pairs and not row[0]:
     note = ("not compared: a run's model has no OOD detector (the column is"
             " null)")
   return FlagChange(flag, True, *row, note=note)

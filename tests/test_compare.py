@@ -198,6 +198,39 @@ def test_missing_and_half_written_runs_are_one_line_exit_2(runs, tmp_path,
   assert not os.path.exists(tmp_path / "cmp")
 
 
+def test_a_run_that_scored_nothing_is_refused(runs, tmp_path, capsys):
+  # Its predictions/ holds an empty shard: every image failed, or every
+  # one was skipped by --skip_scored.
+  empty = _write_run(str(tmp_path / "empty"), {}, "m2")
+  path = os.path.join(empty, schemas.MANIFEST_FILE)
+  with open(path, encoding="utf-8") as f:
+    manifest = json.load(f)
+  manifest[schemas.MANIFEST_COUNTS] = {schemas.COUNT_PREDICTIONS: 0}
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(manifest, f)
+  assert cli.main(["compare", "--old", runs[0], "--new", empty, "--output",
+                   str(tmp_path / "cmp")]) == cli.EXIT_USAGE
+  assert capsys.readouterr().err == (
+      f"error: --new {empty} holds no predictions: 0 images were scored"
+      " (see its summary for why: errors, or every image skipped by"
+      " --skip_scored); compare runs that scored images\n")
+  assert not os.path.exists(tmp_path / "cmp")
+
+
+def test_runs_without_an_image_in_common_have_no_ood_note(tmp_path):
+  old = _write_run(str(tmp_path / "old"), {"a": OLD["a"]}, "m1")
+  new = _write_run(str(tmp_path / "new"), {"f": NEW["f"]}, "m2")
+  flags = {f.flag: f for f in compare.compare(old, new).flags}
+  ood = flags[schemas.COLUMN_OUT_OF_DISTRIBUTION]
+  assert ood.note is None and ood.compared == 0
+  # Null where both scored the image: the note, as before.
+  old = _write_run(str(tmp_path / "old_d"), {"d": OLD["d"]}, "m1")
+  new = _write_run(str(tmp_path / "new_d"), {"d": NEW["d"]}, "m2")
+  ood = {f.flag: f for f in compare.compare(old, new).flags}[
+      schemas.COLUMN_OUT_OF_DISTRIBUTION]
+  assert ood.note.startswith("not compared: a run's model has no OOD")
+
+
 def test_report_and_compare_refuse_an_output_that_is_a_file(tmp_path, capsys):
   """Before any run is read (these runs do not exist): one line, status 2."""
   afile = tmp_path / "p.zip"
