@@ -23,7 +23,7 @@ import duckdb
 from apache_beam.io.filesystems import FileSystems
 
 import schemas
-from busi_core import artifact, gcs, output_dirs
+from busi_core import artifact, gcs, output_dirs, spelling
 from reporting import report, run_files, sql, summary
 
 JSON_FILE = "comparison.json"
@@ -470,6 +470,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            " (local or gs://).")
   parser.add_argument("--examples", type=int, default=DEFAULT_EXAMPLES,
                       help="Most changed-class images to list.")
+  spelling.refuse_unknown_flags(parser, argv or ())
   args = parser.parse_args(argv)
   if args.examples < 0:
     parser.error("--examples must be >= 0")

@@ -26,7 +26,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 import schemas
-from busi_core import artifact, flag_rates, gcs, output_dirs
+from busi_core import artifact, flag_rates, gcs, output_dirs, spelling
 from reporting import run_files, sql, thumbnails
 
 REPORT_FILE = "index.html"
@@ -887,7 +887,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m beam_pipeline report",
       description="Writes REPORT_DIR/index.html: one self-contained page"
-                  " about a scored run.")
+                  " about a scored run.",
+      allow_abbrev=False)
   parser.add_argument("--predictions", required=True, metavar="DIR",
                       help="A run's output directory (local or gs://).")
   parser.add_argument("--output", required=True, metavar="REPORT_DIR",
@@ -899,6 +900,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       default=DEFAULT_OOD_THUMBNAILS,
                       help="Most out-of-distribution images to show, read"
                            " from the run's TFRecords (local or gs://).")
+  spelling.refuse_unknown_flags(parser, argv or ())
   args = parser.parse_args(argv)
   if args.gallery_size < 0:
     parser.error("--gallery_size must be >= 0")

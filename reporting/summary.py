@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence
 import duckdb
 
 import schemas
-from busi_core import artifact, flag_rates
+from busi_core import artifact, flag_rates, spelling
 from reporting import run_files, sql
 
 OOD_TOP = 10  # rows of the "Most out-of-distribution" table
@@ -255,6 +255,7 @@ def main(argv=None) -> int:
       allow_abbrev=False)
   parser.add_argument("--output", required=True,
                       help="A run's output directory (local or gs://).")
+  spelling.refuse_unknown_flags(parser, argv or ())
   args = parser.parse_args(argv)
   print(summary(args.output))
   return 0

@@ -242,3 +242,21 @@ def test_report_and_compare_refuse_an_output_that_is_a_file(tmp_path, capsys):
     assert capsys.readouterr().err == (
         f"error: --output {afile} is a file, not a directory; pass a"
         " directory (it is created if missing)\n")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["summary", "--ouptut", "RUN"],
+     "unknown flag --ouptut (did you mean --output?)"),
+    # An abbreviation is refused as the pipeline's own flags refuse it.
+    (["report", "--prediction", "RUN", "--output", "R", "--gallery", "1"],
+     "unknown flag --prediction (did you mean --predictions?)"),
+    (["compare", "--old", "RUN", "--new", "RUN", "--output", "C",
+      "--exmples", "3"],
+     "unknown flag --exmples (did you mean --examples?)")])
+def test_reporting_commands_name_the_flag_a_misspelt_one_meant(
+    tmp_path, capsys, argv, message):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(argv)
+  assert exit_info.value.code == cli.EXIT_USAGE
+  err = capsys.readouterr().err.splitlines()
+  assert err[-1] == f"python -m beam_pipeline {argv[0]}: error: {message}"

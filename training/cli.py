@@ -493,14 +493,7 @@ def _refuse_unknown_flags(parser: argparse.ArgumentParser,
   command = commands.choices.get(argv[0])
   if command is None:
     return
-  known = [s for a in command._actions for s in a.option_strings]  # pylint: disable=protected-access
-  for arg in argv[1:]:
-    name = arg.split("=", 1)[0]
-    if name.startswith("--") and name != "--" and name not in known:
-      command.error(f"unknown flag {name}"
-                    + spelling.did_you_mean(name, known))
-    if arg == "--":
-      return
+  spelling.refuse_unknown_flags(command, argv[1:])
 
 
 def main(argv: Optional[List[str]] = None) -> int:
