@@ -1118,3 +1118,20 @@ def test_depth_is_on_by_default_and_off_with_no_depth():
   assert config("--no_depth").depth is False
   # Nothing to deepen without random views; not an error unless asked for.
   assert config("--augment_views", "1").augment_views == 1
+
+
+@pytest.mark.parametrize("command", ["train", "cv", "evaluate",
+                                     "recalibrate"])
+def test_a_batch_size_under_one_is_refused_first(tmp_path, capsys, command):
+  # Before any file is read (evaluate leaked Python's own errors, such as
+  # "range() arg 3 must not be zero").
+  argv = [command, "--data", str(tmp_path / "none-*.tfrecord.gz")]
+  if command in ("evaluate", "recalibrate"):
+    argv += ["--model", str(tmp_path / "no-model")]
+  if command != "cv":
+    argv += ["--output", str(tmp_path / "out")]
+  for size in ("0", "-3"):
+    assert cli.main(argv + ["--batch_size", size]) == 2
+    assert capsys.readouterr().err == (
+        "error: --batch_size must be at least 1\n")
+  assert not (tmp_path / "out").exists()

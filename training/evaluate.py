@@ -317,8 +317,10 @@ def evaluate(model_dir: str, patterns: Sequence[str], output: str,
   Raises:
     artifact.ArtifactError: the artifact is invalid.
     ValueError: no file matches or no labelled image is found, or a
-      --masks archive cannot be read.
+      --masks archive cannot be read, or batch_size is under 1.
   """
+  if batch_size < 1:
+    raise ValueError("--batch_size must be at least 1")
   loaded = artifact.load_artifact(model_dir)
   if ood_patterns and loaded.ood is None:
     raise ValueError(f"--ood: {model_dir} has no out-of-distribution detector"
