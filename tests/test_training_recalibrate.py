@@ -360,6 +360,27 @@ def test_what_recalibrate_found_travels_with_the_artifact(site, tmp_path,
   assert "".join(f"WARNING: {line}\n" for line in said) in out.getvalue()
 
 
+def test_a_sample_the_weights_were_trained_on_is_named(site, tmp_path,
+                                                      capsys):
+  # As `evaluate` warns of images the model was trained or validated on;
+  # here the warning travels with the new artifact.
+  parent = tmp_path / "parent"
+  shutil.copytree(site.parent, parent)
+  with open(parent / schemas.SPLIT_FILE, "w") as f:
+    json.dump({"train": site.image_ids[:4], "val": site.image_ids[4:6],
+               "test": site.image_ids[6:9]}, f)
+  output = tmp_path / "recal"
+  assert cli.main(["recalibrate", "--model", str(parent), "--data",
+                   site.data, "--output", str(output)]) == 0
+  warning = (f"6 of the {IMAGES} site-sample images are images (or"
+             " near-duplicates of images) its weights were trained or"
+             " validated on: the model is surer of them than of new scans,"
+             " so the temperature and threshold fitted here flag too few."
+             " Recalibrate on labelled images the model has never seen.")
+  assert warning in _metadata(output).recalibration.warnings
+  assert f"WARNING: {warning}" in capsys.readouterr().out
+
+
 def test_recalibrating_a_recalibrated_artifact_replaces_its_block(
     site, tmp_path):
   """A second site's recalibration of a recalibrated artifact: its block,

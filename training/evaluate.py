@@ -97,6 +97,15 @@ def _in_fit(fitted: Optional[_Fitted], image_ids: Sequence[str],
   return exact if near is None else exact | near
 
 
+def in_training(model_dir: str, image_ids: Sequence[str],
+                images: np.ndarray) -> Optional[np.ndarray]:
+  """Per image: was it, or a near-duplicate of it, in the training or
+  validation split the artifact's weights were fitted on? None: the
+  artifact does not say (no split.json)."""
+  return _in_fit(_fitted_on(model_dir), image_ids,
+                 [split.dhash(image) for image in images])
+
+
 def _seen(fitted: Optional[_Fitted], image_ids: Sequence[str],
           hashes: Sequence[int]
          ) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:

@@ -202,7 +202,7 @@ def _fit_temperature(logits: np.ndarray, labels: np.ndarray,
   nll_parent = calibration.nll(logits, labels, parent_temperature)
   if fit.at_bound:
     message = (
-        f"WARNING: the temperature {fit.temperature:.4g} fitted on the sample"
+        f"The temperature {fit.temperature:.4g} fitted on the sample"
         " sits at the end of its search range"
         f" [{calibration.MIN_TEMPERATURE:g}, {calibration.MAX_TEMPERATURE:g}]:"
         " the fit part is perfectly separated, or the logits are extreme. The"
@@ -227,7 +227,7 @@ def _choose_threshold(config: RecalibrateConfig, confidence: np.ndarray,
                                         config.threshold_rule)
   if not choice.reached:
     message = (
-        f"WARNING: no threshold reaches accuracy {target:g}"
+        f"No threshold reaches accuracy {target:g}"
         f" ({config.threshold_rule}) on the fit part's images it does not"
         " flag ("
         + calibration.unreached_reason(config.threshold_rule, "fit-part")
@@ -394,6 +394,21 @@ def _verify_saved(model_dir: str, weights: Dict[str, List[np.ndarray]],
                        " the new temperature")
 
 
+def _seen_in_training(model_dir: str,
+                      sample: data_lib.LabelledData) -> List[str]:
+  """A warning when site-sample images are (near-duplicates of) images the
+  weights were trained or validated on: the model is surer of those than
+  of a new scan, so what is fitted on them flags too few."""
+  seen = evaluate.in_training(model_dir, sample.image_ids, sample.images)
+  if seen is None or not seen.any():
+    return []
+  return [f"{int(seen.sum())} of the {len(seen)} site-sample images are"
+          " images (or near-duplicates of images) its weights were trained"
+          " or validated on: the model is surer of them than of new scans,"
+          " so the temperature and threshold fitted here flag too few."
+          " Recalibrate on labelled images the model has never seen."]
+
+
 def recalibrate(config: RecalibrateConfig) -> ArtifactMetadata:
   """Refits temperature and threshold on a site sample; writes a new artifact.
 
@@ -449,6 +464,7 @@ def recalibrate(config: RecalibrateConfig) -> ArtifactMetadata:
       tail="This recalibration cannot fix that: it refitted only the"
       " temperature and the threshold, which change no predicted class;"
       " retrain, or fine-tune on images like these.")
+  warnings += _seen_in_training(config.model, sample)
   for warning in warnings:
     _LOG.warning("%s", warning)
   block = _recalibration_block(
