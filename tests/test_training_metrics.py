@@ -47,8 +47,27 @@ def test_zero_denominators_give_zero():
   assert report["per_class"]["normal"]["precision"] == pytest.approx(0.5)
   assert report["per_class"]["benign"] == {
       "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
-  assert report["per_class"]["malignant"]["support"] == 0
-  assert report["macro"]["recall"] == pytest.approx(1 / 3)
+  # Neither held nor predicted: nothing to score, and out of the macro
+  # mean, as sklearn's default label set leaves it out.
+  assert report["per_class"]["malignant"] == {
+      "precision": None, "recall": None, "f1": None, "support": 0}
+  assert report["macro"]["recall"] == pytest.approx(1 / 2)
+  assert report["macro"]["precision"] == pytest.approx(1 / 4)
+  assert report["macro"]["f1"] == pytest.approx((2 / 3) / 2)
+
+
+def test_a_class_the_set_lacks_counts_in_the_macro_only_if_predicted():
+  # A benign/malignant sample, all right: no mark-down for "normal".
+  perfect = metrics.classification_report([1, 1, 2], [1, 1, 2], LABELS)
+  assert perfect["macro"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
+  assert "normal             n/a     n/a     n/a        0" in (
+      metrics.format_report(perfect))
+  # "normal" predicted once: in the mean with F1 0, recall undefined (0).
+  wrong = metrics.classification_report([1, 1, 2], [0, 1, 2], LABELS)
+  assert wrong["per_class"]["normal"] == {
+      "precision": 0.0, "recall": None, "f1": 0.0, "support": 0}
+  assert wrong["macro"]["recall"] == pytest.approx((0 + 1 / 2 + 1) / 3)
+  assert wrong["macro"]["f1"] == pytest.approx((0 + 2 / 3 + 1) / 3)
 
 
 def test_empty_input():

@@ -2,8 +2,12 @@
 
 Conventions: rows of the confusion matrix are true classes, columns predicted
 ones; a precision, recall or F1 whose denominator is zero is 0.0 (as sklearn's
-`zero_division=0`), and the macro average is the unweighted mean over all
-classes, including those with no support.
+`zero_division=0`), except that a class with no image in the set shows no
+recall (None), nor precision or F1 when it is never predicted either; the
+macro average is the unweighted mean over the classes the set holds or the
+model predicts (sklearn's default label set, undefined scores as 0): a
+benign/malignant sample is not marked down for the normal class it does not
+hold, while a class predicted wrongly still counts, with F1 0.
 """
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -69,24 +73,31 @@ def classification_report(y_true: Sequence[int], y_pred: Sequence[int],
 
   Returns:
     A JSON-ready dict: "count", "accuracy", "per_class" {label: {"precision",
-    "recall", "f1", "support"}}, "macro" {"precision", "recall", "f1"},
-    "labels" and "confusion_matrix" (rows true, columns predicted).
+    "recall", "f1", "support"}} (None where undefined; see the module's
+    conventions), "macro" {"precision", "recall", "f1"} over the classes
+    the set holds or the model predicts, "labels" and "confusion_matrix"
+    (rows true, columns predicted).
   """
   labels = list(labels)
   matrix = confusion_matrix(y_true, y_pred, len(labels))
   scores = per_class_scores(matrix)
   count = int(matrix.sum())
   accuracy = float(np.trace(matrix) / count) if count else 0.0
+  support, predicted = matrix.sum(axis=1), matrix.sum(axis=0)
+  present = (support > 0) | (predicted > 0)
   per_class = {
       label: {
-          "precision": float(scores["precision"][i]),
-          "recall": float(scores["recall"][i]),
-          "f1": float(scores["f1"][i]),
-          "support": int(scores["support"][i]),
+          "precision": (float(scores["precision"][i]) if present[i]
+                        else None),
+          "recall": float(scores["recall"][i]) if support[i] else None,
+          "f1": float(scores["f1"][i]) if present[i] else None,
+          "support": int(support[i]),
       } for i, label in enumerate(labels)
   }
-  macro = {name: float(np.mean(scores[name])) if labels else 0.0
-           for name in ("precision", "recall", "f1")}
+  # As sklearn's default: the mean over the classes held or predicted, an
+  # undefined score counting as 0 (zero_division=0).
+  macro = {name: float(np.mean(scores[name][present])) if present.any()
+           else 0.0 for name in ("precision", "recall", "f1")}
   return {
       "count": count,
       "accuracy": accuracy,
@@ -180,13 +191,18 @@ def prediction_findings(name: str, y_pred: Sequence[int],
   return False, never_predicted(name, y_pred, y_true, labels, never_meaning)
 
 
+def _cell(value: Optional[float], width: int) -> str:
+  return f"{'n/a' if value is None else f'{value:.3f}':>{width}}"
+
+
 def format_report(report: Dict) -> str:
   """The report as a small table a person reads in a terminal."""
   lines = [f"{'class':<12}{'precision':>10}{'recall':>8}{'f1':>8}"
            f"{'support':>9}"]
   for label, row in report["per_class"].items():
-    lines.append(f"{label:<12}{row['precision']:>10.3f}{row['recall']:>8.3f}"
-                 f"{row['f1']:>8.3f}{row['support']:>9d}")
+    lines.append(f"{label:<12}{_cell(row['precision'], 10)}"
+                 f"{_cell(row['recall'], 8)}{_cell(row['f1'], 8)}"
+                 f"{row['support']:>9d}")
   macro = report["macro"]
   lines.append(f"{'macro':<12}{macro['precision']:>10.3f}"
                f"{macro['recall']:>8.3f}{macro['f1']:>8.3f}"
