@@ -227,6 +227,26 @@ def _tiny_train(output, data_glob, *flags):
                    "--val_fraction", "0.3", *flags])
 
 
+def test_a_class_missing_from_training_is_an_artifact_warning(tmp_path):
+  # Logged once was all: now the model card, every run's manifest and
+  # summary carry it, as they carry the other training warnings.
+  records = [r for r in testing.synthetic_records(per_class=8,
+                                                  image_size=SIZE, seed=1)
+             if r.label != schemas.LABELS[0]]
+  data = testing.write_tfrecords(
+      str(tmp_path / "data" / "part-00000-of-00001.tfrecord.gz"), records)
+  output = str(tmp_path / "model")
+  assert _tiny_train(output, data, "--cv_folds", "0", "--epochs", "1") == 0
+  metadata = artifact.read_artifact_info(output).metadata
+  trained = sum(metadata.class_counts["train"].values())
+  assert metadata.warnings[0] == (
+      f"The {trained} training images hold no normal image: the model never"
+      " learned normal, and its p_normal means nothing; train on images of"
+      " every class.")
+  with open(os.path.join(output, schemas.MODEL_CARD_FILE)) as f:
+    assert metadata.warnings[0] in f.read()
+
+
 def test_split_warnings():
   """One class predicted for a whole split, else each class it holds at
   least five of and never predicts; the artifact's advice follows."""

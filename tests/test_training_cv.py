@@ -864,6 +864,14 @@ def test_fold_warnings_say_what_a_one_class_fold_model_spoilt(tmp_path):
         cv.card_summary(older)).warnings is None
 
 
+def test_a_fold_whose_training_images_lack_a_class_says_so():
+  assert cv.untrained_warnings(0, np.int64([0, 1, 2])) == []
+  assert cv.untrained_warnings(2, np.int64([1, 1, 2])) == [
+      "Fold 2: the 3 training images hold no normal image: the model never"
+      " learned normal, and its p_normal means nothing; use fewer --folds,"
+      " or add images of that class."]
+
+
 @pytest.mark.slow
 def test_cv_warns_of_a_fold_that_predicts_one_class(tmp_path, cv_data,
                                                     monkeypatch, caplog,

@@ -602,6 +602,17 @@ def fold_warnings(k: int, val_labels: np.ndarray, val_logits: np.ndarray,
   return found
 
 
+def untrained_warnings(k: int, train_labels: np.ndarray) -> List[str]:
+  """Fold k's training images lack a class (too few of it for the folds):
+  a sentence for each, logged, for cv.json's CV_WARNINGS."""
+  found = [f"Fold {k}: {clause}; use fewer --folds, or add images of that"
+           " class." for clause in metrics.untrained_classes(
+               "training", train_labels, schemas.LABELS)]
+  for warning in found:
+    _LOG.warning("%s", warning)
+  return found
+
+
 def _fold(k: int, config: TrainConfig, runner: recipe.Recipe,
           data: data_lib.LabelledData, hashes: Sequence[int],
           fold_of: np.ndarray) -> Dict:
@@ -619,7 +630,7 @@ def _fold(k: int, config: TrainConfig, runner: recipe.Recipe,
       config, recipe.confidence(val_logits, labels[val], fit.temperature),
       recipe.confidence(test_logits, labels[test], fit.temperature),
       fit.block["fitted"])
-  warnings = fold_warnings(
+  warnings = untrained_warnings(k, labels[train]) + fold_warnings(
       k, labels[val], val_logits, labels[test], test_logits,
       fit.block["fitted"],
       flagging.get("chosen_on") == schemas.THRESHOLD_ON_VALIDATION)

@@ -14,6 +14,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+import schemas
+
 
 def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int],
                      num_classes: int) -> np.ndarray:
@@ -173,6 +175,23 @@ def never_predicted(name: str, y_pred: Sequence[int], y_true: Sequence[int],
                    f" {len(y_true)} {name} images, though {share} {label}:"
                    f" {meaning}.")
   return found
+
+
+def untrained_classes(name: str, y_train: Sequence[int],
+                      labels: Sequence[str]) -> List[str]:
+  """A clause for each class a training set holds no image of: the model
+  never learns it, and its probability of that class means nothing.
+
+  Args:
+    name: what the set is, e.g. "training".
+    y_train: its class indices into `labels`.
+  """
+  y_train = np.asarray(y_train)
+  held = set(np.unique(y_train).tolist())
+  return [f"the {y_train.size} {name} images hold no {label} image: the"
+          f" model never learned {label}, and its"
+          f" {schemas.probability_column(label)} means nothing"
+          for index, label in enumerate(labels) if index not in held]
 
 
 def prediction_findings(name: str, y_pred: Sequence[int],

@@ -114,7 +114,7 @@ def train(config: TrainConfig) -> TrainResult:
     test_report = measure.classification(test)
   with clock.step("calibration"):
     val = measure.score_val(fitted.runner, read.data, splits)
-    warnings = measure.warn_collapsed(val, test)
+    warnings = list(splits.warnings) + measure.warn_collapsed(val, test)
     cal = calibrate.calibrate(fitted.model, config, val, test)
     flagging = threshold.choose(
         config, val, test, cal.temperature, bool(cal.fitted),

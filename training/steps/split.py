@@ -2,12 +2,12 @@
 
 import collections
 import logging
-from typing import Dict, List, NamedTuple
+from typing import Dict, List, NamedTuple, Tuple
 
 import numpy as np
 
 import schemas
-from training import data as data_lib
+from training import data as data_lib, metrics
 from training import split as split_lib
 from training.config import TrainConfig
 
@@ -20,6 +20,8 @@ class Splits(NamedTuple):
   hashes: List[int]  # dHash of every image, in data order
   class_counts: Dict[str, Dict[str, int]]  # split → class → images
   grouped: int  # images sharing a near-duplicate group
+  # For the artifact's metadata: each class the training split lacks.
+  warnings: Tuple[str, ...] = ()
 
   @property
   def train(self) -> np.ndarray:
@@ -61,14 +63,16 @@ def split(config: TrainConfig, data: data_lib.LabelledData) -> Splits:
   _LOG.info("Split (seed %d): %s; %d of %d images share a near-duplicate"
             " group, kept in one split", config.seed, class_counts, grouped,
             len(data.image_ids))
-  splits = Splits(indices, hashes, class_counts, grouped)
-  if not len(splits.train):
+  if not len(indices[split_lib.TRAIN]):
     raise ValueError("no image left for training")
-  if config.target_accuracy is not None and not len(splits.val):
+  if config.target_accuracy is not None and not len(indices[split_lib.VAL]):
     raise ValueError("--target_accuracy chooses the threshold on the"
                      " validation split, and the split left it empty; raise"
                      " --val_fraction or pass --threshold")
-  for label, count in class_counts[split_lib.TRAIN].items():
-    if not count:
-      _LOG.warning("no training image of class %r", label)
-  return splits
+  warnings = tuple(
+      f"{clause[0].upper()}{clause[1:]}; train on images of every class."
+      for clause in metrics.untrained_classes(
+          "training", data.labels[indices[split_lib.TRAIN]], labels))
+  for warning in warnings:
+    _LOG.warning("%s", warning)
+  return Splits(indices, hashes, class_counts, grouped, warnings)
