@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from typing import Dict, List, Optional, Sequence
 
@@ -39,6 +40,33 @@ _BOOL_REGEX = "^(true|false)$"
 _LABELS = {"input": "Input archives or images (gs:// glob)",
            "output": "Output directory (gs://)",
            "model": "Model artifact directory (gs://)"}
+# Paths Dataflow's workers must read: gs:// only (as `run` checks them).
+_GCS_ONLY = REQUIRED + ("skip_scored",)
+# Where the command line's help does not hold for a template run: one value
+# a parameter, gs:// paths only, no launcher environment to set.
+_TEMPLATE_HELP = {
+    "input": "Input glob (gs://) of .zip, .tar, .tar.gz, .tgz archives or"
+             " image files. One glob per template run (the command line"
+             " repeats --input for several).",
+    "output": "Output directory (gs://).",
+    "model": "Model artifact directory (gs://).",
+    "skip_scored": "Leave out images whose image_id already has a"
+                   " prediction by the same model version in an earlier"
+                   " run's predictions (a gs:// glob of their output"
+                   " directories, one per template run); they are counted as"
+                   " already_scored.",
+    "study_hmac_key": "Key (16+ characters) of the study_key and series_key"
+                      " columns, HMAC-SHA256 of the DICOM Study/Series"
+                      " Instance UIDs; without it the columns are null. A"
+                      " template run can only pass it here (there is no"
+                      " launcher environment for $BUSI_STUDY_HMAC_KEY): the"
+                      " pipeline drops it from the job's options once read,"
+                      " but Dataflow may keep the launch parameters with the"
+                      " job, so limit who can view its jobs.",
+}
+# The command line's help says which commands a flag serves; the template
+# is `run`'s.
+_COMMANDS_PREFIX = re.compile(r"^(?:preprocess|score)/run[:,] ")
 
 
 def _run_actions() -> List[argparse.Action]:
@@ -54,7 +82,7 @@ def _is_flag(action: argparse.Action) -> bool:
 
 
 def _regex(action: argparse.Action) -> Optional[str]:
-  if action.dest in REQUIRED:
+  if action.dest in _GCS_ONLY:
     return _PATH_REGEX
   if action.choices:
     return "^(" + "|".join(action.choices) + ")$"
@@ -68,14 +96,13 @@ def _regex(action: argparse.Action) -> Optional[str]:
 
 
 def _help(action: argparse.Action) -> str:
-  text = (action.help or "").replace("%%", "%")
+  text = _TEMPLATE_HELP.get(action.dest) or _COMMANDS_PREFIX.sub(
+      "", (action.help or "").replace("%%", "%"))
+  text = text[:1].upper() + text[1:]
   if _is_flag(action):
     text += " true or false (default: false)."
   elif action.default is not None:
     text += f" (default: {action.default})"
-  if action.dest == "input":
-    text += (" One glob per template run (the command line repeats"
-             " --input for several).")
   return text
 
 

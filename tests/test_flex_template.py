@@ -72,6 +72,21 @@ def test_patterns_take_the_values_the_flags_take(committed):
   assert _accepts(committed, "input", "gs://b/archives/*.zip")
   assert not _accepts(committed, "output", "/local/dir")
   assert _accepts(committed, "inference_accelerator", opts_lib.GPU_RECIPE)
+  assert _accepts(committed, "skip_scored", "gs://b/runs/2026-*")
+  assert not _accepts(committed, "skip_scored", "runs/2026-*")
+
+
+def test_help_texts_describe_a_template_run(committed):
+  """One value a parameter, gs:// paths, no launcher environment: the
+  command line's help says otherwise in places."""
+  helps = {p["name"]: p["helpText"] for p in committed["parameters"]}
+  for name in ("input", "output", "model", "skip_scored"):
+    assert "gs://" in helps[name] and "local" not in helps[name].lower(), (
+        name)
+  assert "repeatable" not in " ".join(helps.values())
+  assert "launcher environment" in helps["study_hmac_key"]
+  assert not any(text.startswith(("preprocess/", "score/"))
+                 for text in helps.values())
 
 
 def test_launcher_argv_is_a_run_command():
