@@ -209,7 +209,9 @@ class BusiOptions(PipelineOptions):
         " check the accuracy cost with `python -m bench --model M`).")
     parser.add_argument(
         "--gradcam", choices=GRADCAM_CHOICES, default="none",
-        help="Write Grad-CAM overlays for these predictions.")
+        help="Write Grad-CAM overlays for these predictions: flagged (low"
+        " confidence, below the threshold; not other review reasons),"
+        " malignant (predicted malignant) or all.")
     parser.add_argument(
         "--skip_scored", action="append", default=None,
         metavar="RUN_DIR_GLOB",
