@@ -71,3 +71,17 @@ def test_a_size_mismatch_names_what_asked_for_the_size(files, tmp_path):
       " the images again with `python -m beam_pipeline preprocess"
       " --image_size 16`")
   del files
+
+
+def test_unlabelled_records_say_where_a_label_comes_from(tmp_path):
+  # evaluate and recalibrate read labels too: the message names no command.
+  pixels = np.zeros((8, 8, 3), np.uint8)
+  path = testing.write_tfrecords(str(tmp_path / "u.tfrecord.gz"),
+                                 [testing.make_record(pixels, "")])
+  with pytest.raises(ValueError) as raised:
+    data_lib.load_labelled([path])
+  assert str(raised.value) == (
+      f"no labelled image in ['{path}'] (1 examples, 1 unlabelled). An"
+      " image's label is the folder it sits in: put the images under folders"
+      " named after a class (normal, benign, malignant) and preprocess them"
+      " again.")

@@ -124,8 +124,9 @@ def load_labelled(patterns: Sequence[str],
   if not by_id:
     raise ValueError(
         f"no labelled image in {list(patterns)} ({counts['examples']} examples,"
-        f" {counts['unlabelled']} unlabelled). Training needs images under"
-        f" folders named after a class: {', '.join(labels)}.")
+        f" {counts['unlabelled']} unlabelled). An image's label is the"
+        " folder it sits in: put the images under folders named after a"
+        f" class ({', '.join(labels)}) and preprocess them again.")
   if len(sizes) > 1:
     raise ValueError(
         f"the TFRecords hold images of several sizes {dict(sizes)}; preprocess"
