@@ -48,9 +48,9 @@ _NOT_RECORDED = {schemas.FLAG_RATE_SHARE: None,
                                         " flagged share for its threshold"}
 
 
-_CV_WARNED = ("its warnings name a fold model that predicted one class, or"
-              " never predicted one it should: its pooled share is partly"
-              " such a model's")
+_CV_WARNED = ("its warnings name a fold model that predicted one class,"
+              " never predicted one it should, or never learned one: its"
+              " pooled share is partly such a model's")
 
 
 def _low_confidence(metadata: ArtifactMetadata) -> Dict:

@@ -870,6 +870,31 @@ def test_a_fold_whose_training_images_lack_a_class_says_so():
       "Fold 2: the 3 training images hold no normal image: the model never"
       " learned normal, and its p_normal means nothing; use fewer --folds,"
       " or add images of that class."]
+  # A class the whole data lacks: said once, not per fold, and fewer folds
+  # would not help.
+  assert cv.untrained_warnings(2, np.int64([1, 1, 2]), [1, 2]) == []
+  assert cv.untrained_warnings(None, np.int64([1, 2, 2, 1])) == [
+      "The 4 cross-validated images hold no normal image: the model never"
+      " learned normal, and its p_normal means nothing; add images of that"
+      " class."]
+
+
+def test_cv_of_data_without_a_class_says_so_once(tmp_path):
+  records = [r for r in testing.synthetic_records(per_class=12,
+                                                  image_size=SIZE, seed=5)
+             if r.label != schemas.LABELS[0]]
+  data = testing.write_tfrecords(
+      str(tmp_path / "data" / "part-00000-of-00001.tfrecord.gz"), records)
+  assert cli.main(["cv", "--data", data, "--folds", "2", "--backbone",
+                   "tiny", "--backbone_weights", "none", "--epochs", "1",
+                   "--no_augment", "--output", str(tmp_path / "cv")]) == 0
+  with open(tmp_path / "cv" / schemas.CV_REPORT_FILE) as f:
+    warnings = json.load(f)[schemas.CV_WARNINGS]
+  assert warnings[0] == (
+      f"The {len(records)} cross-validated images hold no normal image: the"
+      " model never learned normal, and its p_normal means nothing; add"
+      " images of that class.")
+  assert not any("hold no" in w for w in warnings[1:]), warnings
 
 
 @pytest.mark.slow

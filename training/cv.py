@@ -602,12 +602,20 @@ def fold_warnings(k: int, val_labels: np.ndarray, val_logits: np.ndarray,
   return found
 
 
-def untrained_warnings(k: int, train_labels: np.ndarray) -> List[str]:
-  """Fold k's training images lack a class (too few of it for the folds):
-  a sentence for each, logged, for cv.json's CV_WARNINGS."""
-  found = [f"Fold {k}: {clause}; use fewer --folds, or add images of that"
-           " class." for clause in metrics.untrained_classes(
-               "training", train_labels, schemas.LABELS)]
+def untrained_warnings(k: Optional[int], train_labels: np.ndarray,
+                       among: Optional[Sequence[int]] = None) -> List[str]:
+  """Classes no model learns, a sentence for each, logged, for cv.json's
+  CV_WARNINGS: k None, those the data lacks (`train_labels` is all of it:
+  more images are the only cure); else those of `among` (the classes the
+  data holds) that fold k's training images lack, too few for the folds."""
+  if k is None:
+    found = [f"{clause[0].upper()}{clause[1:]}; add images of that class."
+             for clause in metrics.untrained_classes(
+                 "cross-validated", train_labels, schemas.LABELS)]
+  else:
+    found = [f"Fold {k}: {clause}; use fewer --folds, or add images of that"
+             " class." for clause in metrics.untrained_classes(
+                 "training", train_labels, schemas.LABELS, among)]
   for warning in found:
     _LOG.warning("%s", warning)
   return found
@@ -630,7 +638,8 @@ def _fold(k: int, config: TrainConfig, runner: recipe.Recipe,
       config, recipe.confidence(val_logits, labels[val], fit.temperature),
       recipe.confidence(test_logits, labels[test], fit.temperature),
       fit.block["fitted"])
-  warnings = untrained_warnings(k, labels[train]) + fold_warnings(
+  warnings = untrained_warnings(
+      k, labels[train], np.unique(labels).tolist()) + fold_warnings(
       k, labels[val], val_logits, labels[test], test_logits,
       fit.block["fitted"],
       flagging.get("chosen_on") == schemas.THRESHOLD_ON_VALIDATION)
@@ -702,6 +711,7 @@ def run_folds(config: TrainConfig, folds: int, runner: recipe.Recipe,
                          group_of, folds, config.seed)
   _LOG.info("cv: %d images in %d near-duplicate groups, %d folds",
             len(data.image_ids), len(set(group_of)), folds)
+  absent = untrained_warnings(None, data.labels)
   initial = model.get_weights()
   results = []
   for k in range(folds):
@@ -744,8 +754,8 @@ def run_folds(config: TrainConfig, folds: int, runner: recipe.Recipe,
       "folds": results,
       "pooled": pooled,
       "summary": summarise([r["test"] for r in results]),
-      schemas.CV_WARNINGS: [w for r in results
-                            for w in r[schemas.CV_WARNINGS]],
+      schemas.CV_WARNINGS: absent + [w for r in results
+                                     for w in r[schemas.CV_WARNINGS]],
       "seconds": {"folds": round(time.perf_counter() - started, 2)},
       "package_version": schemas.PACKAGE_VERSION,
       schemas.CV_OUT_OF_FOLD_FLAGGING: predictions_flagging(

@@ -178,20 +178,23 @@ def never_predicted(name: str, y_pred: Sequence[int], y_true: Sequence[int],
 
 
 def untrained_classes(name: str, y_train: Sequence[int],
-                      labels: Sequence[str]) -> List[str]:
+                      labels: Sequence[str],
+                      among: Optional[Sequence[int]] = None) -> List[str]:
   """A clause for each class a training set holds no image of: the model
   never learns it, and its probability of that class means nothing.
 
   Args:
     name: what the set is, e.g. "training".
     y_train: its class indices into `labels`.
+    among: the class indices to check; None: all of `labels`.
   """
   y_train = np.asarray(y_train)
   held = set(np.unique(y_train).tolist())
-  return [f"the {y_train.size} {name} images hold no {label} image: the"
-          f" model never learned {label}, and its"
-          f" {schemas.probability_column(label)} means nothing"
-          for index, label in enumerate(labels) if index not in held]
+  checked = range(len(labels)) if among is None else among
+  return [f"the {y_train.size} {name} images hold no {labels[index]} image:"
+          f" the model never learned {labels[index]}, and its"
+          f" {schemas.probability_column(labels[index])} means nothing"
+          for index in checked if index not in held]
 
 
 def prediction_findings(name: str, y_pred: Sequence[int],
