@@ -18,6 +18,7 @@ import dataclasses
 import html
 import io
 import os
+import sys
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from apache_beam.io.filesystems import FileSystems
@@ -900,7 +901,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       default=DEFAULT_OOD_THUMBNAILS,
                       help="Most out-of-distribution images to show, read"
                            " from the run's TFRecords (local or gs://).")
-  spelling.refuse_unknown_flags(parser, argv or ())
+  spelling.refuse_unknown_flags(
+      parser, sys.argv[1:] if argv is None else argv)
   args = parser.parse_args(argv)
   if args.gallery_size < 0:
     parser.error("--gallery_size must be >= 0")

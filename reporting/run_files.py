@@ -66,17 +66,33 @@ def _no_run(run_dir: str, flag: str, why: str) -> RunDirError:
                      " preprocess, score or run")
 
 
-# What makes a directory a run's, finished or not: its manifest, its
-# Parquet, or the lock of a run still starting (nothing written yet).
-_HOLDS_NO_RUN = (f"holds no run (no {schemas.MANIFEST_FILE}, no Parquet under"
-                 f" {schemas.PREDICTIONS_DIR}/ or {schemas.ERRORS_DIR}/, and"
-                 " no run in progress)")
+# What a run leaves in its --output even when it crashed before its first
+# Parquet (its lock goes with it): a folder with none of these, nor a
+# manifest, Parquet or lock, holds no run (an empty folder, a model
+# artifact, a typo's neighbour).
+_RUN_FOLDERS = (schemas.TFRECORD_DIR, schemas.ERRORS_DIR,
+                schemas.PREDICTIONS_DIR, schemas.GRADCAM_DIR)
+_BEAM_TEMP = "beam-temp-"
+_HOLDS_NO_RUN = (
+    f"holds no run (no {schemas.MANIFEST_FILE} and nothing else a run"
+    f" writes: no {', '.join(f'{d}/' for d in _RUN_FOLDERS)} or"
+    f" {_BEAM_TEMP}* folder, nor a run in progress)")
 
 
 def _run_files(base: str) -> list:
+  """Patterns of what summary and report read: Parquet, manifest, lock."""
   return ([FileSystems.join(base, sub, "*.parquet") for sub in _PARQUET_DIRS]
           + [FileSystems.join(base, name) for name in (schemas.MANIFEST_FILE,
                                                        schemas.RUN_LOCK_FILE)])
+
+
+def _holds_a_run(run_dir: str) -> bool:
+  """Whether a local folder holds anything a run writes (see _RUN_FOLDERS)."""
+  escaped = glob.escape(run_dir)
+  return (any(glob.glob(pattern) for pattern in _run_files(escaped))
+          or any(os.path.isdir(os.path.join(run_dir, sub))
+                 for sub in _RUN_FOLDERS)
+          or bool(glob.glob(os.path.join(escaped, _BEAM_TEMP + "*"))))
 
 
 def _copy_from_storage(run_dir: str, flag: str, local: str) -> None:
@@ -86,7 +102,12 @@ def _copy_from_storage(run_dir: str, flag: str, local: str) -> None:
   found = [m.path for result in FileSystems.match(_run_files(base))
            for m in result.metadata_list]
   if not found:
-    raise _no_run(run_dir, flag, _HOLDS_NO_RUN)
+    # "**" crosses "/": objects at any depth under each folder's prefix.
+    traces = [FileSystems.join(base, sub, "**") for sub in _RUN_FOLDERS]
+    traces.append(FileSystems.join(base, _BEAM_TEMP + "**"))
+    if not any(result.metadata_list for result in FileSystems.match(
+        traces, limits=[1] * len(traces))):
+      raise _no_run(run_dir, flag, _HOLDS_NO_RUN)
   for path in found:
     relative = path[len(base):].lstrip("/")
     target = os.path.join(local, *relative.split("/"))
@@ -118,16 +139,15 @@ def opened(run_dir: str, flag: str = "--output") -> Iterator[RunFiles]:
     after the block.
 
   Raises:
-    RunDirError: no such directory, a file, or nothing of a run there (no
-      manifest, Parquet or lock of a run in progress).
+    RunDirError: no such directory, a file, or nothing of a run there
+      (`_HOLDS_NO_RUN`).
   """
   if "://" not in run_dir:
     if not os.path.exists(run_dir):
       raise _no_run(run_dir, flag, "does not exist")
     if not os.path.isdir(run_dir):
       raise _no_run(run_dir, flag, "is a file, not a run's output directory")
-    if not any(glob.glob(pattern)
-               for pattern in _run_files(glob.escape(run_dir))):
+    if not _holds_a_run(run_dir):
       raise _no_run(run_dir, flag, _HOLDS_NO_RUN)
     yield RunFiles(run_dir, run_dir, load_manifest(run_dir))
     return

@@ -2,6 +2,7 @@
 tables, from the queries in `reporting.sql` (DIR local or gs://)."""
 
 import argparse
+import sys
 from typing import List, Optional, Sequence
 
 import duckdb
@@ -255,7 +256,8 @@ def main(argv=None) -> int:
       allow_abbrev=False)
   parser.add_argument("--output", required=True,
                       help="A run's output directory (local or gs://).")
-  spelling.refuse_unknown_flags(parser, argv or ())
+  spelling.refuse_unknown_flags(
+      parser, sys.argv[1:] if argv is None else argv)
   args = parser.parse_args(argv)
   print(summary(args.output))
   return 0

@@ -231,12 +231,16 @@ def test_summary_of_a_half_written_run_says_so_first(tmp_path, capsys):
                    " (the run crashed, was stopped, or is still running);"
                    " what it has written so far:")
   assert rest.rstrip("\n") == complete
-  # A run that has only just claimed its output.
+  # A run that has only just claimed its output; one that crashed before
+  # its first Parquet (its lock is gone with it).
   starting = tmp_path / "starting"
   starting.mkdir()
   (starting / schemas.RUN_LOCK_FILE).write_text("{}")
-  assert summary.summary(str(starting)).splitlines()[-1] == (
-      "(no predictions or errors written yet)")
+  crashed = tmp_path / "crashed"
+  (crashed / "beam-temp-WriteExamples-1").mkdir(parents=True)
+  for folder in (starting, crashed):
+    assert summary.summary(str(folder)).splitlines()[-1] == (
+        "(no predictions or errors written yet)")
 
 
 @pytest.mark.parametrize("command", ["summary", "report"])
@@ -255,8 +259,9 @@ def test_a_folder_that_holds_no_run_is_refused(tmp_path, capsys, command):
       argv += ["--output", str(tmp_path / "report")]
     assert cli.main(argv) == cli.EXIT_USAGE
     line = assert_one_line(capsys.readouterr().err, "error:")
-    assert line == (f"error: {flag} {folder} holds no run (no manifest.json,"
-                    " no Parquet under predictions/ or errors/, and no run"
+    assert line == (f"error: {flag} {folder} holds no run (no manifest.json"
+                    " and nothing else a run writes: no tfrecords/, errors/,"
+                    " predictions/, gradcam/ or beam-temp-* folder, nor a run"
                     " in progress); pass the --output of a preprocess, score"
                     " or run")
   assert not (tmp_path / "report").exists()
@@ -310,9 +315,15 @@ def test_summary_and_report_of_a_run_on_cloud_storage(tmp_path, gcs_client,
       cli.EXIT_USAGE)
   line = assert_one_line(capsys.readouterr().err, "error:")
   assert line == (f"error: --output gs://{BUCKET}/sum/none holds no run (no"
-                  " manifest.json, no Parquet under predictions/ or errors/,"
-                  " and no run in progress); pass the --output of a"
-                  " preprocess, score or run")
+                  " manifest.json and nothing else a run writes: no"
+                  " tfrecords/, errors/, predictions/, gradcam/ or"
+                  " beam-temp-* folder, nor a run in progress); pass the"
+                  " --output of a preprocess, score or run")
+  # A run that crashed before its first Parquet: its shards, no lock.
+  gcs_client.bucket(BUCKET).blob(
+      "sum/crashed/tfrecords/part-00000.tfrecord.gz").upload_from_string(b"x")
+  assert summary.summary(f"gs://{BUCKET}/sum/crashed").startswith(
+      f"Run incomplete: no {schemas.MANIFEST_FILE}")
 
 
 @pytest.mark.slow
