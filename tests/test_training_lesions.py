@@ -2,6 +2,7 @@
 
 import json
 import os
+import zipfile
 
 import cv2
 import numpy as np
@@ -157,6 +158,23 @@ def test_masks_grouped_and_paired_by_member_path():
       stem, None, f"{ROOT}/malignant/malignant (4)", None]
 
 
+def test_plain_files_pair_by_the_end_of_their_path():
+  """An image preprocessed from a folder has no member path: the masks
+  whose path ends with its class folder and name are its own, the longest
+  shared end winning (mask files beside it, or a copy of the archive)."""
+  keys = [f"{ROOT}/benign/benign (1)", "/abs/busi/benign/benign (1)",
+          "x/benign/benign (2)", "y/benign/benign (2)",
+          f"{ROOT}/malignant/malignant (4)"]
+  sources = ["busi/benign/benign (1).png",  # /abs/busi/... shares 3 parts
+             "data/benign/benign (2).png",  # two keys share 2 parts: a tie
+             "/elsewhere/malignant/malignant (4).png",
+             "malignant (4).png",  # no class folder to go by
+             "busi/benign/benign (9).png"]
+  assert lesions.pair(sources, keys) == [
+      "/abs/busi/benign/benign (1)", None, f"{ROOT}/malignant/malignant (4)",
+      None, None]
+
+
 def _png(pixels):
   return af.png(np.asarray(pixels, np.uint8))
 
@@ -231,12 +249,40 @@ def test_mask_archives_read_with_the_pipeline_readers(tmp_path, suffix):
                    ("malignant (1)_mask_1.png", "mask")]
 
 
+def test_mask_files_read_from_a_folder_or_a_glob(tmp_path):
+  """A BUSI folder: its masks keyed by their path, its images passed over,
+  a mask over the member size limit unreadable."""
+  entries = _mask_entries()
+  for entry in entries:
+    path = tmp_path / "busi" / entry.path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(entry.data)
+  (tmp_path / "busi" / "README.txt").write_bytes(b"not a mask")
+  limits = archives.Limits(max_member_bytes=1000)
+  benign = str(tmp_path / "busi" / ROOT / "benign" / "benign (1)")
+  malignant = str(tmp_path / "busi" / ROOT / "malignant" / "malignant (1)")
+  for masks in ([str(tmp_path / "busi")],
+                [str(tmp_path / "busi" / ROOT / "*" / "*_mask*.png")]):
+    found = lesion_masks.read_mask_archives(masks, limits)
+    assert found.archives == [] and found.read == 3 and found.errors == 1
+    assert found.masks[benign] == {benign + "_mask.png": entries[1].data,
+                                   benign + "_mask_1.png": entries[2].data}
+    assert found.unreadable == {malignant}
+    # The images preprocessed from that folder pair with them.
+    assert lesions.pair([benign + ".png", malignant + ".png"],
+                        list(found.masks) + list(found.unreadable)) == [
+                            benign, malignant]
+
+
 def test_bad_mask_archives_are_refused(tmp_path):
   with pytest.raises(ValueError, match="matches no file"):
     lesion_masks.read_mask_archives([str(tmp_path / "none*.zip")])
-  (tmp_path / "x_mask.png").write_bytes(_png(np.zeros((4, 4))))
-  with pytest.raises(ValueError, match="not a zip, tar"):
-    lesion_masks.read_mask_archives([str(tmp_path / "x_mask.png")])
+  (tmp_path / "notes.txt").write_bytes(b"n/a")
+  with pytest.raises(ValueError) as raised:
+    lesion_masks.read_mask_archives([str(tmp_path / "notes.txt")])
+  assert str(raised.value) == (
+      f"--masks {str(tmp_path / 'notes.txt')!r}: none of its 1 files is a"
+      " zip, tar or tar.gz archive or a mask (`x_mask.png`, `x_mask_1.png`)")
   (tmp_path / "broken.zip").write_bytes(b"PK\x03\x04 cut short")
   with pytest.raises(ValueError, match="broken.zip"):
     lesion_masks.read_mask_archives([str(tmp_path / "broken.zip")])
@@ -412,3 +458,37 @@ def test_evaluate_masks_end_to_end(tmp_path, capsys):
       str(tmp_path / "plain"), evaluation_schema.PREDICTIONS_FILE)
                       ).schema == schemas.evaluation_predictions_schema(
                           schemas.LABELS)
+
+
+@pytest.mark.slow
+def test_evaluate_masks_of_images_preprocessed_from_a_folder(tmp_path):
+  """BUSI unpacked into a folder, as users keep it: the images preprocessed
+  from the folder pair with the mask files beside them, and with the
+  masks of the BUSI archive alike."""
+  busi, copy, _ = _phantoms(tmp_path)
+  folder = tmp_path / "unpacked"
+  with zipfile.ZipFile(busi) as z:
+    z.extractall(folder)
+  out = str(tmp_path / "pre")
+  manifest = pipeline.run(["preprocess", "--input",
+                           str(folder / ROOT / "*" / "*.png"), "--output",
+                           out, "--image_size", str(SIZE)])
+  assert manifest["counts"]["masks_skipped"] == 5
+  data = os.path.join(out, schemas.TFRECORD_DIR, "*" + schemas.TFRECORD_SUFFIX)
+  model_dir = str(tmp_path / "model")
+  saving.save_artifact(_lesion_detector(SIZE), model_dir, schemas.LABELS,
+                       backbone="tiny", weights_source="none",
+                       data_fingerprint={}, class_counts={}, test_metrics={},
+                       threshold=0.9)
+  for name, masks in (("folder", str(folder)), ("archive", copy)):
+    report_dir = str(tmp_path / name)
+    assert cli.main(["evaluate", "--model", model_dir, "--data", data,
+                     "--output", report_dir, "--masks", masks]) == 0
+    with open(os.path.join(report_dir, evaluate.REPORT_FILE)) as f:
+      on = evaluation_schema.LesionLocalisation.from_json(
+          json.load(f)[evaluation_schema.LESION_LOCALISATION])
+    # As from the archive itself: benign (2) has no mask, benign (3)'s is
+    # not an image.
+    assert (on.overall.paired, on.overall.unpaired, on.overall.bad_mask) == (
+        2, 1, 1), name
+    assert on.overall.pointing_hit_rate == 1.0, name

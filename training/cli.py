@@ -305,7 +305,8 @@ def _recipe_config(args: argparse.Namespace, **fields
 
 # The --masks flag of `evaluate` and `cv`: what it reads.
 _MASKS_HELP = ("Glob of BUSI archives (zip, tar, tar.gz) holding the lesion"
-               " masks (x_mask.png, x_mask_1.png beside x.png); repeatable.")
+               " masks (x_mask.png, x_mask_1.png beside x.png), or a folder"
+               " or glob of the mask files themselves; repeatable.")
 
 
 def _parser() -> argparse.ArgumentParser:

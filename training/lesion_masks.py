@@ -1,15 +1,20 @@
-"""Reading BUSI lesion masks out of archives, for `evaluate --masks`.
+"""Reading BUSI lesion masks out of archives or folders, for `evaluate
+--masks`.
 
 The masks are read with the pipeline's own readers (`busi_core.archives`,
 `masks_only`), so they pass the checks the images passed (member size,
 compression ratio, CRC, overlapping members); image members are passed over
 (a zip's unread, a tar's streamed past). The bytes are kept undecoded, keyed
 by the image they belong to (`lesions.group_masks`); only the masks of
-evaluated images are ever decoded.
+evaluated images are ever decoded. Mask files (in a folder, or matched by a
+glob) are read whole, up to the member size limit.
 """
 
 import logging
+import os
 from typing import Iterator, List, Sequence, Set, Tuple
+
+from apache_beam.io.filesystems import FileSystems
 
 from busi_core import archives, imaging
 from training import data as data_lib, lesions
@@ -18,23 +23,66 @@ from busi_core.errors import MemberError
 _LOG = logging.getLogger(__name__)
 
 
-def list_archives(patterns: Sequence[str]) -> List[str]:
-  """Expands --masks globs (local or gs://) into sorted distinct archives.
+def _expand(pattern: str) -> List[str]:
+  """The files one --masks value names: a local folder's files at any
+  depth, else the glob's matches (local or gs://)."""
+  if "://" not in pattern and os.path.isdir(pattern):
+    return sorted(os.path.join(root, name)
+                  for root, _, names in os.walk(pattern) for name in names)
+  return data_lib.expand_globs([pattern], lambda _: "")
+
+
+def list_sources(patterns: Sequence[str]) -> Tuple[List[str], List[str]]:
+  """Expands --masks values (local or gs:// globs, or local folders) into
+  sorted distinct archives and mask files (`x_mask.png`, ...); any other
+  file they match is passed over, as the images beside the masks.
 
   Raises:
-    ValueError: a pattern matches nothing, or a file that is not a zip, tar
-      or tar.gz.
+    ValueError: a value names no file, or none of its files is an archive
+      or a mask.
   """
-  uris = data_lib.expand_globs(patterns, lambda pattern: (
-      f"--masks {pattern!r} matches no file. Pass the BUSI archive(s)"
-      " (zip, tar or tar.gz) holding the `x_mask.png` files beside the"
-      " images, e.g. Dataset_BUSI_with_GT.zip."))
-  for uri in uris:
-    if archives.archive_kind(uri) == archives.FILE:
+  found_archives, mask_files = set(), set()
+  for pattern in patterns:
+    try:
+      uris = _expand(pattern)
+    except ValueError:
+      uris = []
+    if not uris:
       raise ValueError(
-          f"--masks {uri!r} is not a zip, tar or tar.gz: masks are paired by"
-          " archive member path, so pass the archive itself")
-  return uris
+          f"--masks {pattern!r} matches no file. Pass the BUSI archive(s)"
+          " (zip, tar or tar.gz) or the folder holding the `x_mask.png`"
+          " files beside the images, e.g. Dataset_BUSI_with_GT.zip.")
+    archived = {u for u in uris if archives.archive_kind(u) != archives.FILE}
+    masks = {u for u in uris if u not in archived and imaging.is_mask(u)}
+    if not archived and not masks:
+      raise ValueError(
+          f"--masks {pattern!r}: none of its {len(uris)} files is a zip, tar"
+          " or tar.gz archive or a mask (`x_mask.png`, `x_mask_1.png`)")
+    found_archives |= archived
+    mask_files |= masks
+  return sorted(found_archives), sorted(mask_files)
+
+
+def _read_files(uris: Sequence[str], limits: archives.Limits
+               ) -> Tuple[List[Tuple[str, bytes]], List[str]]:
+  """(path, bytes) of the mask files that can be read, paths of the others
+  (missing by now, or larger than a member may be)."""
+  found, unreadable = [], []
+  for uri in uris:
+    try:
+      with FileSystems.open(uri, compression_type="uncompressed") as f:
+        data = f.read(limits.max_member_bytes + 1)
+    except OSError as e:
+      _LOG.warning("mask %s unreadable (%s)", uri, e)
+      unreadable.append(uri)
+      continue
+    if len(data) > limits.max_member_bytes:
+      _LOG.warning("mask %s unreadable (over %d bytes)", uri,
+                   limits.max_member_bytes)
+      unreadable.append(uri)
+      continue
+    found.append((archives.display_uri(uri), data))
+  return found, unreadable
 
 
 def _members(uri: str, limits: archives.Limits) -> Iterator[archives.Member]:
@@ -83,25 +131,31 @@ def read_mask_archives(patterns: Sequence[str],
   """The lesion masks of the archives matched by `patterns`.
 
   Args:
-    patterns: globs of zip / tar / tar.gz archives in the BUSI layout.
+    patterns: globs of zip / tar / tar.gz archives in the BUSI layout, or
+      of mask files, or local folders holding them (`list_sources`).
     limits: per-member limits, as preprocessing's defaults.
 
   Returns:
-    The masks by image key, and what could not be read. A mask path found in
-    several archives (copies of one archive) is taken from the first, in
+    The masks by image key (an archive's by member path, a file's by its
+    path; see `lesions.pair`), and what could not be read. A mask path found
+    in several archives (copies of one archive) is taken from the first, in
     sorted URI order.
 
   Raises:
-    ValueError: a pattern matches nothing or not an archive, or an archive
-      cannot be read (not a zip or tar, cut short, too many members).
+    ValueError: a pattern matches nothing, or nothing that is an archive or
+      a mask, or an archive cannot be read (not a zip or tar, cut short,
+      too many members).
   """
-  uris = list_archives(patterns)
+  uris, files = list_sources(patterns)
   found: List[Tuple[str, bytes]] = []
   failed: List[str] = []
   for uri in uris:
     masks, bad = _read_one(uri, limits)
     found += masks
     failed += bad
+  masks, bad = _read_files(files, limits)
+  found += masks
+  failed += bad
   grouped = lesions.group_masks(found)
   # A set missing one of its masks would score against part of the lesion;
   # a copy of that mask read from another archive makes it whole again.
@@ -110,6 +164,6 @@ def read_mask_archives(patterns: Sequence[str],
     key = imaging.mask_owner(path)
     if key is not None and path not in grouped.get(key, {}):
       unreadable.add(key)
-  _LOG.info("Read %d masks of %d images from %d archive(s)", len(found),
-            len(grouped), len(uris))
+  _LOG.info("Read %d masks of %d images from %d archive(s) and %d mask"
+            " file(s)", len(found), len(grouped), len(uris), len(files))
   return lesions.MaskSets(grouped, unreadable, uris, len(found), len(failed))

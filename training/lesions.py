@@ -5,7 +5,9 @@ each `x.png`. Preprocessing leaves masks out of the TFRecords, so an
 evaluated image is paired with its masks by archive member path: the part of
 its `source` after "!/", less the extension, against the mask's member path
 less `_mask[_N]` and the extension. The archive URI plays no part, so the
-masks may come from another copy (or another format) of the archive.
+masks may come from another copy (or another format) of the archive. An
+image preprocessed from a folder (a plain file) is paired by the end of its
+path instead (see `pair`), with mask files or archive members alike.
 
 The masks of one image are one lesion set: each is decoded and resized with
 `imaging.decode_and_resize`, the very geometry the model's pixels got (a plain
@@ -88,11 +90,55 @@ def group_masks(masks: Iterable[Tuple[str, bytes]]
   return grouped
 
 
+def _parts(path: str) -> Tuple[str, ...]:
+  return tuple(part for part in path.replace("\\", "/").split("/")
+               if part not in ("", "."))
+
+
+def _by_path_end(source: str, keys: Dict[Tuple[str, ...], List[str]]
+                ) -> Optional[str]:
+  """The mask key of a plain file's image: among the keys that end with
+  its class folder and name, the one sharing the longest end of its path;
+  None when none does, or two tie."""
+  parts = _parts(posixpath.splitext(source)[0])
+  candidates = keys.get(parts[-2:], [])
+
+  def shared(key: str) -> int:
+    count = 0
+    for a, b in zip(reversed(_parts(key)), reversed(parts)):
+      if a != b:
+        break
+      count += 1
+    return count
+
+  ranked = sorted(((shared(key), key) for key in candidates), reverse=True)
+  if not ranked or (len(ranked) > 1 and ranked[0][0] == ranked[1][0]):
+    return None
+  return ranked[0][1]
+
+
 def pair(sources: Sequence[str], keys: Iterable[str]) -> List[Optional[str]]:
-  """The image key of each source that has masks, None for the others."""
+  """The image key of each source that has masks, None for the others.
+
+  An archive member is paired by its member path, exactly. A plain file
+  (preprocessed from a folder: its source is the path it was read from,
+  as given) has no such path, so it is paired with the masks whose path
+  ends with its class folder and name (`benign/benign (1)`), the longest
+  shared end winning: masks in the folder beside it, or in a copy of the
+  BUSI archive, alike.
+  """
   known = set(keys)
-  found = [image_key(source) for source in sources]
-  return [key if key in known else None for key in found]
+  by_end: Dict[Tuple[str, ...], List[str]] = {}
+  for key in known:
+    by_end.setdefault(_parts(key)[-2:], []).append(key)
+  found = []
+  for source in sources:
+    key = image_key(source)
+    if key is None:
+      found.append(_by_path_end(source, by_end))
+    else:
+      found.append(key if key in known else None)
+  return found
 
 
 def lesion_mask(masks: Iterable[bytes], image_size: int) -> np.ndarray:
@@ -315,8 +361,10 @@ def localise_each(model, images: np.ndarray, sources: Sequence[str],
   if not found.indices:
     _LOG.warning(
         "no evaluated benign/malignant image was paired with a mask (%d"
-        " without one, %d unusable): do the --masks archives hold the member"
-        " paths the --data sources name (%s)?", unpaired, bad,
+        " without one, %d unusable): do the --masks archives or folders hold"
+        " the masks of the images the --data sources name (%s), by the same"
+        " member path, or for a plain file the same class folder and"
+        " name?", unpaired, bad,
         sources[0] if len(sources) else "none")
   block = LesionLocalisation(
       overall=score(hits, ious, unpaired, bad), per_class=per_class,
