@@ -173,6 +173,25 @@ def test_plain_files_pair_by_the_end_of_their_path():
   assert lesions.pair(sources, keys) == [
       "/abs/busi/benign/benign (1)", None, f"{ROOT}/malignant/malignant (4)",
       None, None]
+  # A member whose masks come unpacked pairs the same way.
+  assert lesions.pair([f"x.zip!/{ROOT}/benign/benign (1).png"],
+                      ["/data/busi/benign/benign (1)"]) == [
+                          "/data/busi/benign/benign (1)"]
+  # A backslash is part of a name, never a folder: a benign image keeps to
+  # the benign folder's masks.
+  assert lesions.pair(["/imgs/benign/a\\b.png", "/imgs/benign/b\\xe9.png"],
+                      ["/m/malignant/a\\b", "/m/malignant/b\\xe9"]) == [
+                          None, None]
+  # Copies of one mask set may tie (the zip and its unpacked folder, both
+  # given); different sets may not.
+  copies = {"Z/benign/benign (1)": {"Z/benign/benign (1)_mask.png": b"m"},
+            "/u/Z/benign/benign (1)": {
+                "/u/Z/benign/benign (1)_mask.png": b"m"}}
+  image = "gs://b/elsewhere/benign/benign (1).png"
+  assert lesions.pair([image], copies, copies) in (
+      [["Z/benign/benign (1)"], ["/u/Z/benign/benign (1)"]])
+  copies["/u/Z/benign/benign (1)"]["/u/Z/benign/benign (1)_mask.png"] = b"n"
+  assert lesions.pair([image], copies, copies) == [None]
 
 
 def _png(pixels):
@@ -272,6 +291,20 @@ def test_mask_files_read_from_a_folder_or_a_glob(tmp_path):
     assert lesions.pair([benign + ".png", malignant + ".png"],
                         list(found.masks) + list(found.unreadable)) == [
                             benign, malignant]
+
+
+def test_an_unreadable_mask_spoils_its_set_under_any_name(tmp_path):
+  # A name that is not UTF-8: its unreadable mask is keyed as its readable
+  # sibling is (as `source` spells it), so the set is not scored in part.
+  folder = tmp_path / "u" / "benign"
+  folder.mkdir(parents=True)
+  (folder / "b\udce9 (1)_mask.png").write_bytes(_png(np.zeros((4, 4))))
+  (folder / "b\udce9 (1)_mask_1.png").write_bytes(
+      _png(np.random.default_rng(1).integers(0, 256, (40, 40))))
+  found = lesion_masks.read_mask_archives(
+      [str(tmp_path / "u")], archives.Limits(max_member_bytes=200))
+  key, = found.masks
+  assert found.unreadable == {key} and "\\xe9" in key
 
 
 def test_bad_mask_archives_are_refused(tmp_path):

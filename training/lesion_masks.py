@@ -17,41 +17,45 @@ from typing import Iterator, List, Sequence, Set, Tuple
 from apache_beam.io.filesystems import FileSystems
 
 from busi_core import archives, imaging
-from training import data as data_lib, lesions
+from training import lesions
 from busi_core.errors import MemberError
 
 _LOG = logging.getLogger(__name__)
 
 
-def _expand(pattern: str) -> List[str]:
-  """The files one --masks value names: a local folder's files at any
-  depth, else the glob's matches (local or gs://)."""
-  if "://" not in pattern and os.path.isdir(pattern):
-    return sorted(os.path.join(root, name)
-                  for root, _, names in os.walk(pattern) for name in names)
-  return data_lib.expand_globs([pattern], lambda _: "")
+def _folder_masks(folder: str) -> List[str]:
+  """The mask files under a local folder, at any depth (archives in it are
+  not opened: a folder is read as BUSI unpacked)."""
+  return sorted(os.path.join(root, name)
+                for root, _, names in os.walk(folder) for name in names
+                if imaging.is_mask(name))
 
 
 def list_sources(patterns: Sequence[str]) -> Tuple[List[str], List[str]]:
-  """Expands --masks values (local or gs:// globs, or local folders) into
-  sorted distinct archives and mask files (`x_mask.png`, ...); any other
-  file they match is passed over, as the images beside the masks.
+  """Expands --masks values into sorted distinct archives and mask files
+  (`x_mask.png`, ...): a glob (local or gs://) names archives or mask
+  files, any other file it matches being passed over (the images beside
+  the masks); a local folder, its mask files at any depth.
 
   Raises:
-    ValueError: a value names no file, or none of its files is an archive
-      or a mask.
+    ValueError: a value names no file, or neither an archive nor a mask.
   """
   found_archives, mask_files = set(), set()
   for pattern in patterns:
-    try:
-      uris = _expand(pattern)
-    except ValueError:
-      uris = []
+    if "://" not in pattern and os.path.isdir(pattern):
+      masks = _folder_masks(pattern)
+      if not masks:
+        raise ValueError(f"--masks {pattern!r}: the folder holds no mask"
+                         " file (`x_mask.png`, `x_mask_1.png`)")
+      mask_files.update(masks)
+      continue
+    uris = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
     if not uris:
       raise ValueError(
           f"--masks {pattern!r} matches no file. Pass the BUSI archive(s)"
-          " (zip, tar or tar.gz) or the folder holding the `x_mask.png`"
-          " files beside the images, e.g. Dataset_BUSI_with_GT.zip.")
+          " (zip, tar or tar.gz), the local folder BUSI was unpacked into,"
+          " or a glob of its `x_mask.png` files, e.g."
+          " Dataset_BUSI_with_GT.zip.")
     archived = {u for u in uris if archives.archive_kind(u) != archives.FILE}
     masks = {u for u in uris if u not in archived and imaging.is_mask(u)}
     if not archived and not masks:
@@ -66,22 +70,26 @@ def list_sources(patterns: Sequence[str]) -> Tuple[List[str], List[str]]:
 def _read_files(uris: Sequence[str], limits: archives.Limits
                ) -> Tuple[List[Tuple[str, bytes]], List[str]]:
   """(path, bytes) of the mask files that can be read, paths of the others
-  (missing by now, or larger than a member may be)."""
+  (gone or refused by now, or larger than a member may be); paths as
+  `source` columns spell them (`archives.display_uri`)."""
   found, unreadable = [], []
   for uri in uris:
+    path = archives.display_uri(uri)
     try:
       with FileSystems.open(uri, compression_type="uncompressed") as f:
         data = f.read(limits.max_member_bytes + 1)
-    except OSError as e:
-      _LOG.warning("mask %s unreadable (%s)", uri, e)
-      unreadable.append(uri)
+    # Any storage error (OSError locally; Google API errors on gs://) makes
+    # this one mask unusable, as an unreadable archive member would.
+    except Exception as e:  # pylint: disable=broad-except
+      _LOG.warning("mask %s unreadable (%s)", path, type(e).__name__)
+      unreadable.append(path)
       continue
     if len(data) > limits.max_member_bytes:
-      _LOG.warning("mask %s unreadable (over %d bytes)", uri,
+      _LOG.warning("mask %s unreadable (over %d bytes)", path,
                    limits.max_member_bytes)
-      unreadable.append(uri)
+      unreadable.append(path)
       continue
-    found.append((archives.display_uri(uri), data))
+    found.append((path, data))
   return found, unreadable
 
 

@@ -6,8 +6,9 @@ evaluated image is paired with its masks by archive member path: the part of
 its `source` after "!/", less the extension, against the mask's member path
 less `_mask[_N]` and the extension. The archive URI plays no part, so the
 masks may come from another copy (or another format) of the archive. An
-image preprocessed from a folder (a plain file) is paired by the end of its
-path instead (see `pair`), with mask files or archive members alike.
+image without such a match (preprocessed from a folder, or its masks
+unpacked) is paired by the end of its path instead (see `pair`), with mask
+files or archive members alike.
 
 The masks of one image are one lesion set: each is decoded and resized with
 `imaging.decode_and_resize`, the very geometry the model's pixels got (a plain
@@ -22,8 +23,8 @@ this check only; training and scoring never read them.
 
 import logging
 import posixpath
-from typing import (Dict, Iterable, List, NamedTuple, Optional, Sequence,
-                    Set, Tuple)
+from typing import (Dict, Iterable, List, Mapping, NamedTuple, Optional,
+                    Sequence, Set, Tuple)
 
 import numpy as np
 import pyarrow as pa
@@ -91,17 +92,19 @@ def group_masks(masks: Iterable[Tuple[str, bytes]]
 
 
 def _parts(path: str) -> Tuple[str, ...]:
-  return tuple(part for part in path.replace("\\", "/").split("/")
-               if part not in ("", "."))
+  # "/" only: sources are POSIX paths and URIs, and a backslash in one is
+  # part of a name (or of display_uri's escape of a byte that is not UTF-8).
+  return tuple(part for part in path.split("/") if part not in ("", "."))
 
 
-def _by_path_end(source: str, keys: Dict[Tuple[str, ...], List[str]]
+def _by_path_end(path: str, keys: Dict[Tuple[str, ...], List[str]],
+                 contents: Mapping[str, Mapping[str, bytes]]
                 ) -> Optional[str]:
-  """The mask key of a plain file's image: among the keys that end with
-  its class folder and name, the one sharing the longest end of its path;
-  None when none does, or two tie."""
-  parts = _parts(posixpath.splitext(source)[0])
-  candidates = keys.get(parts[-2:], [])
+  """The mask key of an image path less its extension: among the keys that
+  end with its class folder and name, the one sharing the longest end of
+  its path; None when none does, or when two tie and hold different masks
+  (copies of one mask set tie harmlessly: the first is taken)."""
+  parts = _parts(path)
 
   def shared(key: str) -> int:
     count = 0
@@ -111,22 +114,41 @@ def _by_path_end(source: str, keys: Dict[Tuple[str, ...], List[str]]
       count += 1
     return count
 
-  ranked = sorted(((shared(key), key) for key in candidates), reverse=True)
-  if not ranked or (len(ranked) > 1 and ranked[0][0] == ranked[1][0]):
+  ranked = sorted(((-shared(key), key) for key in keys.get(parts[-2:], [])))
+  if not ranked:
     return None
-  return ranked[0][1]
+  best = [key for rank, key in ranked if rank == ranked[0][0]]
+
+  def content(key: str) -> Set[Tuple[str, bytes]]:
+    return {(posixpath.basename(name), data)
+            for name, data in contents.get(key, {}).items()}
+
+  if any(content(key) != content(best[0]) or key not in contents
+         for key in best[1:]):
+    return None
+  return best[0]
 
 
-def pair(sources: Sequence[str], keys: Iterable[str]) -> List[Optional[str]]:
+def pair(sources: Sequence[str], keys: Iterable[str],
+         contents: Optional[Mapping[str, Mapping[str, bytes]]] = None
+        ) -> List[Optional[str]]:
   """The image key of each source that has masks, None for the others.
 
-  An archive member is paired by its member path, exactly. A plain file
-  (preprocessed from a folder: its source is the path it was read from,
-  as given) has no such path, so it is paired with the masks whose path
-  ends with its class folder and name (`benign/benign (1)`), the longest
-  shared end winning: masks in the folder beside it, or in a copy of the
-  BUSI archive, alike.
+  An archive member is paired by its member path, exactly. An image without
+  that match (a plain file, preprocessed from a folder: its source is the
+  path it was read from, as given; or a member whose masks come unpacked)
+  is paired with the masks whose path ends with its class folder and name
+  (`benign/benign (1)`), the longest shared end winning: mask files beside
+  it, in another folder, or in a copy of the BUSI archive alike.
+
+  Args:
+    sources: each image's `source`.
+    keys: the image keys that have masks (`group_masks`), or whose masks
+      could not be read.
+    contents: the masks of each key, to tell copies of one set (which may
+      tie) from different sets (which must not); None: every tie unpaired.
   """
+  contents = contents or {}
   known = set(keys)
   by_end: Dict[Tuple[str, ...], List[str]] = {}
   for key in known:
@@ -134,10 +156,11 @@ def pair(sources: Sequence[str], keys: Iterable[str]) -> List[Optional[str]]:
   found = []
   for source in sources:
     key = image_key(source)
-    if key is None:
-      found.append(_by_path_end(source, by_end))
-    else:
-      found.append(key if key in known else None)
+    if key is not None and key in known:
+      found.append(key)
+      continue
+    path = key if key is not None else posixpath.splitext(source)[0]
+    found.append(_by_path_end(path, by_end, contents))
   return found
 
 
@@ -240,7 +263,8 @@ def _find_lesions(sources: Sequence[str], labels: np.ndarray,
                   image_size: int) -> _Lesions:
   found = _Lesions([], [], {c: 0 for c in lesion_classes},
                    {c: 0 for c in lesion_classes})
-  keys = pair(sources, list(masks.masks) + list(masks.unreadable))
+  keys = pair(sources, list(masks.masks) + list(masks.unreadable),
+              masks.masks)
   for i, (key, label) in enumerate(zip(keys, labels)):
     label = int(label)
     if label not in found.unpaired:
