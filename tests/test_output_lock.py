@@ -220,6 +220,11 @@ def test_summary_and_report_of_no_run_are_one_line_and_exit_2(tmp_path,
   assert not os.path.exists(tmp_path / "r")
 
 
+HOLDS_NO_RUN = ("holds no run (no manifest.json and nothing else a run"
+                " writes: no tfrecords/, errors/, predictions/, gradcam/ or"
+                " beam-temp-* folder, nor a run in progress)")
+
+
 def test_summary_of_a_half_written_run_says_so_first(tmp_path, capsys):
   run_dir = _write_run(tmp_path / "run")
   complete = summary.summary(run_dir)
@@ -259,11 +264,8 @@ def test_a_folder_that_holds_no_run_is_refused(tmp_path, capsys, command):
       argv += ["--output", str(tmp_path / "report")]
     assert cli.main(argv) == cli.EXIT_USAGE
     line = assert_one_line(capsys.readouterr().err, "error:")
-    assert line == (f"error: {flag} {folder} holds no run (no manifest.json"
-                    " and nothing else a run writes: no tfrecords/, errors/,"
-                    " predictions/, gradcam/ or beam-temp-* folder, nor a run"
-                    " in progress); pass the --output of a preprocess, score"
-                    " or run")
+    assert line == (f"error: {flag} {folder} {HOLDS_NO_RUN}; pass the"
+                    " --output of a preprocess, score or run")
   assert not (tmp_path / "report").exists()
 
 
@@ -314,11 +316,8 @@ def test_summary_and_report_of_a_run_on_cloud_storage(tmp_path, gcs_client,
   assert cli.main(["summary", "--output", f"gs://{BUCKET}/sum/none"]) == (
       cli.EXIT_USAGE)
   line = assert_one_line(capsys.readouterr().err, "error:")
-  assert line == (f"error: --output gs://{BUCKET}/sum/none holds no run (no"
-                  " manifest.json and nothing else a run writes: no"
-                  " tfrecords/, errors/, predictions/, gradcam/ or"
-                  " beam-temp-* folder, nor a run in progress); pass the"
-                  " --output of a preprocess, score or run")
+  assert line == (f"error: --output gs://{BUCKET}/sum/none {HOLDS_NO_RUN};"
+                  " pass the --output of a preprocess, score or run")
   # A run that crashed before its first Parquet: its shards, no lock.
   gcs_client.bucket(BUCKET).blob(
       "sum/crashed/tfrecords/part-00000.tfrecord.gz").upload_from_string(b"x")

@@ -412,6 +412,14 @@ def _lesion_detector(size):
   return model
 
 
+def _detector_artifact(model_dir: str) -> str:
+  saving.save_artifact(_lesion_detector(SIZE), model_dir, schemas.LABELS,
+                       backbone="tiny", weights_source="none",
+                       data_fingerprint={}, class_counts={}, test_metrics={},
+                       threshold=0.9)
+  return model_dir
+
+
 @pytest.mark.slow
 def test_evaluate_masks_end_to_end(tmp_path, capsys):
   busi, copy, moved = _phantoms(tmp_path)
@@ -419,11 +427,7 @@ def test_evaluate_masks_end_to_end(tmp_path, capsys):
   pipeline.run(["preprocess", "--input", busi, "--output", out,
                 "--image_size", str(SIZE)])
   data = os.path.join(out, schemas.TFRECORD_DIR, "*" + schemas.TFRECORD_SUFFIX)
-  model_dir = str(tmp_path / "model")
-  saving.save_artifact(_lesion_detector(SIZE), model_dir, schemas.LABELS,
-                       backbone="tiny", weights_source="none",
-                       data_fingerprint={}, class_counts={}, test_metrics={},
-                       threshold=0.9)
+  model_dir = _detector_artifact(str(tmp_path / "model"))
 
   def run(masks, name):
     report_dir = str(tmp_path / name)
@@ -508,11 +512,7 @@ def test_evaluate_masks_of_images_preprocessed_from_a_folder(tmp_path):
                            out, "--image_size", str(SIZE)])
   assert manifest["counts"]["masks_skipped"] == 5
   data = os.path.join(out, schemas.TFRECORD_DIR, "*" + schemas.TFRECORD_SUFFIX)
-  model_dir = str(tmp_path / "model")
-  saving.save_artifact(_lesion_detector(SIZE), model_dir, schemas.LABELS,
-                       backbone="tiny", weights_source="none",
-                       data_fingerprint={}, class_counts={}, test_metrics={},
-                       threshold=0.9)
+  model_dir = _detector_artifact(str(tmp_path / "model"))
   for name, masks in (("folder", str(folder)), ("archive", copy)):
     report_dir = str(tmp_path / name)
     assert cli.main(["evaluate", "--model", model_dir, "--data", data,
