@@ -16,7 +16,7 @@ from typing import List, Optional, TextIO
 import numpy as np
 
 from beam_pipeline import devices, model_handler, options as opts_lib
-from busi_core import artifact
+from busi_core import artifact, spelling
 
 EXIT_OK = 0
 # As `run` answers an artifact that does not load: something to fix before
@@ -111,7 +111,10 @@ def main(argv: Optional[List[str]] = None, out: TextIO = sys.stdout,
     EXIT_OK, or EXIT_FAILED after one line on `err` when --require_gpu finds
     no GPU or the model does not load or run.
   """
-  args = _parser().parse_args(argv)
+  parser = _parser()
+  spelling.refuse_unknown_flags(parser,
+                                sys.argv[1:] if argv is None else argv)
+  args = parser.parse_args(argv)
   if args.batch_size < 1 or args.batches < 1:
     print("error: --batch_size and --batches must be at least 1", file=err)
     return EXIT_FAILED

@@ -252,8 +252,10 @@ def test_report_and_compare_refuse_an_output_that_is_a_file(tmp_path, capsys):
      "unknown flag --prediction (did you mean --predictions?)"),
     (["compare", "--old", "RUN", "--new", "RUN", "--output", "C",
       "--exmples", "3"],
-     "unknown flag --exmples (did you mean --examples?)")])
-def test_reporting_commands_name_the_flag_a_misspelt_one_meant(
+     "unknown flag --exmples (did you mean --examples?)"),
+    (["doctor", "--modle", "M"], "unknown flag --modle (did you mean"
+     " --model?)")])
+def test_reporting_and_doctor_name_the_flag_a_misspelt_one_meant(
     tmp_path, capsys, argv, message):
   with pytest.raises(SystemExit) as exit_info:
     cli.main(argv)
