@@ -111,10 +111,7 @@ def main(argv: Optional[List[str]] = None, out: TextIO = sys.stdout,
     EXIT_OK, or EXIT_FAILED after one line on `err` when --require_gpu finds
     no GPU or the model does not load or run.
   """
-  parser = _parser()
-  spelling.refuse_unknown_flags(parser,
-                                sys.argv[1:] if argv is None else argv)
-  args = parser.parse_args(argv)
+  args = spelling.parse_args(_parser(), argv)
   if args.batch_size < 1 or args.batches < 1:
     print("error: --batch_size and --batches must be at least 1", file=err)
     return EXIT_FAILED

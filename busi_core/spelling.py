@@ -2,7 +2,8 @@
 
 import argparse
 import difflib
-from typing import Iterable, Sequence
+import sys
+from typing import Iterable, Optional, Sequence
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -26,3 +27,11 @@ def refuse_unknown_flags(parser: argparse.ArgumentParser,
     name = arg.split("=", 1)[0]
     if name.startswith("--") and name not in known:
       parser.error(f"unknown flag {name}" + did_you_mean(name, known))
+
+
+def parse_args(parser: argparse.ArgumentParser,
+               argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  """`parser.parse_args(argv)` after `refuse_unknown_flags` (argv None:
+  the process's own arguments, as argparse reads them)."""
+  refuse_unknown_flags(parser, sys.argv[1:] if argv is None else argv)
+  return parser.parse_args(argv)

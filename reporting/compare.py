@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import sys
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import duckdb
@@ -471,9 +470,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            " (local or gs://).")
   parser.add_argument("--examples", type=int, default=DEFAULT_EXAMPLES,
                       help="Most changed-class images to list.")
-  spelling.refuse_unknown_flags(
-      parser, sys.argv[1:] if argv is None else argv)
-  args = parser.parse_args(argv)
+  args = spelling.parse_args(parser, argv)
   if args.examples < 0:
     parser.error("--examples must be >= 0")
   output_dirs.check_is_directory(args.output)  # before the run is read

@@ -18,7 +18,6 @@ import dataclasses
 import html
 import io
 import os
-import sys
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from apache_beam.io.filesystems import FileSystems
@@ -901,9 +900,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       default=DEFAULT_OOD_THUMBNAILS,
                       help="Most out-of-distribution images to show, read"
                            " from the run's TFRecords (local or gs://).")
-  spelling.refuse_unknown_flags(
-      parser, sys.argv[1:] if argv is None else argv)
-  args = parser.parse_args(argv)
+  args = spelling.parse_args(parser, argv)
   if args.gallery_size < 0:
     parser.error("--gallery_size must be >= 0")
   if args.ood_thumbnails < 0:

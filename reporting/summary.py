@@ -2,7 +2,6 @@
 tables, from the queries in `reporting.sql` (DIR local or gs://)."""
 
 import argparse
-import sys
 from typing import List, Optional, Sequence
 
 import duckdb
@@ -256,8 +255,6 @@ def main(argv=None) -> int:
       allow_abbrev=False)
   parser.add_argument("--output", required=True,
                       help="A run's output directory (local or gs://).")
-  spelling.refuse_unknown_flags(
-      parser, sys.argv[1:] if argv is None else argv)
-  args = parser.parse_args(argv)
+  args = spelling.parse_args(parser, argv)
   print(summary(args.output))
   return 0

@@ -85,8 +85,8 @@ def classification_report(y_true: Sequence[int], y_pred: Sequence[int],
   scores = per_class_scores(matrix)
   count = int(matrix.sum())
   accuracy = float(np.trace(matrix) / count) if count else 0.0
-  support, predicted = matrix.sum(axis=1), matrix.sum(axis=0)
-  present = (support > 0) | (predicted > 0)
+  support = scores["support"]
+  present = (support > 0) | (matrix.sum(axis=0) > 0)  # held or predicted
   per_class = {
       label: {
           "precision": (float(scores["precision"][i]) if present[i]
